@@ -1,0 +1,112 @@
+"""The event envelope: deterministic ids, causation, time, trace context, payload."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cdp.common.v1 import envelope_pb2
+
+M = TypeVar("M", bound=Message)
+
+Envelope = envelope_pb2.Envelope
+EventBatch = envelope_pb2.EventBatch
+Causation = envelope_pb2.Causation
+IdentityValue = envelope_pb2.IdentityValue
+
+SCHEMA_VERSION = 1
+
+
+def deterministic_id(*parts: str | int) -> str:
+    """A UUID (version 8) derived from its parts: the same cause always gives the same id."""
+    digest = bytearray(hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(digest)))
+
+
+def to_timestamp(moment: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(moment.astimezone(UTC))
+    return ts
+
+
+def from_timestamp(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    """Wall clock, for edges only (gRPC handlers, recorded-at): projections read time from events."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Cause:
+    """What a producer was handling when it emitted: an input message or a client command."""
+
+    stream: str = ""
+    sequence: int = 0
+    event_id: str = ""
+    command_id: str = ""
+
+    def key(self) -> str:
+        if self.stream:
+            return f"{self.stream}:{self.sequence}"
+        return f"cmd:{self.command_id}"
+
+    def to_proto(self) -> envelope_pb2.Causation:
+        return envelope_pb2.Causation(
+            stream=self.stream, sequence=self.sequence, event_id=self.event_id, command_id=self.command_id
+        )
+
+
+def make_envelope(
+    payload: Message,
+    *,
+    event_id: str,
+    subject_key: str,
+    occurred_at: datetime,
+    cause: Cause,
+    trace_context: dict[str, str] | None = None,
+) -> envelope_pb2.Envelope:
+    env = envelope_pb2.Envelope(
+        id=event_id,
+        type=payload.DESCRIPTOR.full_name,
+        subject_key=subject_key,
+        schema_version=SCHEMA_VERSION,
+        causation=cause.to_proto(),
+    )
+    env.occurred_at.CopyFrom(to_timestamp(occurred_at))
+    env.payload.Pack(payload)
+    env.trace_context.update(trace_context or {})
+    return env
+
+
+def is_a(env: envelope_pb2.Envelope, cls: type[Message]) -> bool:
+    return env.type == cls.DESCRIPTOR.full_name
+
+
+def unpack(env: envelope_pb2.Envelope, cls: type[M]) -> M:
+    msg = cls()
+    if not env.payload.Unpack(msg):
+        raise TypeError(f"event {env.id} holds {env.type}, not {cls.DESCRIPTOR.full_name}")
+    return msg
+
+
+def encode_batch(events: list[envelope_pb2.Envelope], recorded_at: datetime) -> bytes:
+    stamp = to_timestamp(recorded_at)
+    for env in events:
+        env.recorded_at.CopyFrom(stamp)
+    return envelope_pb2.EventBatch(events=events).SerializeToString()
+
+
+def decode_batch(data: bytes) -> list[envelope_pb2.Envelope]:
+    batch = envelope_pb2.EventBatch()
+    batch.ParseFromString(data)
+    return list(batch.events)

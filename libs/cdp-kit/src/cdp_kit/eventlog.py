@@ -1,0 +1,262 @@
+"""The event log: JetStream streams behind a small adapter.
+
+Appends are de-duplicated by ``Nats-Msg-Id`` (the batch's deterministic id) and guarded
+with ``Nats-Expected-Last-Subject-Sequence`` (one writer per subject), so a stale or
+duplicated writer is refused instead of forking the log. Reads start from any sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from cdp_kit.envelope import Envelope, decode_batch, encode_batch, utcnow
+from cdp_kit.errors import CdpError, Conflict, Unavailable
+from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
+from cdp_kit.telemetry import get_logger
+
+log = get_logger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
+# NATS refuses payloads over max_payload (1 MiB by default): producers split below this.
+MAX_BATCH_BYTES = 768 * 1024
+
+
+class AppendConflict(Conflict):
+    """The expected-sequence guard refused an append: another writer got there first."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    sequence: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    """One message of a stream with the events it carries."""
+
+    stream: str
+    sequence: int
+    subject: str
+    headers: Mapping[str, str]
+    data: bytes
+    pending: int = 0
+    _events: list[Envelope] = field(default_factory=list, repr=False)
+
+    def events(self) -> list[Envelope]:
+        if not self._events and self.data:
+            self._events.extend(decode_batch(self.data))
+        return self._events
+
+
+def to_log_message(msg: Msg) -> LogMessage:
+    meta = msg.metadata
+    return LogMessage(
+        stream=meta.stream,
+        sequence=meta.sequence.stream,
+        subject=msg.subject,
+        headers=dict(msg.headers or {}),
+        data=msg.data,
+        pending=meta.num_pending,
+    )
+
+
+class EventLog:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+
+    @classmethod
+    async def connect(cls, url: str, name: str, *, connect_timeout: float = 5.0) -> EventLog:
+        async def quiet(exc: Exception) -> None:
+            log.debug("nats_client_error", error=str(exc))
+
+        # Reconnect for ever once connected; the first connect is bounded so callers can retry.
+        nc = NATS()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    url,
+                    name=name,
+                    connect_timeout=max(1, int(connect_timeout)),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=quiet,
+                ),
+                timeout=connect_timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await nc.close()
+            raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__}") from exc
+        return cls(nc)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def ensure_streams(
+        self, specs: tuple[StreamSpec, ...] = ALL_STREAMS, *, replicas: int = 1, memory: bool = False
+    ) -> None:
+        for spec in specs:
+            config = api.StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                description=spec.description,
+                storage=api.StorageType.MEMORY if memory else api.StorageType.FILE,
+                num_replicas=replicas,
+                duplicate_window=spec.duplicate_window_s,
+                retention=api.RetentionPolicy.LIMITS,
+                allow_direct=True,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(config)
+
+    async def append(
+        self,
+        subject: str,
+        events: list[Envelope],
+        *,
+        msg_id: str,
+        expected_last_subject_sequence: int | None = None,
+        expected_last_sequence: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        recorded_at: datetime | None = None,
+    ) -> Appended:
+        data = encode_batch(events, recorded_at or utcnow())
+        return await self.append_raw(
+            subject,
+            data,
+            msg_id=msg_id,
+            expected_last_subject_sequence=expected_last_subject_sequence,
+            expected_last_sequence=expected_last_sequence,
+            headers=headers,
+        )
+
+    async def append_raw(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        expected_last_subject_sequence: int | None = None,
+        expected_last_sequence: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Appended:
+        hdrs = dict(headers or {})
+        hdrs[MSG_ID] = msg_id
+        if expected_last_subject_sequence is not None:
+            hdrs[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_subject_sequence)
+        if expected_last_sequence is not None:
+            hdrs[EXPECTED_LAST_SEQUENCE] = str(expected_last_sequence)
+        try:
+            ack = await self.js.publish(subject, data, headers=hdrs, timeout=10.0)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise AppendConflict(f"append to {subject} refused: {exc.description}") from exc
+            raise CdpError(f"append to {subject} failed: {exc.description}") from exc
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+            raise Unavailable(f"append to {subject} failed: {type(exc).__name__}") from exc
+        return Appended(sequence=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def last_sequence(self, stream: str, subject: str | None = None) -> int:
+        """Last sequence of the stream, or of the last message on one exact subject (0 if none)."""
+        if subject is None:
+            info = await self.js.stream_info(stream)
+            return int(info.state.last_seq)
+        try:
+            msg = await self.js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def read(
+        self, stream: str, subject_filter: str, from_sequence: int = 1, *, batch: int = 256
+    ) -> AsyncIterator[LogMessage]:
+        """Every message on ``subject_filter`` from ``from_sequence`` up to the end as of the call."""
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, from_sequence),
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=subject_filter,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
+        try:
+            info = await sub.consumer_info()
+            remaining = int(info.num_pending)
+            while remaining > 0:
+                try:
+                    msgs = await sub.fetch(min(batch, remaining), timeout=5.0)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in msgs:
+                    item = to_log_message(msg)
+                    remaining = item.pending
+                    yield item
+        finally:
+            await sub.unsubscribe()
+
+    async def durable(self, spec: ConsumerSpec, start_sequence: int) -> DurableReader:
+        """(Re)create a durable consumer positioned at ``start_sequence``: the store's checkpoint is the truth."""
+        try:
+            await self.js.delete_consumer(spec.stream.name, spec.name)
+        except nats.js.errors.NotFoundError:
+            pass
+        config = api.ConsumerConfig(
+            durable_name=spec.name,
+            name=spec.name,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start_sequence),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=300.0,
+            max_deliver=-1,
+            max_ack_pending=20_000,
+            filter_subject=spec.filter_subject,
+        )
+        await self.js.add_consumer(spec.stream.name, config=config)
+        sub = await self.js.pull_subscribe_bind(durable=spec.name, stream=spec.stream.name)
+        return DurableReader(spec, sub)
+
+    async def consumer_lag(self, spec: ConsumerSpec) -> tuple[int, int] | None:
+        """(delivered-and-acked stream sequence, messages not yet acked) of a durable consumer."""
+        try:
+            info = await self.js.consumer_info(spec.stream.name, spec.name)
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(info.ack_floor.stream_seq or 0), int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+class DurableReader:
+    def __init__(self, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription) -> None:
+        self.spec = spec
+        self.sub = sub
+
+    async def fetch(self, batch: int, timeout: float) -> list[tuple[LogMessage, Msg]]:
+        try:
+            msgs = await self.sub.fetch(batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        return [(to_log_message(m), m) for m in msgs]
+
+    async def close(self) -> None:
+        await asyncio.shield(self.sub.unsubscribe())

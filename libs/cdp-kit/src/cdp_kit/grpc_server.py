@@ -1,0 +1,169 @@
+"""The gRPC server bootstrap: health checking, reflection, the admin status service,
+error mapping in one interceptor, trace context from metadata, graceful shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
+
+from cdp.common.v1 import admin_pb2, admin_pb2_grpc
+from cdp_kit.errors import CdpError, to_grpc_status
+from cdp_kit.telemetry import context_from, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A servicer and the generated function that adds it to a server."""
+
+    full_name: str
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+
+
+def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    status = to_grpc_status(exc)
+    if isinstance(exc, CdpError):
+        log.info("rpc_refused", method=method, code=status.code.name, error=exc.message)
+    else:
+        log.error("rpc_failed", method=method, exc_info=exc)
+    return status.code, status.details
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns every exception into a gRPC status (via ``errors.to_grpc_status``) and joins the caller's trace."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = otel_context.attach(context_from(_metadata(context)))
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code, details = _status_of(exc, method)
+            await context.abort(code, details)
+        finally:
+            otel_context.detach(token)
+
+    return call
+
+
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code, details = _status_of(exc, method)
+            await context.abort(code, details)
+
+    return call
+
+
+StatusProvider = Callable[[], Awaitable[admin_pb2.ServiceStatus]]
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, status: StatusProvider) -> None:
+        self._status = status
+
+    async def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ServiceStatus:
+        return await self._status()
+
+
+class GrpcServer:
+    def __init__(self, host: str, port: int, registrations: Sequence[Registration], status: StatusProvider) -> None:
+        self.host = host
+        self.port = port
+        self.registrations = list(registrations)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for reg in self.registrations:
+            reg.add(reg.servicer, self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(status), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [
+            *(r.full_name for r in self.registrations),
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, self.server)
+        self.bound_port = 0
+
+    async def start(self) -> int:
+        self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.bound_port == 0:
+            raise OSError(f"cannot bind gRPC on {self.host}:{self.port}")
+        await self.set_serving(False)
+        await self.server.start()
+        return self.bound_port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        for reg in self.registrations:
+            await self.health.set(reg.full_name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,345 @@
+"""The projector loop: the one way a service's store changes.
+
+A service's store is the fold of
+  * its **own logs** (subjects it alone writes), folded by its ``Projection``, and
+  * its **inputs** (other services' subjects), read by durable consumers.
+
+Processing one fetched batch of an input happens in ONE SQL transaction:
+``observe`` applies the pure-projection part of each message; ``decide`` (only for
+messages whose outputs are not yet on the log) emits events, which are folded at
+once and appended to the own log at the end of the batch, guarded by
+``Nats-Expected-Last-Subject-Sequence`` and de-duplicated by a deterministic
+``Nats-Msg-Id``. The input checkpoint, the own-log checkpoint and the state commit
+together; the input is acked after commit. A message at or below the checkpoint
+is skipped.
+
+If the process dies after an append but before the commit, recovery folds the
+own-log tail first and records, from the ``Cdp-Cause`` header, which input
+messages already have their outputs on the log; those are then observed but not
+decided again. So every input's outputs reach the log exactly once, and the store
+after a crash equals the store without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import nats.errors
+from nats.aio.msg import Msg
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from cdp_kit.envelope import Cause, Envelope, deterministic_id, encode_batch, utcnow
+from cdp_kit.errors import Unavailable
+from cdp_kit.eventlog import MAX_BATCH_BYTES, AppendConflict, EventLog, LogMessage
+from cdp_kit.store import create_tables, drop_tables, get_checkpoint, set_checkpoint, transaction
+from cdp_kit.streams import ConsumerSpec, OwnLog
+from cdp_kit.telemetry import context_from, get_logger, trace_headers, tracer
+
+T = TypeVar("T")
+CAUSE_HEADER = "Cdp-Cause"
+log = get_logger(__name__)
+
+
+class Projection(Protocol):
+    """Folds the service's own events into its store. Pure: reads no clock, no network."""
+
+    def fold(self, session: Session, own: OwnLog, env: Envelope) -> None: ...
+
+
+class InputHandler(Protocol):
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        """Apply what this service keeps of another service's fact (may do nothing)."""
+
+    def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
+        """Emit this service's own events in reaction (may emit nothing)."""
+
+
+@dataclass(frozen=True)
+class Input:
+    spec: ConsumerSpec
+    handler: InputHandler
+
+
+def in_checkpoint(spec: ConsumerSpec) -> str:
+    return f"in:{spec.name}"
+
+
+def emitted_checkpoint(spec: ConsumerSpec) -> str:
+    return f"emitted:{spec.name}"
+
+
+def own_checkpoint(own: OwnLog) -> str:
+    return f"own:{own.name}"
+
+
+@dataclass
+class _Pending:
+    own: OwnLog
+    events: list[Envelope] = field(default_factory=list)
+    size: int = 0
+
+
+class UnitOfWork:
+    """What one command or one input batch changes: store rows plus own events to append."""
+
+    def __init__(self, session: Session, processor: Processor, cause: Cause) -> None:
+        self.session = session
+        self.processor = processor
+        self.cause = cause
+        self._pending: dict[str, _Pending] = {}
+        self._parts = 0
+
+    def emit(self, own: OwnLog, events: Sequence[Envelope]) -> None:
+        pending = self._pending.setdefault(own.name, _Pending(own))
+        for env in events:
+            self.processor.projection.fold(self.session, own, env)
+            pending.events.append(env)
+            pending.size += env.ByteSize()
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(p.size for p in self._pending.values())
+
+    async def flush(self, cause: Cause, consumer: ConsumerSpec | None = None) -> None:
+        """Append what is pending, each own log in one message per cause, guarded and de-duplicated."""
+        for pending in self._pending.values():
+            if pending.events:
+                await self._append(pending, cause)
+        self._pending.clear()
+        if consumer is not None:
+            set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
+
+    async def _append(self, pending: _Pending, cause: Cause) -> None:
+        own = pending.own
+        key = own_checkpoint(own)
+        expected = get_checkpoint(self.session, key)
+        for chunk in _split(pending.events):
+            self._parts += 1
+            msg_id = deterministic_id(own.subject, cause.key(), self._parts)
+            headers = {CAUSE_HEADER: _cause_header(cause), **trace_headers()}
+            appended = await self.processor.eventlog.append(
+                own.subject,
+                chunk,
+                msg_id=msg_id,
+                expected_last_subject_sequence=expected,
+                headers=headers,
+                recorded_at=utcnow(),
+            )
+            expected = appended.sequence
+        set_checkpoint(self.session, key, expected)
+
+
+def _split(events: list[Envelope]) -> list[list[Envelope]]:
+    chunks: list[list[Envelope]] = [[]]
+    size = 0
+    for env in events:
+        n = env.ByteSize() + 8
+        if chunks[-1] and size + n > MAX_BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(env)
+        size += n
+    return chunks
+
+
+def _cause_header(cause: Cause) -> str:
+    return cause.key()
+
+
+def _consumer_of(header: str, inputs: Sequence[Input]) -> tuple[ConsumerSpec, int] | None:
+    """Which input message an own-log message answered, from its ``Cdp-Cause`` header."""
+    stream, _, seq = header.rpartition(":")
+    if not stream or stream == "cmd" or not seq.isdigit():
+        return None
+    for inp in inputs:
+        if inp.spec.name == stream:
+            return inp.spec, int(seq)
+    return None
+
+
+class Processor:
+    def __init__(
+        self,
+        *,
+        service: str,
+        engine: Engine,
+        eventlog: EventLog,
+        tables: Sequence[object],
+        own_logs: Sequence[OwnLog],
+        projection: Projection,
+        inputs: Sequence[Input] = (),
+        batch_size: int = 256,
+    ) -> None:
+        self.service = service
+        self.engine = engine
+        self.eventlog = eventlog
+        self.tables = list(tables)
+        self.own_logs = list(own_logs)
+        self.projection = projection
+        self.inputs = list(inputs)
+        self.batch_size = batch_size
+        self.lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.failures: dict[str, str] = {}
+        self._tracer = tracer(f"cdp.{service}")
+
+    # ----------------------------------------------------------------- setup
+    def create_store(self) -> None:
+        create_tables(self.engine, self.tables)  # type: ignore[arg-type]
+
+    def drop_store(self) -> None:
+        drop_tables(self.engine, self.tables)  # type: ignore[arg-type]
+
+    async def recover(self) -> int:
+        """Fold every own-log message not yet in the store. Returns how many were folded."""
+        folded = 0
+        async with self.lock:
+            for own in self.own_logs:
+                folded += await self._fold_tail(own)
+        return folded
+
+    async def _fold_tail(self, own: OwnLog) -> int:
+        with Session(self.engine) as session:
+            start = get_checkpoint(session, own_checkpoint(own)) + 1
+        count = 0
+        batch: list[LogMessage] = []
+        async for msg in self.eventlog.read(own.stream.name, own.subject, start, batch=self.batch_size):
+            batch.append(msg)
+            if len(batch) >= self.batch_size:
+                count += self._fold_messages(own, batch)
+                batch = []
+        if batch:
+            count += self._fold_messages(own, batch)
+        if count:
+            log.info("own_log_recovered", own_log=own.name, messages=count)
+        return count
+
+    def _fold_messages(self, own: OwnLog, msgs: list[LogMessage]) -> int:
+        with transaction(self.engine) as session:
+            for msg in msgs:
+                for env in msg.events():
+                    self.projection.fold(session, own, env)
+                set_checkpoint(session, own_checkpoint(own), msg.sequence)
+                answered = _consumer_of(msg.headers.get(CAUSE_HEADER, ""), self.inputs)
+                if answered is not None:
+                    set_checkpoint(session, emitted_checkpoint(answered[0]), answered[1])
+        return len(msgs)
+
+    # -------------------------------------------------------------- commands
+    async def execute(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
+        """Run a client command: decide, fold and append its events, commit. Retries once on a guard conflict."""
+        for attempt in (1, 2):
+            try:
+                async with self.lock:
+                    with transaction(self.engine) as session:
+                        uow = UnitOfWork(session, self, Cause(command_id=command_id))
+                        result = decide(uow)
+                        await uow.flush(uow.cause)
+                return result
+            except AppendConflict:
+                if attempt == 2:
+                    raise
+                log.warning("append_conflict_recovering", command_id=command_id)
+                await self.recover()
+        raise AssertionError("unreachable")
+
+    def read(self) -> Session:
+        """A session for queries (no writes)."""
+        return Session(self.engine, expire_on_commit=False)
+
+    # ---------------------------------------------------------------- inputs
+    async def apply_input_batch(self, inp: Input, items: Sequence[tuple[LogMessage, Msg | None]]) -> int:
+        """Apply one fetched batch of an input in one transaction, then ack. Returns how many were new."""
+        applied_now = 0
+        headers = items[0][0].headers if items else {}
+        with self._tracer.start_as_current_span(
+            f"apply {inp.spec.name}", context=context_from(headers), attributes={"cdp.messages": len(items)}
+        ):
+            async with self.lock:
+                with transaction(self.engine) as session:
+                    applied = get_checkpoint(session, in_checkpoint(inp.spec))
+                    emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
+                    last = applied
+                    uow: UnitOfWork | None = None
+                    for msg, _raw in items:
+                        if msg.sequence <= applied:
+                            continue
+                        uow = uow or UnitOfWork(session, self, Cause(inp.spec.name, msg.sequence))
+                        for env in msg.events():
+                            inp.handler.observe(session, msg, env)
+                        if msg.sequence > emitted:
+                            for env in msg.events():
+                                inp.handler.decide(uow, msg, env)
+                        last = msg.sequence
+                        applied_now += 1
+                        if uow.pending_bytes >= MAX_BATCH_BYTES:
+                            await uow.flush(Cause(inp.spec.name, last), inp.spec)
+                    if uow is not None:
+                        await uow.flush(Cause(inp.spec.name, last), inp.spec)
+                        set_checkpoint(session, in_checkpoint(inp.spec), last)
+        for _msg, raw in items:
+            if raw is not None:
+                await raw.ack()
+        return applied_now
+
+    async def run_input(self, inp: Input, *, until_caught_up: bool = False) -> None:
+        """Consume one input for ever (or until it has nothing pending), restarting on failure."""
+        backoff = 0.2
+        while not self._stopping.is_set():
+            reader = None
+            try:
+                with self.read() as session:
+                    start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
+                reader = await self.eventlog.durable(inp.spec, start)
+                while not self._stopping.is_set():
+                    items = await reader.fetch(self.batch_size, timeout=0.5 if until_caught_up else 1.0)
+                    if items:
+                        await self.apply_input_batch(inp, items)
+                        backoff = 0.2
+                    elif until_caught_up:
+                        lag = await self.eventlog.consumer_lag(inp.spec)
+                        if lag is not None and lag[1] == 0:
+                            return
+                self.failures.pop(inp.spec.name, None)
+            except AppendConflict as exc:
+                self.failures[inp.spec.name] = exc.message
+                log.warning("append_conflict_recovering", consumer=inp.spec.name)
+                await self.recover()
+            except (Unavailable, nats.errors.Error, OSError) as exc:
+                self.failures[inp.spec.name] = f"{type(exc).__name__}: {exc}"
+                log.warning("input_unavailable", consumer=inp.spec.name, error=str(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if reader is not None:
+                    try:
+                        await reader.close()
+                    except (nats.errors.Error, OSError):
+                        pass
+
+    async def run(self) -> None:
+        """Recover, then consume every input until stopped."""
+        await self.recover()
+        self.ready.set()
+        await asyncio.gather(*(self.run_input(inp) for inp in self.inputs))
+
+    async def catch_up(self) -> None:
+        """Recover and consume every input until nothing is pending: what ``rebuild`` does."""
+        await self.recover()
+        for inp in self.inputs:
+            await self.run_input(inp, until_caught_up=True)
+
+    async def rebuild(self) -> None:
+        """Drop the store and replay the log into it."""
+        self.drop_store()
+        self.create_store()
+        await self.catch_up()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.ready.clear()

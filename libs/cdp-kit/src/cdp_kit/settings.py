@@ -1,0 +1,48 @@
+"""Typed settings read once from ``CDP_``-prefixed environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cdp_kit.store import sqlite_url
+
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+TraceExporter = Literal["none", "console"]
+
+
+class ServiceSettings(BaseSettings):
+    """What every service reads. Each service subclasses it with its own defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CDP_", extra="ignore", frozen=True)
+
+    service: ClassVar[str] = "service"
+    default_port: ClassVar[int] = 50050
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
+    data_dir: Path = Field(default=Path(".cdp"), description="Folder for SQLite stores and file exports")
+    store_url: str = Field(default="", description="SQLAlchemy URL of the store; empty = SQLite in data_dir")
+    grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds")
+    grpc_port: int = Field(default=0, description="gRPC port; 0 = the service's default port")
+    log_format: LogFormat = Field(default="json", description="json (production) or console (terminal)")
+    log_level: LogLevel = Field(default="info", description="Lowest log level written")
+    trace_exporter: TraceExporter = Field(default="none", description="OpenTelemetry span exporter")
+    stream_replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas for streams it creates")
+    batch_size: int = Field(default=256, ge=1, le=10_000, description="Messages applied per store transaction")
+    shutdown_grace_s: float = Field(default=5.0, ge=0, description="Seconds in-flight RPCs get on shutdown")
+
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return sqlite_url(self.data_dir / f"{self.service}.db")
+
+    def resolved_port(self) -> int:
+        return self.grpc_port or self.default_port
+
+    def address(self) -> str:
+        return f"{self.grpc_host}:{self.resolved_port()}"

@@ -1,0 +1,125 @@
+"""The store base: SQLModel on SQLite (WAL) by default, PostgreSQL by URL.
+
+Every service store is a projection. It keeps, in the same transaction as its
+state, the stream positions it has applied (``cdp_checkpoint``), so a re-delivered
+message at or below its checkpoint is recognised and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+from sqlmodel import Field, Session, SQLModel, select
+
+
+class Checkpoint(SQLModel, table=True):
+    """How far one input or own log has been applied to this store."""
+
+    __tablename__ = "cdp_checkpoint"
+
+    name: str = Field(primary_key=True)
+    sequence: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+def sqlite_url(path: Path | str) -> str:
+    return f"sqlite:///{Path(path)}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across process crashes (kill -9); power loss may lose the last
+    # transactions, which recovery re-derives from the log.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def normalise_url(url: str) -> str:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, echo=echo, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, echo=echo, pool_pre_ping=True, poolclass=NullPool if "host=/" in url else None)
+
+
+def with_checkpoint(tables: Sequence[sa.Table]) -> list[sa.Table]:
+    checkpoint = Checkpoint.__table__
+    assert isinstance(checkpoint, sa.Table)
+    return [checkpoint, *[t for t in tables if t is not checkpoint]]
+
+
+def create_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
+    SQLModel.metadata.create_all(engine, tables=with_checkpoint(tables))
+
+
+def drop_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
+    SQLModel.metadata.drop_all(engine, tables=with_checkpoint(tables))
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def get_checkpoint(session: Session, name: str) -> int:
+    row = session.get(Checkpoint, name)
+    return row.sequence if row else 0
+
+
+def set_checkpoint(session: Session, name: str, sequence: int) -> None:
+    row = session.get(Checkpoint, name)
+    if row is None:
+        session.add(Checkpoint(name=name, sequence=sequence))
+    elif sequence > row.sequence:
+        row.sequence = sequence
+        session.add(row)
+
+
+def all_checkpoints(session: Session) -> dict[str, int]:
+    return {c.name: c.sequence for c in session.exec(select(Checkpoint)).all()}
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def canonical_dump(
+    engine: Engine, tables: Iterable[sa.Table], *, skip_columns: Iterable[str] = ()
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, in a stable order: rebuilt stores are compared with it."""
+    skip = set(skip_columns)
+    dump: dict[str, list[tuple[Any, ...]]] = {}
+    with engine.connect() as conn:
+        for table in tables:
+            cols = [c for c in table.columns if c.name not in skip and f"{table.name}.{c.name}" not in skip]
+            rows = conn.execute(sa.select(*cols)).all()
+            dump[table.name] = sorted((tuple(_canonical(v) for v in row) for row in rows), key=repr)
+    return dump

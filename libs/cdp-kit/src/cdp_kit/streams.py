@@ -1,0 +1,82 @@
+"""Every stream, subject and durable consumer of the platform, declared once.
+
+Subjects carry the key a future partitioning needs: ``cdp.<area>.<partition>.<kind>``.
+Each service writes its own subjects (single writer per subject), so appends are
+guarded with ``Nats-Expected-Last-Subject-Sequence``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ServiceName = Literal["ingest", "identity", "segmentation", "activation"]
+SERVICES: tuple[ServiceName, ...] = ("ingest", "identity", "segmentation", "activation")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    # Seconds JetStream keeps publish ids for Nats-Msg-Id dedupe (consumers dedupe for all time).
+    duplicate_window_s: float = 120.0
+
+
+CONFIG = StreamSpec("CDP_CONFIG", ("cdp.config.>",), "schemas, datasets, namespaces, segments, destinations")
+COLLECT = StreamSpec("CDP_COLLECT", ("cdp.collect.>",), "raw online events from publishers")
+INGEST = StreamSpec("CDP_INGEST", ("cdp.ingest.>",), "validated records and events")
+PROFILE = StreamSpec("CDP_PROFILE", ("cdp.profile.>",), "profile fragments, merges, splits")
+AUDIENCE = StreamSpec("CDP_AUDIENCE", ("cdp.audience.>",), "membership changes")
+DELIVERY = StreamSpec("CDP_DELIVERY", ("cdp.delivery.>",), "delivery outcomes")
+DEADLETTER = StreamSpec("CDP_DEADLETTER", ("cdp.deadletter.>",), "invalid input and failed deliveries")
+
+ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENCE, DELIVERY, DEADLETTER)
+
+
+@dataclass(frozen=True)
+class OwnLog:
+    """A subject one service alone writes, and folds back into its store."""
+
+    name: str
+    stream: StreamSpec
+    subject: str
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer: one service reading another's facts."""
+
+    name: str
+    stream: StreamSpec
+    filter_subject: str
+
+
+def config_log(service: ServiceName) -> OwnLog:
+    return OwnLog(f"{service}-config", CONFIG, f"cdp.config.{service}")
+
+
+def config_input(reader: ServiceName, writer: ServiceName) -> ConsumerSpec:
+    return ConsumerSpec(f"{reader}-config-{writer}", CONFIG, f"cdp.config.{writer}")
+
+
+PARTITION = "0"
+
+INGEST_CONFIG = config_log("ingest")
+INGEST_RECORDS = OwnLog("ingest-records", INGEST, f"cdp.ingest.{PARTITION}.records")
+IDENTITY_CONFIG = config_log("identity")
+IDENTITY_FRAGMENTS = OwnLog("identity-fragments", PROFILE, f"cdp.profile.{PARTITION}.fragments")
+SEGMENTATION_CONFIG = config_log("segmentation")
+SEGMENTATION_MEMBERSHIPS = OwnLog("segmentation-memberships", AUDIENCE, f"cdp.audience.{PARTITION}.memberships")
+ACTIVATION_CONFIG = config_log("activation")
+ACTIVATION_DELIVERIES = OwnLog("activation-deliveries", DELIVERY, f"cdp.delivery.{PARTITION}.outcomes")
+
+IDENTITY_READS_INGEST = ConsumerSpec("identity-ingest", INGEST, "cdp.ingest.>")
+SEGMENTATION_READS_PROFILE = ConsumerSpec("segmentation-profile", PROFILE, "cdp.profile.>")
+ACTIVATION_READS_PROFILE = ConsumerSpec("activation-profile", PROFILE, "cdp.profile.>")
+ACTIVATION_READS_AUDIENCE = ConsumerSpec("activation-audience", AUDIENCE, "cdp.audience.>")
+ACTIVATION_READS_SEGMENTS = config_input("activation", "segmentation")
+
+
+def collect_subject(dataset: str) -> str:
+    return f"cdp.collect.{dataset}"

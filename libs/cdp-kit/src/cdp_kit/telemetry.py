@@ -1,0 +1,83 @@
+"""Logging (structlog, JSON or console) and tracing (OpenTelemetry) set up once per process.
+
+Trace context travels in NATS headers and gRPC metadata as W3C ``traceparent``.
+Log events carry ids and hashes, never raw emails, phones or names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+from cdp_kit.settings import LogFormat, LogLevel, TraceExporter
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _add_trace_ids(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event["trace_id"] = format(ctx.trace_id, "032x")
+        event["span_id"] = format(ctx.span_id, "016x")
+    return event
+
+
+def configure_logging(service: str, fmt: LogFormat = "json", level: LogLevel = "info") -> None:
+    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_ids,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def configure_tracing(service: str, exporter: TraceExporter = "none") -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": f"cdp-{service}"}))
+    if exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def trace_headers() -> dict[str, str]:
+    """The current trace context as headers (NATS) or metadata (gRPC)."""
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier
+
+
+def context_from(carrier: Mapping[str, str]) -> otel_context.Context:
+    return extract(dict(carrier))
+
+
+def pii_hash(value: str) -> str:
+    """A short, stable stand-in for a PII value in logs and error messages."""
+    return "h:" + hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,1 @@
+"""Test support: a pytest plugin with fixtures that start real servers."""

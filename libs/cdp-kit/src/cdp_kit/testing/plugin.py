@@ -1,0 +1,77 @@
+"""Pytest fixtures that start real infrastructure: a nats-server with JetStream on a
+free loopback port and a temp store dir per test, SQLite stores, and an embedded
+PostgreSQL with a fresh database per test.
+
+Registered through the ``pytest11`` entry point of cdp-kit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cdp_kit.eventlog import EventLog
+from cdp_kit.natsserver import NatsServer
+from cdp_kit.store import sqlite_url
+from cdp_kit.testing.postgres import EmbeddedPostgres
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "jetstream", log_file=tmp_path / "nats.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+async def eventlog(nats_url: str) -> AsyncIterator[EventLog]:
+    log = await EventLog.connect(nats_url, "cdp-test")
+    await log.ensure_streams()
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres() -> Iterator[EmbeddedPostgres]:
+    root = Path(tempfile.mkdtemp(prefix="cdp-pg-"))
+    server = EmbeddedPostgres(root)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(embedded_postgres: EmbeddedPostgres) -> Iterator[str]:
+    name, url = embedded_postgres.create_database()
+    try:
+        yield url
+    finally:
+        embedded_postgres.drop_database(name)
+
+
+@pytest.fixture
+def sqlite_store_url(tmp_path: Path) -> str:
+    return sqlite_url(tmp_path / "store.db")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store URL; tests using it run once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "store.db")
+    url: str = request.getfixturevalue("postgres_url")
+    return url

@@ -1,0 +1,96 @@
+"""The event-log contract, on a real nats-server with JetStream."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp_kit.envelope import Cause, Envelope, make_envelope, unpack
+from cdp_kit.eventlog import AppendConflict, EventLog
+from cdp_kit.streams import INGEST
+
+SUBJECT = "cdp.ingest.0.records"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def event(n: int) -> Envelope:
+    return make_envelope(
+        IdentityValue(namespace="crm_id", value=f"c{n}"),
+        event_id=f"e{n}",
+        subject_key="crm",
+        occurred_at=T0,
+        cause=Cause(command_id=f"cmd{n}"),
+    )
+
+
+async def test_append_returns_increasing_sequences(eventlog: EventLog) -> None:
+    first = await eventlog.append(SUBJECT, [event(1)], msg_id="m1")
+    second = await eventlog.append(SUBJECT, [event(2), event(3)], msg_id="m2")
+    assert (first.sequence, second.sequence) == (1, 2)
+    assert not first.duplicate and not second.duplicate
+
+
+async def test_same_msg_id_is_deduplicated(eventlog: EventLog) -> None:
+    first = await eventlog.append(SUBJECT, [event(1)], msg_id="same")
+    again = await eventlog.append(SUBJECT, [event(1)], msg_id="same")
+    assert again.duplicate
+    assert again.sequence == first.sequence
+    assert await eventlog.last_sequence(INGEST.name) == 1
+
+
+async def test_expected_subject_sequence_guards_the_writer(eventlog: EventLog) -> None:
+    await eventlog.append(SUBJECT, [event(1)], msg_id="a", expected_last_subject_sequence=0)
+    await eventlog.append(SUBJECT, [event(2)], msg_id="b", expected_last_subject_sequence=1)
+    with pytest.raises(AppendConflict):
+        await eventlog.append(SUBJECT, [event(3)], msg_id="c", expected_last_subject_sequence=1)
+    assert await eventlog.last_sequence(INGEST.name, SUBJECT) == 2
+
+
+async def test_guard_is_per_subject(eventlog: EventLog) -> None:
+    await eventlog.append("cdp.ingest.1.records", [event(1)], msg_id="other")
+    appended = await eventlog.append(SUBJECT, [event(2)], msg_id="mine", expected_last_subject_sequence=0)
+    assert appended.sequence == 2
+
+
+async def test_expected_stream_sequence_conflict(eventlog: EventLog) -> None:
+    await eventlog.append(SUBJECT, [event(1)], msg_id="a", expected_last_sequence=0)
+    with pytest.raises(AppendConflict):
+        await eventlog.append(SUBJECT, [event(2)], msg_id="b", expected_last_sequence=0)
+
+
+async def test_read_from_a_sequence(eventlog: EventLog) -> None:
+    for n in range(1, 11):
+        await eventlog.append(SUBJECT, [event(n)], msg_id=f"m{n}")
+    got = [m async for m in eventlog.read(INGEST.name, SUBJECT, 4, batch=3)]
+    assert [m.sequence for m in got] == list(range(4, 11))
+    values = [unpack(m.events()[0], IdentityValue).value for m in got]
+    assert values == [f"c{n}" for n in range(4, 11)]
+
+
+async def test_read_of_an_empty_subject_ends(eventlog: EventLog) -> None:
+    assert [m async for m in eventlog.read(INGEST.name, SUBJECT, 1)] == []
+
+
+async def test_read_stops_at_the_end_as_of_the_call(eventlog: EventLog) -> None:
+    await eventlog.append(SUBJECT, [event(1)], msg_id="m1")
+    seen = []
+    async for msg in eventlog.read(INGEST.name, SUBJECT, 1):
+        seen.append(msg.sequence)
+    assert seen == [1]
+
+
+async def test_headers_and_recorded_at_travel(eventlog: EventLog) -> None:
+    await eventlog.append(SUBJECT, [event(1)], msg_id="m1", headers={"Cdp-Cause": "x:1"}, recorded_at=T0)
+    [msg] = [m async for m in eventlog.read(INGEST.name, SUBJECT, 1)]
+    assert msg.headers["Cdp-Cause"] == "x:1"
+    assert msg.events()[0].recorded_at.ToDatetime(tzinfo=UTC) == T0
+
+
+async def test_unreachable_nats_is_unavailable() -> None:
+    from cdp_kit.errors import Unavailable
+    from cdp_kit.natsserver import free_port
+
+    with pytest.raises(Unavailable):
+        await EventLog.connect(f"nats://127.0.0.1:{free_port()}", "t", connect_timeout=0.5)
