@@ -8,13 +8,14 @@ duplicated writer is refused instead of forking the log. Reads start from any se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -75,7 +76,7 @@ def to_log_message(msg: Msg) -> LogMessage:
 
 
 class EventLog:
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
 
@@ -85,7 +86,7 @@ class EventLog:
             log.debug("nats_client_error", error=str(exc))
 
         # Reconnect for ever once connected; the first connect is bounded so callers can retry.
-        nc = NATS()
+        nc = Client()
         try:
             await asyncio.wait_for(
                 nc.connect(
@@ -93,7 +94,7 @@ class EventLog:
                     name=name,
                     connect_timeout=max(1, int(connect_timeout)),
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=1,
                     error_cb=quiet,
                 ),
                 timeout=connect_timeout,
@@ -186,7 +187,7 @@ class EventLog:
             msg = await self.js.get_last_msg(stream, subject)
         except nats.js.errors.NotFoundError:
             return 0
-        return int(msg.seq or 0)
+        return msg.seq or 0
 
     async def read(
         self, stream: str, subject_filter: str, from_sequence: int = 1, *, batch: int = 256
@@ -203,7 +204,7 @@ class EventLog:
         sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
         try:
             info = await sub.consumer_info()
-            remaining = int(info.num_pending)
+            remaining = info.num_pending or 0
             while remaining > 0:
                 try:
                     msgs = await sub.fetch(min(batch, remaining), timeout=5.0)
@@ -218,10 +219,8 @@ class EventLog:
 
     async def durable(self, spec: ConsumerSpec, start_sequence: int) -> DurableReader:
         """(Re)create a durable consumer positioned at ``start_sequence``: the store's checkpoint is the truth."""
-        try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.js.delete_consumer(spec.stream.name, spec.name)
-        except nats.js.errors.NotFoundError:
-            pass
         config = api.ConsumerConfig(
             durable_name=spec.name,
             name=spec.name,

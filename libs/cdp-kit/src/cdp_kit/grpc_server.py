@@ -17,6 +17,7 @@ from cdp_kit.errors import CdpError, to_grpc_status
 from cdp_kit.telemetry import context_from, get_logger
 
 log = get_logger(__name__)
+Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,14 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns every exception into a gRPC status (via ``errors.to_grpc_status``) and joins the caller's trace."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -128,7 +129,7 @@ class GrpcServer:
         self.host = host
         self.port = port
         self.registrations = list(registrations)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
             options=[

@@ -23,6 +23,7 @@ after a crash equals the store without one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -32,7 +33,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from cdp_kit.envelope import Cause, Envelope, deterministic_id, encode_batch, utcnow
+from cdp_kit.envelope import Cause, Envelope, deterministic_id, utcnow
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import MAX_BATCH_BYTES, AppendConflict, EventLog, LogMessage
 from cdp_kit.store import create_tables, drop_tables, get_checkpoint, set_checkpoint, transaction
@@ -317,10 +318,8 @@ class Processor:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 if reader is not None:
-                    try:
+                    with contextlib.suppress(nats.errors.Error, OSError):
                         await reader.close()
-                    except (nats.errors.Error, OSError):
-                        pass
 
     async def run(self) -> None:
         """Recover, then consume every input until stopped."""

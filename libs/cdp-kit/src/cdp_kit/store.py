@@ -59,9 +59,15 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return sa.create_engine(url, echo=echo, pool_pre_ping=True, poolclass=NullPool if "host=/" in url else None)
 
 
+def tables_of(*models: type[SQLModel]) -> list[sa.Table]:
+    """The SQLAlchemy tables behind SQLModel table classes."""
+    tables = [m.__dict__["__table__"] for m in models]
+    assert all(isinstance(t, sa.Table) for t in tables)
+    return tables
+
+
 def with_checkpoint(tables: Sequence[sa.Table]) -> list[sa.Table]:
-    checkpoint = Checkpoint.__table__
-    assert isinstance(checkpoint, sa.Table)
+    [checkpoint] = tables_of(Checkpoint)
     return [checkpoint, *[t for t in tables if t is not checkpoint]]
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from cdp_kit.runtime import main as run
 from cdp_identity.main import build
 from cdp_identity.settings import IdentitySettings
+from cdp_kit.runtime import main as run
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from cdp_kit.runtime import main as run
 from cdp_ingest.main import build
 from cdp_ingest.settings import IngestSettings
+from cdp_kit.runtime import main as run
 
 
 def main() -> None:

@@ -92,3 +92,33 @@ class MembershipChanged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MembershipChanged: _TypeAlias = MembershipChanged  # noqa: Y015
+
+@_typing.final
+class SegmentEvaluated(_message.Message):
+    """Every existing profile was evaluated against a segment (after it was defined)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    PROFILES_FIELD_NUMBER: _builtins.int
+    REALIZED_FIELD_NUMBER: _builtins.int
+    EXITED_FIELD_NUMBER: _builtins.int
+    segment_id: _builtins.str
+    profiles: _builtins.int
+    realized: _builtins.int
+    exited: _builtins.int
+    def __init__(
+        self,
+        *,
+        segment_id: _builtins.str = ...,
+        profiles: _builtins.int = ...,
+        realized: _builtins.int = ...,
+        exited: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "profiles", b"profiles", "realized", b"realized", "segment_id", b"segment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentEvaluated: _TypeAlias = SegmentEvaluated  # noqa: Y015

@@ -1,0 +1,245 @@
+"""Finding the services and talking gRPC to them.
+
+An address is taken, in this order, from an explicit mapping (``--addr SERVICE=HOST:PORT``),
+from the environment (``CDP_<SERVICE>_ADDR``) or from ``<data_dir>/stack.json`` that
+``cdp up`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cdp.activation.v1 import activation_pb2_grpc
+from cdp.common.v1 import admin_pb2_grpc
+from cdp.identity.v1 import identity_pb2_grpc
+from cdp.ingest.v1 import ingest_pb2_grpc
+from cdp.segmentation.v1 import segmentation_pb2_grpc
+from cdp_cli.errors import CliError
+
+SERVICES: tuple[str, ...] = ("ingest", "identity", "segmentation", "activation")
+STACK_FILE = "stack.json"
+DEFAULT_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+UNREACHABLE = "UNREACHABLE"
+
+
+def env_var(service: str) -> str:
+    """The environment variable that holds a service's address, e.g. ``CDP_INGEST_ADDR``."""
+    return f"CDP_{service.upper()}_ADDR"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What ``cdp up`` records in ``<data_dir>/stack.json``."""
+
+    path: Path
+    nats_url: str
+    services: dict[str, str]
+    pid: int
+
+    @property
+    def running(self) -> bool:
+        return pid_alive(self.pid)
+
+
+def read_stack_file(data_dir: Path) -> StackInfo | None:
+    """The stack recorded in ``data_dir``, or None when there is none."""
+    path = Path(data_dir) / STACK_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
+        raise CliError(f"{path} is not a stack file (no 'services' object)")
+    services = {str(name): str(addr) for name, addr in raw["services"].items()}
+    return StackInfo(path=path, nats_url=str(raw.get("nats_url", "")), services=services, pid=int(raw.get("pid", 0)))
+
+
+def _from_stack_file(service: str, data_dir: Path) -> str:
+    info = read_stack_file(data_dir)
+    hint = f"run `cdp up --data-dir {data_dir}`, set {env_var(service)} or pass --addr {service}=HOST:PORT"
+    if info is None:
+        raise CliError(f"no address for {service}: {Path(data_dir) / STACK_FILE} does not exist; {hint}")
+    if not info.running:
+        raise CliError(f"{info.path} is stale: the stack (pid {info.pid}) is not running; {hint}")
+    if service not in info.services:
+        raise CliError(f"no address for {service}: the stack in {info.path} runs without it; {hint}")
+    return info.services[service]
+
+
+def resolve_address(
+    service: str,
+    data_dir: Path,
+    explicit: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """One service's address: explicit, else ``CDP_<SERVICE>_ADDR``, else ``stack.json``."""
+    if explicit and explicit.get(service):
+        return explicit[service]
+    env = os.environ if environ is None else environ
+    if env.get(env_var(service)):
+        return env[env_var(service)]
+    return _from_stack_file(service, data_dir)
+
+
+def resolve_addresses(
+    data_dir: Path,
+    explicit: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    services: Iterable[str] = SERVICES,
+) -> dict[str, str]:
+    """The addresses of every service that has one; an error when none has."""
+    found: dict[str, str] = {}
+    first_error: CliError | None = None
+    for service in services:
+        try:
+            found[service] = resolve_address(service, data_dir, explicit, environ)
+        except CliError as exc:
+            first_error = first_error or exc
+    if not found and first_error is not None:
+        raise first_error
+    return found
+
+
+def parse_addr_option(values: Iterable[str]) -> dict[str, str]:
+    """``["ingest=127.0.0.1:50051", ...]`` -> ``{"ingest": "127.0.0.1:50051"}``."""
+    parsed: dict[str, str] = {}
+    for value in values:
+        service, sep, address = value.partition("=")
+        if not sep or service not in SERVICES or not address:
+            raise CliError(f"--addr {value!r}: expected SERVICE=HOST:PORT with SERVICE one of {', '.join(SERVICES)}")
+        parsed[service] = address
+    return parsed
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe_rpc_error(err: grpc.RpcError) -> str:
+    """``CODE: details`` on one line, whatever kind of RpcError it is."""
+    code_of = getattr(err, "code", None)
+    details_of = getattr(err, "details", None)
+    code = code_of() if callable(code_of) else None
+    details = details_of() if callable(details_of) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    text = _one_line(str(details if details is not None else err))
+    return f"{name}: {text}" if text else name
+
+
+def rpc_code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    code_of = getattr(err, "code", None)
+    code = code_of() if callable(code_of) else None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
+    """The health status name of ``service`` ("" = the whole server) at ``address``, or UNREACHABLE."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return UNREACHABLE
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class Client:
+    """Channels to the services, opened on first use, with typed stubs."""
+
+    def __init__(
+        self,
+        data_dir: Path = Path(".cdp"),
+        addresses: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.timeout = timeout
+        self._explicit = dict(addresses or {})
+        self._environ = environ
+        self._channels: dict[str, grpc.Channel] = {}
+        self.last_service: str | None = None
+
+    def address(self, service: str) -> str:
+        return resolve_address(service, self.data_dir, self._explicit, self._environ)
+
+    def addresses(self) -> dict[str, str]:
+        return resolve_addresses(self.data_dir, self._explicit, self._environ)
+
+    def channel(self, service: str) -> grpc.Channel:
+        self.last_service = service
+        if service not in self._channels:
+            options = [
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+            self._channels[service] = grpc.insecure_channel(self.address(service), options=options)
+        return self._channels[service]
+
+    def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
+        return ingest_pb2_grpc.IngestServiceStub(self.channel("ingest"))
+
+    def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
+        return identity_pb2_grpc.IdentityServiceStub(self.channel("identity"))
+
+    def segmentation(self) -> segmentation_pb2_grpc.SegmentationServiceStub:
+        return segmentation_pb2_grpc.SegmentationServiceStub(self.channel("segmentation"))
+
+    def activation(self) -> activation_pb2_grpc.ActivationServiceStub:
+        return activation_pb2_grpc.ActivationServiceStub(self.channel("activation"))
+
+    def admin(self, service: str) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel(service))
+
+    def health(self, service: str) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel(service))
+
+    def describe_failure(self, err: grpc.RpcError) -> str:
+        """The one-line message for a failed call, naming the service it went to."""
+        text = describe_rpc_error(err)
+        service = self.last_service
+        if service is None:
+            return text
+        where = service
+        try:
+            where = f"{service} at {self.address(service)}"
+        except CliError:
+            pass
+        hint = " (is the stack running? start it with `cdp up`)" if rpc_code(err) == grpc.StatusCode.UNAVAILABLE else ""
+        return f"{where}: {text}{hint}"
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

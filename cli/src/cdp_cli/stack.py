@@ -1,0 +1,463 @@
+"""The embedded stack behind ``cdp up``: one ``nats-server`` with JetStream and the
+services as supervised child processes on loopback ports, all under one data folder.
+
+* ``<data_dir>/nats``        JetStream file store
+* ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
+* ``<data_dir>/stack.json``  where everything listens, while the stack runs
+
+Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
+a failed ``start()`` stops what it had started, and on Linux every child is spawned with
+``PR_SET_PDEATHSIG`` so even a ``kill -9`` of the supervisor takes them down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from cdp_cli.client import SERVICES, STACK_FILE, check_health
+from cdp_cli.errors import CliError
+from cdp_kit.natsserver import find_binary, free_port, wait_for_jetstream
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+NATS = "nats"
+SERVING = "SERVING"
+PR_SET_PDEATHSIG = 1
+LOG_TAIL_LINES = 40
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
+
+CommandFactory = Callable[[str], list[str]]
+
+
+class StackError(CliError):
+    """The stack could not start, or a service did not become ready."""
+
+
+def service_command(service: str) -> list[str]:
+    """How a service process is started: ``python -m cdp_<service> serve``."""
+    return [sys.executable, "-m", f"cdp_{service}", "serve"]
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent dies (Linux only).
+
+    The signal follows the *thread* that forked the child, so children must be spawned by
+    threads that outlive them (the caller's thread, or the supervisor thread, which only
+    exits after every child has been reaped).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls into it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' when there is none)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            data = handle.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Child:
+    """One supervised process: its command line, environment, log file and restart history."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    address: str
+    new_session: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    crashes_in_row: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    history: list[int] = field(default_factory=list)
+
+    def spawn(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
+                preexec_fn=_die_with_parent(),
+            )
+        self.started_at = time.monotonic()
+        self.history.append(self.process.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def send(self, sig: signal.Signals) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> bool:
+        """True when the process has exited within ``timeout`` seconds."""
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill_and_reap(self) -> None:
+        self.send(signal.SIGKILL)
+        self.wait(10.0)
+
+    def tail(self) -> str:
+        return log_tail(self.log_path)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before restarting a crashed child: ``first * 2**(crashes-1)``, capped; reset once stable."""
+
+    first_s: float = 0.5
+    max_s: float = 10.0
+    stable_after_s: float = 30.0
+
+    def delay(self, crashes_in_row: int) -> float:
+        return float(min(self.first_s * 2 ** max(0, crashes_in_row - 1), self.max_s))
+
+
+class Stack:
+    """nats-server plus the chosen services, supervised; a context manager.
+
+    >>> with Stack(Path(".cdp")) as stack:
+    ...     stack.addresses["ingest"]
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        services: Sequence[str] = SERVICES,
+        *,
+        env: Mapping[str, str] | None = None,
+        ready_timeout_s: float = 90.0,
+        stop_timeout_s: float = 15.0,
+        backoff: Backoff | None = None,
+        poll_interval_s: float = 0.2,
+        command: CommandFactory = service_command,
+    ) -> None:
+        unknown = [s for s in services if s not in SERVICES]
+        if unknown or not services:
+            raise StackError(f"unknown services {unknown}; choose from {', '.join(SERVICES)}")
+        self.data_dir = Path(data_dir).absolute()
+        self.services = list(dict.fromkeys(services))
+        self.extra_env = dict(env or {})
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.backoff = backoff or Backoff()
+        self.poll_interval_s = poll_interval_s
+        self.command = command
+        self.nats_url = ""
+        self._nats: Child | None = None
+        self._children: dict[str, Child] = {}
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._reaped = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._wrote_stack_file = False
+
+    # ----------------------------------------------------------------- paths and state
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.data_dir / STACK_FILE
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """``{"ingest": "127.0.0.1:port", ...}`` for the services of this stack."""
+        return {name: child.address for name, child in self._children.items()}
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Current pids of the running children, nats-server as ``"nats"``."""
+        with self._lock:
+            children = [*([self._nats] if self._nats else []), *self._children.values()]
+            return {c.name: c.pid for c in children if c.pid is not None and c.alive()}
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """How often each child was restarted after exiting unexpectedly."""
+        with self._lock:
+            children = [*([self._nats] if self._nats else []), *self._children.values()]
+            return {c.name: c.restarts for c in children}
+
+    def all_pids(self) -> list[int]:
+        """Every pid this stack ever spawned (for checking that none is left)."""
+        with self._lock:
+            children = [*([self._nats] if self._nats else []), *self._children.values()]
+            return [pid for c in children for pid in c.history]
+
+    # ----------------------------------------------------------------- start
+
+    def start(self) -> Stack:
+        """Start nats-server and the services, wait until all are SERVING, write stack.json."""
+        try:
+            self._acquire_data_dir()
+            self._start_nats()
+            self._start_services()
+            self._write_stack_file()
+            self._start_supervisor()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _acquire_data_dir(self) -> None:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self.data_dir / "stack.lock").open("ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StackError(f"a stack is already running from {self.data_dir}; stop it first") from None
+        self._lock_file = handle
+
+    def _start_nats(self) -> None:
+        store = self.data_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        port = free_port(LOOPBACK)
+        config = store / "nats.conf"
+        config.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
+        argv = [find_binary(), "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(port)]
+        argv += ["-sd", str(store), "-n", f"cdp-{port}"]
+        # Own session: a Ctrl-C in the terminal must not stop NATS before the services drained.
+        nats = Child(NATS, argv, dict(os.environ), self.logs_dir / "nats.log", f"{LOOPBACK}:{port}", new_session=True)
+        self._nats = nats
+        self.nats_url = f"nats://{LOOPBACK}:{port}"
+        nats.spawn()
+        self._record("spawned", child=NATS, pid=nats.pid, address=nats.address)
+        try:
+            wait_for_jetstream(LOOPBACK, port, timeout=min(30.0, self.ready_timeout_s))
+        except TimeoutError as exc:
+            raise self._not_ready(nats, str(exc)) from None
+
+    def _service_env(self, port: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "CDP_NATS_URL": self.nats_url,
+                "CDP_DATA_DIR": str(self.data_dir),
+                "CDP_STORE_URL": "",
+                "CDP_GRPC_HOST": LOOPBACK,
+                "CDP_GRPC_PORT": str(port),
+                "CDP_LOG_FORMAT": "json",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _start_services(self) -> None:
+        for name in self.services:
+            port = free_port(LOOPBACK)
+            child = Child(
+                name, self.command(name), self._service_env(port), self.logs_dir / f"{name}.log", f"{LOOPBACK}:{port}"
+            )
+            self._children[name] = child
+            child.spawn()
+            self._record("spawned", child=name, pid=child.pid, address=child.address)
+        deadline = time.monotonic() + self.ready_timeout_s
+        for child in self._children.values():
+            self._wait_until_serving(child, deadline, fail_on_exit=True)
+
+    def _wait_until_serving(self, child: Child, deadline: float, *, fail_on_exit: bool) -> None:
+        status = "not started"
+        while True:
+            if fail_on_exit and not child.alive():
+                raise self._not_ready(child, f"exited with code {child.exit_code()} while starting")
+            status = check_health(child.address, timeout=1.0)
+            if status == SERVING:
+                return
+            if time.monotonic() >= deadline:
+                raise self._not_ready(child, f"not SERVING after {self.ready_timeout_s:g}s (health: {status})")
+            time.sleep(self.poll_interval_s)
+
+    def _not_ready(self, child: Child, reason: str) -> StackError:
+        tail = child.tail() or "(empty)"
+        return StackError(f"{child.name} {reason}; last lines of {child.log_path}:\n{tail}")
+
+    def _write_stack_file(self) -> None:
+        content = {"nats_url": self.nats_url, "services": self.addresses, "pid": os.getpid()}
+        temporary = self.stack_file.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(content, indent=2) + "\n")
+        temporary.replace(self.stack_file)
+        self._wrote_stack_file = True
+
+    # ----------------------------------------------------------------- supervision
+
+    def _start_supervisor(self) -> None:
+        self._supervisor = threading.Thread(target=self._supervise, name="cdp-stack-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        # Restarted children are forked by this thread: it must stay alive until all are reaped.
+        while not self._reaped.wait(self.poll_interval_s):
+            with self._lock:
+                if self._stopping:
+                    continue
+                for child in self._supervised():
+                    try:
+                        self._check(child)
+                    except Exception:
+                        log.exception("supervision of %s failed", child.name)
+
+    def _supervised(self) -> list[Child]:
+        return [*([self._nats] if self._nats else []), *self._children.values()]
+
+    def _check(self, child: Child) -> None:
+        now = time.monotonic()
+        if child.alive():
+            if child.crashes_in_row and now - child.started_at > self.backoff.stable_after_s:
+                child.crashes_in_row = 0
+            return
+        if child.restart_at is None:
+            child.crashes_in_row += 1
+            delay = self.backoff.delay(child.crashes_in_row)
+            child.restart_at = now + delay
+            self._record("exited", level=logging.WARNING, child=child.name, code=child.exit_code(), restart_in_s=delay)
+        elif now >= child.restart_at:
+            child.restart_at = None
+            child.restarts += 1
+            child.spawn()
+            self._record("restarted", level=logging.WARNING, child=child.name, pid=child.pid, restarts=child.restarts)
+
+    def kill(self, service: str) -> None:
+        """SIGKILL a child (for crash tests); the supervisor restarts it after its backoff."""
+        child = self._child(service)
+        with self._lock:
+            process = child.process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10.0)
+            self._record("killed", child=service, pid=process.pid)
+
+    def restart(self, service: str) -> None:
+        """Stop a service gracefully, start it again on the same port and wait until it is SERVING."""
+        child = self._child(service)
+        with self._lock:
+            child.send(signal.SIGTERM)
+            if not child.wait(self.stop_timeout_s):
+                child.kill_and_reap()
+            child.restart_at = None
+            child.spawn()
+            self._record("restarted", child=service, pid=child.pid, on_request=True)
+        self.wait_serving(service)
+
+    def wait_serving(self, service: str, timeout_s: float | None = None) -> None:
+        """Block until ``service`` answers SERVING again (e.g. after ``kill``), or raise StackError."""
+        child = self._child(service)
+        timeout = self.ready_timeout_s if timeout_s is None else timeout_s
+        self._wait_until_serving(child, time.monotonic() + timeout, fail_on_exit=False)
+
+    def _child(self, name: str) -> Child:
+        if name == NATS and self._nats is not None:
+            return self._nats
+        if name not in self._children:
+            raise StackError(f"{name} is not part of this stack (it runs {', '.join(self._children) or 'nothing'})")
+        return self._children[name]
+
+    # ----------------------------------------------------------------- stop
+
+    def stop(self) -> None:
+        """Terminate the services, then nats-server; SIGKILL whatever outlives the timeout."""
+        with self._lock:
+            self._stopping = True
+        self._terminate(list(self._children.values()))
+        if self._nats is not None:
+            self._terminate([self._nats])
+        self._reaped.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=10.0)
+        self._remove_stack_file()
+        self._release_data_dir()
+
+    def _terminate(self, children: Iterable[Child]) -> None:
+        running = [c for c in children if c.alive()]
+        for child in running:
+            child.send(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for child in running:
+            if not child.wait(deadline - time.monotonic()):
+                self._record("stop_timeout", level=logging.WARNING, child=child.name, pid=child.pid)
+                child.kill_and_reap()
+            self._record("stopped", child=child.name, code=child.exit_code())
+        for child in children:
+            child.wait(0)  # reap anything that exited on its own
+
+    def _remove_stack_file(self) -> None:
+        if self._wrote_stack_file:
+            self.stack_file.unlink(missing_ok=True)
+            self._wrote_stack_file = False
+
+    def _release_data_dir(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ----------------------------------------------------------------- misc
+
+    def _record(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        """Supervisor events: to ``logging`` and, as JSON lines, to ``logs/stack.log``. No PII here."""
+        log.log(level, "%s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
+        line = {"ts": time.time(), "level": logging.getLevelName(level).lower(), "event": event, **fields}
+        with contextlib.suppress(OSError), (self.logs_dir / "stack.log").open("a") as out:
+            out.write(json.dumps(line, default=str) + "\n")
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""The identity service: namespaces, the identity graph, stable profile ids."""

@@ -1,0 +1,1 @@
+"""The ingest service: schemas, datasets, validated batch and streaming ingestion."""

@@ -1,0 +1,113 @@
+"""The ingest store: schemas, datasets, batches and the ids of every event seen."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf import json_format
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_kit.store import tables_of
+
+
+class SchemaRow(SQLModel, table=True):
+    __tablename__ = "ingest_schema"
+
+    name: str = Field(primary_key=True)
+    version: int = Field(primary_key=True)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+
+
+class DatasetRow(SQLModel, table=True):
+    __tablename__ = "ingest_dataset"
+
+    name: str = Field(primary_key=True)
+    schema_name: str
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+
+
+class BatchRow(SQLModel, table=True):
+    __tablename__ = "ingest_batch"
+
+    batch_id: str = Field(primary_key=True)
+    batch_key: str
+    dataset: str
+    received_at: datetime
+    completed: bool = False
+    report: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+class BatchChunkRow(SQLModel, table=True):
+    __tablename__ = "ingest_batch_chunk"
+
+    batch_id: str = Field(primary_key=True)
+    chunk: int = Field(primary_key=True)
+    rows: int
+
+
+class SeenEventRow(SQLModel, table=True):
+    """Every accepted event id, for de-duplication for all time."""
+
+    __tablename__ = "ingest_seen_event"
+
+    dataset: str = Field(primary_key=True)
+    event_id: str = Field(primary_key=True)
+
+
+TABLES = tables_of(SchemaRow, DatasetRow, BatchRow, BatchChunkRow, SeenEventRow)
+
+
+def as_dict(msg: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def latest_schema(session: Session, name: str) -> pb.Schema | None:
+    row = session.exec(select(SchemaRow).where(SchemaRow.name == name).order_by(col(SchemaRow.version).desc())).first()
+    return json_format.ParseDict(row.body, pb.Schema()) if row else None
+
+
+def schema_version(session: Session, name: str, version: int) -> pb.Schema | None:
+    row = session.get(SchemaRow, (name, version))
+    return json_format.ParseDict(row.body, pb.Schema()) if row else None
+
+
+def all_schemas(session: Session) -> list[pb.Schema]:
+    rows = session.exec(select(SchemaRow).order_by(col(SchemaRow.name), col(SchemaRow.version))).all()
+    return [json_format.ParseDict(r.body, pb.Schema()) for r in rows]
+
+
+def dataset(session: Session, name: str) -> pb.Dataset | None:
+    row = session.get(DatasetRow, name)
+    return json_format.ParseDict(row.body, pb.Dataset()) if row else None
+
+
+def all_datasets(session: Session) -> list[pb.Dataset]:
+    rows = session.exec(select(DatasetRow).order_by(col(DatasetRow.name))).all()
+    return [json_format.ParseDict(r.body, pb.Dataset()) for r in rows]
+
+
+def batch(session: Session, batch_id: str) -> BatchRow | None:
+    return session.get(BatchRow, batch_id)
+
+
+def appended_chunks(session: Session, batch_id: str) -> set[int]:
+    rows = session.exec(select(BatchChunkRow.chunk).where(BatchChunkRow.batch_id == batch_id)).all()
+    return set(rows)
+
+
+def seen_events(session: Session, dataset_name: str, event_ids: list[str]) -> set[str]:
+    if not event_ids:
+        return set()
+    rows = session.exec(
+        select(SeenEventRow.event_id).where(
+            SeenEventRow.dataset == dataset_name, col(SeenEventRow.event_id).in_(event_ids)
+        )
+    ).all()
+    return set(rows)
+
+
+def report_of(row: BatchRow) -> pb.BatchReport:
+    return json_format.ParseDict(row.report, pb.BatchReport())

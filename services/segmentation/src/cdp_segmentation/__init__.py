@@ -1,0 +1,1 @@
+"""The segmentation service: unified profiles, audiences, memberships."""

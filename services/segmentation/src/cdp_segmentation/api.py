@@ -1,0 +1,83 @@
+"""The segmentation gRPC servicer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp.segmentation.v1 import segmentation_pb2_grpc as pb_grpc
+from cdp_kit.errors import InvalidInput, NotFound, Violation
+from cdp_kit.telemetry import pii_hash
+from cdp_segmentation import store
+from cdp_segmentation.handlers import SegmentationHandlers
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
+    def __init__(self, handlers: SegmentationHandlers) -> None:
+        self.handlers = handlers
+        self.processor = handlers.processor
+
+    async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Ctx) -> pb.Segment:
+        return await self.handlers.create_segment(request.name, request.query)
+
+    def _segment(self, key: str) -> pb.Segment:
+        with self.processor.read() as session:
+            row = store.segment_by_key(session, key)
+            if row is None:
+                raise NotFound(f"segment {key!r} not found")
+            segment = store.segment_of(row)
+            segment.size = store.size(session, row.id)
+        return segment
+
+    async def GetSegment(self, request: pb.GetSegmentRequest, context: Ctx) -> pb.Segment:
+        return self._segment(request.segment)
+
+    async def ListSegments(self, request: pb.ListSegmentsRequest, context: Ctx) -> pb.ListSegmentsResponse:
+        with self.processor.read() as session:
+            rows = store.all_segments(session)
+        return pb.ListSegmentsResponse(segments=[self._segment(r.id) for r in rows])
+
+    async def ListMembers(self, request: pb.ListMembersRequest, context: Ctx) -> pb.ListMembersResponse:
+        segment = self._segment(request.segment)
+        with self.processor.read() as session:
+            members = store.realized(session, segment.id, request.limit)
+        return pb.ListMembersResponse(segment_id=segment.id, profile_ids=members)
+
+    async def GetProfile(self, request: pb.GetProfileRequest, context: Ctx) -> pb.Profile:
+        with self.processor.read() as session:
+            profile_id = request.profile_id
+            if request.HasField("identity"):
+                ident = request.identity
+                value = ident.value.strip().lower() if ident.namespace == "email" else ident.value.strip()
+                found = session.get(store.ProfileIdentityRow, (ident.namespace, value))
+                if found is None:
+                    raise NotFound(f"no profile for {ident.namespace} {pii_hash(value)}")
+                profile_id = found.profile_id
+            if not profile_id:
+                raise InvalidInput("missing key", [Violation("key", "required", "a profile id or an identity")])
+            row = session.get(store.ProfileRow, profile_id)
+            if row is None:
+                raise NotFound(f"profile {profile_id!r} not found")
+            memberships = store.memberships_of(session, profile_id)
+            names = {s.id: s.name for s in store.all_segments(session)}
+            identities = store.identities_of(session, profile_id)
+        profile = pb.Profile(
+            profile_id=profile_id,
+            identities=[IdentityValue(namespace=i.namespace, value=i.value) for i in identities],
+            segments=sorted(names.get(sid, sid) for sid, st in memberships.items() if st == store.REALIZED),
+            events=row.events,
+        )
+        for name in sorted(row.attributes):
+            attr_value = json_format.ParseDict(row.attributes[name], struct_pb2.Value())
+            source = row.sources.get(name, {})
+            attribute = pb.ProfileAttribute(name=name, value=attr_value, source_dataset=source.get("dataset", ""))
+            if source.get("at"):
+                attribute.updated_at.FromJsonString(source["at"].replace("+00:00", "Z"))
+            profile.attributes.append(attribute)
+        return profile

@@ -1,0 +1,37 @@
+"""Composition root of the segmentation service."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_server import Registration
+from cdp_kit.processor import Input, Processor
+from cdp_kit.runtime import Service
+from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS, SEGMENTATION_READS_PROFILE
+from cdp_segmentation.api import SegmentationServicer
+from cdp_segmentation.consumer import ProfilesToMemberships
+from cdp_segmentation.handlers import SegmentationHandlers
+from cdp_segmentation.projection import SegmentationProjection
+from cdp_segmentation.settings import SegmentationSettings
+from cdp_segmentation.store import TABLES
+
+
+def build(settings: SegmentationSettings, engine: Engine, eventlog: EventLog) -> Service:
+    processor = Processor(
+        service="segmentation",
+        engine=engine,
+        eventlog=eventlog,
+        tables=TABLES,
+        own_logs=[SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS],
+        projection=SegmentationProjection(),
+        inputs=[Input(SEGMENTATION_READS_PROFILE, ProfilesToMemberships())],
+        batch_size=settings.batch_size,
+    )
+    handlers = SegmentationHandlers(processor)
+    name = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+    registration = Registration(
+        name, segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server, SegmentationServicer(handlers)
+    )
+    return Service(processor, [registration], background=[handlers.backfill_loop])

@@ -1,0 +1,140 @@
+"""Logging (structlog JSON), PII hashing and W3C trace context propagation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from opentelemetry import trace
+
+from cdp_kit.telemetry import (
+    configure_logging,
+    configure_tracing,
+    context_from,
+    get_logger,
+    pii_hash,
+    trace_headers,
+    tracer,
+)
+
+
+@pytest.fixture(autouse=True)
+def reset_structlog() -> Iterator[None]:
+    """configure_logging changes process-wide state: put it back after each test."""
+    yield
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ pii_hash
+
+
+def test_pii_hash_is_stable() -> None:
+    assert pii_hash("alice@example.com") == pii_hash("alice@example.com")
+
+
+def test_pii_hash_differs_for_different_values() -> None:
+    assert pii_hash("alice@example.com") != pii_hash("bob@example.com")
+    assert pii_hash("alice@example.com") != pii_hash("Alice@example.com")
+
+
+@pytest.mark.parametrize("value", ["alice@example.com", "+4915112345678", "Zoë Müller", "1970-01-01"])
+def test_pii_hash_does_not_contain_the_input(value: str) -> None:
+    hashed = pii_hash(value)
+    assert value not in hashed
+    assert hashed.startswith("h:")
+    assert len(hashed) == 14
+    int(hashed[2:], 16)
+
+
+# ------------------------------------------------------------------ logging
+
+
+def test_json_logging_carries_service_and_event(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("demo", "json", "info")
+
+    get_logger("test").info("batch_applied", messages=3, who=pii_hash("alice@example.com"))
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = json_lines(captured.err)
+    assert line["service"] == "demo"
+    assert line["event"] == "batch_applied"
+    assert line["level"] == "info"
+    assert line["messages"] == 3
+    assert line["who"] == pii_hash("alice@example.com")
+    assert "timestamp" in line
+
+
+def test_json_logging_filters_below_the_level(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("demo", "json", "warning")
+    logger = get_logger("test")
+
+    logger.debug("too_fine")
+    logger.info("still_too_fine")
+    logger.warning("kept")
+    logger.error("kept_too")
+
+    assert [line["event"] for line in json_lines(capsys.readouterr().err)] == ["kept", "kept_too"]
+
+
+def test_console_logging_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("demo", "console", "info")
+    get_logger("test").info("hello_console")
+    err = capsys.readouterr().err
+    assert "hello_console" in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err.splitlines()[0])
+
+
+def test_json_logging_inside_a_span_carries_trace_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_tracing("demo")
+    configure_logging("demo", "json", "info")
+
+    with tracer("test").start_as_current_span("work") as span:
+        get_logger("test").info("in_span")
+        ctx = span.get_span_context()
+
+    [line] = json_lines(capsys.readouterr().err)
+    assert line["trace_id"] == format(ctx.trace_id, "032x")
+    assert line["span_id"] == format(ctx.span_id, "016x")
+
+
+# ------------------------------------------------------------------ tracing
+
+
+def test_trace_headers_round_trip_inside_a_span() -> None:
+    configure_tracing("demo")
+
+    with tracer("test").start_as_current_span("produce") as span:
+        headers = trace_headers()
+        produced = span.get_span_context()
+
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", f"{produced.trace_id:032x}", f"{produced.span_id:016x}")
+    assert int(flags, 16) & 0x01  # sampled
+
+    received = trace.get_current_span(context_from(headers)).get_span_context()
+    assert received.is_valid
+    assert received.is_remote
+    assert received.trace_id == produced.trace_id
+    assert received.span_id == produced.span_id
+
+    with tracer("test").start_as_current_span("consume", context=context_from(headers)) as child:
+        assert child.get_span_context().trace_id == produced.trace_id
+
+
+def test_trace_headers_outside_a_span_are_empty() -> None:
+    configure_tracing("demo")
+    assert "traceparent" not in trace_headers()
+
+
+def test_context_from_empty_headers_has_no_span() -> None:
+    assert not trace.get_current_span(context_from({})).get_span_context().is_valid
