@@ -32,10 +32,8 @@ class StoreTestItem(SQLModel, table=True):
     body: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
-ITEMS = StoreTestItem.__table__
-assert isinstance(ITEMS, sa.Table)
-CHECKPOINTS = Checkpoint.__table__
-assert isinstance(CHECKPOINTS, sa.Table)
+ITEMS = SQLModel.metadata.tables[StoreTestItem.__tablename__]
+CHECKPOINTS = SQLModel.metadata.tables[Checkpoint.__tablename__]
 TABLES: list[sa.Table] = [ITEMS]
 
 
@@ -164,15 +162,19 @@ def test_transaction_rolls_back_everything_on_an_exception(engine: Engine) -> No
         session.add(StoreTestItem(key="a", count=1))
         set_checkpoint(session, "in:a", 1)
 
-    with pytest.raises(Boom), transaction(engine) as session:
-        row = session.get(StoreTestItem, "a")
-        assert row is not None
-        row.count = 100
-        session.add(row)
-        session.add(StoreTestItem(key="b", count=2))
-        set_checkpoint(session, "in:a", 2)
-        session.flush()  # the changes reached the database, inside the transaction
-        raise Boom
+    def half_apply_then_fail() -> None:
+        with transaction(engine) as session:
+            row = session.get(StoreTestItem, "a")
+            assert row is not None
+            row.count = 100
+            session.add(row)
+            session.add(StoreTestItem(key="b", count=2))
+            set_checkpoint(session, "in:a", 2)
+            session.flush()  # the changes reached the database, inside the transaction
+            raise Boom
+
+    with pytest.raises(Boom):
+        half_apply_then_fail()
 
     assert items(engine) == {"a": 1}
     with Session(engine) as session:
@@ -183,10 +185,14 @@ def test_transaction_rolls_back_on_a_failed_commit(engine: Engine) -> None:
     with transaction(engine) as session:
         session.add(StoreTestItem(key="a", count=1))
 
-    with pytest.raises(sa.exc.IntegrityError), transaction(engine) as session:
-        session.add(StoreTestItem(key="b", count=2))
-        set_checkpoint(session, "in:a", 9)
-        session.add(StoreTestItem(key="a", count=3))  # duplicate primary key: the commit fails
+    def fail_at_commit() -> None:
+        with transaction(engine) as session:
+            session.add(StoreTestItem(key="b", count=2))
+            set_checkpoint(session, "in:a", 9)
+            session.add(StoreTestItem(key="a", count=3))  # duplicate primary key: the commit fails
+
+    with pytest.raises(sa.exc.IntegrityError):
+        fail_at_commit()
 
     assert items(engine) == {"a": 1}
     with Session(engine) as session:

@@ -112,7 +112,7 @@ def test_resolved_store_url_with_default_data_dir(tmp_path: Path) -> None:
 def test_settings_are_frozen() -> None:
     settings = DemoSettings()
     with pytest.raises(ValidationError):
-        settings.batch_size = 3
+        settings.batch_size = 3  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

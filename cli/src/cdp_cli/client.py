@@ -7,6 +7,7 @@ from the environment (``CDP_<SERVICE>_ADDR``) or from ``<data_dir>/stack.json`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -119,6 +120,11 @@ def resolve_addresses(
         except CliError as exc:
             first_error = first_error or exc
     if not found and first_error is not None:
+        if read_stack_file(Path(data_dir)) is None:
+            raise CliError(
+                f"no stack found: {Path(data_dir) / STACK_FILE} does not exist; start one with "
+                f"`cdp up --data-dir {data_dir}` or set CDP_<SERVICE>_ADDR"
+            )
         raise first_error
     return found
 
@@ -163,7 +169,7 @@ def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return UNREACHABLE
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 class Client:
@@ -224,10 +230,8 @@ class Client:
         if service is None:
             return text
         where = service
-        try:
+        with contextlib.suppress(CliError):
             where = f"{service} at {self.address(service)}"
-        except CliError:
-            pass
         hint = " (is the stack running? start it with `cdp up`)" if rpc_code(err) == grpc.StatusCode.UNAVAILABLE else ""
         return f"{where}: {text}{hint}"
 

@@ -26,6 +26,12 @@ def message_dict(message: Message) -> dict[str, Any]:
     )
 
 
+def json_value(message: Message) -> str:
+    """A Struct or Value as compact JSON (a string value as itself)."""
+    value: Any = json_format.MessageToDict(message)
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def print_json(data: Any) -> None:
     """Plain JSON on stdout (no colours, no wrapping) for scripts and `jq`."""
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

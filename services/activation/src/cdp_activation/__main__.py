@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from cdp_kit.runtime import main as run
 from cdp_activation.main import build
 from cdp_activation.settings import ActivationSettings
+from cdp_kit.runtime import main as run
 
 
 def main() -> None:

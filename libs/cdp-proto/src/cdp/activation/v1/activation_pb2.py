@@ -26,13 +26,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cdp/activation/v1/activation.proto\x12\x11\x63\x64p.activation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x0b\x44\x65stination\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tconnector\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10marketing_action\x18\x05 \x01(\t\"O\n\x18\x43reateDestinationRequest\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\"\x19\n\x17ListDestinationsRequest\"P\n\x18ListDestinationsResponse\x12\x34\n\x0c\x64\x65stinations\x18\x01 \x03(\x0b\x32\x1e.cdp.activation.v1.Destination\"|\n\x0e\x41\x63tivationPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x12\n\nattributes\x18\x04 \x03(\t\x12\x12\n\nidentities\x18\x05 \x03(\t\x12\x10\n\x08schedule\x18\x06 \x01(\t\"q\n\x0f\x41\x63tivateRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x12\n\nattributes\x18\x03 \x03(\t\x12\x12\n\nidentities\x18\x04 \x03(\t\x12\x10\n\x08schedule\x18\x05 \x01(\t\"\x12\n\x10ListPlansRequest\"E\n\x11ListPlansResponse\x12\x30\n\x05plans\x18\x01 \x03(\x0b\x32!.cdp.activation.v1.ActivationPlan\"\xc1\x01\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x05 \x01(\x04\x12\x0f\n\x07removed\x18\x06 \x01(\x04\x12\x10\n\x08location\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10through_sequence\x18\t \x01(\x04\",\n\x15ListDeliveriesRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"I\n\x16ListDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.cdp.activation.v1.Delivery2\xf4\x03\n\x11\x41\x63tivationService\x12`\n\x11\x43reateDestination\x12+.cdp.activation.v1.CreateDestinationRequest\x1a\x1e.cdp.activation.v1.Destination\x12k\n\x10ListDestinations\x12*.cdp.activation.v1.ListDestinationsRequest\x1a+.cdp.activation.v1.ListDestinationsResponse\x12Q\n\x08\x41\x63tivate\x12\".cdp.activation.v1.ActivateRequest\x1a!.cdp.activation.v1.ActivationPlan\x12V\n\tListPlans\x12#.cdp.activation.v1.ListPlansRequest\x1a$.cdp.activation.v1.ListPlansResponse\x12\x65\n\x0eListDeliveries\x12(.cdp.activation.v1.ListDeliveriesRequest\x1a).cdp.activation.v1.ListDeliveriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cdp/activation/v1/activation.proto\x12\x11\x63\x64p.activation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x0b\x44\x65stination\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tconnector\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10marketing_action\x18\x05 \x01(\t\"O\n\x18\x43reateDestinationRequest\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\"\x19\n\x17ListDestinationsRequest\"P\n\x18ListDestinationsResponse\x12\x34\n\x0c\x64\x65stinations\x18\x01 \x03(\x0b\x32\x1e.cdp.activation.v1.Destination\"|\n\x0e\x41\x63tivationPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x12\n\nattributes\x18\x04 \x03(\t\x12\x12\n\nidentities\x18\x05 \x03(\t\x12\x10\n\x08schedule\x18\x06 \x01(\t\"q\n\x0f\x41\x63tivateRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x12\n\nattributes\x18\x03 \x03(\t\x12\x12\n\nidentities\x18\x04 \x03(\t\x12\x10\n\x08schedule\x18\x05 \x01(\t\"\x12\n\x10ListPlansRequest\"E\n\x11ListPlansResponse\x12\x30\n\x05plans\x18\x01 \x03(\x0b\x32!.cdp.activation.v1.ActivationPlan\"\xaf\x02\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x05 \x01(\x04\x12\x0f\n\x07removed\x18\x06 \x01(\x04\x12\x10\n\x08location\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10through_sequence\x18\t \x01(\x04\x12;\n\x08\x65xcluded\x18\n \x03(\x0b\x32).cdp.activation.v1.Delivery.ExcludedEntry\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\",\n\x15ListDeliveriesRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"I\n\x16ListDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.cdp.activation.v1.Delivery2\xf4\x03\n\x11\x41\x63tivationService\x12`\n\x11\x43reateDestination\x12+.cdp.activation.v1.CreateDestinationRequest\x1a\x1e.cdp.activation.v1.Destination\x12k\n\x10ListDestinations\x12*.cdp.activation.v1.ListDestinationsRequest\x1a+.cdp.activation.v1.ListDestinationsResponse\x12Q\n\x08\x41\x63tivate\x12\".cdp.activation.v1.ActivateRequest\x1a!.cdp.activation.v1.ActivationPlan\x12V\n\tListPlans\x12#.cdp.activation.v1.ListPlansRequest\x1a$.cdp.activation.v1.ListPlansResponse\x12\x65\n\x0eListDeliveries\x12(.cdp.activation.v1.ListDeliveriesRequest\x1a).cdp.activation.v1.ListDeliveriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.activation.v1.activation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DELIVERY_EXCLUDEDENTRY']._loaded_options = None
+  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_options = b'8\001'
   _globals['_DESTINATION']._serialized_start=120
   _globals['_DESTINATION']._serialized_end=245
   _globals['_CREATEDESTINATIONREQUEST']._serialized_start=247
@@ -50,11 +52,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPLANSRESPONSE']._serialized_start=698
   _globals['_LISTPLANSRESPONSE']._serialized_end=767
   _globals['_DELIVERY']._serialized_start=770
-  _globals['_DELIVERY']._serialized_end=963
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=965
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1009
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1011
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1084
-  _globals['_ACTIVATIONSERVICE']._serialized_start=1087
-  _globals['_ACTIVATIONSERVICE']._serialized_end=1587
+  _globals['_DELIVERY']._serialized_end=1073
+  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_start=1026
+  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_end=1073
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1075
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1119
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1121
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1194
+  _globals['_ACTIVATIONSERVICE']._serialized_start=1197
+  _globals['_ACTIVATIONSERVICE']._serialized_end=1697
 # @@protoc_insertion_point(module_scope)

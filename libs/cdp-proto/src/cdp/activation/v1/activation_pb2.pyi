@@ -222,6 +222,26 @@ Global___ListPlansResponse: _TypeAlias = ListPlansResponse  # noqa: Y015
 class Delivery(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ExcludedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
@@ -231,6 +251,7 @@ class Delivery(_message.Message):
     LOCATION_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     plan_id: _builtins.str
     destination: _builtins.str
@@ -243,6 +264,10 @@ class Delivery(_message.Message):
     """Audience-sequence this delivery reflects."""
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def excluded(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Members left out, by reason (e.g. "missing identity email")."""
+
     def __init__(
         self,
         *,
@@ -255,10 +280,11 @@ class Delivery(_message.Message):
         location: _builtins.str = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         through_sequence: _builtins.int = ...,
+        excluded: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "at", b"at", "destination", b"destination", "id", b"id", "location", b"location", "members", b"members", "plan_id", b"plan_id", "removed", b"removed", "through_sequence", b"through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "at", b"at", "destination", b"destination", "excluded", b"excluded", "id", b"id", "location", b"location", "members", b"members", "plan_id", b"plan_id", "removed", b"removed", "through_sequence", b"through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

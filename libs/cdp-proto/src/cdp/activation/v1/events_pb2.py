@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cdp.activation.v1 import activation_pb2 as cdp_dot_activation_dot_v1_dot_activation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x64p/activation/v1/events.proto\x12\x11\x63\x64p.activation.v1\x1a\"cdp/activation/v1/activation.proto\"I\n\x12\x44\x65stinationCreated\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\">\n\x0bPlanCreated\x12/\n\x04plan\x18\x01 \x01(\x0b\x32!.cdp.activation.v1.ActivationPlan\"B\n\x11\x44\x65liveryCompleted\x12-\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1b.cdp.activation.v1.Deliveryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x64p/activation/v1/events.proto\x12\x11\x63\x64p.activation.v1\x1a\"cdp/activation/v1/activation.proto\"I\n\x12\x44\x65stinationCreated\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\">\n\x0bPlanCreated\x12/\n\x04plan\x18\x01 \x01(\x0b\x32!.cdp.activation.v1.ActivationPlan\"t\n\x11\x44\x65liveryCompleted\x12-\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1b.cdp.activation.v1.Delivery\x12\x16\n\x0e\x61\x64\x64\x65\x64_profiles\x18\x02 \x03(\t\x12\x18\n\x10removed_profiles\x18\x03 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,5 +37,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANCREATED']._serialized_start=164
   _globals['_PLANCREATED']._serialized_end=226
   _globals['_DELIVERYCOMPLETED']._serialized_start=228
-  _globals['_DELIVERYCOMPLETED']._serialized_end=294
+  _globals['_DELIVERYCOMPLETED']._serialized_end=344
 # @@protoc_insertion_point(module_scope)

@@ -4,8 +4,10 @@ isort:skip_file
 """
 
 from cdp.activation.v1 import activation_pb2 as _activation_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -66,16 +68,26 @@ class DeliveryCompleted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_FIELD_NUMBER: _builtins.int
+    ADDED_PROFILES_FIELD_NUMBER: _builtins.int
+    REMOVED_PROFILES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def delivery(self) -> _activation_pb2.Delivery: ...
+    @_builtins.property
+    def added_profiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Profiles the destination gained and lost with this delivery (the audit trail)."""
+
+    @_builtins.property
+    def removed_profiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         delivery: _activation_pb2.Delivery | None = ...,
+        added_profiles: _abc.Iterable[_builtins.str] | None = ...,
+        removed_profiles: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_profiles", b"added_profiles", "delivery", b"delivery", "removed_profiles", b"removed_profiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

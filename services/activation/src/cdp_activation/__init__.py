@@ -1,0 +1,1 @@
+"""The activation service: destinations, activation plans, deliveries."""

@@ -1,0 +1,86 @@
+"""What activation keeps of other services' facts: segments, memberships, profiles."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+from sqlmodel import Session, col, delete, select
+
+from cdp.identity.v1 import events_pb2 as identity_ev
+from cdp.segmentation.v1 import events_pb2 as seg_ev
+from cdp_activation.store import MemberRow, ProfileRow, SegmentChangeRow, SegmentRow
+from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
+from cdp_kit.eventlog import LogMessage
+from cdp_kit.processor import UnitOfWork
+
+
+class _ObserveOnly:
+    def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
+        return None
+
+
+class SegmentsObserver(_ObserveOnly):
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        if is_a(env, seg_ev.SegmentDefined):
+            seg = unpack(env, seg_ev.SegmentDefined).segment
+            session.merge(SegmentRow(id=seg.id, name=seg.name))
+
+
+class MembershipsObserver(_ObserveOnly):
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        if not is_a(env, seg_ev.MembershipChanged):
+            return
+        change = unpack(env, seg_ev.MembershipChanged)
+        if change.status == seg_ev.MEMBERSHIP_STATUS_REALIZED:
+            since = from_timestamp(change.at).replace(tzinfo=None)
+            session.merge(MemberRow(segment_id=change.segment_id, profile_id=change.profile_id, since=since))
+        else:
+            session.exec(
+                delete(MemberRow).where(
+                    col(MemberRow.segment_id) == change.segment_id, col(MemberRow.profile_id) == change.profile_id
+                )
+            )
+        session.merge(SegmentChangeRow(segment_id=change.segment_id, sequence=msg.sequence))
+        session.flush()
+
+
+class ProfilesObserver(_ObserveOnly):
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        if is_a(env, identity_ev.ProfileFragment):
+            self._fragment(session, unpack(env, identity_ev.ProfileFragment))
+        elif is_a(env, identity_ev.ProfilesMerged):
+            self._merged(session, unpack(env, identity_ev.ProfilesMerged))
+        session.flush()
+
+    @staticmethod
+    def _fragment(session: Session, frag: identity_ev.ProfileFragment) -> None:
+        row = session.get(ProfileRow, frag.profile_id) or ProfileRow(profile_id=frag.profile_id)
+        identities = {ns: list(values) for ns, values in row.identities.items()}
+        for ident in frag.identities:
+            values = identities.setdefault(ident.namespace, [])
+            if ident.value not in values:
+                values.append(ident.value)
+        row.identities = identities
+        if frag.kind != "event":
+            at = from_timestamp(frag.occurred_at).isoformat()
+            attributes, times = dict(row.attributes), dict(row.attribute_times)
+            for name, value in json_format.MessageToDict(frag.attributes).items():
+                if str(times.get(name, "")) <= at:
+                    attributes[name], times[name] = value, at
+            row.attributes, row.attribute_times = attributes, times
+        session.add(row)
+
+    @staticmethod
+    def _merged(session: Session, merged: identity_ev.ProfilesMerged) -> None:
+        survivor = session.get(ProfileRow, merged.survivor) or ProfileRow(profile_id=merged.survivor)
+        identities = {ns: list(values) for ns, values in survivor.identities.items()}
+        attributes, times = dict(survivor.attributes), dict(survivor.attribute_times)
+        for absorbed in session.exec(select(ProfileRow).where(col(ProfileRow.profile_id).in_(list(merged.absorbed)))):
+            for ns, values in absorbed.identities.items():
+                target = identities.setdefault(ns, [])
+                target.extend(v for v in values if v not in target)
+            for name, value in absorbed.attributes.items():
+                if str(times.get(name, "")) <= str(absorbed.attribute_times.get(name, "")):
+                    attributes[name], times[name] = value, absorbed.attribute_times.get(name, "")
+            session.delete(absorbed)
+        survivor.identities, survivor.attributes, survivor.attribute_times = identities, attributes, times
+        session.add(survivor)

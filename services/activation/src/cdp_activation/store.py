@@ -1,0 +1,131 @@
+"""The activation store: destinations, plans, what it knows of profiles, segments and
+memberships, and the delivery log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf import json_format
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from cdp.activation.v1 import activation_pb2 as pb
+from cdp_kit.store import tables_of
+
+
+class DestinationRow(SQLModel, table=True):
+    __tablename__ = "act_destination"
+
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+
+
+class PlanRow(SQLModel, table=True):
+    __tablename__ = "act_plan"
+
+    id: str = Field(primary_key=True)
+    destination_id: str = Field(index=True)
+    segment_id: str = Field(index=True)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+    delivered_through: int = Field(default=0, sa_type=sa.BigInteger)
+    deliveries: int = 0
+
+
+class SegmentRow(SQLModel, table=True):
+    """Segments as segmentation defined them (from CDP_CONFIG)."""
+
+    __tablename__ = "act_segment"
+
+    id: str = Field(primary_key=True)
+    name: str = Field(index=True)
+
+
+class MemberRow(SQLModel, table=True):
+    """Realized memberships (from CDP_AUDIENCE); exits delete the row."""
+
+    __tablename__ = "act_member"
+
+    segment_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True, index=True)
+    since: datetime
+
+
+class SegmentChangeRow(SQLModel, table=True):
+    """The audience sequence of the last membership change of each segment."""
+
+    __tablename__ = "act_segment_change"
+
+    segment_id: str = Field(primary_key=True)
+    sequence: int = Field(sa_type=sa.BigInteger)
+
+
+class ProfileRow(SQLModel, table=True):
+    """What activation keeps of a profile: identities by namespace and attributes (newest wins)."""
+
+    __tablename__ = "act_profile"
+
+    profile_id: str = Field(primary_key=True)
+    identities: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    attribute_times: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+class PlanMemberRow(SQLModel, table=True):
+    """Who the destination holds for a plan, after its last delivery."""
+
+    __tablename__ = "act_plan_member"
+
+    plan_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True)
+
+
+class DeliveryRow(SQLModel, table=True):
+    __tablename__ = "act_delivery"
+
+    id: str = Field(primary_key=True)
+    plan_id: str = Field(index=True)
+    destination_id: str
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+    at: datetime
+
+
+TABLES = tables_of(
+    DestinationRow, PlanRow, SegmentRow, MemberRow, SegmentChangeRow, ProfileRow, PlanMemberRow, DeliveryRow
+)
+
+
+def destination_of(row: DestinationRow) -> pb.Destination:
+    return json_format.ParseDict(row.body, pb.Destination())
+
+
+def plan_of(row: PlanRow) -> pb.ActivationPlan:
+    return json_format.ParseDict(row.body, pb.ActivationPlan())
+
+
+def destination_by_key(session: Session, key: str) -> DestinationRow | None:
+    return (
+        session.get(DestinationRow, key)
+        or session.exec(select(DestinationRow).where(DestinationRow.name == key)).first()
+    )
+
+
+def segment_by_key(session: Session, key: str) -> SegmentRow | None:
+    return session.get(SegmentRow, key) or session.exec(select(SegmentRow).where(SegmentRow.name == key)).first()
+
+
+def members(session: Session, segment_id: str) -> list[str]:
+    rows = session.exec(
+        select(MemberRow.profile_id).where(MemberRow.segment_id == segment_id).order_by(col(MemberRow.profile_id))
+    )
+    return list(rows.all())
+
+
+def last_change(session: Session, segment_id: str) -> int:
+    row = session.get(SegmentChangeRow, segment_id)
+    return row.sequence if row else 0
+
+
+def plan_members(session: Session, plan_id: str) -> set[str]:
+    return set(session.exec(select(PlanMemberRow.profile_id).where(PlanMemberRow.plan_id == plan_id)).all())
