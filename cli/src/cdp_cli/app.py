@@ -320,7 +320,7 @@ def schema_create(
     """Register a schema (or a compatible new version of one)."""
     schema = inputs.parse_schema(file)
     client = _client(ctx)
-    reply = client.ingest().CreateSchema(ingest_pb2.CreateSchemaRequest(schema=schema), timeout=client.timeout)
+    reply = client.ingest.CreateSchema(ingest_pb2.CreateSchemaRequest(schema=schema), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -338,7 +338,7 @@ def schema_get(
 ) -> None:
     """Show one schema and its fields."""
     client = _client(ctx)
-    reply = client.ingest().GetSchema(ingest_pb2.GetSchemaRequest(name=name, version=version), timeout=client.timeout)
+    reply = client.ingest.GetSchema(ingest_pb2.GetSchemaRequest(name=name, version=version), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -361,7 +361,7 @@ def schema_get(
 def schema_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List the schemas (latest versions)."""
     client = _client(ctx)
-    reply = client.ingest().ListSchemas(ingest_pb2.ListSchemasRequest(), timeout=client.timeout)
+    reply = client.ingest.ListSchemas(ingest_pb2.ListSchemasRequest(), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -400,7 +400,7 @@ def dataset_create(
         unknown_fields=policies[unknown_fields],
     )
     client = _client(ctx)
-    reply = client.ingest().CreateDataset(ingest_pb2.CreateDatasetRequest(dataset=dataset), timeout=client.timeout)
+    reply = client.ingest.CreateDataset(ingest_pb2.CreateDatasetRequest(dataset=dataset), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -412,7 +412,7 @@ def dataset_create(
 def dataset_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List the datasets."""
     client = _client(ctx)
-    reply = client.ingest().ListDatasets(ingest_pb2.ListDatasetsRequest(), timeout=client.timeout)
+    reply = client.ingest.ListDatasets(ingest_pb2.ListDatasetsRequest(), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -474,7 +474,7 @@ def _upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> 
     with Progress(*columns, TimeRemainingColumn(), console=render.err, transient=True) as progress:
         task = progress.add_task(f"sending {path.name}", total=path.stat().st_size)
         chunks = inputs.file_chunks(path, header, on_sent=lambda n: progress.advance(task, n))
-        return client.ingest().IngestFile(chunks)
+        return client.ingest.IngestFile(chunks)
 
 
 def _print_batch_report(report: ingest_pb2.BatchReport) -> None:
@@ -528,7 +528,7 @@ def events_send(
     totals = SendTotals()
     for batch in inputs.batched(events):
         request = ingest_pb2.PublishEventsRequest(dataset=dataset, events=[e.event for e in batch])
-        reply = client.ingest().PublishEvents(request, timeout=client.timeout)
+        reply = client.ingest.PublishEvents(request, timeout=client.timeout)
         for result in reply.results:
             totals.add(result, batch[result.index].line if result.index < len(batch) else 0)
     if as_json:
@@ -578,7 +578,7 @@ def segment_create(
     """Define a segment; the answer says whether it is evaluated streaming or batch, and why."""
     client = _client(ctx)
     request = segmentation_pb2.CreateSegmentRequest(name=name, query=query)
-    reply = client.segmentation().CreateSegment(request, timeout=client.timeout)
+    reply = client.segmentation.CreateSegment(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -590,9 +590,7 @@ def segment_create(
 def segment_get(ctx: typer.Context, segment: str, as_json: JsonFlag = False) -> None:
     """Show one segment (by name or id)."""
     client = _client(ctx)
-    reply = client.segmentation().GetSegment(
-        segmentation_pb2.GetSegmentRequest(segment=segment), timeout=client.timeout
-    )
+    reply = client.segmentation.GetSegment(segmentation_pb2.GetSegmentRequest(segment=segment), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -603,7 +601,7 @@ def segment_get(ctx: typer.Context, segment: str, as_json: JsonFlag = False) -> 
 def segment_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List the segments with their size and evaluation mode."""
     client = _client(ctx)
-    reply = client.segmentation().ListSegments(segmentation_pb2.ListSegmentsRequest(), timeout=client.timeout)
+    reply = client.segmentation.ListSegments(segmentation_pb2.ListSegmentsRequest(), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -630,7 +628,7 @@ def segment_members(
     """List the profile ids currently realized in a segment."""
     client = _client(ctx)
     request = segmentation_pb2.ListMembersRequest(segment=segment, limit=limit)
-    reply = client.segmentation().ListMembers(request, timeout=client.timeout)
+    reply = client.segmentation.ListMembers(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -648,7 +646,7 @@ def profile_get(
     """Look up a unified profile by one of its identities."""
     request = segmentation_pb2.GetProfileRequest(identity=inputs.parse_identity(identity))
     client = _client(ctx)
-    reply = client.segmentation().GetProfile(request, timeout=client.timeout)
+    reply = client.segmentation.GetProfile(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -672,7 +670,7 @@ def identity_resolve(
     """The profile id an identity belongs to, and the other identities linked to it."""
     request = identity_pb2.ResolveRequest(identity=inputs.parse_identity(identity))
     client = _client(ctx)
-    reply = client.identity().Resolve(request, timeout=client.timeout)
+    reply = client.identity.Resolve(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -704,7 +702,7 @@ def destination_create(
     )
     client = _client(ctx)
     request = activation_pb2.CreateDestinationRequest(destination=destination)
-    reply = client.activation().CreateDestination(request, timeout=client.timeout)
+    reply = client.activation.CreateDestination(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -715,7 +713,7 @@ def destination_create(
 def destination_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List the destinations (secrets masked)."""
     client = _client(ctx)
-    reply = client.activation().ListDestinations(activation_pb2.ListDestinationsRequest(), timeout=client.timeout)
+    reply = client.activation.ListDestinations(activation_pb2.ListDestinationsRequest(), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -745,7 +743,7 @@ def activate(
         schedule=schedule,
     )
     client = _client(ctx)
-    reply = client.activation().Activate(request, timeout=client.timeout)
+    reply = client.activation.Activate(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -756,7 +754,7 @@ def activate(
 def plans(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List the activation plans."""
     client = _client(ctx)
-    reply = client.activation().ListPlans(activation_pb2.ListPlansRequest(), timeout=client.timeout)
+    reply = client.activation.ListPlans(activation_pb2.ListPlansRequest(), timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return
@@ -776,7 +774,7 @@ def deliveries(
     """List deliveries: what went to each destination, and where."""
     client = _client(ctx)
     request = activation_pb2.ListDeliveriesRequest(destination=destination)
-    reply = client.activation().ListDeliveries(request, timeout=client.timeout)
+    reply = client.activation.ListDeliveries(request, timeout=client.timeout)
     if as_json:
         render.print_message(reply)
         return

@@ -205,15 +205,19 @@ class Client:
             self._channels[service] = grpc.insecure_channel(self.address(service), options=options)
         return self._channels[service]
 
+    @property
     def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
         return ingest_pb2_grpc.IngestServiceStub(self.channel("ingest"))
 
+    @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
         return identity_pb2_grpc.IdentityServiceStub(self.channel("identity"))
 
+    @property
     def segmentation(self) -> segmentation_pb2_grpc.SegmentationServiceStub:
         return segmentation_pb2_grpc.SegmentationServiceStub(self.channel("segmentation"))
 
+    @property
     def activation(self) -> activation_pb2_grpc.ActivationServiceStub:
         return activation_pb2_grpc.ActivationServiceStub(self.channel("activation"))
 

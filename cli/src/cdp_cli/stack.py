@@ -7,7 +7,9 @@ services as supervised child processes on loopback ports, all under one data fol
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
-``PR_SET_PDEATHSIG`` so even a ``kill -9`` of the supervisor takes them down.
+``PR_SET_PDEATHSIG`` so even a ``kill -9`` of the supervisor takes them down. That signal
+follows the *thread* that forked the child, so every child is forked by the supervisor
+thread, which lives from ``start()`` until every child has been reaped by ``stop()``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,12 +59,7 @@ def service_command(service: str) -> list[str]:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent dies (Linux only).
-
-    The signal follows the *thread* that forked the child, so children must be spawned by
-    threads that outlive them (the caller's thread, or the supervisor thread, which only
-    exits after every child has been reaped).
-    """
+    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent thread dies (Linux only)."""
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls into it
@@ -101,6 +100,7 @@ class Child:
     crashes_in_row: int = 0
     started_at: float = 0.0
     restart_at: float | None = None
+    paused: bool = False
     history: list[int] = field(default_factory=list)
 
     def spawn(self) -> None:
@@ -197,7 +197,9 @@ class Stack:
         self._children: dict[str, Child] = {}
         self._lock = threading.RLock()
         self._stopping = False
+        self._supervising = False
         self._reaped = threading.Event()
+        self._jobs: queue.Queue[tuple[Callable[[], None], Future[None]]] = queue.Queue()
         self._supervisor: threading.Thread | None = None
         self._lock_file: IO[bytes] | None = None
         self._wrote_stack_file = False
@@ -243,10 +245,11 @@ class Stack:
         """Start nats-server and the services, wait until all are SERVING, write stack.json."""
         try:
             self._acquire_data_dir()
+            self._start_supervisor()
             self._start_nats()
             self._start_services()
             self._write_stack_file()
-            self._start_supervisor()
+            self._supervising = True
         except BaseException:
             self.stop()
             raise
@@ -274,7 +277,7 @@ class Stack:
         nats = Child(NATS, argv, dict(os.environ), self.logs_dir / "nats.log", f"{LOOPBACK}:{port}", new_session=True)
         self._nats = nats
         self.nats_url = f"nats://{LOOPBACK}:{port}"
-        nats.spawn()
+        self._spawn(nats)
         self._record("spawned", child=NATS, pid=nats.pid, address=nats.address)
         try:
             wait_for_jetstream(LOOPBACK, port, timeout=min(30.0, self.ready_timeout_s))
@@ -304,7 +307,7 @@ class Stack:
                 name, self.command(name), self._service_env(port), self.logs_dir / f"{name}.log", f"{LOOPBACK}:{port}"
             )
             self._children[name] = child
-            child.spawn()
+            self._spawn(child)
             self._record("spawned", child=name, pid=child.pid, address=child.address)
         deadline = time.monotonic() + self.ready_timeout_s
         for child in self._children.values():
@@ -339,23 +342,47 @@ class Stack:
         self._supervisor = threading.Thread(target=self._supervise, name="cdp-stack-supervisor", daemon=True)
         self._supervisor.start()
 
+    def _spawn(self, child: Child) -> None:
+        """Fork ``child`` on the supervisor thread (see the module docstring), waiting for it."""
+        if threading.current_thread() is self._supervisor:
+            child.spawn()
+            return
+        done: Future[None] = Future()
+        self._jobs.put((child.spawn, done))
+        done.result(timeout=30.0)
+
     def _supervise(self) -> None:
-        # Restarted children are forked by this thread: it must stay alive until all are reaped.
-        while not self._reaped.wait(self.poll_interval_s):
-            with self._lock:
-                if self._stopping:
-                    continue
-                for child in self._supervised():
-                    try:
-                        self._check(child)
-                    except Exception:
-                        log.exception("supervision of %s failed", child.name)
+        while True:
+            try:
+                job, done = self._jobs.get(timeout=self.poll_interval_s)
+            except queue.Empty:
+                if self._reaped.is_set():
+                    return
+                self._check_all()
+                continue
+            try:
+                job()
+                done.set_result(None)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def _check_all(self) -> None:
+        with self._lock:
+            if self._stopping or not self._supervising:
+                return
+            for child in self._supervised():
+                try:
+                    self._check(child)
+                except Exception:
+                    log.exception("supervision of %s failed", child.name)
 
     def _supervised(self) -> list[Child]:
         return [*([self._nats] if self._nats else []), *self._children.values()]
 
     def _check(self, child: Child) -> None:
         now = time.monotonic()
+        if child.paused:
+            return
         if child.alive():
             if child.crashes_in_row and now - child.started_at > self.backoff.stable_after_s:
                 child.crashes_in_row = 0
@@ -368,7 +395,7 @@ class Stack:
         elif now >= child.restart_at:
             child.restart_at = None
             child.restarts += 1
-            child.spawn()
+            self._spawn(child)
             self._record("restarted", level=logging.WARNING, child=child.name, pid=child.pid, restarts=child.restarts)
 
     def kill(self, service: str) -> None:
@@ -385,12 +412,17 @@ class Stack:
         """Stop a service gracefully, start it again on the same port and wait until it is SERVING."""
         child = self._child(service)
         with self._lock:
+            child.paused = True
+        try:
             child.send(signal.SIGTERM)
             if not child.wait(self.stop_timeout_s):
                 child.kill_and_reap()
-            child.restart_at = None
-            child.spawn()
+            self._spawn(child)
             self._record("restarted", child=service, pid=child.pid, on_request=True)
+        finally:
+            with self._lock:
+                child.paused = False
+                child.restart_at = None
         self.wait_serving(service)
 
     def wait_serving(self, service: str, timeout_s: float | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +17,10 @@ from cdp_kit.errors import CdpError, to_grpc_status
 from cdp_kit.telemetry import context_from, get_logger
 
 log = get_logger(__name__)
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # generic only in the type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,7 @@ class Processor:
         await self.recover()
         self.ready.set()
         await asyncio.gather(*(self.run_input(inp) for inp in self.inputs))
+        await self._stopping.wait()
 
     async def catch_up(self) -> None:
         """Recover and consume every input until nothing is pending: what ``rebuild`` does."""

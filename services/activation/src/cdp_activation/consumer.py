@@ -31,7 +31,7 @@ class MembershipsObserver(_ObserveOnly):
             return
         change = unpack(env, seg_ev.MembershipChanged)
         if change.status == seg_ev.MEMBERSHIP_STATUS_REALIZED:
-            since = from_timestamp(change.at).replace(tzinfo=None)
+            since = from_timestamp(change.at)
             session.merge(MemberRow(segment_id=change.segment_id, profile_id=change.profile_id, since=since))
         else:
             session.exec(

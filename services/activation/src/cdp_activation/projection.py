@@ -37,7 +37,7 @@ class ActivationProjection:
                         col(PlanMemberRow.profile_id).in_(list(completed.removed_profiles)),
                     )
                 )
-            at = from_timestamp(delivery.at).replace(tzinfo=None)
+            at = from_timestamp(delivery.at)
             session.merge(
                 DeliveryRow(
                     id=delivery.id,

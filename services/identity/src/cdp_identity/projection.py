@@ -16,9 +16,7 @@ from cdp_kit.streams import OwnLog
 class IdentityProjection:
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         if is_a(env, ev.ProfileFragment):
-            self._fragment(
-                session, unpack(env, ev.ProfileFragment), from_timestamp(env.occurred_at).replace(tzinfo=None)
-            )
+            self._fragment(session, unpack(env, ev.ProfileFragment), from_timestamp(env.occurred_at))
         elif is_a(env, ev.ProfilesMerged):
             self._merged(session, unpack(env, ev.ProfilesMerged))
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from sqlmodel import func, select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.segmentation.v1 import segmentation_pb2 as pb
@@ -81,3 +82,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 attribute.updated_at.FromJsonString(source["at"].replace("+00:00", "Z"))
             profile.attributes.append(attribute)
         return profile
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.Stats:
+        with self.processor.read() as session:
+            return pb.Stats(
+                profiles=session.exec(select(func.count()).select_from(store.ProfileRow)).one(),
+                identities=session.exec(select(func.count()).select_from(store.ProfileIdentityRow)).one(),
+                segments=session.exec(select(func.count()).select_from(store.SegmentRow)).one(),
+            )

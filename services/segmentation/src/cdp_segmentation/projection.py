@@ -20,7 +20,7 @@ class SegmentationProjection:
         elif is_a(env, ev.MembershipChanged):
             change = unpack(env, ev.MembershipChanged)
             status = REALIZED if change.status == ev.MEMBERSHIP_STATUS_REALIZED else EXITED
-            at = from_timestamp(change.at).replace(tzinfo=None)
+            at = from_timestamp(change.at)
             session.merge(
                 MembershipRow(segment_id=change.segment_id, profile_id=change.profile_id, status=status, changed_at=at)
             )

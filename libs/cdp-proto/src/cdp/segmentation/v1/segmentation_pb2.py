@@ -27,49 +27,53 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cdp/segmentation/v1/segmentation.proto\x12\x13\x63\x64p.segmentation.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x01\n\x07Literal\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x16\n\x0cnumber_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x36\n\nlist_value\x18\x04 \x01(\x0b\x32 .cdp.segmentation.v1.ListLiteralH\x00\x42\x06\n\x04kind\":\n\x0bListLiteral\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Literal\"s\n\nComparison\x12\x0c\n\x04path\x18\x01 \x01(\t\x12*\n\x02op\x18\x02 \x01(\x0e\x32\x1e.cdp.segmentation.v1.CompareOp\x12+\n\x05value\x18\x03 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Literal\"\x16\n\x06\x45xists\x12\x0c\n\x04path\x18\x01 \x01(\t\":\n\x08Junction\x12.\n\x05terms\x18\x01 \x03(\x0b\x32\x1f.cdp.segmentation.v1.Expression\"\x89\x02\n\nExpression\x12\x35\n\ncomparison\x18\x01 \x01(\x0b\x32\x1f.cdp.segmentation.v1.ComparisonH\x00\x12-\n\x06\x65xists\x18\x02 \x01(\x0b\x32\x1b.cdp.segmentation.v1.ExistsH\x00\x12,\n\x03\x61ll\x18\x03 \x01(\x0b\x32\x1d.cdp.segmentation.v1.JunctionH\x00\x12,\n\x03\x61ny\x18\x04 \x01(\x0b\x32\x1d.cdp.segmentation.v1.JunctionH\x00\x12\x31\n\x06negate\x18\x05 \x01(\x0b\x32\x1f.cdp.segmentation.v1.ExpressionH\x00\x42\x06\n\x04node\"\xee\x01\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12,\n\x03\x61st\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Expression\x12\x33\n\nevaluation\x18\x05 \x01(\x0e\x32\x1f.cdp.segmentation.v1.Evaluation\x12\x19\n\x11\x65valuation_reason\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x14\x43reateSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\"$\n\x11GetSegmentRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\"\x15\n\x13ListSegmentsRequest\"F\n\x14ListSegmentsResponse\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"4\n\x12ListMembersRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\">\n\x13ListMembersResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x13\n\x0bprofile_ids\x18\x02 \x03(\t\"b\n\x11GetProfileRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x30\n\x08identity\x18\x02 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValueH\x00\x42\x05\n\x03key\"\x8f\x01\n\x10ProfileAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x16\n\x0esource_dataset\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\x07Profile\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\nidentities\x18\x02 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x39\n\nattributes\x18\x03 \x03(\x0b\x32%.cdp.segmentation.v1.ProfileAttribute\x12\x10\n\x08segments\x18\x04 \x03(\t\x12\x0e\n\x06\x65vents\x18\x05 \x01(\x04*X\n\nEvaluation\x12\x1a\n\x16\x45VALUATION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VALUATION_STREAMING\x10\x01\x12\x14\n\x10\x45VALUATION_BATCH\x10\x02*\xe1\x01\n\tCompareOp\x12\x1a\n\x16\x43OMPARE_OP_UNSPECIFIED\x10\x00\x12\x11\n\rCOMPARE_OP_EQ\x10\x01\x12\x11\n\rCOMPARE_OP_NE\x10\x02\x12\x11\n\rCOMPARE_OP_LT\x10\x03\x12\x11\n\rCOMPARE_OP_LE\x10\x04\x12\x11\n\rCOMPARE_OP_GT\x10\x05\x12\x11\n\rCOMPARE_OP_GE\x10\x06\x12\x11\n\rCOMPARE_OP_IN\x10\x07\x12\x17\n\x13\x43OMPARE_OP_CONTAINS\x10\x08\x12\x1a\n\x16\x43OMPARE_OP_STARTS_WITH\x10\t2\xde\x03\n\x13SegmentationService\x12X\n\rCreateSegment\x12).cdp.segmentation.v1.CreateSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12R\n\nGetSegment\x12&.cdp.segmentation.v1.GetSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x63\n\x0cListSegments\x12(.cdp.segmentation.v1.ListSegmentsRequest\x1a).cdp.segmentation.v1.ListSegmentsResponse\x12`\n\x0bListMembers\x12\'.cdp.segmentation.v1.ListMembersRequest\x1a(.cdp.segmentation.v1.ListMembersResponse\x12R\n\nGetProfile\x12&.cdp.segmentation.v1.GetProfileRequest\x1a\x1c.cdp.segmentation.v1.Profileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cdp/segmentation/v1/segmentation.proto\x12\x13\x63\x64p.segmentation.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0fGetStatsRequest\"?\n\x05Stats\x12\x10\n\x08profiles\x18\x01 \x01(\x04\x12\x12\n\nidentities\x18\x02 \x01(\x04\x12\x10\n\x08segments\x18\x03 \x01(\x04\"\x8f\x01\n\x07Literal\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x16\n\x0cnumber_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x36\n\nlist_value\x18\x04 \x01(\x0b\x32 .cdp.segmentation.v1.ListLiteralH\x00\x42\x06\n\x04kind\":\n\x0bListLiteral\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Literal\"s\n\nComparison\x12\x0c\n\x04path\x18\x01 \x01(\t\x12*\n\x02op\x18\x02 \x01(\x0e\x32\x1e.cdp.segmentation.v1.CompareOp\x12+\n\x05value\x18\x03 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Literal\"\x16\n\x06\x45xists\x12\x0c\n\x04path\x18\x01 \x01(\t\":\n\x08Junction\x12.\n\x05terms\x18\x01 \x03(\x0b\x32\x1f.cdp.segmentation.v1.Expression\"\x89\x02\n\nExpression\x12\x35\n\ncomparison\x18\x01 \x01(\x0b\x32\x1f.cdp.segmentation.v1.ComparisonH\x00\x12-\n\x06\x65xists\x18\x02 \x01(\x0b\x32\x1b.cdp.segmentation.v1.ExistsH\x00\x12,\n\x03\x61ll\x18\x03 \x01(\x0b\x32\x1d.cdp.segmentation.v1.JunctionH\x00\x12,\n\x03\x61ny\x18\x04 \x01(\x0b\x32\x1d.cdp.segmentation.v1.JunctionH\x00\x12\x31\n\x06negate\x18\x05 \x01(\x0b\x32\x1f.cdp.segmentation.v1.ExpressionH\x00\x42\x06\n\x04node\"\xee\x01\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12,\n\x03\x61st\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Expression\x12\x33\n\nevaluation\x18\x05 \x01(\x0e\x32\x1f.cdp.segmentation.v1.Evaluation\x12\x19\n\x11\x65valuation_reason\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x14\x43reateSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\"$\n\x11GetSegmentRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\"\x15\n\x13ListSegmentsRequest\"F\n\x14ListSegmentsResponse\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"4\n\x12ListMembersRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\">\n\x13ListMembersResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x13\n\x0bprofile_ids\x18\x02 \x03(\t\"b\n\x11GetProfileRequest\x12\x14\n\nprofile_id\x18\x01 \x01(\tH\x00\x12\x30\n\x08identity\x18\x02 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValueH\x00\x42\x05\n\x03key\"\x8f\x01\n\x10ProfileAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x16\n\x0esource_dataset\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\x07Profile\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\nidentities\x18\x02 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x39\n\nattributes\x18\x03 \x03(\x0b\x32%.cdp.segmentation.v1.ProfileAttribute\x12\x10\n\x08segments\x18\x04 \x03(\t\x12\x0e\n\x06\x65vents\x18\x05 \x01(\x04*X\n\nEvaluation\x12\x1a\n\x16\x45VALUATION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VALUATION_STREAMING\x10\x01\x12\x14\n\x10\x45VALUATION_BATCH\x10\x02*\xe1\x01\n\tCompareOp\x12\x1a\n\x16\x43OMPARE_OP_UNSPECIFIED\x10\x00\x12\x11\n\rCOMPARE_OP_EQ\x10\x01\x12\x11\n\rCOMPARE_OP_NE\x10\x02\x12\x11\n\rCOMPARE_OP_LT\x10\x03\x12\x11\n\rCOMPARE_OP_LE\x10\x04\x12\x11\n\rCOMPARE_OP_GT\x10\x05\x12\x11\n\rCOMPARE_OP_GE\x10\x06\x12\x11\n\rCOMPARE_OP_IN\x10\x07\x12\x17\n\x13\x43OMPARE_OP_CONTAINS\x10\x08\x12\x1a\n\x16\x43OMPARE_OP_STARTS_WITH\x10\t2\xac\x04\n\x13SegmentationService\x12X\n\rCreateSegment\x12).cdp.segmentation.v1.CreateSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12R\n\nGetSegment\x12&.cdp.segmentation.v1.GetSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x63\n\x0cListSegments\x12(.cdp.segmentation.v1.ListSegmentsRequest\x1a).cdp.segmentation.v1.ListSegmentsResponse\x12`\n\x0bListMembers\x12\'.cdp.segmentation.v1.ListMembersRequest\x1a(.cdp.segmentation.v1.ListMembersResponse\x12R\n\nGetProfile\x12&.cdp.segmentation.v1.GetProfileRequest\x1a\x1c.cdp.segmentation.v1.Profile\x12L\n\x08GetStats\x12$.cdp.segmentation.v1.GetStatsRequest\x1a\x1a.cdp.segmentation.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.segmentation.v1.segmentation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVALUATION']._serialized_start=1797
-  _globals['_EVALUATION']._serialized_end=1885
-  _globals['_COMPAREOP']._serialized_start=1888
-  _globals['_COMPAREOP']._serialized_end=2113
-  _globals['_LITERAL']._serialized_start=157
-  _globals['_LITERAL']._serialized_end=300
-  _globals['_LISTLITERAL']._serialized_start=302
-  _globals['_LISTLITERAL']._serialized_end=360
-  _globals['_COMPARISON']._serialized_start=362
-  _globals['_COMPARISON']._serialized_end=477
-  _globals['_EXISTS']._serialized_start=479
-  _globals['_EXISTS']._serialized_end=501
-  _globals['_JUNCTION']._serialized_start=503
-  _globals['_JUNCTION']._serialized_end=561
-  _globals['_EXPRESSION']._serialized_start=564
-  _globals['_EXPRESSION']._serialized_end=829
-  _globals['_SEGMENT']._serialized_start=832
-  _globals['_SEGMENT']._serialized_end=1070
-  _globals['_CREATESEGMENTREQUEST']._serialized_start=1072
-  _globals['_CREATESEGMENTREQUEST']._serialized_end=1123
-  _globals['_GETSEGMENTREQUEST']._serialized_start=1125
-  _globals['_GETSEGMENTREQUEST']._serialized_end=1161
-  _globals['_LISTSEGMENTSREQUEST']._serialized_start=1163
-  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1184
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1186
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1256
-  _globals['_LISTMEMBERSREQUEST']._serialized_start=1258
-  _globals['_LISTMEMBERSREQUEST']._serialized_end=1310
-  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1312
-  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1374
-  _globals['_GETPROFILEREQUEST']._serialized_start=1376
-  _globals['_GETPROFILEREQUEST']._serialized_end=1474
-  _globals['_PROFILEATTRIBUTE']._serialized_start=1477
-  _globals['_PROFILEATTRIBUTE']._serialized_end=1620
-  _globals['_PROFILE']._serialized_start=1623
-  _globals['_PROFILE']._serialized_end=1795
-  _globals['_SEGMENTATIONSERVICE']._serialized_start=2116
-  _globals['_SEGMENTATIONSERVICE']._serialized_end=2594
+  _globals['_EVALUATION']._serialized_start=1881
+  _globals['_EVALUATION']._serialized_end=1969
+  _globals['_COMPAREOP']._serialized_start=1972
+  _globals['_COMPAREOP']._serialized_end=2197
+  _globals['_GETSTATSREQUEST']._serialized_start=156
+  _globals['_GETSTATSREQUEST']._serialized_end=173
+  _globals['_STATS']._serialized_start=175
+  _globals['_STATS']._serialized_end=238
+  _globals['_LITERAL']._serialized_start=241
+  _globals['_LITERAL']._serialized_end=384
+  _globals['_LISTLITERAL']._serialized_start=386
+  _globals['_LISTLITERAL']._serialized_end=444
+  _globals['_COMPARISON']._serialized_start=446
+  _globals['_COMPARISON']._serialized_end=561
+  _globals['_EXISTS']._serialized_start=563
+  _globals['_EXISTS']._serialized_end=585
+  _globals['_JUNCTION']._serialized_start=587
+  _globals['_JUNCTION']._serialized_end=645
+  _globals['_EXPRESSION']._serialized_start=648
+  _globals['_EXPRESSION']._serialized_end=913
+  _globals['_SEGMENT']._serialized_start=916
+  _globals['_SEGMENT']._serialized_end=1154
+  _globals['_CREATESEGMENTREQUEST']._serialized_start=1156
+  _globals['_CREATESEGMENTREQUEST']._serialized_end=1207
+  _globals['_GETSEGMENTREQUEST']._serialized_start=1209
+  _globals['_GETSEGMENTREQUEST']._serialized_end=1245
+  _globals['_LISTSEGMENTSREQUEST']._serialized_start=1247
+  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1268
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1270
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1340
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1342
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1394
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1396
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1458
+  _globals['_GETPROFILEREQUEST']._serialized_start=1460
+  _globals['_GETPROFILEREQUEST']._serialized_end=1558
+  _globals['_PROFILEATTRIBUTE']._serialized_start=1561
+  _globals['_PROFILEATTRIBUTE']._serialized_end=1704
+  _globals['_PROFILE']._serialized_start=1707
+  _globals['_PROFILE']._serialized_end=1879
+  _globals['_SEGMENTATIONSERVICE']._serialized_start=2200
+  _globals['_SEGMENTATIONSERVICE']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,11 @@ class SegmentationServiceStub:
                 request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetProfileRequest.SerializeToString,
                 response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Profile.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/GetStats',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Stats.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -96,6 +101,12 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +134,11 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.GetProfile,
                     request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetProfileRequest.FromString,
                     response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Profile.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetStatsRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Stats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +277,33 @@ class SegmentationService:
             '/cdp.segmentation.v1.SegmentationService/GetProfile',
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetProfileRequest.SerializeToString,
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Profile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/GetStats',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetStatsRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,7 @@ class SegmentationServiceStub:
     ListSegments: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.ListSegmentsRequest, _segmentation_pb2.ListSegmentsResponse]
     ListMembers: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.ListMembersRequest, _segmentation_pb2.ListMembersResponse]
     GetProfile: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.GetProfileRequest, _segmentation_pb2.Profile]
+    GetStats: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.GetStatsRequest, _segmentation_pb2.Stats]
 
 @_typing.type_check_only
 class SegmentationServiceAsyncStub(SegmentationServiceStub):
@@ -49,6 +50,7 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     ListSegments: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.ListSegmentsRequest, _segmentation_pb2.ListSegmentsResponse]  # type: ignore[assignment]
     ListMembers: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.ListMembersRequest, _segmentation_pb2.ListMembersResponse]  # type: ignore[assignment]
     GetProfile: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.GetProfileRequest, _segmentation_pb2.Profile]  # type: ignore[assignment]
+    GetStats: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.GetStatsRequest, _segmentation_pb2.Stats]  # type: ignore[assignment]
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Unified profiles, audience definitions and memberships."""
@@ -87,5 +89,12 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segmentation_pb2.GetProfileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_pb2.Profile, _abc.Awaitable[_segmentation_pb2.Profile]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _segmentation_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_pb2.Stats, _abc.Awaitable[_segmentation_pb2.Stats]]: ...
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
