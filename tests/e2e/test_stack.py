@@ -192,13 +192,14 @@ def test_supervisor_restarts_a_killed_service(tmp_path: Path, stand_ins: Path) -
         assert stack.restarts["identity"] == 0
 
         stack.kill("nats")
-        wait_until(lambda: stack.restarts["nats"] == 1 and "nats" in stack.pids, what="nats-server restarted")
+        stack.wait_serving("nats", timeout_s=20.0)
+        assert stack.restarts["nats"] == 1
         spawned = stack.all_pids()
     assert_all_gone(spawned)
     assert not stack.stack_file.exists()
     assert children_of(os.getpid()) == []
     events = [json.loads(line)["event"] for line in (stack.logs_dir / "stack.log").read_text().splitlines()]
-    assert events.count("restarted") == 2
+    assert events.count("restarted") == 3  # two after crashes, one on request
 
 
 def test_children_outlive_the_thread_that_started_the_stack(tmp_path: Path, stand_ins: Path) -> None:
@@ -234,6 +235,17 @@ def test_failed_start_reports_the_log_tail_and_leaves_nothing(tmp_path: Path, st
     assert children_of(os.getpid()) == []
     with Stack(tmp_path / "data", ["ingest"], env={"PYTHONPATH": str(stand_ins)}):  # the data dir is free again
         pass
+
+
+def test_cdp_up_that_cannot_start_shows_the_log_tail(tmp_path: Path, stand_ins: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(stand_ins), "STAND_IN_CRASH": "activation"}
+    up = subprocess.run([CDP, "up", "--data-dir", str(tmp_path / "data")], env=env, capture_output=True, timeout=90)
+    assert up.returncode == 1
+    stderr = up.stderr.decode()
+    assert "error: activation exited with code 3 while starting" in stderr
+    assert "boom: cannot open the store" in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "data" / "stack.json").exists()
 
 
 def start_cdp_up(tmp_path: Path, stand_ins: Path) -> tuple[subprocess.Popen[bytes], Path]:

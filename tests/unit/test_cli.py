@@ -38,7 +38,7 @@ def invoke(args: list[str], env: dict[str, str | None] | None = None) -> Result:
 # --------------------------------------------------------------------------- help
 
 
-def command_paths(command: typer.core.TyperGroup | object, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def command_paths(command: object, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     yield prefix
     for name, sub in getattr(command, "commands", {}).items():
         yield from command_paths(sub, (*prefix, name))

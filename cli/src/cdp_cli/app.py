@@ -74,7 +74,10 @@ class CdpGroup(TyperGroup):
             render.error(state.describe(exc) if state else describe_rpc_error(exc))
             raise typer.Exit(1) from None
         except CliError as exc:
-            render.error(exc.message)
+            headline, _, detail = exc.message.partition("\n")
+            render.error(headline)
+            if detail:
+                render.detail(detail)
             raise typer.Exit(1) from None
         finally:
             if isinstance(ctx.obj, AppState):
@@ -632,9 +635,9 @@ def segment_members(
     if as_json:
         render.print_message(reply)
         return
-    render.print_table(
-        f"members of {segment} ({len(reply.profile_ids)})", ["profile id"], [(p,) for p in reply.profile_ids]
-    )
+    render.out.print(f"{len(reply.profile_ids)} members in segment {segment}", soft_wrap=True)
+    if reply.profile_ids:
+        render.print_table(None, ["profile id"], [(p,) for p in reply.profile_ids])
 
 
 @profile_app.command("get")

@@ -47,6 +47,11 @@ def error(message: str) -> None:
     err.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), soft_wrap=True)
 
 
+def detail(text: str) -> None:
+    """Supporting lines under an error (e.g. the tail of a log), printed as they are."""
+    err.print(Text(text, style="dim"), soft_wrap=True)
+
+
 def warn(message: str) -> None:
     err.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
 

@@ -105,15 +105,18 @@ class Child:
 
     def spawn(self) -> None:
         with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=self.new_session,
-                preexec_fn=_die_with_parent(),
-            )
+            try:
+                self.process = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=self.new_session,
+                    preexec_fn=_die_with_parent(),
+                )
+            except OSError as exc:
+                raise StackError(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
         self.started_at = time.monotonic()
         self.history.append(self.process.pid)
 
@@ -243,6 +246,8 @@ class Stack:
 
     def start(self) -> Stack:
         """Start nats-server and the services, wait until all are SERVING, write stack.json."""
+        if self._stopping or self._supervisor is not None:
+            raise StackError("a Stack starts once; create a new one to start again")
         try:
             self._acquire_data_dir()
             self._start_supervisor()
@@ -271,7 +276,11 @@ class Stack:
         port = free_port(LOOPBACK)
         config = store / "nats.conf"
         config.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
-        argv = [find_binary(), "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(port)]
+        try:
+            binary = find_binary()
+        except FileNotFoundError as exc:
+            raise StackError(str(exc)) from None
+        argv = [binary, "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(port)]
         argv += ["-sd", str(store), "-n", f"cdp-{port}"]
         # Own session: a Ctrl-C in the terminal must not stop NATS before the services drained.
         nats = Child(NATS, argv, dict(os.environ), self.logs_dir / "nats.log", f"{LOOPBACK}:{port}", new_session=True)
@@ -426,9 +435,19 @@ class Stack:
         self.wait_serving(service)
 
     def wait_serving(self, service: str, timeout_s: float | None = None) -> None:
-        """Block until ``service`` answers SERVING again (e.g. after ``kill``), or raise StackError."""
+        """Block until ``service`` answers SERVING again (e.g. after ``kill``), or raise StackError.
+
+        For ``"nats"``: until nats-server accepts connections with JetStream enabled.
+        """
         child = self._child(service)
         timeout = self.ready_timeout_s if timeout_s is None else timeout_s
+        if child is self._nats:
+            host, port = child.address.rsplit(":", 1)
+            try:
+                wait_for_jetstream(host, int(port), timeout=timeout)
+            except TimeoutError as exc:
+                raise self._not_ready(child, str(exc)) from None
+            return
         self._wait_until_serving(child, time.monotonic() + timeout, fail_on_exit=False)
 
     def _child(self, name: str) -> Child:

@@ -31,12 +31,18 @@ WRONG_LAST_SEQUENCE = 10071
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
-# NATS refuses payloads over max_payload (1 MiB by default): producers split below this.
-MAX_BATCH_BYTES = 768 * 1024
 
 
 class AppendConflict(Conflict):
     """The expected-sequence guard refused an append: another writer got there first."""
+
+
+class DuplicateAppend(AppendConflict):
+    """JetStream already holds a message with this ``Nats-Msg-Id``: what we would append is on the log."""
+
+
+# NATS' default max_payload is 1 MiB; one cause's events travel in one message below this.
+MAX_MESSAGE_BYTES = 1024 * 1024 - 4096
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import nats.errors
@@ -34,8 +34,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, utcnow
-from cdp_kit.errors import Unavailable
-from cdp_kit.eventlog import MAX_BATCH_BYTES, AppendConflict, EventLog, LogMessage
+from cdp_kit.errors import CdpError, Unavailable
+from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, DuplicateAppend, EventLog, LogMessage
 from cdp_kit.store import create_tables, drop_tables, get_checkpoint, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog
 from cdp_kit.telemetry import context_from, get_logger, trace_headers, tracer
@@ -77,78 +77,72 @@ def own_checkpoint(own: OwnLog) -> str:
     return f"own:{own.name}"
 
 
-@dataclass
-class _Pending:
-    own: OwnLog
-    events: list[Envelope] = field(default_factory=list)
-    size: int = 0
-
-
 class UnitOfWork:
-    """What one command or one input batch changes: store rows plus own events to append."""
+    """What one command or one input batch changes: store rows plus own events to append.
+
+    Each flush appends exactly ONE message (one own log, one cause), so a cause's outputs
+    reach the log atomically: recovery never finds half of them. A unit of work that
+    would need more (two own logs, or more than one message of events) is refused;
+    callers split their work into several units instead.
+    """
 
     def __init__(self, session: Session, processor: Processor, cause: Cause) -> None:
         self.session = session
         self.processor = processor
         self.cause = cause
-        self._pending: dict[str, _Pending] = {}
-        self._parts = 0
+        self._own: OwnLog | None = None
+        self._events: list[Envelope] = []
+        self._size = 0
 
     def emit(self, own: OwnLog, events: Sequence[Envelope]) -> None:
-        pending = self._pending.setdefault(own.name, _Pending(own))
+        if not events:
+            return
+        if self._own is not None and self._own != own:
+            raise MixedOwnLogs(f"one unit of work appends to one own log, not {self._own.name} and {own.name}")
+        self._own = own
         for env in events:
             self.processor.projection.fold(self.session, own, env)
-            pending.events.append(env)
-            pending.size += env.ByteSize()
+            self._events.append(env)
+            self._size += env.ByteSize() + 8
+        if self._size > MAX_MESSAGE_BYTES:
+            raise OversizedCause(
+                f"{len(self._events)} events ({self._size} bytes) for one cause exceed one message "
+                f"({MAX_MESSAGE_BYTES} bytes): split the work"
+            )
 
     @property
     def pending_bytes(self) -> int:
-        return sum(p.size for p in self._pending.values())
+        return self._size
 
     async def flush(self, cause: Cause, consumer: ConsumerSpec | None = None) -> None:
-        """Append what is pending, each own log in one message per cause, guarded and de-duplicated."""
-        for pending in self._pending.values():
-            if pending.events:
-                await self._append(pending, cause)
-        self._pending.clear()
+        """Append what is pending as one message, guarded and de-duplicated, then note the cause as emitted."""
+        if self._own is not None and self._events:
+            await self._append(self._own, self._events, cause)
+        self._own, self._events, self._size = None, [], 0
         if consumer is not None:
             set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
 
-    async def _append(self, pending: _Pending, cause: Cause) -> None:
-        own = pending.own
+    async def _append(self, own: OwnLog, events: list[Envelope], cause: Cause) -> None:
         key = own_checkpoint(own)
-        expected = get_checkpoint(self.session, key)
-        for chunk in _split(pending.events):
-            self._parts += 1
-            msg_id = deterministic_id(own.subject, cause.key(), self._parts)
-            headers = {CAUSE_HEADER: _cause_header(cause), **trace_headers()}
-            appended = await self.processor.eventlog.append(
-                own.subject,
-                chunk,
-                msg_id=msg_id,
-                expected_last_subject_sequence=expected,
-                headers=headers,
-                recorded_at=utcnow(),
-            )
-            expected = appended.sequence
-        set_checkpoint(self.session, key, expected)
+        appended = await self.processor.eventlog.append(
+            own.subject,
+            events,
+            msg_id=deterministic_id(own.subject, cause.key()),
+            expected_last_subject_sequence=get_checkpoint(self.session, key),
+            headers={CAUSE_HEADER: cause.key(), **trace_headers()},
+            recorded_at=utcnow(),
+        )
+        if appended.duplicate:
+            raise DuplicateAppend(f"{own.subject} already holds the events of {cause.key()}")
+        set_checkpoint(self.session, key, appended.sequence)
 
 
-def _split(events: list[Envelope]) -> list[list[Envelope]]:
-    chunks: list[list[Envelope]] = [[]]
-    size = 0
-    for env in events:
-        n = env.ByteSize() + 8
-        if chunks[-1] and size + n > MAX_BATCH_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(env)
-        size += n
-    return chunks
+class MixedOwnLogs(CdpError):
+    """A programming error: one cause's events must go to one own log."""
 
 
-def _cause_header(cause: Cause) -> str:
-    return cause.key()
+class OversizedCause(CdpError):
+    """One cause produced more events than one message holds."""
 
 
 def _consumer_of(header: str, inputs: Sequence[Input]) -> tuple[ConsumerSpec, int] | None:
@@ -278,7 +272,7 @@ class Processor:
                                 inp.handler.decide(uow, msg, env)
                         last = msg.sequence
                         applied_now += 1
-                        if uow.pending_bytes >= MAX_BATCH_BYTES:
+                        if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
                             await uow.flush(Cause(inp.spec.name, last), inp.spec)
                     if uow is not None:
                         await uow.flush(Cause(inp.spec.name, last), inp.spec)
@@ -288,8 +282,8 @@ class Processor:
                 await raw.ack()
         return applied_now
 
-    async def run_input(self, inp: Input, *, until_caught_up: bool = False) -> None:
-        """Consume one input for ever (or until it has nothing pending), restarting on failure."""
+    async def run_input(self, inp: Input) -> None:
+        """Consume one input until stopped, restarting the consumer on failure."""
         backoff = 0.2
         while not self._stopping.is_set():
             reader = None
@@ -298,20 +292,21 @@ class Processor:
                     start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
                 reader = await self.eventlog.durable(inp.spec, start)
                 while not self._stopping.is_set():
-                    items = await reader.fetch(self.batch_size, timeout=0.5 if until_caught_up else 1.0)
+                    items = await reader.fetch(self.batch_size, timeout=1.0)
                     if items:
                         await self.apply_input_batch(inp, items)
                         backoff = 0.2
-                    elif until_caught_up:
-                        lag = await self.eventlog.consumer_lag(inp.spec)
-                        if lag is not None and lag[1] == 0:
-                            return
                 self.failures.pop(inp.spec.name, None)
             except AppendConflict as exc:
                 self.failures[inp.spec.name] = exc.message
                 log.warning("append_conflict_recovering", consumer=inp.spec.name)
                 await self.recover()
-            except (Unavailable, nats.errors.Error, OSError) as exc:
+            except CdpError as exc:
+                # A message this service cannot apply (e.g. OversizedCause): stop here, visibly, and retry later.
+                self.failures[inp.spec.name] = exc.message
+                log.error("input_stuck", consumer=inp.spec.name, error=exc.message, retry_in=5.0)
+                await asyncio.sleep(5.0)
+            except (nats.errors.Error, OSError) as exc:
                 self.failures[inp.spec.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("input_unavailable", consumer=inp.spec.name, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
@@ -329,10 +324,20 @@ class Processor:
         await self._stopping.wait()
 
     async def catch_up(self) -> None:
-        """Recover and consume every input until nothing is pending: what ``rebuild`` does."""
+        """Recover, then apply every input up to its end as of now, reading without durable
+        consumers (so a rebuild beside a live service never moves the live service's cursor)."""
         await self.recover()
         for inp in self.inputs:
-            await self.run_input(inp, until_caught_up=True)
+            with self.read() as session:
+                start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
+            batch: list[tuple[LogMessage, Msg | None]] = []
+            async for msg in self.eventlog.read(inp.spec.stream.name, inp.spec.filter_subject, start):
+                batch.append((msg, None))
+                if len(batch) >= self.batch_size:
+                    await self.apply_input_batch(inp, batch)
+                    batch = []
+            if batch:
+                await self.apply_input_batch(inp, batch)
 
     async def rebuild(self) -> None:
         """Drop the store and replay the log into it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator, Sequence
@@ -117,8 +118,9 @@ class IngestHandlers:
             done_chunks = store.appended_chunks(session, batch_id)
         if previous is not None and previous.completed:
             report = store.report_of(previous)
-            report.duplicate = True
-            return report
+            if report.status == pb.BATCH_STATUS_COMPLETED:
+                report.duplicate = True
+                return report
         received_at = previous.received_at.replace(tzinfo=UTC) if previous is not None else utcnow()
         report = pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=ds.name)
         accepted = self._validate_file(header, data, ds, schema, report)
@@ -129,7 +131,7 @@ class IngestHandlers:
                 f"{report.rows_rejected} of {report.rows_read} rows rejected, above the {threshold:.1%} threshold: "
                 "nothing was ingested"
             )
-            await self._complete(report, 0, received_at)
+            await self._complete(report, 0, received_at, attempt=hashlib.sha256(data).hexdigest()[:16])
             return report
         chunks = list(_chunks(accepted))
         for index, chunk in enumerate(chunks):
@@ -201,18 +203,18 @@ class IngestHandlers:
 
         await self.processor.execute(f"{batch_id}:{index}", decide)
 
-    async def _complete(self, report: pb.BatchReport, chunks: int, received_at: datetime) -> None:
+    async def _complete(self, report: pb.BatchReport, chunks: int, received_at: datetime, attempt: str = "") -> None:
         def decide(uow: UnitOfWork) -> None:
             env = make_envelope(
                 ev.BatchCompleted(report=report, chunks=chunks),
-                event_id=deterministic_id("batch-completed", report.batch_id),
+                event_id=deterministic_id("batch-completed", report.batch_id, attempt),
                 subject_key=report.dataset,
                 occurred_at=received_at,
                 cause=uow.cause,
             )
             uow.emit(INGEST_RECORDS, [env])
 
-        await self.processor.execute(f"{report.batch_id}:done", decide)
+        await self.processor.execute(f"{report.batch_id}:done:{attempt}", decide)
 
     async def get_batch(self, batch_id: str) -> pb.BatchReport:
         with self.processor.read() as session:
@@ -247,14 +249,25 @@ class IngestHandlers:
             else:
                 errors = [pb.FieldError(field=v.field, rule=v.rule, message=v.message) for v in result.violations]
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_REJECTED, errors=errors))
-        if not valid:
-            return results
         now = utcnow()
+        for group in _event_groups(valid):
+            await self._append_events(ds, schema, group, results, now)
+        return results
+
+    async def _append_events(
+        self,
+        ds: pb.Dataset,
+        schema: pb.Schema,
+        group: list[tuple[int, RowResult]],
+        results: list[pb.EventResult],
+        now: datetime,
+    ) -> None:
+        """One message of new events; ids seen before (ever) are answered as duplicates."""
 
         def decide(uow: UnitOfWork) -> None:
-            seen = store.seen_events(uow.session, ds.name, [r.event_id for _, r in valid])
+            seen = store.seen_events(uow.session, ds.name, [r.event_id for _, r in group])
             fresh: list[Envelope] = []
-            for i, result in valid:
+            for i, result in group:
                 if result.event_id in seen:
                     results[i].status = pb.EVENT_STATUS_DUPLICATE
                     continue
@@ -262,9 +275,21 @@ class IngestHandlers:
                 fresh.append(record_envelope(ds, schema, result, batch_id="", row=0, received_at=now))
             uow.emit(INGEST_RECORDS, fresh)
 
-        command = deterministic_id("events", ds.name, *[r.event_id for _, r in valid])
-        await self.processor.execute(command, decide)
-        return results
+        await self.processor.execute(deterministic_id("events", ds.name, *[r.event_id for _, r in group]), decide)
+
+
+def _event_groups(valid: list[tuple[int, RowResult]]) -> Iterator[list[tuple[int, RowResult]]]:
+    group: list[tuple[int, RowResult]] = []
+    size = 0
+    for item in valid:
+        n = len(json.dumps(item[1].values, default=str)) + 256
+        if group and size + n > CHUNK_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += n
+    if group:
+        yield group
 
 
 def record_envelope(

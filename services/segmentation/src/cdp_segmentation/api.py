@@ -86,7 +86,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.Stats:
         with self.processor.read() as session:
             return pb.Stats(
-                profiles=session.exec(select(func.count()).select_from(store.ProfileRow)).one(),
+                profiles=store.profile_count(session),
                 identities=session.exec(select(func.count()).select_from(store.ProfileIdentityRow)).one(),
                 segments=session.exec(select(func.count()).select_from(store.SegmentRow)).one(),
             )

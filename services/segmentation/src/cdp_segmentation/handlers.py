@@ -16,7 +16,7 @@ from cdp_kit.streams import SEGMENTATION_CONFIG
 from cdp_kit.telemetry import get_logger
 from cdp_segmentation import store
 from cdp_segmentation.language import NAME_RE, classify, parse
-from cdp_segmentation.membership import backfill
+from cdp_segmentation.membership import backfill_page
 
 log = get_logger(__name__)
 
@@ -64,9 +64,10 @@ class SegmentationHandlers:
         with self.processor.read() as session:
             pending = list(session.exec(select(store.SegmentRow.id).where(store.SegmentRow.evaluated == False)).all())  # noqa: E712
         for segment_id in pending:
-            await self.processor.execute(
-                f"backfill:{segment_id}", partial(backfill, segment_id=segment_id, at=utcnow())
-            )
+            after: str | None = ""
+            while after is not None:
+                decide = partial(backfill_page, segment_id=segment_id, after=after, at=utcnow())
+                after = await self.processor.execute(f"backfill:{segment_id}:{after}", decide)
             log.info("segment_backfilled", segment_id=segment_id)
         return len(pending)
 

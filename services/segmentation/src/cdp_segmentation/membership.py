@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
@@ -68,30 +68,41 @@ def active_segments(session: Session) -> list[tuple[str, pb.Expression]]:
     return [(row.id, store.segment_of(row).ast) for row in store.all_segments(session)]
 
 
-def backfill(uow: UnitOfWork, *, segment_id: str, at: datetime) -> None:
-    """Evaluate every existing profile against one segment, then mark it evaluated."""
+BACKFILL_PAGE = 1000
+
+
+def backfill_page(uow: UnitOfWork, *, segment_id: str, after: str, at: datetime) -> str | None:
+    """Evaluate one page of profiles (ordered by id, after ``after``) against a segment and
+    emit the differences. Returns the last profile id of the page, or None when there are
+    no more profiles: then the segment is marked evaluated. Diff-based, so re-running is harmless."""
     row = uow.session.get(store.SegmentRow, segment_id)
     if row is None:
-        return
+        return None
     ast = store.segment_of(row).ast
-    realized = exited = profiles = 0
-    events: list[Envelope] = []
-    members = set(store.realized(uow.session, segment_id))
-    for profile in uow.session.exec(select(ProfileRow)).all():
-        profiles += 1
-        inside = matches(ast, profile_view(profile, store.identities_of(uow.session, profile.profile_id)))
-        was = profile.profile_id in members
-        if inside != was:
-            status = REALIZED if inside else EXITED
-            realized += inside
-            exited += not inside
-            events.append(change(uow, segment_id, profile.profile_id, status, at, f"segment-defined:{segment_id}"))
-    done = ev.SegmentEvaluated(segment_id=segment_id, profiles=profiles, realized=realized, exited=exited)
-    marker = make_envelope(
-        done,
-        event_id=deterministic_id("segment-evaluated", segment_id),
-        subject_key=segment_id,
-        occurred_at=at,
-        cause=uow.cause,
+    page = list(
+        uow.session.exec(
+            select(ProfileRow)
+            .where(col(ProfileRow.profile_id) > after)
+            .order_by(col(ProfileRow.profile_id))
+            .limit(BACKFILL_PAGE)
+        ).all()
     )
-    uow.emit(SEGMENTATION_MEMBERSHIPS, [*events, marker])
+    if not page:
+        marker = make_envelope(
+            ev.SegmentEvaluated(segment_id=segment_id, profiles=store.profile_count(uow.session)),
+            event_id=deterministic_id("segment-evaluated", segment_id),
+            subject_key=segment_id,
+            occurred_at=at,
+            cause=uow.cause,
+        )
+        uow.emit(SEGMENTATION_MEMBERSHIPS, [marker])
+        return None
+    events: list[Envelope] = []
+    current = store.statuses(uow.session, segment_id, [p.profile_id for p in page])
+    for profile in page:
+        inside = matches(ast, profile_view(profile, store.identities_of(uow.session, profile.profile_id)))
+        if inside != (current.get(profile.profile_id) == REALIZED):
+            status = REALIZED if inside else EXITED
+            events.append(change(uow, segment_id, profile.profile_id, status, at, f"segment-defined:{segment_id}"))
+    uow.emit(SEGMENTATION_MEMBERSHIPS, events)
+    return page[-1].profile_id

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import json_format
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.store import tables_of
@@ -95,3 +95,16 @@ def identities_of(session: Session, profile_id: str) -> list[ProfileIdentityRow]
         .order_by(col(ProfileIdentityRow.namespace), col(ProfileIdentityRow.value))
     )
     return list(rows.all())
+
+
+def statuses(session: Session, segment_id: str, profile_ids: list[str]) -> dict[str, str]:
+    rows = session.exec(
+        select(MembershipRow).where(
+            MembershipRow.segment_id == segment_id, col(MembershipRow.profile_id).in_(profile_ids)
+        )
+    ).all()
+    return {r.profile_id: r.status for r in rows}
+
+
+def profile_count(session: Session) -> int:
+    return int(session.exec(select(func.count()).select_from(ProfileRow)).one())
