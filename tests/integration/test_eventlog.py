@@ -29,7 +29,8 @@ async def test_append_returns_increasing_sequences(eventlog: EventLog) -> None:
     first = await eventlog.append(SUBJECT, [event(1)], msg_id="m1")
     second = await eventlog.append(SUBJECT, [event(2), event(3)], msg_id="m2")
     assert (first.sequence, second.sequence) == (1, 2)
-    assert not first.duplicate and not second.duplicate
+    assert not first.duplicate
+    assert not second.duplicate
 
 
 async def test_same_msg_id_is_deduplicated(eventlog: EventLog) -> None:

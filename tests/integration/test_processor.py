@@ -8,11 +8,14 @@ make a double application visible in the store itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -28,11 +31,14 @@ from cdp_kit.envelope import (
     make_envelope,
     unpack,
 )
-from cdp_kit.eventlog import AppendConflict, Appended, EventLog, LogMessage
+from cdp_kit.errors import Conflict
+from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, Appended, DuplicateAppend, EventLog, LogMessage
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.processor import (
     CAUSE_HEADER,
     Input,
+    MixedOwnLogs,
+    OversizedCause,
     Processor,
     UnitOfWork,
     emitted_checkpoint,
@@ -51,6 +57,10 @@ OUT_B = OwnLog("test-out-b", DELIVERY, "cdp.delivery.9.test")
 
 # Input messages: (message number, events it carries). Message 3 carries two events.
 INPUT_LAYOUT: list[int] = [1, 1, 2, 1, 1, 1, 1]
+
+# An echo event of ~150 KB: the outputs of two input events reach the flush threshold of an input batch.
+BIG = 150_000
+FLUSH_BYTES = MAX_MESSAGE_BYTES // 4
 
 
 # ===================================================================== the test service
@@ -117,13 +127,19 @@ def echo(own: OwnLog, msg: LogMessage, env: Envelope, *, size: int = 0) -> Envel
 
 
 class EchoHandler:
-    """Observes each input event into a table; decides one own event per input event on each own log."""
+    """Observes each input event into a table; decides one own event per input event on each own log.
 
-    def __init__(self, outs: Sequence[OwnLog] = (OUT,), *, size: int = 0) -> None:
+    Each echo event is padded with ``size`` bytes, or ``sizes[input message sequence]`` where given."""
+
+    def __init__(
+        self, outs: Sequence[OwnLog] = (OUT,), *, size: int = 0, sizes: Mapping[int, int] | None = None
+    ) -> None:
         self.outs = list(outs)
         self.size = size
+        self.sizes = dict(sizes or {})
         self.decided: list[str] = []
         self.observed: list[str] = []
+        self.causes: list[tuple[int, Cause]] = []  # (input message sequence, uow.cause) at each decide
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         self.observed.append(env.id)
@@ -133,8 +149,10 @@ class EchoHandler:
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         self.decided.append(env.id)
+        self.causes.append((msg.sequence, uow.cause))
+        size = self.sizes.get(msg.sequence, self.size)
         for own in self.outs:
-            uow.emit(own, [echo(own, msg, env, size=self.size)])
+            uow.emit(own, [echo(own, msg, env, size=size)])
 
 
 def make_processor(
@@ -243,20 +261,16 @@ class CrashAfterAppend(EventLog):
 
 
 class RacingWriter(EventLog):
-    """Another writer slips a foreign event onto a subject just before each of our first ``times`` appends
-    (onto the subject we append to, unless ``subject`` names another)."""
+    """Another writer slips a foreign event onto the subject just before each of our appends."""
 
-    def __init__(self, eventlog: EventLog, *, subject: str | None = None, times: int = 1_000_000) -> None:
+    def __init__(self, eventlog: EventLog) -> None:
         super().__init__(eventlog.nc)
-        self.subject = subject
-        self.times = times
         self.races = 0
 
     async def append(self, subject: str, events: list[Envelope], **kwargs: Any) -> Appended:
-        if self.races < self.times:
-            self.races += 1
-            name = f"race-{self.races}"
-            await self.append_raw(self.subject or subject, foreign_batch(name), msg_id=name, headers={})
+        self.races += 1
+        name = f"race-{self.races}"
+        await self.append_raw(subject, foreign_batch(name), msg_id=name, headers={})
         return await super().append(subject, events, **kwargs)
 
 
@@ -274,21 +288,43 @@ def foreign_batch(name: str) -> bytes:
     return encode_batch([foreign_event(name)], T0)
 
 
+def cmd_event(value: str, cause: Cause, own: OwnLog = OUT, *, size: int = 0) -> Envelope:
+    return make_envelope(
+        IdentityValue(namespace="cmd", value=value + "x" * size),
+        event_id=deterministic_id(own.name, "cmd", value),
+        subject_key="test",
+        occurred_at=T0,
+        cause=cause,
+    )
+
+
+async def failure_of_run_input(processor: Processor) -> str:
+    """Run the input's consumer as the service does until it records a failure; check that it is still
+    running (waiting to retry, not crashed), then stop it. Returns the recorded failure."""
+    task = asyncio.create_task(processor.run_input(processor.inputs[0]))
+    try:
+        async with asyncio.timeout(15):
+            while IN.name not in processor.failures:
+                if task.done():
+                    task.result()  # raises what crashed it
+                    raise AssertionError("run_input returned before recording a failure")
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        return processor.failures[IN.name]
+    finally:
+        processor.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def command(value: str, calls: list[str], own_logs: Sequence[OwnLog] = (OUT,)) -> Callable[[UnitOfWork], str]:
     """A client command's decide: emit one event per own log, return the first event's id."""
 
     def decide(uow: UnitOfWork) -> str:
         calls.append(value)
-        events = [
-            make_envelope(
-                IdentityValue(namespace="cmd", value=value),
-                event_id=deterministic_id(own.name, "cmd", value),
-                subject_key="test",
-                occurred_at=T0,
-                cause=uow.cause,
-            )
-            for own in own_logs
-        ]
+        events = [cmd_event(value, uow.cause, own) for own in own_logs]
         for own, env in zip(own_logs, events, strict=True):
             uow.emit(own, [env])
         return events[0].id

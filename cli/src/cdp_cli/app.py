@@ -791,6 +791,23 @@ def deliveries(
     )
 
 
+@app.command()
+def demo(
+    people: Annotated[int, typer.Option("--people", min=10, max=100_000, help="CRM people to generate.")] = 200,
+    kill: Annotated[
+        str, typer.Option("--kill", help="SIGKILL this service mid-flow, to see that nothing changes.")
+    ] = "",
+    data_dir: DataDirOverride = None,
+) -> None:
+    """Start the stack, run the walking skeleton on generated data, print the summary, stop."""
+    from cdp_cli.demo import run_demo
+
+    if kill and kill not in SERVICES:
+        raise typer.BadParameter(f"--kill takes one of {', '.join(SERVICES)}")
+    _log_supervisor_to_console()
+    run_demo(data_dir, people=people, kill=kill or None)
+
+
 def main() -> None:
     """Entry point of the ``cdp`` console script."""
     app()

@@ -14,8 +14,8 @@ class ActivationSettings(ServiceSettings):
     service: ClassVar[str] = "activation"
     default_port: ClassVar[int] = 50054
 
-    export_dir: Path = Field(default=Path(""), description="Root of file_export destinations; empty = data_dir/exports")
+    export_dir: Path | None = Field(default=None, description="Root of file_export destinations; unset = data_dir/exports")
     delivery_interval_s: float = Field(default=0.5, gt=0, description="How often pending deliveries are sent")
 
     def resolved_export_dir(self) -> Path:
-        return self.export_dir if str(self.export_dir) not in ("", ".") else self.data_dir / "exports"
+        return self.export_dir or self.data_dir / "exports"
