@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp.segmentation.v1 import segmentation_pb2 as seg
 from cdp_activation.store import TABLES as ACTIVATION_TABLES
@@ -52,7 +53,7 @@ def test_offline_and_online_data_become_one_profile_per_person(
     assert all(r[3] == "gold" and r[1] == r[1].strip().lower() for r in rows)
 
     person = client.segmentation.GetProfile(
-        seg.GetProfileRequest(identity={"namespace": "email", "value": "Person.1@example.com"})
+        seg.GetProfileRequest(identity=IdentityValue(namespace="email", value="Person.1@example.com"))
     )
     identities = {(i.namespace, i.value) for i in person.identities}
     assert {("crm_id", "C00001"), ("email", "person.1@example.com"), ("cookie", "ck-00001")} <= identities
@@ -86,7 +87,9 @@ def test_every_store_rebuilt_from_the_log_equals_the_original(
         }
         subprocess.run([sys.executable, "-m", f"cdp_{service}", "rebuild"], env=env, check=True, timeout=120)
         rebuilt = make_engine(sqlite_url(rebuilt_path))
-        assert canonical_dump(rebuilt, with_checkpoint(tables)) == canonical_dump(live, with_checkpoint(tables)), service
+        assert canonical_dump(rebuilt, with_checkpoint(tables)) == canonical_dump(live, with_checkpoint(tables)), (
+            service
+        )
         live.dispose()
         rebuilt.dispose()
 

@@ -301,6 +301,11 @@ class Processor:
                 self.failures[inp.spec.name] = exc.message
                 log.warning("append_conflict_recovering", consumer=inp.spec.name)
                 await self.recover()
+            except Unavailable as exc:
+                self.failures[inp.spec.name] = exc.message
+                log.warning("input_unavailable", consumer=inp.spec.name, error=exc.message, retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             except CdpError as exc:
                 # A message this service cannot apply (e.g. OversizedCause): stop here, visibly, and retry later.
                 self.failures[inp.spec.name] = exc.message

@@ -14,7 +14,9 @@ class ActivationSettings(ServiceSettings):
     service: ClassVar[str] = "activation"
     default_port: ClassVar[int] = 50054
 
-    export_dir: Path | None = Field(default=None, description="Root of file_export destinations; unset = data_dir/exports")
+    export_dir: Path | None = Field(
+        default=None, description="Root of file_export destinations; unset = data_dir/exports"
+    )
     delivery_interval_s: float = Field(default=0.5, gt=0, description="How often pending deliveries are sent")
 
     def resolved_export_dir(self) -> Path:
