@@ -180,6 +180,8 @@ class EventLog:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise AppendConflict(f"append to {subject} refused: {exc.description}") from exc
             raise CdpError(f"append to {subject} failed: {exc.description}") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise CdpError(f"append to {subject} refused: {len(data)} bytes exceed the server's max_payload") from exc
         except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
             raise Unavailable(f"append to {subject} failed: {type(exc).__name__}") from exc
         return Appended(sequence=ack.seq, duplicate=bool(ack.duplicate))

@@ -42,6 +42,9 @@ from cdp_kit.telemetry import context_from, get_logger, trace_headers, tracer
 
 T = TypeVar("T")
 CAUSE_HEADER = "Cdp-Cause"
+# What encoding adds to each event beyond its own size: recorded_at (stamped at append) and
+# the EventBatch field framing. Generous, so an estimate below the limit encodes below it.
+EVENT_OVERHEAD_BYTES = 40
 log = get_logger(__name__)
 
 
@@ -93,6 +96,8 @@ class UnitOfWork:
         self._own: OwnLog | None = None
         self._events: list[Envelope] = []
         self._size = 0
+        self._mark = 0
+        self._mark_size = 0
 
     def emit(self, own: OwnLog, events: Sequence[Envelope]) -> None:
         if not events:
@@ -103,22 +108,39 @@ class UnitOfWork:
         for env in events:
             self.processor.projection.fold(self.session, own, env)
             self._events.append(env)
-            self._size += env.ByteSize() + 8
-        if self._size > MAX_MESSAGE_BYTES:
+            self._size += env.ByteSize() + EVENT_OVERHEAD_BYTES
+        own_size = self._size - self._mark_size
+        if own_size > MAX_MESSAGE_BYTES:
             raise OversizedCause(
-                f"{len(self._events)} events ({self._size} bytes) for one cause exceed one message "
+                f"{len(self._events) - self._mark} events ({own_size} bytes) for one cause exceed one message "
                 f"({MAX_MESSAGE_BYTES} bytes): split the work"
             )
+
+    def mark(self, cause: Cause) -> None:
+        """A new cause starts: what is pending so far belongs to earlier causes."""
+        self.cause = cause
+        self._mark, self._mark_size = len(self._events), self._size
 
     @property
     def pending_bytes(self) -> int:
         return self._size
+
+    async def flush_before_mark(self, cause: Cause, consumer: ConsumerSpec) -> None:
+        """Append the earlier causes' events (up to the mark) as one message; keep the current cause's pending."""
+        if self._own is None or self._mark == 0:
+            return
+        await self._append(self._own, self._events[: self._mark], cause)
+        set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
+        self._events = self._events[self._mark :]
+        self._size -= self._mark_size
+        self._mark = self._mark_size = 0
 
     async def flush(self, cause: Cause, consumer: ConsumerSpec | None = None) -> None:
         """Append what is pending as one message, guarded and de-duplicated, then note the cause as emitted."""
         if self._own is not None and self._events:
             await self._append(self._own, self._events, cause)
         self._own, self._events, self._size = None, [], 0
+        self._mark = self._mark_size = 0
         if consumer is not None:
             set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
 
@@ -264,12 +286,16 @@ class Processor:
                     for msg, _raw in items:
                         if msg.sequence <= applied:
                             continue
-                        uow = uow or UnitOfWork(session, self, Cause(inp.spec.name, msg.sequence))
+                        cause = Cause(inp.spec.name, msg.sequence)
+                        uow = uow or UnitOfWork(session, self, cause)
                         for env in msg.events():
                             inp.handler.observe(session, msg, env)
                         if msg.sequence > emitted:
+                            uow.mark(cause)
                             for env in msg.events():
                                 inp.handler.decide(uow, msg, env)
+                            if uow.pending_bytes > MAX_MESSAGE_BYTES:
+                                await uow.flush_before_mark(Cause(inp.spec.name, last), inp.spec)
                         last = msg.sequence
                         applied_now += 1
                         if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
