@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import nats.errors
@@ -80,75 +80,93 @@ def own_checkpoint(own: OwnLog) -> str:
     return f"own:{own.name}"
 
 
+@dataclass
+class _Part:
+    """Pending events of one or more consecutive causes, all for one own log."""
+
+    cause: Cause
+    own: OwnLog | None = None
+    events: list[Envelope] = field(default_factory=list)
+    size: int = 0
+
+
 class UnitOfWork:
     """What one command or one input batch changes: store rows plus own events to append.
 
-    Each flush appends exactly ONE message (one own log, one cause), so a cause's outputs
-    reach the log atomically: recovery never finds half of them. A unit of work that
-    would need more (two own logs, or more than one message of events) is refused;
-    callers split their work into several units instead.
+    A cause's events go to ONE own log and travel in ONE message, so they reach the log
+    whole or not at all: recovery never finds half of them. Consecutive causes share a
+    message while they write the same own log and fit; a cause that writes another log
+    (or would overflow) first sends what earlier causes left pending, in order. Each
+    message names the last cause it completes (``Cdp-Cause``), so recovery knows every
+    input up to it has its outputs on the log. One cause that writes two own logs, or
+    more than one message of events, is refused: split such work into several commands.
     """
 
     def __init__(self, session: Session, processor: Processor, cause: Cause) -> None:
         self.session = session
         self.processor = processor
         self.cause = cause
-        self._own: OwnLog | None = None
-        self._events: list[Envelope] = []
-        self._size = 0
-        self._mark = 0
-        self._mark_size = 0
+        self._done = _Part(cause)
+        self._current = _Part(cause)
 
     def emit(self, own: OwnLog, events: Sequence[Envelope]) -> None:
         if not events:
             return
-        if self._own is not None and self._own != own:
-            raise MixedOwnLogs(f"one unit of work appends to one own log, not {self._own.name} and {own.name}")
-        self._own = own
+        current = self._current
+        if current.own is not None and current.own != own:
+            raise MixedOwnLogs(f"one cause appends to one own log, not {current.own.name} and {own.name}")
+        current.own = own
         for env in events:
             self.processor.projection.fold(self.session, own, env)
-            self._events.append(env)
-            self._size += env.ByteSize() + EVENT_OVERHEAD_BYTES
-        own_size = self._size - self._mark_size
-        if own_size > MAX_MESSAGE_BYTES:
+            current.events.append(env)
+            current.size += env.ByteSize() + EVENT_OVERHEAD_BYTES
+        if current.size > MAX_MESSAGE_BYTES:
             raise OversizedCause(
-                f"{len(self._events) - self._mark} events ({own_size} bytes) for one cause exceed one message "
+                f"{len(current.events)} events ({current.size} bytes) for one cause exceed one message "
                 f"({MAX_MESSAGE_BYTES} bytes): split the work"
             )
 
-    def mark(self, cause: Cause) -> None:
-        """A new cause starts: what is pending so far belongs to earlier causes."""
-        self.cause = cause
-        self._mark, self._mark_size = len(self._events), self._size
-
     @property
     def pending_bytes(self) -> int:
-        return self._size
+        return self._done.size + self._current.size
 
-    async def flush_before_mark(self, cause: Cause, consumer: ConsumerSpec) -> None:
-        """Append the earlier causes' events (up to the mark) as one message; keep the current cause's pending."""
-        if self._own is None or self._mark == 0:
-            return
-        await self._append(self._own, self._events[: self._mark], cause)
-        set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
-        self._events = self._events[self._mark :]
-        self._size -= self._mark_size
-        self._mark = self._mark_size = 0
+    async def next_cause(self, cause: Cause, consumer: ConsumerSpec | None = None) -> None:
+        """Close the current cause and start another."""
+        await self._settle(consumer)
+        self.cause = cause
+        self._current = _Part(cause)
 
     async def flush(self, cause: Cause, consumer: ConsumerSpec | None = None) -> None:
-        """Append what is pending as one message, guarded and de-duplicated, then note the cause as emitted."""
-        if self._own is not None and self._events:
-            await self._append(self._own, self._events, cause)
-        self._own, self._events, self._size = None, [], 0
-        self._mark = self._mark_size = 0
-        if consumer is not None:
+        """Append everything pending, in cause order; then every cause up to ``cause`` counts as emitted."""
+        self._current.cause = cause
+        await self._settle(consumer)
+        if self._done.events:
+            await self._send(self._done, consumer)
+        elif consumer is not None:
             set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
+        self._done = _Part(cause)
+        self._current = _Part(cause)
 
-    async def _append(self, own: OwnLog, events: list[Envelope], cause: Cause) -> None:
+    async def _settle(self, consumer: ConsumerSpec | None) -> None:
+        """Move the current cause's events behind the earlier ones, sending those first if they cannot share."""
+        done, current = self._done, self._current
+        if current.events:
+            if done.events and (done.own != current.own or done.size + current.size > MAX_MESSAGE_BYTES):
+                await self._send(done, consumer)
+                done = self._done = _Part(done.cause)
+            done.own = current.own
+            done.events += current.events
+            done.size += current.size
+        done.cause = current.cause
+        self._current = _Part(current.cause)
+
+    async def _send(self, part: _Part, consumer: ConsumerSpec | None) -> None:
+        assert part.own is not None
+        own, cause = part.own, part.cause
         key = own_checkpoint(own)
         appended = await self.processor.eventlog.append(
             own.subject,
-            events,
+            part.events,
             msg_id=deterministic_id(own.subject, cause.key()),
             expected_last_subject_sequence=get_checkpoint(self.session, key),
             headers={CAUSE_HEADER: cause.key(), **trace_headers()},
@@ -157,6 +175,8 @@ class UnitOfWork:
         if appended.duplicate:
             raise DuplicateAppend(f"{own.subject} already holds the events of {cause.key()}")
         set_checkpoint(self.session, key, appended.sequence)
+        if consumer is not None:
+            set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
 
 
 class MixedOwnLogs(CdpError):
@@ -288,14 +308,12 @@ class Processor:
                             continue
                         cause = Cause(inp.spec.name, msg.sequence)
                         uow = uow or UnitOfWork(session, self, cause)
+                        await uow.next_cause(cause, inp.spec)
                         for env in msg.events():
                             inp.handler.observe(session, msg, env)
                         if msg.sequence > emitted:
-                            uow.mark(cause)
                             for env in msg.events():
                                 inp.handler.decide(uow, msg, env)
-                            if uow.pending_bytes > MAX_MESSAGE_BYTES:
-                                await uow.flush_before_mark(Cause(inp.spec.name, last), inp.spec)
                         last = msg.sequence
                         applied_now += 1
                         if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
