@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -363,13 +362,11 @@ def reference_engine(tmp_path: Path) -> Iterator[Engine]:
         engine.dispose()
 
 
-@pytest.fixture
-async def reference_log(tmp_path: Path) -> AsyncIterator[EventLog]:
-    """A second, fresh nats-server for the no-crash reference run."""
-    server = NatsServer(tmp_path / "jetstream-reference", log_file=tmp_path / "nats-reference.log")
+async def serve_eventlog(tmp_path: Path, name: str, **options: Any) -> AsyncIterator[EventLog]:
+    server = NatsServer(tmp_path / f"jetstream-{name}", log_file=tmp_path / f"nats-{name}.log", **options)
     server.start()
     try:
-        log = await EventLog.connect(server.url, "cdp-test-reference")
+        log = await EventLog.connect(server.url, f"cdp-test-{name}")
         await log.ensure_streams()
         try:
             yield log
@@ -377,6 +374,21 @@ async def reference_log(tmp_path: Path) -> AsyncIterator[EventLog]:
             await log.close()
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def reference_log(tmp_path: Path) -> AsyncIterator[EventLog]:
+    """A second, fresh nats-server for the no-crash reference run."""
+    async for log in serve_eventlog(tmp_path, "reference"):
+        yield log
+
+
+@pytest.fixture
+async def default_payload_log(tmp_path: Path) -> AsyncIterator[EventLog]:
+    """A nats-server with NATS' default max_payload (1 MiB), as compose.yaml runs it (the test server
+    and `cdp stack` allow 8 MiB)."""
+    async for log in serve_eventlog(tmp_path, "default-payload", max_payload=1024 * 1024):
+        yield log
 
 
 async def reference_run(
@@ -684,46 +696,49 @@ async def test_one_input_whose_outputs_exceed_one_message_is_refused(sqlite_engi
     assert dump(sqlite_engine) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OversizedCause,
-    reason="kit bug: UnitOfWork.emit checks the size of everything pending in the batch, not of the cause: "
-    "an input whose outputs fit one message is refused as OversizedCause when earlier inputs' outputs "
-    "(below the MAX_MESSAGE_BYTES // 4 flush threshold) are still pending, and the consumer is stuck for ever",
-)
+@pytest.mark.parametrize("crash", [False, True])
 async def test_a_big_cause_after_pending_smaller_ones_is_appended_in_its_own_message(
-    sqlite_engine: Engine, eventlog: EventLog
+    sqlite_engine: Engine, eventlog: EventLog, crash: bool
 ) -> None:
+    """The size limit is per cause: what earlier inputs left pending (below the flush threshold) is
+    flushed first, in its own message, rather than the big cause being refused."""
     small, big = 200_000, 900_000  # input 1 stays pending (< FLUSH_BYTES); input 2 alone fits one message
     assert small < FLUSH_BYTES
     assert big < MAX_MESSAGE_BYTES < small + big
     await append_inputs(eventlog, [1, 1])
-    processor = make_processor(sqlite_engine, eventlog, EchoHandler(sizes={1: small, 2: big}), batch_size=10)
+    handler = EchoHandler(sizes={1: small, 2: big})
+    if crash:  # die after input 1's message is on the log, before input 2's is
+        crashing = make_processor(sqlite_engine, CrashAfterAppend(eventlog, 1), handler, batch_size=10)
+        with pytest.raises(SimulatedCrash):
+            await crashing.catch_up()
+        assert checkpoints(sqlite_engine) == {}
+        handler = EchoHandler(sizes={1: small, 2: big})
+    processor = make_processor(sqlite_engine, eventlog, handler, batch_size=10)
 
-    await processor.catch_up()  # fails: OversizedCause at input 2's emit
+    await processor.catch_up()
 
+    assert handler.decided == (all_input_ids([1, 1])[1:] if crash else all_input_ids([1, 1]))
     ids = output_ids(layout=[1, 1])
     assert await outputs(eventlog) == [("test-in:1", ids[:1]), ("test-in:2", ids[1:])]
     assert counters(sqlite_engine) == {"observed": 2, "folded:test-out": 2}
+    assert checkpoints(sqlite_engine) == {
+        in_checkpoint(IN): 2,
+        emitted_checkpoint(IN): 2,
+        own_checkpoint(OUT): 2,
+    }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kit bug: during an input batch, uow.cause stays the cause of the batch's first new message, so a "
-    "handler that stamps uow.cause as its events' causation (as cdp_identity does) attributes every later "
-    "message's outputs to the wrong input, which also disagrees with their message's Cdp-Cause header",
-)
 async def test_uow_cause_is_the_input_message_being_decided(sqlite_engine: Engine, eventlog: EventLog) -> None:
+    """Handlers stamp uow.cause as their events' causation (cdp_identity does): it must name the input
+    message being decided, not the first message of the fetched batch."""
     await append_inputs(eventlog)
     processor = make_processor(sqlite_engine, eventlog, batch_size=3)
 
     await processor.catch_up()
 
     causes = handler_of(processor).causes
-    assert len(causes) == 8
-    assert [(seq, cause.stream, cause.sequence) for seq, cause in causes] == [
-        (seq, IN.name, seq) for seq, _ in causes
-    ]  # fails: (2, "test-in", 1), (3, "test-in", 1), (5, "test-in", 4), ...
+    assert [seq for seq, _ in causes] == [1, 2, 3, 3, 4, 5, 6, 7]
+    assert [(seq, cause.stream, cause.sequence) for seq, cause in causes] == [(seq, IN.name, seq) for seq, _ in causes]
 
 
 # ===================================================================== (e) rebuild
@@ -879,7 +894,7 @@ async def test_execute_emitting_to_two_own_logs_is_refused(sqlite_engine: Engine
     b = await processor.execute("c3", command("three", calls, (OUT_B,)))
     assert await outputs(eventlog, OUT) == [("cmd:c2", [a])]
     assert await outputs(eventlog, OUT_B) == [("cmd:c3", [b])]
-    assert checkpoints(sqlite_engine) == {own_checkpoint(OUT): 1, own_checkpoint(OUT_B): 2}
+    assert checkpoints(sqlite_engine) == {own_checkpoint(OUT): 1, own_checkpoint(OUT_B): 1}  # two streams
 
 
 async def test_execute_refuses_a_command_whose_events_exceed_one_message(
@@ -904,23 +919,19 @@ def small_events(cause: Cause, count: int) -> list[Envelope]:
     return [cmd_event(f"s{i}", cause) for i in range(count)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=nats.errors.MaxPayloadError,
-    reason="kit bug: UnitOfWork.emit estimates a message as sum(ByteSize() + 8), but encode_batch then stamps "
-    "recorded_at on every event (~11 more bytes each, plus the field's framing): a cause of many small "
-    "events passes the OversizedCause check yet encodes above NATS max_payload, and the append fails with "
-    "a raw MaxPayloadError (in run_input: retried for ever as 'input_unavailable')",
-)
 async def test_many_small_events_beyond_one_message_are_refused_as_oversized(
-    sqlite_engine: Engine, eventlog: EventLog
+    sqlite_engine: Engine, default_payload_log: EventLog
 ) -> None:
+    """A cause's size is estimated as appended (recorded_at stamped, batch framing), so many small events
+    that only overflow once encoded are refused as OversizedCause, not by NATS (on NATS' default
+    max_payload of 1 MiB, as compose.yaml runs it)."""
+    eventlog = default_payload_log
     cause = Cause(command_id="c1")
-    # The most events emit accepts: their estimated size is within MAX_MESSAGE_BYTES ...
-    estimate = [e.ByteSize() + 8 for e in small_events(cause, 8000)]
-    count = next(n for n in range(len(estimate)) if sum(estimate[: n + 1]) > MAX_MESSAGE_BYTES)
+    # Their bare sizes (ByteSize() + 8, the old estimate) are within MAX_MESSAGE_BYTES ...
+    bare = [e.ByteSize() + 8 for e in small_events(cause, 8000)]
+    count = next(n for n in range(len(bare)) if sum(bare[: n + 1]) > MAX_MESSAGE_BYTES)
     # ... but, as appended, they do not fit one message.
-    assert len(encode_batch(small_events(cause, count), T0)) > eventlog.nc.max_payload > MAX_MESSAGE_BYTES
+    assert len(encode_batch(small_events(cause, count), T0)) > eventlog.nc.max_payload == 1024 * 1024
     processor = make_processor(sqlite_engine, eventlog, with_input=False)
     await processor.recover()
 
@@ -928,7 +939,7 @@ async def test_many_small_events_beyond_one_message_are_refused_as_oversized(
         uow.emit(OUT, small_events(uow.cause, count))
 
     with pytest.raises(OversizedCause):
-        await processor.execute("c1", decide)  # fails: nats.errors.MaxPayloadError from the append
+        await processor.execute("c1", decide)
 
     assert await outputs(eventlog) == []
     assert counters(sqlite_engine) == {}

@@ -106,3 +106,63 @@ class ProfilesMerged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProfilesMerged: _TypeAlias = ProfilesMerged  # noqa: Y015
+
+@_typing.final
+class ProfileSplit(_message.Message):
+    """A graph was split (an identity or a link was removed): each part is its own profile now.
+    Downstream services move each fragment to its part's profile and re-evaluate every part.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    """The profile that was split; the part holding its founding identity keeps this id."""
+    reason: _builtins.str
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitPart]: ...
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        parts: _abc.Iterable[Global___SplitPart] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parts", b"parts", "profile_id", b"profile_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileSplit: _TypeAlias = ProfileSplit  # noqa: Y015
+
+@_typing.final
+class SplitPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    IDENTITIES_FIELD_NUMBER: _builtins.int
+    FRAGMENT_IDS_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    @_builtins.property
+    def identities(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.IdentityValue]: ...
+    @_builtins.property
+    def fragment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ProfileFragment.source_event_id of every fragment that now belongs to this part."""
+
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        identities: _abc.Iterable[_envelope_pb2.IdentityValue] | None = ...,
+        fragment_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fragment_ids", b"fragment_ids", "identities", b"identities", "profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitPart: _TypeAlias = SplitPart  # noqa: Y015
