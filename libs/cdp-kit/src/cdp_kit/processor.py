@@ -64,8 +64,27 @@ class InputHandler(Protocol):
 
 @dataclass(frozen=True)
 class Input:
+    """One input of a service. ``raw`` inputs carry bytes from outside publishers (not
+    EventBatch envelopes): each message reaches the handler as one envelope of type
+    ``RAW_TYPE`` whose ``payload.value`` holds the bytes and whose id is derived from the
+    stream position."""
+
     spec: ConsumerSpec
     handler: InputHandler
+    raw: bool = False
+
+    def envelopes(self, msg: LogMessage) -> list[Envelope]:
+        return [raw_envelope(msg)] if self.raw else msg.events()
+
+
+RAW_TYPE = "cdp.raw"
+
+
+def raw_envelope(msg: LogMessage) -> Envelope:
+    env = Envelope(id=deterministic_id("raw", msg.stream, msg.sequence), type=RAW_TYPE, subject_key=msg.subject)
+    env.payload.type_url = f"type.googleapis.com/{RAW_TYPE}"
+    env.payload.value = msg.data
+    return env
 
 
 def in_checkpoint(spec: ConsumerSpec) -> str:
@@ -309,10 +328,11 @@ class Processor:
                         cause = Cause(inp.spec.name, msg.sequence)
                         uow = uow or UnitOfWork(session, self, cause)
                         await uow.next_cause(cause, inp.spec)
-                        for env in msg.events():
+                        envelopes = inp.envelopes(msg)
+                        for env in envelopes:
                             inp.handler.observe(session, msg, env)
                         if msg.sequence > emitted:
-                            for env in msg.events():
+                            for env in envelopes:
                                 inp.handler.decide(uow, msg, env)
                         last = msg.sequence
                         applied_now += 1
