@@ -20,6 +20,7 @@ from cdp_cli.stack import Stack
 from cdp_identity.store import TABLES as IDENTITY_TABLES
 from cdp_ingest.store import TABLES as INGEST_TABLES
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
+from cdp_kit.testing.postgres import EmbeddedPostgres
 from cdp_segmentation.store import TABLES as SEGMENTATION_TABLES
 
 pytestmark = pytest.mark.e2e
@@ -70,28 +71,51 @@ def test_a_resent_batch_ingests_nothing_twice(stack: Stack, client: Client, demo
     assert settle(stack, client, demo_data).profiles == before.profiles
 
 
+def rebuild(stack: Stack, service: str, store_url: str, data_dir: Path) -> None:
+    env = {
+        **os.environ,
+        "CDP_NATS_URL": stack.nats_url,
+        "CDP_STORE_URL": store_url,
+        "CDP_DATA_DIR": str(data_dir),
+        "CDP_LOG_FORMAT": "json",
+    }
+    subprocess.run([sys.executable, "-m", f"cdp_{service}", "rebuild"], env=env, check=True, timeout=120)
+
+
+def assert_same_store(live_url: str, rebuilt_url: str, service: str) -> None:
+    tables = with_checkpoint(TABLES[service])
+    live, rebuilt = make_engine(live_url), make_engine(rebuilt_url)
+    try:
+        assert canonical_dump(rebuilt, tables) == canonical_dump(live, tables), service
+    finally:
+        live.dispose()
+        rebuilt.dispose()
+
+
 def test_every_store_rebuilt_from_the_log_equals_the_original(
     stack: Stack, client: Client, demo_data: DemoData, tmp_path: Path
 ) -> None:
     run_flow(client, demo_data)
     settle(stack, client, demo_data)
-    for service, tables in TABLES.items():
-        live = make_engine(sqlite_url(stack.data_dir / f"{service}.db"))
-        rebuilt_path = tmp_path / f"rebuilt-{service}.db"
-        env = {
-            **os.environ,
-            "CDP_NATS_URL": stack.nats_url,
-            "CDP_STORE_URL": sqlite_url(rebuilt_path),
-            "CDP_DATA_DIR": str(tmp_path / "rebuild-data"),
-            "CDP_LOG_FORMAT": "json",
-        }
-        subprocess.run([sys.executable, "-m", f"cdp_{service}", "rebuild"], env=env, check=True, timeout=120)
-        rebuilt = make_engine(sqlite_url(rebuilt_path))
-        assert canonical_dump(rebuilt, with_checkpoint(tables)) == canonical_dump(live, with_checkpoint(tables)), (
-            service
-        )
-        live.dispose()
-        rebuilt.dispose()
+    for service in TABLES:
+        rebuilt_url = sqlite_url(tmp_path / f"rebuilt-{service}.db")
+        rebuild(stack, service, rebuilt_url, tmp_path / "rebuild-data")
+        assert_same_store(sqlite_url(stack.data_dir / f"{service}.db"), rebuilt_url, service)
+
+
+@pytest.mark.postgres
+def test_stores_rebuilt_on_postgresql_equal_the_sqlite_originals(
+    stack: Stack, client: Client, demo_data: DemoData, tmp_path: Path, embedded_postgres: EmbeddedPostgres
+) -> None:
+    run_flow(client, demo_data)
+    settle(stack, client, demo_data)
+    for service in TABLES:
+        name, url = embedded_postgres.create_database()
+        try:
+            rebuild(stack, service, url, tmp_path / "rebuild-data")
+            assert_same_store(sqlite_url(stack.data_dir / f"{service}.db"), url, service)
+        finally:
+            embedded_postgres.drop_database(name)
 
 
 @pytest.fixture(scope="module")
