@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -38,7 +39,7 @@ from cdp_kit.errors import CdpError, Unavailable
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, DuplicateAppend, EventLog, LogMessage
 from cdp_kit.store import create_tables, drop_tables, get_checkpoint, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog
-from cdp_kit.telemetry import context_from, get_logger, trace_headers, tracer
+from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
 
 T = TypeVar("T")
 CAUSE_HEADER = "Cdp-Cause"
@@ -243,6 +244,13 @@ class Processor:
         self._stopping = asyncio.Event()
         self.failures: dict[str, str] = {}
         self._tracer = tracer(f"cdp.{service}")
+        instruments = meter(f"cdp.{service}")
+        self._applied = instruments.create_counter(
+            "cdp.input.messages", unit="{message}", description="Input messages applied to the store"
+        )
+        self._batch_seconds = instruments.create_histogram(
+            "cdp.input.batch.duration", unit="s", description="Time to apply one fetched batch"
+        )
 
     # ----------------------------------------------------------------- setup
     def create_store(self) -> None:
@@ -311,6 +319,7 @@ class Processor:
     # ---------------------------------------------------------------- inputs
     async def apply_input_batch(self, inp: Input, items: Sequence[tuple[LogMessage, Msg | None]]) -> int:
         """Apply one fetched batch of an input in one transaction, then ack. Returns how many were new."""
+        started = time.perf_counter()
         applied_now = 0
         headers = items[0][0].headers if items else {}
         with self._tracer.start_as_current_span(
@@ -344,6 +353,9 @@ class Processor:
         for _msg, raw in items:
             if raw is not None:
                 await raw.ack()
+        labels = {"consumer": inp.spec.name}
+        self._applied.add(applied_now, labels)
+        self._batch_seconds.record(time.perf_counter() - started, labels)
         return applied_now
 
     async def run_input(self, inp: Input) -> None:

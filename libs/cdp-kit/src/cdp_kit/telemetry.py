@@ -14,8 +14,10 @@ from typing import Any
 
 import structlog
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
@@ -52,11 +54,20 @@ def configure_logging(service: str, fmt: LogFormat = "json", level: LogLevel = "
 
 
 def configure_tracing(service: str, exporter: TraceExporter = "none") -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": f"cdp-{service}"}))
+    """Tracer and meter providers for the process (the exporter setting covers both)."""
+    resource = Resource.create({"service.name": f"cdp-{service}"})
+    provider = TracerProvider(resource=resource)
+    readers = []
     if exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr), 60_000))
     trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     return provider
+
+
+def meter(name: str) -> metrics.Meter:
+    return metrics.get_meter(name)
 
 
 def tracer(name: str) -> trace.Tracer:
