@@ -371,6 +371,7 @@ class Processor:
                     items = await reader.fetch(self.batch_size, timeout=1.0)
                     if items:
                         await self.apply_input_batch(inp, items)
+                        self.failures.pop(inp.spec.name, None)
                         backoff = 0.2
                 self.failures.pop(inp.spec.name, None)
             except AppendConflict as exc:

@@ -73,6 +73,7 @@ async def service_status(service: Service, name: str) -> admin_pb2.ServiceStatus
                 applied_sequence=applied,
                 stream_last_sequence=last,
                 lag=lag[1] if lag is not None else max(0, last - applied),
+                error=processor.failures.get(inp.spec.name, ""),
             )
         )
     for own in processor.own_logs:

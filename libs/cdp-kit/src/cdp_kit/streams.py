@@ -64,6 +64,8 @@ PARTITION = "0"
 
 INGEST_CONFIG = config_log("ingest")
 INGEST_RECORDS = OwnLog("ingest-records", INGEST, f"cdp.ingest.{PARTITION}.records")
+# Rejected batch rows and invalid collected events; read by no other service (raw values stay in ingest).
+INGEST_DEADLETTER = OwnLog("ingest-deadletter", DEADLETTER, "cdp.deadletter.ingest")
 IDENTITY_CONFIG = config_log("identity")
 IDENTITY_FRAGMENTS = OwnLog("identity-fragments", PROFILE, f"cdp.profile.{PARTITION}.fragments")
 SEGMENTATION_CONFIG = config_log("segmentation")
@@ -71,6 +73,7 @@ SEGMENTATION_MEMBERSHIPS = OwnLog("segmentation-memberships", AUDIENCE, f"cdp.au
 ACTIVATION_CONFIG = config_log("activation")
 ACTIVATION_DELIVERIES = OwnLog("activation-deliveries", DELIVERY, f"cdp.delivery.{PARTITION}.outcomes")
 
+INGEST_READS_COLLECT = ConsumerSpec("ingest-collect", COLLECT, "cdp.collect.>")
 IDENTITY_READS_INGEST = ConsumerSpec("identity-ingest", INGEST, "cdp.ingest.>")
 SEGMENTATION_READS_PROFILE = ConsumerSpec("segmentation-profile", PROFILE, "cdp.profile.>")
 ACTIVATION_READS_PROFILE = ConsumerSpec("activation-profile", PROFILE, "cdp.profile.>")

@@ -60,6 +60,31 @@ class ActivationServiceStub:
                 request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeliveriesRequest.SerializeToString,
                 response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/cdp.activation.v1.ActivationService/ListDeadLetters',
+                request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.Redrive = channel.unary_unary(
+                '/cdp.activation.v1.ActivationService/Redrive',
+                request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RedriveRequest.SerializeToString,
+                response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RedriveResponse.FromString,
+                _registered_method=True)
+        self.LabelData = channel.unary_unary(
+                '/cdp.activation.v1.ActivationService/LabelData',
+                request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.LabelDataRequest.SerializeToString,
+                response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.DataLabel.FromString,
+                _registered_method=True)
+        self.CreatePolicy = channel.unary_unary(
+                '/cdp.activation.v1.ActivationService/CreatePolicy',
+                request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.CreatePolicyRequest.SerializeToString,
+                response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.Policy.FromString,
+                _registered_method=True)
+        self.ListGovernance = channel.unary_unary(
+                '/cdp.activation.v1.ActivationService/ListGovernance',
+                request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceRequest.SerializeToString,
+                response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceResponse.FromString,
+                _registered_method=True)
 
 
 class ActivationServiceServicer:
@@ -96,6 +121,39 @@ class ActivationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Batches that failed permanently or ran out of attempts, with their reasons.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redrive(self, request, context):
+        """Send dead-lettered batches again (same batch ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LabelData(self, request, context):
+        """Data-usage labels on fields or datasets, and policies denying label/action pairs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGovernance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActivationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +181,31 @@ def add_ActivationServiceServicer_to_server(servicer, server):
                     servicer.ListDeliveries,
                     request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeliveriesRequest.FromString,
                     response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'Redrive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redrive,
+                    request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RedriveRequest.FromString,
+                    response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RedriveResponse.SerializeToString,
+            ),
+            'LabelData': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelData,
+                    request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.LabelDataRequest.FromString,
+                    response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.DataLabel.SerializeToString,
+            ),
+            'CreatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePolicy,
+                    request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.CreatePolicyRequest.FromString,
+                    response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.Policy.SerializeToString,
+            ),
+            'ListGovernance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGovernance,
+                    request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceRequest.FromString,
+                    response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +344,141 @@ class ActivationService:
             '/cdp.activation.v1.ActivationService/ListDeliveries',
             cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeliveriesRequest.SerializeToString,
             cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.activation.v1.ActivationService/ListDeadLetters',
+            cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeadLettersRequest.SerializeToString,
+            cdp_dot_activation_dot_v1_dot_activation__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redrive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.activation.v1.ActivationService/Redrive',
+            cdp_dot_activation_dot_v1_dot_activation__pb2.RedriveRequest.SerializeToString,
+            cdp_dot_activation_dot_v1_dot_activation__pb2.RedriveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.activation.v1.ActivationService/LabelData',
+            cdp_dot_activation_dot_v1_dot_activation__pb2.LabelDataRequest.SerializeToString,
+            cdp_dot_activation_dot_v1_dot_activation__pb2.DataLabel.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.activation.v1.ActivationService/CreatePolicy',
+            cdp_dot_activation_dot_v1_dot_activation__pb2.CreatePolicyRequest.SerializeToString,
+            cdp_dot_activation_dot_v1_dot_activation__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGovernance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.activation.v1.ActivationService/ListGovernance',
+            cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceRequest.SerializeToString,
+            cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,14 @@ class ActivationServiceStub:
     Activate: _grpc.UnaryUnaryMultiCallable[_activation_pb2.ActivateRequest, _activation_pb2.ActivationPlan]
     ListPlans: _grpc.UnaryUnaryMultiCallable[_activation_pb2.ListPlansRequest, _activation_pb2.ListPlansResponse]
     ListDeliveries: _grpc.UnaryUnaryMultiCallable[_activation_pb2.ListDeliveriesRequest, _activation_pb2.ListDeliveriesResponse]
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_activation_pb2.ListDeadLettersRequest, _activation_pb2.ListDeadLettersResponse]
+    """Batches that failed permanently or ran out of attempts, with their reasons."""
+    Redrive: _grpc.UnaryUnaryMultiCallable[_activation_pb2.RedriveRequest, _activation_pb2.RedriveResponse]
+    """Send dead-lettered batches again (same batch ids)."""
+    LabelData: _grpc.UnaryUnaryMultiCallable[_activation_pb2.LabelDataRequest, _activation_pb2.DataLabel]
+    """Data-usage labels on fields or datasets, and policies denying label/action pairs."""
+    CreatePolicy: _grpc.UnaryUnaryMultiCallable[_activation_pb2.CreatePolicyRequest, _activation_pb2.Policy]
+    ListGovernance: _grpc.UnaryUnaryMultiCallable[_activation_pb2.ListGovernanceRequest, _activation_pb2.ListGovernanceResponse]
 
 @_typing.type_check_only
 class ActivationServiceAsyncStub(ActivationServiceStub):
@@ -49,6 +57,14 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     Activate: _aio.UnaryUnaryMultiCallable[_activation_pb2.ActivateRequest, _activation_pb2.ActivationPlan]  # type: ignore[assignment]
     ListPlans: _aio.UnaryUnaryMultiCallable[_activation_pb2.ListPlansRequest, _activation_pb2.ListPlansResponse]  # type: ignore[assignment]
     ListDeliveries: _aio.UnaryUnaryMultiCallable[_activation_pb2.ListDeliveriesRequest, _activation_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_activation_pb2.ListDeadLettersRequest, _activation_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Batches that failed permanently or ran out of attempts, with their reasons."""
+    Redrive: _aio.UnaryUnaryMultiCallable[_activation_pb2.RedriveRequest, _activation_pb2.RedriveResponse]  # type: ignore[assignment]
+    """Send dead-lettered batches again (same batch ids)."""
+    LabelData: _aio.UnaryUnaryMultiCallable[_activation_pb2.LabelDataRequest, _activation_pb2.DataLabel]  # type: ignore[assignment]
+    """Data-usage labels on fields or datasets, and policies denying label/action pairs."""
+    CreatePolicy: _aio.UnaryUnaryMultiCallable[_activation_pb2.CreatePolicyRequest, _activation_pb2.Policy]  # type: ignore[assignment]
+    ListGovernance: _aio.UnaryUnaryMultiCallable[_activation_pb2.ListGovernanceRequest, _activation_pb2.ListGovernanceResponse]  # type: ignore[assignment]
 
 class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Destinations, activation plans and deliveries."""
@@ -87,5 +103,43 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _activation_pb2.ListDeliveriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_activation_pb2.ListDeliveriesResponse, _abc.Awaitable[_activation_pb2.ListDeliveriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _activation_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.ListDeadLettersResponse, _abc.Awaitable[_activation_pb2.ListDeadLettersResponse]]:
+        """Batches that failed permanently or ran out of attempts, with their reasons."""
+
+    @_abc_1.abstractmethod
+    def Redrive(
+        self,
+        request: _activation_pb2.RedriveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.RedriveResponse, _abc.Awaitable[_activation_pb2.RedriveResponse]]:
+        """Send dead-lettered batches again (same batch ids)."""
+
+    @_abc_1.abstractmethod
+    def LabelData(
+        self,
+        request: _activation_pb2.LabelDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.DataLabel, _abc.Awaitable[_activation_pb2.DataLabel]]:
+        """Data-usage labels on fields or datasets, and policies denying label/action pairs."""
+
+    @_abc_1.abstractmethod
+    def CreatePolicy(
+        self,
+        request: _activation_pb2.CreatePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.Policy, _abc.Awaitable[_activation_pb2.Policy]]: ...
+
+    @_abc_1.abstractmethod
+    def ListGovernance(
+        self,
+        request: _activation_pb2.ListGovernanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.ListGovernanceResponse, _abc.Awaitable[_activation_pb2.ListGovernanceResponse]]: ...
 
 def add_ActivationServiceServicer_to_server(servicer: ActivationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

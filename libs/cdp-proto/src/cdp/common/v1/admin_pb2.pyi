@@ -42,6 +42,7 @@ class ConsumerStatus(_message.Message):
     APPLIED_SEQUENCE_FIELD_NUMBER: _builtins.int
     STREAM_LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     LAG_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Durable consumer name, e.g. identity-ingest."""
     stream: _builtins.str
@@ -51,6 +52,8 @@ class ConsumerStatus(_message.Message):
     """Last sequence of the stream (within the consumer's subject filter)."""
     lag: _builtins.int
     """Messages in the stream not yet applied."""
+    error: _builtins.str
+    """Why the consumer is not advancing, when it is stuck or retrying (empty when healthy)."""
     def __init__(
         self,
         *,
@@ -59,10 +62,11 @@ class ConsumerStatus(_message.Message):
         applied_sequence: _builtins.int = ...,
         stream_last_sequence: _builtins.int = ...,
         lag: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "lag", b"lag", "name", b"name", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "error", b"error", "lag", b"lag", "name", b"name", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/identity/v1/events.proto\x12\x0f\x63\x64p.identity.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x0fProfileFragment\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x30\n\nidentities\x18\x06 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12+\n\nattributes\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\t \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\n \x01(\t\"o\n\x0eProfilesMerged\x12\x10\n\x08survivor\x18\x01 \x01(\t\x12\x10\n\x08\x61\x62sorbed\x18\x02 \x03(\t\x12)\n\x03via\x18\x03 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x0e\n\x06reason\x18\x04 \x01(\t\"]\n\x0cProfileSplit\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12)\n\x05parts\x18\x02 \x03(\x0b\x32\x1a.cdp.identity.v1.SplitPart\x12\x0e\n\x06reason\x18\x03 \x01(\t\"g\n\tSplitPart\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\nidentities\x18\x02 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x14\n\x0c\x66ragment_ids\x18\x03 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/identity/v1/events.proto\x12\x0f\x63\x64p.identity.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x03\n\x0fProfileFragment\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x30\n\nidentities\x18\x06 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12+\n\nattributes\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\t \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\n \x01(\t\x12,\n\x06\x61nchor\x18\x0b \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x31\n\x07\x64ropped\x18\x0c \x03(\x0b\x32 .cdp.identity.v1.DroppedIdentity\"o\n\x0eProfilesMerged\x12\x10\n\x08survivor\x18\x01 \x01(\t\x12\x10\n\x08\x61\x62sorbed\x18\x02 \x03(\t\x12)\n\x03via\x18\x03 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x0e\n\x06reason\x18\x04 \x01(\t\"]\n\x0cProfileSplit\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12)\n\x05parts\x18\x02 \x03(\x0b\x32\x1a.cdp.identity.v1.SplitPart\x12\x0e\n\x06reason\x18\x03 \x01(\t\"g\n\tSplitPart\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\nidentities\x18\x02 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x14\n\x0c\x66ragment_ids\x18\x03 \x03(\t\"V\n\x0f\x44roppedIdentity\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x12\n\nvalue_hash\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"`\n\x0cIdentityLink\x12\'\n\x01\x61\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\'\n\x01\x62\x18\x02 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\"\xe8\x02\n\rGraphDecision\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x04 \x01(\t\x12.\n\x08identity\x18\x05 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x34\n\rremoved_links\x18\x06 \x03(\x0b\x32\x1d.cdp.identity.v1.IdentityLink\x12\x34\n\rrefused_links\x18\x07 \x03(\x0b\x32\x1d.cdp.identity.v1.IdentityLink\x12\x31\n\x07\x64ropped\x18\x08 \x03(\x0b\x32 .cdp.identity.v1.DroppedIdentity\x12\x10\n\x08remember\x18\t \x01(\x08\x12+\n\x05other\x18\n \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\"e\n\x10NamespaceCreated\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06unique\x18\x03 \x01(\x08\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.identity.v1.events_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROFILEFRAGMENT']._serialized_start=143
-  _globals['_PROFILEFRAGMENT']._serialized_end=437
-  _globals['_PROFILESMERGED']._serialized_start=439
-  _globals['_PROFILESMERGED']._serialized_end=550
-  _globals['_PROFILESPLIT']._serialized_start=552
-  _globals['_PROFILESPLIT']._serialized_end=645
-  _globals['_SPLITPART']._serialized_start=647
-  _globals['_SPLITPART']._serialized_end=750
+  _globals['_PROFILEFRAGMENT']._serialized_end=534
+  _globals['_PROFILESMERGED']._serialized_start=536
+  _globals['_PROFILESMERGED']._serialized_end=647
+  _globals['_PROFILESPLIT']._serialized_start=649
+  _globals['_PROFILESPLIT']._serialized_end=742
+  _globals['_SPLITPART']._serialized_start=744
+  _globals['_SPLITPART']._serialized_end=847
+  _globals['_DROPPEDIDENTITY']._serialized_start=849
+  _globals['_DROPPEDIDENTITY']._serialized_end=935
+  _globals['_IDENTITYLINK']._serialized_start=937
+  _globals['_IDENTITYLINK']._serialized_end=1033
+  _globals['_GRAPHDECISION']._serialized_start=1036
+  _globals['_GRAPHDECISION']._serialized_end=1396
+  _globals['_NAMESPACECREATED']._serialized_start=1398
+  _globals['_NAMESPACECREATED']._serialized_end=1499
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,8 @@ class ProfileFragment(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     source_event_id: _builtins.str
     record_id: _builtins.str
@@ -51,6 +53,16 @@ class ProfileFragment(_message.Message):
     def attributes(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def anchor(self) -> _envelope_pb2.IdentityValue:
+        """The fragment's highest-priority kept identity: when its graph splits, the fragment goes
+        to the part that holds this identity.
+        """
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedIdentity]:
+        """Identities of the record that link no one (junk, invalid, unknown namespace), by rule."""
+
     def __init__(
         self,
         *,
@@ -64,10 +76,12 @@ class ProfileFragment(_message.Message):
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         event_type: _builtins.str = ...,
         batch_id: _builtins.str = ...,
+        anchor: _envelope_pb2.IdentityValue | None = ...,
+        dropped: _abc.Iterable[Global___DroppedIdentity] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "occurred_at", b"occurred_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "attributes", b"attributes", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "batch_id", b"batch_id", "dataset", b"dataset", "event_type", b"event_type", "identities", b"identities", "kind", b"kind", "occurred_at", b"occurred_at", "profile_id", b"profile_id", "record_id", b"record_id", "source_event_id", b"source_event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "attributes", b"attributes", "batch_id", b"batch_id", "dataset", b"dataset", "dropped", b"dropped", "event_type", b"event_type", "identities", b"identities", "kind", b"kind", "occurred_at", b"occurred_at", "profile_id", b"profile_id", "record_id", b"record_id", "source_event_id", b"source_event_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,3 +180,157 @@ class SplitPart(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SplitPart: _TypeAlias = SplitPart  # noqa: Y015
+
+@_typing.final
+class DroppedIdentity(_message.Message):
+    """Fields added to the fragment contract (identity service, issue 4) live below ProfileFragment's
+    original ten; see ProfileFragment.anchor and ProfileFragment.dropped.
+
+    An identity of a record that was not used to link anyone, and why. The value is never
+    carried in clear: value_hash is cdp_kit.telemetry.pii_hash of the raw value.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    VALUE_HASH_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    rule: _builtins.str
+    """blocklist | invalid | unknown_namespace"""
+    value_hash: _builtins.str
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        value_hash: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "namespace", b"namespace", "rule", b"rule", "value_hash", b"value_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DroppedIdentity: _TypeAlias = DroppedIdentity  # noqa: Y015
+
+@_typing.final
+class IdentityLink(_message.Message):
+    """An undirected link between two identities (a sorts before b as "namespace:value")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    A_FIELD_NUMBER: _builtins.int
+    B_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def a(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def b(self) -> _envelope_pb2.IdentityValue: ...
+    def __init__(
+        self,
+        *,
+        a: _envelope_pb2.IdentityValue | None = ...,
+        b: _envelope_pb2.IdentityValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityLink: _TypeAlias = IdentityLink  # noqa: Y015
+
+@_typing.final
+class GraphDecision(_message.Message):
+    """A guardrail or operator decision about the graph. The fold deletes removed_links from the
+    graph; refused_links were never added. Every decision is kept and shown with the graph.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    REMOVED_LINKS_FIELD_NUMBER: _builtins.int
+    REFUSED_LINKS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
+    OTHER_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    """unique_namespace | max_identities | unlinked | unlink_identity | unlink_link | no_identities"""
+    reason: _builtins.str
+    profile_id: _builtins.str
+    source_event_id: _builtins.str
+    """The input event (ProfileFragment.source_event_id) or the command that caused it."""
+    remember: _builtins.bool
+    """Operator unlinks are remembered: later records do not re-link what was unlinked."""
+    @_builtins.property
+    def identity(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def removed_links(self) -> _containers.RepeatedCompositeFieldContainer[Global___IdentityLink]: ...
+    @_builtins.property
+    def refused_links(self) -> _containers.RepeatedCompositeFieldContainer[Global___IdentityLink]: ...
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedIdentity]: ...
+    @_builtins.property
+    def other(self) -> _envelope_pb2.IdentityValue: ...
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        source_event_id: _builtins.str = ...,
+        identity: _envelope_pb2.IdentityValue | None = ...,
+        removed_links: _abc.Iterable[Global___IdentityLink] | None = ...,
+        refused_links: _abc.Iterable[Global___IdentityLink] | None = ...,
+        dropped: _abc.Iterable[Global___DroppedIdentity] | None = ...,
+        remember: _builtins.bool = ...,
+        other: _envelope_pb2.IdentityValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "other", b"other"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "identity", b"identity", "other", b"other", "profile_id", b"profile_id", "reason", b"reason", "refused_links", b"refused_links", "remember", b"remember", "removed_links", b"removed_links", "rule", b"rule", "source_event_id", b"source_event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphDecision: _TypeAlias = GraphDecision  # noqa: Y015
+
+@_typing.final
+class NamespaceCreated(_message.Message):
+    """A custom namespace was created (CDP_CONFIG, subject cdp.config.identity)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    UNIQUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: _builtins.str
+    """cdp.identity.v1.NamespaceType as its enum name (e.g. NAMESPACE_TYPE_CUSTOM)."""
+    unique: _builtins.bool
+    priority: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        unique: _builtins.bool = ...,
+        priority: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "priority", b"priority", "type", b"type", "unique", b"unique"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceCreated: _TypeAlias = NamespaceCreated  # noqa: Y015

@@ -23,19 +23,55 @@ _sym_db = _symbol_database.Default()
 
 
 from cdp.common.v1 import envelope_pb2 as cdp_dot_common_dot_v1_dot_envelope__pb2
+from cdp.identity.v1 import events_pb2 as cdp_dot_identity_dot_v1_dot_events__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x64p/identity/v1/identity.proto\x12\x0f\x63\x64p.identity.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\"@\n\x0eResolveRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\"W\n\x0fResolveResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\nidentities\x18\x02 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue2_\n\x0fIdentityService\x12L\n\x07Resolve\x12\x1f.cdp.identity.v1.ResolveRequest\x1a .cdp.identity.v1.ResolveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x64p/identity/v1/identity.proto\x12\x0f\x63\x64p.identity.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1c\x63\x64p/identity/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.cdp.identity.v1.NamespaceType\x12\x0e\n\x06unique\x18\x03 \x01(\x08\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x10\n\x08standard\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"@\n\x0eResolveRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\"\x86\x01\n\x0fResolveResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x30\n\nidentities\x18\x02 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12-\n\x07primary\x18\x03 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\"A\n\x0fGetGraphRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\"\x98\x02\n\tGraphNode\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.cdp.identity.v1.NamespaceType\x12.\n\nfirst_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x06 \x01(\t\x12\x14\n\x0clast_dataset\x18\x07 \x01(\t\x12\x15\n\rlast_batch_id\x18\x08 \x01(\t\"\x8c\x02\n\tGraphLink\x12\'\n\x01\x61\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\'\n\x01\x62\x18\x02 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12.\n\nfirst_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x06 \x01(\t\x12\x14\n\x0clast_dataset\x18\x07 \x01(\t\x12\x15\n\rlast_batch_id\x18\x08 \x01(\t\"\xeb\x01\n\x08\x44\x65\x63ision\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08identity\x18\x06 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12,\n\x05links\x18\x07 \x03(\x0b\x32\x1d.cdp.identity.v1.IdentityLink\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x08 \x01(\t\"\xce\x01\n\x05Graph\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12-\n\x07primary\x18\x02 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12)\n\x05nodes\x18\x03 \x03(\x0b\x32\x1a.cdp.identity.v1.GraphNode\x12)\n\x05links\x18\x04 \x03(\x0b\x32\x1a.cdp.identity.v1.GraphLink\x12,\n\tdecisions\x18\x05 \x03(\x0b\x32\x19.cdp.identity.v1.Decision\"\x8b\x01\n\x16\x43reateNamespaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x04type\x18\x02 \x01(\x0e\x32\x1e.cdp.identity.v1.NamespaceType\x12\x0e\n\x06unique\x18\x03 \x01(\x08\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\x17\n\x15ListNamespacesRequest\"H\n\x16ListNamespacesResponse\x12.\n\nnamespaces\x18\x01 \x03(\x0b\x32\x1a.cdp.identity.v1.Namespace\"|\n\rUnlinkRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12+\n\x05other\x18\x02 \x01(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x81\x01\n\x0eUnlinkResponse\x12\x30\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1e.cdp.identity.v1.GraphDecision\x12,\n\x05split\x18\x02 \x01(\x0b\x32\x1d.cdp.identity.v1.ProfileSplit\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"\x11\n\x0fGetStatsRequest\";\n\tDropCount\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xf8\x01\n\rIdentityStats\x12\x12\n\nidentities\x18\x01 \x01(\x04\x12\r\n\x05links\x18\x02 \x01(\x04\x12\x10\n\x08profiles\x18\x03 \x01(\x04\x12\x11\n\tfragments\x18\x04 \x01(\x04\x12+\n\x07\x64ropped\x18\x05 \x03(\x0b\x32\x1a.cdp.identity.v1.DropCount\x12@\n\tdecisions\x18\x06 \x03(\x0b\x32-.cdp.identity.v1.IdentityStats.DecisionsEntry\x1a\x30\n\x0e\x44\x65\x63isionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*\xf0\x01\n\rNamespaceType\x12\x1e\n\x1aNAMESPACE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14NAMESPACE_TYPE_EMAIL\x10\x01\x12\x18\n\x14NAMESPACE_TYPE_PHONE\x10\x02\x12\x1f\n\x1bNAMESPACE_TYPE_CROSS_DEVICE\x10\x03\x12\x19\n\x15NAMESPACE_TYPE_COOKIE\x10\x04\x12\x19\n\x15NAMESPACE_TYPE_DEVICE\x10\x05\x12\x19\n\x15NAMESPACE_TYPE_HASHED\x10\x06\x12\x19\n\x15NAMESPACE_TYPE_CUSTOM\x10\x07\x32\xf9\x03\n\x0fIdentityService\x12L\n\x07Resolve\x12\x1f.cdp.identity.v1.ResolveRequest\x1a .cdp.identity.v1.ResolveResponse\x12\x44\n\x08GetGraph\x12 .cdp.identity.v1.GetGraphRequest\x1a\x16.cdp.identity.v1.Graph\x12V\n\x0f\x43reateNamespace\x12\'.cdp.identity.v1.CreateNamespaceRequest\x1a\x1a.cdp.identity.v1.Namespace\x12\x61\n\x0eListNamespaces\x12&.cdp.identity.v1.ListNamespacesRequest\x1a\'.cdp.identity.v1.ListNamespacesResponse\x12I\n\x06Unlink\x12\x1e.cdp.identity.v1.UnlinkRequest\x1a\x1f.cdp.identity.v1.UnlinkResponse\x12L\n\x08GetStats\x12 .cdp.identity.v1.GetStatsRequest\x1a\x1e.cdp.identity.v1.IdentityStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.identity.v1.identity_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESOLVEREQUEST']._serialized_start=81
-  _globals['_RESOLVEREQUEST']._serialized_end=145
-  _globals['_RESOLVERESPONSE']._serialized_start=147
-  _globals['_RESOLVERESPONSE']._serialized_end=234
-  _globals['_IDENTITYSERVICE']._serialized_start=236
-  _globals['_IDENTITYSERVICE']._serialized_end=331
+  _globals['_IDENTITYSTATS_DECISIONSENTRY']._loaded_options = None
+  _globals['_IDENTITYSTATS_DECISIONSENTRY']._serialized_options = b'8\001'
+  _globals['_NAMESPACETYPE']._serialized_start=2393
+  _globals['_NAMESPACETYPE']._serialized_end=2633
+  _globals['_NAMESPACE']._serialized_start=145
+  _globals['_NAMESPACE']._serialized_end=289
+  _globals['_RESOLVEREQUEST']._serialized_start=291
+  _globals['_RESOLVEREQUEST']._serialized_end=355
+  _globals['_RESOLVERESPONSE']._serialized_start=358
+  _globals['_RESOLVERESPONSE']._serialized_end=492
+  _globals['_GETGRAPHREQUEST']._serialized_start=494
+  _globals['_GETGRAPHREQUEST']._serialized_end=559
+  _globals['_GRAPHNODE']._serialized_start=562
+  _globals['_GRAPHNODE']._serialized_end=842
+  _globals['_GRAPHLINK']._serialized_start=845
+  _globals['_GRAPHLINK']._serialized_end=1113
+  _globals['_DECISION']._serialized_start=1116
+  _globals['_DECISION']._serialized_end=1351
+  _globals['_GRAPH']._serialized_start=1354
+  _globals['_GRAPH']._serialized_end=1560
+  _globals['_CREATENAMESPACEREQUEST']._serialized_start=1563
+  _globals['_CREATENAMESPACEREQUEST']._serialized_end=1702
+  _globals['_LISTNAMESPACESREQUEST']._serialized_start=1704
+  _globals['_LISTNAMESPACESREQUEST']._serialized_end=1727
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=1729
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=1801
+  _globals['_UNLINKREQUEST']._serialized_start=1803
+  _globals['_UNLINKREQUEST']._serialized_end=1927
+  _globals['_UNLINKRESPONSE']._serialized_start=1930
+  _globals['_UNLINKRESPONSE']._serialized_end=2059
+  _globals['_GETSTATSREQUEST']._serialized_start=2061
+  _globals['_GETSTATSREQUEST']._serialized_end=2078
+  _globals['_DROPCOUNT']._serialized_start=2080
+  _globals['_DROPCOUNT']._serialized_end=2139
+  _globals['_IDENTITYSTATS']._serialized_start=2142
+  _globals['_IDENTITYSTATS']._serialized_end=2390
+  _globals['_IDENTITYSTATS_DECISIONSENTRY']._serialized_start=2342
+  _globals['_IDENTITYSTATS_DECISIONSENTRY']._serialized_end=2390
+  _globals['_IDENTITYSERVICE']._serialized_start=2636
+  _globals['_IDENTITYSERVICE']._serialized_end=3141
 # @@protoc_insertion_point(module_scope)

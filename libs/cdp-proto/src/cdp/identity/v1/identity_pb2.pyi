@@ -4,10 +4,13 @@ isort:skip_file
 """
 
 from cdp.common.v1 import envelope_pb2 as _envelope_pb2
+from cdp.identity.v1 import events_pb2 as _events_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +21,69 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _NamespaceType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NamespaceTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NamespaceType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NAMESPACE_TYPE_UNSPECIFIED: _NamespaceType.ValueType  # 0
+    NAMESPACE_TYPE_EMAIL: _NamespaceType.ValueType  # 1
+    NAMESPACE_TYPE_PHONE: _NamespaceType.ValueType  # 2
+    NAMESPACE_TYPE_CROSS_DEVICE: _NamespaceType.ValueType  # 3
+    NAMESPACE_TYPE_COOKIE: _NamespaceType.ValueType  # 4
+    NAMESPACE_TYPE_DEVICE: _NamespaceType.ValueType  # 5
+    NAMESPACE_TYPE_HASHED: _NamespaceType.ValueType  # 6
+    NAMESPACE_TYPE_CUSTOM: _NamespaceType.ValueType  # 7
+
+class NamespaceType(_NamespaceType, metaclass=_NamespaceTypeEnumTypeWrapper): ...
+
+NAMESPACE_TYPE_UNSPECIFIED: NamespaceType.ValueType  # 0
+NAMESPACE_TYPE_EMAIL: NamespaceType.ValueType  # 1
+NAMESPACE_TYPE_PHONE: NamespaceType.ValueType  # 2
+NAMESPACE_TYPE_CROSS_DEVICE: NamespaceType.ValueType  # 3
+NAMESPACE_TYPE_COOKIE: NamespaceType.ValueType  # 4
+NAMESPACE_TYPE_DEVICE: NamespaceType.ValueType  # 5
+NAMESPACE_TYPE_HASHED: NamespaceType.ValueType  # 6
+NAMESPACE_TYPE_CUSTOM: NamespaceType.ValueType  # 7
+Global___NamespaceType: _TypeAlias = NamespaceType  # noqa: Y015
+
+@_typing.final
+class Namespace(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    UNIQUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    STANDARD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: Global___NamespaceType.ValueType
+    unique: _builtins.bool
+    """A graph never holds two values of a unique namespace."""
+    priority: _builtins.int
+    """Lower is stronger: picks a profile's primary identity and a record's anchor."""
+    standard: _builtins.bool
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___NamespaceType.ValueType = ...,
+        unique: _builtins.bool = ...,
+        priority: _builtins.int = ...,
+        standard: _builtins.bool = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "priority", b"priority", "standard", b"standard", "type", b"type", "unique", b"unique"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Namespace: _TypeAlias = Namespace  # noqa: Y015
 
 @_typing.final
 class ResolveRequest(_message.Message):
@@ -45,19 +111,437 @@ class ResolveResponse(_message.Message):
 
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     IDENTITIES_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.IdentityValue]: ...
+    @_builtins.property
+    def primary(self) -> _envelope_pb2.IdentityValue:
+        """The identity of the highest-priority namespace (oldest first on a tie)."""
+
     def __init__(
         self,
         *,
         profile_id: _builtins.str = ...,
         identities: _abc.Iterable[_envelope_pb2.IdentityValue] | None = ...,
+        primary: _envelope_pb2.IdentityValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["primary", b"primary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identities", b"identities", "profile_id", b"profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identities", b"identities", "primary", b"primary", "profile_id", b"profile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveResponse: _TypeAlias = ResolveResponse  # noqa: Y015
+
+@_typing.final
+class GetGraphRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def identity(self) -> _envelope_pb2.IdentityValue: ...
+    def __init__(
+        self,
+        *,
+        identity: _envelope_pb2.IdentityValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGraphRequest: _TypeAlias = GetGraphRequest  # noqa: Y015
+
+@_typing.final
+class GraphNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    LAST_DATASET_FIELD_NUMBER: _builtins.int
+    LAST_BATCH_ID_FIELD_NUMBER: _builtins.int
+    type: Global___NamespaceType.ValueType
+    dataset: _builtins.str
+    """Where it was first and last seen."""
+    batch_id: _builtins.str
+    last_dataset: _builtins.str
+    last_batch_id: _builtins.str
+    @_builtins.property
+    def identity(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def first_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        identity: _envelope_pb2.IdentityValue | None = ...,
+        type: Global___NamespaceType.ValueType = ...,
+        first_seen: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        dataset: _builtins.str = ...,
+        batch_id: _builtins.str = ...,
+        last_dataset: _builtins.str = ...,
+        last_batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "identity", b"identity", "last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "dataset", b"dataset", "first_seen", b"first_seen", "identity", b"identity", "last_batch_id", b"last_batch_id", "last_dataset", b"last_dataset", "last_seen", b"last_seen", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphNode: _TypeAlias = GraphNode  # noqa: Y015
+
+@_typing.final
+class GraphLink(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    A_FIELD_NUMBER: _builtins.int
+    B_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    LAST_DATASET_FIELD_NUMBER: _builtins.int
+    LAST_BATCH_ID_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    batch_id: _builtins.str
+    last_dataset: _builtins.str
+    last_batch_id: _builtins.str
+    @_builtins.property
+    def a(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def b(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def first_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        a: _envelope_pb2.IdentityValue | None = ...,
+        b: _envelope_pb2.IdentityValue | None = ...,
+        first_seen: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        dataset: _builtins.str = ...,
+        batch_id: _builtins.str = ...,
+        last_dataset: _builtins.str = ...,
+        last_batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "batch_id", b"batch_id", "dataset", b"dataset", "first_seen", b"first_seen", "last_batch_id", b"last_batch_id", "last_dataset", b"last_dataset", "last_seen", b"last_seen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphLink: _TypeAlias = GraphLink  # noqa: Y015
+
+@_typing.final
+class Decision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    reason: _builtins.str
+    profile_id: _builtins.str
+    source_event_id: _builtins.str
+    effect: _builtins.str
+    """"removed" (taken out of the graph) or "refused" (never added)."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def identity(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.IdentityLink]: ...
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        source_event_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        identity: _envelope_pb2.IdentityValue | None = ...,
+        links: _abc.Iterable[_events_pb2.IdentityLink] | None = ...,
+        effect: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "identity", b"identity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "effect", b"effect", "identity", b"identity", "links", b"links", "profile_id", b"profile_id", "reason", b"reason", "rule", b"rule", "source_event_id", b"source_event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+@_typing.final
+class Graph(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    @_builtins.property
+    def primary(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphNode]: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphLink]: ...
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]: ...
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        primary: _envelope_pb2.IdentityValue | None = ...,
+        nodes: _abc.Iterable[Global___GraphNode] | None = ...,
+        links: _abc.Iterable[Global___GraphLink] | None = ...,
+        decisions: _abc.Iterable[Global___Decision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["primary", b"primary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "links", b"links", "nodes", b"nodes", "primary", b"primary", "profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Graph: _TypeAlias = Graph  # noqa: Y015
+
+@_typing.final
+class CreateNamespaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    UNIQUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: Global___NamespaceType.ValueType
+    unique: _builtins.bool
+    priority: _builtins.int
+    """0 = the default for custom namespaces (100)."""
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___NamespaceType.ValueType = ...,
+        unique: _builtins.bool = ...,
+        priority: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "priority", b"priority", "type", b"type", "unique", b"unique"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNamespaceRequest: _TypeAlias = CreateNamespaceRequest  # noqa: Y015
+
+@_typing.final
+class ListNamespacesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNamespacesRequest: _TypeAlias = ListNamespacesRequest  # noqa: Y015
+
+@_typing.final
+class ListNamespacesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Namespace]: ...
+    def __init__(
+        self,
+        *,
+        namespaces: _abc.Iterable[Global___Namespace] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespaces", b"namespaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNamespacesResponse: _TypeAlias = ListNamespacesResponse  # noqa: Y015
+
+@_typing.final
+class UnlinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    OTHER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def identity(self) -> _envelope_pb2.IdentityValue: ...
+    @_builtins.property
+    def other(self) -> _envelope_pb2.IdentityValue:
+        """Set: remove the link identity–other. Unset: remove every link of identity."""
+
+    def __init__(
+        self,
+        *,
+        identity: _envelope_pb2.IdentityValue | None = ...,
+        other: _envelope_pb2.IdentityValue | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "other", b"other"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "other", b"other", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlinkRequest: _TypeAlias = UnlinkRequest  # noqa: Y015
+
+@_typing.final
+class UnlinkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    @_builtins.property
+    def decision(self) -> _events_pb2.GraphDecision:
+        """Empty when nothing was linked any more (a repeated unlink)."""
+
+    @_builtins.property
+    def split(self) -> _events_pb2.ProfileSplit:
+        """Set when the graph fell apart into several profiles."""
+
+    def __init__(
+        self,
+        *,
+        decision: _events_pb2.GraphDecision | None = ...,
+        split: _events_pb2.ProfileSplit | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "split", b"split"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "decision", b"decision", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlinkResponse: _TypeAlias = UnlinkResponse  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class DropCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    rule: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "namespace", b"namespace", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropCount: _TypeAlias = DropCount  # noqa: Y015
+
+@_typing.final
+class IdentityStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DecisionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    IDENTITIES_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    PROFILES_FIELD_NUMBER: _builtins.int
+    FRAGMENTS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    identities: _builtins.int
+    links: _builtins.int
+    profiles: _builtins.int
+    fragments: _builtins.int
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DropCount]: ...
+    @_builtins.property
+    def decisions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Graph decisions by rule."""
+
+    def __init__(
+        self,
+        *,
+        identities: _builtins.int = ...,
+        links: _builtins.int = ...,
+        profiles: _builtins.int = ...,
+        fragments: _builtins.int = ...,
+        dropped: _abc.Iterable[Global___DropCount] | None = ...,
+        decisions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "dropped", b"dropped", "fragments", b"fragments", "identities", b"identities", "links", b"links", "profiles", b"profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityStats: _TypeAlias = IdentityStats  # noqa: Y015

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class IdentityServiceStub:
-    """Who is who: resolves identities to stable profile ids.
+    """Who is who: resolves identities to stable profile ids, manages namespaces and unlinks.
     """
 
     def __init__(self, channel):
@@ -40,13 +40,70 @@ class IdentityServiceStub:
                 request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.GetGraph = channel.unary_unary(
+                '/cdp.identity.v1.IdentityService/GetGraph',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetGraphRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.Graph.FromString,
+                _registered_method=True)
+        self.CreateNamespace = channel.unary_unary(
+                '/cdp.identity.v1.IdentityService/CreateNamespace',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.CreateNamespaceRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.Namespace.FromString,
+                _registered_method=True)
+        self.ListNamespaces = channel.unary_unary(
+                '/cdp.identity.v1.IdentityService/ListNamespaces',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ListNamespacesRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ListNamespacesResponse.FromString,
+                _registered_method=True)
+        self.Unlink = channel.unary_unary(
+                '/cdp.identity.v1.IdentityService/Unlink',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.UnlinkRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.UnlinkResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/cdp.identity.v1.IdentityService/GetStats',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.IdentityStats.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
-    """Who is who: resolves identities to stable profile ids.
+    """Who is who: resolves identities to stable profile ids, manages namespaces and unlinks.
     """
 
     def Resolve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGraph(self, request, context):
+        """The whole graph an identity belongs to: identities, links, first/last seen, sources, decisions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateNamespace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNamespaces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unlink(self, request, context):
+        """Remove an identity from its graph (all its links), or one link between two identities.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +117,31 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveRequest.FromString,
                     response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveResponse.SerializeToString,
             ),
+            'GetGraph': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGraph,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetGraphRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.Graph.SerializeToString,
+            ),
+            'CreateNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateNamespace,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.CreateNamespaceRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.Namespace.SerializeToString,
+            ),
+            'ListNamespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNamespaces,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ListNamespacesRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ListNamespacesResponse.SerializeToString,
+            ),
+            'Unlink': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unlink,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.UnlinkRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.UnlinkResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetStatsRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.IdentityStats.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'cdp.identity.v1.IdentityService', rpc_method_handlers)
@@ -69,7 +151,7 @@ def add_IdentityServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class IdentityService:
-    """Who is who: resolves identities to stable profile ids.
+    """Who is who: resolves identities to stable profile ids, manages namespaces and unlinks.
     """
 
     @staticmethod
@@ -89,6 +171,141 @@ class IdentityService:
             '/cdp.identity.v1.IdentityService/Resolve',
             cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveRequest.SerializeToString,
             cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.identity.v1.IdentityService/GetGraph',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.GetGraphRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.Graph.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.identity.v1.IdentityService/CreateNamespace',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.CreateNamespaceRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.Namespace.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNamespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.identity.v1.IdentityService/ListNamespaces',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.ListNamespacesRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.ListNamespacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unlink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.identity.v1.IdentityService/Unlink',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.UnlinkRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.UnlinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.identity.v1.IdentityService/GetStats',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.GetStatsRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.IdentityStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,23 +27,37 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class IdentityServiceStub:
-    """Who is who: resolves identities to stable profile ids."""
+    """Who is who: resolves identities to stable profile ids, manages namespaces and unlinks."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IdentityServiceAsyncStub: ...
     Resolve: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ResolveRequest, _identity_pb2.ResolveResponse]
+    GetGraph: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetGraphRequest, _identity_pb2.Graph]
+    """The whole graph an identity belongs to: identities, links, first/last seen, sources, decisions."""
+    CreateNamespace: _grpc.UnaryUnaryMultiCallable[_identity_pb2.CreateNamespaceRequest, _identity_pb2.Namespace]
+    ListNamespaces: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListNamespacesRequest, _identity_pb2.ListNamespacesResponse]
+    Unlink: _grpc.UnaryUnaryMultiCallable[_identity_pb2.UnlinkRequest, _identity_pb2.UnlinkResponse]
+    """Remove an identity from its graph (all its links), or one link between two identities."""
+    GetStats: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetStatsRequest, _identity_pb2.IdentityStats]
 
 @_typing.type_check_only
 class IdentityServiceAsyncStub(IdentityServiceStub):
-    """Who is who: resolves identities to stable profile ids."""
+    """Who is who: resolves identities to stable profile ids, manages namespaces and unlinks."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Resolve: _aio.UnaryUnaryMultiCallable[_identity_pb2.ResolveRequest, _identity_pb2.ResolveResponse]  # type: ignore[assignment]
+    GetGraph: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetGraphRequest, _identity_pb2.Graph]  # type: ignore[assignment]
+    """The whole graph an identity belongs to: identities, links, first/last seen, sources, decisions."""
+    CreateNamespace: _aio.UnaryUnaryMultiCallable[_identity_pb2.CreateNamespaceRequest, _identity_pb2.Namespace]  # type: ignore[assignment]
+    ListNamespaces: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListNamespacesRequest, _identity_pb2.ListNamespacesResponse]  # type: ignore[assignment]
+    Unlink: _aio.UnaryUnaryMultiCallable[_identity_pb2.UnlinkRequest, _identity_pb2.UnlinkResponse]  # type: ignore[assignment]
+    """Remove an identity from its graph (all its links), or one link between two identities."""
+    GetStats: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetStatsRequest, _identity_pb2.IdentityStats]  # type: ignore[assignment]
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Who is who: resolves identities to stable profile ids."""
+    """Who is who: resolves identities to stable profile ids, manages namespaces and unlinks."""
 
     @_abc_1.abstractmethod
     def Resolve(
@@ -51,5 +65,42 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_pb2.ResolveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.ResolveResponse, _abc.Awaitable[_identity_pb2.ResolveResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetGraph(
+        self,
+        request: _identity_pb2.GetGraphRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.Graph, _abc.Awaitable[_identity_pb2.Graph]]:
+        """The whole graph an identity belongs to: identities, links, first/last seen, sources, decisions."""
+
+    @_abc_1.abstractmethod
+    def CreateNamespace(
+        self,
+        request: _identity_pb2.CreateNamespaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.Namespace, _abc.Awaitable[_identity_pb2.Namespace]]: ...
+
+    @_abc_1.abstractmethod
+    def ListNamespaces(
+        self,
+        request: _identity_pb2.ListNamespacesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.ListNamespacesResponse, _abc.Awaitable[_identity_pb2.ListNamespacesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Unlink(
+        self,
+        request: _identity_pb2.UnlinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.UnlinkResponse, _abc.Awaitable[_identity_pb2.UnlinkResponse]]:
+        """Remove an identity from its graph (all its links), or one link between two identities."""
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _identity_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.IdentityStats, _abc.Awaitable[_identity_pb2.IdentityStats]]: ...
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

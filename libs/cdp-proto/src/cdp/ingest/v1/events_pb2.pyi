@@ -163,3 +163,55 @@ class BatchChunkAppended(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchChunkAppended: _TypeAlias = BatchChunkAppended  # noqa: Y015
+
+@_typing.final
+class BatchRowsRejected(_message.Message):
+    """Rejected rows of a batch, kept on ingest's dead-letter own log (cdp.deadletter.ingest),
+    which no other service reads: raw values never travel to other services.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    chunk: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[_ingest_pb2.BatchError]: ...
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        chunk: _builtins.int = ...,
+        rows: _abc.Iterable[_ingest_pb2.BatchError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk", b"chunk", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRowsRejected: _TypeAlias = BatchRowsRejected  # noqa: Y015
+
+@_typing.final
+class EventDeadLettered(_message.Message):
+    """An invalid event from cdp.collect.<dataset>, on the dead-letter own log with its reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letter(self) -> _ingest_pb2.DeadLetter: ...
+    def __init__(
+        self,
+        *,
+        dead_letter: _ingest_pb2.DeadLetter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventDeadLettered: _TypeAlias = EventDeadLettered  # noqa: Y015

@@ -482,11 +482,18 @@ class RejectGroup(_message.Message):
     RULE_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     FIRST_ROWS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     field: _builtins.str
     rule: _builtins.str
     count: _builtins.int
     @_builtins.property
     def first_rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The offending values of the first rows, in answers to clients only (never on the log);
+        values of identity fields are masked ("h:<hash>").
+        """
+
     def __init__(
         self,
         *,
@@ -494,10 +501,11 @@ class RejectGroup(_message.Message):
         rule: _builtins.str = ...,
         count: _builtins.int = ...,
         first_rows: _abc.Iterable[_builtins.int] | None = ...,
+        samples: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "field", b"field", "first_rows", b"first_rows", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "field", b"field", "first_rows", b"first_rows", "rule", b"rule", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -517,6 +525,8 @@ class BatchReport(_message.Message):
     REJECTS_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    ERROR_THRESHOLD_FIELD_NUMBER: _builtins.int
+    ROWS_KEPT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     batch_key: _builtins.str
     dataset: _builtins.str
@@ -527,6 +537,9 @@ class BatchReport(_message.Message):
     duplicate: _builtins.bool
     """True when this batch key had already been ingested: nothing was appended again."""
     failure: _builtins.str
+    error_threshold: _builtins.float
+    """The threshold the batch was judged by, and how many rejected rows are kept for `cdp batch errors`."""
+    rows_kept: _builtins.int
     @_builtins.property
     def rejects(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectGroup]: ...
     def __init__(
@@ -542,14 +555,224 @@ class BatchReport(_message.Message):
         rejects: _abc.Iterable[Global___RejectGroup] | None = ...,
         duplicate: _builtins.bool = ...,
         failure: _builtins.str = ...,
+        error_threshold: _builtins.float = ...,
+        rows_kept: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "batch_key", b"batch_key", "dataset", b"dataset", "duplicate", b"duplicate", "failure", b"failure", "rejects", b"rejects", "rows_accepted", b"rows_accepted", "rows_read", b"rows_read", "rows_rejected", b"rows_rejected", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "batch_key", b"batch_key", "dataset", b"dataset", "duplicate", b"duplicate", "error_threshold", b"error_threshold", "failure", b"failure", "rejects", b"rejects", "rows_accepted", b"rows_accepted", "rows_kept", b"rows_kept", "rows_read", b"rows_read", "rows_rejected", b"rows_rejected", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchReport: _TypeAlias = BatchReport  # noqa: Y015
+
+@_typing.final
+class IngestProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_READ_FIELD_NUMBER: _builtins.int
+    ROWS_ACCEPTED_FIELD_NUMBER: _builtins.int
+    ROWS_REJECTED_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    rows_read: _builtins.int
+    rows_accepted: _builtins.int
+    rows_rejected: _builtins.int
+    bytes_received: _builtins.int
+    @_builtins.property
+    def report(self) -> Global___BatchReport:
+        """Set on the last message only."""
+
+    def __init__(
+        self,
+        *,
+        rows_read: _builtins.int = ...,
+        rows_accepted: _builtins.int = ...,
+        rows_rejected: _builtins.int = ...,
+        bytes_received: _builtins.int = ...,
+        report: Global___BatchReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "report", b"report", "rows_accepted", b"rows_accepted", "rows_read", b"rows_read", "rows_rejected", b"rows_rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestProgress: _TypeAlias = IngestProgress  # noqa: Y015
+
+@_typing.final
+class BatchError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    row: _builtins.int
+    @_builtins.property
+    def values(self) -> _struct_pb2.Struct:
+        """The row's values as read (strings for CSV), keyed by column."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]: ...
+    def __init__(
+        self,
+        *,
+        row: _builtins.int = ...,
+        values: _struct_pb2.Struct | None = ...,
+        errors: _abc.Iterable[Global___FieldError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "row", b"row", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchError: _TypeAlias = BatchError  # noqa: Y015
+
+@_typing.final
+class ListBatchErrorsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    AFTER_ROW_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    after_row: _builtins.int
+    """Rows after this row number (paging); 0 = from the start."""
+    limit: _builtins.int
+    """At most this many (0 = 1000)."""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        after_row: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_row", b"after_row", "batch_id", b"batch_id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchErrorsRequest: _TypeAlias = ListBatchErrorsRequest  # noqa: Y015
+
+@_typing.final
+class ListBatchErrorsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERRORS_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_ROW_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELDS_FIELD_NUMBER: _builtins.int
+    next_after_row: _builtins.int
+    """The row to pass as after_row for the next page; 0 when there is none."""
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchError]: ...
+    @_builtins.property
+    def identity_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Identity fields of the batch's schema (their values are masked unless unmasked export is asked)."""
+
+    def __init__(
+        self,
+        *,
+        errors: _abc.Iterable[Global___BatchError] | None = ...,
+        next_after_row: _builtins.int = ...,
+        identity_fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "identity_fields", b"identity_fields", "next_after_row", b"next_after_row"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchErrorsResponse: _TypeAlias = ListBatchErrorsResponse  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The cdp.collect stream sequence of the message."""
+    dataset: _builtins.str
+    subject: _builtins.str
+    reason: _builtins.str
+    """One line naming the rule broken; the field errors below give each one."""
+    raw: _builtins.str
+    """The message as published (UTF-8 text; invalid bytes replaced)."""
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        dataset: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        errors: _abc.Iterable[Global___FieldError] | None = ...,
+        raw: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "errors", b"errors", "raw", b"raw", "reason", b"reason", "sequence", b"sequence", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """Only this dataset ("" = all)."""
+    after_sequence: _builtins.int
+    """Sequences after this one (paging)."""
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "dataset", b"dataset", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    next_after_sequence: _builtins.int
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+        next_after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "next_after_sequence", b"next_after_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
 
 @_typing.final
 class GetBatchRequest(_message.Message):

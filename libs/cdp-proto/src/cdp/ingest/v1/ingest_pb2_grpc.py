@@ -75,6 +75,21 @@ class IngestServiceStub:
                 request_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.PublishEventsRequest.SerializeToString,
                 response_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.PublishEventsResponse.FromString,
                 _registered_method=True)
+        self.IngestFileWithProgress = channel.stream_stream(
+                '/cdp.ingest.v1.IngestService/IngestFileWithProgress',
+                request_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.IngestFileChunk.SerializeToString,
+                response_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.IngestProgress.FromString,
+                _registered_method=True)
+        self.ListBatchErrors = channel.unary_unary(
+                '/cdp.ingest.v1.IngestService/ListBatchErrors',
+                request_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchErrorsRequest.SerializeToString,
+                response_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchErrorsResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/cdp.ingest.v1.IngestService/ListDeadLetters',
+                request_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -131,6 +146,27 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IngestFileWithProgress(self, request_iterator, context):
+        """IngestFile with progress: progress messages while rows are read, then one holding the report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatchErrors(self, request, context):
+        """Rejected rows of a batch (raw values as read, with what was wrong), in row order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Invalid events published to cdp.collect.<dataset>, with their reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +209,21 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.PublishEvents,
                     request_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.PublishEventsRequest.FromString,
                     response_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.PublishEventsResponse.SerializeToString,
+            ),
+            'IngestFileWithProgress': grpc.stream_stream_rpc_method_handler(
+                    servicer.IngestFileWithProgress,
+                    request_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.IngestFileChunk.FromString,
+                    response_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.IngestProgress.SerializeToString,
+            ),
+            'ListBatchErrors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatchErrors,
+                    request_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchErrorsRequest.FromString,
+                    response_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchErrorsResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +443,87 @@ class IngestService:
             '/cdp.ingest.v1.IngestService/PublishEvents',
             cdp_dot_ingest_dot_v1_dot_ingest__pb2.PublishEventsRequest.SerializeToString,
             cdp_dot_ingest_dot_v1_dot_ingest__pb2.PublishEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestFileWithProgress(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cdp.ingest.v1.IngestService/IngestFileWithProgress',
+            cdp_dot_ingest_dot_v1_dot_ingest__pb2.IngestFileChunk.SerializeToString,
+            cdp_dot_ingest_dot_v1_dot_ingest__pb2.IngestProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatchErrors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.ingest.v1.IngestService/ListBatchErrors',
+            cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchErrorsRequest.SerializeToString,
+            cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchErrorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.ingest.v1.IngestService/ListDeadLetters',
+            cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListDeadLettersRequest.SerializeToString,
+            cdp_dot_ingest_dot_v1_dot_ingest__pb2.ListDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class IngestServiceStub:
     GetBatch: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetBatchRequest, _ingest_pb2.BatchReport]
     PublishEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.PublishEventsRequest, _ingest_pb2.PublishEventsResponse]
     """Many online events per call, with a result for each."""
+    IngestFileWithProgress: _grpc.StreamStreamMultiCallable[_ingest_pb2.IngestFileChunk, _ingest_pb2.IngestProgress]
+    """IngestFile with progress: progress messages while rows are read, then one holding the report."""
+    ListBatchErrors: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchErrorsRequest, _ingest_pb2.ListBatchErrorsResponse]
+    """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]
+    """Invalid events published to cdp.collect.<dataset>, with their reason."""
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -59,6 +65,12 @@ class IngestServiceAsyncStub(IngestServiceStub):
     GetBatch: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetBatchRequest, _ingest_pb2.BatchReport]  # type: ignore[assignment]
     PublishEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.PublishEventsRequest, _ingest_pb2.PublishEventsResponse]  # type: ignore[assignment]
     """Many online events per call, with a result for each."""
+    IngestFileWithProgress: _aio.StreamStreamMultiCallable[_ingest_pb2.IngestFileChunk, _ingest_pb2.IngestProgress]  # type: ignore[assignment]
+    """IngestFile with progress: progress messages while rows are read, then one holding the report."""
+    ListBatchErrors: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchErrorsRequest, _ingest_pb2.ListBatchErrorsResponse]  # type: ignore[assignment]
+    """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Invalid events published to cdp.collect.<dataset>, with their reason."""
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """The front door: schemas, datasets, batches of offline data and streams of online events."""
@@ -120,5 +132,29 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.PublishEventsResponse, _abc.Awaitable[_ingest_pb2.PublishEventsResponse]]:
         """Many online events per call, with a result for each."""
+
+    @_abc_1.abstractmethod
+    def IngestFileWithProgress(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ingest_pb2.IngestFileChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_pb2.IngestProgress], _abc.AsyncIterator[_ingest_pb2.IngestProgress]]:
+        """IngestFile with progress: progress messages while rows are read, then one holding the report."""
+
+    @_abc_1.abstractmethod
+    def ListBatchErrors(
+        self,
+        request: _ingest_pb2.ListBatchErrorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListBatchErrorsResponse, _abc.Awaitable[_ingest_pb2.ListBatchErrorsResponse]]:
+        """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _ingest_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListDeadLettersResponse, _abc.Awaitable[_ingest_pb2.ListDeadLettersResponse]]:
+        """Invalid events published to cdp.collect.<dataset>, with their reason."""
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

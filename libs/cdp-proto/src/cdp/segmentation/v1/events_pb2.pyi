@@ -73,7 +73,9 @@ class MembershipChanged(_message.Message):
     profile_id: _builtins.str
     status: Global___MembershipStatus.ValueType
     cause: _builtins.str
-    """What made it change: "fragment:<event id>", "merge:<survivor>", "segment-defined"."""
+    """What made it change: "fragment:<event id>", "merge:<event id>", "merged-into:<survivor>",
+    "split:<event id>", "clock:<ms>", "segment-defined:<id>", "batch:<run>".
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -122,3 +124,84 @@ class SegmentEvaluated(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SegmentEvaluated: _TypeAlias = SegmentEvaluated  # noqa: Y015
+
+@_typing.final
+class ClockTicked(_message.Message):
+    """The log's clock moved (segmentation's own log): windows slide, retention drops events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockTicked: _TypeAlias = ClockTicked  # noqa: Y015
+
+@_typing.final
+class MergePolicySet(_message.Message):
+    """Config fact: how attributes of a profile's fragments merge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _segmentation_pb2.MergePolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: _segmentation_pb2.MergePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergePolicySet: _TypeAlias = MergePolicySet  # noqa: Y015
+
+@_typing.final
+class SegmentBatchEvaluated(_message.Message):
+    """A batch (SQL) evaluation of a segment finished; its changes precede it on the log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    PROFILES_FIELD_NUMBER: _builtins.int
+    REALIZED_FIELD_NUMBER: _builtins.int
+    EXITED_FIELD_NUMBER: _builtins.int
+    segment_id: _builtins.str
+    run_id: _builtins.str
+    profiles: _builtins.int
+    realized: _builtins.int
+    exited: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        segment_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        profiles: _builtins.int = ...,
+        realized: _builtins.int = ...,
+        exited: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "exited", b"exited", "profiles", b"profiles", "realized", b"realized", "run_id", b"run_id", "segment_id", b"segment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentBatchEvaluated: _TypeAlias = SegmentBatchEvaluated  # noqa: Y015

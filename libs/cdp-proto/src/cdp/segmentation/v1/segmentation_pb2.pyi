@@ -22,6 +22,27 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _MergePolicyKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MergePolicyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MergePolicyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MERGE_POLICY_KIND_UNSPECIFIED: _MergePolicyKind.ValueType  # 0
+    MERGE_POLICY_KIND_TIMESTAMP: _MergePolicyKind.ValueType  # 1
+    """Newest value of each attribute wins, by record time then log order (the default)."""
+    MERGE_POLICY_KIND_DATASET_PRECEDENCE: _MergePolicyKind.ValueType  # 2
+    """The first dataset of `datasets` holding the attribute wins; others (and ties) by timestamp."""
+
+class MergePolicyKind(_MergePolicyKind, metaclass=_MergePolicyKindEnumTypeWrapper): ...
+
+MERGE_POLICY_KIND_UNSPECIFIED: MergePolicyKind.ValueType  # 0
+MERGE_POLICY_KIND_TIMESTAMP: MergePolicyKind.ValueType  # 1
+"""Newest value of each attribute wins, by record time then log order (the default)."""
+MERGE_POLICY_KIND_DATASET_PRECEDENCE: MergePolicyKind.ValueType  # 2
+"""The first dataset of `datasets` holding the attribute wins; others (and ties) by timestamp."""
+Global___MergePolicyKind: _TypeAlias = MergePolicyKind  # noqa: Y015
+
 class _Evaluation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -69,6 +90,187 @@ COMPARE_OP_IN: CompareOp.ValueType  # 7
 COMPARE_OP_CONTAINS: CompareOp.ValueType  # 8
 COMPARE_OP_STARTS_WITH: CompareOp.ValueType  # 9
 Global___CompareOp: _TypeAlias = CompareOp  # noqa: Y015
+
+class _Aggregate:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AggregateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregate.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGGREGATE_UNSPECIFIED: _Aggregate.ValueType  # 0
+    AGGREGATE_COUNT: _Aggregate.ValueType  # 1
+    AGGREGATE_SUM: _Aggregate.ValueType  # 2
+    AGGREGATE_MIN: _Aggregate.ValueType  # 3
+    AGGREGATE_MAX: _Aggregate.ValueType  # 4
+    AGGREGATE_AVG: _Aggregate.ValueType  # 5
+
+class Aggregate(_Aggregate, metaclass=_AggregateEnumTypeWrapper): ...
+
+AGGREGATE_UNSPECIFIED: Aggregate.ValueType  # 0
+AGGREGATE_COUNT: Aggregate.ValueType  # 1
+AGGREGATE_SUM: Aggregate.ValueType  # 2
+AGGREGATE_MIN: Aggregate.ValueType  # 3
+AGGREGATE_MAX: Aggregate.ValueType  # 4
+AGGREGATE_AVG: Aggregate.ValueType  # 5
+Global___Aggregate: _TypeAlias = Aggregate  # noqa: Y015
+
+@_typing.final
+class MergePolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    kind: Global___MergePolicyKind.ValueType
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___MergePolicyKind.ValueType = ...,
+        datasets: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergePolicy: _TypeAlias = MergePolicy  # noqa: Y015
+
+@_typing.final
+class SetMergePolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___MergePolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___MergePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMergePolicyRequest: _TypeAlias = SetMergePolicyRequest  # noqa: Y015
+
+@_typing.final
+class ExplainQueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    schedule: _builtins.str
+    """Optional cron schedule (5 fields): makes the segment a batch segment."""
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        schedule: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainQueryRequest: _TypeAlias = ExplainQueryRequest  # noqa: Y015
+
+@_typing.final
+class Explanation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AST_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    EVALUATION_REASON_FIELD_NUMBER: _builtins.int
+    ESTIMATED_SIZE_FIELD_NUMBER: _builtins.int
+    PROFILES_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
+    evaluation: Global___Evaluation.ValueType
+    evaluation_reason: _builtins.str
+    estimated_size: _builtins.int
+    """Profiles matching now (SQL in the store): the size estimate before saving."""
+    profiles: _builtins.int
+    @_builtins.property
+    def ast(self) -> Global___Expression: ...
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the definition reads: attribute names, event types, identity namespaces, segments."""
+
+    def __init__(
+        self,
+        *,
+        ast: Global___Expression | None = ...,
+        evaluation: Global___Evaluation.ValueType = ...,
+        evaluation_reason: _builtins.str = ...,
+        estimated_size: _builtins.int = ...,
+        profiles: _builtins.int = ...,
+        reads: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ast", b"ast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ast", b"ast", "estimated_size", b"estimated_size", "evaluation", b"evaluation", "evaluation_reason", b"evaluation_reason", "profiles", b"profiles", "reads", b"reads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
+
+@_typing.final
+class EvaluateSegmentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    segment: _builtins.str
+    def __init__(
+        self,
+        *,
+        segment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateSegmentRequest: _TypeAlias = EvaluateSegmentRequest  # noqa: Y015
+
+@_typing.final
+class EvaluationProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    PROFILES_DONE_FIELD_NUMBER: _builtins.int
+    PROFILES_TOTAL_FIELD_NUMBER: _builtins.int
+    REALIZED_FIELD_NUMBER: _builtins.int
+    EXITED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    segment_id: _builtins.str
+    profiles_done: _builtins.int
+    profiles_total: _builtins.int
+    realized: _builtins.int
+    exited: _builtins.int
+    done: _builtins.bool
+    def __init__(
+        self,
+        *,
+        segment_id: _builtins.str = ...,
+        profiles_done: _builtins.int = ...,
+        profiles_total: _builtins.int = ...,
+        realized: _builtins.int = ...,
+        exited: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "exited", b"exited", "profiles_done", b"profiles_done", "profiles_total", b"profiles_total", "realized", b"realized", "segment_id", b"segment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationProgress: _TypeAlias = EvaluationProgress  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):
@@ -233,6 +435,230 @@ class Junction(_message.Message):
 Global___Junction: _TypeAlias = Junction  # noqa: Y015
 
 @_typing.final
+class EventPattern(_message.Message):
+    """Which events: of a type (empty = any type), matching a condition over the event's fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    event_type: _builtins.str
+    @_builtins.property
+    def where(self) -> Global___Expression:
+        """Over the event's own fields; unset = every event of the type."""
+
+    def __init__(
+        self,
+        *,
+        event_type: _builtins.str = ...,
+        where: Global___Expression | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["where", b"where"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_type", b"event_type", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventPattern: _TypeAlias = EventPattern  # noqa: Y015
+
+@_typing.final
+class Window(_message.Message):
+    """A time window: relative to the log's clock (`within 90d`: occurred after now - 90d) or absolute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
+    BETWEEN_FIELD_NUMBER: _builtins.int
+    within_seconds: _builtins.int
+    """`within N<unit>`: seconds."""
+    @_builtins.property
+    def between(self) -> Global___DateRange:
+        """`between 2024-01-01 and 2024-03-31`: [from, to) in epoch milliseconds (to = the day after the end date)."""
+
+    def __init__(
+        self,
+        *,
+        within_seconds: _builtins.int = ...,
+        between: Global___DateRange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["between", b"between", "kind", b"kind", "within_seconds", b"within_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["between", b"between", "kind", b"kind", "within_seconds", b"within_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["within_seconds", "between"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Window: _TypeAlias = Window  # noqa: Y015
+
+@_typing.final
+class DateRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_MS_FIELD_NUMBER: _builtins.int
+    TO_MS_FIELD_NUMBER: _builtins.int
+    from_ms: _builtins.int
+    to_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        from_ms: _builtins.int = ...,
+        to_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_ms", b"from_ms", "to_ms", b"to_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DateRange: _TypeAlias = DateRange  # noqa: Y015
+
+@_typing.final
+class EventCondition(_message.Message):
+    """`count(order where channel = "store") >= 2 within 90d`, `sum(order.total) > 500 within 365d`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    aggregate: Global___Aggregate.ValueType
+    field: _builtins.str
+    """The numeric event field aggregated (not for count)."""
+    op: Global___CompareOp.ValueType
+    value: _builtins.float
+    @_builtins.property
+    def pattern(self) -> Global___EventPattern: ...
+    @_builtins.property
+    def window(self) -> Global___Window:
+        """Unset: the whole retained history."""
+
+    def __init__(
+        self,
+        *,
+        aggregate: Global___Aggregate.ValueType = ...,
+        pattern: Global___EventPattern | None = ...,
+        field: _builtins.str = ...,
+        op: Global___CompareOp.ValueType = ...,
+        value: _builtins.float = ...,
+        window: Global___Window | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pattern", b"pattern", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "field", b"field", "op", b"op", "pattern", b"pattern", "value", b"value", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventCondition: _TypeAlias = EventCondition  # noqa: Y015
+
+@_typing.final
+class Sequence(_message.Message):
+    """`cart_add followed by order within 1h` / `cart_add not followed by order within 1h`.
+    Followed: some `first` event has a `then` event strictly later and at most `within` after it.
+    Not followed: some `first` event is at least `within` old and has no such `then` event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    THEN_FIELD_NUMBER: _builtins.int
+    WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
+    NEGATED_FIELD_NUMBER: _builtins.int
+    within_seconds: _builtins.int
+    negated: _builtins.bool
+    @_builtins.property
+    def first(self) -> Global___EventPattern: ...
+    @_builtins.property
+    def then(self) -> Global___EventPattern: ...
+    def __init__(
+        self,
+        *,
+        first: Global___EventPattern | None = ...,
+        then: Global___EventPattern | None = ...,
+        within_seconds: _builtins.int = ...,
+        negated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "then", b"then"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "negated", b"negated", "then", b"then", "within_seconds", b"within_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sequence: _TypeAlias = Sequence  # noqa: Y015
+
+@_typing.final
+class IdentityPresence(_message.Message):
+    """`has email`: the profile holds an identity of the namespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityPresence: _TypeAlias = IdentityPresence  # noqa: Y015
+
+@_typing.final
+class ConsentCondition(_message.Message):
+    """`consent email_marketing = "y"`: the profile attribute consents.<purpose> equals the value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    purpose: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        purpose: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purpose", b"purpose", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsentCondition: _TypeAlias = ConsentCondition  # noqa: Y015
+
+@_typing.final
+class SegmentMembership(_message.Message):
+    """`in segment gold_members`: currently realized in another segment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_NAME_FIELD_NUMBER: _builtins.int
+    segment_id: _builtins.str
+    segment_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        segment_id: _builtins.str = ...,
+        segment_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment_id", b"segment_id", "segment_name", b"segment_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentMembership: _TypeAlias = SegmentMembership  # noqa: Y015
+
+@_typing.final
 class Expression(_message.Message):
     """The typed AST of an audience definition: what config events store."""
 
@@ -243,6 +669,11 @@ class Expression(_message.Message):
     ALL_FIELD_NUMBER: _builtins.int
     ANY_FIELD_NUMBER: _builtins.int
     NEGATE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    CONSENT_FIELD_NUMBER: _builtins.int
+    MEMBER_OF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def comparison(self) -> Global___Comparison: ...
     @_builtins.property
@@ -253,6 +684,16 @@ class Expression(_message.Message):
     def any(self) -> Global___Junction: ...
     @_builtins.property
     def negate(self) -> Global___Expression: ...
+    @_builtins.property
+    def event(self) -> Global___EventCondition: ...
+    @_builtins.property
+    def sequence(self) -> Global___Sequence: ...
+    @_builtins.property
+    def identity(self) -> Global___IdentityPresence: ...
+    @_builtins.property
+    def consent(self) -> Global___ConsentCondition: ...
+    @_builtins.property
+    def member_of(self) -> Global___SegmentMembership: ...
     def __init__(
         self,
         *,
@@ -261,12 +702,17 @@ class Expression(_message.Message):
         all: Global___Junction | None = ...,
         any: Global___Junction | None = ...,
         negate: Global___Expression | None = ...,
+        event: Global___EventCondition | None = ...,
+        sequence: Global___Sequence | None = ...,
+        identity: Global___IdentityPresence | None = ...,
+        consent: Global___ConsentCondition | None = ...,
+        member_of: Global___SegmentMembership | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "exists", b"exists", "negate", b"negate", "node", b"node"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "consent", b"consent", "event", b"event", "exists", b"exists", "identity", b"identity", "member_of", b"member_of", "negate", b"negate", "node", b"node", "sequence", b"sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "exists", b"exists", "negate", b"negate", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "consent", b"consent", "event", b"event", "exists", b"exists", "identity", b"identity", "member_of", b"member_of", "negate", b"negate", "node", b"node", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_node: _TypeAlias = _typing.Literal["comparison", "exists", "all", "any", "negate"]  # noqa: Y015
+    _WhichOneofReturnType_node: _TypeAlias = _typing.Literal["comparison", "exists", "all", "any", "negate", "event", "sequence", "identity", "consent", "member_of"]  # noqa: Y015
     _WhichOneofArgType_node: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_node) -> _WhichOneofReturnType_node | None: ...
 
@@ -284,6 +730,8 @@ class Segment(_message.Message):
     EVALUATION_REASON_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     query: _builtins.str
@@ -291,10 +739,16 @@ class Segment(_message.Message):
     evaluation_reason: _builtins.str
     """Why the evaluation mode was chosen, for people."""
     size: _builtins.int
+    schedule: _builtins.str
+    """Batch segments: a 5-field cron schedule (UTC) of SQL evaluations."""
     @_builtins.property
     def ast(self) -> Global___Expression: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the definition reads (see Explanation.reads)."""
+
     def __init__(
         self,
         *,
@@ -306,10 +760,12 @@ class Segment(_message.Message):
         evaluation_reason: _builtins.str = ...,
         size: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        schedule: _builtins.str = ...,
+        reads: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ast", b"ast", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ast", b"ast", "created_at", b"created_at", "evaluation", b"evaluation", "evaluation_reason", b"evaluation_reason", "id", b"id", "name", b"name", "query", b"query", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ast", b"ast", "created_at", b"created_at", "evaluation", b"evaluation", "evaluation_reason", b"evaluation_reason", "id", b"id", "name", b"name", "query", b"query", "reads", b"reads", "schedule", b"schedule", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,17 +777,21 @@ class CreateSegmentRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     query: _builtins.str
+    schedule: _builtins.str
+    """A 5-field cron schedule (UTC): evaluate in batch on it instead of streaming."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         query: _builtins.str = ...,
+        schedule: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "query", b"query", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,6 +953,97 @@ class ProfileAttribute(_message.Message):
 Global___ProfileAttribute: _TypeAlias = ProfileAttribute  # noqa: Y015
 
 @_typing.final
+class ProfileSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FRAGMENTS_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    kind: _builtins.str
+    fragments: _builtins.int
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        fragments: _builtins.int = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_at", b"last_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "fragments", b"fragments", "kind", b"kind", "last_at", b"last_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileSource: _TypeAlias = ProfileSource  # noqa: Y015
+
+@_typing.final
+class ProfileEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    event_type: _builtins.str
+    dataset: _builtins.str
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def fields(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        fields: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "event_id", b"event_id", "event_type", b"event_type", "fields", b"fields", "occurred_at", b"occurred_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileEvent: _TypeAlias = ProfileEvent  # noqa: Y015
+
+@_typing.final
+class ProfileMembership(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    segment_id: _builtins.str
+    segment_name: _builtins.str
+    status: _builtins.str
+    @_builtins.property
+    def changed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        segment_id: _builtins.str = ...,
+        segment_name: _builtins.str = ...,
+        status: _builtins.str = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "segment_id", b"segment_id", "segment_name", b"segment_name", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileMembership: _TypeAlias = ProfileMembership  # noqa: Y015
+
+@_typing.final
 class Profile(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -501,14 +1052,28 @@ class Profile(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    RECENT_EVENTS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIPS_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     events: _builtins.int
+    """Events in the retained history."""
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.IdentityValue]: ...
     @_builtins.property
     def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileAttribute]: ...
     @_builtins.property
-    def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the segments the profile is realized in."""
+
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileSource]: ...
+    @_builtins.property
+    def recent_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileEvent]:
+        """The most recent events, newest first."""
+
+    @_builtins.property
+    def memberships(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileMembership]: ...
     def __init__(
         self,
         *,
@@ -517,10 +1082,13 @@ class Profile(_message.Message):
         attributes: _abc.Iterable[Global___ProfileAttribute] | None = ...,
         segments: _abc.Iterable[_builtins.str] | None = ...,
         events: _builtins.int = ...,
+        sources: _abc.Iterable[Global___ProfileSource] | None = ...,
+        recent_events: _abc.Iterable[Global___ProfileEvent] | None = ...,
+        memberships: _abc.Iterable[Global___ProfileMembership] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "events", b"events", "identities", b"identities", "profile_id", b"profile_id", "segments", b"segments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "events", b"events", "identities", b"identities", "memberships", b"memberships", "profile_id", b"profile_id", "recent_events", b"recent_events", "segments", b"segments", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,6 +65,21 @@ class SegmentationServiceStub:
                 request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Stats.FromString,
                 _registered_method=True)
+        self.ExplainQuery = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/ExplainQuery',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainQueryRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Explanation.FromString,
+                _registered_method=True)
+        self.EvaluateSegment = channel.unary_stream(
+                '/cdp.segmentation.v1.SegmentationService/EvaluateSegment',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.EvaluateSegmentRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.EvaluationProgress.FromString,
+                _registered_method=True)
+        self.SetMergePolicy = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/SetMergePolicy',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.SetMergePolicyRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.MergePolicy.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -107,6 +122,27 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainQuery(self, request, context):
+        """Parse and classify a definition without saving it: streaming or batch, why, and how many would match now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateSegment(self, request, context):
+        """Evaluate a segment in the store (SQL) now, emitting the membership changes; streams progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMergePolicy(self, request, context):
+        """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +175,21 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetStatsRequest.FromString,
                     response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Stats.SerializeToString,
+            ),
+            'ExplainQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainQuery,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainQueryRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Explanation.SerializeToString,
+            ),
+            'EvaluateSegment': grpc.unary_stream_rpc_method_handler(
+                    servicer.EvaluateSegment,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.EvaluateSegmentRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.EvaluationProgress.SerializeToString,
+            ),
+            'SetMergePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMergePolicy,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.SetMergePolicyRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.MergePolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +355,87 @@ class SegmentationService:
             '/cdp.segmentation.v1.SegmentationService/GetStats',
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetStatsRequest.SerializeToString,
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/ExplainQuery',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ExplainQueryRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/EvaluateSegment',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.EvaluateSegmentRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.EvaluationProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMergePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/SetMergePolicy',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.SetMergePolicyRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.MergePolicy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class SegmentationServiceStub:
     ListMembers: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.ListMembersRequest, _segmentation_pb2.ListMembersResponse]
     GetProfile: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.GetProfileRequest, _segmentation_pb2.Profile]
     GetStats: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.GetStatsRequest, _segmentation_pb2.Stats]
+    ExplainQuery: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.ExplainQueryRequest, _segmentation_pb2.Explanation]
+    """Parse and classify a definition without saving it: streaming or batch, why, and how many would match now."""
+    EvaluateSegment: _grpc.UnaryStreamMultiCallable[_segmentation_pb2.EvaluateSegmentRequest, _segmentation_pb2.EvaluationProgress]
+    """Evaluate a segment in the store (SQL) now, emitting the membership changes; streams progress."""
+    SetMergePolicy: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.SetMergePolicyRequest, _segmentation_pb2.MergePolicy]
+    """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed)."""
 
 @_typing.type_check_only
 class SegmentationServiceAsyncStub(SegmentationServiceStub):
@@ -51,6 +57,12 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     ListMembers: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.ListMembersRequest, _segmentation_pb2.ListMembersResponse]  # type: ignore[assignment]
     GetProfile: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.GetProfileRequest, _segmentation_pb2.Profile]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.GetStatsRequest, _segmentation_pb2.Stats]  # type: ignore[assignment]
+    ExplainQuery: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.ExplainQueryRequest, _segmentation_pb2.Explanation]  # type: ignore[assignment]
+    """Parse and classify a definition without saving it: streaming or batch, why, and how many would match now."""
+    EvaluateSegment: _aio.UnaryStreamMultiCallable[_segmentation_pb2.EvaluateSegmentRequest, _segmentation_pb2.EvaluationProgress]  # type: ignore[assignment]
+    """Evaluate a segment in the store (SQL) now, emitting the membership changes; streams progress."""
+    SetMergePolicy: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.SetMergePolicyRequest, _segmentation_pb2.MergePolicy]  # type: ignore[assignment]
+    """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed)."""
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Unified profiles, audience definitions and memberships."""
@@ -96,5 +108,29 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segmentation_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_pb2.Stats, _abc.Awaitable[_segmentation_pb2.Stats]]: ...
+
+    @_abc_1.abstractmethod
+    def ExplainQuery(
+        self,
+        request: _segmentation_pb2.ExplainQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_pb2.Explanation, _abc.Awaitable[_segmentation_pb2.Explanation]]:
+        """Parse and classify a definition without saving it: streaming or batch, why, and how many would match now."""
+
+    @_abc_1.abstractmethod
+    def EvaluateSegment(
+        self,
+        request: _segmentation_pb2.EvaluateSegmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_segmentation_pb2.EvaluationProgress], _abc.AsyncIterator[_segmentation_pb2.EvaluationProgress]]:
+        """Evaluate a segment in the store (SQL) now, emitting the membership changes; streams progress."""
+
+    @_abc_1.abstractmethod
+    def SetMergePolicy(
+        self,
+        request: _segmentation_pb2.SetMergePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_pb2.MergePolicy, _abc.Awaitable[_segmentation_pb2.MergePolicy]]:
+        """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed)."""
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
