@@ -128,14 +128,21 @@ def echo(own: OwnLog, msg: LogMessage, env: Envelope, *, size: int = 0) -> Envel
 class EchoHandler:
     """Observes each input event into a table; decides one own event per input event on each own log.
 
-    Each echo event is padded with ``size`` bytes, or ``sizes[input message sequence]`` where given."""
+    Each echo event is padded with ``size`` bytes, or ``sizes[input message sequence]`` where given;
+    ``routes[input message sequence]`` names the one own log it goes to, where given."""
 
     def __init__(
-        self, outs: Sequence[OwnLog] = (OUT,), *, size: int = 0, sizes: Mapping[int, int] | None = None
+        self,
+        outs: Sequence[OwnLog] = (OUT,),
+        *,
+        size: int = 0,
+        sizes: Mapping[int, int] | None = None,
+        routes: Mapping[int, OwnLog] | None = None,
     ) -> None:
         self.outs = list(outs)
         self.size = size
         self.sizes = dict(sizes or {})
+        self.routes = dict(routes or {})
         self.decided: list[str] = []
         self.observed: list[str] = []
         self.causes: list[tuple[int, Cause]] = []  # (input message sequence, uow.cause) at each decide
@@ -150,7 +157,7 @@ class EchoHandler:
         self.decided.append(env.id)
         self.causes.append((msg.sequence, uow.cause))
         size = self.sizes.get(msg.sequence, self.size)
-        for own in self.outs:
+        for own in [self.routes[msg.sequence]] if self.routes else self.outs:
             uow.emit(own, [echo(own, msg, env, size=size)])
 
 
@@ -398,12 +405,12 @@ async def reference_run(
     own_logs: Sequence[OwnLog] = (OUT,),
     layout: Sequence[int] = INPUT_LAYOUT,
     size: int = 0,
+    routes: Mapping[int, OwnLog] | None = None,
     batch_size: int = 3,
 ) -> dict[str, list[tuple[Any, ...]]]:
     await append_inputs(eventlog, layout)
-    processor = make_processor(
-        engine, eventlog, EchoHandler(own_logs, size=size), own_logs=own_logs, batch_size=batch_size
-    )
+    handler = EchoHandler(own_logs, size=size, routes=routes)
+    processor = make_processor(engine, eventlog, handler, own_logs=own_logs, batch_size=batch_size)
     await processor.catch_up()
     return dump(engine)
 
@@ -569,7 +576,7 @@ async def test_restart_without_crash_changes_nothing(sqlite_engine: Engine, even
 # ===================================================================== (d) one message per cause
 
 
-async def test_input_batch_emitting_to_two_own_logs_is_refused_and_rolled_back(
+async def test_one_input_emitting_to_two_own_logs_is_refused_and_rolled_back(
     sqlite_engine: Engine, eventlog: EventLog
 ) -> None:
     both = (OUT, OUT_B)
@@ -598,6 +605,80 @@ async def test_input_batch_emitting_to_two_own_logs_is_refused_and_rolled_back(
     assert await outputs(eventlog, OUT) == []
     assert await outputs(eventlog, OUT_B) == []
     assert dump(sqlite_engine) == before
+
+
+# Inputs 1-2 go to OUT, 3-4 to OUT_B, 5-7 to OUT again: one cause, one own log each.
+ROUTES: dict[int, OwnLog] = {1: OUT, 2: OUT, 3: OUT_B, 4: OUT_B, 5: OUT, 6: OUT, 7: OUT}
+
+
+def routed_ids(own: OwnLog, msg_nos: Sequence[int]) -> list[str]:
+    return [deterministic_id(own.name, input_id(n, k)) for n in msg_nos for k in range(INPUT_LAYOUT[n - 1])]
+
+
+async def test_consecutive_inputs_writing_different_own_logs_are_sent_in_order(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    both = (OUT, OUT_B)
+    await append_inputs(eventlog)
+    processor = make_processor(engine, eventlog, EchoHandler(routes=ROUTES), own_logs=both, batch_size=10)
+    await processor.recover()
+    msgs = await input_messages(eventlog)
+
+    applied = await processor.apply_input_batch(processor.inputs[0], [(m, None) for m in msgs])  # one batch
+
+    assert applied == 7
+    assert handler_of(processor).decided == all_input_ids()
+    # Consecutive causes share a message while they write the same own log; each message names the
+    # last cause it completes.
+    assert await outputs(eventlog, OUT) == [
+        ("test-in:2", routed_ids(OUT, [1, 2])),
+        ("test-in:7", routed_ids(OUT, [5, 6, 7])),
+    ]
+    assert await outputs(eventlog, OUT_B) == [("test-in:4", routed_ids(OUT_B, [3, 4]))]
+    assert counters(engine) == {"observed": 8, "folded:test-out": 5, "folded:test-out-b": 3}
+    assert checkpoints(engine) == {
+        in_checkpoint(IN): 7,
+        emitted_checkpoint(IN): 7,
+        own_checkpoint(OUT): 2,
+        own_checkpoint(OUT_B): 1,
+    }
+
+
+@pytest.mark.parametrize("crash_on", [1, 2, 3])
+async def test_crash_between_the_own_logs_of_one_batch_recovers_to_the_no_crash_state(
+    sqlite_engine: Engine,
+    eventlog: EventLog,
+    reference_engine: Engine,
+    reference_log: EventLog,
+    crash_on: int,
+) -> None:
+    both = (OUT, OUT_B)
+    expected = await reference_run(reference_engine, reference_log, own_logs=both, routes=ROUTES, batch_size=10)
+    expected_out = await outputs(reference_log, OUT)
+    expected_out_b = await outputs(reference_log, OUT_B)
+    assert [c for c, _ in expected_out] == ["test-in:2", "test-in:7"]
+    assert [c for c, _ in expected_out_b] == ["test-in:4"]
+
+    await append_inputs(eventlog)
+    crashing = make_processor(
+        sqlite_engine, CrashAfterAppend(eventlog, crash_on), EchoHandler(routes=ROUTES), own_logs=both, batch_size=10
+    )
+    with pytest.raises(SimulatedCrash):
+        await crashing.catch_up()
+    # Appended in cause order: OUT test-in:2, OUT_B test-in:4, OUT test-in:7; the batch rolled back.
+    assert len(await outputs(eventlog, OUT)) + len(await outputs(eventlog, OUT_B)) == crash_on
+    assert checkpoints(sqlite_engine) == {}
+
+    restarted = make_processor(sqlite_engine, eventlog, EchoHandler(routes=ROUTES), own_logs=both, batch_size=10)
+    await restarted.catch_up()
+
+    covered = [2, 4, 7][crash_on - 1]  # recovery takes the highest cause found on either own log's tail
+    assert handler_of(restarted).decided == [
+        input_id(n, k) for n, count in enumerate(INPUT_LAYOUT, 1) if n > covered for k in range(count)
+    ]
+    assert dump(sqlite_engine) == expected
+    assert await outputs(eventlog, OUT) == expected_out
+    assert await outputs(eventlog, OUT_B) == expected_out_b
 
 
 async def test_big_outputs_of_one_batch_are_appended_as_several_messages_at_input_boundaries(
