@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["eventlog"]
+BENCHMARKS = ["eventlog", "identity", "ingest"]
 
 
 def main(argv: list[str]) -> int:

@@ -21,7 +21,6 @@ import grpc
 import typer
 from grpc_health.v1 import health_pb2
 from rich.logging import RichHandler
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperGroup
 
 from cdp.activation.v1 import activation_pb2
@@ -29,7 +28,7 @@ from cdp.common.v1 import admin_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_cli import inputs, render
+from cdp_cli import cmd_identity, cmd_ingest, inputs, render
 from cdp_cli.client import DEFAULT_TIMEOUT_S, SERVICES, UNREACHABLE, Client, describe_rpc_error, parse_addr_option
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
@@ -109,6 +108,8 @@ app.add_typer(segment_app, name="segment")
 app.add_typer(profile_app, name="profile")
 app.add_typer(identity_app, name="identity")
 app.add_typer(destination_app, name="destination")
+app.add_typer(cmd_ingest.batch_app, name="batch")
+app.command("deadletters")(cmd_ingest.deadletters)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 DataDirOverride = Annotated[
@@ -473,11 +474,7 @@ def ingest(
 
 
 def _upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> ingest_pb2.BatchReport:
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=render.err, transient=True) as progress:
-        task = progress.add_task(f"sending {path.name}", total=path.stat().st_size)
-        chunks = inputs.file_chunks(path, header, on_sent=lambda n: progress.advance(task, n))
-        return client.ingest.IngestFile(chunks)
+    return cmd_ingest.upload(client, path, header)
 
 
 def _print_batch_report(report: ingest_pb2.BatchReport) -> None:
@@ -806,6 +803,9 @@ def demo(
         raise typer.BadParameter(f"--kill takes one of {', '.join(SERVICES)}")
     _log_supervisor_to_console()
     run_demo(data_dir, people=people, kill=kill or None)
+
+
+cmd_identity.register(identity_app)
 
 
 def main() -> None:

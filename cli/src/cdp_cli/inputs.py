@@ -54,7 +54,8 @@ def parse_schema(path: Path) -> ingest_pb2.Schema:
 
 
 def file_format(path: Path, explicit: str | None) -> ingest_pb2.FileFormat.ValueType:
-    name = explicit or _SUFFIX_FORMATS.get(path.suffix.lower())
+    suffix = Path(path.stem).suffix if path.suffix.lower() == ".gz" else path.suffix  # data.csv.gz: gzip is detected
+    name = explicit or _SUFFIX_FORMATS.get(suffix.lower())
     if name is None:
         raise CliError(f"cannot tell the format of {path.name} from its suffix: pass --format csv|jsonl|parquet")
     if name not in FORMATS:

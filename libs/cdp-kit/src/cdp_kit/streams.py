@@ -79,6 +79,7 @@ SEGMENTATION_READS_PROFILE = ConsumerSpec("segmentation-profile", PROFILE, "cdp.
 ACTIVATION_READS_PROFILE = ConsumerSpec("activation-profile", PROFILE, "cdp.profile.>")
 ACTIVATION_READS_AUDIENCE = ConsumerSpec("activation-audience", AUDIENCE, "cdp.audience.>")
 ACTIVATION_READS_SEGMENTS = config_input("activation", "segmentation")
+SEGMENTATION_READS_INGEST_CONFIG = config_input("segmentation", "ingest")
 
 
 def collect_subject(dataset: str) -> str:

@@ -6,14 +6,75 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from sqlmodel import col, select
+from sqlmodel import Session, col, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
 from cdp_activation import store
+from cdp_activation.connectors import connector_for
 from cdp_activation.handlers import ActivationHandlers, masked
+from cdp_kit.envelope import to_timestamp
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def plan_stats(session: Session, plan: store.PlanRow, dest: store.DestinationRow) -> pb.DeliveryStats:
+    stats = pb.DeliveryStats(destination=dest.id, destination_name=dest.name, plan_id=plan.id)
+    latencies: list[float] = []
+    for batch in session.exec(select(store.BatchRow).where(store.BatchRow.plan_id == plan.id)):
+        stats.retried += batch.retried
+        if batch.action == "add":
+            stats.received += batch.profiles
+        if batch.status == "delivered":
+            stats.batches_delivered += 1
+            stats.activated += batch.activated
+            latencies.append(batch.latency_ms)
+            for reason, n in batch.rejected.items():
+                stats.excluded[f"rejected: {reason}"] += int(n)
+        elif batch.status == "dead":
+            stats.batches_dead += 1
+            stats.failed += batch.profiles
+        else:
+            stats.batches_pending += 1
+    for reason in session.exec(select(store.ExclusionRow.reason).where(store.ExclusionRow.plan_id == plan.id)):
+        stats.excluded[reason] += 1
+        stats.received += 1
+    if latencies:
+        stats.latency_ms_avg = sum(latencies) / len(latencies)
+        stats.latency_ms_max = max(latencies)
+    stats.members = int(
+        session.exec(
+            select(func.count()).select_from(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == plan.id)
+        ).one()
+    )
+    connector = connector_for(store.destination_of(dest).connector)
+    stats.warnings.extend(connector.warnings(stats.members) if stats.batches_delivered else [])
+    return stats
+
+
+def destination_total(dest: store.DestinationRow, plans: list[pb.DeliveryStats]) -> pb.DeliveryStats:
+    total = pb.DeliveryStats(destination=dest.id, destination_name=dest.name)
+    for s in plans:
+        for name in (
+            "received",
+            "activated",
+            "failed",
+            "retried",
+            "batches_delivered",
+            "batches_pending",
+            "batches_dead",
+            "members",
+        ):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        for reason, n in s.excluded.items():
+            total.excluded[reason] += n
+        total.latency_ms_max = max(total.latency_ms_max, s.latency_ms_max)
+        total.warnings.extend(s.warnings)
+    delivered = [s for s in plans if s.batches_delivered]
+    if delivered:
+        weight = sum(s.batches_delivered for s in delivered)
+        total.latency_ms_avg = sum(s.latency_ms_avg * s.batches_delivered for s in delivered) / weight
+    return total
 
 
 class ActivationServicer(pb_grpc.ActivationServiceServicer):
@@ -40,13 +101,72 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     async def ListDeliveries(self, request: pb.ListDeliveriesRequest, context: Ctx) -> pb.ListDeliveriesResponse:
         with self.processor.read() as session:
             query = select(store.DeliveryRow).order_by(col(store.DeliveryRow.at), col(store.DeliveryRow.id))
+            dest_filter = None
             if request.destination:
                 dest = store.destination_by_key(session, request.destination)
-                query = query.where(store.DeliveryRow.destination_id == (dest.id if dest else request.destination))
-            rows = session.exec(query).all()
+                dest_filter = dest.id if dest else request.destination
+                query = query.where(store.DeliveryRow.destination_id == dest_filter)
             deliveries = []
-            for row in rows:
+            for row in session.exec(query).all():
                 delivery = pb.Delivery()
                 json_format.ParseDict(row.body, delivery)
                 deliveries.append(delivery)
-            return pb.ListDeliveriesResponse(deliveries=deliveries)
+            stats: list[pb.DeliveryStats] = []
+            for dest_row in session.exec(select(store.DestinationRow).order_by(col(store.DestinationRow.name))):
+                if dest_filter and dest_row.id != dest_filter:
+                    continue
+                plans = session.exec(
+                    select(store.PlanRow)
+                    .where(store.PlanRow.destination_id == dest_row.id)
+                    .order_by(col(store.PlanRow.id))
+                ).all()
+                per_plan = [plan_stats(session, p, dest_row) for p in plans]
+                stats.append(destination_total(dest_row, per_plan))
+                stats.extend(per_plan)
+            return pb.ListDeliveriesResponse(deliveries=deliveries, stats=stats)
+
+    async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx) -> pb.ListDeadLettersResponse:
+        with self.processor.read() as session:
+            query = select(store.BatchRow).where(store.BatchRow.status == "dead")
+            if request.destination:
+                dest = store.destination_by_key(session, request.destination)
+                query = query.where(store.BatchRow.destination_id == (dest.id if dest else request.destination))
+            out = []
+            for row in session.exec(query.order_by(col(store.BatchRow.prepared_at), col(store.BatchRow.id))):
+                letter = pb.DeadLetter(
+                    batch_id=row.id,
+                    plan_id=row.plan_id,
+                    destination=row.destination_id,
+                    action=row.action,
+                    profiles=row.profiles,
+                    attempts=row.attempts,
+                    reason=row.reason,
+                    permanent=row.permanent,
+                )
+                if row.finished_at is not None:
+                    letter.at.CopyFrom(to_timestamp(row.finished_at))
+                out.append(letter)
+            return pb.ListDeadLettersResponse(dead_letters=out)
+
+    async def Redrive(self, request: pb.RedriveRequest, context: Ctx) -> pb.RedriveResponse:
+        return await self.handlers.redrive(request)
+
+    async def LabelData(self, request: pb.LabelDataRequest, context: Ctx) -> pb.DataLabel:
+        return await self.handlers.label_data(request.label)
+
+    async def CreatePolicy(self, request: pb.CreatePolicyRequest, context: Ctx) -> pb.Policy:
+        return await self.handlers.create_policy(request.policy)
+
+    async def ListGovernance(self, request: pb.ListGovernanceRequest, context: Ctx) -> pb.ListGovernanceResponse:
+        with self.processor.read() as session:
+            labels = [
+                pb.DataLabel(kind=r.kind, name=r.name, label=r.label)
+                for r in session.exec(
+                    select(store.LabelRow).order_by(col(store.LabelRow.kind), col(store.LabelRow.name))
+                )
+            ]
+            policies = [
+                pb.Policy(id=r.id, name=r.name, label=r.label, action=r.action)
+                for r in session.exec(select(store.PolicyRow).order_by(col(store.PolicyRow.name)))
+            ]
+            return pb.ListGovernanceResponse(labels=labels, policies=policies)

@@ -1,116 +1,457 @@
-"""Deliveries: when a plan's segment changed since its last delivery, send the audience
-and record the outcome on the log (CDP_DELIVERY)."""
+"""Delivery: membership changes become micro-batches of adds and removes per plan, sent by
+one worker per destination.
+
+* The **planner** (one loop) diffs each plan's wanted audience (segment members with the
+  identities the destination needs, consent for its marketing action, no policy
+  violation) against what the destination holds plus what is in flight, records who is
+  excluded and why (ExclusionsChanged), and cuts batches by size and age. A batch is
+  recorded (BatchPrepared, id derived from plan and sequence) BEFORE it is sent.
+* A **worker** per destination sends its pending batches in order, through the
+  destination's rate limiter, with retries (exponential backoff with jitter, honouring
+  Retry-After), and records the outcome: BatchDelivered, or BatchFailed (dead letter) at
+  once for a permanent error or after ``max_attempts`` transient ones. Workers are
+  independent tasks with their own HTTP session and timeouts, so a slow, failing or
+  hanging destination delays no other.
+* After a crash, pending batches are sent again with the same id: destinations that
+  support idempotency (file names, Idempotency-Key, Meta session ids) add nothing twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from google.protobuf import json_format
-from sqlmodel import Session, select
+import aiohttp
+from aiolimiter import AsyncLimiter
+from google.protobuf import json_format, struct_pb2
+from sqlmodel import Session, col, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation import store
-from cdp_activation.connectors import Audience, connector_for
-from cdp_activation.connectors.base import Member
+from cdp_activation import governance, store
+from cdp_activation.connectors import (
+    Batch,
+    Connector,
+    ConnectorConfig,
+    DeliveryError,
+    Record,
+    SendContext,
+    connector_for,
+)
 from cdp_activation.settings import ActivationSettings
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
+from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import ACTIVATION_DELIVERIES
 from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
+ACTIONS = ("email_marketing", "sms_marketing", "ad_targeting", "data_sharing")
 
 
-@dataclass(frozen=True)
-class Due:
+def consent_of(attributes: dict[str, Any], action: str) -> str:
+    """A profile's consent for a marketing action: attribute ``consents.<action>`` or
+    ``consent_<action>``, or "unknown"; "y" is the only yes."""
+    consents = attributes.get("consents")
+    value = consents.get(action) if isinstance(consents, dict) else None
+    if value is None:
+        value = attributes.get(f"consent_{action}")
+    if value is None:
+        return "unknown"
+    return str(value).strip().lower()
+
+
+@dataclass
+class PlanWork:
     plan: pb.ActivationPlan
-    destination: pb.Destination
-    segment_name: str
-    through: int
-    audience: Audience
+    destination: store.DestinationRow
+    adds: list[Record]
+    removes: list[Record]
+    excluded: dict[str, str]
+    cleared: list[str]
+    config: ConnectorConfig
+    next_seq: int
+
+
+@dataclass
+class DestinationState:
+    limiter: AsyncLimiter
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    http: aiohttp.ClientSession | None = None
+    rate: float = 0.0
+
+
+def wanted(
+    session: Session, plan: pb.ActivationPlan, dest: pb.Destination, connector: Connector, default_consent: str
+) -> tuple[dict[str, Record], dict[str, str]]:
+    """The plan's wanted audience (profile id -> record) and who is left out, with why."""
+    member_ids = store.members(session, plan.segment)
+    excluded: dict[str, str] = {}
+    out: dict[str, Record] = {}
+    if not member_ids:
+        return out, excluded
+    violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
+    profiles = {
+        p.profile_id: p
+        for p in session.exec(select(store.ProfileRow).where(col(store.ProfileRow.profile_id).in_(member_ids)))
+    }
+    needed = connector.required_identities(list(plan.identities))
+    for pid in member_ids:
+        profile = profiles.get(pid)
+        if profile is None:
+            continue  # absorbed, deleted, or its facts not here yet
+        if violations:
+            excluded[pid] = f"policy: {violations[0]}"
+            continue
+        consent = consent_of(profile.attributes, dest.marketing_action)
+        if consent != "y" and not (consent == "unknown" and default_consent == "y"):
+            excluded[pid] = f"consent {dest.marketing_action}={consent}"
+            continue
+        have = [ns for ns in needed if profile.identities.get(ns)]
+        if needed and connector.identity_rule == "all" and len(have) < len(needed):
+            excluded[pid] = f"missing identity {next(ns for ns in needed if ns not in have)}"
+            continue
+        if needed and connector.identity_rule == "any" and not have:
+            excluded[pid] = f"missing identity {'|'.join(needed)}"
+            continue
+        namespaces = sorted(profile.identities) if connector.all_identities else list(plan.identities)
+        identities = {ns: list(profile.identities[ns]) for ns in namespaces if profile.identities.get(ns)}
+        attributes = {a: profile.attributes[a] for a in plan.attributes if a in profile.attributes}
+        out[pid] = Record(pid, identities, attributes)
+    return out, excluded
+
+
+def to_proto(rec: Record) -> pb.Record:
+    out = pb.Record(profile_id=rec.profile_id)
+    for ns, values in sorted(rec.identities.items()):
+        out.identities[ns].values.extend(values)
+    out.attributes.CopyFrom(json_format.ParseDict(rec.attributes, struct_pb2.Struct()))
+    return out
+
+
+def split_to_fit(records: list[Record], size: int) -> list[list[Record]]:
+    """Chunks of at most ``size`` records whose BatchPrepared fits one log message."""
+    out: list[list[Record]] = []
+    budget = MAX_MESSAGE_BYTES // 2
+    for start in range(0, len(records), size):
+        chunk = records[start : start + size]
+        while chunk:
+            take = len(chunk)
+            while take > 1 and sum(to_proto(r).ByteSize() + 8 for r in chunk[:take]) > budget:
+                take //= 2
+            out.append(chunk[:take])
+            chunk = chunk[take:]
+    return out
 
 
 class Deliverer:
     def __init__(self, processor: Processor, settings: ActivationSettings) -> None:
         self.processor = processor
         self.settings = settings
+        self.export_root = settings.resolved_export_dir()
+        self.destinations: dict[str, DestinationState] = {}
+        self.first_seen: dict[str, float] = {}
 
+    # ------------------------------------------------------------------ loop
     async def run(self) -> None:
         await self.processor.ready.wait()
-        while True:
-            try:
-                await self.deliver_due()
-            except Exception:
-                log.exception("delivery_round_failed")
-            await asyncio.sleep(self.settings.delivery_interval_s)
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:
+                    log.exception("delivery_planning_failed")
+                await asyncio.sleep(self.settings.delivery_interval_s)
+        finally:
+            await self.close()
 
-    async def deliver_due(self) -> int:
+    async def close(self) -> None:
+        for state in self.destinations.values():
+            if state.task is not None:
+                state.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await state.task
+            if state.http is not None:
+                await state.http.close()
+        self.destinations.clear()
+
+    async def tick(self, force: bool = False) -> int:
+        """Plan one round: record exclusions, cut due batches, wake the workers. Returns batches cut."""
         with self.processor.read() as session:
-            due = [d for row in session.exec(select(store.PlanRow)).all() if (d := self._due(session, row))]
-        for item in due:
-            await self._deliver(item)
-        return len(due)
+            work = [w for row in session.exec(select(store.PlanRow)).all() if (w := self._work(session, row))]
+        cut = 0
+        now = time.monotonic()
+        for item in work:
+            if item.excluded or item.cleared:
+                await self._record_exclusions(item)
+            changes = len(item.adds) + len(item.removes)
+            if not changes:
+                self.first_seen.pop(item.plan.id, None)
+                continue
+            since = self.first_seen.setdefault(item.plan.id, now)
+            size = item.config.batch_size
+            due = force or now - since >= item.config.batch_age_s
+            seq = item.next_seq
+            for action, records in (("remove", item.removes), ("add", item.adds)):
+                for chunk in split_to_fit(records, size):
+                    if len(chunk) < size and not due:
+                        continue  # a partial batch waits for its age
+                    if not await self._prepare(item, action, chunk, seq):
+                        break
+                    seq += 1
+                    cut += 1
+            if due:
+                self.first_seen.pop(item.plan.id, None)
+        self._wake_workers()
+        return cut
 
-    def _due(self, session: Session, row: store.PlanRow) -> Due | None:
-        through = store.last_change(session, row.segment_id)
-        if row.deliveries and through <= row.delivered_through:
+    def _work(self, session: Session, row: store.PlanRow) -> PlanWork | None:
+        dest_row = session.get(store.DestinationRow, row.destination_id)
+        if dest_row is None or session.get(store.SegmentRow, row.segment_id) is None:
             return None
-        segment = session.get(store.SegmentRow, row.segment_id)
-        destination = session.get(store.DestinationRow, row.destination_id)
-        if segment is None or destination is None:
-            return None
-        member_ids = store.members(session, row.segment_id)
-        profiles = {p.profile_id: p for p in (session.get(store.ProfileRow, m) for m in member_ids) if p}
-        if len(profiles) < len(member_ids):
-            return None  # profile facts not here yet: deliver on a later round
         plan = store.plan_of(row)
-        before = store.plan_members(session, row.id)
-        audience = Audience(
-            destination=destination.name,
-            segment=segment.name,
-            members=[Member(m, profiles[m].identities, profiles[m].attributes) for m in member_ids],
-            added=sorted(set(member_ids) - before),
-            removed=sorted(before - set(member_ids)),
-            identities=list(plan.identities),
-            attributes=list(plan.attributes),
-        )
-        return Due(plan, store.destination_of(destination), segment.name, through, audience)
+        if plan.schedule not in ("", "streaming"):
+            return None
+        dest = store.destination_of(dest_row)
+        connector = connector_for(dest.connector)
+        config = connector.parse(json_format.MessageToDict(dest.config))
+        want, excluded = wanted(session, plan, dest, connector, self.settings.unknown_consent)
+        held = {
+            m.profile_id: m
+            for m in session.exec(select(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == row.id))
+        }
+        in_flight: set[str] = set()
+        for batch in session.exec(
+            select(store.BatchRow).where(
+                store.BatchRow.plan_id == row.id, col(store.BatchRow.status).in_(["pending", "dead"])
+            )
+        ):
+            in_flight.update(str(r["profile_id"]) for r in batch.records)
+        adds = [rec for pid, rec in sorted(want.items()) if pid not in held and pid not in in_flight]
+        removes = [
+            Record.of(m.record or {"profile_id": pid})
+            for pid, m in sorted(held.items())
+            if pid not in want and pid not in in_flight
+        ]
+        before = {
+            e.profile_id: e.reason
+            for e in session.exec(select(store.ExclusionRow).where(store.ExclusionRow.plan_id == row.id))
+        }
+        new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
+        cleared = sorted(pid for pid in before if pid not in excluded)
+        return PlanWork(plan, dest_row, adds, removes, new, cleared, config, row.batch_seq)
 
-    async def _deliver(self, due: Due) -> None:
-        dest = due.destination
-        connector = connector_for(dest.connector, self.settings.resolved_export_dir())
-        config = json_format.MessageToDict(dest.config)
-        result = await connector.deliver(config, due.audience)
-        delivery = pb.Delivery(
-            id=deterministic_id("delivery", due.plan.id, due.through),
-            plan_id=due.plan.id,
-            destination=dest.id,
-            members=result.delivered,
-            added=len(due.audience.added),
-            removed=len(due.audience.removed),
-            location=result.location,
-            through_sequence=due.through,
-            excluded=result.excluded,
-        )
+    async def _record_exclusions(self, item: PlanWork) -> None:
+        changed = ev.ExclusionsChanged(plan_id=item.plan.id, excluded=item.excluded, cleared=item.cleared)
         now = utcnow()
-        delivery.at.FromDatetime(now)
-        completed = ev.DeliveryCompleted(
-            delivery=delivery, added_profiles=due.audience.added, removed_profiles=due.audience.removed
-        )
+        key = deterministic_id("exclusions", item.plan.id, json.dumps([sorted(item.excluded.items()), item.cleared]))
 
         def decide(uow: UnitOfWork) -> None:
-            env = make_envelope(completed, event_id=delivery.id, subject_key=dest.id, occurred_at=now, cause=uow.cause)
+            env = make_envelope(changed, event_id=key, subject_key=item.plan.id, occurred_at=now, cause=uow.cause)
             uow.emit(ACTIVATION_DELIVERIES, [env])
 
-        await self.processor.execute(f"deliver:{delivery.id}", decide)
+        await self.processor.execute(f"exclusions:{key}", decide)
+
+    async def _prepare(self, item: PlanWork, action: str, records: list[Record], seq: int) -> bool:
+        batch_id = deterministic_id("batch", item.plan.id, seq)
+        batch = pb.Batch(
+            id=batch_id,
+            plan_id=item.plan.id,
+            destination=item.destination.id,
+            action=action,
+            sequence=seq,
+            records=[to_proto(r) for r in records],
+        )
+        now = utcnow()
+        batch.prepared_at.FromDatetime(now)
+
+        def decide(uow: UnitOfWork) -> bool:
+            plan = uow.session.get(store.PlanRow, item.plan.id)
+            if plan is None or plan.batch_seq != seq:
+                return False  # someone prepared this sequence already: plan again next round
+            env = make_envelope(
+                ev.BatchPrepared(batch=batch),
+                event_id=batch_id,
+                subject_key=item.destination.id,
+                occurred_at=now,
+                cause=uow.cause,
+            )
+            uow.emit(ACTIVATION_DELIVERIES, [env])
+            return True
+
+        return await self.processor.execute(f"prepare:{batch_id}", decide)
+
+    # --------------------------------------------------------------- workers
+    def _wake_workers(self) -> None:
+        with self.processor.read() as session:
+            pending = set(
+                session.exec(select(store.BatchRow.destination_id).where(store.BatchRow.status == "pending")).all()
+            )
+        for dest_id in pending:
+            state = self._state(dest_id)
+            if state.task is None or state.task.done():
+                state.task = asyncio.create_task(self._worker(dest_id), name=f"deliver:{dest_id}")
+            state.wake.set()
+
+    def _state(self, dest_id: str) -> DestinationState:
+        if dest_id not in self.destinations:
+            self.destinations[dest_id] = DestinationState(limiter=AsyncLimiter(1, 1))
+        return self.destinations[dest_id]
+
+    async def _worker(self, dest_id: str) -> None:
+        state = self._state(dest_id)
+        while True:
+            state.wake.clear()
+            job = self._next_batch(dest_id)
+            if job is None:
+                await state.wake.wait()
+                continue
+            try:
+                await self._send(state, *job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery_worker_failed", destination=dest_id)
+                await asyncio.sleep(self.settings.delivery_interval_s)
+
+    def _next_batch(self, dest_id: str) -> tuple[store.BatchRow, pb.Destination, Batch, int] | None:
+        with self.processor.read() as session:
+            row = session.exec(
+                select(store.BatchRow)
+                .where(store.BatchRow.destination_id == dest_id, store.BatchRow.status == "pending")
+                .order_by(col(store.BatchRow.prepared_at), col(store.BatchRow.plan_id), col(store.BatchRow.sequence))
+            ).first()
+            if row is None:
+                return None
+            plan_row = session.get(store.PlanRow, row.plan_id)
+            dest_row = session.get(store.DestinationRow, dest_id)
+            if plan_row is None or dest_row is None:
+                return None
+            plan, dest = store.plan_of(plan_row), store.destination_of(dest_row)
+            segment = session.get(store.SegmentRow, plan.segment)
+            connector = connector_for(dest.connector)
+            records = [Record.of(r) for r in row.records]
+            held = {
+                m.profile_id: Record.of(m.record or {"profile_id": m.profile_id})
+                for m in session.exec(select(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == plan.id))
+            }
+            for rec in records:
+                if row.action == "add":
+                    held[rec.profile_id] = rec
+                else:
+                    held.pop(rec.profile_id, None)
+            config = connector.parse(json_format.MessageToDict(dest.config))
+            snapshot = [held[k] for k in sorted(held)] if connector.wants_snapshot(config) else None
+            batch = Batch(
+                id=row.id,
+                plan_id=plan.id,
+                destination=dest.name,
+                segment=segment.name if segment else plan.segment,
+                action="add" if row.action == "add" else "remove",
+                sequence=row.sequence,
+                records=records,
+                identities=list(plan.identities),
+                attributes=list(plan.attributes),
+                snapshot=snapshot,
+            )
+            session.expunge(row)
+            return row, dest, batch, len(held)
+
+    async def _send(
+        self, state: DestinationState, row: store.BatchRow, dest: pb.Destination, batch: Batch, members: int
+    ) -> None:
+        connector = connector_for(dest.connector)
+        config = connector.parse(json_format.MessageToDict(dest.config))
+        if state.rate != config.rate_per_s:
+            state.limiter, state.rate = AsyncLimiter(config.rate_per_s, 1.0), config.rate_per_s
+        if state.http is None:
+            state.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.timeout_s))
+        ctx = SendContext(http=state.http, export_root=self.export_root, members_after=members)
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                async with state.limiter:
+                    result = await asyncio.wait_for(connector.send(ctx, config, batch), timeout=config.timeout_s)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a connector bug or a timeout is transient, never a crash
+                error = exc if isinstance(exc, DeliveryError) else DeliveryError(describe(exc, config), permanent=False)
+                if error.permanent or attempts >= config.max_attempts:
+                    await self._record_failed(batch, attempts, error)
+                    return
+                delay = error.retry_after if error.retry_after is not None else backoff(config, attempts)
+                log.info(
+                    "delivery_retry",
+                    destination=dest.name,
+                    batch=batch.id,
+                    attempt=attempts,
+                    reason=error.reason,
+                    delay_s=round(delay, 3),
+                )
+                await asyncio.sleep(min(delay, config.backoff_max_s))
+        latency = (time.monotonic() - started) * 1000
+        done = ev.BatchDelivered(
+            batch_id=batch.id,
+            attempts=attempts,
+            latency_ms=latency,
+            activated=result.activated,
+            location=result.location,
+            rejected=result.rejected,
+            warnings=result.warnings,
+        )
+        now = utcnow()
+        done.at.FromDatetime(now)
+        await self._record(done, f"delivered:{batch.id}", dest.id, now)
         log.info(
             "delivered",
             destination=dest.name,
-            plan=due.plan.id,
-            members=result.delivered,
-            added=delivery.added,
-            removed=delivery.removed,
-            excluded=dict(result.excluded),
+            batch=batch.id,
+            action=batch.action,
+            profiles=len(batch.records),
+            activated=result.activated,
+            attempts=attempts,
+            latency_ms=round(latency, 1),
         )
+
+    async def _record_failed(self, batch: Batch, attempts: int, error: DeliveryError) -> None:
+        failed = ev.BatchFailed(batch_id=batch.id, attempts=attempts, reason=error.reason, permanent=error.permanent)
+        now = utcnow()
+        failed.at.FromDatetime(now)
+        await self._record(failed, f"failed:{batch.id}:{now.isoformat()}", batch.destination, now)
+        log.warning(
+            "delivery_dead_lettered",
+            destination=batch.destination,
+            batch=batch.id,
+            attempts=attempts,
+            reason=error.reason,
+        )
+
+    async def _record(self, event: Any, key: str, subject: str, now: Any) -> None:
+        event_id = deterministic_id("outcome", key)
+
+        def decide(uow: UnitOfWork) -> None:
+            env = make_envelope(event, event_id=event_id, subject_key=subject, occurred_at=now, cause=uow.cause)
+            uow.emit(ACTIVATION_DELIVERIES, [env])
+
+        await self.processor.execute(key, decide)
+
+
+def describe(exc: BaseException, config: ConnectorConfig) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {config.timeout_s}s"
+    return f"connector error {type(exc).__name__}"
+
+
+def backoff(config: ConnectorConfig, attempt: int) -> float:
+    """Exponential backoff with full jitter around the doubled delay."""
+    base = config.backoff_s * (2 ** (attempt - 1))
+    return float(min(config.backoff_max_s, base) * random.uniform(0.5, 1.5))

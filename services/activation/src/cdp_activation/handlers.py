@@ -1,21 +1,27 @@
-"""Activation use cases: destinations and activation plans."""
+"""Activation use cases: destinations, activation plans, governance, redrive."""
 
 from __future__ import annotations
 
 from google.protobuf import json_format
+from sqlmodel import col, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation import store
+from cdp_activation import governance, store
 from cdp_activation.connectors import connector_for
+from cdp_activation.delivery import ACTIONS
 from cdp_activation.settings import ActivationSettings
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
-from cdp_kit.errors import AlreadyExists, InvalidInput, NotFound, Violation
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, Violation
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import ACTIVATION_CONFIG
+from cdp_kit.streams import ACTIVATION_CONFIG, ACTIVATION_DELIVERIES
 
-ACTIONS = ("email_marketing", "sms_marketing", "ad_targeting", "data_sharing")
-SECRET_KEYS = ("secret", "token", "password", "api_key", "key")
+SECRET_WORDS = ("secret", "token", "password", "key", "credential", "auth")
+MASK = "****"
+
+
+def is_secret(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_WORDS)
 
 
 def masked(dest: pb.Destination) -> pb.Destination:
@@ -23,8 +29,8 @@ def masked(dest: pb.Destination) -> pb.Destination:
     out = pb.Destination()
     out.CopyFrom(dest)
     for key in list(out.config.fields):
-        if any(word in key.lower() for word in SECRET_KEYS):
-            out.config[key] = "****"
+        if is_secret(key):
+            out.config[key] = MASK
     return out
 
 
@@ -39,7 +45,7 @@ class ActivationHandlers:
             problems.append(Violation("name", "required", "a destination has a name"))
         if dest.marketing_action not in ACTIONS:
             problems.append(Violation("marketing_action", "enum", f"one of {', '.join(ACTIONS)}"))
-        connector = connector_for(dest.connector, self.settings.resolved_export_dir())
+        connector = connector_for(dest.connector)
         problems += connector.validate(json_format.MessageToDict(dest.config))
         if problems:
             raise InvalidInput(f"destination {dest.name!r} is invalid", problems)
@@ -65,7 +71,10 @@ class ActivationHandlers:
     async def activate(self, request: pb.ActivateRequest) -> pb.ActivationPlan:
         schedule = request.schedule or "streaming"
         if schedule != "streaming":
-            raise InvalidInput("unsupported schedule", [Violation("schedule", "supported", "streaming")])
+            raise InvalidInput(
+                "unsupported schedule", [Violation("schedule", "supported", "streaming (cron schedules: not yet)")]
+            )
+        now = utcnow()
 
         def decide(uow: UnitOfWork) -> pb.ActivationPlan:
             dest = store.destination_by_key(uow.session, request.destination)
@@ -74,6 +83,22 @@ class ActivationHandlers:
             segment = store.segment_by_key(uow.session, request.segment)
             if segment is None:
                 raise NotFound(f"segment {request.segment!r} not known to activation (yet)")
+            destination = store.destination_of(dest)
+            connector = connector_for(destination.connector)
+            if connector.identity_namespaces is not None and request.identities:
+                unusable = [ns for ns in request.identities if ns not in connector.identity_namespaces]
+                if len(unusable) == len(request.identities):
+                    raise InvalidInput(
+                        f"{destination.connector} matches on none of {', '.join(request.identities)}",
+                        [Violation("identities", "supported", ", ".join(connector.identity_namespaces))],
+                    )
+            chains = governance.violations(
+                uow.session, destination.marketing_action, [*request.attributes, *request.identities]
+            )
+            if chains:
+                raise FailedPrecondition(
+                    f"plan {request.segment} -> {dest.name} violates data-usage policy: " + "; ".join(chains)
+                )
             plan = pb.ActivationPlan(
                 id=deterministic_id("plan", dest.id, segment.id),
                 destination=dest.id,
@@ -88,10 +113,102 @@ class ActivationHandlers:
                 ev.PlanCreated(plan=plan),
                 event_id=deterministic_id("plan-created", plan.id),
                 subject_key=plan.id,
-                occurred_at=utcnow(),
+                occurred_at=now,
                 cause=Cause(command_id=plan.id),
             )
             uow.emit(ACTIVATION_CONFIG, [env])
             return plan
 
         return await self.processor.execute(deterministic_id("activate", request.destination, request.segment), decide)
+
+    async def label_data(self, label: pb.DataLabel) -> pb.DataLabel:
+        problems = []
+        if label.kind not in ("field", "dataset"):
+            problems.append(Violation("kind", "enum", "field or dataset"))
+        if not label.name:
+            problems.append(Violation("name", "required", "the field or dataset name"))
+        if not label.label:
+            problems.append(Violation("label", "required", "e.g. C2"))
+        if problems:
+            raise InvalidInput("invalid data label", problems)
+        event_id = deterministic_id("label", label.kind, label.name, label.label)
+
+        def decide(uow: UnitOfWork) -> None:
+            if uow.session.get(store.LabelRow, (label.kind, label.name, label.label)) is not None:
+                return
+            env = make_envelope(
+                ev.DataLabeled(label=label),
+                event_id=event_id,
+                subject_key=label.name,
+                occurred_at=utcnow(),
+                cause=Cause(command_id=event_id),
+            )
+            uow.emit(ACTIVATION_CONFIG, [env])
+
+        await self.processor.execute(event_id, decide)
+        return label
+
+    async def create_policy(self, policy: pb.Policy) -> pb.Policy:
+        problems = []
+        if not policy.name:
+            problems.append(Violation("name", "required", "a policy has a name"))
+        if not policy.label:
+            problems.append(Violation("label", "required", "the denied data-usage label"))
+        if policy.action not in ACTIONS:
+            problems.append(Violation("action", "enum", f"one of {', '.join(ACTIONS)}"))
+        if problems:
+            raise InvalidInput("invalid policy", problems)
+        new = pb.Policy()
+        new.CopyFrom(policy)
+        new.id = deterministic_id("policy", policy.name)
+
+        def decide(uow: UnitOfWork) -> None:
+            if uow.session.exec(select(store.PolicyRow).where(store.PolicyRow.name == policy.name)).first():
+                raise AlreadyExists(f"policy {policy.name!r} exists")
+            env = make_envelope(
+                ev.PolicyCreated(policy=new),
+                event_id=new.id,
+                subject_key=new.id,
+                occurred_at=utcnow(),
+                cause=Cause(command_id=new.id),
+            )
+            uow.emit(ACTIVATION_CONFIG, [env])
+
+        await self.processor.execute(f"policy:{new.id}", decide)
+        return new
+
+    async def redrive(self, request: pb.RedriveRequest) -> pb.RedriveResponse:
+        now = utcnow()
+
+        def decide(uow: UnitOfWork) -> list[str]:
+            query = select(store.BatchRow).where(store.BatchRow.status == "dead")
+            if request.batch_ids:
+                query = query.where(col(store.BatchRow.id).in_(list(request.batch_ids)))
+            if request.destination:
+                dest = store.destination_by_key(uow.session, request.destination)
+                if dest is None:
+                    raise NotFound(f"destination {request.destination!r} not found")
+                query = query.where(store.BatchRow.destination_id == dest.id)
+            rows = list(uow.session.exec(query.order_by(col(store.BatchRow.prepared_at))))
+            if request.batch_ids and len(rows) < len(set(request.batch_ids)):
+                found = {r.id for r in rows}
+                missing = sorted(set(request.batch_ids) - found)
+                raise NotFound(f"no dead letter with batch id {', '.join(missing)}")
+            events = []
+            for row in rows:
+                redriven = ev.BatchRedriven(batch_id=row.id)
+                redriven.at.FromDatetime(now)
+                events.append(
+                    make_envelope(
+                        redriven,
+                        event_id=deterministic_id("redrive", row.id, now.isoformat()),
+                        subject_key=row.destination_id,
+                        occurred_at=now,
+                        cause=uow.cause,
+                    )
+                )
+            uow.emit(ACTIVATION_DELIVERIES, events)
+            return [r.id for r in rows]
+
+        ids = await self.processor.execute(deterministic_id("redrive", now.isoformat()), decide)
+        return pb.RedriveResponse(batch_ids=ids)

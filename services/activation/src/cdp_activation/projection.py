@@ -1,18 +1,38 @@
-"""Folds activation's own events (config and delivery outcomes) into its store."""
+"""Folds activation's own events (config, batches and their outcomes) into its store."""
 
 from __future__ import annotations
 
-from google.protobuf import json_format
-from sqlmodel import Session, col, delete
+from typing import Any
 
+from google.protobuf import json_format
+from sqlmodel import Session, col, delete, func, select
+
+from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation.store import DeliveryRow, DestinationRow, PlanMemberRow, PlanRow
+from cdp_activation.store import (
+    BatchRow,
+    DeliveryRow,
+    DestinationRow,
+    ExclusionRow,
+    LabelRow,
+    PlanMemberRow,
+    PlanRow,
+    PolicyRow,
+)
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.streams import OwnLog
 
 
-def _dict(msg: object) -> dict[str, object]:
+def _dict(msg: object) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)  # type: ignore[arg-type]
+
+
+def record_dict(rec: pb.Record) -> dict[str, Any]:
+    return {
+        "profile_id": rec.profile_id,
+        "identities": {ns: list(v.values) for ns, v in sorted(rec.identities.items())},
+        "attributes": json_format.MessageToDict(rec.attributes),
+    }
 
 
 class ActivationProjection:
@@ -25,31 +45,140 @@ class ActivationProjection:
             session.merge(
                 PlanRow(id=plan.id, destination_id=plan.destination, segment_id=plan.segment, body=_dict(plan))
             )
-        elif is_a(env, ev.DeliveryCompleted):
-            completed = unpack(env, ev.DeliveryCompleted)
-            delivery = completed.delivery
-            for profile_id in completed.added_profiles:
-                session.merge(PlanMemberRow(plan_id=delivery.plan_id, profile_id=profile_id))
-            if completed.removed_profiles:
+        elif is_a(env, ev.DataLabeled):
+            label = unpack(env, ev.DataLabeled).label
+            session.merge(LabelRow(kind=label.kind, name=label.name, label=label.label))
+        elif is_a(env, ev.PolicyCreated):
+            policy = unpack(env, ev.PolicyCreated).policy
+            session.merge(PolicyRow(id=policy.id, name=policy.name, label=policy.label, action=policy.action))
+        elif is_a(env, ev.BatchPrepared):
+            self._prepared(session, unpack(env, ev.BatchPrepared).batch)
+        elif is_a(env, ev.BatchDelivered):
+            self._delivered(session, unpack(env, ev.BatchDelivered))
+        elif is_a(env, ev.BatchFailed):
+            failed = unpack(env, ev.BatchFailed)
+            row = session.get(BatchRow, failed.batch_id)
+            if row is not None:
+                row.status, row.reason, row.permanent = "dead", failed.reason, failed.permanent
+                row.attempts += failed.attempts
+                row.retried += max(0, failed.attempts - 1)
+                row.finished_at = from_timestamp(failed.at)
+                session.add(row)
+        elif is_a(env, ev.BatchRedriven):
+            redriven = unpack(env, ev.BatchRedriven)
+            row = session.get(BatchRow, redriven.batch_id)
+            if row is not None and row.status == "dead":
+                row.status, row.reason, row.permanent = "pending", "", False
+                session.add(row)
+        elif is_a(env, ev.ExclusionsChanged):
+            changed = unpack(env, ev.ExclusionsChanged)
+            if changed.cleared:
                 session.exec(
-                    delete(PlanMemberRow).where(
-                        col(PlanMemberRow.plan_id) == delivery.plan_id,
-                        col(PlanMemberRow.profile_id).in_(list(completed.removed_profiles)),
+                    delete(ExclusionRow).where(
+                        col(ExclusionRow.plan_id) == changed.plan_id,
+                        col(ExclusionRow.profile_id).in_(list(changed.cleared)),
                     )
                 )
-            at = from_timestamp(delivery.at)
-            session.merge(
-                DeliveryRow(
-                    id=delivery.id,
-                    plan_id=delivery.plan_id,
-                    destination_id=delivery.destination,
-                    body=_dict(delivery),
-                    at=at,
+            for profile_id, reason in changed.excluded.items():
+                session.merge(ExclusionRow(plan_id=changed.plan_id, profile_id=profile_id, reason=reason))
+        elif is_a(env, ev.DeliveryCompleted):
+            self._legacy_completed(session, unpack(env, ev.DeliveryCompleted))
+        session.flush()
+
+    @staticmethod
+    def _prepared(session: Session, batch: pb.Batch) -> None:
+        session.merge(
+            BatchRow(
+                id=batch.id,
+                plan_id=batch.plan_id,
+                destination_id=batch.destination,
+                action=batch.action,
+                sequence=batch.sequence,
+                status="pending",
+                records=[record_dict(r) for r in batch.records],
+                profiles=len(batch.records),
+                prepared_at=from_timestamp(batch.prepared_at),
+            )
+        )
+        plan = session.get(PlanRow, batch.plan_id)
+        if plan is not None:
+            plan.batch_seq = max(plan.batch_seq, batch.sequence + 1)
+            session.add(plan)
+
+    @staticmethod
+    def _delivered(session: Session, done: ev.BatchDelivered) -> None:
+        row = session.get(BatchRow, done.batch_id)
+        if row is None or row.status == "delivered":
+            return
+        row.status, row.reason = "delivered", ""
+        row.attempts += done.attempts
+        row.retried += max(0, done.attempts - 1)
+        row.finished_at = from_timestamp(done.at)
+        row.latency_ms, row.activated = done.latency_ms, done.activated
+        row.rejected, row.warnings = dict(done.rejected), list(done.warnings)
+        session.add(row)
+        ids = [str(r["profile_id"]) for r in row.records]
+        if row.action == "add":
+            for record in row.records:
+                session.merge(PlanMemberRow(plan_id=row.plan_id, profile_id=record["profile_id"], record=record))
+        elif ids:
+            session.exec(
+                delete(PlanMemberRow).where(
+                    col(PlanMemberRow.plan_id) == row.plan_id, col(PlanMemberRow.profile_id).in_(ids)
                 )
             )
-            plan_row = session.get(PlanRow, delivery.plan_id)
-            if plan_row is not None:
-                plan_row.delivered_through = max(plan_row.delivered_through, delivery.through_sequence)
-                plan_row.deliveries += 1
-                session.add(plan_row)
         session.flush()
+        members = session.exec(
+            select(func.count()).select_from(PlanMemberRow).where(PlanMemberRow.plan_id == row.plan_id)
+        ).one()
+        reasons: dict[str, int] = {}
+        for reason in session.exec(select(ExclusionRow.reason).where(ExclusionRow.plan_id == row.plan_id)).all():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        delivery = pb.Delivery(
+            id=row.id,
+            plan_id=row.plan_id,
+            destination=row.destination_id,
+            members=int(members),
+            added=len(ids) if row.action == "add" else 0,
+            removed=len(ids) if row.action == "remove" else 0,
+            location=done.location,
+            through_sequence=row.sequence,
+            excluded=reasons,
+        )
+        delivery.at.CopyFrom(done.at)
+        session.merge(
+            DeliveryRow(
+                id=row.id,
+                plan_id=row.plan_id,
+                destination_id=row.destination_id,
+                body=_dict(delivery),
+                at=row.finished_at,
+            )
+        )
+        plan = session.get(PlanRow, row.plan_id)
+        if plan is not None:
+            plan.deliveries += 1
+            session.add(plan)
+
+    @staticmethod
+    def _legacy_completed(session: Session, completed: ev.DeliveryCompleted) -> None:
+        """Snapshot deliveries recorded before micro-batches existed."""
+        delivery = completed.delivery
+        for profile_id in completed.added_profiles:
+            session.merge(PlanMemberRow(plan_id=delivery.plan_id, profile_id=profile_id))
+        if completed.removed_profiles:
+            session.exec(
+                delete(PlanMemberRow).where(
+                    col(PlanMemberRow.plan_id) == delivery.plan_id,
+                    col(PlanMemberRow.profile_id).in_(list(completed.removed_profiles)),
+                )
+            )
+        session.merge(
+            DeliveryRow(
+                id=delivery.id,
+                plan_id=delivery.plan_id,
+                destination_id=delivery.destination,
+                body=_dict(delivery),
+                at=from_timestamp(delivery.at),
+            )
+        )

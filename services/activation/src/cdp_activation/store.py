@@ -31,6 +31,8 @@ class PlanRow(SQLModel, table=True):
     body: dict[str, Any] = Field(sa_type=sa.JSON)
     delivered_through: int = Field(default=0, sa_type=sa.BigInteger)
     deliveries: int = 0
+    # Batches prepared so far: the next batch's sequence (batch ids derive from it).
+    batch_seq: int = Field(default=0, sa_type=sa.BigInteger)
 
 
 class SegmentRow(SQLModel, table=True):
@@ -72,13 +74,86 @@ class ProfileRow(SQLModel, table=True):
     attribute_times: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
+class FragmentRow(SQLModel, table=True):
+    """A profile record's attributes, kept so a split can rebuild each part's attributes."""
+
+    __tablename__ = "act_fragment"
+
+    id: str = Field(primary_key=True)
+    profile_id: str = Field(index=True)
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    at: str = ""
+
+
 class PlanMemberRow(SQLModel, table=True):
-    """Who the destination holds for a plan, after its last delivery."""
+    """Who the destination holds for a plan, and the record it was sent (removals reuse it)."""
 
     __tablename__ = "act_plan_member"
 
     plan_id: str = Field(primary_key=True)
     profile_id: str = Field(primary_key=True)
+    record: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+class BatchRow(SQLModel, table=True):
+    """A prepared micro-batch: pending until delivered or dead-lettered."""
+
+    __tablename__ = "act_batch"
+
+    id: str = Field(primary_key=True)
+    plan_id: str = Field(index=True)
+    destination_id: str = Field(index=True)
+    action: str
+    sequence: int = Field(sa_type=sa.BigInteger)
+    status: str = Field(index=True)  # pending | delivered | dead
+    records: list[Any] = Field(default_factory=list, sa_type=sa.JSON)
+    profiles: int = 0
+    attempts: int = 0
+    retried: int = 0
+    reason: str = ""
+    permanent: bool = False
+    prepared_at: datetime
+    finished_at: datetime | None = None
+    latency_ms: float = 0.0
+    activated: int = 0
+    rejected: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    warnings: list[Any] = Field(default_factory=list, sa_type=sa.JSON)
+
+
+class ExclusionRow(SQLModel, table=True):
+    """A segment member a plan leaves out, and why."""
+
+    __tablename__ = "act_exclusion"
+
+    plan_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True)
+    reason: str
+
+
+class AttributeSourceRow(SQLModel, table=True):
+    """Which datasets an attribute or identity namespace came from (for data-usage policies)."""
+
+    __tablename__ = "act_attribute_source"
+
+    name: str = Field(primary_key=True)
+    dataset: str = Field(primary_key=True)
+
+
+class LabelRow(SQLModel, table=True):
+    __tablename__ = "act_label"
+
+    kind: str = Field(primary_key=True)
+    name: str = Field(primary_key=True)
+    label: str = Field(primary_key=True)
+
+
+class PolicyRow(SQLModel, table=True):
+    __tablename__ = "act_policy"
+
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True)
+    label: str = Field(index=True)
+    action: str
 
 
 class DeliveryRow(SQLModel, table=True):
@@ -92,7 +167,20 @@ class DeliveryRow(SQLModel, table=True):
 
 
 TABLES = tables_of(
-    DestinationRow, PlanRow, SegmentRow, MemberRow, SegmentChangeRow, ProfileRow, PlanMemberRow, DeliveryRow
+    DestinationRow,
+    PlanRow,
+    SegmentRow,
+    MemberRow,
+    SegmentChangeRow,
+    ProfileRow,
+    FragmentRow,
+    PlanMemberRow,
+    DeliveryRow,
+    BatchRow,
+    ExclusionRow,
+    AttributeSourceRow,
+    LabelRow,
+    PolicyRow,
 )
 
 

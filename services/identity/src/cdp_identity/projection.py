@@ -1,62 +1,136 @@
-"""Folds identity's own events (fragments and merges) into the graph."""
+"""Folds identity's own events into the graph. Pure: every decision is already in the event."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from itertools import combinations
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlmodel import Session
 
-from sqlmodel import Session, col, update
-
+from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
-from cdp_identity.store import IdentityRow, LinkRow, ProfileRow, next_ordinal, node_key
-from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
+from cdp_identity.domain import Namespace, Rules, node_key
+from cdp_identity.graph import DIRTY, NEW, WorkingSet, pair, type_number
+from cdp_kit.envelope import Envelope, is_a, unpack
 from cdp_kit.streams import OwnLog
 
 
+def micros(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def key_of(ident: IdentityValue) -> str:
+    return node_key(ident.namespace, ident.value)
+
+
+def links_text(links: list[tuple[str, str]]) -> str:
+    return "\n".join(f"{a}\t{b}" for a, b in links)
+
+
 class IdentityProjection:
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+
+    def graph(self, session: Session) -> WorkingSet:
+        return WorkingSet.of(session, self.rules)
+
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         if is_a(env, ev.ProfileFragment):
-            self._fragment(session, unpack(env, ev.ProfileFragment), from_timestamp(env.occurred_at))
+            self._fragment(self.graph(session), unpack(env, ev.ProfileFragment), env)
         elif is_a(env, ev.ProfilesMerged):
-            self._merged(session, unpack(env, ev.ProfilesMerged))
+            self._merged(self.graph(session), unpack(env, ev.ProfilesMerged))
+        elif is_a(env, ev.GraphDecision):
+            self._decision(self.graph(session), unpack(env, ev.GraphDecision), env)
+        elif is_a(env, ev.ProfileSplit):
+            self._split(self.graph(session), unpack(env, ev.ProfileSplit))
+        elif is_a(env, ev.NamespaceCreated):
+            self._namespace(self.graph(session), unpack(env, ev.NamespaceCreated))
 
-    def _fragment(self, session: Session, frag: ev.ProfileFragment, at: datetime) -> None:
-        if session.get(ProfileRow, frag.profile_id) is None:
-            session.add(ProfileRow(profile_id=frag.profile_id, ordinal=next_ordinal(session)))
-            session.flush()
-        for ident in frag.identities:
-            row = session.get(IdentityRow, (ident.namespace, ident.value))
-            if row is None:
-                row = IdentityRow(
-                    namespace=ident.namespace,
-                    value=ident.value,
-                    profile_id=frag.profile_id,
-                    first_seen=at,
-                    last_seen=at,
-                )
-            else:
-                row.profile_id = frag.profile_id
-                row.last_seen = max(row.last_seen, at)
-            session.add(row)
-        keys = sorted(node_key(i.namespace, i.value) for i in frag.identities)
-        for a, b in combinations(keys, 2):
-            link = session.get(LinkRow, (a, b))
-            if link is None:
-                session.add(LinkRow(a=a, b=b, first_seen=at, last_seen=at, dataset=frag.dataset))
-            else:
-                link.last_seen = max(link.last_seen, at)
-                session.add(link)
-        session.flush()
+    def _fragment(self, ws: WorkingSet, frag: ev.ProfileFragment, env: Envelope) -> None:
+        for d in frag.dropped:
+            ws.drops[(d.namespace, d.rule)] += 1
+        if not frag.identities:
+            return
+        ws.load(key_of(i) for i in frag.identities)
+        anchor = key_of(frag.anchor) if frag.HasField("anchor") else key_of(frag.identities[0])
+        ws.add_profile(frag.profile_id, anchor)
+        at = micros(env.occurred_at)
+        keys = [
+            ws.touch_node(i.namespace, i.value, frag.profile_id, at, frag.dataset, frag.batch_id)
+            for i in frag.identities
+        ]
+        for i, a in enumerate(keys):
+            for b in keys[i + 1 :]:
+                if a != b:
+                    ws.touch_link(a, b, at, frag.dataset, frag.batch_id)
+        ws.add_fragment(frag.source_event_id, anchor)
 
-    def _merged(self, session: Session, merged: ev.ProfilesMerged) -> None:
-        absorbed = list(merged.absorbed)
-        session.exec(
-            update(IdentityRow).where(col(IdentityRow.profile_id).in_(absorbed)).values(profile_id=merged.survivor)
+    def _merged(self, ws: WorkingSet, merged: ev.ProfilesMerged) -> None:
+        ws.load_profiles([merged.survivor, *merged.absorbed])
+        for absorbed in merged.absorbed:
+            for key in sorted(ws.members.get(absorbed, set())):
+                ws.move(key, merged.survivor)
+            profile = ws.profile(absorbed)
+            if profile is not None:
+                profile.merged_into = merged.survivor
+                if profile.state != NEW:
+                    profile.state = DIRTY
+
+    def _decision(self, ws: WorkingSet, decision: ev.GraphDecision, env: Envelope) -> None:
+        for d in decision.dropped:
+            ws.drops[(d.namespace, d.rule)] += 1
+        removed = [pair(key_of(x.a), key_of(x.b)) for x in decision.removed_links]
+        for a, b in removed:
+            ws.remove_link(a, b)
+        ident = key_of(decision.identity) if decision.HasField("identity") else ""
+        other = key_of(decision.other) if decision.HasField("other") else ""
+        if decision.remember and ident:
+            ws.remember_unlink(ident, other)
+        if decision.rule == "no_identities":
+            return
+        refused = [pair(key_of(x.a), key_of(x.b)) for x in decision.refused_links]
+        ws.decisions.append(
+            {
+                "id": env.id,
+                "rule": decision.rule,
+                "reason": decision.reason,
+                "effect": "removed" if removed else ("refused" if refused else "remembered"),
+                "profile_id": decision.profile_id,
+                "identity": ident,
+                "other": other,
+                "links": links_text(removed or refused),
+                "source_event_id": decision.source_event_id,
+                "at": micros(env.occurred_at),
+            }
         )
-        session.exec(
-            update(ProfileRow).where(col(ProfileRow.profile_id).in_(absorbed)).values(merged_into=merged.survivor)
+
+    def _split(self, ws: WorkingSet, split: ev.ProfileSplit) -> None:
+        ws.load_profiles([split.profile_id])
+        for part in split.parts:
+            if part.profile_id != split.profile_id:
+                founder = key_of(part.founder) if part.HasField("founder") else key_of(part.identities[0])
+                ws.add_profile(part.profile_id, founder, split_from=split.profile_id)
+            for ident in part.identities:
+                key = key_of(ident)
+                if key in ws.nodes:
+                    ws.move(key, part.profile_id)
+
+    def _namespace(self, ws: WorkingSet, created: ev.NamespaceCreated) -> None:
+        if created.name in ws.rules.namespaces:
+            return
+        ns = Namespace(
+            created.name,
+            type_number(created.type),
+            created.unique,
+            created.priority,
+            False,
+            created.description,
         )
-        session.exec(
-            update(ProfileRow).where(col(ProfileRow.merged_into).in_(absorbed)).values(merged_into=merged.survivor)
+        ws.rules = ws.rules.with_namespace(ns)
+        ws.new_namespaces.append(
+            {
+                "name": ns.name,
+                "type": created.type,
+                "unique": ns.unique,
+                "priority": ns.priority,
+                "description": ns.description,
+            }
         )
-        session.flush()

@@ -1,11 +1,12 @@
-"""The identity store: identities, links between them, and profiles."""
+"""The identity store: identities (nodes), links between them, profiles, fragments, decisions.
+
+Times are integer microseconds since the epoch (UTC), taken from events.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import sqlalchemy as sa
-from sqlmodel import Field, Session, SQLModel, col, func, select
+from sqlmodel import Field, SQLModel
 
 from cdp_kit.store import tables_of
 
@@ -13,23 +14,31 @@ from cdp_kit.store import tables_of
 class IdentityRow(SQLModel, table=True):
     __tablename__ = "identity_node"
 
-    namespace: str = Field(primary_key=True)
-    value: str = Field(primary_key=True)
+    key: str = Field(primary_key=True)  # "namespace:value"
+    namespace: str
+    value: str
     profile_id: str = Field(index=True)
-    first_seen: datetime
-    last_seen: datetime
+    first_seen: int = Field(sa_type=sa.BigInteger)
+    last_seen: int = Field(sa_type=sa.BigInteger)
+    dataset: str = ""
+    batch_id: str = ""
+    last_dataset: str = ""
+    last_batch_id: str = ""
 
 
 class LinkRow(SQLModel, table=True):
-    """Two identities seen together in one record or event."""
+    """Two identities seen together in one record or event (a < b)."""
 
     __tablename__ = "identity_link"
 
     a: str = Field(primary_key=True)
     b: str = Field(primary_key=True)
-    first_seen: datetime
-    last_seen: datetime
-    dataset: str
+    first_seen: int = Field(sa_type=sa.BigInteger)
+    last_seen: int = Field(sa_type=sa.BigInteger)
+    dataset: str = ""
+    batch_id: str = ""
+    last_dataset: str = ""
+    last_batch_id: str = ""
 
 
 class ProfileRow(SQLModel, table=True):
@@ -37,34 +46,63 @@ class ProfileRow(SQLModel, table=True):
 
     profile_id: str = Field(primary_key=True)
     ordinal: int = Field(sa_type=sa.BigInteger, index=True)
+    founder: str = ""
     merged_into: str = ""
+    split_from: str = ""
 
 
-TABLES = tables_of(IdentityRow, LinkRow, ProfileRow)
+class FragmentRow(SQLModel, table=True):
+    """Which identity each fragment hangs on (its anchor): a split moves it with that identity."""
+
+    __tablename__ = "identity_fragment"
+
+    source_event_id: str = Field(primary_key=True)
+    anchor: str = Field(index=True)
 
 
-def node_key(namespace: str, value: str) -> str:
-    return f"{namespace}:{value}"
+class DecisionRow(SQLModel, table=True):
+    __tablename__ = "identity_decision"
+
+    id: str = Field(primary_key=True)
+    rule: str
+    reason: str
+    effect: str  # removed | refused | remembered
+    profile_id: str = Field(index=True)
+    identity: str = Field(index=True)
+    other: str = ""
+    links: str = ""  # "a\tb" lines
+    source_event_id: str = ""
+    at: int = Field(sa_type=sa.BigInteger)
 
 
-def profiles_of(session: Session, identities: list[tuple[str, str]]) -> list[ProfileRow]:
-    ids: set[str] = set()
-    for ns, value in identities:
-        row = session.get(IdentityRow, (ns, value))
-        if row is not None:
-            ids.add(row.profile_id)
-    return [p for p in (session.get(ProfileRow, i) for i in sorted(ids)) if p is not None]
+class UnlinkedRow(SQLModel, table=True):
+    """An operator unlink, remembered: a pair (a, b) never re-links; b == "" detaches a for good."""
+
+    __tablename__ = "identity_unlinked"
+
+    a: str = Field(primary_key=True)
+    b: str = Field(primary_key=True)
 
 
-def next_ordinal(session: Session) -> int:
-    current = session.exec(select(func.max(ProfileRow.ordinal))).one()
-    return int(current or 0) + 1
+class DropRow(SQLModel, table=True):
+    """How many identity values were dropped, by namespace and rule."""
+
+    __tablename__ = "identity_drop"
+
+    namespace: str = Field(primary_key=True)
+    rule: str = Field(primary_key=True)
+    total: int = Field(default=0, sa_type=sa.BigInteger)
 
 
-def identities_of(session: Session, profile_id: str) -> list[IdentityRow]:
-    rows = session.exec(
-        select(IdentityRow)
-        .where(IdentityRow.profile_id == profile_id)
-        .order_by(col(IdentityRow.namespace), col(IdentityRow.value))
-    )
-    return list(rows.all())
+class NamespaceRow(SQLModel, table=True):
+    __tablename__ = "identity_namespace"
+
+    name: str = Field(primary_key=True)
+    type: str
+    unique: bool = False
+    priority: int
+    description: str = ""
+
+
+TABLES = tables_of(IdentityRow, LinkRow, ProfileRow, FragmentRow, DecisionRow, UnlinkedRow, DropRow, NamespaceRow)
+NODE, LINK, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE = TABLES

@@ -6,16 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
 from cdp_ingest import store
 from cdp_ingest.handlers import IngestHandlers
-from cdp_kit.errors import InvalidInput, NotFound, Violation
+from cdp_kit.errors import NotFound
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
 
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
@@ -47,29 +45,23 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             return pb.ListDatasetsResponse(datasets=store.all_datasets(session))
 
     async def IngestFile(self, request_iterator: AsyncIterator[pb.IngestFileChunk], context: Ctx) -> pb.BatchReport:
-        header: pb.IngestFileHeader | None = None
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in request_iterator:
-            if chunk.HasField("header"):
-                if header is not None:
-                    raise InvalidInput("two headers", [Violation("header", "once", "send the header once, first")])
-                header = chunk.header
-                continue
-            if header is None:
-                raise InvalidInput("missing header", [Violation("header", "first", "the first chunk is the header")])
-            size += len(chunk.data)
-            if size > MAX_FILE_BYTES:
-                raise InvalidInput("file too large", [Violation("file", "max_size", "split files over 2 GiB")])
-            parts.append(chunk.data)
-        if header is None:
-            raise InvalidInput("empty request", [Violation("header", "required", "no header was sent")])
-        return await self.handlers.ingest_file(header, b"".join(parts))
+        return await self.handlers.ingest_file(request_iterator)
+
+    async def IngestFileWithProgress(
+        self, request_iterator: AsyncIterator[pb.IngestFileChunk], context: Ctx
+    ) -> AsyncIterator[pb.IngestProgress]:
+        async for progress in self.handlers.ingest_stream(request_iterator):
+            yield progress
 
     async def GetBatch(self, request: pb.GetBatchRequest, context: Ctx) -> pb.BatchReport:
         return await self.handlers.get_batch(request.batch_id)
 
+    async def ListBatchErrors(self, request: pb.ListBatchErrorsRequest, context: Ctx) -> pb.ListBatchErrorsResponse:
+        return await self.handlers.list_batch_errors(request)
+
     async def PublishEvents(self, request: pb.PublishEventsRequest, context: Ctx) -> pb.PublishEventsResponse:
-        events = [json_format.MessageToDict(e) for e in request.events]
-        results = await self.handlers.publish_events(request.dataset, events)
+        results = await self.handlers.publish_events(request.dataset, list(request.events))
         return pb.PublishEventsResponse(results=results)
+
+    async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx) -> pb.ListDeadLettersResponse:
+        return await self.handlers.list_dead_letters(request)

@@ -1,21 +1,34 @@
-"""Pure rules of ingestion: schema checks and row validation. No I/O, no clock."""
+"""Pure rules of ingestion: schema checks, compatibility, row validation. No I/O, no clock."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_kit.errors import Violation
+from cdp_kit.telemetry import pii_hash
 
 FT = pb.FieldType
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-TRUE = {"true", "t", "yes", "y", "1"}
-FALSE = {"false", "f", "no", "n", "0"}
+TRUE = frozenset({"true", "t", "yes", "y", "1"})
+FALSE = frozenset({"false", "f", "no", "n", "0"})
+INT_RE = re.compile(r"\s*[-+]?\d+\s*")
+NUMERIC = (FT.FIELD_TYPE_INTEGER, FT.FIELD_TYPE_NUMBER)
+SAMPLES_PER_GROUP = 3
+FIRST_ROWS_PER_GROUP = 10
+
+
+def type_name(t: int) -> str:
+    return pb.FieldType.Name(t).removeprefix("FIELD_TYPE_").lower()  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- schemas
 
 
 def schema_violations(schema: pb.Schema) -> list[Violation]:
@@ -27,22 +40,39 @@ def schema_violations(schema: pb.Schema) -> list[Violation]:
         out.append(Violation("schema_class", "required", "a schema is of class profile or event"))
     if not schema.fields:
         out.append(Violation("fields", "required", "a schema has at least one field"))
-    names = [f.name for f in schema.fields]
-    out += [Violation(n, "unique", "field defined twice") for n in sorted({n for n in names if names.count(n) > 1})]
-    for f in schema.fields:
-        out += _field_violations(f, f.name)
+    out += _fields_violations(schema.fields, "")
     identities = [f for f in schema.fields if f.identity_namespace]
     primaries = [f for f in identities if f.primary_identity]
     if identities and len(primaries) != 1:
         out.append(Violation("fields", "primary_identity", f"exactly one identity is primary, found {len(primaries)}"))
     if schema.schema_class == pb.SCHEMA_CLASS_EVENT:
-        for attr, want in (("event_id_field", "event id"), ("timestamp_field", "timestamp")):
-            ref = getattr(schema, attr)
-            if not ref or ref not in names:
-                out.append(Violation(attr, "required", f"event schemas name their {want} field"))
-        ts = next((f for f in schema.fields if f.name == schema.timestamp_field), None)
-        if ts is not None and ts.type != FT.FIELD_TYPE_TIMESTAMP:
-            out.append(Violation("timestamp_field", "type", "the timestamp field must be of type timestamp"))
+        out += _event_violations(schema)
+    return out
+
+
+def _event_violations(schema: pb.Schema) -> list[Violation]:
+    out: list[Violation] = []
+    by_name = {f.name: f for f in schema.fields}
+    for attr, want in (("event_id_field", "event id"), ("timestamp_field", "timestamp")):
+        ref = getattr(schema, attr)
+        if not ref or ref not in by_name:
+            out.append(Violation(attr, "required", f"event schemas name their {want} field"))
+    ts = by_name.get(schema.timestamp_field)
+    if ts is not None and ts.type != FT.FIELD_TYPE_TIMESTAMP:
+        out.append(Violation("timestamp_field", "type", "the timestamp field must be of type timestamp"))
+    if schema.event_type_field and schema.event_type_field not in by_name:
+        out.append(Violation("event_type_field", "exists", "names no field of the schema"))
+    return out
+
+
+def _fields_violations(fields: Any, prefix: str) -> list[Violation]:
+    out: list[Violation] = []
+    names = [f.name for f in fields]
+    out += [
+        Violation(prefix + n, "unique", "field defined twice") for n in sorted({n for n in names if names.count(n) > 1})
+    ]
+    for f in fields:
+        out += _field_violations(f, prefix + f.name)
     return out
 
 
@@ -59,162 +89,298 @@ def _field_violations(f: pb.Field, path: str) -> list[Violation]:
             out.append(Violation(path, "pattern", f"invalid regular expression: {exc}"))
     if f.identity_namespace and f.type != FT.FIELD_TYPE_STRING:
         out.append(Violation(path, "identity", "identity fields are strings"))
-    for sub in f.fields:
-        out += _field_violations(sub, f"{path}.{sub.name}")
+    if f.primary_identity and not f.identity_namespace:
+        out.append(Violation(path, "primary_identity", "only an identity field (with a namespace) can be primary"))
+    if (f.HasField("minimum") or f.HasField("maximum")) and f.type not in NUMERIC:
+        out.append(Violation(path, "minimum", "minimum and maximum apply to integer and number fields"))
+    if f.HasField("minimum") and f.HasField("maximum") and f.minimum > f.maximum:
+        out.append(Violation(path, "maximum", "maximum is below minimum"))
+    if f.max_length and f.type != FT.FIELD_TYPE_STRING:
+        out.append(Violation(path, "max_length", "max_length applies to string fields"))
+    if f.fields and f.type != FT.FIELD_TYPE_OBJECT:
+        out.append(Violation(path, "fields", "only object fields have sub-fields"))
+    out += _fields_violations(f.fields, path + ".")
     return out
 
 
 def compatibility_violations(old: pb.Schema, new: pb.Schema) -> list[Violation]:
-    """A new version may only add optional fields."""
+    """A new version may only add optional fields (and widen: more enum values, longer max_length)."""
     out: list[Violation] = []
     if old.schema_class != new.schema_class:
         out.append(Violation("schema_class", "compatible", "the class of a schema cannot change"))
-    new_fields = {f.name: f for f in new.fields}
-    for f in old.fields:
-        if f.name not in new_fields:
-            out.append(Violation(f.name, "compatible", "a field cannot be removed"))
-        elif new_fields[f.name].SerializeToString(deterministic=True) != f.SerializeToString(deterministic=True):
-            out.append(Violation(f.name, "compatible", "an existing field cannot change"))
-    old_names = {f.name for f in old.fields}
-    out += [
-        Violation(f.name, "compatible", "an added field must be optional")
-        for f in new.fields
-        if f.name not in old_names and f.required
-    ]
+    out += _fields_compat(old.fields, new.fields, "")
     for attr in ("event_id_field", "timestamp_field", "event_type_field"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(Violation(attr, "compatible", f"{attr} cannot change"))
     return out
 
 
-@dataclass
+def _fields_compat(old_fields: Any, new_fields: Any, prefix: str) -> list[Violation]:
+    out: list[Violation] = []
+    by_name = {f.name: f for f in new_fields}
+    for f in old_fields:
+        if f.name not in by_name:
+            out.append(Violation(prefix + f.name, "compatible", "a field cannot be removed"))
+        else:
+            out += _field_compat(f, by_name[f.name], prefix + f.name)
+    old_names = {f.name for f in old_fields}
+    for f in new_fields:
+        if f.name not in old_names and (f.required or f.primary_identity):
+            out.append(Violation(prefix + f.name, "compatible", "an added field must be optional"))
+    return out
+
+
+def _field_compat(old: pb.Field, new: pb.Field, path: str) -> list[Violation]:
+    out: list[Violation] = []
+
+    def changed(what: str) -> None:
+        out.append(Violation(path, "compatible", what))
+
+    if old.type != new.type:
+        changed(f"type cannot change ({type_name(old.type)} to {type_name(new.type)})")
+    if old.items != new.items:
+        changed("array item type cannot change")
+    if new.required and not old.required:
+        changed("an optional field cannot become required")
+    if (old.identity_namespace, old.primary_identity) != (new.identity_namespace, new.primary_identity):
+        changed("identity namespace and primary flag cannot change")
+    if old.enum_values and set(old.enum_values) - set(new.enum_values):
+        changed("enum values cannot be removed")
+    if not old.enum_values and new.enum_values:
+        changed("an enum cannot be added to an existing field")
+    if old.pattern != new.pattern:
+        changed("pattern cannot change")
+    if new.max_length and (not old.max_length or new.max_length < old.max_length):
+        changed("max_length cannot shrink")
+    if new.HasField("minimum") and (not old.HasField("minimum") or new.minimum > old.minimum):
+        changed("minimum cannot rise")
+    if new.HasField("maximum") and (not old.HasField("maximum") or new.maximum < old.maximum):
+        changed("maximum cannot fall")
+    return out + _fields_compat(old.fields, new.fields, path + ".")
+
+
+# ----------------------------------------------------------------------------- rows
+
+
 class RowResult:
-    values: dict[str, Any] = field(default_factory=dict)
-    identities: list[tuple[str, str]] = field(default_factory=list)
-    violations: list[Violation] = field(default_factory=list)
-    event_id: str = ""
-    occurred_at: datetime | None = None
-    event_type: str = ""
+    """One row after validation: converted values and identities, or what was wrong."""
+
+    __slots__ = ("event_id", "event_type", "identities", "occurred_at", "values", "violations")
+
+    def __init__(self, violations: list[Violation] | None = None) -> None:
+        self.values: dict[str, Any] = {}
+        self.identities: list[tuple[str, str]] = []
+        self.violations: list[Violation] = violations if violations is not None else []
+        self.event_id = ""
+        self.occurred_at: datetime | None = None
+        self.event_type = ""
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
 
-def validate_row(
-    schema: pb.Schema,
-    row: Mapping[str, Any],
-    *,
-    record: str,
-    textual: bool,
-    drop_unknown: bool,
-    max_bytes: int,
-) -> RowResult:
-    """Convert and check one row. ``textual`` rows (CSV) hold strings to convert; others hold JSON values."""
-    result = RowResult()
-    known = {f.name: f for f in schema.fields}
-    for name in row:
-        if name not in known and not drop_unknown:
-            result.violations.append(Violation(str(name), "unknown_field", "not in the schema", record))
-    for f in schema.fields:
-        raw = row.get(f.name)
-        if raw is None or (textual and raw == ""):
-            if f.required or (f.identity_namespace and f.primary_identity):
-                result.violations.append(Violation(f.name, "required", "missing", record))
-            continue
-        try:
-            value = convert(f, raw, textual=textual)
-        except ValueError as exc:
-            result.violations.append(Violation(f.name, "type", str(exc), record))
-            continue
-        rule = check_constraints(f, value)
-        if rule:
-            result.violations.append(Violation(f.name, rule[0], rule[1], record))
-            continue
-        result.values[f.name] = value
-        if f.identity_namespace:
-            result.identities.append((f.identity_namespace, str(value)))
-    size = len(json.dumps(result.values, default=str))
-    if size > max_bytes:
-        result.violations.append(Violation("*", "max_size", f"record is {size} bytes, limit {max_bytes}", record))
-    if schema.schema_class == pb.SCHEMA_CLASS_EVENT and result.ok:
-        result.event_id = str(result.values.get(schema.event_id_field, ""))
-        result.occurred_at = parse_timestamp(str(result.values[schema.timestamp_field]))
-        if schema.event_type_field:
-            result.event_type = str(result.values.get(schema.event_type_field, ""))
-    return result
+Converter = Callable[[Any], Any]
 
 
-def convert(f: pb.Field, raw: Any, *, textual: bool) -> Any:
+@dataclass(frozen=True)
+class FieldCheck:
+    name: str
+    convert: Converter
+    required: bool
+    namespace: str
+    constraints: Callable[[Any], tuple[str, str] | None] | None
+
+
+class Validator:
+    """A schema compiled once per batch: converting and checking a row is a loop over prepared checks."""
+
+    def __init__(self, schema: pb.Schema, *, textual: bool, drop_unknown: bool, max_bytes: int) -> None:
+        self.schema = schema
+        self.textual = textual
+        self.drop_unknown = drop_unknown
+        self.max_bytes = max_bytes
+        self.known = frozenset(f.name for f in schema.fields)
+        self.identity_fields = frozenset(f.name for f in schema.fields if f.identity_namespace)
+        self.is_event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
+        must = {schema.event_id_field, schema.timestamp_field} if self.is_event else set()
+        self.checks = [_compile(f, textual, f.name in must) for f in schema.fields]
+        self.event_id_field = schema.event_id_field
+        self.timestamp_field = schema.timestamp_field
+        self.event_type_field = schema.event_type_field
+
+    def unknown_columns(self, columns: list[str]) -> list[str]:
+        return [c for c in columns if c not in self.known]
+
+    def validate(self, row: Mapping[str, Any], size: int, record: str) -> RowResult:
+        """Convert and check one row; ``size`` is its size as read (bytes)."""
+        result = RowResult()
+        violations = result.violations
+        values = result.values
+        if not self.drop_unknown and not self.known.issuperset(row):
+            for name in row:
+                if name not in self.known:
+                    violations.append(
+                        Violation(str(name) or "(empty name)", "unknown_field", "not in the schema", record)
+                    )
+        if size > self.max_bytes:
+            violations.append(Violation("*", "max_size", f"record is {size} bytes, limit {self.max_bytes}", record))
+        empty_text = self.textual
+        for check in self.checks:
+            raw = row.get(check.name)
+            if raw is None or (empty_text and raw == ""):
+                if check.required:
+                    violations.append(Violation(check.name, "required", "missing", record))
+                continue
+            try:
+                value = check.convert(raw)
+            except (ValueError, TypeError) as exc:
+                violations.append(Violation(check.name, "type", str(exc), record))
+                continue
+            if check.constraints is not None:
+                broken = check.constraints(value)
+                if broken is not None:
+                    violations.append(Violation(check.name, broken[0], broken[1], record))
+                    continue
+            values[check.name] = value
+            if check.namespace:
+                if value:
+                    result.identities.append((check.namespace, value))
+                elif check.required:
+                    violations.append(Violation(check.name, "required", "blank identity", record))
+        if self.is_event and not violations:
+            result.event_id = str(values.get(self.event_id_field, ""))
+            result.occurred_at = parse_timestamp(values[self.timestamp_field])
+            if self.event_type_field:
+                result.event_type = str(values.get(self.event_type_field, ""))
+        return result
+
+    def mask(self, field_name: str, value: Any) -> str:
+        """How a rejected value appears in a report: identity values hashed, others cut short."""
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if field_name in self.identity_fields:
+            return pii_hash(text)
+        return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _compile(f: pb.Field, textual: bool, must: bool) -> FieldCheck:
+    required = must or f.required or bool(f.identity_namespace and f.primary_identity)
+    return FieldCheck(f.name, converter(f, textual), required, f.identity_namespace, _constraints(f))
+
+
+def converter(f: pb.Field, textual: bool) -> Converter:
     t = f.type
     if t == FT.FIELD_TYPE_STRING:
-        if not isinstance(raw, str):
-            raise ValueError("expected a string")
-        return raw.strip() if f.identity_namespace else raw
+        return _identity_string if f.identity_namespace else _string
     if t == FT.FIELD_TYPE_INTEGER:
-        return _integer(raw, textual)
+        return _int_text if textual else _integer
     if t == FT.FIELD_TYPE_NUMBER:
-        return _number(raw, textual)
+        return _number_text if textual else _number
     if t == FT.FIELD_TYPE_BOOLEAN:
-        return _boolean(raw, textual)
+        return _boolean_text if textual else _boolean
     if t == FT.FIELD_TYPE_DATE:
-        try:
-            return date.fromisoformat(str(raw).strip()).isoformat()
-        except ValueError:
-            raise ValueError("expected a date (YYYY-MM-DD)") from None
+        return _date
     if t == FT.FIELD_TYPE_TIMESTAMP:
-        return parse_timestamp(str(raw)).isoformat().replace("+00:00", "Z")
-    if t in (FT.FIELD_TYPE_OBJECT, FT.FIELD_TYPE_ARRAY):
-        value = json.loads(raw) if textual and isinstance(raw, str) else raw
-        want = dict if t == FT.FIELD_TYPE_OBJECT else list
-        if not isinstance(value, want):
-            raise ValueError(f"expected a JSON {'object' if want is dict else 'array'}")
-        return value
+        return _timestamp
+    if t == FT.FIELD_TYPE_OBJECT:
+        return _object_converter(f, textual)
+    if t == FT.FIELD_TYPE_ARRAY:
+        return _array_converter(f, textual)
+    return _unsupported
+
+
+def _unsupported(raw: Any) -> Any:
     raise ValueError("unsupported field type")
 
 
-def _integer(raw: Any, textual: bool) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("expected an integer")
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    if textual and isinstance(raw, str) and re.fullmatch(r"\s*[-+]?\d+\s*", raw):
+def _string(raw: Any) -> str:
+    if type(raw) is not str:
+        raise ValueError("expected a string")
+    return raw
+
+
+def _identity_string(raw: Any) -> str:
+    if type(raw) is not str:
+        raise ValueError("expected a string")
+    return raw.strip()
+
+
+def _int_text(raw: Any) -> int:
+    if type(raw) is str and INT_RE.fullmatch(raw):
         return int(raw)
     raise ValueError("expected an integer")
 
 
-def _number(raw: Any, textual: bool) -> float:
+def _integer(raw: Any) -> int:
     if isinstance(raw, bool):
-        raise ValueError("expected a number")
-    if isinstance(raw, int | float):
-        return float(raw)
-    if textual and isinstance(raw, str):
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError("expected a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("expected a finite number")
-        return value
-    raise ValueError("expected a number")
-
-
-def _boolean(raw: Any, textual: bool) -> bool:
-    if isinstance(raw, bool):
+        raise ValueError("expected an integer")
+    if isinstance(raw, int):
         return raw
-    if textual and isinstance(raw, str):
-        low = raw.strip().lower()
-        if low in TRUE:
-            return True
-        if low in FALSE:
-            return False
+    if isinstance(raw, float | Decimal) and raw == int(raw):
+        return int(raw)
+    raise ValueError("expected an integer")
+
+
+def _number_text(raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (ValueError, TypeError):
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _number(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | Decimal):
+        raise ValueError("expected a number")
+    value = float(raw)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _boolean_text(raw: Any) -> bool:
+    low = str(raw).strip().lower()
+    if low in TRUE:
+        return True
+    if low in FALSE:
+        return False
     raise ValueError("expected a boolean")
 
 
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    raise ValueError("expected a boolean")
+
+
+def _date(raw: Any) -> str:
+    if isinstance(raw, datetime):
+        return raw.date().isoformat()
+    if isinstance(raw, date):
+        return raw.isoformat()
+    if type(raw) is not str:
+        raise ValueError("expected a date (YYYY-MM-DD)")
+    try:
+        return date.fromisoformat(raw.strip()).isoformat()
+    except ValueError:
+        raise ValueError("expected a date (YYYY-MM-DD)") from None
+
+
+def _timestamp(raw: Any) -> str:
+    if isinstance(raw, datetime):
+        moment = raw if raw.tzinfo is not None else raw.replace(tzinfo=UTC)  # Parquet: UTC-normalised
+        return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if type(raw) is not str:
+        raise ValueError("expected an ISO 8601 timestamp")
+    return parse_timestamp(raw).isoformat().replace("+00:00", "Z")
+
+
 def parse_timestamp(raw: str) -> datetime:
-    text = raw.strip().replace("Z", "+00:00")
+    text = raw.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -224,39 +390,111 @@ def parse_timestamp(raw: str) -> datetime:
     return moment.astimezone(UTC)
 
 
-def check_constraints(f: pb.Field, value: Any) -> tuple[str, str] | None:
-    if f.enum_values and str(value) not in f.enum_values:
-        return "enum", f"not one of {len(f.enum_values)} allowed values"
-    if f.pattern and isinstance(value, str) and not re.fullmatch(f.pattern, value):
-        return "pattern", "does not match the field's pattern"
-    if f.max_length and isinstance(value, str) and len(value) > f.max_length:
-        return "max_length", f"longer than {f.max_length} characters"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if f.HasField("minimum") and value < f.minimum:
-            return "minimum", f"below {f.minimum:g}"
-        if f.HasField("maximum") and value > f.maximum:
-            return "maximum", f"above {f.maximum:g}"
-    return None
+def _json_text(raw: Any, textual: bool) -> Any:
+    if textual and isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ValueError("expected JSON") from None
+    return raw
+
+
+def _object_converter(f: pb.Field, textual: bool) -> Converter:
+    subs = [(s.name, converter(s, False), s.required) for s in f.fields]
+
+    def convert(raw: Any) -> Any:
+        value = _json_text(raw, textual)
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        for name, sub, required in subs:
+            if value.get(name) is None:
+                if required:
+                    raise ValueError(f"{name}: missing")
+                continue
+            try:
+                value[name] = sub(value[name])
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    return convert
+
+
+def _array_converter(f: pb.Field, textual: bool) -> Converter:
+    item = converter(pb.Field(type=f.items), False) if f.items else None
+
+    def convert(raw: Any) -> Any:
+        value = _json_text(raw, textual)
+        if not isinstance(value, list):
+            raise ValueError("expected a JSON array")
+        if item is not None:
+            try:
+                value = [item(v) for v in value]
+            except ValueError as exc:
+                raise ValueError(f"item: {exc}") from None
+        return value
+
+    return convert
+
+
+def _constraints(f: pb.Field) -> Callable[[Any], tuple[str, str] | None] | None:
+    enum = frozenset(f.enum_values)
+    pattern = re.compile(f.pattern) if f.pattern else None
+    max_length = f.max_length
+    minimum = f.minimum if f.HasField("minimum") else None
+    maximum = f.maximum if f.HasField("maximum") else None
+    if not (enum or pattern or max_length) and minimum is None and maximum is None:
+        return None
+
+    def check(value: Any) -> tuple[str, str] | None:
+        if enum and str(value) not in enum:
+            return "enum", f"not one of {len(enum)} allowed values"
+        if pattern is not None and isinstance(value, str) and not pattern.fullmatch(value):
+            return "pattern", "does not match the field's pattern"
+        if max_length and isinstance(value, str) and len(value) > max_length:
+            return "max_length", f"longer than {max_length} characters"
+        if minimum is not None and value < minimum:
+            return "minimum", f"below {minimum:g}"
+        if maximum is not None and value > maximum:
+            return "maximum", f"above {maximum:g}"
+        return None
+
+    return check
+
+
+# ----------------------------------------------------------------------------- batch reports
 
 
 @dataclass
 class RejectTally:
-    """Rejected rows grouped by field and rule, with counts and the first row numbers."""
+    """Rejected rows grouped by field and rule, with counts, the first row numbers and masked samples."""
 
     groups: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    samples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
-    def add(self, row: int, violations: list[Violation]) -> None:
+    def add(
+        self, row: int, violations: list[Violation], raw: Mapping[str, Any], mask: Callable[[str, Any], str]
+    ) -> None:
         for v in violations:
             key = (v.field, v.rule)
             self.counts[key] = self.counts.get(key, 0) + 1
             rows = self.groups.setdefault(key, [])
-            if len(rows) < 10 and row not in rows:
+            if len(rows) < FIRST_ROWS_PER_GROUP and row not in rows:
                 rows.append(row)
+            samples = self.samples.setdefault(key, [])
+            if len(samples) < SAMPLES_PER_GROUP and raw.get(v.field) is not None:
+                samples.append(mask(v.field, raw[v.field]))
 
-    def to_proto(self) -> list[pb.RejectGroup]:
+    def to_proto(self, *, with_samples: bool) -> list[pb.RejectGroup]:
         return [
-            pb.RejectGroup(field=k[0], rule=k[1], count=self.counts[k], first_rows=self.groups[k])
+            pb.RejectGroup(
+                field=k[0],
+                rule=k[1],
+                count=self.counts[k],
+                first_rows=self.groups[k],
+                samples=self.samples.get(k, []) if with_samples else [],
+            )
             for k in sorted(self.counts)
         ]
 

@@ -2,50 +2,40 @@
 
 from __future__ import annotations
 
-import csv
+import asyncio
+import contextlib
 import hashlib
-import io
-import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
-from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
-from cdp_ingest.domain import (
-    NAME_RE,
-    RejectTally,
-    RowResult,
-    batch_exceeds,
-    compatibility_violations,
-    schema_violations,
-    validate_row,
-)
+from cdp_ingest.batches import BatchRun, StagedRecord, StagedReject
+from cdp_ingest.config import ConfigCache, Target
+from cdp_ingest.domain import NAME_RE, RowResult, batch_exceeds, compatibility_violations, schema_violations
+from cdp_ingest.records import RecordBuilder
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
-from cdp_kit.errors import AlreadyExists, InvalidInput, NotFound, Violation
+from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import INGEST_CONFIG, INGEST_RECORDS
+from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_RECORDS
+from cdp_kit.telemetry import get_logger
 
-CHUNK_ROWS = 500
-CHUNK_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Accepted:
-    row: int
-    result: RowResult
+EVENT_GROUP_BYTES = 256 * 1024
+MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
+log = get_logger(__name__)
 
 
 class IngestHandlers:
-    def __init__(self, processor: Processor, settings: IngestSettings) -> None:
+    def __init__(self, processor: Processor, settings: IngestSettings, config: ConfigCache) -> None:
         self.processor = processor
         self.settings = settings
+        self.config = config
+        self._active: set[str] = set()
 
     # ------------------------------------------------------------ config
     async def create_schema(self, schema: pb.Schema) -> pb.Schema:
@@ -61,7 +51,10 @@ class IngestHandlers:
             if current is not None:
                 incompatible = compatibility_violations(current, new)
                 if incompatible:
-                    raise InvalidInput(f"schema {schema.name!r} v{new.version} is not compatible", incompatible)
+                    raise InvalidInput(
+                        f"schema {schema.name!r} v{new.version} is not compatible with v{current.version}",
+                        incompatible,
+                    )
             uow.emit(
                 INGEST_CONFIG,
                 [self._config_event(ev.SchemaRegistered(schema=new), f"schema:{new.name}:{new.version}")],
@@ -71,14 +64,25 @@ class IngestHandlers:
         return await self.processor.execute(deterministic_id("schema", schema.name, utcnow().isoformat()), decide)
 
     async def create_dataset(self, dataset: pb.Dataset) -> pb.Dataset:
+        problems = []
         if not NAME_RE.match(dataset.name):
-            raise InvalidInput("invalid dataset", [Violation("name", "pattern", "lower_snake_case, 1-63 characters")])
+            problems.append(Violation("name", "pattern", "lower_snake_case, 1-63 characters"))
+        if dataset.retention_seconds < 0:
+            problems.append(Violation("retention_seconds", "minimum", "0 (forever) or more"))
+        if problems:
+            raise InvalidInput(f"dataset {dataset.name!r} is invalid", problems)
 
         def decide(uow: UnitOfWork) -> pb.Dataset:
             if store.dataset(uow.session, dataset.name) is not None:
                 raise AlreadyExists(f"dataset {dataset.name!r} exists")
-            if store.latest_schema(uow.session, dataset.schema_name) is None:
+            schema = store.latest_schema(uow.session, dataset.schema_name)
+            if schema is None:
                 raise NotFound(f"schema {dataset.schema_name!r} not found")
+            if dataset.retention_seconds and schema.schema_class != pb.SCHEMA_CLASS_EVENT:
+                raise InvalidInput(
+                    f"dataset {dataset.name!r} is invalid",
+                    [Violation("retention_seconds", "event_only", "retention applies to event datasets")],
+                )
             new = pb.Dataset()
             new.CopyFrom(dataset)
             if new.unknown_fields == pb.UNKNOWN_FIELDS_UNSPECIFIED:
@@ -97,116 +101,153 @@ class IngestHandlers:
             cause=Cause(),
         )
 
-    def _target(self, name: str) -> tuple[pb.Dataset, pb.Schema]:
+    def _target(self, name: str) -> Target:
         with self.processor.read() as session:
-            ds = store.dataset(session, name)
-            if ds is None:
-                raise NotFound(f"dataset {name!r} not found")
-            schema = store.latest_schema(session, ds.schema_name)
-        if schema is None:
-            raise NotFound(f"schema {ds.schema_name!r} of dataset {name!r} not found")
-        return ds, schema
+            return self.config.target(session, name)
 
     # ------------------------------------------------------------ batches
-    async def ingest_file(self, header: pb.IngestFileHeader, data: bytes) -> pb.BatchReport:
-        if not header.batch_key:
-            raise InvalidInput("missing batch key", [Violation("batch_key", "required", "a batch needs a key")])
-        ds, schema = self._target(header.dataset)
+    async def ingest_file(self, chunks: AsyncIterator[pb.IngestFileChunk]) -> pb.BatchReport:
+        report = pb.BatchReport()
+        async for progress in self.ingest_stream(chunks):
+            if progress.HasField("report"):
+                report = progress.report
+        return report
+
+    async def ingest_stream(self, chunks: AsyncIterator[pb.IngestFileChunk]) -> AsyncIterator[pb.IngestProgress]:
+        """Read a batch while it arrives (progress after each chunk), then judge and append it."""
+        header = await _header(chunks)
+        target = self._target(header.dataset)
         batch_id = deterministic_id("batch", header.dataset, header.batch_key)
         with self.processor.read() as session:
             previous = store.batch(session, batch_id)
-            done_chunks = store.appended_chunks(session, batch_id)
         if previous is not None and previous.completed:
-            report = store.report_of(previous)
-            if report.status == pb.BATCH_STATUS_COMPLETED:
-                report.duplicate = True
-                return report
-        received_at = previous.received_at.replace(tzinfo=UTC) if previous is not None else utcnow()
-        report = pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=ds.name)
-        accepted = self._validate_file(header, data, ds, schema, report)
+            done = store.report_of(previous)
+            if done.status == pb.BATCH_STATUS_COMPLETED:
+                done.duplicate = True
+                yield pb.IngestProgress(report=self._with_samples(done))
+                return
+        if batch_id in self._active:
+            raise Conflict(f"batch {header.batch_key!r} is being ingested by another call; retry when it ends")
+        self._active.add(batch_id)
+        run = BatchRun(
+            header=header,
+            dataset=target.dataset,
+            schema=target.schema,
+            staging=self.settings.data_dir / "ingest-staging",
+            max_bytes=target.max_bytes,
+            max_kept_rejects=self.settings.max_kept_rejects,
+            report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
+        )
+        try:
+            async for progress in self._read(run, chunks):
+                yield progress
+            received_at = previous.received_at.replace(tzinfo=UTC) if previous is not None else utcnow()
+            report = await self._judge_and_append(run, received_at)
+            yield pb.IngestProgress(
+                rows_read=report.rows_read,
+                rows_accepted=report.rows_accepted,
+                rows_rejected=report.rows_rejected,
+                bytes_received=run.bytes_received,
+                report=report,
+            )
+        finally:
+            run.close()
+            self._active.discard(batch_id)
+
+    async def _read(self, run: BatchRun, chunks: AsyncIterator[pb.IngestFileChunk]) -> AsyncIterator[pb.IngestProgress]:
+        async for chunk in chunks:
+            if chunk.HasField("header"):
+                raise InvalidInput("two headers", [Violation("header", "once", "send the header once, first")])
+            if run.bytes_received + len(chunk.data) > MAX_FILE_BYTES:
+                raise InvalidInput("file too large", [Violation("file", "max_size", "split files over 2 GiB")])
+            await asyncio.to_thread(run.feed, chunk.data)
+            r = run.report
+            yield pb.IngestProgress(
+                rows_read=r.rows_read,
+                rows_accepted=r.rows_accepted,
+                rows_rejected=r.rows_rejected,
+                bytes_received=run.bytes_received,
+            )
+        await asyncio.to_thread(run.finish)
+
+    async def _judge_and_append(self, run: BatchRun, received_at: datetime) -> pb.BatchReport:
+        report = run.report
+        header = run.header
         threshold = header.error_threshold if header.HasField("error_threshold") else self.settings.error_threshold
+        report.error_threshold = threshold
+        with self.processor.read() as session:
+            done_chunks = store.appended_chunks(session, report.batch_id)
+        for index, rejects in enumerate(run.rejected):
+            await self._append_rejects(report.batch_id, index, rejects, report.dataset, received_at)
         if batch_exceeds(report.rows_rejected, report.rows_read, threshold):
             report.status = pb.BATCH_STATUS_FAILED
             report.failure = (
                 f"{report.rows_rejected} of {report.rows_read} rows rejected, above the {threshold:.1%} threshold: "
                 "nothing was ingested"
             )
-            await self._complete(report, 0, received_at, attempt=hashlib.sha256(data).hexdigest()[:16])
+            await self._complete(report, 0, received_at, attempt=_attempt(report))
             return report
-        chunks = list(_chunks(accepted))
-        for index, chunk in enumerate(chunks):
+        builder = RecordBuilder(report.dataset, run.schema.schema_class, report.batch_id, received_at)
+        for index, chunk in enumerate(run.accepted):
             if index not in done_chunks:
-                await self._append_chunk(batch_id, index, chunk, ds, schema, received_at)
+                envelopes = await asyncio.to_thread(_batch_envelopes, builder, chunk)
+                await self._append_chunk(report.batch_id, index, envelopes, report.dataset, received_at)
         report.status = pb.BATCH_STATUS_COMPLETED
-        await self._complete(report, len(chunks), received_at)
+        await self._complete(report, run.accepted.chunks, received_at)
+        log.info(
+            "batch_completed",
+            batch_id=report.batch_id,
+            dataset=report.dataset,
+            rows_read=report.rows_read,
+            rows_rejected=report.rows_rejected,
+        )
         return report
 
-    def _validate_file(
-        self,
-        header: pb.IngestFileHeader,
-        data: bytes,
-        ds: pb.Dataset,
-        schema: pb.Schema,
-        report: pb.BatchReport,
-    ) -> list[Accepted]:
-        tally = RejectTally()
-        accepted: list[Accepted] = []
-        drop = ds.unknown_fields == pb.UNKNOWN_FIELDS_DROP
-        limit = (
-            self.settings.max_event_bytes
-            if schema.schema_class == pb.SCHEMA_CLASS_EVENT
-            else self.settings.max_profile_record_bytes
-        )
-        textual = header.format in (pb.FILE_FORMAT_CSV, pb.FILE_FORMAT_UNSPECIFIED)
-        for row_no, row, problems in parse_rows(header.format, data):
-            report.rows_read += 1
-            result = (
-                RowResult(violations=problems)
-                if problems
-                else validate_row(
-                    schema, row, record=f"row {row_no}", textual=textual, drop_unknown=drop, max_bytes=limit
-                )
-            )
-            if result.ok:
-                accepted.append(Accepted(row_no, result))
-                report.rows_accepted += 1
-            else:
-                report.rows_rejected += 1
-                tally.add(row_no, result.violations)
-        if report.rows_read == 0:
-            raise InvalidInput("empty file", [Violation("file", "empty", "no data rows", header.file_name)])
-        report.rejects.extend(tally.to_proto())
-        return accepted
-
-    async def _append_chunk(
-        self,
-        batch_id: str,
-        index: int,
-        chunk: Sequence[Accepted],
-        ds: pb.Dataset,
-        schema: pb.Schema,
-        received_at: datetime,
+    async def _append_rejects(
+        self, batch_id: str, index: int, rows: list[StagedReject], dataset: str, received_at: datetime
     ) -> None:
+        payload = ev.BatchRowsRejected(batch_id=batch_id, chunk=index, rows=[_batch_error(r) for r in rows])
+
         def decide(uow: UnitOfWork) -> None:
-            marker = make_envelope(
-                ev.BatchChunkAppended(batch_id=batch_id, chunk=index),
-                event_id=deterministic_id("chunk", batch_id, index),
-                subject_key=ds.name,
+            if store.has_batch_error(uow.session, batch_id, rows[0][0]):
+                return  # kept by an earlier attempt of this batch
+            env = make_envelope(
+                payload,
+                event_id=deterministic_id("rejects", batch_id, index),
+                subject_key=dataset,
                 occurred_at=received_at,
                 cause=uow.cause,
             )
-            records = [
-                record_envelope(ds, schema, item.result, batch_id=batch_id, row=item.row, received_at=received_at)
-                for item in chunk
-            ]
+            uow.emit(INGEST_DEADLETTER, [env])
+
+        await self.processor.execute(f"{batch_id}:rejects:{index}", decide)
+
+    async def _append_chunk(
+        self, batch_id: str, index: int, records: list[Envelope], dataset: str, received_at: datetime
+    ) -> None:
+        def decide(uow: UnitOfWork) -> None:
+            if index in store.appended_chunks(uow.session, batch_id):
+                return  # a concurrent or earlier attempt appended it
+            marker = make_envelope(
+                ev.BatchChunkAppended(batch_id=batch_id, chunk=index),
+                event_id=deterministic_id("chunk", batch_id, index),
+                subject_key=dataset,
+                occurred_at=received_at,
+                cause=uow.cause,
+            )
             uow.emit(INGEST_RECORDS, [marker, *records])
 
         await self.processor.execute(f"{batch_id}:{index}", decide)
 
     async def _complete(self, report: pb.BatchReport, chunks: int, received_at: datetime, attempt: str = "") -> None:
+        logged = pb.BatchReport()
+        logged.CopyFrom(report)
+        for group in logged.rejects:
+            del group.samples[:]  # raw values never travel on the records log
+
         def decide(uow: UnitOfWork) -> None:
             env = make_envelope(
-                ev.BatchCompleted(report=report, chunks=chunks),
+                ev.BatchCompleted(report=logged, chunks=chunks),
                 event_id=deterministic_id("batch-completed", report.batch_id, attempt),
                 subject_key=report.dataset,
                 occurred_at=received_at,
@@ -221,177 +262,161 @@ class IngestHandlers:
             row = store.batch(session, batch_id)
         if row is None or not row.completed:
             raise NotFound(f"batch {batch_id!r} not found")
-        return store.report_of(row)
+        return self._with_samples(store.report_of(row))
+
+    def _with_samples(self, report: pb.BatchReport) -> pb.BatchReport:
+        """Samples of rejected values come from the kept rows, identity values masked."""
+        try:
+            target = self._target(report.dataset)
+        except NotFound:
+            return report
+        with self.processor.read() as session:
+            rows = store.batch_error_rows(
+                session, report.batch_id, sorted({r for g in report.rejects for r in g.first_rows[:3]})
+            )
+        validator = target.validator(textual=True)
+        for group in report.rejects:
+            for number in group.first_rows[:3]:
+                kept = rows.get(number)
+                if kept is not None and kept.values.get(group.field) is not None:
+                    group.samples.append(validator.mask(group.field, kept.values[group.field]))
+        return report
+
+    async def list_batch_errors(self, request: pb.ListBatchErrorsRequest) -> pb.ListBatchErrorsResponse:
+        limit = min(request.limit or 1000, 10_000)
+        with self.processor.read() as session:
+            row = store.batch(session, request.batch_id)
+            if row is None:
+                raise NotFound(f"batch {request.batch_id!r} not found")
+            found = store.batch_errors(session, request.batch_id, request.after_row, limit)
+        response = pb.ListBatchErrorsResponse(next_after_row=found[-1].row if len(found) == limit else 0)
+        for item in found:
+            values = struct_pb2.Struct()
+            values.update(item.values)
+            errors = [pb.FieldError(**e) for e in item.errors]
+            response.errors.append(pb.BatchError(row=item.row, values=values, errors=errors))
+        with contextlib.suppress(NotFound):
+            response.identity_fields.extend(sorted(self._target(row.dataset).validator(textual=True).identity_fields))
+        return response
 
     # ------------------------------------------------------------ events
-    async def publish_events(self, dataset_name: str, events: Sequence[dict[str, Any]]) -> list[pb.EventResult]:
-        ds, schema = self._target(dataset_name)
-        if schema.schema_class != pb.SCHEMA_CLASS_EVENT:
+    async def publish_events(self, dataset_name: str, events: Sequence[struct_pb2.Struct]) -> list[pb.EventResult]:
+        target = self._target(dataset_name)
+        if not target.is_event:
             raise InvalidInput(
                 f"dataset {dataset_name!r} holds profile records",
                 [Violation("dataset", "class", "events go to datasets of an event schema")],
             )
-        drop = ds.unknown_fields == pb.UNKNOWN_FIELDS_DROP
+        validator = target.validator(textual=False)
         results: list[pb.EventResult] = []
         valid: list[tuple[int, RowResult]] = []
-        for i, raw in enumerate(events):
-            result = validate_row(
-                schema,
-                raw,
-                record=f"event {i}",
-                textual=False,
-                drop_unknown=drop,
-                max_bytes=self.settings.max_event_bytes,
-            )
+        for i, event in enumerate(events):
+            raw = json_format.MessageToDict(event)
+            result = validator.validate(raw, event.ByteSize(), f"event {i}")
             if result.ok:
                 valid.append((i, result))
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_ACCEPTED, event_id=result.event_id))
             else:
                 errors = [pb.FieldError(field=v.field, rule=v.rule, message=v.message) for v in result.violations]
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_REJECTED, errors=errors))
-        now = utcnow()
+        builder = RecordBuilder(target.dataset.name, pb.SCHEMA_CLASS_EVENT, "", utcnow())
         for group in _event_groups(valid):
-            await self._append_events(ds, schema, group, results, now)
+            await self._append_events(target, builder, group, results)
         return results
 
     async def _append_events(
-        self,
-        ds: pb.Dataset,
-        schema: pb.Schema,
-        group: list[tuple[int, RowResult]],
-        results: list[pb.EventResult],
-        now: datetime,
+        self, target: Target, builder: RecordBuilder, group: list[tuple[int, RowResult]], results: list[pb.EventResult]
     ) -> None:
-        """One message of new events; ids seen before (ever) are answered as duplicates."""
+        """One message of new events; ids seen before (ever, by gRPC or NATS) are answered as duplicates."""
+        name = target.dataset.name
 
         def decide(uow: UnitOfWork) -> None:
-            seen = store.seen_events(uow.session, ds.name, [r.event_id for _, r in group])
+            seen = store.seen_events(uow.session, name, [r.event_id for _, r in group])
             fresh: list[Envelope] = []
             for i, result in group:
                 if result.event_id in seen:
                     results[i].status = pb.EVENT_STATUS_DUPLICATE
                     continue
+                results[i].status = pb.EVENT_STATUS_ACCEPTED
                 seen.add(result.event_id)
-                fresh.append(record_envelope(ds, schema, result, batch_id="", row=0, received_at=now))
+                fresh.append(event_envelope(builder, result))
             uow.emit(INGEST_RECORDS, fresh)
 
-        await self.processor.execute(deterministic_id("events", ds.name, *[r.event_id for _, r in group]), decide)
+        await self.processor.execute(deterministic_id("events", name, *[r.event_id for _, r in group]), decide)
+
+    async def list_dead_letters(self, request: pb.ListDeadLettersRequest) -> pb.ListDeadLettersResponse:
+        limit = min(request.limit or 1000, 10_000)
+        with self.processor.read() as session:
+            if request.dataset and store.dataset(session, request.dataset) is None:
+                found = store.dead_letters(session, request.dataset, request.after_sequence, limit)
+                if not found:
+                    raise NotFound(f"dataset {request.dataset!r} not found and has no dead letters")
+            else:
+                found = store.dead_letters(session, request.dataset, request.after_sequence, limit)
+        next_after = found[-1].sequence if len(found) == limit else 0
+        return pb.ListDeadLettersResponse(dead_letters=found, next_after_sequence=next_after)
+
+
+def event_envelope(builder: RecordBuilder, result: RowResult) -> Envelope:
+    return builder.build(
+        record_id=result.event_id,
+        row=0,
+        values=result.values,
+        identities=result.identities,
+        occurred_at=result.occurred_at,
+        event_type=result.event_type,
+    )
+
+
+def _batch_envelopes(builder: RecordBuilder, chunk: list[StagedRecord]) -> list[Envelope]:
+    batch_id = builder.batch_id
+    build = builder.build
+    if builder.is_event:
+        return [
+            build(record_id=eid, row=row, values=v, identities=ids, occurred_at=at, event_type=et)
+            for row, v, ids, eid, at, et in chunk
+        ]
+    return [build(record_id=f"{batch_id}:{row}", row=row, values=v, identities=ids) for row, v, ids, _, _, _ in chunk]
+
+
+def _batch_error(staged: StagedReject) -> pb.BatchError:
+    row, values, errors = staged
+    item = pb.BatchError(row=row, errors=[pb.FieldError(field=f, rule=r, message=m) for f, r, m in errors])
+    item.values.update(values)
+    return item
+
+
+def _attempt(report: pb.BatchReport) -> str:
+    """Failed attempts of one batch key are told apart by what they found."""
+    digest = hashlib.sha256(report.SerializeToString(deterministic=True)).hexdigest()
+    return digest[:16]
+
+
+async def _header(chunks: AsyncIterator[pb.IngestFileChunk]) -> pb.IngestFileHeader:
+    async for chunk in chunks:
+        if not chunk.HasField("header"):
+            raise InvalidInput("missing header", [Violation("header", "first", "the first chunk is the header")])
+        header = chunk.header
+        problems = []
+        if not header.batch_key:
+            problems.append(Violation("batch_key", "required", "a batch needs a key"))
+        if header.HasField("error_threshold") and not 0 <= header.error_threshold <= 1:
+            problems.append(Violation("error_threshold", "range", "a share between 0 and 1"))
+        if problems:
+            raise InvalidInput("invalid batch header", problems)
+        return header
+    raise InvalidInput("empty request", [Violation("header", "required", "no header was sent")])
 
 
 def _event_groups(valid: list[tuple[int, RowResult]]) -> Iterator[list[tuple[int, RowResult]]]:
     group: list[tuple[int, RowResult]] = []
     size = 0
     for item in valid:
-        n = len(json.dumps(item[1].values, default=str)) + 256
-        if group and size + n > CHUNK_BYTES:
+        n = sum(len(str(v)) for v in item[1].values.values()) + 256
+        if group and size + n > EVENT_GROUP_BYTES:
             yield group
             group, size = [], 0
         group.append(item)
         size += n
     if group:
         yield group
-
-
-def record_envelope(
-    ds: pb.Dataset, schema: pb.Schema, result: RowResult, *, batch_id: str, row: int, received_at: datetime
-) -> Envelope:
-    is_event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
-    record_id = result.event_id if is_event else f"{batch_id}:{row}"
-    attributes = struct_pb2.Struct()
-    attributes.update(result.values)
-    payload = ev.RecordAccepted(
-        record_id=record_id,
-        dataset=ds.name,
-        schema_class=schema.schema_class,
-        batch_id=batch_id,
-        row=row,
-        identities=[IdentityValue(namespace=ns, value=v) for ns, v in result.identities],
-        attributes=attributes,
-        event_type=result.event_type,
-    )
-    occurred_at = result.occurred_at or received_at
-    payload.occurred_at.FromDatetime(occurred_at)
-    return make_envelope(
-        payload,
-        event_id=deterministic_id("record", ds.name, record_id),
-        subject_key=ds.name,
-        occurred_at=occurred_at,
-        cause=Cause(),
-    )
-
-
-def _chunks(accepted: list[Accepted]) -> Iterator[list[Accepted]]:
-    chunk: list[Accepted] = []
-    size = 0
-    for item in accepted:
-        n = len(json.dumps(item.result.values, default=str)) + 64
-        if chunk and (len(chunk) >= CHUNK_ROWS or size + n > CHUNK_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += n
-    if chunk:
-        yield chunk
-
-
-def parse_rows(fmt: int, data: bytes) -> Iterator[tuple[int, dict[str, Any], list[Violation]]]:
-    """Rows of a file with their 1-based numbers; a row that cannot be read comes with its problems."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InvalidInput(
-            "file is not valid UTF-8",
-            [Violation("file", "encoding", f"invalid UTF-8 at byte {exc.start}", f"line {line}")],
-        ) from exc
-    if fmt == pb.FILE_FORMAT_JSONL:
-        yield from _jsonl_rows(text)
-    elif fmt in (pb.FILE_FORMAT_CSV, pb.FILE_FORMAT_UNSPECIFIED):
-        yield from _csv_rows(text)
-    else:
-        raise InvalidInput("unsupported format", [Violation("format", "supported", "CSV and JSON Lines are supported")])
-
-
-def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any], list[Violation]]]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as exc:
-        raise InvalidInput("malformed CSV header", [Violation("header", "csv", str(exc), "line 1")]) from exc
-    row_no = 0
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            row_no += 1
-            yield row_no, {}, [Violation("*", "csv", str(exc), f"row {row_no}")]
-            return
-        if not values:
-            continue
-        row_no += 1
-        if len(values) != len(header):
-            problem = Violation("*", "ragged_row", f"{len(values)} values for {len(header)} columns", f"row {row_no}")
-            yield row_no, {}, [problem]
-            continue
-        yield row_no, dict(zip(header, values, strict=True)), []
-
-
-def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any], list[Violation]]]:
-    row_no = 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        row_no += 1
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield row_no, {}, [Violation("*", "json", exc.msg, f"row {row_no}")]
-            continue
-        if not isinstance(value, dict):
-            yield row_no, {}, [Violation("*", "json", "each line holds a JSON object", f"row {row_no}")]
-            continue
-        yield row_no, value, []

@@ -6,27 +6,31 @@ from sqlalchemy.engine import Engine
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from cdp_ingest.api import IngestServicer
+from cdp_ingest.config import ConfigCache
+from cdp_ingest.consumer import CollectHandler
 from cdp_ingest.handlers import IngestHandlers
 from cdp_ingest.projection import IngestProjection
 from cdp_ingest.settings import IngestSettings
 from cdp_ingest.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
-from cdp_kit.processor import Processor
+from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
-from cdp_kit.streams import INGEST_CONFIG, INGEST_RECORDS
+from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_READS_COLLECT, INGEST_RECORDS
 
 
 def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Service:
+    config = ConfigCache(settings)
     processor = Processor(
         service="ingest",
         engine=engine,
         eventlog=eventlog,
         tables=TABLES,
-        own_logs=[INGEST_CONFIG, INGEST_RECORDS],
-        projection=IngestProjection(),
+        own_logs=[INGEST_CONFIG, INGEST_RECORDS, INGEST_DEADLETTER],
+        projection=IngestProjection(config),
+        inputs=[Input(INGEST_READS_COLLECT, CollectHandler(config), raw=True)],
         batch_size=settings.batch_size,
     )
-    servicer = IngestServicer(IngestHandlers(processor, settings))
+    servicer = IngestServicer(IngestHandlers(processor, settings, config))
     name = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
     return Service(processor, [Registration(name, ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)])

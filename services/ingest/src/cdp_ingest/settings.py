@@ -16,3 +16,4 @@ class IngestSettings(ServiceSettings):
     error_threshold: float = Field(default=0.05, ge=0, le=1, description="Share of rejected rows that fails a batch")
     max_profile_record_bytes: int = Field(default=100_000, ge=1, description="Largest accepted profile record")
     max_event_bytes: int = Field(default=10_000, ge=1, description="Largest accepted event")
+    max_kept_rejects: int = Field(default=100_000, ge=0, description="Rejected rows kept per batch for listing")

@@ -57,7 +57,28 @@ class SeenEventRow(SQLModel, table=True):
     event_id: str = Field(primary_key=True)
 
 
-TABLES = tables_of(SchemaRow, DatasetRow, BatchRow, BatchChunkRow, SeenEventRow)
+class BatchErrorRow(SQLModel, table=True):
+    """A rejected row of a batch, as read, with what was wrong (folded from the dead-letter own log)."""
+
+    __tablename__ = "ingest_batch_error"
+
+    batch_id: str = Field(primary_key=True)
+    row: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    values: dict[str, Any] = Field(sa_type=sa.JSON)
+    errors: list[dict[str, str]] = Field(sa_type=sa.JSON)
+
+
+class DeadLetterRow(SQLModel, table=True):
+    """An invalid event from cdp.collect.<dataset>, with its reason."""
+
+    __tablename__ = "ingest_dead_letter"
+
+    sequence: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    dataset: str = Field(index=True)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+
+
+TABLES = tables_of(SchemaRow, DatasetRow, BatchRow, BatchChunkRow, SeenEventRow, BatchErrorRow, DeadLetterRow)
 
 
 def as_dict(msg: Any) -> dict[str, Any]:
@@ -111,3 +132,32 @@ def seen_events(session: Session, dataset_name: str, event_ids: list[str]) -> se
 
 def report_of(row: BatchRow) -> pb.BatchReport:
     return json_format.ParseDict(row.report, pb.BatchReport())
+
+
+def has_batch_error(session: Session, batch_id: str, row: int) -> bool:
+    return session.get(BatchErrorRow, (batch_id, row)) is not None
+
+
+def batch_errors(session: Session, batch_id: str, after_row: int, limit: int) -> list[BatchErrorRow]:
+    query = (
+        select(BatchErrorRow)
+        .where(BatchErrorRow.batch_id == batch_id, col(BatchErrorRow.row) > after_row)
+        .order_by(col(BatchErrorRow.row))
+        .limit(limit)
+    )
+    return list(session.exec(query).all())
+
+
+def batch_error_rows(session: Session, batch_id: str, rows: list[int]) -> dict[int, BatchErrorRow]:
+    if not rows:
+        return {}
+    query = select(BatchErrorRow).where(BatchErrorRow.batch_id == batch_id, col(BatchErrorRow.row).in_(rows))
+    return {r.row: r for r in session.exec(query).all()}
+
+
+def dead_letters(session: Session, dataset_name: str, after: int, limit: int) -> list[pb.DeadLetter]:
+    query = select(DeadLetterRow).where(col(DeadLetterRow.sequence) > after)
+    if dataset_name:
+        query = query.where(DeadLetterRow.dataset == dataset_name)
+    rows = session.exec(query.order_by(col(DeadLetterRow.sequence)).limit(limit)).all()
+    return [json_format.ParseDict(r.body, pb.DeadLetter()) for r in rows]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from sqlmodel import func, select
+from sqlmodel import Session, func, select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.segmentation.v1 import segmentation_pb2 as pb
@@ -25,7 +27,19 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self.processor = handlers.processor
 
     async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Ctx) -> pb.Segment:
-        return await self.handlers.create_segment(request.name, request.query)
+        return await self.handlers.create_segment(request.name, request.query, request.schedule.strip())
+
+    async def ExplainQuery(self, request: pb.ExplainQueryRequest, context: Ctx) -> pb.Explanation:
+        return await self.handlers.explain(request.query, request.schedule.strip())
+
+    async def EvaluateSegment(
+        self, request: pb.EvaluateSegmentRequest, context: Ctx
+    ) -> AsyncIterator[pb.EvaluationProgress]:
+        async for progress in self.handlers.evaluate_batch(request.segment):
+            yield progress
+
+    async def SetMergePolicy(self, request: pb.SetMergePolicyRequest, context: Ctx) -> pb.MergePolicy:
+        return await self.handlers.set_merge_policy(request.policy)
 
     def _segment(self, key: str) -> pb.Segment:
         with self.processor.read() as session:
@@ -65,23 +79,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             row = session.get(store.ProfileRow, profile_id)
             if row is None:
                 raise NotFound(f"profile {profile_id!r} not found")
-            memberships = store.memberships_of(session, profile_id)
-            names = {s.id: s.name for s in store.all_segments(session)}
-            identities = store.identities_of(session, profile_id)
-        profile = pb.Profile(
-            profile_id=profile_id,
-            identities=[IdentityValue(namespace=i.namespace, value=i.value) for i in identities],
-            segments=sorted(names.get(sid, sid) for sid, st in memberships.items() if st == store.REALIZED),
-            events=row.events,
-        )
-        for name in sorted(row.attributes):
-            attr_value = json_format.ParseDict(row.attributes[name], struct_pb2.Value())
-            source = row.sources.get(name, {})
-            attribute = pb.ProfileAttribute(name=name, value=attr_value, source_dataset=source.get("dataset", ""))
-            if source.get("at"):
-                attribute.updated_at.FromJsonString(source["at"].replace("+00:00", "Z"))
-            profile.attributes.append(attribute)
-        return profile
+            return profile_message(session, row)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.Stats:
         with self.processor.read() as session:
@@ -90,3 +88,43 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 identities=session.exec(select(func.count()).select_from(store.ProfileIdentityRow)).one(),
                 segments=session.exec(select(func.count()).select_from(store.SegmentRow)).one(),
             )
+
+
+RECENT_EVENTS = 20
+
+
+def profile_message(session: Session, row: store.ProfileRow) -> pb.Profile:
+    """Merged attributes with their sources, identities, sources, recent events, memberships."""
+    names = {s.id: s.name for s in store.all_segments(session)}
+    memberships = store.membership_rows(session, row.profile_id)
+    profile = pb.Profile(
+        profile_id=row.profile_id,
+        identities=[
+            IdentityValue(namespace=i.namespace, value=i.value) for i in store.identities_of(session, row.profile_id)
+        ],
+        segments=sorted(names.get(m.segment_id, m.segment_id) for m in memberships if m.status == store.REALIZED),
+        events=row.events,
+    )
+    for name in sorted(row.attributes):
+        attr_value = json_format.ParseDict(row.attributes[name], struct_pb2.Value())
+        source = row.sources.get(name, {})
+        attribute = pb.ProfileAttribute(name=name, value=attr_value, source_dataset=source.get("dataset", ""))
+        if source.get("at"):
+            attribute.updated_at.FromDatetime(datetime.fromisoformat(source["at"]))
+        profile.attributes.append(attribute)
+    for dataset, kind, count, last in store.sources_of(session, row.profile_id):
+        source_msg = pb.ProfileSource(dataset=dataset, kind=kind, fragments=count)
+        source_msg.last_at.FromDatetime(datetime.fromtimestamp(last / 1000, UTC))
+        profile.sources.append(source_msg)
+    for event in store.events_of(session, row.profile_id, RECENT_EVENTS):
+        item = pb.ProfileEvent(event_id=event.source_event_id, event_type=event.event_type, dataset=event.dataset)
+        item.occurred_at.FromDatetime(datetime.fromtimestamp(event.ts_ms / 1000, UTC))
+        item.fields.update(event.attributes)
+        profile.recent_events.append(item)
+    for m in memberships:
+        member = pb.ProfileMembership(
+            segment_id=m.segment_id, segment_name=names.get(m.segment_id, ""), status=m.status
+        )
+        member.changed_at.FromDatetime(m.changed_at)
+        profile.memberships.append(member)
+    return profile

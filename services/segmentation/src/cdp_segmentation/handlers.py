@@ -1,44 +1,76 @@
-"""Segmentation use cases."""
+"""Segmentation use cases: define segments, explain them, evaluate in batch, move the clock."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
-from cdp_kit.errors import AlreadyExists, InvalidInput, Violation
+from cdp_kit.errors import AlreadyExists, InvalidInput, NotFound, Violation
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import SEGMENTATION_CONFIG
+from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS
 from cdp_kit.telemetry import get_logger
 from cdp_segmentation import store
-from cdp_segmentation.language import NAME_RE, classify, parse
-from cdp_segmentation.membership import backfill_page
+from cdp_segmentation.analysis import check_where, classify, reads_of, resolve_segments
+from cdp_segmentation.cron import last_fire, parse_cron
+from cdp_segmentation.language import NAME_RE, parse
+from cdp_segmentation.membership import Catalog, backfill_page, change, reevaluate
+from cdp_segmentation.profiles import due_profiles, iso, refresh_due, to_ms
+from cdp_segmentation.sql import matching
+from cdp_segmentation.store import EXITED, REALIZED, ProfileRow
 
 log = get_logger(__name__)
+PAGE = 1000
+
+
+@dataclass
+class Compiled:
+    ast: pb.Expression
+    evaluation: int
+    reason: str
+    reads: list[str]
 
 
 class SegmentationHandlers:
-    def __init__(self, processor: Processor) -> None:
+    def __init__(self, processor: Processor, catalog: Catalog, *, clock_interval_s: float = 5.0) -> None:
         self.processor = processor
+        self.catalog = catalog
+        self.clock_interval_s = clock_interval_s
 
-    async def create_segment(self, name: str, query: str) -> pb.Segment:
+    # ------------------------------------------------------------ definitions
+    def compile(self, name: str, query: str, schedule: str) -> Compiled:
+        ast = parse(query)
+        check_where(ast)
+        if schedule:
+            parse_cron(schedule)
+        with self.processor.read() as session:
+            known = {row.name: store.segment_of(row) for row in store.all_segments(session)}
+        resolve_segments(ast, name, known)
+        evaluation, reason = classify(ast, schedule, {s.id: s for s in known.values()})
+        return Compiled(ast, evaluation, reason, reads_of(ast).labels())
+
+    async def create_segment(self, name: str, query: str, schedule: str = "") -> pb.Segment:
         if not NAME_RE.match(name):
             raise InvalidInput(
                 "invalid segment name", [Violation("name", "pattern", "lower_snake_case, 1-63 characters")]
             )
-        ast = parse(query)
-        evaluation, reason = classify(ast)
+        compiled = self.compile(name, query, schedule)
         segment = pb.Segment(
             id=deterministic_id("segment", name),
             name=name,
             query=query,
-            ast=ast,
-            evaluation=evaluation,  # type: ignore[arg-type]
-            evaluation_reason=reason,
+            ast=compiled.ast,
+            evaluation=compiled.evaluation,  # type: ignore[arg-type]
+            evaluation_reason=compiled.reason,
+            schedule=schedule,
+            reads=compiled.reads,
         )
         now = utcnow()
         segment.created_at.FromDatetime(now)
@@ -55,21 +87,207 @@ class SegmentationHandlers:
             )
             uow.emit(SEGMENTATION_CONFIG, [env])
 
-        await self.processor.execute(f"define:{segment.id}", decide)
+        try:
+            await self.processor.execute(f"define:{segment.id}", decide)
+        finally:
+            self.catalog.invalidate()
         await self.backfill_pending()
         return segment
 
-    async def backfill_pending(self) -> int:
-        """Evaluate existing profiles for every segment defined but not yet evaluated."""
+    async def explain(self, query: str, schedule: str = "") -> pb.Explanation:
+        compiled = self.compile("", query, schedule)
         with self.processor.read() as session:
-            pending = list(session.exec(select(store.SegmentRow.id).where(store.SegmentRow.evaluated == False)).all())  # noqa: E712
-        for segment_id in pending:
+            known = {row.id: store.segment_of(row) for row in store.all_segments(session)}
+            clock = store.clock_ms(session)
+            profiles = store.profile_count(session)
+            size = len(matching(session.connection(), compiled.ast, clock, known))
+        return pb.Explanation(
+            ast=compiled.ast,
+            evaluation=compiled.evaluation,  # type: ignore[arg-type]
+            evaluation_reason=compiled.reason,
+            estimated_size=size,
+            profiles=profiles,
+            reads=compiled.reads,
+        )
+
+    async def set_merge_policy(self, policy: pb.MergePolicy) -> pb.MergePolicy:
+        if policy.kind == pb.MERGE_POLICY_KIND_UNSPECIFIED:
+            policy.kind = pb.MERGE_POLICY_KIND_TIMESTAMP
+        if policy.kind == pb.MERGE_POLICY_KIND_DATASET_PRECEDENCE and not policy.datasets:
+            raise InvalidInput(
+                "invalid merge policy", [Violation("policy.datasets", "required", "dataset_precedence lists datasets")]
+            )
+        if policy.kind == pb.MERGE_POLICY_KIND_TIMESTAMP and policy.datasets:
+            raise InvalidInput(
+                "invalid merge policy", [Violation("policy.datasets", "unexpected", "timestamp takes no datasets")]
+            )
+        now = utcnow()
+        key = deterministic_id("merge-policy", policy.SerializeToString(deterministic=True).hex(), now.isoformat())
+
+        def decide(uow: UnitOfWork) -> None:
+            env = make_envelope(
+                ev.MergePolicySet(policy=policy),
+                event_id=key,
+                subject_key="merge-policy",
+                occurred_at=now,
+                cause=Cause(command_id=key),
+            )
+            uow.emit(SEGMENTATION_CONFIG, [env])
+
+        try:
+            await self.processor.execute(f"merge-policy:{key}", decide)
+        finally:
+            self.catalog.invalidate()
+        await self.backfill_pending()
+        return policy
+
+    # ---------------------------------------------------------------- backfill
+    async def backfill_pending(self) -> int:
+        """Evaluate existing profiles for every streaming segment defined (or re-opened) but not yet evaluated."""
+        with self.processor.read() as session:
+            rows = list(session.exec(select(store.SegmentRow).where(store.SegmentRow.evaluated == False)).all())  # noqa: E712
+            pending = [(r.id, r.generation, store.segment_of(r).evaluation) for r in rows]
+        for segment_id, generation, evaluation in pending:
+            if evaluation == pb.EVALUATION_BATCH:
+                async for _ in self.evaluate_batch(segment_id):
+                    pass
+                continue
             after: str | None = ""
             while after is not None:
-                decide = partial(backfill_page, segment_id=segment_id, after=after, at=utcnow())
-                after = await self.processor.execute(f"backfill:{segment_id}:{after}", decide)
+                decide = partial(
+                    backfill_page,
+                    catalog=self.catalog,
+                    segment_id=segment_id,
+                    generation=generation,
+                    after=after,
+                    at=utcnow(),
+                )
+                after = await self.processor.execute(f"backfill:{segment_id}:{generation}:{after}", decide)
             log.info("segment_backfilled", segment_id=segment_id)
         return len(pending)
+
+    # ------------------------------------------------------------------- batch
+    async def evaluate_batch(self, key: str) -> AsyncIterator[pb.EvaluationProgress]:
+        """SQL inside the store, a page of profiles per command; emits the same membership changes."""
+        with self.processor.read() as session:
+            row = store.segment_by_key(session, key)
+            if row is None:
+                raise NotFound(f"segment {key!r} not found")
+            segment_id, total = row.id, store.profile_count(session)
+            now_ms = store.clock_ms(session)
+        run_id = f"{now_ms}-{to_ms(utcnow())}"
+        progress = pb.EvaluationProgress(segment_id=segment_id, profiles_total=total)
+        after = ""
+        while True:
+            decide = partial(self._batch_page, segment_id=segment_id, run_id=run_id, after=after, now_ms=now_ms)
+            last, done, realized, exited = await self.processor.execute(f"batch:{segment_id}:{run_id}:{after}", decide)
+            progress.profiles_done += done
+            progress.realized += realized
+            progress.exited += exited
+            if last is None:
+                progress.done = True
+                yield progress
+                return
+            yield progress
+            after = last
+
+    def _batch_page(
+        self, uow: UnitOfWork, *, segment_id: str, run_id: str, after: str, now_ms: int
+    ) -> tuple[str | None, int, int, int]:
+        session = uow.session
+        known = {row.id: store.segment_of(row) for row in store.all_segments(session)}
+        ast = known[segment_id].ast
+        ids = list(
+            session.exec(
+                select(ProfileRow.profile_id)
+                .where(col(ProfileRow.profile_id) > after)
+                .order_by(col(ProfileRow.profile_id))
+                .limit(PAGE)
+            ).all()
+        )
+        at = datetime.fromtimestamp(now_ms / 1000, UTC) if now_ms else utcnow()
+        cause = f"batch:{run_id}"
+        if not ids:
+            done = ev.SegmentBatchEvaluated(segment_id=segment_id, run_id=run_id, profiles=store.profile_count(session))
+            done.at.FromDatetime(at)
+            marker = make_envelope(
+                done,
+                event_id=deterministic_id("batch-evaluated", segment_id, run_id),
+                subject_key=segment_id,
+                occurred_at=at,
+                cause=uow.cause,
+            )
+            uow.emit(SEGMENTATION_MEMBERSHIPS, [marker])
+            return None, 0, 0, 0
+        inside = matching(session.connection(), ast, now_ms, known, lo=after, hi=ids[-1])
+        current = store.statuses(session, segment_id, ids)
+        events = []
+        for profile_id in ids:
+            now_in = profile_id in inside
+            if now_in != (current.get(profile_id) == REALIZED):
+                events.append(change(uow, segment_id, profile_id, REALIZED if now_in else EXITED, at, cause))
+        uow.emit(SEGMENTATION_MEMBERSHIPS, events)
+        realized = sum(1 for p in ids if p in inside and current.get(p) != REALIZED)
+        return ids[-1], len(ids), realized, len(events) - realized
+
+    # ------------------------------------------------------------------- clock
+    async def tick(self, at: datetime) -> int:
+        """Move the log's clock to ``at`` and wake the profiles whose next window end has passed
+        (an indexed query on their next due time: no scan of all profiles). Returns the changes."""
+        ms = to_ms(at)
+        changes, page = 0, 0
+        while True:
+            decide = partial(self._tick_page, at=at, ms=ms, first=page == 0)
+            emitted, more = await self.processor.execute(f"clock:{ms}:{page}", decide)
+            changes += emitted
+            page += 1
+            if not more:
+                return changes
+
+    def _tick_page(self, uow: UnitOfWork, *, at: datetime, ms: int, first: bool) -> tuple[int, bool]:
+        session = uow.session
+        if first and ms > store.clock_ms(session):
+            ticked = ev.ClockTicked()
+            ticked.at.FromDatetime(at)
+            env = make_envelope(
+                ticked, event_id=deterministic_id("clock", ms), subject_key="clock", occurred_at=at, cause=uow.cause
+            )
+            uow.emit(SEGMENTATION_MEMBERSHIPS, [env])
+        ctx = self.catalog.context(session)
+        due = due_profiles(session, ctx.clock_ms, PAGE)
+        segments = self.catalog.affected(session, timed=True)
+        emitted = 0
+        for profile_id in due:
+            refresh_due(session, profile_id, ctx)
+            emitted += reevaluate(uow, profile_id, segments, at, f"clock:{ms}", ctx.clock_ms)
+        session.flush()
+        return emitted, len(due) == PAGE
+
+    def needs_clock(self) -> bool:
+        """Tick only when time changes something: windows, retention or schedules."""
+        with self.processor.read() as session:
+            segments = self.catalog.segments(session)
+            if any(s.reads.windows_ms for s in segments if s.streaming) or store.retention_ms(session):
+                return True
+            return any(store.segment_of(r).schedule for r in store.all_segments(session))
+
+    async def clock_loop(self) -> None:
+        await self.processor.ready.wait()
+        while True:
+            if self.needs_clock():
+                await self.tick(utcnow())
+                await self.run_schedules()
+            await asyncio.sleep(self.clock_interval_s)
+
+    async def run_schedules(self) -> None:
+        with self.processor.read() as session:
+            rows = [(r.id, store.segment_of(r).schedule, r.last_run_ms) for r in store.all_segments(session)]
+            clock = store.clock_ms(session)
+        for segment_id, schedule, last_run in rows:
+            if schedule and last_fire(schedule, last_run, clock) is not None:
+                log.info("scheduled_evaluation", segment_id=segment_id, clock=iso(clock))
+                async for _ in self.evaluate_batch(segment_id):
+                    pass
 
     async def backfill_loop(self) -> None:
         """After a restart, finish any evaluation a crash interrupted."""

@@ -1,21 +1,28 @@
 """The audience language: text -> typed AST (the protobuf ``Expression`` config events store).
 
     loyalty.tier = "gold" and (lifetime_value >= 500 or vip = true)
-    country in ["FR", "DE"] and email exists and not city starts_with "Lon"
+    count(order where channel = "store") >= 2 within 90d
+    sum(order.total) > 500 within 365d and has email
+    (cart_add where price > 0) not followed by order within 1h
+    consent email_marketing = "y" and in segment gold_members
 
-Parse and type errors carry the line, the column and a hint.
+Parse and type errors carry the line, the column and a hint. See docs/segmentation.md.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from lark import Lark, Token, Transformer, UnexpectedInput
+from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark.exceptions import VisitError
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.errors import InvalidInput, Violation
 
+KEYWORDS = "or|and|not|in|exists|true|false|contains|starts_with|where|within|between|has|consent|segment|followed|by"
 GRAMMAR = r"""
 ?start: expr
 ?expr: or_expr
@@ -26,11 +33,26 @@ GRAMMAR = r"""
 ?atom: comparison
      | exists
      | not_exists
+     | event_condition
+     | sequence
+     | has_identity
+     | consent
+     | member_of
      | "(" expr ")"
 comparison: PATH OP literal
           | PATH _IN array
 exists: PATH _EXISTS
 not_exists: PATH _NOT _EXISTS
+event_condition: AGG "(" PATH [_WHERE expr] ")" OP NUMBER [window]
+window: _WITHIN DURATION -> within
+      | _BETWEEN DATE _AND DATE -> between
+sequence: pattern FOLLOWED_BY pattern _WITHIN DURATION
+        | pattern NOT_FOLLOWED_BY pattern _WITHIN DURATION
+pattern: PATH
+       | "(" PATH _WHERE expr ")"
+has_identity: _HAS PATH
+consent: _CONSENT PATH "=" STRING
+member_of: _IN _SEGMENT PATH
 ?literal: STRING -> string
         | NUMBER -> number
         | _TRUE -> true
@@ -39,6 +61,9 @@ not_exists: PATH _NOT _EXISTS
 array: "[" [literal ("," literal)*] "]"
 
 OP: "<=" | ">=" | "!=" | "=" | "<" | ">" | "contains" | "starts_with"
+AGG.3: /(count|sum|min|max|avg)(?=\s*\()/
+FOLLOWED_BY.3: /followed\s+by\b/
+NOT_FOLLOWED_BY.3: /not\s+followed\s+by\b/
 _OR: "or"
 _AND: "and"
 _NOT: "not"
@@ -46,12 +71,20 @@ _IN: "in"
 _EXISTS: "exists"
 _TRUE: "true"
 _FALSE: "false"
-PATH: /(?!(or|and|not|in|exists|true|false|contains|starts_with)\b)[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*/
+_WHERE: "where"
+_WITHIN: "within"
+_BETWEEN: "between"
+_HAS: "has"
+_CONSENT: "consent"
+_SEGMENT: "segment"
+DURATION.2: /\d+(\.\d+)?[a-z]*/
+DATE.2: /\d{4}-\d{2}-\d{2}/
+PATH: /(?!(KEYWORDS)\b)(?!(count|sum|min|max|avg)\s*\()[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*/
 STRING: /"([^"\\]|\\.)*"/
 NUMBER: /-?\d+(\.\d+)?/
 %import common.WS
 %ignore WS
-"""
+""".replace("KEYWORDS", KEYWORDS)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -65,7 +98,68 @@ OPS = {
     "contains": pb.COMPARE_OP_CONTAINS,
     "starts_with": pb.COMPARE_OP_STARTS_WITH,
 }
+AGGREGATES = {
+    "count": pb.AGGREGATE_COUNT,
+    "sum": pb.AGGREGATE_SUM,
+    "min": pb.AGGREGATE_MIN,
+    "max": pb.AGGREGATE_MAX,
+    "avg": pb.AGGREGATE_AVG,
+}
+UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
+    "w": 604800,
+    "week": 604800,
+    "weeks": 604800,
+}
+ORDERED = (pb.COMPARE_OP_LT, pb.COMPARE_OP_LE, pb.COMPARE_OP_GT, pb.COMPARE_OP_GE)
 _parser = Lark(GRAMMAR, parser="lalr", propagate_positions=True)
+
+
+class LanguageError(Exception):
+    """A definition that parses but breaks a rule, at a place in the text."""
+
+    def __init__(self, token: Token | None, rule: str, hint: str) -> None:
+        super().__init__(hint)
+        self.line = token.line if token is not None and token.line is not None else 1
+        self.column = token.column if token is not None and token.column is not None else 1
+        self.rule = rule
+        self.hint = hint
+
+
+def _duration(token: Token) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", str(token))
+    assert match is not None
+    amount, unit = match.groups()
+    if not unit:
+        raise LanguageError(token, "window", f"a window needs a unit: {amount}d, {amount}h, {amount}w …")
+    if unit not in UNITS:
+        raise LanguageError(token, "window", f"unknown unit {unit!r}: use s, m, h, d or w (e.g. {amount}d)")
+    seconds = int(float(amount) * UNITS[unit])
+    if seconds <= 0:
+        raise LanguageError(token, "window", "a window must be longer than zero")
+    return seconds
+
+
+def _date_ms(token: Token, *, end: bool) -> int:
+    try:
+        day = date.fromisoformat(str(token))
+    except ValueError:
+        raise LanguageError(token, "date", "dates are YYYY-MM-DD, e.g. 2024-03-31") from None
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC) + (timedelta(days=1) if end else timedelta())
+    return int(start.timestamp() * 1000)
 
 
 class _ToAst(Transformer[Token, Any]):  # type: ignore[misc]
@@ -90,6 +184,7 @@ class _ToAst(Transformer[Token, Any]):  # type: ignore[misc]
             path, value = items
             return pb.Expression(comparison=pb.Comparison(path=str(path), op=pb.COMPARE_OP_IN, value=value))
         path, op, value = items
+        _check_comparison(path, op, value)
         return pb.Expression(comparison=pb.Comparison(path=str(path), op=OPS[str(op)], value=value))
 
     def exists(self, items: list[Token]) -> pb.Expression:
@@ -107,68 +202,144 @@ class _ToAst(Transformer[Token, Any]):  # type: ignore[misc]
     def or_expr(self, items: list[pb.Expression]) -> pb.Expression:
         return pb.Expression(any=pb.Junction(terms=items))
 
+    def within(self, items: list[Token]) -> pb.Window:
+        return pb.Window(within_seconds=_duration(items[0]))
+
+    def between(self, items: list[Token]) -> pb.Window:
+        start, end = _date_ms(items[0], end=False), _date_ms(items[1], end=True)
+        if end <= start:
+            raise LanguageError(items[1], "window", "the end date must not be before the start date")
+        return pb.Window(between=pb.DateRange(from_ms=start, to_ms=end))
+
+    def event_condition(self, items: list[Any]) -> pb.Expression:
+        agg, path, where, op, number, window = items
+        aggregate = AGGREGATES[str(agg)]
+        event_type, _, field = str(path).partition(".")
+        if aggregate == pb.AGGREGATE_COUNT and field:
+            raise LanguageError(path, "event", f"count takes an event type, not a field: count({event_type})")
+        if aggregate != pb.AGGREGATE_COUNT and not field:
+            hint = f"{agg} needs a numeric field of the event: {agg}({event_type}.total)"
+            raise LanguageError(path, "event", hint)
+        if str(op) not in ("=", "!=", "<", "<=", ">", ">="):
+            raise LanguageError(op, "type", f"{agg}(…) is a number: compare it with = != < <= > >=")
+        condition = pb.EventCondition(
+            aggregate=aggregate,
+            pattern=pb.EventPattern(event_type=event_type, where=where)
+            if where
+            else pb.EventPattern(event_type=event_type),
+            field=field,
+            op=OPS[str(op)],
+            value=float(number),
+        )
+        if window is not None:
+            condition.window.CopyFrom(window)
+        return pb.Expression(event=condition)
+
+    def pattern(self, items: list[Any]) -> pb.EventPattern:
+        path = items[0]
+        if "." in str(path):
+            raise LanguageError(
+                path, "event", "a sequence step names an event type, e.g. cart_add or (order where total > 0)"
+            )
+        if len(items) == 2:
+            return pb.EventPattern(event_type=str(path), where=items[1])
+        return pb.EventPattern(event_type=str(path))
+
+    def sequence(self, items: list[Any]) -> pb.Expression:
+        first, arrow, then, duration = items
+        seq = pb.Sequence(first=first, then=then, within_seconds=_duration(duration))
+        seq.negated = arrow.type == "NOT_FOLLOWED_BY"
+        return pb.Expression(sequence=seq)
+
+    def has_identity(self, items: list[Token]) -> pb.Expression:
+        return pb.Expression(identity=pb.IdentityPresence(namespace=str(items[0])))
+
+    def consent(self, items: list[Token]) -> pb.Expression:
+        value = str(items[1])[1:-1]
+        return pb.Expression(consent=pb.ConsentCondition(purpose=str(items[0]), value=value))
+
+    def member_of(self, items: list[Token]) -> pb.Expression:
+        return pb.Expression(member_of=pb.SegmentMembership(segment_name=str(items[0])))
+
+
+def _check_comparison(path: Token, op: Token, value: pb.Literal) -> None:
+    kind = value.WhichOneof("kind")
+    if OPS[str(op)] in ORDERED and kind in ("bool_value", "list_value"):
+        raise LanguageError(op, "type", f"{op} needs a number, a string or a date, not a {kind.split('_')[0]}")
+    if str(op) in ("contains", "starts_with") and kind != "string_value":
+        raise LanguageError(op, "type", f'{op} takes a string, e.g. {path} {op} "abc"')
+
+
+def _hint(exc: UnexpectedInput, query: str) -> str:
+    if isinstance(exc, UnexpectedToken) and exc.token.type == "NUMBER" and "DURATION" not in exc.expected:
+        pass
+    if isinstance(exc, UnexpectedCharacters):
+        allowed = set(exc.allowed or ())
+        if "DURATION" in allowed:
+            return "a window is a number with a unit: within 90d, within 12h, within 2w"
+        if "DATE" in allowed:
+            return "dates are YYYY-MM-DD, e.g. between 2024-01-01 and 2024-03-31"
+        char = query[exc.pos_in_stream] if exc.pos_in_stream is not None and exc.pos_in_stream < len(query) else ""
+        if char.isupper():
+            return "names are lower_snake_case; strings go in double quotes"
+        if char == "'":
+            return 'strings go in double quotes: "gold"'
+    expected = sorted(getattr(exc, "expected", set()) or getattr(exc, "allowed", set()) or [])
+    if isinstance(exc, UnexpectedToken) and exc.token.type == "$END":
+        return f"the definition ends too early; expected one of: {', '.join(_readable(expected))}"
+    if expected:
+        return f"expected one of: {', '.join(_readable(expected)[:10])}"
+    return "check quotes, parentheses and operators"
+
+
+_READABLE = {
+    "PATH": "a field name",
+    "STRING": "a string",
+    "NUMBER": "a number",
+    "OP": "an operator (= != < <= > >= contains starts_with)",
+    "LPAR": "(",
+    "RPAR": ")",
+    "LSQB": "[",
+    "RSQB": "]",
+    "COMMA": ",",
+    "EQUAL": "=",
+    "AGG": "count/sum/min/max/avg",
+    "DURATION": "a window like 90d",
+    "DATE": "a date YYYY-MM-DD",
+}
+
+
+def _readable(names: list[str]) -> list[str]:
+    return sorted({_READABLE.get(n, n.lstrip("_").lower().replace("_", " ")) for n in names})
+
 
 def parse(query: str) -> pb.Expression:
     try:
         tree = _parser.parse(query)
+        ast = _ToAst().transform(tree)
     except UnexpectedInput as exc:
-        line, column = exc.line, exc.column
-        hint = _hint(exc)
-        raise InvalidInput(
-            f"cannot parse the audience definition at line {line}, column {column}",
-            [Violation(f"query:{line}:{column}", "syntax", hint)],
-        ) from exc
-    ast = _ToAst().transform(tree)
+        raise _error("cannot parse the audience definition", exc.line, exc.column, "syntax", _hint(exc, query)) from exc
+    except VisitError as exc:
+        inner = exc.orig_exc
+        if isinstance(inner, LanguageError):
+            raise _error("invalid audience definition", inner.line, inner.column, inner.rule, inner.hint) from exc
+        raise
     assert isinstance(ast, pb.Expression)
-    _check_types(ast)
     return ast
 
 
-def _hint(exc: UnexpectedInput) -> str:
-    expected = sorted(getattr(exc, "expected", set()) or getattr(exc, "allowed", set()) or [])
-    if expected:
-        return f"expected one of: {', '.join(expected[:8])}"
-    return "check quotes, parentheses and operators"
-
-
-def _check_types(ast: pb.Expression) -> None:
-    node = ast.WhichOneof("node")
-    if node == "comparison":
-        cmp = ast.comparison
-        kind = cmp.value.WhichOneof("kind")
-        ordered = (pb.COMPARE_OP_LT, pb.COMPARE_OP_LE, pb.COMPARE_OP_GT, pb.COMPARE_OP_GE)
-        if cmp.op in ordered and kind in ("bool_value", "list_value"):
-            raise InvalidInput(
-                "type error", [Violation(cmp.path, "type", "order comparisons need a number or a string")]
-            )
-        if cmp.op in (pb.COMPARE_OP_CONTAINS, pb.COMPARE_OP_STARTS_WITH) and kind != "string_value":
-            raise InvalidInput(
-                "type error", [Violation(cmp.path, "type", f"{pb.CompareOp.Name(cmp.op)} takes a string")]
-            )
-    elif node in ("all", "any"):
-        for term in getattr(ast, node).terms:
-            _check_types(term)
-    elif node == "negate":
-        _check_types(ast.negate)
-
-
-def referenced_paths(ast: pb.Expression) -> set[str]:
-    node = ast.WhichOneof("node")
-    if node == "comparison":
-        return {ast.comparison.path}
-    if node == "exists":
-        return {ast.exists.path}
-    if node in ("all", "any"):
-        return set().union(*(referenced_paths(t) for t in getattr(ast, node).terms))
-    if node == "negate":
-        return referenced_paths(ast.negate)
-    return set()
-
-
-def classify(ast: pb.Expression) -> tuple[int, str]:
-    """Streaming or batch, and why, for people."""
-    paths = ", ".join(sorted(referenced_paths(ast)))
-    return (
-        pb.EVALUATION_STREAMING,
-        f"streaming: only profile attributes are read ({paths}); each profile is re-evaluated when it changes",
+def _error(message: str, line: int, column: int, rule: str, hint: str) -> InvalidInput:
+    return InvalidInput(
+        f"{message} at line {line}, column {column}: {hint}", [Violation(f"query:{line}:{column}", rule, hint)]
     )
+
+
+def walk(ast: pb.Expression, visit: Callable[[pb.Expression], None]) -> None:
+    """Call ``visit`` on every node of the profile-level tree (not inside event `where` conditions)."""
+    visit(ast)
+    node = ast.WhichOneof("node")
+    if node in ("all", "any"):
+        for term in getattr(ast, node).terms:
+            walk(term, visit)
+    elif node == "negate":
+        walk(ast.negate, visit)

@@ -9,29 +9,47 @@ from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
-from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS, SEGMENTATION_READS_PROFILE
+from cdp_kit.streams import (
+    SEGMENTATION_CONFIG,
+    SEGMENTATION_MEMBERSHIPS,
+    SEGMENTATION_READS_INGEST_CONFIG,
+    SEGMENTATION_READS_PROFILE,
+)
 from cdp_segmentation.api import SegmentationServicer
-from cdp_segmentation.consumer import ProfilesToMemberships
+from cdp_segmentation.consumer import DatasetsOfIngest, ProfilesToMemberships
 from cdp_segmentation.handlers import SegmentationHandlers
+from cdp_segmentation.membership import Catalog
 from cdp_segmentation.projection import SegmentationProjection
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.store import TABLES
 
 
-def build(settings: SegmentationSettings, engine: Engine, eventlog: EventLog) -> Service:
+def build_processor(
+    engine: Engine, eventlog: EventLog, *, batch_size: int = 256, event_cap: int = 5000
+) -> tuple[Processor, Catalog]:
+    catalog = Catalog(event_cap)
     processor = Processor(
         service="segmentation",
         engine=engine,
         eventlog=eventlog,
         tables=TABLES,
         own_logs=[SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS],
-        projection=SegmentationProjection(),
-        inputs=[Input(SEGMENTATION_READS_PROFILE, ProfilesToMemberships())],
-        batch_size=settings.batch_size,
+        projection=SegmentationProjection(catalog),
+        # Datasets first: a rebuild knows every retention before it replays the events.
+        inputs=[
+            Input(SEGMENTATION_READS_INGEST_CONFIG, DatasetsOfIngest(catalog)),
+            Input(SEGMENTATION_READS_PROFILE, ProfilesToMemberships(catalog)),
+        ],
+        batch_size=batch_size,
     )
-    handlers = SegmentationHandlers(processor)
+    return processor, catalog
+
+
+def build(settings: SegmentationSettings, engine: Engine, eventlog: EventLog) -> Service:
+    processor, catalog = build_processor(engine, eventlog, batch_size=settings.batch_size, event_cap=settings.event_cap)
+    handlers = SegmentationHandlers(processor, catalog, clock_interval_s=settings.clock_interval_s)
     name = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name
     registration = Registration(
         name, segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server, SegmentationServicer(handlers)
     )
-    return Service(processor, [registration], background=[handlers.backfill_loop])
+    return Service(processor, [registration], background=[handlers.backfill_loop, handlers.clock_loop])

@@ -1,7 +1,9 @@
-"""Deciding membership changes: evaluate, compare with what is known, emit only changes."""
+"""Deciding membership changes: evaluate what a change can affect, compare with what is known, emit only changes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlmodel import Session, col, select
@@ -12,18 +14,117 @@ from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import SEGMENTATION_MEMBERSHIPS
 from cdp_segmentation import store
-from cdp_segmentation.evaluate import matches
-from cdp_segmentation.store import EXITED, REALIZED, ProfileRow
+from cdp_segmentation.analysis import Reads, reads_of
+from cdp_segmentation.evaluate import Event, ProfileData, matches
+from cdp_segmentation.profiles import DEFAULT_EVENT_CAP, ProfileContext, next_due
+from cdp_segmentation.store import EVENT, EXITED, REALIZED, FragmentRow, ProfileRow
 
 
-def profile_view(profile: ProfileRow, identities: list[store.ProfileIdentityRow]) -> dict[str, object]:
-    """What the audience language sees: attributes, plus `identities.<namespace>`."""
-    view: dict[str, object] = dict(profile.attributes)
-    idents: dict[str, str] = {}
-    for ident in identities:
-        idents.setdefault(ident.namespace, ident.value)
-    view["identities"] = idents
-    return view
+@dataclass(frozen=True)
+class CompiledSegment:
+    id: str
+    name: str
+    ast: pb.Expression
+    reads: Reads
+    streaming: bool
+
+
+class Catalog:
+    """The segments (parsed once, in dependency order) and the profile context, cached between
+    batches. The projection invalidates it whenever a fold changes either."""
+
+    def __init__(self, event_cap: int = DEFAULT_EVENT_CAP) -> None:
+        self.event_cap = event_cap
+        self._segments: list[CompiledSegment] | None = None
+        self._ctx: ProfileContext | None = None
+
+    def invalidate(self) -> None:
+        self._segments = None
+        self._ctx = None
+
+    def segments(self, session: Session) -> list[CompiledSegment]:
+        if self._segments is None:
+            compiled = []
+            for row in store.all_segments(session):
+                segment = store.segment_of(row)
+                streaming = segment.evaluation != pb.EVALUATION_BATCH
+                compiled.append(CompiledSegment(row.id, row.name, segment.ast, reads_of(segment.ast), streaming))
+            self._segments = _dependency_order(compiled)
+        return self._segments
+
+    def streaming(self, session: Session) -> list[CompiledSegment]:
+        return [s for s in self.segments(session) if s.streaming]
+
+    def windows(self, session: Session) -> set[int]:
+        return set().union(*(s.reads.windows_ms for s in self.streaming(session)))
+
+    def context(self, session: Session) -> ProfileContext:
+        if self._ctx is None:
+            self._ctx = ProfileContext.load(session, self.windows(session), self.event_cap)
+        return self._ctx
+
+    def affected(
+        self,
+        session: Session,
+        *,
+        attributes: Iterable[str] = (),
+        event_types: Iterable[str] = (),
+        identities: bool = False,
+        timed: bool = False,
+        everything: bool = False,
+    ) -> list[CompiledSegment]:
+        """The streaming segments that read what changed, and every segment that reads those."""
+        attrs, types = set(attributes), set(event_types)
+        chosen: set[str] = set()
+        result = []
+        for seg in self.streaming(session):
+            reads = seg.reads
+            hit = (
+                everything
+                or bool(reads.attributes & attrs)
+                or bool(reads.event_types & types)
+                or (identities and bool(reads.namespaces))
+                or (timed and bool(reads.windows_ms or reads.event_types))
+                or bool(reads.segments & chosen)
+            )
+            if hit:
+                chosen.add(seg.id)
+                result.append(seg)
+        return result
+
+
+def _dependency_order(segments: list[CompiledSegment]) -> list[CompiledSegment]:
+    by_id = {s.id: s for s in segments}
+    ordered: list[CompiledSegment] = []
+    seen: set[str] = set()
+
+    def visit(seg: CompiledSegment) -> None:
+        if seg.id in seen:
+            return
+        seen.add(seg.id)
+        for dep in sorted(seg.reads.segments):
+            if dep in by_id:
+                visit(by_id[dep])
+        ordered.append(seg)
+
+    for seg in sorted(segments, key=lambda s: s.name):
+        visit(seg)
+    return ordered
+
+
+def profile_data(session: Session, profile: ProfileRow) -> ProfileData:
+    namespaces = {i.namespace for i in store.identities_of(session, profile.profile_id)}
+    memberships = {sid for sid, st in store.memberships_of(session, profile.profile_id).items() if st == REALIZED}
+
+    def load() -> list[Event]:
+        rows = session.exec(
+            select(FragmentRow.event_type, FragmentRow.ts_ms, FragmentRow.attributes).where(
+                FragmentRow.profile_id == profile.profile_id, FragmentRow.kind == EVENT
+            )
+        ).all()
+        return [Event(t, int(ts), dict(attrs)) for t, ts, attrs in rows]
+
+    return ProfileData(dict(profile.attributes), namespaces, memberships, load)
 
 
 def change(uow: UnitOfWork, segment_id: str, profile_id: str, status: str, at: datetime, cause: str) -> Envelope:
@@ -44,41 +145,46 @@ def change(uow: UnitOfWork, segment_id: str, profile_id: str, status: str, at: d
 
 
 def reevaluate(
-    uow: UnitOfWork, profile_id: str, segments: list[tuple[str, pb.Expression]], at: datetime, cause: str
-) -> None:
+    uow: UnitOfWork, profile_id: str, segments: list[CompiledSegment], at: datetime, cause: str, now_ms: int
+) -> int:
+    """Evaluate ``segments`` (in dependency order) for one profile; emit the changes. Returns how many."""
+    if not segments:
+        return 0
     profile = uow.session.get(ProfileRow, profile_id)
+    if profile is None:
+        return exit_all(uow, profile_id, at, cause)
+    data = profile_data(uow.session, profile)
     current = store.memberships_of(uow.session, profile_id)
     events: list[Envelope] = []
-    view = profile_view(profile, store.identities_of(uow.session, profile_id)) if profile else None
-    for segment_id, ast in segments:
-        inside = view is not None and matches(ast, view)
-        was = current.get(segment_id) == REALIZED
-        if inside != was:
-            events.append(change(uow, segment_id, profile_id, REALIZED if inside else EXITED, at, cause))
+    for seg in segments:
+        inside = matches(seg.ast, data, now_ms)
+        if inside != (current.get(seg.id) == REALIZED):
+            events.append(change(uow, seg.id, profile_id, REALIZED if inside else EXITED, at, cause))
+            (data.memberships.add if inside else data.memberships.discard)(seg.id)
     uow.emit(SEGMENTATION_MEMBERSHIPS, events)
+    return len(events)
 
 
-def exit_all(uow: UnitOfWork, profile_id: str, at: datetime, cause: str) -> None:
+def exit_all(uow: UnitOfWork, profile_id: str, at: datetime, cause: str) -> int:
     current = store.memberships_of(uow.session, profile_id)
     events = [change(uow, sid, profile_id, EXITED, at, cause) for sid, st in sorted(current.items()) if st == REALIZED]
     uow.emit(SEGMENTATION_MEMBERSHIPS, events)
-
-
-def active_segments(session: Session) -> list[tuple[str, pb.Expression]]:
-    return [(row.id, store.segment_of(row).ast) for row in store.all_segments(session)]
+    return len(events)
 
 
 BACKFILL_PAGE = 1000
 
 
-def backfill_page(uow: UnitOfWork, *, segment_id: str, after: str, at: datetime) -> str | None:
-    """Evaluate one page of profiles (ordered by id, after ``after``) against a segment and
-    emit the differences. Returns the last profile id of the page, or None when there are
-    no more profiles: then the segment is marked evaluated. Diff-based, so re-running is harmless."""
+def backfill_page(
+    uow: UnitOfWork, *, catalog: Catalog, segment_id: str, generation: int, after: str, at: datetime
+) -> str | None:
+    """Evaluate one page of profiles (ordered by id, after ``after``) against a streaming segment and
+    emit the differences. Returns the last profile id of the page, or None when there are no more
+    profiles: then the segment is marked evaluated. Diff-based, so re-running is harmless."""
     row = uow.session.get(store.SegmentRow, segment_id)
-    if row is None:
+    if row is None or row.generation != generation:
         return None
-    ast = store.segment_of(row).ast
+    seg = next((s for s in catalog.segments(uow.session) if s.id == segment_id), None)
     page = list(
         uow.session.exec(
             select(ProfileRow)
@@ -87,22 +193,34 @@ def backfill_page(uow: UnitOfWork, *, segment_id: str, after: str, at: datetime)
             .limit(BACKFILL_PAGE)
         ).all()
     )
-    if not page:
+    if not page or seg is None:
         marker = make_envelope(
-            ev.SegmentEvaluated(segment_id=segment_id, profiles=store.profile_count(uow.session)),
-            event_id=deterministic_id("segment-evaluated", segment_id),
+            ev.SegmentEvaluated(
+                segment_id=segment_id, profiles=store.profile_count(uow.session), generation=generation
+            ),
+            event_id=deterministic_id("segment-evaluated", segment_id, generation),
             subject_key=segment_id,
             occurred_at=at,
             cause=uow.cause,
         )
         uow.emit(SEGMENTATION_MEMBERSHIPS, [marker])
         return None
+    ctx = catalog.context(uow.session)
     events: list[Envelope] = []
     current = store.statuses(uow.session, segment_id, [p.profile_id for p in page])
     for profile in page:
-        inside = matches(ast, profile_view(profile, store.identities_of(uow.session, profile.profile_id)))
+        _refresh_due(uow.session, profile, ctx)
+        inside = matches(seg.ast, profile_data(uow.session, profile), ctx.clock_ms)
         if inside != (current.get(profile.profile_id) == REALIZED):
             status = REALIZED if inside else EXITED
-            events.append(change(uow, segment_id, profile.profile_id, status, at, f"segment-defined:{segment_id}"))
+            cause = f"segment-defined:{segment_id}:{generation}"
+            events.append(change(uow, segment_id, profile.profile_id, status, at, cause))
     uow.emit(SEGMENTATION_MEMBERSHIPS, events)
     return page[-1].profile_id
+
+
+def _refresh_due(session: Session, profile: ProfileRow, ctx: ProfileContext) -> None:
+    due = next_due(session, profile.profile_id, ctx)
+    if due != profile.next_due_ms:
+        profile.next_due_ms = due
+        session.add(profile)

@@ -1,4 +1,4 @@
-"""The segmentation store: unified profiles, segment definitions, memberships."""
+"""The segmentation store: fragments, unified profiles, segment definitions, memberships, the clock."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from cdp_kit.store import tables_of
 
 REALIZED = "realized"
 EXITED = "exited"
+RECORD = "record"
+EVENT = "event"
 
 
 class SegmentRow(SQLModel, table=True):
@@ -23,10 +25,14 @@ class SegmentRow(SQLModel, table=True):
     name: str = Field(unique=True)
     body: dict[str, Any] = Field(sa_type=sa.JSON)
     evaluated: bool = False
+    # Bumped when every profile must be evaluated again (a new merge policy).
+    generation: int = 0
+    # Batch segments: the log time (epoch ms) of the last finished SQL evaluation.
+    last_run_ms: int = Field(default=0, sa_type=sa.BigInteger)
 
 
 class ProfileRow(SQLModel, table=True):
-    """A unified profile: merged attributes (newest value wins) with their sources."""
+    """A unified profile: attributes merged from its record fragments by the merge policy, with their sources."""
 
     __tablename__ = "seg_profile"
 
@@ -34,6 +40,25 @@ class ProfileRow(SQLModel, table=True):
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     sources: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     events: int = 0
+    # Earliest log time (epoch ms) at which a window or a retention period changes what this profile matches.
+    next_due_ms: int | None = Field(default=None, sa_type=sa.BigInteger, index=True)
+
+
+class FragmentRow(SQLModel, table=True):
+    """Every fragment identity sent: records (attributes) and events (the event history)."""
+
+    __tablename__ = "seg_fragment"
+    __table_args__ = (sa.Index("ix_seg_fragment_history", "profile_id", "kind", "event_type", "ts_ms"),)
+
+    source_event_id: str = Field(primary_key=True)
+    profile_id: str = Field(index=True)
+    dataset: str
+    kind: str
+    event_type: str = ""
+    ts_ms: int = Field(sa_type=sa.BigInteger)
+    # Position in identity's log: the tie-break after the record time.
+    seq: int = Field(sa_type=sa.BigInteger)
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
 class ProfileIdentityRow(SQLModel, table=True):
@@ -53,7 +78,25 @@ class MembershipRow(SQLModel, table=True):
     changed_at: datetime
 
 
-TABLES = tables_of(SegmentRow, ProfileRow, ProfileIdentityRow, MembershipRow)
+class DatasetRow(SQLModel, table=True):
+    """What segmentation keeps of ingest's datasets: the event retention."""
+
+    __tablename__ = "seg_dataset"
+
+    name: str = Field(primary_key=True)
+    retention_seconds: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+class StateRow(SQLModel, table=True):
+    """Singletons folded from the own logs: the clock, the merge policy."""
+
+    __tablename__ = "seg_state"
+
+    key: str = Field(primary_key=True)
+    value: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+TABLES = tables_of(SegmentRow, ProfileRow, FragmentRow, ProfileIdentityRow, MembershipRow, DatasetRow, StateRow)
 
 
 def segment_of(row: SegmentRow) -> pb.Segment:
@@ -80,12 +123,18 @@ def realized(session: Session, segment_id: str, limit: int = 0) -> list[str]:
 
 
 def size(session: Session, segment_id: str) -> int:
-    return len(realized(session, segment_id))
+    query = select(func.count()).where(MembershipRow.segment_id == segment_id, MembershipRow.status == REALIZED)
+    return int(session.exec(query).one())
 
 
 def memberships_of(session: Session, profile_id: str) -> dict[str, str]:
     rows = session.exec(select(MembershipRow).where(MembershipRow.profile_id == profile_id)).all()
     return {r.segment_id: r.status for r in rows}
+
+
+def membership_rows(session: Session, profile_id: str) -> list[MembershipRow]:
+    query = select(MembershipRow).where(MembershipRow.profile_id == profile_id).order_by(col(MembershipRow.segment_id))
+    return list(session.exec(query).all())
 
 
 def identities_of(session: Session, profile_id: str) -> list[ProfileIdentityRow]:
@@ -108,3 +157,60 @@ def statuses(session: Session, segment_id: str, profile_ids: list[str]) -> dict[
 
 def profile_count(session: Session) -> int:
     return int(session.exec(select(func.count()).select_from(ProfileRow)).one())
+
+
+def events_of(session: Session, profile_id: str, limit: int = 0) -> list[FragmentRow]:
+    """The retained event history, newest first."""
+    query = (
+        select(FragmentRow)
+        .where(FragmentRow.profile_id == profile_id, FragmentRow.kind == EVENT)
+        .order_by(col(FragmentRow.ts_ms).desc(), col(FragmentRow.seq).desc(), col(FragmentRow.source_event_id).desc())
+    )
+    if limit:
+        query = query.limit(limit)
+    return list(session.exec(query).all())
+
+
+def records_of(session: Session, profile_id: str) -> list[FragmentRow]:
+    query = select(FragmentRow).where(FragmentRow.profile_id == profile_id, FragmentRow.kind == RECORD)
+    return list(session.exec(query).all())
+
+
+CLOCK = "clock"
+MERGE_POLICY = "merge_policy"
+
+
+def clock_ms(session: Session) -> int:
+    row = session.get(StateRow, CLOCK)
+    return int(row.value["ms"]) if row is not None else 0
+
+
+def set_clock(session: Session, ms: int) -> None:
+    session.merge(StateRow(key=CLOCK, value={"ms": ms}))
+
+
+def merge_policy(session: Session) -> pb.MergePolicy:
+    row = session.get(StateRow, MERGE_POLICY)
+    if row is None:
+        return pb.MergePolicy(kind=pb.MERGE_POLICY_KIND_TIMESTAMP)
+    return json_format.ParseDict(row.value, pb.MergePolicy())
+
+
+def set_merge_policy(session: Session, policy: pb.MergePolicy) -> None:
+    session.merge(StateRow(key=MERGE_POLICY, value=json_format.MessageToDict(policy)))
+
+
+def retention_ms(session: Session) -> dict[str, int]:
+    rows = session.exec(select(DatasetRow).where(col(DatasetRow.retention_seconds) > 0)).all()
+    return {r.name: r.retention_seconds * 1000 for r in rows}
+
+
+def sources_of(session: Session, profile_id: str) -> list[tuple[str, str, int, int]]:
+    """(dataset, kind, fragments, last record time ms) of every source of a profile."""
+    query = (
+        select(FragmentRow.dataset, FragmentRow.kind, func.count(), func.max(FragmentRow.ts_ms))
+        .where(FragmentRow.profile_id == profile_id)
+        .group_by(col(FragmentRow.dataset), col(FragmentRow.kind))
+        .order_by(col(FragmentRow.dataset), col(FragmentRow.kind))
+    )
+    return [(d, k, int(c), int(m)) for d, k, c, m in session.exec(query).all()]

@@ -1,5 +1,25 @@
-"""Destination connectors: each turns an audience snapshot into what one destination expects."""
+"""Destination connectors: each turns a micro-batch into what one destination expects."""
 
-from cdp_activation.connectors.base import Audience, Connector, DeliveryResult, connector_for
+from cdp_activation.connectors.base import (
+    Batch,
+    Connector,
+    ConnectorConfig,
+    DeliveryError,
+    Record,
+    SendContext,
+    SendResult,
+    catalog,
+    connector_for,
+)
 
-__all__ = ["Audience", "Connector", "DeliveryResult", "connector_for"]
+__all__ = [
+    "Batch",
+    "Connector",
+    "ConnectorConfig",
+    "DeliveryError",
+    "Record",
+    "SendContext",
+    "SendResult",
+    "catalog",
+    "connector_for",
+]

@@ -1,54 +1,175 @@
-"""The connector contract and the catalog."""
+"""The connector contract and the catalog.
+
+A connector turns one micro-batch of adds or removes into what one destination's public
+API expects. It is a pure adapter: retries, rate limits, dead letters and the delivery
+log live in the Deliverer. It raises ``DeliveryError`` (permanent or transient, with an
+optional Retry-After) and never logs a credential or a raw identifier.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cdp_kit.errors import InvalidInput, Violation
 
+Action = Literal["add", "remove"]
+
+
+class DeliveryError(Exception):
+    """A failed send. ``permanent`` errors are dead-lettered at once; transient ones are
+    retried with backoff (``retry_after`` seconds when the destination said so)."""
+
+    def __init__(self, reason: str, *, permanent: bool, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class ConnectorConfig(BaseModel):
+    """Settings every destination has; connectors extend it. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = ""
+    batch_size: int = Field(default=500, ge=1, le=100_000, description="Max profiles per micro-batch")
+    batch_age_s: float = Field(default=1.0, ge=0, description="Max seconds a change waits for its batch")
+    rate_per_s: float = Field(default=50.0, gt=0, description="Requests per second to this destination")
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    timeout_s: float = Field(default=30.0, gt=0, description="Seconds one send may take")
+    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles each attempt, with jitter")
+    backoff_max_s: float = Field(default=60.0, ge=0)
+
 
 @dataclass(frozen=True)
-class Member:
+class Record:
     profile_id: str
     identities: dict[str, list[str]]
     attributes: dict[str, Any]
 
+    def first(self, namespace: str) -> str:
+        values = self.identities.get(namespace) or []
+        return values[0] if values else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile_id": self.profile_id, "identities": self.identities, "attributes": self.attributes}
+
+    @staticmethod
+    def of(data: Mapping[str, Any]) -> Record:
+        return Record(str(data["profile_id"]), dict(data.get("identities") or {}), dict(data.get("attributes") or {}))
+
 
 @dataclass(frozen=True)
-class Audience:
-    """One delivery's input: the plan's current members, and who joined or left since the last one."""
-
+class Batch:
+    id: str
+    plan_id: str
     destination: str
     segment: str
-    members: list[Member]
-    added: list[str]
-    removed: list[str]
+    action: Action
+    sequence: int
+    records: list[Record]
     identities: list[str]
     attributes: list[str]
+    # The plan's whole audience after this batch (for connectors that send snapshots).
+    snapshot: list[Record] | None = None
 
 
 @dataclass
-class DeliveryResult:
-    location: str
-    delivered: int
-    excluded: dict[str, int] = field(default_factory=dict)
+class SendResult:
+    activated: int
+    location: str = ""
+    rejected: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
-class Connector(Protocol):
-    name: str
+@dataclass
+class SendContext:
+    http: aiohttp.ClientSession
+    export_root: Path
+    # Profiles the destination holds after this batch (for minimum-audience warnings).
+    members_after: int = 0
 
-    def validate(self, config: dict[str, Any]) -> list[Violation]: ...
 
-    async def deliver(self, config: dict[str, Any], audience: Audience) -> DeliveryResult: ...
+class Connector:
+    name: ClassVar[str]
+    config_model: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+    # Sending the same batch id twice adds nothing twice at the destination.
+    idempotent: ClassVar[bool] = False
+    # Identity namespaces the destination can match on (None = any); "any" = at least one.
+    identity_namespaces: ClassVar[tuple[str, ...] | None] = None
+    identity_rule: ClassVar[Literal["all", "any"]] = "all"
+    # Records carry every identity of the profile, not only the plan's namespaces.
+    all_identities: ClassVar[bool] = False
+    min_audience: ClassVar[int] = 0
+
+    def parse(self, config: Mapping[str, Any]) -> ConnectorConfig:
+        try:
+            return self.config_model.model_validate(dict(config))
+        except ValidationError as exc:
+            raise InvalidInput(f"{self.name} config is invalid", violations_of(exc)) from None
+
+    def validate(self, config: Mapping[str, Any]) -> list[Violation]:
+        try:
+            self.parse(config)
+        except InvalidInput as exc:
+            return list(exc.violations)
+        return []
+
+    def wants_snapshot(self, config: ConnectorConfig) -> bool:
+        return False
+
+    def required_identities(self, plan_identities: list[str]) -> list[str]:
+        """The plan's namespaces this destination needs (all, or any one per identity_rule)."""
+        if self.identity_namespaces is None:
+            return list(plan_identities)
+        wanted = [ns for ns in plan_identities if ns in self.identity_namespaces]
+        return wanted or list(self.identity_namespaces)
+
+    def warnings(self, members_after: int) -> list[str]:
+        if self.min_audience and members_after < self.min_audience:
+            return [f"audience of {members_after} is below the {self.name} minimum of {self.min_audience}"]
+        return []
+
+    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        raise NotImplementedError
 
 
-def connector_for(name: str, export_root: Path) -> Connector:
-    from cdp_activation.connectors.file_export import FileExport
+def violations_of(exc: ValidationError) -> list[Violation]:
+    out: list[Violation] = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        out.append(Violation(f"config.{where}", err["type"], err["msg"]))
+    return out
 
-    catalog: dict[str, Connector] = {"file_export": FileExport(export_root)}
-    if name not in catalog:
-        known = ", ".join(sorted(catalog))
+
+def catalog() -> dict[str, Connector]:
+    from cdp_activation.connectors import ads, email, file_export, webhook
+
+    connectors: list[Connector] = [
+        file_export.FileExport(),
+        webhook.Webhook(),
+        webhook.SegmentShare(),
+        ads.MetaCustomAudience(),
+        ads.GoogleCustomerMatch(),
+        ads.SnapAudience(),
+        ads.TikTokAudience(),
+        ads.LinkedInAudience(),
+        email.Mailchimp(),
+        email.Braze(),
+        email.TwilioSms(),
+    ]
+    return {c.name: c for c in connectors}
+
+
+def connector_for(name: str) -> Connector:
+    connectors = catalog()
+    if name not in connectors:
+        known = ", ".join(sorted(connectors))
         raise InvalidInput(f"unknown connector {name!r}", [Violation("connector", "catalog", f"one of: {known}")])
-    return catalog[name]
+    return connectors[name]

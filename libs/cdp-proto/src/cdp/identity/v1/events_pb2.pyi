@@ -159,6 +159,7 @@ class SplitPart(_message.Message):
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     IDENTITIES_FIELD_NUMBER: _builtins.int
     FRAGMENT_IDS_FIELD_NUMBER: _builtins.int
+    FOUNDER_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     @_builtins.property
     def identities(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.IdentityValue]: ...
@@ -166,16 +167,21 @@ class SplitPart(_message.Message):
     def fragment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ProfileFragment.source_event_id of every fragment that now belongs to this part."""
 
+    @_builtins.property
+    def founder(self) -> _envelope_pb2.IdentityValue:
+        """The part's founding identity (its highest-priority identity for a new part)."""
+
     def __init__(
         self,
         *,
         profile_id: _builtins.str = ...,
         identities: _abc.Iterable[_envelope_pb2.IdentityValue] | None = ...,
         fragment_ids: _abc.Iterable[_builtins.str] | None = ...,
+        founder: _envelope_pb2.IdentityValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["founder", b"founder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fragment_ids", b"fragment_ids", "identities", b"identities", "profile_id", b"profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["founder", b"founder", "fragment_ids", b"fragment_ids", "identities", b"identities", "profile_id", b"profile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -105,10 +105,13 @@ class SegmentEvaluated(_message.Message):
     PROFILES_FIELD_NUMBER: _builtins.int
     REALIZED_FIELD_NUMBER: _builtins.int
     EXITED_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     segment_id: _builtins.str
     profiles: _builtins.int
     realized: _builtins.int
     exited: _builtins.int
+    generation: _builtins.int
+    """Which round of evaluation (a new merge policy starts another)."""
     def __init__(
         self,
         *,
@@ -116,10 +119,11 @@ class SegmentEvaluated(_message.Message):
         profiles: _builtins.int = ...,
         realized: _builtins.int = ...,
         exited: _builtins.int = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "profiles", b"profiles", "realized", b"realized", "segment_id", b"segment_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "generation", b"generation", "profiles", b"profiles", "realized", b"realized", "segment_id", b"segment_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

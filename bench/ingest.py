@@ -1,0 +1,154 @@
+"""Ingest: a 1M-row CRM CSV validated and appended, vs a raw JetStream publish of the same
+payloads; streaming events through the batched gRPC call and through ``cdp.collect.*``.
+
+The service runs in this process (real gRPC on loopback, SQLite, nats-server). The baseline
+publishes, with ``publish_async`` and no guard, exactly the messages ingest appended for the
+batch (read back from the stream), so both sides carry the same bytes.
+``CDP_BENCH_ROWS`` (default 1,000,000) and ``CDP_BENCH_EVENTS`` (default 20,000) scale it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from bench.common import Figure, report
+from cdp.common.v1 import admin_pb2
+from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
+from cdp_cli.skeleton import CRM_SCHEMA, TIERS, WEB_SCHEMA
+from cdp_ingest.main import build
+from cdp_ingest.settings import IngestSettings
+from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_server import GrpcServer
+from cdp_kit.natsserver import NatsServer
+from cdp_kit.processor import Processor, in_checkpoint
+from cdp_kit.store import get_checkpoint, make_engine, sqlite_url
+from cdp_kit.streams import INGEST_READS_COLLECT, INGEST_RECORDS, collect_subject
+
+ROWS = int(os.environ.get("CDP_BENCH_ROWS", "1000000"))
+EVENTS = int(os.environ.get("CDP_BENCH_EVENTS", "20000"))
+CHUNK = 256 * 1024
+
+
+def crm_csv(rows: int) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["crm_id", "email", "first_name", "loyalty_tier", "lifetime_value", "country"])
+    for i in range(1, rows + 1):
+        writer.writerow(
+            [f"C{i:07d}", f"person.{i}@example.com", f"Name{i}", TIERS[i % len(TIERS)], f"{i % 2500}.5", "FR"]
+        )
+    return out.getvalue().encode()
+
+
+def chunks(data: bytes, key: str) -> Iterator[pb.IngestFileChunk]:
+    yield pb.IngestFileChunk(header=pb.IngestFileHeader(dataset="crm", batch_key=key, format=pb.FILE_FORMAT_CSV))
+    for start in range(0, len(data), CHUNK):
+        yield pb.IngestFileChunk(data=data[start : start + CHUNK])
+
+
+def event(i: int) -> dict[str, str]:
+    return {"event_id": f"ev-{i}", "ts": "2026-01-01T10:00:00Z", "type": "page_view", "cookie_id": f"ck-{i % 5000}"}
+
+
+async def setup(stub: Any) -> None:
+    for schema in (CRM_SCHEMA, WEB_SCHEMA):
+        await stub.CreateSchema(pb.CreateSchemaRequest(schema=json_format.ParseDict(schema, pb.Schema())))
+    for name, schema_name in (("crm", "crm_person"), ("web", "web_event")):
+        await stub.CreateDataset(pb.CreateDatasetRequest(dataset=pb.Dataset(name=name, schema_name=schema_name)))
+
+
+async def batch_figures(stub: Any, log: EventLog) -> tuple[Figure, Figure]:
+    data = crm_csv(ROWS)
+    first_seq = await log.last_sequence(INGEST_RECORDS.stream.name) + 1
+    started = time.perf_counter()
+    result = await stub.IngestFile(chunks(data, "bench"))
+    measured = Figure(
+        "IngestFile CSV: parsed, validated, appended (rows)", result.rows_accepted, time.perf_counter() - started
+    )
+    assert result.rows_accepted == ROWS, result
+    payloads = [m.data async for m in log.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject, first_seq)]
+    started = time.perf_counter()
+    futures = [await log.js.publish_async("cdp.ingest.9.raw", p) for p in payloads]
+    await asyncio.gather(*futures)
+    baseline = Figure("raw publish_async of the same payloads (rows)", ROWS, time.perf_counter() - started)
+    print(f"   {len(data) / 1e6:.1f} MB CSV in {len(payloads)} messages; ingest took {measured.seconds:.1f}s")
+    return baseline, measured
+
+
+async def streaming_figures(stub: Any, log: EventLog, processor: Processor) -> list[Figure]:
+    per_call = 500
+    started = time.perf_counter()
+    for start in range(0, EVENTS, per_call):
+        request = pb.PublishEventsRequest(dataset="web")
+        for i in range(start, min(start + per_call, EVENTS)):
+            request.events.add().update(event(i))
+        await stub.PublishEvents(request)
+    grpc_figure = Figure("PublishEvents, 500 per call (events)", EVENTS, time.perf_counter() - started)
+
+    started = time.perf_counter()
+    futures = [
+        await log.js.publish_async(collect_subject("web"), json.dumps(event(EVENTS + i)).encode())
+        for i in range(EVENTS)
+    ]
+    acks = await asyncio.gather(*futures)
+    last = max(a.seq for a in acks)
+    while True:
+        with processor.read() as session:
+            if get_checkpoint(session, in_checkpoint(INGEST_READS_COLLECT)) >= last:
+                break
+        await asyncio.sleep(0.05)
+    nats_figure = Figure("cdp.collect.web -> validated on the log (events)", EVENTS, time.perf_counter() - started)
+    return [grpc_figure, nats_figure]
+
+
+async def main() -> None:
+    with TemporaryDirectory(prefix="cdp-bench-ingest-") as tmp, NatsServer(Path(tmp) / "js") as nats:
+        settings = IngestSettings(
+            nats_url=nats.url, data_dir=Path(tmp) / "data", store_url=sqlite_url(Path(tmp) / "i.db")
+        )
+        engine = make_engine(settings.store_url)
+        log = await EventLog.connect(nats.url, "cdp-bench")
+        await log.ensure_streams()
+        service = build(settings, engine, log)
+        service.processor.create_store()
+        runner = asyncio.create_task(service.processor.run())
+        await service.processor.ready.wait()
+
+        async def status() -> admin_pb2.ServiceStatus:
+            return admin_pb2.ServiceStatus(service="ingest")
+
+        server = GrpcServer("127.0.0.1", 0, service.registrations, status)
+        port = await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.IngestServiceStub(channel)
+        try:
+            await setup(stub)
+            baseline, measured = await batch_figures(stub, log)
+            report(f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)", baseline, [measured])
+            streaming = await streaming_figures(stub, log, service.processor)
+            report("ingest: streaming events", baseline, streaming)
+        finally:
+            await channel.close(None)
+            service.processor.stop()
+            await server.stop(0)
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            await log.close()
+            engine.dispose()
+
+
+def run() -> None:
+    asyncio.run(main())

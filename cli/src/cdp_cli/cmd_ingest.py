@@ -1,0 +1,154 @@
+"""Ingest commands beyond the basics in app.py: batch errors (listed or exported as CSV),
+dead letters, and the file upload with a live progress bar (rows, rows/s, rejects)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from google.protobuf import json_format
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from cdp.ingest.v1 import ingest_pb2
+from cdp_cli import inputs, render
+from cdp_cli.client import Client, rpc_code
+from cdp_cli.errors import CliError
+from cdp_kit.telemetry import pii_hash
+
+batch_app = typer.Typer(help="Batches: their reports and rejected rows.", no_args_is_help=True, add_completion=False)
+PAGE = 1000
+
+
+def _client(ctx: typer.Context) -> Client:
+    """The client of the root command's state (``app.AppState``, set by its callback)."""
+    state: Any = ctx.obj
+    if state is None:
+        raise CliError("run this through the `cdp` command")
+    client: Client = state.client()
+    return client
+
+
+class RowsColumn(ProgressColumn):
+    """rows read · rows/s · rejects, from the server's progress messages."""
+
+    def render(self, task: Task) -> Text:
+        rows = int(task.fields.get("rows", 0))
+        rejects = int(task.fields.get("rejects", 0))
+        elapsed = task.elapsed or 0.0
+        rate = rows / elapsed if elapsed > 0 else 0.0
+        style = "red" if rejects else "green"
+        return Text(f"{rows:,} rows · {rate:,.0f} rows/s · ", style="cyan") + Text(f"{rejects:,} rejects", style=style)
+
+
+def upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> ingest_pb2.BatchReport:
+    """Stream the file in chunks and follow the server's progress; answer the batch report."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), RowsColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=render.err, transient=True) as progress:
+        task = progress.add_task(f"ingesting {path.name}", total=path.stat().st_size, rows=0, rejects=0)
+        chunks = inputs.file_chunks(path, header)
+        report: ingest_pb2.BatchReport | None = None
+        try:
+            for message in client.ingest.IngestFileWithProgress(chunks):
+                progress.update(
+                    task, completed=message.bytes_received, rows=message.rows_read, rejects=message.rows_rejected
+                )
+                if message.HasField("report"):
+                    report = message.report
+        except grpc.RpcError as exc:
+            if rpc_code(exc) != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # An ingest service from before progress streaming: bytes sent are all we can show.
+            sent = inputs.file_chunks(path, header, on_sent=lambda n: progress.advance(task, n))
+            report = client.ingest.IngestFile(sent, timeout=None)
+    if report is None:
+        raise CliError("the ingest service ended the upload without a report")
+    return report
+
+
+def _errors(client: Client, batch_id: str) -> Iterator[tuple[ingest_pb2.BatchError, list[str]]]:
+    after = 0
+    while True:
+        request = ingest_pb2.ListBatchErrorsRequest(batch_id=batch_id, after_row=after, limit=PAGE)
+        reply = client.ingest.ListBatchErrors(request, timeout=client.timeout)
+        for item in reply.errors:
+            yield item, list(reply.identity_fields)
+        if not reply.next_after_row:
+            return
+        after = reply.next_after_row
+
+
+def _error_text(item: ingest_pb2.BatchError) -> str:
+    return "; ".join(f"{e.field}: {e.rule}: {e.message}" for e in item.errors)
+
+
+def _shown(name: str, value: Any, identities: list[str]) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return pii_hash(text) if name in identities else text
+
+
+@batch_app.command("errors")
+def batch_errors(
+    ctx: typer.Context,
+    batch_id: Annotated[str, typer.Argument(help="The batch id from the batch report.")],
+    to_csv: Annotated[
+        Path | None, typer.Option("--csv", help="Export every rejected row, raw values as read, to this CSV file.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Rows shown (not exported).")] = 50,
+) -> None:
+    """List a batch's rejected rows (identity values masked), or export them as CSV to fix and re-send."""
+    client = _client(ctx)
+    if to_csv is not None:
+        count = _export(client, batch_id, to_csv)
+        render.success(f"{count} rejected rows written to {to_csv}")
+        return
+    rows = []
+    for item, identities in _errors(client, batch_id):
+        values = json_format.MessageToDict(item.values)
+        shown = ", ".join(f"{k}={_shown(k, v, identities)}" for k, v in values.items())
+        rows.append((item.row, _error_text(item), shown))
+        if len(rows) >= limit:
+            break
+    render.print_table(f"rejected rows of batch {batch_id}", ["row", "errors", "values"], rows)
+
+
+def _export(client: Client, batch_id: str, path: Path) -> int:
+    """Two passes (columns, then rows) keep memory bounded whatever the number of rows."""
+    columns: dict[str, None] = {}
+    for item, _ in _errors(client, batch_id):
+        columns.update(dict.fromkeys(item.values.keys()))
+    count = 0
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", *columns, "errors"])
+        for item, _ in _errors(client, batch_id):
+            values = json_format.MessageToDict(item.values)
+            cells = [v if isinstance(v, str) else json.dumps(v) for v in (values.get(c, "") for c in columns)]
+            writer.writerow([item.row, *cells, _error_text(item)])
+            count += 1
+    return count
+
+
+def deadletters(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option("--dataset", help="Only this dataset (default: all).")] = "",
+    limit: Annotated[int, typer.Option("--limit", help="At most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+) -> None:
+    """List invalid events published to cdp.collect.<dataset>, with their reason."""
+    client = _client(ctx)
+    request = ingest_pb2.ListDeadLettersRequest(dataset=dataset, limit=limit)
+    reply = client.ingest.ListDeadLetters(request, timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    render.print_table(
+        f"dead letters{f' of {dataset}' if dataset else ''}",
+        ["sequence", "dataset", "reason", "message"],
+        [(d.sequence, d.dataset, d.reason, d.raw[:80]) for d in reply.dead_letters],
+    )

@@ -1,0 +1,393 @@
+"""Local stand-ins for destination platforms, for tests, the benchmark and the demo.
+
+One aiohttp server on loopback validates every request exactly as the platform documents
+it (paths, headers, body shape, hashing, batch limits; ../shared/specs/destinations.md),
+answers 400 with a reason when a request is wrong, and keeps what it accepted (deduped by
+the platform's idempotency key where it has one). Faults can be queued per platform:
+429 with Retry-After, 500, a platform error body, a slow answer, or a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+HEX64 = re.compile(r"^[a-f0-9]{64}$")
+E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+
+
+@dataclass
+class Fault:
+    """One queued misbehaviour: status (429, 500, 400 …), optional body and Retry-After,
+    a delay before answering, or ``hang`` (never answers)."""
+
+    status: int = 0
+    body: Any = None
+    retry_after: float | None = None
+    delay_s: float = 0.0
+    hang: bool = False
+
+
+class Invalid(Exception):
+    pass
+
+
+def check(condition: bool, reason: str) -> None:
+    if not condition:
+        raise Invalid(reason)
+
+
+@dataclass
+class LocalPlatforms:
+    webhook_secret: str = "local-webhook-secret"
+    meta_token: str = "meta-token"
+    google_token: str = "google-token"
+    google_developer_token: str = "dev-token"
+    snap_token: str = "snap-token"
+    tiktok_token: str = "tiktok-token"
+    linkedin_token: str = "linkedin-token"
+    braze_key: str = "braze-key"
+    mailchimp_key: str = "0123456789abcdef-us6"
+    twilio_sid: str = "AC" + "0" * 32
+    twilio_token: str = "twilio-token"
+    # Numbers that replied STOP (Twilio answers 21610).
+    stopped: set[str] = field(default_factory=set)
+
+    faults: dict[str, deque[Fault]] = field(default_factory=lambda: defaultdict(deque))
+    # What each platform holds: audience key -> set of identifiers.
+    members: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Accepted requests per platform (idempotent repeats counted once) and every request seen.
+    accepted: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    seen: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    duplicates: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rejected: list[str] = field(default_factory=list)
+    _keys: set[str] = field(default_factory=set)
+    _jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+
+    # ------------------------------------------------------------------ life
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/webhook{tail:.*}", self._wrap("webhook", self.webhook))
+        app.router.add_route("*", "/{version}/{audience}/users", self._wrap("meta", self.meta))
+        app.router.add_post(
+            r"/{version}/customers/{cid}/offlineUserDataJobs:create", self._wrap("google", self.g_create)
+        )
+        app.router.add_post(
+            r"/{version}/customers/{cid}/offlineUserDataJobs/{job}:addOperations", self._wrap("google", self.g_add)
+        )
+        app.router.add_post(
+            r"/{version}/customers/{cid}/offlineUserDataJobs/{job}:run", self._wrap("google", self.g_run)
+        )
+        app.router.add_route("*", "/v1/segments/{segment}/users", self._wrap("snap", self.snap))
+        app.router.add_post("/open_api/v1.3/segment/mapping/", self._wrap("tiktok", self.tiktok))
+        app.router.add_post("/rest/dmpSegments/{segment}/users", self._wrap("linkedin", self.linkedin))
+        app.router.add_post("/users/track", self._wrap("braze", self.braze))
+        app.router.add_post("/3.0/lists/{list_id}", self._wrap("mailchimp", self.mc_batch))
+        app.router.add_post("/3.0/lists/{list_id}/members/{hash}/tags", self._wrap("mailchimp", self.mc_tags))
+        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._wrap("twilio", self.twilio))
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def fail(self, platform: str, *faults: Fault) -> None:
+        self.faults[platform].extend(faults)
+
+    def _wrap(self, platform: str, handler: Any) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.seen[platform] += 1
+            body = await request.read()
+            queue = self.faults[platform]
+            if queue:
+                fault = queue.popleft()
+                if fault.hang:
+                    await self._release.wait()  # until stop(): a destination that never answers
+                    return web.Response(status=503)
+                if fault.delay_s:
+                    await asyncio.sleep(fault.delay_s)
+                if fault.status:
+                    headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                    return web.json_response(fault.body or {"error": "injected"}, status=fault.status, headers=headers)
+            try:
+                result = handler(request, body)
+                if asyncio.iscoroutine(result):
+                    result = await result
+            except Invalid as exc:
+                self.rejected.append(f"{platform}: {exc}")
+                return web.json_response({"error": {"message": str(exc), "code": 100}}, status=400)
+            assert isinstance(result, web.StreamResponse)
+            return result
+
+        return handle
+
+    def _once(self, platform: str, key: str) -> bool:
+        """True the first time an idempotency key is seen."""
+        full = f"{platform}:{key}"
+        if full in self._keys:
+            self.duplicates[platform] += 1
+            return False
+        self._keys.add(full)
+        return True
+
+    @staticmethod
+    def _json(body: bytes) -> Any:
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise Invalid("body is not JSON") from None
+
+    @staticmethod
+    def _bearer(request: web.Request, token: str) -> None:
+        check(request.headers.get("Authorization") == f"Bearer {token}", "bad or missing bearer token")
+
+    # ------------------------------------------------------------- webhook
+    def webhook(self, request: web.Request, body: bytes) -> web.Response:
+        expected = "sha256=" + hmac.new(self.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+        check(hmac.compare_digest(request.headers.get("X-CDP-Signature", ""), expected), "bad HMAC signature")
+        check(request.headers.get("Content-Type", "").startswith("application/json"), "Content-Type must be JSON")
+        key = request.headers.get("Idempotency-Key", "")
+        check(bool(key), "Idempotency-Key missing")
+        data = self._json(body)
+        check(data.get("action") in ("add", "remove") or "members" in data, "action must be add or remove")
+        if self._once("webhook", key):
+            self.accepted["webhook"].append(data)
+            segment = data.get("segment", "")
+            records = data.get("records") or data.get("members") or []
+            action = data.get("action") or ("add" if data.get("status") == "realized" else "remove")
+            for rec in records:
+                (
+                    self.members[f"webhook:{segment}"].add
+                    if action == "add"
+                    else self.members[f"webhook:{segment}"].discard
+                )(rec["profile_id"])
+        return web.json_response({"ok": True})
+
+    # ----------------------------------------------------------------- Meta
+    META_KEYS = {"EXTERN_ID", "EMAIL", "PHONE", "GEN", "DOBY", "DOBM", "DOBD", "LN", "FN", "FI", "CT", "ST", "ZIP",
+                 "MADID", "COUNTRY"}  # fmt: skip
+    META_UNHASHED = {"EXTERN_ID", "MADID"}
+
+    def meta(self, request: web.Request, body: bytes) -> web.Response:
+        check(request.method in ("POST", "DELETE"), "method must be POST (add) or DELETE (remove)")
+        check(re.fullmatch(r"v[0-9]+\.[0-9]", request.match_info["version"]) is not None, "bad API version")
+        self._bearer(request, self.meta_token)
+        data = self._json(body)
+        payload, session = data.get("payload", {}), data.get("session", {})
+        schema, rows = payload.get("schema"), payload.get("data")
+        check(isinstance(schema, list) and schema and set(schema) <= self.META_KEYS, "payload.schema: unknown key")
+        check(isinstance(rows, list) and 0 < len(rows) <= 10_000, "payload.data: 1..10000 rows")
+        for field_name in ("session_id", "batch_seq", "last_batch_flag", "estimated_num_total"):
+            check(field_name in session, f"session.{field_name} missing")
+        for row in rows:
+            check(isinstance(row, list) and len(row) == len(schema), "row length differs from schema")
+            for key, value in zip(schema, row, strict=True):
+                if value and key not in self.META_UNHASHED:
+                    check(bool(HEX64.match(value)), f"{key} is not a SHA-256 hex digest")
+            check(any(row), "row has no key")
+        audience = request.match_info["audience"]
+        if self._once("meta", f"{session['session_id']}:{session['batch_seq']}:{request.method}"):
+            self.accepted["meta"].append(data)
+            target = self.members[f"meta:{audience}"]
+            for row in rows:
+                ident = next(v for v in row if v)
+                (target.add if request.method == "POST" else target.discard)(ident)
+        return web.json_response(
+            {
+                "audience_id": audience,
+                "session_id": session["session_id"],
+                "num_received": len(rows),
+                "num_invalid_entries": 0,
+                "invalid_entry_samples": {},
+            }  # fmt: skip
+        )
+
+    # --------------------------------------------------------------- Google
+    def _google_headers(self, request: web.Request) -> None:
+        self._bearer(request, self.google_token)
+        check(request.headers.get("developer-token") == self.google_developer_token, "developer-token missing")
+
+    def g_create(self, request: web.Request, body: bytes) -> web.Response:
+        self._google_headers(request)
+        job = self._json(body).get("job", {})
+        check(job.get("type") == "CUSTOMER_MATCH_USER_LIST", "job.type must be CUSTOMER_MATCH_USER_LIST")
+        meta = job.get("customerMatchUserListMetadata", {})
+        cid = request.match_info["cid"]
+        check(str(meta.get("userList", "")).startswith(f"customers/{cid}/userLists/"), "userList resource name")
+        job_id = str(len(self._jobs) + 1)
+        name = f"customers/{cid}/offlineUserDataJobs/{job_id}"
+        self._jobs[name] = {"list": meta["userList"], "ops": [], "consent": meta.get("consent")}
+        return web.json_response({"resourceName": name})
+
+    def g_add(self, request: web.Request, body: bytes) -> web.Response:
+        self._google_headers(request)
+        name = f"customers/{request.match_info['cid']}/offlineUserDataJobs/{request.match_info['job']}"
+        check(name in self._jobs, "unknown job")
+        data = self._json(body)
+        ops = data.get("operations", [])
+        check(isinstance(ops, list) and ops, "operations required")
+        total = 0
+        for op in ops:
+            check(len(op) == 1 and next(iter(op)) in ("create", "remove"), "operation is create or remove")
+            ids = next(iter(op.values())).get("userIdentifiers", [])
+            check(0 < len(ids) <= 20, "1..20 userIdentifiers per UserData")
+            total += len(ids)
+            for ident in ids:
+                check(len(ident) == 1, "UserIdentifier is a oneof")
+                kind, value = next(iter(ident.items()))
+                if kind in ("hashedEmail", "hashedPhoneNumber"):
+                    check(bool(HEX64.match(value)), f"{kind} is not SHA-256 hex")
+                elif kind == "addressInfo":
+                    check(HEX64.match(value.get("hashedFirstName", "")) is not None, "hashedFirstName")
+                    check(len(value.get("countryCode", "")) == 2, "countryCode ISO-3166-1 alpha-2")
+                else:
+                    raise Invalid(f"unsupported identifier {kind}")
+        check(total <= 100_000, "more than 100,000 identifiers in one request")
+        self._jobs[name]["ops"].extend(ops)
+        return web.json_response({})
+
+    def g_run(self, request: web.Request, body: bytes) -> web.Response:
+        self._google_headers(request)
+        name = f"customers/{request.match_info['cid']}/offlineUserDataJobs/{request.match_info['job']}"
+        check(name in self._jobs, "unknown job")
+        job = self._jobs[name]
+        target = self.members[f"google:{job['list']}"]
+        for op in job["ops"]:
+            kind, user = next(iter(op.items()))
+            check(kind == "remove" or job["consent"] is not None, "create jobs need consent")
+            first = next(iter(user["userIdentifiers"][0].values()))
+            (target.add if kind == "create" else target.discard)(first)
+        self.accepted["google"].append(job)
+        return web.json_response({"name": name, "done": False})
+
+    # --------------------------------------------------------- Snap, TikTok, LinkedIn
+    def snap(self, request: web.Request, body: bytes) -> web.Response:
+        check(request.method in ("POST", "DELETE"), "POST or DELETE")
+        self._bearer(request, self.snap_token)
+        users = self._json(body).get("users", [])
+        check(len(users) == 1 and len(users[0].get("schema", [])) == 1, "one schema per request")
+        schema = users[0]["schema"][0]
+        check(schema in ("EMAIL_SHA256", "PHONE_SHA256", "MOBILE_AD_ID_SHA256"), "schema")
+        data = users[0].get("data", [])
+        check(0 < len(data) <= 100_000, "1..100,000 identifiers")
+        target = self.members[f"snap:{request.match_info['segment']}"]
+        for (value,) in data:
+            check(bool(HEX64.match(value)), "identifier is not SHA-256 hex")
+            (target.add if request.method == "POST" else target.discard)(value)
+        self.accepted["snap"].append(users)
+        return web.json_response({"request_status": "SUCCESS"})
+
+    def tiktok(self, request: web.Request, body: bytes) -> web.Response:
+        check(request.headers.get("Access-Token") == self.tiktok_token, "Access-Token")
+        data = self._json(body)
+        check(data.get("action") in ("add", "delete"), "action add|delete")
+        schema = data.get("id_schema", [])
+        check(
+            bool(schema) and set(schema) <= {"EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"}, "id_schema"
+        )
+        for user in data.get("batch_data", []):
+            check(len(user) == len(schema), "each user has one entry per id_schema position")
+            for item in user:
+                if item:
+                    check(bool(HEX64.match(item["id"])) and item.get("audience_ids"), "id/audience_ids")
+                    target = self.members[f"tiktok:{item['audience_ids'][0]}"]
+                    (target.add if data["action"] == "add" else target.discard)(item["id"])
+        self.accepted["tiktok"].append(data)
+        return web.json_response({"code": 0, "message": "OK"})
+
+    def linkedin(self, request: web.Request, body: bytes) -> web.Response:
+        self._bearer(request, self.linkedin_token)
+        check(request.headers.get("X-RestLi-Method") == "BATCH_CREATE", "X-RestLi-Method: BATCH_CREATE")
+        check(request.headers.get("X-Restli-Protocol-Version") == "2.0.0", "X-Restli-Protocol-Version")
+        check(re.fullmatch(r"[0-9]{6}", request.headers.get("LinkedIn-Version", "")) is not None, "LinkedIn-Version")
+        elements = self._json(body).get("elements", [])
+        check(0 < len(elements) <= 5000, "1..5000 elements")
+        target = self.members[f"linkedin:{request.match_info['segment']}"]
+        for el in elements:
+            check(el.get("action") in ("ADD", "REMOVE"), "action ADD|REMOVE")
+            for uid in el.get("userIds", []):
+                if uid["idType"] == "SHA256_EMAIL":
+                    check(bool(HEX64.match(uid["idValue"])), "SHA256_EMAIL is not hex")
+                (target.add if el["action"] == "ADD" else target.discard)(uid["idValue"])
+        self.accepted["linkedin"].append(elements)
+        return web.json_response({"elements": [{"status": 201} for _ in elements]})
+
+    # ----------------------------------------------------------- email, SMS
+    def braze(self, request: web.Request, body: bytes) -> web.Response:
+        self._bearer(request, self.braze_key)
+        attributes = self._json(body).get("attributes", [])
+        check(0 < len(attributes) <= 75, "1..75 attribute objects")
+        for obj in attributes:
+            check(bool(obj.get("external_id")), "external_id")
+            for key, value in obj.items():
+                if isinstance(value, dict):
+                    check(set(value) <= {"add", "remove"}, "array attribute add/remove")
+                    for seg in value.get("add", []):
+                        self.members[f"braze:{seg}"].add(obj["external_id"])
+                    for seg in value.get("remove", []):
+                        self.members[f"braze:{seg}"].discard(obj["external_id"])
+            if "phone" in obj:
+                check(bool(E164.match(obj["phone"])), "phone must be E.164")
+        self.accepted["braze"].append(attributes)
+        return web.json_response({"message": "success", "attributes_processed": len(attributes)})
+
+    def _mc_auth(self, request: web.Request) -> None:
+        raw = request.headers.get("Authorization", "")
+        check(raw.startswith("Basic "), "Basic auth")
+        check(base64.b64decode(raw[6:]).decode().split(":", 1)[1] == self.mailchimp_key, "API key")
+
+    def mc_batch(self, request: web.Request, body: bytes) -> web.Response:
+        self._mc_auth(request)
+        data = self._json(body)
+        members = data.get("members", [])
+        check(0 < len(members) <= 500, "1..500 members")
+        for m in members:
+            check("@" in m.get("email_address", ""), "email_address")
+            for tag in m.get("tags", []):
+                self.members[f"mailchimp:{tag}"].add(hashlib.md5(m["email_address"].lower().encode()).hexdigest())
+        self.accepted["mailchimp"].append(data)
+        return web.json_response({"new_members": members, "errors": [], "total_created": len(members)})
+
+    def mc_tags(self, request: web.Request, body: bytes) -> web.Response:
+        self._mc_auth(request)
+        check(re.fullmatch(r"[0-9a-f]{32}", request.match_info["hash"]) is not None, "subscriber_hash is MD5")
+        for tag in self._json(body).get("tags", []):
+            check(tag.get("status") in ("active", "inactive"), "tag status")
+            target = self.members[f"mailchimp:{tag['name']}"]
+            (target.add if tag["status"] == "active" else target.discard)(request.match_info["hash"])
+        return web.Response(status=204)
+
+    def twilio(self, request: web.Request, body: bytes) -> web.Response:
+        raw = request.headers.get("Authorization", "")
+        check(raw == "Basic " + base64.b64encode(f"{self.twilio_sid}:{self.twilio_token}".encode()).decode(), "auth")
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if not E164.match(form.get("To", "")):
+            return web.json_response({"code": 21211, "message": "Invalid 'To' Phone Number"}, status=400)
+        if form["To"] in self.stopped:
+            return web.json_response(
+                {"code": 21610, "message": "Attempt to send to unsubscribed recipient"}, status=400
+            )
+        check(bool(form.get("Body")) and bool(form.get("From")), "From and Body")
+        self.members["twilio:sent"].add(form["To"])
+        self.accepted["twilio"].append(form)
+        return web.json_response({"sid": "SM" + hashlib.md5(body).hexdigest(), "status": "queued"}, status=201)

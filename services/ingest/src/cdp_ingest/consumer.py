@@ -1,0 +1,105 @@
+"""Events published to ``cdp.collect.<dataset>``: validated exactly like PublishEvents.
+
+Valid new events are appended to the records log; events seen before (by id, for all time,
+whichever way they came) are dropped; invalid ones go to the dead-letter own log with
+their reason. A raw input: each message reaches ``decide`` as an envelope whose payload
+holds the published bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session
+
+from cdp.ingest.v1 import events_pb2 as ev
+from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest import store
+from cdp_ingest.config import ConfigCache
+from cdp_ingest.handlers import event_envelope
+from cdp_ingest.records import RecordBuilder
+from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
+from cdp_kit.errors import NotFound
+from cdp_kit.eventlog import LogMessage
+from cdp_kit.processor import UnitOfWork
+from cdp_kit.streams import INGEST_DEADLETTER, INGEST_RECORDS
+
+# Dead letters carry no time of their own (the raw input gives none): a fixed one keeps replays equal.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_RAW_CHARS = 16_384
+PREFIX = "cdp.collect."
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, errors: list[pb.FieldError]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errors = errors
+
+
+class CollectHandler:
+    def __init__(self, config: ConfigCache) -> None:
+        self.config = config
+
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        """Ingest keeps nothing of the raw message itself: what it decides is on its own logs."""
+
+    def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
+        dataset = msg.subject.removeprefix(PREFIX)
+        data = env.payload.value
+        try:
+            self._accept(uow, dataset, data, msg.sequence)
+        except Rejected as rejected:
+            letter = pb.DeadLetter(
+                sequence=msg.sequence,
+                dataset=dataset,
+                subject=msg.subject,
+                reason=rejected.reason,
+                errors=rejected.errors,
+                raw=data.decode("utf-8", "replace")[:MAX_RAW_CHARS],
+            )
+            dead = make_envelope(
+                ev.EventDeadLettered(dead_letter=letter),
+                event_id=deterministic_id("dead-letter", msg.stream, msg.sequence),
+                subject_key=dataset,
+                occurred_at=EPOCH,
+                cause=uow.cause,
+            )
+            uow.emit(INGEST_DEADLETTER, [dead])
+
+    def _accept(self, uow: UnitOfWork, dataset: str, data: bytes, sequence: int) -> None:
+        try:
+            target = self.config.target(uow.session, dataset)
+        except NotFound as exc:
+            raise Rejected(exc.message, [pb.FieldError(field="dataset", rule="exists", message=exc.message)]) from exc
+        if not target.is_event:
+            raise _one("dataset", "class", f"dataset {dataset!r} holds profile records, not events")
+        value = _parse(data)
+        result = target.validator(textual=False).validate(value, len(data), f"message {sequence}")
+        if result.violations:
+            errors = [pb.FieldError(field=v.field, rule=v.rule, message=v.message) for v in result.violations]
+            first = result.violations[0]
+            raise Rejected(f"{first.field}: {first.rule}: {first.message}", errors)
+        if store.seen_events(uow.session, dataset, [result.event_id]):
+            return
+        builder = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
+        uow.emit(INGEST_RECORDS, [event_envelope(builder, result)])
+
+
+def _one(field: str, rule: str, message: str) -> Rejected:
+    return Rejected(f"{field}: {rule}: {message}", [pb.FieldError(field=field, rule=rule, message=message)])
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except UnicodeDecodeError:
+        raise _one("*", "encoding", "invalid UTF-8") from None
+    except ValueError as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise _one("*", "json", f"not valid JSON: {msg}") from None
+    if not isinstance(value, dict):
+        raise _one("*", "json", f"an event is a JSON object, not {type(value).__name__}")
+    return value

@@ -1,0 +1,294 @@
+"""Batch evaluation: the AST compiled to one SQL query (SQLAlchemy Core) run inside the store.
+
+The same semantics as ``evaluate.py`` on SQLite (json_extract/json_type) and PostgreSQL
+(#>, #>>, json_typeof), so a batch run and the streaming evaluator agree on every profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.elements import ColumnElement
+
+from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_segmentation.evaluate import literal_value
+from cdp_segmentation.store import EVENT, FragmentRow, ProfileIdentityRow, ProfileRow
+
+PROFILE: sa.Table = ProfileRow.__table__  # type: ignore[attr-defined]
+FRAGMENT: sa.Table = FragmentRow.__table__  # type: ignore[attr-defined]
+IDENTITY: sa.Table = ProfileIdentityRow.__table__  # type: ignore[attr-defined]
+Bool = ColumnElement[bool]
+
+
+@dataclass(frozen=True)
+class Json:
+    """Typed access to a JSON column at a path, per dialect."""
+
+    column: Any
+    path: tuple[str, ...]
+    dialect: str
+
+    @property
+    def pg(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def _pg_path(self) -> Any:
+        return sa.literal(list(self.path), type_=postgresql.ARRAY(sa.Text))
+
+    def typeof(self) -> Any:
+        if self.pg:
+            return sa.func.json_typeof(self.column.op("#>", return_type=sa.JSON)(self._pg_path()))
+        return sa.func.json_type(self.column, "$." + ".".join(self.path))
+
+    def kind_is(self, kind: str) -> Bool:
+        names = {
+            "number": ("number",) if self.pg else ("integer", "real"),
+            "string": ("string",) if self.pg else ("text",),
+            "bool": ("boolean",) if self.pg else ("true", "false"),
+            "array": ("array",),
+        }[kind]
+        result: Bool = self.typeof().in_(names)
+        return result
+
+    def present(self) -> Bool:
+        return sa.and_(self.typeof().is_not(None), self.typeof() != "null")
+
+    def text(self) -> Any:
+        if self.pg:
+            return sa.collate(self.column.op("#>>", return_type=sa.Text)(self._pg_path()), "C")
+        return sa.func.json_extract(self.column, "$." + ".".join(self.path))
+
+    def number(self) -> Any:
+        if self.pg:
+            raw = self.column.op("#>>", return_type=sa.Text)(self._pg_path())
+            return sa.case((self.kind_is("number"), sa.cast(raw, sa.Float)), else_=None)
+        return sa.case((self.kind_is("number"), sa.func.json_extract(self.column, "$." + ".".join(self.path))))
+
+    def is_true(self) -> Bool:
+        if self.pg:
+            return sa.and_(self.kind_is("bool"), self.column.op("#>>", return_type=sa.Text)(self._pg_path()) == "true")
+        result: Bool = self.typeof() == "true"
+        return result
+
+    def list_contains(self, value: str) -> Bool:
+        if self.pg:
+            node = self.column.op("#>", return_type=sa.JSON)(self._pg_path())
+            safe = sa.case((self.kind_is("array"), node), else_=sa.cast(sa.literal("[]"), sa.JSON))
+            elem = sa.func.json_array_elements(safe).table_valued("value").alias("elem")
+            inner = sa.select(sa.literal(1)).select_from(elem)
+            inner = inner.where(
+                sa.func.json_typeof(elem.c.value) == "string", elem.c.value.op("#>>", return_type=sa.Text)(sa.literal([], type_=postgresql.ARRAY(sa.Text))) == value
+            )
+            return sa.exists(inner)
+        each = sa.func.json_each(self.column, "$." + ".".join(self.path)).table_valued("value", "type").alias("each")
+        inner = sa.select(sa.literal(1)).select_from(each).where(each.c.type == "text", each.c.value == value)
+        return sa.and_(self.kind_is("array"), sa.exists(inner))
+
+
+OPERATORS: dict[int, Callable[[Any, Any], Bool]] = {
+    pb.COMPARE_OP_EQ: lambda a, b: a == b,
+    pb.COMPARE_OP_NE: lambda a, b: a != b,
+    pb.COMPARE_OP_LT: lambda a, b: a < b,
+    pb.COMPARE_OP_LE: lambda a, b: a <= b,
+    pb.COMPARE_OP_GT: lambda a, b: a > b,
+    pb.COMPARE_OP_GE: lambda a, b: a >= b,
+}
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return "string"
+
+
+def _typed_equal(ref: Json, value: Any) -> Bool:
+    kind = _kind_of(value)
+    if kind == "bool":
+        return sa.and_(ref.kind_is("bool"), ref.is_true() if value else sa.not_(ref.is_true()))
+    if kind == "number":
+        return sa.and_(ref.kind_is("number"), ref.number() == float(value))
+    return sa.and_(ref.kind_is("string"), ref.text() == value)
+
+
+def compare_json(ref: Json, op: int, value: Any) -> Bool:
+    if op == pb.COMPARE_OP_IN:
+        options = [_typed_equal(ref, v) for v in value]
+        return sa.or_(*options) if options else sa.false()
+    if op == pb.COMPARE_OP_CONTAINS:
+        if ref.pg:
+            substring: Bool = sa.func.strpos(ref.text(), value) > 0
+        else:
+            substring = sa.func.instr(ref.text(), value) > 0
+        return sa.or_(sa.and_(ref.kind_is("string"), substring), ref.list_contains(value))
+    if op == pb.COMPARE_OP_STARTS_WITH:
+        prefix = sa.func.substr(ref.text(), 1, len(value)) == value
+        return sa.and_(ref.kind_is("string"), prefix)
+    kind = _kind_of(value)
+    if op == pb.COMPARE_OP_NE:
+        return sa.and_(ref.present(), sa.not_(_typed_equal(ref, value)))
+    if op == pb.COMPARE_OP_EQ:
+        return _typed_equal(ref, value)
+    operand = ref.number() if kind == "number" else ref.text()
+    literal = float(value) if kind == "number" else value
+    return sa.and_(ref.kind_is(kind), OPERATORS[op](operand, literal))
+
+
+def _known(condition: Bool) -> Bool:
+    """SQL's unknown (NULL) is false, as in the Python evaluator; `not` must not turn it back into unknown."""
+    result: Bool = sa.func.coalesce(condition, sa.false())
+    return result
+
+
+@dataclass
+class Compiler:
+    dialect: str
+    now_ms: int
+    segments: Mapping[str, pb.Segment]
+
+    def fields(self, ast: pb.Expression, column: Any) -> Bool:
+        node = ast.WhichOneof("node")
+        if node == "comparison":
+            cmp = ast.comparison
+            ref = Json(column, tuple(cmp.path.split(".")), self.dialect)
+            return compare_json(ref, cmp.op, literal_value(cmp.value))
+        if node == "exists":
+            return Json(column, tuple(ast.exists.path.split(".")), self.dialect).present()
+        if node == "all":
+            return sa.and_(sa.true(), *(self.fields(t, column) for t in ast.all.terms))
+        if node == "any":
+            return sa.or_(sa.false(), *(self.fields(t, column) for t in ast.any.terms))
+        if node == "negate":
+            return sa.not_(_known(self.fields(ast.negate, column)))
+        return sa.false()
+
+    def _pattern(self, pattern: pb.EventPattern, event: Any, profile_id: Any) -> list[Bool]:
+        conds: list[Bool] = [event.c.profile_id == profile_id, event.c.kind == EVENT]
+        if pattern.event_type:
+            conds.append(event.c.event_type == pattern.event_type)
+        if pattern.HasField("where"):
+            conds.append(self.fields(pattern.where, event.c.attributes))
+        return conds
+
+    def _window(self, window: pb.Window, ts: Any) -> list[Bool]:
+        kind = window.WhichOneof("kind")
+        if kind == "within_seconds":
+            return [ts > self.now_ms - window.within_seconds * 1000]
+        if kind == "between":
+            return [ts >= window.between.from_ms, ts < window.between.to_ms]
+        return []
+
+    def event(self, cond: pb.EventCondition, profile_id: Any) -> Bool:
+        event = FRAGMENT.alias()
+        where = [*self._pattern(cond.pattern, event, profile_id), *self._window(cond.window, event.c.ts_ms)]
+        if cond.aggregate == pb.AGGREGATE_COUNT:
+            measure: Any = sa.func.count()
+        else:
+            value = Json(event.c.attributes, tuple(cond.field.split(".")), self.dialect).number()
+            aggregates: dict[int, Callable[[Any], Any]] = {
+                pb.AGGREGATE_SUM: lambda v: sa.func.coalesce(sa.func.sum(v), 0.0),
+                pb.AGGREGATE_MIN: sa.func.min,
+                pb.AGGREGATE_MAX: sa.func.max,
+                pb.AGGREGATE_AVG: sa.func.avg,
+            }
+            measure = aggregates[cond.aggregate](value)
+        scalar = sa.select(measure).select_from(event).where(*where).scalar_subquery()
+        return OPERATORS[cond.op](scalar, cond.value)
+
+    def sequence(self, seq: pb.Sequence, profile_id: Any) -> Bool:
+        first, then = FRAGMENT.alias(), FRAGMENT.alias()
+        width = seq.within_seconds * 1000
+        answer = (
+            sa.select(sa.literal(1))
+            .select_from(then)
+            .where(
+                *self._pattern(seq.then, then, profile_id),
+                then.c.ts_ms > first.c.ts_ms,
+                then.c.ts_ms <= first.c.ts_ms + width,
+            )
+        )
+        if seq.negated:
+            return sa.exists(
+                sa.select(sa.literal(1))
+                .select_from(first)
+                .where(*self._pattern(seq.first, first, profile_id), first.c.ts_ms + width <= self.now_ms)
+                .where(~sa.exists(answer))
+            )
+        return sa.exists(
+            sa.select(sa.literal(1))
+            .select_from(first)
+            .where(*self._pattern(seq.first, first, profile_id))
+            .where(sa.exists(answer))
+        )
+
+    def profile(self, ast: pb.Expression, profile: Any) -> Bool:
+        node = ast.WhichOneof("node")
+        if node in ("comparison", "exists"):
+            return self.fields(ast, profile.c.attributes)
+        if node == "all":
+            return sa.and_(sa.true(), *(self.profile(t, profile) for t in ast.all.terms))
+        if node == "any":
+            return sa.or_(sa.false(), *(self.profile(t, profile) for t in ast.any.terms))
+        if node == "negate":
+            return sa.not_(_known(self.profile(ast.negate, profile)))
+        if node == "event":
+            return self.event(ast.event, profile.c.profile_id)
+        if node == "sequence":
+            return self.sequence(ast.sequence, profile.c.profile_id)
+        if node == "identity":
+            ident = IDENTITY.alias()
+            inner = sa.select(sa.literal(1)).select_from(ident)
+            inner = inner.where(ident.c.profile_id == profile.c.profile_id, ident.c.namespace == ast.identity.namespace)
+            return sa.exists(inner)
+        if node == "consent":
+            ref = Json(profile.c.attributes, ("consents", ast.consent.purpose), self.dialect)
+            return compare_json(ref, pb.COMPARE_OP_EQ, ast.consent.value)
+        if node == "member_of":
+            target = self.segments.get(ast.member_of.segment_id)
+            return self.profile(target.ast, profile) if target is not None else sa.false()
+        return sa.false()
+
+
+def matching_query(
+    ast: pb.Expression,
+    dialect: str,
+    now_ms: int,
+    segments: Mapping[str, pb.Segment],
+    *,
+    after: str = "",
+    limit: int = 0,
+) -> sa.Select[Any]:
+    """SELECT the ids of the profiles matching ``ast`` (ordered; a page after ``after`` when limited)."""
+    profile = PROFILE.alias("p")
+    condition = Compiler(dialect, now_ms, segments).profile(ast, profile)
+    query = sa.select(profile.c.profile_id).where(condition).order_by(profile.c.profile_id)
+    if after:
+        query = query.where(profile.c.profile_id > after)
+    if limit:
+        query = query.limit(limit)
+    return query
+
+
+def matching(
+    conn: sa.Connection,
+    ast: pb.Expression,
+    now_ms: int,
+    segments: Mapping[str, pb.Segment],
+    *,
+    lo: str = "",
+    hi: str | None = None,
+) -> set[str]:
+    """The profile ids matching ``ast`` in (lo, hi]."""
+    profile = PROFILE.alias("p")
+    condition = Compiler(conn.dialect.name, now_ms, segments).profile(ast, profile)
+    query = sa.select(profile.c.profile_id).where(condition)
+    if lo:
+        query = query.where(profile.c.profile_id > lo)
+    if hi is not None:
+        query = query.where(profile.c.profile_id <= hi)
+    return set(conn.execute(query).scalars().all())

@@ -1,0 +1,180 @@
+"""Each connector against a loopback server that validates requests as the platform
+documents them (cdp_activation.localservers): paths, headers, body shape, hashing, limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from cdp_activation import identifiers as ids
+from cdp_activation.connectors import Batch, DeliveryError, Record, SendContext, SendResult, connector_for
+from cdp_activation.localservers import Fault, LocalPlatforms
+
+RECORDS = [
+    Record(
+        "p1",
+        {"email": ["Jo.Ann+x@gmail.com"], "phone": ["(650) 555-0101"]},
+        {"first_name": "Jo", "last_name": "Ann", "country": "US", "postal_code": "94045"},
+    ),  # fmt: skip
+    Record("p2", {"email": ["  Bob@Example.com "]}, {"first_name": "Bob"}),
+    Record("p3", {"phone": ["+0000000000"]}, {}),  # nothing usable: rejected, never hashed
+]
+
+
+@pytest.fixture
+async def platforms() -> AsyncIterator[LocalPlatforms]:
+    servers = LocalPlatforms()
+    await servers.start()
+    yield servers
+    await servers.stop()
+
+
+async def send(
+    name: str, config: dict[str, Any], action: str = "add", identities: list[str] | None = None,
+    records: list[Record] | None = None, tmp: Path = Path("/tmp"),
+) -> SendResult:  # fmt: skip
+    connector = connector_for(name)
+    cfg = connector.parse(config)
+    batch = Batch(
+        id=f"b-{action}", plan_id="plan", destination=name, segment="gold", action=action,  # type: ignore[arg-type]
+        sequence=1, records=records if records is not None else RECORDS,
+        identities=identities or ["email", "phone"], attributes=["first_name"],
+    )  # fmt: skip
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)) as http:
+        return await connector.send(SendContext(http=http, export_root=tmp, members_after=2), cfg, batch)
+
+
+async def test_activation_google_customer_match_job_flow(platforms: LocalPlatforms) -> None:
+    cfg = {"base_url": platforms.url, "customer_id": "1234567890", "user_list_id": "42",
+           "developer_token": platforms.google_developer_token, "access_token": platforms.google_token}  # fmt: skip
+    result = await send("google_customer_match", cfg)
+    assert not platforms.rejected, platforms.rejected
+    held = platforms.members["google:customers/1234567890/userLists/42"]
+    assert held == {ids.sha256_hex("joann@gmail.com"), ids.sha256_hex("bob@example.com")}  # gmail rule applied
+    assert result.rejected == {"no valid identifier": 1}
+    assert result.activated == 3  # p1 email + phone, p2 email
+    job = platforms.accepted["google"][0]
+    p1 = job["ops"][0]["create"]["userIdentifiers"]
+    assert {"hashedPhoneNumber": ids.sha256_hex("+16505550101")} in p1
+    assert job["consent"] == {"adUserData": "GRANTED", "adPersonalization": "GRANTED"}
+    await send("google_customer_match", cfg, action="remove")
+    assert held == set()
+
+
+async def test_activation_google_concurrent_modification_is_transient(platforms: LocalPlatforms) -> None:
+    cfg = {"base_url": platforms.url, "customer_id": "1234567890", "user_list_id": "42",
+           "developer_token": platforms.google_developer_token, "access_token": platforms.google_token}  # fmt: skip
+    body = {"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                      "details": [{"errors": [{"errorCode": {"databaseError": "CONCURRENT_MODIFICATION"}}]}]}}  # fmt: skip
+    platforms.fail("google", Fault(400, body=body))
+    with pytest.raises(DeliveryError) as err:
+        await send("google_customer_match", cfg)
+    assert not err.value.permanent
+    platforms.fail("google", Fault(403, body={"error": {"code": 403, "status": "PERMISSION_DENIED"}}))
+    with pytest.raises(DeliveryError) as err:
+        await send("google_customer_match", cfg)
+    assert err.value.permanent
+
+
+async def test_activation_meta_error_codes_classified(platforms: LocalPlatforms) -> None:
+    cfg = {"base_url": platforms.url, "audience_id": "7", "access_token": platforms.meta_token}
+    platforms.fail("meta", Fault(400, body={"error": {"code": 17, "error_subcode": 2446079, "message": "limit"}}))
+    with pytest.raises(DeliveryError) as err:
+        await send("meta_custom_audience", cfg)
+    assert not err.value.permanent
+    platforms.fail("meta", Fault(400, body={"error": {"code": 190, "message": "token"}}))
+    with pytest.raises(DeliveryError) as err:
+        await send("meta_custom_audience", cfg)
+    assert err.value.permanent and "190" in err.value.reason
+    platforms.fail("meta", Fault(429, retry_after=7))
+    with pytest.raises(DeliveryError) as err:
+        await send("meta_custom_audience", cfg)
+    assert err.value.retry_after == 7 and not err.value.permanent
+    result = await send("meta_custom_audience", cfg)
+    assert not platforms.rejected
+    # Meta: no gmail rule; phone digits without "+"
+    assert platforms.members["meta:7"] == {ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com")}
+    row = platforms.accepted["meta"][0]["payload"]["data"][0]
+    assert row[1] == ids.sha256_hex("16505550101")
+    assert result.rejected == {"no valid identifier": 1}
+    assert result.warnings == ["audience of 2 is below the meta_custom_audience minimum of 100"]
+
+
+async def test_activation_snap_tiktok_linkedin(platforms: LocalPlatforms) -> None:
+    await send("snap_audience", {"base_url": platforms.url, "segment_id": "s", "access_token": platforms.snap_token})
+    assert platforms.members["snap:s"] == {
+        ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com"), ids.sha256_hex("16505550101")
+    }  # fmt: skip
+    await send("tiktok_audience", {"base_url": platforms.url, "advertiser_id": "a", "audience_id": "t",
+                                   "access_token": platforms.tiktok_token})  # fmt: skip
+    assert platforms.members["tiktok:t"] == {
+        ids.sha256_hex("joann@gmail.com"), ids.sha256_hex("bob@example.com"), ids.sha256_hex("16505550101")
+    }  # fmt: skip
+    tiktok = platforms.accepted["tiktok"][0]
+    assert tiktok["id_schema"] == ["EMAIL_SHA256", "PHONE_SHA256"] and len(tiktok["batch_data"]) == 2
+    assert tiktok["batch_data"][1][1] == {}  # p2 has no phone: empty position
+    await send("linkedin_audience", {"base_url": platforms.url, "segment_id": "l", "access_token": platforms.linkedin_token},
+               identities=["email"])  # fmt: skip
+    assert platforms.members["linkedin:l"] == {ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com")}
+    await send("snap_audience", {"base_url": platforms.url, "segment_id": "s", "access_token": platforms.snap_token},
+               action="remove")  # fmt: skip
+    assert platforms.members["snap:s"] == set()
+    assert not platforms.rejected, platforms.rejected
+
+
+async def test_activation_mailchimp_braze(platforms: LocalPlatforms) -> None:
+    mc = {"base_url": platforms.url, "api_key": platforms.mailchimp_key, "list_id": "L1"}
+    result = await send("mailchimp", mc, identities=["email"])
+    assert result.activated == 2
+    held = platforms.members["mailchimp:gold"]
+    assert held == {ids.md5_hex("jo.ann+x@gmail.com"), ids.md5_hex("bob@example.com")}
+    await send("mailchimp", mc, action="remove", identities=["email"])
+    assert held == set()
+    braze = {"base_url": platforms.url, "api_key": platforms.braze_key}
+    await send("braze", braze, identities=["email"])
+    assert platforms.members["braze:gold"] == {"p1", "p2", "p3"}
+    assert platforms.accepted["braze"][0][0]["phone"] == "+16505550101"
+    await send("braze", braze, action="remove", identities=["email"])
+    assert platforms.members["braze:gold"] == set()
+    assert not platforms.rejected, platforms.rejected
+
+
+async def test_activation_twilio_sms_suppresses_stop_repliers(platforms: LocalPlatforms) -> None:
+    platforms.stopped.add("+16505550102")
+    cfg = {"base_url": platforms.url, "account_sid": platforms.twilio_sid, "auth_token": platforms.twilio_token,
+           "from_number": "+16505550000", "message": "Hello from the CDP"}  # fmt: skip
+    records = [Record("a", {"phone": ["(650) 555-0101"]}, {}), Record("b", {"phone": ["650 555 0102"]}, {}),
+               Record("c", {"phone": ["+0000000000"]}, {})]  # fmt: skip
+    result = await send("twilio_sms", cfg, identities=["phone"], records=records)
+    assert result.activated == 1
+    assert result.rejected == {"replied STOP (21610)": 1, "no valid phone": 1}
+    assert platforms.members["twilio:sent"] == {"+16505550101"}
+    platforms.fail("twilio", Fault(429, retry_after=1))
+    with pytest.raises(DeliveryError) as err:
+        await send("twilio_sms", cfg, identities=["phone"], records=records[:1])
+    assert not err.value.permanent and err.value.retry_after == 1
+
+
+async def test_activation_segment_share_sends_every_identity(platforms: LocalPlatforms) -> None:
+    cfg = {"base_url": platforms.url + "/webhook", "secret": platforms.webhook_secret, "partner": "dmp-1"}
+    records = [Record("p1", {"email": ["a@example.com"], "cookie": ["ck1"], "crm_id": ["C1"]}, {})]
+    result = await send("segment_share", cfg, identities=["email"], records=records)
+    assert result.activated == 3
+    sent = platforms.accepted["webhook"][0]
+    assert sent["status"] == "realized"
+    assert {(i["namespace"], i["value"]) for i in sent["members"][0]["identities"]} == {
+        ("email", "a@example.com"),
+        ("cookie", "ck1"),
+        ("crm_id", "C1"),
+    }
+
+
+@pytest.mark.parametrize("secret", ["wrong-secret-123"])
+async def test_activation_webhook_bad_signature_is_refused(platforms: LocalPlatforms, secret: str) -> None:
+    with pytest.raises(DeliveryError) as err:
+        await send("webhook", {"base_url": platforms.url + "/webhook", "secret": secret}, identities=["email"])
+    assert err.value.permanent and "HMAC" in err.value.reason

@@ -1,0 +1,586 @@
+"""The ingest service in-process over real gRPC, a real nats-server and SQLite: schemas,
+datasets, batches of every format and every bad input, streaming by gRPC and NATS,
+dead letters, and a rebuild that equals the live store."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pytest
+from google.protobuf import json_format
+from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
+
+from cdp.common.v1 import admin_pb2
+from cdp.ingest.v1 import events_pb2 as ev
+from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
+from cdp_cli.app import app as cli_app
+from cdp_ingest.main import build
+from cdp_ingest.settings import IngestSettings
+from cdp_ingest.store import TABLES
+from cdp_kit.envelope import is_a, unpack
+from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_server import GrpcServer
+from cdp_kit.processor import Processor
+from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
+from cdp_kit.streams import INGEST_RECORDS, collect_subject
+
+CRM = {
+    "name": "crm_person",
+    "schema_class": "SCHEMA_CLASS_PROFILE",
+    "fields": [
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
+        {"name": "first_name", "type": "FIELD_TYPE_STRING", "max_length": 20},
+        {"name": "tier", "type": "FIELD_TYPE_STRING", "enum_values": ["gold", "silver"]},
+        {"name": "visits", "type": "FIELD_TYPE_INTEGER", "minimum": 0},
+        {"name": "value", "type": "FIELD_TYPE_NUMBER"},
+        {"name": "vip", "type": "FIELD_TYPE_BOOLEAN"},
+        {"name": "born", "type": "FIELD_TYPE_DATE"},
+    ],
+}
+WEB = {
+    "name": "web_event",
+    "schema_class": "SCHEMA_CLASS_EVENT",
+    "event_id_field": "event_id",
+    "timestamp_field": "ts",
+    "event_type_field": "type",
+    "fields": [
+        {"name": "event_id", "type": "FIELD_TYPE_STRING", "required": True},
+        {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP", "required": True},
+        {"name": "type", "type": "FIELD_TYPE_STRING"},
+        {
+            "name": "cookie_id",
+            "type": "FIELD_TYPE_STRING",
+            "identity_namespace": "cookie",
+            "primary_identity": True,
+        },
+        {"name": "amount", "type": "FIELD_TYPE_NUMBER"},
+    ],
+}
+HEADER = ["crm_id", "email", "first_name", "tier", "visits", "value", "vip", "born"]
+
+
+def good_row(i: int) -> list[str]:
+    return [f"C{i:05d}", f"p{i}@example.com", f"Name{i}", "gold", str(i), f"{i}.5", "yes", "1990-01-02"]
+
+
+def csv_bytes(rows: list[list[str]], header: list[str] = HEADER) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+@dataclass
+class Ingest:
+    stub: Any  # the grpc.aio stub (the generated stubs type the sync one)
+    eventlog: EventLog
+    processor: Processor
+    engine: Engine
+    nats_url: str
+    address: str
+
+    async def upload(
+        self,
+        data: bytes,
+        key: str,
+        *,
+        dataset: str = "crm",
+        fmt: pb.FileFormat.ValueType = pb.FILE_FORMAT_CSV,
+        threshold: float | None = None,
+        chunk: int = 4096,
+    ) -> pb.BatchReport:
+        report: pb.BatchReport = await self.stub.IngestFile(
+            chunks(data, key, dataset=dataset, fmt=fmt, threshold=threshold, chunk=chunk)
+        )
+        return report
+
+    async def records(self, batch_id: str | None = None) -> list[ev.RecordAccepted]:
+        found = []
+        async for msg in self.eventlog.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject):
+            for env in msg.events():
+                if is_a(env, ev.RecordAccepted):
+                    rec = unpack(env, ev.RecordAccepted)
+                    if batch_id is None or rec.batch_id == batch_id:
+                        found.append(rec)
+        return found
+
+
+def chunks(
+    data: bytes,
+    key: str,
+    *,
+    dataset: str,
+    fmt: pb.FileFormat.ValueType,
+    threshold: float | None,
+    chunk: int,
+) -> Iterator[pb.IngestFileChunk]:
+    header = pb.IngestFileHeader(dataset=dataset, batch_key=key, format=fmt, file_name=f"{key}.file")
+    if threshold is not None:
+        header.error_threshold = threshold
+    yield pb.IngestFileChunk(header=header)
+    for start in range(0, len(data), chunk):
+        yield pb.IngestFileChunk(data=data[start : start + chunk])
+
+
+async def start_ingest(nats_url: str, store_path: Path, data_dir: Path) -> tuple[Any, ...]:
+    settings = IngestSettings(nats_url=nats_url, data_dir=data_dir, store_url=sqlite_url(store_path))
+    engine = make_engine(settings.store_url)
+    eventlog = await EventLog.connect(nats_url, "ingest-test")
+    await eventlog.ensure_streams()
+    service = build(settings, engine, eventlog)
+    service.processor.create_store()
+    task = asyncio.create_task(service.processor.run())
+    await asyncio.wait_for(service.processor.ready.wait(), 30)
+
+    async def status() -> admin_pb2.ServiceStatus:
+        return admin_pb2.ServiceStatus(service="ingest")
+
+    server = GrpcServer("127.0.0.1", 0, service.registrations, status)
+    port = await server.start()
+    return settings, engine, eventlog, service, task, server, port
+
+
+@pytest.fixture
+async def ingest(nats_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    _settings, engine, eventlog, service, task, server, port = await start_ingest(
+        nats_url, tmp_path / "ingest.db", tmp_path / "data"
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.IngestServiceStub(channel)
+    harness = Ingest(stub, eventlog, service.processor, engine, nats_url, f"127.0.0.1:{port}")
+    await stub.CreateSchema(pb.CreateSchemaRequest(schema=json_format.ParseDict(CRM, pb.Schema())))
+    await stub.CreateSchema(pb.CreateSchemaRequest(schema=json_format.ParseDict(WEB, pb.Schema())))
+    await stub.CreateDataset(pb.CreateDatasetRequest(dataset=pb.Dataset(name="crm", schema_name="crm_person")))
+    await stub.CreateDataset(
+        pb.CreateDatasetRequest(
+            dataset=pb.Dataset(
+                name="crm_loose", schema_name="crm_person", unknown_fields=pb.UNKNOWN_FIELDS_DROP, profile_enabled=True
+            )
+        )
+    )
+    await stub.CreateDataset(
+        pb.CreateDatasetRequest(dataset=pb.Dataset(name="web", schema_name="web_event", retention_seconds=86_400))
+    )
+    try:
+        yield harness
+    finally:
+        await channel.close(None)
+        service.processor.stop()
+        await server.stop(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await eventlog.close()
+        engine.dispose()
+
+
+def groups(report: pb.BatchReport) -> dict[tuple[str, str], tuple[int, list[int]]]:
+    return {(g.field, g.rule): (g.count, list(g.first_rows)) for g in report.rejects}
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+# ============================================================================ schemas and datasets
+
+
+async def test_a_compatible_version_is_accepted_and_an_incompatible_one_lists_each_problem(ingest: Ingest) -> None:
+    v2 = json_format.ParseDict(CRM, pb.Schema())
+    v2.fields.add(name="nickname", type=pb.FIELD_TYPE_STRING)
+    assert (await ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=v2))).version == 2
+
+    bad = json_format.ParseDict(CRM, pb.Schema())
+    del bad.fields[1]  # email removed
+    bad.fields[4].type = pb.FIELD_TYPE_STRING  # value: number -> string
+    bad.fields.add(name="must", type=pb.FIELD_TYPE_STRING, required=True)
+    err = await rpc_error(ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=bad)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.details() or ""
+    assert "not compatible" in details
+    assert "email: compatible: a field cannot be removed" in details
+    assert "value: compatible: type cannot change (number to string)" in details
+    assert "must: compatible: an added field must be optional" in details
+    assert "nickname: compatible: a field cannot be removed" in details
+
+
+async def test_an_invalid_schema_names_each_field_and_rule(ingest: Ingest) -> None:
+    schema = pb.Schema(name="Bad Name", schema_class=pb.SCHEMA_CLASS_EVENT)
+    schema.fields.add(name="id", type=pb.FIELD_TYPE_INTEGER, identity_namespace="crm_id")
+    schema.fields.add(name="id", type=pb.FIELD_TYPE_STRING, pattern="([")
+    err = await rpc_error(ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=schema)))
+    details = err.details() or ""
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for expected in (
+        "name: pattern",
+        "id: unique",
+        "id: identity: identity fields are strings",
+        "id: pattern: invalid regular expression",
+        "fields: primary_identity",
+        "event_id_field: required",
+        "timestamp_field: required",
+    ):
+        assert expected in details
+
+
+async def test_datasets_keep_profile_flag_and_retention_and_refuse_bad_ones(ingest: Ingest) -> None:
+    listed = {d.name: d for d in (await ingest.stub.ListDatasets(pb.ListDatasetsRequest())).datasets}
+    assert listed["web"].retention_seconds == 86_400
+    assert listed["crm_loose"].profile_enabled
+    assert listed["crm_loose"].unknown_fields == pb.UNKNOWN_FIELDS_DROP
+    err = await rpc_error(
+        ingest.stub.CreateDataset(
+            pb.CreateDatasetRequest(dataset=pb.Dataset(name="crm_ttl", schema_name="crm_person", retention_seconds=60))
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "retention applies to event datasets" in (err.details() or "")
+    err = await rpc_error(
+        ingest.stub.CreateDataset(pb.CreateDatasetRequest(dataset=pb.Dataset(name="x", schema_name="nope")))
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ============================================================================ batches
+
+
+async def test_a_csv_batch_is_converted_to_the_schema_types_and_appended(ingest: Ingest) -> None:
+    report = await ingest.upload(csv_bytes([good_row(i) for i in range(1, 1201)]), "typed")
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected) == (1200, 1200, 0)
+    records = await ingest.records(report.batch_id)
+    assert len(records) == 1200
+    assert len({r.record_id for r in records}) == 1200
+    first = json_format.MessageToDict(records[0].attributes)
+    assert first == {
+        "crm_id": "C00001",
+        "email": "p1@example.com",
+        "first_name": "Name1",
+        "tier": "gold",
+        "visits": 1,
+        "value": 1.5,
+        "vip": True,
+        "born": "1990-01-02",
+    }
+    assert {(i.namespace, i.value) for i in records[0].identities} == {
+        ("crm_id", "C00001"),
+        ("email", "p1@example.com"),
+    }
+
+
+async def test_bad_rows_are_grouped_by_field_and_rule_with_first_rows_and_masked_identities(ingest: Ingest) -> None:
+    rows = [good_row(i) for i in range(1, 201)]
+    rows[4][4] = "many"  # row 5: visits not an integer
+    rows[9][4] = "-3"  # row 10: below the minimum
+    rows[14][0] = ""  # row 15: primary identity missing
+    rows[19][3] = "bronze"  # row 20: not in the enum
+    rows[24][2] = "x" * 30  # row 25: longer than max_length
+    rows[29][1] = "Secret.Person@Example.com"
+    rows[29][7] = "1990-13-45"  # row 30: not a date (its email must not show)
+    data = csv_bytes(rows) + b'C9,"ragged\n'
+    lines = data.split(b"\n")
+    lines.insert(40, b"C8,e8@example.com,only-three")  # a ragged row (row 40)
+    report = await ingest.upload(b"\n".join(lines), "bad-rows", threshold=0.5)
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    found = groups(report)
+    assert found[("visits", "type")] == (1, [5])
+    assert found[("visits", "minimum")] == (1, [10])
+    assert found[("crm_id", "required")] == (1, [15])
+    assert found[("tier", "enum")] == (1, [20])
+    assert found[("first_name", "max_length")] == (1, [25])
+    assert found[("born", "type")] == (1, [30])
+    assert found[("*", "ragged_row")] == (1, [40])
+    assert found[("*", "csv")][0] == 1  # the unbalanced quote at the end
+    assert (report.rows_read, report.rows_rejected, report.rows_accepted) == (202, 8, 200 - 6)
+    assert b"Secret" not in report.SerializeToString()
+    samples = {(g.field, g.rule): list(g.samples) for g in report.rejects}
+    assert samples[("visits", "type")] == ["many"]
+    assert len(await ingest.records(report.batch_id)) == report.rows_accepted
+
+    errors = await ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id))
+    assert [e.row for e in errors.errors] == [5, 10, 15, 20, 25, 30, 40, 202]
+    by_row = {e.row: e for e in errors.errors}
+    assert by_row[30].values["email"] == "Secret.Person@Example.com"  # kept raw, in ingest only
+    assert [(x.field, x.rule) for x in by_row[30].errors] == [("born", "type")]
+    assert set(errors.identity_fields) == {"crm_id", "email"}
+
+
+async def test_invalid_utf8_rejects_only_the_rows_that_hold_it(ingest: Ingest) -> None:
+    data = csv_bytes([good_row(1), good_row(2), good_row(3)]).replace(b"Name2", b"Na\xffme2")
+    report = await ingest.upload(data, "utf8", threshold=0.5)
+    assert groups(report)[("first_name", "encoding")] == (1, [2])
+    assert report.rows_accepted == 2
+
+
+async def test_unknown_columns_are_rejected_or_dropped_per_dataset(ingest: Ingest) -> None:
+    data = csv_bytes([[*good_row(i), "x"] for i in range(1, 4)], [*HEADER, "shoe_size"])
+    strict = await ingest.upload(data, "unknown")
+    assert strict.status == pb.BATCH_STATUS_FAILED
+    assert groups(strict)[("shoe_size", "unknown_field")] == (3, [1, 2, 3])
+    assert await ingest.records(strict.batch_id) == []
+    loose = await ingest.upload(data, "unknown", dataset="crm_loose")
+    assert loose.status == pb.BATCH_STATUS_COMPLETED
+    assert loose.rows_accepted == 3
+    assert "shoe_size" not in (await ingest.records(loose.batch_id))[0].attributes
+
+
+async def test_a_record_over_the_size_limit_is_rejected(ingest: Ingest) -> None:
+    big = good_row(2)
+    big[2] = ""
+    big[5] = "1" * 120_000
+    report = await ingest.upload(csv_bytes([good_row(1), big]), "size", threshold=0.5)
+    assert groups(report)[("*", "max_size")] == (1, [2])
+
+
+async def test_empty_files_unknown_datasets_and_bad_headers_are_clear_errors(ingest: Ingest) -> None:
+    for data in (b"", b"crm_id,email\n", b"\n\n"):
+        err = await rpc_error(ingest.upload(data, f"empty-{len(data)}"))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "empty file" in (err.details() or "")
+    err = await rpc_error(ingest.upload(csv_bytes([good_row(1)]), "nowhere", dataset="nope"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "dataset 'nope' not found" in (err.details() or "")
+    err = await rpc_error(ingest.upload(b"crm_id,,crm_id\nC1,x,y\n", "header"))
+    assert "column 2: required: empty column name" in (err.details() or "")
+    assert "crm_id: unique" in (err.details() or "")
+
+
+async def test_an_unbalanced_quote_that_swallows_the_file_fails_it_whole(ingest: Ingest) -> None:
+    rows = [good_row(i) for i in range(1, 90_000)]
+    data = csv_bytes(rows[:10]) + b'C11,"never closed,x,gold,1,1,yes,1990-01-01\n' + csv_bytes(rows[10:])
+    err = await rpc_error(ingest.upload(data, "quote", chunk=256 * 1024))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "row 11: *: csv: unbalanced quote" in (err.details() or "")
+    assert await ingest.records() == []
+
+
+async def test_gzip_jsonl_and_parquet_batches(ingest: Ingest) -> None:
+    gz = await ingest.upload(gzip.compress(csv_bytes([good_row(i) for i in range(1, 301)])), "gz")
+    assert (gz.status, gz.rows_accepted) == (pb.BATCH_STATUS_COMPLETED, 300)
+
+    lines = [json.dumps({"crm_id": f"J{i}", "visits": i, "vip": False, "value": 2}) for i in range(1, 11)]
+    lines[3] = '{"crm_id": "J4", "visits": "four"}'
+    lines[5] = "{not json"
+    lines[7] = "[1, 2]"
+    jsonl = await ingest.upload(("\n".join(lines) + "\n").encode(), "jsonl", fmt=pb.FILE_FORMAT_JSONL, threshold=0.5)
+    assert groups(jsonl) == {("visits", "type"): (1, [4]), ("*", "json"): (2, [6, 8])}
+    assert jsonl.rows_accepted == 7
+
+    table = pa.table(
+        {
+            "crm_id": ["P1", "P2", None],
+            "visits": pa.array([1, 2, 3], pa.int64()),
+            "value": [1.5, 2.5, 3.5],
+            "born": pa.array([__import__("datetime").date(1990, 1, 2)] * 3, pa.date32()),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    parquet = await ingest.upload(sink.getvalue(), "parquet", fmt=pb.FILE_FORMAT_PARQUET, threshold=0.5)
+    assert (parquet.rows_accepted, groups(parquet)) == (2, {("crm_id", "required"): (1, [3])})
+    first = json_format.MessageToDict((await ingest.records(parquet.batch_id))[0].attributes)
+    assert first == {"crm_id": "P1", "visits": 1, "value": 1.5, "born": "1990-01-02"}
+
+
+async def test_a_parquet_file_that_does_not_fit_the_schema_is_refused_naming_each_column(ingest: Ingest) -> None:
+    table = pa.table({"crm_id": [1, 2], "visits": ["a", "b"], "colour": ["r", "g"]})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    err = await rpc_error(ingest.upload(sink.getvalue(), "misfit", fmt=pb.FILE_FORMAT_PARQUET))
+    details = err.details() or ""
+    assert "columns do not fit the schema" in details
+    assert "crm_id: type: column of type int64 cannot hold string" in details
+    assert "visits: type: column of type string cannot hold integer" in details
+    assert "colour: unknown_field" in details
+    err = await rpc_error(ingest.upload(b"PAR1 not really", "garbage", fmt=pb.FILE_FORMAT_PARQUET))
+    assert "not a Parquet file" in (err.details() or "")
+
+
+async def test_a_batch_above_its_threshold_leaves_nothing_and_a_lenient_threshold_lets_it_through(
+    ingest: Ingest,
+) -> None:
+    rows = [good_row(i) for i in range(1, 101)]
+    for i in range(0, 100, 10):
+        rows[i][4] = "NaN"  # 10% bad
+    data = csv_bytes(rows)
+    failed = await ingest.upload(data, "ten-percent")
+    assert failed.status == pb.BATCH_STATUS_FAILED
+    assert failed.error_threshold == pytest.approx(0.05)
+    assert "10 of 100 rows rejected, above the 5.0% threshold" in failed.failure
+    assert await ingest.records() == []
+    kept = await ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=failed.batch_id, limit=4))
+    assert [e.row for e in kept.errors] == [1, 11, 21, 31]
+    assert kept.next_after_row == 31
+
+    passed = await ingest.upload(data, "ten-percent", threshold=0.2)
+    assert passed.status == pb.BATCH_STATUS_COMPLETED
+    assert passed.rows_accepted == 90
+    again = await ingest.upload(data, "ten-percent", threshold=0.2)
+    assert again.duplicate
+    assert again.rows_accepted == 90
+    assert len(await ingest.records()) == 90
+    fetched = await ingest.stub.GetBatch(pb.GetBatchRequest(batch_id=passed.batch_id))
+    assert fetched.rows_accepted == 90
+    assert list(fetched.rejects[0].samples) == ["NaN", "NaN", "NaN"]
+
+
+async def test_progress_arrives_while_the_file_streams_in(ingest: Ingest) -> None:
+    data = csv_bytes([good_row(i) for i in range(1, 20_001)])
+    seen: list[pb.IngestProgress] = []
+    call = ingest.stub.IngestFileWithProgress(
+        chunks(data, "progress", dataset="crm", fmt=pb.FILE_FORMAT_CSV, threshold=None, chunk=64 * 1024)
+    )
+    async for progress in call:
+        seen.append(progress)
+    assert seen[-1].report.rows_accepted == 20_000
+    partial = [p.rows_read for p in seen[:-1]]
+    assert 0 < partial[0] < 20_000
+    assert partial == sorted(partial)
+
+
+async def test_the_cli_lists_and_exports_batch_errors(ingest: Ingest, tmp_path: Path) -> None:
+    rows = [good_row(i) for i in range(1, 11)]
+    rows[2][4] = "x"
+    rows[6][0] = ""
+    report = await ingest.upload(csv_bytes(rows), "cli", threshold=0.5)
+    runner = CliRunner()
+    out = tmp_path / "errors.csv"
+    args = ["--addr", f"ingest={ingest.address}", "batch", "errors", report.batch_id]
+    listed = await asyncio.to_thread(runner.invoke, cli_app, args)
+    assert listed.exit_code == 0, listed.output
+    assert "visits" in listed.output
+    assert "p3@example.com" not in listed.output
+    exported = await asyncio.to_thread(runner.invoke, cli_app, [*args, "--csv", str(out)])
+    assert exported.exit_code == 0, exported.output
+    table = list(csv.DictReader(out.open()))
+    assert [r["row"] for r in table] == ["3", "7"]
+    assert table[0]["visits"] == "x"
+    assert table[0]["email"] == "p3@example.com"
+    assert table[0]["errors"] == "visits: type: expected an integer"
+
+
+# ============================================================================ streaming
+
+
+def event(i: int, **extra: Any) -> dict[str, Any]:
+    return {"event_id": f"e{i}", "ts": "2026-01-01T10:00:00Z", "type": "view", "cookie_id": f"ck{i}", **extra}
+
+
+async def publish(ingest: Ingest, events: list[dict[str, Any]]) -> list[pb.EventResult]:
+    request = pb.PublishEventsRequest(dataset="web")
+    for item in events:
+        request.events.add().update(item)
+    return list((await ingest.stub.PublishEvents(request)).results)
+
+
+async def test_grpc_and_nats_events_are_validated_alike_and_deduplicated_for_all_time(ingest: Ingest) -> None:
+    results = await publish(ingest, [event(1), event(2, amount="lots"), event(1), {"ts": "2026-01-01T00:00:00Z"}])
+    assert [r.status for r in results] == [
+        pb.EVENT_STATUS_ACCEPTED,
+        pb.EVENT_STATUS_REJECTED,
+        pb.EVENT_STATUS_DUPLICATE,
+        pb.EVENT_STATUS_REJECTED,
+    ]
+    assert [(e.field, e.rule) for e in results[1].errors] == [("amount", "type")]
+    assert {(e.field, e.rule) for e in results[3].errors} == {("event_id", "required"), ("cookie_id", "required")}
+
+    js = ingest.eventlog.js
+    payloads = [
+        json.dumps(event(1)).encode(),  # seen by gRPC: a duplicate
+        json.dumps(event(3)).encode(),
+        json.dumps(event(3)).encode(),  # a re-send beyond any JetStream window is still a duplicate
+        json.dumps(event(4, amount="lots")).encode(),
+        b'{"event_id": "e\xff"}',
+        b"{not json",
+        json.dumps(event(5, ts="yesterday")).encode(),
+        json.dumps(event(6, colour="red")).encode(),
+        json.dumps(event(7, type="x" * 11_000)).encode(),
+    ]
+    for payload in payloads:
+        await js.publish(collect_subject("web"), payload)
+    await js.publish(collect_subject("nowhere"), json.dumps(event(8)).encode())
+
+    async def dead_letters() -> list[pb.DeadLetter]:
+        reply = await ingest.stub.ListDeadLetters(pb.ListDeadLettersRequest())
+        return list(reply.dead_letters)
+
+    for _ in range(200):
+        if len(await dead_letters()) == 7:
+            break
+        await asyncio.sleep(0.1)
+    letters = await dead_letters()
+    reasons = [(d.dataset, d.errors[0].field, d.errors[0].rule) for d in letters]
+    assert reasons == [
+        ("web", "amount", "type"),
+        ("web", "*", "encoding"),
+        ("web", "*", "json"),
+        ("web", "ts", "type"),
+        ("web", "colour", "unknown_field"),
+        ("web", "*", "max_size"),
+        ("nowhere", "dataset", "exists"),
+    ]
+    assert letters[0].raw == payloads[3].decode()
+    assert letters[0].reason.startswith("amount: type:")
+    only_web = await ingest.stub.ListDeadLetters(pb.ListDeadLettersRequest(dataset="web"))
+    assert len(only_web.dead_letters) == 6
+    assert sorted(r.record_id for r in await ingest.records()) == ["e1", "e3"]
+
+    again = await publish(ingest, [event(3)])  # seen by NATS: a duplicate for gRPC too
+    assert again[0].status == pb.EVENT_STATUS_DUPLICATE
+
+
+async def test_the_cli_lists_dead_letters(ingest: Ingest) -> None:
+    await ingest.eventlog.js.publish(collect_subject("web"), json.dumps(event(9, amount="x")).encode())
+    for _ in range(200):
+        if (await ingest.stub.ListDeadLetters(pb.ListDeadLettersRequest(dataset="web"))).dead_letters:
+            break
+        await asyncio.sleep(0.1)
+    args = ["--addr", f"ingest={ingest.address}", "deadletters", "--dataset", "web"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli_app, args)
+    assert result.exit_code == 0, result.output
+    assert "amount: type" in result.output
+
+
+# ============================================================================ rebuild
+
+
+async def test_the_store_rebuilt_from_the_log_equals_the_live_one(ingest: Ingest, tmp_path: Path) -> None:
+    rows = [good_row(i) for i in range(1, 800)]
+    rows[3][4] = "x"
+    await ingest.upload(csv_bytes(rows), "rebuild")
+    failing = [good_row(i) for i in range(1, 5)]
+    failing[0][4] = "x"
+    await ingest.upload(csv_bytes(failing), "rebuild-fails")
+    await publish(ingest, [event(1), event(2)])
+    await ingest.eventlog.js.publish(collect_subject("web"), b"{bad")
+    await ingest.eventlog.js.publish(collect_subject("web"), json.dumps(event(3)).encode())
+    for _ in range(200):
+        if len(await ingest.records()) == 798 + 3:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # let the input checkpoint commit
+    settings = IngestSettings(
+        nats_url=ingest.nats_url, data_dir=tmp_path / "rb", store_url=sqlite_url(tmp_path / "rb.db")
+    )
+    engine = make_engine(settings.store_url)
+    rebuilt = build(settings, engine, ingest.eventlog)
+    await rebuilt.processor.rebuild()
+    tables = with_checkpoint(TABLES)
+    assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
+    engine.dispose()
