@@ -56,6 +56,10 @@ class Projection(Protocol):
 
 
 class InputHandler(Protocol):
+    """What a service does with another service's facts. A handler may also define
+    ``prefetch(session, envelopes)``: called once per fetched batch, before any observe or
+    decide, with every new envelope of the batch, so lookups can be done in bulk."""
+
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         """Apply what this service keeps of another service's fact (may do nothing)."""
 
@@ -331,6 +335,10 @@ class Processor:
                     emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
                     last = applied
                     uow: UnitOfWork | None = None
+                    prefetch = getattr(inp.handler, "prefetch", None)
+                    if prefetch is not None:
+                        fresh = [env for msg, _ in items if msg.sequence > applied for env in inp.envelopes(msg)]
+                        prefetch(session, fresh)
                     for msg, _raw in items:
                         if msg.sequence <= applied:
                             continue
