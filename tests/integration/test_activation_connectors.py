@@ -56,10 +56,13 @@ async def test_activation_google_customer_match_job_flow(platforms: LocalPlatfor
     held = platforms.members["google:customers/1234567890/userLists/42"]
     assert held == {ids.sha256_hex("joann@gmail.com"), ids.sha256_hex("bob@example.com")}  # gmail rule applied
     assert result.rejected == {"no valid identifier": 1}
-    assert result.activated == 3  # p1 email + phone, p2 email
+    assert result.activated == 4  # p1 email + phone + address, p2 email
     job = platforms.accepted["google"][0]
     p1 = job["ops"][0]["create"]["userIdentifiers"]
     assert {"hashedPhoneNumber": ids.sha256_hex("+16505550101")} in p1
+    address = {"hashedFirstName": ids.sha256_hex("jo"), "hashedLastName": ids.sha256_hex("ann"), "countryCode": "US",
+               "postalCode": "94045"}  # fmt: skip
+    assert {"addressInfo": address} in p1
     assert job["consent"] == {"adUserData": "GRANTED", "adPersonalization": "GRANTED"}
     await send("google_customer_match", cfg, action="remove")
     assert held == set()

@@ -28,7 +28,7 @@ from cdp.common.v1 import admin_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_cli import cmd_identity, cmd_ingest, inputs, render
+from cdp_cli import cmd_activation, cmd_identity, cmd_ingest, inputs, render
 from cdp_cli.client import DEFAULT_TIMEOUT_S, SERVICES, UNREACHABLE, Client, describe_rpc_error, parse_addr_option
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
@@ -108,6 +108,8 @@ app.add_typer(segment_app, name="segment")
 app.add_typer(profile_app, name="profile")
 app.add_typer(identity_app, name="identity")
 app.add_typer(destination_app, name="destination")
+app.add_typer(cmd_activation.deliveries_app, name="deliveries")
+app.add_typer(cmd_activation.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
 app.command("deadletters")(cmd_ingest.deadletters)
 
@@ -765,13 +767,15 @@ def plans(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     )
 
 
-@app.command()
+@cmd_activation.deliveries_app.callback(invoke_without_command=True)
 def deliveries(
     ctx: typer.Context,
     destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """List deliveries: what went to each destination, and where."""
+    """List deliveries: what went to each destination, and where; monitoring per destination and plan."""
+    if ctx.invoked_subcommand:
+        return
     client = _client(ctx)
     request = activation_pb2.ListDeliveriesRequest(destination=destination)
     reply = client.activation.ListDeliveries(request, timeout=client.timeout)
@@ -786,6 +790,7 @@ def deliveries(
             for d in reply.deliveries
         ],
     )
+    cmd_activation.print_stats(reply)
 
 
 @app.command()

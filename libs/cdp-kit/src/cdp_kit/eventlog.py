@@ -61,6 +61,8 @@ class LogMessage:
     headers: Mapping[str, str]
     data: bytes
     pending: int = 0
+    # When JetStream stored the message (the log's own clock, so replays see the same time).
+    stored_at: datetime | None = None
     _events: list[Envelope] = field(default_factory=list, repr=False)
 
     def events(self) -> list[Envelope]:
@@ -78,6 +80,7 @@ def to_log_message(msg: Msg) -> LogMessage:
         headers=dict(msg.headers or {}),
         data=msg.data,
         pending=meta.num_pending,
+        stored_at=meta.timestamp,
     )
 
 

@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from cdp_kit.envelope import Cause, Envelope, deterministic_id, utcnow
+from cdp_kit.envelope import Cause, Envelope, deterministic_id, to_timestamp, utcnow
 from cdp_kit.errors import CdpError, Unavailable
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, DuplicateAppend, EventLog, LogMessage
 from cdp_kit.store import create_tables, drop_tables, get_checkpoint, set_checkpoint, transaction
@@ -87,6 +87,8 @@ RAW_TYPE = "cdp.raw"
 
 def raw_envelope(msg: LogMessage) -> Envelope:
     env = Envelope(id=deterministic_id("raw", msg.stream, msg.sequence), type=RAW_TYPE, subject_key=msg.subject)
+    if msg.stored_at is not None:
+        env.occurred_at.CopyFrom(to_timestamp(msg.stored_at))
     env.payload.type_url = f"type.googleapis.com/{RAW_TYPE}"
     env.payload.value = msg.data
     return env

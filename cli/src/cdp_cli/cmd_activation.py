@@ -1,0 +1,143 @@
+"""Activation commands beyond the basic ones in app.py: delivery monitoring, dead letters,
+redrive, and data-usage governance (labels and policies)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cdp.activation.v1 import activation_pb2
+from cdp_cli import render
+from cdp_cli.client import Client
+
+deliveries_app = typer.Typer(help="Deliveries, their monitoring, dead letters and redrive.", add_completion=False)
+app = typer.Typer(
+    help="Data-usage governance: labels on fields and datasets, policies.", no_args_is_help=True, add_completion=False
+)
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+
+
+def _client(ctx: typer.Context) -> Client:
+    from cdp_cli.app import _client as client_of
+
+    return client_of(ctx)
+
+
+def print_stats(reply: activation_pb2.ListDeliveriesResponse) -> None:
+    render.print_table(
+        "per destination (plan empty) and plan",
+        [
+            "destination",
+            "plan",
+            "members",
+            "received",
+            "activated",
+            "excluded",
+            "failed",
+            "retried",
+            "pending",
+            "dead",
+            "latency ms avg/max",
+            "warnings",
+        ],
+        [
+            (
+                s.destination_name,
+                s.plan_id,
+                s.members,
+                s.received,
+                s.activated,
+                ", ".join(f"{k}: {v}" for k, v in sorted(s.excluded.items())),
+                s.failed,
+                s.retried,
+                s.batches_pending,
+                s.batches_dead,
+                f"{s.latency_ms_avg:.0f}/{s.latency_ms_max:.0f}",
+                "; ".join(s.warnings),
+            )
+            for s in reply.stats
+        ],
+    )
+
+
+@deliveries_app.command("dead-letters")
+def dead_letters(
+    ctx: typer.Context,
+    destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Batches that failed permanently or ran out of attempts, with their reasons."""
+    client = _client(ctx)
+    request = activation_pb2.ListDeadLettersRequest(destination=destination)
+    reply = client.activation.ListDeadLetters(request, timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    render.print_table(
+        "dead letters",
+        ["batch", "destination", "plan", "action", "profiles", "attempts", "permanent", "reason", "at"],
+        [
+            (d.batch_id, d.destination, d.plan_id, d.action, d.profiles, d.attempts, d.permanent, d.reason, d.at)
+            for d in reply.dead_letters
+        ],
+    )
+
+
+@deliveries_app.command("redrive")
+def redrive(
+    ctx: typer.Context,
+    batch_ids: Annotated[list[str] | None, typer.Argument(help="Batch ids; none = every dead letter.")] = None,
+    destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Send dead-lettered batches again, with the same batch ids."""
+    client = _client(ctx)
+    request = activation_pb2.RedriveRequest(batch_ids=batch_ids or [], destination=destination)
+    reply = client.activation.Redrive(request, timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    render.success(f"{len(reply.batch_ids)} batch(es) queued again")
+
+
+@app.command("label")
+def label(
+    ctx: typer.Context,
+    name: str,
+    data_label: Annotated[str, typer.Option("--label", help="Data-usage label, e.g. C2.")],
+    dataset: Annotated[bool, typer.Option("--dataset", help="NAME is a dataset (default: a field).")] = False,
+) -> None:
+    """Put a data-usage label on a field (attribute or identity namespace) or a dataset."""
+    client = _client(ctx)
+    request = activation_pb2.LabelDataRequest(
+        label=activation_pb2.DataLabel(kind="dataset" if dataset else "field", name=name, label=data_label)
+    )
+    reply = client.activation.LabelData(request, timeout=client.timeout)
+    render.success(f"{reply.kind} {reply.name} labelled {reply.label}")
+
+
+@app.command("policy")
+def policy(
+    ctx: typer.Context,
+    name: str,
+    deny: Annotated[str, typer.Option("--deny", help="The label whose data is denied …")],
+    action: Annotated[str, typer.Option("--action", help="… for this marketing action.")],
+) -> None:
+    """Create a policy: data with a label must not be used for a marketing action."""
+    client = _client(ctx)
+    request = activation_pb2.CreatePolicyRequest(policy=activation_pb2.Policy(name=name, label=deny, action=action))
+    reply = client.activation.CreatePolicy(request, timeout=client.timeout)
+    render.success(f"policy {reply.name}: {reply.label} denied for {reply.action}")
+
+
+@app.command("show")
+def show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List labels and policies."""
+    client = _client(ctx)
+    reply = client.activation.ListGovernance(activation_pb2.ListGovernanceRequest(), timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    render.print_table("labels", ["kind", "name", "label"], [(x.kind, x.name, x.label) for x in reply.labels])
+    render.print_table("policies", ["name", "label", "action"], [(p.name, p.label, p.action) for p in reply.policies])
