@@ -39,19 +39,40 @@ number = st.integers(0, 6)
 atoms = st.one_of(
     st.sampled_from(
         [
-            'tier = "gold"', 'tier != "gold"', 'tier in ["gold", "silver"]', "score exists", "score not exists",
-            'name starts_with "a"', 'name contains "b"', 'tags contains "x"', "vip = true", "vip != true",
-            "has email", 'consent email_marketing = "y"', 'tier >= "h"', "loyalty.points > 2",
-            "cart_add followed by order within 2h", "cart_add not followed by order within 2h",
-            "(view where page = \"shoes\") followed by order within 1d",
+            'tier = "gold"',
+            'tier != "gold"',
+            'tier in ["gold", "silver"]',
+            "score exists",
+            "score not exists",
+            'name starts_with "a"',
+            'name contains "b"',
+            'tags contains "x"',
+            "vip = true",
+            "vip != true",
+            "has email",
+            'consent email_marketing = "y"',
+            'tier >= "h"',
+            "loyalty.points > 2",
+            "cart_add followed by order within 2h",
+            "cart_add not followed by order within 2h",
+            '(view where page = "shoes") followed by order within 1d',
             "count(order) >= 1 between 2026-05-25 and 2026-05-31",
         ]
     ),
     st.builds(lambda op, n: f"score {op} {n}", st.sampled_from(["=", "!=", "<", "<=", ">", ">="]), number),
     st.builds(
         lambda agg, op, n, w: f"{agg} {op} {n}{w}",
-        st.sampled_from(["count(order)", "count(order where channel = \"store\")", "sum(order.total)",
-                         "min(order.total)", "max(order.total)", "avg(order.total)", "count(view)"]),
+        st.sampled_from(
+            [
+                "count(order)",
+                'count(order where channel = "store")',
+                "sum(order.total)",
+                "min(order.total)",
+                "max(order.total)",
+                "avg(order.total)",
+                "count(view)",
+            ]
+        ),
         st.sampled_from([">=", "<", "=", ">"]),
         number,
         st.sampled_from(["", " within 1d", " within 3d", " within 12h", " within 2w"]),
@@ -78,16 +99,26 @@ values: dict[str, Any] = {
     "loyalty": st.fixed_dictionaries({"points": st.integers(0, 5)}),
 }
 records = st.lists(
-    st.tuples(st.integers(-5, 0), st.dictionaries(st.sampled_from(sorted(values)), st.nothing(), max_size=0)
-              .flatmap(lambda _: st.fixed_dictionaries({}, optional=values))),
+    st.tuples(
+        st.integers(-5, 0),
+        st.dictionaries(st.sampled_from(sorted(values)), st.nothing(), max_size=0).flatmap(
+            lambda _: st.fixed_dictionaries({}, optional=values)
+        ),
+    ),
     max_size=3,
 )
 events = st.lists(
     st.tuples(
         st.sampled_from(["order", "cart_add", "view"]),
         st.integers(-20 * 24, 2),  # hours from T0
-        st.fixed_dictionaries({}, optional={"total": st.integers(0, 5), "channel": st.sampled_from(["store", "web"]),
-                                           "page": st.sampled_from(["shoes", "hats"])}),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "total": st.integers(0, 5),
+                "channel": st.sampled_from(["store", "web"]),
+                "page": st.sampled_from(["shoes", "hats"]),
+            },
+        ),
     ),
     max_size=6,
 )
@@ -112,7 +143,15 @@ def _get(values: dict[str, Any], path: str) -> Any:
 
 
 def _kind(v: Any) -> str | None:
-    return "bool" if isinstance(v, bool) else "num" if isinstance(v, int | float) else "str" if isinstance(v, str) else None
+    return (
+        "bool"
+        if isinstance(v, bool)
+        else "num"
+        if isinstance(v, int | float)
+        else "str"
+        if isinstance(v, str)
+        else None
+    )
 
 
 def _lit(lit: pb.Literal) -> Any:
@@ -126,7 +165,9 @@ def _cmp(op: int, a: Any, b: Any) -> bool:
     if op == pb.COMPARE_OP_IN:
         return any(_kind(a) == _kind(x) and a == x for x in b)
     if op == pb.COMPARE_OP_CONTAINS:
-        return (isinstance(a, str) and b in a) or (isinstance(a, list) and any(isinstance(x, str) and x == b for x in a))
+        return (isinstance(a, str) and b in a) or (
+            isinstance(a, list) and any(isinstance(x, str) and x == b for x in a)
+        )
     if op == pb.COMPARE_OP_STARTS_WITH:
         return isinstance(a, str) and a.startswith(b)
     if _kind(a) != _kind(b):
@@ -152,7 +193,12 @@ def reference(e: pb.Expression, p: Person, now: int) -> bool:
         return _get(p.attributes, f"consents.{e.consent.purpose}") == e.consent.value
 
     def chosen(pattern: pb.EventPattern) -> list[tuple[str, int, dict[str, Any]]]:
-        return [x for x in p.events if x[0] == pattern.event_type and (not pattern.HasField("where") or reference(pattern.where, Person("", x[2], set(), []), now))]
+        return [
+            x
+            for x in p.events
+            if x[0] == pattern.event_type
+            and (not pattern.HasField("where") or reference(pattern.where, Person("", x[2], set(), []), now))
+        ]
 
     if node == "sequence":
         s = e.sequence
@@ -164,16 +210,23 @@ def reference(e: pb.Expression, p: Person, now: int) -> bool:
         return bool(hit)
     c = e.event
     win = c.window.WhichOneof("kind")
-    evs = [x for x in chosen(c.pattern)
-           if win is None or (win == "within_seconds" and x[1] > now - c.window.within_seconds * 1000)
-           or (win == "between" and c.window.between.from_ms <= x[1] < c.window.between.to_ms)]
+    evs = [
+        x
+        for x in chosen(c.pattern)
+        if win is None
+        or (win == "within_seconds" and x[1] > now - c.window.within_seconds * 1000)
+        or (win == "between" and c.window.between.from_ms <= x[1] < c.window.between.to_ms)
+    ]
     if c.aggregate == pb.AGGREGATE_COUNT:
         value: float | None = len(evs)
     else:
         nums = [x[2][c.field] for x in evs if _kind(x[2].get(c.field)) == "num"]
-        value = {pb.AGGREGATE_SUM: sum(nums), pb.AGGREGATE_MIN: min(nums, default=None),
-                 pb.AGGREGATE_MAX: max(nums, default=None),
-                 pb.AGGREGATE_AVG: sum(nums) / len(nums) if nums else None}[c.aggregate]
+        value = {
+            pb.AGGREGATE_SUM: sum(nums),
+            pb.AGGREGATE_MIN: min(nums, default=None),
+            pb.AGGREGATE_MAX: max(nums, default=None),
+            pb.AGGREGATE_AVG: sum(nums) / len(nums) if nums else None,
+        }[c.aggregate]
     return value is not None and _cmp(c.op, float(value), c.value)
 
 
@@ -204,7 +257,7 @@ def fragments(data: list[Any]) -> tuple[list[Person], list[identity_ev.ProfileFr
             person.events.append((etype, int(at.timestamp() * 1000), fields))
         ordered = sorted(enumerate(recs), key=lambda r: (r[1][0], r[0]))
         for _, (_, attrs) in ordered:
-            person.attributes.update({k: v for k, v in attrs.items()})
+            person.attributes.update(dict(attrs.items()))
         persons.append(person)
     for n, frag in enumerate(frags):
         frag.source_event_id = f"f{n}"
@@ -224,16 +277,22 @@ def stream(engine: Engine, eventlog: EventLog, defs: dict[str, pb.Segment], frag
     with transaction(engine) as session:
         uow = UnitOfWork(session, processor, Cause(command_id="define"))
         for segment in defs.values():
-            env = make_envelope(ev.SegmentDefined(segment=segment), event_id=segment.id, subject_key=segment.id,
-                                occurred_at=T0, cause=uow.cause)
+            env = make_envelope(
+                ev.SegmentDefined(segment=segment),
+                event_id=segment.id,
+                subject_key=segment.id,
+                occurred_at=T0,
+                cause=uow.cause,
+            )
             uow.emit(SEGMENTATION_CONFIG, [env])
         catalog.invalidate()
     for n, frag in enumerate(frags):
         with transaction(engine) as session:
             uow = UnitOfWork(session, processor, Cause("segmentation-profile", n + 1))
             env = make_envelope(frag, event_id=f"e{n}", subject_key=frag.profile_id, occurred_at=T0, cause=uow.cause)
-            msg = LogMessage(stream="CDP_PROFILE", subject="cdp.profile.0.fragments", sequence=n + 1, data=b"",
-                             headers={})
+            msg = LogMessage(
+                stream="CDP_PROFILE", subject="cdp.profile.0.fragments", sequence=n + 1, data=b"", headers={}
+            )
             handler.observe(session, msg, env)
             handler.decide(uow, msg, env)
     with transaction(engine) as session:
@@ -260,8 +319,14 @@ async def test_streaming_sql_and_reference_agree_on_every_profile(
     for i, query in enumerate(queries):
         ast = parse(query)
         evaluation, reason = classify(ast, "", {})
-        defs[f"s{i}"] = pb.Segment(id=deterministic_id("segment", f"s{i}"), name=f"s{i}", query=query, ast=ast,
-                                  evaluation=evaluation, evaluation_reason=reason)  # type: ignore[arg-type]
+        defs[f"s{i}"] = pb.Segment(
+            id=deterministic_id("segment", f"s{i}"),
+            name=f"s{i}",
+            query=query,
+            ast=ast,
+            evaluation=evaluation,
+            evaluation_reason=reason,
+        )  # type: ignore[arg-type]
     persons, frags = fragments(data)
     now2 = T0 + timedelta(hours=later)
     now_ms = int(now2.timestamp() * 1000)

@@ -9,25 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as identity_ev
-from cdp.ingest.v1 import events_pb2 as ingest_ev
-from cdp.ingest.v1 import ingest_pb2
-from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
-from cdp_kit.envelope import Cause, deterministic_id, make_envelope, unpack
+from cdp_kit.envelope import Cause, deterministic_id, make_envelope
 from cdp_kit.errors import InvalidInput
 from cdp_kit.eventlog import EventLog
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
-from cdp_kit.streams import IDENTITY_FRAGMENTS, INGEST_CONFIG, SEGMENTATION_MEMBERSHIPS
+from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_segmentation.api import profile_message
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.main import build_processor
-from cdp_segmentation.store import TABLES, FragmentRow, ProfileRow, realized
+from cdp_segmentation.store import TABLES, ProfileRow, realized
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -51,7 +46,10 @@ class Identity:
         self.n += 0
         source = f"rec-{self.n + 1}"
         frag = identity_ev.ProfileFragment(
-            profile_id=profile, source_event_id=source, dataset=dataset, kind="record",
+            profile_id=profile,
+            source_event_id=source,
+            dataset=dataset,
+            kind="record",
             identities=[IdentityValue(namespace=k, value=v) for k, v in ids.items()],
         )
         frag.attributes.update(attrs)
@@ -62,7 +60,11 @@ class Identity:
     async def event(self, profile: str, event_type: str, at: datetime, dataset: str = "web", **fields: Any) -> str:
         source = f"evt-{self.n + 1}"
         frag = identity_ev.ProfileFragment(
-            profile_id=profile, source_event_id=source, dataset=dataset, kind="event", event_type=event_type,
+            profile_id=profile,
+            source_event_id=source,
+            dataset=dataset,
+            kind="event",
+            event_type=event_type,
             identities=[IdentityValue(namespace="cookie", value=f"ck-{profile}")],
         )
         frag.attributes.update(fields)
@@ -119,7 +121,8 @@ async def test_merge_policies_recompute_attributes_exactly_from_the_kept_fragmen
     await identity.record("p1", "web_form", T0 + 2 * DAY, {"email": "a@example.com"}, tier="bronze", city="Lyon")
     await handlers.processor.catch_up()
     got = attrs(profile(handlers, "p1"))
-    assert got["tier"] == ("gold", "crm") and got["city"] == ("Paris", "crm")
+    assert got["tier"] == ("gold", "crm")
+    assert got["city"] == ("Paris", "crm")
 
     await handlers.set_merge_policy(pb.MergePolicy(kind=pb.MERGE_POLICY_KIND_TIMESTAMP))
     assert attrs(profile(handlers, "p1"))["tier"] == ("bronze", "web_form")
@@ -136,7 +139,8 @@ async def test_merge_and_split_move_fragments_and_memberships(engine: Engine, ev
     ev_a = await identity.event("pa", "order", T0 + DAY)
     ev_b = await identity.event("pb", "order", T0 + DAY)
     await handlers.processor.catch_up()
-    assert members(handlers, "gold") == ["pa"] and members(handlers, "buyers") == []
+    assert members(handlers, "gold") == ["pa"]
+    assert members(handlers, "buyers") == []
 
     merged = identity_ev.ProfilesMerged(survivor="pa", absorbed=["pb"], reason="login")
     await identity.send(merged, T0 + 2 * DAY)
@@ -147,8 +151,12 @@ async def test_merge_and_split_move_fragments_and_memberships(engine: Engine, ev
     split = identity_ev.ProfileSplit(
         profile_id="pa",
         parts=[
-            identity_ev.SplitPart(profile_id="pa", fragment_ids=[rec_a, ev_a], identities=[IdentityValue(namespace="crm_id", value="A")]),
-            identity_ev.SplitPart(profile_id="pc", fragment_ids=[ev_b], identities=[IdentityValue(namespace="cookie", value="ck-pb")]),
+            identity_ev.SplitPart(
+                profile_id="pa", fragment_ids=[rec_a, ev_a], identities=[IdentityValue(namespace="crm_id", value="A")]
+            ),
+            identity_ev.SplitPart(
+                profile_id="pc", fragment_ids=[ev_b], identities=[IdentityValue(namespace="cookie", value="ck-pb")]
+            ),
         ],
     )
     await identity.send(split, T0 + 3 * DAY)
@@ -156,7 +164,8 @@ async def test_merge_and_split_move_fragments_and_memberships(engine: Engine, ev
     assert members(handlers, "buyers") == []
     assert members(handlers, "gold") == ["pa"]
     part = profile(handlers, "pc")
-    assert part.events == 1 and not part.attributes
+    assert part.events == 1
+    assert not part.attributes
     assert {(i.namespace, i.value) for i in part.identities} == {("cookie", "ck-pb")}
     sources = {(s.dataset, s.kind, s.fragments) for s in profile(handlers, "pa").sources}
     assert sources == {("crm", "record", 1), ("web", "event", 1)}
@@ -171,7 +180,7 @@ async def test_windows_end_on_clock_events_and_a_rebuild_reaches_the_same_store(
     await handlers.tick(T0)
     await handlers.create_segment("recent_buyer", "count(order) >= 1 within 7d")
     await handlers.create_segment("abandoner", "cart_add not followed by order within 1h")
-    await handlers.create_segment("lapsed", 'in segment abandoner and not in segment recent_buyer')
+    await handlers.create_segment("lapsed", "in segment abandoner and not in segment recent_buyer")
     await identity.event("p1", "order", T0 - DAY)
     await identity.event("p2", "cart_add", T0 - timedelta(minutes=30))
     await handlers.processor.catch_up()

@@ -28,7 +28,7 @@ from cdp.common.v1 import admin_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_cli import cmd_activation, cmd_identity, cmd_ingest, inputs, render
+from cdp_cli import cmd_activation, cmd_identity, cmd_ingest, cmd_segmentation, inputs, render
 from cdp_cli.client import DEFAULT_TIMEOUT_S, SERVICES, UNREACHABLE, Client, describe_rpc_error, parse_addr_option
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
@@ -811,6 +811,7 @@ def demo(
 
 
 cmd_identity.register(identity_app)
+cmd_segmentation.register(segment_app, lambda ctx: _client(ctx))
 
 
 def main() -> None:

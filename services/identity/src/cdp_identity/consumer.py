@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as ev
@@ -10,45 +13,53 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
 from cdp_identity.graph import WorkingSet
 from cdp_identity.projection import IdentityProjection
-from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
+from cdp_kit.envelope import Envelope, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
-PREFETCHED = "cdp_identity_prefetched"
+RECORD_ACCEPTED = ingest_ev.RecordAccepted.DESCRIPTOR.full_name
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What identity reads of one RecordAccepted: the record, its kept identity keys and its drops."""
+
+    record: ingest_ev.RecordAccepted
+    kept: list[str]
+    dropped: list[ev.DroppedIdentity]
 
 
 class RecordsToFragments:
-    """Input handler for CDP_INGEST. Identity keeps nothing of ingest's facts but what it decides;
-    ``observe`` only loads, for the first record of each message, the graphs of every identity
-    the message names (one bulk read per message instead of several per record)."""
+    """Input handler for CDP_INGEST. Identity keeps nothing of ingest's facts but what it decides.
+    ``prefetch`` reads every record of a fetched batch once, normalises its identities and loads
+    the graphs of all of them in a few bulk queries; ``decide`` then works in memory."""
 
     def __init__(self, projection: IdentityProjection) -> None:
         self.projection = projection
         self.normalise = Normaliser()
 
-    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
-        seen = session.info.setdefault(PREFETCHED, set())
-        if (msg.stream, msg.sequence) in seen:
-            return
-        seen.add((msg.stream, msg.sequence))
+    def prefetch(self, session: Session, envelopes: Sequence[Envelope]) -> None:
         ws = self.projection.graph(session)
         keys: list[str] = []
-        for other in msg.events():
-            if is_a(other, ingest_ev.RecordAccepted):
-                record = unpack(other, ingest_ev.RecordAccepted)
-                kept, _ = kept_and_dropped(ws, self.normalise, [(i.namespace, i.value) for i in record.identities])
-                keys.extend(kept)
+        for env in envelopes:
+            if env.type == RECORD_ACCEPTED:
+                parsed = self._parse(ws, env)
+                ws.parsed[env.id] = parsed
+                keys += parsed.kept
         ws.load(keys)
 
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        """Nothing to keep: ingest's records live on ingest's log."""
+
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
-        if not is_a(env, ingest_ev.RecordAccepted):
+        if env.type != RECORD_ACCEPTED:
             return
-        record = unpack(env, ingest_ev.RecordAccepted)
         ws: WorkingSet = self.projection.graph(uow.session)
-        kept, dropped = kept_and_dropped(ws, self.normalise, [(i.namespace, i.value) for i in record.identities])
+        parsed = ws.parsed.pop(env.id, None) or self._parse(ws, env)
+        record, kept, dropped = parsed.record, parsed.kept, parsed.dropped
         if not kept:
             log.info("record_without_identities", record_event=env.id, dataset=record.dataset, dropped=len(dropped))
         fragment = ev.ProfileFragment(
@@ -61,5 +72,10 @@ class RecordsToFragments:
             event_type=record.event_type,
             batch_id=record.batch_id,
         )
-        make = Maker(env.id, from_timestamp(env.occurred_at), uow.cause, dict(env.trace_context))
+        make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context)
         resolve_record(ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events))
+
+    def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
+        record = unpack(env, ingest_ev.RecordAccepted)
+        kept, dropped = kept_and_dropped(ws, self.normalise, [(i.namespace, i.value) for i in record.identities])
+        return Parsed(record, kept, dropped)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import phonenumbers
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 from cdp.identity.v1 import identity_pb2 as pb
 
@@ -40,6 +40,13 @@ DEFAULT_BLOCKLIST: tuple[str, ...] = (
     "00000000-0000-0000-0000-000000000000",
 )
 HASH_RE = re.compile(r"^[a-f0-9]{64}$")
+# The common case of an email that email-validator accepts unchanged (ASCII dot-atoms, a
+# letters-only TLD, no reserved label forms): checked by a regex; anything else goes to
+# email-validator. tests/unit/test_identity_normalise.py checks that the two agree.
+SIMPLE_EMAIL_RE = re.compile(
+    r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
+)
+SPECIAL_USE_SUFFIXES = tuple(f".{d}" for d in SPECIAL_USE_DOMAIN_NAMES)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 CUSTOM_PRIORITY = 100
 
@@ -150,10 +157,14 @@ class Rules:
             return None, "blocklist", "a placeholder value"
         kind = ns.type
         if kind == NT.NAMESPACE_TYPE_EMAIL:
-            try:
-                text = validate_email(text, check_deliverability=False).normalized.lower()
-            except EmailNotValidError:
-                return None, "invalid", "not a syntactically valid email address"
+            simple = simple_email(text)
+            if simple is not None:
+                text = simple
+            else:
+                try:
+                    text = validate_email(text, check_deliverability=False).normalized.lower()
+                except EmailNotValidError:
+                    return None, "invalid", "not a syntactically valid email address"
         elif kind == NT.NAMESPACE_TYPE_PHONE:
             try:
                 number = phonenumbers.parse(text, self.default_phone_region)
@@ -169,6 +180,17 @@ class Rules:
         if not text or text.lower() in self.blocklist:
             return None, "blocklist", "a placeholder value"
         return text, "", ""
+
+
+def simple_email(text: str) -> str | None:
+    """The normalised form of a plain ASCII email, or None when email-validator must decide."""
+    lowered = text.lower()
+    if not SIMPLE_EMAIL_RE.fullmatch(lowered) or len(lowered) > 254 or "--" in lowered:
+        return None
+    local, _, domain = lowered.partition("@")
+    if len(local) > 64 or domain.endswith(SPECIAL_USE_SUFFIXES):
+        return None
+    return lowered
 
 
 def _with_unique(ns: Namespace, unique: bool) -> Namespace:

@@ -24,14 +24,17 @@ Rules (docs/identity.md explains them for users):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import components, node_key, split_key, split_profile_id
 from cdp_identity.graph import WorkingSet, pair
-from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
+from cdp_kit.envelope import SCHEMA_VERSION, Cause, Envelope, deterministic_id, to_timestamp
 from cdp_kit.telemetry import pii_hash
 
 Emit = Callable[[list[Envelope]], None]
@@ -69,8 +72,10 @@ class Normaliser:
 def kept_and_dropped(
     ws: WorkingSet, normalise: Normaliser, raw: list[tuple[str, str]]
 ) -> tuple[list[str], list[ev.DroppedIdentity]]:
-    kept: list[str] = []
+    """The record's usable identity keys, strongest first, and what was dropped (with a hash, never the value)."""
+    ranked: dict[str, tuple[int, str, str]] = {}
     dropped: list[ev.DroppedIdentity] = []
+    order = ws.rules.order
     for namespace, value in raw:
         clean, rule, detail = normalise(ws, namespace, value)
         if clean is None:
@@ -79,35 +84,34 @@ def kept_and_dropped(
             )
             continue
         key = node_key(namespace, clean)
-        if key not in kept:
-            kept.append(key)
-    order = ws.rules.order
-    kept.sort(key=lambda k: order(*split_key(k)))
-    return kept, dropped
+        if key not in ranked:
+            ranked[key] = order(namespace, clean)
+    return sorted(ranked, key=ranked.__getitem__), dropped
 
 
 class Maker:
     """Deterministic envelopes for one cause."""
 
-    def __init__(self, base: str, at: datetime, cause: object, trace: dict[str, str]) -> None:
+    def __init__(self, base: str, at: datetime | Timestamp, cause: Cause, trace: Mapping[str, str]) -> None:
         self.base = base
-        self.at = at
-        self.cause = cause
+        self.at = at if isinstance(at, Timestamp) else to_timestamp(at)
+        self.causation = cause.to_proto()
         self.trace = trace
         self.n = 0
 
-    def __call__(self, payload: object, subject_key: str, kind: str) -> Envelope:
+    def __call__(self, payload: Message, subject_key: str, kind: str) -> Envelope:
         self.n += 1
-        return make_envelope(
-            payload,  # type: ignore[arg-type]
-            event_id=deterministic_id(kind, self.base)
-            if kind == "fragment"
-            else deterministic_id(kind, self.base, self.n),
+        env = Envelope(
+            id=deterministic_id(kind, self.base) if kind == "fragment" else deterministic_id(kind, self.base, self.n),
+            type=payload.DESCRIPTOR.full_name,
             subject_key=subject_key,
+            schema_version=SCHEMA_VERSION,
+            causation=self.causation,
             occurred_at=self.at,
-            cause=self.cause,  # type: ignore[arg-type]
             trace_context=self.trace,
         )
+        env.payload.Pack(payload)
+        return env
 
 
 def resolve_record(

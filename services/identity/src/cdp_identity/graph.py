@@ -23,11 +23,16 @@ from sqlalchemy import event
 from sqlmodel import Session
 
 from cdp_identity import store
+from cdp_identity.bulk import Bulk
 from cdp_identity.domain import Namespace, Rules, node_key, profile_id_for
 
 NEW, DIRTY, CLEAN, DELETED = 0, 1, 2, 3
-IN_CHUNK = 500
 WS_KEY = "cdp_identity_graph"
+NODE_COLUMNS = ("key", "namespace", "value", "profile_id", "first_seen", "last_seen", "dataset", "batch_id")
+NODE_COLUMNS += ("last_dataset", "last_batch_id")
+NODE_CHANGING = NODE_COLUMNS[3:]
+LINK_COLUMNS = ("a", "b", "first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
+PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
 
 
 @dataclass(slots=True)
@@ -83,14 +88,16 @@ class WorkingSet:
     profiles: dict[str, Profile] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
     absent: set[str] = field(default_factory=set)  # profile ids known not to exist
-    fragments: list[dict[str, str]] = field(default_factory=list)
+    fragments: list[tuple[str, str]] = field(default_factory=list)
     new_fragments_by_anchor: dict[str, list[str]] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     drops: Counter[tuple[str, str]] = field(default_factory=Counter)
     new_unlinked: list[tuple[str, str]] = field(default_factory=list)
     new_namespaces: list[dict[str, Any]] = field(default_factory=list)
+    parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what prefetch read of it
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
+    _bulk: Bulk | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -110,103 +117,69 @@ class WorkingSet:
             del session.info[WS_KEY]
 
     # ------------------------------------------------------------------ loading
+    @property
+    def bulk(self) -> Bulk:
+        if self._bulk is None:
+            self._bulk = Bulk(self.session)
+        return self._bulk
+
     def load(self, keys: Iterable[str]) -> None:
-        """Bring the graphs of these identities into memory (two or three queries for all of them)."""
-        unknown = [k for k in set(keys) if k not in self.nodes and k not in self.missing]
+        """Bring the graphs of these identities into memory (a few queries for all of them)."""
+        nodes, missing = self.nodes, self.missing
+        unknown = {k for k in keys if k not in nodes and k not in missing}
         if not unknown:
             return
-        found: set[str] = set()
-        pids: set[str] = set()
-        for chunk in _chunks(sorted(unknown)):
-            for key, pid in (
-                self.session.connection()
-                .execute(sa.select(store.NODE.c.key, store.NODE.c.profile_id).where(store.NODE.c.key.in_(chunk)))
-                .all()
-            ):
-                found.add(key)
-                pids.add(pid)
-        self.missing.update(k for k in unknown if k not in found)
-        self.load_profiles(pids)
+        found = {key: pid for key, pid in self.bulk.select_in(store.NODE, ("key", "profile_id"), "key", unknown)}
+        missing.update(unknown.difference(found))
+        self.load_profiles(found.values())
 
     def load_profiles(self, pids: Iterable[str]) -> None:
-        todo = sorted(p for p in set(pids) if p not in self.members)
+        todo = {p for p in pids if p not in self.members}
         if not todo:
             return
-        loaded: list[str] = []
-        for chunk in _chunks(todo):
-            for row in (
-                self.session.connection().execute(sa.select(store.NODE).where(store.NODE.c.profile_id.in_(chunk))).all()
-            ):
-                if row.key in self.nodes:
-                    continue
-                node = Node(
-                    row.key,
-                    row.namespace,
-                    row.value,
-                    row.profile_id,
-                    row.first_seen,
-                    row.last_seen,
-                    row.dataset,
-                    row.batch_id,
-                    row.last_dataset,
-                    row.last_batch_id,
-                )
-                self.nodes[row.key] = node
-                self.adj.setdefault(row.key, set())
-                loaded.append(row.key)
-            for row in (
-                self.session.connection()
-                .execute(sa.select(store.PROFILE).where(store.PROFILE.c.profile_id.in_(chunk)))
-                .all()
-            ):
-                if row.profile_id not in self.profiles:
-                    self.profiles[row.profile_id] = Profile(
-                        row.profile_id, row.ordinal, row.founder, row.merged_into, row.split_from
-                    )
+        nodes, members, adj = self.nodes, self.members, self.adj
         for pid in todo:
-            self.members.setdefault(pid, set())
-        for key in loaded:
-            self.members.setdefault(self.nodes[key].profile_id, set()).add(key)
-        for chunk in _chunks(sorted(loaded)):
-            for row in self.session.connection().execute(sa.select(store.LINK).where(store.LINK.c.a.in_(chunk))).all():
-                if (row.a, row.b) in self.links:
-                    continue
-                self.links[(row.a, row.b)] = Link(
-                    row.a,
-                    row.b,
-                    row.first_seen,
-                    row.last_seen,
-                    row.dataset,
-                    row.batch_id,
-                    row.last_dataset,
-                    row.last_batch_id,
-                )
-                self.adj.setdefault(row.a, set()).add(row.b)
-                self.adj.setdefault(row.b, set()).add(row.a)
+            members[pid] = set()
+        loaded: list[str] = []
+        for row in self.bulk.select_in(store.NODE, NODE_COLUMNS, "profile_id", todo):
+            key = row[0]
+            if key in nodes:
+                continue
+            nodes[key] = Node(*row)
+            adj.setdefault(key, set())
+            members[row[3]].add(key)
+            loaded.append(key)
+        for row in self.bulk.select_in(store.PROFILE, PROFILE_COLUMNS, "profile_id", todo):
+            if row[0] not in self.profiles:
+                self.profiles[row[0]] = Profile(*row)
+        links = self.links
+        for row in self.bulk.select_in(store.LINK, LINK_COLUMNS, "a", loaded):
+            a, b = row[0], row[1]
+            if (a, b) in links:
+                continue
+            links[(a, b)] = Link(*row)
+            adj.setdefault(a, set()).add(b)
+            adj.setdefault(b, set()).add(a)
 
     def profile(self, pid: str) -> Profile | None:
         if pid in self.absent:
             return None
         if pid not in self.profiles:
-            row = (
-                self.session.connection()
-                .execute(sa.select(store.PROFILE).where(store.PROFILE.c.profile_id == pid))
-                .first()
-            )
-            if row is None:
+            rows = self.bulk.select_in(store.PROFILE, PROFILE_COLUMNS, "profile_id", [pid])
+            if not rows:
                 self.absent.add(pid)
                 return None
-            self.profiles[pid] = Profile(row.profile_id, row.ordinal, row.founder, row.merged_into, row.split_from)
+            self.profiles[pid] = Profile(*rows[0])
         return self.profiles[pid]
 
     def unlinked(self) -> set[tuple[str, str]]:
         if self._unlinked is None:
-            self._unlinked = {(r.a, r.b) for r in self.session.connection().execute(sa.select(store.UNLINKED)).all()}
+            self._unlinked = {(a, b) for a, b in self.bulk.rows(f"SELECT a, b FROM {store.UNLINKED.name}")}
         return self._unlinked
 
     def next_ordinal(self) -> int:
         if self._next_ordinal is None:
-            current = self.session.connection().execute(sa.select(sa.func.max(store.PROFILE.c.ordinal))).scalar()
+            [(current,)] = self.bulk.rows(f"SELECT MAX(ordinal) FROM {store.PROFILE.name}")
             self._next_ordinal = int(current or 0) + 1
         ordinal = self._next_ordinal
         self._next_ordinal += 1
@@ -238,17 +211,8 @@ class WorkingSet:
 
     def fragments_anchored(self, anchors: Sequence[str]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {a: list(self.new_fragments_by_anchor.get(a, ())) for a in anchors}
-        for chunk in _chunks(sorted(anchors)):
-            for sid, anchor in (
-                self.session.connection()
-                .execute(
-                    sa.select(store.FRAGMENT.c.source_event_id, store.FRAGMENT.c.anchor).where(
-                        store.FRAGMENT.c.anchor.in_(chunk)
-                    )
-                )
-                .all()
-            ):
-                out[anchor].append(sid)
+        for sid, anchor in self.bulk.select_in(store.FRAGMENT, ("source_event_id", "anchor"), "anchor", anchors):
+            out[anchor].append(sid)
         return {a: sorted(set(ids)) for a, ids in out.items()}
 
     # ------------------------------------------------------------------ changing (folds only)
@@ -273,12 +237,13 @@ class WorkingSet:
             return key
         if node.profile_id != pid:
             self.move(key, pid)
-        if at >= node.last_seen:
-            node.last_seen, node.last_dataset, node.last_batch_id = at, dataset, batch_id
+        last = (at, dataset, batch_id)
+        if at >= node.last_seen and last != (node.last_seen, node.last_dataset, node.last_batch_id):
+            node.last_seen, node.last_dataset, node.last_batch_id = last
+            node.state = node.state if node.state != CLEAN else DIRTY
         if at < node.first_seen:
-            node.first_seen, node.dataset, node.batch_id = at, dataset, batch_id
-        if node.state == CLEAN:
-            node.state = DIRTY
+            node.first_seen, node.dataset, node.batch_id = last
+            node.state = node.state if node.state != CLEAN else DIRTY
         return key
 
     def move(self, key: str, pid: str) -> None:
@@ -298,12 +263,13 @@ class WorkingSet:
                 fresh.state = DIRTY
             self.links[(a, b)] = fresh
         else:
-            if at >= link.last_seen:
-                link.last_seen, link.last_dataset, link.last_batch_id = at, dataset, batch_id
+            last = (at, dataset, batch_id)
+            if at >= link.last_seen and last != (link.last_seen, link.last_dataset, link.last_batch_id):
+                link.last_seen, link.last_dataset, link.last_batch_id = last
+                link.state = link.state if link.state != CLEAN else DIRTY
             if at < link.first_seen:
-                link.first_seen, link.dataset, link.batch_id = at, dataset, batch_id
-            if link.state == CLEAN:
-                link.state = DIRTY
+                link.first_seen, link.dataset, link.batch_id = last
+                link.state = link.state if link.state != CLEAN else DIRTY
         self.adj.setdefault(a, set()).add(b)
         self.adj.setdefault(b, set()).add(a)
 
@@ -323,7 +289,7 @@ class WorkingSet:
         self.adj.get(b, set()).discard(a)
 
     def add_fragment(self, source_event_id: str, anchor: str) -> None:
-        self.fragments.append({"source_event_id": source_event_id, "anchor": anchor})
+        self.fragments.append((source_event_id, anchor))
         self.new_fragments_by_anchor.setdefault(anchor, []).append(source_event_id)
 
     def remember_unlink(self, a: str, b: str) -> None:
@@ -338,39 +304,29 @@ class WorkingSet:
             self.write()
 
     def write(self) -> None:
+        bulk = self.bulk
+        nodes = self.nodes.values()
+        bulk.insert(store.NODE, NODE_COLUMNS, [_node_row(n) for n in nodes if n.state == NEW])
+        bulk.update(store.NODE, NODE_CHANGING, ("key",), [(*_node_row(n)[3:], n.key) for n in nodes if n.state == DIRTY])
+        links = self.links.values()
+        bulk.delete(store.LINK, ("a", "b"), [(x.a, x.b) for x in links if x.state == DELETED])
+        bulk.insert(store.LINK, LINK_COLUMNS, [_link_row(x) for x in links if x.state == NEW])
+        bulk.update(
+            store.LINK, LINK_COLUMNS[2:], ("a", "b"), [(*_link_row(x)[2:], x.a, x.b) for x in links if x.state == DIRTY]
+        )
+        profiles = self.profiles.values()
+        bulk.insert(store.PROFILE, PROFILE_COLUMNS, [_profile_row(p) for p in profiles if p.state == NEW])
+        bulk.update(
+            store.PROFILE,
+            PROFILE_COLUMNS[1:],
+            ("profile_id",),
+            [(*_profile_row(p)[1:], p.profile_id) for p in profiles if p.state == DIRTY],
+        )
+        bulk.insert(store.FRAGMENT, ("source_event_id", "anchor"), self.fragments)
         conn = self.session.connection()
-        new_nodes = [_node_row(n) for n in self.nodes.values() if n.state == NEW]
-        dirty_nodes = [_node_row(n, "k_") for n in self.nodes.values() if n.state == DIRTY]
-        if new_nodes:
-            conn.execute(sa.insert(store.NODE), new_nodes)
-        if dirty_nodes:
-            conn.execute(_update(store.NODE, ["key"]), dirty_nodes)
-        new_links = [_link_row(x) for x in self.links.values() if x.state == NEW]
-        dirty_links = [_link_row(x, "k_") for x in self.links.values() if x.state == DIRTY]
-        gone = [{"k_a": x.a, "k_b": x.b} for x in self.links.values() if x.state == DELETED]
-        if gone:
-            conn.execute(
-                sa.delete(store.LINK).where(
-                    store.LINK.c.a == sa.bindparam("k_a"), store.LINK.c.b == sa.bindparam("k_b")
-                ),
-                gone,
-            )
-        if new_links:
-            conn.execute(sa.insert(store.LINK), new_links)
-        if dirty_links:
-            conn.execute(_update(store.LINK, ["a", "b"]), dirty_links)
-        new_profiles = [_profile_row(p) for p in self.profiles.values() if p.state == NEW]
-        dirty_profiles = [_profile_row(p, "k_") for p in self.profiles.values() if p.state == DIRTY]
-        if new_profiles:
-            conn.execute(sa.insert(store.PROFILE), new_profiles)
-        if dirty_profiles:
-            conn.execute(_update(store.PROFILE, ["profile_id"]), dirty_profiles)
-        if self.fragments:
-            conn.execute(sa.insert(store.FRAGMENT), self.fragments)
         if self.decisions:
             conn.execute(sa.insert(store.DECISION), self.decisions)
-        if self.new_unlinked:
-            conn.execute(sa.insert(store.UNLINKED), [{"a": a, "b": b} for a, b in self.new_unlinked])
+        bulk.insert(store.UNLINKED, ("a", "b"), self.new_unlinked)
         if self.new_namespaces:
             conn.execute(sa.insert(store.NAMESPACE), self.new_namespaces)
         if self.drops:
@@ -396,7 +352,14 @@ class WorkingSet:
         if inserts:
             conn.execute(sa.insert(store.DROP), inserts)
         if updates:
-            conn.execute(_update(store.DROP, ["namespace", "rule"], ["total"]), updates)
+            conn.execute(
+                sa.update(store.DROP)
+                .where(
+                    store.DROP.c.namespace == sa.bindparam("k_namespace"), store.DROP.c.rule == sa.bindparam("k_rule")
+                )
+                .values(total=sa.bindparam("total")),
+                updates,
+            )
 
     def _settle(self) -> None:
         """After writing: everything in memory equals the store (a commit may still follow writes)."""
@@ -424,66 +387,30 @@ def load_rules(session: Session, base_rules: Rules) -> Rules:
     return rules
 
 
-def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
-    for i in range(0, len(items), IN_CHUNK):
-        yield items[i : i + IN_CHUNK]
-
-
 def type_number(name: str) -> int:
     from cdp.identity.v1 import identity_pb2 as pb
 
     return pb.NamespaceType.Value(name) if name in pb.NamespaceType.keys() else pb.NAMESPACE_TYPE_CUSTOM  # noqa: SIM118
 
 
-def _node_row(n: Node, prefix: str = "") -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "profile_id": n.profile_id,
-        "first_seen": n.first_seen,
-        "last_seen": n.last_seen,
-        "dataset": n.dataset,
-        "batch_id": n.batch_id,
-        "last_dataset": n.last_dataset,
-        "last_batch_id": n.last_batch_id,
-    }
-    if prefix:
-        row["k_key"] = n.key
-    else:
-        row.update(key=n.key, namespace=n.namespace, value=n.value)
-    return row
-
-
-def _link_row(x: Link, prefix: str = "") -> dict[str, Any]:
-    row: dict[str, Any] = {
-        f"{prefix}a": x.a,
-        f"{prefix}b": x.b,
-        "first_seen": x.first_seen,
-        "last_seen": x.last_seen,
-        "dataset": x.dataset,
-        "batch_id": x.batch_id,
-        "last_dataset": x.last_dataset,
-        "last_batch_id": x.last_batch_id,
-    }
-    return row
-
-
-def _profile_row(p: Profile, prefix: str = "") -> dict[str, Any]:
-    return {
-        f"{prefix}profile_id": p.profile_id,
-        "ordinal": p.ordinal,
-        "founder": p.founder,
-        "merged_into": p.merged_into,
-        "split_from": p.split_from,
-    }
-
-
-def _update(table: sa.Table, keys: list[str], values: list[str] | None = None) -> sa.Update:
-    cols = values or [c.name for c in table.columns if c.name not in keys and not _static(table, c.name)]
+def _node_row(n: Node) -> tuple[Any, ...]:
     return (
-        sa.update(table)
-        .where(*[table.c[k] == sa.bindparam(f"k_{k}") for k in keys])
-        .values({c: sa.bindparam(c) for c in cols})
+        n.key,
+        n.namespace,
+        n.value,
+        n.profile_id,
+        n.first_seen,
+        n.last_seen,
+        n.dataset,
+        n.batch_id,
+        n.last_dataset,
+        n.last_batch_id,
     )
 
 
-def _static(table: sa.Table, column: str) -> bool:
-    return table is store.NODE and column in ("namespace", "value")
+def _link_row(x: Link) -> tuple[Any, ...]:
+    return (x.a, x.b, x.first_seen, x.last_seen, x.dataset, x.batch_id, x.last_dataset, x.last_batch_id)
+
+
+def _profile_row(p: Profile) -> tuple[Any, ...]:
+    return (p.profile_id, p.ordinal, p.founder, p.merged_into, p.split_from)

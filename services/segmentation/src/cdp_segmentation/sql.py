@@ -81,7 +81,8 @@ class Json:
             elem = sa.func.json_array_elements(safe).table_valued("value").alias("elem")
             inner = sa.select(sa.literal(1)).select_from(elem)
             inner = inner.where(
-                sa.func.json_typeof(elem.c.value) == "string", elem.c.value.op("#>>", return_type=sa.Text)(sa.literal([], type_=postgresql.ARRAY(sa.Text))) == value
+                sa.func.json_typeof(elem.c.value) == "string",
+                elem.c.value.op("#>>", return_type=sa.Text)(sa.literal([], type_=postgresql.ARRAY(sa.Text))) == value,
             )
             return sa.exists(inner)
         each = sa.func.json_each(self.column, "$." + ".".join(self.path)).table_valued("value", "type").alias("each")
@@ -197,7 +198,7 @@ class Compiler:
                 pb.AGGREGATE_AVG: sa.func.avg,
             }
             measure = aggregates[cond.aggregate](value)
-        scalar = sa.select(measure).select_from(event).where(*where).scalar_subquery()
+        scalar = sa.select(measure).select_from(event).where(*where).correlate_except(event).scalar_subquery()
         return OPERATORS[cond.op](scalar, cond.value)
 
     def sequence(self, seq: pb.Sequence, profile_id: Any) -> Bool:
@@ -207,24 +208,18 @@ class Compiler:
             sa.select(sa.literal(1))
             .select_from(then)
             .where(
-                *self._pattern(seq.then, then, profile_id),
+                *self._pattern(seq.then, then, first.c.profile_id),
                 then.c.ts_ms > first.c.ts_ms,
                 then.c.ts_ms <= first.c.ts_ms + width,
             )
+            .correlate_except(then)
         )
+        starts = sa.select(sa.literal(1)).select_from(first).where(*self._pattern(seq.first, first, profile_id))
         if seq.negated:
-            return sa.exists(
-                sa.select(sa.literal(1))
-                .select_from(first)
-                .where(*self._pattern(seq.first, first, profile_id), first.c.ts_ms + width <= self.now_ms)
-                .where(~sa.exists(answer))
-            )
-        return sa.exists(
-            sa.select(sa.literal(1))
-            .select_from(first)
-            .where(*self._pattern(seq.first, first, profile_id))
-            .where(sa.exists(answer))
-        )
+            starts = starts.where(first.c.ts_ms + width <= self.now_ms, ~sa.exists(answer))
+        else:
+            starts = starts.where(sa.exists(answer))
+        return sa.exists(starts.correlate_except(first))
 
     def profile(self, ast: pb.Expression, profile: Any) -> Bool:
         node = ast.WhichOneof("node")

@@ -1,0 +1,196 @@
+"""The whole blueprint on generated data: offline CRM (CSV), loyalty (JSON Lines) and
+in-store orders (Parquet) files, online web events published to NATS (``cdp.collect.web``),
+on top of the walking skeleton's schemas, segments and file drop."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import grpc
+import nats
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+from google.protobuf import json_format
+
+from cdp.ingest.v1 import ingest_pb2 as ing
+from cdp_cli.client import Client
+from cdp_cli.skeleton import EXISTS, DemoData, ensure, generate, ingest_crm, retrying, setup
+
+LOYALTY_SCHEMA = {
+    "name": "loyalty_member",
+    "schema_class": "SCHEMA_CLASS_PROFILE",
+    "fields": [
+        {
+            "name": "loyalty_id",
+            "type": "FIELD_TYPE_STRING",
+            "required": True,
+            "identity_namespace": "loyalty_id",
+            "primary_identity": True,
+        },
+        {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
+        {"name": "points", "type": "FIELD_TYPE_INTEGER", "minimum": 0},
+        {
+            "name": "loyalty",
+            "type": "FIELD_TYPE_OBJECT",
+            "fields": [
+                {"name": "tier", "type": "FIELD_TYPE_STRING"},
+                {"name": "since", "type": "FIELD_TYPE_DATE"},
+            ],
+        },
+        {
+            "name": "consents",
+            "type": "FIELD_TYPE_OBJECT",
+            "fields": [
+                {"name": "email_marketing", "type": "FIELD_TYPE_STRING", "enum_values": ["y", "n"]},
+                {"name": "ad_targeting", "type": "FIELD_TYPE_STRING", "enum_values": ["y", "n"]},
+            ],
+        },
+    ],
+}
+ORDER_SCHEMA = {
+    "name": "store_order",
+    "schema_class": "SCHEMA_CLASS_EVENT",
+    "event_id_field": "order_id",
+    "timestamp_field": "ts",
+    "event_type_field": "type",
+    "fields": [
+        {"name": "order_id", "type": "FIELD_TYPE_STRING", "required": True},
+        {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP", "required": True},
+        {"name": "type", "type": "FIELD_TYPE_STRING", "enum_values": ["store_order"]},
+        {
+            "name": "crm_id",
+            "type": "FIELD_TYPE_STRING",
+            "required": True,
+            "identity_namespace": "crm_id",
+            "primary_identity": True,
+        },
+        {"name": "store", "type": "FIELD_TYPE_STRING"},
+        {"name": "amount", "type": "FIELD_TYPE_NUMBER", "minimum": 0},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class BlueprintData:
+    skeleton: DemoData
+    loyalty_jsonl: bytes
+    orders_parquet: bytes
+    nats_events: list[bytes]
+    members: int
+    orders: int
+    invalid_nats_events: int
+
+
+def generate_blueprint(people: int = 200, seed: int = 11, now: datetime | None = None) -> BlueprintData:
+    skeleton = generate(people=people, anonymous=max(1, people // 10))
+    rng = random.Random(seed)
+    moment = now or datetime.now(UTC)
+    loyalty = io.StringIO()
+    members = 0
+    for i in range(1, people + 1):
+        if rng.random() < 0.6:
+            members += 1
+            record = {
+                "loyalty_id": f"L{i:05d}",
+                "email": f"PERSON.{i}@example.com",
+                "points": rng.randint(0, 20_000),
+                "loyalty": {"tier": rng.choice(["gold", "silver", "bronze"]), "since": "2024-03-01"},
+                "consents": {"email_marketing": rng.choice("yyn"), "ad_targeting": rng.choice("yn")},
+            }
+            loyalty.write(json.dumps(record) + "\n")
+    loyalty.write('{"loyalty_id": "L99999", "points": -5}\n')  # rejected: below the minimum
+    rows: dict[str, list[Any]] = {k: [] for k in ("order_id", "ts", "type", "crm_id", "store", "amount")}
+    for i in range(1, people + 1):
+        for n in range(rng.choice([0, 0, 1, 2, 3])):
+            rows["order_id"].append(f"O{i:05d}-{n}")
+            rows["ts"].append((moment - timedelta(days=rng.randint(1, 200))).isoformat().replace("+00:00", "Z"))
+            rows["type"].append("store_order")
+            rows["crm_id"].append(f"C{i:05d}")
+            rows["store"].append(rng.choice(["Paris-Opera", "Lyon-Bellecour", "Berlin-Mitte"]))
+            rows["amount"].append(round(rng.uniform(5, 400), 2))
+    sink = io.BytesIO()
+    pq.write_table(pa.table(rows), sink)
+    events = [json.dumps(e).encode() for e in skeleton.events]
+    invalid = [b'{"event_id": "broken-1", "type": "page_view"}', b"not json at all"]
+    return BlueprintData(
+        skeleton,
+        loyalty.getvalue().encode(),
+        sink.getvalue(),
+        events + invalid,
+        members,
+        len(rows["order_id"]),
+        len(invalid),
+    )
+
+
+@dataclass
+class BlueprintReport:
+    batches: dict[str, ing.BatchReport] = field(default_factory=dict)
+    nats_published: int = 0
+    dead_letters: int = 0
+
+
+def _file_chunks(header: ing.IngestFileHeader, data: bytes, chunk: int = 256 * 1024) -> Iterator[ing.IngestFileChunk]:
+    yield ing.IngestFileChunk(header=header)
+    for start in range(0, len(data), chunk):
+        yield ing.IngestFileChunk(data=data[start : start + chunk])
+
+
+def ingest_file(client: Client, dataset: str, name: str, fmt: int, data: bytes) -> ing.BatchReport:
+    header = ing.IngestFileHeader(dataset=dataset, batch_key=f"{name}-demo", format=fmt, file_name=name)  # type: ignore[arg-type]
+    report: ing.BatchReport = retrying(lambda: client.ingest.IngestFile(_file_chunks(header, data)))
+    return report
+
+
+def setup_blueprint(client: Client) -> None:
+    for schema in (LOYALTY_SCHEMA, ORDER_SCHEMA):
+        request = ing.CreateSchemaRequest(schema=json_format.ParseDict(schema, ing.Schema()))
+        missing = not ensure(
+            partial(client.ingest.GetSchema, ing.GetSchemaRequest(name=request.schema.name)),
+            done=(grpc.StatusCode.NOT_FOUND,),
+        )
+        if missing:
+            ensure(partial(client.ingest.CreateSchema, request), done=EXISTS)
+    for name, schema_name in (("loyalty", "loyalty_member"), ("orders", "store_order")):
+        dataset = ing.Dataset(name=name, schema_name=schema_name, profile_enabled=True)
+        ensure(partial(client.ingest.CreateDataset, ing.CreateDatasetRequest(dataset=dataset)), done=EXISTS)
+
+
+async def publish_to_nats(nats_url: str, subject: str, payloads: list[bytes]) -> int:
+    """What an event publisher does: plain JSON on cdp.collect.<dataset>, JetStream-acknowledged."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for payload in payloads:
+            await js.publish(subject, payload)
+    finally:
+        await nc.drain()
+    return len(payloads)
+
+
+def run_blueprint(client: Client, nats_url: str, data: BlueprintData) -> BlueprintReport:
+    report = BlueprintReport()
+    setup(client)
+    setup_blueprint(client)
+    report.batches["crm.csv"] = ingest_crm(client, data.skeleton)
+    report.batches["loyalty.jsonl"] = ingest_file(
+        client, "loyalty", "loyalty.jsonl", ing.FILE_FORMAT_JSONL, data.loyalty_jsonl
+    )
+    report.batches["orders.parquet"] = ingest_file(
+        client, "orders", "orders.parquet", ing.FILE_FORMAT_PARQUET, data.orders_parquet
+    )
+    report.nats_published = asyncio.run(publish_to_nats(nats_url, "cdp.collect.web", data.nats_events))
+    return report
+
+
+def dead_letters(client: Client, dataset: str) -> int:
+    reply = retrying(lambda: client.ingest.ListDeadLetters(ing.ListDeadLettersRequest(dataset=dataset, limit=1000)))
+    return len(reply.dead_letters)
