@@ -130,7 +130,14 @@ class Harness:
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                try:
+                    await asyncio.wait_for(task, 5)
+                except TimeoutError:
+                    import sys
+                    print("STUCK", task, file=sys.stderr)
+                    for t in asyncio.all_tasks():
+                        t.print_stack(file=sys.stderr)
+                    raise
 
     async def destination(
         self, name: str, connector: str, action: str = "email_marketing", **config: Any

@@ -210,7 +210,9 @@ def resolve_record(
     fragment.identities.extend(ident(k) for k in accepted)
     fragment.anchor.CopyFrom(ident(anchor))
     fragment.dropped.extend(dropped)
-    events.append(make(fragment, survivor, "fragment"))
+    made = make(fragment, survivor, "fragment")
+    ws.made[made.id] = fragment
+    events.append(made)
     emit(events)
     if len(ws.members.get(survivor, ())) > ws.rules.max_identities:
         enforce_size(ws, survivor, make, emit, source)

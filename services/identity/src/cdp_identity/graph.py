@@ -95,6 +95,7 @@ class WorkingSet:
     new_unlinked: list[tuple[str, str]] = field(default_factory=list)
     new_namespaces: list[dict[str, Any]] = field(default_factory=list)
     parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what prefetch read of it
+    made: dict[str, Any] = field(default_factory=dict)  # own event id -> its payload, until folded
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
     _bulk: Bulk | None = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -17,10 +20,23 @@ from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import IDENTITY_CONFIG, IDENTITY_FRAGMENTS, IDENTITY_READS_INGEST
 
+SQLITE_CACHE_KIB = 64 * 1024
+
+
+def _sqlite_cache(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+    cursor.execute("PRAGMA temp_store=MEMORY")
+    cursor.close()
+
 
 def build_processor(
     settings: IdentitySettings, engine: Engine, eventlog: EventLog
 ) -> tuple[Processor, IdentityProjection]:
+    if engine.dialect.name == "sqlite" and not event.contains(engine, "connect", _sqlite_cache):
+        # The graph's B-trees are read and written at random: a larger page cache (the
+        # default is 2 MiB) keeps their upper levels in memory. Bounded, per connection.
+        event.listen(engine, "connect", _sqlite_cache)
     projection = IdentityProjection(settings.rules())
     processor = Processor(
         service="identity",

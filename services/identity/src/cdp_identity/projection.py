@@ -9,8 +9,15 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import Namespace, Rules, node_key
 from cdp_identity.graph import DIRTY, NEW, WorkingSet, pair, type_number
-from cdp_kit.envelope import Envelope, is_a, unpack
+from cdp_kit.envelope import Envelope, unpack
 from cdp_kit.streams import OwnLog
+
+
+FRAGMENT = ev.ProfileFragment.DESCRIPTOR.full_name
+MERGED = ev.ProfilesMerged.DESCRIPTOR.full_name
+DECISION = ev.GraphDecision.DESCRIPTOR.full_name
+SPLIT = ev.ProfileSplit.DESCRIPTOR.full_name
+NAMESPACE = ev.NamespaceCreated.DESCRIPTOR.full_name
 
 
 def micros(ts: Timestamp) -> int:
@@ -33,15 +40,18 @@ class IdentityProjection:
         return WorkingSet.of(session, self.rules)
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
-        if is_a(env, ev.ProfileFragment):
-            self._fragment(self.graph(session), unpack(env, ev.ProfileFragment), env)
-        elif is_a(env, ev.ProfilesMerged):
+        kind = env.type
+        if kind == FRAGMENT:
+            ws = self.graph(session)
+            made = ws.made.pop(env.id, None)  # decided in this transaction: the payload, not yet packed
+            self._fragment(ws, made if made is not None else unpack(env, ev.ProfileFragment), env)
+        elif kind == MERGED:
             self._merged(self.graph(session), unpack(env, ev.ProfilesMerged))
-        elif is_a(env, ev.GraphDecision):
+        elif kind == DECISION:
             self._decision(self.graph(session), unpack(env, ev.GraphDecision), env)
-        elif is_a(env, ev.ProfileSplit):
+        elif kind == SPLIT:
             self._split(self.graph(session), unpack(env, ev.ProfileSplit))
-        elif is_a(env, ev.NamespaceCreated):
+        elif kind == NAMESPACE:
             self._namespace(self.graph(session), unpack(env, ev.NamespaceCreated))
 
     def _fragment(self, ws: WorkingSet, frag: ev.ProfileFragment, env: Envelope) -> None:
@@ -49,18 +59,19 @@ class IdentityProjection:
             ws.drops[(d.namespace, d.rule)] += 1
         if not frag.identities:
             return
-        ws.load(key_of(i) for i in frag.identities)
-        anchor = key_of(frag.anchor) if frag.HasField("anchor") else key_of(frag.identities[0])
-        ws.add_profile(frag.profile_id, anchor)
+        keys = [key_of(i) for i in frag.identities]
+        ws.load(keys)
+        anchor = key_of(frag.anchor) if frag.HasField("anchor") else keys[0]
+        pid = frag.profile_id
+        ws.add_profile(pid, anchor)
         at = micros(env.occurred_at)
-        keys = [
-            ws.touch_node(i.namespace, i.value, frag.profile_id, at, frag.dataset, frag.batch_id)
-            for i in frag.identities
-        ]
-        for i, a in enumerate(keys):
-            for b in keys[i + 1 :]:
+        dataset, batch_id = frag.dataset, frag.batch_id
+        for i in frag.identities:
+            ws.touch_node(i.namespace, i.value, pid, at, dataset, batch_id)
+        for n, a in enumerate(keys):
+            for b in keys[n + 1 :]:
                 if a != b:
-                    ws.touch_link(a, b, at, frag.dataset, frag.batch_id)
+                    ws.touch_link(a, b, at, dataset, batch_id)
         ws.add_fragment(frag.source_event_id, anchor)
 
     def _merged(self, ws: WorkingSet, merged: ev.ProfilesMerged) -> None:

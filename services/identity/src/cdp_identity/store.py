@@ -1,6 +1,8 @@
 """The identity store: identities (nodes), links between them, profiles, fragments, decisions.
 
-Times are integer microseconds since the epoch (UTC), taken from events.
+Times are integer microseconds since the epoch (UTC), taken from events. The hot tables are
+clustered on their text keys (SQLite ``WITHOUT ROWID``; ignored by PostgreSQL): one B-tree per
+table instead of a rowid table plus a key index, so a write touches half the pages.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from sqlmodel import Field, SQLModel
 from cdp_kit.store import tables_of
 
 
+CLUSTERED = {"sqlite_with_rowid": False}
+
+
 class IdentityRow(SQLModel, table=True):
     __tablename__ = "identity_node"
+    __table_args__ = CLUSTERED
 
     key: str = Field(primary_key=True)  # "namespace:value"
     namespace: str
@@ -30,6 +36,7 @@ class LinkRow(SQLModel, table=True):
     """Two identities seen together in one record or event (a < b)."""
 
     __tablename__ = "identity_link"
+    __table_args__ = CLUSTERED
 
     a: str = Field(primary_key=True)
     b: str = Field(primary_key=True)
@@ -43,6 +50,7 @@ class LinkRow(SQLModel, table=True):
 
 class ProfileRow(SQLModel, table=True):
     __tablename__ = "identity_profile"
+    __table_args__ = CLUSTERED
 
     profile_id: str = Field(primary_key=True)
     ordinal: int = Field(sa_type=sa.BigInteger, index=True)
@@ -55,9 +63,10 @@ class FragmentRow(SQLModel, table=True):
     """Which identity each fragment hangs on (its anchor): a split moves it with that identity."""
 
     __tablename__ = "identity_fragment"
+    __table_args__ = CLUSTERED
 
+    anchor: str = Field(primary_key=True)
     source_event_id: str = Field(primary_key=True)
-    anchor: str = Field(index=True)
 
 
 class DecisionRow(SQLModel, table=True):
