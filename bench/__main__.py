@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["eventlog", "identity", "ingest"]
+BENCHMARKS = ["activation", "eventlog", "identity", "ingest", "segmentation"]
 
 
 def main(argv: list[str]) -> int:

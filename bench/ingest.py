@@ -79,7 +79,7 @@ async def batch_figures(stub: Any, log: EventLog) -> tuple[Figure, Figure]:
         "IngestFile CSV: parsed, validated, appended (rows)", result.rows_accepted, time.perf_counter() - started
     )
     assert result.rows_accepted == ROWS, result
-    payloads = [m.data async for m in log.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject, first_seq)]
+    payloads = [m.data async for m in log.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject, first_seq, batch=8)]
     started = time.perf_counter()
     futures = [await log.js.publish_async("cdp.ingest.9.raw", p) for p in payloads]
     await asyncio.gather(*futures)

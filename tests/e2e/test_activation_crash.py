@@ -3,13 +3,11 @@ reconciles with what the local destination received, and nothing was added twice
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,10 +69,11 @@ def holdings(db: Path) -> set[str]:
 async def test_activation_kill_9_mid_delivery_reconciles(
     tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
 ) -> None:
-    from cdp.activation.v1 import activation_pb2 as pb
-    from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
     import grpc
     from google.protobuf import struct_pb2
+
+    from cdp.activation.v1 import activation_pb2 as pb
+    from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
 
     up = Upstream(eventlog)
     port = free_port()
@@ -85,8 +84,15 @@ async def test_activation_kill_9_mid_delivery_reconciles(
             stub = pb_grpc.ActivationServiceStub(channel)
             await up.segment()
             config = struct_pb2.Struct()
-            config.update({"base_url": platforms.url + "/webhook", "secret": platforms.webhook_secret,
-                           "batch_size": 5, "batch_age_s": 0.05, "timeout_s": 30})  # fmt: skip
+            config.update(
+                {
+                    "base_url": platforms.url + "/webhook",
+                    "secret": platforms.webhook_secret,
+                    "batch_size": 5,
+                    "batch_age_s": 0.05,
+                    "timeout_s": 30,
+                }
+            )
             dest = pb.Destination(name="hook", connector="webhook", config=config, marketing_action="email_marketing")
             await until(lambda: _try(stub.CreateDestination(pb.CreateDestinationRequest(destination=dest))), 60)
             request = pb.ActivateRequest(destination="hook", segment="gold", identities=["email"])
@@ -119,7 +125,8 @@ async def test_activation_kill_9_mid_delivery_reconciles(
     assert delivered == received
     # nothing was added twice
     adds = Counter(r["profile_id"] for req in platforms.accepted["webhook"] for r in req["records"])
-    assert set(adds) == set(pids) and set(adds.values()) == {1}
+    assert set(adds) == set(pids)
+    assert set(adds.values()) == {1}
 
 
 async def _try(call: object) -> object:

@@ -19,7 +19,7 @@ RECORDS = [
         "p1",
         {"email": ["Jo.Ann+x@gmail.com"], "phone": ["(650) 555-0101"]},
         {"first_name": "Jo", "last_name": "Ann", "country": "US", "postal_code": "94045"},
-    ),  # fmt: skip
+    ),
     Record("p2", {"email": ["  Bob@Example.com "]}, {"first_name": "Bob"}),
     Record("p3", {"phone": ["+0000000000"]}, {}),  # nothing usable: rejected, never hashed
 ]
@@ -34,23 +34,38 @@ async def platforms() -> AsyncIterator[LocalPlatforms]:
 
 
 async def send(
-    name: str, config: dict[str, Any], action: str = "add", identities: list[str] | None = None,
-    records: list[Record] | None = None, tmp: Path = Path("/tmp"),
-) -> SendResult:  # fmt: skip
+    name: str,
+    config: dict[str, Any],
+    action: str = "add",
+    identities: list[str] | None = None,
+    records: list[Record] | None = None,
+    tmp: Path = Path("/tmp"),
+) -> SendResult:
     connector = connector_for(name)
     cfg = connector.parse(config)
     batch = Batch(
-        id=f"b-{action}", plan_id="plan", destination=name, segment="gold", action=action,  # type: ignore[arg-type]
-        sequence=1, records=records if records is not None else RECORDS,
-        identities=identities or ["email", "phone"], attributes=["first_name"],
-    )  # fmt: skip
+        id=f"b-{action}",
+        plan_id="plan",
+        destination=name,
+        segment="gold",
+        action=action,  # type: ignore[arg-type]
+        sequence=1,
+        records=records if records is not None else RECORDS,
+        identities=identities or ["email", "phone"],
+        attributes=["first_name"],
+    )
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)) as http:
         return await connector.send(SendContext(http=http, export_root=tmp, members_after=2), cfg, batch)
 
 
 async def test_activation_google_customer_match_job_flow(platforms: LocalPlatforms) -> None:
-    cfg = {"base_url": platforms.url, "customer_id": "1234567890", "user_list_id": "42",
-           "developer_token": platforms.google_developer_token, "access_token": platforms.google_token}  # fmt: skip
+    cfg = {
+        "base_url": platforms.url,
+        "customer_id": "1234567890",
+        "user_list_id": "42",
+        "developer_token": platforms.google_developer_token,
+        "access_token": platforms.google_token,
+    }
     result = await send("google_customer_match", cfg)
     assert not platforms.rejected, platforms.rejected
     held = platforms.members["google:customers/1234567890/userLists/42"]
@@ -60,8 +75,12 @@ async def test_activation_google_customer_match_job_flow(platforms: LocalPlatfor
     job = platforms.accepted["google"][0]
     p1 = job["ops"][0]["create"]["userIdentifiers"]
     assert {"hashedPhoneNumber": ids.sha256_hex("+16505550101")} in p1
-    address = {"hashedFirstName": ids.sha256_hex("jo"), "hashedLastName": ids.sha256_hex("ann"), "countryCode": "US",
-               "postalCode": "94045"}  # fmt: skip
+    address = {
+        "hashedFirstName": ids.sha256_hex("jo"),
+        "hashedLastName": ids.sha256_hex("ann"),
+        "countryCode": "US",
+        "postalCode": "94045",
+    }
     assert {"addressInfo": address} in p1
     assert job["consent"] == {"adUserData": "GRANTED", "adPersonalization": "GRANTED"}
     await send("google_customer_match", cfg, action="remove")
@@ -69,10 +88,20 @@ async def test_activation_google_customer_match_job_flow(platforms: LocalPlatfor
 
 
 async def test_activation_google_concurrent_modification_is_transient(platforms: LocalPlatforms) -> None:
-    cfg = {"base_url": platforms.url, "customer_id": "1234567890", "user_list_id": "42",
-           "developer_token": platforms.google_developer_token, "access_token": platforms.google_token}  # fmt: skip
-    body = {"error": {"code": 400, "status": "INVALID_ARGUMENT",
-                      "details": [{"errors": [{"errorCode": {"databaseError": "CONCURRENT_MODIFICATION"}}]}]}}  # fmt: skip
+    cfg = {
+        "base_url": platforms.url,
+        "customer_id": "1234567890",
+        "user_list_id": "42",
+        "developer_token": platforms.google_developer_token,
+        "access_token": platforms.google_token,
+    }
+    body = {
+        "error": {
+            "code": 400,
+            "status": "INVALID_ARGUMENT",
+            "details": [{"errors": [{"errorCode": {"databaseError": "CONCURRENT_MODIFICATION"}}]}],
+        }
+    }
     platforms.fail("google", Fault(400, body=body))
     with pytest.raises(DeliveryError) as err:
         await send("google_customer_match", cfg)
@@ -92,11 +121,13 @@ async def test_activation_meta_error_codes_classified(platforms: LocalPlatforms)
     platforms.fail("meta", Fault(400, body={"error": {"code": 190, "message": "token"}}))
     with pytest.raises(DeliveryError) as err:
         await send("meta_custom_audience", cfg)
-    assert err.value.permanent and "190" in err.value.reason
+    assert err.value.permanent
+    assert "190" in err.value.reason
     platforms.fail("meta", Fault(429, retry_after=7))
     with pytest.raises(DeliveryError) as err:
         await send("meta_custom_audience", cfg)
-    assert err.value.retry_after == 7 and not err.value.permanent
+    assert err.value.retry_after == 7
+    assert not err.value.permanent
     result = await send("meta_custom_audience", cfg)
     assert not platforms.rejected
     # Meta: no gmail rule; phone digits without "+"
@@ -110,21 +141,34 @@ async def test_activation_meta_error_codes_classified(platforms: LocalPlatforms)
 async def test_activation_snap_tiktok_linkedin(platforms: LocalPlatforms) -> None:
     await send("snap_audience", {"base_url": platforms.url, "segment_id": "s", "access_token": platforms.snap_token})
     assert platforms.members["snap:s"] == {
-        ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com"), ids.sha256_hex("16505550101")
-    }  # fmt: skip
-    await send("tiktok_audience", {"base_url": platforms.url, "advertiser_id": "a", "audience_id": "t",
-                                   "access_token": platforms.tiktok_token})  # fmt: skip
+        ids.sha256_hex("jo.ann+x@gmail.com"),
+        ids.sha256_hex("bob@example.com"),
+        ids.sha256_hex("16505550101"),
+    }
+    await send(
+        "tiktok_audience",
+        {"base_url": platforms.url, "advertiser_id": "a", "audience_id": "t", "access_token": platforms.tiktok_token},
+    )
     assert platforms.members["tiktok:t"] == {
-        ids.sha256_hex("joann@gmail.com"), ids.sha256_hex("bob@example.com"), ids.sha256_hex("16505550101")
-    }  # fmt: skip
+        ids.sha256_hex("joann@gmail.com"),
+        ids.sha256_hex("bob@example.com"),
+        ids.sha256_hex("16505550101"),
+    }
     tiktok = platforms.accepted["tiktok"][0]
-    assert tiktok["id_schema"] == ["EMAIL_SHA256", "PHONE_SHA256"] and len(tiktok["batch_data"]) == 2
+    assert tiktok["id_schema"] == ["EMAIL_SHA256", "PHONE_SHA256"]
+    assert len(tiktok["batch_data"]) == 2
     assert tiktok["batch_data"][1][1] == {}  # p2 has no phone: empty position
-    await send("linkedin_audience", {"base_url": platforms.url, "segment_id": "l", "access_token": platforms.linkedin_token},
-               identities=["email"])  # fmt: skip
+    await send(
+        "linkedin_audience",
+        {"base_url": platforms.url, "segment_id": "l", "access_token": platforms.linkedin_token},
+        identities=["email"],
+    )
     assert platforms.members["linkedin:l"] == {ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com")}
-    await send("snap_audience", {"base_url": platforms.url, "segment_id": "s", "access_token": platforms.snap_token},
-               action="remove")  # fmt: skip
+    await send(
+        "snap_audience",
+        {"base_url": platforms.url, "segment_id": "s", "access_token": platforms.snap_token},
+        action="remove",
+    )
     assert platforms.members["snap:s"] == set()
     assert not platforms.rejected, platforms.rejected
 
@@ -148,10 +192,18 @@ async def test_activation_mailchimp_braze(platforms: LocalPlatforms) -> None:
 
 async def test_activation_twilio_sms_suppresses_stop_repliers(platforms: LocalPlatforms) -> None:
     platforms.stopped.add("+16505550102")
-    cfg = {"base_url": platforms.url, "account_sid": platforms.twilio_sid, "auth_token": platforms.twilio_token,
-           "from_number": "+16505550000", "message": "Hello from the CDP"}  # fmt: skip
-    records = [Record("a", {"phone": ["(650) 555-0101"]}, {}), Record("b", {"phone": ["650 555 0102"]}, {}),
-               Record("c", {"phone": ["+0000000000"]}, {})]  # fmt: skip
+    cfg = {
+        "base_url": platforms.url,
+        "account_sid": platforms.twilio_sid,
+        "auth_token": platforms.twilio_token,
+        "from_number": "+16505550000",
+        "message": "Hello from the CDP",
+    }
+    records = [
+        Record("a", {"phone": ["(650) 555-0101"]}, {}),
+        Record("b", {"phone": ["650 555 0102"]}, {}),
+        Record("c", {"phone": ["+0000000000"]}, {}),
+    ]
     result = await send("twilio_sms", cfg, identities=["phone"], records=records)
     assert result.activated == 1
     assert result.rejected == {"replied STOP (21610)": 1, "no valid phone": 1}
@@ -159,7 +211,8 @@ async def test_activation_twilio_sms_suppresses_stop_repliers(platforms: LocalPl
     platforms.fail("twilio", Fault(429, retry_after=1))
     with pytest.raises(DeliveryError) as err:
         await send("twilio_sms", cfg, identities=["phone"], records=records[:1])
-    assert not err.value.permanent and err.value.retry_after == 1
+    assert not err.value.permanent
+    assert err.value.retry_after == 1
 
 
 async def test_activation_segment_share_sends_every_identity(platforms: LocalPlatforms) -> None:
@@ -180,4 +233,114 @@ async def test_activation_segment_share_sends_every_identity(platforms: LocalPla
 async def test_activation_webhook_bad_signature_is_refused(platforms: LocalPlatforms, secret: str) -> None:
     with pytest.raises(DeliveryError) as err:
         await send("webhook", {"base_url": platforms.url + "/webhook", "secret": secret}, identities=["email"])
-    assert err.value.permanent and "HMAC" in err.value.reason
+    assert err.value.permanent
+    assert "HMAC" in err.value.reason
+
+
+async def test_activation_klaviyo_bulk_import_and_list_removal(platforms: LocalPlatforms) -> None:
+    cfg = {"base_url": platforms.url, "api_key": platforms.klaviyo_key, "list_id": "LST"}
+    result = await send("klaviyo", cfg)
+    assert result.activated == 2
+    assert result.rejected == {"no valid identifier": 1}
+    assert len(platforms.members["klaviyo:LST"]) == 2
+    job = platforms.accepted["klaviyo"][0]["attributes"]["profiles"]["data"]
+    assert job[0]["attributes"]["phone_number"] == "+16505550101"
+    assert job[1]["attributes"]["email"] == "bob@example.com"
+    await send("klaviyo", cfg, action="remove")
+    assert platforms.members["klaviyo:LST"] == set()
+    assert not platforms.rejected, platforms.rejected
+
+
+async def test_activation_salesforce_marketing_cloud_rows_with_flag(platforms: LocalPlatforms) -> None:
+    cfg = {
+        "base_url": platforms.url,
+        "auth_url": platforms.url,
+        "client_id": platforms.sfmc_client_id,
+        "client_secret": platforms.sfmc_client_secret,
+        "data_extension_key": "DE1",
+    }
+    await send("salesforce_marketing_cloud", cfg, identities=["email"])
+    assert platforms.members["sfmc:DE1"] == {"p1", "p2", "p3"}
+    assert platforms.accepted["sfmc"][0][0]["first_name"] == "Jo"
+    await send("salesforce_marketing_cloud", cfg, action="remove", records=RECORDS[:1], identities=["email"])
+    assert platforms.members["sfmc:DE1"] == {"p2", "p3"}
+    bad = {**cfg, "client_secret": "wrong"}
+    with pytest.raises(DeliveryError) as err:
+        await send("salesforce_marketing_cloud", bad)
+    assert err.value.permanent
+    assert not [r for r in platforms.rejected if "credentials" not in r]
+
+
+async def test_activation_trade_desk_replaces_the_list_with_base64_uid2_hashes(platforms: LocalPlatforms) -> None:
+    cfg = {"base_url": platforms.url, "advertiser_id": "adv", "crm_data_id": "crm1", "auth_token": platforms.ttd_token}
+    result = await send("trade_desk_crm", cfg)
+    assert platforms.members["ttd:crm1"] == {ids.sha256_b64("joann@gmail.com"), ids.sha256_b64("bob@example.com")}
+    assert result.warnings == ["audience of 2 is below the trade_desk_crm minimum of 1500"]
+    assert not platforms.rejected, platforms.rejected
+
+
+async def test_activation_file_export_to_a_local_sftp_server(tmp_path: Path) -> None:
+    import asyncssh
+
+    root = tmp_path / "sftp-root"
+    root.mkdir()
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def password_auth_supported(self) -> bool:
+            return True
+
+        def validate_password(self, username: str, password: str) -> bool:
+            return (username, password) == ("drop", "s3cret-pass")
+
+    def sftp_factory(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
+        return asyncssh.SFTPServer(chan, chroot=str(root).encode())
+
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=Server, server_host_keys=[host_key], sftp_factory=sftp_factory
+    )
+    port = server.sockets[0].getsockname()[1]
+    known = f"[127.0.0.1]:{port} {host_key.export_public_key().decode().strip()}"
+    try:
+        cfg = {
+            "target": "sftp",
+            "sftp_host": "127.0.0.1",
+            "sftp_port": port,
+            "sftp_username": "drop",
+            "sftp_password": "s3cret-pass",
+            "sftp_path": "/exports",
+            "sftp_known_hosts": known,
+            "format": "csv",
+            "split_rows": 2,
+            "folder": "crm",
+        }
+        result = await send("file_export", cfg, records=RECORDS, tmp=tmp_path)
+        folder = root / "exports" / "crm"
+        assert sorted(p.name for p in folder.iterdir()) == ["gold-00001.csv", "gold-00002.csv", "gold.manifest.json"]
+        assert result.location.startswith(f"sftp://127.0.0.1:{port}/exports/crm/")
+        # a smaller audience leaves no stale part behind
+        await send("file_export", cfg, records=RECORDS[:2], tmp=tmp_path)
+        assert sorted(p.name for p in folder.iterdir()) == ["gold.csv", "gold.manifest.json"]
+        with pytest.raises(DeliveryError) as err:
+            await send("file_export", {**cfg, "sftp_password": "wrong"}, tmp=tmp_path)
+        assert err.value.permanent
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_activation_file_export_to_an_fsspec_filesystem(tmp_path: Path) -> None:
+    import fsspec  # type: ignore[import-untyped]
+
+    cfg = {"target": "fsspec", "fsspec_url": "memory://bucket/cdp", "format": "jsonl", "gzip": True}
+    await send("file_export", cfg, records=RECORDS, tmp=tmp_path)
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/bucket/cdp/file_export", detail=False)) == [
+        "gold.jsonl.gz",
+        "gold.manifest.json",
+    ]
+    problems = connector_for("file_export").validate({"target": "fsspec"})
+    assert any("fsspec_url" in v.rule or "fsspec_url" in str(v) for v in problems), problems

@@ -12,12 +12,12 @@ import csv
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 from google.protobuf import struct_pb2
 
@@ -67,9 +67,12 @@ class Upstream:
         self.n += 1
         event_id = deterministic_id("upstream", subject, self.n)
         env = make_envelope(
-            payload, event_id=event_id, subject_key=key, occurred_at=T0 + timedelta(seconds=self.n),
+            payload,
+            event_id=event_id,
+            subject_key=key,
+            occurred_at=T0 + timedelta(seconds=self.n),
             cause=Cause(command_id=event_id),
-        )  # fmt: skip
+        )
         await self.log.append(subject, [env], msg_id=event_id)
 
     async def segment(self, seg_id: str = SEG, name: str = "gold") -> None:
@@ -77,12 +80,21 @@ class Upstream:
             SEGMENTATION_CONFIG.subject, seg_ev.SegmentDefined(segment=seg_pb.Segment(id=seg_id, name=name)), seg_id
         )
 
-    async def profile(self, pid: str, identities: dict[str, str], attributes: dict[str, Any] | None = None,
-                      dataset: str = "crm", fragment: str = "") -> None:  # fmt: skip
+    async def profile(
+        self,
+        pid: str,
+        identities: dict[str, str],
+        attributes: dict[str, Any] | None = None,
+        dataset: str = "crm",
+        fragment: str = "",
+    ) -> None:
         frag = identity_ev.ProfileFragment(
-            profile_id=pid, source_event_id=fragment or f"f-{pid}-{self.n}", dataset=dataset, kind="record",
+            profile_id=pid,
+            source_event_id=fragment or f"f-{pid}-{self.n}",
+            dataset=dataset,
+            kind="record",
             identities=[IdentityValue(namespace=k, value=v) for k, v in identities.items()],
-        )  # fmt: skip
+        )
         frag.attributes.update(attributes or {})
         frag.occurred_at.FromDatetime(T0 + timedelta(seconds=self.n))
         await self._publish(IDENTITY_FRAGMENTS.subject, frag, pid)
@@ -102,9 +114,10 @@ class Upstream:
         split = identity_ev.ProfileSplit(profile_id=pid, reason="test")
         for part_id, identities, fragments in parts:
             split.parts.add(
-                profile_id=part_id, fragment_ids=fragments,
+                profile_id=part_id,
+                fragment_ids=fragments,
                 identities=[IdentityValue(namespace=k, value=v) for k, v in identities.items()],
-            )  # fmt: skip
+            )
         await self._publish(IDENTITY_FRAGMENTS.subject, split, pid)
 
 
@@ -130,14 +143,7 @@ class Harness:
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                try:
-                    await asyncio.wait_for(task, 5)
-                except TimeoutError:
-                    import sys
-                    print("STUCK", task, file=sys.stderr)
-                    for t in asyncio.all_tasks():
-                        t.print_stack(file=sys.stderr)
-                    raise
+                await asyncio.wait_for(task, 30)
 
     async def destination(
         self, name: str, connector: str, action: str = "email_marketing", **config: Any
@@ -148,14 +154,15 @@ class Harness:
             pb.Destination(name=name, connector=connector, config=struct, marketing_action=action)
         )
 
-    async def activate(self, destination: str, identities: list[str], attributes: list[str] | None = None,
-                       segment: str = "gold") -> pb.ActivationPlan:  # fmt: skip
+    async def activate(
+        self, destination: str, identities: list[str], attributes: list[str] | None = None, segment: str = "gold"
+    ) -> pb.ActivationPlan:
         async def attempt() -> pb.ActivationPlan | None:
             try:
                 return await self.handlers.activate(
                     pb.ActivateRequest(
                         destination=destination, segment=segment, identities=identities, attributes=attributes or []
-                    )  # fmt: skip
+                    )
                 )
             except Exception as exc:  # the segment may not be folded yet
                 if "not known" in str(exc):
@@ -207,8 +214,11 @@ async def people(up: Upstream, n: int, *, start: int = 0, **extra: Any) -> list[
     pids = []
     for i in range(start, start + n):
         pid = f"p{i:04d}"
-        await up.profile(pid, {"email": f"Person.{i}@Example.com", "phone": f"+1 650 555 {i:04d}"},
-                         {"first_name": f"N{i}", "loyalty_tier": "gold", **extra})  # fmt: skip
+        await up.profile(
+            pid,
+            {"email": f"Person.{i}@Example.com", "phone": f"+1 650 555 {i:04d}"},
+            {"first_name": f"N{i}", "loyalty_tier": "gold", **extra},
+        )
         await up.membership(pid)
         pids.append(pid)
     return pids
@@ -222,8 +232,15 @@ async def test_activation_streams_adds_and_removes_to_webhook_and_meta(
 ) -> None:
     await upstream.segment()
     await harness.destination("hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret)
-    await harness.destination("meta", "meta_custom_audience", action="ad_targeting", base_url=platforms.url,
-                              audience_id="123", access_token=platforms.meta_token, batch_size=4)  # fmt: skip
+    await harness.destination(
+        "meta",
+        "meta_custom_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        audience_id="123",
+        access_token=platforms.meta_token,
+        batch_size=4,
+    )
     await harness.activate("hook", ["email"], ["first_name"])
     await harness.activate("meta", ["email", "phone"], ["first_name"])
     pids = await people(upstream, 10)
@@ -233,7 +250,8 @@ async def test_activation_streams_adds_and_removes_to_webhook_and_meta(
     expected = {ids.sha256_hex(f"person.{i}@example.com") for i in range(10)}
     assert platforms.members["meta:123"] == expected
     assert not platforms.rejected
-    assert meta.activated == 20 and meta.received == 10
+    assert meta.activated == 20
+    assert meta.received == 10
     assert any("below the meta_custom_audience minimum of 100" in w for w in meta.warnings)
     # batches of at most 4 rows (size), the remainder cut by age
     assert all(len(req["payload"]["data"]) <= 4 for req in platforms.accepted["meta"])
@@ -249,8 +267,14 @@ async def test_activation_streams_adds_and_removes_to_webhook_and_meta(
 async def test_activation_credentials_are_masked_and_config_validated(
     harness: Harness, platforms: LocalPlatforms
 ) -> None:
-    dest = await harness.destination("meta", "meta_custom_audience", action="ad_targeting", base_url=platforms.url,
-                                     audience_id="123", access_token="s3cr3t-token")  # fmt: skip
+    dest = await harness.destination(
+        "meta",
+        "meta_custom_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        audience_id="123",
+        access_token="s3cr3t-token",
+    )
     assert dest.config["access_token"] == "****"
     listed = await harness.api.ListDestinations(pb.ListDestinationsRequest(), None)  # type: ignore[arg-type]
     assert "s3cr3t-token" not in str(listed)
@@ -338,26 +362,32 @@ async def test_activation_retries_429_and_500_then_dead_letters_and_redrives(
     harness: Harness, upstream: Upstream, platforms: LocalPlatforms
 ) -> None:
     await upstream.segment()
-    await harness.destination("hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret,
-                              max_attempts=3)  # fmt: skip
+    await harness.destination(
+        "hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret, max_attempts=3
+    )
     await harness.activate("hook", ["email"])
     platforms.fail("webhook", Fault(429, retry_after=0.05), Fault(500))
     await people(upstream, 2)
     stats = await harness.settled("hook", 2)
-    assert stats.retried == 2 and platforms.seen["webhook"] == 3
+    assert stats.retried == 2
+    assert platforms.seen["webhook"] == 3
 
     # transient errors past max_attempts: dead letter; permanent 400: dead letter at once
     platforms.fail("webhook", Fault(500), Fault(503), Fault(502))
     await people(upstream, 1, start=10)
     letters = await until(harness.dead, what="dead letter")
-    assert letters[0].attempts == 3 and not letters[0].permanent and "HTTP 502" in letters[0].reason
+    assert letters[0].attempts == 3
+    assert not letters[0].permanent
+    assert "HTTP 502" in letters[0].reason
     platforms.fail("webhook", Fault(400, body={"error": "bad"}))
     await people(upstream, 1, start=20)
     letters = await until(lambda: _n_dead(harness, 2), what="second dead letter")
     permanent = [d for d in letters if d.permanent]
-    assert permanent and permanent[0].attempts == 1
+    assert permanent
+    assert permanent[0].attempts == 1
     stats = await harness.stats("hook")
-    assert stats.failed == 2 and stats.batches_dead == 2
+    assert stats.failed == 2
+    assert stats.batches_dead == 2
 
     redriven = await harness.handlers.redrive(pb.RedriveRequest())
     assert len(redriven.batch_ids) == 2
@@ -375,8 +405,16 @@ async def test_activation_one_hanging_destination_delays_no_other(
     harness: Harness, upstream: Upstream, platforms: LocalPlatforms
 ) -> None:
     await upstream.segment()
-    await harness.destination("stuck", "snap_audience", action="ad_targeting", base_url=platforms.url,
-                              segment_id="s1", access_token=platforms.snap_token, timeout_s=600, max_attempts=1)  # fmt: skip
+    await harness.destination(
+        "stuck",
+        "snap_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        segment_id="s1",
+        access_token=platforms.snap_token,
+        timeout_s=600,
+        max_attempts=1,
+    )
     await harness.destination("hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret)
     await harness.activate("stuck", ["email"])
     await harness.activate("hook", ["email"])
@@ -385,7 +423,8 @@ async def test_activation_one_hanging_destination_delays_no_other(
     await until(lambda: platforms.seen["snap"] >= 1, what="snap request in flight")
     await harness.settled("hook", 3)  # while snap still hangs
     stuck = await harness.stats("stuck")
-    assert stuck.batches_pending == 1 and stuck.members == 0
+    assert stuck.batches_pending == 1
+    assert stuck.members == 0
     # more changes keep flowing to the healthy destination
     await people(upstream, 2, start=50)
     await harness.settled("hook", 5)
@@ -393,8 +432,15 @@ async def test_activation_one_hanging_destination_delays_no_other(
 
 async def test_activation_timeout_is_transient(harness: Harness, upstream: Upstream, platforms: LocalPlatforms) -> None:
     await upstream.segment()
-    await harness.destination("snap", "snap_audience", action="ad_targeting", base_url=platforms.url,
-                              segment_id="s1", access_token=platforms.snap_token, timeout_s=0.3)  # fmt: skip
+    await harness.destination(
+        "snap",
+        "snap_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        segment_id="s1",
+        access_token=platforms.snap_token,
+        timeout_s=0.3,
+    )
     await harness.activate("snap", ["email", "phone"])
     platforms.fail("snap", Fault(hang=True))
     await people(upstream, 2)
@@ -410,10 +456,21 @@ async def test_activation_policy_refuses_plan_with_chain_and_rechecks_at_run_tim
 ) -> None:
     await upstream.segment()
     await people(upstream, 2)
-    await harness.destination("meta", "meta_custom_audience", action="ad_targeting", base_url=platforms.url,
-                              audience_id="9", access_token=platforms.meta_token)  # fmt: skip
-    await harness.destination("hook", "webhook", action="email_marketing", base_url=platforms.url + "/webhook",
-                              secret=platforms.webhook_secret)  # fmt: skip
+    await harness.destination(
+        "meta",
+        "meta_custom_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        audience_id="9",
+        access_token=platforms.meta_token,
+    )
+    await harness.destination(
+        "hook",
+        "webhook",
+        action="email_marketing",
+        base_url=platforms.url + "/webhook",
+        secret=platforms.webhook_secret,
+    )
     await harness.handlers.label_data(pb.DataLabel(kind="dataset", name="crm", label="C5"))
     await harness.handlers.create_policy(pb.Policy(name="no_crm_ads", label="C5", action="ad_targeting"))
     await until(lambda: _known(harness, "p0001"), what="profiles folded")
@@ -456,18 +513,21 @@ async def test_activation_file_export_formats_split_gzip_manifest_incremental(
         await harness.settled(name, 7)
     root = tmp_path / "exports"
     manifest = json.loads((root / "full" / "gold.manifest.json").read_text())
-    assert manifest["rows"] == 7 and [f["rows"] for f in manifest["files"]] == [3, 3, 1]
+    assert manifest["rows"] == 7
+    assert [f["rows"] for f in manifest["files"]] == [3, 3, 1]
     rows = []
     for f in manifest["files"]:
         rows += list(csv.reader(gzip.decompress((root / "full" / f["name"]).read_bytes()).decode().splitlines()))[1:]
     assert sorted(r[0] for r in rows) == [f"p{i:04d}" for i in range(7)]
     assert rows[0][1] == rows[0][1].lower()
     table = pq.read_table(root / "pq" / "gold.parquet")
-    assert table.num_rows == 7 and table.column_names == ["profile_id", "email", "first_name"]
+    assert table.num_rows == 7
+    assert table.column_names == ["profile_id", "email", "first_name"]
     lines = [
         json.loads(line) for p in sorted((root / "inc").glob("gold-*-add.jsonl")) for line in p.read_text().splitlines()
     ]
-    assert len(lines) == 7 and all(line["change"] == "add" for line in lines)
+    assert len(lines) == 7
+    assert all(line["change"] == "add" for line in lines)
     assert {line["email"] for line in lines} == {ids.sha256_hex(f"person.{i}@example.com") for i in range(7)}
     await upstream.membership("p0000", joined=False)
     await harness.settled("inc", 6)
@@ -499,3 +559,90 @@ async def test_activation_rebuild_from_the_log_equals_the_live_store(
     (tmp_path / "rebuilt").mkdir()
     await rebuilt.processor.rebuild()
     assert canonical_dump(rebuilt.engine, TABLES) == live
+
+
+async def test_activation_cli_monitoring_dead_letters_redrive_and_governance(
+    harness: Harness, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    import grpc
+    from typer.testing import CliRunner
+
+    from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
+    from cdp_cli.app import app
+
+    server = grpc.aio.server()
+    pb_grpc.add_ActivationServiceServicer_to_server(harness.api, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    runner = CliRunner()
+
+    async def cdp(*args: str) -> Any:
+        result = await asyncio.to_thread(
+            runner.invoke, app, ["--addr", f"activation=127.0.0.1:{port}", *args], env={"COLUMNS": "250"}
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output) if "--json" in args else result.output
+
+    try:
+        await upstream.segment()
+        await harness.destination(
+            "hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret, max_attempts=2
+        )
+        listed = await cdp("destination", "list", "--json")
+        assert listed["destinations"][0]["config"]["secret"] == "****"
+        await harness.activate("hook", ["email"])
+        platforms.fail("webhook", Fault(500), Fault(500))
+        await people(upstream, 2)
+        await until(harness.dead, what="dead letter")
+        letters = await cdp("deliveries", "dead-letters", "--json")
+        assert letters["dead_letters"][0]["reason"].startswith("HTTP 500")
+        assert letters["dead_letters"][0]["attempts"] == 2
+        assert "HTTP 500" in await cdp("deliveries", "dead-letters")
+        assert "1 batch(es) queued again" in await cdp("deliveries", "redrive")
+        await harness.settled("hook", 2)
+        report = await cdp("deliveries", "--json")
+        total = report["stats"][0]
+        assert total["destination_name"] == "hook"
+        assert total["members"] == "2"
+        assert total["activated"] == "2"
+        assert total["retried"] == "1"
+        assert "received" in total
+        assert len(report["deliveries"]) == 1
+        assert "latency ms" in await cdp("deliveries")
+        await cdp("governance", "label", "email", "--label", "C9")
+        await cdp("governance", "policy", "no_c9", "--deny", "C9", "--action", "email_marketing")
+        shown = await cdp("governance", "show", "--json")
+        assert shown["policies"][0]["name"] == "no_c9"
+        assert shown["labels"] == [{"kind": "field", "name": "email", "label": "C9"}]
+    finally:
+        await server.stop(None)
+
+
+async def test_activation_cron_schedules_export_only_on_their_runs(harness: Harness, upstream: Upstream) -> None:
+    await upstream.segment()
+    await harness.destination("yearly", "file_export", folder="yearly")
+    await harness.destination("often", "file_export", folder="often", mode="incremental")
+    await harness.destination("live", "file_export", folder="live")
+    with pytest.raises(InvalidInput):
+        await harness.handlers.activate(pb.ActivateRequest(destination="live", segment="gold", schedule="every day"))
+    for name, schedule in (("yearly", "0 0 1 1 *"), ("often", "* * * * * */1"), ("live", "streaming")):
+        await until(lambda n=name, s=schedule: _try_activate(harness, n, s), what="plan")  # type: ignore[misc]
+    await people(upstream, 4)
+    await harness.settled("live", 4)
+    await harness.settled("often", 4)
+    yearly = await harness.stats("yearly")
+    assert yearly.members == 0
+    assert yearly.batches_pending == 0
+    assert yearly.batches_delivered == 0
+
+
+async def _try_activate(h: Harness, destination: str, schedule: str) -> bool:
+    try:
+        await h.handlers.activate(
+            pb.ActivateRequest(destination=destination, segment="gold", identities=["email"], schedule=schedule)
+        )
+    except Exception as exc:
+        if "not known" in str(exc):
+            return False
+        raise
+    return True

@@ -5,6 +5,7 @@ dead letters, and a rebuild that equals the live store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import gzip
 import io
@@ -35,7 +36,7 @@ from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer
 from cdp_kit.processor import Processor
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
-from cdp_kit.streams import INGEST_RECORDS, collect_subject
+from cdp_kit.streams import INGEST_CONFIG, INGEST_RECORDS, collect_subject
 
 CRM = {
     "name": "crm_person",
@@ -137,8 +138,8 @@ def chunks(
         yield pb.IngestFileChunk(data=data[start : start + chunk])
 
 
-async def start_ingest(nats_url: str, store_path: Path, data_dir: Path) -> tuple[Any, ...]:
-    settings = IngestSettings(nats_url=nats_url, data_dir=data_dir, store_url=sqlite_url(store_path))
+async def start_ingest(nats_url: str, store_url: str, data_dir: Path) -> tuple[Any, ...]:
+    settings = IngestSettings(nats_url=nats_url, data_dir=data_dir, store_url=store_url)
     engine = make_engine(settings.store_url)
     eventlog = await EventLog.connect(nats_url, "ingest-test")
     await eventlog.ensure_streams()
@@ -155,11 +156,9 @@ async def start_ingest(nats_url: str, store_path: Path, data_dir: Path) -> tuple
     return settings, engine, eventlog, service, task, server, port
 
 
-@pytest.fixture
-async def ingest(nats_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
-    _settings, engine, eventlog, service, task, server, port = await start_ingest(
-        nats_url, tmp_path / "ingest.db", tmp_path / "data"
-    )
+@contextlib.asynccontextmanager
+async def running_ingest(nats_url: str, store_url: str, data_dir: Path) -> AsyncIterator[Ingest]:
+    _settings, engine, eventlog, service, task, server, port = await start_ingest(nats_url, store_url, data_dir)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.IngestServiceStub(channel)
     harness = Ingest(stub, eventlog, service.processor, engine, nats_url, f"127.0.0.1:{port}")
@@ -186,6 +185,19 @@ async def ingest(nats_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
         await asyncio.gather(task, return_exceptions=True)
         await eventlog.close()
         engine.dispose()
+
+
+@pytest.fixture
+async def ingest(nats_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    async with running_ingest(nats_url, sqlite_url(tmp_path / "ingest.db"), tmp_path / "data") as harness:
+        yield harness
+
+
+@pytest.fixture
+async def ingest_on(nats_url: str, store_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    """The service on SQLite and on PostgreSQL (tests using it run on both)."""
+    async with running_ingest(nats_url, store_url, tmp_path / "data") as harness:
+        yield harness
 
 
 def groups(report: pb.BatchReport) -> dict[tuple[str, str], tuple[int, list[int]]]:
@@ -557,10 +569,66 @@ async def test_the_cli_lists_dead_letters(ingest: Ingest) -> None:
     assert "amount: type" in result.output
 
 
+async def test_event_ids_in_files_are_deduplicated_with_grpc_and_nats_events_for_all_time(ingest_on: Ingest) -> None:
+    ingest = ingest_on
+    assert (await publish(ingest, [event(1)]))[0].status == pb.EVENT_STATUS_ACCEPTED
+    await ingest.eventlog.js.publish(collect_subject("web"), json.dumps(event(2)).encode())
+    await until(ingest, lambda ids: "e2" in ids)
+
+    # seen by gRPC (e1), by NATS (e2), twice in the file itself (e3)
+    first = "".join(json.dumps(event(i)) + "\n" for i in (1, 2, 3, 3, 4)).encode()
+    report = await ingest.upload(first, "events-1", dataset="web", fmt=pb.FILE_FORMAT_JSONL)
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected, report.rows_duplicate) == (5, 5, 0, 3)
+    assert sorted(r.record_id for r in await ingest.records()) == ["e1", "e2", "e3", "e4"]
+    assert [r.row for r in await ingest.records(report.batch_id)] == [3, 5]
+
+    # another file (CSV this time) repeats e4: seen by a file, for a file
+    second = csv_bytes(
+        [["e4", "2026-01-01T10:00:00Z", "view", "ck4", ""], ["e5", "2026-01-01T10:00:00Z", "view", "ck5", "2.5"]],
+        header=["event_id", "ts", "type", "cookie_id", "amount"],
+    )
+    report = await ingest.upload(second, "events-2", dataset="web")
+    assert (report.rows_accepted, report.rows_duplicate) == (2, 1)
+    again = await ingest.upload(second, "events-2", dataset="web")
+    assert again.duplicate and again.rows_duplicate == 1
+
+    # events of files are duplicates for gRPC and NATS too
+    assert [r.status for r in await publish(ingest, [event(5), event(3), event(6)])] == [
+        pb.EVENT_STATUS_DUPLICATE,
+        pb.EVENT_STATUS_DUPLICATE,
+        pb.EVENT_STATUS_ACCEPTED,
+    ]
+    for i in (4, 5, 7):
+        await ingest.eventlog.js.publish(collect_subject("web"), json.dumps(event(i)).encode())
+    await until(ingest, lambda ids: "e7" in ids)
+    assert sorted(r.record_id for r in await ingest.records()) == [f"e{i}" for i in range(1, 8)]
+
+
+async def until(ingest: Ingest, condition: Any) -> None:
+    for _ in range(300):
+        if condition({r.record_id for r in await ingest.records()}):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the condition did not hold in 30s")
+
+
+async def test_a_datasets_retention_travels_on_the_config_log_for_segmentation(ingest: Ingest) -> None:
+    created = []
+    async for msg in ingest.eventlog.read(INGEST_CONFIG.stream.name, INGEST_CONFIG.subject):
+        created += [unpack(e, ev.DatasetCreated).dataset for e in msg.events() if is_a(e, ev.DatasetCreated)]
+    by_name = {d.name: d for d in created}
+    assert by_name["web"].retention_seconds == 86_400
+    assert by_name["web"].schema_name == "web_event"
+    assert by_name["crm"].retention_seconds == 0  # profile datasets keep no event retention
+
+
 # ============================================================================ rebuild
 
 
-async def test_the_store_rebuilt_from_the_log_equals_the_live_one(ingest: Ingest, tmp_path: Path) -> None:
+async def test_the_store_rebuilt_from_the_log_equals_the_live_one(ingest_on: Ingest, tmp_path: Path) -> None:
+    """Live on SQLite and on PostgreSQL; rebuilt into a fresh SQLite store from the log alone."""
+    ingest = ingest_on
     rows = [good_row(i) for i in range(1, 800)]
     rows[3][4] = "x"
     await ingest.upload(csv_bytes(rows), "rebuild")
@@ -570,8 +638,12 @@ async def test_the_store_rebuilt_from_the_log_equals_the_live_one(ingest: Ingest
     await publish(ingest, [event(1), event(2)])
     await ingest.eventlog.js.publish(collect_subject("web"), b"{bad")
     await ingest.eventlog.js.publish(collect_subject("web"), json.dumps(event(3)).encode())
+    await until(ingest, lambda ids: "e3" in ids)
+    events_file = "".join(json.dumps(event(i)) + "\n" for i in (2, 3, 4, 4, 5)).encode()
+    report = await ingest.upload(events_file, "rebuild-events", dataset="web", fmt=pb.FILE_FORMAT_JSONL)
+    assert (report.rows_accepted, report.rows_duplicate) == (5, 3)
     for _ in range(200):
-        if len(await ingest.records()) == 798 + 3:
+        if len(await ingest.records()) == 798 + 5:
             break
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)  # let the input checkpoint commit

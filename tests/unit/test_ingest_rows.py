@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
-from cdp_ingest.batches import BatchRun
+from cdp_ingest.batches import BatchRun, StagedRecord
 from cdp_ingest.domain import Validator, compatibility_violations, schema_violations
 from cdp_ingest.parsing import CsvParser, Inflater, JsonLinesParser
-from cdp_ingest.records import fast_id
-from cdp_kit.envelope import deterministic_id
+from cdp_ingest.records import RecordBuilder, envelopes_of, fast_id
+from cdp_kit.envelope import Envelope, deterministic_id, unpack
 from cdp_kit.errors import InvalidInput
 
 SCHEMA = json_format.ParseDict(
@@ -56,6 +58,7 @@ def run_batch(tmp_path: Path, data: bytes, fmt: pb.FileFormat.ValueType, piece: 
         staging=tmp_path,
         max_bytes=2000,
         max_kept_rejects=1_000_000,
+        builder=RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "b", datetime(2026, 1, 1, tzinfo=UTC)),
     )
     for start in range(0, len(data), piece):
         run.feed(data[start : start + piece])
@@ -66,10 +69,15 @@ def run_batch(tmp_path: Path, data: bytes, fmt: pb.FileFormat.ValueType, piece: 
 def test_csv_split_anywhere_reads_quoted_newlines_and_numbers_rows(tmp_path: Path) -> None:
     data = b'id,age,tier\n1,5,a\n"2",6,"b"\n"line\nbreak",7,a\n\n4,x,a\n'
     run = run_batch(tmp_path, data, pb.FILE_FORMAT_CSV, piece=3)
-    rows = [r for chunk in run.accepted for r in chunk]
-    assert [(r[0], r[1]["id"], r[1]["age"]) for r in rows] == [(1, "1", 5), (2, "2", 6), (3, "line\nbreak", 7)]
+    rows = [(row, unpack(env, ev.RecordAccepted)) for chunk in run.accepted for row, _, env in _parsed(chunk)]
+    read = [(row, rec.attributes["id"], rec.attributes["age"], rec.row) for row, rec in rows]
+    assert read == [(1, "1", 5, 1), (2, "2", 6, 2), (3, "line\nbreak", 7, 3)]
     rejected = [r for chunk in run.rejected for r in chunk]
     assert rejected == [(4, {"id": "4", "age": "x", "tier": "a"}, [("age", "type", "expected an integer")])]
+
+
+def _parsed(chunk: list[StagedRecord]) -> list[tuple[int, str, Envelope]]:
+    return [(row, key, env) for (row, key, _), env in zip(chunk, envelopes_of([d for _, _, d in chunk]), strict=True)]
 
 
 def test_gzip_members_and_pieces_inflate_to_the_original(tmp_path: Path) -> None:

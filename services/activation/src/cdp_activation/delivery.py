@@ -24,10 +24,12 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiolimiter import AsyncLimiter
+from croniter import croniter  # type: ignore[import-untyped]
 from google.protobuf import json_format, struct_pb2
 from sqlmodel import Session, col, select
 
@@ -157,6 +159,8 @@ class Deliverer:
         self.export_root = settings.resolved_export_dir()
         self.destinations: dict[str, DestinationState] = {}
         self.first_seen: dict[str, float] = {}
+        # Scheduled plans: the wall-clock time of their next cron run.
+        self.next_run: dict[str, datetime] = {}
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -172,13 +176,17 @@ class Deliverer:
             await self.close()
 
     async def close(self) -> None:
+        """Stop the workers (a hanging send is abandoned: its batch stays pending and is sent
+        again, with the same id, after the restart) and close their HTTP sessions."""
+        tasks = [s.task for s in self.destinations.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         for state in self.destinations.values():
-            if state.task is not None:
-                state.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await state.task
             if state.http is not None:
-                await state.http.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(state.http.close(), 5.0)
         self.destinations.clear()
 
     async def tick(self, force: bool = False) -> int:
@@ -197,6 +205,10 @@ class Deliverer:
             since = self.first_seen.setdefault(item.plan.id, now)
             size = item.config.batch_size
             due = force or now - since >= item.config.batch_age_s
+            if item.plan.schedule not in ("", "streaming"):
+                if not (force or self._cron_due(item.plan)):
+                    continue  # scheduled: everything changed since the last run goes at the next one
+                due = True
             seq = item.next_seq
             for action, records in (("remove", item.removes), ("add", item.adds)):
                 for chunk in split_to_fit(records, size):
@@ -216,8 +228,6 @@ class Deliverer:
         if dest_row is None or session.get(store.SegmentRow, row.segment_id) is None:
             return None
         plan = store.plan_of(row)
-        if plan.schedule not in ("", "streaming"):
-            return None
         dest = store.destination_of(dest_row)
         connector = connector_for(dest.connector)
         config = connector.parse(json_format.MessageToDict(dest.config))
@@ -246,6 +256,15 @@ class Deliverer:
         new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
         cleared = sorted(pid for pid in before if pid not in excluded)
         return PlanWork(plan, dest_row, adds, removes, new, cleared, config, row.batch_seq)
+
+    def _cron_due(self, plan: pb.ActivationPlan) -> bool:
+        wall = datetime.now(UTC)
+        if plan.id not in self.next_run:
+            self.next_run[plan.id] = croniter(plan.schedule, wall).get_next(datetime)
+        if wall < self.next_run[plan.id]:
+            return False
+        self.next_run[plan.id] = croniter(plan.schedule, wall).get_next(datetime)
+        return True
 
     async def _record_exclusions(self, item: PlanWork) -> None:
         changed = ev.ExclusionsChanged(plan_id=item.plan.id, excluded=item.excluded, cleared=item.cleared)

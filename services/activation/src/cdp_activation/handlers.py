@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from google.protobuf import json_format
+from croniter import croniter  # type: ignore[import-untyped]
+from google.protobuf import json_format, struct_pb2
 from sqlmodel import col, select
 
 from cdp.activation.v1 import activation_pb2 as pb
@@ -28,10 +29,16 @@ def masked(dest: pb.Destination) -> pb.Destination:
     """Credentials never leave the service: every answer masks them."""
     out = pb.Destination()
     out.CopyFrom(dest)
-    for key in list(out.config.fields):
-        if is_secret(key):
-            out.config[key] = MASK
+    _mask(out.config)
     return out
+
+
+def _mask(config: struct_pb2.Struct) -> None:
+    for key, value in config.fields.items():
+        if is_secret(key):
+            value.string_value = MASK
+        elif value.HasField("struct_value"):
+            _mask(value.struct_value)
 
 
 class ActivationHandlers:
@@ -69,10 +76,11 @@ class ActivationHandlers:
         return masked(new)
 
     async def activate(self, request: pb.ActivateRequest) -> pb.ActivationPlan:
-        schedule = request.schedule or "streaming"
-        if schedule != "streaming":
+        schedule = (request.schedule or "streaming").strip()
+        if schedule != "streaming" and not croniter.is_valid(schedule):
             raise InvalidInput(
-                "unsupported schedule", [Violation("schedule", "supported", "streaming (cron schedules: not yet)")]
+                f"invalid schedule {schedule!r}",
+                [Violation("schedule", "cron", 'streaming, or a cron expression ("0 3 * * *"; a 6th field = seconds)')],
             )
         now = utcnow()
 

@@ -17,7 +17,7 @@ import json
 import re
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -60,6 +60,12 @@ class LocalPlatforms:
     mailchimp_key: str = "0123456789abcdef-us6"
     twilio_sid: str = "AC" + "0" * 32
     twilio_token: str = "twilio-token"
+    klaviyo_key: str = "pk_local"
+    sfmc_client_id: str = "sf-client"
+    sfmc_client_secret: str = "sf-secret"
+    ttd_token: str = "ttd-token"
+    _klaviyo_ids: dict[str, str] = field(default_factory=dict)
+    _ttd_uploads: dict[str, str] = field(default_factory=dict)
     # Numbers that replied STOP (Twilio answers 21610).
     stopped: set[str] = field(default_factory=set)
 
@@ -98,6 +104,13 @@ class LocalPlatforms:
         app.router.add_post("/3.0/lists/{list_id}", self._wrap("mailchimp", self.mc_batch))
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/tags", self._wrap("mailchimp", self.mc_tags))
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._wrap("twilio", self.twilio))
+        app.router.add_post("/api/profile-bulk-import-jobs", self._wrap("klaviyo", self.kl_import))
+        app.router.add_get("/api/profiles", self._wrap("klaviyo", self.kl_lookup))
+        app.router.add_delete("/api/lists/{list_id}/relationships/profiles", self._wrap("klaviyo", self.kl_remove))
+        app.router.add_post("/v2/token", self._wrap("sfmc", self.sf_token))
+        app.router.add_post("/data/v1/async/dataextensions/key:{key}/rows", self._wrap("sfmc", self.sf_rows))
+        app.router.add_post("/v3/crmdata/segment/{advertiser}/{crm}", self._wrap("ttd", self.ttd_segment))
+        app.router.add_put("/ttd-upload/{ref}", self._wrap("ttd", self.ttd_upload))
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -184,9 +197,26 @@ class LocalPlatforms:
         return web.json_response({"ok": True})
 
     # ----------------------------------------------------------------- Meta
-    META_KEYS = {"EXTERN_ID", "EMAIL", "PHONE", "GEN", "DOBY", "DOBM", "DOBD", "LN", "FN", "FI", "CT", "ST", "ZIP",
-                 "MADID", "COUNTRY"}  # fmt: skip
-    META_UNHASHED = {"EXTERN_ID", "MADID"}
+    META_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "EXTERN_ID",
+            "EMAIL",
+            "PHONE",
+            "GEN",
+            "DOBY",
+            "DOBM",
+            "DOBD",
+            "LN",
+            "FN",
+            "FI",
+            "CT",
+            "ST",
+            "ZIP",
+            "MADID",
+            "COUNTRY",
+        }
+    )
+    META_UNHASHED: ClassVar[frozenset[str]] = frozenset({"EXTERN_ID", "MADID"})
 
     def meta(self, request: web.Request, body: bytes) -> web.Response:
         check(request.method in ("POST", "DELETE"), "method must be POST (add) or DELETE (remove)")
@@ -195,7 +225,9 @@ class LocalPlatforms:
         data = self._json(body)
         payload, session = data.get("payload", {}), data.get("session", {})
         schema, rows = payload.get("schema"), payload.get("data")
-        check(isinstance(schema, list) and schema and set(schema) <= self.META_KEYS, "payload.schema: unknown key")
+        check(
+            isinstance(schema, list) and bool(schema) and set(schema) <= self.META_KEYS, "payload.schema: unknown key"
+        )
         check(isinstance(rows, list) and 0 < len(rows) <= 10_000, "payload.data: 1..10000 rows")
         for field_name in ("session_id", "batch_seq", "last_batch_flag", "estimated_num_total"):
             check(field_name in session, f"session.{field_name} missing")
@@ -219,7 +251,7 @@ class LocalPlatforms:
                 "num_received": len(rows),
                 "num_invalid_entries": 0,
                 "invalid_entry_samples": {},
-            }  # fmt: skip
+            }
         )
 
     # --------------------------------------------------------------- Google
@@ -245,7 +277,7 @@ class LocalPlatforms:
         check(name in self._jobs, "unknown job")
         data = self._json(body)
         ops = data.get("operations", [])
-        check(isinstance(ops, list) and ops, "operations required")
+        check(isinstance(ops, list) and bool(ops), "operations required")
         total = 0
         for op in ops:
             check(len(op) == 1 and next(iter(op)) in ("create", "remove"), "operation is create or remove")
@@ -339,7 +371,7 @@ class LocalPlatforms:
         check(0 < len(attributes) <= 75, "1..75 attribute objects")
         for obj in attributes:
             check(bool(obj.get("external_id")), "external_id")
-            for key, value in obj.items():
+            for value in obj.values():
                 if isinstance(value, dict):
                     check(set(value) <= {"add", "remove"}, "array attribute add/remove")
                     for seg in value.get("add", []):
@@ -391,3 +423,88 @@ class LocalPlatforms:
         self.members["twilio:sent"].add(form["To"])
         self.accepted["twilio"].append(form)
         return web.json_response({"sid": "SM" + hashlib.md5(body).hexdigest(), "status": "queued"}, status=201)
+
+    # -------------------------------------------------------- Klaviyo, SFMC, TTD
+    def _klaviyo_headers(self, request: web.Request) -> None:
+        check(request.headers.get("Authorization") == f"Klaviyo-API-Key {self.klaviyo_key}", "Klaviyo-API-Key")
+        check(re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", request.headers.get("revision", "")) is not None, "revision")
+
+    def kl_import(self, request: web.Request, body: bytes) -> web.Response:
+        self._klaviyo_headers(request)
+        check(request.headers.get("Content-Type", "").startswith("application/vnd.api+json"), "JSON:API type")
+        check(len(body) <= 5 * 1024 * 1024, "payload over 5 MB")
+        data = self._json(body).get("data", {})
+        check(data.get("type") == "profile-bulk-import-job", "data.type")
+        profiles = data.get("attributes", {}).get("profiles", {}).get("data", [])
+        check(0 < len(profiles) <= 10_000, "1..10,000 profiles")
+        lists = data.get("relationships", {}).get("lists", {}).get("data", [])
+        check(len(lists) == 1 and lists[0].get("type") == "list", "one list relationship")
+        for prof in profiles:
+            attrs = prof.get("attributes", {})
+            check(prof.get("type") == "profile" and ("email" in attrs or "phone_number" in attrs), "profile id")
+            if "phone_number" in attrs:
+                check(bool(E164.match(attrs["phone_number"])), "phone_number must be E.164")
+            key = attrs.get("email") or attrs["phone_number"]
+            pid = self._klaviyo_ids.setdefault(key, f"01K{len(self._klaviyo_ids):023d}")
+            self.members[f"klaviyo:{lists[0]['id']}"].add(pid)
+        self.accepted["klaviyo"].append(data)
+        return web.json_response(
+            {"data": {"type": "profile-bulk-import-job", "id": "job", "attributes": {"status": "queued"}}}, status=202
+        )
+
+    def kl_lookup(self, request: web.Request, body: bytes) -> web.Response:
+        self._klaviyo_headers(request)
+        match = re.fullmatch(r'equals\(email,"(.+)"\)', request.query.get("filter", ""))
+        check(match is not None, 'filter=equals(email,"...")')
+        assert match is not None
+        pid = self._klaviyo_ids.get(match.group(1))
+        return web.json_response({"data": [{"type": "profile", "id": pid}] if pid else []})
+
+    def kl_remove(self, request: web.Request, body: bytes) -> web.Response:
+        self._klaviyo_headers(request)
+        data = self._json(body).get("data", [])
+        check(0 < len(data) <= 1000, "1..1000 profiles")
+        for item in data:
+            check(item.get("type") == "profile", "type profile")
+            self.members[f"klaviyo:{request.match_info['list_id']}"].discard(item["id"])
+        return web.Response(status=204)
+
+    def sf_token(self, request: web.Request, body: bytes) -> web.Response:
+        data = self._json(body)
+        check(data.get("grant_type") == "client_credentials", "grant_type")
+        check(
+            (data.get("client_id"), data.get("client_secret")) == (self.sfmc_client_id, self.sfmc_client_secret),
+            "client credentials",
+        )
+        return web.json_response({"access_token": "sf-access", "expires_in": 1080, "token_type": "Bearer"})
+
+    def sf_rows(self, request: web.Request, body: bytes) -> web.Response:
+        self._bearer(request, "sf-access")
+        items = self._json(body).get("items", [])
+        check(bool(items), "items required")
+        target = self.members[f"sfmc:{request.match_info['key']}"]
+        for item in items:
+            check("profile_id" in item and isinstance(item.get("is_member"), bool), "primary key and flag")
+            (target.add if item["is_member"] else target.discard)(item["profile_id"])
+        self.accepted["sfmc"].append(items)
+        return web.json_response({"requestId": hashlib.md5(body).hexdigest(), "resultMessages": []}, status=202)
+
+    def ttd_segment(self, request: web.Request, body: bytes) -> web.Response:
+        check(request.headers.get("TTD-Auth") == self.ttd_token, "TTD-Auth")
+        data = self._json(body)
+        check(data.get("MergeMode") == "Replace", "MergeMode")
+        check(data.get("PiiType") in ("EmailHashedUnifiedId2", "PhoneNumberHashedUnifiedId2"), "PiiType")
+        ref = f"ref{len(self._ttd_uploads) + 1}"
+        self._ttd_uploads[ref] = request.match_info["crm"]
+        return web.json_response({"ReferenceId": ref, "Url": f"{self.url}/ttd-upload/{ref}"})
+
+    def ttd_upload(self, request: web.Request, body: bytes) -> web.Response:
+        check(request.headers.get("Content-Type", "").startswith("text/plain"), "Content-Type text/plain")
+        ref = request.match_info["ref"]
+        check(ref in self._ttd_uploads, "unknown upload")
+        lines = [line for line in body.decode().split("\n") if line]
+        for line in lines:
+            check(len(base64.b64decode(line, validate=True)) == 32, "line is not Base64 SHA-256")
+        self.members[f"ttd:{self._ttd_uploads.pop(ref)}"] = set(lines)
+        self.accepted["ttd"].append(lines)
+        return web.Response(status=200)

@@ -34,21 +34,24 @@ class Parsed:
 
 class RecordsToFragments:
     """Input handler for CDP_INGEST. Identity keeps nothing of ingest's facts but what it decides.
-    ``prefetch`` reads every record of a fetched batch once, normalises its identities and loads
-    the graphs of all of them in a few bulk queries; ``decide`` then works in memory."""
+    The first ``decide`` of a fetched batch reads every record ``prefetch`` handed over, normalises
+    its identities and loads the graphs of all of them in a few bulk queries; then it works in memory."""
 
     def __init__(self, projection: IdentityProjection) -> None:
         self.projection = projection
         self.normalise = Normaliser()
 
     def prefetch(self, session: Session, envelopes: Sequence[Envelope]) -> None:
-        ws = self.projection.graph(session)
+        """Remember the batch; the first ``decide`` reads it (a replay that decides nothing reads nothing)."""
+        self.projection.graph(session).unread = [env for env in envelopes if env.type == RECORD_ACCEPTED]
+
+    def _read_batch(self, ws: WorkingSet) -> None:
         keys: list[str] = []
-        for env in envelopes:
-            if env.type == RECORD_ACCEPTED:
-                parsed = self._parse(ws, env)
-                ws.parsed[env.id] = parsed
-                keys += parsed.kept
+        for env in ws.unread:
+            parsed = self._parse(ws, env)
+            ws.parsed[env.id] = parsed
+            keys += parsed.kept
+        ws.unread = []
         ws.load(keys)
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
@@ -58,6 +61,8 @@ class RecordsToFragments:
         if env.type != RECORD_ACCEPTED:
             return
         ws: WorkingSet = self.projection.graph(uow.session)
+        if ws.unread:
+            self._read_batch(ws)
         parsed = ws.parsed.pop(env.id, None) or self._parse(ws, env)
         record, kept, dropped = parsed.record, parsed.kept, parsed.dropped
         if not kept:

@@ -47,9 +47,7 @@ HASH_RE = re.compile(r"^[a-f0-9]{64}$")
 # The common case of an email that email-validator accepts unchanged (ASCII dot-atoms, a
 # letters-only TLD, no reserved label forms): checked by a regex; anything else goes to
 # email-validator. tests/unit/test_identity_normalise.py checks that the two agree.
-SIMPLE_EMAIL_RE = re.compile(
-    r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
-)
+SIMPLE_EMAIL_RE = re.compile(r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
 SPECIAL_USE_SUFFIXES = tuple(f".{d}" for d in SPECIAL_USE_DOMAIN_NAMES)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 CUSTOM_PRIORITY = 100

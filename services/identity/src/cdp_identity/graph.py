@@ -28,8 +28,8 @@ from cdp_identity.domain import Namespace, Rules, node_key, profile_id_for
 
 NEW, DIRTY, CLEAN, DELETED = 0, 1, 2, 3
 WS_KEY = "cdp_identity_graph"
-NODE_COLUMNS = ("key", "namespace", "value", "profile_id", "first_seen", "last_seen", "dataset", "batch_id")
-NODE_COLUMNS += ("last_dataset", "last_batch_id")
+NODE_COLUMNS: tuple[str, ...] = ("key", "namespace", "value", "profile_id", "first_seen", "last_seen")
+NODE_COLUMNS += ("dataset", "batch_id", "last_dataset", "last_batch_id")
 NODE_CHANGING = NODE_COLUMNS[3:]
 LINK_COLUMNS = ("a", "b", "first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
 PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
@@ -94,7 +94,8 @@ class WorkingSet:
     drops: Counter[tuple[str, str]] = field(default_factory=Counter)
     new_unlinked: list[tuple[str, str]] = field(default_factory=list)
     new_namespaces: list[dict[str, Any]] = field(default_factory=list)
-    parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what prefetch read of it
+    unread: list[Any] = field(default_factory=list)  # input envelopes of the batch, not yet read
+    parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what was read of it
     made: dict[str, Any] = field(default_factory=dict)  # own event id -> its payload, until folded
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
@@ -130,7 +131,7 @@ class WorkingSet:
         unknown = {k for k in keys if k not in nodes and k not in missing}
         if not unknown:
             return
-        found = {key: pid for key, pid in self.bulk.select_in(store.NODE, ("key", "profile_id"), "key", unknown)}
+        found: dict[str, str] = dict(self.bulk.select_in(store.NODE, ("key", "profile_id"), "key", unknown))
         missing.update(unknown.difference(found))
         self.load_profiles(found.values())
 
@@ -308,7 +309,9 @@ class WorkingSet:
         bulk = self.bulk
         nodes = self.nodes.values()
         bulk.insert(store.NODE, NODE_COLUMNS, [_node_row(n) for n in nodes if n.state == NEW])
-        bulk.update(store.NODE, NODE_CHANGING, ("key",), [(*_node_row(n)[3:], n.key) for n in nodes if n.state == DIRTY])
+        bulk.update(
+            store.NODE, NODE_CHANGING, ("key",), [(*_node_row(n)[3:], n.key) for n in nodes if n.state == DIRTY]
+        )
         links = self.links.values()
         bulk.delete(store.LINK, ("a", "b"), [(x.a, x.b) for x in links if x.state == DELETED])
         bulk.insert(store.LINK, LINK_COLUMNS, [_link_row(x) for x in links if x.state == NEW])

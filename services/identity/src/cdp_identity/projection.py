@@ -12,7 +12,6 @@ from cdp_identity.graph import DIRTY, NEW, WorkingSet, pair, type_number
 from cdp_kit.envelope import Envelope, unpack
 from cdp_kit.streams import OwnLog
 
-
 FRAGMENT = ev.ProfileFragment.DESCRIPTOR.full_name
 MERGED = ev.ProfilesMerged.DESCRIPTOR.full_name
 DECISION = ev.GraphDecision.DESCRIPTOR.full_name

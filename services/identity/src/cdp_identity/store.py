@@ -12,7 +12,6 @@ from sqlmodel import Field, SQLModel
 
 from cdp_kit.store import tables_of
 
-
 CLUSTERED = {"sqlite_with_rowid": False}
 
 

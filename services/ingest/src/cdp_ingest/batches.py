@@ -16,21 +16,26 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.domain import RejectTally, Validator
 from cdp_ingest.parsing import Inflater, Parsed, RowParser, clean_text, parser_for
+from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import InvalidInput, Violation
 
-CHUNK_ROWS = 500
-CHUNK_BYTES = 256 * 1024
+# Accepted records travel CHUNK_ROWS or CHUNK_BYTES at a time, one message each (a message
+# holds up to MAX_MESSAGE_BYTES with the kit's per-event overhead and the chunk's marker).
+CHUNK_ROWS = 8000
+CHUNK_BYTES = 900_000
+RECORD_OVERHEAD = 48
+REJECT_ROWS = 500
+REJECT_BYTES = 256 * 1024
 _LEN = struct.Struct("<I")
 
-StagedRecord = tuple[int, dict[str, Any], list[tuple[str, str]], str, datetime | None, str]
-"""(row, values, identities, event id, occurred at, event type)."""
+StagedRecord = tuple[int, str, bytes]
+"""(row, envelope id for events, whose ids are de-duplicated, or "" for profile records; envelope bytes)."""
 StagedReject = tuple[int, dict[str, Any], list[tuple[str, str, str]]]
 """(row, raw values as read, [(field, rule, message)])."""
 
@@ -38,17 +43,21 @@ StagedReject = tuple[int, dict[str, Any], list[tuple[str, str, str]]]
 class Spool:
     """Chunks of rows in an anonymous temporary file: written once, read back in order."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_rows: int, max_bytes: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._file: IO[bytes] = tempfile.TemporaryFile(dir=folder, prefix="staging-")  # noqa: SIM115
         self._rows: list[Any] = []
         self._bytes = 0
         self.chunks = 0
 
     def add(self, row: Any, size: int) -> None:
+        if self._bytes + size > self.max_bytes:
+            self.cut()
         self._rows.append(row)
         self._bytes += size
-        if len(self._rows) >= CHUNK_ROWS or self._bytes >= CHUNK_BYTES:
+        if len(self._rows) >= self.max_rows or self._bytes >= self.max_bytes:
             self.cut()
 
     def cut(self) -> None:
@@ -81,6 +90,7 @@ class BatchRun:
     staging: Path
     max_bytes: int
     max_kept_rejects: int
+    builder: RecordBuilder
     report: pb.BatchReport = field(default_factory=pb.BatchReport)
     bytes_received: int = 0
     tally: RejectTally = field(default_factory=RejectTally)
@@ -91,8 +101,8 @@ class BatchRun:
         self.validator = Validator(self.schema, textual=textual, drop_unknown=drop, max_bytes=self.max_bytes)
         self.inflater = Inflater()
         self.parser: RowParser = parser_for(self.header.format, self.schema, drop, self.staging)
-        self.accepted = Spool(self.staging)
-        self.rejected = Spool(self.staging)
+        self.accepted = Spool(self.staging, CHUNK_ROWS, CHUNK_BYTES)
+        self.rejected = Spool(self.staging, REJECT_ROWS, REJECT_BYTES)
 
     def feed(self, data: bytes) -> None:
         self.bytes_received += len(data)
@@ -113,21 +123,31 @@ class BatchRun:
     def _take(self, rows: list[Parsed]) -> None:
         report = self.report
         validate = self.validator.validate
-        accepted = self.accepted
+        add = self.accepted.add
+        encode = self.builder.encode
+        is_event = self.builder.is_event
+        key_of = self.builder.key_of
+        prefix = f"{self.builder.batch_id}:"
         for row_no, values, problems, size in rows:
             report.rows_read += 1
             result = None if problems else validate(values, size, f"row {row_no}")
             if result is not None and not result.violations:
                 report.rows_accepted += 1
-                staged: StagedRecord = (
-                    row_no,
-                    result.values,
-                    result.identities,
-                    result.event_id,
-                    result.occurred_at,
-                    result.event_type,
-                )
-                accepted.add(staged, size)
+                if is_event:
+                    data = encode(
+                        record_id=result.event_id,
+                        row=row_no,
+                        values=result.values,
+                        identities=result.identities,
+                        occurred_at=result.occurred_at,
+                        event_type=result.event_type,
+                    )
+                    add((row_no, key_of(result.event_id), data), len(data) + RECORD_OVERHEAD)
+                else:
+                    data = encode(
+                        record_id=prefix + str(row_no), row=row_no, values=result.values, identities=result.identities
+                    )
+                    add((row_no, "", data), len(data) + RECORD_OVERHEAD)
                 continue
             violations = problems if result is None else result.violations
             report.rows_rejected += 1

@@ -9,6 +9,8 @@ holds the published bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +20,8 @@ from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
 from cdp_ingest.config import ConfigCache
-from cdp_ingest.handlers import event_envelope
-from cdp_ingest.records import RecordBuilder
+from cdp_ingest.handlers import event_bytes
+from cdp_ingest.records import RecordBuilder, envelopes_of
 from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
 from cdp_kit.eventlog import LogMessage
@@ -40,52 +42,94 @@ class Rejected(Exception):
 
 
 class CollectHandler:
+    """``prefetch`` validates and encodes every message of a fetched batch and looks up the
+    event ids of all of them in one query per dataset; ``decide`` then works in memory."""
+
     def __init__(self, config: ConfigCache) -> None:
         self.config = config
+        self._verdicts: dict[str, Verdict] = {}
+        self._seen: dict[str, set[str]] = {}
+        self._builders: dict[str, RecordBuilder] = {}
+
+    def prefetch(self, session: Session, envelopes: Sequence[Envelope]) -> None:
+        self._verdicts = {}
+        self._seen = {}
+        keys: dict[str, list[str]] = {}
+        for env in envelopes:
+            verdict = self._judge(session, env.subject_key.removeprefix(PREFIX), env.payload.value, env.id)
+            self._verdicts[env.id] = verdict
+            if isinstance(verdict, Accepted):
+                keys.setdefault(verdict.dataset, []).append(verdict.key)
+        for dataset, wanted in keys.items():
+            self._seen[dataset] = store.seen_keys(session, dataset, wanted)
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         """Ingest keeps nothing of the raw message itself: what it decides is on its own logs."""
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         dataset = msg.subject.removeprefix(PREFIX)
+        verdict = self._verdicts.pop(env.id, None)
+        if verdict is None:  # not prefetched (a handler used without the processor's prefetch)
+            verdict = self._judge(uow.session, dataset, env.payload.value, env.id)
+        if isinstance(verdict, Accepted):
+            seen = self._seen.get(dataset)
+            if seen is None:
+                seen = self._seen[dataset] = store.seen_keys(uow.session, dataset, [verdict.key])
+            if verdict.key not in seen:
+                seen.add(verdict.key)
+                uow.emit(INGEST_RECORDS, envelopes_of([verdict.data]))
+            return
         data = env.payload.value
-        try:
-            self._accept(uow, dataset, data, msg.sequence)
-        except Rejected as rejected:
-            letter = pb.DeadLetter(
-                sequence=msg.sequence,
-                dataset=dataset,
-                subject=msg.subject,
-                reason=rejected.reason,
-                errors=rejected.errors,
-                raw=data.decode("utf-8", "replace")[:MAX_RAW_CHARS],
-            )
-            dead = make_envelope(
-                ev.EventDeadLettered(dead_letter=letter),
-                event_id=deterministic_id("dead-letter", msg.stream, msg.sequence),
-                subject_key=dataset,
-                occurred_at=EPOCH,
-                cause=uow.cause,
-            )
-            uow.emit(INGEST_DEADLETTER, [dead])
+        letter = pb.DeadLetter(
+            sequence=msg.sequence,
+            dataset=dataset,
+            subject=msg.subject,
+            reason=verdict.reason,
+            errors=verdict.errors,
+            raw=data.decode("utf-8", "replace")[:MAX_RAW_CHARS],
+        )
+        dead = make_envelope(
+            ev.EventDeadLettered(dead_letter=letter),
+            event_id=deterministic_id("dead-letter", msg.stream, msg.sequence),
+            subject_key=dataset,
+            occurred_at=EPOCH,
+            cause=uow.cause,
+        )
+        uow.emit(INGEST_DEADLETTER, [dead])
 
-    def _accept(self, uow: UnitOfWork, dataset: str, data: bytes, sequence: int) -> None:
+    def _judge(self, session: Session, dataset: str, data: bytes, env_id: str) -> Verdict:
         try:
-            target = self.config.target(uow.session, dataset)
+            return self._accept(session, dataset, data)
+        except Rejected as rejected:
+            return rejected
+
+    def _accept(self, session: Session, dataset: str, data: bytes) -> Accepted:
+        try:
+            target = self.config.target(session, dataset)
         except NotFound as exc:
             raise Rejected(exc.message, [pb.FieldError(field="dataset", rule="exists", message=exc.message)]) from exc
         if not target.is_event:
             raise _one("dataset", "class", f"dataset {dataset!r} holds profile records, not events")
         value = _parse(data)
-        result = target.validator(textual=False).validate(value, len(data), f"message {sequence}")
+        result = target.validator(textual=False).validate(value, len(data), "message")
         if result.violations:
             errors = [pb.FieldError(field=v.field, rule=v.rule, message=v.message) for v in result.violations]
             first = result.violations[0]
             raise Rejected(f"{first.field}: {first.rule}: {first.message}", errors)
-        if store.seen_events(uow.session, dataset, [result.event_id]):
-            return
-        builder = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
-        uow.emit(INGEST_RECORDS, [event_envelope(builder, result)])
+        builder = self._builders.get(dataset)
+        if builder is None:
+            builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
+        return Accepted(dataset, builder.key_of(result.event_id), event_bytes(builder, result))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    dataset: str
+    key: str
+    data: bytes
+
+
+Verdict = Accepted | Rejected
 
 
 def _one(field: str, rule: str, message: str) -> Rejected:

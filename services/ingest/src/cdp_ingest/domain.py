@@ -20,6 +20,7 @@ TRUE = frozenset({"true", "t", "yes", "y", "1"})
 FALSE = frozenset({"false", "f", "no", "n", "0"})
 INT_RE = re.compile(r"\s*[-+]?\d+\s*")
 NUMERIC = (FT.FIELD_TYPE_INTEGER, FT.FIELD_TYPE_NUMBER)
+INT_LIMIT = 2**63
 SAMPLES_PER_GROUP = 3
 FIRST_ROWS_PER_GROUP = 10
 
@@ -271,7 +272,9 @@ def _compile(f: pb.Field, textual: bool, must: bool) -> FieldCheck:
 def converter(f: pb.Field, textual: bool) -> Converter:
     t = f.type
     if t == FT.FIELD_TYPE_STRING:
-        return _identity_string if f.identity_namespace else _string
+        if f.identity_namespace:
+            return _identity_string if textual else _checked(_identity_string)
+        return _string if textual else _checked(_string)
     if t == FT.FIELD_TYPE_INTEGER:
         return _int_text if textual else _integer
     if t == FT.FIELD_TYPE_NUMBER:
@@ -283,9 +286,9 @@ def converter(f: pb.Field, textual: bool) -> Converter:
     if t == FT.FIELD_TYPE_TIMESTAMP:
         return _timestamp
     if t == FT.FIELD_TYPE_OBJECT:
-        return _object_converter(f, textual)
+        return _checked(_object_converter(f, textual))
     if t == FT.FIELD_TYPE_ARRAY:
-        return _array_converter(f, textual)
+        return _checked(_array_converter(f, textual))
     return _unsupported
 
 
@@ -305,9 +308,47 @@ def _identity_string(raw: Any) -> str:
     return raw.strip()
 
 
+def _in_range(value: int) -> int:
+    if -INT_LIMIT <= value < INT_LIMIT:
+        return value
+    raise ValueError("integer outside the 64-bit range")
+
+
+def _checked(convert: Converter) -> Converter:
+    """JSON input can hold what text read as UTF-8 cannot: lone surrogates, huge integers."""
+
+    def checked(raw: Any) -> Any:
+        value = convert(raw)
+        _storable(value)
+        return value
+
+    return checked
+
+
+def _storable(value: Any) -> None:
+    """Refuse what cannot travel in a record: text that is not UTF-8, numbers beyond a double."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("text holds an invalid Unicode escape (lone surrogate)") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**1023:
+            raise ValueError("number too large")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError("object keys are strings")
+            _storable(key)
+            _storable(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _storable(item)
+
+
 def _int_text(raw: Any) -> int:
-    if type(raw) is str and INT_RE.fullmatch(raw):
-        return int(raw)
+    if type(raw) is str and len(raw) < 64 and INT_RE.fullmatch(raw):
+        return _in_range(int(raw))
     raise ValueError("expected an integer")
 
 
@@ -315,9 +356,9 @@ def _integer(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected an integer")
     if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float | Decimal) and raw == int(raw):
-        return int(raw)
+        return _in_range(raw)
+    if isinstance(raw, float | Decimal) and raw == raw and abs(raw) != float("inf") and raw == int(raw):
+        return _in_range(int(raw))
     raise ValueError("expected an integer")
 
 
@@ -334,7 +375,10 @@ def _number_text(raw: Any) -> float:
 def _number(raw: Any) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float | Decimal):
         raise ValueError("expected a number")
-    value = float(raw)
+    try:
+        value = float(raw)
+    except OverflowError:
+        raise ValueError("expected a finite number") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("expected a finite number")
     return value

@@ -14,10 +14,10 @@ from google.protobuf import json_format, struct_pb2
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
-from cdp_ingest.batches import BatchRun, StagedRecord, StagedReject
+from cdp_ingest.batches import CHUNK_BYTES, RECORD_OVERHEAD, BatchRun, StagedRecord, StagedReject
 from cdp_ingest.config import ConfigCache, Target
 from cdp_ingest.domain import NAME_RE, RowResult, batch_exceeds, compatibility_violations, schema_violations
-from cdp_ingest.records import RecordBuilder
+from cdp_ingest.records import RecordBuilder, envelopes_of
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
@@ -25,7 +25,8 @@ from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_RECORDS
 from cdp_kit.telemetry import get_logger
 
-EVENT_GROUP_BYTES = 256 * 1024
+Staged = tuple[int, str, bytes]
+"""(index in the call, record key, encoded envelope) of a valid event."""
 MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
 log = get_logger(__name__)
 
@@ -129,6 +130,8 @@ class IngestHandlers:
         if batch_id in self._active:
             raise Conflict(f"batch {header.batch_key!r} is being ingested by another call; retry when it ends")
         self._active.add(batch_id)
+        # A retried batch keeps the time of its first attempt, so its records encode the same.
+        received_at = previous.received_at.replace(tzinfo=UTC) if previous is not None else utcnow()
         run = BatchRun(
             header=header,
             dataset=target.dataset,
@@ -136,12 +139,12 @@ class IngestHandlers:
             staging=self.settings.data_dir / "ingest-staging",
             max_bytes=target.max_bytes,
             max_kept_rejects=self.settings.max_kept_rejects,
+            builder=RecordBuilder(header.dataset, target.schema.schema_class, batch_id, received_at),
             report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
         )
         try:
             async for progress in self._read(run, chunks):
                 yield progress
-            received_at = previous.received_at.replace(tzinfo=UTC) if previous is not None else utcnow()
             report = await self._judge_and_append(run, received_at)
             yield pb.IngestProgress(
                 rows_read=report.rows_read,
@@ -187,11 +190,11 @@ class IngestHandlers:
             )
             await self._complete(report, 0, received_at, attempt=_attempt(report))
             return report
-        builder = RecordBuilder(report.dataset, run.schema.schema_class, report.batch_id, received_at)
         for index, chunk in enumerate(run.accepted):
             if index not in done_chunks:
-                envelopes = await asyncio.to_thread(_batch_envelopes, builder, chunk)
-                await self._append_chunk(report.batch_id, index, envelopes, report.dataset, received_at)
+                await self._append_chunk(report.batch_id, index, chunk, report.dataset, received_at)
+        with self.processor.read() as session:
+            report.rows_duplicate = store.chunk_duplicates(session, report.batch_id)
         report.status = pb.BATCH_STATUS_COMPLETED
         await self._complete(report, run.accepted.chunks, received_at)
         log.info(
@@ -223,19 +226,35 @@ class IngestHandlers:
         await self.processor.execute(f"{batch_id}:rejects:{index}", decide)
 
     async def _append_chunk(
-        self, batch_id: str, index: int, records: list[Envelope], dataset: str, received_at: datetime
+        self, batch_id: str, index: int, staged: list[StagedRecord], dataset: str, received_at: datetime
     ) -> None:
+        """One chunk's records in one message with its marker. Records of events whose id was
+        seen before (in an earlier chunk or file, by gRPC or NATS) or earlier in the chunk are left out."""
+        keys = [key for _, key, _ in staged]
+        is_event = bool(keys and keys[0])
+
         def decide(uow: UnitOfWork) -> None:
             if index in store.appended_chunks(uow.session, batch_id):
                 return  # a concurrent or earlier attempt appended it
+            if is_event:
+                seen = store.seen_keys(uow.session, dataset, keys)
+                fresh: list[bytes] = []
+                for _, key, data in staged:
+                    if key not in seen:
+                        seen.add(key)
+                        fresh.append(data)
+            else:
+                fresh = [data for _, _, data in staged]
             marker = make_envelope(
-                ev.BatchChunkAppended(batch_id=batch_id, chunk=index),
+                ev.BatchChunkAppended(
+                    batch_id=batch_id, chunk=index, rows=len(fresh), duplicates=len(staged) - len(fresh)
+                ),
                 event_id=deterministic_id("chunk", batch_id, index),
                 subject_key=dataset,
                 occurred_at=received_at,
                 cause=uow.cause,
             )
-            uow.emit(INGEST_RECORDS, [marker, *records])
+            uow.emit(INGEST_RECORDS, [marker, *envelopes_of(fresh)])
 
         await self.processor.execute(f"{batch_id}:{index}", decide)
 
@@ -308,41 +327,38 @@ class IngestHandlers:
                 [Violation("dataset", "class", "events go to datasets of an event schema")],
             )
         validator = target.validator(textual=False)
+        builder = RecordBuilder(target.dataset.name, pb.SCHEMA_CLASS_EVENT, "", utcnow())
         results: list[pb.EventResult] = []
-        valid: list[tuple[int, RowResult]] = []
+        valid: list[Staged] = []
         for i, event in enumerate(events):
             raw = json_format.MessageToDict(event)
             result = validator.validate(raw, event.ByteSize(), f"event {i}")
             if result.ok:
-                valid.append((i, result))
+                valid.append((i, builder.key_of(result.event_id), event_bytes(builder, result)))
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_ACCEPTED, event_id=result.event_id))
             else:
                 errors = [pb.FieldError(field=v.field, rule=v.rule, message=v.message) for v in result.violations]
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_REJECTED, errors=errors))
-        builder = RecordBuilder(target.dataset.name, pb.SCHEMA_CLASS_EVENT, "", utcnow())
         for group in _event_groups(valid):
-            await self._append_events(target, builder, group, results)
+            await self._append_events(builder.dataset, group, results)
         return results
 
-    async def _append_events(
-        self, target: Target, builder: RecordBuilder, group: list[tuple[int, RowResult]], results: list[pb.EventResult]
-    ) -> None:
-        """One message of new events; ids seen before (ever, by gRPC or NATS) are answered as duplicates."""
-        name = target.dataset.name
+    async def _append_events(self, dataset: str, group: list[Staged], results: list[pb.EventResult]) -> None:
+        """One message of new events; ids seen before (ever, by gRPC, NATS or a file) are answered as duplicates."""
 
         def decide(uow: UnitOfWork) -> None:
-            seen = store.seen_events(uow.session, name, [r.event_id for _, r in group])
-            fresh: list[Envelope] = []
-            for i, result in group:
-                if result.event_id in seen:
+            seen = store.seen_keys(uow.session, dataset, [key for _, key, _ in group])
+            fresh: list[bytes] = []
+            for i, key, data in group:
+                if key in seen:
                     results[i].status = pb.EVENT_STATUS_DUPLICATE
                     continue
                 results[i].status = pb.EVENT_STATUS_ACCEPTED
-                seen.add(result.event_id)
-                fresh.append(event_envelope(builder, result))
-            uow.emit(INGEST_RECORDS, fresh)
+                seen.add(key)
+                fresh.append(data)
+            uow.emit(INGEST_RECORDS, envelopes_of(fresh))
 
-        await self.processor.execute(deterministic_id("events", name, *[r.event_id for _, r in group]), decide)
+        await self.processor.execute(deterministic_id("events", dataset, *[key for _, key, _ in group]), decide)
 
     async def list_dead_letters(self, request: pb.ListDeadLettersRequest) -> pb.ListDeadLettersResponse:
         limit = min(request.limit or 1000, 10_000)
@@ -357,8 +373,8 @@ class IngestHandlers:
         return pb.ListDeadLettersResponse(dead_letters=found, next_after_sequence=next_after)
 
 
-def event_envelope(builder: RecordBuilder, result: RowResult) -> Envelope:
-    return builder.build(
+def event_bytes(builder: RecordBuilder, result: RowResult) -> bytes:
+    return builder.encode(
         record_id=result.event_id,
         row=0,
         values=result.values,
@@ -366,17 +382,6 @@ def event_envelope(builder: RecordBuilder, result: RowResult) -> Envelope:
         occurred_at=result.occurred_at,
         event_type=result.event_type,
     )
-
-
-def _batch_envelopes(builder: RecordBuilder, chunk: list[StagedRecord]) -> list[Envelope]:
-    batch_id = builder.batch_id
-    build = builder.build
-    if builder.is_event:
-        return [
-            build(record_id=eid, row=row, values=v, identities=ids, occurred_at=at, event_type=et)
-            for row, v, ids, eid, at, et in chunk
-        ]
-    return [build(record_id=f"{batch_id}:{row}", row=row, values=v, identities=ids) for row, v, ids, _, _, _ in chunk]
 
 
 def _batch_error(staged: StagedReject) -> pb.BatchError:
@@ -408,12 +413,13 @@ async def _header(chunks: AsyncIterator[pb.IngestFileChunk]) -> pb.IngestFileHea
     raise InvalidInput("empty request", [Violation("header", "required", "no header was sent")])
 
 
-def _event_groups(valid: list[tuple[int, RowResult]]) -> Iterator[list[tuple[int, RowResult]]]:
-    group: list[tuple[int, RowResult]] = []
+def _event_groups(valid: list[Staged]) -> Iterator[list[Staged]]:
+    """Encoded events cut into groups that each fit one message."""
+    group: list[Staged] = []
     size = 0
     for item in valid:
-        n = sum(len(str(v)) for v in item[1].values.values()) + 256
-        if group and size + n > EVENT_GROUP_BYTES:
+        n = len(item[2]) + RECORD_OVERHEAD
+        if group and size + n > CHUNK_BYTES:
             yield group
             group, size = [], 0
         group.append(item)

@@ -8,6 +8,7 @@ from sqlmodel import Session
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.config import ConfigCache
+from cdp_ingest.records import RECORD_TYPE
 from cdp_ingest.store import (
     BatchChunkRow,
     BatchErrorRow,
@@ -15,8 +16,9 @@ from cdp_ingest.store import (
     DatasetRow,
     DeadLetterRow,
     SchemaRow,
-    SeenEventRow,
     as_dict,
+    latest_schema,
+    note_seen,
 )
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.streams import OwnLog
@@ -27,23 +29,39 @@ CONFIG_TYPES = {ev.SchemaRegistered.DESCRIPTOR.full_name, ev.DatasetCreated.DESC
 class IngestProjection:
     def __init__(self, config: ConfigCache | None = None) -> None:
         self.config = config
+        self._event_datasets: dict[str, bool] = {}
+
+    def _event_dataset(self, session: Session, name: str) -> bool:
+        known = self._event_datasets.get(name)
+        if known is None:
+            row = session.get(DatasetRow, name)
+            schema = latest_schema(session, row.schema_name) if row is not None else None
+            known = self._event_datasets[name] = schema is not None and schema.schema_class == pb.SCHEMA_CLASS_EVENT
+        return known
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
-        if env.type in CONFIG_TYPES and self.config is not None:
-            self.config.clear()
+        kind = env.type
+        if kind == RECORD_TYPE:
+            # The hot path: a record is folded only to remember event ids, and whether the
+            # dataset holds events is known from the config (a dataset's class never changes).
+            if self._event_dataset(session, env.subject_key):
+                note_seen(session, env.subject_key, env.id)
+            return
+        if kind in CONFIG_TYPES:
+            self._event_datasets.clear()
+            if self.config is not None:
+                self.config.clear()
         if is_a(env, ev.SchemaRegistered):
             schema = unpack(env, ev.SchemaRegistered).schema
             session.merge(SchemaRow(name=schema.name, version=schema.version, body=as_dict(schema)))
         elif is_a(env, ev.DatasetCreated):
             ds = unpack(env, ev.DatasetCreated).dataset
             session.merge(DatasetRow(name=ds.name, schema_name=ds.schema_name, body=as_dict(ds)))
-        elif is_a(env, ev.RecordAccepted):
-            rec = unpack(env, ev.RecordAccepted)
-            if rec.schema_class == pb.SCHEMA_CLASS_EVENT:
-                session.merge(SeenEventRow(dataset=rec.dataset, event_id=rec.record_id))
         elif is_a(env, ev.BatchChunkAppended):
             chunk = unpack(env, ev.BatchChunkAppended)
-            session.merge(BatchChunkRow(batch_id=chunk.batch_id, chunk=chunk.chunk, rows=0))
+            session.merge(
+                BatchChunkRow(batch_id=chunk.batch_id, chunk=chunk.chunk, rows=chunk.rows, duplicates=chunk.duplicates)
+            )
             self._ensure_batch(session, env, chunk.batch_id)
         elif is_a(env, ev.BatchCompleted):
             done = unpack(env, ev.BatchCompleted)

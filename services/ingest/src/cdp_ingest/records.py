@@ -1,21 +1,75 @@
-"""Envelopes of accepted records, built fast: constant parts are serialised once per batch and
-merged into each row's envelope (protobuf concatenation merges), the hot path of ingestion."""
+"""Envelopes of accepted records, encoded fast: the hot path of ingestion.
+
+A ``RecordAccepted`` envelope is written straight to protobuf wire bytes: the parts that are
+the same for every record of a dataset and batch (type, subject, dataset, class, batch id,
+batch time) are encoded once, and each row adds only its id, row number, identities,
+attributes and time. No protobuf object is built per row; the bytes parse to exactly the
+envelope the protobuf classes would build (a unit test checks it), and the kit receives
+envelopes parsed from them in one C call per chunk.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+import struct
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import struct_pb2
 
-from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
-from cdp_kit.envelope import SCHEMA_VERSION, Envelope, to_timestamp
+from cdp_kit.envelope import SCHEMA_VERSION, Envelope, EventBatch
 
 RECORD_TYPE = ev.RecordAccepted.DESCRIPTOR.full_name
 RECORD_TYPE_URL = f"type.googleapis.com/{RECORD_TYPE}"
+_DOUBLE = struct.Struct("<d").pack
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _varint_slow(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+_VARINTS = [_varint_slow(i) for i in range(16384)]
+
+
+def varint(n: int) -> bytes:
+    return _VARINTS[n] if n < 16384 else _varint_slow(n)
+
+
+def _ld(tag: bytes, data: bytes) -> bytes:
+    """A length-delimited field."""
+    return tag + varint(len(data)) + data
+
+
+def _text(value: str) -> bytes:
+    try:
+        return value.encode()
+    except UnicodeEncodeError:  # a lone surrogate (e.g. a JSON "\ud800" escape) cannot travel as UTF-8
+        return value.encode("utf-8", "replace")
+
+
+def timestamp_bytes(moment: datetime) -> bytes:
+    """A ``google.protobuf.Timestamp`` (seconds, nanos) as wire bytes."""
+    delta = moment - _EPOCH
+    seconds = delta.days * 86400 + delta.seconds
+    nanos = delta.microseconds * 1000
+    out = b""
+    if seconds:
+        out += b"\x08" + varint(seconds if seconds > 0 else seconds + (1 << 64))
+    if nanos:
+        out += b"\x10" + varint(nanos)
+    return out
 
 
 def fast_id(*parts: str) -> str:
@@ -27,24 +81,19 @@ def fast_id(*parts: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def record_key(dataset: str, record_id: str) -> str:
+    """The envelope id of a record: what the store keeps of every event id seen."""
+    return fast_id("record", dataset, record_id)
+
+
 def attributes_of(values: dict[str, Any]) -> struct_pb2.Struct:
     attributes = struct_pb2.Struct()
-    fields = attributes.fields
-    for key, value in values.items():
-        kind = type(value)
-        if kind is str:
-            fields[key].string_value = value
-        elif kind is float or kind is int:
-            fields[key].number_value = value
-        elif kind is bool:
-            fields[key].bool_value = value
-        else:
-            attributes.update({key: value})
+    attributes.update(values)
     return attributes
 
 
 class RecordBuilder:
-    """RecordAccepted envelopes of one dataset (and batch): ids derive from dataset and record id."""
+    """``RecordAccepted`` envelopes of one dataset (and batch): ids derive from dataset and record id."""
 
     def __init__(self, dataset: str, schema_class: int, batch_id: str, received_at: datetime) -> None:
         self.dataset = dataset
@@ -52,37 +101,79 @@ class RecordBuilder:
         self.batch_id = batch_id
         self.received_at = received_at
         self.is_event = schema_class == pb.SCHEMA_CLASS_EVENT
-        payload = ev.RecordAccepted(dataset=dataset, schema_class=schema_class, batch_id=batch_id)  # type: ignore[arg-type]
-        envelope = Envelope(type=RECORD_TYPE, subject_key=dataset, schema_version=SCHEMA_VERSION)
-        envelope.payload.type_url = RECORD_TYPE_URL
+        self._keys: dict[str, bytes] = {}
+        payload = _ld(b"\x12", dataset.encode()) + b"\x18" + varint(schema_class)
+        if batch_id:
+            payload += _ld(b"\x22", batch_id.encode())
+        envelope = _ld(b"\x12", RECORD_TYPE.encode()) + _ld(b"\x1a", dataset.encode())
+        envelope += b"\x30" + varint(SCHEMA_VERSION)
         if not self.is_event:
-            payload.occurred_at.CopyFrom(to_timestamp(received_at))
-            envelope.occurred_at.CopyFrom(to_timestamp(received_at))
-        self._payload = payload.SerializeToString()
-        self._envelope = envelope.SerializeToString()
+            stamp = timestamp_bytes(received_at)
+            payload += _ld(b"\x42", stamp)
+            envelope += _ld(b"\x22", stamp)
+        self._payload = payload
+        self._envelope = envelope
+        self._type_url = _ld(b"\x0a", RECORD_TYPE_URL.encode())
 
-    def build(
+    def key_of(self, record_id: str) -> str:
+        return record_key(self.dataset, record_id)
+
+    def encode(
         self,
         *,
         record_id: str,
         row: int,
         values: dict[str, Any],
-        identities: list[tuple[str, str]],
+        identities: Iterable[tuple[str, str]],
         occurred_at: datetime | None = None,
         event_type: str = "",
-    ) -> Envelope:
-        payload = ev.RecordAccepted(
-            record_id=record_id,
-            row=row,
-            identities=[IdentityValue(namespace=ns, value=v) for ns, v in identities],
-            attributes=attributes_of(values),
-            event_type=event_type,
-        )
-        env = Envelope(id=fast_id("record", self.dataset, record_id))
-        env.MergeFromString(self._envelope)
+    ) -> bytes:
+        """One record's envelope as wire bytes (``recorded_at`` and causation are the kit's)."""
+        payload = _ld(b"\x0a", _text(record_id)) + self._payload
+        if row:
+            payload += b"\x28" + varint(row)
+        for namespace, value in identities:
+            payload += _ld(b"\x32", _ld(b"\x0a", _text(namespace)) + _ld(b"\x12", _text(value)))
+        payload += _ld(b"\x3a", self._struct(values))
+        envelope = _ld(b"\x0a", self.key_of(record_id).encode()) + self._envelope
         if occurred_at is not None and self.is_event:
-            stamp = to_timestamp(occurred_at)
-            payload.occurred_at.CopyFrom(stamp)
-            env.occurred_at.CopyFrom(stamp)
-        env.payload.value = self._payload + payload.SerializeToString()
+            stamp = _ld(b"\x42", timestamp_bytes(occurred_at))
+            payload += stamp
+            envelope += b"\x22" + stamp[1:]
+        if event_type:
+            payload += _ld(b"\x4a", _text(event_type))
+        return envelope + _ld(b"\x4a", self._type_url + _ld(b"\x12", payload))
+
+    def build(self, **kwargs: Any) -> Envelope:
+        env = Envelope()
+        env.ParseFromString(self.encode(**kwargs))
         return env
+
+    def _struct(self, values: dict[str, Any]) -> bytes:
+        """A ``google.protobuf.Struct`` of scalar values, encoded by hand; nested ones by protobuf."""
+        keys = self._keys
+        out = b""
+        for key, value in values.items():
+            prefix = keys.get(key)
+            if prefix is None:
+                prefix = keys[key] = _ld(b"\x0a", _text(key)) + b"\x12"
+            kind = type(value)
+            if kind is str:
+                encoded = _ld(b"\x1a", _text(value))
+            elif kind is float or kind is int:
+                encoded = b"\x11" + _DOUBLE(value)
+            elif kind is bool:
+                encoded = b"\x20\x01" if value else b"\x20\x00"
+            else:
+                out += attributes_of({key: value}).SerializeToString()
+                continue
+            entry = prefix + varint(len(encoded)) + encoded
+            out += b"\x0a" + varint(len(entry)) + entry
+        return out
+
+
+def envelopes_of(encoded: Iterable[bytes]) -> list[Envelope]:
+    """Envelopes parsed from their wire bytes in one call (an ``EventBatch`` framed around them)."""
+    batch = EventBatch()
+    batch.ParseFromString(b"".join(_ld(b"\x0a", e) for e in encoded))
+    return list(batch.events)

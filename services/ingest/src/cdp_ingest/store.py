@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import json_format
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cdp.ingest.v1 import ingest_pb2 as pb
@@ -46,15 +47,17 @@ class BatchChunkRow(SQLModel, table=True):
     batch_id: str = Field(primary_key=True)
     chunk: int = Field(primary_key=True)
     rows: int
+    duplicates: int = 0
 
 
 class SeenEventRow(SQLModel, table=True):
-    """Every accepted event id, for de-duplication for all time."""
+    """Every accepted event, for de-duplication for all time, by the id of its record envelope
+    (``records.record_key(dataset, event id)``): the fold learns it without unpacking the record."""
 
     __tablename__ = "ingest_seen_event"
 
     dataset: str = Field(primary_key=True)
-    event_id: str = Field(primary_key=True)
+    record_key: str = Field(primary_key=True)
 
 
 class BatchErrorRow(SQLModel, table=True):
@@ -119,15 +122,55 @@ def appended_chunks(session: Session, batch_id: str) -> set[int]:
     return set(rows)
 
 
-def seen_events(session: Session, dataset_name: str, event_ids: list[str]) -> set[str]:
-    if not event_ids:
-        return set()
-    rows = session.exec(
-        select(SeenEventRow.event_id).where(
-            SeenEventRow.dataset == dataset_name, col(SeenEventRow.event_id).in_(event_ids)
+SEEN_PENDING = "ingest_seen_pending"
+SEEN_QUERY_CHUNK = 900
+
+
+def note_seen(session: Session, dataset_name: str, key: str) -> None:
+    """Record an event as seen; written in bulk before the next seen query or the commit."""
+    session.info.setdefault(SEEN_PENDING, []).append({"dataset": dataset_name, "record_key": key})
+
+
+def write_seen(session: Session) -> None:
+    """One insert of every event noted seen in this transaction; an id already kept is left alone."""
+    pending = session.info.pop(SEEN_PENDING, None)
+    if not pending:
+        return
+    table = SeenEventRow.__table__  # type: ignore[attr-defined]
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    session.execute(insert(table).on_conflict_do_nothing(), pending)
+
+
+@sa.event.listens_for(Session, "before_commit")
+def _write_seen_before_commit(session: Session) -> None:
+    write_seen(session)
+
+
+@sa.event.listens_for(Session, "after_rollback")
+def _forget_seen_after_rollback(session: Session) -> None:
+    session.info.pop(SEEN_PENDING, None)
+
+
+def seen_keys(session: Session, dataset_name: str, keys: list[str]) -> set[str]:
+    """Which of these record keys (``records.record_key``) were seen before."""
+    write_seen(session)
+    found: set[str] = set()
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), SEEN_QUERY_CHUNK):
+        part = unique[start : start + SEEN_QUERY_CHUNK]
+        found.update(
+            session.exec(
+                select(SeenEventRow.record_key).where(
+                    SeenEventRow.dataset == dataset_name, col(SeenEventRow.record_key).in_(part)
+                )
+            ).all()
         )
-    ).all()
-    return set(rows)
+    return found
+
+
+def chunk_duplicates(session: Session, batch_id: str) -> int:
+    rows = session.exec(select(BatchChunkRow.duplicates).where(BatchChunkRow.batch_id == batch_id)).all()
+    return sum(rows)
 
 
 def report_of(row: BatchRow) -> pb.BatchReport:

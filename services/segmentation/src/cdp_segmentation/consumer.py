@@ -11,51 +11,78 @@ from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
 from cdp_segmentation import store
-from cdp_segmentation.membership import Catalog, exit_all, reevaluate
-from cdp_segmentation.profiles import apply_fragment, apply_merge, apply_split
+from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
+from cdp_segmentation.profiles import apply_merge, apply_split
 from cdp_segmentation.store import EVENT, DatasetRow
+
+FRAGMENT = identity_ev.ProfileFragment
 
 
 class ProfilesToMemberships:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._split_parts: dict[str, list[str]] = {}
-        # Profiles a fragment of the current message created: every segment reads a new profile.
-        self._created: set[str] = set()
         self._sequence = 0
+        self._fragments: dict[str, identity_ev.ProfileFragment] = {}
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         ctx = self.catalog.context(session)
         if msg.sequence != self._sequence:
-            self._sequence, self._created, self._split_parts = msg.sequence, set(), {}
+            self._sequence, self._split_parts = msg.sequence, {}
+        working = self.catalog.working_for(session)
         if is_a(env, identity_ev.ProfileFragment):
-            frag = unpack(env, identity_ev.ProfileFragment)
-            if session.get(store.ProfileRow, frag.profile_id) is None:
-                self._created.add(frag.profile_id)
-            apply_fragment(session, frag, msg.sequence, ctx)
+            working.apply_fragment(self._fragment(env), msg.sequence, ctx)
         elif is_a(env, identity_ev.ProfilesMerged):
-            apply_merge(session, unpack(env, identity_ev.ProfilesMerged), ctx)
+            merged = unpack(env, identity_ev.ProfilesMerged)
+            self._leave_to_sql(session, [merged.survivor, *merged.absorbed])
+            apply_merge(session, merged, ctx)
         elif is_a(env, identity_ev.ProfileSplit):
-            self._split_parts[env.id] = apply_split(session, unpack(env, identity_ev.ProfileSplit), ctx)
+            split = unpack(env, identity_ev.ProfileSplit)
+            self._leave_to_sql(session, [split.profile_id, *(p.profile_id for p in split.parts)])
+            self._split_parts[env.id] = apply_split(session, split, ctx)
+
+    def _leave_to_sql(self, session: Session, profile_ids: list[str]) -> None:
+        working = self.catalog.working_for(session)
+        working.write_back()
+        working.forget(profile_ids)
+
+    def prefetch(self, session: Session, envelopes: list[Envelope]) -> None:
+        """Load every profile the batch's fragments touch, in bulk."""
+        self._fragments = {e.id: unpack(e, FRAGMENT) for e in envelopes if is_a(e, FRAGMENT)}
+        self.catalog.working_for(session).load(f.profile_id for f in self._fragments.values())
+
+    def _fragment(self, env: Envelope) -> identity_ev.ProfileFragment:
+        """Unpacked once per batch (in prefetch), not again in observe and decide."""
+        frag = self._fragments.get(env.id)
+        return frag if frag is not None else unpack(env, FRAGMENT)
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         at = from_timestamp(env.occurred_at)
         session = uow.session
         now_ms = self.catalog.context(session).clock_ms
         if is_a(env, identity_ev.ProfileFragment):
-            frag = unpack(env, identity_ev.ProfileFragment)
-            if frag.profile_id in self._created:
+            frag = self._fragment(env)
+            working = self.catalog.working_for(session)
+            state = working.get(frag.profile_id)
+            if not working.live(frag.profile_id):  # merged away later in the same message
+                exit_all(uow, frag.profile_id, at, f"fragment:{env.id}")
+                return
+            if state.created:
                 segments = self.catalog.affected(session, everything=True)
-            elif frag.kind == EVENT:
-                segments = self.catalog.affected(
-                    session, event_types={frag.event_type}, identities=bool(frag.identities)
-                )
+                state.created = False
             else:
-                names = set(frag.attributes.fields)
-                segments = self.catalog.affected(session, attributes=names, identities=bool(frag.identities))
-            reevaluate(uow, frag.profile_id, segments, at, f"fragment:{env.id}", now_ms)
+                # Segments reading what changed: the attributes of a record, the type of an event,
+                # and the types of events the cap dropped (possibly in another fragment of the message).
+                names = set(frag.attributes.fields) if frag.kind != EVENT else set()
+                types = {frag.event_type, *state.dropped_types} if frag.kind == EVENT else set(state.dropped_types)
+                segments = self.catalog.affected(
+                    session, attributes=names, event_types=types, identities=bool(frag.identities)
+                )
+            state.dropped_types.clear()
+            reevaluate_state(uow, state, segments, at, f"fragment:{env.id}", now_ms)
         elif is_a(env, identity_ev.ProfilesMerged):
             merged = unpack(env, identity_ev.ProfilesMerged)
+            self._leave_to_sql(session, [merged.survivor, *merged.absorbed])
             for absorbed in merged.absorbed:
                 exit_all(uow, absorbed, at, f"merged-into:{merged.survivor}:{env.id}")
             everything = self.catalog.affected(session, everything=True)
@@ -65,6 +92,7 @@ class ProfilesToMemberships:
             parts = self._split_parts.pop(env.id, None) or sorted(
                 {split.profile_id, *(p.profile_id for p in split.parts)}
             )
+            self._leave_to_sql(session, parts)
             everything = self.catalog.affected(session, everything=True)
             for part in parts:
                 reevaluate(uow, part, everything, at, f"split:{env.id}", now_ms)

@@ -184,3 +184,130 @@ def matches(ast: pb.Expression, profile: ProfileData, now_ms: int) -> bool:
     if node == "member_of":
         return ast.member_of.segment_id in profile.memberships
     return False
+
+
+# --------------------------------------------------------------------------- compiled
+# The same semantics as ``matches``, with the tree walked once per segment instead of once per
+# evaluation: streaming evaluates thousands of profiles a second against the same definitions.
+Test = Callable[[ProfileData, int], bool]
+FieldTest = Callable[[dict[str, Any]], bool]
+EventTest = Callable[[Event], bool]
+
+
+def _getter(path: str) -> Callable[[dict[str, Any]], Any]:
+    if "." not in path:
+        return lambda values: values.get(path, MISSING)
+    return lambda values: lookup(values, path)
+
+
+def compile_fields(ast: pb.Expression) -> FieldTest:
+    node = ast.WhichOneof("node")
+    if node == "comparison":
+        op, get, expected = ast.comparison.op, _getter(ast.comparison.path), literal_value(ast.comparison.value)
+        return lambda values: compare(op, get(values), expected)
+    if node == "exists":
+        present = _getter(ast.exists.path)
+        return lambda values: present(values) not in (MISSING, None)
+    if node in ("all", "any"):
+        terms = [compile_fields(t) for t in getattr(ast, node).terms]
+        if node == "all":
+            return lambda values: all(t(values) for t in terms)
+        return lambda values: any(t(values) for t in terms)
+    if node == "negate":
+        inner = compile_fields(ast.negate)
+        return lambda values: not inner(values)
+    return lambda values: False
+
+
+def compile_pattern(pattern: pb.EventPattern) -> EventTest:
+    event_type = pattern.event_type
+    where = compile_fields(pattern.where) if pattern.HasField("where") else None
+    if where is None:
+        return (lambda e: e.event_type == event_type) if event_type else (lambda e: True)
+    if not event_type:
+        return lambda e: where(e.fields)
+    return lambda e: e.event_type == event_type and where(e.fields)
+
+
+def _compile_event(cond: pb.EventCondition) -> Test:
+    chosen = compile_pattern(cond.pattern)
+    kind = cond.window.WhichOneof("kind")
+    width = cond.window.within_seconds * 1000
+    lo, hi = cond.window.between.from_ms, cond.window.between.to_ms
+    agg, field_path, op, value = cond.aggregate, cond.field, cond.op, cond.value
+    get = _getter(field_path) if field_path else None
+
+    def test(profile: ProfileData, now_ms: int) -> bool:
+        if kind == "within_seconds":
+            start = now_ms - width
+            events = [e for e in profile.events if e.ts_ms > start and chosen(e)]
+        elif kind == "between":
+            events = [e for e in profile.events if lo <= e.ts_ms < hi and chosen(e)]
+        else:
+            events = [e for e in profile.events if chosen(e)]
+        if agg == pb.AGGREGATE_COUNT:
+            return compare(op, float(len(events)), value)
+        assert get is not None
+        numbers = [v for v in (get(e.fields) for e in events) if is_number(v)]
+        if agg == pb.AGGREGATE_SUM:
+            return compare(op, float(sum(numbers)), value)
+        if not numbers:
+            return False
+        if agg == pb.AGGREGATE_MIN:
+            return compare(op, float(min(numbers)), value)
+        if agg == pb.AGGREGATE_MAX:
+            return compare(op, float(max(numbers)), value)
+        return compare(op, float(sum(numbers)) / len(numbers), value)
+
+    return test
+
+
+def _compile_sequence(seq: pb.Sequence) -> Test:
+    first, then = compile_pattern(seq.first), compile_pattern(seq.then)
+    width, negated = seq.within_seconds * 1000, seq.negated
+
+    def test(profile: ProfileData, now_ms: int) -> bool:
+        firsts = [e.ts_ms for e in profile.events if first(e)]
+        if not firsts:
+            return False
+        thens = [e.ts_ms for e in profile.events if then(e)]
+
+        def answered(a: int) -> bool:
+            return any(a < b <= a + width for b in thens)
+
+        if negated:
+            return any(a + width <= now_ms and not answered(a) for a in firsts)
+        return any(answered(a) for a in firsts)
+
+    return test
+
+
+def compile_ast(ast: pb.Expression) -> Test:
+    """A function of (profile, now) equal to ``matches(ast, profile, now)``."""
+    node = ast.WhichOneof("node")
+    if node in ("comparison", "exists"):
+        fields = compile_fields(ast)
+        return lambda p, now: fields(p.attributes)
+    if node in ("all", "any"):
+        terms = [compile_ast(t) for t in getattr(ast, node).terms]
+        if node == "all":
+            return lambda p, now: all(t(p, now) for t in terms)
+        return lambda p, now: any(t(p, now) for t in terms)
+    if node == "negate":
+        inner = compile_ast(ast.negate)
+        return lambda p, now: not inner(p, now)
+    if node == "event":
+        return _compile_event(ast.event)
+    if node == "sequence":
+        return _compile_sequence(ast.sequence)
+    if node == "identity":
+        namespace = ast.identity.namespace
+        return lambda p, now: namespace in p.namespaces
+    if node == "consent":
+        consent = _getter(f"consents.{ast.consent.purpose}")
+        expected = ast.consent.value
+        return lambda p, now: compare(pb.COMPARE_OP_EQ, consent(p.attributes), expected)
+    if node == "member_of":
+        segment_id = ast.member_of.segment_id
+        return lambda p, now: segment_id in p.memberships
+    return lambda p, now: False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -15,9 +16,10 @@ from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import SEGMENTATION_MEMBERSHIPS
 from cdp_segmentation import store
 from cdp_segmentation.analysis import Reads, reads_of
-from cdp_segmentation.evaluate import Event, ProfileData, matches
+from cdp_segmentation.evaluate import Event, ProfileData, Test, compile_ast
 from cdp_segmentation.profiles import DEFAULT_EVENT_CAP, ProfileContext, next_due
 from cdp_segmentation.store import EVENT, EXITED, REALIZED, FragmentRow, ProfileRow
+from cdp_segmentation.working import ProfileState, WorkingSet
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class CompiledSegment:
     ast: pb.Expression
     reads: Reads
     streaming: bool
+    test: Test
 
 
 class Catalog:
@@ -37,10 +40,20 @@ class Catalog:
         self.event_cap = event_cap
         self._segments: list[CompiledSegment] | None = None
         self._ctx: ProfileContext | None = None
+        self._affected: dict[tuple[Any, ...], list[CompiledSegment]] = {}
+        # The in-memory profiles of the input batch being applied (see working.py).
+        self.working: WorkingSet | None = None
 
     def invalidate(self) -> None:
         self._segments = None
         self._ctx = None
+        self._affected = {}
+
+    def working_for(self, session: Session) -> WorkingSet:
+        """The working set of this transaction (a new one for a new transaction)."""
+        if self.working is None or self.working.session is not session:
+            self.working = WorkingSet(session)
+        return self.working
 
     def segments(self, session: Session) -> list[CompiledSegment]:
         if self._segments is None:
@@ -48,7 +61,11 @@ class Catalog:
             for row in store.all_segments(session):
                 segment = store.segment_of(row)
                 streaming = segment.evaluation != pb.EVALUATION_BATCH
-                compiled.append(CompiledSegment(row.id, row.name, segment.ast, reads_of(segment.ast), streaming))
+                compiled.append(
+                    CompiledSegment(
+                        row.id, row.name, segment.ast, reads_of(segment.ast), streaming, compile_ast(segment.ast)
+                    )
+                )
             self._segments = _dependency_order(compiled)
         return self._segments
 
@@ -74,7 +91,11 @@ class Catalog:
         everything: bool = False,
     ) -> list[CompiledSegment]:
         """The streaming segments that read what changed, and every segment that reads those."""
-        attrs, types = set(attributes), set(event_types)
+        attrs, types = frozenset(attributes), frozenset(event_types)
+        key = (attrs, types, identities, timed, everything)
+        cached = self._affected.get(key)
+        if cached is not None and self._segments is not None:
+            return cached
         chosen: set[str] = set()
         result = []
         for seg in self.streaming(session):
@@ -90,6 +111,7 @@ class Catalog:
             if hit:
                 chosen.add(seg.id)
                 result.append(seg)
+        self._affected[key] = result
         return result
 
 
@@ -157,12 +179,31 @@ def reevaluate(
     current = store.memberships_of(uow.session, profile_id)
     events: list[Envelope] = []
     for seg in segments:
-        inside = matches(seg.ast, data, now_ms)
+        inside = seg.test(data, now_ms)
         if inside != (current.get(seg.id) == REALIZED):
             events.append(change(uow, seg.id, profile_id, REALIZED if inside else EXITED, at, cause))
             (data.memberships.add if inside else data.memberships.discard)(seg.id)
     uow.emit(SEGMENTATION_MEMBERSHIPS, events)
     return len(events)
+
+
+def reevaluate_state(
+    uow: UnitOfWork, state: ProfileState, segments: list[CompiledSegment], at: datetime, cause: str, now_ms: int
+) -> int:
+    """``reevaluate`` against a profile held in the working set."""
+    if not segments:
+        return 0
+    inside_now = {sid for sid, status in state.memberships.items() if status == REALIZED}
+    events = state.events
+    data = ProfileData(state.attributes, state.namespaces, inside_now, lambda: events)
+    changes: list[Envelope] = []
+    for seg in segments:
+        inside = seg.test(data, now_ms)
+        if inside != (seg.id in inside_now):
+            changes.append(change(uow, seg.id, state.profile_id, REALIZED if inside else EXITED, at, cause))
+            (inside_now.add if inside else inside_now.discard)(seg.id)
+    uow.emit(SEGMENTATION_MEMBERSHIPS, changes)
+    return len(changes)
 
 
 def exit_all(uow: UnitOfWork, profile_id: str, at: datetime, cause: str) -> int:
@@ -210,7 +251,7 @@ def backfill_page(
     current = store.statuses(uow.session, segment_id, [p.profile_id for p in page])
     for profile in page:
         _refresh_due(uow.session, profile, ctx)
-        inside = matches(seg.ast, profile_data(uow.session, profile), ctx.clock_ms)
+        inside = seg.test(profile_data(uow.session, profile), ctx.clock_ms)
         if inside != (current.get(profile.profile_id) == REALIZED):
             status = REALIZED if inside else EXITED
             cause = f"segment-defined:{segment_id}:{generation}"

@@ -23,6 +23,10 @@ class SegmentationProjection:
             change = unpack(env, ev.MembershipChanged)
             status = REALIZED if change.status == ev.MEMBERSHIP_STATUS_REALIZED else EXITED
             at = from_timestamp(change.at)
+            working = self.catalog.working
+            if working is not None and working.session is session and working.tracks(change.profile_id):
+                working.membership(change.segment_id, change.profile_id, status, at)
+                return
             session.merge(
                 MembershipRow(segment_id=change.segment_id, profile_id=change.profile_id, status=status, changed_at=at)
             )

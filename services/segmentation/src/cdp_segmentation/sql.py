@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnElement
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
-from cdp_segmentation.evaluate import literal_value
+from cdp_segmentation.evaluate import compare, literal_value
 from cdp_segmentation.store import EVENT, FragmentRow, ProfileIdentityRow, ProfileRow
 
 PROFILE: sa.Table = ProfileRow.__table__  # type: ignore[attr-defined]
@@ -151,6 +151,8 @@ class Compiler:
     dialect: str
     now_ms: int
     segments: Mapping[str, pb.Segment]
+    lo: str = ""
+    hi: str | None = None
 
     def fields(self, ast: pb.Expression, column: Any) -> Bool:
         node = ast.WhichOneof("node")
@@ -168,12 +170,21 @@ class Compiler:
             return sa.not_(_known(self.fields(ast.negate, column)))
         return sa.false()
 
-    def _pattern(self, pattern: pb.EventPattern, event: Any, profile_id: Any) -> list[Bool]:
-        conds: list[Bool] = [event.c.profile_id == profile_id, event.c.kind == EVENT]
+    def _pattern(self, pattern: pb.EventPattern, event: Any) -> list[Bool]:
+        conds: list[Bool] = [event.c.kind == EVENT, *self._in_range(event.c.profile_id)]
         if pattern.event_type:
             conds.append(event.c.event_type == pattern.event_type)
         if pattern.HasField("where"):
             conds.append(self.fields(pattern.where, event.c.attributes))
+        return conds
+
+    def _in_range(self, profile_id: Any) -> list[Bool]:
+        """A page of a batch run reads only its own profiles' events."""
+        conds: list[Bool] = []
+        if self.lo:
+            conds.append(profile_id > self.lo)
+        if self.hi is not None:
+            conds.append(profile_id <= self.hi)
         return conds
 
     def _window(self, window: pb.Window, ts: Any) -> list[Bool]:
@@ -185,8 +196,11 @@ class Compiler:
         return []
 
     def event(self, cond: pb.EventCondition, profile_id: Any) -> Bool:
+        """One grouped pass over the events (not a subquery per profile): the profiles whose
+        aggregate holds; or, when it holds for a profile with no such events (count < 2, sum = 0),
+        every profile but those whose aggregate fails."""
         event = FRAGMENT.alias()
-        where = [*self._pattern(cond.pattern, event, profile_id), *self._window(cond.window, event.c.ts_ms)]
+        where = [*self._pattern(cond.pattern, event), *self._window(cond.window, event.c.ts_ms)]
         if cond.aggregate == pb.AGGREGATE_COUNT:
             measure: Any = sa.func.count()
         else:
@@ -198,8 +212,11 @@ class Compiler:
                 pb.AGGREGATE_AVG: sa.func.avg,
             }
             measure = aggregates[cond.aggregate](value)
-        scalar = sa.select(measure).select_from(event).where(*where).correlate_except(event).scalar_subquery()
-        return OPERATORS[cond.op](scalar, cond.value)
+        grouped = sa.select(event.c.profile_id).where(*where).group_by(event.c.profile_id)
+        holds = OPERATORS[cond.op](measure, cond.value)
+        if cond.aggregate in (pb.AGGREGATE_COUNT, pb.AGGREGATE_SUM) and compare(cond.op, 0.0, cond.value):
+            return profile_id.not_in(grouped.having(sa.not_(_known(holds))))
+        return profile_id.in_(grouped.having(holds))
 
     def sequence(self, seq: pb.Sequence, profile_id: Any) -> Bool:
         first, then = FRAGMENT.alias(), FRAGMENT.alias()
@@ -208,18 +225,19 @@ class Compiler:
             sa.select(sa.literal(1))
             .select_from(then)
             .where(
-                *self._pattern(seq.then, then, first.c.profile_id),
+                then.c.profile_id == first.c.profile_id,
+                *self._pattern(seq.then, then),
                 then.c.ts_ms > first.c.ts_ms,
                 then.c.ts_ms <= first.c.ts_ms + width,
             )
             .correlate_except(then)
         )
-        starts = sa.select(sa.literal(1)).select_from(first).where(*self._pattern(seq.first, first, profile_id))
+        starts = sa.select(first.c.profile_id).where(*self._pattern(seq.first, first))
         if seq.negated:
             starts = starts.where(first.c.ts_ms + width <= self.now_ms, ~sa.exists(answer))
         else:
             starts = starts.where(sa.exists(answer))
-        return sa.exists(starts.correlate_except(first))
+        return profile_id.in_(starts)
 
     def profile(self, ast: pb.Expression, profile: Any) -> Bool:
         node = ast.WhichOneof("node")
@@ -280,7 +298,7 @@ def matching(
 ) -> set[str]:
     """The profile ids matching ``ast`` in (lo, hi]."""
     profile = PROFILE.alias("p")
-    condition = Compiler(conn.dialect.name, now_ms, segments).profile(ast, profile)
+    condition = Compiler(conn.dialect.name, now_ms, segments, lo, hi).profile(ast, profile)
     query = sa.select(profile.c.profile_id).where(condition)
     if lo:
         query = query.where(profile.c.profile_id > lo)

@@ -149,7 +149,7 @@ def violations_of(exc: ValidationError) -> list[Violation]:
 
 
 def catalog() -> dict[str, Connector]:
-    from cdp_activation.connectors import ads, email, file_export, webhook
+    from cdp_activation.connectors import ads, crm, email, file_export, webhook
 
     connectors: list[Connector] = [
         file_export.FileExport(),
@@ -163,6 +163,9 @@ def catalog() -> dict[str, Connector]:
         email.Mailchimp(),
         email.Braze(),
         email.TwilioSms(),
+        crm.Klaviyo(),
+        crm.SalesforceMarketingCloud(),
+        crm.TradeDeskCrm(),
     ]
     return {c.name: c for c in connectors}
 

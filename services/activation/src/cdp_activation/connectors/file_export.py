@@ -6,6 +6,7 @@ atomically, so sending a batch again rewrites the same files: idempotent."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gzip
 import hashlib
@@ -18,10 +19,18 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cdp_activation import identifiers as ids
-from cdp_activation.connectors.base import Batch, Connector, ConnectorConfig, Record, SendContext, SendResult
+from cdp_activation.connectors.base import (
+    Batch,
+    Connector,
+    ConnectorConfig,
+    DeliveryError,
+    Record,
+    SendContext,
+    SendResult,
+)
 
 SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -36,6 +45,25 @@ class FileExportConfig(ConnectorConfig):
     # Identities written as SHA-256 of their normalised form (email trimmed+lowercased, phone E.164).
     hash_identities: bool = False
     phone_region: str = "US"
+    # Where files go: the local export folder, an SFTP server, or any fsspec URL (s3://bucket/prefix).
+    target: Literal["local", "sftp", "fsspec"] = "local"
+    sftp_host: str = ""
+    sftp_port: int = Field(default=22, ge=1, le=65535)
+    sftp_username: str = ""
+    sftp_password: str = ""
+    sftp_path: str = ""
+    # known_hosts lines for the server's key; empty = the host key is not checked.
+    sftp_known_hosts: str = ""
+    fsspec_url: str = ""
+    fsspec_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _target(self) -> FileExportConfig:
+        if self.target == "sftp" and not (self.sftp_host and self.sftp_username):
+            raise ValueError("target sftp needs sftp_host and sftp_username")
+        if self.target == "fsspec" and "://" not in self.fsspec_url:
+            raise ValueError("target fsspec needs fsspec_url (e.g. s3://bucket/prefix)")
+        return self
 
     @field_validator("folder")
     @classmethod
@@ -87,8 +115,6 @@ class FileExport(Connector):
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, FileExportConfig)
-        folder = ctx.export_root / (config.folder or batch.destination)
-        folder.mkdir(parents=True, exist_ok=True)
         if config.mode == "full":
             records = batch.snapshot if batch.snapshot is not None else batch.records
             stem = batch.segment
@@ -96,7 +122,9 @@ class FileExport(Connector):
             records = batch.records
             stem = f"{batch.segment}-{batch.sequence:08d}-{batch.action}"
         header, rows = self.rows(config, batch, records)
-        files = write_files(folder, stem, config, header, rows)
+        files = render_files(stem, config, header, rows)
+        listing = [{"name": n, "rows": r, "sha256": hashlib.sha256(d).hexdigest()} for n, r, d in files]
+        outputs = [(n, d) for n, _, d in files]
         if config.manifest:
             manifest = {
                 "batch_id": batch.id,
@@ -107,34 +135,105 @@ class FileExport(Connector):
                 "action": batch.action if config.mode == "incremental" else "snapshot",
                 "columns": header,
                 "rows": len(rows),
-                "files": files,
+                "files": listing,
             }
-            atomic_write(folder / f"{stem}.manifest.json", json.dumps(manifest, indent=2).encode())
+            outputs.append((f"{stem}.manifest.json", json.dumps(manifest, indent=2).encode()))
+        folder = config.folder or batch.destination
+        stale = re.compile(re.escape(stem) + r"-[0-9]{5}\." + re.escape(extension(config)) + "$")
+        if config.target == "sftp":
+            location = await sftp_write(config, folder, outputs, stale)
+        elif config.target == "fsspec":
+            location = await asyncio.to_thread(fsspec_write, config, folder, outputs, stale)
+        else:
+            location = await asyncio.to_thread(local_write, ctx.export_root / folder, outputs, stale)
         activated = sum(1 for rec in batch.records for ns in batch.identities if rec.first(ns))
-        location = str(folder / files[0]["name"]) if files else str(folder)
-        return SendResult(activated=activated, location=location)
+        return SendResult(activated=activated, location=f"{location}/{files[0][0]}")
 
 
-def write_files(
-    folder: Path, stem: str, cfg: FileExportConfig, header: list[str], rows: list[list[Any]]
-) -> list[dict[str, Any]]:
+def extension(cfg: FileExportConfig) -> str:
+    return cfg.format + (".gz" if cfg.gzip else "")
+
+
+def render_files(
+    stem: str, cfg: FileExportConfig, header: list[str], rows: list[list[Any]]
+) -> list[tuple[str, int, bytes]]:
+    """(name, rows, bytes) of each file, split at ``split_rows``."""
     size = cfg.split_rows or max(len(rows), 1)
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)] or [[]]
-    ext = {"csv": "csv", "jsonl": "jsonl", "parquet": "parquet"}[cfg.format] + (".gz" if cfg.gzip else "")
-    files = []
+    ext = extension(cfg)
+    out = []
     for n, chunk in enumerate(chunks, start=1):
         name = f"{stem}.{ext}" if len(chunks) == 1 else f"{stem}-{n:05d}.{ext}"
         data = encode(cfg.format, header, chunk)
         if cfg.gzip:
             data = gzip.compress(data, compresslevel=6, mtime=0)
+        out.append((name, len(chunk), data))
+    return out
+
+
+def local_write(folder: Path, outputs: list[tuple[str, bytes]], stale: re.Pattern[str]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in outputs:
         atomic_write(folder / name, data)
-        files.append({"name": name, "rows": len(chunk), "sha256": hashlib.sha256(data).hexdigest()})
-    # A full export that shrank below its earlier split count leaves no stale parts behind.
-    keep = {f["name"] for f in files}
-    for old in folder.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9].{ext}"):
-        if old.name not in keep:
-            old.unlink()
-    return files
+    keep = {name for name, _ in outputs}
+    for old in folder.iterdir():
+        if stale.match(old.name) and old.name not in keep:
+            old.unlink()  # a full export that shrank below its earlier split count
+    return str(folder)
+
+
+async def sftp_write(
+    cfg: FileExportConfig, folder: str, outputs: list[tuple[str, bytes]], stale: re.Pattern[str]
+) -> str:
+    """Upload each file as <name>.tmp, then rename it over the target (atomic on the server)."""
+    import asyncssh
+
+    known_hosts = asyncssh.import_known_hosts(cfg.sftp_known_hosts) if cfg.sftp_known_hosts else None
+    try:
+        async with (
+            asyncssh.connect(
+                cfg.sftp_host,
+                port=cfg.sftp_port,
+                username=cfg.sftp_username,
+                password=cfg.sftp_password or None,
+                known_hosts=known_hosts,
+                connect_timeout=cfg.timeout_s,
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            remote = f"{cfg.sftp_path.rstrip('/')}/{folder}" if cfg.sftp_path else folder
+            await sftp.makedirs(remote, exist_ok=True)
+            for name, data in outputs:
+                async with sftp.open(f"{remote}/{name}.tmp", "wb") as fh:
+                    await fh.write(data)
+                await sftp.posix_rename(f"{remote}/{name}.tmp", f"{remote}/{name}")
+            keep = {name for name, _ in outputs}
+            for old in await sftp.listdir(remote):
+                if stale.match(old) and old not in keep:
+                    await sftp.remove(f"{remote}/{old}")
+            return f"sftp://{cfg.sftp_host}:{cfg.sftp_port}/{remote.lstrip('/')}"
+    except asyncssh.PermissionDenied:
+        raise DeliveryError("SFTP authentication refused", permanent=True) from None
+    except (asyncssh.Error, OSError) as exc:
+        raise DeliveryError(f"SFTP {type(exc).__name__}", permanent=False) from None
+
+
+def fsspec_write(cfg: FileExportConfig, folder: str, outputs: list[tuple[str, bytes]], stale: re.Pattern[str]) -> str:
+    """Any fsspec filesystem (s3:// with s3fs, memory://, file://): files are written whole."""
+    import fsspec  # type: ignore[import-untyped]
+
+    fs, root = fsspec.core.url_to_fs(cfg.fsspec_url, **cfg.fsspec_options)
+    remote = f"{root.rstrip('/')}/{folder}"
+    fs.makedirs(remote, exist_ok=True)
+    for name, data in outputs:
+        with fs.open(f"{remote}/{name}", "wb") as fh:
+            fh.write(data)
+    keep = {name for name, _ in outputs}
+    for old in fs.ls(remote, detail=False):
+        base = str(old).rsplit("/", 1)[-1]
+        if stale.match(base) and base not in keep:
+            fs.rm(str(old))
+    return f"{cfg.fsspec_url.rstrip('/')}/{folder}"
 
 
 def encode(fmt: str, header: list[str], rows: list[list[Any]]) -> bytes:

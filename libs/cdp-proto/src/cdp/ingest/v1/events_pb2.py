@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x64p/ingest/v1/events.proto\x12\rcdp.ingest.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1a\x63\x64p/ingest/v1/ingest.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x10SchemaRegistered\x12%\n\x06schema\x18\x01 \x01(\x0b\x32\x15.cdp.ingest.v1.Schema\"9\n\x0e\x44\x61tasetCreated\x12\'\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x16.cdp.ingest.v1.Dataset\"\xa9\x02\n\x0eRecordAccepted\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x30\n\x0cschema_class\x18\x03 \x01(\x0e\x32\x1a.cdp.ingest.v1.SchemaClass\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\t\x12\x0b\n\x03row\x18\x05 \x01(\x04\x12\x30\n\nidentities\x18\x06 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12+\n\nattributes\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\t \x01(\t\"L\n\x0e\x42\x61tchCompleted\x12*\n\x06report\x18\x01 \x01(\x0b\x32\x1a.cdp.ingest.v1.BatchReport\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\"5\n\x12\x42\x61tchChunkAppended\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\"]\n\x11\x42\x61tchRowsRejected\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\x12\'\n\x04rows\x18\x03 \x03(\x0b\x32\x19.cdp.ingest.v1.BatchError\"C\n\x11\x45ventDeadLettered\x12.\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x19.cdp.ingest.v1.DeadLetterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x64p/ingest/v1/events.proto\x12\rcdp.ingest.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1a\x63\x64p/ingest/v1/ingest.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x10SchemaRegistered\x12%\n\x06schema\x18\x01 \x01(\x0b\x32\x15.cdp.ingest.v1.Schema\"9\n\x0e\x44\x61tasetCreated\x12\'\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x16.cdp.ingest.v1.Dataset\"\xa9\x02\n\x0eRecordAccepted\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x30\n\x0cschema_class\x18\x03 \x01(\x0e\x32\x1a.cdp.ingest.v1.SchemaClass\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\t\x12\x0b\n\x03row\x18\x05 \x01(\x04\x12\x30\n\nidentities\x18\x06 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\x12+\n\nattributes\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\t \x01(\t\"L\n\x0e\x42\x61tchCompleted\x12*\n\x06report\x18\x01 \x01(\x0b\x32\x1a.cdp.ingest.v1.BatchReport\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\"W\n\x12\x42\x61tchChunkAppended\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\"]\n\x11\x42\x61tchRowsRejected\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\x12\'\n\x04rows\x18\x03 \x03(\x0b\x32\x19.cdp.ingest.v1.BatchError\"C\n\x11\x45ventDeadLettered\x12.\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x19.cdp.ingest.v1.DeadLetterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,9 +44,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHCOMPLETED']._serialized_start=584
   _globals['_BATCHCOMPLETED']._serialized_end=660
   _globals['_BATCHCHUNKAPPENDED']._serialized_start=662
-  _globals['_BATCHCHUNKAPPENDED']._serialized_end=715
-  _globals['_BATCHROWSREJECTED']._serialized_start=717
-  _globals['_BATCHROWSREJECTED']._serialized_end=810
-  _globals['_EVENTDEADLETTERED']._serialized_start=812
-  _globals['_EVENTDEADLETTERED']._serialized_end=879
+  _globals['_BATCHCHUNKAPPENDED']._serialized_end=749
+  _globals['_BATCHROWSREJECTED']._serialized_start=751
+  _globals['_BATCHROWSREJECTED']._serialized_end=844
+  _globals['_EVENTDEADLETTERED']._serialized_start=846
+  _globals['_EVENTDEADLETTERED']._serialized_end=913
 # @@protoc_insertion_point(module_scope)

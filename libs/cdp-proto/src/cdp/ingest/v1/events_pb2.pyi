@@ -148,17 +148,26 @@ class BatchChunkAppended(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     chunk: _builtins.int
+    rows: _builtins.int
+    """Records appended with this marker, and accepted rows of the chunk left out because
+    their event id was seen before (event datasets only).
+    """
+    duplicates: _builtins.int
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         chunk: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk", b"chunk", "duplicates", b"duplicates", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

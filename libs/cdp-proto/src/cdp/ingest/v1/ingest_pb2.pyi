@@ -527,6 +527,7 @@ class BatchReport(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     ERROR_THRESHOLD_FIELD_NUMBER: _builtins.int
     ROWS_KEPT_FIELD_NUMBER: _builtins.int
+    ROWS_DUPLICATE_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     batch_key: _builtins.str
     dataset: _builtins.str
@@ -540,6 +541,10 @@ class BatchReport(_message.Message):
     error_threshold: _builtins.float
     """The threshold the batch was judged by, and how many rejected rows are kept for `cdp batch errors`."""
     rows_kept: _builtins.int
+    rows_duplicate: _builtins.int
+    """Accepted rows of an event dataset whose event id was seen before (in this file or ever,
+    by gRPC, NATS or another file): acknowledged, not appended again.
+    """
     @_builtins.property
     def rejects(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectGroup]: ...
     def __init__(
@@ -557,10 +562,11 @@ class BatchReport(_message.Message):
         failure: _builtins.str = ...,
         error_threshold: _builtins.float = ...,
         rows_kept: _builtins.int = ...,
+        rows_duplicate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "batch_key", b"batch_key", "dataset", b"dataset", "duplicate", b"duplicate", "error_threshold", b"error_threshold", "failure", b"failure", "rejects", b"rejects", "rows_accepted", b"rows_accepted", "rows_kept", b"rows_kept", "rows_read", b"rows_read", "rows_rejected", b"rows_rejected", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "batch_key", b"batch_key", "dataset", b"dataset", "duplicate", b"duplicate", "error_threshold", b"error_threshold", "failure", b"failure", "rejects", b"rejects", "rows_accepted", b"rows_accepted", "rows_duplicate", b"rows_duplicate", "rows_kept", b"rows_kept", "rows_read", b"rows_read", "rows_rejected", b"rows_rejected", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,184 @@
+"""Segmentation profiles and schedules on a real JetStream and SQLite: dataset precedence over
+several datasets, the event cap, dataset retention on the log's clock, the cron schedule of batch
+segments, and the in-memory batch path agreeing with a rebuild."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+from pathlib import Path
+
+from google.protobuf import json_format
+from sqlalchemy.engine import Engine
+
+from cdp.ingest.v1 import events_pb2 as ingest_ev
+from cdp.ingest.v1 import ingest_pb2
+from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.envelope import Cause, make_envelope
+from cdp_kit.eventlog import EventLog
+from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
+from cdp_kit.streams import INGEST_CONFIG
+from cdp_segmentation import store
+from cdp_segmentation.main import build_processor
+from cdp_segmentation.store import TABLES, SegmentRow
+from tests.integration.test_segmentation_service import DAY, T0, Identity, engine, members, profile, service
+
+__all__ = ["engine"]
+
+
+def sources(p: pb.Profile) -> dict[str, tuple[object, str]]:
+    return {a.name: (json_format.MessageToDict(a.value), a.source_dataset) for a in p.attributes}
+
+
+async def create_dataset(eventlog: EventLog, name: str, retention_seconds: int) -> None:
+    dataset = ingest_pb2.Dataset(name=name, schema_name="web_event", retention_seconds=retention_seconds)
+    env = make_envelope(
+        ingest_ev.DatasetCreated(dataset=dataset),
+        event_id=f"dataset-{name}",
+        subject_key=name,
+        occurred_at=T0 - 30 * DAY,
+        cause=Cause(command_id=f"dataset-{name}"),
+    )
+    await eventlog.append(INGEST_CONFIG.subject, [env], msg_id=f"dataset-{name}")
+
+
+async def test_dataset_precedence_orders_several_datasets_and_unlisted_ones_fall_back_to_time(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    identity = Identity(eventlog)
+    ids = {"email": "a@example.com"}
+    await identity.record("p1", "web_form", T0 + 3 * DAY, ids, tier="bronze", city="Nice", phone_type="ios")
+    await identity.record("p1", "loyalty", T0 + 2 * DAY, ids, tier="silver", city="Lyon")
+    await identity.record("p1", "crm", T0, ids, tier="gold")
+    await identity.record("p1", "survey", T0 + 4 * DAY, ids, phone_type="android")
+    handlers = await service(engine, eventlog)
+    await handlers.create_segment("gold", 'tier = "gold"')
+    await handlers.processor.catch_up()
+    assert sources(profile(handlers, "p1"))["tier"] == ("bronze", "web_form")
+    assert members(handlers, "gold") == []
+
+    policy = pb.MergePolicy(kind=pb.MERGE_POLICY_KIND_DATASET_PRECEDENCE, datasets=["crm", "loyalty"])
+    await handlers.set_merge_policy(policy)
+    got = sources(profile(handlers, "p1"))
+    assert got["tier"] == ("gold", "crm")  # crm first
+    assert got["city"] == ("Lyon", "loyalty")  # crm has no city: the next listed dataset
+    assert got["phone_type"] == ("android", "survey")  # neither listed: the newest wins
+    assert members(handlers, "gold") == ["p1"]  # the new policy re-evaluated the segment
+
+    await identity.record("p1", "loyalty", T0 + 5 * DAY, ids, tier="platinum", city="Paris")
+    await handlers.processor.catch_up()
+    got = sources(profile(handlers, "p1"))
+    assert got["tier"] == ("gold", "crm")
+    assert got["city"] == ("Paris", "loyalty")
+
+
+async def test_the_event_cap_drops_the_oldest_events_and_segments_see_only_the_kept_ones(
+    engine: Engine, eventlog: EventLog, tmp_path: Path
+) -> None:
+    identity = Identity(eventlog)
+    handlers = await service(engine, eventlog, cap=3)
+    await handlers.create_segment("had_signup", "count(signup) >= 1")
+    await identity.event("p1", "signup", T0)
+    for hour in range(1, 5):
+        await identity.event("p1", "view", T0 + timedelta(hours=hour), page=f"page{hour}")
+    await handlers.processor.catch_up()
+    got = profile(handlers, "p1")
+    assert got.events == 3
+    assert [e.fields["page"] for e in got.recent_events] == ["page4", "page3", "page2"]
+    assert members(handlers, "had_signup") == []  # the signup was the oldest: dropped
+
+    live = canonical_dump(engine, with_checkpoint(TABLES))
+    rebuilt = make_engine(sqlite_url(tmp_path / "rebuilt.db"))
+    processor, _ = build_processor(rebuilt, eventlog, event_cap=3)
+    await processor.rebuild()
+    assert canonical_dump(rebuilt, with_checkpoint(TABLES)) == live
+    rebuilt.dispose()
+
+
+async def test_dataset_retention_drops_events_as_the_log_clock_passes_and_refuses_expired_ones(
+    engine: Engine, eventlog: EventLog, tmp_path: Path
+) -> None:
+    identity = Identity(eventlog)
+    await create_dataset(eventlog, "web", retention_seconds=2 * 86_400)
+    handlers = await service(engine, eventlog)
+    await handlers.tick(T0)
+    await handlers.create_segment("viewer", "count(view) >= 1")
+    await identity.event("p1", "view", T0 - DAY, dataset="web")
+    await identity.event("p1", "view", T0 - 3 * DAY, dataset="web")  # already past its retention
+    await identity.event("p2", "view", T0 - DAY, dataset="app")  # no retention: kept forever
+    await handlers.processor.catch_up()
+    assert profile(handlers, "p1").events == 1
+    assert members(handlers, "viewer") == ["p1", "p2"]
+
+    await handlers.tick(T0 + DAY + timedelta(minutes=1))  # p1's last view is now 2 days old
+    assert profile(handlers, "p1").events == 0
+    assert members(handlers, "viewer") == ["p2"]
+
+    live = canonical_dump(engine, with_checkpoint(TABLES))
+    rebuilt = make_engine(sqlite_url(tmp_path / "rebuilt.db"))
+    processor, _ = build_processor(rebuilt, eventlog)
+    await processor.rebuild()
+    assert canonical_dump(rebuilt, with_checkpoint(TABLES)) == live
+    rebuilt.dispose()
+
+
+async def test_a_scheduled_segment_is_evaluated_in_sql_when_the_clock_passes_its_cron(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    identity = Identity(eventlog)
+    handlers = await service(engine, eventlog)
+    await handlers.tick(T0 + timedelta(seconds=30))
+    segment = await handlers.create_segment("nightly_gold", 'tier = "gold"', schedule="0 3 * * *")
+    assert segment.evaluation == pb.EVALUATION_BATCH
+    assert "scheduled" in segment.evaluation_reason
+    await identity.record("p1", "crm", T0, {"crm_id": "1"}, tier="gold")
+    await handlers.processor.catch_up()
+    assert members(handlers, "nightly_gold") == []  # batch segments do not move on fragments
+
+    await handlers.tick(T0 + timedelta(hours=2))
+    await handlers.run_schedules()
+    assert members(handlers, "nightly_gold") == []  # 03:00 has not come yet
+
+    await handlers.tick(T0 + timedelta(hours=3, minutes=1))
+    await handlers.run_schedules()
+    assert members(handlers, "nightly_gold") == ["p1"]
+    with handlers.processor.read() as session:
+        row = session.get(SegmentRow, segment.id)
+        assert row is not None
+        first_run = row.last_run_ms
+    assert first_run == int((T0 + timedelta(hours=3, minutes=1)).timestamp() * 1000)
+
+    await identity.record("p2", "crm", T0 + DAY, {"crm_id": "2"}, tier="gold")
+    await handlers.processor.catch_up()
+    await handlers.tick(T0 + timedelta(hours=4))
+    await handlers.run_schedules()  # already ran for today's 03:00
+    assert members(handlers, "nightly_gold") == ["p1"]
+    await handlers.tick(T0 + DAY + timedelta(hours=3))
+    await handlers.run_schedules()
+    assert members(handlers, "nightly_gold") == ["p1", "p2"]
+
+
+async def test_the_clock_loop_ticks_the_log_clock_and_runs_due_schedules(engine: Engine, eventlog: EventLog) -> None:
+    identity = Identity(eventlog)
+    handlers = await service(engine, eventlog)
+    handlers.clock_interval_s = 0.05
+    await handlers.tick(T0)  # the schedule last ran long before the wall clock's current minute
+    await handlers.create_segment("every_minute", 'tier = "gold"', schedule="* * * * *")
+    await identity.record("p1", "crm", T0, {"crm_id": "1"}, tier="gold")
+    await handlers.processor.catch_up()
+    assert members(handlers, "every_minute") == []
+    handlers.processor.ready.set()
+    loop = asyncio.create_task(handlers.clock_loop())
+    try:
+        for _ in range(400):
+            if members(handlers, "every_minute") == ["p1"]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert members(handlers, "every_minute") == ["p1"]
+    with handlers.processor.read() as session:
+        assert store.clock_ms(session) > int((T0 + DAY).timestamp() * 1000)  # moved to the wall clock
