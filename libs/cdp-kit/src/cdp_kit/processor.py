@@ -58,7 +58,9 @@ class Projection(Protocol):
 class InputHandler(Protocol):
     """What a service does with another service's facts. A handler may also define
     ``prefetch(session, envelopes)``: called once per fetched batch, before any observe or
-    decide, with every new envelope of the batch, so lookups can be done in bulk."""
+    decide, with every new envelope of the batch, so lookups can be done in bulk; and
+    ``finish(session)``: called after the batch's last decide, before anything is appended
+    and before the commit, so changes kept in memory can be written in bulk."""
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         """Apply what this service keeps of another service's fact (may do nothing)."""
@@ -357,6 +359,9 @@ class Processor:
                         applied_now += 1
                         if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
                             await uow.flush(Cause(inp.spec.name, last), inp.spec)
+                    finish = getattr(inp.handler, "finish", None)
+                    if finish is not None:
+                        finish(session)
                     if uow is not None:
                         await uow.flush(Cause(inp.spec.name, last), inp.spec)
                         set_checkpoint(session, in_checkpoint(inp.spec), last)
