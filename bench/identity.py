@@ -5,8 +5,8 @@ edges, in the same run.
 ``python -m bench identity`` (1M records); ``CDP_BENCH_IDENTITY_RECORDS=100000`` for a quick run.
 Records carry 3 identities each: a person's email, one of the person's 2 cookies and the
 person's device id; people make 2.5 records on average, so graphs grow and merge as
-cookies and devices recur. Ingest messages hold 500 records and the processor applies 4
-messages per transaction (CDP_BATCH_SIZE=4: 2,000 records per SQL transaction). The rebuild
+cookies and devices recur. Ingest messages hold 100 records and the processor applies 20
+messages per transaction (CDP_BATCH_SIZE=20: 2,000 records per SQL transaction). The rebuild
 figure drops a second store and rebuilds it from the same log (fold identity's own log, then
 replay the input without deciding).
 """
@@ -37,8 +37,10 @@ from cdp_kit.store import make_engine, sqlite_url
 from cdp_kit.streams import INGEST_RECORDS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-PER_MESSAGE = 500  # records per CDP_INGEST message
-BATCH_MESSAGES = 4  # CDP_BATCH_SIZE: messages per fetched batch, i.e. one SQL transaction
+# Records per CDP_INGEST message. Small enough that the 256 messages EventLog.read fetches at once
+# are applied within its ephemeral consumer's 30 s inactivity threshold (see docs/identity.md).
+PER_MESSAGE = 100
+BATCH_MESSAGES = 20  # CDP_BATCH_SIZE: messages per fetched batch, i.e. one SQL transaction
 BATCH = PER_MESSAGE * BATCH_MESSAGES  # records per transaction
 
 

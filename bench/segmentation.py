@@ -37,7 +37,7 @@ from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope
 from cdp_kit.eventlog import EventLog
-from cdp_kit.store import make_engine, sqlite_url
+from cdp_kit.store import create_tables, make_engine, sqlite_url
 from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_segmentation import store
 from cdp_segmentation.evaluate import Event, ProfileData, matches
@@ -360,7 +360,7 @@ def batch(profiles: int, events: int) -> None:
     segments = known_segments(batch_definitions())
     with tempfile.TemporaryDirectory(prefix="cdp-bench-seg-batch-") as tmp:
         engine = make_engine(sqlite_url(Path(tmp) / "segmentation.db"))
-        store.SQLModel.metadata.create_all(engine, tables=store.TABLES)
+        create_tables(engine, store.TABLES)
         loaded = load_store(engine, profiles, events)
         print(f"\n   loaded {profiles:,} profiles and {events:,} events into SQLite in {loaded:.1f} s")
         sql_figure, sql_sizes = sql_batch(engine, segments, profiles)

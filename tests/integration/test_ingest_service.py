@@ -591,7 +591,8 @@ async def test_event_ids_in_files_are_deduplicated_with_grpc_and_nats_events_for
     report = await ingest.upload(second, "events-2", dataset="web")
     assert (report.rows_accepted, report.rows_duplicate) == (2, 1)
     again = await ingest.upload(second, "events-2", dataset="web")
-    assert again.duplicate and again.rows_duplicate == 1
+    assert again.duplicate
+    assert again.rows_duplicate == 1
 
     # events of files are duplicates for gRPC and NATS too
     assert [r.status for r in await publish(ingest, [event(5), event(3), event(6)])] == [

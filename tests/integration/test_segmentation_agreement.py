@@ -156,6 +156,8 @@ def _kind(v: Any) -> str | None:
 
 def _lit(lit: pb.Literal) -> Any:
     k = lit.WhichOneof("kind")
+    if k is None:
+        return None
     return [_lit(i) for i in lit.list_value.items] if k == "list_value" else getattr(lit, k)
 
 
@@ -172,7 +174,7 @@ def _cmp(op: int, a: Any, b: Any) -> bool:
         return isinstance(a, str) and a.startswith(b)
     if _kind(a) != _kind(b):
         return op == pb.COMPARE_OP_NE
-    return {1: a == b, 2: a != b, 3: a < b, 4: a <= b, 5: a > b, 6: a >= b}[op]
+    return bool({1: a == b, 2: a != b, 3: a < b, 4: a <= b, 5: a > b, 6: a >= b}[op])
 
 
 def reference(e: pb.Expression, p: Person, now: int) -> bool:
@@ -190,7 +192,7 @@ def reference(e: pb.Expression, p: Person, now: int) -> bool:
     if node == "identity":
         return e.identity.namespace in p.namespaces
     if node == "consent":
-        return _get(p.attributes, f"consents.{e.consent.purpose}") == e.consent.value
+        return bool(_get(p.attributes, f"consents.{e.consent.purpose}") == e.consent.value)
 
     def chosen(pattern: pb.EventPattern) -> list[tuple[str, int, dict[str, Any]]]:
         return [
@@ -324,9 +326,9 @@ async def test_streaming_sql_and_reference_agree_on_every_profile(
             name=f"s{i}",
             query=query,
             ast=ast,
-            evaluation=evaluation,
+            evaluation=evaluation,  # type: ignore[arg-type]
             evaluation_reason=reason,
-        )  # type: ignore[arg-type]
+        )
     persons, frags = fragments(data)
     now2 = T0 + timedelta(hours=later)
     now_ms = int(now2.timestamp() * 1000)

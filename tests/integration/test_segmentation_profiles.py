@@ -9,6 +9,7 @@ import contextlib
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from google.protobuf import json_format
 from sqlalchemy.engine import Engine
 
@@ -16,6 +17,7 @@ from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, make_envelope
+from cdp_kit.errors import InvalidInput
 from cdp_kit.eventlog import EventLog
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import INGEST_CONFIG
@@ -182,3 +184,73 @@ async def test_the_clock_loop_ticks_the_log_clock_and_runs_due_schedules(engine:
     assert members(handlers, "every_minute") == ["p1"]
     with handlers.processor.read() as session:
         assert store.clock_ms(session) > int((T0 + DAY).timestamp() * 1000)  # moved to the wall clock
+
+
+async def register_schema(eventlog: EventLog, schema: ingest_pb2.Schema) -> None:
+    env = make_envelope(
+        ingest_ev.SchemaRegistered(schema=schema),
+        event_id=f"schema-{schema.name}",
+        subject_key=schema.name,
+        occurred_at=T0,
+        cause=Cause(command_id=f"schema-{schema.name}"),
+    )
+    await eventlog.append(INGEST_CONFIG.subject, [env], msg_id=f"schema-{schema.name}")
+
+
+def field(name: str, kind: int, *nested: ingest_pb2.Field) -> ingest_pb2.Field:
+    return ingest_pb2.Field(name=name, type=kind, fields=list(nested))  # type: ignore[arg-type]
+
+
+async def test_definitions_are_checked_against_the_schemas_learnt_from_ingest(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    handlers = await service(engine, eventlog)
+    await handlers.create_segment("before_schemas", "agee > 3")  # no schema known yet: names are not checked
+    person = ingest_pb2.Schema(
+        name="crm_person",
+        schema_class=ingest_pb2.SCHEMA_CLASS_PROFILE,
+        fields=[
+            field("age", ingest_pb2.FIELD_TYPE_INTEGER),
+            field("first_name", ingest_pb2.FIELD_TYPE_STRING),
+            field("vip", ingest_pb2.FIELD_TYPE_BOOLEAN),
+            field("birth_date", ingest_pb2.FIELD_TYPE_DATE),
+            field("tags", ingest_pb2.FIELD_TYPE_ARRAY),
+            field("loyalty", ingest_pb2.FIELD_TYPE_OBJECT, field("tier", ingest_pb2.FIELD_TYPE_STRING)),
+            field("extra", ingest_pb2.FIELD_TYPE_OBJECT),
+        ],
+    )
+    order = ingest_pb2.Schema(
+        name="orders",
+        schema_class=ingest_pb2.SCHEMA_CLASS_EVENT,
+        fields=[field("total", ingest_pb2.FIELD_TYPE_NUMBER), field("channel", ingest_pb2.FIELD_TYPE_STRING)],
+    )
+    await register_schema(eventlog, person)
+    await register_schema(eventlog, order)
+    await handlers.processor.catch_up()
+
+    refused = {
+        'age > "abc"': ("1:7", "type", "age is an integer, not a string: compare it with an integer, e.g. age > 30"),
+        "vip = true and\n  agee > 3": ("2:3", "field", "did you mean age"),
+        'loyalty.teir = "gold"': ("1:1", "field", "did you mean loyalty.tier"),
+        "vip = 1": ("1:7", "type", "vip is a boolean, not a number"),
+        'age in [1, "x"]': ("1:12", "type", "age is an integer, not a string"),
+        "sum(order.channel) > 3": ("1:11", "type", "needs a numeric event field; channel is a string"),
+        'count(order where chanel = "web") >= 1': ("1:19", "field", "event field 'chanel'; did you mean channel"),
+        "zzz exists": ("1:1", "field", "declared: age, birth_date"),
+    }
+    for query, (place, rule, hint) in refused.items():
+        with pytest.raises(InvalidInput) as caught:
+            await handlers.create_segment("refused", query)
+        [violation] = caught.value.violations
+        assert (violation.field, violation.rule) == (f"query:{place}", rule), query
+        assert hint in violation.message, (query, violation.message)
+    for n, query in enumerate(
+        (
+            'age >= 30 and first_name starts_with "a" and birth_date < "2000-01-01"',
+            'loyalty.tier in ["gold", "silver"] and tags contains "x" and extra.anything = 3',
+            'sum(order.total where channel = "web") > 100 within 30d',
+        )
+    ):
+        await handlers.create_segment(f"ok_{n}", query)
+    with handlers.processor.read() as session:
+        assert store.vocabulary(session).attributes["loyalty.tier"] == "string"

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.batches import BatchRun, StagedRecord
@@ -198,3 +199,56 @@ def _every_row_accounted(run: BatchRun) -> None:
     assert all(reasons and all(f and rule and msg for f, rule, msg in reasons) for _, _, reasons in rejected)
     assert sum(g.count for g in report.rejects) >= report.rows_rejected
     run.close()
+
+
+def test_hand_encoded_records_equal_what_protobuf_builds() -> None:
+    received = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+    values: dict[str, Any] = {"id": "C1", "n": 3, "x": -2.5, "vip": True, "no": False, "obj": {"a": [1, "x", None]}}
+    values["ü"] = "é" * 200
+    profile = RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "batch-1", received)
+    env = profile.build(record_id="batch-1:70000", row=70_000, values=values, identities=[("crm_id", "C1")])
+    expected = ev.RecordAccepted(
+        record_id="batch-1:70000",
+        dataset="people",
+        schema_class=pb.SCHEMA_CLASS_PROFILE,
+        batch_id="batch-1",
+        row=70_000,
+        identities=[IdentityValue(namespace="crm_id", value="C1")],
+        event_type="",
+    )
+    expected.attributes.update(values)
+    expected.occurred_at.FromDatetime(received)
+    assert unpack(env, ev.RecordAccepted) == expected
+    assert (env.id, env.type, env.subject_key, env.schema_version) == (
+        deterministic_id("record", "people", "batch-1:70000"),
+        "cdp.ingest.v1.RecordAccepted",
+        "people",
+        1,
+    )
+    assert env.occurred_at == expected.occurred_at
+
+    before_epoch = datetime(1960, 5, 6, 7, 8, 9, 5, tzinfo=UTC)
+    events = RecordBuilder("web", pb.SCHEMA_CLASS_EVENT, "", received)
+    env = events.build(record_id="ev1", row=0, values={}, identities=[], occurred_at=before_epoch, event_type="pv")
+    record = unpack(env, ev.RecordAccepted)
+    assert (record.record_id, record.row, record.batch_id, record.event_type) == ("ev1", 0, "", "pv")
+    assert record.occurred_at.ToDatetime(tzinfo=UTC) == before_epoch == env.occurred_at.ToDatetime(tzinfo=UTC)
+    assert [
+        e.id for e in envelopes_of([events.encode(record_id=i, row=0, values={}, identities=[]) for i in "ab"])
+    ] == [
+        events.key_of("a"),
+        events.key_of("b"),
+    ]
+
+
+def test_json_values_that_cannot_travel_are_rejected_not_crashing() -> None:
+    validator = Validator(SCHEMA, textual=False, drop_unknown=False, max_bytes=2000)
+    bad = validator.validate(
+        {"id": "\ud800", "age": 10**30, "score": 10**400, "address": {"zip": "1", "big": 10**400}}, 10, "row 1"
+    )
+    assert [(v.field, v.rule) for v in bad.violations] == [
+        ("id", "type"),
+        ("age", "type"),
+        ("score", "type"),
+        ("address", "type"),
+    ]

@@ -56,7 +56,7 @@ class CollectHandler:
         self._seen = {}
         keys: dict[str, list[str]] = {}
         for env in envelopes:
-            verdict = self._judge(session, env.subject_key.removeprefix(PREFIX), env.payload.value, env.id)
+            verdict = self._judge(session, env.subject_key.removeprefix(PREFIX), env.payload.value)
             self._verdicts[env.id] = verdict
             if isinstance(verdict, Accepted):
                 keys.setdefault(verdict.dataset, []).append(verdict.key)
@@ -70,7 +70,7 @@ class CollectHandler:
         dataset = msg.subject.removeprefix(PREFIX)
         verdict = self._verdicts.pop(env.id, None)
         if verdict is None:  # not prefetched (a handler used without the processor's prefetch)
-            verdict = self._judge(uow.session, dataset, env.payload.value, env.id)
+            verdict = self._judge(uow.session, dataset, env.payload.value)
         if isinstance(verdict, Accepted):
             seen = self._seen.get(dataset)
             if seen is None:
@@ -97,7 +97,7 @@ class CollectHandler:
         )
         uow.emit(INGEST_DEADLETTER, [dead])
 
-    def _judge(self, session: Session, dataset: str, data: bytes, env_id: str) -> Verdict:
+    def _judge(self, session: Session, dataset: str, data: bytes) -> Verdict:
         try:
             return self._accept(session, dataset, data)
         except Rejected as rejected:

@@ -7,13 +7,15 @@ from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
+from cdp.ingest.v1 import ingest_pb2
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
 from cdp_segmentation.profiles import apply_merge, apply_split
-from cdp_segmentation.store import EVENT, DatasetRow
+from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
+from cdp_segmentation.vocabulary import flatten
 
 FRAGMENT = identity_ev.ProfileFragment
 
@@ -99,7 +101,7 @@ class ProfilesToMemberships:
 
 
 class DatasetsOfIngest:
-    """Keeps each dataset's event retention (ingest's config log)."""
+    """Keeps each dataset's event retention and each schema's fields (ingest's config log)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -110,6 +112,10 @@ class DatasetsOfIngest:
             session.merge(DatasetRow(name=dataset.name, retention_seconds=max(0, dataset.retention_seconds)))
             session.flush()
             self.catalog.invalidate()
+        elif is_a(env, ingest_ev.SchemaRegistered):
+            schema = unpack(env, ingest_ev.SchemaRegistered).schema
+            kind = "event" if schema.schema_class == ingest_pb2.SCHEMA_CLASS_EVENT else "profile"
+            session.merge(SchemaRow(name=schema.name, schema_class=kind, fields=flatten(schema.fields)))
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         return None

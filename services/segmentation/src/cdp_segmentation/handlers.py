@@ -46,12 +46,13 @@ class SegmentationHandlers:
 
     # ------------------------------------------------------------ definitions
     def compile(self, name: str, query: str, schedule: str) -> Compiled:
-        ast = parse(query)
+        with self.processor.read() as session:
+            vocabulary = store.vocabulary(session)
+            known = {row.name: store.segment_of(row) for row in store.all_segments(session)}
+        ast = parse(query, vocabulary.check)
         check_where(ast)
         if schedule:
             parse_cron(schedule)
-        with self.processor.read() as session:
-            known = {row.name: store.segment_of(row) for row in store.all_segments(session)}
         resolve_segments(ast, name, known)
         evaluation, reason = classify(ast, schedule, {s.id: s for s in known.values()})
         return Compiled(ast, evaluation, reason, reads_of(ast).labels())

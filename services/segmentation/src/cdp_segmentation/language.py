@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from lark.exceptions import VisitError
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
@@ -313,12 +313,17 @@ def _readable(names: list[str]) -> list[str]:
     return sorted({_READABLE.get(n, n.lstrip("_").lower().replace("_", " ")) for n in names})
 
 
-def parse(query: str) -> pb.Expression:
+def parse(query: str, check: Callable[[Tree[Token]], None] | None = None) -> pb.Expression:
+    """Text -> AST; ``check`` sees the parse tree (with positions) first, e.g. the schema type check."""
     try:
         tree = _parser.parse(query)
+        if check is not None:
+            check(tree)
         ast = _ToAst().transform(tree)
     except UnexpectedInput as exc:
         raise _error("cannot parse the audience definition", exc.line, exc.column, "syntax", _hint(exc, query)) from exc
+    except LanguageError as exc:
+        raise _error("invalid audience definition", exc.line, exc.column, exc.rule, exc.hint) from exc
     except VisitError as exc:
         inner = exc.orig_exc
         if isinstance(inner, LanguageError):

@@ -214,9 +214,12 @@ class Compiler:
             measure = aggregates[cond.aggregate](value)
         grouped = sa.select(event.c.profile_id).where(*where).group_by(event.c.profile_id)
         holds = OPERATORS[cond.op](measure, cond.value)
+        result: Bool
         if cond.aggregate in (pb.AGGREGATE_COUNT, pb.AGGREGATE_SUM) and compare(cond.op, 0.0, cond.value):
-            return profile_id.not_in(grouped.having(sa.not_(_known(holds))))
-        return profile_id.in_(grouped.having(holds))
+            result = profile_id.not_in(grouped.having(sa.not_(_known(holds))))
+        else:
+            result = profile_id.in_(grouped.having(holds))
+        return result
 
     def sequence(self, seq: pb.Sequence, profile_id: Any) -> Bool:
         first, then = FRAGMENT.alias(), FRAGMENT.alias()
@@ -237,7 +240,8 @@ class Compiler:
             starts = starts.where(first.c.ts_ms + width <= self.now_ms, ~sa.exists(answer))
         else:
             starts = starts.where(sa.exists(answer))
-        return profile_id.in_(starts)
+        result: Bool = profile_id.in_(starts)
+        return result
 
     def profile(self, ast: pb.Expression, profile: Any) -> Bool:
         node = ast.WhichOneof("node")

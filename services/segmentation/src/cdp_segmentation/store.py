@@ -11,6 +11,7 @@ from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.store import tables_of
+from cdp_segmentation.vocabulary import Vocabulary
 
 REALIZED = "realized"
 EXITED = "exited"
@@ -87,6 +88,16 @@ class DatasetRow(SQLModel, table=True):
     retention_seconds: int = Field(default=0, sa_type=sa.BigInteger)
 
 
+class SchemaRow(SQLModel, table=True):
+    """What segmentation keeps of ingest's schemas: field paths and types, to check definitions."""
+
+    __tablename__ = "seg_schema"
+
+    name: str = Field(primary_key=True)
+    schema_class: str
+    fields: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
 class StateRow(SQLModel, table=True):
     """Singletons folded from the own logs: the clock, the merge policy."""
 
@@ -96,7 +107,9 @@ class StateRow(SQLModel, table=True):
     value: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
-TABLES = tables_of(SegmentRow, ProfileRow, FragmentRow, ProfileIdentityRow, MembershipRow, DatasetRow, StateRow)
+TABLES = tables_of(
+    SegmentRow, ProfileRow, FragmentRow, ProfileIdentityRow, MembershipRow, DatasetRow, SchemaRow, StateRow
+)
 
 
 def segment_of(row: SegmentRow) -> pb.Segment:
@@ -214,3 +227,12 @@ def sources_of(session: Session, profile_id: str) -> list[tuple[str, str, int, i
         .order_by(col(FragmentRow.dataset), col(FragmentRow.kind))
     )
     return [(d, k, int(c), int(m)) for d, k, c, m in session.exec(query).all()]
+
+
+def vocabulary(session: Session) -> Vocabulary:
+    """The fields ingest's schemas declare, for profiles and for events."""
+    attributes: dict[str, str] = {}
+    event_fields: dict[str, str] = {}
+    for row in session.exec(select(SchemaRow).order_by(col(SchemaRow.name))).all():
+        (event_fields if row.schema_class == "event" else attributes).update(row.fields)
+    return Vocabulary(attributes, event_fields)

@@ -1,0 +1,167 @@
+"""What a definition may name, learnt from ingest's schemas, and the type check against it.
+
+Profile attributes are the fields of profile-class schemas; event fields those of event-class
+schemas (nested objects as dotted paths). A field no schema declares is refused with the nearest
+declared names; a literal of the wrong kind (``age > "abc"``) is refused with the field's type.
+While segmentation knows no schema of a class (e.g. before ingest's config log is read), names
+of that class are not checked.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from lark import Token, Tree
+
+from cdp.ingest.v1 import ingest_pb2
+from cdp_segmentation.language import LanguageError
+
+NUMERIC = {"integer", "number"}
+STRINGY = {"string", "date", "timestamp"}
+EXAMPLES = {
+    "integer": "30",
+    "number": "30",
+    "boolean": "true",
+    "date": '"2024-01-31"',
+    "timestamp": '"2024-01-31T10:00Z"',
+}
+
+
+def flatten(fields: Iterable[ingest_pb2.Field], prefix: str = "") -> dict[str, str]:
+    """{dotted path: type} of a schema's fields; an object without declared fields is open ("object*")."""
+    out: dict[str, str] = {}
+    for f in fields:
+        path = f"{prefix}{f.name}"
+        kind = ingest_pb2.FieldType.Name(f.type).removeprefix("FIELD_TYPE_").lower()
+        out[path] = "object*" if kind == "object" and not f.fields else kind
+        out.update(flatten(f.fields, f"{path}."))
+    return out
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    event_fields: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self, tree: Tree[Token]) -> None:
+        """Raise LanguageError at the first unknown field or mistyped literal."""
+        _visit(tree, self, event=False)
+
+
+def _visit(tree: Tree[Token] | Token | None, vocab: Vocabulary, *, event: bool) -> None:
+    if not isinstance(tree, Tree):
+        return
+    rule = tree.data
+    if rule == "comparison":
+        _comparison(tree, vocab, event=event)
+        return
+    if rule in ("exists", "not_exists"):
+        _known(tree.children[0], vocab, event=event)
+        return
+    if rule == "event_condition":
+        agg, path = tree.children[0], tree.children[1]
+        _, _, field_name = str(path).partition(".")
+        if field_name and vocab.event_fields:
+            token = _shifted(path, len(str(path)) - len(field_name))
+            kind = _known(token, vocab, event=True)
+            if kind is not None and kind not in NUMERIC:
+                hint = f"{agg}(…) needs a numeric event field; {field_name} is {_a(kind)}"
+                raise LanguageError(token, "type", hint)
+        _visit(tree.children[2], vocab, event=True)
+        return
+    if rule == "pattern":
+        if len(tree.children) == 2:
+            _visit(tree.children[1], vocab, event=True)
+        return
+    if rule in ("has_identity", "consent", "member_of"):
+        return
+    for child in tree.children:
+        _visit(child, vocab, event=event)
+
+
+def _shifted(token: Token, by: int) -> Token:
+    """The part of a token after ``by`` characters, with its column."""
+    moved = Token(token.type, str(token)[by:], token.start_pos, token.line, token.column)
+    if moved.column is not None:
+        moved.column += by
+    return moved
+
+
+def _known(path: Token, vocab: Vocabulary, *, event: bool) -> str | None:
+    """The declared type of a path, or None when this kind of name is not checked."""
+    names = vocab.event_fields if event else vocab.attributes
+    if not names:
+        return None
+    text = str(path)
+    if text in names:
+        return names[text]
+    parts = text.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # inside an open object anything goes
+        if names.get(".".join(parts[:i])) == "object*":
+            return None
+    near = difflib.get_close_matches(text, list(names), n=3, cutoff=0.6)
+    where = "event field" if event else "profile attribute"
+    if near:
+        hint = f"no schema declares the {where} {text!r}; did you mean {', '.join(near)}?"
+    else:
+        hint = f"no schema declares the {where} {text!r}; declared: {', '.join(sorted(names)[:12])}"
+    raise LanguageError(path, "field", hint)
+
+
+def _comparison(tree: Tree[Token], vocab: Vocabulary, *, event: bool) -> None:
+    path = tree.children[0]
+    assert isinstance(path, Token)
+    kind = _known(path, vocab, event=event)
+    if kind is None or kind.startswith("object"):
+        return
+    if len(tree.children) == 2:  # path in [...]
+        op, values = "in", tree.children[1]
+        literals = list(values.children) if isinstance(values, Tree) else []
+    else:
+        op, literals = str(tree.children[1]), [tree.children[2]]
+    for literal in literals:
+        if isinstance(literal, Tree):
+            _literal_fits(path, kind, op, literal)
+
+
+def _literal_fits(path: Token, kind: str, op: str, literal: Tree[Token]) -> None:
+    given = {"string": "string", "number": "number", "true": "boolean", "false": "boolean"}.get(str(literal.data))
+    if given is None:
+        return
+    if op == "contains" and kind == "array":
+        return
+    fits = (
+        (given == "number" and kind in NUMERIC)
+        or (given == "string" and kind in STRINGY)
+        or (given == "boolean" and kind == "boolean")
+        or (kind == "array" and op in ("contains",))
+    )
+    if fits:
+        return
+    example = {
+        "integer": "30",
+        "number": "30",
+        "boolean": "true",
+        "date": '"2024-01-31"',
+        "timestamp": '"2024-01-31T10:00:00Z"',
+    }
+    sample = example.get(kind, '"text"')
+    shown = "in [...]" if op == "in" else op
+    raise LanguageError(
+        _literal_token(literal) or path,
+        "type",
+        f"{path} is {_a(kind)}, not {_a(given)}: compare it with {_a(kind)}, e.g. {path} {shown} {sample}",
+    )
+
+
+def _literal_token(literal: Tree[Token]) -> Token | None:
+    for child in literal.children:
+        if isinstance(child, Token):
+            return child
+    return None
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
