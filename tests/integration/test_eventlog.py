@@ -95,3 +95,12 @@ async def test_unreachable_nats_is_unavailable() -> None:
 
     with pytest.raises(Unavailable):
         await EventLog.connect(f"nats://127.0.0.1:{free_port()}", "t", connect_timeout=0.5)
+
+
+async def test_a_read_leaves_no_consumer_behind(eventlog: EventLog) -> None:
+    for n in range(1, 4):
+        await eventlog.append(SUBJECT, [event(n)], msg_id=f"m{n}")
+    got = [m.sequence async for m in eventlog.read(INGEST.name, SUBJECT, 1, batch=2)]
+    assert got == [1, 2, 3]
+    info = await eventlog.js.stream_info(INGEST.name)
+    assert info.state.consumer_count == 0

@@ -209,12 +209,14 @@ class EventLog:
             opt_start_seq=max(1, from_sequence),
             ack_policy=api.AckPolicy.NONE,
             filter_subject=subject_filter,
-            inactive_threshold=30.0,
+            # The reader may spend long between fetches applying what it read (a rebuild of a
+            # big log): the consumer must outlive that. It is deleted explicitly when done.
+            inactive_threshold=3600.0,
             mem_storage=True,
         )
         sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
+        info = await sub.consumer_info()
         try:
-            info = await sub.consumer_info()
             remaining = info.num_pending or 0
             while remaining > 0:
                 try:
@@ -227,6 +229,8 @@ class EventLog:
                     yield item
         finally:
             await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await self.js.delete_consumer(stream, info.name)
 
     async def durable(self, spec: ConsumerSpec, start_sequence: int) -> DurableReader:
         """(Re)create a durable consumer positioned at ``start_sequence``: the store's checkpoint is the truth."""

@@ -26,15 +26,15 @@ from cdp.segmentation.v1 import segmentation_pb2 as cdp_dot_segmentation_dot_v1_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cdp/segmentation/v1/events.proto\x12\x13\x63\x64p.segmentation.v1\x1a&cdp/segmentation/v1/segmentation.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0eSegmentDefined\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"\xa9\x01\n\x11MembershipChanged\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32%.cdp.segmentation.v1.MembershipStatus\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63\x61use\x18\x05 \x01(\t\"n\n\x10SegmentEvaluated\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x10\n\x08profiles\x18\x02 \x01(\x04\x12\x10\n\x08realized\x18\x03 \x01(\x04\x12\x0e\n\x06\x65xited\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"5\n\x0b\x43lockTicked\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x0eMergePolicySet\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .cdp.segmentation.v1.MergePolicy\"\x97\x01\n\x15SegmentBatchEvaluated\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08profiles\x18\x04 \x01(\x04\x12\x10\n\x08realized\x18\x05 \x01(\x04\x12\x0e\n\x06\x65xited\x18\x06 \x01(\x04*s\n\x10MembershipStatus\x12!\n\x1dMEMBERSHIP_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMEMBERSHIP_STATUS_REALIZED\x10\x01\x12\x1c\n\x18MEMBERSHIP_STATUS_EXITED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cdp/segmentation/v1/events.proto\x12\x13\x63\x64p.segmentation.v1\x1a&cdp/segmentation/v1/segmentation.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0eSegmentDefined\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"\xa9\x01\n\x11MembershipChanged\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32%.cdp.segmentation.v1.MembershipStatus\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63\x61use\x18\x05 \x01(\t\"n\n\x10SegmentEvaluated\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x10\n\x08profiles\x18\x02 \x01(\x04\x12\x10\n\x08realized\x18\x03 \x01(\x04\x12\x0e\n\x06\x65xited\x18\x04 \x01(\x04\x12\x12\n\ngeneration\x18\x05 \x01(\x04\"5\n\x0b\x43lockTicked\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x0eMergePolicySet\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .cdp.segmentation.v1.MergePolicy\"\x97\x01\n\x15SegmentBatchEvaluated\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08profiles\x18\x04 \x01(\x04\x12\x10\n\x08realized\x18\x05 \x01(\x04\x12\x0e\n\x06\x65xited\x18\x06 \x01(\x04\"U\n\x18\x43omputedAttributeDefined\x12\x39\n\tattribute\x18\x01 \x01(\x0b\x32&.cdp.segmentation.v1.ComputedAttribute*s\n\x10MembershipStatus\x12!\n\x1dMEMBERSHIP_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMEMBERSHIP_STATUS_REALIZED\x10\x01\x12\x1c\n\x18MEMBERSHIP_STATUS_EXITED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.segmentation.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMBERSHIPSTATUS']._serialized_start=756
-  _globals['_MEMBERSHIPSTATUS']._serialized_end=871
+  _globals['_MEMBERSHIPSTATUS']._serialized_start=843
+  _globals['_MEMBERSHIPSTATUS']._serialized_end=958
   _globals['_SEGMENTDEFINED']._serialized_start=130
   _globals['_SEGMENTDEFINED']._serialized_end=193
   _globals['_MEMBERSHIPCHANGED']._serialized_start=196
@@ -47,4 +47,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MERGEPOLICYSET']._serialized_end=600
   _globals['_SEGMENTBATCHEVALUATED']._serialized_start=603
   _globals['_SEGMENTBATCHEVALUATED']._serialized_end=754
+  _globals['_COMPUTEDATTRIBUTEDEFINED']._serialized_start=756
+  _globals['_COMPUTEDATTRIBUTEDEFINED']._serialized_end=841
 # @@protoc_insertion_point(module_scope)

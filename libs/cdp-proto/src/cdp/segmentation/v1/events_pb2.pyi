@@ -209,3 +209,25 @@ class SegmentBatchEvaluated(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SegmentBatchEvaluated: _TypeAlias = SegmentBatchEvaluated  # noqa: Y015
+
+@_typing.final
+class ComputedAttributeDefined(_message.Message):
+    """Config fact: a computed attribute was defined (values are computed for every profile from then on)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attribute(self) -> _segmentation_pb2.ComputedAttribute: ...
+    def __init__(
+        self,
+        *,
+        attribute: _segmentation_pb2.ComputedAttribute | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputedAttributeDefined: _TypeAlias = ComputedAttributeDefined  # noqa: Y015

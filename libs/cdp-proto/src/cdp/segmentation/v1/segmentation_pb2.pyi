@@ -103,6 +103,8 @@ class _AggregateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregate.V
     AGGREGATE_MIN: _Aggregate.ValueType  # 3
     AGGREGATE_MAX: _Aggregate.ValueType  # 4
     AGGREGATE_AVG: _Aggregate.ValueType  # 5
+    AGGREGATE_MOST_RECENT: _Aggregate.ValueType  # 6
+    """Computed attributes only: the field of the newest matching event that has it."""
 
 class Aggregate(_Aggregate, metaclass=_AggregateEnumTypeWrapper): ...
 
@@ -112,6 +114,8 @@ AGGREGATE_SUM: Aggregate.ValueType  # 2
 AGGREGATE_MIN: Aggregate.ValueType  # 3
 AGGREGATE_MAX: Aggregate.ValueType  # 4
 AGGREGATE_AVG: Aggregate.ValueType  # 5
+AGGREGATE_MOST_RECENT: Aggregate.ValueType  # 6
+"""Computed attributes only: the field of the newest matching event that has it."""
 Global___Aggregate: _TypeAlias = Aggregate  # noqa: Y015
 
 @_typing.final
@@ -674,6 +678,7 @@ class Expression(_message.Message):
     IDENTITY_FIELD_NUMBER: _builtins.int
     CONSENT_FIELD_NUMBER: _builtins.int
     MEMBER_OF_FIELD_NUMBER: _builtins.int
+    COMPUTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def comparison(self) -> Global___Comparison: ...
     @_builtins.property
@@ -694,6 +699,8 @@ class Expression(_message.Message):
     def consent(self) -> Global___ConsentCondition: ...
     @_builtins.property
     def member_of(self) -> Global___SegmentMembership: ...
+    @_builtins.property
+    def computed(self) -> Global___ComputedCondition: ...
     def __init__(
         self,
         *,
@@ -707,16 +714,184 @@ class Expression(_message.Message):
         identity: Global___IdentityPresence | None = ...,
         consent: Global___ConsentCondition | None = ...,
         member_of: Global___SegmentMembership | None = ...,
+        computed: Global___ComputedCondition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "consent", b"consent", "event", b"event", "exists", b"exists", "identity", b"identity", "member_of", b"member_of", "negate", b"negate", "node", b"node", "sequence", b"sequence"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "computed", b"computed", "consent", b"consent", "event", b"event", "exists", b"exists", "identity", b"identity", "member_of", b"member_of", "negate", b"negate", "node", b"node", "sequence", b"sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "consent", b"consent", "event", b"event", "exists", b"exists", "identity", b"identity", "member_of", b"member_of", "negate", b"negate", "node", b"node", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "comparison", b"comparison", "computed", b"computed", "consent", b"consent", "event", b"event", "exists", b"exists", "identity", b"identity", "member_of", b"member_of", "negate", b"negate", "node", b"node", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_node: _TypeAlias = _typing.Literal["comparison", "exists", "all", "any", "negate", "event", "sequence", "identity", "consent", "member_of"]  # noqa: Y015
+    _WhichOneofReturnType_node: _TypeAlias = _typing.Literal["comparison", "exists", "all", "any", "negate", "event", "sequence", "identity", "consent", "member_of", "computed"]  # noqa: Y015
     _WhichOneofArgType_node: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_node) -> _WhichOneofReturnType_node | None: ...
 
 Global___Expression: _TypeAlias = Expression  # noqa: Y015
+
+@_typing.final
+class ComputedCondition(_message.Message):
+    """`orders_90d > 500`: a comparison with a computed attribute's current value (a copy of its
+    definition is kept so what the segment reads is known from the AST alone).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    op: Global___CompareOp.ValueType
+    @_builtins.property
+    def value(self) -> Global___Literal: ...
+    @_builtins.property
+    def attribute(self) -> Global___ComputedAttribute: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        op: Global___CompareOp.ValueType = ...,
+        value: Global___Literal | None = ...,
+        attribute: Global___ComputedAttribute | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "name", b"name", "op", b"op", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputedCondition: _TypeAlias = ComputedCondition  # noqa: Y015
+
+@_typing.final
+class ComputedAttribute(_message.Message):
+    """`orders_90d = sum(store_order.amount where channel = "store") within 90d`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    definition: _builtins.str
+    """The function as written: count(TYPE), sum|min|max|most_recent(TYPE.FIELD), optional `where`, optional window."""
+    aggregate: Global___Aggregate.ValueType
+    field: _builtins.str
+    @_builtins.property
+    def pattern(self) -> Global___EventPattern: ...
+    @_builtins.property
+    def window(self) -> Global___Window:
+        """Unset: the whole retained history."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        definition: _builtins.str = ...,
+        aggregate: Global___Aggregate.ValueType = ...,
+        pattern: Global___EventPattern | None = ...,
+        field: _builtins.str = ...,
+        window: Global___Window | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "pattern", b"pattern", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "created_at", b"created_at", "definition", b"definition", "field", b"field", "id", b"id", "name", b"name", "pattern", b"pattern", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputedAttribute: _TypeAlias = ComputedAttribute  # noqa: Y015
+
+@_typing.final
+class CreateComputedAttributeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    definition: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        definition: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateComputedAttributeRequest: _TypeAlias = CreateComputedAttributeRequest  # noqa: Y015
+
+@_typing.final
+class ListComputedAttributesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListComputedAttributesRequest: _TypeAlias = ListComputedAttributesRequest  # noqa: Y015
+
+@_typing.final
+class ListComputedAttributesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComputedAttribute]: ...
+    def __init__(
+        self,
+        *,
+        attributes: _abc.Iterable[Global___ComputedAttribute] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListComputedAttributesResponse: _TypeAlias = ListComputedAttributesResponse  # noqa: Y015
+
+@_typing.final
+class ProfileComputed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    definition: _builtins.str
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """Unset when there is no value (min/max/most_recent over no events)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _struct_pb2.Value | None = ...,
+        definition: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileComputed: _TypeAlias = ProfileComputed  # noqa: Y015
 
 @_typing.final
 class Segment(_message.Message):
@@ -1055,6 +1230,7 @@ class Profile(_message.Message):
     SOURCES_FIELD_NUMBER: _builtins.int
     RECENT_EVENTS_FIELD_NUMBER: _builtins.int
     MEMBERSHIPS_FIELD_NUMBER: _builtins.int
+    COMPUTED_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     events: _builtins.int
     """Events in the retained history."""
@@ -1074,6 +1250,10 @@ class Profile(_message.Message):
 
     @_builtins.property
     def memberships(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileMembership]: ...
+    @_builtins.property
+    def computed(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileComputed]:
+        """Every computed attribute's current value."""
+
     def __init__(
         self,
         *,
@@ -1085,10 +1265,11 @@ class Profile(_message.Message):
         sources: _abc.Iterable[Global___ProfileSource] | None = ...,
         recent_events: _abc.Iterable[Global___ProfileEvent] | None = ...,
         memberships: _abc.Iterable[Global___ProfileMembership] | None = ...,
+        computed: _abc.Iterable[Global___ProfileComputed] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "events", b"events", "identities", b"identities", "memberships", b"memberships", "profile_id", b"profile_id", "recent_events", b"recent_events", "segments", b"segments", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "computed", b"computed", "events", b"events", "identities", b"identities", "memberships", b"memberships", "profile_id", b"profile_id", "recent_events", b"recent_events", "segments", b"segments", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,6 +80,16 @@ class SegmentationServiceStub:
                 request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.SetMergePolicyRequest.SerializeToString,
                 response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.MergePolicy.FromString,
                 _registered_method=True)
+        self.CreateComputedAttribute = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/CreateComputedAttribute',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.CreateComputedAttributeRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ComputedAttribute.FromString,
+                _registered_method=True)
+        self.ListComputedAttributes = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/ListComputedAttributes',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedAttributesRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedAttributesResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -143,6 +153,20 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateComputedAttribute(self, request, context):
+        """Define a computed attribute (config event): an aggregate of an event field over a lookback window,
+        kept up to date per profile and usable in segment definitions by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListComputedAttributes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +214,16 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.SetMergePolicy,
                     request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.SetMergePolicyRequest.FromString,
                     response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.MergePolicy.SerializeToString,
+            ),
+            'CreateComputedAttribute': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateComputedAttribute,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.CreateComputedAttributeRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ComputedAttribute.SerializeToString,
+            ),
+            'ListComputedAttributes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListComputedAttributes,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedAttributesRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedAttributesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +470,60 @@ class SegmentationService:
             '/cdp.segmentation.v1.SegmentationService/SetMergePolicy',
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.SetMergePolicyRequest.SerializeToString,
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.MergePolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateComputedAttribute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/CreateComputedAttribute',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.CreateComputedAttributeRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ComputedAttribute.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListComputedAttributes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/ListComputedAttributes',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedAttributesRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedAttributesResponse.FromString,
             options,
             channel_credentials,
             insecure,

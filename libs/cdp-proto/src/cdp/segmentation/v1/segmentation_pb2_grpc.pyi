@@ -45,6 +45,11 @@ class SegmentationServiceStub:
     """Evaluate a segment in the store (SQL) now, emitting the membership changes; streams progress."""
     SetMergePolicy: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.SetMergePolicyRequest, _segmentation_pb2.MergePolicy]
     """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed)."""
+    CreateComputedAttribute: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.CreateComputedAttributeRequest, _segmentation_pb2.ComputedAttribute]
+    """Define a computed attribute (config event): an aggregate of an event field over a lookback window,
+    kept up to date per profile and usable in segment definitions by name.
+    """
+    ListComputedAttributes: _grpc.UnaryUnaryMultiCallable[_segmentation_pb2.ListComputedAttributesRequest, _segmentation_pb2.ListComputedAttributesResponse]
 
 @_typing.type_check_only
 class SegmentationServiceAsyncStub(SegmentationServiceStub):
@@ -63,6 +68,11 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     """Evaluate a segment in the store (SQL) now, emitting the membership changes; streams progress."""
     SetMergePolicy: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.SetMergePolicyRequest, _segmentation_pb2.MergePolicy]  # type: ignore[assignment]
     """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed)."""
+    CreateComputedAttribute: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.CreateComputedAttributeRequest, _segmentation_pb2.ComputedAttribute]  # type: ignore[assignment]
+    """Define a computed attribute (config event): an aggregate of an event field over a lookback window,
+    kept up to date per profile and usable in segment definitions by name.
+    """
+    ListComputedAttributes: _aio.UnaryUnaryMultiCallable[_segmentation_pb2.ListComputedAttributesRequest, _segmentation_pb2.ListComputedAttributesResponse]  # type: ignore[assignment]
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Unified profiles, audience definitions and memberships."""
@@ -132,5 +142,22 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_pb2.MergePolicy, _abc.Awaitable[_segmentation_pb2.MergePolicy]]:
         """Choose how fragments' attributes merge into a profile (config event; profiles are recomputed)."""
+
+    @_abc_1.abstractmethod
+    def CreateComputedAttribute(
+        self,
+        request: _segmentation_pb2.CreateComputedAttributeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_pb2.ComputedAttribute, _abc.Awaitable[_segmentation_pb2.ComputedAttribute]]:
+        """Define a computed attribute (config event): an aggregate of an event field over a lookback window,
+        kept up to date per profile and usable in segment definitions by name.
+        """
+
+    @_abc_1.abstractmethod
+    def ListComputedAttributes(
+        self,
+        request: _segmentation_pb2.ListComputedAttributesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_pb2.ListComputedAttributesResponse, _abc.Awaitable[_segmentation_pb2.ListComputedAttributesResponse]]: ...
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
