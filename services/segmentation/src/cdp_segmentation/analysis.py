@@ -18,6 +18,7 @@ class Reads:
     event_types: set[str] = field(default_factory=set)
     namespaces: set[str] = field(default_factory=set)
     segments: set[str] = field(default_factory=set)
+    computed: set[str] = field(default_factory=set)
     # Windows (ms) whose end, counted from an event's time, can change the result as the clock moves.
     windows_ms: set[int] = field(default_factory=set)
 
@@ -27,6 +28,7 @@ class Reads:
             + [f"event:{e}" for e in self.event_types]
             + [f"identity:{n}" for n in self.namespaces]
             + [f"segment:{s}" for s in self.segments]
+            + [f"computed:{c}" for c in self.computed]
         )
 
 
@@ -49,6 +51,13 @@ def reads_of(ast: pb.Expression) -> Reads:
             reads.event_types.add(node.event.pattern.event_type)
             if node.event.window.WhichOneof("kind") == "within_seconds":
                 reads.windows_ms.add(node.event.window.within_seconds * 1000)
+        elif kind == "computed":
+            # The value changes when events of its type come or go, and when its window passes.
+            attribute = node.computed.attribute
+            reads.computed.add(node.computed.name)
+            reads.event_types.add(attribute.pattern.event_type)
+            if attribute.window.WhichOneof("kind") == "within_seconds":
+                reads.windows_ms.add(attribute.window.within_seconds * 1000)
         elif kind == "sequence":
             reads.event_types.update({node.sequence.first.event_type, node.sequence.then.event_type})
             if node.sequence.negated:
@@ -124,6 +133,23 @@ def _cycle(path: list[str]) -> InvalidInput:
     return InvalidInput("invalid audience definition", [Violation("query", "cycle", hint)])
 
 
+def resolve_computed(ast: pb.Expression, known: Mapping[str, pb.ComputedAttribute]) -> None:
+    """Turn comparisons naming a computed attribute into computed conditions (with its definition)."""
+
+    def visit(node: pb.Expression) -> None:
+        if node.WhichOneof("node") == "exists" and node.exists.path in known:
+            name = node.exists.path
+            hint = f"{name} is a computed attribute: compare its value instead, e.g. {name} > 0"
+            raise InvalidInput("invalid audience definition", [Violation("query", "computed", hint)])
+        if node.WhichOneof("node") != "comparison" or node.comparison.path not in known:
+            return
+        cmp = node.comparison
+        cond = pb.ComputedCondition(name=cmp.path, op=cmp.op, value=cmp.value, attribute=known[cmp.path])
+        node.computed.CopyFrom(cond)
+
+    walk(ast, visit)
+
+
 def classify(ast: pb.Expression, schedule: str, known_by_id: Mapping[str, pb.Segment]) -> tuple[int, str]:
     """Streaming or batch, and why, for people (the rules are in docs/segmentation.md)."""
     if schedule:
@@ -150,6 +176,8 @@ def classify(ast: pb.Expression, schedule: str, known_by_id: Mapping[str, pb.Seg
         parts.append(f"events {', '.join(sorted(reads.event_types))}")
     if reads.namespaces:
         parts.append(f"identities {', '.join(sorted(reads.namespaces))}")
+    if reads.computed:
+        parts.append(f"computed attributes {', '.join(sorted(reads.computed))}")
     if reads.segments:
         names = sorted(known_by_id[s].name if s in known_by_id else s for s in reads.segments)
         parts.append(f"streaming segments {', '.join(names)}")

@@ -33,6 +33,8 @@ class ProfileData:
     namespaces: set[str]
     memberships: set[str]
     load_events: Callable[[], Sequence[Event]] = lambda: ()
+    # The stored values of the computed attributes (computed.py), by name.
+    computed: dict[str, Any] = field(default_factory=dict)
     _events: Sequence[Event] | None = field(default=None, repr=False)
 
     @property
@@ -183,6 +185,9 @@ def matches(ast: pb.Expression, profile: ProfileData, now_ms: int) -> bool:
         )
     if node == "member_of":
         return ast.member_of.segment_id in profile.memberships
+    if node == "computed":
+        cond = ast.computed
+        return compare(cond.op, profile.computed.get(cond.name, MISSING), literal_value(cond.value))
     return False
 
 
@@ -310,4 +315,7 @@ def compile_ast(ast: pb.Expression) -> Test:
     if node == "member_of":
         segment_id = ast.member_of.segment_id
         return lambda p, now: segment_id in p.memberships
+    if node == "computed":
+        name, op, expected = ast.computed.name, ast.computed.op, literal_value(ast.computed.value)
+        return lambda p, now: compare(op, p.computed.get(name, MISSING), expected)
     return lambda p, now: False

@@ -126,6 +126,22 @@ UNITS = {
 }
 ORDERED = (pb.COMPARE_OP_LT, pb.COMPARE_OP_LE, pb.COMPARE_OP_GT, pb.COMPARE_OP_GE)
 _parser = Lark(GRAMMAR, parser="lalr", propagate_positions=True)
+# A computed attribute's function: `sum(store_order.amount where channel = "store") within 90d`.
+COMPUTED_GRAMMAR = (
+    GRAMMAR.replace("?start: expr", "?start: computed_def\n?expr_start: expr")
+    + r"""
+computed_def: CAGG "(" PATH [_WHERE expr] ")" [window]
+CAGG.4: /(count|sum|min|max|most_recent)(?=\s*\()/
+"""
+)
+_computed_parser = Lark(COMPUTED_GRAMMAR, parser="lalr", propagate_positions=True)
+COMPUTED_AGGREGATES = {
+    "count": pb.AGGREGATE_COUNT,
+    "sum": pb.AGGREGATE_SUM,
+    "min": pb.AGGREGATE_MIN,
+    "max": pb.AGGREGATE_MAX,
+    "most_recent": pb.AGGREGATE_MOST_RECENT,
+}
 
 
 class LanguageError(Exception):
@@ -235,6 +251,22 @@ class _ToAst(Transformer[Token, Any]):  # type: ignore[misc]
             condition.window.CopyFrom(window)
         return pb.Expression(event=condition)
 
+    def computed_def(self, items: list[Any]) -> pb.ComputedAttribute:
+        agg, path, where, window = items
+        aggregate = COMPUTED_AGGREGATES[str(agg)]
+        event_type, _, field = str(path).partition(".")
+        if aggregate == pb.AGGREGATE_COUNT and field:
+            raise LanguageError(path, "event", f"count takes an event type, not a field: count({event_type})")
+        if aggregate != pb.AGGREGATE_COUNT and not field:
+            raise LanguageError(path, "event", f"{agg} needs a field of the event: {agg}({event_type}.amount)")
+        attribute = pb.ComputedAttribute(aggregate=aggregate, field=field)
+        attribute.pattern.CopyFrom(
+            pb.EventPattern(event_type=event_type, where=where) if where else pb.EventPattern(event_type=event_type)
+        )
+        if window is not None:
+            attribute.window.CopyFrom(window)
+        return attribute
+
     def pattern(self, items: list[Any]) -> pb.EventPattern:
         path = items[0]
         if "." in str(path):
@@ -331,6 +363,29 @@ def parse(query: str, check: Callable[[Tree[Token]], None] | None = None) -> pb.
         raise
     assert isinstance(ast, pb.Expression)
     return ast
+
+
+def parse_computed(definition: str, check: Callable[[Tree[Token]], None] | None = None) -> pb.ComputedAttribute:
+    """A computed attribute's function -> its definition (aggregate, event pattern, field, window)."""
+    try:
+        tree = _computed_parser.parse(definition)
+        if check is not None:
+            check(tree)
+        attribute = _ToAst().transform(tree)
+    except UnexpectedInput as exc:
+        hint = _hint(exc, definition)
+        if exc.line == 1 and exc.column == 1:
+            hint = "a computed attribute is count(TYPE), sum|min|max|most_recent(TYPE.FIELD) [where …] [within 90d]"
+        raise _error("cannot parse the computed attribute", exc.line, exc.column, "syntax", hint) from exc
+    except LanguageError as exc:
+        raise _error("invalid computed attribute", exc.line, exc.column, exc.rule, exc.hint) from exc
+    except VisitError as exc:
+        inner = exc.orig_exc
+        if isinstance(inner, LanguageError):
+            raise _error("invalid computed attribute", inner.line, inner.column, inner.rule, inner.hint) from exc
+        raise
+    assert isinstance(attribute, pb.ComputedAttribute)
+    return attribute
 
 
 def _error(message: str, line: int, column: int, rule: str, hint: str) -> InvalidInput:

@@ -22,6 +22,8 @@ from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import from_timestamp
 from cdp_segmentation import store
+from cdp_segmentation.computed import ComputedDef, values
+from cdp_segmentation.evaluate import Event
 from cdp_segmentation.store import EVENT, RECORD, FragmentRow, ProfileIdentityRow, ProfileRow
 
 DEFAULT_EVENT_CAP = 5000
@@ -36,11 +38,19 @@ class ProfileContext:
     clock_ms: int
     windows_ms: set[int] = field(default_factory=set)
     event_cap: int = DEFAULT_EVENT_CAP
+    computed: tuple[ComputedDef, ...] = ()
 
     @classmethod
-    def load(cls, session: Session, windows_ms: set[int], event_cap: int) -> ProfileContext:
+    def load(
+        cls, session: Session, windows_ms: set[int], event_cap: int, computed: tuple[ComputedDef, ...] = ()
+    ) -> ProfileContext:
         return cls(
-            store.merge_policy(session), store.retention_ms(session), store.clock_ms(session), windows_ms, event_cap
+            store.merge_policy(session),
+            store.retention_ms(session),
+            store.clock_ms(session),
+            windows_ms,
+            event_cap,
+            computed,
         )
 
 
@@ -86,8 +96,27 @@ def recompute(session: Session, profile_id: str, ctx: ProfileContext) -> Profile
     enforce_cap(session, profile_id, ctx.event_cap)
     profile.events = event_count(session, profile_id)
     profile.next_due_ms = next_due(session, profile_id, ctx)
+    profile.computed = computed_values(session, profile_id, ctx)
     session.add(profile)
     return profile
+
+
+def history(session: Session, profile_id: str) -> list[Event]:
+    """The retained events, oldest first by (time, log position, id)."""
+    rows = session.exec(
+        select(FragmentRow.event_type, FragmentRow.ts_ms, FragmentRow.attributes)
+        .where(FragmentRow.profile_id == profile_id, FragmentRow.kind == EVENT)
+        .order_by(col(FragmentRow.ts_ms), col(FragmentRow.seq), col(FragmentRow.source_event_id))
+    ).all()
+    return [Event(t, int(ts), dict(attrs)) for t, ts, attrs in rows]
+
+
+def computed_values(session: Session, profile_id: str, ctx: ProfileContext) -> dict[str, Any]:
+    """Every computed attribute of a profile from scratch, over its kept events at the clock."""
+    if not ctx.computed:
+        return {}
+    session.flush()
+    return values(ctx.computed, history(session, profile_id), ctx.clock_ms)
 
 
 def event_count(session: Session, profile_id: str) -> int:
@@ -125,6 +154,7 @@ def apply_fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int
         else:
             profile.events += 1
         profile.next_due_ms = next_due(session, frag.profile_id, ctx)
+        profile.computed = computed_values(session, frag.profile_id, ctx)
     session.add(profile)
     for ident in frag.identities:
         session.merge(ProfileIdentityRow(namespace=ident.namespace, value=ident.value, profile_id=frag.profile_id))
@@ -251,4 +281,5 @@ def refresh_due(session: Session, profile_id: str, ctx: ProfileContext) -> None:
     if profile is not None:
         profile.events = event_count(session, profile_id)
         profile.next_due_ms = next_due(session, profile_id, ctx)
+        profile.computed = computed_values(session, profile_id, ctx)
         session.add(profile)

@@ -268,6 +268,9 @@ class Compiler:
         if node == "member_of":
             target = self.segments.get(ast.member_of.segment_id)
             return self.profile(target.ast, profile) if target is not None else sa.false()
+        if node == "computed":
+            ref = Json(profile.c.computed, (ast.computed.name,), self.dialect)
+            return compare_json(ref, ast.computed.op, literal_value(ast.computed.value))
         return sa.false()
 
 

@@ -41,6 +41,8 @@ class ProfileRow(SQLModel, table=True):
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     sources: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     events: int = 0
+    # The current value of every computed attribute (see computed.py), by name.
+    computed: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     # Earliest log time (epoch ms) at which a window or a retention period changes what this profile matches.
     next_due_ms: int | None = Field(default=None, sa_type=sa.BigInteger, index=True)
 
@@ -98,6 +100,15 @@ class SchemaRow(SQLModel, table=True):
     fields: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
+class ComputedRow(SQLModel, table=True):
+    """A computed attribute's definition (folded from ComputedAttributeDefined)."""
+
+    __tablename__ = "seg_computed"
+
+    name: str = Field(primary_key=True)
+    body: dict[str, Any] = Field(sa_type=sa.JSON)
+
+
 class StateRow(SQLModel, table=True):
     """Singletons folded from the own logs: the clock, the merge policy."""
 
@@ -108,8 +119,17 @@ class StateRow(SQLModel, table=True):
 
 
 TABLES = tables_of(
-    SegmentRow, ProfileRow, FragmentRow, ProfileIdentityRow, MembershipRow, DatasetRow, SchemaRow, StateRow
+    SegmentRow, ProfileRow, FragmentRow, ProfileIdentityRow, MembershipRow, DatasetRow, SchemaRow, StateRow, ComputedRow
 )
+
+
+def computed_of(row: ComputedRow) -> pb.ComputedAttribute:
+    return json_format.ParseDict(row.body, pb.ComputedAttribute())
+
+
+def all_computed(session: Session) -> list[pb.ComputedAttribute]:
+    rows = session.exec(select(ComputedRow).order_by(col(ComputedRow.name))).all()
+    return [computed_of(r) for r in rows]
 
 
 def segment_of(row: SegmentRow) -> pb.Segment:
@@ -235,4 +255,12 @@ def vocabulary(session: Session) -> Vocabulary:
     event_fields: dict[str, str] = {}
     for row in session.exec(select(SchemaRow).order_by(col(SchemaRow.name))).all():
         (event_fields if row.schema_class == "event" else attributes).update(row.fields)
-    return Vocabulary(attributes, event_fields)
+    computed = {a.name: computed_type(a, event_fields) for a in all_computed(session)}
+    return Vocabulary(attributes, event_fields, computed)
+
+
+def computed_type(attribute: pb.ComputedAttribute, event_fields: dict[str, str]) -> str:
+    """What a computed attribute holds, for the type check: a number, or the field's type (most_recent)."""
+    if attribute.aggregate != pb.AGGREGATE_MOST_RECENT:
+        return "number"
+    return event_fields.get(attribute.field, "any")

@@ -44,6 +44,8 @@ def flatten(fields: Iterable[ingest_pb2.Field], prefix: str = "") -> dict[str, s
 class Vocabulary:
     attributes: Mapping[str, str] = field(default_factory=dict)
     event_fields: Mapping[str, str] = field(default_factory=dict)
+    # Computed attributes by name: "number", or the field's type for most_recent ("any" when unknown).
+    computed: Mapping[str, str] = field(default_factory=dict)
 
     def check(self, tree: Tree[Token]) -> None:
         """Raise LanguageError at the first unknown field or mistyped literal."""
@@ -91,6 +93,9 @@ def _shifted(token: Token, by: int) -> Token:
 
 def _known(path: Token, vocab: Vocabulary, *, event: bool) -> str | None:
     """The declared type of a path, or None when this kind of name is not checked."""
+    if not event and str(path) in vocab.computed:
+        kind = vocab.computed[str(path)]
+        return None if kind == "any" else kind
     names = vocab.event_fields if event else vocab.attributes
     if not names:
         return None
