@@ -8,6 +8,8 @@ in the same process.
   profiles, published on JetStream as identity does (``CDP_BENCH_SEG_PER_MESSAGE``, 100 a message)
   and applied by the segmentation processor (observe + decide + fold + append + commit). Baseline:
   the same updates kept in Python dicts and every segment evaluated after each update.
+* ``CDP_BENCH_SEG_COMPUTED`` (default 0, at most 5): run the streaming benchmark again with that
+  many computed attributes defined, against the run without them as the baseline.
 * ``CDP_BENCH_SEG_BATCH_PROFILES`` (default 100,000) profiles with ``CDP_BENCH_SEG_BATCH_EVENTS``
   (1,000,000) events, written in bulk straight into a SQLite store; the 20 segments compiled to SQL
   and run inside the store. Baseline: every profile read from the same store and evaluated in Python
@@ -214,7 +216,16 @@ def python_streaming(frags: list[identity_ev.ProfileFragment], asts: list[pb.Exp
     return Figure("Python dicts, every segment after each update", len(frags), time.perf_counter() - started), changes
 
 
-async def streaming(n: int, profiles: int, per_message: int) -> tuple[Figure, int, int]:
+COMPUTED = {
+    "orders_30d": "count(order) within 30d",
+    "spend_90d": "sum(order.total) within 90d",
+    "cheapest_7d": "min(order.total) within 7d",
+    "biggest": "max(order.total)",
+    "last_page": "most_recent(view.page) within 1d",
+}
+
+
+async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) -> tuple[Figure, int, int]:
     frags = updates(n, profiles)
     async with nats_eventlog() as eventlog:
         with tempfile.TemporaryDirectory(prefix="cdp-bench-seg-") as tmp:
@@ -224,6 +235,8 @@ async def streaming(n: int, profiles: int, per_message: int) -> tuple[Figure, in
             await processor.recover()
             handlers = SegmentationHandlers(processor, catalog)
             await handlers.tick(T0)
+            for name, function in list(COMPUTED.items())[:computed]:
+                await handlers.create_computed(name, function)
             for name, query in streaming_definitions().items():
                 await handlers.create_segment(name, query)
             await publish(eventlog, frags, per_message)
@@ -246,7 +259,8 @@ def bulk_rows(profiles: int, events: int, seed: int = 5) -> Iterator[tuple[str, 
         rows, idents = [], []
         for p in range(start, min(start + chunk, profiles)):
             pid = f"p{p:08d}"
-            rows.append({"profile_id": pid, "attributes": json.dumps(attributes(rnd, p)), "sources": "{}", "events": 0})
+            attrs = json.dumps(attributes(rnd, p))
+            rows.append({"profile_id": pid, "attributes": attrs, "sources": "{}", "events": 0, "computed": "{}"})
             idents.append({"namespace": "crm_id", "value": f"C{p}", "profile_id": pid})
             if p % 3:
                 idents.append({"namespace": "email", "value": f"person{p}@example.com", "profile_id": pid})
@@ -389,6 +403,11 @@ def run() -> None:
     report(f"streaming, {n:,} profile updates over {profiles:,} profiles, 50 segments", baseline, [figure])
     print(f"   {memberships:,} membership rows; {log_messages:,} messages on CDP_AUDIENCE")
     print(f"   goal 10,000 updates/s: {'met' if figure.rate >= 10_000 else 'not met'} ({figure.rate:,.0f}/s)")
+    computed = env_int("CDP_BENCH_SEG_COMPUTED", 0)  # also kept up to date: that many computed attributes
+    if computed:
+        with_computed, _, _ = asyncio.run(streaming(n, profiles, per_message, computed))
+        with_computed = Figure(f"the same with {computed} computed attributes", n, with_computed.seconds)
+        report(f"streaming with {computed} computed attributes kept up to date", figure, [with_computed])
     if env_int("CDP_BENCH_SEG_BATCH", 1):
         batch(env_int("CDP_BENCH_SEG_BATCH_PROFILES", 100_000), env_int("CDP_BENCH_SEG_BATCH_EVENTS", 1_000_000))
 

@@ -24,7 +24,9 @@ SEGMENTS = {
     "browsed_then_login": "page_view followed by login within 1h",
     "anonymous_bounce": "page_view not followed by login within 1h",
     "two_views": "count(page_view) >= 2 within 3650d",
+    "last_saw_shoes": 'last_page = "/shoes" and views >= 2',  # over computed attributes
 }
+COMPUTED = {"views": "count(page_view)", "last_page": "most_recent(page_view.page)"}
 
 
 def cdp(stack: Stack, *args: str) -> Any:
@@ -39,7 +41,12 @@ def cdp_json(stack: Stack, *args: str) -> Any:
 
 def expected_sizes(data: DemoData) -> dict[str, int]:
     browsers = len(range(1, data.people + 1, 2))
-    return {"browsed_then_login": browsers, "anonymous_bounce": data.anonymous_cookies, "two_views": browsers}
+    return {
+        "browsed_then_login": browsers,
+        "anonymous_bounce": data.anonymous_cookies,
+        "two_views": browsers,
+        "last_saw_shoes": browsers,
+    }
 
 
 def wait_for(stack: Stack, client: Client, expected: dict[str, int], timeout_s: float = 120) -> dict[str, int]:
@@ -63,6 +70,9 @@ def test_cli_explain_evaluate_and_profile_get_with_a_segmentation_crash_mid_stre
     assert "events login, page_view" in explained["evaluation_reason"]
     text = cdp(stack, "segment", "explain", "count(order) >= 2", "--schedule", "0 3 * * *")
     assert "evaluation: batch" in text
+    for name, function in COMPUTED.items():
+        assert f"computed attribute {name} = {function} created" in cdp(stack, "computed", "create", name, function)
+    assert [a["name"] for a in cdp_json(stack, "computed", "list")["attributes"]] == ["last_page", "views"]
     for name, query in SEGMENTS.items():
         assert f"segment {name} created" in cdp(stack, "segment", "create", name, query)
 
@@ -87,3 +97,7 @@ def test_cli_explain_evaluate_and_profile_get_with_a_segmentation_crash_mid_stre
     assert {"browsed_then_login", "two_views"} <= set(person["segments"])
     assert {e["event_type"] for e in person["recent_events"]} == {"page_view", "login"}
     assert any(a["name"] == "loyalty_tier" and a["source_dataset"] == "crm" for a in person["attributes"])
+    assert {c["name"]: c["value"] for c in person["computed"]} == {"last_page": "/shoes", "views": 2.0}
+    assert "last_saw_shoes" in person["segments"]
+    text = cdp(stack, "profile", "get", "email:person.1@example.com")
+    assert "most_recent(page_view.page)" in text

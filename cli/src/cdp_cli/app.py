@@ -661,6 +661,7 @@ def profile_get(
         ["name", "value", "dataset", "updated"],
         [(a.name, render.json_value(a.value), a.source_dataset, a.updated_at) for a in reply.attributes],
     )
+    render.print_table("computed", ["name", "value", "definition"], cmd_segmentation.computed_rows(reply))
 
 
 @identity_app.command("resolve")
@@ -812,6 +813,7 @@ def demo(
 
 cmd_identity.register(identity_app)
 cmd_segmentation.register(segment_app, lambda ctx: _client(ctx))
+app.add_typer(cmd_segmentation.computed_app(lambda ctx: _client(ctx)), name="computed")
 
 
 def main() -> None:

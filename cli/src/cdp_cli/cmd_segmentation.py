@@ -46,3 +46,55 @@ def register(segment_app: typer.Typer, client_of: Callable[[typer.Context], Any]
                 bar.update(progress.profiles_done - last.profiles_done)
                 last = progress
         render.success(f"{segment}: {last.profiles_done} profiles, +{last.realized} realized, -{last.exited} exited")
+
+
+def computed_app(client_of: Callable[[typer.Context], Any]) -> typer.Typer:
+    """`cdp computed create|list`: computed attributes, usable in segments by name."""
+    group = typer.Typer(
+        help="Computed attributes: count/sum/min/max/most_recent of an event field over a window, per profile.",
+        no_args_is_help=True,
+        add_completion=False,
+    )
+
+    @group.command("create")
+    def computed_create(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="lower_snake_case, e.g. orders_90d.")],
+        function: Annotated[
+            list[str], typer.Argument(help="e.g. 'sum(store_order.amount) within 90d' (words may be separate).")
+        ],
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Define a computed attribute; every profile's value is kept up to date from then on."""
+        client = client_of(ctx)
+        request = segmentation_pb2.CreateComputedAttributeRequest(name=name, definition=" ".join(function))
+        reply = client.segmentation.CreateComputedAttribute(request, timeout=client.timeout)
+        if as_json:
+            render.print_message(reply)
+            return
+        render.success(f"computed attribute {reply.name} = {reply.definition} created (id {reply.id})")
+
+    @group.command("list")
+    def computed_list(
+        ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+    ) -> None:
+        """List the computed attributes."""
+        client = client_of(ctx)
+        reply = client.segmentation.ListComputedAttributes(
+            segmentation_pb2.ListComputedAttributesRequest(), timeout=client.timeout
+        )
+        if as_json:
+            render.print_message(reply)
+            return
+        render.print_table(
+            "computed attributes",
+            ["name", "definition", "created"],
+            [(a.name, a.definition, a.created_at) for a in reply.attributes],
+        )
+
+    return group
+
+
+def computed_rows(profile: segmentation_pb2.Profile) -> list[tuple[str, str, str]]:
+    """(name, value, definition) of a profile's computed attributes, for `cdp profile get`."""
+    return [(c.name, render.json_value(c.value) if c.HasField("value") else "", c.definition) for c in profile.computed]

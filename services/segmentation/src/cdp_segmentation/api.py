@@ -41,6 +41,16 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def SetMergePolicy(self, request: pb.SetMergePolicyRequest, context: Ctx) -> pb.MergePolicy:
         return await self.handlers.set_merge_policy(request.policy)
 
+    async def CreateComputedAttribute(
+        self, request: pb.CreateComputedAttributeRequest, context: Ctx
+    ) -> pb.ComputedAttribute:
+        return await self.handlers.create_computed(request.name, request.definition)
+
+    async def ListComputedAttributes(
+        self, request: pb.ListComputedAttributesRequest, context: Ctx
+    ) -> pb.ListComputedAttributesResponse:
+        return pb.ListComputedAttributesResponse(attributes=self.handlers.computed_attributes())
+
     def _segment(self, key: str) -> pb.Segment:
         with self.processor.read() as session:
             row = store.segment_by_key(session, key)
@@ -127,4 +137,10 @@ def profile_message(session: Session, row: store.ProfileRow) -> pb.Profile:
         )
         member.changed_at.FromDatetime(m.changed_at)
         profile.memberships.append(member)
+    values = row.computed or {}
+    for definition in store.all_computed(session):
+        computed = pb.ProfileComputed(name=definition.name, definition=definition.definition)
+        if definition.name in values:
+            computed.value.CopyFrom(json_format.ParseDict(values[definition.name], struct_pb2.Value()))
+        profile.computed.append(computed)
     return profile

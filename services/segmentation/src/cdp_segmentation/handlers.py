@@ -18,9 +18,9 @@ from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS
 from cdp_kit.telemetry import get_logger
 from cdp_segmentation import store
-from cdp_segmentation.analysis import check_where, classify, reads_of, resolve_segments
+from cdp_segmentation.analysis import check_where, classify, reads_of, resolve_computed, resolve_segments
 from cdp_segmentation.cron import last_fire, parse_cron
-from cdp_segmentation.language import NAME_RE, parse
+from cdp_segmentation.language import NAME_RE, parse, parse_computed
 from cdp_segmentation.membership import Catalog, backfill_page, change, reevaluate
 from cdp_segmentation.profiles import due_profiles, iso, refresh_due, to_ms
 from cdp_segmentation.sql import matching
@@ -49,8 +49,10 @@ class SegmentationHandlers:
         with self.processor.read() as session:
             vocabulary = store.vocabulary(session)
             known = {row.name: store.segment_of(row) for row in store.all_segments(session)}
+            computed = {a.name: a for a in store.all_computed(session)}
         ast = parse(query, vocabulary.check)
         check_where(ast)
+        resolve_computed(ast, computed)
         if schedule:
             parse_cron(schedule)
         resolve_segments(ast, name, known)
@@ -94,6 +96,47 @@ class SegmentationHandlers:
             self.catalog.invalidate()
         await self.backfill_pending()
         return segment
+
+    async def create_computed(self, name: str, definition: str) -> pb.ComputedAttribute:
+        """Define a computed attribute (a config event); every profile's value is computed when it is folded."""
+        if not NAME_RE.match(name):
+            raise InvalidInput(
+                "invalid computed attribute name", [Violation("name", "pattern", "lower_snake_case, 1-63 characters")]
+            )
+        with self.processor.read() as session:
+            vocabulary = store.vocabulary(session)
+        if name in vocabulary.attributes:
+            hint = f"{name!r} is a profile attribute a schema declares; choose another name"
+            raise InvalidInput("invalid computed attribute name", [Violation("name", "taken", hint)])
+        attribute = parse_computed(definition, vocabulary.check)
+        check_where(pb.Expression(event=pb.EventCondition(pattern=attribute.pattern)))
+        attribute.id = deterministic_id("computed", name)
+        attribute.name = name
+        attribute.definition = definition.strip()
+        now = utcnow()
+        attribute.created_at.FromDatetime(now)
+
+        def decide(uow: UnitOfWork) -> None:
+            if uow.session.get(store.ComputedRow, name) is not None:
+                raise AlreadyExists(f"computed attribute {name!r} exists")
+            env = make_envelope(
+                ev.ComputedAttributeDefined(attribute=attribute),
+                event_id=deterministic_id("computed-defined", attribute.id),
+                subject_key=attribute.id,
+                occurred_at=now,
+                cause=Cause(command_id=attribute.id),
+            )
+            uow.emit(SEGMENTATION_CONFIG, [env])
+
+        try:
+            await self.processor.execute(f"computed:{attribute.id}", decide)
+        finally:
+            self.catalog.invalidate()
+        return attribute
+
+    def computed_attributes(self) -> list[pb.ComputedAttribute]:
+        with self.processor.read() as session:
+            return store.all_computed(session)
 
     async def explain(self, query: str, schedule: str = "") -> pb.Explanation:
         compiled = self.compile("", query, schedule)
@@ -269,6 +312,8 @@ class SegmentationHandlers:
         with self.processor.read() as session:
             segments = self.catalog.segments(session)
             if any(s.reads.windows_ms for s in segments if s.streaming) or store.retention_ms(session):
+                return True
+            if self.catalog.windows(session):  # computed attributes over a relative window
                 return True
             return any(store.segment_of(r).schedule for r in store.all_segments(session))
 

@@ -16,6 +16,7 @@ from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import SEGMENTATION_MEMBERSHIPS
 from cdp_segmentation import store
 from cdp_segmentation.analysis import Reads, reads_of
+from cdp_segmentation.computed import ComputedDef, windows_ms
 from cdp_segmentation.evaluate import Event, ProfileData, Test, compile_ast
 from cdp_segmentation.profiles import DEFAULT_EVENT_CAP, ProfileContext, next_due
 from cdp_segmentation.store import EVENT, EXITED, REALIZED, FragmentRow, ProfileRow
@@ -39,6 +40,7 @@ class Catalog:
     def __init__(self, event_cap: int = DEFAULT_EVENT_CAP) -> None:
         self.event_cap = event_cap
         self._segments: list[CompiledSegment] | None = None
+        self._computed: tuple[ComputedDef, ...] | None = None
         self._ctx: ProfileContext | None = None
         self._affected: dict[tuple[Any, ...], list[CompiledSegment]] = {}
         # The in-memory profiles of the input batch being applied (see working.py).
@@ -46,6 +48,7 @@ class Catalog:
 
     def invalidate(self) -> None:
         self._segments = None
+        self._computed = None
         self._ctx = None
         self._affected = {}
 
@@ -72,12 +75,21 @@ class Catalog:
     def streaming(self, session: Session) -> list[CompiledSegment]:
         return [s for s in self.segments(session) if s.streaming]
 
+    def computed(self, session: Session) -> tuple[ComputedDef, ...]:
+        """The computed attribute definitions, by name."""
+        if self._computed is None:
+            self._computed = tuple(ComputedDef.of(a) for a in store.all_computed(session))
+        return self._computed
+
     def windows(self, session: Session) -> set[int]:
-        return set().union(*(s.reads.windows_ms for s in self.streaming(session)))
+        """The windows whose end, counted from an event, changes a streaming segment or a computed attribute."""
+        segment_windows: set[int] = set().union(*(s.reads.windows_ms for s in self.streaming(session)))
+        return segment_windows | windows_ms(self.computed(session))
 
     def context(self, session: Session) -> ProfileContext:
         if self._ctx is None:
-            self._ctx = ProfileContext.load(session, self.windows(session), self.event_cap)
+            computed = self.computed(session)
+            self._ctx = ProfileContext.load(session, self.windows(session), self.event_cap, computed)
         return self._ctx
 
     def affected(
@@ -146,7 +158,7 @@ def profile_data(session: Session, profile: ProfileRow) -> ProfileData:
         ).all()
         return [Event(t, int(ts), dict(attrs)) for t, ts, attrs in rows]
 
-    return ProfileData(dict(profile.attributes), namespaces, memberships, load)
+    return ProfileData(dict(profile.attributes), namespaces, memberships, load, dict(profile.computed or {}))
 
 
 def change(uow: UnitOfWork, segment_id: str, profile_id: str, status: str, at: datetime, cause: str) -> Envelope:
@@ -195,7 +207,7 @@ def reevaluate_state(
         return 0
     inside_now = {sid for sid, status in state.memberships.items() if status == REALIZED}
     events = state.events
-    data = ProfileData(state.attributes, state.namespaces, inside_now, lambda: events)
+    data = ProfileData(state.attributes, state.namespaces, inside_now, lambda: events, state.computed)
     changes: list[Envelope] = []
     for seg in segments:
         inside = seg.test(data, now_ms)

@@ -154,7 +154,7 @@ def apply_fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int
         else:
             profile.events += 1
         profile.next_due_ms = next_due(session, frag.profile_id, ctx)
-        profile.computed = computed_values(session, frag.profile_id, ctx)
+    profile.computed = computed_values(session, frag.profile_id, ctx)
     session.add(profile)
     for ident in frag.identities:
         session.merge(ProfileIdentityRow(namespace=ident.namespace, value=ident.value, profile_id=frag.profile_id))
@@ -263,6 +263,16 @@ def recompute_all(session: Session, ctx: ProfileContext) -> None:
     ids = list(session.exec(select(ProfileRow.profile_id).order_by(col(ProfileRow.profile_id))).all())
     for profile_id in ids:
         recompute(session, profile_id, ctx)
+    session.flush()
+
+
+def recompute_computed_all(session: Session, ctx: ProfileContext) -> None:
+    """A new computed attribute: every profile's values (and next due time: its window may be new)."""
+    session.flush()
+    for profile in session.exec(select(ProfileRow).order_by(col(ProfileRow.profile_id))).all():
+        profile.computed = computed_values(session, profile.profile_id, ctx)
+        profile.next_due_ms = next_due(session, profile.profile_id, ctx)
+        session.add(profile)
     session.flush()
 
 

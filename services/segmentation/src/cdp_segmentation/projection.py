@@ -10,8 +10,8 @@ from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.streams import OwnLog
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog
-from cdp_segmentation.profiles import apply_retention, recompute_all, to_ms
-from cdp_segmentation.store import EXITED, REALIZED, MembershipRow, SegmentRow
+from cdp_segmentation.profiles import apply_retention, recompute_all, recompute_computed_all, to_ms
+from cdp_segmentation.store import EXITED, REALIZED, ComputedRow, MembershipRow, SegmentRow
 
 
 class SegmentationProjection:
@@ -52,6 +52,13 @@ class SegmentationProjection:
             self._tick(session, to_ms(from_timestamp(unpack(env, ev.ClockTicked).at)))
         elif is_a(env, ev.MergePolicySet):
             self._merge_policy(session, unpack(env, ev.MergePolicySet))
+        elif is_a(env, ev.ComputedAttributeDefined):
+            attribute = unpack(env, ev.ComputedAttributeDefined).attribute
+            body = json_format.MessageToDict(attribute, preserving_proto_field_name=True)
+            session.merge(ComputedRow(name=attribute.name, body=body))
+            session.flush()
+            self.catalog.invalidate()
+            recompute_computed_all(session, self.catalog.context(session))
         session.flush()
 
     def _tick(self, session: Session, ms: int) -> None:

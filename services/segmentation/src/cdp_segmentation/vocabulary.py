@@ -73,6 +73,17 @@ def _visit(tree: Tree[Token] | Token | None, vocab: Vocabulary, *, event: bool) 
                 raise LanguageError(token, "type", hint)
         _visit(tree.children[2], vocab, event=True)
         return
+    if rule == "computed_def":
+        agg, path = tree.children[0], tree.children[1]
+        _, _, field_name = str(path).partition(".")
+        if field_name and vocab.event_fields:
+            token = _shifted(path, len(str(path)) - len(field_name))
+            kind = _known(token, vocab, event=True)
+            if kind is not None and kind not in NUMERIC and str(agg) != "most_recent":
+                hint = f"{agg}(…) needs a numeric event field; {field_name} is {_a(kind)}"
+                raise LanguageError(token, "type", hint)
+        _visit(tree.children[2], vocab, event=True)
+        return
     if rule == "pattern":
         if len(tree.children) == 2:
             _visit(tree.children[1], vocab, event=True)

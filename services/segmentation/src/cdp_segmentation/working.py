@@ -26,6 +26,7 @@ from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp_kit.envelope import from_timestamp
+from cdp_segmentation.computed import add_event, values, with_defaults
 from cdp_segmentation.evaluate import Event
 from cdp_segmentation.profiles import ProfileContext, to_ms, winner_key
 from cdp_segmentation.store import EVENT, RECORD, FragmentRow, MembershipRow, ProfileIdentityRow, ProfileRow
@@ -60,6 +61,8 @@ class ProfileState:
     events: list[StoredEvent] = field(default_factory=list)
     namespaces: set[str] = field(default_factory=set)
     memberships: dict[str, str] = field(default_factory=dict)
+    # Computed attribute values (computed.py), kept incrementally.
+    computed: dict[str, Any] = field(default_factory=dict)
     next_due_ms: int | None = None
     # Created by a fragment of this batch and not yet evaluated: every segment reads it.
     created: bool = False
@@ -98,6 +101,7 @@ class WorkingSet:
             state.exists = True
             state.attributes, state.sources = dict(row["attributes"]), dict(row["sources"])
             state.next_due_ms = row["next_due_ms"]
+            state.computed = dict(row["computed"] or {})
         columns = (FRAGMENT.c.profile_id, FRAGMENT.c.source_event_id, FRAGMENT.c.dataset, FRAGMENT.c.event_type)
         events = run(
             sa.select(*columns, FRAGMENT.c.ts_ms, FRAGMENT.c.seq, FRAGMENT.c.attributes).where(
@@ -159,6 +163,8 @@ class WorkingSet:
             self._add_event(
                 state, StoredEvent(frag.event_type, ts_ms, attributes, frag.source_event_id, frag.dataset, seq), ctx
             )
+        if ctx.computed and kind == RECORD:
+            state.computed = with_defaults(ctx.computed, state.computed)
         for ident in frag.identities:
             self._identities[(ident.namespace, ident.value)] = frag.profile_id
             state.namespaces.add(ident.namespace)
@@ -184,7 +190,10 @@ class WorkingSet:
                 state.sources[name] = candidate
 
     def _add_event(self, state: ProfileState, item: StoredEvent, ctx: ProfileContext) -> None:
-        state.events = [e for e in state.events if e.id != item.id] if _holds(state, item.id) else state.events
+        redelivered = _holds(state, item.id)
+        # A profile past its next due time waits for the clock to wake it: its values may be stale.
+        stale = state.next_due_ms is not None and state.next_due_ms <= ctx.clock_ms
+        state.events = [e for e in state.events if e.id != item.id] if redelivered else state.events
         bisect.insort(state.events, item, key=lambda e: e.order)
         excess = len(state.events) - ctx.event_cap
         if excess > 0:
@@ -194,6 +203,12 @@ class WorkingSet:
                 self._dropped.add(old.id)
             del state.events[:excess]
         state.next_due_ms = next_due(state, ctx)
+        if ctx.computed:
+            if redelivered or stale or excess > 0:
+                # Events left (or one came again): recompute from the kept events.
+                state.computed = values(ctx.computed, state.events, ctx.clock_ms)
+            else:
+                state.computed = add_event(ctx.computed, state.computed, item, state.events, ctx.clock_ms)
 
     def membership(self, segment_id: str, profile_id: str, status: str, at: datetime) -> None:
         self.profiles[profile_id].memberships[segment_id] = status
@@ -241,6 +256,7 @@ class WorkingSet:
                     "attributes": state.attributes,
                     "sources": state.sources,
                     "events": len(state.events),
+                    "computed": state.computed,
                     "next_due_ms": state.next_due_ms,
                 }
             )
