@@ -483,8 +483,18 @@ def _print_batch_report(report: ingest_pb2.BatchReport) -> None:
     state = render.enum_label(ingest_pb2.BatchStatus.Name(report.status), "BATCH_STATUS_")
     render.print_table(
         f"batch {report.batch_id}",
-        ["dataset", "status", "read", "accepted", "rejected", "duplicate"],
-        [(report.dataset, state, report.rows_read, report.rows_accepted, report.rows_rejected, report.duplicate)],
+        ["dataset", "status", "read", "accepted", "rejected", "duplicate rows", "batch re-sent"],
+        [
+            (
+                report.dataset,
+                state,
+                report.rows_read,
+                report.rows_accepted,
+                report.rows_rejected,
+                report.rows_duplicate,
+                report.duplicate,
+            )
+        ],
     )
     if report.rejects:
         render.print_table(
