@@ -265,7 +265,7 @@ async def pipeline() -> None:
                         reply = await api.ListDeliveries(pb.ListDeliveriesRequest(destination=name), None)  # type: ignore[arg-type]
                         if reply.stats and reply.stats[0].members == PIPELINE_PROFILES:
                             break
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.25)
                     figures.append(
                         (
                             f"{connector} (whole service, {PIPELINE_PROFILES:,} profiles)",

@@ -194,3 +194,22 @@ def run_blueprint(client: Client, nats_url: str, data: BlueprintData) -> Bluepri
 def dead_letters(client: Client, dataset: str) -> int:
     reply = retrying(lambda: client.ingest.ListDeadLetters(ing.ListDeadLettersRequest(dataset=dataset, limit=1000)))
     return len(reply.dead_letters)
+
+
+BLUEPRINT_SEGMENTS: dict[str, tuple[str, str]] = {
+    # name: (definition, cron schedule or "" for streaming)
+    "store_regulars": ('count(store_order) >= 2 within 90d', ""),
+    "big_spenders_year": ("sum(store_order.amount) > 500 within 365d", ""),
+    "lapsed_shoppers": ("count(store_order) = 0 within 180d and has crm_id", ""),
+    "shoe_browsers": ('count(page_view where page = "/shoes") >= 1 within 60d', ""),
+    "reachable_gold": ('in segment gold_members and consent email_marketing = "y" and has email', ""),
+    "nightly_vip_review": ('loyalty.tier = "gold" and points >= 10000', "0 3 * * *"),
+}
+
+
+def create_blueprint_segments(client: Client) -> None:
+    from cdp.segmentation.v1 import segmentation_pb2 as seg
+
+    for name, (query, schedule) in BLUEPRINT_SEGMENTS.items():
+        request = seg.CreateSegmentRequest(name=name, query=query, schedule=schedule)
+        ensure(partial(client.segmentation.CreateSegment, request), done=EXISTS)

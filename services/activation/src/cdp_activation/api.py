@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from google.protobuf import json_format
 from sqlmodel import Session, col, func, select
 
@@ -21,19 +22,22 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 def plan_stats(session: Session, plan: store.PlanRow, dest: store.DestinationRow) -> pb.DeliveryStats:
     stats = pb.DeliveryStats(destination=dest.id, destination_name=dest.name, plan_id=plan.id)
     latencies: list[float] = []
-    for batch in session.exec(select(store.BatchRow).where(store.BatchRow.plan_id == plan.id)):
-        stats.retried += batch.retried
-        if batch.action == "add":
-            stats.received += batch.profiles
-        if batch.status == "delivered":
+    table = store.BatchRow.__table__  # type: ignore[attr-defined]
+    names = ("action", "status", "profiles", "retried", "activated", "latency_ms", "rejected")
+    columns = sa.select(*(table.c[n] for n in names)).where(table.c.plan_id == plan.id)
+    for action, status, profiles, retried, activated, latency, rejected in session.execute(columns):
+        stats.retried += retried
+        if action == "add":
+            stats.received += profiles
+        if status == "delivered":
             stats.batches_delivered += 1
-            stats.activated += batch.activated
-            latencies.append(batch.latency_ms)
-            for reason, n in batch.rejected.items():
+            stats.activated += activated
+            latencies.append(latency)
+            for reason, n in rejected.items():
                 stats.excluded[f"rejected: {reason}"] += int(n)
-        elif batch.status == "dead":
+        elif status == "dead":
             stats.batches_dead += 1
-            stats.failed += batch.profiles
+            stats.failed += profiles
         else:
             stats.batches_pending += 1
     for reason in session.exec(select(store.ExclusionRow.reason).where(store.ExclusionRow.plan_id == plan.id)):

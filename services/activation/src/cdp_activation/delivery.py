@@ -31,7 +31,7 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 from croniter import croniter  # type: ignore[import-untyped]
 from google.protobuf import json_format, struct_pb2
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
@@ -48,11 +48,13 @@ from cdp_activation.connectors import (
 from cdp_activation.settings import ActivationSettings
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
-from cdp_kit.processor import Processor, UnitOfWork
+from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
+from cdp_kit.store import all_checkpoints
 from cdp_kit.streams import ACTIVATION_DELIVERIES
 from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
+DELIVERIES_CHECKPOINT = own_checkpoint(ACTIVATION_DELIVERIES)
 ACTIONS = ("email_marketing", "sms_marketing", "ad_targeting", "data_sharing")
 
 
@@ -101,7 +103,11 @@ def wanted(
     violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
     profiles = {
         p.profile_id: p
-        for p in session.exec(select(store.ProfileRow).where(col(store.ProfileRow.profile_id).in_(member_ids)))
+        for p in session.exec(
+            select(store.ProfileRow)
+            .join(store.MemberRow, col(store.MemberRow.profile_id) == col(store.ProfileRow.profile_id))
+            .where(store.MemberRow.segment_id == plan.segment)
+        )
     }
     needed = connector.required_identities(list(plan.identities))
     for pid in member_ids:
@@ -161,6 +167,9 @@ class Deliverer:
         self.first_seen: dict[str, float] = {}
         # Scheduled plans: the wall-clock time of their next cron run.
         self.next_run: dict[str, datetime] = {}
+        # What the last planning round saw: the wanted audiences change only with the inputs
+        # and the config log (a delivered batch moves profiles from in flight to held).
+        self.fingerprint: tuple[tuple[str, int], ...] | None = None
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -192,7 +201,21 @@ class Deliverer:
     async def tick(self, force: bool = False) -> int:
         """Plan one round: record exclusions, cut due batches, wake the workers. Returns batches cut."""
         with self.processor.read() as session:
-            work = [w for row in session.exec(select(store.PlanRow)).all() if (w := self._work(session, row))]
+            fingerprint = tuple(
+                sorted((k, v) for k, v in all_checkpoints(session).items() if k != DELIVERIES_CHECKPOINT)
+            )
+            rows = session.exec(select(store.PlanRow)).all()
+            cron_due = any(
+                store.plan_of(r).schedule not in ("", "streaming")
+                and (r.id not in self.next_run or self.next_run[r.id] <= datetime.now(UTC))
+                for r in rows
+            )
+            if fingerprint == self.fingerprint and not self.first_seen and not cron_due and not force:
+                self._wake_workers()
+                return 0
+            self.fingerprint = None  # until this round completes
+            work = [w for row in rows if (w := self._work(session, row))]
+        complete = True
         cut = 0
         now = time.monotonic()
         for item in work:
@@ -215,11 +238,14 @@ class Deliverer:
                     if len(chunk) < size and not due:
                         continue  # a partial batch waits for its age
                     if not await self._prepare(item, action, chunk, seq):
+                        complete = False
                         break
                     seq += 1
                     cut += 1
             if due:
                 self.first_seen.pop(item.plan.id, None)
+        if complete:
+            self.fingerprint = fingerprint
         self._wake_workers()
         return cut
 
@@ -356,17 +382,25 @@ class Deliverer:
             segment = session.get(store.SegmentRow, plan.segment)
             connector = connector_for(dest.connector)
             records = [Record.of(r) for r in row.records]
-            held = {
-                m.profile_id: Record.of(m.record or {"profile_id": m.profile_id})
-                for m in session.exec(select(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == plan.id))
-            }
-            for rec in records:
-                if row.action == "add":
-                    held[rec.profile_id] = rec
-                else:
-                    held.pop(rec.profile_id, None)
             config = connector.parse(json_format.MessageToDict(dest.config))
-            snapshot = [held[k] for k in sorted(held)] if connector.wants_snapshot(config) else None
+            snapshot: list[Record] | None = None
+            if connector.wants_snapshot(config):
+                held = {
+                    m.profile_id: Record.of(m.record or {"profile_id": m.profile_id})
+                    for m in session.exec(select(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == plan.id))
+                }
+                for rec in records:
+                    if row.action == "add":
+                        held[rec.profile_id] = rec
+                    else:
+                        held.pop(rec.profile_id, None)
+                snapshot = [held[k] for k in sorted(held)]
+                members = len(held)
+            else:
+                count = session.exec(
+                    select(func.count()).select_from(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == plan.id)
+                ).one()
+                members = int(count) + (len(records) if row.action == "add" else -len(records))
             batch = Batch(
                 id=row.id,
                 plan_id=plan.id,
@@ -380,7 +414,7 @@ class Deliverer:
                 snapshot=snapshot,
             )
             session.expunge(row)
-            return row, dest, batch, len(held)
+            return row, dest, batch, max(members, 0)
 
     async def _send(
         self, state: DestinationState, row: store.BatchRow, dest: pb.Destination, batch: Batch, members: int

@@ -118,14 +118,18 @@ class ActivationProjection:
         row.rejected, row.warnings = dict(done.rejected), list(done.warnings)
         session.add(row)
         ids = [str(r["profile_id"]) for r in row.records]
-        if row.action == "add":
-            for record in row.records:
-                session.merge(PlanMemberRow(plan_id=row.plan_id, profile_id=record["profile_id"], record=record))
-        elif ids:
+        for start in range(0, len(ids), 500):  # bounded IN lists
             session.exec(
                 delete(PlanMemberRow).where(
-                    col(PlanMemberRow.plan_id) == row.plan_id, col(PlanMemberRow.profile_id).in_(ids)
+                    col(PlanMemberRow.plan_id) == row.plan_id,
+                    col(PlanMemberRow.profile_id).in_(ids[start : start + 500]),
                 )
+            )
+        if row.action == "add" and row.records:
+            table = PlanMemberRow.__table__  # type: ignore[attr-defined]
+            session.execute(
+                table.insert(),
+                [{"plan_id": row.plan_id, "profile_id": r["profile_id"], "record": r} for r in row.records],
             )
         session.flush()
         members = session.exec(

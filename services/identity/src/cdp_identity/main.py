@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from sqlalchemy import event
@@ -21,6 +22,17 @@ from cdp_kit.runtime import Service
 from cdp_kit.streams import IDENTITY_CONFIG, IDENTITY_FRAGMENTS, IDENTITY_READS_INGEST
 
 SQLITE_CACHE_KIB = 64 * 1024
+# A fetched batch allocates hundreds of thousands of short-lived objects (protobuf messages,
+# graph nodes and links, row tuples) that hold no reference cycles. CPython's default
+# generation-0 threshold (700) runs the cyclic collector every few records, over a heap
+# that holds the working set and the normaliser's memo: a fifth of the processor's CPU.
+GC_THRESHOLD = (100_000, 20, 20)
+
+
+def collect_less_often() -> None:
+    """Raise the cyclic collector's thresholds (process-wide; never lowers them)."""
+    current = gc.get_threshold()
+    gc.set_threshold(*(max(a, b) for a, b in zip(current, GC_THRESHOLD, strict=True)))
 
 
 def _sqlite_cache(dbapi_connection: Any, _record: Any) -> None:
@@ -37,6 +49,7 @@ def build_processor(
         # The graph's B-trees are read and written at random: a larger page cache (the
         # default is 2 MiB) keeps their upper levels in memory. Bounded, per connection.
         event.listen(engine, "connect", _sqlite_cache)
+    collect_less_often()
     projection = IdentityProjection(settings.rules())
     processor = Processor(
         service="identity",

@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
-from cdp_kit.errors import AlreadyExists, InvalidInput, NotFound, Violation
+from cdp_kit.errors import AlreadyExists, CdpError, InvalidInput, NotFound, Violation
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS
 from cdp_kit.telemetry import get_logger
@@ -339,5 +339,8 @@ class SegmentationHandlers:
         """After a restart, finish any evaluation a crash interrupted."""
         await self.processor.ready.wait()
         while True:
-            await self.backfill_pending()
+            try:
+                await self.backfill_pending()
+            except CdpError as exc:  # e.g. a guard conflict with a concurrent command: try again later
+                log.warning("backfill_retry", error=exc.message)
             await asyncio.sleep(2.0)

@@ -235,8 +235,8 @@ def backfill_page(
     emit the differences. Returns the last profile id of the page, or None when there are no more
     profiles: then the segment is marked evaluated. Diff-based, so re-running is harmless."""
     row = uow.session.get(store.SegmentRow, segment_id)
-    if row is None or row.generation != generation:
-        return None
+    if row is None or row.generation != generation or row.evaluated:
+        return None  # gone, re-opened, or already evaluated by a concurrent run: nothing to do
     seg = next((s for s in catalog.segments(uow.session) if s.id == segment_id), None)
     page = list(
         uow.session.exec(
