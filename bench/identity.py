@@ -6,7 +6,8 @@ edges, in the same run.
 Records carry 3 identities each: a person's email, one of the person's 2 cookies and the
 person's device id; people make 2.5 records on average, so graphs grow and merge as
 cookies and devices recur. Ingest messages hold 100 records and the processor applies 20
-messages per transaction (CDP_BATCH_SIZE=20: 2,000 records per SQL transaction). The rebuild
+messages per transaction (CDP_BATCH_SIZE=20: 2,000 records per SQL transaction;
+``CDP_BENCH_IDENTITY_BATCH_MESSAGES`` changes it). The rebuild
 figure drops a second store and rebuilds it from the same log (fold identity's own log, then
 replay the input without deciding).
 """
@@ -40,7 +41,10 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 # Records per CDP_INGEST message. Small enough that the 256 messages EventLog.read fetches at once
 # are applied within its ephemeral consumer's 30 s inactivity threshold (see docs/identity.md).
 PER_MESSAGE = 100
-BATCH_MESSAGES = 20  # CDP_BATCH_SIZE: messages per fetched batch, i.e. one SQL transaction
+# CDP_BATCH_SIZE: messages per fetched batch, i.e. one SQL transaction. The service's default is 256
+# messages of up to 8,000 records from ingest; the bench keeps transactions small (2,000 records)
+# unless CDP_BENCH_IDENTITY_BATCH_MESSAGES says otherwise.
+BATCH_MESSAGES = int(os.environ.get("CDP_BENCH_IDENTITY_BATCH_MESSAGES", "20"))
 BATCH = PER_MESSAGE * BATCH_MESSAGES  # records per transaction
 
 

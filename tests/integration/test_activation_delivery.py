@@ -122,10 +122,10 @@ class Upstream:
 
 
 class Harness:
-    def __init__(self, tmp: Path, nats_url: str, log: EventLog, **settings: Any) -> None:
+    def __init__(self, tmp: Path, nats_url: str, log: EventLog, store_url: str = "", **settings: Any) -> None:
         self.tmp = tmp
         self.settings = ActivationSettings(nats_url=nats_url, data_dir=tmp, delivery_interval_s=0.05, **settings)
-        self.engine = make_engine(f"sqlite:///{tmp / 'activation.db'}")
+        self.engine = make_engine(store_url or f"sqlite:///{tmp / 'activation.db'}")
         self.service = build(self.settings, self.engine, log)
         self.processor = self.service.processor
         self.handlers = ActivationHandlers(self.processor, self.settings)
@@ -359,7 +359,7 @@ async def test_activation_merge_removes_absorbed_and_split_sends_parts(
 
 
 async def test_activation_retries_429_and_500_then_dead_letters_and_redrives(
-    harness: Harness, upstream: Upstream, platforms: LocalPlatforms
+    harness: Harness, upstream: Upstream, platforms: LocalPlatforms, capfd: pytest.CaptureFixture[str]
 ) -> None:
     await upstream.segment()
     await harness.destination(
@@ -394,6 +394,11 @@ async def test_activation_retries_429_and_500_then_dead_letters_and_redrives(
     await harness.settled("hook", 4)
     assert await harness.dead() == []
     assert platforms.members["webhook:gold"] == {"p0000", "p0001", "p0010", "p0020"}
+    logged = capfd.readouterr()
+    assert "delivery_retry" in logged.out + logged.err
+    assert "delivery_dead_lettered" in logged.out + logged.err
+    assert platforms.webhook_secret not in logged.out + logged.err  # credentials never logged
+    assert "person.0@example.com" not in (logged.out + logged.err).lower()  # nor raw identities
 
 
 async def _n_dead(h: Harness, n: int) -> list[pb.DeadLetter] | None:
@@ -540,8 +545,10 @@ async def test_activation_file_export_formats_split_gzip_manifest_incremental(
 
 
 async def test_activation_rebuild_from_the_log_equals_the_live_store(
-    harness: Harness, upstream: Upstream, platforms: LocalPlatforms, tmp_path: Path, nats_url: str, eventlog: EventLog
+    tmp_path: Path, nats_url: str, eventlog: EventLog, store_url: str, upstream: Upstream, platforms: LocalPlatforms
 ) -> None:
+    harness = Harness(tmp_path, nats_url, eventlog, store_url=store_url)
+    await harness.start()
     await upstream.segment()
     await harness.destination("hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret)
     await harness.activate("hook", ["email", "phone"])
@@ -555,10 +562,9 @@ async def test_activation_rebuild_from_the_log_equals_the_live_store(
     await harness.settled("hook", 5)  # the removal is dead-lettered
     await harness.stop()
     live = canonical_dump(harness.engine, TABLES)
-    rebuilt = Harness(tmp_path / "rebuilt", nats_url, eventlog)
-    (tmp_path / "rebuilt").mkdir()
-    await rebuilt.processor.rebuild()
-    assert canonical_dump(rebuilt.engine, TABLES) == live
+    assert live["act_batch"]
+    await harness.processor.rebuild()
+    assert canonical_dump(harness.engine, TABLES) == live
 
 
 async def test_activation_cli_monitoring_dead_letters_redrive_and_governance(
@@ -608,6 +614,11 @@ async def test_activation_cli_monitoring_dead_letters_redrive_and_governance(
         assert total["retried"] == "1"
         assert "received" in total
         assert len(report["deliveries"]) == 1
+        run = report["deliveries"][0]
+        assert run["attempts"] == 1
+        assert run["action"] == "add"
+        assert run["activated"] == "2"
+        assert run["latency_ms"] > 0
         assert "latency ms" in await cdp("deliveries")
         await cdp("governance", "label", "email", "--label", "C9")
         await cdp("governance", "policy", "no_c9", "--deny", "C9", "--action", "email_marketing")

@@ -94,6 +94,7 @@ async def test_computed_attributes_are_checked_kept_incrementally_and_shown_on_p
         "no_unit": ("count(store_order) within 90", "a window needs a unit"),
         "tier": ("count(store_order)", "is a profile attribute a schema declares"),
         "Bad-Name": ("count(store_order)", "lower_snake_case"),
+        "within": ("count(store_order)", "is a word of the audience language"),
     }
     for name, (definition, hint) in bad.items():
         with pytest.raises(InvalidInput) as error:  # noqa: PT012
@@ -164,33 +165,37 @@ async def test_windows_expire_on_clock_ticks_merges_splits_and_a_rebuild_reaches
     await handlers.tick(T0)
     await handlers.create_computed("orders_7d", "sum(order.amount) within 7d")
     await handlers.create_computed("orders_2d", "count(order) within 2d")
+    await handlers.create_computed("orders_3d", "sum(order.amount) within 3d")  # read by no segment
     await handlers.create_segment("spender", "orders_7d >= 100")
     await handlers.create_segment("active", "orders_2d >= 1")
     ev_a = await identity.event("pa", "order", T0 - DAY, amount=60)
     await identity.event("pa", "order", T0 - 3 * DAY, amount=50)
     ev_b = await identity.event("pb", "order", T0 - 4 * DAY, amount=80)
     await handlers.processor.catch_up()
-    assert computed(profile(handlers, "pa")) == {"orders_7d": 110.0, "orders_2d": 1.0}
+    assert computed(profile(handlers, "pa")) == {"orders_7d": 110.0, "orders_2d": 1.0, "orders_3d": 60.0}
     assert members(handlers, "spender") == ["pa"]
     assert members(handlers, "active") == ["pa"]
 
     # pa's order of T0-1d leaves the 2-day window at T0+1d: only pa is due, nothing is scanned.
     assert await handlers.tick(T0 + DAY + HOUR) == 1
-    assert computed(profile(handlers, "pa")) == {"orders_7d": 110.0, "orders_2d": 0.0}
+    assert computed(profile(handlers, "pa")) == {"orders_7d": 110.0, "orders_2d": 0.0, "orders_3d": 60.0}
     assert members(handlers, "active") == []
+    # The same order leaves the 3-day window of an attribute no segment reads: pa is woken for it.
+    assert await handlers.tick(T0 + 2 * DAY + HOUR) == 0
+    assert computed(profile(handlers, "pa")) == {"orders_7d": 110.0, "orders_2d": 0.0, "orders_3d": 0.0}
     # pa's T0-3d order leaves the 7-day window at T0+4d: 60 < 100.
     await handlers.tick(T0 + 4 * DAY + HOUR)
-    assert computed(profile(handlers, "pa")) == {"orders_7d": 60.0, "orders_2d": 0.0}
-    assert computed(profile(handlers, "pb")) == {"orders_7d": 0.0, "orders_2d": 0.0}
+    assert computed(profile(handlers, "pa")) == {"orders_7d": 60.0, "orders_2d": 0.0, "orders_3d": 0.0}
+    assert computed(profile(handlers, "pb")) == {"orders_7d": 0.0, "orders_2d": 0.0, "orders_3d": 0.0}
     assert members(handlers, "spender") == []
 
     # A new order (incremental) and a merge (recomputed from the kept events of both).
     ev_c = await identity.event("pb", "order", T0 + 4 * DAY + 2 * HOUR, amount=45)
     await handlers.processor.catch_up()
-    assert computed(profile(handlers, "pb")) == {"orders_7d": 45.0, "orders_2d": 1.0}
+    assert computed(profile(handlers, "pb")) == {"orders_7d": 45.0, "orders_2d": 1.0, "orders_3d": 45.0}
     await identity.send(identity_ev.ProfilesMerged(survivor="pa", absorbed=["pb"], reason="login"), T0 + 5 * DAY)
     await handlers.processor.catch_up()
-    assert computed(profile(handlers, "pa")) == {"orders_7d": 105.0, "orders_2d": 1.0}
+    assert computed(profile(handlers, "pa")) == {"orders_7d": 105.0, "orders_2d": 1.0, "orders_3d": 45.0}
     assert members(handlers, "spender") == ["pa"]
 
     # A split gives pb's events back: both sides recomputed.

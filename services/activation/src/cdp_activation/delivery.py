@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import sqlalchemy as sa
 from aiolimiter import AsyncLimiter
 from croniter import croniter  # type: ignore[import-untyped]
 from google.protobuf import json_format, struct_pb2
@@ -101,36 +102,37 @@ def wanted(
     if not member_ids:
         return out, excluded
     violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
-    profiles = {
-        p.profile_id: p
-        for p in session.exec(
-            select(store.ProfileRow)
-            .join(store.MemberRow, col(store.MemberRow.profile_id) == col(store.ProfileRow.profile_id))
-            .where(store.MemberRow.segment_id == plan.segment)
-        )
-    }
+    profiles_t = store.ProfileRow.__table__  # type: ignore[attr-defined]
+    members_t = store.MemberRow.__table__  # type: ignore[attr-defined]
+    query = (
+        sa.select(profiles_t.c.profile_id, profiles_t.c.identities, profiles_t.c.attributes)
+        .join(members_t, members_t.c.profile_id == profiles_t.c.profile_id)
+        .where(members_t.c.segment_id == plan.segment)
+    )
+    profiles = {pid: (identities, attributes) for pid, identities, attributes in session.execute(query)}
     needed = connector.required_identities(list(plan.identities))
     for pid in member_ids:
         profile = profiles.get(pid)
         if profile is None:
             continue  # absorbed, deleted, or its facts not here yet
+        known, attrs = profile
         if violations:
             excluded[pid] = f"policy: {violations[0]}"
             continue
-        consent = consent_of(profile.attributes, dest.marketing_action)
+        consent = consent_of(attrs, dest.marketing_action)
         if consent != "y" and not (consent == "unknown" and default_consent == "y"):
             excluded[pid] = f"consent {dest.marketing_action}={consent}"
             continue
-        have = [ns for ns in needed if profile.identities.get(ns)]
+        have = [ns for ns in needed if known.get(ns)]
         if needed and connector.identity_rule == "all" and len(have) < len(needed):
             excluded[pid] = f"missing identity {next(ns for ns in needed if ns not in have)}"
             continue
         if needed and connector.identity_rule == "any" and not have:
             excluded[pid] = f"missing identity {'|'.join(needed)}"
             continue
-        namespaces = sorted(profile.identities) if connector.all_identities else list(plan.identities)
-        identities = {ns: list(profile.identities[ns]) for ns in namespaces if profile.identities.get(ns)}
-        attributes = {a: profile.attributes[a] for a in plan.attributes if a in profile.attributes}
+        namespaces = sorted(known) if connector.all_identities else list(plan.identities)
+        identities = {ns: list(known[ns]) for ns in namespaces if known.get(ns)}
+        attributes = {a: attrs[a] for a in plan.attributes if a in attrs}
         out[pid] = Record(pid, identities, attributes)
     return out, excluded
 
@@ -143,18 +145,20 @@ def to_proto(rec: Record) -> pb.Record:
     return out
 
 
-def split_to_fit(records: list[Record], size: int) -> list[list[Record]]:
+def split_to_fit(records: list[Record], size: int) -> list[list[pb.Record]]:
     """Chunks of at most ``size`` records whose BatchPrepared fits one log message."""
-    out: list[list[Record]] = []
+    out: list[list[pb.Record]] = []
     budget = MAX_MESSAGE_BYTES // 2
-    for start in range(0, len(records), size):
-        chunk = records[start : start + size]
-        while chunk:
-            take = len(chunk)
-            while take > 1 and sum(to_proto(r).ByteSize() + 8 for r in chunk[:take]) > budget:
+    protos = [to_proto(r) for r in records]
+    sizes = [p.ByteSize() + 8 for p in protos]
+    for start in range(0, len(protos), size):
+        end = min(start + size, len(protos))
+        while start < end:
+            take = end - start
+            while take > 1 and sum(sizes[start : start + take]) > budget:
                 take //= 2
-            out.append(chunk[:take])
-            chunk = chunk[take:]
+            out.append(protos[start : start + take])
+            start += take
     return out
 
 
@@ -225,24 +229,27 @@ class Deliverer:
             if not changes:
                 self.first_seen.pop(item.plan.id, None)
                 continue
-            since = self.first_seen.setdefault(item.plan.id, now)
             size = item.config.batch_size
-            due = force or now - since >= item.config.batch_age_s
             if item.plan.schedule not in ("", "streaming"):
                 if not (force or self._cron_due(item.plan)):
                     continue  # scheduled: everything changed since the last run goes at the next one
                 due = True
+            else:
+                since = self.first_seen.setdefault(item.plan.id, now)
+                due = force or now - since >= item.config.batch_age_s
             seq = item.next_seq
+            left = False
             for action, records in (("remove", item.removes), ("add", item.adds)):
                 for chunk in split_to_fit(records, size):
                     if len(chunk) < size and not due:
-                        continue  # a partial batch waits for its age
+                        left = True  # a partial batch waits for its age
+                        continue
                     if not await self._prepare(item, action, chunk, seq):
                         complete = False
                         break
                     seq += 1
                     cut += 1
-            if due:
+            if not left:
                 self.first_seen.pop(item.plan.id, None)
         if complete:
             self.fingerprint = fingerprint
@@ -303,7 +310,7 @@ class Deliverer:
 
         await self.processor.execute(f"exclusions:{key}", decide)
 
-    async def _prepare(self, item: PlanWork, action: str, records: list[Record], seq: int) -> bool:
+    async def _prepare(self, item: PlanWork, action: str, records: list[pb.Record], seq: int) -> bool:
         batch_id = deterministic_id("batch", item.plan.id, seq)
         batch = pb.Batch(
             id=batch_id,
@@ -311,7 +318,7 @@ class Deliverer:
             destination=item.destination.id,
             action=action,
             sequence=seq,
-            records=[to_proto(r) for r in records],
+            records=records,
         )
         now = utcnow()
         batch.prepared_at.FromDatetime(now)

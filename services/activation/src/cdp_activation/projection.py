@@ -148,6 +148,11 @@ class ActivationProjection:
             location=done.location,
             through_sequence=row.sequence,
             excluded=reasons,
+            action=row.action,
+            activated=done.activated,
+            attempts=done.attempts,
+            latency_ms=done.latency_ms,
+            rejected=dict(done.rejected),
         )
         delivery.at.CopyFrom(done.at)
         session.merge(

@@ -172,7 +172,7 @@ def resolve_record(
         else:
             ns, value = split_key(key)
             uniques = {ns: value} if rules.is_unique(ns) else {}
-        clash = sorted(n for n, v in uniques.items() if group_uniques.get(n, v) != v)
+        clash = sorted(n for n, v in uniques.items() if group_uniques.get(n, v) != v) if uniques else []
         if clash:
             reason = (
                 f"linking would put two {'/'.join(clash)} values in one graph: "

@@ -20,7 +20,7 @@ from cdp_kit.telemetry import get_logger
 from cdp_segmentation import store
 from cdp_segmentation.analysis import check_where, classify, reads_of, resolve_computed, resolve_segments
 from cdp_segmentation.cron import last_fire, parse_cron
-from cdp_segmentation.language import NAME_RE, parse, parse_computed
+from cdp_segmentation.language import KEYWORDS, NAME_RE, parse, parse_computed
 from cdp_segmentation.membership import Catalog, backfill_page, change, reevaluate
 from cdp_segmentation.profiles import due_profiles, iso, refresh_due, to_ms
 from cdp_segmentation.sql import matching
@@ -105,6 +105,9 @@ class SegmentationHandlers:
             )
         with self.processor.read() as session:
             vocabulary = store.vocabulary(session)
+        if name in KEYWORDS.split("|") or name in ("avg", "most_recent"):
+            hint = f"{name!r} is a word of the audience language; choose another name"
+            raise InvalidInput("invalid computed attribute name", [Violation("name", "reserved", hint)])
         if name in vocabulary.attributes:
             hint = f"{name!r} is a profile attribute a schema declares; choose another name"
             raise InvalidInput("invalid computed attribute name", [Violation("name", "taken", hint)])

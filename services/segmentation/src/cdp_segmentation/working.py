@@ -7,6 +7,9 @@ evaluated against it, and everything changed is written back in bulk (multi-row 
 just before the batch's transaction commits. The result in the store is row for row what the
 SQL path (``profiles.apply_fragment``) writes, so a rebuild or another path agrees.
 
+Computed attributes (computed.py) are updated here incrementally for each new event, and
+recomputed from the in-memory history when events leave (the cap, a redelivery, a due window).
+
 Merges and splits (rare) first write back what is pending and leave their profiles to the SQL path.
 """
 

@@ -8,6 +8,7 @@ optional Retry-After) and never logs a credential or a raw identifier.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ def violations_of(exc: ValidationError) -> list[Violation]:
     return out
 
 
+@functools.cache
 def catalog() -> dict[str, Connector]:
     from cdp_activation.connectors import ads, crm, email, file_export, webhook
 

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cdp/activation/v1/activation.proto\x12\x11\x63\x64p.activation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x0b\x44\x65stination\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tconnector\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10marketing_action\x18\x05 \x01(\t\"O\n\x18\x43reateDestinationRequest\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\"\x19\n\x17ListDestinationsRequest\"P\n\x18ListDestinationsResponse\x12\x34\n\x0c\x64\x65stinations\x18\x01 \x03(\x0b\x32\x1e.cdp.activation.v1.Destination\"|\n\x0e\x41\x63tivationPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x12\n\nattributes\x18\x04 \x03(\t\x12\x12\n\nidentities\x18\x05 \x03(\t\x12\x10\n\x08schedule\x18\x06 \x01(\t\"q\n\x0f\x41\x63tivateRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x12\n\nattributes\x18\x03 \x03(\t\x12\x12\n\nidentities\x18\x04 \x03(\t\x12\x10\n\x08schedule\x18\x05 \x01(\t\"\x12\n\x10ListPlansRequest\"E\n\x11ListPlansResponse\x12\x30\n\x05plans\x18\x01 \x03(\x0b\x32!.cdp.activation.v1.ActivationPlan\"\xaf\x02\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x05 \x01(\x04\x12\x0f\n\x07removed\x18\x06 \x01(\x04\x12\x10\n\x08location\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10through_sequence\x18\t \x01(\x04\x12;\n\x08\x65xcluded\x18\n \x03(\x0b\x32).cdp.activation.v1.Delivery.ExcludedEntry\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\",\n\x15ListDeliveriesRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"z\n\x16ListDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.cdp.activation.v1.Delivery\x12/\n\x05stats\x18\x02 \x03(\x0b\x32 .cdp.activation.v1.DeliveryStats\"\xa5\x03\n\rDeliveryStats\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65stination_name\x18\x02 \x01(\t\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\x12\x10\n\x08received\x18\x04 \x01(\x04\x12\x11\n\tactivated\x18\x05 \x01(\x04\x12@\n\x08\x65xcluded\x18\x06 \x03(\x0b\x32..cdp.activation.v1.DeliveryStats.ExcludedEntry\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x0f\n\x07retried\x18\x08 \x01(\x04\x12\x19\n\x11\x62\x61tches_delivered\x18\t \x01(\x04\x12\x17\n\x0f\x62\x61tches_pending\x18\n \x01(\x04\x12\x14\n\x0c\x62\x61tches_dead\x18\x0b \x01(\x04\x12\x16\n\x0elatency_ms_avg\x18\x0c \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\r \x01(\x01\x12\x0f\n\x07members\x18\x0e \x01(\x04\x12\x10\n\x08warnings\x18\x0f \x03(\t\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xda\x01\n\x06Record\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12=\n\nidentities\x18\x02 \x03(\x0b\x32).cdp.activation.v1.Record.IdentitiesEntry\x12+\n\nattributes\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x1aP\n\x0fIdentitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.cdp.activation.v1.StringList:\x02\x38\x01\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb8\x01\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12*\n\x07records\x18\x06 \x03(\x0b\x32\x19.cdp.activation.v1.Record\x12/\n\x0bprepared_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\nDeadLetter\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x10\n\x08profiles\x18\x05 \x01(\x04\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tpermanent\x18\x08 \x01(\x08\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x16ListDeadLettersRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"N\n\x17ListDeadLettersResponse\x12\x33\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1d.cdp.activation.v1.DeadLetter\"8\n\x0eRedriveRequest\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\"$\n\x0fRedriveResponse\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"6\n\tDataLabel\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\"?\n\x10LabelDataRequest\x12+\n\x05label\x18\x01 \x01(\x0b\x32\x1c.cdp.activation.v1.DataLabel\"A\n\x06Policy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\"@\n\x13\x43reatePolicyRequest\x12)\n\x06policy\x18\x01 \x01(\x0b\x32\x19.cdp.activation.v1.Policy\"\x17\n\x15ListGovernanceRequest\"s\n\x16ListGovernanceResponse\x12,\n\x06labels\x18\x01 \x03(\x0b\x32\x1c.cdp.activation.v1.DataLabel\x12+\n\x08policies\x18\x02 \x03(\x0b\x32\x19.cdp.activation.v1.Policy2\xba\x07\n\x11\x41\x63tivationService\x12`\n\x11\x43reateDestination\x12+.cdp.activation.v1.CreateDestinationRequest\x1a\x1e.cdp.activation.v1.Destination\x12k\n\x10ListDestinations\x12*.cdp.activation.v1.ListDestinationsRequest\x1a+.cdp.activation.v1.ListDestinationsResponse\x12Q\n\x08\x41\x63tivate\x12\".cdp.activation.v1.ActivateRequest\x1a!.cdp.activation.v1.ActivationPlan\x12V\n\tListPlans\x12#.cdp.activation.v1.ListPlansRequest\x1a$.cdp.activation.v1.ListPlansResponse\x12\x65\n\x0eListDeliveries\x12(.cdp.activation.v1.ListDeliveriesRequest\x1a).cdp.activation.v1.ListDeliveriesResponse\x12h\n\x0fListDeadLetters\x12).cdp.activation.v1.ListDeadLettersRequest\x1a*.cdp.activation.v1.ListDeadLettersResponse\x12P\n\x07Redrive\x12!.cdp.activation.v1.RedriveRequest\x1a\".cdp.activation.v1.RedriveResponse\x12N\n\tLabelData\x12#.cdp.activation.v1.LabelDataRequest\x1a\x1c.cdp.activation.v1.DataLabel\x12Q\n\x0c\x43reatePolicy\x12&.cdp.activation.v1.CreatePolicyRequest\x1a\x19.cdp.activation.v1.Policy\x12\x65\n\x0eListGovernance\x12(.cdp.activation.v1.ListGovernanceRequest\x1a).cdp.activation.v1.ListGovernanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cdp/activation/v1/activation.proto\x12\x11\x63\x64p.activation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x0b\x44\x65stination\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tconnector\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10marketing_action\x18\x05 \x01(\t\"O\n\x18\x43reateDestinationRequest\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\"\x19\n\x17ListDestinationsRequest\"P\n\x18ListDestinationsResponse\x12\x34\n\x0c\x64\x65stinations\x18\x01 \x03(\x0b\x32\x1e.cdp.activation.v1.Destination\"|\n\x0e\x41\x63tivationPlan\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x12\n\nattributes\x18\x04 \x03(\t\x12\x12\n\nidentities\x18\x05 \x03(\t\x12\x10\n\x08schedule\x18\x06 \x01(\t\"q\n\x0f\x41\x63tivateRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x12\n\nattributes\x18\x03 \x03(\t\x12\x12\n\nidentities\x18\x04 \x03(\t\x12\x10\n\x08schedule\x18\x05 \x01(\t\"\x12\n\x10ListPlansRequest\"E\n\x11ListPlansResponse\x12\x30\n\x05plans\x18\x01 \x03(\x0b\x32!.cdp.activation.v1.ActivationPlan\"\xe6\x03\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x05 \x01(\x04\x12\x0f\n\x07removed\x18\x06 \x01(\x04\x12\x10\n\x08location\x18\x07 \x01(\t\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10through_sequence\x18\t \x01(\x04\x12;\n\x08\x65xcluded\x18\n \x03(\x0b\x32).cdp.activation.v1.Delivery.ExcludedEntry\x12\x0e\n\x06\x61\x63tion\x18\x0b \x01(\t\x12\x11\n\tactivated\x18\x0c \x01(\x04\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\x12\x12\n\nlatency_ms\x18\x0e \x01(\x01\x12;\n\x08rejected\x18\x0f \x03(\x0b\x32).cdp.activation.v1.Delivery.RejectedEntry\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\",\n\x15ListDeliveriesRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"z\n\x16ListDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.cdp.activation.v1.Delivery\x12/\n\x05stats\x18\x02 \x03(\x0b\x32 .cdp.activation.v1.DeliveryStats\"\xa5\x03\n\rDeliveryStats\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65stination_name\x18\x02 \x01(\t\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\x12\x10\n\x08received\x18\x04 \x01(\x04\x12\x11\n\tactivated\x18\x05 \x01(\x04\x12@\n\x08\x65xcluded\x18\x06 \x03(\x0b\x32..cdp.activation.v1.DeliveryStats.ExcludedEntry\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x0f\n\x07retried\x18\x08 \x01(\x04\x12\x19\n\x11\x62\x61tches_delivered\x18\t \x01(\x04\x12\x17\n\x0f\x62\x61tches_pending\x18\n \x01(\x04\x12\x14\n\x0c\x62\x61tches_dead\x18\x0b \x01(\x04\x12\x16\n\x0elatency_ms_avg\x18\x0c \x01(\x01\x12\x16\n\x0elatency_ms_max\x18\r \x01(\x01\x12\x0f\n\x07members\x18\x0e \x01(\x04\x12\x10\n\x08warnings\x18\x0f \x03(\t\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xda\x01\n\x06Record\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12=\n\nidentities\x18\x02 \x03(\x0b\x32).cdp.activation.v1.Record.IdentitiesEntry\x12+\n\nattributes\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x1aP\n\x0fIdentitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.cdp.activation.v1.StringList:\x02\x38\x01\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb8\x01\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\x12*\n\x07records\x18\x06 \x03(\x0b\x32\x19.cdp.activation.v1.Record\x12/\n\x0bprepared_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\nDeadLetter\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x10\n\x08profiles\x18\x05 \x01(\x04\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tpermanent\x18\x08 \x01(\x08\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x16ListDeadLettersRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\"N\n\x17ListDeadLettersResponse\x12\x33\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1d.cdp.activation.v1.DeadLetter\"8\n\x0eRedriveRequest\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\"$\n\x0fRedriveResponse\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"6\n\tDataLabel\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\"?\n\x10LabelDataRequest\x12+\n\x05label\x18\x01 \x01(\x0b\x32\x1c.cdp.activation.v1.DataLabel\"A\n\x06Policy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\"@\n\x13\x43reatePolicyRequest\x12)\n\x06policy\x18\x01 \x01(\x0b\x32\x19.cdp.activation.v1.Policy\"\x17\n\x15ListGovernanceRequest\"s\n\x16ListGovernanceResponse\x12,\n\x06labels\x18\x01 \x03(\x0b\x32\x1c.cdp.activation.v1.DataLabel\x12+\n\x08policies\x18\x02 \x03(\x0b\x32\x19.cdp.activation.v1.Policy2\xba\x07\n\x11\x41\x63tivationService\x12`\n\x11\x43reateDestination\x12+.cdp.activation.v1.CreateDestinationRequest\x1a\x1e.cdp.activation.v1.Destination\x12k\n\x10ListDestinations\x12*.cdp.activation.v1.ListDestinationsRequest\x1a+.cdp.activation.v1.ListDestinationsResponse\x12Q\n\x08\x41\x63tivate\x12\".cdp.activation.v1.ActivateRequest\x1a!.cdp.activation.v1.ActivationPlan\x12V\n\tListPlans\x12#.cdp.activation.v1.ListPlansRequest\x1a$.cdp.activation.v1.ListPlansResponse\x12\x65\n\x0eListDeliveries\x12(.cdp.activation.v1.ListDeliveriesRequest\x1a).cdp.activation.v1.ListDeliveriesResponse\x12h\n\x0fListDeadLetters\x12).cdp.activation.v1.ListDeadLettersRequest\x1a*.cdp.activation.v1.ListDeadLettersResponse\x12P\n\x07Redrive\x12!.cdp.activation.v1.RedriveRequest\x1a\".cdp.activation.v1.RedriveResponse\x12N\n\tLabelData\x12#.cdp.activation.v1.LabelDataRequest\x1a\x1c.cdp.activation.v1.DataLabel\x12Q\n\x0c\x43reatePolicy\x12&.cdp.activation.v1.CreatePolicyRequest\x1a\x19.cdp.activation.v1.Policy\x12\x65\n\x0eListGovernance\x12(.cdp.activation.v1.ListGovernanceRequest\x1a).cdp.activation.v1.ListGovernanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DELIVERY_EXCLUDEDENTRY']._loaded_options = None
   _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_options = b'8\001'
+  _globals['_DELIVERY_REJECTEDENTRY']._loaded_options = None
+  _globals['_DELIVERY_REJECTEDENTRY']._serialized_options = b'8\001'
   _globals['_DELIVERYSTATS_EXCLUDEDENTRY']._loaded_options = None
   _globals['_DELIVERYSTATS_EXCLUDEDENTRY']._serialized_options = b'8\001'
   _globals['_RECORD_IDENTITIESENTRY']._loaded_options = None
@@ -56,47 +58,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPLANSRESPONSE']._serialized_start=698
   _globals['_LISTPLANSRESPONSE']._serialized_end=767
   _globals['_DELIVERY']._serialized_start=770
-  _globals['_DELIVERY']._serialized_end=1073
-  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_start=1026
-  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_end=1073
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1075
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1119
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1121
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1243
-  _globals['_DELIVERYSTATS']._serialized_start=1246
-  _globals['_DELIVERYSTATS']._serialized_end=1667
-  _globals['_DELIVERYSTATS_EXCLUDEDENTRY']._serialized_start=1026
-  _globals['_DELIVERYSTATS_EXCLUDEDENTRY']._serialized_end=1073
-  _globals['_RECORD']._serialized_start=1670
-  _globals['_RECORD']._serialized_end=1888
-  _globals['_RECORD_IDENTITIESENTRY']._serialized_start=1808
-  _globals['_RECORD_IDENTITIESENTRY']._serialized_end=1888
-  _globals['_STRINGLIST']._serialized_start=1890
-  _globals['_STRINGLIST']._serialized_end=1918
-  _globals['_BATCH']._serialized_start=1921
-  _globals['_BATCH']._serialized_end=2105
-  _globals['_DEADLETTER']._serialized_start=2108
-  _globals['_DEADLETTER']._serialized_end=2303
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2305
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2350
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2352
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2430
-  _globals['_REDRIVEREQUEST']._serialized_start=2432
-  _globals['_REDRIVEREQUEST']._serialized_end=2488
-  _globals['_REDRIVERESPONSE']._serialized_start=2490
-  _globals['_REDRIVERESPONSE']._serialized_end=2526
-  _globals['_DATALABEL']._serialized_start=2528
-  _globals['_DATALABEL']._serialized_end=2582
-  _globals['_LABELDATAREQUEST']._serialized_start=2584
-  _globals['_LABELDATAREQUEST']._serialized_end=2647
-  _globals['_POLICY']._serialized_start=2649
-  _globals['_POLICY']._serialized_end=2714
-  _globals['_CREATEPOLICYREQUEST']._serialized_start=2716
-  _globals['_CREATEPOLICYREQUEST']._serialized_end=2780
-  _globals['_LISTGOVERNANCEREQUEST']._serialized_start=2782
-  _globals['_LISTGOVERNANCEREQUEST']._serialized_end=2805
-  _globals['_LISTGOVERNANCERESPONSE']._serialized_start=2807
-  _globals['_LISTGOVERNANCERESPONSE']._serialized_end=2922
-  _globals['_ACTIVATIONSERVICE']._serialized_start=2925
-  _globals['_ACTIVATIONSERVICE']._serialized_end=3879
+  _globals['_DELIVERY']._serialized_end=1256
+  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_start=1160
+  _globals['_DELIVERY_EXCLUDEDENTRY']._serialized_end=1207
+  _globals['_DELIVERY_REJECTEDENTRY']._serialized_start=1209
+  _globals['_DELIVERY_REJECTEDENTRY']._serialized_end=1256
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=1258
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1302
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1304
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1426
+  _globals['_DELIVERYSTATS']._serialized_start=1429
+  _globals['_DELIVERYSTATS']._serialized_end=1850
+  _globals['_DELIVERYSTATS_EXCLUDEDENTRY']._serialized_start=1160
+  _globals['_DELIVERYSTATS_EXCLUDEDENTRY']._serialized_end=1207
+  _globals['_RECORD']._serialized_start=1853
+  _globals['_RECORD']._serialized_end=2071
+  _globals['_RECORD_IDENTITIESENTRY']._serialized_start=1991
+  _globals['_RECORD_IDENTITIESENTRY']._serialized_end=2071
+  _globals['_STRINGLIST']._serialized_start=2073
+  _globals['_STRINGLIST']._serialized_end=2101
+  _globals['_BATCH']._serialized_start=2104
+  _globals['_BATCH']._serialized_end=2288
+  _globals['_DEADLETTER']._serialized_start=2291
+  _globals['_DEADLETTER']._serialized_end=2486
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2488
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2533
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2535
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2613
+  _globals['_REDRIVEREQUEST']._serialized_start=2615
+  _globals['_REDRIVEREQUEST']._serialized_end=2671
+  _globals['_REDRIVERESPONSE']._serialized_start=2673
+  _globals['_REDRIVERESPONSE']._serialized_end=2709
+  _globals['_DATALABEL']._serialized_start=2711
+  _globals['_DATALABEL']._serialized_end=2765
+  _globals['_LABELDATAREQUEST']._serialized_start=2767
+  _globals['_LABELDATAREQUEST']._serialized_end=2830
+  _globals['_POLICY']._serialized_start=2832
+  _globals['_POLICY']._serialized_end=2897
+  _globals['_CREATEPOLICYREQUEST']._serialized_start=2899
+  _globals['_CREATEPOLICYREQUEST']._serialized_end=2963
+  _globals['_LISTGOVERNANCEREQUEST']._serialized_start=2965
+  _globals['_LISTGOVERNANCEREQUEST']._serialized_end=2988
+  _globals['_LISTGOVERNANCERESPONSE']._serialized_start=2990
+  _globals['_LISTGOVERNANCERESPONSE']._serialized_end=3105
+  _globals['_ACTIVATIONSERVICE']._serialized_start=3108
+  _globals['_ACTIVATIONSERVICE']._serialized_end=4062
 # @@protoc_insertion_point(module_scope)

@@ -242,6 +242,26 @@ class Delivery(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RejectedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
@@ -252,6 +272,11 @@ class Delivery(_message.Message):
     AT_FIELD_NUMBER: _builtins.int
     THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    ACTIVATED_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     plan_id: _builtins.str
     destination: _builtins.str
@@ -262,12 +287,22 @@ class Delivery(_message.Message):
     """Where it went: a file path, a URL."""
     through_sequence: _builtins.int
     """Audience-sequence this delivery reflects."""
+    action: _builtins.str
+    """This run (batch): "add" or "remove", identifiers the destination accepted, attempts
+    it took, milliseconds from the first attempt to success, and profiles of the batch
+    the connector could not send, by reason.
+    """
+    activated: _builtins.int
+    attempts: _builtins.int
+    latency_ms: _builtins.float
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def excluded(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Members left out, by reason (e.g. "missing identity email")."""
 
+    @_builtins.property
+    def rejected(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
         self,
         *,
@@ -281,10 +316,15 @@ class Delivery(_message.Message):
         at: _timestamp_pb2.Timestamp | None = ...,
         through_sequence: _builtins.int = ...,
         excluded: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        action: _builtins.str = ...,
+        activated: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        latency_ms: _builtins.float = ...,
+        rejected: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "at", b"at", "destination", b"destination", "excluded", b"excluded", "id", b"id", "location", b"location", "members", b"members", "plan_id", b"plan_id", "removed", b"removed", "through_sequence", b"through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "activated", b"activated", "added", b"added", "at", b"at", "attempts", b"attempts", "destination", b"destination", "excluded", b"excluded", "id", b"id", "latency_ms", b"latency_ms", "location", b"location", "members", b"members", "plan_id", b"plan_id", "rejected", b"rejected", "removed", b"removed", "through_sequence", b"through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
