@@ -198,7 +198,7 @@ def dead_letters(client: Client, dataset: str) -> int:
 
 BLUEPRINT_SEGMENTS: dict[str, tuple[str, str]] = {
     # name: (definition, cron schedule or "" for streaming)
-    "store_regulars": ('count(store_order) >= 2 within 90d', ""),
+    "store_regulars": ("count(store_order) >= 2 within 90d", ""),
     "big_spenders_year": ("sum(store_order.amount) > 500 within 365d", ""),
     "lapsed_shoppers": ("count(store_order) = 0 within 180d and has crm_id", ""),
     "shoe_browsers": ('count(page_view where page = "/shoes") >= 1 within 60d', ""),
@@ -213,3 +213,55 @@ def create_blueprint_segments(client: Client) -> None:
     for name, (query, schedule) in BLUEPRINT_SEGMENTS.items():
         request = seg.CreateSegmentRequest(name=name, query=query, schedule=schedule)
         ensure(partial(client.segmentation.CreateSegment, request), done=EXISTS)
+
+
+@dataclass(frozen=True)
+class Activation:
+    destination: str
+    connector: str
+    action: str
+    segment: str
+    identities: tuple[str, ...]
+    attributes: tuple[str, ...]
+
+
+ACTIVATIONS = (
+    Activation("audience_webhook", "webhook", "data_sharing", "store_regulars", ("email",), ("first_name",)),
+    Activation("meta_ads", "meta_custom_audience", "ad_targeting", "big_spenders_year", ("email",), ()),
+    Activation("klaviyo_newsletter", "klaviyo", "email_marketing", "reachable_gold", ("email",), ("first_name",)),
+)
+QUICK = {"batch_age_s": 0.2, "backoff_s": 0.05, "backoff_max_s": 1.0, "timeout_s": 5.0, "rate_per_s": 200}
+
+
+def platform_config(activation: Activation, platforms: Any) -> dict[str, Any]:
+    if activation.connector == "webhook":
+        return {"base_url": platforms.url + "/webhook", "secret": platforms.webhook_secret}
+    if activation.connector == "meta_custom_audience":
+        return {"base_url": platforms.url, "audience_id": "120210000000001", "access_token": platforms.meta_token}
+    return {"base_url": platforms.url, "api_key": platforms.klaviyo_key, "list_id": "NEWSLETTER"}
+
+
+def activate_blueprint(client: Client, platforms: Any) -> None:
+    from google.protobuf import struct_pb2
+
+    from cdp.activation.v1 import activation_pb2 as act
+    from cdp_cli.skeleton import _activate_when_known
+
+    for item in ACTIVATIONS:
+        config = struct_pb2.Struct()
+        config.update({**QUICK, **platform_config(item, platforms)})
+        destination = act.Destination(
+            name=item.destination, connector=item.connector, config=config, marketing_action=item.action
+        )
+        ensure(
+            partial(client.activation.CreateDestination, act.CreateDestinationRequest(destination=destination)),
+            done=EXISTS,
+        )
+        request = act.ActivateRequest(
+            destination=item.destination,
+            segment=item.segment,
+            identities=list(item.identities),
+            attributes=list(item.attributes),
+            schedule="streaming",
+        )
+        ensure(partial(_activate_when_known, client, request), done=EXISTS)

@@ -94,6 +94,10 @@ class SegmentationHandlers:
             await self.processor.execute(f"define:{segment.id}", decide)
         finally:
             self.catalog.invalidate()
+        if self.needs_clock():
+            # Evaluate existing profiles as of now, not as of the last tick: a windowed segment
+            # defined after its data would otherwise realize members the next tick exits.
+            await self.tick(utcnow())
         await self.backfill_pending()
         return segment
 
