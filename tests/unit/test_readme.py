@@ -19,7 +19,8 @@ SETTINGS: list[type[ServiceSettings]] = [IngestSettings, IdentitySettings, Segme
 
 
 def documented() -> set[str]:
-    return set(re.findall(r"^\| `(CDP_[A-Z0-9_]+)` \|", README, flags=re.MULTILINE))
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(CDP_[A-Z0-9_]+)` \|", section, flags=re.MULTILINE))
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: s.service)
