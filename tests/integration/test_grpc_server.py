@@ -51,7 +51,8 @@ async def status() -> admin_pb2.ServiceStatus:
 
 @pytest.fixture
 async def server(eventlog: EventLog) -> AsyncIterator[GrpcServer]:
-    registration = Registration(IDENTITY, identity_pb2_grpc.add_IdentityServiceServicer_to_server, Scripted(eventlog))
+    servicer = Scripted(eventlog)  # type: ignore[abstract]  # only Resolve is exercised
+    registration = Registration(IDENTITY, identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer)
     srv = GrpcServer("127.0.0.1", 0, [registration], status)
     await srv.start()
     try:

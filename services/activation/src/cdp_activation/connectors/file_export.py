@@ -1,5 +1,6 @@
 """file_export: CSV, JSON Lines or Parquet, optional gzip, full snapshot or incremental
-(only the changes of each batch), split at N rows, with a manifest; to a local folder.
+(only the changes of each batch), split at N rows, with a manifest; to a local folder,
+an SFTP server or any fsspec filesystem (S3-compatible object stores through s3fs).
 
 Files are named after the batch (incremental) or the segment (full) and written
 atomically, so sending a batch again rewrites the same files: idempotent."""
@@ -12,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -56,6 +58,12 @@ class FileExportConfig(ConnectorConfig):
     sftp_known_hosts: str = ""
     fsspec_url: str = ""
     fsspec_options: dict[str, Any] = Field(default_factory=dict)
+    # S3-compatible stores (s3:// URLs): endpoint (empty = AWS), credentials (empty = the
+    # environment's AWS chain) and region. Key and secret are masked in every answer.
+    s3_endpoint_url: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_region: str = ""
 
     @model_validator(mode="after")
     def _target(self) -> FileExportConfig:
@@ -63,6 +71,13 @@ class FileExportConfig(ConnectorConfig):
             raise ValueError("target sftp needs sftp_host and sftp_username")
         if self.target == "fsspec" and "://" not in self.fsspec_url:
             raise ValueError("target fsspec needs fsspec_url (e.g. s3://bucket/prefix)")
+        uses_s3 = self.s3_endpoint_url or self.s3_access_key_id or self.s3_secret_access_key or self.s3_region
+        if uses_s3 and not (self.target == "fsspec" and is_s3(self.fsspec_url)):
+            raise ValueError("s3_* settings need target fsspec with an s3:// fsspec_url")
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            raise ValueError("s3_access_key_id and s3_secret_access_key go together")
+        if self.s3_endpoint_url and not re.match(r"^https?://[^/\s]+", self.s3_endpoint_url):
+            raise ValueError("s3_endpoint_url must be an http(s) URL such as http://127.0.0.1:9000")
         return self
 
     @field_validator("folder")
@@ -218,22 +233,82 @@ async def sftp_write(
         raise DeliveryError(f"SFTP {type(exc).__name__}", permanent=False) from None
 
 
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
+# At DEBUG these log request headers (the access key id) and bodies (the exported identities).
+CHATTY_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3")
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+def fsspec_options(cfg: FileExportConfig) -> dict[str, Any]:
+    """``fsspec_options`` plus the explicit s3_* settings (which win) and the send timeout."""
+    options = dict(cfg.fsspec_options)
+    if not is_s3(cfg.fsspec_url):
+        return options
+    if cfg.s3_endpoint_url:
+        options["endpoint_url"] = cfg.s3_endpoint_url
+    if cfg.s3_access_key_id:
+        options["key"] = cfg.s3_access_key_id
+        options["secret"] = cfg.s3_secret_access_key
+    if cfg.s3_region:
+        options["client_kwargs"] = {**options.get("client_kwargs", {}), "region_name": cfg.s3_region}
+    timeouts = {"connect_timeout": cfg.timeout_s, "read_timeout": cfg.timeout_s}
+    options["config_kwargs"] = {**timeouts, **options.get("config_kwargs", {})}
+    return options
+
+
 def fsspec_write(cfg: FileExportConfig, folder: str, outputs: list[tuple[str, bytes]], stale: re.Pattern[str]) -> str:
-    """Any fsspec filesystem (s3:// with s3fs, memory://, file://): files are written whole."""
+    """Any fsspec filesystem (s3:// with s3fs, memory://, file://): files are written whole
+    (one PUT per object on S3, so a reader never sees half a file). Failures become a
+    DeliveryError naming the store's error code, never the credentials."""
     import fsspec  # type: ignore[import-untyped]
 
-    fs, root = fsspec.core.url_to_fs(cfg.fsspec_url, **cfg.fsspec_options)
-    remote = f"{root.rstrip('/')}/{folder}"
-    fs.makedirs(remote, exist_ok=True)
-    for name, data in outputs:
-        with fs.open(f"{remote}/{name}", "wb") as fh:
-            fh.write(data)
-    keep = {name for name, _ in outputs}
-    for old in fs.ls(remote, detail=False):
-        base = str(old).rsplit("/", 1)[-1]
-        if stale.match(base) and base not in keep:
-            fs.rm(str(old))
+    scheme, _, path = cfg.fsspec_url.partition("://")
+    for name in CHATTY_LOGGERS:
+        chatty = logging.getLogger(name)
+        chatty.setLevel(max(chatty.level, logging.INFO))
+    bucket = path.split("/", 1)[0]
+    try:
+        fs, root = fsspec.core.url_to_fs(cfg.fsspec_url, **fsspec_options(cfg))
+        remote = f"{root.rstrip('/')}/{folder}"
+        if not OBJECT_STORES & set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            fs.makedirs(remote, exist_ok=True)  # an object store has no folders (and s3fs would create the bucket)
+        for name, data in outputs:
+            with fs.open(f"{remote}/{name}", "wb") as fh:
+                fh.write(data)
+        fs.invalidate_cache(remote)
+        keep = {name for name, _ in outputs}
+        for old in fs.ls(remote, detail=False):
+            base = str(old).rsplit("/", 1)[-1]
+            if stale.match(base) and base not in keep:
+                fs.rm(str(old))
+    except PermissionError as exc:
+        raise DeliveryError(
+            f"{scheme} access refused ({store_code(exc)}): check the key and secret", permanent=True
+        ) from None
+    except FileNotFoundError as exc:
+        raise DeliveryError(
+            f"{scheme} bucket or path not found: {bucket} ({store_code(exc)})", permanent=True
+        ) from None
+    except (ImportError, ValueError, TypeError) as exc:
+        # no fsspec implementation for the scheme, or options it does not accept
+        raise DeliveryError(f"{scheme} filesystem unusable: {type(exc).__name__}", permanent=True) from None
+    except Exception as exc:  # connection refused, timeouts, 5xx: the deliverer retries
+        raise DeliveryError(f"{scheme} {type(exc).__name__} ({store_code(exc)})", permanent=False) from None
     return f"{cfg.fsspec_url.rstrip('/')}/{folder}"
+
+
+def store_code(exc: BaseException) -> str:
+    """The object store's error code (e.g. SignatureDoesNotMatch, NoSuchBucket) if it sent one."""
+    cause = exc.__cause__ or exc.__context__
+    response = getattr(cause, "response", None) or getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    return type(exc).__name__
 
 
 def encode(fmt: str, header: list[str], rows: list[list[Any]]) -> bytes:
