@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
+from sqlmodel import select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as identity_ev
@@ -22,7 +23,7 @@ from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_segmentation.api import profile_message
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.main import build_processor
-from cdp_segmentation.store import TABLES, ProfileRow, realized
+from cdp_segmentation.store import EXITED, TABLES, MembershipRow, ProfileRow, realized
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -200,3 +201,27 @@ async def test_windows_end_on_clock_events_and_a_rebuild_reaches_the_same_store(
     await processor.rebuild()
     assert canonical_dump(rebuilt, with_checkpoint(TABLES)) == live
     rebuilt.dispose()
+
+
+async def test_a_windowed_segment_defined_after_its_data_is_evaluated_as_of_the_wall_clock(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    """The service ticks the log's clock to the wall clock before evaluating a new windowed
+    segment, so it never realizes members that the next tick would exit (and a destination
+    never receives an add followed by a remove)."""
+    identity = Identity(eventlog)
+    await identity.event("old", "order", T0, total=10)
+    await identity.event("recent", "order", T0 + 100 * DAY, total=10)
+    processor, catalog = build_processor(engine, eventlog)
+    processor.create_store()
+    await processor.recover()
+    now = T0 + 101 * DAY
+    handlers = SegmentationHandlers(processor, catalog, wall_clock=lambda: now)
+    await processor.catch_up()
+
+    await handlers.create_segment("ordered_30d", "count(order) >= 1 within 30d")
+
+    assert members(handlers, "ordered_30d") == ["recent"]
+    with processor.read() as session:
+        exits = session.exec(select(MembershipRow).where(MembershipRow.status == EXITED)).all()
+    assert exits == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -39,10 +39,20 @@ class Compiled:
 
 
 class SegmentationHandlers:
-    def __init__(self, processor: Processor, catalog: Catalog, *, clock_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        processor: Processor,
+        catalog: Catalog,
+        *,
+        clock_interval_s: float = 5.0,
+        wall_clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.processor = processor
         self.catalog = catalog
         self.clock_interval_s = clock_interval_s
+        # The service ticks the log's clock to the wall clock before evaluating a new windowed
+        # segment; tests that drive the log's clock by hand leave it out.
+        self.wall_clock = wall_clock
 
     # ------------------------------------------------------------ definitions
     def compile(self, name: str, query: str, schedule: str) -> Compiled:
@@ -94,10 +104,10 @@ class SegmentationHandlers:
             await self.processor.execute(f"define:{segment.id}", decide)
         finally:
             self.catalog.invalidate()
-        if self.needs_clock():
+        if self.wall_clock is not None and self.needs_clock():
             # Evaluate existing profiles as of now, not as of the last tick: a windowed segment
             # defined after its data would otherwise realize members the next tick exits.
-            await self.tick(utcnow())
+            await self.tick(self.wall_clock())
         await self.backfill_pending()
         return segment
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.envelope import utcnow
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
 from cdp_kit.processor import Input, Processor
@@ -47,7 +48,7 @@ def build_processor(
 
 def build(settings: SegmentationSettings, engine: Engine, eventlog: EventLog) -> Service:
     processor, catalog = build_processor(engine, eventlog, batch_size=settings.batch_size, event_cap=settings.event_cap)
-    handlers = SegmentationHandlers(processor, catalog, clock_interval_s=settings.clock_interval_s)
+    handlers = SegmentationHandlers(processor, catalog, clock_interval_s=settings.clock_interval_s, wall_clock=utcnow)
     name = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name
     registration = Registration(
         name, segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server, SegmentationServicer(handlers)
