@@ -14,15 +14,13 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-import grpc
 import nats
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
-from google.protobuf import json_format
 
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp_cli.client import Client
-from cdp_cli.skeleton import EXISTS, DemoData, ensure, generate, ingest_crm, retrying, setup
+from cdp_cli.skeleton import EXISTS, DemoData, ensure, ensure_datasets, generate, ingest_crm, retrying, setup
 
 LOYALTY_SCHEMA = {
     "name": "loyalty_member",
@@ -151,17 +149,7 @@ def ingest_file(client: Client, dataset: str, name: str, fmt: int, data: bytes) 
 
 
 def setup_blueprint(client: Client) -> None:
-    for schema in (LOYALTY_SCHEMA, ORDER_SCHEMA):
-        request = ing.CreateSchemaRequest(schema=json_format.ParseDict(schema, ing.Schema()))
-        missing = not ensure(
-            partial(client.ingest.GetSchema, ing.GetSchemaRequest(name=request.schema.name)),
-            done=(grpc.StatusCode.NOT_FOUND,),
-        )
-        if missing:
-            ensure(partial(client.ingest.CreateSchema, request), done=EXISTS)
-    for name, schema_name in (("loyalty", "loyalty_member"), ("orders", "store_order")):
-        dataset = ing.Dataset(name=name, schema_name=schema_name, profile_enabled=True)
-        ensure(partial(client.ingest.CreateDataset, ing.CreateDatasetRequest(dataset=dataset)), done=EXISTS)
+    ensure_datasets(client, {"loyalty": LOYALTY_SCHEMA, "orders": ORDER_SCHEMA})
 
 
 async def publish_to_nats(nats_url: str, subject: str, payloads: list[bytes]) -> int:

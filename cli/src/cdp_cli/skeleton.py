@@ -168,10 +168,9 @@ class FlowReport:
     steps: list[str] = field(default_factory=list)
 
 
-def setup(client: Client, export_folder: str = DESTINATION) -> list[str]:
-    """Schemas, datasets, segments, a file destination and the activation plan."""
-    steps: list[str] = []
-    for schema in (CRM_SCHEMA, WEB_SCHEMA):
+def ensure_datasets(client: Client, datasets: dict[str, dict[str, Any]]) -> None:
+    """Each dataset and its schema (given in protobuf JSON form), created unless they exist."""
+    for name, schema in datasets.items():
         request = ing.CreateSchemaRequest(schema=json_format.ParseDict(schema, ing.Schema()))
         missing = not ensure(
             partial(client.ingest.GetSchema, ing.GetSchemaRequest(name=request.schema.name)),
@@ -179,11 +178,15 @@ def setup(client: Client, export_folder: str = DESTINATION) -> list[str]:
         )
         if missing:
             ensure(partial(client.ingest.CreateSchema, request), done=EXISTS)
-        steps.append(f"schema {schema['name']}")
-    for name, schema_name in (("crm", "crm_person"), ("web", "web_event")):
-        dataset = ing.Dataset(name=name, schema_name=schema_name, profile_enabled=True)
+        dataset = ing.Dataset(name=name, schema_name=request.schema.name, profile_enabled=True)
         ensure(partial(client.ingest.CreateDataset, ing.CreateDatasetRequest(dataset=dataset)), done=EXISTS)
-        steps.append(f"dataset {name}")
+
+
+def setup(client: Client, export_folder: str = DESTINATION) -> list[str]:
+    """Schemas, datasets, segments, a file destination and the activation plan."""
+    steps: list[str] = []
+    ensure_datasets(client, {"crm": CRM_SCHEMA, "web": WEB_SCHEMA})
+    steps += ["schema crm_person", "schema web_event", "dataset crm", "dataset web"]
     for name, query in SEGMENTS.items():
         create = seg.CreateSegmentRequest(name=name, query=query)
         ensure(partial(client.segmentation.CreateSegment, create), done=EXISTS)
