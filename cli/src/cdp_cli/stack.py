@@ -15,7 +15,6 @@ thread, which lives from ``start()`` until every child has been reaped by ``stop
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -35,14 +34,13 @@ from typing import IO, Any
 
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
-from cdp_kit.natsserver import find_binary, free_port, wait_for_jetstream
+from cdp_kit.natsserver import die_with_parent, find_binary, free_port, wait_for_jetstream
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 NATS = "nats"
 SERVING = "SERVING"
-PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 40
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -56,21 +54,6 @@ class StackError(CliError):
 def service_command(service: str) -> list[str]:
     """How a service process is started: ``python -m cdp_<service> serve``."""
     return [sys.executable, "-m", f"cdp_{service}", "serve"]
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent thread dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls into it
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -113,7 +96,7 @@ class Child:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=self.new_session,
-                    preexec_fn=_die_with_parent(),
+                    preexec_fn=die_with_parent(),
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
