@@ -28,7 +28,7 @@ from cdp_segmentation.analysis import classify
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.language import parse
 from cdp_segmentation.main import build_processor
-from cdp_segmentation.sql import matching
+from cdp_segmentation.sql import matching, matching_all
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
 MS = int(T0.timestamp() * 1000)
@@ -345,5 +345,18 @@ async def test_streaming_sql_and_reference_agree_on_every_profile(
                     in_sql = matching(session.connection(), segment.ast, now_ms, by_id)
                     assert streamed == expected, (engine.dialect.name, "streaming", segment.query)
                     assert in_sql == expected, (engine.dialect.name, "sql", segment.query)
+                # All segments in one query (one grouped pass over the events), whole and in two pages.
+                asts = {s.id: s.ast for s in defs.values()}
+                together = matching_all(session.connection(), asts, now_ms, by_id)
+                ids = sorted(p.profile_id for p in persons)
+                cut = ids[len(ids) // 2] if ids else ""
+                first = matching_all(session.connection(), asts, now_ms, by_id, hi=cut)
+                rest = matching_all(session.connection(), asts, now_ms, by_id, lo=cut)
+                for segment in defs.values():
+                    expected = {p.profile_id for p in persons if reference(segment.ast, p, now_ms)}
+                    assert together[segment.id] == expected, (engine.dialect.name, "sql, all", segment.query)
+                    paged = first[segment.id] | rest[segment.id]
+                    assert paged == expected, (engine.dialect.name, "sql, paged", segment.query)
+                    assert all(p <= cut for p in first[segment.id]), segment.query
     finally:
         sqlite.dispose()

@@ -23,7 +23,7 @@ from cdp_segmentation.cron import last_fire, parse_cron
 from cdp_segmentation.language import KEYWORDS, NAME_RE, parse, parse_computed
 from cdp_segmentation.membership import Catalog, backfill_page, change, reevaluate
 from cdp_segmentation.profiles import due_profiles, iso, refresh_due, to_ms
-from cdp_segmentation.sql import matching
+from cdp_segmentation.sql import matching, matching_all
 from cdp_segmentation.store import EXITED, REALIZED, ProfileRow
 
 log = get_logger(__name__)
@@ -280,7 +280,7 @@ class SegmentationHandlers:
             )
             uow.emit(SEGMENTATION_MEMBERSHIPS, [marker])
             return None, 0, 0, 0
-        inside = matching(session.connection(), ast, now_ms, known, lo=after, hi=ids[-1])
+        inside = matching_all(session.connection(), {segment_id: ast}, now_ms, known, lo=after, hi=ids[-1])[segment_id]
         current = store.statuses(session, segment_id, ids)
         events = []
         for profile_id in ids:

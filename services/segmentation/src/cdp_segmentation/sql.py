@@ -7,7 +7,8 @@ The same semantics as ``evaluate.py`` on SQLite (json_extract/json_type) and Pos
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,6 +23,7 @@ PROFILE: sa.Table = ProfileRow.__table__  # type: ignore[attr-defined]
 FRAGMENT: sa.Table = FragmentRow.__table__  # type: ignore[attr-defined]
 IDENTITY: sa.Table = ProfileIdentityRow.__table__  # type: ignore[attr-defined]
 Bool = ColumnElement[bool]
+AGG = "agg"  # the name of the shared grouped pass over the events in ``matching_all``
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,12 @@ class Compiler:
     segments: Mapping[str, pb.Segment]
     lo: str = ""
     hi: str | None = None
+    # When set, event conditions are not compiled to a grouped subquery each: their aggregates are
+    # added here as columns of ONE grouped pass over the events, the subquery ``agg`` (see
+    # ``matching_all``), and the condition reads its column.
+    pooled: list[Any] | None = None
+    # The event types that pass reads (None: any type, a condition names none).
+    event_types: set[str] | None = field(default_factory=set)
 
     def fields(self, ast: pb.Expression, column: Any) -> Bool:
         node = ast.WhichOneof("node")
@@ -194,6 +202,42 @@ class Compiler:
         if kind == "between":
             return [ts >= window.between.from_ms, ts < window.between.to_ms]
         return []
+
+    def _pooled_event(self, cond: pb.EventCondition) -> Bool:
+        """The condition on this profile's aggregate, computed in the shared pass by a
+        conditional aggregate (CASE WHEN matching THEN value END); a profile with no event at all
+        has no row in the pass (NULL): its count is 0, its sum 0, its min, max and avg unknown."""
+        assert self.pooled is not None
+        event = FRAGMENT
+        # The indexed columns first: the row (its JSON) is read only for events of the type and window.
+        conds = self._pattern(cond.pattern, event)
+        matched = sa.and_(sa.true(), *self._window(cond.window, event.c.ts_ms), *conds)
+        label = f"a{len(self.pooled)}"
+        zero: Any = None
+        if cond.aggregate == pb.AGGREGATE_COUNT:
+            measure: Any = sa.func.count(sa.case((matched, 1)))
+            zero = 0
+        else:
+            value = Json(event.c.attributes, tuple(cond.field.split(".")), self.dialect).number()
+            picked = sa.case((matched, value))
+            aggregates: dict[int, Callable[[Any], Any]] = {
+                pb.AGGREGATE_SUM: sa.func.sum,
+                pb.AGGREGATE_MIN: sa.func.min,
+                pb.AGGREGATE_MAX: sa.func.max,
+                pb.AGGREGATE_AVG: sa.func.avg,
+            }
+            measure = aggregates[cond.aggregate](picked)
+            zero = 0.0 if cond.aggregate == pb.AGGREGATE_SUM else None
+        if self.event_types is not None:
+            if cond.pattern.event_type:
+                self.event_types.add(cond.pattern.event_type)
+            else:
+                self.event_types = None
+        self.pooled.append(measure.label(label))
+        column: Any = sa.literal_column(f"{AGG}.{label}", type_=sa.Float)
+        if zero is not None:
+            column = sa.func.coalesce(column, zero)
+        return _known(OPERATORS[cond.op](column, cond.value))
 
     def event(self, cond: pb.EventCondition, profile_id: Any) -> Bool:
         """One grouped pass over the events (not a subquery per profile): the profiles whose
@@ -254,6 +298,8 @@ class Compiler:
         if node == "negate":
             return sa.not_(_known(self.profile(ast.negate, profile)))
         if node == "event":
+            if self.pooled is not None:
+                return self._pooled_event(ast.event)
             return self.event(ast.event, profile.c.profile_id)
         if node == "sequence":
             return self.sequence(ast.sequence, profile.c.profile_id)
@@ -312,3 +358,53 @@ def matching(
     if hi is not None:
         query = query.where(profile.c.profile_id <= hi)
     return set(conn.execute(query).scalars().all())
+
+
+def matching_all(
+    conn: sa.Connection,
+    asts: Mapping[str, pb.Expression],
+    now_ms: int,
+    segments: Mapping[str, pb.Segment],
+    *,
+    lo: str = "",
+    hi: str | None = None,
+) -> dict[str, set[str]]:
+    """The profile ids in (lo, hi] matching each of ``asts`` (by key), in ONE query: every event
+    aggregate of every segment is a column of a single grouped pass over the events (instead of
+    one pass per condition), joined to the profiles; each segment is one boolean column."""
+    profile = PROFILE.alias("p")
+    pooled: list[Any] = []
+    compiler = Compiler(conn.dialect.name, now_ms, segments, lo, hi, pooled=pooled)
+    conditions = {key: compiler.profile(ast, profile) for key, ast in asts.items()}
+    columns: list[Any] = [profile.c.profile_id]
+    source: Any = profile
+    if pooled:
+        types = compiler.event_types
+        where: list[Bool] = [FRAGMENT.c.kind == EVENT, *compiler._in_range(FRAGMENT.c.profile_id)]
+        if types is not None:
+            where.append(FRAGMENT.c.event_type.in_(sorted(types)))
+        grouped = sa.select(FRAGMENT.c.profile_id, *pooled).where(*where).group_by(FRAGMENT.c.profile_id)
+        agg = grouped.subquery(AGG)
+        source = profile.outerjoin(agg, agg.c.profile_id == profile.c.profile_id)
+    keys = list(conditions)
+    columns += [_known(conditions[k]).label(f"s{i}") for i, k in enumerate(keys)]
+    query = sa.select(*columns).select_from(source)
+    if lo:
+        query = query.where(profile.c.profile_id > lo)
+    if hi is not None:
+        query = query.where(profile.c.profile_id <= hi)
+    # Columns, not rows: the transpose and the selections run in C, no Python step per row.
+    by_column = list(zip(*conn.execute(query), strict=True)) or [() for _ in range(len(keys) + 1)]
+    return {key: set(compress(by_column[0], by_column[i])) for i, key in enumerate(keys, start=1)}
+
+
+# A batch run's session on SQLite: a page cache of 256 MiB (the grouped pass and the profiles stay in
+# memory), its temporary sort trees in memory, and the file read through a 1 GiB memory map.
+SQLITE_BATCH_PRAGMAS = ("cache_size = -262144", "temp_store = MEMORY", "mmap_size = 1073741824")
+
+
+def batch_session(conn: sa.Connection) -> None:
+    """Tune this connection for a batch run (SQLite pragmas; nothing to do on PostgreSQL)."""
+    if conn.dialect.name == "sqlite":
+        for pragma in SQLITE_BATCH_PRAGMAS:
+            conn.exec_driver_sql(f"PRAGMA {pragma}")
