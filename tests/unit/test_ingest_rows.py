@@ -252,3 +252,31 @@ def test_json_values_that_cannot_travel_are_rejected_not_crashing() -> None:
         ("score", "type"),
         ("address", "type"),
     ]
+
+
+@pytest.mark.parametrize("size", [0, 1, 120, 121, 122, 127, 128, 16_370, 16_383, 16_384, 20_000, 2_100_000])
+def test_hand_encoded_lengths_hold_across_varint_boundaries(size: int) -> None:
+    """Text lengths around the one-, two- and three-byte varint limits, in ids, identities and
+    attributes, ASCII and multi-byte, and a lone surrogate: the bytes parse to what protobuf builds."""
+    received = datetime(2026, 1, 2, tzinfo=UTC)
+    builder = RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "b", received)
+    for text in ("x" * size, "é" * (size // 2), "a\ud800" + "z" * size):
+        values: dict[str, Any] = {"k": text, "n": 1.5, "ok": True, "long": text + "!"}
+        clean = text.encode("utf-8", "replace").decode()  # ids are checked UTF-8 before they get here
+        env = builder.build(record_id=clean or "r", row=size, values=values, identities=[("ns", text), ("e", "v")])
+        expected = ev.RecordAccepted(
+            record_id=clean or "r",
+            dataset="people",
+            schema_class=pb.SCHEMA_CLASS_PROFILE,
+            batch_id="b",
+            row=size,
+            identities=[
+                IdentityValue(namespace="ns", value=text.encode("utf-8", "replace").decode()),
+                IdentityValue(namespace="e", value="v"),
+            ],
+        )
+        expected.attributes.update(
+            {k: v.encode("utf-8", "replace").decode() if isinstance(v, str) else v for k, v in values.items()}
+        )
+        expected.occurred_at.FromDatetime(received)
+        assert unpack(env, ev.RecordAccepted) == expected

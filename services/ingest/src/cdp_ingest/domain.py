@@ -206,6 +206,8 @@ class Validator:
         self.is_event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
         must = {schema.event_id_field, schema.timestamp_field} if self.is_event else set()
         self.checks = [_compile(f, textual, f.name in must) for f in schema.fields]
+        # The same checks as plain tuples, read in the per-row loop without attribute lookups.
+        self._plan = [(c.name, c.convert, c.required, c.namespace, c.constraints) for c in self.checks]
         self.event_id_field = schema.event_id_field
         self.timestamp_field = schema.timestamp_field
         self.event_type_field = schema.event_type_field
@@ -227,28 +229,32 @@ class Validator:
         if size > self.max_bytes:
             violations.append(Violation("*", "max_size", f"record is {size} bytes, limit {self.max_bytes}", record))
         empty_text = self.textual
-        for check in self.checks:
-            raw = row.get(check.name)
+        get = row.get
+        for name, convert, required, namespace, constraints in self._plan:
+            raw = get(name)
             if raw is None or (empty_text and raw == ""):
-                if check.required:
-                    violations.append(Violation(check.name, "required", "missing", record))
+                if required:
+                    violations.append(Violation(name, "required", "missing", record))
                 continue
-            try:
-                value = check.convert(raw)
-            except (ValueError, TypeError) as exc:
-                violations.append(Violation(check.name, "type", str(exc), record))
-                continue
-            if check.constraints is not None:
-                broken = check.constraints(value)
-                if broken is not None:
-                    violations.append(Violation(check.name, broken[0], broken[1], record))
+            if convert is _string and type(raw) is str:
+                value = raw  # what _string answers, without the call
+            else:
+                try:
+                    value = convert(raw)
+                except (ValueError, TypeError) as exc:
+                    violations.append(Violation(name, "type", str(exc), record))
                     continue
-            values[check.name] = value
-            if check.namespace:
+            if constraints is not None:
+                broken = constraints(value)
+                if broken is not None:
+                    violations.append(Violation(name, broken[0], broken[1], record))
+                    continue
+            values[name] = value
+            if namespace:
                 if value:
-                    result.identities.append((check.namespace, value))
-                elif check.required:
-                    violations.append(Violation(check.name, "required", "blank identity", record))
+                    result.identities.append((namespace, value))
+                elif required:
+                    violations.append(Violation(name, "required", "blank identity", record))
         if self.is_event and not violations:
             result.event_id = str(values.get(self.event_id_field, ""))
             result.occurred_at = parse_timestamp(values[self.timestamp_field])

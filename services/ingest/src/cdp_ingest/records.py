@@ -200,6 +200,10 @@ class RecordBuilder:
                 except UnicodeEncodeError:  # a lone surrogate
                     text = value.encode("utf-8", "replace")
                 n = len(text)
+                e = len(prefix) + n + 3
+                if e < 128:  # every length fits one byte: the common case, in one call
+                    add(b"\x0a%c%b%c\x1a%c%b" % (e, prefix, n + 2, n, text))
+                    continue
                 inner = v[n] if n < 16384 else _varint_slow(n)
                 m = 1 + len(inner) + n  # the Value message
                 mv = v[m] if m < 16384 else _varint_slow(m)
