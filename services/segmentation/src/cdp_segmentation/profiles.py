@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format
 from sqlmodel import Session, col, delete, func, select, update
 
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
-from cdp_kit.envelope import from_timestamp
 from cdp_segmentation import store
 from cdp_segmentation.computed import ComputedDef, values
 from cdp_segmentation.evaluate import Event
-from cdp_segmentation.store import EVENT, RECORD, FragmentRow, ProfileIdentityRow, ProfileRow
+from cdp_segmentation.store import EVENT, FragmentRow, ProfileIdentityRow, ProfileRow
 
 DEFAULT_EVENT_CAP = 5000
 
@@ -127,39 +125,6 @@ def event_count(session: Session, profile_id: str) -> int:
 def expired(ts_ms: int, dataset: str, ctx: ProfileContext) -> bool:
     retention = ctx.retention_ms.get(dataset)
     return retention is not None and ts_ms <= ctx.clock_ms - retention
-
-
-def apply_fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int, ctx: ProfileContext) -> ProfileRow:
-    profile = session.get(ProfileRow, frag.profile_id) or ProfileRow(profile_id=frag.profile_id)
-    ts_ms = to_ms(from_timestamp(frag.occurred_at))
-    kind = EVENT if frag.kind == EVENT else RECORD
-    row = FragmentRow(
-        source_event_id=frag.source_event_id,
-        profile_id=frag.profile_id,
-        dataset=frag.dataset,
-        kind=kind,
-        event_type=frag.event_type,
-        ts_ms=ts_ms,
-        seq=seq,
-        attributes=json_format.MessageToDict(frag.attributes),
-    )
-    if kind == RECORD:
-        session.merge(row)
-        _offer(profile, row, ctx.policy)
-    elif not expired(ts_ms, frag.dataset, ctx):
-        session.merge(row)
-        session.flush()
-        if enforce_cap(session, frag.profile_id, ctx.event_cap):
-            profile.events = event_count(session, frag.profile_id)
-        else:
-            profile.events += 1
-        profile.next_due_ms = next_due(session, frag.profile_id, ctx)
-    profile.computed = computed_values(session, frag.profile_id, ctx)
-    session.add(profile)
-    for ident in frag.identities:
-        session.merge(ProfileIdentityRow(namespace=ident.namespace, value=ident.value, profile_id=frag.profile_id))
-    session.flush()
-    return profile
 
 
 def enforce_cap(session: Session, profile_id: str, cap: int) -> int:

@@ -4,8 +4,8 @@ Applying a fragment row by row through the ORM costs a dozen statements; streami
 less. ``prefetch`` loads every profile of a fetched batch (attributes, events, identities,
 memberships) in a few bulk queries; fragments then change the in-memory state, segments are
 evaluated against it, and everything changed is written back in bulk (multi-row upserts)
-just before the batch's transaction commits. The result in the store is row for row what the
-SQL path (``profiles.apply_fragment``) writes, so a rebuild or another path agrees.
+just before the batch's transaction commits. Merges, splits and recomputations use the SQL
+functions of profiles.py on the rows written back, so every path agrees (a rebuild replays this one).
 
 Computed attributes (computed.py) are updated here incrementally for each new event, and
 recomputed from the in-memory history when events leave (the cap, a redelivery, a due window).
@@ -141,7 +141,7 @@ class WorkingSet:
 
     # ------------------------------------------------------------------ changes
     def apply_fragment(self, frag: identity_ev.ProfileFragment, seq: int, ctx: ProfileContext) -> ProfileState:
-        """What ``profiles.apply_fragment`` does, in memory."""
+        """Keep a fragment (a record's attributes or an event, within retention and the cap), in memory."""
         state = self.get(frag.profile_id)
         if not state.exists and frag.profile_id not in self._dirty:
             state.created = True
