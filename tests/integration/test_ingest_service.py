@@ -34,9 +34,9 @@ from cdp_ingest.store import TABLES
 from cdp_kit.envelope import is_a, unpack
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer
-from cdp_kit.processor import Processor
-from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
-from cdp_kit.streams import INGEST_CONFIG, INGEST_RECORDS, collect_subject
+from cdp_kit.processor import Processor, in_checkpoint
+from cdp_kit.store import canonical_dump, get_checkpoint, make_engine, sqlite_url, with_checkpoint
+from cdp_kit.streams import COLLECT, INGEST_CONFIG, INGEST_READS_COLLECT, INGEST_RECORDS, collect_subject
 
 CRM = {
     "name": "crm_person",
@@ -647,7 +647,7 @@ async def test_the_store_rebuilt_from_the_log_equals_the_live_one(ingest_on: Ing
         if len(await ingest.records()) == 798 + 5:
             break
         await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)  # let the input checkpoint commit
+    await collect_checkpoint_reaches_end(ingest.engine, ingest.eventlog)
     settings = IngestSettings(
         nats_url=ingest.nats_url, data_dir=tmp_path / "rb", store_url=sqlite_url(tmp_path / "rb.db")
     )
@@ -657,3 +657,16 @@ async def test_the_store_rebuilt_from_the_log_equals_the_live_one(ingest_on: Ing
     tables = with_checkpoint(TABLES)
     assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
     engine.dispose()
+
+
+async def collect_checkpoint_reaches_end(engine: Engine, eventlog: EventLog) -> None:
+    """Wait until the collect input's checkpoint (committed with the store) covers the whole stream."""
+    from sqlmodel import Session
+
+    last = await eventlog.last_sequence(COLLECT.name)
+    for _ in range(300):
+        with Session(engine) as session:
+            if get_checkpoint(session, in_checkpoint(INGEST_READS_COLLECT)) >= last:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the collect input never caught up")
