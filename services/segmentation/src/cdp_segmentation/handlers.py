@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
-from sqlmodel import col, select
+from google.protobuf.message import Message
+from sqlmodel import Session, col, select
 
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
@@ -55,6 +56,32 @@ class SegmentationHandlers:
         self.wall_clock = wall_clock
 
     # ------------------------------------------------------------ definitions
+    async def _configure(
+        self,
+        command_id: str,
+        payload: Message,
+        *,
+        event_id: str,
+        subject_key: str,
+        at: datetime,
+        refuse: Callable[[Session], str | None] | None = None,
+    ) -> None:
+        """Append one config event (unless ``refuse`` says why it already exists), then drop the cached catalog."""
+
+        def decide(uow: UnitOfWork) -> None:
+            reason = refuse(uow.session) if refuse is not None else None
+            if reason:
+                raise AlreadyExists(reason)
+            env = make_envelope(
+                payload, event_id=event_id, subject_key=subject_key, occurred_at=at, cause=Cause(command_id=command_id)
+            )
+            uow.emit(SEGMENTATION_CONFIG, [env])
+
+        try:
+            await self.processor.execute(command_id, decide)
+        finally:
+            self.catalog.invalidate()
+
     def compile(self, name: str, query: str, schedule: str) -> Compiled:
         with self.processor.read() as session:
             vocabulary = store.vocabulary(session)
@@ -88,22 +115,17 @@ class SegmentationHandlers:
         now = utcnow()
         segment.created_at.FromDatetime(now)
 
-        def decide(uow: UnitOfWork) -> None:
-            if store.segment_by_key(uow.session, name) is not None:
-                raise AlreadyExists(f"segment {name!r} exists")
-            env = make_envelope(
-                ev.SegmentDefined(segment=segment),
-                event_id=deterministic_id("segment-defined", segment.id),
-                subject_key=segment.id,
-                occurred_at=now,
-                cause=Cause(command_id=segment.id),
-            )
-            uow.emit(SEGMENTATION_CONFIG, [env])
+        def exists(session: Session) -> str | None:
+            return f"segment {name!r} exists" if store.segment_by_key(session, name) is not None else None
 
-        try:
-            await self.processor.execute(f"define:{segment.id}", decide)
-        finally:
-            self.catalog.invalidate()
+        await self._configure(
+            f"define:{segment.id}",
+            ev.SegmentDefined(segment=segment),
+            event_id=deterministic_id("segment-defined", segment.id),
+            subject_key=segment.id,
+            at=now,
+            refuse=exists,
+        )
         if self.wall_clock is not None and self.needs_clock():
             # Evaluate existing profiles as of now, not as of the last tick: a windowed segment
             # defined after its data would otherwise realize members the next tick exits.
@@ -133,22 +155,17 @@ class SegmentationHandlers:
         now = utcnow()
         attribute.created_at.FromDatetime(now)
 
-        def decide(uow: UnitOfWork) -> None:
-            if uow.session.get(store.ComputedRow, name) is not None:
-                raise AlreadyExists(f"computed attribute {name!r} exists")
-            env = make_envelope(
-                ev.ComputedAttributeDefined(attribute=attribute),
-                event_id=deterministic_id("computed-defined", attribute.id),
-                subject_key=attribute.id,
-                occurred_at=now,
-                cause=Cause(command_id=attribute.id),
-            )
-            uow.emit(SEGMENTATION_CONFIG, [env])
+        def exists(session: Session) -> str | None:
+            return f"computed attribute {name!r} exists" if session.get(store.ComputedRow, name) is not None else None
 
-        try:
-            await self.processor.execute(f"computed:{attribute.id}", decide)
-        finally:
-            self.catalog.invalidate()
+        await self._configure(
+            f"computed:{attribute.id}",
+            ev.ComputedAttributeDefined(attribute=attribute),
+            event_id=deterministic_id("computed-defined", attribute.id),
+            subject_key=attribute.id,
+            at=now,
+            refuse=exists,
+        )
         return attribute
 
     def computed_attributes(self) -> list[pb.ComputedAttribute]:
@@ -185,20 +202,9 @@ class SegmentationHandlers:
         now = utcnow()
         key = deterministic_id("merge-policy", policy.SerializeToString(deterministic=True).hex(), now.isoformat())
 
-        def decide(uow: UnitOfWork) -> None:
-            env = make_envelope(
-                ev.MergePolicySet(policy=policy),
-                event_id=key,
-                subject_key="merge-policy",
-                occurred_at=now,
-                cause=Cause(command_id=key),
-            )
-            uow.emit(SEGMENTATION_CONFIG, [env])
-
-        try:
-            await self.processor.execute(f"merge-policy:{key}", decide)
-        finally:
-            self.catalog.invalidate()
+        await self._configure(
+            f"merge-policy:{key}", ev.MergePolicySet(policy=policy), event_id=key, subject_key="merge-policy", at=now
+        )
         await self.backfill_pending()
         return policy
 
