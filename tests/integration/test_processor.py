@@ -876,6 +876,37 @@ async def test_execute_appends_folds_and_commits(engine: Engine, eventlog: Event
     assert checkpoints(engine) == {own_checkpoint(OUT): 1}
 
 
+async def test_encoded_envelopes_travel_in_order_and_their_bulk_fold_equals_a_rebuild(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    processor = make_processor(engine, eventlog, with_input=False)
+    await processor.recover()
+    projection = EchoProjection()
+
+    def decide(uow: UnitOfWork) -> None:
+        first = cmd_event("first", uow.cause, OUT)
+        rest = [cmd_event(f"bulk{i}", uow.cause, OUT) for i in range(3)]
+        uow.emit(OUT, [first])
+
+        def fold(session: Session) -> None:  # what folding them one by one does, at once
+            for env in rest:
+                projection.fold(session, OUT, env)
+
+        uow.emit_encoded(OUT, [env.SerializeToString() for env in rest], fold)
+        uow.emit(OUT, [cmd_event("last", uow.cause, OUT)])
+
+    await processor.execute("c1", decide)
+
+    (message,) = [m async for m in eventlog.read(OUT.stream.name, OUT.subject)]
+    values = [unpack(e, IdentityValue).value for e in message.events()]
+    assert values == ["first", "bulk0", "bulk1", "bulk2", "last"]
+    assert all(e.HasField("recorded_at") for e in message.events())
+    assert counters(engine) == {"folded:test-out": 5}
+    before = dump(engine)
+    await processor.rebuild()
+    assert dump(engine) == before
+
+
 async def test_execute_recovers_from_a_foreign_append_and_retries(engine: Engine, eventlog: EventLog) -> None:
     processor = make_processor(engine, eventlog, with_input=False)
     await processor.recover()

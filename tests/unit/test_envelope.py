@@ -20,6 +20,7 @@ from cdp_kit.envelope import (
     make_envelope,
     to_timestamp,
     unpack,
+    varint,
 )
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -131,6 +132,25 @@ def test_encode_decode_batch_round_trip_sets_recorded_at() -> None:
     assert all(from_timestamp(e.recorded_at) == recorded for e in decoded)
     assert all(from_timestamp(e.occurred_at) == T0 for e in decoded)
     assert decoded == events
+
+
+def test_batch_of_envelopes_and_encoded_envelopes_decodes_to_the_same_events() -> None:
+    events = [identity_event(n) for n in range(1, 5)]
+    recorded = T0 + timedelta(seconds=1, microseconds=250)
+    mixed = [events[0], events[1].SerializeToString(), events[2], events[3].SerializeToString()]
+
+    decoded = decode_batch(encode_batch(mixed, recorded))
+
+    assert decoded == decode_batch(encode_batch([identity_event(n) for n in range(1, 5)], recorded))
+    assert all(from_timestamp(e.recorded_at) == recorded for e in decoded)
+    assert decode_batch(encode_batch([e.SerializeToString() for e in events[:1]], T0))[0].recorded_at == to_timestamp(T0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16383, 16384, 2**31, 2**63])
+def test_varint_matches_protobuf(n: int) -> None:
+    from google.protobuf.wrappers_pb2 import UInt64Value
+
+    assert varint(n) == (UInt64Value(value=n).SerializeToString()[1:] if n else b"\x00")
 
 
 def test_empty_batch_round_trip() -> None:

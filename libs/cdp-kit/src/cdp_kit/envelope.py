@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -99,11 +100,42 @@ def unpack(env: envelope_pb2.Envelope, cls: type[M]) -> M:
     return msg
 
 
-def encode_batch(events: list[envelope_pb2.Envelope], recorded_at: datetime) -> bytes:
+EncodedEnvelope = bytes
+"""An ``Envelope`` already serialized by a service's own encoder (a hot path), without ``recorded_at``."""
+
+
+def varint(n: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    if n < 128:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_batch(events: Sequence[envelope_pb2.Envelope | EncodedEnvelope], recorded_at: datetime) -> bytes:
+    """An ``EventBatch`` of the events, each stamped ``recorded_at``. Events may be envelopes or
+    envelopes already serialized (their ``recorded_at`` field is appended to their bytes)."""
     stamp = to_timestamp(recorded_at)
+    objects = [env for env in events if type(env) is not bytes]
+    if len(objects) == len(events):
+        for env in objects:
+            env.recorded_at.CopyFrom(stamp)  # type: ignore[union-attr]
+        return envelope_pb2.EventBatch(events=objects).SerializeToString()  # type: ignore[arg-type]
+    raw = stamp.SerializeToString()
+    stamp_field = b"\x2a" + varint(len(raw)) + raw  # field 5 (recorded_at), length-delimited
+    parts: list[bytes] = []
     for env in events:
-        env.recorded_at.CopyFrom(stamp)
-    return envelope_pb2.EventBatch(events=events).SerializeToString()
+        if type(env) is bytes:
+            body = env + stamp_field
+        else:
+            env.recorded_at.CopyFrom(stamp)  # type: ignore[union-attr]
+            body = env.SerializeToString()  # type: ignore[union-attr]
+        parts += (b"\x0a", varint(len(body)), body)
+    return b"".join(parts)
 
 
 def decode_batch(data: bytes) -> list[envelope_pb2.Envelope]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from cdp_kit.envelope import Envelope, decode_batch, encode_batch, utcnow
+from cdp_kit.envelope import EncodedEnvelope, Envelope, decode_batch, encode_batch, utcnow
 from cdp_kit.errors import CdpError, Conflict, Unavailable
 from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
 from cdp_kit.telemetry import get_logger
@@ -143,7 +143,7 @@ class EventLog:
     async def append(
         self,
         subject: str,
-        events: list[Envelope],
+        events: Sequence[Envelope | EncodedEnvelope],
         *,
         msg_id: str,
         expected_last_subject_sequence: int | None = None,

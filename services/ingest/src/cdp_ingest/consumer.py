@@ -21,12 +21,12 @@ from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.handlers import event_bytes
-from cdp_ingest.records import RecordBuilder, envelopes_of
+from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
-from cdp_kit.streams import INGEST_DEADLETTER, INGEST_RECORDS
+from cdp_kit.streams import INGEST_DEADLETTER
 
 # Dead letters carry no time of their own (the raw input gives none): a fixed one keeps replays equal.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -77,7 +77,7 @@ class CollectHandler:
                 seen = self._seen[dataset] = store.seen_keys(uow.session, dataset, [verdict.key])
             if verdict.key not in seen:
                 seen.add(verdict.key)
-                uow.emit(INGEST_RECORDS, envelopes_of([verdict.data]))
+                emit_records(uow, dataset, [verdict.data], [verdict.key])
             return
         data = env.payload.value
         letter = pb.DeadLetter(

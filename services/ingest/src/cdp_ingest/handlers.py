@@ -17,7 +17,7 @@ from cdp_ingest import store
 from cdp_ingest.batches import CHUNK_BYTES, RECORD_OVERHEAD, BatchRun, StagedRecord, StagedReject
 from cdp_ingest.config import ConfigCache, Target
 from cdp_ingest.domain import NAME_RE, RowResult, batch_exceeds, compatibility_violations, schema_violations
-from cdp_ingest.records import RecordBuilder, envelopes_of
+from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
@@ -236,13 +236,15 @@ class IngestHandlers:
         def decide(uow: UnitOfWork) -> None:
             if index in store.appended_chunks(uow.session, batch_id):
                 return  # a concurrent or earlier attempt appended it
+            fresh: list[bytes] = []
+            fresh_keys: list[str] = []
             if is_event:
                 seen = store.seen_keys(uow.session, dataset, keys)
-                fresh: list[bytes] = []
                 for _, key, data in staged:
                     if key not in seen:
                         seen.add(key)
                         fresh.append(data)
+                        fresh_keys.append(key)
             else:
                 fresh = [data for _, _, data in staged]
             marker = make_envelope(
@@ -254,7 +256,8 @@ class IngestHandlers:
                 occurred_at=received_at,
                 cause=uow.cause,
             )
-            uow.emit(INGEST_RECORDS, [marker, *envelopes_of(fresh)])
+            uow.emit(INGEST_RECORDS, [marker])
+            emit_records(uow, dataset, fresh, fresh_keys)
 
         await self.processor.execute(f"{batch_id}:{index}", decide)
 
@@ -349,6 +352,7 @@ class IngestHandlers:
         def decide(uow: UnitOfWork) -> None:
             seen = store.seen_keys(uow.session, dataset, [key for _, key, _ in group])
             fresh: list[bytes] = []
+            fresh_keys: list[str] = []
             for i, key, data in group:
                 if key in seen:
                     results[i].status = pb.EVENT_STATUS_DUPLICATE
@@ -356,7 +360,8 @@ class IngestHandlers:
                 results[i].status = pb.EVENT_STATUS_ACCEPTED
                 seen.add(key)
                 fresh.append(data)
-            uow.emit(INGEST_RECORDS, envelopes_of(fresh))
+                fresh_keys.append(key)
+            emit_records(uow, dataset, fresh, fresh_keys)
 
         await self.processor.execute(deterministic_id("events", dataset, *[key for _, key, _ in group]), decide)
 

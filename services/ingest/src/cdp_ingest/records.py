@@ -20,7 +20,10 @@ from google.protobuf import struct_pb2
 
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest.store import note_seen_all
 from cdp_kit.envelope import SCHEMA_VERSION, Envelope, EventBatch
+from cdp_kit.processor import UnitOfWork
+from cdp_kit.streams import INGEST_RECORDS
 
 RECORD_TYPE = ev.RecordAccepted.DESCRIPTOR.full_name
 RECORD_TYPE_URL = f"type.googleapis.com/{RECORD_TYPE}"
@@ -235,3 +238,10 @@ def envelopes_of(encoded: Iterable[bytes]) -> list[Envelope]:
     batch = EventBatch()
     batch.ParseFromString(b"".join(_ld(b"\x0a", e) for e in encoded))
     return list(batch.events)
+
+
+def emit_records(uow: UnitOfWork, dataset: str, encoded: list[bytes], event_keys: Iterable[str]) -> None:
+    """Append records as the bytes ``RecordBuilder`` wrote. Folding a record notes its envelope
+    id as seen when its dataset holds events (``event_keys``: those ids; none for profile records)."""
+    keys = list(event_keys)
+    uow.emit_encoded(INGEST_RECORDS, encoded, lambda session: note_seen_all(session, dataset, keys))

@@ -131,6 +131,12 @@ def note_seen(session: Session, dataset_name: str, key: str) -> None:
     session.info.setdefault(SEEN_PENDING, []).append({"dataset": dataset_name, "record_key": key})
 
 
+def note_seen_all(session: Session, dataset_name: str, keys: list[str]) -> None:
+    """``note_seen`` of many events of one dataset."""
+    if keys:
+        session.info.setdefault(SEEN_PENDING, []).extend({"dataset": dataset_name, "record_key": k} for k in keys)
+
+
 def write_seen(session: Session) -> None:
     """One insert of every event noted seen in this transaction; an id already kept is left alone."""
     pending = session.info.pop(SEEN_PENDING, None)
