@@ -130,6 +130,7 @@ async def main() -> None:
         service = build(settings, engine, log)
         service.processor.create_store()
         runner = asyncio.create_task(service.processor.run())
+        background = [asyncio.create_task(job()) for job in service.background]
         await service.processor.ready.wait()
 
         async def status() -> admin_pb2.ServiceStatus:
@@ -149,8 +150,9 @@ async def main() -> None:
             await channel.close(None)
             service.processor.stop()
             await server.stop(0)
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+            for task in (runner, *background):
+                task.cancel()
+            await asyncio.gather(runner, *background, return_exceptions=True)
             await log.close()
             engine.dispose()
 

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
-from cdp_ingest.batches import BatchRun, StagedRecord
+from cdp_ingest.batches import BatchRun
 from cdp_ingest.domain import Validator, compatibility_violations, schema_violations
+from cdp_ingest.judging import StagedRecord
 from cdp_ingest.parsing import CsvParser, Inflater, JsonLinesParser
 from cdp_ingest.records import RecordBuilder, envelopes_of, fast_id
 from cdp_kit.envelope import Envelope, deterministic_id, unpack

@@ -21,7 +21,9 @@ from typing import IO, Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.domain import RejectTally, Validator
-from cdp_ingest.parsing import Inflater, Parsed, RowParser, clean_text, parser_for
+from cdp_ingest.judging import Judged, judge
+from cdp_ingest.parsing import CsvParser, Inflater, RowParser, parser_for
+from cdp_ingest.readers import BlockQueue, ReaderPool, ReadSpec, count_rows
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import InvalidInput, Violation
 
@@ -29,13 +31,13 @@ from cdp_kit.errors import InvalidInput, Violation
 # holds up to MAX_MESSAGE_BYTES with the kit's per-event overhead and the chunk's marker).
 CHUNK_ROWS = 8000
 CHUNK_BYTES = 900_000
-RECORD_OVERHEAD = 48
+# CSV files are read by the reader processes (when the service has some) past their first MiB:
+# below it, starting them would cost more than it saves.
+POOL_FROM_BYTES = 1024 * 1024
 REJECT_ROWS = 500
 REJECT_BYTES = 256 * 1024
 _LEN = struct.Struct("<I")
 
-StagedRecord = tuple[int, str, bytes]
-"""(row, envelope id for events, whose ids are de-duplicated, or "" for profile records; envelope bytes)."""
 StagedReject = tuple[int, dict[str, Any], list[tuple[str, str, str]]]
 """(row, raw values as read, [(field, rule, message)])."""
 
@@ -82,7 +84,8 @@ class Spool:
 
 @dataclass
 class BatchRun:
-    """The reading side of one IngestFile call."""
+    """The reading side of one IngestFile call. With a ``pool``, CSV rows after the header are
+    judged by reader processes (see ``cdp_ingest.readers``); the results are the same."""
 
     header: pb.IngestFileHeader
     dataset: pb.Dataset
@@ -94,6 +97,7 @@ class BatchRun:
     report: pb.BatchReport = field(default_factory=pb.BatchReport)
     bytes_received: int = 0
     tally: RejectTally = field(default_factory=RejectTally)
+    pool: ReaderPool | None = None
 
     def __post_init__(self) -> None:
         drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP
@@ -103,71 +107,82 @@ class BatchRun:
         self.parser: RowParser = parser_for(self.header.format, self.schema, drop, self.staging)
         self.accepted = Spool(self.staging, CHUNK_ROWS, CHUNK_BYTES)
         self.rejected = Spool(self.staging, REJECT_ROWS, REJECT_BYTES)
+        self._blocks: BlockQueue | None = None
 
     def feed(self, data: bytes) -> None:
         self.bytes_received += len(data)
         for piece in self.inflater.feed(data):
-            self._take(self.parser.feed(piece))
+            self._read(piece)
 
     def finish(self) -> None:
         for piece in self.inflater.close():
-            self._take(self.parser.feed(piece))
+            self._read(piece)
+        if self._blocks is not None:
+            for judged in self._blocks.drain():
+                self._take(judged)
         for rows in self.parser.close():
-            self._take(rows)
+            self._take(judge(rows, self.validator, self.builder))
         if self.report.rows_read == 0:
             raise InvalidInput(
                 "empty file", [Violation("file", "empty", "no data rows", self.header.file_name or "upload")]
             )
         self.report.rejects.extend(self.tally.to_proto(with_samples=True))
 
-    def _take(self, rows: list[Parsed]) -> None:
-        report = self.report
-        validate = self.validator.validate
-        add = self.accepted.add
-        encode = self.builder.encode
-        is_event = self.builder.is_event
-        key_of = self.builder.key_of
-        prefix = f"{self.builder.batch_id}:"
-        for row_no, values, problems, size in rows:
-            report.rows_read += 1
-            result = None if problems else validate(values, size, f"row {row_no}")
-            if result is not None and not result.violations:
-                report.rows_accepted += 1
-                if is_event:
-                    data = encode(
-                        record_id=result.event_id,
-                        row=row_no,
-                        values=result.values,
-                        identities=result.identities,
-                        occurred_at=result.occurred_at,
-                        event_type=result.event_type,
-                    )
-                    add((row_no, key_of(result.event_id), data), len(data) + RECORD_OVERHEAD)
-                else:
-                    data = encode(
-                        record_id=prefix + str(row_no), row=row_no, values=result.values, identities=result.identities
-                    )
-                    add((row_no, "", data), len(data) + RECORD_OVERHEAD)
+    def _read(self, piece: bytes) -> None:
+        parser = self.parser
+        pooled = self.pool is not None and (self._blocks is not None or self.bytes_received >= POOL_FROM_BYTES)
+        if not pooled or not isinstance(parser, CsvParser):
+            self._take(judge(parser.feed(piece), self.validator, self.builder))
+            return
+        for block in parser.split(piece):
+            if parser.header is None:  # the header (and the rows of its block) are read here
+                self._take(judge(parser.parse(block), self.validator, self.builder))
                 continue
-            violations = problems if result is None else result.violations
+            if self._blocks is None:
+                assert self.pool is not None
+                readers = self.pool.acquire()
+                if readers is None:  # another batch is using the readers: read this one here
+                    self.pool = None
+                    self._take(judge(parser.parse(block), self.validator, self.builder))
+                    continue
+                self._blocks = BlockQueue(self.pool, readers, self._spec(parser.header))
+            first = parser.skip(count_rows(block))
+            for judged in self._blocks.submit(block, first):
+                self._take(judged)
+
+    def _spec(self, header: list[str]) -> ReadSpec:
+        return ReadSpec(
+            schema=self.schema.SerializeToString(deterministic=True),
+            textual=self.validator.textual,
+            drop_unknown=self.validator.drop_unknown,
+            max_bytes=self.max_bytes,
+            dataset=self.builder.dataset,
+            batch_id=self.builder.batch_id,
+            received_at=self.builder.received_at,
+            header=tuple(header),
+        )
+
+    def _take(self, judged: Judged) -> None:
+        report = self.report
+        report.rows_read += judged.rows_read
+        report.rows_accepted += len(judged.accepted)
+        add = self.accepted.add
+        for staged, size in judged.accepted:
+            add(staged, size)
+        for row_no, violations, masked, values, size in judged.rejected:
             report.rows_rejected += 1
-            self.tally.add(row_no, violations, values, self.validator.mask)
+            self.tally.add(row_no, violations, masked, _masked_already)
             if report.rows_kept < self.max_kept_rejects:
                 report.rows_kept += 1
-                kept: StagedReject = (row_no, _printable(values), [(v.field, v.rule, v.message) for v in violations])
+                kept: StagedReject = (row_no, values, [(v.field, v.rule, v.message) for v in violations])
                 self.rejected.add(kept, size)
 
     def close(self) -> None:
+        if self._blocks is not None:
+            self._blocks.release(broken=False)
         self.accepted.close()
         self.rejected.close()
 
 
-def _printable(values: dict[str, Any]) -> dict[str, Any]:
-    """Raw values that can travel as JSON text (invalid UTF-8 replaced)."""
-    return {clean_text(str(k)): clean_text(v) if isinstance(v, str) else _plain(v) for k, v in values.items()}
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str | list | dict):
-        return value
-    return str(value)
+def _masked_already(_field: str, value: str) -> str:
+    return value

@@ -14,9 +14,11 @@ from google.protobuf import json_format, struct_pb2
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
-from cdp_ingest.batches import CHUNK_BYTES, RECORD_OVERHEAD, BatchRun, StagedRecord, StagedReject
+from cdp_ingest.batches import CHUNK_BYTES, BatchRun, StagedReject
 from cdp_ingest.config import ConfigCache, Target
 from cdp_ingest.domain import NAME_RE, RowResult, batch_exceeds, compatibility_violations, schema_violations
+from cdp_ingest.judging import RECORD_OVERHEAD, StagedRecord
+from cdp_ingest.readers import ReaderPool
 from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
@@ -37,6 +39,15 @@ class IngestHandlers:
         self.settings = settings
         self.config = config
         self._active: set[str] = set()
+        self.readers = ReaderPool(settings.read_workers) if settings.read_workers else None
+
+    async def keep_readers(self) -> None:
+        """Runs while the service does; stops the reader processes when it ends."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self.readers is not None:
+                await asyncio.to_thread(self.readers.close)
 
     # ------------------------------------------------------------ config
     async def create_schema(self, schema: pb.Schema) -> pb.Schema:
@@ -141,6 +152,7 @@ class IngestHandlers:
             max_kept_rejects=self.settings.max_kept_rejects,
             builder=RecordBuilder(header.dataset, target.schema.schema_class, batch_id, received_at),
             report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
+            pool=self.readers,
         )
         try:
             async for progress in self._read(run, chunks):

@@ -31,6 +31,8 @@ def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Servi
         inputs=[Input(INGEST_READS_COLLECT, CollectHandler(config), raw=True)],
         batch_size=settings.batch_size,
     )
-    servicer = IngestServicer(IngestHandlers(processor, settings, config))
+    handlers = IngestHandlers(processor, settings, config)
+    servicer = IngestServicer(handlers)
     name = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
-    return Service(processor, [Registration(name, ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)])
+    registrations = [Registration(name, ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)]
+    return Service(processor, registrations, background=[handlers.keep_readers])

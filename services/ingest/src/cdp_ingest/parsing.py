@@ -91,7 +91,7 @@ class Inflater:
             raise InvalidInput("truncated gzip file", [Violation("file", "gzip", "the file ends mid-stream")])
 
 
-def _decode(data: bytes) -> tuple[str, bool]:
+def decode(data: bytes) -> tuple[str, bool]:
     """Text and whether it held invalid UTF-8 (kept as surrogates, so the row can be named)."""
     try:
         return data.decode("utf-8"), False
@@ -121,7 +121,20 @@ class CsvParser:
         self._row = 0
         self._first = True
 
+    @classmethod
+    def after_header(cls, header: list[str], first_row: int) -> CsvParser:
+        """A parser for blocks past the header, whose first row is ``first_row``."""
+        parser = cls()
+        parser.header = header
+        parser._row = first_row - 1
+        parser._first = False
+        return parser
+
     def feed(self, data: bytes) -> list[Parsed]:
+        return [row for block in self.split(data) for row in self.parse(block)]
+
+    def split(self, data: bytes) -> list[bytes]:
+        """The complete rows received so far, as one block (none if no row is complete yet)."""
         self._pending += data
         cut = self._cut()
         if cut < 0:
@@ -136,7 +149,13 @@ class CsvParser:
                 )
             return []
         complete, self._pending = self._pending[: cut + 1], self._pending[cut + 1 :]
-        return self._parse(complete)
+        return [complete]
+
+    def skip(self, rows: int) -> int:
+        """Count ``rows`` read elsewhere; answers the number of the first of them."""
+        first = self._row + 1
+        self._row += rows
+        return first
 
     def _cut(self) -> int:
         """Position of the last newline outside quotes in the pending bytes, or -1."""
@@ -164,13 +183,14 @@ class CsvParser:
     def close(self) -> Iterator[list[Parsed]]:
         rest, self._pending = self._pending, b""
         if rest.strip():
-            yield self._parse(rest)
+            yield self.parse(rest)
 
-    def _parse(self, data: bytes) -> list[Parsed]:
+    def parse(self, data: bytes) -> list[Parsed]:
+        """The rows of a block of complete rows (the header first, if not read yet)."""
         if self._first:
             self._first = False
             data = data.removeprefix(b"\xef\xbb\xbf")
-        text, dirty = _decode(data)
+        text, dirty = decode(data)
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         if self.header is None and not self._read_header(reader):
             return []

@@ -17,3 +17,6 @@ class IngestSettings(ServiceSettings):
     max_profile_record_bytes: int = Field(default=100_000, ge=1, description="Largest accepted profile record")
     max_event_bytes: int = Field(default=10_000, ge=1, description="Largest accepted event")
     max_kept_rejects: int = Field(default=100_000, ge=0, description="Rejected rows kept per batch for listing")
+    read_workers: int = Field(
+        default=2, ge=0, le=64, description="Processes reading CSV files over 1 MiB (0: read in the service process)"
+    )
