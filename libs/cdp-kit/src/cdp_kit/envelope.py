@@ -104,16 +104,22 @@ EncodedEnvelope = bytes
 """An ``Envelope`` already serialized by a service's own encoder (a hot path), without ``recorded_at``."""
 
 
-def varint(n: int) -> bytes:
-    """A non-negative integer as a protobuf varint."""
-    if n < 128:
-        return bytes((n,))
+def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 128:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+VARINTS = [_varint(n) for n in range(16384)]
+"""Every varint of one or two bytes, looked up by value (hot encoders index it inline)."""
+
+
+def varint(n: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    return VARINTS[n] if n < 16384 else _varint(n)
 
 
 def encode_batch(events: Sequence[envelope_pb2.Envelope | EncodedEnvelope], recorded_at: datetime) -> bytes:
@@ -127,14 +133,17 @@ def encode_batch(events: Sequence[envelope_pb2.Envelope | EncodedEnvelope], reco
         return envelope_pb2.EventBatch(events=objects).SerializeToString()  # type: ignore[arg-type]
     raw = stamp.SerializeToString()
     stamp_field = b"\x2a" + varint(len(raw)) + raw  # field 5 (recorded_at), length-delimited
+    extra = len(stamp_field)
+    table = VARINTS
     parts: list[bytes] = []
     for env in events:
         if type(env) is bytes:
-            body = env + stamp_field
+            n = len(env) + extra
+            parts += (b"\x0a", table[n] if n < 16384 else _varint(n), env, stamp_field)
         else:
             env.recorded_at.CopyFrom(stamp)  # type: ignore[union-attr]
             body = env.SerializeToString()  # type: ignore[union-attr]
-        parts += (b"\x0a", varint(len(body)), body)
+            parts += (b"\x0a", varint(len(body)), body)
     return b"".join(parts)
 
 

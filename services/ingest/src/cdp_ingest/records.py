@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.store import note_seen_all
-from cdp_kit.envelope import SCHEMA_VERSION, Envelope, EventBatch
+from cdp_kit.envelope import SCHEMA_VERSION, VARINTS, Envelope, EventBatch, varint
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import INGEST_RECORDS
 
@@ -29,25 +29,6 @@ RECORD_TYPE = ev.RecordAccepted.DESCRIPTOR.full_name
 RECORD_TYPE_URL = f"type.googleapis.com/{RECORD_TYPE}"
 _DOUBLE = struct.Struct("<d").pack
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _varint_slow(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-_VARINTS = [_varint_slow(i) for i in range(16384)]
-
-
-def varint(n: int) -> bytes:
-    return _VARINTS[n] if n < 16384 else _varint_slow(n)
 
 
 def _ld(tag: bytes, data: bytes) -> bytes:
@@ -136,14 +117,14 @@ class RecordBuilder:
         The hot path of batch ingestion: lengths are looked up in a table inline rather than
         through ``_ld``/``varint`` calls, and the parts are joined once.
         """
-        v = _VARINTS
+        v = VARINTS
         rid = _text(record_id)
         n = len(rid)
-        parts = [b"\x0a", v[n] if n < 16384 else _varint_slow(n), rid, self._payload]
+        parts = [b"\x0a", v[n] if n < 16384 else varint(n), rid, self._payload]
         add = parts.append
         if row:
             add(b"\x28")
-            add(v[row] if row < 16384 else _varint_slow(row))
+            add(v[row] if row < 16384 else varint(row))
         for namespace, value in identities:
             ns = _text(namespace)
             val = _text(value)
@@ -151,21 +132,21 @@ class RecordBuilder:
             inner = b"".join(
                 (
                     b"\x0a",
-                    v[a] if a < 16384 else _varint_slow(a),
+                    v[a] if a < 16384 else varint(a),
                     ns,
                     b"\x12",
-                    v[b] if b < 16384 else _varint_slow(b),
+                    v[b] if b < 16384 else varint(b),
                     val,
                 )
             )
             n = len(inner)
             add(b"\x32")
-            add(v[n] if n < 16384 else _varint_slow(n))
+            add(v[n] if n < 16384 else varint(n))
             add(inner)
         attributes = self._struct(values)
         n = len(attributes)
         add(b"\x3a")
-        add(v[n] if n < 16384 else _varint_slow(n))
+        add(v[n] if n < 16384 else varint(n))
         add(attributes)
         head = _ld(b"\x0a", self.key_of(record_id).encode()) + self._envelope
         if occurred_at is not None and self.is_event:
@@ -189,7 +170,7 @@ class RecordBuilder:
         ``1a len(text) text``, a number ``11`` and 8 bytes, a boolean ``20 00|01``.
         """
         keys = self._keys
-        v = _VARINTS
+        v = VARINTS
         parts: list[bytes] = []
         add = parts.append
         for key, value in values.items():
@@ -207,12 +188,12 @@ class RecordBuilder:
                 if e < 128:  # every length fits one byte: the common case, in one call
                     add(b"\x0a%c%b%c\x1a%c%b" % (e, prefix, n + 2, n, text))
                     continue
-                inner = v[n] if n < 16384 else _varint_slow(n)
+                inner = v[n] if n < 16384 else varint(n)
                 m = 1 + len(inner) + n  # the Value message
-                mv = v[m] if m < 16384 else _varint_slow(m)
+                mv = v[m] if m < 16384 else varint(m)
                 e = len(prefix) + len(mv) + m  # the map entry
                 add(b"\x0a")
-                add(v[e] if e < 16384 else _varint_slow(e))
+                add(v[e] if e < 16384 else varint(e))
                 add(prefix)
                 add(mv)
                 add(b"\x1a")
@@ -228,7 +209,7 @@ class RecordBuilder:
                 continue
             entry = prefix + v[len(encoded)] + encoded
             add(b"\x0a")
-            add(v[len(entry)] if len(entry) < 16384 else _varint_slow(len(entry)))
+            add(v[len(entry)] if len(entry) < 16384 else varint(len(entry)))
             add(entry)
         return b"".join(parts)
 
