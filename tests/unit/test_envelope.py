@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdp.common.v1.envelope_pb2 import Causation, IdentityValue
 from cdp_kit.envelope import (
@@ -67,6 +70,14 @@ def test_deterministic_id_is_a_uuid_version_8(parts: tuple[str | int, ...]) -> N
     assert str(parsed) == text
     assert parsed.variant == uuid.RFC_4122
     assert parsed.version == 8
+
+
+@given(parts=st.lists(st.one_of(st.text(max_size=12), st.integers()), min_size=1, max_size=4))
+def test_deterministic_id_equals_the_uuid_module_construction(parts: list[str | int]) -> None:
+    digest = bytearray(hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    assert deterministic_id(*parts) == str(uuid.UUID(bytes=bytes(digest)))
 
 
 def test_deterministic_ids_do_not_collide_over_many_inputs() -> None:
@@ -137,13 +148,15 @@ def test_encode_decode_batch_round_trip_sets_recorded_at() -> None:
 def test_batch_of_envelopes_and_encoded_envelopes_decodes_to_the_same_events() -> None:
     events = [identity_event(n) for n in range(1, 5)]
     recorded = T0 + timedelta(seconds=1, microseconds=250)
-    mixed = [events[0], events[1].SerializeToString(), events[2], events[3].SerializeToString()]
+    mixed: list[Envelope | bytes] = [events[0], events[1].SerializeToString(), events[2], events[3].SerializeToString()]
 
     decoded = decode_batch(encode_batch(mixed, recorded))
 
     assert decoded == decode_batch(encode_batch([identity_event(n) for n in range(1, 5)], recorded))
     assert all(from_timestamp(e.recorded_at) == recorded for e in decoded)
-    assert decode_batch(encode_batch([e.SerializeToString() for e in events[:1]], T0))[0].recorded_at == to_timestamp(T0)
+    assert decode_batch(encode_batch([e.SerializeToString() for e in events[:1]], T0))[0].recorded_at == to_timestamp(
+        T0
+    )
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16383, 16384, 2**31, 2**63])

@@ -23,7 +23,7 @@ from cdp_ingest.batches import BatchRun
 from cdp_ingest.domain import Validator, compatibility_violations, schema_violations
 from cdp_ingest.judging import StagedRecord
 from cdp_ingest.parsing import CsvParser, Inflater, JsonLinesParser
-from cdp_ingest.records import RecordBuilder, envelopes_of, fast_id
+from cdp_ingest.records import RecordBuilder, envelopes_of
 from cdp_kit.envelope import Envelope, deterministic_id, unpack
 from cdp_kit.errors import InvalidInput
 
@@ -135,10 +135,6 @@ def test_schema_rules_and_widening_versions() -> None:
         "enum values cannot be removed",
         "max_length cannot shrink",
     ]
-
-
-def test_fast_ids_equal_the_kit_ids() -> None:
-    assert fast_id("record", "crm", "b:1") == deterministic_id("record", "crm", "b:1")
 
 
 # ----------------------------------------------------------------------------- the property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,12 +23,16 @@ IdentityValue = envelope_pb2.IdentityValue
 SCHEMA_VERSION = 1
 
 
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
 def deterministic_id(*parts: str | int) -> str:
-    """A UUID (version 8) derived from its parts: the same cause always gives the same id."""
-    digest = bytearray(hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x80
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    return str(uuid.UUID(bytes=bytes(digest)))
+    """A UUID (version 8) derived from its parts: the same cause always gives the same id.
+
+    The first 16 bytes of SHA-256 over the parts, with the version nibble set to 8 and the
+    variant bits to RFC 4122 (``10``), written in hex straight away (a hot path: no ``uuid``)."""
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def to_timestamp(moment: datetime) -> Timestamp:
