@@ -223,10 +223,15 @@ class ReaderPool:
         self._lock.release()
 
     def close(self) -> None:
-        with self._lock:
+        """Stop the readers (waiting a little for a batch that is using them to let go)."""
+        held = self._lock.acquire(timeout=10)
+        try:
             for reader in self._readers:
                 reader.stop()
             self._readers = []
+        finally:
+            if held:
+                self._lock.release()
 
 
 class BlockQueue:
