@@ -44,7 +44,7 @@ from cdp_kit.processor import (
     in_checkpoint,
     own_checkpoint,
 )
-from cdp_kit.store import Checkpoint, all_checkpoints, canonical_dump, make_engine
+from cdp_kit.store import Checkpoint, StoreSchema, all_checkpoints, canonical_dump, make_engine, transaction
 from cdp_kit.streams import AUDIENCE, DELIVERY, INGEST, ConsumerSpec, OwnLog
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -258,7 +258,7 @@ class CrashAfterAppend(EventLog):
         self.crash_on = crash_on
         self.appends = 0
 
-    async def append(self, subject: str, events: list[Envelope], **kwargs: Any) -> Appended:
+    async def append(self, subject: str, events: Sequence[Envelope | bytes], **kwargs: Any) -> Appended:
         appended = await super().append(subject, events, **kwargs)
         self.appends += 1
         if self.appends == self.crash_on:
@@ -273,7 +273,7 @@ class RacingWriter(EventLog):
         super().__init__(eventlog.nc)
         self.races = 0
 
-    async def append(self, subject: str, events: list[Envelope], **kwargs: Any) -> Appended:
+    async def append(self, subject: str, events: Sequence[Envelope | bytes], **kwargs: Any) -> Appended:
         self.races += 1
         name = f"race-{self.races}"
         await self.append_raw(subject, foreign_batch(name), msg_id=name, headers={})
@@ -905,6 +905,27 @@ async def test_encoded_envelopes_travel_in_order_and_their_bulk_fold_equals_a_re
     before = dump(engine)
     await processor.rebuild()
     assert dump(engine) == before
+
+
+async def test_a_store_left_by_code_with_other_tables_is_rebuilt_from_the_log_on_start(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    processor = make_processor(engine, eventlog, with_input=False)
+    await processor.recover()
+    calls: list[str] = []
+    await processor.execute("c1", command("one", calls))
+    await processor.execute("c2", command("two", calls))
+    before = dump(engine)
+    with transaction(engine) as session:  # as if an older version had created the tables
+        session.merge(StoreSchema(service="test", fingerprint="older"))
+
+    restarted = make_processor(engine, eventlog, with_input=False)  # create_store: emptied, not kept
+    assert counters(engine) == {}
+    assert checkpoints(engine) == {}
+    await restarted.recover()
+
+    assert dump(engine) == before
+    assert restarted.create_store() is False
 
 
 async def test_execute_recovers_from_a_foreign_append_and_retries(engine: Engine, eventlog: EventLog) -> None:

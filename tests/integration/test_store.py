@@ -18,6 +18,7 @@ from cdp_kit.store import (
     drop_tables,
     get_checkpoint,
     make_engine,
+    open_store,
     set_checkpoint,
     transaction,
 )
@@ -92,6 +93,60 @@ def test_checkpoint_table_passed_explicitly_is_not_duplicated(engine: Engine) ->
     drop_tables(engine, [CHECKPOINTS, ITEMS])
     create_tables(engine, [CHECKPOINTS, ITEMS])
     assert {"cdp_checkpoint", "test_store_item"} <= table_names(engine)
+
+
+# ------------------------------------------------------------------ table definitions
+
+
+def changed_items_table() -> sa.Table:
+    """``test_store_item`` as a newer version of the code defines it: one more column and an index."""
+    return sa.Table(
+        "test_store_item",
+        sa.MetaData(),
+        sa.Column("key", sa.String, primary_key=True),
+        sa.Column("count", sa.Integer),
+        sa.Column("score", sa.Float),
+        sa.Column("body", sa.JSON),
+        sa.Column("added", sa.Integer, index=True),
+    )
+
+
+def test_a_store_opened_by_the_same_code_keeps_its_rows(engine: Engine) -> None:
+    assert open_store(engine, "svc", TABLES) is True  # created by create_tables: nothing was recorded
+    with transaction(engine) as session:
+        session.add(StoreTestItem(key="a", count=1))
+        set_checkpoint(session, "in:x", 5)
+
+    assert open_store(engine, "svc", TABLES) is False
+    assert items(engine) == {"a": 1}
+    with Session(engine) as session:
+        assert get_checkpoint(session, "in:x") == 5
+
+
+def test_a_store_made_with_other_table_definitions_is_emptied_for_a_rebuild(engine: Engine) -> None:
+    open_store(engine, "svc", TABLES)
+    with transaction(engine) as session:
+        session.add(StoreTestItem(key="a", count=1))
+        set_checkpoint(session, "in:x", 5)
+    changed = changed_items_table()
+
+    assert open_store(engine, "svc", [changed]) is True
+
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("test_store_item")}
+    assert "added" in columns
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(changed)).scalar() == 0
+    with Session(engine) as session:
+        assert all_checkpoints(session) == {}  # every input and own log is read again from the start
+    assert open_store(engine, "svc", [changed]) is False
+    drop_tables(engine, [changed])
+
+
+def test_a_store_without_recorded_definitions_is_emptied(engine: Engine) -> None:
+    with transaction(engine) as session:
+        session.add(StoreTestItem(key="a", count=1))
+    assert open_store(engine, "svc", TABLES) is True
+    assert items(engine) == {}
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -37,7 +37,7 @@ from sqlmodel import Session
 from cdp_kit.envelope import Cause, EncodedEnvelope, Envelope, deterministic_id, to_timestamp, utcnow
 from cdp_kit.errors import CdpError, Unavailable
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, DuplicateAppend, EventLog, LogMessage
-from cdp_kit.store import create_tables, drop_tables, get_checkpoint, set_checkpoint, transaction
+from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
 
@@ -284,8 +284,13 @@ class Processor:
         )
 
     # ----------------------------------------------------------------- setup
-    def create_store(self) -> None:
-        create_tables(self.engine, self.tables)  # type: ignore[arg-type]
+    def create_store(self) -> bool:
+        """Create the store's tables. A store whose tables were defined otherwise (by an older
+        or newer version) is emptied, and ``run`` rebuilds it from the log. True if it was."""
+        reset = open_store(self.engine, self.service, self.tables)  # type: ignore[arg-type]
+        if reset:
+            log.warning("store_schema_changed_rebuilding", service=self.service)
+        return reset
 
     def drop_store(self) -> None:
         drop_tables(self.engine, self.tables)  # type: ignore[arg-type]

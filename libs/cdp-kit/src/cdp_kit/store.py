@@ -7,6 +7,7 @@ message at or below its checkpoint is recognised and skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlmodel import Field, Session, SQLModel, select
 
 
@@ -27,6 +29,15 @@ class Checkpoint(SQLModel, table=True):
 
     name: str = Field(primary_key=True)
     sequence: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+class StoreSchema(SQLModel, table=True):
+    """Which table definitions a service's store was created with (a fingerprint of their DDL)."""
+
+    __tablename__ = "cdp_store_schema"
+
+    service: str = Field(primary_key=True)
+    fingerprint: str
 
 
 def sqlite_url(path: Path | str) -> str:
@@ -67,8 +78,9 @@ def tables_of(*models: type[SQLModel]) -> list[sa.Table]:
 
 
 def with_checkpoint(tables: Sequence[sa.Table]) -> list[sa.Table]:
-    [checkpoint] = tables_of(Checkpoint)
-    return [checkpoint, *[t for t in tables if t is not checkpoint]]
+    """The tables with the kit's own (checkpoints, table fingerprints) first."""
+    kit = tables_of(Checkpoint, StoreSchema)
+    return [*kit, *[t for t in tables if t not in kit]]
 
 
 def create_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
@@ -77,6 +89,37 @@ def create_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
 
 def drop_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
     SQLModel.metadata.drop_all(engine, tables=with_checkpoint(tables))
+
+
+def fingerprint(engine: Engine, tables: Sequence[sa.Table]) -> str:
+    """A hash of the DDL (tables and indexes, as this engine's dialect writes them) of a store."""
+    ddl: list[str] = []
+    for table in sorted(with_checkpoint(tables), key=lambda t: t.name):
+        ddl.append(str(CreateTable(table).compile(dialect=engine.dialect)))
+        ddl += sorted(str(CreateIndex(index).compile(dialect=engine.dialect)) for index in table.indexes)
+    return hashlib.sha256("\n".join(ddl).encode()).hexdigest()[:32]
+
+
+def open_store(engine: Engine, service: str, tables: Sequence[sa.Table]) -> bool:
+    """Create a service's tables where missing. A store created by code with other table
+    definitions (or by code that did not record them) is dropped and created empty, so the
+    service rebuilds it from the log. Returns True when an existing store was reset."""
+    wanted = fingerprint(engine, tables)
+    present = set(sa.inspect(engine).get_table_names())
+    reset = False
+    if present & {t.name for t in tables}:
+        recorded = None
+        if StoreSchema.__tablename__ in present:
+            with Session(engine) as session:
+                row = session.get(StoreSchema, service)
+                recorded = row.fingerprint if row is not None else None
+        if recorded != wanted:
+            drop_tables(engine, tables)
+            reset = True
+    create_tables(engine, tables)
+    with transaction(engine) as session:
+        session.merge(StoreSchema(service=service, fingerprint=wanted))
+    return reset
 
 
 @contextmanager
