@@ -35,8 +35,8 @@ def pool() -> Iterator[ReaderPool]:
     readers.close()
 
 
-def read(tmp_path: Path, data: bytes, pool: ReaderPool | None, piece: int) -> BatchRun:
-    run = BatchRun(
+def new_run(tmp_path: Path, pool: ReaderPool | None) -> BatchRun:
+    return BatchRun(
         header=pb.IngestFileHeader(dataset="people", batch_key="k", format=pb.FILE_FORMAT_CSV),
         dataset=pb.Dataset(name="people", schema_name="people", unknown_fields=pb.UNKNOWN_FIELDS_REJECT),
         schema=SCHEMA,
@@ -46,6 +46,10 @@ def read(tmp_path: Path, data: bytes, pool: ReaderPool | None, piece: int) -> Ba
         builder=RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "b", T0),
         pool=pool,
     )
+
+
+def read(tmp_path: Path, data: bytes, pool: ReaderPool | None, piece: int) -> BatchRun:
+    run = new_run(tmp_path, pool)
     for start in range(0, len(data), piece):
         run.feed(data[start : start + piece])
     run.finish()
@@ -134,16 +138,7 @@ def test_a_dead_reader_fails_the_batch_and_the_next_batch_reads(
 ) -> None:
     monkeypatch.setattr(batches, "POOL_FROM_BYTES", 0)
     data = b"id,age\n" + b"".join(f"{i},{i % 100}\n".encode() for i in range(20_000))
-    run = BatchRun(
-        header=pb.IngestFileHeader(dataset="people", batch_key="k", format=pb.FILE_FORMAT_CSV),
-        dataset=pb.Dataset(name="people", schema_name="people"),
-        schema=SCHEMA,
-        staging=tmp_path,
-        max_bytes=2000,
-        max_kept_rejects=7,
-        builder=RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "b", T0),
-        pool=pool,
-    )
+    run = new_run(tmp_path, pool)
     run.feed(data[:5000])
     run.feed(data[5000:10000])
     assert run._blocks is not None
