@@ -78,17 +78,23 @@ def tables_of(*models: type[SQLModel]) -> list[sa.Table]:
 
 
 def with_checkpoint(tables: Sequence[sa.Table]) -> list[sa.Table]:
-    """The tables with the kit's own (checkpoints, table fingerprints) first."""
-    kit = tables_of(Checkpoint, StoreSchema)
-    return [*kit, *[t for t in tables if t not in kit]]
+    """The tables with the checkpoint table first: what a store's content is (dumps compare it)."""
+    [checkpoint] = tables_of(Checkpoint)
+    return [checkpoint, *[t for t in tables if t is not checkpoint]]
+
+
+def _with_kit_tables(tables: Sequence[sa.Table]) -> list[sa.Table]:
+    """The tables with the kit's own: checkpoints and the record of the tables' definitions."""
+    [schema] = tables_of(StoreSchema)
+    return [schema, *[t for t in with_checkpoint(tables) if t is not schema]]
 
 
 def create_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
-    SQLModel.metadata.create_all(engine, tables=with_checkpoint(tables))
+    SQLModel.metadata.create_all(engine, tables=_with_kit_tables(tables))
 
 
 def drop_tables(engine: Engine, tables: Sequence[sa.Table]) -> None:
-    SQLModel.metadata.drop_all(engine, tables=with_checkpoint(tables))
+    SQLModel.metadata.drop_all(engine, tables=_with_kit_tables(tables))
 
 
 def fingerprint(engine: Engine, tables: Sequence[sa.Table]) -> str:
@@ -134,15 +140,32 @@ def transaction(engine: Engine) -> Iterator[Session]:
             raise
 
 
+_HELD = "cdp_checkpoints"
+
+
+def _checkpoint(session: Session, name: str) -> Checkpoint | None:
+    """A checkpoint row, held by the session: the identity map keeps rows only weakly, and one
+    input batch reads and moves the same checkpoints at every append; held, they load once."""
+    held: dict[str, Checkpoint] = session.info.setdefault(_HELD, {})
+    row = held.get(name)
+    if row is None:
+        row = session.get(Checkpoint, name)
+        if row is not None:
+            held[name] = row
+    return row
+
+
 def get_checkpoint(session: Session, name: str) -> int:
-    row = session.get(Checkpoint, name)
+    row = _checkpoint(session, name)
     return row.sequence if row else 0
 
 
 def set_checkpoint(session: Session, name: str, sequence: int) -> None:
-    row = session.get(Checkpoint, name)
+    row = _checkpoint(session, name)
     if row is None:
-        session.add(Checkpoint(name=name, sequence=sequence))
+        row = Checkpoint(name=name, sequence=sequence)
+        session.add(row)
+        session.info.setdefault(_HELD, {})[name] = row
     elif sequence > row.sequence:
         row.sequence = sequence
         session.add(row)
