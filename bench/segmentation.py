@@ -15,6 +15,10 @@ in the same process.
   and run inside the store, all in one query (``matching_all``) and, for comparison, one query each.
   Baseline: every profile read from the same store and evaluated in Python
   by the streaming evaluator. The issue's size is 1,000,000 / 10,000,000.
+  ``CDP_BENCH_SEG_BATCH=0`` runs the streaming part only.
+
+Streaming reports wall-clock rates and, less disturbed by the other work of a shared machine,
+the CPU seconds per update of this process (``time.process_time``) for both runs.
 """
 
 from __future__ import annotations
@@ -226,7 +230,9 @@ COMPUTED = {
 }
 
 
-async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) -> tuple[Figure, int, int]:
+async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) -> tuple[Figure, int, int, float]:
+    """The updates applied by the processor: (wall-clock figure, membership rows, messages on
+    CDP_AUDIENCE, CPU seconds of this process while applying them)."""
     frags = updates(n, profiles)
     async with nats_eventlog() as eventlog:
         with tempfile.TemporaryDirectory(prefix="cdp-bench-seg-") as tmp:
@@ -241,14 +247,14 @@ async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) 
             for name, query in streaming_definitions().items():
                 await handlers.create_segment(name, query)
             await publish(eventlog, frags, per_message)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await processor.catch_up()
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             with processor.read() as session:
                 memberships = int(session.exec(select(func.count()).select_from(store.MembershipRow)).one())
                 changes = await eventlog.last_sequence("CDP_AUDIENCE")
             engine.dispose()
-    return Figure("segmentation processor (SQLite + JetStream)", n, seconds), memberships, changes
+    return Figure("segmentation processor (SQLite + JetStream)", n, seconds), memberships, changes, cpu
 
 
 # ------------------------------------------------------------------------------- batch
@@ -415,14 +421,21 @@ def run() -> None:
     profiles = env_int("CDP_BENCH_SEG_PROFILES", 10_000)
     per_message = env_int("CDP_BENCH_SEG_PER_MESSAGE", 100)
     asts = [parse(q) for q in streaming_definitions().values() if "in segment" not in q]
-    baseline, _ = python_streaming(updates(n, profiles), asts)
-    figure, memberships, log_messages = asyncio.run(streaming(n, profiles, per_message))
+    frags = updates(n, profiles)
+    cpu = time.process_time()
+    baseline, _ = python_streaming(frags, asts)
+    baseline_cpu = time.process_time() - cpu
+    figure, memberships, log_messages, figure_cpu = asyncio.run(streaming(n, profiles, per_message))
     report(f"streaming, {n:,} profile updates over {profiles:,} profiles, 50 segments", baseline, [figure])
+    print(
+        f"   CPU per update: processor {figure_cpu / n * 1e6:.0f} us ({n / figure_cpu:,.0f} updates per CPU second), "
+        f"Python dicts {baseline_cpu / n * 1e6:.0f} us; CPU ratio {baseline_cpu / figure_cpu:.2f}"
+    )
     print(f"   {memberships:,} membership rows; {log_messages:,} messages on CDP_AUDIENCE")
     print(f"   goal 10,000 updates/s: {'met' if figure.rate >= 10_000 else 'not met'} ({figure.rate:,.0f}/s)")
     computed = env_int("CDP_BENCH_SEG_COMPUTED", 0)  # also kept up to date: that many computed attributes
     if computed:
-        with_computed, _, _ = asyncio.run(streaming(n, profiles, per_message, computed))
+        with_computed, _, _, _ = asyncio.run(streaming(n, profiles, per_message, computed))
         with_computed = Figure(f"the same with {computed} computed attributes", n, with_computed.seconds)
         report(f"streaming with {computed} computed attributes kept up to date", figure, [with_computed])
     if env_int("CDP_BENCH_SEG_BATCH", 1):

@@ -3,6 +3,10 @@ re-evaluate only the segments that read what changed, emit membership changes.""
 
 from __future__ import annotations
 
+import functools
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as identity_ev
@@ -18,6 +22,21 @@ from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
 from cdp_segmentation.vocabulary import flatten
 
 FRAGMENT = identity_ev.ProfileFragment
+FRAGMENT_TYPE = FRAGMENT.DESCRIPTOR.full_name
+FRAGMENT_URL = f"type.googleapis.com/{FRAGMENT_TYPE}"
+
+
+def _unpack_fragment(env: Envelope) -> identity_ev.ProfileFragment:
+    """``unpack(env, FRAGMENT)``, parsing the payload directly when its type is the expected one."""
+    if env.payload.type_url == FRAGMENT_URL:
+        return FRAGMENT.FromString(env.payload.value)
+    return unpack(env, FRAGMENT)
+
+
+@functools.lru_cache(maxsize=1024)
+def _datetime(seconds: int, nanos: int) -> datetime:
+    """``from_timestamp`` of a Timestamp (the fragments of a batch share few times)."""
+    return from_timestamp(Timestamp(seconds=seconds, nanos=nanos))
 
 
 class ProfilesToMemberships:
@@ -50,16 +69,17 @@ class ProfilesToMemberships:
 
     def prefetch(self, session: Session, envelopes: list[Envelope]) -> None:
         """Load every profile the batch's fragments touch, in bulk."""
-        self._fragments = {e.id: unpack(e, FRAGMENT) for e in envelopes if is_a(e, FRAGMENT)}
+        self._fragments = {e.id: _unpack_fragment(e) for e in envelopes if e.type == FRAGMENT_TYPE}
         self.catalog.working_for(session).load(f.profile_id for f in self._fragments.values())
 
     def _fragment(self, env: Envelope) -> identity_ev.ProfileFragment:
         """Unpacked once per batch (in prefetch), not again in observe and decide."""
         frag = self._fragments.get(env.id)
-        return frag if frag is not None else unpack(env, FRAGMENT)
+        return frag if frag is not None else _unpack_fragment(env)
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
-        at = from_timestamp(env.occurred_at)
+        occurred = env.occurred_at
+        at = _datetime(occurred.seconds, occurred.nanos)
         session = uow.session
         now_ms = self.catalog.context(session).clock_ms
         if is_a(env, identity_ev.ProfileFragment):
@@ -67,28 +87,35 @@ class ProfilesToMemberships:
             working = self.catalog.working_for(session)
             state = working.get(frag.profile_id)
             if not working.live(frag.profile_id):  # merged away later in the same message
-                exit_all(uow, frag.profile_id, at, f"fragment:{env.id}")
+                exit_all(uow, self.catalog, frag.profile_id, at, f"fragment:{env.id}")
                 return
+            cause = f"fragment:{env.id}"
             if state.created:
-                segments = self.catalog.affected(session, everything=True)
+                # New: the segments that read nothing it has take their value for the empty profile.
+                segments, reading = self.catalog.created(session, state)
                 state.created = False
-            else:
-                # Segments reading what changed: the attributes of a record, the type of an event,
-                # and the types of events the cap dropped (possibly in another fragment of the message).
-                names = set(frag.attributes.fields) if frag.kind != EVENT else set()
-                types = {frag.event_type, *state.dropped_types} if frag.kind == EVENT else set(state.dropped_types)
-                segments = self.catalog.affected(
-                    session, attributes=names, event_types=types, identities=bool(frag.identities)
+                state.dropped_types.clear()
+                presumed = self.catalog.empty_values(session)
+                reevaluate_state(
+                    uow, self.catalog, state, segments, at, cause, now_ms, presumed=presumed, evaluate=reading
                 )
+                return
+            # Segments reading what changed: the attributes of a record, the type of an event,
+            # and the types of events the cap dropped (possibly in another fragment of the message).
+            names = set(frag.attributes.fields) if frag.kind != EVENT else set()
+            types = {frag.event_type, *state.dropped_types} if frag.kind == EVENT else set(state.dropped_types)
+            segments = self.catalog.affected(
+                session, attributes=names, event_types=types, identities=bool(frag.identities)
+            )
             state.dropped_types.clear()
-            reevaluate_state(uow, state, segments, at, f"fragment:{env.id}", now_ms)
+            reevaluate_state(uow, self.catalog, state, segments, at, cause, now_ms)
         elif is_a(env, identity_ev.ProfilesMerged):
             merged = unpack(env, identity_ev.ProfilesMerged)
             self._leave_to_sql(session, [merged.survivor, *merged.absorbed])
             for absorbed in merged.absorbed:
-                exit_all(uow, absorbed, at, f"merged-into:{merged.survivor}:{env.id}")
+                exit_all(uow, self.catalog, absorbed, at, f"merged-into:{merged.survivor}:{env.id}")
             everything = self.catalog.affected(session, everything=True)
-            reevaluate(uow, merged.survivor, everything, at, f"merge:{env.id}", now_ms)
+            reevaluate(uow, self.catalog, merged.survivor, everything, at, f"merge:{env.id}", now_ms)
         elif is_a(env, identity_ev.ProfileSplit):
             split = unpack(env, identity_ev.ProfileSplit)
             parts = self._split_parts.pop(env.id, None) or sorted(
@@ -97,7 +124,7 @@ class ProfilesToMemberships:
             self._leave_to_sql(session, parts)
             everything = self.catalog.affected(session, everything=True)
             for part in parts:
-                reevaluate(uow, part, everything, at, f"split:{env.id}", now_ms)
+                reevaluate(uow, self.catalog, part, everything, at, f"split:{env.id}", now_ms)
 
 
 class DatasetsOfIngest:

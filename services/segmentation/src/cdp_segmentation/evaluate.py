@@ -9,6 +9,7 @@ later; ``A not followed by B within w`` needs an A at least w old with no such B
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,11 @@ from cdp.segmentation.v1 import segmentation_pb2 as pb
 MISSING = object()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
+    """One event of a profile's history (never changed once made: not frozen only because a
+    frozen dataclass is several times slower to make, and streaming makes one per event)."""
+
     event_type: str
     ts_ms: int
     fields: dict[str, Any]
@@ -194,9 +198,22 @@ def matches(ast: pb.Expression, profile: ProfileData, now_ms: int) -> bool:
 # --------------------------------------------------------------------------- compiled
 # The same semantics as ``matches``, with the tree walked once per segment instead of once per
 # evaluation: streaming evaluates thousands of profiles a second against the same definitions.
+# Each comparison is specialised for its operator and the kind of its literal (``compare``
+# decides both for every value); anything not specialised falls back to ``compare`` itself.
 Test = Callable[[ProfileData, int], bool]
 FieldTest = Callable[[dict[str, Any]], bool]
 EventTest = Callable[[Event], bool]
+Check = Callable[[Any], bool]
+
+_ORDER: dict[int, Callable[[Any, Any], bool]] = {
+    pb.COMPARE_OP_EQ: operator.eq,
+    pb.COMPARE_OP_NE: operator.ne,
+    pb.COMPARE_OP_LT: operator.lt,
+    pb.COMPARE_OP_LE: operator.le,
+    pb.COMPARE_OP_GT: operator.gt,
+    pb.COMPARE_OP_GE: operator.ge,
+}
+_INEQUALITIES = (pb.COMPARE_OP_LT, pb.COMPARE_OP_LE, pb.COMPARE_OP_GT, pb.COMPARE_OP_GE)
 
 
 def _getter(path: str) -> Callable[[dict[str, Any]], Any]:
@@ -205,23 +222,77 @@ def _getter(path: str) -> Callable[[dict[str, Any]], Any]:
     return lambda values: lookup(values, path)
 
 
+def compile_check(op: pb.CompareOp.ValueType, expected: Any) -> Check:
+    """A function of the actual value equal to ``compare(op, actual, expected)``."""
+    if isinstance(expected, str):
+        if op == pb.COMPARE_OP_EQ:
+            return lambda a: bool(a == expected)  # only a string equals a string
+        if op == pb.COMPARE_OP_NE:
+            return lambda a: a is not MISSING and a is not None and bool(a != expected)
+        if op in _INEQUALITIES:
+            order = _ORDER[op]
+            return lambda a: isinstance(a, str) and order(a, expected)
+    elif isinstance(expected, bool):
+        if op == pb.COMPARE_OP_EQ:
+            return lambda a: a is expected
+        if op == pb.COMPARE_OP_NE:
+            return lambda a: a is not MISSING and a is not None and a is not expected
+    elif is_number(expected):
+        if op == pb.COMPARE_OP_EQ:
+            return lambda a: is_number(a) and bool(a == expected)
+        if op == pb.COMPARE_OP_NE:
+            return lambda a: a is not MISSING and a is not None and (not is_number(a) or bool(a != expected))
+        if op in _INEQUALITIES:
+            order = _ORDER[op]
+            return lambda a: is_number(a) and order(a, expected)
+    elif op == pb.COMPARE_OP_IN and isinstance(expected, list) and all(isinstance(e, str) for e in expected):
+        strings = frozenset(expected)
+        return lambda a: isinstance(a, str) and a in strings
+    return lambda a: compare(op, a, expected)
+
+
 def compile_fields(ast: pb.Expression) -> FieldTest:
     node = ast.WhichOneof("node")
     if node == "comparison":
-        op, get, expected = ast.comparison.op, _getter(ast.comparison.path), literal_value(ast.comparison.value)
-        return lambda values: compare(op, get(values), expected)
+        cmp = ast.comparison
+        path, expected = cmp.path, literal_value(cmp.value)
+        if cmp.op == pb.COMPARE_OP_EQ and isinstance(expected, str) and "." not in path:
+            return lambda values: bool(values.get(path) == expected)
+        check, get = compile_check(cmp.op, expected), _getter(path)
+        return lambda values: check(get(values))
     if node == "exists":
         present = _getter(ast.exists.path)
         return lambda values: present(values) not in (MISSING, None)
     if node in ("all", "any"):
-        terms = [compile_fields(t) for t in getattr(ast, node).terms]
-        if node == "all":
-            return lambda values: all(t(values) for t in terms)
-        return lambda values: any(t(values) for t in terms)
+        return _combine_fields(node, [compile_fields(t) for t in getattr(ast, node).terms])
     if node == "negate":
         inner = compile_fields(ast.negate)
         return lambda values: not inner(values)
     return lambda values: False
+
+
+def _combine_fields(node: str, terms: list[FieldTest]) -> FieldTest:
+    """``all``/``any`` of compiled field tests."""
+    if len(terms) == 1:
+        return terms[0]
+    if len(terms) == 2:
+        a, b = terms
+        return (lambda v: a(v) and b(v)) if node == "all" else (lambda v: a(v) or b(v))
+    if node == "all":
+        return lambda v: all(t(v) for t in terms)
+    return lambda v: any(t(v) for t in terms)
+
+
+def _combine(node: str, terms: list[Test]) -> Test:
+    """``all``/``any`` of compiled tests."""
+    if len(terms) == 1:
+        return terms[0]
+    if len(terms) == 2:
+        a, b = terms
+        return (lambda p, now: a(p, now) and b(p, now)) if node == "all" else (lambda p, now: a(p, now) or b(p, now))
+    if node == "all":
+        return lambda p, now: all(t(p, now) for t in terms)
+    return lambda p, now: any(t(p, now) for t in terms)
 
 
 def compile_pattern(pattern: pb.EventPattern) -> EventTest:
@@ -234,35 +305,53 @@ def compile_pattern(pattern: pb.EventPattern) -> EventTest:
     return lambda e: e.event_type == event_type and where(e.fields)
 
 
-def _compile_event(cond: pb.EventCondition) -> Test:
-    chosen = compile_pattern(cond.pattern)
-    kind = cond.window.WhichOneof("kind")
-    width = cond.window.within_seconds * 1000
-    lo, hi = cond.window.between.from_ms, cond.window.between.to_ms
-    agg, field_path, op, value = cond.aggregate, cond.field, cond.op, cond.value
-    get = _getter(field_path) if field_path else None
+Selector = Callable[[Sequence[Event], int], list[Event]]
 
-    def test(profile: ProfileData, now_ms: int) -> bool:
+
+def _selector(pattern: pb.EventPattern, window: pb.Window) -> Selector:
+    """The events of a condition: those of its pattern within its window (as of ``now``)."""
+    kind = window.WhichOneof("kind")
+    width = window.within_seconds * 1000
+    lo, hi = window.between.from_ms, window.between.to_ms
+    event_type = pattern.event_type
+    if event_type and not pattern.HasField("where"):  # the common case, inlined
         if kind == "within_seconds":
-            start = now_ms - width
-            events = [e for e in profile.events if e.ts_ms > start and chosen(e)]
-        elif kind == "between":
-            events = [e for e in profile.events if lo <= e.ts_ms < hi and chosen(e)]
-        else:
-            events = [e for e in profile.events if chosen(e)]
-        if agg == pb.AGGREGATE_COUNT:
-            return compare(op, float(len(events)), value)
-        assert get is not None
-        numbers = [v for v in (get(e.fields) for e in events) if is_number(v)]
-        if agg == pb.AGGREGATE_SUM:
-            return compare(op, float(sum(numbers)), value)
-        if not numbers:
+            return lambda events, now: [e for e in events if e.ts_ms > now - width and e.event_type == event_type]
+        if kind == "between":
+            return lambda events, now: [e for e in events if lo <= e.ts_ms < hi and e.event_type == event_type]
+        return lambda events, now: [e for e in events if e.event_type == event_type]
+    chosen = compile_pattern(pattern)
+    if kind == "within_seconds":
+        return lambda events, now: [e for e in events if e.ts_ms > now - width and chosen(e)]
+    if kind == "between":
+        return lambda events, now: [e for e in events if lo <= e.ts_ms < hi and chosen(e)]
+    return lambda events, now: [e for e in events if chosen(e)]
+
+
+def _compile_event(cond: pb.EventCondition) -> Test:
+    select = _selector(cond.pattern, cond.window)
+    agg, op, value = cond.aggregate, cond.op, cond.value
+    # An aggregate is a float and the literal a double: ``compare`` is the plain operator.
+    order = _ORDER.get(op) or (lambda a, b: compare(op, a, b))
+    if agg == pb.AGGREGATE_COUNT:
+        return lambda p, now: order(float(len(select(p.events, now))), value)
+    get = _getter(cond.field)
+
+    def numbers(p: ProfileData, now: int) -> list[Any]:
+        return [v for v in (get(e.fields) for e in select(p.events, now)) if is_number(v)]
+
+    if agg == pb.AGGREGATE_SUM:
+        return lambda p, now: order(float(sum(numbers(p, now))), value)
+
+    def test(p: ProfileData, now: int) -> bool:
+        found = numbers(p, now)
+        if not found:
             return False
         if agg == pb.AGGREGATE_MIN:
-            return compare(op, float(min(numbers)), value)
+            return order(float(min(found)), value)
         if agg == pb.AGGREGATE_MAX:
-            return compare(op, float(max(numbers)), value)
-        return compare(op, float(sum(numbers)) / len(numbers), value)
+            return order(float(max(found)), value)
+        return order(float(sum(found)) / len(found), value)
 
     return test
 
@@ -272,10 +361,11 @@ def _compile_sequence(seq: pb.Sequence) -> Test:
     width, negated = seq.within_seconds * 1000, seq.negated
 
     def test(profile: ProfileData, now_ms: int) -> bool:
-        firsts = [e.ts_ms for e in profile.events if first(e)]
+        events = profile.events
+        firsts = [e.ts_ms for e in events if first(e)]
         if not firsts:
             return False
-        thens = [e.ts_ms for e in profile.events if then(e)]
+        thens = [e.ts_ms for e in events if then(e)]
 
         def answered(a: int) -> bool:
             return any(a < b <= a + width for b in thens)
@@ -294,10 +384,7 @@ def compile_ast(ast: pb.Expression) -> Test:
         fields = compile_fields(ast)
         return lambda p, now: fields(p.attributes)
     if node in ("all", "any"):
-        terms = [compile_ast(t) for t in getattr(ast, node).terms]
-        if node == "all":
-            return lambda p, now: all(t(p, now) for t in terms)
-        return lambda p, now: any(t(p, now) for t in terms)
+        return _combine(node, [compile_ast(t) for t in getattr(ast, node).terms])
     if node == "negate":
         inner = compile_ast(ast.negate)
         return lambda p, now: not inner(p, now)
@@ -310,12 +397,12 @@ def compile_ast(ast: pb.Expression) -> Test:
         return lambda p, now: namespace in p.namespaces
     if node == "consent":
         consent = _getter(f"consents.{ast.consent.purpose}")
-        expected = ast.consent.value
-        return lambda p, now: compare(pb.COMPARE_OP_EQ, consent(p.attributes), expected)
+        check = compile_check(pb.COMPARE_OP_EQ, ast.consent.value)
+        return lambda p, now: check(consent(p.attributes))
     if node == "member_of":
         segment_id = ast.member_of.segment_id
         return lambda p, now: segment_id in p.memberships
     if node == "computed":
-        name, op, expected = ast.computed.name, ast.computed.op, literal_value(ast.computed.value)
-        return lambda p, now: compare(op, p.computed.get(name, MISSING), expected)
+        name, check = ast.computed.name, compile_check(ast.computed.op, literal_value(ast.computed.value))
+        return lambda p, now: check(p.computed.get(name, MISSING))
     return lambda p, now: False

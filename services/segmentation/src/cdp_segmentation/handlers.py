@@ -22,7 +22,7 @@ from cdp_segmentation import store
 from cdp_segmentation.analysis import check_where, classify, reads_of, resolve_computed, resolve_segments
 from cdp_segmentation.cron import last_fire, parse_cron
 from cdp_segmentation.language import KEYWORDS, NAME_RE, parse, parse_computed
-from cdp_segmentation.membership import Catalog, backfill_page, change, reevaluate
+from cdp_segmentation.membership import Catalog, Changes, backfill_page, reevaluate
 from cdp_segmentation.profiles import due_profiles, iso, refresh_due, to_ms
 from cdp_segmentation.sql import matching, matching_all
 from cdp_segmentation.store import EXITED, REALIZED, ProfileRow
@@ -288,14 +288,14 @@ class SegmentationHandlers:
             return None, 0, 0, 0
         inside = matching_all(session.connection(), {segment_id: ast}, now_ms, known, lo=after, hi=ids[-1])[segment_id]
         current = store.statuses(session, segment_id, ids)
-        events = []
+        changes = Changes(uow, at, cause)
         for profile_id in ids:
             now_in = profile_id in inside
             if now_in != (current.get(profile_id) == REALIZED):
-                events.append(change(uow, segment_id, profile_id, REALIZED if now_in else EXITED, at, cause))
-        uow.emit(SEGMENTATION_MEMBERSHIPS, events)
+                changes.add(segment_id, profile_id, REALIZED if now_in else EXITED)
+        emitted = changes.emit(self.catalog)
         realized = sum(1 for p in ids if p in inside and current.get(p) != REALIZED)
-        return ids[-1], len(ids), realized, len(events) - realized
+        return ids[-1], len(ids), realized, emitted - realized
 
     # ------------------------------------------------------------------- clock
     async def tick(self, at: datetime) -> int:
@@ -326,7 +326,7 @@ class SegmentationHandlers:
         emitted = 0
         for profile_id in due:
             refresh_due(session, profile_id, ctx)
-            emitted += reevaluate(uow, profile_id, segments, at, f"clock:{ms}", ctx.clock_ms)
+            emitted += reevaluate(uow, self.catalog, profile_id, segments, at, f"clock:{ms}", ctx.clock_ms)
         session.flush()
         return emitted, len(due) == PAGE
 

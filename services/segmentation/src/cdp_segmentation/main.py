@@ -29,6 +29,7 @@ def build_processor(
     engine: Engine, eventlog: EventLog, *, batch_size: int = 256, event_cap: int = 5000
 ) -> tuple[Processor, Catalog]:
     catalog = Catalog(event_cap)
+    catalog.watch(engine)
     processor = Processor(
         service="segmentation",
         engine=engine,

@@ -11,7 +11,7 @@ from cdp_kit.streams import OwnLog
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog
 from cdp_segmentation.profiles import apply_retention, recompute_all, recompute_computed_all, to_ms
-from cdp_segmentation.store import EXITED, REALIZED, ComputedRow, MembershipRow, SegmentRow
+from cdp_segmentation.store import EXITED, REALIZED, ComputedRow, SegmentRow
 
 
 class SegmentationProjection:
@@ -23,14 +23,9 @@ class SegmentationProjection:
             change = unpack(env, ev.MembershipChanged)
             status = REALIZED if change.status == ev.MEMBERSHIP_STATUS_REALIZED else EXITED
             at = from_timestamp(change.at)
-            working = self.catalog.working
-            if working is not None and working.session is session and working.tracks(change.profile_id):
-                working.membership(change.segment_id, change.profile_id, status, at)
-                return
-            session.merge(
-                MembershipRow(segment_id=change.segment_id, profile_id=change.profile_id, status=status, changed_at=at)
-            )
-        elif is_a(env, ev.SegmentDefined):
+            self.catalog.fold_membership(session, change.segment_id, change.profile_id, status, at)
+            return
+        if is_a(env, ev.SegmentDefined):
             seg = unpack(env, ev.SegmentDefined).segment
             body = json_format.MessageToDict(seg, preserving_proto_field_name=True)
             session.merge(SegmentRow(id=seg.id, name=seg.name, body=body))

@@ -16,22 +16,27 @@ Merges and splits (rare) first write back what is pending and leave their profil
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import json
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from cdp.identity.v1 import events_pb2 as identity_ev
-from cdp_kit.envelope import from_timestamp
+from cdp_kit.store import Checkpoint
 from cdp_segmentation.computed import add_event, values, with_defaults
 from cdp_segmentation.evaluate import Event
-from cdp_segmentation.profiles import ProfileContext, to_ms, winner_key
+from cdp_segmentation.profiles import ProfileContext, winner_key
 from cdp_segmentation.store import EVENT, RECORD, FragmentRow, MembershipRow, ProfileIdentityRow, ProfileRow
 
 PROFILE: sa.Table = ProfileRow.__table__  # type: ignore[attr-defined]
@@ -39,9 +44,20 @@ FRAGMENT: sa.Table = FragmentRow.__table__  # type: ignore[attr-defined]
 IDENTITY: sa.Table = ProfileIdentityRow.__table__  # type: ignore[attr-defined]
 MEMBERSHIP: sa.Table = MembershipRow.__table__  # type: ignore[attr-defined]
 CHUNK = 500
+FRAGMENT_COLUMNS: tuple[str, ...] = (
+    "source_event_id",
+    "profile_id",
+    "dataset",
+    "kind",
+    "event_type",
+    "ts_ms",
+    "seq",
+    "attributes",
+)
+SQLITE_CACHE_KIB = 65536
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoredEvent(Event):
     """An event of the history with what orders it (time, log position, id) and its dataset."""
 
@@ -74,15 +90,32 @@ class ProfileState:
 
 
 class WorkingSet:
-    def __init__(self, session: Session) -> None:
+    def __init__(
+        self,
+        session: Session,
+        kept: dict[str, ProfileState] | None = None,
+        on_end: Callable[[WorkingSet], None] | None = None,
+    ) -> None:
+        """``kept``: profiles as the store holds them (a previous working set's, committed);
+        ``on_end`` is called when the transaction ends (``committed`` tells how)."""
         self.session = session
-        self.profiles: dict[str, ProfileState] = {}
+        self.profiles: dict[str, ProfileState] = kept if kept is not None else {}
         self._fragments: dict[str, dict[str, Any]] = {}
         self._dropped: set[str] = set()
         self._identities: dict[tuple[str, str], str] = {}
-        self._memberships: dict[tuple[str, str], dict[str, Any]] = {}
+        # (segment, profile) -> (status, changed at)
+        self._memberships: dict[tuple[str, str], tuple[str, datetime]] = {}
         self._dirty: set[str] = set()
+        self._on_end = on_end
+        self.committing = False
+        self.committed = False
+        # The kit reads and writes its checkpoints with ``Session.get`` for every message it
+        # appends; the session's identity map holds rows weakly, so unreferenced checkpoint rows
+        # would be loaded again (with an autoflush) each time. Held here for the transaction.
+        self._checkpoints = list(session.exec(select(Checkpoint)).all())
         event.listen(session, "before_commit", self._before_commit)
+        event.listen(session, "after_commit", self._after_commit)
+        event.listen(session, "after_rollback", self._after_rollback)
 
     # ------------------------------------------------------------------ loading
     def load(self, profile_ids: Iterable[str]) -> None:
@@ -145,9 +178,9 @@ class WorkingSet:
         state = self.get(frag.profile_id)
         if not state.exists and frag.profile_id not in self._dirty:
             state.created = True
-        ts_ms = to_ms(from_timestamp(frag.occurred_at))
+        ts_ms = timestamp_ms(frag.occurred_at)
         kind = EVENT if frag.kind == EVENT else RECORD
-        attributes = json_format.MessageToDict(frag.attributes)
+        attributes = struct_dict(frag.attributes)
         row = {
             "source_event_id": frag.source_event_id,
             "profile_id": frag.profile_id,
@@ -186,9 +219,10 @@ class WorkingSet:
             "seq": row["seq"],
             "id": row["source_event_id"],
         }
+        mine = winner_key(ctx.policy, candidate)
         for name, value in row["attributes"].items():
             current = state.sources.get(name)
-            if current is None or winner_key(ctx.policy, candidate) >= winner_key(ctx.policy, current):
+            if current is None or mine >= winner_key(ctx.policy, current):
                 state.attributes[name] = value
                 state.sources[name] = candidate
 
@@ -215,12 +249,20 @@ class WorkingSet:
 
     def membership(self, segment_id: str, profile_id: str, status: str, at: datetime) -> None:
         self.profiles[profile_id].memberships[segment_id] = status
-        self._memberships[(segment_id, profile_id)] = {
-            "segment_id": segment_id,
-            "profile_id": profile_id,
-            "status": status,
-            "changed_at": at,
-        }
+        self._memberships[(segment_id, profile_id)] = (status, at)
+
+    def fold_memberships(self, changes: list[tuple[str, str, str]], at: datetime) -> list[tuple[str, str, str]]:
+        """``membership`` for each (segment, profile, status) of a profile held here; returns the others."""
+        profiles, pending = self.profiles, self._memberships
+        others = []
+        for segment_id, profile_id, status in changes:
+            state = profiles.get(profile_id)
+            if state is None:
+                others.append((segment_id, profile_id, status))
+            else:
+                state.memberships[segment_id] = status
+                pending[(segment_id, profile_id)] = (status, at)
+        return others
 
     def forget(self, profile_ids: Iterable[str]) -> None:
         for pid in profile_ids:
@@ -230,16 +272,23 @@ class WorkingSet:
     def write_back(self) -> None:
         """Write everything pending, in bulk, in the batch's transaction."""
         self.session.flush()
+        if self.session.get_bind().dialect.name == "sqlite":
+            # A batch writes tens of thousands of rows into a few indexes: a page cache that
+            # holds them (64 MiB, this connection only) keeps SQLite from spilling mid-transaction.
+            self.session.connection().exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         self._write_profiles()
         if self._dropped:
             dropped = sorted(self._dropped)
             for start in range(0, len(dropped), CHUNK):
                 chunk = dropped[start : start + CHUNK]
                 self.session.execute(sa.delete(FRAGMENT).where(FRAGMENT.c.source_event_id.in_(chunk)))
-        _upsert(self.session, FRAGMENT, list(self._fragments.values()), ["source_event_id"])
-        identities = [{"namespace": n, "value": v, "profile_id": p} for (n, v), p in sorted(self._identities.items())]
-        _upsert(self.session, IDENTITY, identities, ["namespace", "value"])
-        _upsert(self.session, MEMBERSHIP, list(self._memberships.values()), ["segment_id", "profile_id"])
+        fragment_values = operator.itemgetter(*FRAGMENT_COLUMNS)
+        fragments = [fragment_values(row) for row in self._fragments.values()]
+        _upsert(self.session, FRAGMENT, FRAGMENT_COLUMNS, fragments, 1)
+        identities = [(n, v, p) for (n, v), p in self._identities.items()]
+        _upsert(self.session, IDENTITY, ("namespace", "value", "profile_id"), identities, 2)
+        members = [(sid, pid, status, at) for (sid, pid), (status, at) in self._memberships.items()]
+        _upsert(self.session, MEMBERSHIP, ("segment_id", "profile_id", "status", "changed_at"), members, 2)
         self._fragments, self._dropped, self._identities, self._memberships = {}, set(), {}, {}
         for pid in self._dirty:
             if pid in self.profiles:
@@ -249,24 +298,61 @@ class WorkingSet:
 
     def _write_profiles(self) -> None:
         rows = []
-        for pid in sorted(self._dirty):
+        for pid in self._dirty:
             state = self.profiles.get(pid)
-            if state is None:
-                continue
-            rows.append(
-                {
-                    "profile_id": pid,
-                    "attributes": state.attributes,
-                    "sources": state.sources,
-                    "events": len(state.events),
-                    "computed": state.computed,
-                    "next_due_ms": state.next_due_ms,
-                }
-            )
-        _upsert(self.session, PROFILE, rows, ["profile_id"])
+            if state is not None:
+                rows.append(
+                    (pid, state.attributes, state.sources, len(state.events), state.computed, state.next_due_ms)
+                )
+        columns = ("profile_id", "attributes", "sources", "events", "computed", "next_due_ms")
+        _upsert(self.session, PROFILE, columns, rows, 1)
 
     def _before_commit(self, session: Session) -> None:
         self.write_back()
+        self.committing = True
+
+    def _after_commit(self, session: Session) -> None:
+        self.committing, self.committed = False, True
+        self._end()
+
+    def _after_rollback(self, session: Session) -> None:
+        self.committing, self.committed = False, False
+        self._end()
+
+    def _end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self)
+
+
+def timestamp_ms(ts: Timestamp) -> int:
+    """``to_ms(from_timestamp(ts))`` without the datetime: the same float arithmetic
+    (``datetime.timestamp`` is the exact microseconds over 10**6), so the same milliseconds."""
+    return int((ts.seconds * 1_000_000 + ts.nanos // 1000) / 1_000_000 * 1000)
+
+
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """``json_format.MessageToDict`` of a Struct (numbers as floats; NaN and infinities refused),
+    by walking it directly."""
+    return {key: _value(value) for key, value in struct.fields.items()}
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError(f"Fail to serialize {number} for Value.number_value")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    return None
 
 
 def _holds(state: ProfileState, event_id: str) -> bool:
@@ -287,11 +373,14 @@ def _iso(ms: int) -> str:
 def next_due(state: ProfileState, ctx: ProfileContext) -> int | None:
     """``profiles.next_due`` over the in-memory history (the same function of events, windows and clock)."""
     candidates: list[int] = []
-    times = [e.ts_ms for e in state.events]  # ascending
-    for width in ctx.windows_ms:
-        i = bisect.bisect_right(times, ctx.clock_ms - width)
-        if i < len(times):
-            candidates.append(times[i] + width)
+    if state.events:
+        times = [e.ts_ms for e in state.events]  # ascending
+        clock, last = ctx.clock_ms, times[-1]
+        candidates += [
+            times[bisect.bisect_right(times, clock - width)] + width
+            for width in ctx.windows_ms
+            if last > clock - width  # some event still within the window
+        ]
     for dataset, retention in ctx.retention_ms.items():
         first = next(
             (e.ts_ms for e in state.events if e.dataset == dataset and e.ts_ms > ctx.clock_ms - retention), None
@@ -301,13 +390,59 @@ def next_due(state: ProfileState, ctx: ProfileContext) -> int | None:
     return min(candidates) if candidates else None
 
 
-def _upsert(session: Session, table: sa.Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
+def _upsert(session: Session, table: sa.Table, columns: Sequence[str], rows: list[tuple[Any, ...]], keys: int) -> None:
+    """Insert or update ``rows`` (values of ``columns``, whose first ``keys`` are the primary key)."""
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    rows.sort(key=operator.itemgetter(*range(keys)))  # in key order: B-tree inserts stay local
+    dialect = session.get_bind().dialect
+    if dialect.name == "sqlite":
+        _upsert_sqlite(session, table, columns, rows, keys)
+        return
+    insert = postgresql.insert(table) if dialect.name == "postgresql" else sqlite.insert(table)
     stmt = insert.on_conflict_do_update(
-        index_elements=keys, set_={c.name: insert.excluded[c.name] for c in table.columns if c.name not in keys}
+        index_elements=list(columns[:keys]), set_={c: insert.excluded[c] for c in columns[keys:]}
     )
     for start in range(0, len(rows), CHUNK):
-        session.execute(stmt, rows[start : start + CHUNK])
+        session.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows[start : start + CHUNK]])
+
+
+# JSON columns whose values hold only finite numbers (what a Struct can carry: NaN and the
+# infinities are refused when fragments are read), written with orjson: the same JSON values
+# as ``json.dumps`` (more compact text), several times faster.
+FINITE_JSON = frozenset({"seg_profile.attributes", "seg_profile.sources", "seg_fragment.attributes"})
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # what orjson does not take (e.g. integers beyond 64 bits): the standard encoder
+        return json.dumps(value)
+
+
+def _upsert_sqlite(
+    session: Session, table: sa.Table, columns: Sequence[str], rows: list[tuple[Any, ...]], keys: int
+) -> None:
+    """The same upsert as one DB-API executemany: values converted by the columns' own bind
+    processors (JSON, DATETIME), without SQLAlchemy's per-row statement machinery."""
+    dialect = session.get_bind().dialect
+    updates = ", ".join(f"{n} = excluded.{n}" for n in columns[keys:])
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+        f"ON CONFLICT ({', '.join(columns[:keys])}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+    )
+    converted: list[list[Any]] = []
+    for i, name in enumerate(columns):
+        column = table.c[name]
+        process = column.type.dialect_impl(dialect).bind_processor(dialect)
+        values = [row[i] for row in rows]
+        if f"{table.name}.{name}" in FINITE_JSON:
+            values = [_dumps(v) for v in values]
+        elif process is not None and not isinstance(column.type, sa.JSON):
+            # Scalars (times): convert each distinct value once.
+            once = {v: process(v) for v in set(values)}
+            values = [once[v] for v in values]
+        elif process is not None:
+            values = [process(v) for v in values]
+        converted.append(values)
+    session.connection().exec_driver_sql(sql, list(zip(*converted, strict=True)))
