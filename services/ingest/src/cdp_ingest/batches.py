@@ -98,6 +98,7 @@ class BatchRun:
     bytes_received: int = 0
     tally: RejectTally = field(default_factory=RejectTally)
     pool: ReaderPool | None = None
+    read_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -155,8 +156,10 @@ class IngestHandlers:
             pool=self.readers,
         )
         try:
+            started = time.perf_counter()
             async for progress in self._read(run, chunks):
                 yield progress
+            run.read_seconds = time.perf_counter() - started
             report = await self._judge_and_append(run, received_at)
             yield pb.IngestProgress(
                 rows_read=report.rows_read,
@@ -186,6 +189,7 @@ class IngestHandlers:
         await asyncio.to_thread(run.finish)
 
     async def _judge_and_append(self, run: BatchRun, received_at: datetime) -> pb.BatchReport:
+        appending = time.perf_counter()
         report = run.report
         header = run.header
         threshold = header.error_threshold if header.HasField("error_threshold") else self.settings.error_threshold
@@ -215,6 +219,8 @@ class IngestHandlers:
             dataset=report.dataset,
             rows_read=report.rows_read,
             rows_rejected=report.rows_rejected,
+            read_s=round(run.read_seconds, 3),
+            append_s=round(time.perf_counter() - appending, 3),
         )
         return report
 

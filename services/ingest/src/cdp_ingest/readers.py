@@ -141,7 +141,9 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 class _Reader:
-    """One reader process, with a thread that drains its answers (so it never blocks writing them)."""
+    """One reader process, with a thread that feeds it blocks (so the service never waits for
+    a busy reader to take one) and a thread that drains its answers (so it never blocks
+    writing them)."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
@@ -150,7 +152,17 @@ class _Reader:
             stdout=subprocess.PIPE,
         )
         self.answers: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         threading.Thread(target=self._drain, name="csv-reader-answers", daemon=True).start()
+        threading.Thread(target=self._feed, name="csv-reader-requests", daemon=True).start()
+
+    def _feed(self) -> None:
+        assert self.process.stdin is not None
+        while (item := self._requests.get()) is not _STOP:
+            try:
+                _write(self.process.stdin, item)
+            except (OSError, ValueError):
+                return  # the reader is gone: its answers thread reports it
 
     def _drain(self) -> None:
         assert self.process.stdout is not None
@@ -161,11 +173,9 @@ class _Reader:
             self.answers.put(_DIED)
 
     def send(self, item: object) -> None:
-        assert self.process.stdin is not None
-        try:
-            _write(self.process.stdin, item)
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            raise ReaderDied("a CSV reader process died; send the batch again") from exc
+        if not self.alive():
+            raise ReaderDied("a CSV reader process died; send the batch again")
+        self._requests.put(item)
 
     def answer(self) -> Judged:
         got = self.answers.get()
@@ -180,6 +190,7 @@ class _Reader:
         return self.process.poll() is None
 
     def stop(self) -> None:
+        self._requests.put(_STOP)
         if self.process.stdin is not None:
             with contextlib.suppress(OSError):
                 self.process.stdin.close()
@@ -191,6 +202,7 @@ class _Reader:
 
 
 _DIED = "\x00died"
+_STOP = object()
 
 
 class ReaderDied(Unavailable):
