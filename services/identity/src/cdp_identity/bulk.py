@@ -35,7 +35,7 @@ class Bulk:
         cursor = self.dbapi.cursor()
         try:
             cursor.execute(sql, tuple(params))
-            return [tuple(r) for r in cursor.fetchall()]
+            return list(cursor.fetchall())  # sqlite3 and psycopg rows are tuples already
         finally:
             cursor.close()
 

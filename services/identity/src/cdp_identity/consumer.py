@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from sqlmodel import Session
 
@@ -11,9 +10,9 @@ from cdp.identity.v1 import events_pb2 as ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
-from cdp_identity.graph import WorkingSet
+from cdp_identity.graph import Made, WorkingSet
 from cdp_identity.projection import IdentityProjection
-from cdp_kit.envelope import Envelope, unpack
+from cdp_kit.envelope import Causation, Cause, Envelope
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import IDENTITY_FRAGMENTS
@@ -21,15 +20,12 @@ from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
 RECORD_ACCEPTED = ingest_ev.RecordAccepted.DESCRIPTOR.full_name
+EVENT_CLASS = int(ingest_pb2.SCHEMA_CLASS_EVENT)
 
 
-@dataclass(frozen=True)
-class Parsed:
-    """What identity reads of one RecordAccepted: the record, its kept identity keys and its drops."""
-
-    record: ingest_ev.RecordAccepted
-    kept: list[str]
-    dropped: list[ev.DroppedIdentity]
+# What identity reads of one RecordAccepted: the record, its kept identity keys (strongest
+# first) and its dropped identities.
+Parsed = tuple[ingest_ev.RecordAccepted, list[str], list[ev.DroppedIdentity]]
 
 
 class RecordsToFragments:
@@ -40,6 +36,8 @@ class RecordsToFragments:
     def __init__(self, projection: IdentityProjection) -> None:
         self.projection = projection
         self.normalise = Normaliser()
+        self._cause: Cause | None = None
+        self._causation = Causation()
 
     def prefetch(self, session: Session, envelopes: Sequence[Envelope]) -> None:
         """Remember the batch; the first ``decide`` reads it (a replay that decides nothing reads nothing)."""
@@ -50,7 +48,7 @@ class RecordsToFragments:
         for env in ws.unread:
             parsed = self._parse(ws, env)
             ws.parsed[env.id] = parsed
-            keys += parsed.kept
+            keys += parsed[1]
         ws.unread = []
         ws.load(keys)
 
@@ -64,23 +62,33 @@ class RecordsToFragments:
         if ws.unread:
             self._read_batch(ws)
         parsed = ws.parsed.pop(env.id, None) or self._parse(ws, env)
-        record, kept, dropped = parsed.record, parsed.kept, parsed.dropped
+        record, kept, dropped = parsed
         if not kept:
             log.info("record_without_identities", record_event=env.id, dataset=record.dataset, dropped=len(dropped))
         fragment = ev.ProfileFragment(
             source_event_id=env.id,
             record_id=record.record_id,
             dataset=record.dataset,
-            kind="event" if record.schema_class == ingest_pb2.SCHEMA_CLASS_EVENT else "record",
+            kind="event" if record.schema_class == EVENT_CLASS else "record",
             attributes=record.attributes,
             occurred_at=record.occurred_at,
             event_type=record.event_type,
             batch_id=record.batch_id,
         )
-        make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context)
-        resolve_record(ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events))
+        if uow.cause is not self._cause:  # one Causation per input message, shared by its records' events
+            self._cause, self._causation = uow.cause, uow.cause.to_proto()
+        make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context, self._causation)
+        fold_made = self.projection.fold_made
+
+        def emit_fragment(data: bytes, made: Made) -> None:
+            uow.emit_encoded(IDENTITY_FRAGMENTS, [data], lambda session: fold_made(session, made))
+
+        resolve_record(
+            ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events), emit_fragment
+        )
 
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
-        record = unpack(env, ingest_ev.RecordAccepted)
+        # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip.
+        record = ingest_ev.RecordAccepted.FromString(env.payload.value)
         kept, dropped = kept_and_dropped(ws, self.normalise, [(i.namespace, i.value) for i in record.identities])
-        return Parsed(record, kept, dropped)
+        return record, kept, dropped

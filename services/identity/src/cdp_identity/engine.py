@@ -33,11 +33,25 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import components, node_key, split_key, split_profile_id
-from cdp_identity.graph import WorkingSet, pair
-from cdp_kit.envelope import SCHEMA_VERSION, Cause, Envelope, deterministic_id, to_timestamp
+from cdp_identity.graph import Made, WorkingSet, pair
+from cdp_kit.envelope import (
+    SCHEMA_VERSION,
+    VARINTS,
+    Causation,
+    Cause,
+    Envelope,
+    deterministic_id,
+    to_timestamp,
+    varint,
+)
 from cdp_kit.telemetry import pii_hash
 
 Emit = Callable[[list[Envelope]], None]
+# Emits a record's fragment, encoded, with what folding it does (instead of ``Emit``-ing an Envelope).
+EmitFragment = Callable[[bytes, Made], None]
+TYPE_URL_PREFIX = "type.googleapis.com/"
+SCHEMA_FIELD = b"\x30" + varint(SCHEMA_VERSION)  # Envelope.schema_version (field 6, varint)
+TYPE_FIELDS: dict[str, tuple[bytes, bytes]] = {}  # payload type -> (Envelope.type field, Any.type_url field)
 
 
 def ident(key: str) -> IdentityValue:
@@ -51,22 +65,16 @@ def link(a: str, b: str) -> ev.IdentityLink:
 
 
 class Normaliser:
-    """Normalises raw identities with a bounded memo (the same cookie arrives many times)."""
+    """Normalises raw identities with a bounded memo (the same cookie arrives many times): a
+    raw (namespace, value) maps to its node key and its rank. Only values of defined namespaces
+    are remembered; namespaces are never removed and never change, so an entry stays right."""
 
     def __init__(self, limit: int = 200_000) -> None:
         self.limit = limit
-        self.memo: dict[tuple[str, str], tuple[str | None, str, str]] = {}
+        self.memo: dict[tuple[str, str], tuple[tuple[int, str, str], str]] = {}
 
     def __call__(self, ws: WorkingSet, namespace: str, value: str) -> tuple[str | None, str, str]:
-        key = (namespace, value)
-        hit = self.memo.get(key)
-        if hit is None or namespace not in ws.rules.namespaces:
-            hit = ws.rules.normalise(namespace, value)
-            if len(self.memo) >= self.limit:
-                self.memo.clear()
-            if namespace in ws.rules.namespaces:
-                self.memo[key] = hit
-        return hit
+        return ws.rules.normalise(namespace, value)
 
 
 def kept_and_dropped(
@@ -75,29 +83,48 @@ def kept_and_dropped(
     """The record's usable identity keys, strongest first, and what was dropped (with a hash, never the value)."""
     ranked: dict[str, tuple[int, str, str]] = {}
     dropped: list[ev.DroppedIdentity] = []
-    order = ws.rules.order
-    for namespace, value in raw:
-        clean, rule, detail = normalise(ws, namespace, value)
-        if clean is None:
-            dropped.append(
-                ev.DroppedIdentity(namespace=namespace, rule=rule, value_hash=pii_hash(value), detail=detail)
-            )
-            continue
-        key = node_key(namespace, clean)
-        if key not in ranked:
-            ranked[key] = order(namespace, clean)
+    memo = normalise.memo
+    rules = ws.rules
+    namespaces = rules.namespaces
+    for item in raw:
+        hit = memo.get(item)
+        if hit is None or item[0] not in namespaces:
+            namespace, value = item
+            clean, rule, detail = normalise(ws, namespace, value)
+            if clean is None:
+                dropped.append(
+                    ev.DroppedIdentity(namespace=namespace, rule=rule, value_hash=pii_hash(value), detail=detail)
+                )
+                continue
+            hit = (rules.order(namespace, clean), node_key(namespace, clean))
+            if namespace in namespaces:
+                if len(memo) >= normalise.limit:
+                    memo.clear()
+                memo[item] = hit
+        ranked[hit[1]] = hit[0]
+    if len(ranked) < 2:
+        return list(ranked), dropped
     return sorted(ranked, key=ranked.__getitem__), dropped
 
 
 class Maker:
     """Deterministic envelopes for one cause."""
 
-    def __init__(self, base: str, at: datetime | Timestamp, cause: Cause, trace: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        base: str,
+        at: datetime | Timestamp,
+        cause: Cause,
+        trace: Mapping[str, str],
+        causation: Causation | None = None,
+    ) -> None:
         self.base = base
         self.at = at if isinstance(at, Timestamp) else to_timestamp(at)
-        self.causation = cause.to_proto()
+        self.micros = self.at.seconds * 1_000_000 + self.at.nanos // 1000
+        self.causation = causation if causation is not None else cause.to_proto()
         self.trace = trace
         self.n = 0
+        self._head: bytes | None = None  # encoded occurred_at, schema_version, causation, trace_context
 
     def __call__(self, payload: Message, subject_key: str, kind: str) -> Envelope:
         self.n += 1
@@ -108,10 +135,55 @@ class Maker:
             schema_version=SCHEMA_VERSION,
             causation=self.causation,
             occurred_at=self.at,
-            trace_context=self.trace,
         )
-        env.payload.Pack(payload)
+        if self.trace:
+            env.trace_context.update(self.trace)
+        env.payload.type_url = TYPE_URL_PREFIX + payload.DESCRIPTOR.full_name
+        env.payload.value = payload.SerializeToString()
         return env
+
+    def encoded(self, payload: Message, subject_key: str, kind: str) -> bytes:
+        """The envelope ``self(payload, subject_key, kind)`` makes, as wire bytes without
+        ``recorded_at`` (for ``UnitOfWork.emit_encoded``): no Envelope object, no second copy of
+        the payload. Fields in number order; tests/unit/test_identity_encoding.py checks equality."""
+        self.n += 1
+        if self._head is None:
+            head = [
+                _ld(b"\x22", self.at.SerializeToString()),
+                SCHEMA_FIELD,
+                _ld(b"\x3a", self.causation.SerializeToString()),
+            ]
+            for k, v in self.trace.items():
+                head.append(_ld(b"\x42", _ld(b"\x0a", k.encode()) + _ld(b"\x12", v.encode())))
+            self._head = b"".join(head)
+        name = payload.DESCRIPTOR.full_name
+        type_fields = TYPE_FIELDS.get(name)
+        if type_fields is None:
+            type_fields = TYPE_FIELDS[name] = (
+                _ld(b"\x12", name.encode()),
+                _ld(b"\x0a", (TYPE_URL_PREFIX + name).encode()),
+            )
+        event_id = (
+            deterministic_id(kind, self.base) if kind == "fragment" else deterministic_id(kind, self.base, self.n)
+        )
+        body = payload.SerializeToString()
+        n = len(body)
+        any_ = type_fields[1] + b"\x12" + (VARINTS[n] if n < 16384 else varint(n)) + body
+        return b"".join(
+            (
+                _ld(b"\x0a", event_id.encode()),
+                type_fields[0],
+                _ld(b"\x1a", subject_key.encode()),
+                self._head,
+                _ld(b"\x4a", any_),
+            )
+        )
+
+
+def _ld(tag: bytes, data: bytes) -> bytes:
+    """A length-delimited protobuf field: tag, length, bytes."""
+    n = len(data)
+    return tag + (VARINTS[n] if n < 16384 else varint(n)) + data
 
 
 def resolve_record(
@@ -121,8 +193,11 @@ def resolve_record(
     fragment: ev.ProfileFragment,
     make: Maker,
     emit: Emit,
+    emit_fragment: EmitFragment | None = None,
 ) -> None:
-    """Emit the events of one record: refusals, merge, fragment, then any size-guardrail split."""
+    """Emit the events of one record: refusals, merge, fragment, then any size-guardrail split.
+    With ``emit_fragment``, the fragment goes out encoded through it (the other events through
+    ``emit``, first); without, as an Envelope with the others, remembered in ``ws.made`` until folded."""
     source = fragment.source_event_id
     if not kept:
         if dropped:
@@ -137,7 +212,7 @@ def resolve_record(
     ws.load(kept)
     unlinked = ws.unlinked()
     events: list[Envelope] = []
-    detached = [k for k in kept if (k, "") in unlinked]
+    detached = [k for k in kept if (k, "") in unlinked] if unlinked else []
     if detached and len(detached) < len(kept):
         for key in detached:
             events.append(
@@ -156,13 +231,14 @@ def resolve_record(
     profiles: list[str] = []
     group_uniques: dict[str, str] = {}
     rules = ws.rules
+    nodes = ws.nodes
     for key in kept:
-        node = ws.nodes.get(key)
+        node = nodes.get(key)
         pid = node.profile_id if node is not None else ""
         if accepted and pid and pid in profiles:
             accepted.append(key)
             continue
-        if accepted and any(pair(key, other) in unlinked for other in accepted):
+        if accepted and unlinked and any(pair(key, other) in unlinked for other in accepted):
             events.append(
                 _refusal(ws, make, key, accepted, "unlinked", "an operator unlinked these identities", source)
             )
@@ -185,7 +261,10 @@ def resolve_record(
         if pid:
             profiles.append(pid)
     anchor = accepted[0]
-    if profiles:
+    if len(profiles) == 1:
+        survivor = profiles[0]
+        absorbed = []
+    elif profiles:
         known = [ws.profile(p) for p in profiles]
         ranked = sorted((p.ordinal, p.profile_id) for p in known if p is not None)
         survivor = ranked[0][1]
@@ -207,13 +286,24 @@ def resolve_record(
             )
         )
     fragment.profile_id = survivor
-    fragment.identities.extend(ident(k) for k in accepted)
-    fragment.anchor.CopyFrom(ident(anchor))
-    fragment.dropped.extend(dropped)
-    made = make(fragment, survivor, "fragment")
-    ws.made[made.id] = fragment
-    events.append(made)
-    emit(events)
+    identities = fragment.identities
+    for k in accepted:
+        ns, _, value = k.partition(":")
+        identities.add(namespace=ns, value=value)
+    ns, _, value = anchor.partition(":")
+    fragment.anchor.namespace = ns
+    fragment.anchor.value = value
+    if dropped:
+        fragment.dropped.extend(dropped)
+    if emit_fragment is None:
+        made = make(fragment, survivor, "fragment")
+        ws.made[made.id] = (fragment, accepted, anchor, make.micros)
+        events.append(made)
+        emit(events)
+    else:
+        if events:
+            emit(events)
+        emit_fragment(make.encoded(fragment, survivor, "fragment"), (fragment, accepted, anchor, make.micros))
     if len(ws.members.get(survivor, ())) > ws.rules.max_identities:
         enforce_size(ws, survivor, make, emit, source)
 

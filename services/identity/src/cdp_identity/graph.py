@@ -13,9 +13,11 @@ memory. Links never span profiles: a profile is one connected component.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -75,6 +77,11 @@ class Profile:
     state: int = CLEAN
 
 
+# A fragment decided in this transaction, until it is folded: its payload, its identity keys
+# (distinct, strongest first), its anchor and its time in microseconds.
+Made = tuple[Any, list[str], str, int]
+
+
 def pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a < b else (b, a)
 
@@ -90,7 +97,7 @@ class WorkingSet:
     profiles: dict[str, Profile] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
     absent: set[str] = field(default_factory=set)  # profile ids known not to exist
-    fragments: list[tuple[str, str]] = field(default_factory=list)
+    fragments: list[tuple[str, str]] = field(default_factory=list)  # (anchor, source event id)
     new_fragments_by_anchor: dict[str, list[str]] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     drops: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -98,10 +105,11 @@ class WorkingSet:
     new_namespaces: list[dict[str, Any]] = field(default_factory=list)
     unread: list[Any] = field(default_factory=list)  # input envelopes of the batch, not yet read
     parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what was read of it
-    made: dict[str, Any] = field(default_factory=dict)  # own event id -> its payload, until folded
+    made: dict[str, Made] = field(default_factory=dict)  # own fragment id -> what decided it, until folded
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
     _bulk: Bulk | None = None
+    _paused_gc: bool = False
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -114,11 +122,48 @@ class WorkingSet:
         event.listen(session, "before_commit", ws._before_commit)
         event.listen(session, "after_commit", ws._forget)
         event.listen(session, "after_rollback", ws._forget)
+        event.listen(session, "after_transaction_end", ws._end)
+        ws._pause_gc()
         return ws
 
     def _forget(self, session: Session) -> None:
         if session.info.get(WS_KEY) is self:
             del session.info[WS_KEY]
+
+    def _pause_gc(self) -> None:
+        """Keep CPython's cyclic collector off while the working set lives (it holds no cycles).
+
+        A batch keeps a million or so container objects alive until it commits (nodes, links,
+        sets, row tuples); each automatic collection in that time scans all of them, which cost
+        a tenth of the processor's CPU even at a 1,000,000 generation-0 threshold. Once the
+        transaction ends (commit, rollback or close) the collector is on again and its next
+        run finds the batch gone (``_end`` lets go of it). Cyclic garbage made meanwhile waits
+        at most one transaction. A collector that was off already (someone else's choice) is
+        left alone."""
+        if gc.isenabled():
+            gc.disable()
+            self._paused_gc = True
+
+    def _end(self, session: Session, transaction: Any) -> None:
+        """The transaction is over: let go of the graphs and turn the collector back on. The
+        session (in reference cycles, through its event listeners) may keep this object alive
+        until the collector runs; emptied, it no longer keeps the batch's objects alive too."""
+        if getattr(transaction, "parent", None) is not None:
+            return  # a nested transaction (savepoint) ended, not the working set's
+        self._forget(session)
+        for held in (self.nodes, self.members, self.links, self.adj, self.profiles, self.missing, self.absent):
+            held.clear()
+        for items in (self.fragments, self.decisions, self.new_unlinked, self.new_namespaces, self.unread):
+            items.clear()
+        self.new_fragments_by_anchor.clear()
+        self.parsed.clear()
+        self.made.clear()
+        self.drops.clear()
+        self._unlinked = None
+        self._bulk = None
+        if self._paused_gc:
+            self._paused_gc = False
+            gc.enable()
 
     # ------------------------------------------------------------------ loading
     @property
@@ -130,7 +175,10 @@ class WorkingSet:
     def load(self, keys: Iterable[str]) -> None:
         """Bring the graphs of these identities into memory (a few queries for all of them)."""
         nodes, missing = self.nodes, self.missing
-        unknown = {k for k in keys if k not in nodes and k not in missing}
+        unknown: set[str] = set()
+        for k in keys:
+            if k not in nodes and k not in missing:
+                unknown.add(k)
         if not unknown:
             return
         found: dict[str, str] = dict(self.bulk.select_in(store.NODE, ("key", "profile_id"), "key", unknown))
@@ -221,18 +269,24 @@ class WorkingSet:
 
     # ------------------------------------------------------------------ changing (folds only)
     def add_profile(self, pid: str, founder: str, split_from: str = "") -> None:
+        if pid in self.profiles and pid in self.members:  # the common case: a known, loaded profile
+            return
         if self.profile(pid) is None:
             self.absent.discard(pid)
             self.profiles[pid] = Profile(pid, self.next_ordinal(), founder, "", split_from, NEW)
         self.members.setdefault(pid, set())
 
     def touch_node(self, namespace: str, value: str, pid: str, at: int, dataset: str, batch_id: str) -> str:
-        key = node_key(namespace, value)
+        return self.touch_key(node_key(namespace, value), pid, at, dataset, batch_id)
+
+    def touch_key(self, key: str, pid: str, at: int, dataset: str, batch_id: str) -> str:
+        """Record that identity ``key`` was seen at ``at`` in profile ``pid`` (created if new)."""
         node = self.nodes.get(key)
         if node is None:
             self.load([key])
             node = self.nodes.get(key)
         if node is None:
+            namespace, _, value = key.partition(":")
             node = Node(key, namespace, value, pid, at, at, dataset, batch_id, dataset, batch_id, NEW)
             self.nodes[key] = node
             self.missing.discard(key)
@@ -241,13 +295,16 @@ class WorkingSet:
             return key
         if node.profile_id != pid:
             self.move(key, pid)
-        last = (at, dataset, batch_id)
-        if at >= node.last_seen and last != (node.last_seen, node.last_dataset, node.last_batch_id):
-            node.last_seen, node.last_dataset, node.last_batch_id = last
-            node.state = node.state if node.state != CLEAN else DIRTY
+        if at >= node.last_seen and (
+            at != node.last_seen or dataset != node.last_dataset or batch_id != node.last_batch_id
+        ):
+            node.last_seen, node.last_dataset, node.last_batch_id = at, dataset, batch_id
+            if node.state == CLEAN:
+                node.state = DIRTY
         if at < node.first_seen:
-            node.first_seen, node.dataset, node.batch_id = last
-            node.state = node.state if node.state != CLEAN else DIRTY
+            node.first_seen, node.dataset, node.batch_id = at, dataset, batch_id
+            if node.state == CLEAN:
+                node.state = DIRTY
         return key
 
     def move(self, key: str, pid: str) -> None:
@@ -259,23 +316,29 @@ class WorkingSet:
             node.state = MOVED
 
     def touch_link(self, a: str, b: str, at: int, dataset: str, batch_id: str) -> None:
-        a, b = pair(a, b)
+        if b < a:
+            a, b = b, a
         link = self.links.get((a, b))
         if link is None or link.state == DELETED:
             fresh = Link(a, b, at, at, dataset, batch_id, dataset, batch_id, NEW)
             if link is not None:  # deleted earlier in this transaction, in the store: rewrite it
                 fresh.state = DIRTY
             self.links[(a, b)] = fresh
-        else:
-            last = (at, dataset, batch_id)
-            if at >= link.last_seen and last != (link.last_seen, link.last_dataset, link.last_batch_id):
-                link.last_seen, link.last_dataset, link.last_batch_id = last
-                link.state = link.state if link.state != CLEAN else DIRTY
-            if at < link.first_seen:
-                link.first_seen, link.dataset, link.batch_id = last
-                link.state = link.state if link.state != CLEAN else DIRTY
-        self.adj.setdefault(a, set()).add(b)
-        self.adj.setdefault(b, set()).add(a)
+            adj = self.adj
+            adj.setdefault(a, set()).add(b)
+            adj.setdefault(b, set()).add(a)
+            return
+        # A link in memory is in adj already (loaded, or added above earlier in this transaction).
+        if at >= link.last_seen and (
+            at != link.last_seen or dataset != link.last_dataset or batch_id != link.last_batch_id
+        ):
+            link.last_seen, link.last_dataset, link.last_batch_id = at, dataset, batch_id
+            if link.state == CLEAN:
+                link.state = DIRTY
+        if at < link.first_seen:
+            link.first_seen, link.dataset, link.batch_id = at, dataset, batch_id
+            if link.state == CLEAN:
+                link.state = DIRTY
 
     def remove_link(self, a: str, b: str) -> None:
         a, b = pair(a, b)
@@ -293,7 +356,7 @@ class WorkingSet:
         self.adj.get(b, set()).discard(a)
 
     def add_fragment(self, source_event_id: str, anchor: str) -> None:
-        self.fragments.append((source_event_id, anchor))
+        self.fragments.append((anchor, source_event_id))
         self.new_fragments_by_anchor.setdefault(anchor, []).append(source_event_id)
 
     def remember_unlink(self, a: str, b: str) -> None:
@@ -308,20 +371,46 @@ class WorkingSet:
             self.write()
 
     def write(self) -> None:
+        """Write what changed. Rows go to the driver sorted by key: consecutive rows then land on
+        the same or neighbouring B-tree pages, which SQLite finds in its cache."""
         bulk = self.bulk
-        nodes = self.nodes.values()
-        bulk.insert(store.NODE, NODE_COLUMNS, [_node_row(n) for n in nodes if n.state == NEW])
+        new: list[Node] = []
+        seen: list[Node] = []
+        moved: list[Node] = []
+        for n in self.nodes.values():
+            state = n.state
+            if state == NEW:
+                new.append(n)
+            elif state == DIRTY:
+                seen.append(n)
+            elif state == MOVED:
+                moved.append(n)
+        by_key = attrgetter("key")
+        new.sort(key=by_key)
+        seen.sort(key=by_key)
+        moved.sort(key=by_key)
+        bulk.insert(store.NODE, NODE_COLUMNS, list(map(_node_row, new)))
         # Most updates only move seen times: leaving profile_id out of their SET spares its index.
-        bulk.update(store.NODE, NODE_SEEN, ("key",), [(*_node_row(n)[4:], n.key) for n in nodes if n.state == DIRTY])
-        bulk.update(
-            store.NODE, NODE_CHANGING, ("key",), [(*_node_row(n)[3:], n.key) for n in nodes if n.state == MOVED]
-        )
-        links = self.links.values()
-        bulk.delete(store.LINK, ("a", "b"), [(x.a, x.b) for x in links if x.state == DELETED])
-        bulk.insert(store.LINK, LINK_COLUMNS, [_link_row(x) for x in links if x.state == NEW])
-        bulk.update(
-            store.LINK, LINK_COLUMNS[2:], ("a", "b"), [(*_link_row(x)[2:], x.a, x.b) for x in links if x.state == DIRTY]
-        )
+        bulk.update(store.NODE, NODE_SEEN, ("key",), list(map(_node_seen_row, seen)))
+        bulk.update(store.NODE, NODE_CHANGING, ("key",), list(map(_node_moved_row, moved)))
+        deleted: list[Link] = []
+        new_links: list[Link] = []
+        dirty: list[Link] = []
+        for x in self.links.values():
+            state = x.state
+            if state == NEW:
+                new_links.append(x)
+            elif state == DIRTY:
+                dirty.append(x)
+            elif state == DELETED:
+                deleted.append(x)
+        by_pair = attrgetter("a", "b")
+        deleted.sort(key=by_pair)
+        new_links.sort(key=by_pair)
+        dirty.sort(key=by_pair)
+        bulk.delete(store.LINK, ("a", "b"), [(x.a, x.b) for x in deleted])
+        bulk.insert(store.LINK, LINK_COLUMNS, list(map(_link_row, new_links)))
+        bulk.update(store.LINK, LINK_COLUMNS[2:], ("a", "b"), list(map(_link_update_row, dirty)))
         profiles = self.profiles.values()
         bulk.insert(store.PROFILE, PROFILE_COLUMNS, [_profile_row(p) for p in profiles if p.state == NEW])
         bulk.update(
@@ -330,7 +419,7 @@ class WorkingSet:
             ("profile_id",),
             [(*_profile_row(p)[1:], p.profile_id) for p in profiles if p.state == DIRTY],
         )
-        bulk.insert(store.FRAGMENT, ("source_event_id", "anchor"), self.fragments)
+        bulk.insert(store.FRAGMENT, ("anchor", "source_event_id"), sorted(self.fragments))
         conn = self.session.connection()
         if self.decisions:
             conn.execute(sa.insert(store.DECISION), self.decisions)
@@ -401,23 +490,12 @@ def type_number(name: str) -> int:
     return pb.NamespaceType.Value(name) if name in pb.NamespaceType.keys() else pb.NAMESPACE_TYPE_CUSTOM  # noqa: SIM118
 
 
-def _node_row(n: Node) -> tuple[Any, ...]:
-    return (
-        n.key,
-        n.namespace,
-        n.value,
-        n.profile_id,
-        n.first_seen,
-        n.last_seen,
-        n.dataset,
-        n.batch_id,
-        n.last_dataset,
-        n.last_batch_id,
-    )
-
-
-def _link_row(x: Link) -> tuple[Any, ...]:
-    return (x.a, x.b, x.first_seen, x.last_seen, x.dataset, x.batch_id, x.last_dataset, x.last_batch_id)
+# Row tuples for the driver, built in C: the attributes are named like the columns.
+_node_row = attrgetter(*NODE_COLUMNS)
+_node_seen_row = attrgetter(*NODE_SEEN, "key")
+_node_moved_row = attrgetter(*NODE_CHANGING, "key")
+_link_row = attrgetter(*LINK_COLUMNS)
+_link_update_row = attrgetter(*LINK_COLUMNS[2:], "a", "b")
 
 
 def _profile_row(p: Profile) -> tuple[Any, ...]:

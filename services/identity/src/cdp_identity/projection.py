@@ -8,7 +8,7 @@ from sqlmodel import Session
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import Namespace, Rules, node_key
-from cdp_identity.graph import DIRTY, NEW, WorkingSet, pair, type_number
+from cdp_identity.graph import DIRTY, NEW, Made, WorkingSet, pair, type_number
 from cdp_kit.envelope import Envelope, unpack
 from cdp_kit.streams import OwnLog
 
@@ -42,8 +42,11 @@ class IdentityProjection:
         kind = env.type
         if kind == FRAGMENT:
             ws = self.graph(session)
-            made = ws.made.pop(env.id, None)  # decided in this transaction: the payload, not yet packed
-            self._fragment(ws, made if made is not None else unpack(env, ev.ProfileFragment), env)
+            made: Made | None = ws.made.pop(env.id, None)  # decided in this transaction
+            if made is not None:
+                self._made(ws, made)
+            else:
+                self._fragment(ws, unpack(env, ev.ProfileFragment), env)
         elif kind == MERGED:
             self._merged(self.graph(session), unpack(env, ev.ProfilesMerged))
         elif kind == DECISION:
@@ -71,6 +74,27 @@ class IdentityProjection:
             for b in keys[n + 1 :]:
                 if a != b:
                     ws.touch_link(a, b, at, dataset, batch_id)
+        ws.add_fragment(frag.source_event_id, anchor)
+
+    def fold_made(self, session: Session, made: Made) -> None:
+        """Fold a fragment decided in this transaction (emitted encoded): what ``fold`` does with its envelope."""
+        self._made(self.graph(session), made)
+
+    def _made(self, ws: WorkingSet, made: Made) -> None:
+        """A fragment decided in this transaction: its identity keys and time are known already."""
+        frag, keys, anchor, at = made
+        for d in frag.dropped:
+            ws.drops[(d.namespace, d.rule)] += 1
+        ws.load(keys)
+        pid = frag.profile_id
+        ws.add_profile(pid, anchor)
+        dataset, batch_id = frag.dataset, frag.batch_id
+        touch_key, touch_link = ws.touch_key, ws.touch_link
+        for key in keys:
+            touch_key(key, pid, at, dataset, batch_id)
+        for n, a in enumerate(keys):
+            for b in keys[n + 1 :]:
+                touch_link(a, b, at, dataset, batch_id)
         ws.add_fragment(frag.source_event_id, anchor)
 
     def _merged(self, ws: WorkingSet, merged: ev.ProfilesMerged) -> None:
