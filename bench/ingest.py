@@ -1,11 +1,12 @@
 """Ingest: a 1M-row CRM CSV validated and appended, vs a raw JetStream publish of the same
 payloads; streaming events through the batched gRPC call and through ``cdp.collect.*``.
 
-The service runs in this process (real gRPC on loopback, SQLite, nats-server). Two baselines
-publish, with ``publish_async`` and no guard, what ingest appended for the batch (read back
-from the stream): each record's payload (its envelope) as one message, which is what a
-pipeline without validation would send; and the very messages ingest appended, ~8,000 records
-packed in each, which is only the cost of moving the bytes.
+The service runs in this process (real gRPC on loopback, SQLite, nats-server); the streaming
+publishers (``bench/ingest_client.py``) run in a process of their own, as event publishers do.
+Two baselines publish, with ``publish_async`` and no guard, what ingest appended for the batch
+(read back from the stream): each record's payload (its envelope) as one message, which is
+what a pipeline without validation would send; and the very messages ingest appended, ~8,000
+records packed in each, which is only the cost of moving the bytes.
 ``CDP_BENCH_ROWS`` (default 1,000,000) and ``CDP_BENCH_EVENTS`` (default 20,000) scale it.
 """
 
@@ -14,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from cdp_kit.grpc_server import GrpcServer
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.processor import Processor, in_checkpoint
 from cdp_kit.store import get_checkpoint, make_engine, sqlite_url
-from cdp_kit.streams import INGEST_READS_COLLECT, INGEST_RECORDS, StreamSpec, collect_subject
+from cdp_kit.streams import INGEST_READS_COLLECT, INGEST_RECORDS, StreamSpec
 
 ROWS = int(os.environ.get("CDP_BENCH_ROWS", "1000000"))
 EVENTS = int(os.environ.get("CDP_BENCH_EVENTS", "20000"))
@@ -65,10 +66,6 @@ def chunks(data: bytes, key: str) -> Iterator[pb.IngestFileChunk]:
     yield pb.IngestFileChunk(header=pb.IngestFileHeader(dataset="crm", batch_key=key, format=pb.FILE_FORMAT_CSV))
     for start in range(0, len(data), CHUNK):
         yield pb.IngestFileChunk(data=data[start : start + CHUNK])
-
-
-def event(i: int) -> dict[str, str]:
-    return {"event_id": f"ev-{i}", "ts": "2026-01-01T10:00:00Z", "type": "page_view", "cookie_id": f"ck-{i % 5000}"}
 
 
 async def setup(stub: Any) -> None:
@@ -118,29 +115,28 @@ async def batch_figures(stub: Any, log: EventLog) -> tuple[Figure, Figure, Figur
     return packed, each, measured
 
 
-async def streaming_figures(stub: Any, log: EventLog, processor: Processor) -> list[Figure]:
-    per_call = 500
-    started = time.perf_counter()
-    for start in range(0, EVENTS, per_call):
-        request = pb.PublishEventsRequest(dataset="web")
-        for i in range(start, min(start + per_call, EVENTS)):
-            request.events.add().update(event(i))
-        await stub.PublishEvents(request)
-    grpc_figure = Figure("PublishEvents, 500 per call (events)", EVENTS, time.perf_counter() - started)
+async def publisher(*args: str | int) -> str:
+    """Run ``bench.ingest_client`` (the publishers live in their own process); its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.ingest_client", *map(str, args), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.ingest_client {args[0]} failed ({proc.returncode})")
+    return out.decode()
 
-    started = time.perf_counter()
-    futures = [
-        await log.js.publish_async(collect_subject("web"), json.dumps(event(EVENTS + i)).encode())
-        for i in range(EVENTS)
-    ]
-    acks = await asyncio.gather(*futures)
-    last = max(a.seq for a in acks)
+
+async def streaming_figures(port: int, nats_url: str, processor: Processor) -> list[Figure]:
+    seconds = float(await publisher("grpc", f"127.0.0.1:{port}", EVENTS, 0))
+    grpc_figure = Figure("PublishEvents, 500 per call (events)", EVENTS, seconds)
+
+    started_at, last = (await publisher("nats", nats_url, EVENTS, EVENTS)).split()
     while True:
         with processor.read() as session:
-            if get_checkpoint(session, in_checkpoint(INGEST_READS_COLLECT)) >= last:
+            if get_checkpoint(session, in_checkpoint(INGEST_READS_COLLECT)) >= int(last):
                 break
-        await asyncio.sleep(0.05)
-    nats_figure = Figure("cdp.collect.web -> validated on the log (events)", EVENTS, time.perf_counter() - started)
+        await asyncio.sleep(0.01)
+    nats_figure = Figure("cdp.collect.web -> validated on the log (events)", EVENTS, time.time() - float(started_at))
     return [grpc_figure, nats_figure]
 
 
@@ -172,7 +168,7 @@ async def main() -> None:
             title = f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)"
             report(title, each, [measured])
             report(f"{title}, against the packed messages", packed, [measured])
-            streaming = await streaming_figures(stub, log, service.processor)
+            streaming = await streaming_figures(port, nats.url, service.processor)
             report("ingest: streaming events", each, streaming)
         finally:
             await channel.close(None)

@@ -1,0 +1,58 @@
+"""The publishers of ``bench ingest``'s streaming figures, run as their own process (as event
+publishers are): ``python -m bench.ingest_client grpc ADDRESS N FIRST`` sends N events through
+``PublishEvents`` (500 per call) and prints the seconds it took (from a ready channel);
+``python -m bench.ingest_client nats URL N FIRST`` prints the wall-clock time it starts,
+publishes N JSON events to ``cdp.collect.web`` and prints the stream sequence of the last one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+import nats
+
+from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
+from cdp_kit.streams import collect_subject
+
+PER_CALL = 500
+
+
+def event(i: int) -> dict[str, str]:
+    return {"event_id": f"ev-{i}", "ts": "2026-01-01T10:00:00Z", "type": "page_view", "cookie_id": f"ck-{i % 5000}"}
+
+
+async def through_grpc(address: str, count: int, first: int) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.IngestServiceStub(channel)
+        await channel.channel_ready()
+        started = time.perf_counter()
+        for start in range(first, first + count, PER_CALL):
+            request = pb.PublishEventsRequest(dataset="web")
+            for i in range(start, min(start + PER_CALL, first + count)):
+                request.events.add().update(event(i))
+            await stub.PublishEvents(request)
+        print(time.perf_counter() - started, flush=True)
+
+
+async def through_nats(url: str, count: int, first: int) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    subject = collect_subject("web")
+    print(time.time(), flush=True)  # when publishing starts (wall clock, read by the bench)
+    futures = [await js.publish_async(subject, json.dumps(event(i)).encode()) for i in range(first, first + count)]
+    acks = await asyncio.gather(*futures)
+    print(max(a.seq for a in acks), flush=True)
+    await nc.close()
+
+
+def main() -> None:
+    mode, target, count, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    asyncio.run((through_grpc if mode == "grpc" else through_nats)(target, count, first))
+
+
+if __name__ == "__main__":
+    main()
