@@ -23,8 +23,8 @@ from cdp_ingest.batches import BatchRun
 from cdp_ingest.domain import Validator, compatibility_violations, schema_violations
 from cdp_ingest.judging import StagedRecord
 from cdp_ingest.parsing import CsvParser, Inflater, JsonLinesParser
-from cdp_ingest.records import RecordBuilder, envelopes_of
-from cdp_kit.envelope import Envelope, deterministic_id, unpack
+from cdp_ingest.records import RecordBuilder
+from cdp_kit.envelope import Envelope, EventBatch, deterministic_id, unpack, varint
 from cdp_kit.errors import InvalidInput
 
 SCHEMA = json_format.ParseDict(
@@ -50,6 +50,17 @@ SCHEMA = json_format.ParseDict(
     pb.Schema(),
 )
 COLUMNS = [f.name for f in SCHEMA.fields]
+
+
+def envelopes_of(encoded: list[bytes]) -> list[Envelope]:
+    """Envelopes parsed from the bytes ``RecordBuilder`` wrote (framed as an ``EventBatch``)."""
+    batch = EventBatch()
+    batch.ParseFromString(b"".join(b"\x0a" + varint(len(e)) + e for e in encoded))
+    return list(batch.events)
+
+
+def build(builder: RecordBuilder, **kwargs: Any) -> Envelope:
+    return Envelope.FromString(builder.encode(**kwargs))
 
 
 def run_batch(tmp_path: Path, data: bytes, fmt: pb.FileFormat.ValueType, piece: int = 7) -> BatchRun:
@@ -203,7 +214,7 @@ def test_hand_encoded_records_equal_what_protobuf_builds() -> None:
     values: dict[str, Any] = {"id": "C1", "n": 3, "x": -2.5, "vip": True, "no": False, "obj": {"a": [1, "x", None]}}
     values["ü"] = "é" * 200
     profile = RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "batch-1", received)
-    env = profile.build(record_id="batch-1:70000", row=70_000, values=values, identities=[("crm_id", "C1")])
+    env = build(profile, record_id="batch-1:70000", row=70_000, values=values, identities=[("crm_id", "C1")])
     expected = ev.RecordAccepted(
         record_id="batch-1:70000",
         dataset="people",
@@ -226,7 +237,7 @@ def test_hand_encoded_records_equal_what_protobuf_builds() -> None:
 
     before_epoch = datetime(1960, 5, 6, 7, 8, 9, 5, tzinfo=UTC)
     events = RecordBuilder("web", pb.SCHEMA_CLASS_EVENT, "", received)
-    env = events.build(record_id="ev1", row=0, values={}, identities=[], occurred_at=before_epoch, event_type="pv")
+    env = build(events, record_id="ev1", row=0, values={}, identities=[], occurred_at=before_epoch, event_type="pv")
     record = unpack(env, ev.RecordAccepted)
     assert (record.record_id, record.row, record.batch_id, record.event_type) == ("ev1", 0, "", "pv")
     assert record.occurred_at.ToDatetime(tzinfo=UTC) == before_epoch == env.occurred_at.ToDatetime(tzinfo=UTC)
@@ -260,7 +271,7 @@ def test_hand_encoded_lengths_hold_across_varint_boundaries(size: int) -> None:
     for text in ("x" * size, "é" * (size // 2), "a\ud800" + "z" * size):
         values: dict[str, Any] = {"k": text, "n": 1.5, "ok": True, "long": text + "!"}
         clean = text.encode("utf-8", "replace").decode()  # ids are checked UTF-8 before they get here
-        env = builder.build(record_id=clean or "r", row=size, values=values, identities=[("ns", text), ("e", "v")])
+        env = build(builder, record_id=clean or "r", row=size, values=values, identities=[("ns", text), ("e", "v")])
         expected = ev.RecordAccepted(
             record_id=clean or "r",
             dataset="people",

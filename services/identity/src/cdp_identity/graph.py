@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -374,40 +374,12 @@ class WorkingSet:
         """Write what changed. Rows go to the driver sorted by key: consecutive rows then land on
         the same or neighbouring B-tree pages, which SQLite finds in its cache."""
         bulk = self.bulk
-        new: list[Node] = []
-        seen: list[Node] = []
-        moved: list[Node] = []
-        for n in self.nodes.values():
-            state = n.state
-            if state == NEW:
-                new.append(n)
-            elif state == DIRTY:
-                seen.append(n)
-            elif state == MOVED:
-                moved.append(n)
-        by_key = attrgetter("key")
-        new.sort(key=by_key)
-        seen.sort(key=by_key)
-        moved.sort(key=by_key)
+        new, seen, moved = _by_state(self.nodes.values(), (NEW, DIRTY, MOVED), attrgetter("key"))
         bulk.insert(store.NODE, NODE_COLUMNS, list(map(_node_row, new)))
         # Most updates only move seen times: leaving profile_id out of their SET spares its index.
         bulk.update(store.NODE, NODE_SEEN, ("key",), list(map(_node_seen_row, seen)))
         bulk.update(store.NODE, NODE_CHANGING, ("key",), list(map(_node_moved_row, moved)))
-        deleted: list[Link] = []
-        new_links: list[Link] = []
-        dirty: list[Link] = []
-        for x in self.links.values():
-            state = x.state
-            if state == NEW:
-                new_links.append(x)
-            elif state == DIRTY:
-                dirty.append(x)
-            elif state == DELETED:
-                deleted.append(x)
-        by_pair = attrgetter("a", "b")
-        deleted.sort(key=by_pair)
-        new_links.sort(key=by_pair)
-        dirty.sort(key=by_pair)
+        deleted, new_links, dirty = _by_state(self.links.values(), (DELETED, NEW, DIRTY), attrgetter("a", "b"))
         bulk.delete(store.LINK, ("a", "b"), [(x.a, x.b) for x in deleted])
         bulk.insert(store.LINK, LINK_COLUMNS, list(map(_link_row, new_links)))
         bulk.update(store.LINK, LINK_COLUMNS[2:], ("a", "b"), list(map(_link_update_row, dirty)))
@@ -500,3 +472,16 @@ _link_update_row = attrgetter(*LINK_COLUMNS[2:], "a", "b")
 
 def _profile_row(p: Profile) -> tuple[Any, ...]:
     return (p.profile_id, p.ordinal, p.founder, p.merged_into, p.split_from)
+
+
+S = TypeVar("S", Node, Link)
+
+
+def _by_state(items: Iterable[S], states: tuple[int, ...], key: Callable[[S], Any]) -> list[list[S]]:
+    """The items in each of ``states`` (others left out), each list sorted by ``key``."""
+    groups: dict[int, list[S]] = {state: [] for state in states}
+    for item in items:
+        group = groups.get(item.state)
+        if group is not None:
+            group.append(item)
+    return [sorted(groups[state], key=key) for state in states]

@@ -172,7 +172,7 @@ class BatchRun:
             add(staged, size)
         for row_no, violations, masked, values, size in judged.rejected:
             report.rows_rejected += 1
-            self.tally.add(row_no, violations, masked, _masked_already)
+            self.tally.add(row_no, violations, masked)
             if report.rows_kept < self.max_kept_rejects:
                 report.rows_kept += 1
                 kept: StagedReject = (row_no, values, [(v.field, v.rule, v.message) for v in violations])
@@ -183,7 +183,3 @@ class BatchRun:
             self._blocks.release(broken=False)
         self.accepted.close()
         self.rejected.close()
-
-
-def _masked_already(_field: str, value: str) -> str:
-    return value

@@ -523,9 +523,8 @@ class RejectTally:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     samples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
-    def add(
-        self, row: int, violations: list[Violation], raw: Mapping[str, Any], mask: Callable[[str, Any], str]
-    ) -> None:
+    def add(self, row: int, violations: list[Violation], masked: Mapping[str, str]) -> None:
+        """Count a rejected row; ``masked``: the masked value of each violated field that has one."""
         for v in violations:
             key = (v.field, v.rule)
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -533,8 +532,9 @@ class RejectTally:
             if len(rows) < FIRST_ROWS_PER_GROUP and row not in rows:
                 rows.append(row)
             samples = self.samples.setdefault(key, [])
-            if len(samples) < SAMPLES_PER_GROUP and raw.get(v.field) is not None:
-                samples.append(mask(v.field, raw[v.field]))
+            sample = masked.get(v.field)
+            if len(samples) < SAMPLES_PER_GROUP and sample is not None:
+                samples.append(sample)
 
     def to_proto(self, *, with_samples: bool) -> list[pb.RejectGroup]:
         return [

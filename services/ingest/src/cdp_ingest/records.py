@@ -4,8 +4,8 @@ A ``RecordAccepted`` envelope is written straight to protobuf wire bytes: the pa
 the same for every record of a dataset and batch (type, subject, dataset, class, batch id,
 batch time) are encoded once, and each row adds only its id, row number, identities,
 attributes and time. No protobuf object is built per row; the bytes parse to exactly the
-envelope the protobuf classes would build (a unit test checks it), and the kit receives
-envelopes parsed from them in one C call per chunk.
+envelope the protobuf classes would build (a unit test checks it), and they reach the log
+as they are (``emit_records``: the kit's ``UnitOfWork.emit_encoded``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.store import note_seen_all
-from cdp_kit.envelope import SCHEMA_VERSION, VARINTS, Envelope, EventBatch, deterministic_id, varint
+from cdp_kit.envelope import SCHEMA_VERSION, VARINTS, deterministic_id, varint
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import INGEST_RECORDS
 
@@ -160,11 +160,6 @@ class RecordBuilder:
             )
         )
 
-    def build(self, **kwargs: Any) -> Envelope:
-        env = Envelope()
-        env.ParseFromString(self.encode(**kwargs))
-        return env
-
     def _struct(self, values: dict[str, Any]) -> bytes:
         """A ``google.protobuf.Struct`` of scalar values, encoded by hand; nested ones by protobuf.
 
@@ -214,13 +209,6 @@ class RecordBuilder:
             add(v[len(entry)] if len(entry) < 16384 else varint(len(entry)))
             add(entry)
         return b"".join(parts)
-
-
-def envelopes_of(encoded: Iterable[bytes]) -> list[Envelope]:
-    """Envelopes parsed from their wire bytes in one call (an ``EventBatch`` framed around them)."""
-    batch = EventBatch()
-    batch.ParseFromString(b"".join(_ld(b"\x0a", e) for e in encoded))
-    return list(batch.events)
 
 
 def emit_records(uow: UnitOfWork, dataset: str, encoded: list[bytes], event_keys: Iterable[str]) -> None:

@@ -30,10 +30,9 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as identity_ev
-from cdp_kit.store import Checkpoint
 from cdp_segmentation.computed import add_event, values, with_defaults
 from cdp_segmentation.evaluate import Event
 from cdp_segmentation.profiles import ProfileContext, winner_key
@@ -109,10 +108,6 @@ class WorkingSet:
         self._on_end = on_end
         self.committing = False
         self.committed = False
-        # The kit reads and writes its checkpoints with ``Session.get`` for every message it
-        # appends; the session's identity map holds rows weakly, so unreferenced checkpoint rows
-        # would be loaded again (with an autoflush) each time. Held here for the transaction.
-        self._checkpoints = list(session.exec(select(Checkpoint)).all())
         event.listen(session, "before_commit", self._before_commit)
         event.listen(session, "after_commit", self._after_commit)
         event.listen(session, "after_rollback", self._after_rollback)
