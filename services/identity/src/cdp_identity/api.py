@@ -15,7 +15,7 @@ from cdp.identity.v1 import identity_pb2 as pb
 from cdp.identity.v1 import identity_pb2_grpc as pb_grpc
 from cdp_identity import store
 from cdp_identity.domain import Rules, node_key, split_key
-from cdp_identity.graph import load_rules
+from cdp_identity.graph import Link, Node, load_rules, read_graph
 from cdp_identity.handlers import IdentityHandlers
 from cdp_kit.errors import InvalidInput, NotFound, Violation
 from cdp_kit.telemetry import pii_hash
@@ -57,22 +57,19 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         return rules, row
 
     @staticmethod
-    def _nodes(session: Session, profile_id: str) -> list[Any]:
-        return list(
-            session.execute(
-                sa.select(store.NODE).where(store.NODE.c.profile_id == profile_id).order_by(store.NODE.c.key)
-            ).all()
-        )
+    def _graph(session: Session, profile_id: str) -> tuple[list[Node], list[Link]]:
+        document = session.execute(sa.select(store.PROFILE.c.graph).where(store.PROFILE.c.profile_id == profile_id))
+        return read_graph(profile_id, document.scalar() or "")
 
     @staticmethod
-    def _primary(rules: Rules, nodes: list[Any]) -> IdentityValue:
+    def _primary(rules: Rules, nodes: list[Node]) -> IdentityValue:
         best = min(nodes, key=lambda n: (rules.order(n.namespace, n.value)[0], n.first_seen, n.namespace, n.value))
         return IdentityValue(namespace=best.namespace, value=best.value)
 
     async def Resolve(self, request: pb.ResolveRequest, context: Ctx) -> pb.ResolveResponse:
         with self.processor.read() as session:
             rules, row = self._lookup(session, request.identity)
-            nodes = self._nodes(session, row.profile_id)
+            nodes, _ = self._graph(session, row.profile_id)
         return pb.ResolveResponse(
             profile_id=row.profile_id,
             identities=[IdentityValue(namespace=n.namespace, value=n.value) for n in nodes],
@@ -82,13 +79,8 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def GetGraph(self, request: pb.GetGraphRequest, context: Ctx) -> pb.Graph:
         with self.processor.read() as session:
             rules, row = self._lookup(session, request.identity)
-            nodes = self._nodes(session, row.profile_id)
+            nodes, links = self._graph(session, row.profile_id)
             keys = [n.key for n in nodes]
-            links = list(
-                session.execute(
-                    sa.select(store.LINK).where(store.LINK.c.a.in_(keys)).order_by(store.LINK.c.a, store.LINK.c.b)
-                ).all()
-            )
             d = store.DECISION.c
             decisions = list(
                 session.execute(
@@ -155,7 +147,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         with self.processor.read() as session:
             stats = pb.IdentityStats(
                 identities=count(session, store.NODE),
-                links=count(session, store.LINK),
+                links=int(session.execute(sa.select(sa.func.sum(store.PROFILE.c.links))).scalar() or 0),
                 profiles=count(session, store.PROFILE, store.PROFILE.c.merged_into == ""),
                 fragments=count(session, store.FRAGMENT),
             )

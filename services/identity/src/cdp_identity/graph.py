@@ -1,11 +1,12 @@
 """The graph working set of one SQL transaction.
 
 Deciding and folding happen in memory on the graphs a transaction touches; they are
-loaded in bulk (every identity a fetched message names, then every node and link of
-their whole graphs, which the size guardrail keeps small) and written back in bulk just
-before the transaction commits. A rollback throws the working set away with the
-transaction, so memory never disagrees with the store, and it only ever holds the graphs
-of one batch (memory stays bounded however large the graph grows).
+loaded in bulk (every identity a fetched message names in the identity index, then the
+graph documents of their profiles, one row each, which the size guardrail keeps small)
+and written back in bulk just before the transaction commits: one row per changed
+profile, plus an index row for each new identity and each identity that changed profile.
+A rollback throws the working set away with the transaction, so memory never disagrees
+with the store, and it only ever holds the graphs of one batch (memory stays bounded however large the graph grows).
 
 Invariant: a node in memory means its whole profile (every node, every link) is in
 memory. Links never span profiles: a profile is one connected component.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlmodel import Session
@@ -28,15 +30,14 @@ from cdp_identity import store
 from cdp_identity.bulk import Bulk
 from cdp_identity.domain import Namespace, Rules, node_key, profile_id_for
 
-# DIRTY: a node's seen times changed; MOVED: its profile changed too (the profile_id index is rewritten).
-NEW, DIRTY, CLEAN, DELETED, MOVED = 0, 1, 2, 3, 4
+# Node states say which identity index rows to write (NEW: insert; MOVED: its profile changed).
+# A profile's state says whether its row is new; every profile whose graph or row changed is in
+# ``WorkingSet.changed``.
+NEW, DIRTY, CLEAN, MOVED = 0, 1, 2, 4
 WS_KEY = "cdp_identity_graph"
-NODE_COLUMNS: tuple[str, ...] = ("key", "namespace", "value", "profile_id", "first_seen", "last_seen")
-NODE_COLUMNS += ("dataset", "batch_id", "last_dataset", "last_batch_id")
-NODE_CHANGING = NODE_COLUMNS[3:]
-NODE_SEEN = NODE_COLUMNS[4:]
-LINK_COLUMNS = ("a", "b", "first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
+SEEN = ("first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
 PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
+PROFILE_ROW = (*PROFILE_COLUMNS, "identities", "links", "graph")
 
 
 @dataclass(slots=True)
@@ -64,7 +65,6 @@ class Link:
     batch_id: str = ""
     last_dataset: str = ""
     last_batch_id: str = ""
-    state: int = CLEAN
 
 
 @dataclass(slots=True)
@@ -97,6 +97,7 @@ class WorkingSet:
     profiles: dict[str, Profile] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
     absent: set[str] = field(default_factory=set)  # profile ids known not to exist
+    changed: set[str] = field(default_factory=set)  # profiles whose row (graph included) must be written
     fragments: list[tuple[str, str]] = field(default_factory=list)  # (anchor, source event id)
     new_fragments_by_anchor: dict[str, list[str]] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)
@@ -153,6 +154,8 @@ class WorkingSet:
         self._forget(session)
         for held in (self.nodes, self.members, self.links, self.adj, self.profiles, self.missing, self.absent):
             held.clear()
+        for held in (self.changed,):
+            held.clear()
         for items in (self.fragments, self.decisions, self.new_unlinked, self.new_namespaces, self.unread):
             items.clear()
         self.new_fragments_by_anchor.clear()
@@ -186,32 +189,38 @@ class WorkingSet:
         self.load_profiles(found.values())
 
     def load_profiles(self, pids: Iterable[str]) -> None:
+        """Bring these profiles, each with its whole graph, into memory (one row each)."""
         todo = {p for p in pids if p not in self.members}
         if not todo:
             return
-        nodes, members, adj = self.nodes, self.members, self.adj
+        profiles, decode = self.profiles, self._decode
+        for row in self.bulk.select_in(store.PROFILE, (*PROFILE_COLUMNS, "graph"), "profile_id", todo):
+            pid = row[0]
+            if pid not in profiles:
+                profiles[pid] = Profile(*row[:5])
+            decode(pid, row[5])
+        members = self.members
         for pid in todo:
-            members[pid] = set()
-        loaded: list[str] = []
-        for row in self.bulk.select_in(store.NODE, NODE_COLUMNS, "profile_id", todo):
-            key = row[0]
-            if key in nodes:
-                continue
-            nodes[key] = Node(*row)
-            adj.setdefault(key, set())
-            members[row[3]].add(key)
-            loaded.append(key)
-        for row in self.bulk.select_in(store.PROFILE, PROFILE_COLUMNS, "profile_id", todo):
-            if row[0] not in self.profiles:
-                self.profiles[row[0]] = Profile(*row)
-        links = self.links
-        for row in self.bulk.select_in(store.LINK, LINK_COLUMNS, "a", loaded):
-            a, b = row[0], row[1]
-            if (a, b) in links:
-                continue
-            links[(a, b)] = Link(*row)
-            adj.setdefault(a, set()).add(b)
-            adj.setdefault(b, set()).add(a)
+            if pid not in members:
+                members[pid] = set()
+            if pid not in profiles:
+                self.absent.add(pid)
+
+    def _decode(self, pid: str, graph: str) -> None:
+        """Put a stored graph document in memory. A node or link in memory already is newer than
+        the document (it cannot be, as a node in memory means its profile is, but memory wins)."""
+        nodes, adj, links = self.nodes, self.adj, self.links
+        stored_nodes, stored_links = read_graph(pid, graph)
+        for node in stored_nodes:
+            if node.key not in nodes:
+                nodes[node.key] = node
+                adj[node.key] = set()
+        for x in stored_links:
+            if (x.a, x.b) not in links:
+                links[(x.a, x.b)] = x
+                adj[x.a].add(x.b)
+                adj[x.b].add(x.a)
+        self.members[pid] = {n.key for n in stored_nodes if nodes[n.key].profile_id == pid}
 
     def profile(self, pid: str) -> Profile | None:
         if pid in self.absent:
@@ -271,9 +280,12 @@ class WorkingSet:
     def add_profile(self, pid: str, founder: str, split_from: str = "") -> None:
         if pid in self.profiles and pid in self.members:  # the common case: a known, loaded profile
             return
+        if pid not in self.members and pid not in self.absent:
+            self.load_profiles([pid])  # its row and graph, if stored
         if self.profile(pid) is None:
             self.absent.discard(pid)
             self.profiles[pid] = Profile(pid, self.next_ordinal(), founder, "", split_from, NEW)
+            self.changed.add(pid)
         self.members.setdefault(pid, set())
 
     def touch_node(self, namespace: str, value: str, pid: str, at: int, dataset: str, batch_id: str) -> str:
@@ -281,6 +293,7 @@ class WorkingSet:
 
     def touch_key(self, key: str, pid: str, at: int, dataset: str, batch_id: str) -> str:
         """Record that identity ``key`` was seen at ``at`` in profile ``pid`` (created if new)."""
+        self.changed.add(pid)
         node = self.nodes.get(key)
         if node is None:
             self.load([key])
@@ -295,20 +308,16 @@ class WorkingSet:
             return key
         if node.profile_id != pid:
             self.move(key, pid)
-        if at >= node.last_seen and (
-            at != node.last_seen or dataset != node.last_dataset or batch_id != node.last_batch_id
-        ):
+        if at >= node.last_seen:
             node.last_seen, node.last_dataset, node.last_batch_id = at, dataset, batch_id
-            if node.state == CLEAN:
-                node.state = DIRTY
         if at < node.first_seen:
             node.first_seen, node.dataset, node.batch_id = at, dataset, batch_id
-            if node.state == CLEAN:
-                node.state = DIRTY
         return key
 
     def move(self, key: str, pid: str) -> None:
         node = self.nodes[key]
+        self.changed.add(node.profile_id)
+        self.changed.add(pid)
         self.members.get(node.profile_id, set()).discard(key)
         node.profile_id = pid
         self.members.setdefault(pid, set()).add(key)
@@ -316,42 +325,30 @@ class WorkingSet:
             node.state = MOVED
 
     def touch_link(self, a: str, b: str, at: int, dataset: str, batch_id: str) -> None:
+        """Record that identities ``a`` and ``b`` were seen together (both touched already, so their
+        profile is marked changed)."""
         if b < a:
             a, b = b, a
         link = self.links.get((a, b))
-        if link is None or link.state == DELETED:
-            fresh = Link(a, b, at, at, dataset, batch_id, dataset, batch_id, NEW)
-            if link is not None:  # deleted earlier in this transaction, in the store: rewrite it
-                fresh.state = DIRTY
-            self.links[(a, b)] = fresh
+        if link is None:
+            self.links[(a, b)] = Link(a, b, at, at, dataset, batch_id, dataset, batch_id)
             adj = self.adj
             adj.setdefault(a, set()).add(b)
             adj.setdefault(b, set()).add(a)
             return
         # A link in memory is in adj already (loaded, or added above earlier in this transaction).
-        if at >= link.last_seen and (
-            at != link.last_seen or dataset != link.last_dataset or batch_id != link.last_batch_id
-        ):
+        if at >= link.last_seen:
             link.last_seen, link.last_dataset, link.last_batch_id = at, dataset, batch_id
-            if link.state == CLEAN:
-                link.state = DIRTY
         if at < link.first_seen:
             link.first_seen, link.dataset, link.batch_id = at, dataset, batch_id
-            if link.state == CLEAN:
-                link.state = DIRTY
 
     def remove_link(self, a: str, b: str) -> None:
         a, b = pair(a, b)
-        link = self.links.get((a, b))
-        if link is None:
+        if (a, b) not in self.links:
             self.load([a, b])
-            link = self.links.get((a, b))
-        if link is None:
+        if self.links.pop((a, b), None) is None:
             return
-        if link.state == NEW:
-            del self.links[(a, b)]
-        else:
-            link.state = DELETED
+        self.changed.add(self.nodes[a].profile_id)
         self.adj.get(a, set()).discard(b)
         self.adj.get(b, set()).discard(a)
 
@@ -371,26 +368,25 @@ class WorkingSet:
             self.write()
 
     def write(self) -> None:
-        """Write what changed. Rows go to the driver sorted by key: consecutive rows then land on
-        the same or neighbouring B-tree pages, which SQLite finds in its cache."""
+        """Write what changed: the row of each changed profile with its graph document, and the
+        identity index rows of new and moved identities. Rows go to the driver sorted by key:
+        consecutive rows then land on the same or neighbouring B-tree pages."""
         bulk = self.bulk
-        new, seen, moved = _by_state(self.nodes.values(), (NEW, DIRTY, MOVED), attrgetter("key"))
-        bulk.insert(store.NODE, NODE_COLUMNS, list(map(_node_row, new)))
-        # Most updates only move seen times: leaving profile_id out of their SET spares its index.
-        bulk.update(store.NODE, NODE_SEEN, ("key",), list(map(_node_seen_row, seen)))
-        bulk.update(store.NODE, NODE_CHANGING, ("key",), list(map(_node_moved_row, moved)))
-        deleted, new_links, dirty = _by_state(self.links.values(), (DELETED, NEW, DIRTY), attrgetter("a", "b"))
-        bulk.delete(store.LINK, ("a", "b"), [(x.a, x.b) for x in deleted])
-        bulk.insert(store.LINK, LINK_COLUMNS, list(map(_link_row, new_links)))
-        bulk.update(store.LINK, LINK_COLUMNS[2:], ("a", "b"), list(map(_link_update_row, dirty)))
-        profiles = self.profiles.values()
-        bulk.insert(store.PROFILE, PROFILE_COLUMNS, [_profile_row(p) for p in profiles if p.state == NEW])
-        bulk.update(
-            store.PROFILE,
-            PROFILE_COLUMNS[1:],
-            ("profile_id",),
-            [(*_profile_row(p)[1:], p.profile_id) for p in profiles if p.state == DIRTY],
-        )
+        new, moved = _by_state(self.nodes.values(), (NEW, MOVED), attrgetter("key"))
+        bulk.insert(store.NODE, ("key", "profile_id"), list(map(_index_row, new)))
+        bulk.update(store.NODE, ("profile_id",), ("key",), [(n.profile_id, n.key) for n in moved])
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        profiles, encode = self.profiles, self.encode_graph
+        for pid in sorted(self.changed):
+            p = profiles[pid]
+            identities, links, graph = encode(pid)
+            if p.state == NEW:
+                inserts.append((pid, p.ordinal, p.founder, p.merged_into, p.split_from, identities, links, graph))
+            else:
+                updates.append((p.ordinal, p.founder, p.merged_into, p.split_from, identities, links, graph, pid))
+        bulk.insert(store.PROFILE, PROFILE_ROW, inserts)
+        bulk.update(store.PROFILE, PROFILE_ROW[1:], ("profile_id",), updates)
         bulk.insert(store.FRAGMENT, ("anchor", "source_event_id"), sorted(self.fragments))
         conn = self.session.connection()
         if self.decisions:
@@ -401,6 +397,25 @@ class WorkingSet:
         if self.drops:
             self._write_drops(conn)
         self._settle()
+
+    def encode_graph(self, pid: str) -> tuple[int, int, str]:
+        """A profile's graph as its stored document (``store.ProfileRow``), with its node and link
+        counts. Deterministic: nodes sorted by key, links by their ends."""
+        keys = sorted(self.members.get(pid, ()))
+        if not keys:
+            return 0, 0, ""
+        nodes, adj, links = self.nodes, self.adj, self.links
+        position = {k: i for i, k in enumerate(keys)}
+        stored_links = []
+        for a in keys:
+            i = position[a]
+            for b in adj[a]:
+                if a < b:
+                    x = links[(a, b)]
+                    stored_links.append((i, position[b], *_seen(x)))
+        stored_links.sort()
+        document = orjson.dumps(([(k, *_seen(nodes[k])) for k in keys], stored_links))
+        return len(keys), len(stored_links), document.decode()
 
     def _write_drops(self, conn: sa.Connection) -> None:
         existing = {
@@ -434,18 +449,28 @@ class WorkingSet:
         """After writing: everything in memory equals the store (a commit may still follow writes)."""
         for n in self.nodes.values():
             n.state = CLEAN
-        for key in [k for k, x in self.links.items() if x.state == DELETED]:
-            del self.links[key]
-        for x in self.links.values():
-            x.state = CLEAN
         for p in self.profiles.values():
             p.state = CLEAN
+        self.changed.clear()
         self.fragments.clear()
         self.new_fragments_by_anchor.clear()
         self.decisions.clear()
         self.drops.clear()
         self.new_unlinked.clear()
         self.new_namespaces.clear()
+
+
+def read_graph(pid: str, graph: str) -> tuple[list[Node], list[Link]]:
+    """The nodes and links of a stored graph document (``store.ProfileRow``), in its order."""
+    if not graph:
+        return [], []
+    stored_nodes, stored_links = orjson.loads(graph)
+    nodes = []
+    for key, first, last, dataset, batch_id, last_dataset, last_batch_id in stored_nodes:
+        namespace, _, value = key.partition(":")
+        nodes.append(Node(key, namespace, value, pid, first, last, dataset, batch_id, last_dataset, last_batch_id))
+    links = [Link(nodes[i].key, nodes[j].key, *seen) for i, j, *seen in stored_links]
+    return nodes, links
 
 
 def load_rules(session: Session, base_rules: Rules) -> Rules:
@@ -462,19 +487,12 @@ def type_number(name: str) -> int:
     return pb.NamespaceType.Value(name) if name in pb.NamespaceType.keys() else pb.NAMESPACE_TYPE_CUSTOM  # noqa: SIM118
 
 
-# Row tuples for the driver, built in C: the attributes are named like the columns.
-_node_row = attrgetter(*NODE_COLUMNS)
-_node_seen_row = attrgetter(*NODE_SEEN, "key")
-_node_moved_row = attrgetter(*NODE_CHANGING, "key")
-_link_row = attrgetter(*LINK_COLUMNS)
-_link_update_row = attrgetter(*LINK_COLUMNS[2:], "a", "b")
+# Row tuples for the driver and the graph document, built in C: the attributes are named like the columns.
+_index_row = attrgetter("key", "profile_id")
+_seen = attrgetter(*SEEN)
 
 
-def _profile_row(p: Profile) -> tuple[Any, ...]:
-    return (p.profile_id, p.ordinal, p.founder, p.merged_into, p.split_from)
-
-
-S = TypeVar("S", Node, Link)
+S = TypeVar("S", bound=Node)
 
 
 def _by_state(items: Iterable[S], states: tuple[int, ...], key: Callable[[S], Any]) -> list[list[S]]:

@@ -8,7 +8,7 @@ from sqlmodel import Session
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import Namespace, Rules, node_key
-from cdp_identity.graph import DIRTY, NEW, Made, WorkingSet, pair, type_number
+from cdp_identity.graph import Made, WorkingSet, pair, type_number
 from cdp_kit.envelope import Envelope, unpack
 from cdp_kit.streams import OwnLog
 
@@ -105,8 +105,7 @@ class IdentityProjection:
             profile = ws.profile(absorbed)
             if profile is not None:
                 profile.merged_into = merged.survivor
-                if profile.state != NEW:
-                    profile.state = DIRTY
+                ws.changed.add(absorbed)
 
     def _decision(self, ws: WorkingSet, decision: ev.GraphDecision, env: Envelope) -> None:
         for d in decision.dropped:

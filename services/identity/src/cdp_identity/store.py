@@ -1,4 +1,5 @@
-"""The identity store: identities (nodes), links between them, profiles, fragments, decisions.
+"""The identity store: profiles with their graphs (identities and links), the identity index,
+fragments, decisions.
 
 Times are integer microseconds since the epoch (UTC), taken from events. The hot tables are
 clustered on their text keys (SQLite ``WITHOUT ROWID``; ignored by PostgreSQL): one B-tree per
@@ -16,38 +17,25 @@ CLUSTERED = {"sqlite_with_rowid": False}
 
 
 class IdentityRow(SQLModel, table=True):
+    """Which profile holds each identity: the index from an identity to its profile's graph."""
+
     __tablename__ = "identity_node"
     __table_args__ = CLUSTERED
 
     key: str = Field(primary_key=True)  # "namespace:value"
-    namespace: str
-    value: str
-    profile_id: str = Field(index=True)
-    first_seen: int = Field(sa_type=sa.BigInteger)
-    last_seen: int = Field(sa_type=sa.BigInteger)
-    dataset: str = ""
-    batch_id: str = ""
-    last_dataset: str = ""
-    last_batch_id: str = ""
-
-
-class LinkRow(SQLModel, table=True):
-    """Two identities seen together in one record or event (a < b)."""
-
-    __tablename__ = "identity_link"
-    __table_args__ = CLUSTERED
-
-    a: str = Field(primary_key=True)
-    b: str = Field(primary_key=True)
-    first_seen: int = Field(sa_type=sa.BigInteger)
-    last_seen: int = Field(sa_type=sa.BigInteger)
-    dataset: str = ""
-    batch_id: str = ""
-    last_dataset: str = ""
-    last_batch_id: str = ""
+    profile_id: str
 
 
 class ProfileRow(SQLModel, table=True):
+    """A profile and its whole graph, as one document (``graph``, JSON, written by ``graph.encode_graph``):
+
+    ``[[node, ...], [link, ...]]`` with ``node = [key, first_seen, last_seen, dataset, batch_id,
+    last_dataset, last_batch_id]`` sorted by key and ``link = [i, j, first_seen, last_seen, dataset,
+    batch_id, last_dataset, last_batch_id]`` between the nodes at positions i < j, sorted. The size
+    guardrail keeps a graph small, so a record reads and writes its profile's graph as one row
+    instead of one row per identity and per link. ``identities`` and ``links`` count what it holds.
+    """
+
     __tablename__ = "identity_profile"
     __table_args__ = CLUSTERED
 
@@ -56,6 +44,9 @@ class ProfileRow(SQLModel, table=True):
     founder: str = ""
     merged_into: str = ""
     split_from: str = ""
+    identities: int = 0
+    links: int = 0
+    graph: str = Field(default="", sa_type=sa.Text)
 
 
 class FragmentRow(SQLModel, table=True):
@@ -112,5 +103,5 @@ class NamespaceRow(SQLModel, table=True):
     description: str = ""
 
 
-TABLES = tables_of(IdentityRow, LinkRow, ProfileRow, FragmentRow, DecisionRow, UnlinkedRow, DropRow, NamespaceRow)
-NODE, LINK, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE = TABLES
+TABLES = tables_of(IdentityRow, ProfileRow, FragmentRow, DecisionRow, UnlinkedRow, DropRow, NamespaceRow)
+NODE, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE = TABLES
