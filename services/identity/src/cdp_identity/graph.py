@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -98,6 +98,7 @@ class WorkingSet:
     missing: set[str] = field(default_factory=set)
     absent: set[str] = field(default_factory=set)  # profile ids known not to exist
     changed: set[str] = field(default_factory=set)  # profiles whose row (graph included) must be written
+    indexed: dict[str, Node] = field(default_factory=dict)  # nodes whose index row must be written (NEW, MOVED)
     fragments: list[tuple[str, str]] = field(default_factory=list)  # (anchor, source event id)
     new_fragments_by_anchor: dict[str, list[str]] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)
@@ -154,7 +155,7 @@ class WorkingSet:
         self._forget(session)
         for held in (self.nodes, self.members, self.links, self.adj, self.profiles, self.missing, self.absent):
             held.clear()
-        for held in (self.changed,):
+        for held in (self.changed, self.indexed):
             held.clear()
         for items in (self.fragments, self.decisions, self.new_unlinked, self.new_namespaces, self.unread):
             items.clear()
@@ -301,7 +302,7 @@ class WorkingSet:
         if node is None:
             namespace, _, value = key.partition(":")
             node = Node(key, namespace, value, pid, at, at, dataset, batch_id, dataset, batch_id, NEW)
-            self.nodes[key] = node
+            self.nodes[key] = self.indexed[key] = node
             self.missing.discard(key)
             self.adj.setdefault(key, set())
             self.members.setdefault(pid, set()).add(key)
@@ -323,6 +324,7 @@ class WorkingSet:
         self.members.setdefault(pid, set()).add(key)
         if node.state != NEW:
             node.state = MOVED
+            self.indexed[key] = node
 
     def touch_link(self, a: str, b: str, at: int, dataset: str, batch_id: str) -> None:
         """Record that identities ``a`` and ``b`` were seen together (both touched already, so their
@@ -372,9 +374,9 @@ class WorkingSet:
         identity index rows of new and moved identities. Rows go to the driver sorted by key:
         consecutive rows then land on the same or neighbouring B-tree pages."""
         bulk = self.bulk
-        new, moved = _by_state(self.nodes.values(), (NEW, MOVED), attrgetter("key"))
-        bulk.insert(store.NODE, ("key", "profile_id"), list(map(_index_row, new)))
-        bulk.update(store.NODE, ("profile_id",), ("key",), [(n.profile_id, n.key) for n in moved])
+        indexed = [self.indexed[k] for k in sorted(self.indexed)]
+        bulk.insert(store.NODE, ("key", "profile_id"), [(n.key, n.profile_id) for n in indexed if n.state == NEW])
+        bulk.update(store.NODE, ("profile_id",), ("key",), [(n.profile_id, n.key) for n in indexed if n.state == MOVED])
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         profiles, encode = self.profiles, self.encode_graph
@@ -400,22 +402,20 @@ class WorkingSet:
 
     def encode_graph(self, pid: str) -> tuple[int, int, str]:
         """A profile's graph as its stored document (``store.ProfileRow``), with its node and link
-        counts. Deterministic: nodes sorted by key, links by their ends."""
-        keys = sorted(self.members.get(pid, ()))
-        if not keys:
+        counts. Deterministic: nodes sorted by key, links by their ends' positions."""
+        members = self.members.get(pid)
+        if not members:
             return 0, 0, ""
-        nodes, adj, links = self.nodes, self.adj, self.links
+        keys = sorted(members)
+        nodes = self.nodes
+        stored_nodes = [_node_doc(nodes[k]) for k in keys]
+        if len(keys) == 1:
+            return 1, 0, orjson.dumps((stored_nodes, ())).decode()
+        adj, links = self.adj, self.links
         position = {k: i for i, k in enumerate(keys)}
-        stored_links = []
-        for a in keys:
-            i = position[a]
-            for b in adj[a]:
-                if a < b:
-                    x = links[(a, b)]
-                    stored_links.append((i, position[b], *_seen(x)))
+        stored_links = [(i, position[b], *_seen(links[(a, b)])) for i, a in enumerate(keys) for b in adj[a] if a < b]
         stored_links.sort()
-        document = orjson.dumps(([(k, *_seen(nodes[k])) for k in keys], stored_links))
-        return len(keys), len(stored_links), document.decode()
+        return len(keys), len(stored_links), orjson.dumps((stored_nodes, stored_links)).decode()
 
     def _write_drops(self, conn: sa.Connection) -> None:
         existing = {
@@ -447,10 +447,12 @@ class WorkingSet:
 
     def _settle(self) -> None:
         """After writing: everything in memory equals the store (a commit may still follow writes)."""
-        for n in self.nodes.values():
+        for n in self.indexed.values():
             n.state = CLEAN
-        for p in self.profiles.values():
-            p.state = CLEAN
+        profiles = self.profiles
+        for pid in self.changed:
+            profiles[pid].state = CLEAN
+        self.indexed.clear()
         self.changed.clear()
         self.fragments.clear()
         self.new_fragments_by_anchor.clear()
@@ -488,18 +490,5 @@ def type_number(name: str) -> int:
 
 
 # Row tuples for the driver and the graph document, built in C: the attributes are named like the columns.
-_index_row = attrgetter("key", "profile_id")
 _seen = attrgetter(*SEEN)
-
-
-S = TypeVar("S", bound=Node)
-
-
-def _by_state(items: Iterable[S], states: tuple[int, ...], key: Callable[[S], Any]) -> list[list[S]]:
-    """The items in each of ``states`` (others left out), each list sorted by ``key``."""
-    groups: dict[int, list[S]] = {state: [] for state in states}
-    for item in items:
-        group = groups.get(item.state)
-        if group is not None:
-            group.append(item)
-    return [sorted(groups[state], key=key) for state in states]
+_node_doc = attrgetter("key", *SEEN)
