@@ -9,6 +9,7 @@ later; ``A not followed by B within w`` needs an A at least w old with no such B
 
 from __future__ import annotations
 
+import bisect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -365,10 +366,13 @@ def _compile_sequence(seq: pb.Sequence) -> Test:
         firsts = [e.ts_ms for e in events if first(e)]
         if not firsts:
             return False
-        thens = [e.ts_ms for e in events if then(e)]
+        thens = sorted(e.ts_ms for e in events if then(e))
+        count = len(thens)
 
         def answered(a: int) -> bool:
-            return any(a < b <= a + width for b in thens)
+            # Some b with a < b <= a + width: the first b after a is within the width.
+            after = bisect.bisect_right(thens, a)
+            return after < count and thens[after] <= a + width
 
         if negated:
             return any(a + width <= now_ms and not answered(a) for a in firsts)
