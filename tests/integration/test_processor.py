@@ -845,6 +845,30 @@ async def test_rebuild_gives_the_same_store(engine: Engine, eventlog: EventLog) 
     assert await outputs(eventlog) == before_outputs
 
 
+async def test_a_projection_prefetches_each_folded_batch_of_its_own_log_once(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    await append_inputs(eventlog)
+    processor = make_processor(engine, eventlog)
+    await processor.catch_up()
+    before = dump(engine)
+    seen: list[list[str]] = []
+
+    class PrefetchingProjection(EchoProjection):
+        def prefetch(self, session: Session, own: OwnLog, envelopes: list[Envelope]) -> None:
+            seen.append([env.id for env in envelopes])
+
+    replica = make_processor(engine, eventlog, batch_size=2)
+    replica.projection = PrefetchingProjection()
+    await replica.rebuild()
+
+    own_events = [event_id for _, ids in await outputs(eventlog) for event_id in ids]
+    assert [event_id for batch in seen for event_id in batch] == own_events  # each once, in log order
+    assert len(seen) > 1  # once per folded batch, not once per rebuild
+    assert all(batch for batch in seen)
+    assert dump(engine) == before
+
+
 async def test_rebuild_into_a_fresh_store_equals_the_live_store(
     sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine
 ) -> None:

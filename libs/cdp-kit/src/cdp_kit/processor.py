@@ -50,7 +50,12 @@ log = get_logger(__name__)
 
 
 class Projection(Protocol):
-    """Folds the service's own events into its store. Pure: reads no clock, no network."""
+    """Folds the service's own events into its store. Pure: reads no clock, no network.
+
+    A projection may also define ``prefetch(session, own, envelopes)``: when recovery or a
+    rebuild folds a batch of own-log messages, it is called once, before any fold, with every
+    envelope of the batch, so lookups can be done in bulk (it must change nothing a fold would
+    not find the same way)."""
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None: ...
 
@@ -321,6 +326,9 @@ class Processor:
 
     def _fold_messages(self, own: OwnLog, msgs: list[LogMessage]) -> int:
         with transaction(self.engine) as session:
+            prefetch = getattr(self.projection, "prefetch", None)
+            if prefetch is not None:
+                prefetch(session, own, [env for msg in msgs for env in msg.events()])
             for msg in msgs:
                 for env in msg.events():
                     self.projection.fold(session, own, env)

@@ -107,6 +107,7 @@ class WorkingSet:
     new_namespaces: list[dict[str, Any]] = field(default_factory=list)
     unread: list[Any] = field(default_factory=list)  # input envelopes of the batch, not yet read
     parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what was read of it
+    read_fragments: dict[str, Any] = field(default_factory=dict)  # own fragment id -> its payload, until folded
     made: dict[str, Made] = field(default_factory=dict)  # own fragment id -> what decided it, until folded
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
@@ -161,6 +162,7 @@ class WorkingSet:
             items.clear()
         self.new_fragments_by_anchor.clear()
         self.parsed.clear()
+        self.read_fragments.clear()
         self.made.clear()
         self.drops.clear()
         self._unlinked = None

@@ -38,6 +38,18 @@ class IdentityProjection:
     def graph(self, session: Session) -> WorkingSet:
         return WorkingSet.of(session, self.rules)
 
+    def prefetch(self, session: Session, own: OwnLog, envelopes: list[Envelope]) -> None:
+        """Recovery or a rebuild folds these next: read their fragments once and load the graphs
+        of all their identities in a few bulk queries (instead of a few queries per fragment)."""
+        ws = self.graph(session)
+        keys: list[str] = []
+        for env in envelopes:
+            if env.type == FRAGMENT and env.id not in ws.made:
+                frag = ev.ProfileFragment.FromString(env.payload.value)
+                ws.read_fragments[env.id] = frag
+                keys += [key_of(i) for i in frag.identities]
+        ws.load(keys)
+
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         kind = env.type
         if kind == FRAGMENT:
@@ -46,7 +58,8 @@ class IdentityProjection:
             if made is not None:
                 self._made(ws, made)
             else:
-                self._fragment(ws, unpack(env, ev.ProfileFragment), env)
+                frag = ws.read_fragments.pop(env.id, None)
+                self._fragment(ws, frag if frag is not None else unpack(env, ev.ProfileFragment), env)
         elif kind == MERGED:
             self._merged(self.graph(session), unpack(env, ev.ProfilesMerged))
         elif kind == DECISION:
