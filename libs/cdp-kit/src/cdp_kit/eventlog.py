@@ -43,6 +43,11 @@ class DuplicateAppend(AppendConflict):
 
 # NATS' default max_payload is 1 MiB; one cause's events travel in one message below this.
 MAX_MESSAGE_BYTES = 1024 * 1024 - 4096
+# At most this many messages per pull request of ``EventLog.read`` (at most 32 MiB in flight). A
+# pull request's messages that arrive after its fetch returned wait on the socket while the reader
+# applies what it got; megabytes of them stalled the server's writes past its deadline and the
+# server dropped the connection (seen when a rebuild read 1,024-message batches of ~1 MiB).
+READ_FETCH_MESSAGES = 32
 
 
 @dataclass(frozen=True)
@@ -216,14 +221,23 @@ class EventLog:
         )
         sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
         info = await sub.consumer_info()
+        delivered = 0
         try:
             remaining = info.num_pending or 0
             while remaining > 0:
                 try:
-                    msgs = await sub.fetch(min(batch, remaining), timeout=5.0)
+                    msgs = await sub.fetch(min(batch, remaining, READ_FETCH_MESSAGES), timeout=5.0)
                 except nats.errors.TimeoutError:
                     continue
                 for msg in msgs:
+                    # The consumer numbers its deliveries 1, 2, 3...: a gap means messages were
+                    # delivered (and, unacknowledged, counted as read) but never reached us.
+                    if msg.metadata.sequence.consumer != delivered + 1:
+                        raise Unavailable(
+                            f"reading {stream} lost messages after delivery {delivered} (got delivery "
+                            f"{msg.metadata.sequence.consumer}): read again from the last checkpoint"
+                        )
+                    delivered += 1
                     item = to_log_message(msg)
                     remaining = item.pending
                     yield item
