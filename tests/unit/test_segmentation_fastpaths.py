@@ -1,8 +1,9 @@
 """The streaming hot path's shortcuts hold to what they replace: membership envelopes encoded
 straight to bytes equal ``make_envelope``'s, the compiled segment closures equal the AST
 interpreter, the Struct walk equals ``MessageToDict``, the raw SQLite upsert stores what the
-SQLAlchemy upsert stores, and the profiles kept between input batches are dropped whenever
-anything else commits to the store."""
+SQLAlchemy upsert stores, records offered in memory keep what the SQL path keeps, pending
+memberships are written as last folded, and the profiles kept between input batches are dropped
+whenever anything else commits to the store."""
 
 from __future__ import annotations
 
@@ -37,9 +38,19 @@ from cdp_kit.store import create_tables, make_engine, sqlite_url, transaction
 from cdp_segmentation import store
 from cdp_segmentation.evaluate import Event, ProfileData, compile_ast, matches
 from cdp_segmentation.membership import Catalog, Changes, membership_id
-from cdp_segmentation.profiles import to_ms
+from cdp_segmentation.profiles import ProfileContext, to_ms
+from cdp_segmentation.profiles import _offer as sql_offer
 from cdp_segmentation.store import EXITED, REALIZED
-from cdp_segmentation.working import FINITE_JSON, MEMBERSHIP, PROFILE, _upsert, struct_dict, timestamp_ms
+from cdp_segmentation.working import (
+    FINITE_JSON,
+    MEMBERSHIP,
+    PROFILE,
+    ProfileState,
+    WorkingSet,
+    _upsert,
+    struct_dict,
+    timestamp_ms,
+)
 
 AT = datetime(2026, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
 Rows = list[tuple[Any, ...]]
@@ -243,6 +254,67 @@ def test_compiled_sequences_equal_the_interpreter_on_longer_histories(ast: pb.Ex
     assert compile_ast(ast)(data, now) == matches(ast, data, now)
 
 
+numbers_or_not = st.one_of(st.integers(-3, 9), st.floats(-3, 9, allow_nan=False), st.booleans(), st.just("7"))
+numeric_events = st.lists(
+    st.builds(
+        Event,
+        st.sampled_from(["order", "view"]),
+        st.integers(0, 12).map(lambda h: h * 3_600_000),
+        st.fixed_dictionaries(
+            {}, optional={"a": numbers_or_not, "b": st.dictionaries(st.just("c"), numbers_or_not, max_size=1)}
+        ),
+    ),
+    max_size=20,
+)
+OPS = [pb.COMPARE_OP_EQ, pb.COMPARE_OP_NE, pb.COMPARE_OP_LT, pb.COMPARE_OP_LE, pb.COMPARE_OP_GT, pb.COMPARE_OP_GE]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([pb.AGGREGATE_COUNT, pb.AGGREGATE_SUM, pb.AGGREGATE_MIN, pb.AGGREGATE_MAX, pb.AGGREGATE_AVG]),
+    patterns,
+    st.sampled_from(["a", "b.c", "missing"]),
+    windows,
+    numeric_events,
+    st.integers(0, 14),
+)
+def test_compiled_aggregates_equal_the_interpreter_on_longer_histories(
+    agg: pb.Aggregate.ValueType,
+    pattern: pb.EventPattern,
+    field: str,
+    window: pb.Window,
+    history: list[Event],
+    hours: int,
+) -> None:
+    """The one-pass aggregates, against every operator and threshold: numbers, non-numbers and
+    nested fields, events on the edges of every window kind."""
+    data = ProfileData({}, set(), set(), lambda: history)
+    now = hours * 3_600_000
+    for op in OPS:
+        for value in (x / 2 for x in range(-2, 40)):
+            cond = pb.EventCondition(
+                aggregate=agg,
+                pattern=pattern,
+                field=field if agg != pb.AGGREGATE_COUNT else "",
+                op=op,
+                value=value,
+                window=window,
+            )
+            ast = pb.Expression(event=cond)
+            assert compile_ast(ast)(data, now) == matches(ast, data, now)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequences, numeric_events, st.integers(0, 14))
+def test_compiled_sequences_equal_the_interpreter_with_fields(
+    ast: pb.Expression, history: list[Event], hours: int
+) -> None:
+    """The one-pass ``followed by``, with ``where`` on fields and any clock."""
+    data = ProfileData({}, set(), set(), lambda: history)
+    now = hours * 3_600_000
+    assert compile_ast(ast)(data, now) == matches(ast, data, now)
+
+
 # ------------------------------------------------------------------- fragments
 def test_struct_walk_equals_message_to_dict() -> None:
     struct = struct_pb2.Struct()
@@ -382,4 +454,81 @@ def test_the_collector_is_paused_while_a_working_set_lives_and_only_then(tmp_pat
         assert not gc.isenabled()
     finally:
         gc.enable()
+    engine.dispose()
+
+
+# ------------------------------------------------------------------- records and memberships in the working set
+records = st.lists(
+    st.tuples(
+        st.sampled_from(["crm", "web", "pos"]),
+        st.integers(0, 4),  # time
+        st.integers(0, 4),  # log position
+        st.dictionaries(st.sampled_from(["tier", "country", "age"]), st.integers(0, 3), min_size=1, max_size=3),
+    ),
+    max_size=8,
+)
+policies = st.one_of(
+    st.just(pb.MergePolicy(kind=pb.MERGE_POLICY_KIND_TIMESTAMP)),
+    st.permutations(["crm", "web", "pos"]).map(
+        lambda order: pb.MergePolicy(kind=pb.MERGE_POLICY_KIND_DATASET_PRECEDENCE, datasets=order[:2])
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(records, policies)
+def test_offering_records_in_memory_equals_the_sql_path(sent: list[Any], policy: pb.MergePolicy) -> None:
+    """``WorkingSet._offer`` (one comparison per source a record's attributes share) keeps what
+    ``profiles._offer`` keeps, attribute by attribute."""
+    state = ProfileState("p1", exists=True)
+    row = store.ProfileRow(profile_id="p1")
+    ctx = cast(ProfileContext, SimpleNamespace(policy=policy))
+    working = object.__new__(WorkingSet)
+    for i, (dataset, ts, seq, attributes) in enumerate(sent):
+        WorkingSet._offer(working, state, attributes, (dataset, ts, seq, f"f{i}"), ctx)
+        fragment = store.FragmentRow(
+            source_event_id=f"f{i}",
+            profile_id="p1",
+            dataset=dataset,
+            kind="record",
+            ts_ms=ts,
+            seq=seq,
+            attributes=attributes,
+        )
+        sql_offer(row, fragment, policy)
+    assert (state.attributes, state.sources) == (row.attributes, row.sources)
+
+
+def test_memberships_are_written_as_last_folded(tmp_path: Path) -> None:
+    """Pending memberships are kept by segment, then profile, and written in key order."""
+    engine = make_engine(sqlite_url(tmp_path / "members.db"))
+    create_tables(engine, store.TABLES)
+    catalog = Catalog()
+    changes = [
+        (s, p, REALIZED if (i * 7) % 3 else EXITED)
+        for i, (s, p) in enumerate(
+            [
+                ("s2", "p1"),
+                ("s1", "p2"),
+                ("s1", "p1"),
+                ("s2", "p1"),
+                ("s10", "p3"),
+                ("s1", "p2"),
+                ("s3", "p9"),
+            ]
+        )
+    ]
+    with transaction(engine) as session:
+        working = catalog.working_for(session)
+        working.load(["p1", "p2", "p3"])
+        others = working.fold_memberships(changes, AT)
+        working.membership("s1", "p3", REALIZED, AT + timedelta(seconds=1))
+    assert others == [("s3", "p9", changes[-1][2])]  # not held: the caller folds it
+    expected = {(s, p): (status, AT) for s, p, status in changes[:-1]} | {
+        ("s1", "p3"): (REALIZED, AT + timedelta(seconds=1))
+    }
+    with engine.connect() as conn:
+        found = conn.exec_driver_sql("SELECT segment_id, profile_id, status FROM seg_membership").all()
+    assert sorted(found) == sorted((s, p, status) for (s, p), (status, _) in expected.items())
+    assert working.profiles["p1"].memberships == {"s2": changes[3][2], "s1": changes[2][2]}
     engine.dispose()

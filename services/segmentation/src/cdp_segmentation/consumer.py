@@ -82,7 +82,7 @@ class ProfilesToMemberships:
         at = _datetime(occurred.seconds, occurred.nanos)
         session = uow.session
         now_ms = self.catalog.context(session).clock_ms
-        if is_a(env, identity_ev.ProfileFragment):
+        if env.type == FRAGMENT_TYPE:
             frag = self._fragment(env)
             working = self.catalog.working_for(session)
             state = working.get(frag.profile_id)

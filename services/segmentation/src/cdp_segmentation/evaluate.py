@@ -10,6 +10,7 @@ later; ``A not followed by B within w`` needs an A at least w old with no such B
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -306,40 +307,63 @@ def compile_pattern(pattern: pb.EventPattern) -> EventTest:
     return lambda e: e.event_type == event_type and where(e.fields)
 
 
-Selector = Callable[[Sequence[Event], int], list[Event]]
-
-
-def _selector(pattern: pb.EventPattern, window: pb.Window) -> Selector:
-    """The events of a condition: those of its pattern within its window (as of ``now``)."""
+def _bounds(window: pb.Window) -> Callable[[int], tuple[float, float, bool]]:
+    """The window as a function of ``now``: (low, high, whether low is excluded), for
+    ``low < ts < high`` or ``low <= ts < high``; equal to ``in_window``."""
     kind = window.WhichOneof("kind")
-    width = window.within_seconds * 1000
-    lo, hi = window.between.from_ms, window.between.to_ms
-    event_type = pattern.event_type
-    if event_type and not pattern.HasField("where"):  # the common case, inlined
-        if kind == "within_seconds":
-            return lambda events, now: [e for e in events if e.ts_ms > now - width and e.event_type == event_type]
-        if kind == "between":
-            return lambda events, now: [e for e in events if lo <= e.ts_ms < hi and e.event_type == event_type]
-        return lambda events, now: [e for e in events if e.event_type == event_type]
-    chosen = compile_pattern(pattern)
     if kind == "within_seconds":
-        return lambda events, now: [e for e in events if e.ts_ms > now - width and chosen(e)]
+        width = window.within_seconds * 1000
+        return lambda now: (now - width, math.inf, True)
     if kind == "between":
-        return lambda events, now: [e for e in events if lo <= e.ts_ms < hi and chosen(e)]
-    return lambda events, now: [e for e in events if chosen(e)]
+        fixed = (window.between.from_ms, window.between.to_ms, False)
+        return lambda now: fixed
+    return lambda now: (-math.inf, math.inf, True)
 
 
 def _compile_event(cond: pb.EventCondition) -> Test:
-    select = _selector(cond.pattern, cond.window)
+    """``aggregate`` then ``compare``, in one pass over the events with no call per event (but
+    the ``where``): streaming evaluates these for every event it receives."""
+    bounds, event_type = _bounds(cond.window), cond.pattern.event_type
+    where = compile_fields(cond.pattern.where) if cond.pattern.HasField("where") else None
     agg, op, value = cond.aggregate, cond.op, cond.value
     # An aggregate is a float and the literal a double: ``compare`` is the plain operator.
     order = _ORDER.get(op) or (lambda a, b: compare(op, a, b))
+    name, get = cond.field, _getter(cond.field)
+    plain = "." not in name
+
     if agg == pb.AGGREGATE_COUNT:
-        return lambda p, now: order(float(len(select(p.events, now))), value)
-    get = _getter(cond.field)
+
+        def count(p: ProfileData, now: int) -> bool:
+            low, high, strict = bounds(now)
+            n = 0
+            for e in p.events:
+                ts = e.ts_ms
+                if (
+                    (low < ts if strict else low <= ts)
+                    and ts < high
+                    and (not event_type or e.event_type == event_type)
+                    and (where is None or where(e.fields))
+                ):
+                    n += 1
+            return order(float(n), value)
+
+        return count
 
     def numbers(p: ProfileData, now: int) -> list[Any]:
-        return [v for v in (get(e.fields) for e in select(p.events, now)) if is_number(v)]
+        low, high, strict = bounds(now)
+        found = []
+        for e in p.events:
+            ts = e.ts_ms
+            if (
+                (low < ts if strict else low <= ts)
+                and ts < high
+                and (not event_type or e.event_type == event_type)
+                and (where is None or where(e.fields))
+            ):
+                v = e.fields.get(name, MISSING) if plain else get(e.fields)
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    found.append(v)
+        return found
 
     if agg == pb.AGGREGATE_SUM:
         return lambda p, now: order(float(sum(numbers(p, now))), value)
@@ -358,25 +382,32 @@ def _compile_event(cond: pb.EventCondition) -> Test:
 
 
 def _compile_sequence(seq: pb.Sequence) -> Test:
-    first, then = compile_pattern(seq.first), compile_pattern(seq.then)
+    """``followed``, in one pass over the events (the pattern tests inlined but the ``where``)."""
+    first_type, then_type = seq.first.event_type, seq.then.event_type
+    first_where = compile_fields(seq.first.where) if seq.first.HasField("where") else None
+    then_where = compile_fields(seq.then.where) if seq.then.HasField("where") else None
     width, negated = seq.within_seconds * 1000, seq.negated
 
     def test(profile: ProfileData, now_ms: int) -> bool:
-        events = profile.events
-        firsts = [e.ts_ms for e in events if first(e)]
+        firsts, thens = [], []
+        for e in profile.events:
+            if (not first_type or e.event_type == first_type) and (first_where is None or first_where(e.fields)):
+                firsts.append(e.ts_ms)
+            if (not then_type or e.event_type == then_type) and (then_where is None or then_where(e.fields)):
+                thens.append(e.ts_ms)
         if not firsts:
             return False
-        thens = sorted(e.ts_ms for e in events if then(e))
+        thens.sort()
         count = len(thens)
-
-        def answered(a: int) -> bool:
-            # Some b with a < b <= a + width: the first b after a is within the width.
+        # An A is answered by some B with a < b <= a + width: the first B after it is within the width.
+        for a in firsts:
+            if negated and a + width > now_ms:
+                continue
             after = bisect.bisect_right(thens, a)
-            return after < count and thens[after] <= a + width
-
-        if negated:
-            return any(a + width <= now_ms and not answered(a) for a in firsts)
-        return any(answered(a) for a in firsts)
+            answered = after < count and thens[after] <= a + width
+            if answered != negated:
+                return True
+        return False
 
     return test
 

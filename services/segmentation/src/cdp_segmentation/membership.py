@@ -62,6 +62,7 @@ class Catalog:
         self._ctx: ProfileContext | None = None
         self._affected: dict[tuple[Any, ...], list[CompiledSegment]] = {}
         self._empty: dict[str, bool] | None = None
+        self._reading: dict[tuple[frozenset[str], frozenset[str], bool], frozenset[str]] = {}
         # The in-memory profiles of the input batch being applied (see working.py).
         self.working: WorkingSet | None = None
         # The profiles of the last committed working set, for the next input batch to start
@@ -75,6 +76,7 @@ class Catalog:
         self._computed = None
         self._ctx = None
         self._affected = {}
+        self._reading = {}
         self._empty = None
         self._kept = None
 
@@ -147,13 +149,12 @@ class Catalog:
         """For a profile new in the store: every streaming segment, and the ids of those that
         read what it has (attributes, event types, identities) -- the others hold for it exactly
         when they hold for the empty profile (``empty_values``)."""
-        reading = self.affected(
-            session,
-            attributes=state.attributes,
-            event_types={e.event_type for e in state.events},
-            identities=bool(state.namespaces),
-        )
-        return self.affected(session, everything=True), frozenset(s.id for s in reading)
+        key = (frozenset(state.attributes), frozenset(e.event_type for e in state.events), bool(state.namespaces))
+        reading = self._reading.get(key)
+        if reading is None or self._segments is None:
+            chosen = self.affected(session, attributes=key[0], event_types=key[1], identities=key[2])
+            reading = self._reading[key] = frozenset(s.id for s in chosen)
+        return self.affected(session, everything=True), reading
 
     def streaming(self, session: Session) -> list[CompiledSegment]:
         return [s for s in self.segments(session) if s.streaming]
@@ -250,7 +251,8 @@ _STATUS = {REALIZED: ev.MEMBERSHIP_STATUS_REALIZED, EXITED: ev.MEMBERSHIP_STATUS
 
 
 _MEMBERSHIP_HASH = hashlib.sha256(b"membership\x1f")
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+# The variant digit by the hash digit it replaces (ASCII codes).
+_VARIANT = {ord(c): ord("89ab"[int(c, 16) & 3]) for c in "0123456789abcdef"}
 
 
 def membership_id(segment_id: str, profile_id: str, cause: str) -> str:
@@ -262,8 +264,8 @@ def _membership_id(segment_id: str, profile_id: str, cause: str) -> bytes:
     """``membership_id`` as the ASCII bytes of the UUID (36 of them)."""
     hashed = _MEMBERSHIP_HASH.copy()
     hashed.update(f"{segment_id}\x1f{profile_id}\x1f{cause}".encode())
-    h = hashed.hexdigest()  # version nibble 8, variant bits 10, as the kit writes them
-    return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}".encode()
+    h = hashed.hexdigest().encode()  # version nibble 8, variant bits 10, as the kit writes them
+    return b"%b-%b-8%b-%c%b-%b" % (h[:8], h[8:12], h[13:16], _VARIANT[h[16]], h[17:20], h[20:32])
 
 
 class Changes:
@@ -275,7 +277,7 @@ class Changes:
 
     def __init__(self, uow: UnitOfWork, at: datetime, cause: str) -> None:
         self.uow, self.cause = uow, cause
-        shared, middle, self.folded_at = _template(at, uow.cause)
+        shared, middle, self.folded_at = _template_of(at, uow.cause)
         # The envelope's fields after subject_key, up to the payload's tag: occurred_at (4),
         # schema_version (6), causation (7); then payload (9).
         self._shared = shared + b"\x4a"
@@ -290,11 +292,11 @@ class Changes:
         if self._profile[0] != profile_id:  # the changes of one cause are mostly of one profile
             self._profile = (profile_id, _string_field(2, profile_id), _string_field(3, profile_id))
         _, payload_profile, subject = self._profile
-        segment, tail = _segment_field(segment_id), self._tails[status]
         # The MembershipChanged (segment_id, profile_id, status, at, cause), in an Any (type_url,
         # value), in the Envelope (id, type, subject_key, occurred_at, schema_version, causation,
         # payload): fields in number order, lengths before each. recorded_at (5) is the kit's to add.
-        size = len(segment) + len(payload_profile) + len(tail)
+        payload = _segment_field(segment_id) + payload_profile + self._tails[status]
+        size = len(payload)
         size_field = VARINTS[size] if size < 16384 else varint(size)
         any_size = _ANY_TYPE_URL_SIZE + len(size_field) + size
         self.encoded.append(
@@ -308,9 +310,7 @@ class Changes:
                     VARINTS[any_size] if any_size < 16384 else varint(any_size),
                     _ANY_TYPE_URL,
                     size_field,
-                    segment,
-                    payload_profile,
-                    tail,
+                    payload,
                 )
             )
         )
@@ -353,6 +353,21 @@ _TYPE_FIELD = _string_field(2, CHANGED)
 _ANY_TYPE_URL = _string_field(1, _CHANGED_URL) + b"\x12"
 _ANY_TYPE_URL_SIZE = len(_ANY_TYPE_URL)
 _ID_TAG = b"\x0a\x24"  # Envelope.id (1): a UUID is 36 characters
+
+
+_last_template: list[tuple[datetime, Cause, tuple[bytes, dict[str, bytes], datetime]]] = []
+
+
+def _template_of(at: datetime, cause: Cause) -> tuple[bytes, dict[str, bytes], datetime]:
+    """``_template``, remembering the last one by identity: the changes of one input message
+    share its cause object, and their times are mostly one object (see ``consumer._datetime``)."""
+    if _last_template:
+        last_at, last_cause, template = _last_template[0]
+        if last_at is at and last_cause is cause:
+            return template
+    template = _template(at, cause)
+    _last_template[:] = [(at, cause, template)]
+    return template
 
 
 @functools.lru_cache(maxsize=256)

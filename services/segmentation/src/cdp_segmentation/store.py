@@ -54,7 +54,7 @@ class FragmentRow(SQLModel, table=True):
     __table_args__ = (sa.Index("ix_seg_fragment_history", "profile_id", "kind", "event_type", "ts_ms"),)
 
     source_event_id: str = Field(primary_key=True)
-    profile_id: str = Field(index=True)
+    profile_id: str
     dataset: str
     kind: str
     event_type: str = ""
