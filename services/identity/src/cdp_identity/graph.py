@@ -38,6 +38,9 @@ WS_KEY = "cdp_identity_graph"
 SEEN = ("first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
 PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
 PROFILE_ROW = (*PROFILE_COLUMNS, "identities", "links", "graph")
+# What can change after a profile's row is written (its ordinal, founder and origin never do, and
+# leaving the indexed ordinal out of the SET spares its index entry).
+PROFILE_CHANGING = ("merged_into", "identities", "links", "graph")
 
 
 @dataclass(slots=True)
@@ -388,9 +391,9 @@ class WorkingSet:
             if p.state == NEW:
                 inserts.append((pid, p.ordinal, p.founder, p.merged_into, p.split_from, identities, links, graph))
             else:
-                updates.append((p.ordinal, p.founder, p.merged_into, p.split_from, identities, links, graph, pid))
+                updates.append((p.merged_into, identities, links, graph, pid))
         bulk.insert(store.PROFILE, PROFILE_ROW, inserts)
-        bulk.update(store.PROFILE, PROFILE_ROW[1:], ("profile_id",), updates)
+        bulk.update(store.PROFILE, PROFILE_CHANGING, ("profile_id",), updates)
         bulk.insert(store.FRAGMENT, ("anchor", "source_event_id"), sorted(self.fragments))
         conn = self.session.connection()
         if self.decisions:
