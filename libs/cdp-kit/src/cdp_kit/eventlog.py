@@ -48,6 +48,8 @@ MAX_MESSAGE_BYTES = 1024 * 1024 - 4096
 # applies what it got; megabytes of them stalled the server's writes past its deadline and the
 # server dropped the connection (seen when a rebuild read 1,024-message batches of ~1 MiB).
 READ_FETCH_MESSAGES = 32
+# Fetches in a row that may deliver nothing while messages are pending before a read gives up.
+READ_STALLS = 6
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,21 @@ class EventLog:
         )
         sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
         info = await sub.consumer_info()
-        delivered = 0
+        delivered = stalls = 0
         try:
             remaining = info.num_pending or 0
             while remaining > 0:
                 try:
                     msgs = await sub.fetch(min(batch, remaining, READ_FETCH_MESSAGES), timeout=5.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats.errors.TimeoutError and asyncio.TimeoutError are ones too
+                    stalls += 1
+                    if stalls >= READ_STALLS:
+                        raise Unavailable(
+                            f"reading {stream} stalled: {remaining} messages pending, none delivered "
+                            f"in {stalls} fetches of 5 s"
+                        ) from None
                     continue
+                stalls = 0
                 for msg in msgs:
                     # The consumer numbers its deliveries 1, 2, 3...: a gap means messages were
                     # delivered (and, unacknowledged, counted as read) but never reached us.
