@@ -753,6 +753,40 @@ async def test_crash_between_the_messages_of_one_batch_recovers_to_the_no_crash_
     assert emitted == output_ids()
 
 
+async def test_a_refused_message_in_flight_stops_the_batch_before_the_next_is_published(
+    sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine, reference_log: EventLog
+) -> None:
+    """Mid-batch messages go out while the batch goes on deciding; one that JetStream refuses
+    (another writer got there first) fails the batch at the next send: nothing after it is
+    published and the batch's transaction rolls back. Recovery then ends where a run without
+    the intruder would, plus the intruder."""
+    expected = await outputs_of_reference(reference_engine, reference_log)
+    await append_inputs(eventlog)
+    racing = RacingWriter(eventlog)
+    processor = make_processor(sqlite_engine, racing, EchoHandler(size=BIG), batch_size=10)
+    await processor.recover()
+    msgs = await input_messages(eventlog)
+
+    with pytest.raises(AppendConflict):
+        await processor.apply_input_batch(processor.inputs[0], [(m, None) for m in msgs])
+
+    assert racing.races == 1  # the second message was never sent
+    assert [cause for cause, _ in await outputs(eventlog)] == [""]  # only the intruder
+    assert checkpoints(sqlite_engine) == {}
+    assert counters(sqlite_engine) == {}
+
+    restarted = make_processor(sqlite_engine, eventlog, EchoHandler(size=BIG), batch_size=10)
+    await restarted.catch_up()
+    got = await outputs(eventlog)
+    assert got[0][0] == ""
+    assert got[1:] == expected
+
+
+async def outputs_of_reference(engine: Engine, eventlog: EventLog) -> list[tuple[str, list[str]]]:
+    await reference_run(engine, eventlog, size=BIG, batch_size=10)
+    return await outputs(eventlog)
+
+
 async def test_one_input_whose_outputs_exceed_one_message_is_refused(sqlite_engine: Engine, eventlog: EventLog) -> None:
     size = 600_000  # one input message with two events, each echoed as ~600 KB: one cause > MAX_MESSAGE_BYTES
     assert size < MAX_MESSAGE_BYTES < 2 * size

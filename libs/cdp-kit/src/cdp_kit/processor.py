@@ -36,7 +36,7 @@ from sqlmodel import Session
 
 from cdp_kit.envelope import Cause, EncodedEnvelope, Envelope, deterministic_id, to_timestamp, utcnow
 from cdp_kit.errors import CdpError, Unavailable
-from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, DuplicateAppend, EventLog, LogMessage
+from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, Appended, DuplicateAppend, EventLog, LogMessage
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
@@ -133,6 +133,12 @@ class UnitOfWork:
     message names the last cause it completes (``Cdp-Cause``), so recovery knows every
     input up to it has its outputs on the log. One cause that writes two own logs, or
     more than one message of events, is refused: split such work into several commands.
+
+    One message at a time is in flight: a message is published and the batch goes on deciding
+    while JetStream stores it; its acknowledgement is awaited before the next message is
+    published (whose guard needs its sequence), before any checkpoint is set, and when the work
+    is flushed for good (so a commit follows only acknowledged appends). The log receives the
+    same messages in the same order as if each append were awaited at once.
     """
 
     def __init__(self, session: Session, processor: Processor, cause: Cause) -> None:
@@ -141,6 +147,7 @@ class UnitOfWork:
         self.cause = cause
         self._done = _Part(cause)
         self._current = _Part(cause)
+        self._inflight: tuple[asyncio.Future[Appended], _Part, ConsumerSpec | None] | None = None
 
     def emit(self, own: OwnLog, events: Sequence[Envelope]) -> None:
         if not events:
@@ -192,16 +199,44 @@ class UnitOfWork:
         self.cause = cause
         self._current = _Part(cause)
 
-    async def flush(self, cause: Cause, consumer: ConsumerSpec | None = None) -> None:
-        """Append everything pending, in cause order; then every cause up to ``cause`` counts as emitted."""
+    async def flush(self, cause: Cause, consumer: ConsumerSpec | None = None, *, wait: bool = True) -> None:
+        """Append everything pending, in cause order; then every cause up to ``cause`` counts as emitted.
+        With ``wait`` (for the last flush before a commit) every append is acknowledged on return;
+        without, the last message may still be in flight."""
         self._current.cause = cause
         await self._settle(consumer)
         if self._done.events:
             await self._send(self._done, consumer)
         elif consumer is not None:
+            await self.acknowledged()
             set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
         self._done = _Part(cause)
         self._current = _Part(cause)
+        if wait:
+            await self.acknowledged()
+
+    async def acknowledged(self) -> None:
+        """Wait for the message in flight, if any, and record where it landed."""
+        if self._inflight is None:
+            return
+        appending, part, consumer = self._inflight
+        self._inflight = None
+        appended = await appending
+        assert part.own is not None
+        if appended.duplicate:
+            raise DuplicateAppend(f"{part.own.subject} already holds the events of {part.cause.key()}")
+        set_checkpoint(self.session, own_checkpoint(part.own), appended.sequence)
+        if consumer is not None:
+            set_checkpoint(self.session, emitted_checkpoint(consumer), part.cause.sequence)
+
+    async def abandon(self) -> None:
+        """The work failed: let the message in flight finish (its outcome no longer matters: the
+        transaction rolls back and recovery folds whatever reached the log)."""
+        if self._inflight is not None:
+            appending = self._inflight[0]
+            self._inflight = None
+            with contextlib.suppress(BaseException):
+                await appending
 
     async def _settle(self, consumer: ConsumerSpec | None) -> None:
         """Move the current cause's events behind the earlier ones, sending those first if they cannot share."""
@@ -217,22 +252,25 @@ class UnitOfWork:
         self._current = _Part(current.cause)
 
     async def _send(self, part: _Part, consumer: ConsumerSpec | None) -> None:
+        """Publish one message; it stays in flight until ``acknowledged`` (the next send at the latest)."""
+        await self.acknowledged()
         assert part.own is not None
         own, cause = part.own, part.cause
-        key = own_checkpoint(own)
-        appended = await self.processor.eventlog.append(
-            own.subject,
-            part.events,
-            msg_id=deterministic_id(own.subject, cause.key()),
-            expected_last_subject_sequence=get_checkpoint(self.session, key),
-            headers={CAUSE_HEADER: cause.key(), **trace_headers()},
-            recorded_at=utcnow(),
+        appending = asyncio.ensure_future(
+            self.processor.eventlog.append(
+                own.subject,
+                part.events,
+                msg_id=deterministic_id(own.subject, cause.key()),
+                expected_last_subject_sequence=get_checkpoint(self.session, own_checkpoint(own)),
+                headers={CAUSE_HEADER: cause.key(), **trace_headers()},
+                recorded_at=utcnow(),
+            )
         )
-        if appended.duplicate:
-            raise DuplicateAppend(f"{own.subject} already holds the events of {cause.key()}")
-        set_checkpoint(self.session, key, appended.sequence)
-        if consumer is not None:
-            set_checkpoint(self.session, emitted_checkpoint(consumer), cause.sequence)
+        self._inflight = (appending, part, consumer)
+        # Two turns of the event loop: the append's publish runs, then the client's flusher
+        # writes it to the socket, so the server stores it while the batch goes on deciding.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
 
 class MixedOwnLogs(CdpError):
@@ -346,8 +384,12 @@ class Processor:
                 async with self.lock:
                     with transaction(self.engine) as session:
                         uow = UnitOfWork(session, self, Cause(command_id=command_id))
-                        result = decide(uow)
-                        await uow.flush(uow.cause)
+                        try:
+                            result = decide(uow)
+                            await uow.flush(uow.cause)
+                        except BaseException:
+                            await uow.abandon()
+                            raise
                 return result
             except AppendConflict:
                 if attempt == 2:
@@ -371,36 +413,42 @@ class Processor:
         ):
             async with self.lock:
                 with transaction(self.engine) as session:
-                    applied = get_checkpoint(session, in_checkpoint(inp.spec))
-                    emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
-                    last = applied
                     uow: UnitOfWork | None = None
-                    prefetch = getattr(inp.handler, "prefetch", None)
-                    if prefetch is not None:
-                        fresh = [env for msg, _ in items if msg.sequence > applied for env in inp.envelopes(msg)]
-                        prefetch(session, fresh)
-                    for msg, _raw in items:
-                        if msg.sequence <= applied:
-                            continue
-                        cause = Cause(inp.spec.name, msg.sequence)
-                        uow = uow or UnitOfWork(session, self, cause)
-                        await uow.next_cause(cause, inp.spec)
-                        envelopes = inp.envelopes(msg)
-                        for env in envelopes:
-                            inp.handler.observe(session, msg, env)
-                        if msg.sequence > emitted:
+                    try:
+                        applied = get_checkpoint(session, in_checkpoint(inp.spec))
+                        emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
+                        last = applied
+                        prefetch = getattr(inp.handler, "prefetch", None)
+                        if prefetch is not None:
+                            fresh = [env for msg, _ in items if msg.sequence > applied for env in inp.envelopes(msg)]
+                            prefetch(session, fresh)
+                        for msg, _raw in items:
+                            if msg.sequence <= applied:
+                                continue
+                            cause = Cause(inp.spec.name, msg.sequence)
+                            uow = uow or UnitOfWork(session, self, cause)
+                            await uow.next_cause(cause, inp.spec)
+                            envelopes = inp.envelopes(msg)
                             for env in envelopes:
-                                inp.handler.decide(uow, msg, env)
-                        last = msg.sequence
-                        applied_now += 1
-                        if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
+                                inp.handler.observe(session, msg, env)
+                            if msg.sequence > emitted:
+                                for env in envelopes:
+                                    inp.handler.decide(uow, msg, env)
+                            last = msg.sequence
+                            applied_now += 1
+                            if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
+                                # Mid-batch: the message goes out and the batch goes on while JetStream stores it.
+                                await uow.flush(Cause(inp.spec.name, last), inp.spec, wait=False)
+                        finish = getattr(inp.handler, "finish", None)
+                        if finish is not None:
+                            finish(session)
+                        if uow is not None:
                             await uow.flush(Cause(inp.spec.name, last), inp.spec)
-                    finish = getattr(inp.handler, "finish", None)
-                    if finish is not None:
-                        finish(session)
-                    if uow is not None:
-                        await uow.flush(Cause(inp.spec.name, last), inp.spec)
-                        set_checkpoint(session, in_checkpoint(inp.spec), last)
+                            set_checkpoint(session, in_checkpoint(inp.spec), last)
+                    except BaseException:
+                        if uow is not None:
+                            await uow.abandon()
+                        raise
         for _msg, raw in items:
             if raw is not None:
                 await raw.ack()
