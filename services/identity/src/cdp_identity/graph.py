@@ -33,7 +33,7 @@ from cdp_identity.domain import Namespace, Rules, node_key, profile_id_for
 # Node states say which identity index rows to write (NEW: insert; MOVED: its profile changed).
 # A profile's state says whether its row is new; every profile whose graph or row changed is in
 # ``WorkingSet.changed``.
-NEW, DIRTY, CLEAN, MOVED = 0, 1, 2, 4
+NEW, CLEAN, MOVED = 0, 2, 4
 WS_KEY = "cdp_identity_graph"
 SEEN = ("first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
 PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
