@@ -1,5 +1,5 @@
 """The identity process tunes CPython's cyclic collector (see cdp_identity.main.GC_THRESHOLD and
-WorkingSet._pause_gc)."""
+cdp_kit.collector, paused by the working set)."""
 
 from __future__ import annotations
 

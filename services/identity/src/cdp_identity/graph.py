@@ -6,7 +6,8 @@ graph documents of their profiles, one row each, which the size guardrail keeps 
 and written back in bulk just before the transaction commits: one row per changed
 profile, plus an index row for each new identity and each identity that changed profile.
 A rollback throws the working set away with the transaction, so memory never disagrees
-with the store, and it only ever holds the graphs of one batch (memory stays bounded however large the graph grows).
+with the store, and it only ever holds the graphs of one batch (memory stays bounded
+however large the graph grows).
 
 Invariant: a node in memory means its whole profile (every node, every link) is in
 memory. Links never span profiles: a profile is one connected component.
@@ -14,7 +15,6 @@ memory. Links never span profiles: a profile is one connected component.
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +29,12 @@ from sqlmodel import Session
 from cdp_identity import store
 from cdp_identity.bulk import Bulk
 from cdp_identity.domain import Namespace, Rules, node_key, profile_id_for
+from cdp_kit.collector import CollectorPause
 
 # Node states say which identity index rows to write (NEW: insert; MOVED: its profile changed).
 # A profile's state says whether its row is new; every profile whose graph or row changed is in
 # ``WorkingSet.changed``.
-NEW, CLEAN, MOVED = 0, 2, 4
+NEW, CLEAN, MOVED = 0, 1, 2
 WS_KEY = "cdp_identity_graph"
 SEEN = ("first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
 PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
@@ -115,7 +116,7 @@ class WorkingSet:
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
     _bulk: Bulk | None = None
-    _paused_gc: bool = False
+    _collector: CollectorPause = field(default_factory=CollectorPause)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -129,26 +130,12 @@ class WorkingSet:
         event.listen(session, "after_commit", ws._forget)
         event.listen(session, "after_rollback", ws._forget)
         event.listen(session, "after_transaction_end", ws._end)
-        ws._pause_gc()
+        ws._collector.pause()  # see cdp_kit.collector; resumed in ``_end``
         return ws
 
     def _forget(self, session: Session) -> None:
         if session.info.get(WS_KEY) is self:
             del session.info[WS_KEY]
-
-    def _pause_gc(self) -> None:
-        """Keep CPython's cyclic collector off while the working set lives (it holds no cycles).
-
-        A batch keeps a million or so container objects alive until it commits (nodes, links,
-        sets, row tuples); each automatic collection in that time scans all of them, which cost
-        a tenth of the processor's CPU even at a 1,000,000 generation-0 threshold. Once the
-        transaction ends (commit, rollback or close) the collector is on again and its next
-        run finds the batch gone (``_end`` lets go of it). Cyclic garbage made meanwhile waits
-        at most one transaction. A collector that was off already (someone else's choice) is
-        left alone."""
-        if gc.isenabled():
-            gc.disable()
-            self._paused_gc = True
 
     def _end(self, session: Session, transaction: Any) -> None:
         """The transaction is over: let go of the graphs and turn the collector back on. The
@@ -159,8 +146,8 @@ class WorkingSet:
         self._forget(session)
         for held in (self.nodes, self.members, self.links, self.adj, self.profiles, self.missing, self.absent):
             held.clear()
-        for held in (self.changed, self.indexed):
-            held.clear()
+        self.changed.clear()
+        self.indexed.clear()
         for items in (self.fragments, self.decisions, self.new_unlinked, self.new_namespaces, self.unread):
             items.clear()
         self.new_fragments_by_anchor.clear()
@@ -170,9 +157,7 @@ class WorkingSet:
         self.drops.clear()
         self._unlinked = None
         self._bulk = None
-        if self._paused_gc:
-            self._paused_gc = False
-            gc.enable()
+        self._collector.resume()
 
     # ------------------------------------------------------------------ loading
     @property
@@ -414,8 +399,6 @@ class WorkingSet:
         keys = sorted(members)
         nodes = self.nodes
         stored_nodes = [_node_doc(nodes[k]) for k in keys]
-        if len(keys) == 1:
-            return 1, 0, orjson.dumps((stored_nodes, ())).decode()
         adj, links = self.adj, self.links
         position = {k: i for i, k in enumerate(keys)}
         stored_links = [(i, position[b], *_seen(links[(a, b)])) for i, a in enumerate(keys) for b in adj[a] if a < b]

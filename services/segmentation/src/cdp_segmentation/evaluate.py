@@ -321,8 +321,8 @@ def _bounds(window: pb.Window) -> Callable[[int], tuple[float, float, bool]]:
 
 
 def _compile_event(cond: pb.EventCondition) -> Test:
-    """``aggregate`` then ``compare``, in one pass over the events with no call per event (but
-    the ``where``): streaming evaluates these for every event it receives."""
+    """``aggregate`` then ``compare``, selecting the events in one comprehension with no call per
+    event (but the ``where``): streaming evaluates these for every event it receives."""
     bounds, event_type = _bounds(cond.window), cond.pattern.event_type
     where = compile_fields(cond.pattern.where) if cond.pattern.HasField("where") else None
     agg, op, value = cond.aggregate, cond.op, cond.value
@@ -331,38 +331,27 @@ def _compile_event(cond: pb.EventCondition) -> Test:
     name, get = cond.field, _getter(cond.field)
     plain = "." not in name
 
+    def selected(p: ProfileData, now: int) -> list[Event]:
+        """The events the condition reads: in the window, of the type, matching ``where``."""
+        low, high, strict = bounds(now)
+        return [
+            e
+            for e in p.events
+            if (low < e.ts_ms if strict else low <= e.ts_ms)
+            and e.ts_ms < high
+            and (not event_type or e.event_type == event_type)
+            and (where is None or where(e.fields))
+        ]
+
     if agg == pb.AGGREGATE_COUNT:
-
-        def count(p: ProfileData, now: int) -> bool:
-            low, high, strict = bounds(now)
-            n = 0
-            for e in p.events:
-                ts = e.ts_ms
-                if (
-                    (low < ts if strict else low <= ts)
-                    and ts < high
-                    and (not event_type or e.event_type == event_type)
-                    and (where is None or where(e.fields))
-                ):
-                    n += 1
-            return order(float(n), value)
-
-        return count
+        return lambda p, now: order(float(len(selected(p, now))), value)
 
     def numbers(p: ProfileData, now: int) -> list[Any]:
-        low, high, strict = bounds(now)
         found = []
-        for e in p.events:
-            ts = e.ts_ms
-            if (
-                (low < ts if strict else low <= ts)
-                and ts < high
-                and (not event_type or e.event_type == event_type)
-                and (where is None or where(e.fields))
-            ):
-                v = e.fields.get(name, MISSING) if plain else get(e.fields)
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    found.append(v)
+        for e in selected(p, now):
+            v = e.fields.get(name, MISSING) if plain else get(e.fields)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                found.append(v)
         return found
 
     if agg == pb.AGGREGATE_SUM:

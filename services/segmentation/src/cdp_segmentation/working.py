@@ -16,7 +16,6 @@ Merges and splits (rare) first write back what is pending and leave their profil
 from __future__ import annotations
 
 import bisect
-import gc
 import json
 import math
 import operator
@@ -34,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as identity_ev
+from cdp_kit.collector import CollectorPause
 from cdp_segmentation.computed import add_event, values, with_defaults
 from cdp_segmentation.evaluate import Event
 from cdp_segmentation.profiles import ProfileContext, iso, winner_key
@@ -108,8 +108,8 @@ class WorkingSet:
         self._memberships: dict[str, dict[str, tuple[str, datetime]]] = {}
         self._dirty: set[str] = set()
         self._on_end = on_end
-        self._paused_gc = False
-        self._pause_gc()
+        self._collector = CollectorPause()
+        self._collector.pause()  # see cdp_kit.collector; resumed in ``_end``
         self.committing = False
         self.committed = False
         event.listen(session, "before_commit", self._before_commit)
@@ -324,23 +324,8 @@ class WorkingSet:
         self.committing, self.committed = False, False
         self._end()
 
-    def _pause_gc(self) -> None:
-        """Keep CPython's cyclic collector off while the working set lives (it makes no cycles).
-
-        A batch keeps hundreds of thousands of containers alive until it commits (profiles,
-        events, rows, memberships); each automatic collection meanwhile scans all of them and
-        everything kept from the batches before: a tenth of the processor's CPU. Once the
-        transaction ends (commit or rollback) the collector is on again; cyclic garbage made
-        meanwhile waits at most one transaction. A collector that was off already (someone
-        else's choice) is left alone."""
-        if gc.isenabled():
-            gc.disable()
-            self._paused_gc = True
-
     def _end(self) -> None:
-        if self._paused_gc:
-            self._paused_gc = False
-            gc.enable()
+        self._collector.resume()
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             on_end(self)
