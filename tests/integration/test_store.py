@@ -10,7 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
+from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import (
+    SQLITE_MMAP_MIB,
     Checkpoint,
     all_checkpoints,
     canonical_dump,
@@ -370,8 +372,33 @@ def test_sqlite_engine_uses_wal(sqlite_store_url: str) -> None:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
+            assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() == SQLITE_MMAP_MIB * 1024 * 1024
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("mib", [0, 16])
+def test_sqlite_memory_map_follows_the_setting(sqlite_store_url: str, mib: int) -> None:
+    """``CDP_SQLITE_MMAP_MIB`` reaches every connection the service's engine opens (0 turns it off),
+    and a store written through the map reads back the same through plain reads."""
+    settings = ServiceSettings(sqlite_mmap_mib=mib)
+    engine = make_engine(sqlite_store_url, sqlite_mmap_mib=settings.sqlite_mmap_mib)
+    try:
+        create_tables(engine, TABLES)
+        with transaction(engine) as session:
+            for i in range(2000):
+                session.add(StoreTestItem(key=f"k{i:05}", count=i, body={"n": i}))
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() == mib * 1024 * 1024
+    finally:
+        engine.dispose()
+    plain = make_engine(sqlite_store_url, sqlite_mmap_mib=0)
+    try:
+        with Session(plain) as session:
+            rows = session.exec(select(StoreTestItem).order_by(StoreTestItem.key)).all()
+            assert [(r.key, r.count, r.body) for r in rows] == [(f"k{i:05}", i, {"n": i}) for i in range(2000)]
+    finally:
+        plain.dispose()
 
 
 def test_postgres_urls_are_normalised_to_psycopg(postgres_url: str) -> None:

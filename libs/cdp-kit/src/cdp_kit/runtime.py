@@ -86,7 +86,7 @@ async def service_status(service: Service, name: str) -> admin_pb2.ServiceStatus
 
 
 async def serve(settings: S, build: Builder[S]) -> int:
-    engine = make_engine(settings.resolved_store_url())
+    engine = make_engine(settings.resolved_store_url(), sqlite_mmap_mib=settings.sqlite_mmap_mib)
     eventlog = await connect(settings)
     service = build(settings, engine, eventlog)
     service.processor.create_store()
@@ -138,7 +138,7 @@ async def _health_watch(processor: Processor, eventlog: EventLog, server: GrpcSe
 
 
 async def rebuild(settings: S, build: Builder[S]) -> int:
-    engine = make_engine(settings.resolved_store_url())
+    engine = make_engine(settings.resolved_store_url(), sqlite_mmap_mib=settings.sqlite_mmap_mib)
     eventlog = await connect(settings)
     try:
         service = build(settings, engine, eventlog)

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cdp_kit.store import sqlite_url
+from cdp_kit.store import SQLITE_MMAP_MIB, sqlite_url
 
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -26,6 +26,9 @@ class ServiceSettings(BaseSettings):
     nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
     data_dir: Path = Field(default=Path(".cdp"), description="Folder for SQLite stores and file exports")
     store_url: str = Field(default="", description="SQLAlchemy URL of the store; empty = SQLite in data_dir")
+    sqlite_mmap_mib: int = Field(
+        default=SQLITE_MMAP_MIB, ge=0, description="MiB of a SQLite store read through a memory map; 0 = off"
+    )
     grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds")
     grpc_port: int = Field(default=0, description="gRPC port; 0 = the service's default port")
     log_format: LogFormat = Field(default="json", description="json (production) or console (terminal)")

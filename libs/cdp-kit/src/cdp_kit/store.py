@@ -44,15 +44,26 @@ def sqlite_url(path: Path | str) -> str:
     return f"sqlite:///{Path(path)}"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable across process crashes (kill -9); power loss may lose the last
-    # transactions, which recovery re-derives from the log.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+# SQLite reads pages through a memory map of up to this many MiB of the file (``PRAGMA mmap_size``)
+# instead of one read() system call per page outside its small page cache. Writes still go
+# through the WAL. At 1,000,000 records the identity store is ~500 MB and reads a few hundred
+# thousand random pages per transaction. The mapping is shared page cache, not heap.
+SQLITE_MMAP_MIB = 1024
+
+
+def _sqlite_pragmas(mmap_mib: int) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes (kill -9); power loss may lose the last
+        # transactions, which recovery re-derives from the log.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA mmap_size={int(mmap_mib) * 1024 * 1024}")
+        cursor.close()
+
+    return on_connect
 
 
 def normalise_url(url: str) -> str:
@@ -61,11 +72,13 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, sqlite_mmap_mib: int = SQLITE_MMAP_MIB) -> Engine:
+    """An engine for a store URL; SQLite connections get WAL and the pragmas above
+    (``sqlite_mmap_mib`` = 0 turns the memory map off)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, echo=echo, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_mmap_mib))
         return engine
     return sa.create_engine(url, echo=echo, pool_pre_ping=True, poolclass=NullPool if "host=/" in url else None)
 
