@@ -1,4 +1,4 @@
-"""A profile's graph is stored as one document (``store.ProfileRow.graph``): what ``encode_graph``
+"""A profile's graph is stored as one document (``store.ProfileRow.document``): what ``encode_graph``
 writes must read back (``read_graph``) as exactly the nodes and links that were in memory, and
 equal graphs must give equal documents (rebuilt stores are compared byte for byte)."""
 
@@ -74,3 +74,20 @@ def test_an_empty_profile_has_an_empty_document() -> None:
     ws = working_set([], [])
     assert ws.encode_graph(PID) == (0, 0, "")
     assert read_graph(PID, "") == ([], [])
+
+
+def test_a_document_names_each_source_once_and_stores_last_seen_as_an_offset() -> None:
+    """The format as docs/identity.md describes it, on one small graph."""
+    nodes = [
+        Node("cookie:c1", "cookie", "c1", PID, 100, 250, "web", "b1", "web", "b2"),
+        Node("email:a@x.io", "email", "a@x.io", PID, 90, 250, "crm", "b0", "web", "b2"),
+    ]
+    links = [Link("cookie:c1", "email:a@x.io", 100, 250, "web", "b1", "web", "b2")]
+
+    document = working_set(nodes, links).encode_graph(PID)[2]
+
+    assert document == (
+        '[[["web","b1"],["web","b2"],["crm","b0"]],'
+        '[["cookie:c1",100,150,0,1],["email:a@x.io",90,160,2,1]],'
+        "[[0,1,100,150,0,1]]]"
+    )

@@ -58,7 +58,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     @staticmethod
     def _graph(session: Session, profile_id: str) -> tuple[list[Node], list[Link]]:
-        document = session.execute(sa.select(store.PROFILE.c.graph).where(store.PROFILE.c.profile_id == profile_id))
+        document = session.execute(sa.select(store.PROFILE.c.document).where(store.PROFILE.c.profile_id == profile_id))
         return read_graph(profile_id, document.scalar() or "")
 
     @staticmethod

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -36,12 +35,11 @@ from cdp_kit.collector import CollectorPause
 # ``WorkingSet.changed``.
 NEW, CLEAN, MOVED = 0, 1, 2
 WS_KEY = "cdp_identity_graph"
-SEEN = ("first_seen", "last_seen", "dataset", "batch_id", "last_dataset", "last_batch_id")
 PROFILE_COLUMNS = ("profile_id", "ordinal", "founder", "merged_into", "split_from")
-PROFILE_ROW = (*PROFILE_COLUMNS, "identities", "links", "graph")
+PROFILE_ROW = (*PROFILE_COLUMNS, "identities", "links", "document")
 # What can change after a profile's row is written (its ordinal, founder and origin never do, and
 # leaving the indexed ordinal out of the SET spares its index entry).
-PROFILE_CHANGING = ("merged_into", "identities", "links", "graph")
+PROFILE_CHANGING = ("merged_into", "identities", "links", "document")
 
 
 @dataclass(slots=True)
@@ -185,7 +183,7 @@ class WorkingSet:
         if not todo:
             return
         profiles, decode = self.profiles, self._decode
-        for row in self.bulk.select_in(store.PROFILE, (*PROFILE_COLUMNS, "graph"), "profile_id", todo):
+        for row in self.bulk.select_in(store.PROFILE, (*PROFILE_COLUMNS, "document"), "profile_id", todo):
             pid = row[0]
             if pid not in profiles:
                 profiles[pid] = Profile(*row[:5])
@@ -197,11 +195,11 @@ class WorkingSet:
             if pid not in profiles:
                 self.absent.add(pid)
 
-    def _decode(self, pid: str, graph: str) -> None:
+    def _decode(self, pid: str, document: str) -> None:
         """Put a stored graph document in memory. A node or link in memory already is newer than
         the document (it cannot be, as a node in memory means its profile is, but memory wins)."""
         nodes, adj, links = self.nodes, self.adj, self.links
-        stored_nodes, stored_links = read_graph(pid, graph)
+        stored_nodes, stored_links = read_graph(pid, document)
         for node in stored_nodes:
             if node.key not in nodes:
                 nodes[node.key] = node
@@ -392,18 +390,45 @@ class WorkingSet:
 
     def encode_graph(self, pid: str) -> tuple[int, int, str]:
         """A profile's graph as its stored document (``store.ProfileRow``), with its node and link
-        counts. Deterministic: nodes sorted by key, links by their ends' positions."""
+        counts. Deterministic: nodes sorted by key, links by their ends' positions, sources
+        numbered in the order they are first used."""
         members = self.members.get(pid)
         if not members:
             return 0, 0, ""
         keys = sorted(members)
-        nodes = self.nodes
-        stored_nodes = [_node_doc(nodes[k]) for k in keys]
-        adj, links = self.adj, self.links
+        nodes, adj, links = self.nodes, self.adj, self.links
         position = {k: i for i, k in enumerate(keys)}
-        stored_links = [(i, position[b], *_seen(links[(a, b)])) for i, a in enumerate(keys) for b in adj[a] if a < b]
-        stored_links.sort()
-        return len(keys), len(stored_links), orjson.dumps((stored_nodes, stored_links)).decode()
+        ends = sorted([(i, position[b]) for i, a in enumerate(keys) for b in adj[a] if a < b])
+        sources: dict[tuple[str, str], int] = {}
+        source = sources.setdefault
+        stored_nodes = []
+        for k in keys:
+            n = nodes[k]
+            first = n.first_seen
+            stored_nodes.append(
+                (
+                    k,
+                    first,
+                    n.last_seen - first,
+                    source((n.dataset, n.batch_id), len(sources)),
+                    source((n.last_dataset, n.last_batch_id), len(sources)),
+                )
+            )
+        stored_links = []
+        for i, j in ends:
+            x = links[(keys[i], keys[j])]
+            first = x.first_seen
+            stored_links.append(
+                (
+                    i,
+                    j,
+                    first,
+                    x.last_seen - first,
+                    source((x.dataset, x.batch_id), len(sources)),
+                    source((x.last_dataset, x.last_batch_id), len(sources)),
+                )
+            )
+        return len(keys), len(stored_links), orjson.dumps((list(sources), stored_nodes, stored_links)).decode()
 
     def _write_drops(self, conn: sa.Connection) -> None:
         existing = {
@@ -450,16 +475,26 @@ class WorkingSet:
         self.new_namespaces.clear()
 
 
-def read_graph(pid: str, graph: str) -> tuple[list[Node], list[Link]]:
+def read_graph(pid: str, document: str) -> tuple[list[Node], list[Link]]:
     """The nodes and links of a stored graph document (``store.ProfileRow``), in its order."""
-    if not graph:
+    if not document:
         return [], []
-    stored_nodes, stored_links = orjson.loads(graph)
+    sources, stored_nodes, stored_links = orjson.loads(document)
     nodes = []
-    for key, first, last, dataset, batch_id, last_dataset, last_batch_id in stored_nodes:
+    for key, first, span, s, t in stored_nodes:
         namespace, _, value = key.partition(":")
-        nodes.append(Node(key, namespace, value, pid, first, last, dataset, batch_id, last_dataset, last_batch_id))
-    links = [Link(nodes[i].key, nodes[j].key, *seen) for i, j, *seen in stored_links]
+        dataset, batch_id = sources[s]
+        last_dataset, last_batch_id = sources[t]
+        nodes.append(
+            Node(key, namespace, value, pid, first, first + span, dataset, batch_id, last_dataset, last_batch_id)
+        )
+    links = []
+    for i, j, first, span, s, t in stored_links:
+        dataset, batch_id = sources[s]
+        last_dataset, last_batch_id = sources[t]
+        links.append(
+            Link(nodes[i].key, nodes[j].key, first, first + span, dataset, batch_id, last_dataset, last_batch_id)
+        )
     return nodes, links
 
 
@@ -475,8 +510,3 @@ def type_number(name: str) -> int:
     from cdp.identity.v1 import identity_pb2 as pb
 
     return pb.NamespaceType.Value(name) if name in pb.NamespaceType.keys() else pb.NAMESPACE_TYPE_CUSTOM  # noqa: SIM118
-
-
-# Row tuples for the driver and the graph document, built in C: the attributes are named like the columns.
-_seen = attrgetter(*SEEN)
-_node_doc = attrgetter("key", *SEEN)

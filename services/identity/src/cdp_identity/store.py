@@ -27,13 +27,15 @@ class IdentityRow(SQLModel, table=True):
 
 
 class ProfileRow(SQLModel, table=True):
-    """A profile and its whole graph, as one document (``graph``, JSON, written by ``graph.encode_graph``):
+    """A profile and its whole graph, as one document (``document``, JSON, written by ``graph.encode_graph``):
 
-    ``[[node, ...], [link, ...]]`` with ``node = [key, first_seen, last_seen, dataset, batch_id,
-    last_dataset, last_batch_id]`` sorted by key and ``link = [i, j, first_seen, last_seen, dataset,
-    batch_id, last_dataset, last_batch_id]`` between the nodes at positions i < j, sorted. The size
-    guardrail keeps a graph small, so a record reads and writes its profile's graph as one row
-    instead of one row per identity and per link. ``identities`` and ``links`` count what it holds.
+    ``[sources, nodes, links]``. ``sources`` lists the distinct ``[dataset, batch_id]`` pairs the
+    graph was seen from, numbered in the order the nodes and then the links first use them.
+    ``node = [key, first_seen, last_seen - first_seen, first_source, last_source]``, sorted by key;
+    ``link = [i, j, first_seen, last_seen - first_seen, first_source, last_source]`` between the
+    nodes at positions i < j, sorted. Sources are numbers into ``sources``. The size guardrail
+    keeps a graph small, so a record reads and writes its profile's graph as one row instead of
+    one row per identity and per link. ``identities`` and ``links`` count what it holds.
     """
 
     __tablename__ = "identity_profile"
@@ -46,7 +48,7 @@ class ProfileRow(SQLModel, table=True):
     split_from: str = ""
     identities: int = 0
     links: int = 0
-    graph: str = Field(default="", sa_type=sa.Text)
+    document: str = Field(default="", sa_type=sa.Text)
 
 
 class FragmentRow(SQLModel, table=True):
