@@ -46,8 +46,8 @@ def sqlite_url(path: Path | str) -> str:
 
 # SQLite reads pages through a memory map of up to this many MiB of the file (``PRAGMA mmap_size``)
 # instead of one read() system call per page outside its small page cache. Writes still go
-# through the WAL. At 1,000,000 records the identity store is ~500 MB and reads a few hundred
-# thousand random pages per transaction. The mapping is shared page cache, not heap.
+# through the WAL. At 1,000,000 records the identity store is a few hundred MB and a transaction
+# reads tens of thousands of random pages. The mapping is shared page cache, not heap.
 SQLITE_MMAP_MIB = 1024
 
 

