@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from datetime import UTC, datetime
 
 import pytest
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp_kit import eventlog as eventlog_module
 from cdp_kit.envelope import Cause, Envelope, make_envelope, unpack
-from cdp_kit.eventlog import AppendConflict, EventLog
+from cdp_kit.errors import Unavailable
+from cdp_kit.eventlog import READ_FETCH_MESSAGES, AppendConflict, EventLog
+from cdp_kit.natsserver import NatsServer
 from cdp_kit.streams import INGEST
 
 SUBJECT = "cdp.ingest.0.records"
@@ -104,3 +110,62 @@ async def test_a_read_leaves_no_consumer_behind(eventlog: EventLog) -> None:
     assert got == [1, 2, 3]
     info = await eventlog.js.stream_info(INGEST.name)
     assert info.state.consumer_count == 0
+
+
+async def consumer_names(eventlog: EventLog) -> list[str]:
+    return [str(c.name) for c in await eventlog.js.consumers_info(INGEST.name)]
+
+
+async def test_a_read_that_misses_a_delivery_fails_as_unavailable(eventlog: EventLog) -> None:
+    """A delivery that never reaches the reader (here another subscriber takes it from the read's
+    own consumer) must fail the read, not skip the message silently."""
+    total = READ_FETCH_MESSAGES * 3
+    for n in range(1, total + 1):
+        await eventlog.append(SUBJECT, [event(n)], msg_id=f"m{n}")
+    seen: list[int] = []
+
+    async def read_all() -> None:
+        async for msg in eventlog.read(INGEST.name, SUBJECT, 1):
+            seen.append(msg.sequence)
+            if len(seen) == 1:  # the read holds its first fetch; take the next delivery from under it
+                [consumer] = await consumer_names(eventlog)
+                thief = await eventlog.js.pull_subscribe_bind(durable=consumer, stream=INGEST.name)
+                [stolen] = await thief.fetch(1, timeout=5)
+                assert stolen.metadata.sequence.consumer == READ_FETCH_MESSAGES + 1
+                await thief.unsubscribe()
+
+    with pytest.raises(Unavailable, match="lost messages after delivery"):
+        await read_all()
+    assert seen == list(range(1, READ_FETCH_MESSAGES + 1))  # everything before the gap, nothing after
+    assert await consumer_names(eventlog) == []  # and the read's consumer is gone
+
+
+async def test_a_read_whose_server_stops_delivering_fails_as_unavailable(
+    eventlog: EventLog, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages pending but none delivered for READ_STALLS fetches in a row (the server is frozen
+    with SIGSTOP) fail the read instead of waiting for ever; the read cleans up once it is back."""
+    monkeypatch.setattr(eventlog_module, "READ_FETCH_TIMEOUT_S", 0.2)
+    for n in range(1, READ_FETCH_MESSAGES + 6):
+        await eventlog.append(SUBJECT, [event(n)], msg_id=f"m{n}")
+    assert nats_server.process is not None
+    pid = nats_server.process.pid
+    seen: list[int] = []
+
+    async def read_all() -> None:
+        async for msg in eventlog.read(INGEST.name, SUBJECT, 1):
+            seen.append(msg.sequence)
+            if len(seen) == READ_FETCH_MESSAGES:  # the first fetch is used up: freeze the server
+                os.kill(pid, signal.SIGSTOP)
+                # Thaw it after the read has given up, so that its clean-up reaches the server.
+                asyncio.get_running_loop().call_later(
+                    eventlog_module.READ_STALLS * 0.2 + 1.0, os.kill, pid, signal.SIGCONT
+                )
+
+    try:
+        with pytest.raises(Unavailable, match=f"5 messages pending, none delivered in {eventlog_module.READ_STALLS} "):
+            await read_all()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert seen == list(range(1, READ_FETCH_MESSAGES + 1))
+    assert await consumer_names(eventlog) == []

@@ -48,8 +48,10 @@ MAX_MESSAGE_BYTES = 1024 * 1024 - 4096
 # applies what it got; megabytes of them stalled the server's writes past its deadline and the
 # server dropped the connection (seen when a rebuild read 1,024-message batches of ~1 MiB).
 READ_FETCH_MESSAGES = 32
-# Fetches in a row that may deliver nothing while messages are pending before a read gives up.
+# Fetches in a row that may deliver nothing while messages are pending before a read gives up,
+# and how long each fetch waits.
 READ_STALLS = 6
+READ_FETCH_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -228,13 +230,13 @@ class EventLog:
             remaining = info.num_pending or 0
             while remaining > 0:
                 try:
-                    msgs = await sub.fetch(min(batch, remaining, READ_FETCH_MESSAGES), timeout=5.0)
+                    msgs = await sub.fetch(min(batch, remaining, READ_FETCH_MESSAGES), timeout=READ_FETCH_TIMEOUT_S)
                 except TimeoutError:  # nats.errors.TimeoutError and asyncio.TimeoutError are ones too
                     stalls += 1
                     if stalls >= READ_STALLS:
                         raise Unavailable(
                             f"reading {stream} stalled: {remaining} messages pending, none delivered "
-                            f"in {stalls} fetches of 5 s"
+                            f"in {stalls} fetches of {READ_FETCH_TIMEOUT_S:g} s"
                         ) from None
                     continue
                 stalls = 0
