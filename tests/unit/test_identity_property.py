@@ -58,7 +58,7 @@ def run(recs: Sequence[Sequence[tuple[str, str]]], per_transaction: int) -> tupl
         with Session(engine) as session:
             ws = projection.graph(session)
             for n, rec in enumerate(recs[start : start + per_transaction], start):
-                kept, dropped = kept_and_dropped(ws, normalise, list(rec))
+                kept, dropped = kept_and_dropped(ws.rules, normalise, list(rec))
                 fragment = ev.ProfileFragment(source_event_id=f"e{n}", dataset="d")
                 make = Maker(f"e{n}", T0, Cause("t", n), {})
 

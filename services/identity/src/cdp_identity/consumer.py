@@ -65,16 +65,7 @@ class RecordsToFragments:
         record, kept, dropped = parsed
         if not kept:
             log.info("record_without_identities", record_event=env.id, dataset=record.dataset, dropped=len(dropped))
-        fragment = ev.ProfileFragment(
-            source_event_id=env.id,
-            record_id=record.record_id,
-            dataset=record.dataset,
-            kind="event" if record.schema_class == EVENT_CLASS else "record",
-            attributes=record.attributes,
-            occurred_at=record.occurred_at,
-            event_type=record.event_type,
-            batch_id=record.batch_id,
-        )
+        fragment = fragment_of(env.id, record)
         if uow.cause is not self._cause:  # one Causation per input message, shared by its records' events
             self._cause, self._causation = uow.cause, uow.cause.to_proto()
         make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context, self._causation)
@@ -90,5 +81,19 @@ class RecordsToFragments:
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
         # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip.
         record = ingest_ev.RecordAccepted.FromString(env.payload.value)
-        kept, dropped = kept_and_dropped(ws, self.normalise, [(i.namespace, i.value) for i in record.identities])
+        kept, dropped = kept_and_dropped(ws.rules, self.normalise, [(i.namespace, i.value) for i in record.identities])
         return record, kept, dropped
+
+
+def fragment_of(source_event_id: str, record: ingest_ev.RecordAccepted) -> ev.ProfileFragment:
+    """A record's fragment before it is resolved (no profile, identities or anchor yet)."""
+    return ev.ProfileFragment(
+        source_event_id=source_event_id,
+        record_id=record.record_id,
+        dataset=record.dataset,
+        kind="event" if record.schema_class == EVENT_CLASS else "record",
+        attributes=record.attributes,
+        occurred_at=record.occurred_at,
+        event_type=record.event_type,
+        batch_id=record.batch_id,
+    )

@@ -32,7 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
-from cdp_identity.domain import components, node_key, split_key, split_profile_id
+from cdp_identity.domain import Rules, components, node_key, split_key, split_profile_id
 from cdp_identity.graph import Made, WorkingSet, pair
 from cdp_kit.envelope import (
     SCHEMA_VERSION,
@@ -65,32 +65,28 @@ def link(a: str, b: str) -> ev.IdentityLink:
 
 
 class Normaliser:
-    """Normalises raw identities with a bounded memo (the same cookie arrives many times): a
-    raw (namespace, value) maps to its node key and its rank. Only values of defined namespaces
-    are remembered; namespaces are never removed and never change, so an entry stays right."""
+    """A bounded memo of normalised raw identities (the same cookie arrives many times): a raw
+    (namespace, value) maps to its node key and its rank. Only values of defined namespaces are
+    remembered; namespaces are never removed and never change, so an entry stays right."""
 
     def __init__(self, limit: int = 200_000) -> None:
         self.limit = limit
         self.memo: dict[tuple[str, str], tuple[tuple[int, str, str], str]] = {}
 
-    def __call__(self, ws: WorkingSet, namespace: str, value: str) -> tuple[str | None, str, str]:
-        return ws.rules.normalise(namespace, value)
-
 
 def kept_and_dropped(
-    ws: WorkingSet, normalise: Normaliser, raw: list[tuple[str, str]]
+    rules: Rules, normalise: Normaliser, raw: list[tuple[str, str]]
 ) -> tuple[list[str], list[ev.DroppedIdentity]]:
     """The record's usable identity keys, strongest first, and what was dropped (with a hash, never the value)."""
     ranked: dict[str, tuple[int, str, str]] = {}
     dropped: list[ev.DroppedIdentity] = []
     memo = normalise.memo
-    rules = ws.rules
     namespaces = rules.namespaces
     for item in raw:
         hit = memo.get(item)
         if hit is None or item[0] not in namespaces:
             namespace, value = item
-            clean, rule, detail = normalise(ws, namespace, value)
+            clean, rule, detail = rules.normalise(namespace, value)
             if clean is None:
                 dropped.append(
                     ev.DroppedIdentity(namespace=namespace, rule=rule, value_hash=pii_hash(value), detail=detail)
@@ -285,16 +281,7 @@ def resolve_record(
                 "merge",
             )
         )
-    fragment.profile_id = survivor
-    identities = fragment.identities
-    for k in accepted:
-        ns, _, value = k.partition(":")
-        identities.add(namespace=ns, value=value)
-    ns, _, value = anchor.partition(":")
-    fragment.anchor.namespace = ns
-    fragment.anchor.value = value
-    if dropped:
-        fragment.dropped.extend(dropped)
+    resolved(fragment, survivor, accepted, dropped)
     if emit_fragment is None:
         made = make(fragment, survivor, "fragment")
         ws.made[made.id] = (fragment, accepted, anchor, make.micros)
@@ -306,6 +293,21 @@ def resolve_record(
         emit_fragment(make.encoded(fragment, survivor, "fragment"), (fragment, accepted, anchor, make.micros))
     if len(ws.members.get(survivor, ())) > ws.rules.max_identities:
         enforce_size(ws, survivor, make, emit, source)
+
+
+def resolved(fragment: ev.ProfileFragment, pid: str, keys: list[str], dropped: list[ev.DroppedIdentity]) -> None:
+    """Complete a record's fragment: its profile, its identities (strongest first; the first is
+    the anchor) and what was dropped."""
+    fragment.profile_id = pid
+    identities = fragment.identities
+    for k in keys:
+        ns, _, value = k.partition(":")
+        identities.add(namespace=ns, value=value)
+    ns, _, value = keys[0].partition(":")
+    fragment.anchor.namespace = ns
+    fragment.anchor.value = value
+    if dropped:
+        fragment.dropped.extend(dropped)
 
 
 def _refusal(ws: WorkingSet, make: Maker, key: str, group: list[str], rule: str, reason: str, source: str) -> Envelope:

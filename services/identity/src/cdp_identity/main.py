@@ -44,13 +44,17 @@ def _sqlite_cache(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def sqlite_cache(engine: Engine) -> None:
+    """The graph's B-trees are read and written at random: a larger page cache (the default is
+    2 MiB) keeps their upper levels in memory. Bounded, per connection."""
+    if engine.dialect.name == "sqlite" and not event.contains(engine, "connect", _sqlite_cache):
+        event.listen(engine, "connect", _sqlite_cache)
+
+
 def build_processor(
     settings: IdentitySettings, engine: Engine, eventlog: EventLog
 ) -> tuple[Processor, IdentityProjection]:
-    if engine.dialect.name == "sqlite" and not event.contains(engine, "connect", _sqlite_cache):
-        # The graph's B-trees are read and written at random: a larger page cache (the
-        # default is 2 MiB) keeps their upper levels in memory. Bounded, per connection.
-        event.listen(engine, "connect", _sqlite_cache)
+    sqlite_cache(engine)
     collect_less_often()
     projection = IdentityProjection(settings.rules())
     processor = Processor(
