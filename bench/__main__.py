@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["activation", "eventlog", "identity", "ingest", "segmentation"]
+BENCHMARKS = ["activation", "eventlog", "identity", "identity_split", "ingest", "segmentation"]
 
 
 def main(argv: list[str]) -> int:
