@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
-from cdp_kit.natsserver import die_with_parent, find_binary, free_port, wait_for_jetstream
+from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,12 @@ class Child:
         with self.log_path.open("ab") as out:
             try:
                 self.process = subprocess.Popen(
-                    self.argv,
+                    guarded(self.argv),
                     env=self.env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=self.new_session,
-                    preexec_fn=die_with_parent(),
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
