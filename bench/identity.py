@@ -45,7 +45,7 @@ from cdp_identity.domain import Rules, profile_id_for, split_key
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolved
 from cdp_identity.main import build_processor, collect_less_often, sqlite_cache
 from cdp_identity.settings import IdentitySettings
-from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope
+from cdp_kit.envelope import Causation, Cause, Envelope, deterministic_id, make_envelope
 from cdp_kit.eventlog import EventLog, LogMessage
 from cdp_kit.processor import Input, Processor, UnitOfWork
 from cdp_kit.store import make_engine, sqlite_url
@@ -111,6 +111,8 @@ class FloorHandler:
         self.index: dict[str, str] = {}
         self.new_nodes: list[tuple[str, str]] = []
         self.fragments: list[tuple[str, str]] = []
+        self._cause: Cause | None = None
+        self._causation = Causation()
 
     def prefetch(self, session: Session, envelopes: list[Envelope]) -> None:
         keys: list[str] = []
@@ -139,7 +141,9 @@ class FloorHandler:
         self.fragments.append((kept[0], env.id))
         fragment = fragment_of(env.id, record)
         resolved(fragment, pid, kept, dropped)
-        make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context)
+        if uow.cause is not self._cause:  # one Causation per input message, as the service shares it
+            self._cause, self._causation = uow.cause, uow.cause.to_proto()
+        make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context, self._causation)
         uow.emit_encoded(FLOOR_LOG, [make.encoded(fragment, pid, "fragment")], lambda session: None)
 
     def finish(self, session: Session) -> None:
