@@ -1134,3 +1134,60 @@ async def test_many_small_events_beyond_one_message_are_refused_as_oversized(
 
     assert await outputs(eventlog) == []
     assert counters(sqlite_engine) == {}
+
+
+# ===================================================================== gap-free consumption
+
+
+class ThievingLog(EventLog):
+    """Shares a connection; right after the first durable consumer is created, another subscriber
+    takes its first ``steal`` deliveries, as a dropped connection loses what was in flight."""
+
+    def __init__(self, eventlog: EventLog, steal: int) -> None:
+        super().__init__(eventlog.nc)
+        self.steal = steal
+        self.stolen: list[int] = []
+
+    async def durable(self, spec: ConsumerSpec, start_sequence: int) -> Any:
+        reader = await super().durable(spec, start_sequence)
+        if self.steal and not self.stolen:
+            thief = await self.js.pull_subscribe_bind(durable=spec.name, stream=spec.stream.name)
+            self.stolen = [m.metadata.sequence.stream for m in await thief.fetch(self.steal, timeout=5)]
+            await thief.unsubscribe()
+        return reader
+
+
+async def run_until_applied(processor: Processor, sequence: int) -> None:
+    task = asyncio.create_task(processor.run_input(processor.inputs[0]))
+    try:
+        async with asyncio.timeout(20):
+            while checkpoints(processor.engine).get(in_checkpoint(IN), 0) < sequence:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.05)
+    finally:
+        processor.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_deliveries_lost_in_flight_are_read_again_before_anything_later_is_applied(
+    sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine
+) -> None:
+    """The first two deliveries never reach the consumer (JetStream counts them as delivered and
+    would redeliver them only after ack_wait). The consumer must notice the gap at the third
+    delivery and read again from its checkpoint, so the store ends equal to an undisturbed run."""
+    await append_inputs(eventlog)
+    thieving = ThievingLog(eventlog, steal=2)
+    processor = make_processor(sqlite_engine, thieving)
+    await processor.recover()
+
+    await run_until_applied(processor, len(INPUT_LAYOUT))
+
+    assert thieving.stolen == [1, 2]
+    assert processor.health[IN.name].gaps >= 1
+    handler = handler_of(processor)
+    assert handler.decided == all_input_ids()  # every input once, in stream order
+    assert counters(sqlite_engine) == {"observed": 8, "folded:test-out": 8}
+    assert [ids for _cause, ids in await outputs(eventlog)] != []
+    assert sorted(i for _c, ids in await outputs(eventlog) for i in ids) == sorted(output_ids())

@@ -194,7 +194,7 @@ class EventLog:
             raise CdpError(f"append to {subject} failed: {exc.description}") from exc
         except nats.errors.MaxPayloadError as exc:
             raise CdpError(f"append to {subject} refused: {len(data)} bytes exceed the server's max_payload") from exc
-        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+        except (TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
             raise Unavailable(f"append to {subject} failed: {type(exc).__name__}") from exc
         return Appended(sequence=ack.seq, duplicate=bool(ack.duplicate))
 
@@ -285,17 +285,43 @@ class EventLog:
         return int(info.ack_floor.stream_seq or 0), int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
 
+class DeliveryGap(Unavailable):
+    """A durable consumer delivered messages that never reached this reader (a dropped
+    connection, a server restart, a client-side slow-consumer drop). Nothing past the gap may
+    be applied: the consumer is re-created at the store's checkpoint and reads again."""
+
+
 class DurableReader:
+    """Reads one durable pull consumer, strictly in order and without gaps.
+
+    JetStream numbers a consumer's deliveries 1, 2, 3... (redeliveries included), and the
+    consumer is created afresh at the store's checkpoint, so an unbroken run of delivery
+    numbers from 1 means every message past the checkpoint reached us, in stream order. A
+    filtered consumer's stream sequences are not contiguous, so the delivery number is what
+    is checked. A break raises ``DeliveryGap`` before any message behind it is returned.
+    """
+
     def __init__(self, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription) -> None:
         self.spec = spec
         self.sub = sub
+        self.delivered = 0
 
     async def fetch(self, batch: int, timeout: float) -> list[tuple[LogMessage, Msg]]:
         try:
             msgs = await self.sub.fetch(batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError and asyncio.TimeoutError alike: nothing came
             return []
-        return [(to_log_message(m), m) for m in msgs]
+        items = []
+        for msg in msgs:
+            delivery = msg.metadata.sequence.consumer
+            if delivery != self.delivered + 1:
+                raise DeliveryGap(
+                    f"{self.spec.name} lost deliveries after {self.delivered} (got delivery {delivery}, "
+                    f"stream sequence {msg.metadata.sequence.stream}): reading again from the checkpoint"
+                )
+            self.delivered = delivery
+            items.append((to_log_message(msg), msg))
+        return items
 
     async def close(self) -> None:
         await asyncio.shield(self.sub.unsubscribe())

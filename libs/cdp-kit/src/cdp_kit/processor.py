@@ -36,7 +36,15 @@ from sqlmodel import Session
 
 from cdp_kit.envelope import Cause, EncodedEnvelope, Envelope, deterministic_id, to_timestamp, utcnow
 from cdp_kit.errors import CdpError, Unavailable
-from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, Appended, DuplicateAppend, EventLog, LogMessage
+from cdp_kit.eventlog import (
+    MAX_MESSAGE_BYTES,
+    AppendConflict,
+    Appended,
+    DeliveryGap,
+    DuplicateAppend,
+    EventLog,
+    LogMessage,
+)
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
@@ -292,6 +300,26 @@ def _consumer_of(header: str, inputs: Sequence[Input]) -> tuple[ConsumerSpec, in
     return None
 
 
+@dataclass
+class ConsumerHealth:
+    """How one input is doing, for status, readiness and metrics.
+
+    ``progressed_at`` is the monotonic time of the last fetch that went through (a batch
+    applied, or nothing left to read); a consumer whose ``progressed_at`` is older than the
+    service's stall limit is stuck, and ``error`` says why."""
+
+    progressed_at: float = field(default_factory=time.monotonic)
+    error: str = ""
+    gaps: int = 0
+
+    def progressed(self) -> None:
+        self.progressed_at = time.monotonic()
+        self.error = ""
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self.progressed_at
+
+
 class Processor:
     def __init__(
         self,
@@ -316,7 +344,7 @@ class Processor:
         self.lock = asyncio.Lock()
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.failures: dict[str, str] = {}
+        self.health: dict[str, ConsumerHealth] = {inp.spec.name: ConsumerHealth() for inp in self.inputs}
         self._tracer = tracer(f"cdp.{service}")
         instruments = meter(f"cdp.{service}")
         self._applied = instruments.create_counter(
@@ -457,9 +485,15 @@ class Processor:
         self._batch_seconds.record(time.perf_counter() - started, labels)
         return applied_now
 
+    @property
+    def failures(self) -> dict[str, str]:
+        """The current error of every input that has one."""
+        return {name: h.error for name, h in self.health.items() if h.error}
+
     async def run_input(self, inp: Input) -> None:
         """Consume one input until stopped, restarting the consumer on failure."""
         backoff = 0.2
+        health = self.health[inp.spec.name]
         while not self._stopping.is_set():
             reader = None
             try:
@@ -470,25 +504,28 @@ class Processor:
                     items = await reader.fetch(self.batch_size, timeout=1.0)
                     if items:
                         await self.apply_input_batch(inp, items)
-                        self.failures.pop(inp.spec.name, None)
-                        backoff = 0.2
-                self.failures.pop(inp.spec.name, None)
+                    health.progressed()
+                    backoff = 0.2
+            except DeliveryGap as exc:
+                # Not an error to wait out: the consumer is re-created at the checkpoint at once.
+                health.gaps += 1
+                log.warning("input_gap_reading_again", consumer=inp.spec.name, error=exc.message)
             except AppendConflict as exc:
-                self.failures[inp.spec.name] = exc.message
+                health.error = exc.message
                 log.warning("append_conflict_recovering", consumer=inp.spec.name)
                 await self.recover()
             except Unavailable as exc:
-                self.failures[inp.spec.name] = exc.message
+                health.error = exc.message
                 log.warning("input_unavailable", consumer=inp.spec.name, error=exc.message, retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except CdpError as exc:
                 # A message this service cannot apply (e.g. OversizedCause): stop here, visibly, and retry later.
-                self.failures[inp.spec.name] = exc.message
+                health.error = exc.message
                 log.error("input_stuck", consumer=inp.spec.name, error=exc.message, retry_in=5.0)
                 await asyncio.sleep(5.0)
             except (nats.errors.Error, OSError) as exc:
-                self.failures[inp.spec.name] = f"{type(exc).__name__}: {exc}"
+                health.error = f"{type(exc).__name__}: {exc}"
                 log.warning("input_unavailable", consumer=inp.spec.name, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
