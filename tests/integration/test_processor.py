@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp_kit.deadletters import DEADLETTER_TABLES, DeadLetterRow
 from cdp_kit.envelope import (
     Cause,
     Envelope,
@@ -33,6 +34,7 @@ from cdp_kit.envelope import (
 from cdp_kit.errors import Conflict
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, AppendConflict, Appended, DuplicateAppend, EventLog, LogMessage
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.parts import PART_HEADER
 from cdp_kit.processor import (
     CAUSE_HEADER,
     Input,
@@ -44,7 +46,7 @@ from cdp_kit.processor import (
     in_checkpoint,
     own_checkpoint,
 )
-from cdp_kit.store import Checkpoint, StoreSchema, all_checkpoints, canonical_dump, make_engine, transaction
+from cdp_kit.store import Checkpoint, StoreSchema, all_checkpoints, canonical_dump, make_engine, sqlite_url, transaction
 from cdp_kit.streams import AUDIENCE, DELIVERY, INGEST, ConsumerSpec, OwnLog
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -246,7 +248,7 @@ def checkpoints(engine: Engine) -> dict[str, int]:
         return all_checkpoints(session)
 
 
-class SimulatedCrash(Exception):
+class SimulatedCrash(BaseException):  # a process death, not an error a consumer could handle
     """The process 'dies' here: after an append reached JetStream, before the SQL commit."""
 
 
@@ -576,35 +578,86 @@ async def test_restart_without_crash_changes_nothing(sqlite_engine: Engine, even
 # ===================================================================== (d) one message per cause
 
 
-async def test_one_input_emitting_to_two_own_logs_is_refused_and_rolled_back(
-    sqlite_engine: Engine, eventlog: EventLog
+def letters(engine: Engine) -> list[tuple[int, str, str, int]]:
+    """(sequence, error class, state, redrives) of every dead letter of the test input."""
+    with Session(engine) as session:
+        rows = session.exec(select(DeadLetterRow).order_by(DeadLetterRow.sequence)).all()  # type: ignore[arg-type]
+        return [(r.sequence, r.error_class, r.state, r.redrives) for r in rows if r.consumer == IN.name]
+
+
+async def test_a_handler_bug_dead_letters_each_message_it_raises_on_and_a_redrive_applies_them_after_a_fix(
+    sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine
 ) -> None:
+    """Emitting one cause's events to two own logs is a programming error (MixedOwnLogs). It must
+    not stop the input: each message it raises on is set aside with its exception class, nothing
+    of it reaches the log or the store, and once the handler is fixed a redrive applies them. A
+    rebuild then makes the same decisions."""
     both = (OUT, OUT_B)
     await append_inputs(eventlog)
-    processor = make_processor(sqlite_engine, eventlog, EchoHandler(both), own_logs=both, batch_size=3)
+    handler = EchoHandler(both)
+    processor = make_processor(sqlite_engine, eventlog, handler, own_logs=both, batch_size=3)
     await processor.recover()
-    before = dump(sqlite_engine)
     msgs = await input_messages(eventlog)
 
-    with pytest.raises(MixedOwnLogs, match="one own log"):
-        await processor.apply_input_batch(processor.inputs[0], [(m, None) for m in msgs[:3]])
+    applied = await processor.apply_input_batch(processor.inputs[0], [(m, None) for m in msgs[:3]])
 
-    # Refused at the first input event's emit to OUT_B, before anything was appended; the OUT fold
-    # and the observation rolled back with the transaction.
-    assert handler_of(processor).decided == [input_id(1, 0)]
+    assert applied == 0
     assert await outputs(eventlog, OUT) == []
     assert await outputs(eventlog, OUT_B) == []
-    assert dump(sqlite_engine) == before
-    assert counters(sqlite_engine) == {}
-    assert checkpoints(sqlite_engine) == {}
+    assert counters(sqlite_engine) == {}  # every observation rolled back with its message
+    assert letters(sqlite_engine) == [(n, "MixedOwnLogs", "dead", 0) for n in (1, 2, 3)]
+    assert checkpoints(sqlite_engine)[in_checkpoint(IN)] == 3
 
-    # The service does not crash on it: the consumer records the failure and waits to retry.
-    failure = await failure_of_run_input(processor)
+    handler.outs = [OUT]  # the fix
+    assert await processor.request_redrive(IN.name, [], "fix-1") == 3
+    assert letters(sqlite_engine) == [(n, "MixedOwnLogs", "redrive_requested", 0) for n in (1, 2, 3)]
+    assert await processor.redrive(processor.inputs[0]) == 3
 
-    assert "one own log" in failure
-    assert await outputs(eventlog, OUT) == []
-    assert await outputs(eventlog, OUT_B) == []
-    assert dump(sqlite_engine) == before
+    assert letters(sqlite_engine) == [(n, "MixedOwnLogs", "redriven", 1) for n in (1, 2, 3)]
+    assert [cause for cause, _ in await outputs(eventlog, OUT)] == [f"cmd:redrive:test-in:{n}:1" for n in (1, 2, 3)]
+    await processor.catch_up()  # the rest, with the fixed handler
+    assert sorted(i for _c, ids in await outputs(eventlog) for i in ids) == sorted(output_ids())
+    assert counters(sqlite_engine) == {"observed": 8, "folded:test-out": 8}
+
+    live = canonical_dump(sqlite_engine, [*ALL_TABLES, *DEADLETTER_TABLES])
+    rebuilt = make_processor(reference_engine, eventlog, EchoHandler((OUT,)), own_logs=both)
+    await rebuilt.rebuild()
+    assert canonical_dump(reference_engine, [*ALL_TABLES, *DEADLETTER_TABLES]) == live
+
+
+async def test_garbage_between_valid_messages_is_dead_lettered_and_the_input_moves_on(
+    sqlite_engine: Engine, eventlog: EventLog
+) -> None:
+    """Bytes that are no event batch at all, and a batch whose event holds the wrong payload type,
+    sit between valid messages. The consumer, run as the service runs it, sets both aside with
+    their reason and a masked excerpt, applies every valid message once, and records no error."""
+    await append_inputs(eventlog, [1, 1])
+    await eventlog.append_raw(IN_SUBJECT, b"\xff\xfe not protobuf: ann@example.com 4155550100", msg_id="junk-1")
+    wrong = make_envelope(
+        Cause().to_proto(), event_id="wrong", subject_key="x", occurred_at=T0, cause=Cause(command_id="w")
+    )
+    await eventlog.append(IN_SUBJECT, [wrong], msg_id="junk-2")
+    await append_inputs(eventlog, [1, 1], first=5)
+    processor = make_processor(sqlite_engine, eventlog, batch_size=4)
+    await processor.recover()
+
+    await run_until_applied(processor, 6)
+
+    assert [(seq, state) for seq, _cls, state, _n in letters(sqlite_engine)] == [(3, "dead"), (4, "dead")]
+    assert [cls for _seq, cls, _s, _n in letters(sqlite_engine)] == ["DecodeError", "TypeError"]
+    with Session(sqlite_engine) as session:
+        junk = session.get(DeadLetterRow, (IN.name, 3))
+        assert junk is not None
+        assert "example" not in junk.excerpt
+        assert "4155550100" not in junk.excerpt
+        assert "xxx@xxxxxxx.xxx 9999999999" in junk.excerpt
+        assert (junk.stream, junk.subject) == (IN.stream.name, IN_SUBJECT)
+    # every valid message once, in order (the handler also saw the rolled-back first attempt)
+    assert [i for _cause, ids in await outputs(eventlog) for i in ids] == [
+        deterministic_id(OUT.name, input_id(n, 0)) for n in (1, 2, 5, 6)
+    ]
+    assert counters(sqlite_engine) == {"observed": 4, "folded:test-out": 4}
+    assert processor.failures == {}
 
 
 # Inputs 1-2 go to OUT, 3-4 to OUT_B, 5-7 to OUT again: one cause, one own log each.
@@ -787,28 +840,113 @@ async def outputs_of_reference(engine: Engine, eventlog: EventLog) -> list[tuple
     return await outputs(eventlog)
 
 
-async def test_one_input_whose_outputs_exceed_one_message_is_refused(sqlite_engine: Engine, eventlog: EventLog) -> None:
-    size = 600_000  # one input message with two events, each echoed as ~600 KB: one cause > MAX_MESSAGE_BYTES
-    assert size < MAX_MESSAGE_BYTES < 2 * size
-    await append_inputs(eventlog, [2])
-    processor = make_processor(sqlite_engine, eventlog, EchoHandler(size=size))
-    await processor.recover()
-    before = dump(sqlite_engine)
-    msgs = await input_messages(eventlog)
+DOWN = ConsumerSpec("test-down", AUDIENCE, OUT.subject)
+PART_SIZE = 600_000  # one input message with two events, each echoed as ~600 KB: one cause > MAX_MESSAGE_BYTES
 
-    with pytest.raises(OversizedCause, match="split the work"):
-        await processor.apply_input_batch(processor.inputs[0], [(m, None) for m in msgs])
 
-    assert handler_of(processor).decided == all_input_ids([2])
-    assert await outputs(eventlog) == []
-    assert dump(sqlite_engine) == before
-    assert checkpoints(sqlite_engine) == {}
+async def parts_of(eventlog: EventLog, own: OwnLog = OUT) -> list[tuple[str, str]]:
+    """(Cdp-Cause, Cdp-Part) of every message on an own log."""
+    return [
+        (m.headers.get(CAUSE_HEADER, ""), m.headers.get(PART_HEADER, ""))
+        async for m in eventlog.read(own.stream.name, own.subject)
+    ]
 
-    failure = await failure_of_run_input(processor)
 
-    assert "exceed one message" in failure
-    assert await outputs(eventlog) == []
-    assert dump(sqlite_engine) == before
+def downstream(engine: Engine, eventlog: EventLog) -> Processor:
+    """A second service that reads OUT as its input (and echoes to OUT_B)."""
+    processor = Processor(
+        service="down",
+        engine=engine,
+        eventlog=eventlog,
+        tables=TABLES,
+        own_logs=[OUT_B],
+        projection=EchoProjection(),
+        inputs=[Input(DOWN, EchoHandler((OUT_B,)))],
+        batch_size=1,
+    )
+    processor.create_store()
+    return processor
+
+
+async def test_one_input_whose_outputs_exceed_one_message_is_appended_as_parts_and_applied_whole(
+    sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine
+) -> None:
+    """No valid input may cause more than a message holds: its outputs go out as numbered parts,
+    the writer's store folds them, and a downstream consumer fetching one message at a time
+    applies the cause only when its last part is there, in one transaction."""
+    assert PART_SIZE < MAX_MESSAGE_BYTES < 2 * PART_SIZE
+    await append_inputs(eventlog, [2, 1])
+    processor = make_processor(sqlite_engine, eventlog, EchoHandler(sizes={1: PART_SIZE}))
+    await processor.catch_up()
+
+    assert await parts_of(eventlog) == [("test-in:1", "1/2"), ("test-in:1", "2/2"), ("test-in:2", "")]
+    assert sorted(i for _c, ids in await outputs(eventlog) for i in ids) == sorted(output_ids(layout=[2, 1]))
+    assert counters(sqlite_engine) == {"observed": 3, "folded:test-out": 3}
+
+    down = downstream(reference_engine, eventlog)
+    msgs = [m async for m in eventlog.read(DOWN.stream.name, DOWN.filter_subject)]
+    assert await down.apply_input_batch(down.inputs[0], [(msgs[0], None)]) == 0  # half a cause: nothing
+    assert checkpoints(reference_engine).get(in_checkpoint(DOWN), 0) == 0
+    await down.catch_up()
+    assert counters(reference_engine) == {"observed": 3, "folded:test-out-b": 3}
+    # The cause is the unit's last part (stream sequence 2); its echoes are big too, so in parts again.
+    assert await parts_of(eventlog, OUT_B) == [("test-down:2", "1/2"), ("test-down:2", "2/2"), ("test-down:3", "")]
+
+
+@pytest.mark.parametrize("crash_on", [1, 2])
+async def test_a_crash_between_the_parts_of_a_cause_ends_equal_to_the_no_crash_run(
+    sqlite_engine: Engine,
+    eventlog: EventLog,
+    reference_engine: Engine,
+    reference_log: EventLog,
+    tmp_path: Path,
+    crash_on: int,
+) -> None:
+    """kill -9 after the first part (an aborted attempt stays on the log) or after the last part
+    (before the commit). The restarted writer and a downstream consumer end equal to a run
+    without the crash; the aborted part is folded by no one."""
+    layout = [2, 1]
+    expected = await reference_run(reference_engine, reference_log, layout=layout, size=PART_SIZE)
+    ref_down_engine = make_engine(sqlite_url(tmp_path / "ref-down.db"))
+    ref_down = downstream(ref_down_engine, reference_log)
+    await ref_down.catch_up()
+
+    await append_inputs(eventlog, layout)
+    crashing = make_processor(sqlite_engine, CrashAfterAppend(eventlog, crash_on), EchoHandler(size=PART_SIZE))
+    with pytest.raises(SimulatedCrash):
+        await crashing.catch_up()
+    assert len(await parts_of(eventlog)) == crash_on
+
+    restarted = make_processor(sqlite_engine, eventlog, EchoHandler(size=PART_SIZE))
+    await restarted.catch_up()
+
+    # Equal but for where the own log ends: an aborted part more on the log after crash 1.
+    aborted = 2 - crash_on
+    state = dump(sqlite_engine)
+    assert checkpoints(sqlite_engine) == {**checkpoints(reference_engine), "own:test-out": 3 + aborted}
+    assert {k: v for k, v in state.items() if k != "cdp_checkpoint"} == {
+        k: v for k, v in expected.items() if k != "cdp_checkpoint"
+    }
+    got = await parts_of(eventlog)
+    if crash_on == 1:  # the aborted part, then the cause again, whole, then the next input
+        assert got == [("test-in:1", "1/2"), ("test-in:1", "1/2"), ("test-in:1", "2/2"), ("test-in:2", "")]
+    else:
+        assert got == await parts_of(reference_log)
+    down_engine = make_engine(sqlite_url(tmp_path / "down.db"))
+    down = downstream(down_engine, eventlog)
+    await down.catch_up()
+    assert counters(down_engine) == counters(ref_down_engine) == {"observed": 3, "folded:test-out-b": 3}
+    got_down, ref = canonical_dump(down_engine, TABLES), canonical_dump(ref_down_engine, TABLES)
+    assert got_down["test_processor_output"] == ref["test_processor_output"]
+    # the same events observed (at stream sequences one further on after the aborted part)
+    assert [(e, v) for e, _seq, v in got_down["test_processor_input"]] == [
+        (e, v) for e, _seq, v in ref["test_processor_input"]
+    ]
+    rebuilt = make_processor(reference_engine, eventlog, EchoHandler(size=PART_SIZE))
+    await rebuilt.rebuild()
+    assert dump(reference_engine) == state
+    down_engine.dispose()
+    ref_down_engine.dispose()
 
 
 @pytest.mark.parametrize("crash", [False, True])
@@ -1009,6 +1147,39 @@ async def test_execute_recovers_from_a_foreign_append_and_retries(engine: Engine
     assert dump(engine) == before
 
 
+async def test_garbage_on_an_own_log_is_set_aside_by_recovery_and_the_writer_goes_on(
+    sqlite_engine: Engine, eventlog: EventLog
+) -> None:
+    """Bytes this service never wrote land on its own subject (possible until NATS permissions keep
+    others out). The next append is refused by the guard; recovery cannot fold the bytes, sets them
+    aside (listed with the dead letters), and the retried command lands behind them."""
+    processor = make_processor(sqlite_engine, eventlog, with_input=False)
+    await processor.recover()
+    calls: list[str] = []
+    first = await processor.execute("c1", command("one", calls))
+    await eventlog.append_raw(OUT.subject, b"\x0a\xff garbage", msg_id="junk", expected_last_subject_sequence=1)
+
+    second = await processor.execute("c2", command("two", calls))
+
+    assert calls == ["one", "two", "two"]
+    assert [ids for _c, ids in await outputs_skipping_garbage(eventlog)] == [[first], [second]]
+    assert checkpoints(sqlite_engine) == {own_checkpoint(OUT): 3}
+    with Session(sqlite_engine) as session:
+        [row] = session.exec(select(DeadLetterRow)).all()
+    assert (row.consumer, row.sequence, row.error_class) == ("own:test-out", 2, "DecodeError")
+    before = canonical_dump(sqlite_engine, [*ALL_TABLES, *DEADLETTER_TABLES])
+    await processor.rebuild()
+    assert canonical_dump(sqlite_engine, [*ALL_TABLES, *DEADLETTER_TABLES]) == before
+
+
+async def outputs_skipping_garbage(eventlog: EventLog) -> list[tuple[str, list[str]]]:
+    out = []
+    async for m in eventlog.read(OUT.stream.name, OUT.subject):
+        with contextlib.suppress(Exception):
+            out.append((m.headers.get(CAUSE_HEADER, ""), [e.id for e in m.events()]))
+    return out
+
+
 async def test_execute_gives_up_after_a_second_conflict(sqlite_engine: Engine, eventlog: EventLog) -> None:
     processor = make_processor(sqlite_engine, RacingWriter(eventlog), with_input=False)
     await processor.recover()
@@ -1088,40 +1259,49 @@ async def test_execute_emitting_to_two_own_logs_is_refused(sqlite_engine: Engine
     assert checkpoints(sqlite_engine) == {own_checkpoint(OUT): 1, own_checkpoint(OUT_B): 1}  # two streams
 
 
-async def test_execute_refuses_a_command_whose_events_exceed_one_message(
+async def test_execute_appends_a_command_whose_events_exceed_one_message_as_parts(
     sqlite_engine: Engine, eventlog: EventLog
 ) -> None:
     processor = make_processor(sqlite_engine, eventlog, with_input=False)
     await processor.recover()
 
     def decide(uow: UnitOfWork) -> None:
-        uow.emit(OUT, [cmd_event("one", uow.cause, size=600_000)])
-        uow.emit(OUT, [cmd_event("two", uow.cause, size=600_000)])
+        uow.emit(OUT, [cmd_event("one", uow.cause, size=PART_SIZE)])
+        uow.emit(OUT, [cmd_event("two", uow.cause, size=PART_SIZE)])
 
-    with pytest.raises(OversizedCause, match="split the work"):
+    await processor.execute("c1", decide)
+
+    assert await parts_of(eventlog) == [("cmd:c1", "1/2"), ("cmd:c1", "2/2")]
+    assert counters(sqlite_engine) == {"folded:test-out": 2}
+
+
+async def test_one_event_bigger_than_a_message_is_refused(sqlite_engine: Engine, eventlog: EventLog) -> None:
+    processor = make_processor(sqlite_engine, eventlog, with_input=False)
+    await processor.recover()
+
+    def decide(uow: UnitOfWork) -> None:
+        uow.emit(OUT, [cmd_event("huge", uow.cause, size=MAX_MESSAGE_BYTES)])
+
+    with pytest.raises(OversizedCause, match="one event of"):
         await processor.execute("c1", decide)
-
     assert await outputs(eventlog) == []
     assert counters(sqlite_engine) == {}
-    assert checkpoints(sqlite_engine) == {}
 
 
 def small_events(cause: Cause, count: int) -> list[Envelope]:
     return [cmd_event(f"s{i}", cause) for i in range(count)]
 
 
-async def test_many_small_events_beyond_one_message_are_refused_as_oversized(
+async def test_many_small_events_beyond_one_message_travel_in_parts_each_within_max_payload(
     sqlite_engine: Engine, default_payload_log: EventLog
 ) -> None:
     """A cause's size is estimated as appended (recorded_at stamped, batch framing), so many small events
-    that only overflow once encoded are refused as OversizedCause, not by NATS (on NATS' default
-    max_payload of 1 MiB, as compose.yaml runs it)."""
+    that only overflow once encoded are split into parts that each fit, on NATS' default max_payload of
+    1 MiB (as compose.yaml runs it)."""
     eventlog = default_payload_log
     cause = Cause(command_id="c1")
-    # Their bare sizes (ByteSize() + 8, the old estimate) are within MAX_MESSAGE_BYTES ...
     bare = [e.ByteSize() + 8 for e in small_events(cause, 8000)]
     count = next(n for n in range(len(bare)) if sum(bare[: n + 1]) > MAX_MESSAGE_BYTES)
-    # ... but, as appended, they do not fit one message.
     assert len(encode_batch(small_events(cause, count), T0)) > eventlog.nc.max_payload == 1024 * 1024
     processor = make_processor(sqlite_engine, eventlog, with_input=False)
     await processor.recover()
@@ -1129,11 +1309,10 @@ async def test_many_small_events_beyond_one_message_are_refused_as_oversized(
     def decide(uow: UnitOfWork) -> None:
         uow.emit(OUT, small_events(uow.cause, count))
 
-    with pytest.raises(OversizedCause):
-        await processor.execute("c1", decide)
+    await processor.execute("c1", decide)
 
-    assert await outputs(eventlog) == []
-    assert counters(sqlite_engine) == {}
+    assert await parts_of(eventlog) == [("cmd:c1", "1/2"), ("cmd:c1", "2/2")]
+    assert counters(sqlite_engine) == {"folded:test-out": count}
 
 
 # ===================================================================== gap-free consumption

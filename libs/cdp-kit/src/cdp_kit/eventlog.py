@@ -209,6 +209,23 @@ class EventLog:
             return 0
         return msg.seq or 0
 
+    async def message(self, stream: str, sequence: int) -> LogMessage:
+        """One stored message by its stream sequence (a redrive reads its dead letter back)."""
+        try:
+            raw = await self.js.get_msg(stream, sequence)
+        except nats.js.errors.NotFoundError as exc:
+            raise CdpError(f"{stream} holds no message {sequence} (removed by the stream's limits?)") from exc
+        except (TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+            raise Unavailable(f"reading {stream} message {sequence} failed: {type(exc).__name__}") from exc
+        return LogMessage(
+            stream=stream,
+            sequence=sequence,
+            subject=raw.subject or "",
+            headers=dict(raw.headers or {}),
+            data=raw.data or b"",
+            stored_at=raw.time,
+        )
+
     async def read(
         self, stream: str, subject_filter: str, from_sequence: int = 1, *, batch: int = 256
     ) -> AsyncIterator[LogMessage]:

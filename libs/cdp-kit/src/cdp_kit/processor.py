@@ -34,7 +34,17 @@ from nats.aio.msg import Msg
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from cdp_kit.envelope import Cause, EncodedEnvelope, Envelope, deterministic_id, to_timestamp, utcnow
+from cdp.common.v1 import deadletter_pb2 as dl
+from cdp_kit import deadletters
+from cdp_kit.envelope import (
+    Cause,
+    EncodedEnvelope,
+    Envelope,
+    deterministic_id,
+    make_envelope,
+    to_timestamp,
+    utcnow,
+)
 from cdp_kit.errors import CdpError, Unavailable
 from cdp_kit.eventlog import (
     MAX_MESSAGE_BYTES,
@@ -45,8 +55,9 @@ from cdp_kit.eventlog import (
     EventLog,
     LogMessage,
 )
+from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
-from cdp_kit.streams import ConsumerSpec, OwnLog
+from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
 
 T = TypeVar("T")
@@ -128,19 +139,30 @@ class _Part:
     cause: Cause
     own: OwnLog | None = None
     events: list[Envelope | EncodedEnvelope] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     size: int = 0
+
+    def add(self, events: Sequence[Envelope | EncodedEnvelope], sizes: Sequence[int]) -> None:
+        self.events += events
+        self.sizes += sizes
+        self.size += sum(sizes)
+
+    def piece(self, start: int, end: int) -> _Part:
+        sizes = self.sizes[start:end]
+        return _Part(self.cause, self.own, self.events[start:end], sizes, sum(sizes))
 
 
 class UnitOfWork:
     """What one command or one input batch changes: store rows plus own events to append.
 
-    A cause's events go to ONE own log and travel in ONE message, so they reach the log
-    whole or not at all: recovery never finds half of them. Consecutive causes share a
-    message while they write the same own log and fit; a cause that writes another log
-    (or would overflow) first sends what earlier causes left pending, in order. Each
-    message names the last cause it completes (``Cdp-Cause``), so recovery knows every
-    input up to it has its outputs on the log. One cause that writes two own logs, or
-    more than one message of events, is refused: split such work into several commands.
+    A cause's events go to ONE own log and reach it whole or not at all: recovery never
+    applies half of them. They travel in one message, or, when they do not fit one, in
+    numbered parts that readers apply only once the last has arrived (``cdp_kit.parts``).
+    Consecutive causes share a message while they write the same own log and fit; a cause
+    that writes another log (or would overflow) first sends what earlier causes left
+    pending, in order. Each message names the last cause it completes (``Cdp-Cause``), so
+    recovery knows every input up to it has its outputs on the log. One cause that writes
+    two own logs is refused (a programming error), and so is one event bigger than a message.
 
     One message at a time is in flight: a message is published and the batch goes on deciding
     while JetStream stores it; its acknowledgement is awaited before the next message is
@@ -162,10 +184,10 @@ class UnitOfWork:
             return
         current = self._start(own)
         for env in events:
-            self.processor.projection.fold(self.session, own, env)
-            current.events.append(env)
-            current.size += env.ByteSize() + EVENT_OVERHEAD_BYTES
-        self._check_size(current)
+            self.processor.fold(self.session, own, env)
+        sizes = [env.ByteSize() + EVENT_OVERHEAD_BYTES for env in events]
+        _check_sizes(sizes)
+        current.add(events, sizes)
 
     def emit_encoded(self, own: OwnLog, encoded: Sequence[EncodedEnvelope], fold: Callable[[Session], None]) -> None:
         """Emit envelopes a service serialized itself (a hot path: no protobuf object per event).
@@ -178,9 +200,9 @@ class UnitOfWork:
             return
         current = self._start(own)
         fold(self.session)
-        current.events += encoded
-        current.size += sum(map(len, encoded)) + EVENT_OVERHEAD_BYTES * len(encoded)
-        self._check_size(current)
+        sizes = [len(data) + EVENT_OVERHEAD_BYTES for data in encoded]
+        _check_sizes(sizes)
+        current.add(encoded, sizes)
 
     def _start(self, own: OwnLog) -> _Part:
         current = self._current
@@ -188,14 +210,6 @@ class UnitOfWork:
             raise MixedOwnLogs(f"one cause appends to one own log, not {current.own.name} and {own.name}")
         current.own = own
         return current
-
-    @staticmethod
-    def _check_size(current: _Part) -> None:
-        if current.size > MAX_MESSAGE_BYTES:
-            raise OversizedCause(
-                f"{len(current.events)} events ({current.size} bytes) for one cause exceed one message "
-                f"({MAX_MESSAGE_BYTES} bytes): split the work"
-            )
 
     @property
     def pending_bytes(self) -> int:
@@ -247,30 +261,49 @@ class UnitOfWork:
                 await appending
 
     async def _settle(self, consumer: ConsumerSpec | None) -> None:
-        """Move the current cause's events behind the earlier ones, sending those first if they cannot share."""
+        """Move the current cause's events behind the earlier ones, sending those first if they cannot
+        share. A cause too big for one message goes out at once, as numbered parts."""
         done, current = self._done, self._current
         if current.events:
             if done.events and (done.own != current.own or done.size + current.size > MAX_MESSAGE_BYTES):
                 await self._send(done, consumer)
                 done = self._done = _Part(done.cause)
-            done.own = current.own
-            done.events += current.events
-            done.size += current.size
+            if current.size > MAX_MESSAGE_BYTES:
+                await self._send_parts(current, consumer)
+            else:
+                done.own = current.own
+                done.add(current.events, current.sizes)
         done.cause = current.cause
         self._current = _Part(current.cause)
 
-    async def _send(self, part: _Part, consumer: ConsumerSpec | None) -> None:
+    async def _send_parts(self, cause_part: _Part, consumer: ConsumerSpec | None) -> None:
+        """One cause in several messages (see ``cdp_kit.parts``): only the last completes the cause."""
+        ranges = split_by_size(cause_part.sizes, MAX_MESSAGE_BYTES)
+        for index, (start, end) in enumerate(ranges, 1):
+            last = index == len(ranges)
+            await self._send(cause_part.piece(start, end), consumer if last else None, numbered=(index, len(ranges)))
+
+    async def _send(
+        self, part: _Part, consumer: ConsumerSpec | None, *, numbered: tuple[int, int] | None = None
+    ) -> None:
         """Publish one message; it stays in flight until ``acknowledged`` (the next send at the latest)."""
         await self.acknowledged()
         assert part.own is not None
         own, cause = part.own, part.cause
+        expected = get_checkpoint(self.session, own_checkpoint(own))
+        headers = {CAUSE_HEADER: cause.key(), **trace_headers()}
+        msg_id = deterministic_id(own.subject, cause.key())
+        if numbered is not None:
+            headers[PART_HEADER] = part_header(*numbered)
+            # A re-decided cause follows its aborted attempt on the log: its parts need other ids.
+            msg_id = deterministic_id(own.subject, cause.key(), headers[PART_HEADER], expected)
         appending = asyncio.ensure_future(
             self.processor.eventlog.append(
                 own.subject,
                 part.events,
-                msg_id=deterministic_id(own.subject, cause.key()),
-                expected_last_subject_sequence=get_checkpoint(self.session, own_checkpoint(own)),
-                headers={CAUSE_HEADER: cause.key(), **trace_headers()},
+                msg_id=msg_id,
+                expected_last_subject_sequence=expected,
+                headers=headers,
                 recorded_at=utcnow(),
             )
         )
@@ -281,12 +314,51 @@ class UnitOfWork:
         await asyncio.sleep(0)
 
 
+Unit = list[tuple[LogMessage, "Msg | None"]]
+"""One input message, or every part of one cause (``cdp_kit.parts``), with the raw messages to ack."""
+
+
+def _key(unit: Unit) -> int:
+    """A unit is applied, decided and checkpointed as its last message."""
+    return unit[-1][0].sequence
+
+
+def _envelopes(inp: Input, unit: Unit) -> list[Envelope]:
+    return [env for msg, _ in unit for env in inp.envelopes(msg)]
+
+
+def _whole(unit: Unit) -> LogMessage:
+    """A unit as one message, for its dead letter: the last part's place, every part's bytes."""
+    last = unit[-1][0]
+    if len(unit) == 1:
+        return last
+    data = b"".join(msg.data for msg, _ in unit)
+    return LogMessage(last.stream, last.sequence, last.subject, last.headers, data, stored_at=last.stored_at)
+
+
 class MixedOwnLogs(CdpError):
     """A programming error: one cause's events must go to one own log."""
 
 
 class OversizedCause(CdpError):
-    """One cause produced more events than one message holds."""
+    """One event is larger than a message holds (a cause of many events is split into parts instead)."""
+
+
+def _check_sizes(sizes: Sequence[int]) -> None:
+    biggest = max(sizes, default=0)
+    if biggest > MAX_MESSAGE_BYTES:
+        raise OversizedCause(f"one event of {biggest} bytes exceeds one message ({MAX_MESSAGE_BYTES} bytes)")
+
+
+def _redrive_of(header: str) -> tuple[str, int, int] | None:
+    """(consumer, sequence, attempt) of an own-log message that a redrive caused."""
+    if not header.startswith("cmd:redrive:"):
+        return None
+    consumer, _, rest = header.removeprefix("cmd:redrive:").partition(":")
+    sequence, _, attempt = rest.partition(":")
+    if not (sequence.isdigit() and attempt.isdigit()):
+        return None
+    return consumer, int(sequence), int(attempt)
 
 
 def _consumer_of(header: str, inputs: Sequence[Input]) -> tuple[ConsumerSpec, int] | None:
@@ -336,8 +408,9 @@ class Processor:
         self.service = service
         self.engine = engine
         self.eventlog = eventlog
-        self.tables = list(tables)
-        self.own_logs = list(own_logs)
+        self.tables = [*tables, *deadletters.DEADLETTER_TABLES]
+        self.poison = poison_log(service)
+        self.own_logs = [*own_logs, self.poison]
         self.projection = projection
         self.inputs = list(inputs)
         self.batch_size = batch_size
@@ -350,6 +423,10 @@ class Processor:
         self._applied = instruments.create_counter(
             "cdp.input.messages", unit="{message}", description="Input messages applied to the store"
         )
+        self._dead_lettered = instruments.create_counter(
+            "cdp.input.dead_lettered", unit="{message}", description="Input messages set aside as poison"
+        )
+        self._redrives: set[str] = set()
         self._batch_seconds = instruments.create_histogram(
             "cdp.input.batch.duration", unit="s", description="Time to apply one fetched batch"
         )
@@ -377,31 +454,73 @@ class Processor:
     async def _fold_tail(self, own: OwnLog) -> int:
         with Session(self.engine) as session:
             start = get_checkpoint(session, own_checkpoint(own)) + 1
-        count = 0
+        count = last = 0
+        assembler: Assembler[None] = Assembler(own.name)
         batch: list[LogMessage] = []
         async for msg in self.eventlog.read(own.stream.name, own.subject, start, batch=self.batch_size):
-            batch.append(msg)
+            last = msg.sequence
+            batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
             if len(batch) >= self.batch_size:
                 count += self._fold_messages(own, batch)
                 batch = []
         if batch:
             count += self._fold_messages(own, batch)
+        if assembler.held or assembler.dropped:
+            # The parts of a cause whose writer died before the last: an aborted attempt, never folded.
+            # The next append is guarded by the subject's true last sequence, so that moves past them.
+            with transaction(self.engine) as session:
+                set_checkpoint(session, own_checkpoint(own), last)
+            log.warning("own_log_aborted_parts", own_log=own.name, held=len(assembler.held), dropped=assembler.dropped)
         if count:
             log.info("own_log_recovered", own_log=own.name, messages=count)
         return count
 
+    def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
+        """Fold one own event: the kit folds its dead-letter log, the service's projection the rest."""
+        if own is self.poison:
+            deadletters.fold(session, env)
+        else:
+            self.projection.fold(session, own, env)
+
     def _fold_messages(self, own: OwnLog, msgs: list[LogMessage]) -> int:
+        """Fold own-log messages in one transaction. A message that cannot be folded (bytes this
+        service never wrote: its subject is only writable by it once NATS permissions are on) is
+        set aside, one at a time, so recovery never crash-loops; the same bytes fail the same way
+        on a rebuild, so the decision needs no event of its own."""
+        try:
+            return self._fold_batch(own, msgs)
+        except Exception as exc:
+            if deadletters.is_transient(exc):
+                raise
+            if len(msgs) > 1:
+                return sum(self._fold_messages(own, [msg]) for msg in msgs)
+            with transaction(self.engine) as session:
+                deadletters.set_aside_own(session, f"own:{own.name}", msgs[0], exc)
+                set_checkpoint(session, own_checkpoint(own), msgs[0].sequence)
+            log.error(
+                "own_log_message_set_aside",
+                own_log=own.name,
+                sequence=msgs[0].sequence,
+                error_class=type(exc).__name__,
+            )
+            return 0
+
+    def _fold_batch(self, own: OwnLog, msgs: list[LogMessage]) -> int:
         with transaction(self.engine) as session:
             prefetch = getattr(self.projection, "prefetch", None)
-            if prefetch is not None:
+            if prefetch is not None and own is not self.poison:
                 prefetch(session, own, [env for msg in msgs for env in msg.events()])
             for msg in msgs:
                 for env in msg.events():
-                    self.projection.fold(session, own, env)
+                    self.fold(session, own, env)
                 set_checkpoint(session, own_checkpoint(own), msg.sequence)
-                answered = _consumer_of(msg.headers.get(CAUSE_HEADER, ""), self.inputs)
+                header = msg.headers.get(CAUSE_HEADER, "")
+                answered = _consumer_of(header, self.inputs)
                 if answered is not None:
                     set_checkpoint(session, emitted_checkpoint(answered[0]), answered[1])
+                redriven = _redrive_of(header)
+                if redriven is not None:
+                    deadletters.mark_redriven(session, *redriven)
         return len(msgs)
 
     # -------------------------------------------------------------- commands
@@ -432,12 +551,78 @@ class Processor:
 
     # ---------------------------------------------------------------- inputs
     async def apply_input_batch(self, inp: Input, items: Sequence[tuple[LogMessage, Msg | None]]) -> int:
-        """Apply one fetched batch of an input in one transaction, then ack. Returns how many were new."""
+        """Apply one fetched batch of an input in one transaction, then ack. Returns how many were new.
+        The parts of a cause whose last part is not in ``items`` are left unapplied."""
+        assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
+        return await self.apply_units(inp, assembler.feed(items))
+
+    async def apply_units(self, inp: Input, units: Sequence[Unit]) -> int:
+        """Apply whole units (a message, or every part of one cause) in one transaction, then ack.
+
+        Units that fail on poison (see ``cdp_kit.deadletters``) are applied again one at a time,
+        so the poison is found and set aside and every other unit goes through."""
+        try:
+            return await self._apply_units(inp, units)
+        except Exception as exc:
+            if deadletters.is_transient(exc):
+                raise
+            if len(units) > 1:
+                log.warning("input_poison_isolating", consumer=inp.spec.name, messages=len(units))
+                return sum([await self.apply_units(inp, [unit]) for unit in units])
+            await self._dead_letter(inp, units[0], exc)
+            return 0
+
+    async def _dead_letter(self, inp: Input, unit: Unit, exc: Exception) -> None:
+        """Set one unit aside: an event on the dead-letter log, and the checkpoint past it."""
+        msg = unit[-1][0]
+        async with self.lock:
+            with transaction(self.engine) as session:
+                if msg.sequence <= get_checkpoint(session, in_checkpoint(inp.spec)):
+                    return
+                row = session.get(deadletters.DeadLetterRow, (inp.spec.name, msg.sequence))
+                attempt = row.redrives if row is not None else 0
+                cause = Cause(inp.spec.name, msg.sequence)
+                await self._append_dead_letter(session, inp, _whole(unit), exc, attempt, cause)
+                set_checkpoint(session, in_checkpoint(inp.spec), msg.sequence)
+        for _msg, raw in unit:
+            if raw is not None:
+                await raw.ack()
+        self._dead_lettered.add(1, {"consumer": inp.spec.name})
+
+    async def _append_dead_letter(
+        self, session: Session, inp: Input, msg: LogMessage, exc: BaseException, attempt: int, cause: Cause
+    ) -> None:
+        letter = deadletters.describe(inp.spec.name, msg, exc)
+        log.error(
+            "input_dead_lettered",
+            consumer=inp.spec.name,
+            stream=msg.stream,
+            sequence=msg.sequence,
+            error_class=letter.error_class,
+            attempt=attempt,
+        )
+        env = make_envelope(
+            dl.MessageDeadLettered(dead_letter=letter, attempt=attempt),
+            event_id=deterministic_id("dead-letter", inp.spec.name, msg.sequence, attempt),
+            subject_key=inp.spec.name,
+            occurred_at=msg.stored_at or utcnow(),
+            cause=cause,
+        )
+        uow = UnitOfWork(session, self, cause)
+        try:
+            uow.emit(self.poison, [env])
+            # The message's cause counts as emitted, so a replay never decides it.
+            await uow.flush(cause, inp.spec if cause.stream else None)
+        except BaseException:
+            await uow.abandon()
+            raise
+
+    async def _apply_units(self, inp: Input, units: Sequence[Unit]) -> int:
         started = time.perf_counter()
         applied_now = 0
-        headers = items[0][0].headers if items else {}
+        headers = units[0][0][0].headers if units else {}
         with self._tracer.start_as_current_span(
-            f"apply {inp.spec.name}", context=context_from(headers), attributes={"cdp.messages": len(items)}
+            f"apply {inp.spec.name}", context=context_from(headers), attributes={"cdp.messages": len(units)}
         ):
             async with self.lock:
                 with transaction(self.engine) as session:
@@ -446,24 +631,29 @@ class Processor:
                         applied = get_checkpoint(session, in_checkpoint(inp.spec))
                         emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
                         last = applied
+                        fresh = [unit for unit in units if unit[-1][0].sequence > applied]
+                        aside = self._set_aside(session, inp, fresh, emitted)
                         prefetch = getattr(inp.handler, "prefetch", None)
                         if prefetch is not None:
-                            fresh = [env for msg, _ in items if msg.sequence > applied for env in inp.envelopes(msg)]
-                            prefetch(session, fresh)
-                        for msg, _raw in items:
-                            if msg.sequence <= applied:
+                            prefetch(
+                                session,
+                                [env for unit in fresh if _key(unit) not in aside for env in _envelopes(inp, unit)],
+                            )
+                        for unit in fresh:
+                            last = _key(unit)
+                            if last in aside:
                                 continue
-                            cause = Cause(inp.spec.name, msg.sequence)
+                            cause = Cause(inp.spec.name, last)
                             uow = uow or UnitOfWork(session, self, cause)
                             await uow.next_cause(cause, inp.spec)
-                            envelopes = inp.envelopes(msg)
-                            for env in envelopes:
-                                inp.handler.observe(session, msg, env)
-                            if msg.sequence > emitted:
-                                for env in envelopes:
-                                    inp.handler.decide(uow, msg, env)
-                            last = msg.sequence
-                            applied_now += 1
+                            for msg, _raw in unit:
+                                for env in inp.envelopes(msg):
+                                    inp.handler.observe(session, msg, env)
+                            if last > emitted:
+                                for msg, _raw in unit:
+                                    for env in inp.envelopes(msg):
+                                        inp.handler.decide(uow, msg, env)
+                            applied_now += len(unit)
                             if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
                                 # Mid-batch: the message goes out and the batch goes on while JetStream stores it.
                                 await uow.flush(Cause(inp.spec.name, last), inp.spec, wait=False)
@@ -472,18 +662,119 @@ class Processor:
                             finish(session)
                         if uow is not None:
                             await uow.flush(Cause(inp.spec.name, last), inp.spec)
+                        if last > applied:
                             set_checkpoint(session, in_checkpoint(inp.spec), last)
                     except BaseException:
                         if uow is not None:
                             await uow.abandon()
                         raise
-        for _msg, raw in items:
-            if raw is not None:
-                await raw.ack()
+        for unit in units:
+            for _msg, raw in unit:
+                if raw is not None:
+                    await raw.ack()
         labels = {"consumer": inp.spec.name}
         self._applied.add(applied_now, labels)
         self._batch_seconds.record(time.perf_counter() - started, labels)
         return applied_now
+
+    @staticmethod
+    def _set_aside(session: Session, inp: Input, fresh: Sequence[Unit], emitted: int) -> set[int]:
+        """Dead letters among units a replay reads again (none can be above the emitted checkpoint)."""
+        if not fresh or _key(fresh[0]) > emitted:
+            return set()
+        return deadletters.set_aside(session, inp.spec.name, _key(fresh[0]), _key(fresh[-1]))
+
+    # -------------------------------------------------------------- redrive
+    def want_redrives(self, consumer: str) -> None:
+        """A redrive was requested for ``consumer``: its input loop applies them before its next fetch."""
+        self._redrives.add(consumer)
+
+    async def redrive(self, inp: Input) -> int:
+        """Apply again every dead letter of this input whose redrive was requested. Returns how many went through."""
+        self._redrives.discard(inp.spec.name)
+        with self.read() as session:
+            wanted = [(row.sequence, row.redrives + 1) for row in deadletters.wanted_redrives(session, inp.spec.name)]
+        done = 0
+        for sequence, attempt in wanted:
+            msg = LogMessage(inp.spec.stream.name, sequence, "", {}, b"")
+            try:
+                msg = await self.eventlog.message(inp.spec.stream.name, sequence)
+                await self._apply_redrive(inp, msg, attempt)
+                done += 1
+            except Exception as exc:
+                if deadletters.is_transient(exc):
+                    self._redrives.add(inp.spec.name)
+                    raise
+                async with self.lock:
+                    with transaction(self.engine) as session:
+                        cause = Cause(command_id=f"dead-again:{inp.spec.name}:{sequence}:{attempt}")
+                        await self._append_dead_letter(session, inp, msg, exc, attempt, cause)
+        if wanted:
+            log.info("dead_letters_redriven", consumer=inp.spec.name, requested=len(wanted), applied=done)
+        return done
+
+    async def _apply_redrive(self, inp: Input, msg: LogMessage, attempt: int) -> None:
+        """Observe and decide one message again, as a command: its outputs carry a ``redrive:`` cause,
+        and a ``DeadLetterRedriven`` event follows them on the dead-letter log."""
+        key = f"{inp.spec.name}:{msg.sequence}:{attempt}"
+        async with self.lock:
+            with transaction(self.engine) as session:
+                uow = UnitOfWork(session, self, Cause(command_id=f"redrive:{key}"))
+                try:
+                    envelopes = inp.envelopes(msg)
+                    prefetch = getattr(inp.handler, "prefetch", None)
+                    if prefetch is not None:
+                        prefetch(session, envelopes)
+                    for env in envelopes:
+                        inp.handler.observe(session, msg, env)
+                    for env in envelopes:
+                        inp.handler.decide(uow, msg, env)
+                    finish = getattr(inp.handler, "finish", None)
+                    if finish is not None:
+                        finish(session)
+                    done = Cause(command_id=f"redriven:{key}")
+                    await uow.next_cause(done)
+                    redriven = dl.DeadLetterRedriven(consumer=inp.spec.name, sequence=msg.sequence, attempt=attempt)
+                    uow.emit(
+                        self.poison,
+                        [
+                            make_envelope(
+                                redriven,
+                                event_id=deterministic_id("redriven", key),
+                                subject_key=inp.spec.name,
+                                occurred_at=utcnow(),
+                                cause=done,
+                            )
+                        ],
+                    )
+                    await uow.flush(done)
+                except BaseException:
+                    await uow.abandon()
+                    raise
+
+    async def request_redrive(self, consumer: str, sequences: Sequence[int], request_id: str) -> int:
+        """Record a redrive request (a command on the dead-letter log). Returns how many letters it names."""
+        with self.read() as session:
+            per_consumer = deadletters.redrivable(session, consumer, sequences)
+
+        def decide(uow: UnitOfWork) -> int:
+            events = [
+                make_envelope(
+                    dl.DeadLetterRedriveRequested(consumer=name, sequences=seqs, request_id=request_id),
+                    event_id=deterministic_id("redrive-requested", request_id, name),
+                    subject_key=name,
+                    occurred_at=utcnow(),
+                    cause=uow.cause,
+                )
+                for name, seqs in sorted(per_consumer.items())
+            ]
+            uow.emit(self.poison, events)
+            return sum(len(seqs) for seqs in per_consumer.values())
+
+        requested = await self.execute(f"redrive-request:{request_id}", decide)
+        for name in per_consumer:
+            self.want_redrives(name)
+        return requested
 
     @property
     def failures(self) -> dict[str, str]:
@@ -500,10 +791,14 @@ class Processor:
                 with self.read() as session:
                     start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
                 reader = await self.eventlog.durable(inp.spec, start)
+                assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
                 while not self._stopping.is_set():
+                    if inp.spec.name in self._redrives:
+                        await self.redrive(inp)
                     items = await reader.fetch(self.batch_size, timeout=1.0)
-                    if items:
-                        await self.apply_input_batch(inp, items)
+                    units = assembler.feed(items)
+                    if units:
+                        await self.apply_units(inp, units)
                     health.progressed()
                     backoff = 0.2
             except DeliveryGap as exc:
@@ -537,6 +832,10 @@ class Processor:
     async def run(self) -> None:
         """Recover, then consume every input until stopped."""
         await self.recover()
+        with self.read() as session:
+            for inp in self.inputs:
+                if deadletters.wanted_redrives(session, inp.spec.name):
+                    self.want_redrives(inp.spec.name)
         self.ready.set()
         await asyncio.gather(*(self.run_input(inp) for inp in self.inputs))
         await self._stopping.wait()
@@ -548,14 +847,15 @@ class Processor:
         for inp in self.inputs:
             with self.read() as session:
                 start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
-            batch: list[tuple[LogMessage, Msg | None]] = []
+            assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
+            batch: list[Unit] = []
             async for msg in self.eventlog.read(inp.spec.stream.name, inp.spec.filter_subject, start):
-                batch.append((msg, None))
+                batch += assembler.feed([(msg, None)])
                 if len(batch) >= self.batch_size:
-                    await self.apply_input_batch(inp, batch)
+                    await self.apply_units(inp, batch)
                     batch = []
             if batch:
-                await self.apply_input_batch(inp, batch)
+                await self.apply_units(inp, batch)
 
     async def rebuild(self) -> None:
         """Drop the store and replay the log into it."""

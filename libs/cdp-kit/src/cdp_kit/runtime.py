@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Engine
 
 from cdp.common.v1 import admin_pb2
+from cdp_kit import deadletter_api
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer, Registration
@@ -94,7 +95,8 @@ async def serve(settings: S, build: Builder[S]) -> int:
     async def status() -> admin_pb2.ServiceStatus:
         return await service_status(service, settings.service)
 
-    server = GrpcServer(settings.grpc_host, settings.resolved_port(), service.registrations, status)
+    registrations = [*service.registrations, deadletter_api.registration(service.processor)]
+    server = GrpcServer(settings.grpc_host, settings.resolved_port(), registrations, status)
     port = await server.start()
     log.info("grpc_listening", address=f"{settings.grpc_host}:{port}", store=engine.url.render_as_string())
 

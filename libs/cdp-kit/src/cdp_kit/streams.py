@@ -56,6 +56,11 @@ def config_log(service: ServiceName) -> OwnLog:
     return OwnLog(f"{service}-config", CONFIG, f"cdp.config.{service}")
 
 
+def poison_log(service: str) -> OwnLog:
+    """Where a service records the input messages it set aside (see ``cdp_kit.deadletters``)."""
+    return OwnLog(f"{service}-poison", DEADLETTER, f"cdp.deadletter.{service}.poison")
+
+
 def config_input(reader: ServiceName, writer: ServiceName) -> ConsumerSpec:
     return ConsumerSpec(f"{reader}-config-{writer}", CONFIG, f"cdp.config.{writer}")
 
