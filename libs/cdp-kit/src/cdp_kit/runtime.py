@@ -172,12 +172,20 @@ async def filter_last_sequence(eventlog: EventLog, spec: ConsumerSpec) -> int:
     return max(lasts, default=0)
 
 
+async def _lag(eventlog: EventLog, spec: ConsumerSpec, applied: int, last: int) -> int:
+    """Messages on the filter not yet applied. Nothing once applied reaches last: the consumer's own
+    count also holds messages already committed whose acknowledgement is still on its way."""
+    if applied >= last:
+        return 0
+    counted = await eventlog.consumer_lag(spec)
+    return counted[1] if counted is not None else last - applied
+
+
 async def consumer_status(vitals: Vitals, inp: Input, applied: int) -> admin_pb2.ConsumerStatus:
     spec = inp.spec
     eventlog = vitals.eventlog
     last = await filter_last_sequence(eventlog, spec)
-    acked = await eventlog.consumer_lag(spec)
-    lag = acked[1] if acked is not None else max(0, last - applied)
+    lag = await _lag(eventlog, spec, applied, last)
     health = vitals.processor.health[spec.name]
     stalled = vitals.stalled_for(spec.name)
     state = consumer_state(
