@@ -17,7 +17,7 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_kit.errors import InvalidInput, NotFound, Violation
 from cdp_kit.eventlog import EventLog
-from cdp_kit.grpc_server import GrpcServer, Registration
+from cdp_kit.grpc_server import LIVENESS, READINESS, GrpcServer, Registration
 from cdp_kit.streams import INGEST
 from cdp_kit.telemetry import configure_tracing, trace_headers
 
@@ -99,15 +99,26 @@ async def test_internal_errors_leak_nothing(channel: grpc.aio.Channel) -> None:
     assert "secret" not in (caught.value.details() or "")
 
 
-async def test_health_is_not_serving_until_told(server: GrpcServer, channel: grpc.aio.Channel) -> None:
+async def test_readiness_is_not_serving_until_told(server: GrpcServer, channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", IDENTITY):
+    for service in ("", READINESS, IDENTITY):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await server.set_serving(True)
-    for service in ("", IDENTITY):
+    for service in ("", READINESS, IDENTITY):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_liveness_does_not_follow_readiness(server: GrpcServer, channel: grpc.aio.Channel) -> None:
+    """A service that cannot do its work (not ready) is still alive: restarting it would not help."""
+    health = health_pb2_grpc.HealthStub(channel)
+    for serving in (False, True, False):
+        await server.set_serving(serving)
+        live = await health.Check(health_pb2.HealthCheckRequest(service=LIVENESS))
+        ready = await health.Check(health_pb2.HealthCheckRequest(service=READINESS))
+        assert live.status == health_pb2.HealthCheckResponse.SERVING
+        assert (ready.status == health_pb2.HealthCheckResponse.SERVING) is serving
 
 
 async def test_reflection_lists_every_service(channel: grpc.aio.Channel) -> None:

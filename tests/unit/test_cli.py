@@ -213,18 +213,26 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
 
 
 class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self) -> None:
+        self.consumer = admin_pb2.ConsumerStatus(
+            name="ingest-events",
+            stream="CDP_INGEST",
+            applied_sequence=3,
+            stream_last_sequence=5,
+            lag=2,
+            state="lagging",
+        )
+
     @override
     def GetStatus(self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext) -> admin_pb2.ServiceStatus:
-        consumer = admin_pb2.ConsumerStatus(
-            name="ingest-events", stream="CDP_INGEST", applied_sequence=3, stream_last_sequence=5, lag=2
-        )
-        return admin_pb2.ServiceStatus(service="ingest", version="0.1.0", ready=True, consumers=[consumer])
+        return admin_pb2.ServiceStatus(service="ingest", version="0.1.0", ready=True, consumers=[self.consumer])
 
 
 @dataclass
 class FakeServer:
     address: str
     ingest: FakeIngest
+    admin: FakeAdmin
 
     def env(self) -> dict[str, str | None]:
         return {"CDP_INGEST_ADDR": self.address}
@@ -235,14 +243,16 @@ def fake_server() -> Iterator[FakeServer]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     fake = FakeIngest()  # type: ignore[abstract]  # only the RPCs the CLI tests call
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(fake, server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(FakeAdmin(), server)
+    admin = FakeAdmin()
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     checker = health.HealthServicer()
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    checker.set("liveness", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield FakeServer(f"127.0.0.1:{port}", fake)
+        yield FakeServer(f"127.0.0.1:{port}", fake, admin)
     finally:
         server.stop(0)
 
@@ -358,7 +368,26 @@ def test_status_json_shows_health_and_lag(tmp_path: Path, fake_server: FakeServe
     ingest = json.loads(result.stdout)["services"]["ingest"]
     assert ingest["health"] == "SERVING"
     consumer = ingest["status"]["consumers"][0]
-    assert (consumer["applied_sequence"], consumer["stream_last_sequence"], consumer["lag"]) == ("3", "5", "2")
+    assert ingest["liveness"] == "SERVING"
+    # Sequences and lags are numbers (canonical protobuf JSON would write 64-bit integers as strings).
+    assert (consumer["applied_sequence"], consumer["stream_last_sequence"], consumer["lag"]) == (3, 5, 2)
+    assert consumer["state"] == "lagging"
+    assert consumer["error"] == ""
+
+
+def test_status_exits_1_and_names_a_stuck_consumer(tmp_path: Path, fake_server: FakeServer) -> None:
+    fake_server.admin.consumer.state = "stuck"
+    fake_server.admin.consumer.stalled_seconds = 75.0
+    fake_server.admin.consumer.error = "append to cdp.profile.0.fragments failed: message size exceeds maximum"
+    write_stack_file(tmp_path, {"ingest": fake_server.address})
+    for args in (["status"], ["status", "--json"]):
+        result = invoke(["--data-dir", str(tmp_path), *args])
+        assert result.exit_code == 1, result.output
+        assert "ingest: consumer ingest-events is stuck (75 s without progress)" in result.stderr
+        assert "message size exceeds maximum" in result.stderr
+    table = invoke(["--data-dir", str(tmp_path), "status"])
+    assert "stuck" in table.stdout
+    assert "message size exceeds maximum" in table.stdout
 
 
 def test_status_reports_an_unreachable_service_and_exits_1(tmp_path: Path, fake_server: FakeServer) -> None:

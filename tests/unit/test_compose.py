@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from cdp_activation.settings import ActivationSettings
 from cdp_identity.settings import IdentitySettings
 from cdp_ingest.settings import IngestSettings
+from cdp_kit.grpc_server import READINESS
 from cdp_kit.settings import ServiceSettings
 from cdp_segmentation.settings import SegmentationSettings
 
@@ -295,6 +296,9 @@ def check_healthcheck(compose: Compose, svc: str) -> list[str]:
         return [f"{svc}: no healthcheck (or it is disabled)"]
     if not re.search(rf"(?<!\d){port}(?!\d)", text):
         return [f"{svc}: the healthcheck does not mention its port {port}: {text!r}"]
+    # depends_on waits for "healthy": that must mean ready (recovered, no consumer stuck), not only alive.
+    if f"service='{READINESS}'" not in text:
+        return [f"{svc}: the healthcheck does not ask the {READINESS!r} health service: {text!r}"]
     return []
 
 

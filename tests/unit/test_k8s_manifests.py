@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from cdp_activation.settings import ActivationSettings
 from cdp_identity.settings import IdentitySettings
 from cdp_ingest.settings import IngestSettings
+from cdp_kit.grpc_server import LIVENESS, READINESS
 from cdp_kit.settings import ServiceSettings
 from cdp_segmentation.settings import SegmentationSettings
 
@@ -49,6 +50,9 @@ NATS_CLIENT_PORT = 4222
 NATS_MONITOR_PORT = 8222
 STREAM_REPLICAS = 3
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+# The gRPC health service name each probe of a service asks (cdp_kit.grpc_server).
+PROBE_SERVICES = {"startupProbe": LIVENESS, "readinessProbe": READINESS, "livenessProbe": LIVENESS}
 
 Doc = dict[str, Any]
 # File name (relative to deploy/k8s) -> the YAML documents in it.
@@ -393,6 +397,21 @@ def check_store_secret(manifests: Manifests, svc: str) -> list[str]:
     return problems
 
 
+def check_probe_services(manifests: Manifests, svc: str) -> list[str]:
+    """Each probe asks its own question by gRPC health service name: the liveness probe (and the
+    startup probe that gates it) "is the process answering", the readiness probe "can it work"
+    (recovered, NATS connected, no consumer stuck). A liveness probe that asked readiness would
+    restart a pod for ever over a message it cannot apply."""
+    container = container_of(deployment_of(manifests, svc))
+    problems: list[str] = []
+    for probe, wanted in PROBE_SERVICES.items():
+        grpc = (container.get(probe) or {}).get("grpc") or {}
+        asked = grpc.get("service", "") if isinstance(grpc, Mapping) else None
+        if asked != wanted:
+            problems.append(f"{svc}: {probe} asks health service {asked!r}, expected {wanted!r}")
+    return problems
+
+
 def check_ports(manifests: Manifests, svc: str, root: Path = ROOT) -> list[str]:
     """CDP_GRPC_PORT = default_port = containerPort = Service port = every probe's grpc.port."""
     settings_cls = SETTINGS[svc]
@@ -409,7 +428,7 @@ def check_ports(manifests: Manifests, svc: str, root: Path = ROOT) -> list[str]:
     container_ports = {item.get("containerPort") for item in container.get("ports") or []}
     if container_ports != {port}:
         problems.append(f"{svc}: containerPorts are {sorted(container_ports)}, expected only {port}")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in PROBE_SERVICES:
         grpc = (container.get(probe) or {}).get("grpc")
         if not isinstance(grpc, Mapping):
             problems.append(f"{svc}: {probe} is not a native gRPC probe (`grpc: {{port: {port}}}`)")
@@ -702,6 +721,11 @@ def test_ports_agree(manifests: Manifests, svc: str) -> None:
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_probes_ask_liveness_and_readiness(manifests: Manifests, svc: str) -> None:
+    assert_no_problems(check_probe_services(manifests, svc))
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
 def test_shutdown_grace_fits(manifests: Manifests, svc: str) -> None:
     assert_no_problems(check_shutdown(manifests, svc))
 
@@ -780,6 +804,14 @@ def _wrong_probe_port(manifests: Manifests) -> None:
     _container(manifests, "segmentation")["readinessProbe"]["grpc"]["port"] = 50051
 
 
+def _liveness_asks_readiness(manifests: Manifests) -> None:
+    _container(manifests, "identity")["livenessProbe"]["grpc"]["service"] = READINESS
+
+
+def _readiness_asks_nothing(manifests: Manifests) -> None:
+    _container(manifests, "ingest")["readinessProbe"]["grpc"].pop("service")
+
+
 def _wrong_env_port(manifests: Manifests) -> None:
     _env_item(manifests, "activation", "CDP_GRPC_PORT")["value"] = "50059"
 
@@ -856,6 +888,12 @@ def _nats_elsewhere(manifests: Manifests) -> None:
         pytest.param(_two_replicas, check_single_writer, "identity", "replicas is 2", id="replicas-2"),
         pytest.param(_rolling_update, check_single_writer, "activation", "must be Recreate", id="rolling-update"),
         pytest.param(_wrong_probe_port, check_ports, "segmentation", "readinessProbe checks grpc port", id="probe"),
+        pytest.param(
+            _liveness_asks_readiness, check_probe_services, "identity", "livenessProbe asks", id="liveness-probe"
+        ),
+        pytest.param(
+            _readiness_asks_nothing, check_probe_services, "ingest", "readinessProbe asks health service ''", id="ready"
+        ),
         pytest.param(_wrong_env_port, check_ports, "activation", "default_port is 50054", id="env-port"),
         pytest.param(_wrong_service_port, check_ports, "ingest", "Service cdp-ingest maps", id="service-port"),
         pytest.param(_other_image, check_command, "identity", "is not cdp-identity", id="image"),

@@ -29,11 +29,21 @@ from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_cli import cmd_activation, cmd_identity, cmd_ingest, cmd_segmentation, inputs, render
-from cdp_cli.client import DEFAULT_TIMEOUT_S, SERVICES, UNREACHABLE, Client, describe_rpc_error, parse_addr_option
+from cdp_cli.client import (
+    DEFAULT_TIMEOUT_S,
+    SERVICES,
+    UNREACHABLE,
+    Client,
+    describe_rpc_error,
+    parse_addr_option,
+    rpc_code,
+)
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
+from cdp_cli.wait import STUCK, Stage, wait_applied
 
 SERVING = "SERVING"
+LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
 
 
 @dataclass
@@ -232,23 +242,41 @@ class ServiceReport:
     service: str
     address: str
     health: str
+    live: str = UNREACHABLE
     status: admin_pb2.ServiceStatus | None = None
     error: str | None = None
+
+    def stuck(self) -> list[admin_pb2.ConsumerStatus]:
+        return [c for c in self.status.consumers if c.state == STUCK] if self.status else []
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "address": self.address,
             "health": self.health,
-            "status": render.message_dict(self.status) if self.status is not None else None,
+            "liveness": self.live,
+            "status": render.message_dict(self.status, int64_as_number=True) if self.status is not None else None,
             "error": self.error,
         }
+
+
+def _health_of(client: Client, service: str, name: str) -> str:
+    """The status name a health check of ``name`` answers; UNKNOWN when the server does not know
+    the name (a version from before the liveness check)."""
+    try:
+        reply = client.health(service).Check(health_pb2.HealthCheckRequest(service=name), timeout=client.timeout)
+    except grpc.RpcError as exc:
+        if rpc_code(exc) == grpc.StatusCode.NOT_FOUND:
+            return "UNKNOWN"
+        raise
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 def _service_report(client: Client, service: str, address: str) -> ServiceReport:
     report = ServiceReport(service, address, UNREACHABLE)
     try:
-        reply = client.health(service).Check(health_pb2.HealthCheckRequest(service=""), timeout=client.timeout)
-        report.health = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        # "" answers readiness: recovered, NATS connected, no consumer stuck.
+        report.health = _health_of(client, service, "")
+        report.live = _health_of(client, service, LIVENESS)
         report.status = client.admin(service).GetStatus(admin_pb2.GetStatusRequest(), timeout=client.timeout)
     except grpc.RpcError as exc:
         report.error = describe_rpc_error(exc)
@@ -257,7 +285,8 @@ def _service_report(client: Client, service: str, address: str) -> ServiceReport
 
 @app.command()
 def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFlag = False) -> None:
-    """Health of each service and, per consumer, the applied sequence, the stream's last sequence and the lag."""
+    """Health of each service and, per consumer, its state, the applied sequence, the last sequence
+    on its filter and the lag. Exit code 1 when a service is not SERVING or a consumer is stuck."""
     state = _state(ctx)
     state.use_data_dir(data_dir)
     client = state.client()
@@ -266,19 +295,25 @@ def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFl
         render.print_json({"services": {r.service: r.as_dict() for r in reports}})
     else:
         _print_status(reports)
-    if any(r.health != SERVING for r in reports):
+    for r in reports:
+        for c in r.stuck():
+            render.error(
+                f"{r.service}: consumer {c.name} is stuck ({c.stalled_seconds:.0f} s without progress): {c.error}"
+            )
+    if any(r.health != SERVING or r.stuck() for r in reports):
         raise typer.Exit(1)
 
 
 def _print_status(reports: list[ServiceReport]) -> None:
     render.print_table(
         "services",
-        ["service", "address", "health", "ready", "version", "error"],
+        ["service", "address", "health", "live", "ready", "version", "error"],
         [
             (
                 r.service,
                 r.address,
                 r.health,
+                r.live,
                 r.status.ready if r.status else None,
                 r.status.version if r.status else "",
                 r.error,
@@ -290,8 +325,22 @@ def _print_status(reports: list[ServiceReport]) -> None:
     if consumers:
         render.print_table(
             "consumers",
-            ["service", "consumer", "stream", "applied", "stream last", "lag"],
-            [(s, c.name, c.stream, c.applied_sequence, c.stream_last_sequence, c.lag) for s, c in consumers],
+            ["service", "consumer", "stream", "state", "applied", "last", "lag", "stalled s", "gaps", "error"],
+            [
+                (
+                    s,
+                    c.name,
+                    c.stream,
+                    c.state,
+                    c.applied_sequence,
+                    c.stream_last_sequence,
+                    c.lag,
+                    f"{c.stalled_seconds:.0f}",
+                    c.gaps,
+                    c.error,
+                )
+                for s, c in consumers
+            ],
         )
     own_logs = [(r.service, o) for r in reports if r.status for o in r.status.own_logs]
     if own_logs:
@@ -455,9 +504,19 @@ def ingest(
     error_threshold: Annotated[
         float | None, typer.Option("--error-threshold", help="Share of rejected rows that fails the batch.")
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Then wait until identity, segmentation and activation have applied what the batch caused."
+        ),
+    ] = False,
+    wait_timeout: Annotated[
+        float, typer.Option("--wait-timeout", help="Seconds --wait may take before it fails.")
+    ] = 300.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Upload a batch file to a dataset and print its report; exit code 1 when the batch failed."""
+    """Upload a batch file to a dataset and print its report; exit code 1 when the batch failed, or
+    with --wait when a downstream stage is stuck or does not finish in time."""
     header = ingest_pb2.IngestFileHeader(
         dataset=dataset,
         batch_key=batch_key or inputs.default_batch_key(path),
@@ -473,6 +532,18 @@ def ingest(
         _print_batch_report(report)
     if report.status == ingest_pb2.BATCH_STATUS_FAILED:
         raise typer.Exit(1)
+    if wait:
+        _wait_downstream(_client(ctx), wait_timeout)
+
+
+def _wait_downstream(client: Client, timeout_s: float) -> None:
+    """Progress goes to stderr, so that stdout keeps only the report (--json stays parseable)."""
+
+    def done(stage: Stage, target: int) -> None:
+        render.err.print(f"✓ {stage.name}: applied up to sequence {target}", soft_wrap=True)
+
+    with render.err.status("waiting for the services downstream …"):
+        wait_applied(client, timeout_s, on_stage=done)
 
 
 def _upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> ingest_pb2.BatchReport:

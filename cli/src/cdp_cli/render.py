@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
@@ -19,11 +20,44 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-def message_dict(message: Message) -> dict[str, Any]:
-    """A protobuf message as its canonical JSON form, field names as in the .proto."""
-    return json_format.MessageToDict(
+_INT64_TYPES = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def message_dict(message: Message, *, int64_as_number: bool = False) -> dict[str, Any]:
+    """A protobuf message as its canonical JSON form, field names as in the .proto.
+
+    The canonical form writes 64-bit integers as strings (JavaScript numbers stop being exact
+    at 2**53); ``int64_as_number`` writes them as numbers, for output where they are counts and
+    sequences that scripts compare (``cdp status``)."""
+    data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    return _int64_numbers(message, data) if int64_as_number else data
+
+
+def _int64_numbers(message: Message, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (``message`` as canonical JSON) with its 64-bit integer fields as numbers again."""
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        value = getattr(message, field.name)
+        repeated = field.is_repeated
+        if field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in value] if repeated else int(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+            if field.message_type.GetOptions().map_entry or field.message_type.full_name.startswith("google.protobuf."):
+                continue  # maps and well-known types (timestamps, structs) keep their own JSON forms
+            if repeated:
+                data[field.name] = [_int64_numbers(m, d) for m, d in zip(value, data[field.name], strict=True)]
+            else:
+                data[field.name] = _int64_numbers(value, data[field.name])
+    return data
 
 
 def json_value(message: Message) -> str:

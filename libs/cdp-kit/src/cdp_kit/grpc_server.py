@@ -1,5 +1,16 @@
 """The gRPC server bootstrap: health checking, reflection, the admin status service,
-error mapping in one interceptor, trace context from metadata, graceful shutdown."""
+error mapping in one interceptor, trace context from metadata, graceful shutdown.
+
+Health answers two questions under separate grpc.health.v1 service names, so a probe can ask
+the one it means:
+
+* ``liveness``: the process is worth keeping. SERVING as soon as the server runs: the answer
+  comes from the event loop, so a check that gets one proves the loop still turns. Restarting
+  cannot cure a stuck consumer or a NATS outage, so neither touches it.
+* ``readiness``, ``""`` and every registered service's own name: the service can do its work
+  (recovered, NATS connected, no consumer stuck). ``""`` keeps this meaning because it is what
+  gRPC clients and load balancers ask by default before they route to a server.
+"""
 
 from __future__ import annotations
 
@@ -114,6 +125,9 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Asy
     return call
 
 
+LIVENESS = "liveness"
+READINESS = "readiness"
+
 StatusProvider = Callable[[], Awaitable[admin_pb2.ServiceStatus]]
 
 
@@ -158,15 +172,20 @@ class GrpcServer:
         self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
         if self.bound_port == 0:
             raise OSError(f"cannot bind gRPC on {self.host}:{self.port}")
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(False)
         await self.server.start()
         return self.bound_port
 
+    def readiness_names(self) -> list[str]:
+        """Every health service name that answers readiness."""
+        return ["", READINESS, *(reg.full_name for reg in self.registrations)]
+
     async def set_serving(self, serving: bool) -> None:
+        """Readiness: SERVING when the service can do its work. Liveness is left alone."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("", status)
-        for reg in self.registrations:
-            await self.health.set(reg.full_name, status)
+        for name in self.readiness_names():
+            await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()

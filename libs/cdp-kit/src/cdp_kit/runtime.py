@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from sqlalchemy.engine import Engine
 
 from cdp.common.v1 import admin_pb2
@@ -21,10 +23,11 @@ from cdp_kit import deadletter_api
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer, Registration
-from cdp_kit.processor import Processor, in_checkpoint, own_checkpoint
+from cdp_kit.processor import Input, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import all_checkpoints, make_engine
-from cdp_kit.telemetry import configure_logging, configure_tracing, get_logger
+from cdp_kit.streams import ConsumerSpec
+from cdp_kit.telemetry import configure_logging, configure_tracing, get_logger, meter
 
 S = TypeVar("S", bound=ServiceSettings)
 log = get_logger(__name__)
@@ -58,25 +61,169 @@ async def connect(settings: ServiceSettings, *, attempts: int = 60) -> EventLog:
     raise AssertionError("unreachable")
 
 
-async def service_status(service: Service, name: str) -> admin_pb2.ServiceStatus:
+# What ConsumerStatus.state says (admin.proto documents each).
+STARTING = "starting"
+CAUGHT_UP = "caught_up"
+LAGGING = "lagging"
+RETRYING = "retrying"
+STUCK = "stuck"
+# How often readiness is re-evaluated (and how late a stuck consumer may be noticed beyond the limit).
+HEALTH_POLL_S = 0.25
+
+
+def consumer_state(*, recovered: bool, stalled_s: float, stall_after_s: float, error: str, lag: int) -> str:
+    """One consumer's state from what status knows of it (see admin.proto's ConsumerStatus.state)."""
+    if not recovered:
+        return STARTING
+    if stalled_s >= stall_after_s:
+        return STUCK
+    if error:
+        return RETRYING
+    return CAUGHT_UP if lag == 0 else LAGGING
+
+
+class Vitals:
+    """What readiness, status and metrics read of a running processor: recovered, NATS connected,
+    and which consumers are stuck.
+
+    A consumer counts as stalled from its last progress (``ConsumerHealth.progressed_at``), but
+    never from before the service recovered: consumers only start then, so a long recovery must
+    not make them look stuck at once. Recovery is noticed by polling (``recovered``), which the
+    health watch does every ``HEALTH_POLL_S``."""
+
+    def __init__(
+        self, processor: Processor, eventlog: EventLog, stall_after_s: float, instruments: Meter | None = None
+    ) -> None:
+        self.processor = processor
+        self.eventlog = eventlog
+        self.stall_after_s = stall_after_s
+        self._recovered_at: float | None = None
+        instruments = instruments or meter(f"cdp.{processor.service}")
+        instruments.create_observable_gauge(
+            "cdp.input.stalled",
+            callbacks=[self._observe_stalled],
+            unit="s",
+            description="Seconds since the consumer last progressed (a batch applied or nothing left to read)",
+        )
+        instruments.create_observable_gauge(
+            "cdp.input.stuck",
+            callbacks=[self._observe_stuck],
+            unit="{consumer}",
+            description="1 while the consumer is stuck (no progress for CDP_STALL_AFTER_S), else 0",
+        )
+
+    def recovered(self) -> bool:
+        if not self.processor.ready.is_set():
+            self._recovered_at = None
+            return False
+        if self._recovered_at is None:
+            self._recovered_at = time.monotonic()
+        return True
+
+    def stalled_for(self, consumer: str) -> float:
+        """Seconds since ``consumer`` last progressed, counted from recovery at the earliest; 0 before."""
+        if not self.recovered() or self._recovered_at is None:
+            return 0.0
+        return min(self.processor.health[consumer].stalled_for(), time.monotonic() - self._recovered_at)
+
+    def reason(self, consumer: str) -> str:
+        """Why ``consumer`` does not progress: its error, or, with none recorded, how long it has not."""
+        error = self.processor.health[consumer].error
+        if error:
+            return error
+        # No error yet no progress: a batch still applying, or a call that never returns.
+        return f"no fetch went through for {self.stalled_for(consumer):.0f} s (no error recorded)"
+
+    def stuck(self) -> dict[str, str]:
+        """Every stuck consumer with its reason."""
+        return {
+            name: self.reason(name) for name in self.processor.health if self.stalled_for(name) >= self.stall_after_s
+        }
+
+    def ready(self) -> bool:
+        """Readiness: recovered, NATS connected and no consumer stuck."""
+        return self.recovered() and self.eventlog.connected and not self.stuck()
+
+    def _observe_stalled(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.stalled_for(name), {"consumer": name}) for name in self.processor.health]
+
+    def _observe_stuck(self, _options: CallbackOptions) -> Iterable[Observation]:
+        stuck = self.stuck()
+        return [Observation(int(name in stuck), {"consumer": name}) for name in self.processor.health]
+
+
+def _has_wildcard(subject: str) -> bool:
+    return any(token in ("*", ">") for token in subject.split("."))
+
+
+async def filter_last_sequence(eventlog: EventLog, spec: ConsumerSpec) -> int:
+    """Stream sequence of the last message on the consumer's filter subject (0 if none).
+
+    JetStream's "last message on a subject" takes one literal subject. For a wildcard filter,
+    stream info with ``subjects_filter`` lists the literal subjects under it, and the answer is
+    the greatest of their last messages. A filter that is the stream's only subject is the whole
+    stream, whose last sequence the stream info holds (no message is fetched)."""
+    stream = spec.stream.name
+    if spec.stream.subjects == (spec.filter_subject,):
+        return await eventlog.last_sequence(stream)
+    if not _has_wildcard(spec.filter_subject):
+        return await eventlog.last_sequence(stream, spec.filter_subject)
+    info = await eventlog.js.stream_info(stream, subjects_filter=spec.filter_subject)
+    lasts = [await eventlog.last_sequence(stream, subject) for subject in info.state.subjects or {}]
+    return max(lasts, default=0)
+
+
+async def _lag(eventlog: EventLog, spec: ConsumerSpec, applied: int, last: int) -> int:
+    """Messages on the filter not yet applied. Nothing once applied reaches last: the consumer's own
+    count also holds messages already committed whose acknowledgement is still on its way."""
+    if applied >= last:
+        return 0
+    counted = await eventlog.consumer_lag(spec)
+    return counted[1] if counted is not None else last - applied
+
+
+async def consumer_status(vitals: Vitals, inp: Input, applied: int) -> admin_pb2.ConsumerStatus:
+    spec = inp.spec
+    eventlog = vitals.eventlog
+    last = await filter_last_sequence(eventlog, spec)
+    lag = await _lag(eventlog, spec, applied, last)
+    health = vitals.processor.health[spec.name]
+    stalled = vitals.stalled_for(spec.name)
+    state = consumer_state(
+        recovered=vitals.recovered(),
+        stalled_s=stalled,
+        stall_after_s=vitals.stall_after_s,
+        error=health.error,
+        lag=lag,
+    )
+    return admin_pb2.ConsumerStatus(
+        name=spec.name,
+        stream=spec.stream.name,
+        applied_sequence=applied,
+        stream_last_sequence=last,
+        lag=lag,
+        error=vitals.reason(spec.name) if state == STUCK else health.error,
+        state=state,
+        stalled_seconds=round(stalled, 1),
+        gaps=health.gaps,
+    )
+
+
+async def service_status(service: Service, name: str, vitals: Vitals) -> admin_pb2.ServiceStatus:
     processor = service.processor
     with processor.read() as session:
         checkpoints = all_checkpoints(session)
-    status = admin_pb2.ServiceStatus(service=name, version=VERSION, ready=processor.ready.is_set())
+    status = admin_pb2.ServiceStatus(
+        service=name,
+        version=VERSION,
+        ready=vitals.ready(),
+        recovered=vitals.recovered(),
+        nats_connected=processor.eventlog.connected,
+        stall_after_seconds=vitals.stall_after_s,
+    )
     for inp in processor.inputs:
         applied = checkpoints.get(in_checkpoint(inp.spec), 0)
-        last = await processor.eventlog.last_sequence(inp.spec.stream.name)
-        lag = await processor.eventlog.consumer_lag(inp.spec)
-        status.consumers.append(
-            admin_pb2.ConsumerStatus(
-                name=inp.spec.name,
-                stream=inp.spec.stream.name,
-                applied_sequence=applied,
-                stream_last_sequence=last,
-                lag=lag[1] if lag is not None else max(0, last - applied),
-                error=processor.failures.get(inp.spec.name, ""),
-            )
-        )
+        status.consumers.append(await consumer_status(vitals, inp, applied))
     for own in processor.own_logs:
         status.own_logs.append(
             admin_pb2.OwnLogStatus(
@@ -91,9 +238,10 @@ async def serve(settings: S, build: Builder[S]) -> int:
     eventlog = await connect(settings)
     service = build(settings, engine, eventlog)
     service.processor.create_store()
+    vitals = Vitals(service.processor, eventlog, settings.stall_after_s)
 
     async def status() -> admin_pb2.ServiceStatus:
-        return await service_status(service, settings.service)
+        return await service_status(service, settings.service, vitals)
 
     registrations = [*service.registrations, deadletter_api.registration(service.processor)]
     server = GrpcServer(settings.grpc_host, settings.resolved_port(), registrations, status)
@@ -107,7 +255,7 @@ async def serve(settings: S, build: Builder[S]) -> int:
 
     tasks = [asyncio.create_task(service.processor.run(), name="processor")]
     tasks += [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(service.background)]
-    watcher = asyncio.create_task(_health_watch(service.processor, eventlog, server))
+    watcher = asyncio.create_task(health_watch(vitals, server))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
@@ -127,16 +275,24 @@ async def serve(settings: S, build: Builder[S]) -> int:
     return exit_code
 
 
-async def _health_watch(processor: Processor, eventlog: EventLog, server: GrpcServer) -> None:
-    """SERVING only while recovery is done and NATS is connected: probes see the truth."""
+async def health_watch(vitals: Vitals, server: GrpcServer) -> None:
+    """Readiness tells the truth: SERVING only while recovered, connected to NATS and no consumer
+    is stuck. A stuck service stays live (restarting it would meet the same message again) but
+    leaves its Service's endpoints, and says why in its log."""
     serving: bool | None = None
     while True:
-        now = processor.ready.is_set() and eventlog.connected
+        now = vitals.ready()
         if now != serving:
             await server.set_serving(now)
-            log.info("health", serving=now)
+            log.info(
+                "health",
+                serving=now,
+                recovered=vitals.recovered(),
+                nats_connected=vitals.eventlog.connected,
+                stuck=vitals.stuck(),
+            )
             serving = now
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(HEALTH_POLL_S)
 
 
 async def rebuild(settings: S, build: Builder[S]) -> int:

@@ -37,6 +37,13 @@ class ServiceSettings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas for streams it creates")
     batch_size: int = Field(default=256, ge=1, le=10_000, description="Messages applied per store transaction")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="Seconds in-flight RPCs get on shutdown")
+    # Above the longest batch a healthy consumer applies: a 256-message batch of packed ingest
+    # records (~1,700 each) takes identity some 50 s on a 2-core machine, so 60 s would cry wolf.
+    stall_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds a consumer may go without progress before it counts as stuck (service not ready)",
+    )
 
     def resolved_store_url(self) -> str:
         if self.store_url:

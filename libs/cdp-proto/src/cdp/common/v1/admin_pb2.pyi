@@ -35,6 +35,8 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 
 @_typing.final
 class ConsumerStatus(_message.Message):
+    """One input of the service: a durable pull consumer on another service's stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -43,17 +45,34 @@ class ConsumerStatus(_message.Message):
     STREAM_LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     LAG_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STALLED_SECONDS_FIELD_NUMBER: _builtins.int
+    GAPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Durable consumer name, e.g. identity-ingest."""
     stream: _builtins.str
     applied_sequence: _builtins.int
-    """Last stream sequence applied to the service's store."""
+    """Stream sequence of the last message of this consumer that the store holds (its checkpoint)."""
     stream_last_sequence: _builtins.int
-    """Last sequence of the stream (within the consumer's subject filter)."""
+    """Stream sequence of the last message on the consumer's subject filter (not of the whole
+    stream): once the consumer has caught up, applied_sequence equals it.
+    """
     lag: _builtins.int
-    """Messages in the stream not yet applied."""
+    """Messages on the consumer's filter not yet applied (pending plus delivered but unacknowledged)."""
     error: _builtins.str
-    """Why the consumer is not advancing, when it is stuck or retrying (empty when healthy)."""
+    """Why the consumer is not advancing, while it is retrying or stuck; empty when it progresses
+    (an empty fetch is progress: nothing to read is not an error).
+    """
+    state: _builtins.str
+    """One of "starting" (the service is still recovering its own log),
+    "caught_up" (nothing left to apply), "lagging" (applying, progressing), "retrying" (an error,
+    for less than the stall limit), "stuck" (no progress for ServiceStatus.stall_after_seconds;
+    the service then reports itself not ready).
+    """
+    stalled_seconds: _builtins.float
+    """Seconds since the consumer last progressed (a batch applied or an empty fetch); 0 while starting."""
+    gaps: _builtins.int
+    """Delivery gaps seen and re-read from the checkpoint since the service started (not errors)."""
     def __init__(
         self,
         *,
@@ -63,10 +82,13 @@ class ConsumerStatus(_message.Message):
         stream_last_sequence: _builtins.int = ...,
         lag: _builtins.int = ...,
         error: _builtins.str = ...,
+        state: _builtins.str = ...,
+        stalled_seconds: _builtins.float = ...,
+        gaps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "error", b"error", "lag", b"lag", "name", b"name", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "error", b"error", "gaps", b"gaps", "lag", b"lag", "name", b"name", "stalled_seconds", b"stalled_seconds", "state", b"state", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -74,6 +96,8 @@ Global___ConsumerStatus: _TypeAlias = ConsumerStatus  # noqa: Y015
 
 @_typing.final
 class OwnLogStatus(_message.Message):
+    """A service's own log: the subject it alone writes and folds into its store."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STREAM_FIELD_NUMBER: _builtins.int
@@ -82,6 +106,7 @@ class OwnLogStatus(_message.Message):
     stream: _builtins.str
     subject: _builtins.str
     folded_sequence: _builtins.int
+    """Stream sequence of the last own message the store holds."""
     def __init__(
         self,
         *,
@@ -106,9 +131,19 @@ class ServiceStatus(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     CONSUMERS_FIELD_NUMBER: _builtins.int
     OWN_LOGS_FIELD_NUMBER: _builtins.int
+    RECOVERED_FIELD_NUMBER: _builtins.int
+    NATS_CONNECTED_FIELD_NUMBER: _builtins.int
+    STALL_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     version: _builtins.str
     ready: _builtins.bool
+    """What the readiness check answers: recovered, NATS connected and no consumer stuck."""
+    recovered: _builtins.bool
+    """The own logs' tails are folded into the store (the consumers run from then on)."""
+    nats_connected: _builtins.bool
+    """The NATS connection is up (the client reconnects on its own when it is not)."""
+    stall_after_seconds: _builtins.float
+    """Seconds without progress after which a consumer counts as stuck (CDP_STALL_AFTER_S)."""
     @_builtins.property
     def consumers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerStatus]: ...
     @_builtins.property
@@ -121,10 +156,13 @@ class ServiceStatus(_message.Message):
         ready: _builtins.bool = ...,
         consumers: _abc.Iterable[Global___ConsumerStatus] | None = ...,
         own_logs: _abc.Iterable[Global___OwnLogStatus] | None = ...,
+        recovered: _builtins.bool = ...,
+        nats_connected: _builtins.bool = ...,
+        stall_after_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "own_logs", b"own_logs", "ready", b"ready", "service", b"service", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "nats_connected", b"nats_connected", "own_logs", b"own_logs", "ready", b"ready", "recovered", b"recovered", "service", b"service", "stall_after_seconds", b"stall_after_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
