@@ -670,3 +670,79 @@ async def collect_checkpoint_reaches_end(engine: Engine, eventlog: EventLog) -> 
                 return
         await asyncio.sleep(0.05)
     raise AssertionError("the collect input never caught up")
+
+
+# ============================================================================ hostile input
+
+
+async def test_a_jsonl_row_nested_10000_deep_is_rejected_and_the_rest_accepted(ingest: Ingest) -> None:
+    lines = [json.dumps({"crm_id": f"J{i}", "visits": i}) for i in range(1, 101)]
+    lines.insert(41, '{"crm_id": "deep", "value": ' + "[" * 10_000 + "]" * 10_000 + "}")  # row 42
+    report = await ingest.upload(("\n".join(lines) + "\n").encode(), "deep-jsonl", fmt=pb.FILE_FORMAT_JSONL)
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected) == (101, 100, 1)
+    assert groups(report) == {("*", "depth"): (1, [42])}
+    assert len(await ingest.records(report.batch_id)) == 100
+    errors = await ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id))
+    assert [(e.row, [(x.field, x.rule, x.message) for x in e.errors]) for e in errors.errors] == [
+        (42, [("*", "depth", "nesting deeper than 32")])
+    ]
+
+
+async def test_a_csv_field_of_20_mb_unquoted_is_a_field_size_reject_on_its_row(ingest: Ingest) -> None:
+    rows = [good_row(i) for i in range(1, 101)]
+    head, tail = csv_bytes(rows[:60]), csv_bytes(rows[60:]).split(b"\n", 1)[1]
+    hostile = b"C99999,big@example.com," + b"x" * (20 * 1024 * 1024) + b",gold,1,1.5,yes,1990-01-02\n"  # row 61
+    report = await ingest.upload(head + hostile + tail, "huge-field", chunk=256 * 1024)
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected) == (101, 100, 1)
+    assert groups(report) == {("first_name", "field_size"): (1, [61])}
+    assert len(await ingest.records(report.batch_id)) == 100
+    errors = await ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id))
+    (error,) = errors.errors
+    assert error.row == 61
+    assert [(x.field, x.rule, x.message) for x in error.errors] == [
+        ("first_name", "field_size", "field larger than 1048576 bytes")
+    ]
+    assert b"xxxxxxxxxx" not in report.SerializeToString() + errors.SerializeToString()
+
+
+async def test_a_csv_row_over_the_row_limit_is_a_row_size_reject_on_its_row(ingest: Ingest) -> None:
+    rows = [good_row(i) for i in range(1, 101)]
+    wide = "y" * (900 * 1024)  # each field within its limit, the row of five of them over 4 MiB
+    rows.insert(9, ["C77777", wide, wide, wide, "1", wide, "yes", wide])  # row 10
+    report = await ingest.upload(csv_bytes(rows), "long-row", chunk=256 * 1024)
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected) == (101, 100, 1)
+    assert groups(report) == {("*", "row_size"): (1, [10])}
+    errors = await ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id))
+    assert [(x.field, x.rule, x.message) for x in errors.errors[0].errors] == [
+        ("*", "row_size", "row larger than 4194304 bytes")
+    ]
+    assert b"yyyyyyyyyy" not in report.SerializeToString() + errors.SerializeToString()
+
+
+async def test_hostile_rows_still_count_toward_the_error_threshold(ingest: Ingest) -> None:
+    lines = [json.dumps({"crm_id": f"J{i}"}) for i in range(1, 4)] + ["[" * 5000]
+    report = await ingest.upload(("\n".join(lines) + "\n").encode(), "deep-fails", fmt=pb.FILE_FORMAT_JSONL)
+    assert report.status == pb.BATCH_STATUS_FAILED  # 1 of 4 rejected, above the default 5%
+    assert groups(report) == {("*", "depth"): (1, [4])}
+    assert await ingest.records(report.batch_id) == []
+
+
+async def test_collect_survives_a_deep_event_and_a_huge_one_and_applies_the_next(ingest: Ingest) -> None:
+    js = ingest.eventlog.js
+    deep = await js.publish(collect_subject("web"), b'{"event_id": "d", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    huge = json.dumps(event(90, type="z" * (2 * 1024 * 1024))).encode()
+    big = await js.publish(collect_subject("web"), huge)
+    await js.publish(collect_subject("web"), json.dumps(event(91)).encode())
+    await until(ingest, lambda ids: "e91" in ids)
+    assert ingest.processor.ready.is_set()
+    assert ingest.processor.failures == {}  # the collect consumer never failed: it goes on serving
+    letters = (await ingest.stub.ListDeadLetters(pb.ListDeadLettersRequest(dataset="web"))).dead_letters
+    assert [(d.sequence, [(e.field, e.rule, e.message) for e in d.errors]) for d in letters] == [
+        (deep.seq, [("*", "depth", "nesting deeper than 32")]),
+        (big.seq, [("*", "event_size", "event larger than 1048576 bytes")]),
+    ]
+    assert all(len(d.raw) <= 16_384 for d in letters)  # kept as an excerpt, as every dead letter is
+    assert [r.record_id for r in await ingest.records()] == ["e91"]

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import batches
 from cdp_ingest.batches import BatchRun
+from cdp_ingest.limits import Limits
 from cdp_ingest.parsing import CsvParser
 from cdp_ingest.readers import ReaderDied, ReaderPool, count_rows
 from cdp_ingest.records import RecordBuilder
@@ -35,7 +36,7 @@ def pool() -> Iterator[ReaderPool]:
     readers.close()
 
 
-def new_run(tmp_path: Path, pool: ReaderPool | None) -> BatchRun:
+def new_run(tmp_path: Path, pool: ReaderPool | None, limits: Limits | None = None) -> BatchRun:
     return BatchRun(
         header=pb.IngestFileHeader(dataset="people", batch_key="k", format=pb.FILE_FORMAT_CSV),
         dataset=pb.Dataset(name="people", schema_name="people", unknown_fields=pb.UNKNOWN_FIELDS_REJECT),
@@ -45,11 +46,12 @@ def new_run(tmp_path: Path, pool: ReaderPool | None) -> BatchRun:
         max_kept_rejects=7,
         builder=RecordBuilder("people", pb.SCHEMA_CLASS_PROFILE, "b", T0),
         pool=pool,
+        limits=limits or Limits(),
     )
 
 
-def read(tmp_path: Path, data: bytes, pool: ReaderPool | None, piece: int) -> BatchRun:
-    run = new_run(tmp_path, pool)
+def read(tmp_path: Path, data: bytes, pool: ReaderPool | None, piece: int, limits: Limits | None = None) -> BatchRun:
+    run = new_run(tmp_path, pool, limits)
     for start in range(0, len(data), piece):
         run.feed(data[start : start + piece])
     run.finish()
@@ -63,9 +65,11 @@ def outcome(run: BatchRun) -> tuple[pb.BatchReport, list[object], list[object]]:
         run.close()
 
 
-def assert_pool_reads_the_same(tmp_path: Path, data: bytes, pool: ReaderPool, piece: int) -> BatchRun:
-    alone = outcome(read(tmp_path, data, None, piece))
-    pooled_run = read(tmp_path, data, pool, piece)
+def assert_pool_reads_the_same(
+    tmp_path: Path, data: bytes, pool: ReaderPool, piece: int, limits: Limits | None = None
+) -> BatchRun:
+    alone = outcome(read(tmp_path, data, None, piece, limits))
+    pooled_run = read(tmp_path, data, pool, piece, limits)
     pooled = outcome(pooled_run)
     assert pooled[0] == alone[0]
     assert pooled[1] == alone[1]
@@ -97,6 +101,28 @@ def test_a_messy_csv_reads_the_same_in_reader_processes(
     assert run._blocks is not None  # the readers really read it
     assert run.report.rows_read == 3000
     assert run.report.rows_rejected == 7
+
+
+def test_rows_over_the_limits_read_the_same_in_reader_processes(
+    tmp_path: Path, pool: ReaderPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows refused unread (too large) keep their place among the blocks the readers judge."""
+    monkeypatch.setattr(batches, "POOL_FROM_BYTES", 0)
+    limits = Limits(field_bytes=300, row_bytes=1000)
+    lines = [f"{i},{i % 120},1,true,a\n".encode() for i in range(1, 400)]
+    lines[20] = b"21," + b"9" * 5000 + b",1,true,a\n"  # a field over both limits, unquoted
+    lines[90] = b'91,1,"' + b"x\n" * 2000 + b'",true,a\n'  # a quoted one over both, spanning lines
+    lines[150] = b"151,1,1,true," + b"b" * 400 + b"\n"  # a field over its limit in a row within its own
+    lines[200] = b"201," + b",".join([b"7" * 250] * 6) + b"\n"  # fields within, the row over
+    data = b"id,age,score,member,tier\n" + b"".join(lines)
+    for piece in (97, 4096, len(data)):
+        run = assert_pool_reads_the_same(tmp_path, data, pool, piece, limits)
+        found = {(g.field, g.rule): list(g.first_rows) for g in run.report.rejects}
+        assert found[("age", "field_size")] == [21]
+        assert found[("score", "field_size")] == [91]
+        assert found[("tier", "field_size")] == [151]
+        assert found[("*", "row_size")] == [201]
+        assert run.report.rows_read == 399
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

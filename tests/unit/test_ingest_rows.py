@@ -110,7 +110,7 @@ def test_jsonl_oversized_lines_are_rejected_and_skipped() -> None:
     big = b'{"id": "' + b"x" * (5 * 1024 * 1024) + b'"}\n{"id": "after"}\n'
     rows = [r for i in range(0, len(big), 1 << 20) for r in parser.feed(big[i : i + (1 << 20)])]
     rows += [r for chunk in parser.close() for r in chunk]
-    assert [(r[0], r[2][0].rule if r[2] else None) for r in rows] == [(1, "max_size"), (2, None)]
+    assert [(r[0], r[2][0].rule if r[2] else None) for r in rows] == [(1, "row_size"), (2, None)]
     assert rows[1][1] == {"id": "after"}
 
 

@@ -11,6 +11,7 @@ rebuild equals it.
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 import tempfile
@@ -22,7 +23,8 @@ from typing import IO, Any
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.domain import RejectTally, Validator
 from cdp_ingest.judging import Judged, judge
-from cdp_ingest.parsing import CsvParser, Inflater, RowParser, parser_for
+from cdp_ingest.limits import Limits
+from cdp_ingest.parsing import CsvParser, Inflater, Refused, RowParser, Split, parser_for
 from cdp_ingest.readers import BlockQueue, ReaderPool, ReadSpec, count_rows
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import InvalidInput, Violation
@@ -36,6 +38,10 @@ CHUNK_BYTES = 900_000
 POOL_FROM_BYTES = 1024 * 1024
 REJECT_ROWS = 500
 REJECT_BYTES = 256 * 1024
+# A rejected row is kept whole up to this size; a larger one (it fits the row limit, not one
+# dead-letter message) keeps an excerpt of each long value.
+KEPT_ROW_BYTES = REJECT_BYTES
+EXCERPT_CHARS = 1024
 _LEN = struct.Struct("<I")
 
 StagedReject = tuple[int, dict[str, Any], list[tuple[str, str, str]]]
@@ -99,13 +105,20 @@ class BatchRun:
     tally: RejectTally = field(default_factory=RejectTally)
     pool: ReaderPool | None = None
     read_seconds: float = 0.0
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP
         textual = self.header.format in (pb.FILE_FORMAT_CSV, pb.FILE_FORMAT_UNSPECIFIED)
-        self.validator = Validator(self.schema, textual=textual, drop_unknown=drop, max_bytes=self.max_bytes)
+        self.validator = Validator(
+            self.schema,
+            textual=textual,
+            drop_unknown=drop,
+            max_bytes=self.max_bytes,
+            max_depth=self.limits.max_depth,
+        )
         self.inflater = Inflater()
-        self.parser: RowParser = parser_for(self.header.format, self.schema, drop, self.staging)
+        self.parser: RowParser = parser_for(self.header.format, self.schema, drop, self.staging, self.limits)
         self.accepted = Spool(self.staging, CHUNK_ROWS, CHUNK_BYTES)
         self.rejected = Spool(self.staging, REJECT_ROWS, REJECT_BYTES)
         self._blocks: BlockQueue | None = None
@@ -135,21 +148,38 @@ class BatchRun:
         if not pooled or not isinstance(parser, CsvParser):
             self._take(judge(parser.feed(piece), self.validator, self.builder))
             return
-        for block in parser.split(piece):
-            if parser.header is None:  # the header (and the rows of its block) are read here
-                self._take(judge(parser.parse(block), self.validator, self.builder))
-                continue
+        for item in parser.split(piece):
+            self._read_split(parser, item)
+
+    def _read_split(self, parser: CsvParser, item: Split) -> None:
+        """One block (or one row refused as too large) of a CSV read on the reader processes;
+        results are taken in file order either way."""
+        if isinstance(item, Refused):
+            judged = judge([parser.refused_row(item)], self.validator, self.builder)
             if self._blocks is None:
-                assert self.pool is not None
-                readers = self.pool.acquire()
-                if readers is None:  # another batch is using the readers: read this one here
-                    self.pool = None
-                    self._take(judge(parser.parse(block), self.validator, self.builder))
-                    continue
-                self._blocks = BlockQueue(self.pool, readers, self._spec(parser.header))
-            first = parser.skip(count_rows(block))
-            for judged in self._blocks.submit(block, first):
                 self._take(judged)
+            else:
+                self._blocks.submit_judged(judged)
+            return
+        # the header (and the rows of its block) are read here, as is everything when the
+        # readers are busy with another batch
+        if parser.header is None or (self._blocks is None and not self._start_readers(parser.header)):
+            self._take(judge(parser.parse(item), self.validator, self.builder))
+            return
+        assert self._blocks is not None
+        first = parser.skip(count_rows(item))
+        for judged in self._blocks.submit(item, first):
+            self._take(judged)
+
+    def _start_readers(self, header: list[str]) -> bool:
+        if self.pool is None:
+            return False
+        readers = self.pool.acquire()
+        if readers is None:  # another batch is using the readers: read this one here
+            self.pool = None
+            return False
+        self._blocks = BlockQueue(self.pool, readers, self._spec(header))
+        return True
 
     def _spec(self, header: list[str]) -> ReadSpec:
         return ReadSpec(
@@ -161,6 +191,7 @@ class BatchRun:
             batch_id=self.builder.batch_id,
             received_at=self.builder.received_at,
             header=tuple(header),
+            limits=self.limits,
         )
 
     def _take(self, judged: Judged) -> None:
@@ -175,6 +206,8 @@ class BatchRun:
             self.tally.add(row_no, violations, masked)
             if report.rows_kept < self.max_kept_rejects:
                 report.rows_kept += 1
+                if size > KEPT_ROW_BYTES:
+                    values, size = _excerpts(values)
                 kept: StagedReject = (row_no, values, [(v.field, v.rule, v.message) for v in violations])
                 self.rejected.add(kept, size)
 
@@ -183,3 +216,23 @@ class BatchRun:
             self._blocks.release(broken=False)
         self.accepted.close()
         self.rejected.close()
+
+
+def _excerpts(values: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A large rejected row's values, each long one cut to an excerpt (marked "…"), and no more
+    of them than ``KEPT_ROW_BYTES`` holds, so the row fits the dead-letter message that keeps
+    it; with the size kept."""
+    out: dict[str, Any] = {}
+    size = 0
+    for name, value in values.items():
+        text = value if isinstance(value, str) else None
+        if text is None and isinstance(value, list | dict):
+            text = json.dumps(value, default=str)
+            if len(text) <= EXCERPT_CHARS:
+                text = None
+        kept = value if text is None or len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"
+        size += len(name) + (len(kept) if isinstance(kept, str) else len(json.dumps(kept, default=str)))
+        if size > KEPT_ROW_BYTES:
+            break
+        out[name] = kept
+    return out, size

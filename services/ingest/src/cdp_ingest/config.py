@@ -15,11 +15,13 @@ from cdp_kit.errors import NotFound
 
 @dataclass
 class Target:
-    """Where rows land: a dataset, the latest version of its schema, and its size limit."""
+    """Where rows land: a dataset, the latest version of its schema, its size limit and the
+    deepest nesting a row may have."""
 
     dataset: pb.Dataset
     schema: pb.Schema
     max_bytes: int
+    max_depth: int
     _validators: dict[bool, Validator] = field(default_factory=dict)
 
     @property
@@ -30,7 +32,7 @@ class Target:
         if textual not in self._validators:
             drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP
             self._validators[textual] = Validator(
-                self.schema, textual=textual, drop_unknown=drop, max_bytes=self.max_bytes
+                self.schema, textual=textual, drop_unknown=drop, max_bytes=self.max_bytes, max_depth=self.max_depth
             )
         return self._validators[textual]
 
@@ -61,4 +63,4 @@ class ConfigCache:
             raise NotFound(f"schema {ds.schema_name!r} of dataset {name!r} not found")
         event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
         limit = self.settings.max_event_bytes if event else self.settings.max_profile_record_bytes
-        return Target(ds, schema, limit)
+        return Target(ds, schema, limit, self.settings.max_json_depth)

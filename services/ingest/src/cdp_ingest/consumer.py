@@ -4,6 +4,10 @@ Valid new events are appended to the records log; events seen before (by id, for
 whichever way they came) are dropped; invalid ones go to the dead-letter own log with
 their reason. A raw input: each message reaches ``decide`` as an envelope whose payload
 holds the published bytes.
+
+Anyone who can publish on ``cdp.collect`` reaches this code, so a message is measured before
+it is parsed (``cdp_ingest.limits``): one too large (``event_size``) or nested too deep
+(``depth``) is a dead letter like any invalid event, and the consumer goes on with the next.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.handlers import event_bytes
+from cdp_ingest.limits import Limits, json_text, oversized_fields, too_deep
 from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
@@ -45,8 +50,9 @@ class CollectHandler:
     """``prefetch`` validates and encodes every message of a fetched batch and looks up the
     event ids of all of them in one query per dataset; ``decide`` then works in memory."""
 
-    def __init__(self, config: ConfigCache) -> None:
+    def __init__(self, config: ConfigCache, limits: Limits | None = None) -> None:
         self.config = config
+        self.limits = limits or Limits()
         self._verdicts: dict[str, Verdict] = {}
         self._seen: dict[str, set[str]] = {}
         self._builders: dict[str, RecordBuilder] = {}
@@ -104,13 +110,22 @@ class CollectHandler:
             return rejected
 
     def _accept(self, session: Session, dataset: str, data: bytes) -> Accepted:
+        limits = self.limits
+        if len(data) > limits.event_bytes:  # before anything else reads it
+            raise _one("*", "event_size", f"event larger than {limits.event_bytes} bytes")
         try:
             target = self.config.target(session, dataset)
         except NotFound as exc:
             raise Rejected(exc.message, [pb.FieldError(field="dataset", rule="exists", message=exc.message)]) from exc
         if not target.is_event:
             raise _one("dataset", "class", f"dataset {dataset!r} holds profile records, not events")
-        value = _parse(data)
+        value = _parse(data, limits.max_depth)
+        if len(data) > limits.field_bytes:  # only an event this long can hold a field this long
+            over = sorted(oversized_fields(value, limits.field_bytes))
+            if over:
+                message = f"field larger than {limits.field_bytes} bytes"
+                errors = [pb.FieldError(field=name, rule="field_size", message=message) for name in over]
+                raise Rejected(f"{over[0]}: field_size: {message}", errors)
         result = target.validator(textual=False).validate(value, len(data), "message")
         if result.violations:
             errors = [pb.FieldError(field=v.field, rule=v.rule, message=v.message) for v in result.violations]
@@ -136,11 +151,17 @@ def _one(field: str, rule: str, message: str) -> Rejected:
     return Rejected(f"{field}: {rule}: {message}", [pb.FieldError(field=field, rule=rule, message=message)])
 
 
-def _parse(data: bytes) -> dict[str, Any]:
+def _parse(data: bytes, max_depth: int) -> dict[str, Any]:
+    """The event's JSON object; its depth is measured on the text before ``json.loads`` runs
+    (which would raise ``RecursionError`` on a deep enough one and stop the consumer)."""
     try:
-        value = json.loads(data)
+        text = json_text(data)
     except UnicodeDecodeError:
         raise _one("*", "encoding", "invalid UTF-8") from None
+    if too_deep(text, max_depth):
+        raise _one("*", "depth", f"nesting deeper than {max_depth}")
+    try:
+        value = json.loads(text)
     except ValueError as exc:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise _one("*", "json", f"not valid JSON: {msg}") from None

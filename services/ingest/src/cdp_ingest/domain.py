@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest.limits import DEFAULT_MAX_DEPTH, LimitExceeded, too_deep
 from cdp_kit.errors import Violation
 from cdp_kit.telemetry import pii_hash
 
@@ -196,16 +197,25 @@ class FieldCheck:
 class Validator:
     """A schema compiled once per batch: converting and checking a row is a loop over prepared checks."""
 
-    def __init__(self, schema: pb.Schema, *, textual: bool, drop_unknown: bool, max_bytes: int) -> None:
+    def __init__(
+        self,
+        schema: pb.Schema,
+        *,
+        textual: bool,
+        drop_unknown: bool,
+        max_bytes: int,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
         self.schema = schema
         self.textual = textual
         self.drop_unknown = drop_unknown
         self.max_bytes = max_bytes
+        self.max_depth = max_depth
         self.known = frozenset(f.name for f in schema.fields)
         self.identity_fields = frozenset(f.name for f in schema.fields if f.identity_namespace)
         self.is_event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
         must = {schema.event_id_field, schema.timestamp_field} if self.is_event else set()
-        self.checks = [_compile(f, textual, f.name in must) for f in schema.fields]
+        self.checks = [_compile(f, textual, f.name in must, max_depth) for f in schema.fields]
         # The same checks as plain tuples, read in the per-row loop without attribute lookups.
         self._plan = [(c.name, c.convert, c.required, c.namespace, c.constraints) for c in self.checks]
         self.event_id_field = schema.event_id_field
@@ -242,7 +252,8 @@ class Validator:
                 try:
                     value = convert(raw)
                 except (ValueError, TypeError) as exc:
-                    violations.append(Violation(name, "type", str(exc), record))
+                    rule = exc.rule if isinstance(exc, LimitExceeded) else "type"
+                    violations.append(Violation(name, rule, str(exc), record))
                     continue
             if constraints is not None:
                 broken = constraints(value)
@@ -270,12 +281,12 @@ class Validator:
         return text if len(text) <= 40 else text[:39] + "…"
 
 
-def _compile(f: pb.Field, textual: bool, must: bool) -> FieldCheck:
+def _compile(f: pb.Field, textual: bool, must: bool, max_depth: int) -> FieldCheck:
     required = must or f.required or bool(f.identity_namespace and f.primary_identity)
-    return FieldCheck(f.name, converter(f, textual), required, f.identity_namespace, _constraints(f))
+    return FieldCheck(f.name, converter(f, textual, max_depth), required, f.identity_namespace, _constraints(f))
 
 
-def converter(f: pb.Field, textual: bool) -> Converter:
+def converter(f: pb.Field, textual: bool, max_depth: int = DEFAULT_MAX_DEPTH) -> Converter:
     t = f.type
     if t == FT.FIELD_TYPE_STRING:
         if f.identity_namespace:
@@ -292,9 +303,9 @@ def converter(f: pb.Field, textual: bool) -> Converter:
     if t == FT.FIELD_TYPE_TIMESTAMP:
         return _timestamp
     if t == FT.FIELD_TYPE_OBJECT:
-        return _checked(_object_converter(f, textual))
+        return _checked(_object_converter(f, textual, max_depth))
     if t == FT.FIELD_TYPE_ARRAY:
-        return _checked(_array_converter(f, textual))
+        return _checked(_array_converter(f, textual, max_depth))
     return _unsupported
 
 
@@ -440,8 +451,12 @@ def parse_timestamp(raw: str) -> datetime:
     return moment.astimezone(UTC)
 
 
-def _json_text(raw: Any, textual: bool) -> Any:
+def _json_text(raw: Any, textual: bool, max_depth: int) -> Any:
+    """A CSV cell's JSON, parsed once its depth is known to fit: the cell sits in its row, so
+    its own top level is the row's second."""
     if textual and isinstance(raw, str):
+        if too_deep(raw, max_depth - 1):
+            raise LimitExceeded("depth", f"nesting deeper than {max_depth}")
         try:
             return json.loads(raw)
         except ValueError:
@@ -449,11 +464,11 @@ def _json_text(raw: Any, textual: bool) -> Any:
     return raw
 
 
-def _object_converter(f: pb.Field, textual: bool) -> Converter:
+def _object_converter(f: pb.Field, textual: bool, max_depth: int) -> Converter:
     subs = [(s.name, converter(s, False), s.required) for s in f.fields]
 
     def convert(raw: Any) -> Any:
-        value = _json_text(raw, textual)
+        value = _json_text(raw, textual, max_depth)
         if not isinstance(value, dict):
             raise ValueError("expected a JSON object")
         for name, sub, required in subs:
@@ -470,11 +485,11 @@ def _object_converter(f: pb.Field, textual: bool) -> Converter:
     return convert
 
 
-def _array_converter(f: pb.Field, textual: bool) -> Converter:
+def _array_converter(f: pb.Field, textual: bool, max_depth: int) -> Converter:
     item = converter(pb.Field(type=f.items), False) if f.items else None
 
     def convert(raw: Any) -> Any:
-        value = _json_text(raw, textual)
+        value = _json_text(raw, textual, max_depth)
         if not isinstance(value, list):
             raise ValueError("expected a JSON array")
         if item is not None:

@@ -154,6 +154,7 @@ class IngestHandlers:
             builder=RecordBuilder(header.dataset, target.schema.schema_class, batch_id, received_at),
             report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
             pool=self.readers,
+            limits=self.settings.limits(),
         )
         try:
             started = time.perf_counter()

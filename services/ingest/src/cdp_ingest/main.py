@@ -28,7 +28,7 @@ def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Servi
         tables=TABLES,
         own_logs=[INGEST_CONFIG, INGEST_RECORDS, INGEST_DEADLETTER],
         projection=IngestProjection(config),
-        inputs=[Input(INGEST_READS_COLLECT, CollectHandler(config), raw=True)],
+        inputs=[Input(INGEST_READS_COLLECT, CollectHandler(config, settings.limits()), raw=True)],
         batch_size=settings.batch_size,
     )
     handlers = IngestHandlers(processor, settings, config)

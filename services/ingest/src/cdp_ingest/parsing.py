@@ -2,13 +2,15 @@
 
 * gzip is detected by its magic bytes and inflated in bounded pieces (multi-member too);
 * CSV is cut at the last newline outside quotes (an even count of ``"`` before it), so a
-  quoted field may span lines and chunks; a quoted field running past ``MAX_PENDING_BYTES``
-  is an unbalanced quote and fails the file;
-* JSON Lines are cut at newlines; a line longer than ``MAX_PENDING_BYTES`` is rejected as
-  oversized and skipped;
+  quoted field may span lines and chunks; a row growing past the row limit is measured as it
+  streams by (never buffered, never parsed) and rejected with ``field_size`` or ``row_size``;
+  a quote still open at the end of the file is an unbalanced quote and fails the file;
+* JSON Lines are cut at newlines; a line longer than the row limit is rejected and skipped,
+  and a line nested too deep is rejected before ``json.loads`` sees it;
 * Parquet needs its footer, so it is spooled to a temporary file and read in record batches.
 
 A row that cannot be read comes with its problems (field ``*`` or the column, and a rule).
+The limits (``cdp_ingest.limits``) are checked before any parser runs.
 """
 
 from __future__ import annotations
@@ -19,19 +21,33 @@ import json
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest.limits import (
+    CsvRowScan,
+    Limits,
+    depth_violation,
+    field_violation,
+    json_text,
+    oversized_fields,
+    row_violation,
+    text_bytes,
+    too_deep,
+    value_bytes,
+)
 from cdp_kit.errors import InvalidInput, Violation
 
 Parsed = tuple[int, dict[str, Any], list[Violation], int]
 """(1-based row number, values by column, problems reading it, size in bytes)."""
 
-MAX_PENDING_BYTES = 4 * 1024 * 1024
 INFLATE_PIECE = 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
-csv.field_size_limit(MAX_PENDING_BYTES)
+# The csv module never gets a row over the row limit (the parser measures rows first), so its
+# own field limit must not fire first with a misleading error: it is set out of the way.
+csv.field_size_limit(2**31 - 1)
 
 
 class RowParser(Protocol):
@@ -112,44 +128,114 @@ def clean_text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A CSV row over the row limit, measured without being parsed or kept; it gets its row
+    number when its turn comes (``CsvParser.refused_row``), after the blocks before it."""
+
+    size: int
+    widest: tuple[int, int]
+    """(bytes, index) of its widest field."""
+
+
+Split = bytes | Refused
+"""What ``CsvParser.split`` answers, in file order: a block of complete rows, or a refused row."""
+
+
 class CsvParser:
     """CSV with a header row; every value is text, converted later by the schema's types."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
         self.header: list[str] | None = None
+        self.limits = limits or Limits()
         self._pending = b""
         self._row = 0
         self._first = True
+        self._skipping: CsvRowScan | None = None
+        # A row of fewer characters than this cannot hold a field over the limit (a character
+        # is at most 4 bytes): the per-row check is one comparison.
+        self._field_floor = self.limits.field_bytes // 4
 
     @classmethod
-    def after_header(cls, header: list[str], first_row: int) -> CsvParser:
+    def after_header(cls, header: list[str], first_row: int, limits: Limits | None = None) -> CsvParser:
         """A parser for blocks past the header, whose first row is ``first_row``."""
-        parser = cls()
+        parser = cls(limits)
         parser.header = header
         parser._row = first_row - 1
         parser._first = False
         return parser
 
     def feed(self, data: bytes) -> list[Parsed]:
-        return [row for block in self.split(data) for row in self.parse(block)]
+        out: list[Parsed] = []
+        for item in self.split(data):
+            if isinstance(item, Refused):
+                out.append(self.refused_row(item))
+            else:
+                out += self.parse(item)
+        return out
 
-    def split(self, data: bytes) -> list[bytes]:
-        """The complete rows received so far, as one block (none if no row is complete yet)."""
+    def split(self, data: bytes) -> list[Split]:
+        """The complete rows received so far, as blocks, and the rows refused as too large, in
+        file order. Blocks only ever hold rows within the row limit."""
+        out: list[Split] = []
+        if self._skipping is not None:
+            end = self._skipping.feed(data)
+            if end < 0:
+                return out
+            out.append(_refused(self._skipping))
+            self._skipping = None
+            data = data[end:]
         self._pending += data
+        if len(self._pending) > self.limits.row_bytes:
+            self._split_long(out)
+            return out
         cut = self._cut()
-        if cut < 0:
-            if len(self._pending) > MAX_PENDING_BYTES:
-                raise InvalidInput(
-                    "malformed CSV",
-                    [
-                        Violation(
-                            "*", "csv", "unbalanced quote: a quoted field runs on past 4 MiB", f"row {self._row + 1}"
-                        )
-                    ],
-                )
-            return []
-        complete, self._pending = self._pending[: cut + 1], self._pending[cut + 1 :]
-        return [complete]
+        if cut >= 0:
+            complete, self._pending = self._pending[: cut + 1], self._pending[cut + 1 :]
+            out.append(complete)
+        return out
+
+    def _split_long(self, out: list[Split]) -> None:
+        """Pending bytes over the row limit: rows within it go on as blocks, longer ones are
+        measured and refused, and a last row still growing past it is skipped as it arrives."""
+        data, self._pending = self._pending, b""
+        limit = self.limits.row_bytes
+        start = block_start = 0
+        for end in _row_ends(data):
+            if end - start > limit:
+                if start > block_start:
+                    out.append(data[block_start:start])
+                scan = CsvRowScan()
+                scan.feed(data[start:end])
+                out.append(_refused(scan))
+                block_start = end
+            start = end
+        if start > block_start:
+            out.append(data[block_start:start])
+        rest = data[start:]
+        if len(rest) > limit:
+            self._skipping = CsvRowScan()
+            self._skipping.feed(rest)  # no row ends in it: the row goes on
+        else:
+            self._pending = rest
+
+    def refused_row(self, refused: Refused) -> Parsed:
+        """The next row, refused unread. A header too large fails the file, as any bad header does."""
+        width, index = refused.widest
+        if self.header is None:
+            problem = (
+                field_violation(f"column {index + 1}", self.limits.field_bytes, "header")
+                if width > self.limits.field_bytes
+                else row_violation(self.limits.row_bytes, "header")
+            )
+            raise InvalidInput("malformed CSV header", [problem])
+        self._row += 1
+        record = f"row {self._row}"
+        if width > self.limits.field_bytes:
+            problem = field_violation(_column(self.header, index), self.limits.field_bytes, record)
+        else:
+            problem = row_violation(self.limits.row_bytes, record)
+        return self._row, {}, [problem], refused.size
 
     def skip(self, rows: int) -> int:
         """Count ``rows`` read elsewhere; answers the number of the first of them."""
@@ -181,6 +267,14 @@ class CsvParser:
         return last
 
     def close(self) -> Iterator[list[Parsed]]:
+        if self._skipping is not None:
+            scan, self._skipping = self._skipping, None
+            if scan.in_quotes:
+                message = "unbalanced quote: a quoted field runs on to the end of the file"
+                problem = Violation("*", "csv", message, f"row {self._row + 1}")
+                raise InvalidInput("malformed CSV", [problem])
+            scan.finish()
+            yield [self.refused_row(_refused(scan))]
         rest, self._pending = self._pending, b""
         if rest.strip():
             yield self.parse(rest)
@@ -236,6 +330,11 @@ class CsvParser:
                 continue
             self._row += 1
             size = sum(map(len, values)) + len(values)
+            if size > self._field_floor:
+                over = self._oversized(header, values)
+                if over:
+                    yield self._row, over[1], over[0], size
+                    continue
             if len(values) != width:
                 problem = Violation("*", "ragged_row", f"{len(values)} values for {width} columns", f"row {self._row}")
                 yield self._row, _ragged(header, values), [problem], size
@@ -254,6 +353,41 @@ class CsvParser:
                     continue
             yield self._row, row, [], size
 
+    def _oversized(self, header: list[str], values: list[str]) -> tuple[list[Violation], dict[str, Any]] | None:
+        """Fields over the field limit, and the row's other values: an over-long value is never
+        kept (it would not fit the dead-letter message that keeps rejected rows)."""
+        limit = self.limits.field_bytes
+        record = f"row {self._row}"
+        problems: list[Violation] = []
+        kept: dict[str, Any] = {}
+        for i, value in enumerate(values):
+            name = _column(header, i)
+            if text_bytes(value) > limit:
+                problems.append(field_violation(name, limit, record))
+            else:
+                kept[name] = clean_text(value)
+        return (problems, kept) if problems else None
+
+
+def _refused(scan: CsvRowScan) -> Refused:
+    return Refused(scan.size, scan.widest)
+
+
+def _row_ends(data: bytes) -> Iterator[int]:
+    """Positions just past each newline outside quotes in ``data``, which starts a row (the
+    same rule as ``CsvParser._cut`` and ``CsvRowScan``)."""
+    quotes, pos = 0, 0
+    while (nl := data.find(b"\n", pos)) >= 0:
+        quotes += data.count(b'"', pos, nl)
+        pos = nl + 1
+        if quotes % 2 == 0:
+            yield pos
+
+
+def _column(header: list[str], index: int) -> str:
+    """The name a column is reported under (values beyond the header are ``_extra_N``)."""
+    return header[index] if index < len(header) else f"_extra_{index + 1 - len(header)}"
+
 
 def _ragged(header: list[str], values: list[str]) -> dict[str, Any]:
     named = {header[i] if i < len(header) else f"_extra_{i + 1 - len(header)}": v for i, v in enumerate(values)}
@@ -263,7 +397,8 @@ def _ragged(header: list[str], values: list[str]) -> dict[str, Any]:
 class JsonLinesParser:
     """One JSON object per line; blank lines are skipped."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         self._pending = b""
         self._row = 0
         self._skipping = False
@@ -277,7 +412,7 @@ class JsonLinesParser:
         out: list[Parsed] = []
         cut = self._pending.rfind(b"\n")
         if cut < 0:
-            if len(self._pending) > MAX_PENDING_BYTES:
+            if len(self._pending) > self.limits.row_bytes:
                 self._oversized(out)
             return out
         complete, self._pending = self._pending[: cut + 1], self._pending[cut + 1 :]
@@ -292,7 +427,7 @@ class JsonLinesParser:
     def _oversized(self, out: list[Parsed]) -> None:
         if not self._skipping:
             self._row += 1
-            problem = Violation("*", "max_size", f"a line longer than {MAX_PENDING_BYTES} bytes", f"row {self._row}")
+            problem = row_violation(self.limits.row_bytes, f"row {self._row}")
             out.append((self._row, {}, [problem], len(self._pending)))
         self._skipping = True
         self._pending = b""
@@ -310,11 +445,20 @@ class JsonLinesParser:
             return
         self._row += 1
         record = f"row {self._row}"
+        limits = self.limits
+        if len(line) > limits.row_bytes:  # a long line that arrived whole, with its newline
+            out.append((self._row, {}, [row_violation(limits.row_bytes, record)], len(line)))
+            return
         try:
-            value = json.loads(line)
+            text = json_text(line)
         except UnicodeDecodeError:
             out.append((self._row, {}, [Violation("*", "encoding", "invalid UTF-8", record)], len(line)))
             return
+        if too_deep(text, limits.max_depth):
+            out.append((self._row, {}, [depth_violation(limits.max_depth, record)], len(line)))
+            return
+        try:
+            value = json.loads(text)
         except ValueError as exc:
             msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
             out.append((self._row, {}, [Violation("*", "json", f"not valid JSON: {msg}", record)], len(line)))
@@ -323,6 +467,13 @@ class JsonLinesParser:
             problem = Violation("*", "json", f"each line holds a JSON object, not {type(value).__name__}", record)
             out.append((self._row, {}, [problem], len(line)))
             return
+        if len(line) > limits.field_bytes:  # only a line this long can hold a field this long
+            over = set(oversized_fields(value, limits.field_bytes))
+            if over:
+                problems = [field_violation(name, limits.field_bytes, record) for name in sorted(over)]
+                kept = {k: v for k, v in value.items() if k not in over}
+                out.append((self._row, kept, problems, len(line)))
+                return
         out.append((self._row, value, [], len(line)))
 
 
@@ -331,10 +482,11 @@ class ParquetParser:
 
     BATCH_ROWS = 4096
 
-    def __init__(self, spool_dir: Path, columns_check: ColumnsCheck) -> None:
+    def __init__(self, spool_dir: Path, columns_check: ColumnsCheck, limits: Limits | None = None) -> None:
         spool_dir.mkdir(parents=True, exist_ok=True)
         self._file = tempfile.NamedTemporaryFile(dir=spool_dir, prefix="upload-", suffix=".parquet")  # noqa: SIM115
         self._check = columns_check
+        self.limits = limits or Limits()
 
     def feed(self, data: bytes) -> list[Parsed]:
         self._file.write(data)
@@ -351,12 +503,14 @@ class ParquetParser:
             except (pa.ArrowException, OSError) as exc:
                 raise InvalidInput("not a Parquet file", [Violation("file", "parquet", str(exc))]) from exc
             columns = self._check(reader.schema_arrow)
+            _check_depth(reader.schema_arrow, columns, self.limits.max_depth)
             row = 0
             for batch in reader.iter_batches(batch_size=self.BATCH_ROWS, columns=columns):
                 out: list[Parsed] = []
                 for values in batch.to_pylist():
                     row += 1
-                    out.append((row, values, [], _estimate(values)))
+                    size = _estimate(values)
+                    out.append(_sized(row, values, size, self.limits))
                 yield out
         finally:
             self._file.close()
@@ -366,7 +520,55 @@ ColumnsCheck = Callable[[Any], list[str]]
 
 
 def _estimate(values: dict[str, Any]) -> int:
-    return sum(len(v) if isinstance(v, str) else 8 for v in values.values()) + 2 * len(values)
+    """Size of a Parquet row as text would hold it: strings by length, nested values walked."""
+    total = 2 * len(values)
+    for v in values.values():
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, list | dict | bytes):
+            total += value_bytes(v)
+        else:
+            total += 8
+    return total
+
+
+def _sized(row: int, values: dict[str, Any], size: int, limits: Limits) -> Parsed:
+    """A Parquet row, or its refusal when a field or the whole row is over its limit."""
+    if size <= limits.field_bytes // 4:
+        return row, values, [], size
+    record = f"row {row}"
+    over = set(oversized_fields(values, limits.field_bytes))
+    if over:
+        problems = [field_violation(name, limits.field_bytes, record) for name in sorted(over)]
+        return row, {k: v for k, v in values.items() if k not in over}, problems, size
+    if value_bytes(values) > limits.row_bytes:
+        return row, {}, [row_violation(limits.row_bytes, record)], size
+    return row, values, [], size
+
+
+def _check_depth(arrow_schema: Any, columns: list[str], max_depth: int) -> None:
+    """Nesting is a property of a Parquet column's type, so a column too deep refuses the file
+    (as any column that does not fit), before a row is turned into Python values."""
+    problems = [
+        depth_violation(max_depth, "parquet", name)
+        for name in columns
+        if 1 + _type_depth(arrow_schema.field(name).type) > max_depth
+    ]
+    if problems:
+        raise InvalidInput("the Parquet file's columns are nested too deep", problems)
+
+
+def _type_depth(arrow_type: Any) -> int:
+    """Nesting of an Arrow type (a scalar is 0, a list of int 1), walked with a stack."""
+    deepest = 0
+    stack = [(arrow_type, 0)]
+    while stack:
+        t, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if t.num_fields == 0:
+            continue
+        stack.extend((t.field(i).type, depth + 1) for i in range(t.num_fields))
+    return deepest
 
 
 ARROW_FITS: dict[int, tuple[str, ...]] = {
@@ -407,11 +609,11 @@ def parquet_columns(schema: pb.Schema, drop_unknown: bool) -> ColumnsCheck:
     return check
 
 
-def parser_for(fmt: int, schema: pb.Schema, drop_unknown: bool, spool_dir: Path) -> RowParser:
+def parser_for(fmt: int, schema: pb.Schema, drop_unknown: bool, spool_dir: Path, limits: Limits) -> RowParser:
     if fmt in (pb.FILE_FORMAT_CSV, pb.FILE_FORMAT_UNSPECIFIED):
-        return CsvParser()
+        return CsvParser(limits)
     if fmt == pb.FILE_FORMAT_JSONL:
-        return JsonLinesParser()
+        return JsonLinesParser(limits)
     if fmt == pb.FILE_FORMAT_PARQUET:
-        return ParquetParser(spool_dir, parquet_columns(schema, drop_unknown))
+        return ParquetParser(spool_dir, parquet_columns(schema, drop_unknown), limits)
     raise InvalidInput("unsupported format", [Violation("format", "supported", "CSV, JSON Lines and Parquet")])

@@ -41,6 +41,7 @@ from typing import IO, TypeVar, cast
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.domain import Validator
 from cdp_ingest.judging import Judged, judge
+from cdp_ingest.limits import Limits
 from cdp_ingest.parsing import CsvParser, decode
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import CdpError, Unavailable
@@ -61,24 +62,33 @@ class ReadSpec:
     batch_id: str
     received_at: datetime
     header: tuple[str, ...]
+    limits: Limits
 
 
 @lru_cache(maxsize=8)
 def _compiled(spec: ReadSpec) -> tuple[Validator, RecordBuilder]:
     schema = pb.Schema.FromString(spec.schema)
-    validator = Validator(schema, textual=spec.textual, drop_unknown=spec.drop_unknown, max_bytes=spec.max_bytes)
+    validator = Validator(
+        schema,
+        textual=spec.textual,
+        drop_unknown=spec.drop_unknown,
+        max_bytes=spec.max_bytes,
+        max_depth=spec.limits.max_depth,
+    )
     return validator, RecordBuilder(spec.dataset, schema.schema_class, spec.batch_id, spec.received_at)
 
 
 def judge_block(spec: ReadSpec, block: bytes, first_row: int) -> Judged:
     """Run in a worker: parse one block of complete CSV rows (after the header) and judge them."""
     validator, builder = _compiled(spec)
-    parser = CsvParser.after_header(list(spec.header), first_row)
+    parser = CsvParser.after_header(list(spec.header), first_row, spec.limits)
     return judge(parser.parse(block), validator, builder)
 
 
 def count_rows(block: bytes) -> int:
-    """How many rows ``CsvParser.parse`` reads from a block of complete rows (blank lines are not rows)."""
+    """How many rows ``CsvParser.parse`` reads from a block of complete rows (blank lines are not rows).
+    ``CsvParser.split`` keeps rows over the row limit out of blocks, so the ``csv`` module
+    counts rows of bounded size."""
     plain = b'"' not in block and b"\r" not in block and b"\x00" not in block and b"\n\n" not in block
     if plain and not block.startswith(b"\n"):
         return block.count(b"\n") + (0 if not block or block.endswith(b"\n") else 1)
@@ -247,14 +257,15 @@ class ReaderPool:
 
 
 class BlockQueue:
-    """Blocks of one batch in flight on the readers; results come back in submission order."""
+    """Blocks of one batch in flight on the readers; results come back in submission order.
+    A result judged in the service (a row refused as too large) waits its turn among them."""
 
     def __init__(self, pool: ReaderPool, readers: list[_Reader], spec: ReadSpec) -> None:
         self.pool = pool
         self.readers = readers
         self.spec = spec
         self._sent = 0
-        self._pending: deque[_Reader] = deque()
+        self._pending: deque[_Reader | Judged] = deque()
         self._released = False
 
     def submit(self, block: bytes, first_row: int) -> list[Judged]:
@@ -268,6 +279,10 @@ class BlockQueue:
         self._pending.append(reader)
         return done
 
+    def submit_judged(self, judged: Judged) -> None:
+        """A result already known, due after the blocks sent before it."""
+        self._pending.append(judged)
+
     def drain(self) -> list[Judged]:
         done = []
         while self._pending:
@@ -278,10 +293,14 @@ class BlockQueue:
     def release(self, broken: bool) -> None:
         if not self._released:
             self._released = True
-            self.pool.release(broken or bool(self._pending))
+            in_flight = any(isinstance(entry, _Reader) for entry in self._pending)
+            self.pool.release(broken or in_flight)
 
     def _next(self) -> Judged:
-        return self._guard(self._pending.popleft().answer)
+        head = self._pending.popleft()
+        if isinstance(head, Judged):
+            return head
+        return self._guard(head.answer)
 
     def _guard(self, call: Callable[..., T], *args: object) -> T:
         try:
