@@ -722,6 +722,39 @@ async def test_a_csv_row_over_the_row_limit_is_a_row_size_reject_on_its_row(inge
     assert b"yyyyyyyyyy" not in report.SerializeToString() + errors.SerializeToString()
 
 
+WIDE = {
+    "name": "wide_person",
+    "schema_class": "SCHEMA_CLASS_PROFILE",
+    "fields": [
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        *({"name": f"note{i}", "type": "FIELD_TYPE_STRING"} for i in range(4)),
+    ],
+}
+
+
+async def test_a_row_within_the_read_limits_that_encodes_beyond_half_a_message_is_a_row_size_reject(
+    nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every record must fit one message, and so must identity's fragment of it (a little larger).
+    With the record limit raised by the operator, a row of four 200 KiB fields passes the field,
+    row and record limits but not that one: it is a row_size reject, and the rest go through."""
+    monkeypatch.setenv("CDP_MAX_PROFILE_RECORD_BYTES", str(4 * 1024 * 1024))
+    async with running_ingest(nats_url, sqlite_url(tmp_path / "ingest.db"), tmp_path / "data") as ingest:
+        await ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=json_format.ParseDict(WIDE, pb.Schema())))
+        await ingest.stub.CreateDataset(
+            pb.CreateDatasetRequest(dataset=pb.Dataset(name="wide", schema_name="wide_person"))
+        )
+        wide = "w" * (200 * 1024)
+        rows = [[f"W{i}", "a", "b", "c", "d"] for i in range(1, 21)]
+        rows.insert(4, ["W99", wide, wide, wide, wide])  # row 5
+        header = ["crm_id", "note0", "note1", "note2", "note3"]
+        report = await ingest.upload(csv_bytes(rows, header), "fat-row", dataset="wide", chunk=256 * 1024)
+    assert report.status == pb.BATCH_STATUS_COMPLETED
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected) == (21, 20, 1)
+    assert groups(report) == {("*", "row_size"): (1, [5])}
+    assert b"wwwwwwwwww" not in report.SerializeToString()
+
+
 async def test_hostile_rows_still_count_toward_the_error_threshold(ingest: Ingest) -> None:
     lines = [json.dumps({"crm_id": f"J{i}"}) for i in range(1, 4)] + ["[" * 5000]
     report = await ingest.upload(("\n".join(lines) + "\n").encode(), "deep-fails", fmt=pb.FILE_FORMAT_JSONL)

@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdp_ingest.domain import Validator
+from cdp_ingest.domain import RowResult, Validator
 from cdp_ingest.parsing import Parsed, clean_text
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import Violation
+from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 
+MAX_RECORD_BYTES = MAX_MESSAGE_BYTES // 2
+"""The largest record a row may encode to. Every record must fit one message on its own, and so
+must what it becomes downstream: identity's fragment of it carries the same attributes plus its
+identities and profile id. Half a message leaves that room whatever the row's shape (a JSON row of
+many small numbers encodes to more bytes than it was read from)."""
 RECORD_OVERHEAD = 48
 """Bytes a staged record adds to its chunk beyond its envelope (framing, the kit's stamp)."""
 
@@ -35,27 +41,17 @@ def judge(rows: list[Parsed], validator: Validator, builder: RecordBuilder) -> J
     out = Judged(rows_read=len(rows))
     accept = out.accepted.append
     validate = validator.validate
-    encode = builder.encode
     key_of = builder.key_of
     prefix = f"{builder.batch_id}:"
     for row_no, values, problems, size in rows:
         result = None if problems else validate(values, size, f"row {row_no}")
         if result is not None and not result.violations:
-            if builder.is_event:
-                data = encode(
-                    record_id=result.event_id,
-                    row=row_no,
-                    values=result.values,
-                    identities=result.identities,
-                    occurred_at=result.occurred_at,
-                    event_type=result.event_type,
-                )
-                accept(((row_no, key_of(result.event_id), data), len(data) + RECORD_OVERHEAD))
-            else:
-                data = encode(
-                    record_id=prefix + str(row_no), row=row_no, values=result.values, identities=result.identities
-                )
-                accept(((row_no, "", data), len(data) + RECORD_OVERHEAD))
+            data = _encoded(builder, row_no, prefix, result)
+            if len(data) > MAX_RECORD_BYTES:
+                message = f"row encodes to {len(data)} bytes, more than a record may hold ({MAX_RECORD_BYTES})"
+                out.rejected.append((row_no, [Violation("*", "row_size", message)], {}, {}, size))
+                continue
+            accept(((row_no, key_of(result.event_id) if builder.is_event else "", data), len(data) + RECORD_OVERHEAD))
             continue
         violations = problems if result is None else result.violations
         masked = {
@@ -63,6 +59,21 @@ def judge(rows: list[Parsed], validator: Validator, builder: RecordBuilder) -> J
         }
         out.rejected.append((row_no, violations, masked, printable(values), size))
     return out
+
+
+def _encoded(builder: RecordBuilder, row_no: int, prefix: str, result: RowResult) -> bytes:
+    if builder.is_event:
+        return builder.encode(
+            record_id=result.event_id,
+            row=row_no,
+            values=result.values,
+            identities=result.identities,
+            occurred_at=result.occurred_at,
+            event_type=result.event_type,
+        )
+    return builder.encode(
+        record_id=prefix + str(row_no), row=row_no, values=result.values, identities=result.identities
+    )
 
 
 def printable(values: dict[str, Any]) -> dict[str, Any]:
