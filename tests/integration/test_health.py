@@ -3,8 +3,9 @@ the service's readiness turns NOT_SERVING while its liveness stays SERVING.
 
 Everything is real: nats-server with JetStream, a SQLite store, a Processor consuming a durable
 consumer, the kit's gRPC server with the runtime's health watch. The consumer is made unable to
-progress by a message its handler refuses (a CdpError, as a service refuses what it cannot
-apply); the stall limit is set low. No timing is asserted: tests wait for states.
+progress by a message on which its handler fails transiently (Unavailable, as a store that is
+down: retried, never set aside); a poison message (a handler bug) is dead-lettered and passed.
+The stall limit is set low. No timing is asserted: tests wait for states.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlmodel import Session
 
 from cdp.common.v1 import admin_pb2, admin_pb2_grpc
 from cdp_kit.envelope import Envelope
-from cdp_kit.errors import CdpError
+from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog, LogMessage
 from cdp_kit.grpc_server import LIVENESS, READINESS, GrpcServer
 from cdp_kit.processor import Input, Processor, UnitOfWork
@@ -46,8 +47,9 @@ from cdp_kit.streams import CONFIG, INGEST, ConsumerSpec, OwnLog
 
 HEALTH_IN = ConsumerSpec("health-in", INGEST, "cdp.ingest.7.>")
 IN_SUBJECT = "cdp.ingest.7.health"
-POISON = b"poison"
-REFUSAL = "refused: this service cannot apply the poison message"
+BLOCKED = b"blocked"
+REFUSAL = "store unavailable: this message cannot be applied now"
+POISON = b"\xffpoison"
 STALL_AFTER_S = 0.5
 SERVING = int(health_pb2.HealthCheckResponse.SERVING)
 NOT_SERVING = int(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -81,12 +83,14 @@ class NoProjection:
 
 
 class Refuser:
-    """Applies every raw message except the poison one, which it refuses as a service refuses
-    what it cannot apply."""
+    """Applies every raw message except two: on the blocked one it fails as an unavailable store
+    does (transient: retried for ever, never set aside), on the poison one as a handler bug does."""
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        if msg.data == BLOCKED:
+            raise Unavailable(REFUSAL)
         if msg.data == POISON:
-            raise CdpError(REFUSAL)
+            raise ValueError("cannot parse the poison message")
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         """Nothing to emit."""
@@ -214,7 +218,7 @@ async def test_a_stuck_consumer_makes_the_service_not_ready_but_live(running: Ru
         return (await running.status()).consumers[0].applied_sequence == 1
 
     await until(applied_one, "the first message applied")
-    await publish(eventlog, POISON, b"three")
+    await publish(eventlog, BLOCKED, b"three")
 
     async def stuck() -> bool:
         state: str = (await running.status()).consumers[0].state
@@ -239,6 +243,21 @@ async def test_a_stuck_consumer_makes_the_service_not_ready_but_live(running: Ru
     assert await running.health(LIVENESS) == SERVING
     assert running.gauge("cdp.input.stuck") == {"health-in": 1}
     assert running.gauge("cdp.input.stalled")["health-in"] >= STALL_AFTER_S
+
+
+async def test_a_poison_message_is_dead_lettered_counted_and_passed(running: Running, eventlog: EventLog) -> None:
+    await publish(eventlog, b"one", POISON, b"three")
+
+    async def caught_up() -> bool:
+        status = await running.status()
+        return status.consumers[0].state == CAUGHT_UP and status.consumers[0].applied_sequence == 3
+
+    await until(caught_up, "the consumer caught up past the poison")
+    status = await running.status()
+    [consumer] = status.consumers
+    assert consumer.dead_letters == 1
+    assert consumer.error == ""
+    assert status.ready
 
 
 async def test_last_sequence_is_the_filters(eventlog: EventLog) -> None:

@@ -325,7 +325,7 @@ def _print_status(reports: list[ServiceReport]) -> None:
     if consumers:
         render.print_table(
             "consumers",
-            ["service", "consumer", "stream", "state", "applied", "last", "lag", "stalled s", "gaps", "error"],
+            ["service", "consumer", "stream", "state", "applied", "last", "lag", "stalled s", "gaps", "dead", "error"],
             [
                 (
                     s,
@@ -337,6 +337,7 @@ def _print_status(reports: list[ServiceReport]) -> None:
                     c.lag,
                     f"{c.stalled_seconds:.0f}",
                     c.gaps,
+                    c.dead_letters,
                     c.error,
                 )
                 for s, c in consumers

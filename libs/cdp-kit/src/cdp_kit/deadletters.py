@@ -197,6 +197,16 @@ def listed(session: Session, consumer: str, *, include_redriven: bool, limit: in
     return list(session.exec(query).all())
 
 
+def dead_per_consumer(session: Session) -> dict[str, int]:
+    """Letters not redriven, per consumer (for status)."""
+    query = (
+        select(DeadLetterRow.consumer, sa.func.count())
+        .where(DeadLetterRow.state != "redriven")
+        .group_by(DeadLetterRow.consumer)
+    )
+    return {consumer: int(n) for consumer, n in session.exec(query).all()}
+
+
 def counts(session: Session) -> dict[str, int]:
     query = select(DeadLetterRow.state, sa.func.count()).group_by(DeadLetterRow.state)
     return {state: int(n) for state, n in session.exec(query).all()}

@@ -19,7 +19,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from sqlalchemy.engine import Engine
 
 from cdp.common.v1 import admin_pb2
-from cdp_kit import deadletter_api
+from cdp_kit import deadletter_api, deadletters
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer, Registration
@@ -182,7 +182,7 @@ async def _lag(eventlog: EventLog, spec: ConsumerSpec, applied: int, last: int) 
     return counted[1] if counted is not None else last - applied
 
 
-async def consumer_status(vitals: Vitals, inp: Input, applied: int) -> admin_pb2.ConsumerStatus:
+async def consumer_status(vitals: Vitals, inp: Input, applied: int, dead: int = 0) -> admin_pb2.ConsumerStatus:
     spec = inp.spec
     eventlog = vitals.eventlog
     last = await filter_last_sequence(eventlog, spec)
@@ -206,6 +206,7 @@ async def consumer_status(vitals: Vitals, inp: Input, applied: int) -> admin_pb2
         state=state,
         stalled_seconds=round(stalled, 1),
         gaps=health.gaps,
+        dead_letters=dead,
     )
 
 
@@ -213,6 +214,7 @@ async def service_status(service: Service, name: str, vitals: Vitals) -> admin_p
     processor = service.processor
     with processor.read() as session:
         checkpoints = all_checkpoints(session)
+        dead = deadletters.dead_per_consumer(session)
     status = admin_pb2.ServiceStatus(
         service=name,
         version=VERSION,
@@ -223,7 +225,7 @@ async def service_status(service: Service, name: str, vitals: Vitals) -> admin_p
     )
     for inp in processor.inputs:
         applied = checkpoints.get(in_checkpoint(inp.spec), 0)
-        status.consumers.append(await consumer_status(vitals, inp, applied))
+        status.consumers.append(await consumer_status(vitals, inp, applied, dead.get(inp.spec.name, 0)))
     for own in processor.own_logs:
         status.own_logs.append(
             admin_pb2.OwnLogStatus(

@@ -48,6 +48,7 @@ class ConsumerStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     STALLED_SECONDS_FIELD_NUMBER: _builtins.int
     GAPS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Durable consumer name, e.g. identity-ingest."""
     stream: _builtins.str
@@ -73,6 +74,10 @@ class ConsumerStatus(_message.Message):
     """Seconds since the consumer last progressed (a batch applied or an empty fetch); 0 while starting."""
     gaps: _builtins.int
     """Delivery gaps seen and re-read from the checkpoint since the service started (not errors)."""
+    dead_letters: _builtins.int
+    """Messages of this consumer set aside as poison and not (yet) redriven: `cdp deadletters`
+    lists them. The consumer moved on past each.
+    """
     def __init__(
         self,
         *,
@@ -85,10 +90,11 @@ class ConsumerStatus(_message.Message):
         state: _builtins.str = ...,
         stalled_seconds: _builtins.float = ...,
         gaps: _builtins.int = ...,
+        dead_letters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "error", b"error", "gaps", b"gaps", "lag", b"lag", "name", b"name", "stalled_seconds", b"stalled_seconds", "state", b"state", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "dead_letters", b"dead_letters", "error", b"error", "gaps", b"gaps", "lag", b"lag", "name", b"name", "stalled_seconds", b"stalled_seconds", "state", b"state", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
