@@ -1370,3 +1370,22 @@ async def test_deliveries_lost_in_flight_are_read_again_before_anything_later_is
     assert counters(sqlite_engine) == {"observed": 8, "folded:test-out": 8}
     assert [ids for _cause, ids in await outputs(eventlog)] != []
     assert sorted(i for _c, ids in await outputs(eventlog) for i in ids) == sorted(output_ids())
+
+
+async def test_deliveries_lost_at_the_end_of_the_stream_are_read_again_without_waiting_for_ack_wait(
+    sqlite_engine: Engine, eventlog: EventLog
+) -> None:
+    """Every delivery is lost (the last ones of the stream, as when a connection drops after the
+    load ended): no later delivery reveals the gap, and JetStream would redeliver only after
+    ack_wait (300 s). The consumer must find it from what the server says it delivered."""
+    await append_inputs(eventlog)
+    thieving = ThievingLog(eventlog, steal=len(INPUT_LAYOUT))
+    processor = make_processor(sqlite_engine, thieving)
+    await processor.recover()
+
+    await run_until_applied(processor, len(INPUT_LAYOUT))
+
+    assert len(thieving.stolen) == len(INPUT_LAYOUT)
+    assert processor.health[IN.name].gaps >= 1
+    assert handler_of(processor).decided == all_input_ids()
+    assert counters(sqlite_engine) == {"observed": 8, "folded:test-out": 8}

@@ -165,13 +165,19 @@ class Stack:
         backoff: Backoff | None = None,
         poll_interval_s: float = 0.2,
         command: CommandFactory = service_command,
+        service_env: Mapping[str, Mapping[str, str]] | None = None,
+        nats_config: str = "",
     ) -> None:
-        unknown = [s for s in services if s not in SERVICES]
+        unknown = [s for s in [*services, *(service_env or {})] if s not in SERVICES]
         if unknown or not services:
             raise StackError(f"unknown services {unknown}; choose from {', '.join(SERVICES)}")
         self.data_dir = Path(data_dir).absolute()
         self.services = list(dict.fromkeys(services))
         self.extra_env = dict(env or {})
+        # Per-service variables over ``env`` (e.g. one service's CDP_NATS_URL through a proxy).
+        self.service_env = {name: dict(values) for name, values in (service_env or {}).items()}
+        # Extra lines for nats-server's configuration file (e.g. ``write_deadline: "2s"``).
+        self.nats_config = nats_config
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.backoff = backoff or Backoff()
@@ -257,7 +263,7 @@ class Stack:
         store.mkdir(parents=True, exist_ok=True)
         port = free_port(LOOPBACK)
         config = store / "nats.conf"
-        config.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
+        config.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n{self.nats_config}\n")
         try:
             binary = find_binary()
         except FileNotFoundError as exc:
@@ -275,7 +281,7 @@ class Stack:
         except TimeoutError as exc:
             raise self._not_ready(nats, str(exc)) from None
 
-    def _service_env(self, port: int) -> dict[str, str]:
+    def _service_env(self, name: str, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -289,14 +295,14 @@ class Stack:
             }
         )
         env.update(self.extra_env)
+        env.update(self.service_env.get(name, {}))
         return env
 
     def _start_services(self) -> None:
         for name in self.services:
             port = free_port(LOOPBACK)
-            child = Child(
-                name, self.command(name), self._service_env(port), self.logs_dir / f"{name}.log", f"{LOOPBACK}:{port}"
-            )
+            env = self._service_env(name, port)
+            child = Child(name, self.command(name), env, self.logs_dir / f"{name}.log", f"{LOOPBACK}:{port}")
             self._children[name] = child
             self._spawn(child)
             self._record("spawned", child=name, pid=child.pid, address=child.address)

@@ -322,11 +322,24 @@ class DurableReader:
         self.spec = spec
         self.sub = sub
         self.delivered = 0
+        # Deliveries the consumer reported as sent when a fetch last brought nothing.
+        self.owed = 0
 
     async def fetch(self, batch: int, timeout: float) -> list[tuple[LogMessage, Msg]]:
         try:
             msgs = await self.sub.fetch(batch, timeout=timeout)
         except TimeoutError:  # nats.errors.TimeoutError and asyncio.TimeoutError alike: nothing came
+            # Deliveries lost at the end of the stream have no later delivery to reveal them: they
+            # would only come back after ack_wait. So ask how many the consumer has delivered. One
+            # sent just now may still be on its way: a shortfall is a gap when it is still there at
+            # the next fetch that brings nothing.
+            if self.delivered < self.owed:
+                raise DeliveryGap(
+                    f"{self.spec.name} lost deliveries after {self.delivered} (the consumer had delivered "
+                    f"{self.owed}, they never came): reading again from the checkpoint"
+                ) from None
+            info = await self.sub.consumer_info()
+            self.owed = (info.delivered.consumer_seq or 0) if info.delivered is not None else 0
             return []
         items = []
         for msg in msgs:
