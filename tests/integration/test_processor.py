@@ -1315,6 +1315,34 @@ async def test_many_small_events_beyond_one_message_travel_in_parts_each_within_
     assert counters(sqlite_engine) == {"folded:test-out": count}
 
 
+async def test_an_append_jetstream_refuses_is_retried_never_dead_lettered(
+    sqlite_engine: Engine, eventlog: EventLog
+) -> None:
+    """The output stream refuses messages over 64 bytes (an operator's limit). That is not the
+    input's fault: the input waits, with the refusal as its error, and goes through once the
+    limit is lifted; nothing is set aside."""
+    info = await eventlog.js.stream_info(OUT.stream.name)
+    limited = info.config
+    limited.max_msg_size = 64
+    await eventlog.js.update_stream(limited)
+    await append_inputs(eventlog, [1, 1])
+    processor = make_processor(sqlite_engine, eventlog)
+    await processor.recover()
+
+    failure = await failure_of_run_input(processor)
+
+    assert "append to cdp.audience.9.test failed" in failure
+    assert letters(sqlite_engine) == []
+    assert checkpoints(sqlite_engine).get(in_checkpoint(IN), 0) == 0
+    limited.max_msg_size = -1
+    await eventlog.js.update_stream(limited)
+    processor = make_processor(sqlite_engine, eventlog)
+    await processor.recover()
+    await run_until_applied(processor, 2)
+    assert letters(sqlite_engine) == []
+    assert counters(sqlite_engine) == {"observed": 2, "folded:test-out": 2}
+
+
 # ===================================================================== gap-free consumption
 
 

@@ -37,6 +37,12 @@ class AppendConflict(Conflict):
     """The expected-sequence guard refused an append: another writer got there first."""
 
 
+class AppendRefused(Unavailable):
+    """JetStream refused an append for a reason of its own (a stream limit, storage, a payload limit
+    below what the kit assumes). Not the input's fault: the work waits, retried and shown as stuck,
+    until an operator fixes the server; it is never dead-lettered."""
+
+
 class DuplicateAppend(AppendConflict):
     """JetStream already holds a message with this ``Nats-Msg-Id``: what we would append is on the log."""
 
@@ -191,9 +197,10 @@ class EventLog:
         except nats.js.errors.APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise AppendConflict(f"append to {subject} refused: {exc.description}") from exc
-            raise CdpError(f"append to {subject} failed: {exc.description}") from exc
+            raise AppendRefused(f"append to {subject} failed: {exc.description}") from exc
         except nats.errors.MaxPayloadError as exc:
-            raise CdpError(f"append to {subject} refused: {len(data)} bytes exceed the server's max_payload") from exc
+            message = f"append to {subject} refused: {len(data)} bytes exceed the server's max_payload"
+            raise AppendRefused(message) from exc
         except (TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
             raise Unavailable(f"append to {subject} failed: {type(exc).__name__}") from exc
         return Appended(sequence=ack.seq, duplicate=bool(ack.duplicate))

@@ -646,12 +646,13 @@ class Processor:
                             cause = Cause(inp.spec.name, last)
                             uow = uow or UnitOfWork(session, self, cause)
                             await uow.next_cause(cause, inp.spec)
-                            for msg, _raw in unit:
-                                for env in inp.envelopes(msg):
+                            opened = [(msg, inp.envelopes(msg)) for msg, _raw in unit]
+                            for msg, envelopes in opened:
+                                for env in envelopes:
                                     inp.handler.observe(session, msg, env)
                             if last > emitted:
-                                for msg, _raw in unit:
-                                    for env in inp.envelopes(msg):
+                                for msg, envelopes in opened:
+                                    for env in envelopes:
                                         inp.handler.decide(uow, msg, env)
                             applied_now += len(unit)
                             if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:
