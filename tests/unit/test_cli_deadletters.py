@@ -77,7 +77,8 @@ def test_kinds_where_and_reason_are_told_apart() -> None:
     assert shown["poison"].where == "identity-ingest CDP_INGEST#3"
     assert shown["poison"].reason == "DecodeError: Wire format was corrupt"
     assert shown["delivery"].where == "hook batch b-1"
-    assert shown["delivery"].reason.startswith("permanent: HTTP 400")
+    assert shown["delivery"].reason.startswith("HTTP 400")
+    assert shown["delivery"].permanent
     # a Rejected error on another service, or on another consumer, is poison, not a reject
     other = dl.DeadLetter(consumer="identity-ingest", error_class="Rejected")
     assert cmd.kit_letter("identity", other).kind == "poison"

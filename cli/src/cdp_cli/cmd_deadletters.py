@@ -73,6 +73,7 @@ class Letter:
     batch_id: str = ""
     plan_id: str = ""
     attempts: int = 0
+    permanent: bool = False
     excerpt: str = ""
     size_bytes: int = 0
 
@@ -142,18 +143,18 @@ def kit_letter(service: str, letter: dl.DeadLetter) -> Letter:
 
 
 def delivery_letter(letter: activation_pb2.DeadLetter) -> Letter:
-    why = "permanent" if letter.permanent else f"after {letter.attempts} attempt(s)"
     return Letter(
         service="activation",
         kind="delivery",
         where=f"{letter.destination} batch {letter.batch_id}",
-        reason=scrub(f"{why}: {letter.reason}"),
+        reason=scrub(letter.reason),  # permanent or not, and the attempts, are fields of their own
         state="dead",
         when=render.timestamp_text(letter.at),
         destination=letter.destination,
         batch_id=letter.batch_id,
         plan_id=letter.plan_id,
         attempts=letter.attempts,
+        permanent=letter.permanent,
     )
 
 
@@ -398,6 +399,6 @@ def print_outcome(rid: str, letters: Sequence[Letter], batches: Sequence[str]) -
         [(x.service, x.kind, x.where, outcome_text(x), x.reason if x.state == "dead" else "") for x in letters],
     )
     if batches:
-        render.success(f"{len(batches)} delivery batch(es) queued again: {', '.join(batches)}")
+        render.success(f"{len(batches)} batch(es) queued again (failed deliveries): {', '.join(batches)}")
     if not letters and not batches:
         render.success("nothing to redrive")
