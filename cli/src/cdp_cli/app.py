@@ -28,7 +28,7 @@ from cdp.common.v1 import admin_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_cli import cmd_activation, cmd_identity, cmd_ingest, cmd_segmentation, inputs, render
+from cdp_cli import cmd_activation, cmd_deadletters, cmd_identity, cmd_ingest, cmd_segmentation, inputs, render
 from cdp_cli.client import (
     DEFAULT_TIMEOUT_S,
     SERVICES,
@@ -121,7 +121,7 @@ app.add_typer(destination_app, name="destination")
 app.add_typer(cmd_activation.deliveries_app, name="deliveries")
 app.add_typer(cmd_activation.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
-app.command("deadletters")(cmd_ingest.deadletters)
+app.add_typer(cmd_deadletters.app, name="deadletters")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 DataDirOverride = Annotated[

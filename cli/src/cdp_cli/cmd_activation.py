@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from cdp.activation.v1 import activation_pb2
-from cdp_cli import render
+from cdp_cli import cmd_deadletters, render
 from cdp_cli.client import Client
 
-deliveries_app = typer.Typer(help="Deliveries, their monitoring, dead letters and redrive.", add_completion=False)
+deliveries_app = typer.Typer(
+    help="Deliveries and their monitoring (failed ones: `cdp deadletters`).", add_completion=False
+)
 app = typer.Typer(
     help="Data-usage governance: labels on fields and datasets, policies.", no_args_is_help=True, add_completion=False
 )
@@ -67,21 +69,9 @@ def dead_letters(
     destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """Batches that failed permanently or ran out of attempts, with their reasons."""
-    client = _client(ctx)
-    request = activation_pb2.ListDeadLettersRequest(destination=destination)
-    reply = client.activation.ListDeadLetters(request, timeout=client.timeout)
-    if as_json:
-        render.print_message(reply)
-        return
-    render.print_table(
-        "dead letters",
-        ["batch", "destination", "plan", "action", "profiles", "attempts", "permanent", "reason", "at"],
-        [
-            (d.batch_id, d.destination, d.plan_id, d.action, d.profiles, d.attempts, d.permanent, d.reason, d.at)
-            for d in reply.dead_letters
-        ],
-    )
+    """Failed deliveries: the same as `cdp deadletters --kind delivery`."""
+    filters = cmd_deadletters.Filters(kind="delivery", destination=destination)
+    cmd_deadletters.list_letters(ctx, filters, include_redriven=False, limit=10_000, as_json=as_json)
 
 
 @deliveries_app.command("redrive")
@@ -91,14 +81,10 @@ def redrive(
     destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """Send dead-lettered batches again, with the same batch ids."""
-    client = _client(ctx)
-    request = activation_pb2.RedriveRequest(batch_ids=batch_ids or [], destination=destination)
-    reply = client.activation.Redrive(request, timeout=client.timeout)
-    if as_json:
-        render.print_message(reply)
-        return
-    render.success(f"{len(reply.batch_ids)} batch(es) queued again")
+    """Send failed deliveries again, with the same batch ids: the same as `cdp deadletters redrive --kind delivery`."""
+    cmd_deadletters.redrive(
+        ctx, kind="delivery", destination=destination, batches=batch_ids or None, wait=False, as_json=as_json
+    )
 
 
 @app.command("label")

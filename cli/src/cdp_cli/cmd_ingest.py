@@ -1,5 +1,5 @@
-"""Ingest commands beyond the basics in app.py: batch errors (listed or exported as CSV),
-dead letters, and the file upload with a live progress bar (rows, rows/s, rejects)."""
+"""Ingest commands beyond the basics in app.py: batch errors (listed or exported as CSV)
+and the file upload with a live progress bar (rows, rows/s, rejects)."""
 
 from __future__ import annotations
 
@@ -132,23 +132,3 @@ def _export(client: Client, batch_id: str, path: Path) -> int:
             writer.writerow([item.row, *cells, _error_text(item)])
             count += 1
     return count
-
-
-def deadletters(
-    ctx: typer.Context,
-    dataset: Annotated[str, typer.Option("--dataset", help="Only this dataset (default: all).")] = "",
-    limit: Annotated[int, typer.Option("--limit", help="At most this many.")] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
-) -> None:
-    """List invalid events published to cdp.collect.<dataset>, with their reason."""
-    client = _client(ctx)
-    request = ingest_pb2.ListDeadLettersRequest(dataset=dataset, limit=limit)
-    reply = client.ingest.ListDeadLetters(request, timeout=client.timeout)
-    if as_json:
-        render.print_message(reply)
-        return
-    render.print_table(
-        f"dead letters{f' of {dataset}' if dataset else ''}",
-        ["sequence", "dataset", "reason", "message"],
-        [(d.sequence, d.dataset, d.reason, d.raw[:80]) for d in reply.dead_letters],
-    )

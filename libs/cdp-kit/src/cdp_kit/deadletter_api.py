@@ -38,6 +38,12 @@ class DeadLetterServicer(deadletter_pb2_grpc.DeadLetterServiceServicer):
     ) -> dl.RedriveDeadLettersResponse:
         if not request.request_id:
             raise InvalidInput("request_id is required: it makes a repeated redrive request harmless")
+        with self.processor.read() as session:
+            earlier = deadletters.earlier_request(session, request.request_id)
+        if earlier is not None:
+            # Idempotent per request id for all time, not only within JetStream's dedupe window:
+            # a repeat would otherwise re-drive what the first request's redrive dead-lettered again.
+            return dl.RedriveDeadLettersResponse(requested=earlier)
         known = {inp.spec.name for inp in self.processor.inputs}
         if request.consumer and request.consumer not in known:
             raise InvalidInput(f"no consumer {request.consumer!r} here (known: {', '.join(sorted(known))})")

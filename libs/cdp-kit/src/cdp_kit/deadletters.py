@@ -63,7 +63,19 @@ class DeadLetterRow(SQLModel, table=True):
     stored_at_ms: int = Field(default=0, sa_type=sa.BigInteger)
 
 
-DEADLETTER_TABLES = [SQLModel.metadata.tables[DeadLetterRow.__tablename__]]
+class RedriveRequestRow(SQLModel, table=True):
+    """A redrive request already on the log, by its id: asking again with the same id changes nothing."""
+
+    __tablename__ = "cdp_deadletter_request"
+
+    request_id: str = Field(primary_key=True)
+    requested: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+DEADLETTER_TABLES = [
+    SQLModel.metadata.tables[DeadLetterRow.__tablename__],
+    SQLModel.metadata.tables[RedriveRequestRow.__tablename__],
+]
 
 
 def masked_excerpt(data: bytes, limit: int = EXCERPT_BYTES) -> str:
@@ -111,6 +123,7 @@ def fold(session: Session, env: Envelope) -> None:
         _dead(session, event.dead_letter, event.attempt)
     elif is_a(env, dl.DeadLetterRedriveRequested):
         request = unpack(env, dl.DeadLetterRedriveRequested)
+        _note_request(session, request)
         for row in _rows(session, request.consumer, request.sequences):
             if row.state == "dead":
                 row.state = "redrive_requested"
@@ -118,6 +131,26 @@ def fold(session: Session, env: Envelope) -> None:
     elif is_a(env, dl.DeadLetterRedriven):
         done = unpack(env, dl.DeadLetterRedriven)
         mark_redriven(session, done.consumer, done.sequence, done.attempt)
+
+
+def _note_request(session: Session, request: dl.DeadLetterRedriveRequested) -> None:
+    if not request.request_id:
+        return
+    row = session.get(RedriveRequestRow, request.request_id) or RedriveRequestRow(request_id=request.request_id)
+    row.requested += len(request.sequences)
+    session.add(row)
+
+
+def earlier_request(session: Session, request_id: str) -> int | None:
+    """How many letters a request with this id named, if it is on the log already."""
+    row = session.get(RedriveRequestRow, request_id)
+    return None if row is None else row.requested
+
+
+def record(session: Session, letter: dl.DeadLetter, attempt: int = 0) -> None:
+    """Fold a dead letter a service describes itself (e.g. from an event of its own that predates
+    the kit's log) exactly as a ``MessageDeadLettered`` would be folded."""
+    _dead(session, letter, attempt)
 
 
 def _dead(session: Session, letter: dl.DeadLetter, attempt: int) -> None:

@@ -1,9 +1,16 @@
 """Events published to ``cdp.collect.<dataset>``: validated exactly like PublishEvents.
 
 Valid new events are appended to the records log; events seen before (by id, for all time,
-whichever way they came) are dropped; invalid ones go to the dead-letter own log with
-their reason. A raw input: each message reaches ``decide`` as an envelope whose payload
-holds the published bytes.
+whichever way they came) are dropped; invalid ones become the kit's dead letters (a
+``MessageDeadLettered`` on ``cdp.deadletter.ingest.poison``, error class ``Rejected``, the
+field errors as its error, the message's masked shape as its excerpt), so the kit's
+``RedriveDeadLetters`` applies them again once the dataset or schema is fixed. A raw input:
+each message reaches ``decide`` as an envelope whose payload holds the published bytes.
+
+A reject is emitted by ``decide`` rather than raised: raising would make the processor apply
+the whole fetched batch again one message at a time to find it, and invalid events are an
+ordinary, steady part of a collect stream. Only a redrive (a command, no input cause) raises,
+so the kit records a still-invalid event as dead again, one attempt more.
 
 Anyone who can publish on ``cdp.collect`` reaches this code, so a message is measured before
 it is parsed (``cdp_ingest.limits``): one too large (``event_size``) or nested too deep
@@ -20,28 +27,31 @@ from typing import Any
 
 from sqlmodel import Session
 
-from cdp.ingest.v1 import events_pb2 as ev
+from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.handlers import event_bytes
 from cdp_ingest.limits import Limits, json_text, oversized_fields, too_deep
 from cdp_ingest.records import RecordBuilder, emit_records
-from cdp_kit.envelope import Envelope, deterministic_id, make_envelope
+from cdp_kit import deadletters
+from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
-from cdp_kit.streams import INGEST_DEADLETTER
+from cdp_kit.streams import INGEST_READS_COLLECT
 
-# Dead letters carry no time of their own (the raw input gives none): a fixed one keeps replays equal.
+# Records of collected events carry no receive time of their own: a fixed one keeps replays equal.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_RAW_CHARS = 16_384
-PREFIX = "cdp.collect."
+PREFIX = store.COLLECT_PREFIX
 
 
-class Rejected(Exception):
+class Rejected(Exception):  # its name is store.REJECTED, the dead letter's error class
+    """An invalid collected event. Its text is every field error (``field: rule: message; …``):
+    what the dead letter shows as its reason."""
+
     def __init__(self, reason: str, errors: list[pb.FieldError]) -> None:
-        super().__init__(reason)
+        super().__init__("; ".join(f"{e.field}: {e.rule}: {e.message}" for e in errors) or reason)
         self.reason = reason
         self.errors = errors
 
@@ -85,23 +95,10 @@ class CollectHandler:
                 seen.add(verdict.key)
                 emit_records(uow, dataset, [verdict.data], [verdict.key])
             return
-        data = env.payload.value
-        letter = pb.DeadLetter(
-            sequence=msg.sequence,
-            dataset=dataset,
-            subject=msg.subject,
-            reason=verdict.reason,
-            errors=verdict.errors,
-            raw=data.decode("utf-8", "replace")[:MAX_RAW_CHARS],
-        )
-        dead = make_envelope(
-            ev.EventDeadLettered(dead_letter=letter),
-            event_id=deterministic_id("dead-letter", msg.stream, msg.sequence),
-            subject_key=dataset,
-            occurred_at=EPOCH,
-            cause=uow.cause,
-        )
-        uow.emit(INGEST_DEADLETTER, [dead])
+        if not uow.cause.stream:
+            # A redrive: the kit applies the message again as a command and dead-letters what raises.
+            raise verdict
+        uow.emit(uow.processor.poison, [dead_letter(msg, verdict, uow.cause)])
 
     def _judge(self, session: Session, dataset: str, data: bytes) -> Verdict:
         try:
@@ -135,6 +132,19 @@ class CollectHandler:
         if builder is None:
             builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
         return Accepted(dataset, builder.key_of(result.event_id), event_bytes(builder, result))
+
+
+def dead_letter(msg: LogMessage, rejected: Rejected, cause: Cause) -> Envelope:
+    """The kit's dead letter of a rejected message: what the processor would write had it raised."""
+    consumer = INGEST_READS_COLLECT.name
+    letter = deadletters.describe(consumer, msg, rejected)
+    return make_envelope(
+        dl.MessageDeadLettered(dead_letter=letter, attempt=0),
+        event_id=deterministic_id("dead-letter", consumer, msg.sequence, 0),
+        subject_key=consumer,
+        occurred_at=msg.stored_at or EPOCH,
+        cause=cause,
+    )
 
 
 @dataclass(frozen=True)

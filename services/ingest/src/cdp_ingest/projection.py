@@ -5,23 +5,25 @@ from __future__ import annotations
 from google.protobuf import json_format
 from sqlmodel import Session
 
+from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.records import RECORD_TYPE
 from cdp_ingest.store import (
+    REJECTED,
     BatchChunkRow,
     BatchErrorRow,
     BatchRow,
     DatasetRow,
-    DeadLetterRow,
     SchemaRow,
     as_dict,
     latest_schema,
     note_seen,
 )
+from cdp_kit import deadletters
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
-from cdp_kit.streams import OwnLog
+from cdp_kit.streams import INGEST_READS_COLLECT, OwnLog
 
 CONFIG_TYPES = {ev.SchemaRegistered.DESCRIPTOR.full_name, ev.DatasetCreated.DESCRIPTOR.full_name}
 
@@ -78,8 +80,10 @@ class IngestProjection:
                 values = json_format.MessageToDict(item.values)
                 session.merge(BatchErrorRow(batch_id=rejected.batch_id, row=item.row, values=values, errors=errors))
         elif is_a(env, ev.EventDeadLettered):
-            letter = unpack(env, ev.EventDeadLettered).dead_letter
-            session.merge(DeadLetterRow(sequence=letter.sequence, dataset=letter.dataset, body=as_dict(letter)))
+            # Collect rejects from before they were the kit's dead letters: folded into the kit's
+            # table like its own, so they are listed and redriven the same way (and the raw
+            # message they carry is kept only as its masked shape).
+            deadletters.record(session, legacy_dead_letter(unpack(env, ev.EventDeadLettered).dead_letter))
 
     @staticmethod
     def _ensure_batch(session: Session, env: Envelope, batch_id: str) -> BatchRow:
@@ -94,3 +98,21 @@ class IngestProjection:
             session.add(row)
             session.flush()
         return row
+
+
+def legacy_dead_letter(letter: pb.DeadLetter) -> dl.DeadLetter:
+    """An ``EventDeadLettered`` (ingest's own collect reject, before the kit's) as the kit's dead letter."""
+    raw = letter.raw.encode()
+    return dl.DeadLetter(
+        consumer=INGEST_READS_COLLECT.name,
+        stream=INGEST_READS_COLLECT.stream.name,
+        sequence=letter.sequence,
+        subject=letter.subject,
+        error_class=REJECTED,
+        error=("; ".join(f"{e.field}: {e.rule}: {e.message}" for e in letter.errors) or letter.reason)[
+            : deadletters.ERROR_CHARS
+        ],
+        excerpt=deadletters.masked_excerpt(raw),
+        size_bytes=len(raw),
+        state="dead",
+    )

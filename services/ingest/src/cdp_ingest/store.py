@@ -11,7 +11,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_kit import deadletters
 from cdp_kit.store import tables_of
+from cdp_kit.streams import INGEST_READS_COLLECT, collect_subject
+
+COLLECT_PREFIX = "cdp.collect."
+# The error class of a collect reject among the kit's dead letters (any other class there is poison).
+REJECTED = "Rejected"
 
 
 class SchemaRow(SQLModel, table=True):
@@ -71,17 +77,8 @@ class BatchErrorRow(SQLModel, table=True):
     errors: list[dict[str, str]] = Field(sa_type=sa.JSON)
 
 
-class DeadLetterRow(SQLModel, table=True):
-    """An invalid event from cdp.collect.<dataset>, with its reason."""
-
-    __tablename__ = "ingest_dead_letter"
-
-    sequence: int = Field(primary_key=True, sa_type=sa.BigInteger)
-    dataset: str = Field(index=True)
-    body: dict[str, Any] = Field(sa_type=sa.JSON)
-
-
-TABLES = tables_of(SchemaRow, DatasetRow, BatchRow, BatchChunkRow, SeenEventRow, BatchErrorRow, DeadLetterRow)
+# Invalid collected events are the kit's dead letters (``cdp_deadletter``), see consumer.py.
+TABLES = tables_of(SchemaRow, DatasetRow, BatchRow, BatchChunkRow, SeenEventRow, BatchErrorRow)
 
 
 def as_dict(msg: Any) -> dict[str, Any]:
@@ -205,8 +202,24 @@ def batch_error_rows(session: Session, batch_id: str, rows: list[int]) -> dict[i
 
 
 def dead_letters(session: Session, dataset_name: str, after: int, limit: int) -> list[pb.DeadLetter]:
-    query = select(DeadLetterRow).where(col(DeadLetterRow.sequence) > after)
+    """Collect rejects still dead (not yet redriven), from the kit's dead letters."""
+    row = deadletters.DeadLetterRow
+    query = select(row).where(
+        row.consumer == INGEST_READS_COLLECT.name,
+        row.error_class == REJECTED,
+        row.state != "redriven",
+        col(row.sequence) > after,
+    )
     if dataset_name:
-        query = query.where(DeadLetterRow.dataset == dataset_name)
-    rows = session.exec(query.order_by(col(DeadLetterRow.sequence)).limit(limit)).all()
-    return [json_format.ParseDict(r.body, pb.DeadLetter()) for r in rows]
+        query = query.where(row.subject == collect_subject(dataset_name))
+    found = session.exec(query.order_by(col(row.sequence)).limit(limit)).all()
+    return [
+        pb.DeadLetter(
+            sequence=r.sequence,
+            dataset=r.subject.removeprefix(COLLECT_PREFIX),
+            subject=r.subject,
+            reason=r.error,
+            raw=r.excerpt,
+        )
+        for r in found
+    ]

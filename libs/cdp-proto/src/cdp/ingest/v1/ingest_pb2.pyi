@@ -707,11 +707,15 @@ class DeadLetter(_message.Message):
     dataset: _builtins.str
     subject: _builtins.str
     reason: _builtins.str
-    """One line naming the rule broken; the field errors below give each one."""
+    """Every rule broken: "field: rule: message; field: rule: message" (at most 300 characters)."""
     raw: _builtins.str
-    """The message as published (UTF-8 text; invalid bytes replaced)."""
+    """The message's shape, never its text: its first bytes with letters masked as x and digits as 9
+    (the kit's masked excerpt), so no personal data leaves ingest through a dead letter.
+    """
     @_builtins.property
-    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]: ...
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]:
+        """No longer filled: the field errors are in reason."""
+
     def __init__(
         self,
         *,

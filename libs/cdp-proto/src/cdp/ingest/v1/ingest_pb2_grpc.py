@@ -161,7 +161,9 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDeadLetters(self, request, context):
-        """Invalid events published to cdp.collect.<dataset>, with their reason.
+        """Invalid events published to cdp.collect.<dataset> not yet redriven, with their reason. They are
+        the kit's dead letters of consumer ingest-collect (error class Rejected): every service's
+        cdp.common.v1.DeadLetterService lists and redrives them with its poison (`cdp deadletters`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

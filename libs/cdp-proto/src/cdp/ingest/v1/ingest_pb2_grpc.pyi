@@ -48,7 +48,10 @@ class IngestServiceStub:
     ListBatchErrors: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchErrorsRequest, _ingest_pb2.ListBatchErrorsResponse]
     """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]
-    """Invalid events published to cdp.collect.<dataset>, with their reason."""
+    """Invalid events published to cdp.collect.<dataset> not yet redriven, with their reason. They are
+    the kit's dead letters of consumer ingest-collect (error class Rejected): every service's
+    cdp.common.v1.DeadLetterService lists and redrives them with its poison (`cdp deadletters`).
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -70,7 +73,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
     ListBatchErrors: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchErrorsRequest, _ingest_pb2.ListBatchErrorsResponse]  # type: ignore[assignment]
     """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
-    """Invalid events published to cdp.collect.<dataset>, with their reason."""
+    """Invalid events published to cdp.collect.<dataset> not yet redriven, with their reason. They are
+    the kit's dead letters of consumer ingest-collect (error class Rejected): every service's
+    cdp.common.v1.DeadLetterService lists and redrives them with its poison (`cdp deadletters`).
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """The front door: schemas, datasets, batches of offline data and streams of online events."""
@@ -155,6 +161,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.ListDeadLettersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListDeadLettersResponse, _abc.Awaitable[_ingest_pb2.ListDeadLettersResponse]]:
-        """Invalid events published to cdp.collect.<dataset>, with their reason."""
+        """Invalid events published to cdp.collect.<dataset> not yet redriven, with their reason. They are
+        the kit's dead letters of consumer ingest-collect (error class Rejected): every service's
+        cdp.common.v1.DeadLetterService lists and redrives them with its poison (`cdp deadletters`).
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
