@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -1257,6 +1258,38 @@ async def test_execute_emitting_to_two_own_logs_is_refused(sqlite_engine: Engine
     assert await outputs(eventlog, OUT) == [("cmd:c2", [a])]
     assert await outputs(eventlog, OUT_B) == [("cmd:c3", [b])]
     assert checkpoints(sqlite_engine) == {own_checkpoint(OUT): 1, own_checkpoint(OUT_B): 1}  # two streams
+
+
+async def test_a_consumer_acknowledges_the_aborted_parts_it_drops(
+    sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine
+) -> None:
+    """Parts of an aborted attempt are never applied; the live consumer must still acknowledge them,
+    or JetStream keeps them pending and redelivers them every ack_wait for ever (seen after a
+    nats-server restart mid-load: the lag never went back to 0)."""
+    await append_inputs(eventlog, [2, 1])
+    crashing = make_processor(sqlite_engine, CrashAfterAppend(eventlog, 1), EchoHandler(size=PART_SIZE))
+    with pytest.raises(SimulatedCrash):
+        await crashing.catch_up()
+    await make_processor(sqlite_engine, eventlog, EchoHandler(size=PART_SIZE)).catch_up()
+    assert [part for _cause, part in await parts_of(eventlog)] == ["1/2", "1/2", "2/2", ""]
+
+    down = downstream(reference_engine, eventlog)
+    await down.recover()
+    task = asyncio.create_task(down.run_input(down.inputs[0]))
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(nats.js.errors.NotFoundError):  # not created yet
+                    info = await eventlog.js.consumer_info(DOWN.stream.name, DOWN.name)
+                    if info.ack_floor.stream_seq == 4 and not info.num_ack_pending and not info.num_pending:
+                        break
+    finally:
+        down.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert counters(reference_engine) == {"observed": 3, "folded:test-out-b": 3}
 
 
 async def test_execute_appends_a_command_whose_events_exceed_one_message_as_parts(

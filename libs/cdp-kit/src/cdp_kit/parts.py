@@ -62,12 +62,19 @@ class Assembler(Generic[T]):
         self.name = name
         self._open: list[tuple[LogMessage, T]] = []
         self._count = 0
+        self._discarded: list[tuple[LogMessage, T]] = []
         self.dropped = 0
 
     @property
     def held(self) -> list[tuple[LogMessage, T]]:
         """The parts of a cause whose last part has not arrived yet."""
         return list(self._open)
+
+    def discarded(self) -> list[tuple[LogMessage, T]]:
+        """The parts of aborted attempts dropped since the last call: never to be applied, so a
+        consumer acknowledges them (unacknowledged, JetStream would redeliver them for ever)."""
+        out, self._discarded = self._discarded, []
+        return out
 
     def feed(self, items: Iterable[tuple[LogMessage, T]]) -> list[list[tuple[LogMessage, T]]]:
         """Take the next messages; return the units they complete, in order."""
@@ -96,6 +103,7 @@ class Assembler(Generic[T]):
         if part[0] != 1:
             # The rest of a group whose beginning is not here: an attempt that was aborted.
             self.dropped += 1
+            self._discarded.append(item)
             log.warning(
                 "part_without_its_beginning_dropped", reader=self.name, stream=msg.stream, sequence=msg.sequence
             )
@@ -110,6 +118,7 @@ class Assembler(Generic[T]):
     def _abort(self) -> None:
         first = self._open[0][0]
         self.dropped += len(self._open)
+        self._discarded += self._open
         log.warning(
             "aborted_parts_dropped",
             reader=self.name,

@@ -798,6 +798,9 @@ class Processor:
                         await self.redrive(inp)
                     items = await reader.fetch(self.batch_size, timeout=1.0)
                     units = assembler.feed(items)
+                    for _msg, dropped in assembler.discarded():
+                        if dropped is not None:
+                            await dropped.ack()
                     if units:
                         await self.apply_units(inp, units)
                     health.progressed()
