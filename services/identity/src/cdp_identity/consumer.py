@@ -12,7 +12,7 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
 from cdp_identity.graph import Made, WorkingSet
 from cdp_identity.projection import IdentityProjection
-from cdp_kit.envelope import Causation, Cause, Envelope
+from cdp_kit.envelope import Causation, Cause, Envelope, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import IDENTITY_FRAGMENTS
@@ -20,6 +20,7 @@ from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
 RECORD_ACCEPTED = ingest_ev.RecordAccepted.DESCRIPTOR.full_name
+RECORD_URL = f"type.googleapis.com/{RECORD_ACCEPTED}"
 EVENT_CLASS = int(ingest_pb2.SCHEMA_CLASS_EVENT)
 
 
@@ -79,8 +80,12 @@ class RecordsToFragments:
         )
 
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
-        # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip.
-        record = ingest_ev.RecordAccepted.FromString(env.payload.value)
+        # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip, unless
+        # the payload says it is another message (then unpack refuses it and the input is dead-lettered).
+        if env.payload.type_url == RECORD_URL:
+            record = ingest_ev.RecordAccepted.FromString(env.payload.value)
+        else:
+            record = unpack(env, ingest_ev.RecordAccepted)
         kept, dropped = kept_and_dropped(ws.rules, self.normalise, [(i.namespace, i.value) for i in record.identities])
         return record, kept, dropped
 

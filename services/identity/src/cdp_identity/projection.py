@@ -31,6 +31,9 @@ def links_text(links: list[tuple[str, str]]) -> str:
     return "\n".join(f"{a}\t{b}" for a, b in links)
 
 
+FRAGMENT_URL = f"type.googleapis.com/{ev.ProfileFragment.DESCRIPTOR.full_name}"
+
+
 class IdentityProjection:
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
@@ -44,7 +47,8 @@ class IdentityProjection:
         ws = self.graph(session)
         keys: list[str] = []
         for env in envelopes:
-            if env.type == FRAGMENT and env.id not in ws.made:
+            # A payload of another type than the envelope says is left to fold's unpack, which refuses it.
+            if env.type == FRAGMENT and env.id not in ws.made and env.payload.type_url == FRAGMENT_URL:
                 frag = ev.ProfileFragment.FromString(env.payload.value)
                 ws.read_fragments[env.id] = frag
                 keys += [key_of(i) for i in frag.identities]
