@@ -142,6 +142,14 @@ class _Part:
     sizes: list[int] = field(default_factory=list)
     size: int = 0
 
+    def take(self, event: Envelope | EncodedEnvelope, size: int) -> None:
+        """One more event (the hot path: one call per event, no lists made)."""
+        if size > MAX_MESSAGE_BYTES:
+            raise OversizedCause(f"one event of {size} bytes exceeds one message ({MAX_MESSAGE_BYTES} bytes)")
+        self.events.append(event)
+        self.sizes.append(size)
+        self.size += size
+
     def add(self, events: Sequence[Envelope | EncodedEnvelope], sizes: Sequence[int]) -> None:
         self.events += events
         self.sizes += sizes
@@ -185,9 +193,8 @@ class UnitOfWork:
         current = self._start(own)
         for env in events:
             self.processor.fold(self.session, own, env)
-        sizes = [env.ByteSize() + EVENT_OVERHEAD_BYTES for env in events]
-        _check_sizes(sizes)
-        current.add(events, sizes)
+        for env in events:
+            current.take(env, env.ByteSize() + EVENT_OVERHEAD_BYTES)
 
     def emit_encoded(self, own: OwnLog, encoded: Sequence[EncodedEnvelope], fold: Callable[[Session], None]) -> None:
         """Emit envelopes a service serialized itself (a hot path: no protobuf object per event).
@@ -200,9 +207,8 @@ class UnitOfWork:
             return
         current = self._start(own)
         fold(self.session)
-        sizes = [len(data) + EVENT_OVERHEAD_BYTES for data in encoded]
-        _check_sizes(sizes)
-        current.add(encoded, sizes)
+        for data in encoded:
+            current.take(data, len(data) + EVENT_OVERHEAD_BYTES)
 
     def _start(self, own: OwnLog) -> _Part:
         current = self._current
@@ -342,12 +348,6 @@ class MixedOwnLogs(CdpError):
 
 class OversizedCause(CdpError):
     """One event is larger than a message holds (a cause of many events is split into parts instead)."""
-
-
-def _check_sizes(sizes: Sequence[int]) -> None:
-    biggest = max(sizes, default=0)
-    if biggest > MAX_MESSAGE_BYTES:
-        raise OversizedCause(f"one event of {biggest} bytes exceeds one message ({MAX_MESSAGE_BYTES} bytes)")
 
 
 def _redrive_of(header: str) -> tuple[str, int, int] | None:

@@ -60,6 +60,15 @@ def newest(fragments: list[FragmentRow]) -> tuple[dict[str, object], dict[str, o
     return attributes, times
 
 
+def _source(session: Session, name: str, dataset: str) -> None:
+    """Record that ``name`` came from ``dataset``, once per transaction (a wide record names 60
+    attributes, and every record of a batch names the same ones: a merge is a lookup each)."""
+    known: set[tuple[str, str]] = session.info.setdefault("act_attribute_sources", set())
+    if (name, dataset) not in known:
+        known.add((name, dataset))
+        session.merge(AttributeSourceRow(name=name, dataset=dataset))
+
+
 class ProfilesObserver(_ObserveOnly):
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if is_a(env, identity_ev.ProfileFragment):
@@ -79,7 +88,7 @@ class ProfilesObserver(_ObserveOnly):
             if ident.value not in values:
                 values.append(ident.value)
             if frag.dataset:
-                session.merge(AttributeSourceRow(name=ident.namespace, dataset=frag.dataset))
+                _source(session, ident.namespace, frag.dataset)
         row.identities = identities
         if frag.kind != "event":
             at = from_timestamp(frag.occurred_at).isoformat()
@@ -89,7 +98,7 @@ class ProfilesObserver(_ObserveOnly):
                 if str(times.get(name, "")) <= at:
                     attributes[name], times[name] = value, at
                 if frag.dataset:
-                    session.merge(AttributeSourceRow(name=name, dataset=frag.dataset))
+                    _source(session, name, frag.dataset)
             row.attributes, row.attribute_times = attributes, times
             fragment_id = frag.source_event_id or frag.record_id
             if fragment_id:
