@@ -60,6 +60,43 @@ def wide_schema() -> dict[str, Any]:
     return {"name": "wide_person", "schema_class": "SCHEMA_CLASS_PROFILE", "fields": fields}
 
 
+NARROW_ROWS = 1_800
+NARROW_COLUMNS = ["crm_id", "email", "phone", "first_name", "last_name", "city", "consent", "updated_at"]
+
+
+def narrow_schema() -> dict[str, Any]:
+    """The ordinary 8-column CRM export that wedged identity before causes could travel in parts."""
+    fields: list[dict[str, Any]] = [
+        {
+            "name": "crm_id",
+            "type": "FIELD_TYPE_STRING",
+            "required": True,
+            "identity_namespace": "crm_id",
+            "primary_identity": True,
+        },
+        {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
+    ]
+    fields += [{"name": name, "type": "FIELD_TYPE_STRING"} for name in NARROW_COLUMNS[2:]]
+    return {"name": "crm_export", "schema_class": "SCHEMA_CLASS_PROFILE", "fields": fields}
+
+
+def write_narrow_csv(path: Path) -> None:
+    rng = random.Random(SEED + 1)
+    cities = ["Lyon", "Paris", "Nantes", "Lille", "Bordeaux", "Marseille", "Toulouse", "Strasbourg"]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(NARROW_COLUMNS)
+        for i in range(NARROW_ROWS):
+            first = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 9))).title()
+            last = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(5, 11))).title()
+            email = f"{first.lower()}.{last.lower()}{i}@example.com"
+            phone = f"+3361{rng.randint(0, 9_999_999):07d}"
+            consent = rng.choice(["yes", "no"])
+            writer.writerow(
+                [f"N{i:06d}", email, phone, first, last, rng.choice(cities), consent, "2026-11-01T10:00:00Z"]
+            )
+
+
 def wide_value(rng: random.Random) -> str:
     """40-200 characters; the first is an upper-case letter (segments test it), a line break now and then."""
     length = rng.randint(40, 200)
@@ -117,12 +154,22 @@ def test_a_wide_messy_csv_reaches_segmentation_whole_through_multi_part_fragment
     header = ing.IngestFileHeader(dataset="wide", batch_key="wide-1", format=ing.FILE_FORMAT_CSV, file_name=path.name)
     report: ing.BatchReport = client.ingest.IngestFile(file_chunks(path, header), timeout=300.0)
     assert (report.failure, report.rows_read, report.rows_accepted, report.rows_rejected) == ("", ROWS, ROWS, 0)
+    # And the ordinary export that wedged identity: narrow rows pack ~1,500 a message, and identity's
+    # fragments of them are larger than ingest's records, so its answer to one message needs parts.
+    narrow = tmp_path / "crm_export.csv"
+    write_narrow_csv(narrow)
+    ensure_datasets(client, {"crm_export": narrow_schema()})
+    header = ing.IngestFileHeader(
+        dataset="crm_export", batch_key="crm-1", format=ing.FILE_FORMAT_CSV, file_name=narrow.name
+    )
+    report = client.ingest.IngestFile(file_chunks(narrow, header), timeout=300.0)
+    assert (report.failure, report.rows_accepted, report.rows_rejected) == ("", NARROW_ROWS, 0)
 
     def all_profiles() -> int | None:
         stats = retrying(lambda: client.segmentation.GetStats(seg.GetStatsRequest()))
-        return stats.profiles if stats.profiles == ROWS else None
+        return stats.profiles if stats.profiles == ROWS + NARROW_ROWS else None
 
-    wait_for("10,000 profiles in segmentation", all_profiles, timeout_s=240.0, interval_s=1.0)
+    wait_for("every row a profile in segmentation", all_profiles, timeout_s=240.0, interval_s=1.0)
     # Activation keeps every profile's 60 attributes too, and is the slowest stage (its speed is
     # another issue's): the drain is waited for, not timed.
     wait_drained(client, big_stack.nats_url, timeout_s=400.0)

@@ -259,6 +259,33 @@ CONSUMERS = (
 )
 
 
+def server_pending(nats_url: str) -> dict[str, tuple[int, int]]:
+    """(pending, acknowledgements pending) of each service consumer that has any, as nats-server says."""
+
+    async def query() -> dict[str, tuple[int, int]]:
+        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            js = nc.jetstream()
+            out = {}
+            for spec in CONSUMERS:
+                try:
+                    info = await js.consumer_info(spec.stream.name, spec.name, timeout=5.0)
+                except nats.errors.Error as exc:
+                    out[spec.name] = (-1, -1)
+                    print("consumer_info failed", spec.name, type(exc).__name__, exc)
+                    continue
+                if info.num_pending or info.num_ack_pending:
+                    out[spec.name] = (info.num_pending or 0, info.num_ack_pending or 0)
+            return out
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(query())
+    except (nats.errors.Error, OSError) as exc:
+        return {"(server)": (-1, -1), type(exc).__name__: (-1, -1)}
+
+
 def server_lag(nats_url: str) -> int:
     """Messages not yet acknowledged by every service's durable consumers, as nats-server
     counts them (-1 if it cannot say now). Asked of the server, not of the services: a service
@@ -315,9 +342,10 @@ def settled(running: Running, load: Load, timeout_s: float = SETTLE_TIMEOUT_S) -
     return current
 
 
-def assert_exactly_once(result: Seen, load: Load) -> None:
+def assert_exactly_once(result: Seen, load: Load, nats_url: str = "") -> None:
     cookies = load.cookies()
-    assert result.lag == 0, "the services did not catch up"
+    left = server_pending(nats_url) if nats_url and result.lag else {}
+    assert result.lag == 0, f"the services did not catch up: pending per consumer {left}"
     assert result.profiles == load.people
     for name in SEGMENTS:
         members = result.members[name]
@@ -463,7 +491,7 @@ def test_a_service_frozen_past_the_write_deadline_under_load_loses_nothing(start
     dropped = [line for line in log_lines(running.nats_log, SLOW_CONSUMER) if "cdp-activation" in line]
     assert dropped, "nats-server did not drop the frozen activation: the test proved nothing"
     publisher.join()
-    assert_exactly_once(settled(running, load), load)
+    assert_exactly_once(settled(running, load), load, running.stack.nats_url)
     assert running.stack.pids["activation"] == pid  # the same process recovered, no restart helped
 
 
@@ -486,7 +514,7 @@ def test_a_connection_cut_mid_fetch_loses_nothing(start_stack: StartStack) -> No
     publisher.join()
     assert proxy.severed >= 2
     assert proxy.accepted >= 3  # the first connection and one after each cut
-    assert_exactly_once(settled(running, load), load)
+    assert_exactly_once(settled(running, load), load, running.stack.nats_url)
 
 
 def test_a_nats_server_restart_mid_load_loses_nothing(start_stack: StartStack) -> None:
@@ -506,4 +534,4 @@ def test_a_nats_server_restart_mid_load_loses_nothing(start_stack: StartStack) -
     assert len(log_lines(running.nats_log, "Server is ready")) == 2
     publisher.join()
     assert publisher.retries >= 1  # the publisher saw the restart too
-    assert_exactly_once(settled(running, load), load)
+    assert_exactly_once(settled(running, load), load, running.stack.nats_url)

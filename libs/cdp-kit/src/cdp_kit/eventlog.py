@@ -290,7 +290,10 @@ class EventLog:
             name=spec.name,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(1, start_sequence),
-            ack_policy=api.AckPolicy.EXPLICIT,
+            # Acknowledging one message acknowledges every earlier one: a consumer applies in order,
+            # so one confirmed ack per applied batch settles it, and an ack lost with a dropped
+            # connection is made good by the next one instead of waiting out ack_wait.
+            ack_policy=api.AckPolicy.ALL,
             ack_wait=300.0,
             max_deliver=-1,
             max_ack_pending=20_000,

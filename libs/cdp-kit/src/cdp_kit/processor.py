@@ -324,6 +324,19 @@ Unit = list[tuple[LogMessage, "Msg | None"]]
 """One input message, or every part of one cause (``cdp_kit.parts``), with the raw messages to ack."""
 
 
+ACK_TIMEOUT_S = 5.0
+
+
+async def _acknowledge(unit: Unit) -> None:
+    """After a commit: acknowledge the last message applied, and with it (the consumers acknowledge
+    all below it) everything before. Waited for, so the server has settled the batch when this
+    returns; an ack lost with a dropped connection would otherwise leave messages pending until
+    ack_wait. A failure is the connection's: the consumer is re-created at the checkpoint."""
+    raw = unit[-1][1] if unit else None
+    if raw is not None:
+        await raw.ack_sync(timeout=ACK_TIMEOUT_S)
+
+
 def _key(unit: Unit) -> int:
     """A unit is applied, decided and checkpointed as its last message."""
     return unit[-1][0].sequence
@@ -584,9 +597,7 @@ class Processor:
                 cause = Cause(inp.spec.name, msg.sequence)
                 await self._append_dead_letter(session, inp, _whole(unit), exc, attempt, cause)
                 set_checkpoint(session, in_checkpoint(inp.spec), msg.sequence)
-        for _msg, raw in unit:
-            if raw is not None:
-                await raw.ack()
+        await _acknowledge(unit)
         self._dead_lettered.add(1, {"consumer": inp.spec.name})
 
     async def _append_dead_letter(
@@ -669,10 +680,7 @@ class Processor:
                         if uow is not None:
                             await uow.abandon()
                         raise
-        for unit in units:
-            for _msg, raw in unit:
-                if raw is not None:
-                    await raw.ack()
+        await _acknowledge(units[-1] if units else [])
         labels = {"consumer": inp.spec.name}
         self._applied.add(applied_now, labels)
         self._batch_seconds.record(time.perf_counter() - started, labels)
