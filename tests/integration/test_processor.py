@@ -18,6 +18,7 @@ from typing import Any
 import nats.js.errors
 import pytest
 import sqlalchemy as sa
+from nats.aio.msg import Msg
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -1290,6 +1291,37 @@ async def test_a_consumer_acknowledges_the_aborted_parts_it_drops(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert counters(reference_engine) == {"observed": 3, "folded:test-out-b": 3}
+
+
+async def test_an_ack_lost_in_flight_is_sent_again_once_the_consumer_is_idle(
+    sqlite_engine: Engine, eventlog: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ack the consumer publishes is lost (as with a connection the server dropped). Once
+    idle, the reader finds the server's ack floor short of its last ack and sends it again, so no
+    message waits out ack_wait."""
+
+    async def lost(msg: Msg) -> None:
+        msg._ackd = True  # the client believes it acknowledged; the server never heard it
+
+    monkeypatch.setattr(Msg, "ack", lost)
+    await append_inputs(eventlog)
+    processor = make_processor(sqlite_engine, eventlog)
+    await processor.recover()
+    task = asyncio.create_task(processor.run_input(processor.inputs[0]))
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    info = await eventlog.js.consumer_info(IN.stream.name, IN.name)
+                    if info.ack_floor.stream_seq == len(INPUT_LAYOUT) and not info.num_ack_pending:
+                        break
+    finally:
+        processor.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert counters(sqlite_engine) == {"observed": 8, "folded:test-out": 8}
 
 
 async def test_execute_appends_a_command_whose_events_exceed_one_message_as_parts(

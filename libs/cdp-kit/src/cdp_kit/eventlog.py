@@ -301,7 +301,7 @@ class EventLog:
         )
         await self.js.add_consumer(spec.stream.name, config=config)
         sub = await self.js.pull_subscribe_bind(durable=spec.name, stream=spec.stream.name)
-        return DurableReader(spec, sub)
+        return DurableReader(spec, sub, self.nc)
 
     async def consumer_lag(self, spec: ConsumerSpec) -> tuple[int, int] | None:
         """(delivered-and-acked stream sequence, messages not yet acked) of a durable consumer."""
@@ -328,12 +328,25 @@ class DurableReader:
     is checked. A break raises ``DeliveryGap`` before any message behind it is returned.
     """
 
-    def __init__(self, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription) -> None:
+    def __init__(self, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription, nc: Client) -> None:
         self.spec = spec
         self.sub = sub
+        self.nc = nc
         self.delivered = 0
         # Deliveries the consumer reported as sent when a fetch last brought nothing.
         self.owed = 0
+        # The last message acknowledged (the consumer acknowledges all below it), and whether the
+        # server's ack floor was found short of it at the last fetch that brought nothing.
+        self._acked: Msg | None = None
+        self._acked_delivery = 0
+        self._ack_unsettled = False
+
+    async def ack(self, raw: Msg) -> None:
+        """Acknowledge ``raw`` and every delivery before it (one publish, not waited for: an ack lost
+        with a dropped connection is made good by the next one, or, at the end of the stream, by
+        ``fetch`` once it finds the server's ack floor still short of it)."""
+        await raw.ack()
+        self._acked, self._acked_delivery = raw, raw.metadata.sequence.consumer
 
     async def fetch(self, batch: int, timeout: float) -> list[tuple[LogMessage, Msg]]:
         try:
@@ -350,6 +363,7 @@ class DurableReader:
                 ) from None
             info = await self.sub.consumer_info()
             self.owed = (info.delivered.consumer_seq or 0) if info.delivered is not None else 0
+            await self._settle((info.ack_floor.consumer_seq or 0) if info.ack_floor is not None else 0)
             return []
         items = []
         for msg in msgs:
@@ -362,6 +376,15 @@ class DurableReader:
             self.delivered = delivery
             items.append((to_log_message(msg), msg))
         return items
+
+    async def _settle(self, ack_floor: int) -> None:
+        """Send the last ack again if the server's ack floor stayed short of it for two idle fetches
+        (the first may have looked before the ack arrived): otherwise JetStream keeps those messages
+        pending, and redelivers them, only after ack_wait."""
+        short = self._acked is not None and ack_floor < self._acked_delivery
+        if short and self._ack_unsettled and self._acked is not None and self._acked.reply:
+            await self.nc.publish(self._acked.reply, b"")
+        self._ack_unsettled = short
 
     async def close(self) -> None:
         await asyncio.shield(self.sub.unsubscribe())

@@ -52,6 +52,7 @@ from cdp_kit.eventlog import (
     Appended,
     DeliveryGap,
     DuplicateAppend,
+    DurableReader,
     EventLog,
     LogMessage,
 )
@@ -324,17 +325,16 @@ Unit = list[tuple[LogMessage, "Msg | None"]]
 """One input message, or every part of one cause (``cdp_kit.parts``), with the raw messages to ack."""
 
 
-ACK_TIMEOUT_S = 5.0
-
-
-async def _acknowledge(unit: Unit) -> None:
+async def _acknowledge(unit: Unit, reader: DurableReader | None) -> None:
     """After a commit: acknowledge the last message applied, and with it (the consumers acknowledge
-    all below it) everything before. Waited for, so the server has settled the batch when this
-    returns; an ack lost with a dropped connection would otherwise leave messages pending until
-    ack_wait. A failure is the connection's: the consumer is re-created at the checkpoint."""
+    all below it) everything before. Through the live reader, which makes a lost ack good."""
     raw = unit[-1][1] if unit else None
-    if raw is not None:
-        await raw.ack_sync(timeout=ACK_TIMEOUT_S)
+    if raw is None:
+        return
+    if reader is not None:
+        await reader.ack(raw)
+    else:
+        await raw.ack()
 
 
 def _key(unit: Unit) -> int:
@@ -440,6 +440,7 @@ class Processor:
             "cdp.input.dead_lettered", unit="{message}", description="Input messages set aside as poison"
         )
         self._redrives: set[str] = set()
+        self._readers: dict[str, DurableReader] = {}
         self._batch_seconds = instruments.create_histogram(
             "cdp.input.batch.duration", unit="s", description="Time to apply one fetched batch"
         )
@@ -597,7 +598,7 @@ class Processor:
                 cause = Cause(inp.spec.name, msg.sequence)
                 await self._append_dead_letter(session, inp, _whole(unit), exc, attempt, cause)
                 set_checkpoint(session, in_checkpoint(inp.spec), msg.sequence)
-        await _acknowledge(unit)
+        await _acknowledge(unit, self._readers.get(inp.spec.name))
         self._dead_lettered.add(1, {"consumer": inp.spec.name})
 
     async def _append_dead_letter(
@@ -680,7 +681,7 @@ class Processor:
                         if uow is not None:
                             await uow.abandon()
                         raise
-        await _acknowledge(units[-1] if units else [])
+        await _acknowledge(units[-1] if units else [], self._readers.get(inp.spec.name))
         labels = {"consumer": inp.spec.name}
         self._applied.add(applied_now, labels)
         self._batch_seconds.record(time.perf_counter() - started, labels)
@@ -800,6 +801,7 @@ class Processor:
                 with self.read() as session:
                     start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
                 reader = await self.eventlog.durable(inp.spec, start)
+                self._readers[inp.spec.name] = reader
                 assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
                 while not self._stopping.is_set():
                     if inp.spec.name in self._redrives:
@@ -837,6 +839,7 @@ class Processor:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
+                self._readers.pop(inp.spec.name, None)
                 if reader is not None:
                     with contextlib.suppress(nats.errors.Error, OSError):
                         await reader.close()
