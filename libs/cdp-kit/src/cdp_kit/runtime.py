@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import nats.errors
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from sqlalchemy.engine import Engine
 
@@ -243,7 +244,12 @@ async def serve(settings: S, build: Builder[S]) -> int:
     vitals = Vitals(service.processor, eventlog, settings.stall_after_s)
 
     async def status() -> admin_pb2.ServiceStatus:
-        return await service_status(service, settings.service, vitals)
+        try:
+            return await service_status(service, settings.service, vitals)
+        except (TimeoutError, nats.errors.Error) as exc:
+            # Where each consumer stands is NATS' to say; a busy or reconnecting server is a
+            # retryable UNAVAILABLE for the caller, not an internal error.
+            raise Unavailable(f"status: NATS did not answer ({type(exc).__name__})") from exc
 
     registrations = [*service.registrations, deadletter_api.registration(service.processor)]
     server = GrpcServer(settings.grpc_host, settings.resolved_port(), registrations, status)
