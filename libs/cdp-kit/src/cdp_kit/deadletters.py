@@ -15,7 +15,7 @@ dead-lettered again, one attempt more).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import nats.errors
 import sqlalchemy as sa
@@ -113,14 +113,14 @@ def describe(consumer: str, msg: LogMessage, exc: BaseException) -> dl.DeadLette
 def set_aside_own(session: Session, reader: str, msg: LogMessage, exc: BaseException) -> None:
     """Record an own-log message that could not be folded (no event: a rebuild decides the same)."""
     if session.get(DeadLetterRow, (reader, msg.sequence)) is None:
-        _dead(session, describe(reader, msg, exc), 0)
+        record(session, describe(reader, msg, exc))
 
 
 def fold(session: Session, env: Envelope) -> None:
     """Fold one event of a dead-letter log into ``cdp_deadletter``."""
     if is_a(env, dl.MessageDeadLettered):
         event = unpack(env, dl.MessageDeadLettered)
-        _dead(session, event.dead_letter, event.attempt)
+        record(session, event.dead_letter, event.attempt)
     elif is_a(env, dl.DeadLetterRedriveRequested):
         request = unpack(env, dl.DeadLetterRedriveRequested)
         _note_request(session, request)
@@ -148,12 +148,8 @@ def earlier_request(session: Session, request_id: str) -> int | None:
 
 
 def record(session: Session, letter: dl.DeadLetter, attempt: int = 0) -> None:
-    """Fold a dead letter a service describes itself (e.g. from an event of its own that predates
-    the kit's log) exactly as a ``MessageDeadLettered`` would be folded."""
-    _dead(session, letter, attempt)
-
-
-def _dead(session: Session, letter: dl.DeadLetter, attempt: int) -> None:
+    """Fold a dead letter, as a ``MessageDeadLettered`` (or a service's own older event) carries it.
+    Again for a known letter: its error, state and attempts change, its place and shape stay."""
     row = session.get(DeadLetterRow, (letter.consumer, letter.sequence))
     if row is None:
         row = DeadLetterRow(
@@ -168,7 +164,8 @@ def _dead(session: Session, letter: dl.DeadLetter, attempt: int) -> None:
             state="dead",
         )
     row.error_class, row.error, row.state, row.redrives = letter.error_class, letter.error, "dead", attempt
-    row.stored_at_ms = letter.stored_at.seconds * 1000 + letter.stored_at.nanos // 1_000_000
+    if letter.HasField("stored_at"):  # a redrive that found its message gone knows no time
+        row.stored_at_ms = letter.stored_at.ToMilliseconds()
     session.add(row)
 
 
@@ -232,17 +229,17 @@ def listed(session: Session, consumer: str, *, include_redriven: bool, limit: in
 
 def dead_per_consumer(session: Session) -> dict[str, int]:
     """Letters not redriven, per consumer (for status)."""
-    query = (
-        select(DeadLetterRow.consumer, sa.func.count())
-        .where(DeadLetterRow.state != "redriven")
-        .group_by(DeadLetterRow.consumer)
-    )
-    return {consumer: int(n) for consumer, n in session.exec(query).all()}
+    return _count_by(session, DeadLetterRow.consumer, DeadLetterRow.state != "redriven")
 
 
 def counts(session: Session) -> dict[str, int]:
-    query = select(DeadLetterRow.state, sa.func.count()).group_by(DeadLetterRow.state)
-    return {state: int(n) for state, n in session.exec(query).all()}
+    """Letters per state."""
+    return _count_by(session, DeadLetterRow.state, sa.true())
+
+
+def _count_by(session: Session, column: Any, where: Any) -> dict[str, int]:
+    query = select(column, sa.func.count()).where(where).group_by(column)
+    return {str(key): int(n) for key, n in session.exec(query).all()}
 
 
 def redrivable(session: Session, consumer: str, sequences: Iterable[int]) -> dict[str, list[int]]:

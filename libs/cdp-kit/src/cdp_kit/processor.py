@@ -326,8 +326,9 @@ Unit = list[tuple[LogMessage, "Msg | None"]]
 
 
 async def _acknowledge(unit: Unit, reader: DurableReader | None) -> None:
-    """After a commit: acknowledge the last message applied, and with it (the consumers acknowledge
-    all below it) everything before. Through the live reader, which makes a lost ack good."""
+    """After a commit: acknowledge the last message applied (or dropped, as an aborted part is), and
+    with it (the consumers acknowledge all below it) everything before. Through the live reader,
+    which makes a lost ack good."""
     raw = unit[-1][1] if unit else None
     if raw is None:
         return
@@ -643,7 +644,7 @@ class Processor:
                         applied = get_checkpoint(session, in_checkpoint(inp.spec))
                         emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
                         last = applied
-                        fresh = [unit for unit in units if unit[-1][0].sequence > applied]
+                        fresh = [unit for unit in units if _key(unit) > applied]
                         aside = self._set_aside(session, inp, fresh, emitted)
                         prefetch = getattr(inp.handler, "prefetch", None)
                         if prefetch is not None:
@@ -808,11 +809,9 @@ class Processor:
                         await self.redrive(inp)
                     items = await reader.fetch(self.batch_size, timeout=1.0)
                     units = assembler.feed(items)
-                    for _msg, dropped in assembler.discarded():
-                        if dropped is not None:
-                            await dropped.ack()
                     if units:
                         await self.apply_units(inp, units)
+                    await _acknowledge(assembler.discarded(), reader)
                     health.progressed()
                     backoff = 0.2
             except DeliveryGap as exc:
