@@ -13,9 +13,9 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp_kit import eventlog as eventlog_module
 from cdp_kit.envelope import Cause, Envelope, make_envelope, unpack
 from cdp_kit.errors import Unavailable
-from cdp_kit.eventlog import READ_FETCH_MESSAGES, AppendConflict, EventLog
+from cdp_kit.eventlog import FETCH_BUDGET_BYTES, READ_FETCH_MESSAGES, AppendConflict, EventLog
 from cdp_kit.natsserver import NatsServer
-from cdp_kit.streams import INGEST
+from cdp_kit.streams import INGEST, ConsumerSpec
 
 SUBJECT = "cdp.ingest.0.records"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -169,3 +169,21 @@ async def test_a_read_whose_server_stops_delivering_fails_as_unavailable(
         os.kill(pid, signal.SIGCONT)
     assert seen == list(range(1, READ_FETCH_MESSAGES + 1))
     assert await consumer_names(eventlog) == []
+
+
+async def test_a_durable_reader_asks_for_no_more_bytes_than_its_budget(eventlog: EventLog) -> None:
+    """Wide messages: a pull of 256 of them would make the server buffer far more than its per-client
+    limit and drop the connection. Each fetch stays within the byte budget, and all arrive in order."""
+    payload = b"w" * 600_000
+    for n in range(1, 41):
+        await eventlog.append_raw(SUBJECT, payload, msg_id=f"wide-{n}")
+    reader = await eventlog.durable(ConsumerSpec("test-wide", INGEST, SUBJECT), 1)
+    got: list[int] = []
+    try:
+        while len(got) < 40:
+            items = await reader.fetch(256, timeout=5.0)
+            assert sum(len(m.data) for m, _ in items) <= FETCH_BUDGET_BYTES
+            got += [m.sequence for m, _ in items]
+    finally:
+        await reader.close()
+    assert got == list(range(1, 41))

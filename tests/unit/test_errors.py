@@ -104,3 +104,11 @@ def test_cdp_errors_are_exceptions_that_can_be_caught_as_base() -> None:
     with pytest.raises(CdpError) as info:
         raise Conflict("expected sequence 3")
     assert info.value.status == grpc.StatusCode.ABORTED
+
+
+def test_details_quoting_a_huge_input_stay_within_what_grpc_carries() -> None:
+    """A peer refuses metadata over 16 KiB: an error quoting a 1 MB id must still arrive as itself."""
+    status = to_grpc_status(NotFound(f"profile {'x' * 1_000_000!r} not found"))
+    assert status.code == grpc.StatusCode.NOT_FOUND
+    assert len(status.details) < 4_100
+    assert status.details.endswith("characters)")

@@ -16,6 +16,7 @@ from cdp_kit.telemetry import (
     context_from,
     get_logger,
     pii_hash,
+    scrub,
     trace_headers,
     tracer,
 )
@@ -138,3 +139,24 @@ def test_trace_headers_outside_a_span_are_empty() -> None:
 
 def test_context_from_empty_headers_has_no_span() -> None:
     assert not trace.get_current_span(context_from({})).get_span_context().is_valid
+
+
+def test_a_log_line_never_carries_an_email_or_a_phone_a_message_quotes(capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors quote what a caller sent ("profile 'ann@example.com' not found"): every string value of
+    every event is masked, and a huge one is cut, whoever wrote the log call."""
+    configure_logging("demo", "json", "info")
+
+    get_logger("test").info(
+        "rpc_refused",
+        error="profile 'ann.lee@example.com' not found; call +1 415 555 0123",
+        huge="x" * 1_000_000,
+    )
+
+    [line] = json_lines(capsys.readouterr().err)
+    assert line["error"] == "profile '<email>' not found; call <phone>"
+    assert len(line["huge"]) < 2_100
+    assert line["huge"].endswith("(1000000 chars)")
+
+
+def test_scrub_keeps_ids_and_short_numbers() -> None:
+    assert scrub("sequence 4442 of CDP_PROFILE, batch 9f1c") == "sequence 4442 of CDP_PROFILE, batch 9f1c"

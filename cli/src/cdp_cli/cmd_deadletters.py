@@ -14,7 +14,6 @@ what a destination or a converter said) have email- and phone-like text masked.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections import Counter
@@ -31,6 +30,7 @@ from cdp.common.v1 import deadletter_pb2_grpc
 from cdp_cli import render
 from cdp_cli.client import SERVICES, Client, describe_rpc_error, rpc_code
 from cdp_cli.errors import CliError
+from cdp_kit.telemetry import scrub
 
 Kind = Literal["poison", "collect-reject", "delivery"]
 KINDS: tuple[Kind, ...] = ("poison", "collect-reject", "delivery")
@@ -39,8 +39,6 @@ REJECTED = "Rejected"
 COLLECT_PREFIX = "cdp.collect."
 # Enough for honest counts on any stack that is not on fire; beyond it the counts say so.
 FETCH_LIMIT = 10_000
-EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-PHONE = re.compile(r"\+?\d(?:[\s().-]?\d){8,}")
 
 app = typer.Typer(
     help="Dead letters of every service (poison, collect rejects, failed deliveries), and their redrive.",
@@ -113,11 +111,6 @@ class Filters:
 
 
 # --------------------------------------------------------------------------- shaping
-
-
-def scrub(text: str) -> str:
-    """Reasons quote what a converter or a destination said: mask anything like an email or a phone."""
-    return PHONE.sub("<phone>", EMAIL.sub("<email>", text))
 
 
 def kit_letter(service: str, letter: dl.DeadLetter) -> Letter:

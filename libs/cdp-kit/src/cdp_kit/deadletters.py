@@ -26,6 +26,7 @@ from cdp.common.v1 import deadletter_pb2 as dl
 from cdp_kit.envelope import Envelope, is_a, to_timestamp, unpack
 from cdp_kit.errors import Conflict, Unavailable
 from cdp_kit.eventlog import LogMessage
+from cdp_kit.telemetry import scrub
 
 State = Literal["dead", "redrive_requested", "redriven"]
 EXCERPT_BYTES = 96
@@ -100,7 +101,7 @@ def describe(consumer: str, msg: LogMessage, exc: BaseException) -> dl.DeadLette
         sequence=msg.sequence,
         subject=msg.subject,
         error_class=type(exc).__name__,
-        error=str(exc)[:ERROR_CHARS],
+        error=scrub(str(exc))[:ERROR_CHARS],
         excerpt=masked_excerpt(msg.data),
         size_bytes=len(msg.data),
         state="dead",

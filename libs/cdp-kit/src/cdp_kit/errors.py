@@ -79,8 +79,19 @@ class GrpcStatus:
     violations: list[Violation] = field(default_factory=list)
 
 
+# gRPC carries a status's details in a trailer, and a peer refuses metadata over 16 KiB: an error
+# that quotes a huge input (a 1 MB id) would reach the caller as RESOURCE_EXHAUSTED, not as itself.
+MAX_DETAILS_CHARS = 4000
+
+
+def _bounded(details: str) -> str:
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    return details[:MAX_DETAILS_CHARS] + f"... ({len(details)} characters)"
+
+
 def to_grpc_status(exc: BaseException) -> GrpcStatus:
     """The one place errors become gRPC statuses."""
     if isinstance(exc, CdpError):
-        return GrpcStatus(exc.status, exc.details(), exc.violations)
+        return GrpcStatus(exc.status, _bounded(exc.details()), exc.violations)
     return GrpcStatus(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")

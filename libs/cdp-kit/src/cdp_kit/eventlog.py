@@ -312,6 +312,13 @@ class EventLog:
         return int(info.ack_floor.stream_seq or 0), int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
 
+# What one pull request of a durable reader may bring, in bytes. The server buffers a request's
+# messages for the client and drops a client holding more than its max_pending (64 MiB) as a slow
+# consumer: 256 wide-row messages of ~0.8 MB did that over and over (each drop a gap re-read). The
+# reader counts its next request from the size of what it last got, starting from the worst case.
+FETCH_BUDGET_BYTES = 16 * 1024 * 1024
+
+
 class DeliveryGap(Unavailable):
     """A durable consumer delivered messages that never reached this reader (a dropped
     connection, a server restart, a client-side slow-consumer drop). Nothing past the gap may
@@ -340,6 +347,11 @@ class DurableReader:
         self._acked: Msg | None = None
         self._acked_delivery = 0
         self._ack_unsettled = False
+        self._message_bytes = MAX_MESSAGE_BYTES  # until a fetch says what this input's messages weigh
+
+    def fetch_count(self, batch: int) -> int:
+        """How many messages to ask for: ``batch``, or fewer when they would exceed the byte budget."""
+        return max(1, min(batch, FETCH_BUDGET_BYTES // self._message_bytes))
 
     async def ack(self, raw: Msg) -> None:
         """Acknowledge ``raw`` and every delivery before it (one publish, not waited for: an ack lost
@@ -350,7 +362,7 @@ class DurableReader:
 
     async def fetch(self, batch: int, timeout: float) -> list[tuple[LogMessage, Msg]]:
         try:
-            msgs = await self.sub.fetch(batch, timeout=timeout)
+            msgs = await self.sub.fetch(self.fetch_count(batch), timeout=timeout)
         except TimeoutError:  # nats.errors.TimeoutError and asyncio.TimeoutError alike: nothing came
             # Deliveries lost at the end of the stream have no later delivery to reveal them: they
             # would only come back after ack_wait. So ask how many the consumer has delivered. One
@@ -375,6 +387,8 @@ class DurableReader:
                 )
             self.delivered = delivery
             items.append((to_log_message(msg), msg))
+        if msgs:
+            self._message_bytes = max(1024, sum(len(m.data) for m in msgs) // len(msgs))
         return items
 
     async def _settle(self, ack_floor: int) -> None:

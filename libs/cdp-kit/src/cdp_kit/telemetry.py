@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -27,6 +28,29 @@ from cdp_kit.settings import LogFormat, LogLevel, TraceExporter
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+# Text shaped like an email address or a phone number (8+ digits, with the usual separators).
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+PHONE = re.compile(r"\+?\d(?:[\s().-]?\d){8,}")
+# A log value longer than this is cut: a caller's 1 MB id must not become a 1 MB log line.
+MAX_LOG_VALUE_CHARS = 2000
+
+
+def scrub(text: str) -> str:
+    """Mask anything shaped like an email or a phone in free text (an error that quotes a caller's
+    input, what a destination answered): logs and dead letters keep ids and hashes, never these."""
+    return PHONE.sub("<phone>", EMAIL.sub("<email>", text))
+
+
+def _scrub_strings(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Every string value of every log event, masked and bounded: whatever a message quotes."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            if len(value) > MAX_LOG_VALUE_CHARS:
+                value = value[:MAX_LOG_VALUE_CHARS] + f"... ({len(value)} chars)"
+            event[key] = scrub(value)
+    return event
+
+
 def _add_trace_ids(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
@@ -44,6 +68,7 @@ def configure_logging(service: str, fmt: LogFormat = "json", level: LogLevel = "
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _add_trace_ids,
             structlog.processors.format_exc_info,
+            _scrub_strings,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
