@@ -160,3 +160,18 @@ def test_a_log_line_never_carries_an_email_or_a_phone_a_message_quotes(capsys: p
 
 def test_scrub_keeps_ids_and_short_numbers() -> None:
     assert scrub("sequence 4442 of CDP_PROFILE, batch 9f1c") == "sequence 4442 of CDP_PROFILE, batch 9f1c"
+
+
+def test_scrub_leaves_hex_ids_whole_but_masks_phones_in_text() -> None:
+    # a trace id with a run of 12 digits once came out as 'fdd8...c1ef<phone>f5' in a CI run
+    trace_id = "fdd8753fe6a605b60c1ef982636586f5"
+    assert scrub(f"trace {trace_id} uuid 0c1e9826-3658-46f5-9826-365860000001") == (
+        f"trace {trace_id} uuid 0c1e9826-3658-46f5-9826-365860000001"
+    )
+    assert scrub("call 0612345678, or (415) 555-0123.") == "call <phone>, or (<phone>."
+    assert scrub("phone:+33612345678;") == "phone:+<phone>;"
+
+
+def test_scrub_leaves_times_and_addresses_alone() -> None:
+    text = "at 2026-12-02 18:28:39, 2026-12-02T18:28:39.123Z on 127.0.0.1:4222 and nats://10.0.0.12:42221"
+    assert scrub(text) == text

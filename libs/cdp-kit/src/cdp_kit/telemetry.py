@@ -28,9 +28,13 @@ from cdp_kit.settings import LogFormat, LogLevel, TraceExporter
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-# Text shaped like an email address or a phone number (8+ digits, with the usual separators).
+# Text shaped like an email address or a phone number (9+ digits, with the usual separators). A
+# phone stands on its own: digits inside a word (a hex trace id, a hash, a uuid), an address and
+# port, or a date followed by its time are not one.
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-PHONE = re.compile(r"\+?\d(?:[\s().-]?\d){8,}")
+PHONE = re.compile(r"(?<![\w.:/-])\+?\d(?:[\s().-]{0,2}\d){8,}(?![\w:]|\.\d)")
+# Log keys whose values the platform itself writes as ids: never masked.
+_OWN_ID_KEYS = frozenset({"trace_id", "span_id"})
 # A log value longer than this is cut: a caller's 1 MB id must not become a 1 MB log line.
 MAX_LOG_VALUE_CHARS = 2000
 
@@ -44,7 +48,7 @@ def scrub(text: str) -> str:
 def _scrub_strings(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Every string value of every log event, masked and bounded: whatever a message quotes."""
     for key, value in event.items():
-        if isinstance(value, str):
+        if isinstance(value, str) and key not in _OWN_ID_KEYS:
             if len(value) > MAX_LOG_VALUE_CHARS:
                 value = value[:MAX_LOG_VALUE_CHARS] + f"... ({len(value)} chars)"
             event[key] = scrub(value)
