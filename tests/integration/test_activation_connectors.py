@@ -25,6 +25,9 @@ RECORDS = [
 ]
 
 
+INVALID_PHONE = "phone dropped: not a valid phone number"
+
+
 @pytest.fixture
 async def platforms() -> AsyncIterator[LocalPlatforms]:
     servers = LocalPlatforms()
@@ -70,7 +73,7 @@ async def test_activation_google_customer_match_job_flow(platforms: LocalPlatfor
     assert not platforms.rejected, platforms.rejected
     held = platforms.members["google:customers/1234567890/userLists/42"]
     assert held == {ids.sha256_hex("joann@gmail.com"), ids.sha256_hex("bob@example.com")}  # gmail rule applied
-    assert result.rejected == {"no valid identifier": 1}
+    assert result.rejected == {"no valid identifier": 1, INVALID_PHONE: 1}  # p3's "+0000000000"
     assert result.activated == 4  # p1 email + phone + address, p2 email
     job = platforms.accepted["google"][0]
     p1 = job["ops"][0]["create"]["userIdentifiers"]
@@ -134,7 +137,7 @@ async def test_activation_meta_error_codes_classified(platforms: LocalPlatforms)
     assert platforms.members["meta:7"] == {ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com")}
     row = platforms.accepted["meta"][0]["payload"]["data"][0]
     assert row[1] == ids.sha256_hex("16505550101")
-    assert result.rejected == {"no valid identifier": 1}
+    assert result.rejected == {"no valid identifier": 1, INVALID_PHONE: 1}  # p3's "+0000000000"
     assert result.warnings == ["audience of 2 is below the meta_custom_audience minimum of 100"]
 
 
@@ -241,7 +244,7 @@ async def test_activation_klaviyo_bulk_import_and_list_removal(platforms: LocalP
     cfg = {"base_url": platforms.url, "api_key": platforms.klaviyo_key, "list_id": "LST"}
     result = await send("klaviyo", cfg)
     assert result.activated == 2
-    assert result.rejected == {"no valid identifier": 1}
+    assert result.rejected == {"no valid identifier": 1, INVALID_PHONE: 1}  # p3's "+0000000000"
     assert len(platforms.members["klaviyo:LST"]) == 2
     job = platforms.accepted["klaviyo"][0]["attributes"]["profiles"]["data"]
     assert job[0]["attributes"]["phone_number"] == "+16505550101"

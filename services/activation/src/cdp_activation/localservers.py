@@ -1,7 +1,7 @@
 """Local stand-ins for destination platforms, for tests, the benchmark and the demo.
 
 One aiohttp server on loopback validates every request exactly as the platform documents
-it (paths, headers, body shape, hashing, batch limits; ../shared/specs/destinations.md),
+it (paths, headers, body shape, hashing, batch limits; docs/activation.md),
 answers 400 with a reason when a request is wrong, and keeps what it accepted (deduped by
 the platform's idempotency key where it has one). Faults can be queued per platform:
 429 with Retry-After, 500, a platform error body, a slow answer, or a hang.
