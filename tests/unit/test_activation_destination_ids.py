@@ -5,7 +5,7 @@ wrong and never guessed (see docs/activation.md, "Identity normalisation")."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
 
@@ -40,7 +40,7 @@ TIKTOK = TikTokConfig(advertiser_id="a", audience_id="aud", access_token="t")
 SNAP = SnapConfig(segment_id="s", access_token="t")
 
 
-def batch(records: list[Record], identities: list[str], attributes: tuple[str, ...] = ()) -> Batch:
+def batch(records: list[Record], identities: list[str], attributes: Sequence[str] = ()) -> Batch:
     return Batch("b", "plan", "dest", "seg", "add", 1, records, identities, list(attributes))
 
 
