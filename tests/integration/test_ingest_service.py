@@ -255,7 +255,8 @@ async def test_an_identical_schema_or_dataset_registered_again_changes_nothing(i
     tier.enum_values[:] = ["silver", "gold"]
     reply = await ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=same))
     assert reply.version == 1
-    assert [f.name for f in reply.fields] == [f["name"] for f in CRM["fields"]]  # the stored one, as it was
+    stored = json_format.ParseDict(CRM, pb.Schema())
+    assert [f.name for f in reply.fields] == [f.name for f in stored.fields]  # the stored one, as it was
     again = await ingest.stub.CreateDataset(
         pb.CreateDatasetRequest(dataset=pb.Dataset(name="crm", schema_name="crm_person"))
     )
