@@ -125,9 +125,7 @@ UNHONOURED: list[tuple[str, Callable[[pb.Schema], None], tuple[str, str]]] = [
         lambda s: _add_sub(_field(s, "tags")),
         ("tags", "fields"),
     ),
-    ("enum on a sub-field", lambda s: _sub(s).enum_values.append("75001"), ("address.zip", "enum_values")),
-    ("pattern on a sub-field", lambda s: setattr(_sub(s), "pattern", "[0-9]{5}"), ("address.zip", "pattern")),
-    ("max_length on a sub-field", lambda s: setattr(_sub(s), "max_length", 5), ("address.zip", "max_length")),
+    ("minimum on a string sub-field", lambda s: setattr(_sub(s), "minimum", 1), ("address.zip", "minimum")),
     ("identity on a sub-field", lambda s: setattr(_sub(s), "identity_namespace", "email"), ("address.zip", "identity")),
 ]
 
@@ -158,6 +156,19 @@ def test_the_options_the_service_honours_pass() -> None:
     events.fields.add(name="type", type=pb.FIELD_TYPE_STRING)
     events.event_id_field, events.timestamp_field, events.event_type_field = "id", "ts", "type"
     assert schema_violations(events) == []
+
+
+def test_value_checks_on_sub_fields_are_applied() -> None:
+    schema = crm()
+    _sub(schema).enum_values.extend(["75001", "69001"])
+    _sub(schema).max_length = 5
+    assert schema_violations(schema) == []
+    validator = Validator(schema, textual=False, drop_unknown=False, max_bytes=10_000)
+    assert validator.validate({"crm_id": "C1", "address": {"zip": "75001"}}, 10, "row 1").ok
+    bad = validator.validate({"crm_id": "C1", "address": {"zip": "13001"}}, 10, "row 2")
+    assert [(v.field, v.rule, v.message) for v in bad.violations] == [
+        ("address", "enum", "zip: not one of 2 allowed values")
+    ]
 
 
 # ----------------------------------------------------------------------------- sameness

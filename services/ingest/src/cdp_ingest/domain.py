@@ -470,21 +470,26 @@ def _json_text(raw: Any, textual: bool, max_depth: int) -> Any:
 
 
 def _object_converter(f: pb.Field, textual: bool, max_depth: int) -> Converter:
-    subs = [(s.name, converter(s, False), s.required) for s in f.fields]
+    subs = [(s.name, converter(s, False), s.required, _constraints(s)) for s in f.fields]
 
     def convert(raw: Any) -> Any:
         value = _json_text(raw, textual, max_depth)
         if not isinstance(value, dict):
             raise ValueError("expected a JSON object")
-        for name, sub, required in subs:
+        for name, sub, required, constraints in subs:
             if value.get(name) is None:
                 if required:
                     raise ValueError(f"{name}: missing")
                 continue
             try:
                 value[name] = sub(value[name])
+            except LimitExceeded as exc:
+                raise LimitExceeded(exc.rule, f"{name}: {exc}") from None
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+            broken = constraints(value[name]) if constraints is not None else None
+            if broken is not None:  # a sub-field's enum, pattern, length or range, under its rule
+                raise LimitExceeded(broken[0], f"{name}: {broken[1]}")
         return value
 
     return convert

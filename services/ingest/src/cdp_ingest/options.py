@@ -9,15 +9,15 @@ naming the field and the rule, rather than accepted and silently ignored. What i
 | ``event_id_field``, ``event_type_field`` | event schemas |
 | ``timestamp_field`` | event schemas (required) and profile schemas (optional: each record's time) |
 | ``identity_namespace``, ``primary_identity`` | top-level string fields |
-| ``enum_values`` | top-level string and integer fields (integer values for integer fields) |
-| ``pattern``, ``max_length`` | top-level string fields |
-| ``minimum``, ``maximum`` | top-level integer and number fields |
+| ``enum_values`` | string and integer fields (integer values for integer fields) |
+| ``pattern``, ``max_length`` | string fields |
+| ``minimum``, ``maximum`` | integer and number fields |
 | ``fields`` | object fields (at any depth) |
 | ``items`` | array fields |
 | ``required`` | every field (sub-fields of objects too) |
 
-The value checks (enum, pattern, length, range) run on a row's top-level fields only: on an
-object's sub-fields they would be ignored, so they are refused there. Pure: no I/O.
+Value checks (enum, pattern, length, range) apply at every depth of an object; identities are
+read from a row's top-level fields only, so a sub-field naming a namespace is refused. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ FT = pb.FieldType
 INTEGER_TEXT = re.compile(r"-?(0|[1-9][0-9]*)")  # as str() writes an integer: what a value is compared as
 ENUM_TYPES = (FT.FIELD_TYPE_STRING, FT.FIELD_TYPE_INTEGER)
 TIME_TYPES = (FT.FIELD_TYPE_TIMESTAMP,)
-VALUE_CHECKS = ("enum_values", "pattern", "max_length", "minimum", "maximum")
 
 
 def unhonoured_options(schema: pb.Schema) -> list[Violation]:
@@ -86,24 +85,11 @@ def _field_options(f: pb.Field, path: str, *, top: bool) -> list[Violation]:
 
 
 def _sub_field_options(f: pb.Field, path: str) -> list[Violation]:
-    """Options an object's sub-field cannot carry: identities and value checks are read on top-level fields."""
+    """Options an object's sub-field cannot carry: identities are read from top-level fields."""
     out: list[Violation] = []
     if f.identity_namespace or f.primary_identity:
         out.append(Violation(path, "identity", "identity fields are top-level fields, not sub-fields of an object"))
-    set_checks = [name for name in VALUE_CHECKS if _is_set(f, name)]
-    if set_checks:
-        names = ", ".join(set_checks)
-        out.append(Violation(path, set_checks[0], f"{names}: value checks apply to top-level fields only"))
     return out
-
-
-def _is_set(f: pb.Field, name: str) -> bool:
-    if name == "minimum":
-        return f.HasField("minimum")
-    if name == "maximum":
-        return f.HasField("maximum")
-    value: Any = getattr(f, name)
-    return bool(value)
 
 
 # ----------------------------------------------------------------------------- sameness
