@@ -59,8 +59,10 @@ class FragmentRow(SQLModel, table=True):
     kind: str
     event_type: str = ""
     ts_ms: int = Field(sa_type=sa.BigInteger)
-    # Position in identity's log: the tie-break after the record time.
+    # Position in identity's log, the tie-break after the record time: the stream sequence of the
+    # message, then the fragment's place among the message's events.
     seq: int = Field(sa_type=sa.BigInteger)
+    pos: int = 0
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
