@@ -47,7 +47,8 @@ from cdp_activation.connectors import (
     connector_for,
 )
 from cdp_activation.settings import ActivationSettings
-from cdp_kit.consent import MARKETING_ACTIONS, consent_of
+from cdp_kit.consent import MARKETING_ACTIONS
+from cdp_kit.consent import consent_of as consent_of  # the gate reads consent as segmentation does
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
