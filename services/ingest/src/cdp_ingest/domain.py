@@ -11,6 +11,14 @@ from decimal import Decimal
 from typing import Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest.declarations import (
+    apply_consents,
+    consent_roles,
+    consent_violations,
+    event_type_check,
+    event_types_compat,
+    event_types_violations,
+)
 from cdp_ingest.limits import DEFAULT_MAX_DEPTH, LimitExceeded, too_deep
 from cdp_ingest.options import unhonoured_options
 from cdp_kit.errors import Violation
@@ -51,6 +59,7 @@ def schema_violations(schema: pb.Schema) -> list[Violation]:
     if schema.schema_class == pb.SCHEMA_CLASS_EVENT:
         out += _event_violations(schema)
     out += unhonoured_options(schema)
+    out += event_types_violations(schema) + consent_violations(schema)
     return out
 
 
@@ -116,7 +125,7 @@ def compatibility_violations(old: pb.Schema, new: pb.Schema) -> list[Violation]:
     for attr in ("event_id_field", "timestamp_field", "event_type_field"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(Violation(attr, "compatible", f"{attr} cannot change"))
-    return out
+    return out + event_types_compat(old, new)
 
 
 def _fields_compat(old_fields: Any, new_fields: Any, prefix: str) -> list[Violation]:
@@ -224,6 +233,8 @@ class Validator:
         self.event_id_field = schema.event_id_field
         self.timestamp_field = schema.timestamp_field
         self.event_type_field = schema.event_type_field
+        self.event_type_check = event_type_check(schema)
+        self.consent_roles = consent_roles(schema)
 
     def unknown_columns(self, columns: list[str]) -> list[str]:
         return [c for c in columns if c not in self.known]
@@ -269,11 +280,15 @@ class Validator:
                     result.identities.append((namespace, value))
                 elif required:
                     violations.append(Violation(name, "required", "blank identity", record))
+        if self.consent_roles:
+            apply_consents(values, self.consent_roles, violations, record)
         if self.is_event and not violations:
             result.event_id = str(values.get(self.event_id_field, ""))
             result.occurred_at = parse_timestamp(values[self.timestamp_field])
             if self.event_type_field:
                 result.event_type = str(values.get(self.event_type_field, ""))
+            if self.event_type_check is not None and (wrong := self.event_type_check(result.event_type)):
+                violations.append(Violation(wrong.field, wrong.rule, wrong.message, record))
         elif self.timestamp_field and not violations:
             result.occurred_at = parse_timestamp(values[self.timestamp_field])  # the profile record's time
         return result

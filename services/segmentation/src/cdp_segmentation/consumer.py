@@ -19,7 +19,7 @@ from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
 from cdp_segmentation.profiles import apply_merge, apply_split
 from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
-from cdp_segmentation.vocabulary import flatten
+from cdp_segmentation.vocabulary import consent_attributes, flatten
 
 FRAGMENT = identity_ev.ProfileFragment
 FRAGMENT_TYPE = FRAGMENT.DESCRIPTOR.full_name
@@ -152,7 +152,9 @@ class DatasetsOfIngest:
         elif is_a(env, ingest_ev.SchemaRegistered):
             schema = unpack(env, ingest_ev.SchemaRegistered).schema
             kind = "event" if schema.schema_class == ingest_pb2.SCHEMA_CLASS_EVENT else "profile"
-            session.merge(SchemaRow(name=schema.name, schema_class=kind, fields=flatten(schema.fields)))
+            fields = flatten(schema.fields) | consent_attributes(schema.fields)
+            row = SchemaRow(name=schema.name, schema_class=kind, fields=fields, event_types=list(schema.event_types))
+            session.merge(row)
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         return None
