@@ -261,7 +261,7 @@ SCHEMA_YAML = """
 name: crm
 schema_class: SCHEMA_CLASS_PROFILE
 fields:
-  - {name: crm_id, type: FIELD_TYPE_STRING, required: true, identity_namespace: crm_id, primary_identity: true}
+  - {name: crm_id, type: FIELD_TYPE_STRING, required: true, identity_namespace: crm_id}
   - {name: email, type: FIELD_TYPE_STRING, identity_namespace: email}
   - {name: tier, type: FIELD_TYPE_STRING, enum_values: [gold, silver]}
 """
@@ -274,7 +274,7 @@ def test_schema_create_from_yaml(tmp_path: Path, fake_server: FakeServer) -> Non
     assert result.exit_code == 0, result.output
     assert "schema crm v1 registered (profile, 3 fields)" in result.stdout
     sent = fake_server.ingest.schemas[0]
-    assert sent.fields[0].primary_identity
+    assert sent.fields[0].identity_namespace == "crm_id"
     assert list(sent.fields[2].enum_values) == ["gold", "silver"]
 
     listed = invoke(["schema", "list", "--json"], env=fake_server.env())

@@ -356,11 +356,7 @@ def _print_status(reports: list[ServiceReport]) -> None:
 
 
 def _field_identities(schema: ingest_pb2.Schema) -> list[str]:
-    return [
-        f"{f.name}→{f.identity_namespace}{' (primary)' if f.primary_identity else ''}"
-        for f in schema.fields
-        if f.identity_namespace
-    ]
+    return [f"{f.name}→{f.identity_namespace}" for f in schema.fields if f.identity_namespace]
 
 
 def _schema_class(schema: ingest_pb2.Schema) -> str:
@@ -406,7 +402,7 @@ def schema_get(
                 f.name,
                 render.enum_label(ingest_pb2.FieldType.Name(f.type), "FIELD_TYPE_"),
                 f.required,
-                f"{f.identity_namespace}{' (primary)' if f.primary_identity else ''}",
+                f.identity_namespace,
             )
             for f in reply.fields
         ],
