@@ -14,9 +14,9 @@ from cdp_ingest.settings import IngestSettings
 from cdp_ingest.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
+from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
-from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
 from cdp_kit.streams import (
     INGEST_CONFIG,
     INGEST_DEADLETTER,
