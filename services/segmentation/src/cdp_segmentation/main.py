@@ -8,8 +8,8 @@ from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.envelope import utcnow
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
-from cdp_kit.processor import Input, Processor
 from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
+from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import (
     SEGMENTATION_CONFIG,
