@@ -58,7 +58,7 @@ POS = {
 CRM_CSV = "crm_id,email,phone,tier\nC1,ann@example.com,(201) 555-0142,gold\nC2,bob@example.com,,silver\n"
 # Orders keyed by either id: L1 is Ann's loyalty card (the row with both links it to C1), L2 is
 # someone the CRM does not know, two guest checkouts carry no id, one carries a junk CRM id.
-ORDERS = [
+ORDERS: list[dict[str, Any]] = [
     {"order_id": "o1", "loyalty_id": "L1", "amount": 10.0},
     {"order_id": "o2", "crm_id": "C1", "amount": 20.0},
     {"order_id": "o3", "loyalty_id": "L1", "crm_id": "C1", "amount": 30.0},
@@ -86,7 +86,9 @@ def write(path: Path, text: str) -> str:
 
 
 def orders_file(tmp_path: Path, name: str, prefix: str) -> str:
-    rows = [{**o, "order_id": prefix + o["order_id"], "ts": "2026-03-01T10:00:00Z", "type": "order"} for o in ORDERS]
+    rows = [
+        {**o, "order_id": prefix + str(o["order_id"]), "ts": "2026-03-01T10:00:00Z", "type": "order"} for o in ORDERS
+    ]
     return write(tmp_path / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -102,7 +104,8 @@ def test_orders_keyed_by_either_id_guest_checkouts_and_lookups(stack: Stack, cli
     # namespace is created the same schema registers at once (ingest waits to have read it).
     pos = write(tmp_path / "pos.json", json.dumps(POS))
     refused = cdp(stack, "schema", "create", pos, code=1)
-    assert "store_card" in refused and "not defined" in refused
+    assert "store_card" in refused
+    assert "not defined" in refused
     cdp(stack, "identity", "namespace", "create", "store_card", "--type", "custom")
     assert "schema pos_order v1 registered" in cdp(stack, "schema", "create", pos)
     cdp(stack, "schema", "create", write(tmp_path / "crm.json", json.dumps(CRM)))
@@ -201,7 +204,8 @@ def test_orders_keyed_by_either_id_guest_checkouts_and_lookups(stack: Stack, cli
         )
     assert (err.value.code(), err.value.details()) == (grpc.StatusCode.NOT_FOUND, "email not found")
     missing = cdp(stack, "profile", "get", "email:zoe@example.com", code=1)
-    assert "no profile for email:zoe@example.com" in missing and "email not found" in missing
+    assert "no profile for email:zoe@example.com" in missing
+    assert "email not found" in missing
     assert "profile 'p-000000000000000000000000' not found" in cdp(
         stack, "profile", "get", "p-000000000000000000000000", code=1
     )

@@ -161,7 +161,8 @@ def test_an_unknown_namespace_is_not_a_usable_identity_and_is_named_at_schema_cr
     schema.fields.add(name="member_no", type=pb.FIELD_TYPE_STRING, identity_namespace="member_no")
     [problem] = unknown_namespaces(schema, STANDARD_TYPES)
     assert (problem.field, problem.rule) == ("member_no", "identity")
-    assert "member_no" in problem.message and "not defined" in problem.message
+    assert "member_no" in problem.message
+    assert "not defined" in problem.message
     assert unknown_namespaces(schema, {**STANDARD_TYPES, "member_no": CUSTOM_TYPE}) == []
 
 
