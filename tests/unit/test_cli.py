@@ -126,9 +126,12 @@ def test_cli_error_without_stack_is_one_line(tmp_path: Path) -> None:
 
 
 def test_bad_identity_argument(tmp_path: Path) -> None:
-    result = invoke(["--addr", "segmentation=127.0.0.1:1", "profile", "get", "no-colon"])
+    result = invoke(["--addr", "segmentation=127.0.0.1:1", "profile", "get", "email:"])
     assert result.exit_code == 1
     assert "expected NAMESPACE:VALUE" in result.stderr
+    resolved = invoke(["--addr", "identity=127.0.0.1:1", "identity", "resolve", "no-colon"])
+    assert resolved.exit_code == 1
+    assert "expected NAMESPACE:VALUE" in resolved.stderr
 
 
 # --------------------------------------------------------------------------- a fake ingest service
