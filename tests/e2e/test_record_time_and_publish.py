@@ -26,7 +26,7 @@ CRM = {
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "timestamp_field": "updated_at",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         {"name": "city", "type": "FIELD_TYPE_STRING"},
         {"name": "updated_at", "type": "FIELD_TYPE_TIMESTAMP"},
     ],
@@ -41,7 +41,7 @@ WEB = {
         {"name": "event_id", "type": "FIELD_TYPE_STRING"},
         {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP"},
         {"name": "type", "type": "FIELD_TYPE_STRING"},
-        {"name": "cookie_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie", "primary_identity": True},
+        {"name": "cookie_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie", "required": True},
         {"name": "amount", "type": "FIELD_TYPE_NUMBER"},
     ],
 }

@@ -25,7 +25,7 @@ CRM = json_format.ParseDict(
         "name": "crm",
         "schema_class": "SCHEMA_CLASS_PROFILE",
         "fields": [
-            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
             {"name": "email_consent", "type": "FIELD_TYPE_STRING", "consent_for": ACTION},
         ],
     },

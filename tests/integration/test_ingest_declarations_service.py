@@ -20,7 +20,7 @@ CRM_CONSENT: dict[str, Any] = {
     "name": "crm_consent",
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         {"name": "email_consent", "type": "FIELD_TYPE_STRING", "consent_for": "email_marketing"},
     ],
 }
@@ -31,7 +31,7 @@ ORDERS: dict[str, Any] = {
         {"name": "event_id", "type": "FIELD_TYPE_STRING"},
         {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP"},
         {"name": "type", "type": "FIELD_TYPE_STRING"},
-        {"name": "cookie", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie", "primary_identity": True},
+        {"name": "cookie", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie", "required": True},
         {"name": "amount", "type": "FIELD_TYPE_NUMBER"},
     ],
     "event_id_field": "event_id",

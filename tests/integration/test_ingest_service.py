@@ -46,7 +46,7 @@ CRM = {
     "name": "crm_person",
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
         {"name": "first_name", "type": "FIELD_TYPE_STRING", "max_length": 20},
         {"name": "tier", "type": "FIELD_TYPE_STRING", "enum_values": ["gold", "silver"]},
@@ -70,7 +70,7 @@ WEB = {
             "name": "cookie_id",
             "type": "FIELD_TYPE_STRING",
             "identity_namespace": "cookie",
-            "primary_identity": True,
+            "required": True,
         },
         {"name": "amount", "type": "FIELD_TYPE_NUMBER"},
     ],
@@ -297,7 +297,6 @@ async def test_an_invalid_schema_names_each_field_and_rule(ingest: Ingest) -> No
         "id: unique",
         "id: identity: identity fields are strings",
         "id: pattern: invalid regular expression",
-        "fields: primary_identity",
         "event_id_field: required",
         "timestamp_field: required",
     ):
@@ -836,7 +835,7 @@ WIDE = {
     "name": "wide_person",
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         *({"name": f"note{i}", "type": "FIELD_TYPE_STRING"} for i in range(4)),
     ],
 }

@@ -27,6 +27,7 @@ def events(types: list[str], **extra: Any) -> pb.Schema:
             {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP"},
             {"name": "type", "type": "FIELD_TYPE_STRING", **extra},
             {"name": "amount", "type": "FIELD_TYPE_STRING"},
+            {"name": "cookie_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie"},
         ],
         event_id_field="event_id",
         timestamp_field="ts",
@@ -40,7 +41,7 @@ def crm(*consent_fields: dict[str, Any]) -> pb.Schema:
         name="crm",
         schema_class="SCHEMA_CLASS_PROFILE",
         fields=[
-            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
             *consent_fields,
         ],
     )
@@ -77,7 +78,7 @@ def test_event_types_may_be_added_never_removed_and_a_schema_for_any_type_is_not
 @pytest.mark.parametrize("textual", [True, False])
 def test_an_event_of_a_type_its_schema_does_not_declare_is_rejected(textual: bool) -> None:
     validator = Validator(events(["page_view", "order"]), textual=textual, drop_unknown=False, max_bytes=10_000)
-    row = {"event_id": "e1", "ts": "2026-01-01T10:00:00Z", "type": "order", "amount": "12.50"}
+    row = {"event_id": "e1", "ts": "2026-01-01T10:00:00Z", "type": "order", "amount": "12.50", "cookie_id": "c1"}
     accepted = validator.validate(row, 80, "row 1")
     assert accepted.ok
     assert accepted.event_type == "order"

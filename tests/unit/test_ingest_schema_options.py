@@ -26,7 +26,7 @@ def crm(**extra: object) -> pb.Schema:
         "name": "crm",
         "schema_class": "SCHEMA_CLASS_PROFILE",
         "fields": [
-            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
             {"name": "city", "type": "FIELD_TYPE_STRING"},
             {"name": "updated_at", "type": "FIELD_TYPE_TIMESTAMP"},
             {"name": "visits", "type": "FIELD_TYPE_INTEGER"},

@@ -17,7 +17,14 @@ from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
 from cdp_ingest.batches import CHUNK_BYTES, BatchRun, StagedReject
 from cdp_ingest.config import ConfigCache, Target
-from cdp_ingest.domain import NAME_RE, RowResult, batch_exceeds, compatibility_violations, schema_violations
+from cdp_ingest.domain import (
+    NAME_RE,
+    RowResult,
+    batch_exceeds,
+    compatibility_violations,
+    schema_violations,
+    unknown_namespaces,
+)
 from cdp_ingest.judging import RECORD_OVERHEAD, StagedRecord
 from cdp_ingest.options import same_dataset, same_schema
 from cdp_ingest.readers import ReaderPool
@@ -25,8 +32,9 @@ from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
+from cdp_kit.namespaces import known_types, learn
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_RECORDS
+from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_READS_IDENTITY_CONFIG, INGEST_RECORDS
 from cdp_kit.telemetry import get_logger
 
 Staged = tuple[int, str, bytes]
@@ -53,7 +61,7 @@ class IngestHandlers:
 
     # ------------------------------------------------------------ config
     async def create_schema(self, schema: pb.Schema) -> pb.Schema:
-        problems = schema_violations(schema)
+        problems = schema_violations(schema) or await self._unknown_namespaces(schema)
         if problems:
             raise InvalidInput(f"schema {schema.name!r} is invalid", problems)
 
@@ -81,6 +89,16 @@ class IngestHandlers:
 
         return await self.processor.execute(deterministic_id("schema", schema.name, utcnow().isoformat()), decide)
 
+    async def _unknown_namespaces(self, schema: pb.Schema) -> list[Violation]:
+        """Identity fields whose namespace identity does not define. A namespace created a moment
+        ago may not have been read yet: then wait until identity's config log is read to its end."""
+        with self.processor.read() as session:
+            unknown = unknown_namespaces(schema, known_types(session))
+        if unknown and await learn(self.processor, INGEST_READS_IDENTITY_CONFIG):
+            with self.processor.read() as session:
+                unknown = unknown_namespaces(schema, known_types(session))
+        return unknown
+
     async def create_dataset(self, dataset: pb.Dataset) -> pb.Dataset:
         problems = []
         if not NAME_RE.match(dataset.name):
@@ -99,6 +117,18 @@ class IngestHandlers:
             schema = store.latest_schema(uow.session, dataset.schema_name)
             if schema is None:
                 raise NotFound(f"schema {dataset.schema_name!r} not found")
+            if not dataset.allow_anonymous_rows and not any(f.identity_namespace for f in schema.fields):
+                raise InvalidInput(
+                    f"dataset {dataset.name!r} is invalid",
+                    [
+                        Violation(
+                            "allow_anonymous_rows",
+                            "identity",
+                            f"schema {schema.name!r} declares no identity field, so every row would be "
+                            "rejected (rule identity): allow anonymous rows, or add an identity field",
+                        )
+                    ],
+                )
             if dataset.retention_seconds and schema.schema_class != pb.SCHEMA_CLASS_EVENT:
                 raise InvalidInput(
                     f"dataset {dataset.name!r} is invalid",
@@ -166,6 +196,7 @@ class IngestHandlers:
             report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
             pool=self.readers,
             limits=self.settings.limits(),
+            identity=target.identity,
         )
         try:
             started = time.perf_counter()

@@ -8,7 +8,7 @@ naming the field and the rule, rather than accepted and silently ignored. What i
 |---|---|
 | ``event_id_field``, ``event_type_field`` | event schemas |
 | ``timestamp_field`` | event schemas (required) and profile schemas (optional: each record's time) |
-| ``identity_namespace``, ``primary_identity`` | top-level string fields |
+| ``identity_namespace`` | top-level string fields (``primary_identity`` is refused everywhere) |
 | ``enum_values`` | string and integer fields (integer values for integer fields) |
 | ``pattern``, ``max_length`` | string fields |
 | ``minimum``, ``maximum`` | integer and number fields |

@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _FieldType:
@@ -163,8 +168,25 @@ class Field(_message.Message):
     type: Global___FieldType.ValueType
     required: _builtins.bool
     identity_namespace: _builtins.str
-    """Non-empty when the field is an identity of that namespace."""
-    primary_identity: _builtins.bool
+    """Non-empty when the field is an identity of that namespace. A schema may declare any number
+    of identity fields; a row needs at least one usable identity value (rule `identity`).
+    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def primary_identity(self) -> _builtins.bool:
+        """No longer used: identity picks a record's anchor by namespace priority. CreateSchema refuses
+        it; schemas registered with it stay readable (it made the field required, which is
+        `required` now).
+        """
+
+    @primary_identity.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def primary_identity(self, value: _builtins.bool) -> None:
+        """No longer used: identity picks a record's anchor by namespace priority. CreateSchema refuses
+        it; schemas registered with it stay readable (it made the field required, which is
+        `required` now).
+        """
+
     pattern: _builtins.str
     max_length: _builtins.int
     minimum: _builtins.float
@@ -350,12 +372,17 @@ class Dataset(_message.Message):
     PROFILE_ENABLED_FIELD_NUMBER: _builtins.int
     RETENTION_SECONDS_FIELD_NUMBER: _builtins.int
     UNKNOWN_FIELDS_FIELD_NUMBER: _builtins.int
+    ALLOW_ANONYMOUS_ROWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     schema_name: _builtins.str
     profile_enabled: _builtins.bool
     retention_seconds: _builtins.int
     """Event datasets: how long events count, in seconds (0 = forever)."""
     unknown_fields: Global___UnknownFields.ValueType
+    allow_anonymous_rows: _builtins.bool
+    """Rows with no usable identity value are kept (linked to no one) instead of rejected with
+    rule `identity`.
+    """
     def __init__(
         self,
         *,
@@ -364,10 +391,11 @@ class Dataset(_message.Message):
         profile_enabled: _builtins.bool = ...,
         retention_seconds: _builtins.int = ...,
         unknown_fields: Global___UnknownFields.ValueType = ...,
+        allow_anonymous_rows: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "profile_enabled", b"profile_enabled", "retention_seconds", b"retention_seconds", "schema_name", b"schema_name", "unknown_fields", b"unknown_fields"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_anonymous_rows", b"allow_anonymous_rows", "name", b"name", "profile_enabled", b"profile_enabled", "retention_seconds", b"retention_seconds", "schema_name", b"schema_name", "unknown_fields", b"unknown_fields"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
