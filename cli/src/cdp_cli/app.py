@@ -28,7 +28,16 @@ from cdp.common.v1 import admin_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_cli import cmd_activation, cmd_deadletters, cmd_identity, cmd_ingest, cmd_segmentation, inputs, render
+from cdp_cli import (
+    cmd_activation,
+    cmd_deadletters,
+    cmd_identity,
+    cmd_ingest,
+    cmd_publish,
+    cmd_segmentation,
+    inputs,
+    render,
+)
 from cdp_cli.client import (
     DEFAULT_TIMEOUT_S,
     SERVICES,
@@ -122,6 +131,7 @@ app.add_typer(cmd_activation.deliveries_app, name="deliveries")
 app.add_typer(cmd_activation.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
 app.add_typer(cmd_deadletters.app, name="deadletters")
+events_app.command("publish")(cmd_publish.events_publish)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 DataDirOverride = Annotated[
@@ -434,7 +444,10 @@ def dataset_create(
     name: str,
     schema: Annotated[str, typer.Option("--schema", help="Name of the schema rows are validated against.")],
     profile_enabled: Annotated[
-        bool, typer.Option("--profile-enabled", help="Feed its data into unified profiles.")
+        bool,
+        typer.Option(
+            "--profile-enabled", help="Recorded on the dataset (every dataset's records feed unified profiles today)."
+        ),
     ] = False,
     retention_days: Annotated[
         int, typer.Option("--retention-days", help="Event datasets: days events count (0 = forever).")

@@ -11,7 +11,16 @@ from decimal import Decimal
 from typing import Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest.declarations import (
+    apply_consents,
+    consent_roles,
+    consent_violations,
+    event_type_check,
+    event_types_compat,
+    event_types_violations,
+)
 from cdp_ingest.limits import DEFAULT_MAX_DEPTH, LimitExceeded, too_deep
+from cdp_ingest.options import unhonoured_options
 from cdp_kit.errors import Violation
 from cdp_kit.telemetry import pii_hash
 
@@ -49,6 +58,8 @@ def schema_violations(schema: pb.Schema) -> list[Violation]:
         out.append(Violation("fields", "primary_identity", f"exactly one identity is primary, found {len(primaries)}"))
     if schema.schema_class == pb.SCHEMA_CLASS_EVENT:
         out += _event_violations(schema)
+    out += unhonoured_options(schema)
+    out += event_types_violations(schema) + consent_violations(schema)
     return out
 
 
@@ -114,7 +125,7 @@ def compatibility_violations(old: pb.Schema, new: pb.Schema) -> list[Violation]:
     for attr in ("event_id_field", "timestamp_field", "event_type_field"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(Violation(attr, "compatible", f"{attr} cannot change"))
-    return out
+    return out + event_types_compat(old, new)
 
 
 def _fields_compat(old_fields: Any, new_fields: Any, prefix: str) -> list[Violation]:
@@ -214,13 +225,16 @@ class Validator:
         self.known = frozenset(f.name for f in schema.fields)
         self.identity_fields = frozenset(f.name for f in schema.fields if f.identity_namespace)
         self.is_event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
-        must = {schema.event_id_field, schema.timestamp_field} if self.is_event else set()
+        # Events need their id and time; a profile record needs its time when its schema names the field.
+        must = {schema.event_id_field, schema.timestamp_field} if self.is_event else {schema.timestamp_field} - {""}
         self.checks = [_compile(f, textual, f.name in must, max_depth) for f in schema.fields]
         # The same checks as plain tuples, read in the per-row loop without attribute lookups.
         self._plan = [(c.name, c.convert, c.required, c.namespace, c.constraints) for c in self.checks]
         self.event_id_field = schema.event_id_field
         self.timestamp_field = schema.timestamp_field
         self.event_type_field = schema.event_type_field
+        self.event_type_check = event_type_check(schema)
+        self.consent_roles = consent_roles(schema)
 
     def unknown_columns(self, columns: list[str]) -> list[str]:
         return [c for c in columns if c not in self.known]
@@ -266,11 +280,17 @@ class Validator:
                     result.identities.append((namespace, value))
                 elif required:
                     violations.append(Violation(name, "required", "blank identity", record))
+        if self.consent_roles:
+            apply_consents(values, self.consent_roles, violations, record)
         if self.is_event and not violations:
             result.event_id = str(values.get(self.event_id_field, ""))
             result.occurred_at = parse_timestamp(values[self.timestamp_field])
             if self.event_type_field:
                 result.event_type = str(values.get(self.event_type_field, ""))
+            if self.event_type_check is not None and (wrong := self.event_type_check(result.event_type)):
+                violations.append(Violation(wrong.field, wrong.rule, wrong.message, record))
+        elif self.timestamp_field and not violations:
+            result.occurred_at = parse_timestamp(values[self.timestamp_field])  # the profile record's time
         return result
 
     def mask(self, field_name: str, value: Any) -> str:
@@ -465,21 +485,26 @@ def _json_text(raw: Any, textual: bool, max_depth: int) -> Any:
 
 
 def _object_converter(f: pb.Field, textual: bool, max_depth: int) -> Converter:
-    subs = [(s.name, converter(s, False), s.required) for s in f.fields]
+    subs = [(s.name, converter(s, False), s.required, _constraints(s)) for s in f.fields]
 
     def convert(raw: Any) -> Any:
         value = _json_text(raw, textual, max_depth)
         if not isinstance(value, dict):
             raise ValueError("expected a JSON object")
-        for name, sub, required in subs:
+        for name, sub, required, constraints in subs:
             if value.get(name) is None:
                 if required:
                     raise ValueError(f"{name}: missing")
                 continue
             try:
                 value[name] = sub(value[name])
+            except LimitExceeded as exc:
+                raise LimitExceeded(exc.rule, f"{name}: {exc}") from None
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+            broken = constraints(value[name]) if constraints is not None else None
+            if broken is not None:  # a sub-field's enum, pattern, length or range, under its rule
+                raise LimitExceeded(broken[0], f"{name}: {broken[1]}")
         return value
 
     return convert

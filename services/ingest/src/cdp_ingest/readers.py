@@ -75,7 +75,10 @@ def _compiled(spec: ReadSpec) -> tuple[Validator, RecordBuilder]:
         max_bytes=spec.max_bytes,
         max_depth=spec.limits.max_depth,
     )
-    return validator, RecordBuilder(spec.dataset, schema.schema_class, spec.batch_id, spec.received_at)
+    builder = RecordBuilder(
+        spec.dataset, schema.schema_class, spec.batch_id, spec.received_at, record_time=bool(schema.timestamp_field)
+    )
+    return validator, builder
 
 
 def judge_block(spec: ReadSpec, block: bytes, first_row: int) -> Judged:

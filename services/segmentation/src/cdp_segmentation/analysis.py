@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.consent import NESTED, attribute_of
 from cdp_kit.errors import InvalidInput, Violation
 from cdp_segmentation.language import walk
 
@@ -42,7 +43,7 @@ def reads_of(ast: pb.Expression) -> Reads:
         elif kind == "exists":
             reads.attributes.add(node.exists.path.split(".")[0])
         elif kind == "consent":
-            reads.attributes.add("consents")
+            reads.attributes.update({NESTED, attribute_of(node.consent.purpose)})
         elif kind == "identity":
             reads.namespaces.add(node.identity.namespace)
         elif kind == "member_of":

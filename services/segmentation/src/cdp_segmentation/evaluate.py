@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.consent import consent_of, consent_text
 
 MISSING = object()
 
@@ -188,9 +189,7 @@ def matches(ast: pb.Expression, profile: ProfileData, now_ms: int) -> bool:
     if node == "identity":
         return ast.identity.namespace in profile.namespaces
     if node == "consent":
-        return compare(
-            pb.COMPARE_OP_EQ, lookup(profile.attributes, f"consents.{ast.consent.purpose}"), ast.consent.value
-        )
+        return consent_of(profile.attributes, ast.consent.purpose) == consent_text(ast.consent.value)
     if node == "member_of":
         return ast.member_of.segment_id in profile.memberships
     if node == "computed":
@@ -429,9 +428,8 @@ def compile_ast(ast: pb.Expression) -> Test:
         namespace = ast.identity.namespace
         return lambda p, now: namespace in p.namespaces
     if node == "consent":
-        consent = _getter(f"consents.{ast.consent.purpose}")
-        check = compile_check(pb.COMPARE_OP_EQ, ast.consent.value)
-        return lambda p, now: check(consent(p.attributes))
+        purpose, wanted = ast.consent.purpose, consent_text(ast.consent.value)
+        return lambda p, now: consent_of(p.attributes, purpose) == wanted
     if node == "member_of":
         segment_id = ast.member_of.segment_id
         return lambda p, now: segment_id in p.memberships

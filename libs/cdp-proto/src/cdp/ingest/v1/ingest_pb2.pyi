@@ -158,6 +158,7 @@ class Field(_message.Message):
     MAXIMUM_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    CONSENT_FOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: Global___FieldType.ValueType
     required: _builtins.bool
@@ -170,6 +171,11 @@ class Field(_message.Message):
     maximum: _builtins.float
     items: Global___FieldType.ValueType
     """Element type of an array field."""
+    consent_for: _builtins.str
+    """Profile schemas: this field holds the person's consent to a marketing action (e.g.
+    "email_marketing"). Ingest writes its value, normalised to "y", "n" or "u", to the canonical
+    attribute consents.<action>, which segmentation's `consent` and activation's gate read.
+    """
     @_builtins.property
     def enum_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -191,10 +197,11 @@ class Field(_message.Message):
         maximum: _builtins.float | None = ...,
         fields: _abc.Iterable[Global___Field] | None = ...,
         items: Global___FieldType.ValueType = ...,
+        consent_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "enum_values", b"enum_values", "fields", b"fields", "identity_namespace", b"identity_namespace", "items", b"items", "max_length", b"max_length", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "pattern", b"pattern", "primary_identity", b"primary_identity", "required", b"required", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "consent_for", b"consent_for", "enum_values", b"enum_values", "fields", b"fields", "identity_namespace", b"identity_namespace", "items", b"items", "max_length", b"max_length", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "pattern", b"pattern", "primary_identity", b"primary_identity", "required", b"required", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
     _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
@@ -218,6 +225,7 @@ class Schema(_message.Message):
     EVENT_ID_FIELD_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     schema_class: Global___SchemaClass.ValueType
@@ -228,6 +236,13 @@ class Schema(_message.Message):
     """Event schemas: which field names the event type (e.g. "type"); optional."""
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___Field]: ...
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event schemas: the event types this schema carries (needs event_type_field). Its fields then
+        type-check only conditions on these types, and an event of another type is rejected (rule
+        event_type). Empty: the fields apply to any event type.
+        """
+
     def __init__(
         self,
         *,
@@ -238,10 +253,11 @@ class Schema(_message.Message):
         event_id_field: _builtins.str = ...,
         timestamp_field: _builtins.str = ...,
         event_type_field: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id_field", b"event_id_field", "event_type_field", b"event_type_field", "fields", b"fields", "name", b"name", "schema_class", b"schema_class", "timestamp_field", b"timestamp_field", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id_field", b"event_id_field", "event_type_field", b"event_type_field", "event_types", b"event_types", "fields", b"fields", "name", b"name", "schema_class", b"schema_class", "timestamp_field", b"timestamp_field", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

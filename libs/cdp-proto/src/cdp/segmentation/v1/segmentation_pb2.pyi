@@ -627,7 +627,9 @@ Global___IdentityPresence: _TypeAlias = IdentityPresence  # noqa: Y015
 
 @_typing.final
 class ConsentCondition(_message.Message):
-    """`consent email_marketing = "y"`: the profile attribute consents.<purpose> equals the value."""
+    """`consent email_marketing = "y"`: the profile's consent to <purpose> (attribute consent_<purpose>, else
+    consents.<purpose>) reads as the value, both normalised (y/n/u; cdp_kit/consent.py).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
