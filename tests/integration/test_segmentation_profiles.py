@@ -238,6 +238,7 @@ async def test_definitions_are_checked_against_the_schemas_learnt_from_ingest(
         'age in [1, "x"]': ("1:12", "type", "age is an integer, not a string"),
         "sum(order.channel) > 3": ("1:11", "type", "needs a numeric event field; channel is a string"),
         'count(order where chanel = "web") >= 1': ("1:19", "field", "event field 'chanel'; did you mean channel"),
+        '(order where chanel = "web") within 7d not followed by order within 1h': ("1:14", "field", "did you mean"),
         "zzz exists": ("1:1", "field", "declared: age, birth_date"),
     }
     for query, (place, rule, hint) in refused.items():
@@ -251,6 +252,7 @@ async def test_definitions_are_checked_against_the_schemas_learnt_from_ingest(
             'age >= 30 and first_name starts_with "a" and birth_date < "2000-01-01"',
             'loyalty.tier in ["gold", "silver"] and tags contains "x" and extra.anything = 3',
             'sum(order.total where channel = "web") > 100 within 30d',
+            '(order where channel = "web") within 7d not followed by (order where total > 0) within 1h',
         )
     ):
         await handlers.create_segment(f"ok_{n}", query)

@@ -172,13 +172,14 @@ event_conditions = st.builds(
     windows,
 )
 sequences = st.builds(
-    lambda first, then, hours, negated: pb.Expression(
-        sequence=pb.Sequence(first=first, then=then, within_seconds=hours * 3600, negated=negated)
+    lambda first, then, hours, negated, window: pb.Expression(
+        sequence=pb.Sequence(first=first, then=then, within_seconds=hours * 3600, negated=negated, first_window=window)
     ),
     patterns,
     patterns,
     st.integers(1, 5),
     st.booleans(),
+    windows,  # on the first step: none, within (the edge falls on an event's hour), between
 )
 leaves = st.one_of(
     comparisons,

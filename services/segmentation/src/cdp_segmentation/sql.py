@@ -302,7 +302,9 @@ class Compiler:
             )
             .correlate_except(then)
         )
-        starts = sa.select(first.c.profile_id).where(*self._pattern(seq.first, first))
+        starts = sa.select(first.c.profile_id).where(
+            *self._window(seq.first_window, first.c.ts_ms), *self._pattern(seq.first, first)
+        )
         if seq.negated:
             starts = starts.where(first.c.ts_ms + width <= self.now_ms, ~sa.exists(answer))
         else:
