@@ -1,4 +1,4 @@
-"""Every published test vector of ../shared/specs/destinations.md, per platform."""
+"""Every test vector the platforms publish for identifier normalisation and hashing (docs/activation.md)."""
 
 from __future__ import annotations
 
