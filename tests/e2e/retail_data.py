@@ -332,7 +332,9 @@ def _write_loyalty(rng: random.Random, data: RetailData) -> None:
             line["phone"] = rng.choice(JUNK_PHONES)
         tier = rng.choice(TIERS)
         points = rng.randint(0, 20_000)
-        line.update({"tier": tier, "points": points, "member_since": f"20{rng.randint(15, 25)}-0{rng.randint(1, 9)}-15"})
+        line.update(
+            {"tier": tier, "points": points, "member_since": f"20{rng.randint(15, 25)}-0{rng.randint(1, 9)}-15"}
+        )
         out.write(json.dumps(line, ensure_ascii=False) + "\n")
         data.loyalty.append(Record("loyalty", tuple(identities), "profile", data.now, {"tier": tier, "points": points}))
     data.loyalty_jsonl = out.getvalue().encode()
@@ -387,9 +389,7 @@ def _write_orders(rng: random.Random, data: RetailData) -> None:
     for junk in JUNK_IDS:
         add(None, junk, (("crm_id", None),))
     sink = io.BytesIO()
-    schema = pa.schema(
-        [(c, pa.float64() if c == "amount" else pa.string()) for c in ORDER_COLUMNS]
-    )
+    schema = pa.schema([(c, pa.float64() if c == "amount" else pa.string()) for c in ORDER_COLUMNS])
     pq.write_table(pa.table(columns, schema=schema), sink)
     data.orders_parquet = sink.getvalue()
     data.order_rows = number
@@ -411,7 +411,7 @@ def _web_event(
         event["email"] = email[0]
         identities.append(("email", email[1]))
     event.update(fields)
-    kept = {k: v for k, v in fields.items()}
+    kept = dict(fields)
     out.append((ts, len(out), event, Record("web", tuple(identities), "event", ts, kept, kind)))
 
 
@@ -455,7 +455,11 @@ def _write_web(rng: random.Random, data: RetailData) -> None:
         for c in range(rng.choice([1, 1, 1, 2])):
             cookie = f"ck-{p.n:05d}-{c}"
             moments = [
-                _safe(now, timedelta(days=rng.randint(1, 40), minutes=rng.randint(0, 1439), seconds=rng.randint(0, 59)), WINDOWS)
+                _safe(
+                    now,
+                    timedelta(days=rng.randint(1, 40), minutes=rng.randint(0, 1439), seconds=rng.randint(0, 59)),
+                    WINDOWS,
+                )
                 for _ in range(rng.randint(2, 10))
             ]
             cats = [rng.choice(("shoes", *CATEGORIES)) for _ in moments]
@@ -485,16 +489,19 @@ def _write_web(rng: random.Random, data: RetailData) -> None:
         later = max(at, logins[second][0]) + 2 * HOUR
         if later > now - DAY:
             continue
-        email = by_crm[second].email
-        _web_event(data, out, later, "login", cookie, (email_variant(rng, email), email), page="/account")
+        address = by_crm[second].email
+        _web_event(data, out, later, "login", cookie, (email_variant(rng, address), address), page="/account")
         for k in range(2):
-            category = "shoes"
-            _web_event(data, out, later + (k + 1) * MINUTE, "page_view", cookie, page="/c/shoes", category=category)
+            _web_event(data, out, later + (k + 1) * MINUTE, "page_view", cookie, page="/c/shoes", category="shoes")
         data.shared_cookies.append((cookie, first, second))
     for k in range(40):  # visitors who never log in
         cookie = f"anon-{k:04d}"
         for _ in range(rng.randint(1, 5)):
-            at = _safe(now, timedelta(days=rng.randint(1, 40), minutes=rng.randint(0, 1439), seconds=rng.randint(0, 59)), WINDOWS)
+            at = _safe(
+                now,
+                timedelta(days=rng.randint(1, 40), minutes=rng.randint(0, 1439), seconds=rng.randint(0, 59)),
+                WINDOWS,
+            )
             cat = rng.choice(CATEGORIES)
             _web_event(data, out, at, "page_view", cookie, page=f"/c/{cat}", category=cat)
     out.sort(key=lambda item: (item[0], item[1]))  # published in the order they happened
@@ -607,7 +614,7 @@ def within(events: Iterable[Record], now: datetime, width: timedelta) -> list[Re
 
 
 def boston_newest(p: Profile, now: datetime) -> bool:
-    return p.attribute("city") == "Boston"
+    return bool(p.attribute("city") == "Boston")
 
 
 def gold_members(p: Profile, now: datetime) -> bool:
@@ -621,7 +628,7 @@ def store_regulars(p: Profile, now: datetime) -> bool:
 
 def big_store_spenders(p: Profile, now: datetime) -> bool:
     orders = within(p.events("order"), now, 365 * DAY)
-    return sum(e.values["amount"] for e in orders if e.values["channel"] == "store") > 500
+    return sum(float(e.values["amount"]) for e in orders if e.values["channel"] == "store") > 500
 
 
 def shoe_browsers(p: Profile, now: datetime) -> bool:
@@ -672,7 +679,9 @@ AUDIENCES = (
     Audience("gold_members", 'tier in ["gold", "platinum"] and points >= 5000', "", gold_members),
     Audience("store_regulars", 'count(order where channel = "store") >= 3 within 180d', "ids", store_regulars),
     Audience(
-        "big_store_spenders", 'sum(order.amount where channel = "store") > 500 within 365d', "ids+segtypes",
+        "big_store_spenders",
+        'sum(order.amount where channel = "store") > 500 within 365d',
+        "ids+segtypes",
         big_store_spenders,
     ),
     Audience("shoe_browsers", 'count(page_view where category = "shoes") >= 2 within 14d', "", shoe_browsers),
