@@ -390,8 +390,9 @@ def describe(audience: rd.Audience) -> str:
 
 
 def assert_members(outcome: Outcome, expected: dict[str, set[str]], audience: rd.Audience, segment: str) -> None:
-    assert f"segment {segment}" not in outcome.problems, outcome.problems[f"segment {segment}"]
-    assert f"evaluate {segment}" not in outcome.problems, outcome.problems.get(f"evaluate {segment}")
+    for step in (f"segment {segment}", f"evaluate {segment}"):
+        problem = outcome.problems.get(step)
+        assert problem is None, f"{describe(audience)}: {step} refused: {problem}"
     want, got = expected[audience.name], outcome.labels(segment)
     assert want, f"{describe(audience)}: nothing expected: an input it reads was not ingested"
     assert (sorted(got - want), sorted(want - got)) == ([], []), f"{describe(audience)}: (unexpected, missing)"
