@@ -77,6 +77,8 @@ FILTERS = {
     "activation-audience": "cdp.audience.>",
     "activation-config-segmentation": "cdp.config.segmentation",
     "segmentation-config-ingest": "cdp.config.ingest",
+    "ingest-config-identity": "cdp.config.identity",
+    "segmentation-config-identity": "cdp.config.identity",
 }
 
 

@@ -179,7 +179,7 @@ def new_schema(f: Fuzzed, n: int) -> None:
         "name": f"extra_{n}",
         "schema_class": "SCHEMA_CLASS_PROFILE",
         "fields": [
-            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
             {"name": f"attr_{n}", "type": "FIELD_TYPE_STRING"},
         ],
     }

@@ -52,7 +52,6 @@ def wide_schema() -> dict[str, Any]:
             "type": "FIELD_TYPE_STRING",
             "required": True,
             "identity_namespace": "crm_id",
-            "primary_identity": True,
         },
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
     ]
@@ -72,7 +71,6 @@ def narrow_schema() -> dict[str, Any]:
             "type": "FIELD_TYPE_STRING",
             "required": True,
             "identity_namespace": "crm_id",
-            "primary_identity": True,
         },
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
     ]
@@ -208,7 +206,6 @@ SCORE_SCHEMA = {
             "type": "FIELD_TYPE_STRING",
             "required": True,
             "identity_namespace": "crm_id",
-            "primary_identity": True,
         },
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
         {"name": "score", "type": "FIELD_TYPE_INTEGER"},

@@ -86,14 +86,10 @@ def no_personal_data(text: str) -> None:
         assert secret not in text
 
 
-@pytest.mark.skip(
-    reason="unfinished: in this setup the webhook plan never sends (no delivery, refused or not, within 90 s); "
-    "the poison and collect-reject halves were seen listed correctly"
-)
 def test_every_kind_of_dead_letter_is_listed_in_one_place_and_redriven(
     tmp_path: Path, platforms: LocalPlatforms
 ) -> None:
-    data = generate(people=20, anonymous=2)
+    data = generate(people=20, anonymous=2, bad_rows=1)  # 1 of 21 rows: under the 5 % threshold
     with Stack(tmp_path / "cdp") as stack, Client(stack.data_dir, addresses=stack.addresses) as client:
         setup(client)
         config = struct_pb2.Struct()
@@ -158,7 +154,14 @@ def test_every_kind_of_dead_letter_is_listed_in_one_place_and_redriven(
         sent = {req["batch_id"] for req in platforms.accepted["webhook"]}
         assert found["delivery"]["batch_id"] in sent
         left = listed(stack, "--all")
-        states = {x["kind"]: (x["state"], x["redrives"]) for x in left["dead_letters"]}
+        # the forged bytes are on ingest's own log too: ingest set them aside when it next wrote (the
+        # redriven event), and they are listed but never redriven
+        own = [x for x in left["dead_letters"] if x["consumer"].startswith("own:")]
+        assert [(x["service"], x["consumer"], x["sequence"], x["redrives"]) for x in own] == [
+            ("ingest", "own:ingest-records", found["poison"]["sequence"], 0)
+        ]
+        theirs = [x for x in left["dead_letters"] if x not in own]
+        states = {x["kind"]: (x["state"], x["redrives"]) for x in theirs}
         assert states == {"poison": ("dead", 1), "collect-reject": ("redriven", 1)}
         # the collected event is in the records now: a second send is a duplicate
         again = ing.PublishEventsRequest(dataset="web")

@@ -35,7 +35,7 @@ APP_SCHEMA = {
         {"name": "event_id", "type": "FIELD_TYPE_STRING", "required": True},
         {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP", "required": True},
         {"name": "type", "type": "FIELD_TYPE_STRING"},
-        {"name": "cookie_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie", "primary_identity": True},
+        {"name": "cookie_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "cookie", "required": True},
         {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id"},
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
         {"name": "idfa", "type": "FIELD_TYPE_STRING", "identity_namespace": "idfa"},

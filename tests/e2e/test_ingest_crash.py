@@ -30,7 +30,7 @@ SCHEMA = {
     "name": "crm_person",
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
         {"name": "lifetime_value", "type": "FIELD_TYPE_NUMBER", "minimum": 0},
     ],

@@ -91,7 +91,6 @@ SCHEMA = {
             "name": "cookie_id",
             "type": "FIELD_TYPE_STRING",
             "identity_namespace": "cookie",
-            "primary_identity": True,
             "required": True,
         },
         {"name": "page", "type": "FIELD_TYPE_STRING"},

@@ -3,6 +3,7 @@ documents them (cdp_activation.localservers): paths, headers, body shape, hashin
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ RECORDS = [
     Record("p2", {"email": ["  Bob@Example.com "]}, {"first_name": "Bob"}),
     Record("p3", {"phone": ["+0000000000"]}, {}),  # nothing usable: rejected, never hashed
 ]
+
+
+INVALID_PHONE = "phone dropped: not a valid phone number"
 
 
 @pytest.fixture
@@ -70,7 +74,7 @@ async def test_activation_google_customer_match_job_flow(platforms: LocalPlatfor
     assert not platforms.rejected, platforms.rejected
     held = platforms.members["google:customers/1234567890/userLists/42"]
     assert held == {ids.sha256_hex("joann@gmail.com"), ids.sha256_hex("bob@example.com")}  # gmail rule applied
-    assert result.rejected == {"no valid identifier": 1}
+    assert result.rejected == {"no valid identifier": 1, INVALID_PHONE: 1}  # p3's "+0000000000"
     assert result.activated == 4  # p1 email + phone + address, p2 email
     job = platforms.accepted["google"][0]
     p1 = job["ops"][0]["create"]["userIdentifiers"]
@@ -134,7 +138,7 @@ async def test_activation_meta_error_codes_classified(platforms: LocalPlatforms)
     assert platforms.members["meta:7"] == {ids.sha256_hex("jo.ann+x@gmail.com"), ids.sha256_hex("bob@example.com")}
     row = platforms.accepted["meta"][0]["payload"]["data"][0]
     assert row[1] == ids.sha256_hex("16505550101")
-    assert result.rejected == {"no valid identifier": 1}
+    assert result.rejected == {"no valid identifier": 1, INVALID_PHONE: 1}  # p3's "+0000000000"
     assert result.warnings == ["audience of 2 is below the meta_custom_audience minimum of 100"]
 
 
@@ -241,7 +245,7 @@ async def test_activation_klaviyo_bulk_import_and_list_removal(platforms: LocalP
     cfg = {"base_url": platforms.url, "api_key": platforms.klaviyo_key, "list_id": "LST"}
     result = await send("klaviyo", cfg)
     assert result.activated == 2
-    assert result.rejected == {"no valid identifier": 1}
+    assert result.rejected == {"no valid identifier": 1, INVALID_PHONE: 1}  # p3's "+0000000000"
     assert len(platforms.members["klaviyo:LST"]) == 2
     job = platforms.accepted["klaviyo"][0]["attributes"]["profiles"]["data"]
     assert job[0]["attributes"]["phone_number"] == "+16505550101"
@@ -344,3 +348,185 @@ async def test_activation_file_export_to_an_fsspec_filesystem(tmp_path: Path) ->
     ]
     problems = connector_for("file_export").validate({"target": "fsspec"})
     assert any("fsspec_url" in v.rule or "fsspec_url" in str(v) for v in problems), problems
+
+
+# Data as it really comes: an alpha-3 country, a state with digits, an invalid number, MAIDs
+# in the identity graph's idfa/gaid namespaces, a zeroed IDFA, a SHA-256 made elsewhere.
+IDFA = "AECE52E7-03EE-455A-B3C4-E57283966239"
+GAID = "38400000-8cf0-11bd-b23e-10b96e40000d"
+REAL = [
+    Record(
+        "r1",
+        {"email": ["Ann@Example.com"], "phone": ["9112340375"], "idfa": [IDFA]},
+        {"first_name": "Ann", "last_name": "Lee", "country": "IRL", "state": "123abc ", "postal_code": "D02 X285"},
+    ),
+    Record("r2", {"phone": ["+44 844 412 4653"], "gaid": [GAID], "idfa": ["00000000-0000-0000-0000-000000000000"]}, {}),
+    Record("r3", {"email_sha256": [ids.sha256_hex("user@example.com")]}, {}),
+]
+
+
+async def test_activation_real_identifiers_through_the_local_platforms(platforms: LocalPlatforms) -> None:
+    tiktok = {
+        "base_url": platforms.url,
+        "advertiser_id": "a",
+        "audience_id": "t",
+        "access_token": platforms.tiktok_token,
+    }
+    result = await send("tiktok_audience", tiktok, identities=["email", "phone", "idfa", "gaid"], records=REAL)
+    sent = platforms.accepted["tiktok"][0]
+    assert sent["id_schema"] == ["EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"]
+    assert [[item.get("id") for item in user] for user in sent["batch_data"]] == [
+        [ids.sha256_hex("ann@example.com"), None, ids.sha256_hex(IDFA.lower()), None],
+        [None, ids.sha256_hex("448444124653"), None, ids.sha256_hex(GAID)],
+    ]
+    assert result.rejected == {
+        "phone dropped: not a valid phone number": 1,
+        "maid dropped: not a mobile advertising id (or a zeroed, tracking-limited one)": 1,
+        "no valid identifier": 1,
+    }
+
+    meta = {"base_url": platforms.url, "audience_id": "9", "access_token": platforms.meta_token}
+    batch_attrs = ["country", "state"]
+    connector = connector_for("meta_custom_audience")
+    cfg = connector.parse(meta)
+    body = Batch("m", "plan", "meta", "gold", "add", 1, REAL, ["email", "phone", "idfa", "gaid"], batch_attrs)
+    async with aiohttp.ClientSession() as http:
+        await connector.send(SendContext(http=http, export_root=Path("/tmp"), members_after=2), cfg, body)
+    payload = platforms.accepted["meta"][0]["payload"]
+    assert payload["schema"] == ["EMAIL", "PHONE", "MADID", "COUNTRY", "ST"]
+    assert payload["data"][0] == [
+        ids.sha256_hex("ann@example.com"),
+        "",  # 9112340375 is not a valid number: left blank, never +19112340375
+        IDFA.lower(),
+        ids.sha256_hex("ie"),  # IRL is Ireland, not ir (Iran)
+        ids.sha256_hex("abc"),
+    ]
+    assert payload["data"][1][:3] == ["", ids.sha256_hex("448444124653"), GAID]
+
+    google = {
+        "base_url": platforms.url,
+        "customer_id": "1234567890",
+        "user_list_id": "42",
+        "developer_token": platforms.google_developer_token,
+        "access_token": platforms.google_token,
+    }
+    await send("google_customer_match", google, records=REAL[:1])
+    (op,) = platforms.accepted["google"][0]["ops"]
+    assert op["create"]["userIdentifiers"][1]["addressInfo"]["countryCode"] == "IE"
+    assert all("hashedPhoneNumber" not in ident for ident in op["create"]["userIdentifiers"])
+
+    ttd = {"base_url": platforms.url, "advertiser_id": "adv", "crm_data_id": "c9", "auth_token": platforms.ttd_token}
+    await send("trade_desk_crm", ttd, identities=["email", "email_sha256"], records=REAL)
+    assert platforms.members["ttd:c9"] == {
+        ids.sha256_b64("ann@example.com"),
+        "tMmiiTI7IaAcPpQPFQ65uMVCWH8av9jw4cwf/F5HVRQ=",  # the hex digest re-encoded, not hashed again
+    }
+    twilio = {
+        "base_url": platforms.url,
+        "account_sid": platforms.twilio_sid,
+        "auth_token": platforms.twilio_token,
+        "from_number": "+16505550000",
+        "message": "hi",
+    }
+    sms = await send("twilio_sms", twilio, identities=["phone"], records=REAL[:2])
+    assert platforms.members["twilio:sent"] == {"+448444124653"}
+    assert sms.rejected == {"no valid phone": 1}
+    assert not platforms.rejected, platforms.rejected
+
+
+async def post(url: str, body: Any, headers: dict[str, str], method: str = "POST") -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "body", "reason"),
+    [
+        (
+            "meta-unhashed-email",
+            "/v25.0/9/users",
+            {"payload": {"schema": ["EMAIL"], "data": [["ann@example.com"]]}},
+            "EMAIL is not a SHA-256 hex digest",
+        ),
+        (
+            "meta-empty-hash",
+            "/v25.0/9/users",
+            {"payload": {"schema": ["PHONE"], "data": [[ids.sha256_hex("")]]}},
+            "PHONE is the SHA-256 of an empty value",
+        ),
+        (
+            "meta-madid-upper",
+            "/v25.0/9/users",
+            {"payload": {"schema": ["MADID"], "data": [[IDFA]]}},
+            "MADID is not a lower-case advertising id",
+        ),
+        (
+            "google-country-alpha3",
+            "/v24/customers/1234567890/offlineUserDataJobs/1:addOperations",
+            {
+                "operations": [
+                    {
+                        "create": {
+                            "userIdentifiers": [
+                                {
+                                    "addressInfo": {
+                                        "hashedFirstName": ids.sha256_hex("ann"),
+                                        "hashedLastName": ids.sha256_hex("lee"),
+                                        "countryCode": "IRL",
+                                        "postalCode": "D02",
+                                    }
+                                }
+                            ]
+                        }
+                    }
+                ]
+            },
+            "countryCode is not ISO 3166-1 alpha-2",
+        ),
+        (
+            "tiktok-unhashed-idfa",
+            "/open_api/v1.3/segment/mapping/",
+            {"action": "add", "id_schema": ["IDFA_SHA256"], "batch_data": [[{"id": IDFA, "audience_ids": ["t"]}]]},
+            "IDFA_SHA256 is not a SHA-256 hex digest",
+        ),
+    ],
+    ids=["meta-unhashed-email", "meta-empty-hash", "meta-madid-upper", "google-country-alpha3", "tiktok-unhashed-idfa"],
+)
+async def test_activation_local_platforms_refuse_wrong_identifiers(
+    platforms: LocalPlatforms, name: str, path: str, body: dict[str, Any], reason: str
+) -> None:
+    if name.startswith("meta"):
+        body["session"] = {"session_id": 1, "batch_seq": 1, "last_batch_flag": True, "estimated_num_total": 1}
+        headers = {"Authorization": f"Bearer {platforms.meta_token}"}
+    elif name.startswith("google"):
+        headers = {"Authorization": f"Bearer {platforms.google_token}", "developer-token": "dev-token"}
+        job = {"job": {"type": "CUSTOMER_MATCH_USER_LIST", "customerMatchUserListMetadata": {
+            "userList": "customers/1234567890/userLists/42"}}}  # fmt: skip
+        await post(f"{platforms.url}/v24/customers/1234567890/offlineUserDataJobs:create", job, headers)
+    else:
+        headers = {"Access-Token": platforms.tiktok_token}
+    status, answer = await post(platforms.url + path, body, headers)
+    assert status == 400
+    assert answer["error"]["message"] == reason
+
+
+async def test_activation_local_twilio_refuses_an_invalid_number(platforms: LocalPlatforms) -> None:
+    cfg = {
+        "base_url": platforms.url,
+        "account_sid": platforms.twilio_sid,
+        "auth_token": platforms.twilio_token,
+        "from_number": "+16505550000",
+        "message": "hi",
+    }
+    auth = "Basic " + base64.b64encode(f"{platforms.twilio_sid}:{platforms.twilio_token}".encode()).decode()
+    form = "To=%2B19112340375&From=%2B16505550000&Body=hi"  # what the old fallback sent for 9112340375
+    async with aiohttp.ClientSession() as http:
+        url = f"{platforms.url}/2010-04-01/Accounts/{platforms.twilio_sid}/Messages.json"
+        headers = {"Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"}
+        async with http.post(url, data=form, headers=headers) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["code"] == 21211
+    numbers = [Record("x", {"phone": ["9112340375"]}, {}), Record("y", {"phone": ["(201) 555-0142"]}, {})]
+    result = await send("twilio_sms", cfg, identities=["phone"], records=numbers)
+    assert result.rejected == {"no valid phone": 1}
+    assert platforms.members["twilio:sent"] == {"+12015550142"}

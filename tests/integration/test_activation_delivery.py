@@ -657,3 +657,32 @@ async def _try_activate(h: Harness, destination: str, schedule: str) -> bool:
             return False
         raise
     return True
+
+
+async def test_activation_tiktok_gets_the_profiles_maids_through_the_whole_service(
+    harness: Harness, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    # A profile's idfa / gaid identities (the identity graph's device namespaces) reach TikTok.
+    idfa, gaid = "AECE52E7-03EE-455A-B3C4-E57283966239", "38400000-8cf0-11bd-b23e-10b96e40000d"
+    await upstream.segment()
+    await harness.destination(
+        "tt",
+        "tiktok_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        advertiser_id="a",
+        audience_id="t1",
+        access_token=platforms.tiktok_token,
+    )
+    await harness.activate("tt", ["email", "phone", "idfa", "gaid"])
+    await upstream.profile("m1", {"idfa": idfa, "phone": "911 234 0375"}, {"loyalty_tier": "gold"})
+    await upstream.membership("m1")
+    await upstream.profile("m2", {"gaid": gaid, "email": "Jo.Ann+x@Example.com"}, {"loyalty_tier": "gold"})
+    await upstream.membership("m2")
+    await harness.settled("tt", 2)
+    assert platforms.members["tiktok:t1"] == {
+        ids.sha256_hex(idfa.lower()),
+        ids.sha256_hex(gaid),
+        ids.sha256_hex("joann@example.com"),
+    }
+    assert not platforms.rejected, platforms.rejected

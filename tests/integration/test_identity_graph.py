@@ -140,8 +140,9 @@ async def test_junk_and_invalid_identities_are_dropped_and_counted_while_the_res
     assert await harness.members("crm_id", "C1") == {("crm_id", "C1")}
     assert await harness.members("crm_id", "C2") == {("crm_id", "C2")}
     assert await harness.members("email_sha256", "a" * 64) == {("email_sha256", "a" * 64)}
-    with pytest.raises(NotFound):
-        await harness.profile("email", "ann@example.com")
+    with pytest.raises(NotFound) as missing:
+        await harness.profile("email", "Ann@Example.com")
+    assert missing.value.message == "email not found"  # neither the value nor a hash of it
     with pytest.raises(InvalidInput):
         await harness.profile("email", "test@test.com")
     stats = await harness.api.GetStats(pb.GetStatsRequest(), None)  # type: ignore[arg-type]
@@ -153,6 +154,7 @@ async def test_junk_and_invalid_identities_are_dropped_and_counted_while_the_res
         ("crm_id", "blocklist"): 1,
         ("email_sha256", "invalid"): 1,
         ("shoe_size", "unknown_namespace"): 1,
+        ("*", "no_identities"): 1,  # the third record linked no one
     }
     [fragment] = [f for f in await harness.events(ev.ProfileFragment) if f.record_id == "r1"]
     assert [(d.namespace, d.rule) for d in fragment.dropped] == [("email", "blocklist")]

@@ -46,7 +46,7 @@ CRM = {
     "name": "crm_person",
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
         {"name": "first_name", "type": "FIELD_TYPE_STRING", "max_length": 20},
         {"name": "tier", "type": "FIELD_TYPE_STRING", "enum_values": ["gold", "silver"]},
@@ -70,7 +70,7 @@ WEB = {
             "name": "cookie_id",
             "type": "FIELD_TYPE_STRING",
             "identity_namespace": "cookie",
-            "primary_identity": True,
+            "required": True,
         },
         {"name": "amount", "type": "FIELD_TYPE_NUMBER"},
     ],
@@ -237,6 +237,54 @@ async def test_a_compatible_version_is_accepted_and_an_incompatible_one_lists_ea
     assert "nickname: compatible: a field cannot be removed" in details
 
 
+async def config_events(ingest: Ingest) -> list[str]:
+    """The ids of every event on ingest's config log."""
+    ids = []
+    async for msg in ingest.eventlog.read(INGEST_CONFIG.stream.name, INGEST_CONFIG.subject):
+        ids += [env.id for env in msg.events()]
+    return ids
+
+
+async def test_an_identical_schema_or_dataset_registered_again_changes_nothing(ingest: Ingest) -> None:
+    before = await config_events(ingest)
+    same = json_format.ParseDict(CRM, pb.Schema())
+    reordered = list(reversed(same.fields))  # field order and enum order are presentation
+    del same.fields[:]
+    same.fields.extend(reordered)
+    tier = next(f for f in same.fields if f.name == "tier")
+    tier.enum_values[:] = ["silver", "gold"]
+    reply = await ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=same))
+    assert reply.version == 1
+    stored = json_format.ParseDict(CRM, pb.Schema())
+    assert [f.name for f in reply.fields] == [f.name for f in stored.fields]  # the stored one, as it was
+    again = await ingest.stub.CreateDataset(
+        pb.CreateDatasetRequest(dataset=pb.Dataset(name="crm", schema_name="crm_person"))
+    )
+    assert again.unknown_fields == pb.UNKNOWN_FIELDS_REJECT
+    assert await config_events(ingest) == before  # nothing appended
+
+    other = await rpc_error(
+        ingest.stub.CreateDataset(
+            pb.CreateDatasetRequest(
+                dataset=pb.Dataset(name="crm", schema_name="crm_person", unknown_fields=pb.UNKNOWN_FIELDS_DROP)
+            )
+        )
+    )
+    assert other.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    changed = json_format.ParseDict(CRM, pb.Schema())
+    changed.fields.add(name="nickname", type=pb.FIELD_TYPE_STRING)
+    stale = pb.Schema()
+    stale.CopyFrom(changed)
+    stale.version = 1  # written against v1: this change would make v2
+    err = await rpc_error(ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=stale)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version: version: this request registers v2" in (err.details() or "")
+    assert (await ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=changed))).version == 2
+    assert (await ingest.stub.CreateSchema(pb.CreateSchemaRequest(schema=changed))).version == 2
+    assert len(await config_events(ingest)) == len(before) + 1
+
+
 async def test_an_invalid_schema_names_each_field_and_rule(ingest: Ingest) -> None:
     schema = pb.Schema(name="Bad Name", schema_class=pb.SCHEMA_CLASS_EVENT)
     schema.fields.add(name="id", type=pb.FIELD_TYPE_INTEGER, identity_namespace="crm_id")
@@ -249,7 +297,6 @@ async def test_an_invalid_schema_names_each_field_and_rule(ingest: Ingest) -> No
         "id: unique",
         "id: identity: identity fields are strings",
         "id: pattern: invalid regular expression",
-        "fields: primary_identity",
         "event_id_field: required",
         "timestamp_field: required",
     ):
@@ -788,7 +835,7 @@ WIDE = {
     "name": "wide_person",
     "schema_class": "SCHEMA_CLASS_PROFILE",
     "fields": [
-        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+        {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
         *({"name": f"note{i}", "type": "FIELD_TYPE_STRING"} for i in range(4)),
     ],
 }

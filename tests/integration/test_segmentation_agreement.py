@@ -55,6 +55,10 @@ atoms = st.one_of(
             "loyalty.points > 2",
             "cart_add followed by order within 2h",
             "cart_add not followed by order within 2h",
+            "cart_add within 3d followed by order within 2h",
+            "cart_add within 3d not followed by order within 2h",
+            '(view where page = "shoes") within 1d not followed by order within 12h',
+            "cart_add between 2026-05-25 and 2026-05-31 not followed by order within 1d",
             '(view where page = "shoes") followed by order within 1d',
             "count(order) >= 1 between 2026-05-25 and 2026-05-31",
         ]
@@ -202,23 +206,27 @@ def reference(e: pb.Expression, p: Person, now: int) -> bool:
             and (not pattern.HasField("where") or reference(pattern.where, Person("", x[2], set(), []), now))
         ]
 
+    def windowed(pattern: pb.EventPattern, window: pb.Window) -> list[tuple[str, int, dict[str, Any]]]:
+        win = window.WhichOneof("kind")
+        return [
+            x
+            for x in chosen(pattern)
+            if win is None
+            or (win == "within_seconds" and x[1] > now - window.within_seconds * 1000)
+            or (win == "between" and window.between.from_ms <= x[1] < window.between.to_ms)
+        ]
+
     if node == "sequence":
+        # The first step's window is counted from now, the second step's from its first event.
         s = e.sequence
         w = s.within_seconds * 1000
-        thens = chosen(s.then)
-        hit = [a for a in chosen(s.first) if any(a[1] < b[1] <= a[1] + w for b in thens)]
+        starts, thens = windowed(s.first, s.first_window), chosen(s.then)
+        hit = [a for a in starts if any(a[1] < b[1] <= a[1] + w for b in thens)]
         if s.negated:
-            return any(a[1] + w <= now and a not in hit for a in chosen(s.first))
+            return any(a[1] + w <= now and a not in hit for a in starts)
         return bool(hit)
     c = e.event
-    win = c.window.WhichOneof("kind")
-    evs = [
-        x
-        for x in chosen(c.pattern)
-        if win is None
-        or (win == "within_seconds" and x[1] > now - c.window.within_seconds * 1000)
-        or (win == "between" and c.window.between.from_ms <= x[1] < c.window.between.to_ms)
-    ]
+    evs = windowed(c.pattern, c.window)
     if c.aggregate == pb.AGGREGATE_COUNT:
         value: float | None = len(evs)
     else:
@@ -233,7 +241,9 @@ def reference(e: pb.Expression, p: Person, now: int) -> bool:
 
 
 # --------------------------------------------------------------------------- driving the service
-def fragments(data: list[Any]) -> tuple[list[Person], list[identity_ev.ProfileFragment]]:
+def fragments(data: list[Any], *, spread: bool = True) -> tuple[list[Person], list[identity_ev.ProfileFragment]]:
+    """The people and their fragments; a person's j-th event ``spread`` j seconds after its hour
+    (else exactly on it, so that events fall on the edges of whole-hour windows and on each other)."""
     persons, frags = [], []
     for i, (recs, evs, has_email) in enumerate(data):
         pid = f"p{i}"
@@ -251,7 +261,7 @@ def fragments(data: list[Any]) -> tuple[list[Person], list[identity_ev.ProfileFr
             frag.occurred_at.FromDatetime(T0 + timedelta(days=day, seconds=j))
             frags.append(frag)
         for j, (etype, hours, fields) in enumerate(evs):
-            at = T0 + timedelta(hours=hours, seconds=j)
+            at = T0 + timedelta(hours=hours, seconds=j if spread else 0)
             frag = identity_ev.ProfileFragment(profile_id=pid, dataset="web", kind="event", event_type=etype)
             frag.attributes.update(fields)
             frag.occurred_at.FromDatetime(at)
@@ -317,6 +327,11 @@ def pg_engine(embedded_postgres: Any) -> Any:
 async def test_streaming_sql_and_reference_agree_on_every_profile(
     queries: list[str], data: list[Any], later: int, eventlog: EventLog, pg_engine: Engine, tmp_path_factory: Any
 ) -> None:
+    persons, frags = fragments(data)
+    assert_agreement(segments_of(queries), persons, frags, later, eventlog, pg_engine, tmp_path_factory)
+
+
+def segments_of(queries: list[str]) -> dict[str, pb.Segment]:
     defs: dict[str, pb.Segment] = {}
     for i, query in enumerate(queries):
         ast = parse(query)
@@ -329,7 +344,20 @@ async def test_streaming_sql_and_reference_agree_on_every_profile(
             evaluation=evaluation,  # type: ignore[arg-type]
             evaluation_reason=reason,
         )
-    persons, frags = fragments(data)
+    return defs
+
+
+def assert_agreement(
+    defs: dict[str, pb.Segment],
+    persons: list[Person],
+    frags: list[identity_ev.ProfileFragment],
+    later: float,
+    eventlog: EventLog,
+    pg_engine: Engine,
+    tmp_path_factory: Any,
+) -> dict[str, set[str]]:
+    """Streaming, SQL (one segment, all in one query, paged) on SQLite and PostgreSQL, and the
+    reference, at ``later`` hours after T0: all equal. Returns the members by segment name."""
     now2 = T0 + timedelta(hours=later)
     now_ms = int(now2.timestamp() * 1000)
     sqlite = make_engine(f"sqlite:///{tmp_path_factory.mktemp('agree')}/s.db")
@@ -360,3 +388,117 @@ async def test_streaming_sql_and_reference_agree_on_every_profile(
                     assert all(p <= cut for p in first[segment.id]), segment.query
     finally:
         sqlite.dispose()
+    return {name: {p.profile_id for p in persons if reference(s.ast, p, now_ms)} for name, s in defs.items()}
+
+
+# --------------------------------------------------------------------------- windows on sequence steps
+sequence_events = st.lists(
+    st.tuples(
+        st.sampled_from(["cart_add", "order", "view"]),
+        st.integers(-30, 4),  # whole hours from T0: events fall on whole-hour window edges and on each other
+        st.fixed_dictionaries({}, optional={"page": st.sampled_from(["shoes", "hats"])}),
+    ),
+    max_size=6,
+)
+windowed_sequences = st.builds(
+    lambda first, then, w1, w2, negated, between: (
+        f"{first} {between if between else f'within {w2 + w1 if negated else w1}h'} "
+        f"{'not ' if negated else ''}followed by {then} within {w2}h"
+    ),
+    st.sampled_from(["cart_add", '(view where page = "shoes")', "view"]),
+    st.sampled_from(["order", "view", '(cart_add where page != "hats")']),
+    st.integers(1, 24),
+    st.integers(1, 6),
+    st.booleans(),
+    # [May 31, June 1): its end is T0, an event hour
+    st.sampled_from(["", "", "between 2026-05-31 and 2026-05-31"]),
+)
+
+
+@pytest.mark.postgres
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    queries=st.lists(windowed_sequences, min_size=1, max_size=3),
+    data=st.lists(st.tuples(st.just([]), sequence_events, st.just(False)), min_size=1, max_size=5),
+    later=st.integers(0, 12),
+)
+async def test_windows_on_sequence_steps_agree_on_their_edges(
+    queries: list[str], data: list[Any], later: int, eventlog: EventLog, pg_engine: Engine, tmp_path_factory: Any
+) -> None:
+    """Sequences with a window on each step, with events, windows and the clock all on whole hours:
+    a first event exactly as old as its window, a follow-up exactly at the end of its window, a
+    follow-up window ending exactly now, and events at the same time. The clock moves from T0 to
+    ``later`` after the events are in, so streaming reaches its answer through the profiles' wake times."""
+    persons, frags = fragments(data, spread=False)
+    assert_agreement(segments_of(queries), persons, frags, later, eventlog, pg_engine, tmp_path_factory)
+
+
+CART_ABANDONED = "add_to_cart within 7d not followed by purchase within 1h"
+PAID_CART_ABANDONED = "(add_to_cart where price > 0) within 7d not followed by purchase within 1h"
+CART_BOUGHT = "add_to_cart within 7d followed by purchase within 1h"
+# What could be written before: true for anyone with some abandoned cart and some recent cart.
+NEAREST_OLD_FORM = "(add_to_cart not followed by purchase within 1h) and count(add_to_cart) >= 1 within 7d"
+
+
+def add(hours: float, price: float = 5) -> tuple[str, float, dict[str, Any]]:
+    return ("add_to_cart", hours, {"price": price})
+
+
+def buy(hours: float) -> tuple[str, float, dict[str, Any]]:
+    return ("purchase", hours, {})
+
+
+carts = {  # hours from T0
+    # An old abandoned cart (10 days ago) and a recent completed one: not abandoned within 7d.
+    "old_abandoned_recent_bought": [add(-240), add(-48), buy(-47.5)],
+    "recent_abandoned": [add(-48)],
+    "pending": [add(-0.5)],  # its hour has not passed yet
+    "abandoned_exactly_7d_ago": [add(-168)],  # the window holds carts newer than now - 7d: out
+    "bought_exactly_1h_later": [add(-48), buy(-47)],  # answered in (cart, cart + 1h]
+    "abandoned_exactly_1h_ago": [add(-1)],  # its hour has just passed: abandoned
+    "bought_too_late": [add(-48), buy(-46.5)],
+    "free_cart_abandoned": [add(-48, price=0)],
+}
+
+
+NOW = {  # who is in each segment at T0
+    CART_ABANDONED: {"recent_abandoned", "abandoned_exactly_1h_ago", "bought_too_late", "free_cart_abandoned"},
+    PAID_CART_ABANDONED: {"recent_abandoned", "abandoned_exactly_1h_ago", "bought_too_late"},
+    CART_BOUGHT: {"old_abandoned_recent_bought", "bought_exactly_1h_later"},
+    NEAREST_OLD_FORM: {
+        "old_abandoned_recent_bought",  # wrongly: its only abandoned cart is 10 days old
+        "recent_abandoned",
+        "abandoned_exactly_1h_ago",
+        "bought_too_late",
+        "free_cart_abandoned",
+    },
+}
+# Five days on (121h): the carts of two days ago left the 7-day window (their memberships expired),
+# the pending cart's hour passed (it entered), the cart of an hour before T0 is still in.
+FIVE_DAYS_ON = {
+    CART_ABANDONED: {"pending", "abandoned_exactly_1h_ago"},
+    PAID_CART_ABANDONED: {"pending", "abandoned_exactly_1h_ago"},
+    CART_BOUGHT: set(),
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("later", "expected"),
+    [
+        (0, NOW),
+        # Each alone, so that only its own windows wake the profiles as the clock moves.
+        *((121, {query: members}) for query, members in FIVE_DAYS_ON.items()),
+    ],
+)
+async def test_an_old_abandoned_cart_does_not_make_a_recent_completed_one_abandoned(
+    later: int, expected: dict[str, set[str]], eventlog: EventLog, pg_engine: Engine, tmp_path_factory: Any
+) -> None:
+    """The motivating case, at T0 and as the clock moves on: the events are in at T0, then a
+    clock tick at ``later`` (streaming re-evaluates only the profiles whose window ends passed)."""
+    names = sorted(carts)
+    persons, frags = fragments([([], carts[name], False) for name in names], spread=False)
+    queries = list(expected)
+    members = assert_agreement(segments_of(queries), persons, frags, later, eventlog, pg_engine, tmp_path_factory)
+    got = {q: {names[int(p[1:])] for p in members[f"s{i}"]} for i, q in enumerate(queries)}
+    assert got == expected

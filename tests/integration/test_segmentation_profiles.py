@@ -17,11 +17,12 @@ from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, make_envelope
-from cdp_kit.errors import InvalidInput
+from cdp_kit.errors import InvalidInput, Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import INGEST_CONFIG
 from cdp_segmentation import store
+from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.main import build_processor
 from cdp_segmentation.store import TABLES, SegmentRow
 from tests.integration.test_segmentation_service import DAY, T0, Identity, engine, members, profile, service
@@ -104,6 +105,7 @@ async def test_dataset_retention_drops_events_as_the_log_clock_passes_and_refuse
     identity = Identity(eventlog)
     await create_dataset(eventlog, "web", retention_seconds=2 * 86_400)
     handlers = await service(engine, eventlog)
+    await handlers.processor.catch_up()  # a definition waits for ingest's config to be applied
     await handlers.tick(T0)
     await handlers.create_segment("viewer", "count(view) >= 1")
     await identity.event("p1", "view", T0 - DAY, dataset="web")
@@ -236,6 +238,7 @@ async def test_definitions_are_checked_against_the_schemas_learnt_from_ingest(
         'age in [1, "x"]': ("1:12", "type", "age is an integer, not a string"),
         "sum(order.channel) > 3": ("1:11", "type", "needs a numeric event field; channel is a string"),
         'count(order where chanel = "web") >= 1': ("1:19", "field", "event field 'chanel'; did you mean channel"),
+        '(order where chanel = "web") within 7d not followed by order within 1h': ("1:14", "field", "did you mean"),
         "zzz exists": ("1:1", "field", "declared: age, birth_date"),
     }
     for query, (place, rule, hint) in refused.items():
@@ -249,8 +252,99 @@ async def test_definitions_are_checked_against_the_schemas_learnt_from_ingest(
             'age >= 30 and first_name starts_with "a" and birth_date < "2000-01-01"',
             'loyalty.tier in ["gold", "silver"] and tags contains "x" and extra.anything = 3',
             'sum(order.total where channel = "web") > 100 within 30d',
+            '(order where channel = "web") within 7d not followed by (order where total > 0) within 1h',
         )
     ):
         await handlers.create_segment(f"ok_{n}", query)
     with handlers.processor.read() as session:
         assert store.vocabulary(session).attributes["loyalty.tier"] == "string"
+
+
+def event_schema(name: str, types: list[str], **fields: int) -> ingest_pb2.Schema:
+    return ingest_pb2.Schema(
+        name=name,
+        schema_class=ingest_pb2.SCHEMA_CLASS_EVENT,
+        fields=[
+            field("event_id", ingest_pb2.FIELD_TYPE_STRING),
+            field("ts", ingest_pb2.FIELD_TYPE_TIMESTAMP),
+            field("type", ingest_pb2.FIELD_TYPE_STRING),
+            *(field(n, kind) for n, kind in fields.items()),
+        ],
+        event_id_field="event_id",
+        timestamp_field="ts",
+        event_type_field="type",
+        event_types=types,
+    )
+
+
+async def refusal(handlers: SegmentationHandlers, query: str) -> str:
+    with pytest.raises(InvalidInput) as caught:
+        await handlers.create_segment("refused", query)
+    [violation] = caught.value.violations
+    return violation.message
+
+
+async def test_event_fields_are_typed_per_event_type_by_the_schemas_declaring_it(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    """The site sends amount as a string; store orders as a number: `order.amount` is a number."""
+    handlers = await service(engine, eventlog)
+    string, number = ingest_pb2.FIELD_TYPE_STRING, ingest_pb2.FIELD_TYPE_NUMBER
+    await register_schema(eventlog, event_schema("web_events", ["page_view", "add_to_cart"], amount=string))
+    await register_schema(eventlog, event_schema("store_orders", ["order"], amount=number, channel=string))
+    crm = ingest_pb2.Schema(
+        name="crm",
+        schema_class=ingest_pb2.SCHEMA_CLASS_PROFILE,
+        fields=[
+            field("crm_id", string),
+            ingest_pb2.Field(name="email_consent", type=string, consent_for="email_marketing"),
+        ],
+    )
+    await register_schema(eventlog, crm)
+    await handlers.processor.catch_up()
+
+    await handlers.create_segment("big_store", 'sum(order.amount where channel = "store") > 500 within 365d')
+    await handlers.create_segment("emailable", 'consent_email_marketing = "y" and consent email_marketing = "y"')
+    assert "amount is a string in add_to_cart events" in await refusal(handlers, "sum(add_to_cart.amount) > 3")
+    assert "(fields of page_view events)" in await refusal(handlers, 'count(page_view where channel = "x") >= 1')
+    # No schema lists `click` and none is for any type: it has no fields.
+    assert "no event schema declares the event type 'click'" in await refusal(handlers, "sum(click.amount) > 1")
+
+    # A schema for any event type: its fields apply to types no schema lists, not over those that do.
+    await register_schema(eventlog, event_schema("legacy", [], amount=string, channel=string))
+    # A second schema listing `order` with another type for amount: conditions on it name both.
+    await register_schema(eventlog, event_schema("pos_orders", ["order"], amount=string))
+    await handlers.processor.catch_up()
+    assert "amount is a string in click events" in await refusal(handlers, "sum(click.amount) > 1")
+    await handlers.create_segment("store_count", 'count(order where channel = "store") >= 2')
+    message = await refusal(handlers, "sum(order.amount) > 500")
+    assert "schemas declaring order disagree on the type of amount" in message
+    assert "a number in store_orders" in message
+    assert "a string in pos_orders" in message
+
+
+async def test_a_definition_waits_for_ingests_schemas_and_says_when_they_are_not_yet_known(
+    engine: Engine, eventlog: EventLog
+) -> None:
+    processor, catalog = build_processor(engine, eventlog)
+    processor.create_store()
+    await processor.recover()
+    # Nothing applies ingest's config (no input runs): the wait ends with UNAVAILABLE.
+    handlers = SegmentationHandlers(processor, catalog, schema_wait_s=0.2)
+    await register_schema(eventlog, event_schema("web_events", ["page_view"], page=ingest_pb2.FIELD_TYPE_STRING))
+    for attempt in (handlers.create_segment("s", "count(page_view) >= 1"), handlers.explain("count(page_view) >= 1")):
+        with pytest.raises(Unavailable) as caught:
+            await attempt
+        assert "schema not yet known" in str(caught.value)
+        assert "config position 0 of 1" in str(caught.value)
+    # With the inputs running, the same definition waits for the schema and is checked against it.
+    running = asyncio.create_task(processor.run())
+    try:
+        await register_schema(eventlog, event_schema("orders", ["order"], amount=ingest_pb2.FIELD_TYPE_STRING))
+        assert "amount is a string in order events" in await refusal(handlers, "sum(order.amount) > 1")
+        await handlers.create_segment("viewed", 'count(page_view where page = "/") >= 1')
+    finally:
+        processor.stop()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running

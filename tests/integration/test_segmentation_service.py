@@ -203,6 +203,41 @@ async def test_windows_end_on_clock_events_and_a_rebuild_reaches_the_same_store(
     rebuilt.dispose()
 
 
+async def test_a_window_on_a_sequences_first_step_enters_and_expires_on_clock_events(
+    engine: Engine, eventlog: EventLog, tmp_path: Path
+) -> None:
+    """`A within 7d not followed by B within 1h`: an A enters once its hour has passed unanswered and
+    leaves when it is 7 days old; an old abandoned A does not count beside a recent answered one.
+    Each change comes from a clock event that wakes only the profiles due; a rebuild agrees."""
+    identity = Identity(eventlog)
+    handlers = await service(engine, eventlog)
+    await handlers.tick(T0)
+    await handlers.create_segment("abandoned_7d", "add_to_cart within 7d not followed by purchase within 1h")
+    await handlers.create_segment("bought_7d", "add_to_cart within 7d followed by purchase within 1h")
+    await identity.event("p1", "add_to_cart", T0 - 10 * DAY)  # old, abandoned
+    await identity.event("p1", "add_to_cart", T0 - DAY)  # recent, bought
+    await identity.event("p1", "purchase", T0 - DAY + timedelta(minutes=30))
+    await identity.event("p2", "add_to_cart", T0 - timedelta(minutes=30))  # its hour has not passed
+    await handlers.processor.catch_up()
+    assert members(handlers, "abandoned_7d") == []
+    assert members(handlers, "bought_7d") == ["p1"]
+
+    assert await handlers.tick(T0 + timedelta(hours=1)) == 1  # p2's hour passed, no purchase
+    assert members(handlers, "abandoned_7d") == ["p2"]
+    assert await handlers.tick(T0 + 5 * DAY) == 0  # nothing is due
+    assert await handlers.tick(T0 + 6 * DAY + timedelta(minutes=1)) == 1  # p1's cart is 7 days old
+    assert members(handlers, "bought_7d") == []
+    assert await handlers.tick(T0 + 7 * DAY) == 1  # p2's cart is 7 days old
+    assert members(handlers, "abandoned_7d") == []
+
+    live = canonical_dump(engine, with_checkpoint(TABLES))
+    rebuilt = make_engine(sqlite_url(tmp_path / "rebuilt.db"))
+    processor, _ = build_processor(rebuilt, eventlog)
+    await processor.rebuild()
+    assert canonical_dump(rebuilt, with_checkpoint(TABLES)) == live
+    rebuilt.dispose()
+
+
 async def test_a_windowed_segment_defined_after_its_data_is_evaluated_as_of_the_wall_clock(
     engine: Engine, eventlog: EventLog
 ) -> None:

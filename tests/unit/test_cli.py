@@ -126,9 +126,12 @@ def test_cli_error_without_stack_is_one_line(tmp_path: Path) -> None:
 
 
 def test_bad_identity_argument(tmp_path: Path) -> None:
-    result = invoke(["--addr", "segmentation=127.0.0.1:1", "profile", "get", "no-colon"])
+    result = invoke(["--addr", "segmentation=127.0.0.1:1", "profile", "get", "email:"])
     assert result.exit_code == 1
     assert "expected NAMESPACE:VALUE" in result.stderr
+    resolved = invoke(["--addr", "identity=127.0.0.1:1", "identity", "resolve", "no-colon"])
+    assert resolved.exit_code == 1
+    assert "expected NAMESPACE:VALUE" in resolved.stderr
 
 
 # --------------------------------------------------------------------------- a fake ingest service
@@ -261,7 +264,7 @@ SCHEMA_YAML = """
 name: crm
 schema_class: SCHEMA_CLASS_PROFILE
 fields:
-  - {name: crm_id, type: FIELD_TYPE_STRING, required: true, identity_namespace: crm_id, primary_identity: true}
+  - {name: crm_id, type: FIELD_TYPE_STRING, required: true, identity_namespace: crm_id}
   - {name: email, type: FIELD_TYPE_STRING, identity_namespace: email}
   - {name: tier, type: FIELD_TYPE_STRING, enum_values: [gold, silver]}
 """
@@ -274,7 +277,7 @@ def test_schema_create_from_yaml(tmp_path: Path, fake_server: FakeServer) -> Non
     assert result.exit_code == 0, result.output
     assert "schema crm v1 registered (profile, 3 fields)" in result.stdout
     sent = fake_server.ingest.schemas[0]
-    assert sent.fields[0].primary_identity
+    assert sent.fields[0].identity_namespace == "crm_id"
     assert list(sent.fields[2].enum_values) == ["gold", "silver"]
 
     listed = invoke(["schema", "list", "--json"], env=fake_server.env())

@@ -32,7 +32,7 @@ SCHEMA = json_format.ParseDict(
         "name": "people",
         "schema_class": "SCHEMA_CLASS_PROFILE",
         "fields": [
-            {"name": "id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+            {"name": "id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
             {"name": "age", "type": "FIELD_TYPE_INTEGER", "minimum": 0, "maximum": 150},
             {"name": "score", "type": "FIELD_TYPE_NUMBER"},
             {"name": "member", "type": "FIELD_TYPE_BOOLEAN"},

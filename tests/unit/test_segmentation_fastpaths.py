@@ -38,7 +38,7 @@ from cdp_kit.store import create_tables, make_engine, sqlite_url, transaction
 from cdp_segmentation import store
 from cdp_segmentation.evaluate import Event, ProfileData, compile_ast, matches
 from cdp_segmentation.membership import Catalog, Changes, membership_id
-from cdp_segmentation.profiles import ProfileContext, to_ms
+from cdp_segmentation.profiles import ProfileContext, source_of, to_ms
 from cdp_segmentation.profiles import _offer as sql_offer
 from cdp_segmentation.store import EXITED, REALIZED
 from cdp_segmentation.working import (
@@ -172,13 +172,14 @@ event_conditions = st.builds(
     windows,
 )
 sequences = st.builds(
-    lambda first, then, hours, negated: pb.Expression(
-        sequence=pb.Sequence(first=first, then=then, within_seconds=hours * 3600, negated=negated)
+    lambda first, then, hours, negated, window: pb.Expression(
+        sequence=pb.Sequence(first=first, then=then, within_seconds=hours * 3600, negated=negated, first_window=window)
     ),
     patterns,
     patterns,
     st.integers(1, 5),
     st.booleans(),
+    windows,  # on the first step: none, within (the edge falls on an event's hour), between
 )
 leaves = st.one_of(
     comparisons,
@@ -462,7 +463,8 @@ records = st.lists(
     st.tuples(
         st.sampled_from(["crm", "web", "pos"]),
         st.integers(0, 4),  # time
-        st.integers(0, 4),  # log position
+        st.integers(0, 4),  # log position: the message's sequence
+        st.integers(0, 2),  # and the place in it
         st.dictionaries(st.sampled_from(["tier", "country", "age"]), st.integers(0, 3), min_size=1, max_size=3),
     ),
     max_size=8,
@@ -484,8 +486,8 @@ def test_offering_records_in_memory_equals_the_sql_path(sent: list[Any], policy:
     row = store.ProfileRow(profile_id="p1")
     ctx = cast(ProfileContext, SimpleNamespace(policy=policy))
     working = object.__new__(WorkingSet)
-    for i, (dataset, ts, seq, attributes) in enumerate(sent):
-        WorkingSet._offer(working, state, attributes, (dataset, ts, seq, f"f{i}"), ctx)
+    for i, (dataset, ts, seq, pos, attributes) in enumerate(sent):
+        WorkingSet._offer(working, state, attributes, source_of(dataset, ts, seq, pos, f"f{i}"), ctx)
         fragment = store.FragmentRow(
             source_event_id=f"f{i}",
             profile_id="p1",
@@ -493,6 +495,7 @@ def test_offering_records_in_memory_equals_the_sql_path(sent: list[Any], policy:
             kind="record",
             ts_ms=ts,
             seq=seq,
+            pos=pos,
             attributes=attributes,
         )
         sql_offer(row, fragment, policy)

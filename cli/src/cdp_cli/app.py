@@ -28,7 +28,16 @@ from cdp.common.v1 import admin_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_cli import cmd_activation, cmd_deadletters, cmd_identity, cmd_ingest, cmd_segmentation, inputs, render
+from cdp_cli import (
+    cmd_activation,
+    cmd_deadletters,
+    cmd_identity,
+    cmd_ingest,
+    cmd_publish,
+    cmd_segmentation,
+    inputs,
+    render,
+)
 from cdp_cli.client import (
     DEFAULT_TIMEOUT_S,
     SERVICES,
@@ -122,6 +131,7 @@ app.add_typer(cmd_activation.deliveries_app, name="deliveries")
 app.add_typer(cmd_activation.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
 app.add_typer(cmd_deadletters.app, name="deadletters")
+events_app.command("publish")(cmd_publish.events_publish)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 DataDirOverride = Annotated[
@@ -356,11 +366,7 @@ def _print_status(reports: list[ServiceReport]) -> None:
 
 
 def _field_identities(schema: ingest_pb2.Schema) -> list[str]:
-    return [
-        f"{f.name}→{f.identity_namespace}{' (primary)' if f.primary_identity else ''}"
-        for f in schema.fields
-        if f.identity_namespace
-    ]
+    return [f"{f.name}→{f.identity_namespace}" for f in schema.fields if f.identity_namespace]
 
 
 def _schema_class(schema: ingest_pb2.Schema) -> str:
@@ -406,7 +412,7 @@ def schema_get(
                 f.name,
                 render.enum_label(ingest_pb2.FieldType.Name(f.type), "FIELD_TYPE_"),
                 f.required,
-                f"{f.identity_namespace}{' (primary)' if f.primary_identity else ''}",
+                f.identity_namespace,
             )
             for f in reply.fields
         ],
@@ -434,7 +440,10 @@ def dataset_create(
     name: str,
     schema: Annotated[str, typer.Option("--schema", help="Name of the schema rows are validated against.")],
     profile_enabled: Annotated[
-        bool, typer.Option("--profile-enabled", help="Feed its data into unified profiles.")
+        bool,
+        typer.Option(
+            "--profile-enabled", help="Recorded on the dataset (every dataset's records feed unified profiles today)."
+        ),
     ] = False,
     retention_days: Annotated[
         int, typer.Option("--retention-days", help="Event datasets: days events count (0 = forever).")
@@ -442,6 +451,13 @@ def dataset_create(
     unknown_fields: Annotated[
         str, typer.Option("--unknown-fields", help="reject or drop fields the schema does not know.")
     ] = "reject",
+    allow_anonymous_rows: Annotated[
+        bool,
+        typer.Option(
+            "--allow-anonymous-rows",
+            help="Keep rows with no usable identity value (they link to no one) instead of rejecting them.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a dataset bound to a schema."""
@@ -454,6 +470,7 @@ def dataset_create(
         profile_enabled=profile_enabled,
         retention_seconds=retention_days * 86_400,
         unknown_fields=policies[unknown_fields],
+        allow_anonymous_rows=allow_anonymous_rows,
     )
     client = _client(ctx)
     reply = client.ingest.CreateDataset(ingest_pb2.CreateDatasetRequest(dataset=dataset), timeout=client.timeout)
@@ -474,7 +491,7 @@ def dataset_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         return
     render.print_table(
         "datasets",
-        ["name", "schema", "profile", "retention (days)", "unknown fields"],
+        ["name", "schema", "profile", "retention (days)", "unknown fields", "anonymous rows"],
         [
             (
                 d.name,
@@ -482,6 +499,7 @@ def dataset_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
                 d.profile_enabled,
                 d.retention_seconds // 86_400 if d.retention_seconds else "forever",
                 render.enum_label(ingest_pb2.UnknownFields.Name(d.unknown_fields), "UNKNOWN_FIELDS_"),
+                "kept" if d.allow_anonymous_rows else "rejected",
             )
             for d in reply.datasets
         ],
@@ -724,13 +742,28 @@ def segment_members(
 @profile_app.command("get")
 def profile_get(
     ctx: typer.Context,
-    identity: Annotated[str, typer.Argument(metavar="NS:VALUE", help="An identity, e.g. email:ann@example.com.")],
+    key: Annotated[
+        str,
+        typer.Argument(
+            metavar="NS:VALUE|PROFILE_ID",
+            help="An identity (e.g. email:ann@example.com) or a profile id (as `segment members --json` lists).",
+        ),
+    ],
     as_json: JsonFlag = False,
 ) -> None:
-    """Look up a unified profile by one of its identities."""
-    request = segmentation_pb2.GetProfileRequest(identity=inputs.parse_identity(identity))
+    """Look up a unified profile by one of its identities or by its profile id."""
+    if ":" in key:
+        request = segmentation_pb2.GetProfileRequest(identity=inputs.parse_identity(key))
+    else:
+        request = segmentation_pb2.GetProfileRequest(profile_id=key.strip())
     client = _client(ctx)
-    reply = client.segmentation.GetProfile(request, timeout=client.timeout)
+    try:
+        reply = client.segmentation.GetProfile(request, timeout=client.timeout)
+    except grpc.RpcError as exc:
+        if rpc_code(exc) == grpc.StatusCode.NOT_FOUND:
+            # The server never repeats the value asked for; what the user typed is theirs to see.
+            raise CliError(f"no profile for {key}: {describe_rpc_error(exc)}") from exc
+        raise
     if as_json:
         render.print_message(reply)
         return

@@ -22,7 +22,7 @@ from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.common.v1.deadletter_pb2_grpc import DeadLetterServiceStub
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp_cli.client import Client
-from cdp_cli.cmd_deadletters import FETCH_LIMIT, kit_letter
+from cdp_cli.cmd_deadletters import FETCH_LIMIT, Letter, kit_letter
 from cdp_cli.skeleton import EXISTS, DemoData, ensure, ensure_datasets, generate, ingest_crm, retrying, setup
 
 LOYALTY_SCHEMA = {
@@ -34,7 +34,6 @@ LOYALTY_SCHEMA = {
             "type": "FIELD_TYPE_STRING",
             "required": True,
             "identity_namespace": "loyalty_id",
-            "primary_identity": True,
         },
         {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
         {"name": "points", "type": "FIELD_TYPE_INTEGER", "minimum": 0},
@@ -71,7 +70,6 @@ ORDER_SCHEMA = {
             "type": "FIELD_TYPE_STRING",
             "required": True,
             "identity_namespace": "crm_id",
-            "primary_identity": True,
         },
         {"name": "store", "type": "FIELD_TYPE_STRING"},
         {"name": "amount", "type": "FIELD_TYPE_NUMBER", "minimum": 0},
@@ -182,12 +180,12 @@ def run_blueprint(client: Client, nats_url: str, data: BlueprintData) -> Bluepri
     return report
 
 
-def dead_letters(client: Client, dataset: str) -> int:
-    """Collect rejects of ``dataset``, counted as `cdp deadletters --dataset` lists them."""
+def dead_letters(client: Client, dataset: str) -> list[Letter]:
+    """Collect rejects of ``dataset``, as `cdp deadletters --dataset` lists them (reasons masked)."""
     stub = DeadLetterServiceStub(client.channel("ingest"))
     reply = retrying(lambda: stub.ListDeadLetters(dl.ListDeadLettersRequest(limit=FETCH_LIMIT)))
     letters = [kit_letter("ingest", x) for x in reply.dead_letters]
-    return sum(1 for x in letters if x.kind == "collect-reject" and x.dataset == dataset)
+    return [x for x in letters if x.kind == "collect-reject" and x.dataset == dataset]
 
 
 BLUEPRINT_SEGMENTS: dict[str, tuple[str, str]] = {

@@ -300,7 +300,7 @@ def redrive(
     filters = narrowed(Filters(service, kind, consumer, dataset, destination), sequences or [], batches or [])
     client = _client(ctx)
     letters, _ = gather(client, filters, include_redriven=False)
-    chosen = [x for x in letters if x.state == "dead" and named(x, sequences or [], batches or [])]
+    chosen = [x for x in letters if redrivable(x) and named(x, sequences or [], batches or [])]
     rid = request_id or uuid.uuid4().hex
     requested = request(client, chosen, rid)
     outcome = (
@@ -328,6 +328,12 @@ def narrowed(filters: Filters, sequences: Sequence[int], batches: Sequence[str])
     if sequences and not (filters.consumer or filters.dataset):
         raise CliError("--sequence needs --consumer (or --dataset for collect rejects): sequences are per stream")
     return filters
+
+
+def redrivable(letter: Letter) -> bool:
+    """Dead, and not a message set aside from a service's own log: bytes it never wrote (a forgery on
+    its subject) have nothing to be applied again."""
+    return letter.state == "dead" and not letter.consumer.startswith("own:")
 
 
 def named(letter: Letter, sequences: Sequence[int], batches: Sequence[str]) -> bool:

@@ -19,6 +19,7 @@ from rich.table import Table
 from cdp.activation.v1 import activation_pb2 as act
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.segmentation.v1 import segmentation_pb2 as seg
+from cdp_activation.settings import ActivationSettings
 from cdp_cli.blueprint import (
     ACTIVATIONS,
     BlueprintData,
@@ -111,6 +112,14 @@ def wait_settled(client: Client, export_dir: Path, timeout_s: float = 180.0) -> 
     raise TimeoutError(f"the platform did not settle in {timeout_s}s")
 
 
+def _table(title: str, *columns: str) -> Table:
+    """A summary table that wraps long cells and never cuts them (a log file has no terminal width)."""
+    grid = Table(title=title, show_edge=False)
+    for column in columns:
+        grid.add_column(column, overflow="fold")
+    return grid
+
+
 def _summary(
     client: Client,
     data: BlueprintData,
@@ -120,43 +129,44 @@ def _summary(
     stack: Stack,
     elapsed: float,
 ) -> None:
-    ingest = Table(title="Ingested", show_edge=False)
-    for col in ("source", "read", "accepted", "rejected", "rejects (field / rule / rows)"):
-        ingest.add_column(col)
+    ingest = _table("Ingested", "source", "read", "accepted", "rejected", "rejects (field / rule / rows)")
     for name, batch in report.batches.items():
         rejects = "; ".join(f"{g.field} / {g.rule} / {list(g.first_rows)}" for g in batch.rejects) or "-"
         ingest.add_row(
             f"{name} (offline)", str(batch.rows_read), str(batch.rows_accepted), str(batch.rows_rejected), rejects
         )
     dead = dead_letters(client, "web")
+    accepted_events = report.nats_published - len(dead)
     ingest.add_row(
         "web events on NATS cdp.collect.web (online)",
         str(report.nats_published),
-        str(report.nats_published - dead),
-        str(dead),
-        "dead-lettered with their reason",
+        str(accepted_events),
+        str(len(dead)),
+        "dead-lettered, listed below" if dead else "-",
     )
     out.print(ingest)
+    if dead:
+        letters = _table("Dead letters (cdp deadletters)", "where", "reason")
+        for letter in dead:
+            letters.add_row(letter.where, letter.reason)
+        out.print(letters)
 
     stats = retrying(partial(client.segmentation.GetStats, seg.GetStatsRequest()))
     out.print(
         f"[bold]{stats.profiles}[/] unified profiles holding {stats.identities} identities, from "
         f"{data.skeleton.people} CRM people, {data.members} loyalty members, {data.orders} store orders and "
-        f"{report.nats_published} web events"
+        f"{accepted_events} web events"
     )
 
-    segments = Table(title="Audiences", show_edge=False)
-    for col in ("segment", "definition", "mode (why)", "members"):
-        segments.add_column(col)
+    segments = _table("Audiences", "segment", "definition", "mode", "why", "members")
     listed = retrying(partial(client.segmentation.ListSegments, seg.ListSegmentsRequest()))
     for s in listed.segments:
         mode = seg.Evaluation.Name(s.evaluation).removeprefix("EVALUATION_").lower()
-        why = s.evaluation_reason.split(":", 1)[-1].split(";")[0].strip()
-        segments.add_row(s.name, s.query, f"{mode} ({why})", str(s.size))
+        segments.add_row(s.name, s.query, mode, s.evaluation_reason, str(s.size))
     out.print(segments)
 
-    activation = Table(title="Activation", show_edge=False)
-    for col in (
+    activation = _table(
+        "Activation",
         "destination",
         "segment",
         "received",
@@ -165,8 +175,7 @@ def _summary(
         "failed",
         "retried",
         "platform holds",
-    ):
-        activation.add_column(col)
+    )
     plans = {a.destination: a for a in ACTIVATIONS}
     for name, st in sorted(settled.stats.items()):
         plan = plans.get(name)
@@ -187,6 +196,13 @@ def _summary(
             holds,
         )
     out.print(activation)
+    if any(k.startswith("consent") for st in settled.stats.values() for k in st.excluded):
+        unknown = ActivationSettings().unknown_consent
+        out.print(
+            "Excluded for consent: the profile's consent for the destination's marketing action is "
+            f'"n"{" or unknown" if unknown == "n" else ""}; unknown consent counts as '
+            f"{'yes' if unknown == 'y' else 'no'} (CDP_UNKNOWN_CONSENT={unknown})."
+        )
 
     person = retrying(
         partial(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,9 +16,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+# Output that is not a terminal (`make demo > log`, a pipe) has no width to fit: rich would assume 80
+# columns and squeeze tables. It gets a wide page instead, and table cells fold rather than being cut.
+PIPED_WIDTH = 160
+
+
+def _width() -> int | None:
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH
+
+
 # Both resolve sys.stdout / sys.stderr when printing, so test runners that swap them see the output.
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, width=_width())
+err = Console(stderr=True, highlight=False, width=_width())
 
 
 _INT64_TYPES = {

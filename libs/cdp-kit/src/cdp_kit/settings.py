@@ -44,6 +44,11 @@ class ServiceSettings(BaseSettings):
         gt=0,
         description="Seconds a consumer may go without progress before it counts as stuck (service not ready)",
     )
+    # Every service normalises identities alike (cdp_kit.identities): identity before it links a
+    # phone, ingest when it checks a row, segmentation when it looks a profile up.
+    default_phone_region: str = Field(
+        default="US", description="Region assumed for phone numbers without + (set it alike for every service)"
+    )
 
     def resolved_store_url(self) -> str:
         if self.store_url:

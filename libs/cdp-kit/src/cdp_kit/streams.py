@@ -85,6 +85,10 @@ ACTIVATION_READS_PROFILE = ConsumerSpec("activation-profile", PROFILE, "cdp.prof
 ACTIVATION_READS_AUDIENCE = ConsumerSpec("activation-audience", AUDIENCE, "cdp.audience.>")
 ACTIVATION_READS_SEGMENTS = config_input("activation", "segmentation")
 SEGMENTATION_READS_INGEST_CONFIG = config_input("segmentation", "ingest")
+# Identity's custom namespaces (cdp_kit.namespaces): ingest checks rows' identity values and
+# segmentation normalises lookups by identity with their types.
+INGEST_READS_IDENTITY_CONFIG = config_input("ingest", "identity")
+SEGMENTATION_READS_IDENTITY_CONFIG = config_input("segmentation", "identity")
 
 
 def collect_subject(dataset: str) -> str:

@@ -47,6 +47,8 @@ from cdp_activation.connectors import (
     connector_for,
 )
 from cdp_activation.settings import ActivationSettings
+from cdp_kit.consent import MARKETING_ACTIONS
+from cdp_kit.consent import consent_of as consent_of  # the gate reads consent as segmentation does
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
@@ -56,19 +58,7 @@ from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
 DELIVERIES_CHECKPOINT = own_checkpoint(ACTIVATION_DELIVERIES)
-ACTIONS = ("email_marketing", "sms_marketing", "ad_targeting", "data_sharing")
-
-
-def consent_of(attributes: dict[str, Any], action: str) -> str:
-    """A profile's consent for a marketing action: attribute ``consents.<action>`` or
-    ``consent_<action>``, or "unknown"; "y" is the only yes."""
-    consents = attributes.get("consents")
-    value = consents.get(action) if isinstance(consents, dict) else None
-    if value is None:
-        value = attributes.get(f"consent_{action}")
-    if value is None:
-        return "unknown"
-    return str(value).strip().lower()
+ACTIONS = MARKETING_ACTIONS
 
 
 @dataclass

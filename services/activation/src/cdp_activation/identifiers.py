@@ -1,8 +1,10 @@
-"""Identity normalisation and hashing per destination (../shared/specs/destinations.md).
+"""Identity normalisation and hashing per destination (docs/activation.md, "Identity normalisation").
 
-Pure functions. One canonical E.164 phone (with "+") comes from ``phonenumbers``; every
-platform's phone string is derived from it. Gmail rules apply only where a platform asks
-for them. A value that normalises to "" is dropped (``None``), never hashed.
+Pure functions. One canonical E.164 phone (with "+") comes from ``phonenumbers`` and only
+for a number it holds valid; every platform's phone string is derived from it. Countries
+are ISO 3166-1 alpha-2 through ``pycountry``. Gmail rules apply only where a platform asks
+for them. A value that cannot be normalised is dropped (``None``), never hashed and never
+guessed; ``DROP_REASONS`` says why without quoting the value.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Callable
+from datetime import UTC, date, datetime
 
 import phonenumbers
+import pycountry
 
 HEX64 = re.compile(r"^[a-f0-9]{64}$")
 _NON_DIGIT = re.compile(r"\D")
 _WHITESPACE = re.compile(r"\s+")
+_NON_ASCII_LETTER = re.compile(r"[^a-z]")
+# A mobile advertising id (IDFA / GAID, also AAID): a UUID, 8-4-4-4-12 hex digits.
+_MAID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_ISO_DATE = re.compile(r"^([0-9]{4})[-/.]([0-9]{1,2})[-/.]([0-9]{1,2})(?:[T ].*)?$")
 GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 MONTHS = {
     name: f"{i:02d}"
@@ -51,6 +59,33 @@ US_STATES = {
     "tennessee": "tn", "texas": "tx", "utah": "ut", "vermont": "vt", "virginia": "va", "washington": "wa",
     "west virginia": "wv", "wisconsin": "wi", "wyoming": "wy", "puerto rico": "pr",
 }  # fmt: skip
+# State names as letters only ("New-York", "new york" -> "newyork"), for the lookup.
+_US_STATES_BY_LETTERS = {name.replace(" ", ""): code for name, code in US_STATES.items()}
+# Country names people write that ISO 3166 (and so pycountry) does not spell that way. Not
+# guesses: each is the one country the name means ("uk" is ISO's exceptional reservation for GB).
+COUNTRY_ALIASES = {
+    "uk": "gb", "great britain": "gb", "britain": "gb", "england": "gb", "scotland": "gb", "wales": "gb",
+    "northern ireland": "gb", "turkey": "tr", "russia": "ru", "holland": "nl", "the netherlands": "nl",
+    "czech republic": "cz", "ivory coast": "ci", "cape verde": "cv", "swaziland": "sz", "burma": "mm",
+}  # fmt: skip
+# Why a value was dropped, per kind of identifier; the value itself is never quoted.
+DROP_REASONS = {
+    "email": "not an email address",
+    "phone": "not a valid phone number",
+    "maid": "not a mobile advertising id (or a zeroed, tracking-limited one)",
+    "country": "not an ISO 3166 country",
+    "state": "no letters",
+    "zip": "empty",
+    "name": "no letters",
+    "gender": "not a recognised gender",
+    "dob": "not a valid date of birth",
+    "hash": "not a SHA-256 hex digest",
+}
+
+
+def drop_reason(kind: str) -> str:
+    """The counted reason for a dropped identifier: its kind and why, no value."""
+    return f"{kind} dropped: {DROP_REASONS.get(kind, 'cannot be normalised')}"
 
 
 # --- hashing ---------------------------------------------------------------------------
@@ -74,25 +109,47 @@ def md5_hex(value: str) -> str:
 
 
 def is_prehashed(value: str) -> bool:
-    """A 64-char lowercase hex value is taken as already SHA-256 hashed (anchored, spec §12.1)."""
+    """A 64-char lowercase hex value is taken as already SHA-256 hashed (anchored)."""
     return bool(HEX64.match(value))
 
 
+def hex_to_b64(digest_hex: str) -> str:
+    """A SHA-256 hex digest as UID2 wants it: Base64 of the 32 digest bytes, not hashed again."""
+    return base64.b64encode(bytes.fromhex(digest_hex)).decode("ascii")
+
+
 def hash_or_none(normalised: str | None, digest: Callable[[str], str] = sha256_hex) -> str | None:
-    """Hash a normalised value; empty values are dropped, never hashed."""
+    """Hash a normalised value; empty values are dropped, never hashed. A value that is
+    already a SHA-256 hex digest is passed on (hex) or re-encoded (Base64), never hashed
+    again; no other digest can be made from it, so it is dropped there."""
     if not normalised:
         return None
-    return normalised if digest is sha256_hex and is_prehashed(normalised) else digest(normalised)
+    if is_prehashed(normalised):
+        if digest is sha256_hex:
+            return normalised
+        return hex_to_b64(normalised) if digest is sha256_b64 else None
+    return digest(normalised)
+
+
+def hashed(raw: str, normalise: Callable[[str], str | None], digest: Callable[[str], str] = sha256_hex) -> str | None:
+    """Normalise then hash a raw value; one that is already a SHA-256 hex digest (any case,
+    trimmed) skips normalisation, which would only spoil it (a phone's digits, say)."""
+    text = raw.strip().lower()
+    if is_prehashed(text):
+        return hash_or_none(text, digest)
+    return hash_or_none(normalise(raw), digest)
 
 
 # --- phones ------------------------------------------------------------------------------
 
 
 def canonical_phone(raw: str, default_region: str = "US") -> str | None:
-    """The one canonical E.164 form ("+" and country code), or None when there is no number.
+    """The one canonical E.164 form ("+" and country code), or None unless ``phonenumbers``
+    holds the number valid (a possible length is not enough: "911 234 0375" is dropped).
 
     "+..." and "00..." are international; anything else is read in ``default_region`` first
-    and, if that is not a possible number there, as digits that already carry a country code.
+    and, if that is not a valid number there, as digits that already carry a country code.
+    Nothing is guessed: a number that is valid neither way is dropped, never sent as digits.
     """
     text = raw.strip()
     digits = _NON_DIGIT.sub("", text)
@@ -109,11 +166,9 @@ def canonical_phone(raw: str, default_region: str = "US") -> str | None:
             parsed = phonenumbers.parse(candidate, None if candidate.startswith("+") else default_region)
         except phonenumbers.NumberParseException:
             continue
-        if phonenumbers.is_possible_number(parsed):
+        if phonenumbers.is_valid_number(parsed):
             return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    # Not a number phonenumbers knows: keep the digits (no leading zeros) as a best effort.
-    fallback = candidates[0].lstrip("+").lstrip("0")
-    return "+" + fallback if 7 <= len(fallback) <= 15 else None
+    return None
 
 
 def phone_digits(e164: str | None) -> str | None:
@@ -205,9 +260,11 @@ def gender(raw: str) -> str | None:
     return letter if letter in ("m", "f") else None
 
 
-def dob_year(raw: str) -> str | None:
+def dob_year(raw: str, this_year: int | None = None) -> str | None:
+    """Meta DOBY: "YYYY format from 1900 to current year"."""
     digits = _NON_DIGIT.sub("", raw)
-    return digits if len(digits) == 4 else None
+    latest = this_year if this_year is not None else datetime.now(UTC).year
+    return digits if len(digits) == 4 and 1900 <= int(digits) <= latest else None
 
 
 def dob_month(raw: str) -> str | None:
@@ -231,10 +288,10 @@ def city(raw: str) -> str | None:
 
 
 def state(raw: str) -> str | None:
-    text = _WHITESPACE.sub(" ", raw.strip().lower())
-    if text in US_STATES:
-        return US_STATES[text]
-    return "".join(ch for ch in text if ch.isalnum()) or None
+    """Meta ST: letters a-z only, lower-cased, as Meta's SDK does ("123abc " -> "abc"); a US
+    state's name becomes its two-letter code ("California" -> "ca")."""
+    letters = _NON_ASCII_LETTER.sub("", raw.lower())
+    return _US_STATES_BY_LETTERS.get(letters, letters) or None
 
 
 def zip_code(raw: str) -> str | None:
@@ -242,12 +299,65 @@ def zip_code(raw: str) -> str | None:
 
 
 def country(raw: str) -> str | None:
-    letters = "".join(ch for ch in raw.lower() if "a" <= ch <= "z")[:2]
-    return letters if len(letters) == 2 else None
+    """ISO 3166-1 alpha-2, lower case, from an alpha-2 or alpha-3 code, a numeric code or a
+    country name (pycountry); None for anything else: "IRL" -> "ie", never "ir" (Iran)."""
+    text = _WHITESPACE.sub(" ", raw.strip()).lower()
+    if not text:
+        return None
+    compact = text.replace(".", "").replace(" ", "")
+    for key in (text, compact, text.removeprefix("the ")):
+        if key in COUNTRY_ALIASES:
+            return COUNTRY_ALIASES[key]
+        try:
+            found = pycountry.countries.lookup(key)
+        except LookupError:
+            continue
+        return str(found.alpha_2).lower()
+    return None
+
+
+def country_upper(raw: str) -> str | None:
+    """ISO 3166-1 alpha-2 in upper case (Google countryCode / regionCode, Braze country)."""
+    code = country(raw)
+    return code.upper() if code else None
 
 
 def madid(raw: str) -> str | None:
-    return raw.strip().lower() or None
+    """A mobile advertising id (IDFA / GAID), lower case with its hyphens; None for anything
+    that is not a UUID, and for the all-zero id a device sends when tracking is limited."""
+    text = raw.strip().lower()
+    if not _MAID.match(text) or not text.replace("-", "").strip("0"):
+        return None
+    return text
+
+
+# --- Braze profile fields ------------------------------------------------------------------
+
+BRAZE_GENDERS = {
+    "m": "M", "male": "M", "man": "M", "f": "F", "female": "F", "woman": "F",
+    "o": "O", "other": "O", "non-binary": "O", "nonbinary": "O",
+    "n": "N", "not applicable": "N", "n/a": "N", "p": "P", "prefer not to say": "P",
+}  # fmt: skip
+
+
+def braze_gender(raw: str) -> str | None:
+    """Braze gender: one of M, F, O (other), N (not applicable), P (prefer not to say)."""
+    return BRAZE_GENDERS.get(_WHITESPACE.sub(" ", raw.strip().lower()))
+
+
+def iso_date(raw: str, today: date | None = None) -> str | None:
+    """A date of birth as "YYYY-MM-DD" (Braze dob) from YYYY-MM-DD, YYYY/MM/DD or an ISO
+    timestamp; None for an impossible date, one before 1900 or one in the future."""
+    match = _ISO_DATE.match(raw.strip())
+    if not match:
+        return None
+    try:
+        when = date(int(match.group(1)), int(match.group(2)), int(match.group(3)))
+    except ValueError:
+        return None
+    if when.year < 1900 or when > (today or datetime.now(UTC).date()):
+        return None
+    return when.isoformat()
 
 
 # --- Google address fields -------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Local stand-ins for destination platforms, for tests, the benchmark and the demo.
 
 One aiohttp server on loopback validates every request exactly as the platform documents
-it (paths, headers, body shape, hashing, batch limits; ../shared/specs/destinations.md),
+it (paths, headers, body shape, hashing, batch limits; docs/activation.md),
 answers 400 with a reason when a request is wrong, and keeps what it accepted (deduped by
 the platform's idempotency key where it has one). Faults can be queued per platform:
 429 with Retry-After, 500, a platform error body, a slow answer, or a hang.
@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
+import phonenumbers
+import pycountry
 from aiohttp import web
 
 HEX64 = re.compile(r"^[a-f0-9]{64}$")
 E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+MAID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+ISO_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+# SHA-256 of "": an empty value was hashed instead of dropped.
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 @dataclass
@@ -45,6 +51,38 @@ class Invalid(Exception):
 def check(condition: bool, reason: str) -> None:
     if not condition:
         raise Invalid(reason)
+
+
+def check_sha256(value: Any, what: str) -> None:
+    """A lower-case SHA-256 hex digest, and not the digest of an empty value."""
+    check(isinstance(value, str) and bool(HEX64.match(value)), f"{what} is not a SHA-256 hex digest")
+    check(value != EMPTY_SHA256, f"{what} is the SHA-256 of an empty value")
+
+
+def check_maid(value: Any, what: str) -> None:
+    """A mobile advertising id as sent unhashed: a lower-case UUID, not the all-zero one."""
+    check(isinstance(value, str) and bool(MAID.match(value)), f"{what} is not a lower-case advertising id")
+    check(value.replace("-", "").strip("0") != "", f"{what} is the zeroed (tracking-limited) id")
+
+
+def valid_e164(value: Any) -> bool:
+    """E.164 ("+", country code, at most 15 digits) and a number phonenumbers holds valid."""
+    if not isinstance(value, str) or not E164.match(value):
+        return False
+    try:
+        return phonenumbers.is_valid_number(phonenumbers.parse(value, None))
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def check_phone(value: Any, what: str) -> None:
+    check(valid_e164(value), f"{what} must be a valid E.164 number")
+
+
+def check_country(value: Any, what: str) -> None:
+    """An assigned ISO 3166-1 alpha-2 code in upper case."""
+    ok = isinstance(value, str) and len(value) == 2 and value.isupper()
+    check(ok and pycountry.countries.get(alpha_2=value) is not None, f"{what} is not ISO 3166-1 alpha-2")
 
 
 @dataclass
@@ -231,11 +269,14 @@ class LocalPlatforms:
         check(isinstance(rows, list) and 0 < len(rows) <= 10_000, "payload.data: 1..10000 rows")
         for field_name in ("session_id", "batch_seq", "last_batch_flag", "estimated_num_total"):
             check(field_name in session, f"session.{field_name} missing")
+        check(len(set(schema)) == len(schema), "payload.schema: a key appears twice")
         for row in rows:
             check(isinstance(row, list) and len(row) == len(schema), "row length differs from schema")
             for key, value in zip(schema, row, strict=True):
-                if value and key not in self.META_UNHASHED:
-                    check(bool(HEX64.match(value)), f"{key} is not a SHA-256 hex digest")
+                if value and key == "MADID":
+                    check_maid(value, "MADID")
+                elif value and key not in self.META_UNHASHED:
+                    check_sha256(value, key)
             check(any(row), "row has no key")
         audience = request.match_info["audience"]
         if self._once("meta", f"{session['session_id']}:{session['batch_seq']}:{request.method}"):
@@ -288,10 +329,12 @@ class LocalPlatforms:
                 check(len(ident) == 1, "UserIdentifier is a oneof")
                 kind, value = next(iter(ident.items()))
                 if kind in ("hashedEmail", "hashedPhoneNumber"):
-                    check(bool(HEX64.match(value)), f"{kind} is not SHA-256 hex")
+                    check_sha256(value, kind)
                 elif kind == "addressInfo":
-                    check(HEX64.match(value.get("hashedFirstName", "")) is not None, "hashedFirstName")
-                    check(len(value.get("countryCode", "")) == 2, "countryCode ISO-3166-1 alpha-2")
+                    check_sha256(value.get("hashedFirstName"), "hashedFirstName")
+                    check_sha256(value.get("hashedLastName"), "hashedLastName")
+                    check_country(value.get("countryCode"), "countryCode")
+                    check(bool(str(value.get("postalCode", "")).strip()), "postalCode")
                 else:
                     raise Invalid(f"unsupported identifier {kind}")
         check(total <= 100_000, "more than 100,000 identifiers in one request")
@@ -324,7 +367,7 @@ class LocalPlatforms:
         check(0 < len(data) <= 100_000, "1..100,000 identifiers")
         target = self.members[f"snap:{request.match_info['segment']}"]
         for (value,) in data:
-            check(bool(HEX64.match(value)), "identifier is not SHA-256 hex")
+            check_sha256(value, schema)
             (target.add if request.method == "POST" else target.discard)(value)
         self.accepted["snap"].append(users)
         return web.json_response({"request_status": "SUCCESS"})
@@ -334,14 +377,15 @@ class LocalPlatforms:
         data = self._json(body)
         check(data.get("action") in ("add", "delete"), "action add|delete")
         schema = data.get("id_schema", [])
-        check(
-            bool(schema) and set(schema) <= {"EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"}, "id_schema"
-        )
+        known = {"EMAIL_SHA256", "PHONE_SHA256", "IDFA_SHA256", "AAID_SHA256"}
+        check(bool(schema) and set(schema) <= known and len(set(schema)) == len(schema), "id_schema")
         for user in data.get("batch_data", []):
             check(len(user) == len(schema), "each user has one entry per id_schema position")
-            for item in user:
+            check(any(user), "a user with no id")
+            for id_type, item in zip(schema, user, strict=True):
                 if item:
-                    check(bool(HEX64.match(item["id"])) and item.get("audience_ids"), "id/audience_ids")
+                    check_sha256(item.get("id"), id_type)
+                    check(bool(item.get("audience_ids")), "audience_ids")
                     target = self.members[f"tiktok:{item['audience_ids'][0]}"]
                     (target.add if data["action"] == "add" else target.discard)(item["id"])
         self.accepted["tiktok"].append(data)
@@ -358,8 +402,11 @@ class LocalPlatforms:
         for el in elements:
             check(el.get("action") in ("ADD", "REMOVE"), "action ADD|REMOVE")
             for uid in el.get("userIds", []):
+                check(uid.get("idType") in ("SHA256_EMAIL", "SHA512_EMAIL", "GOOGLE_AID"), "idType")
                 if uid["idType"] == "SHA256_EMAIL":
-                    check(bool(HEX64.match(uid["idValue"])), "SHA256_EMAIL is not hex")
+                    check_sha256(uid["idValue"], "SHA256_EMAIL")
+                elif uid["idType"] == "GOOGLE_AID":
+                    check_maid(uid["idValue"], "GOOGLE_AID")
                 (target.add if el["action"] == "ADD" else target.discard)(uid["idValue"])
         self.accepted["linkedin"].append(elements)
         return web.json_response({"elements": [{"status": 201} for _ in elements]})
@@ -379,7 +426,13 @@ class LocalPlatforms:
                     for seg in value.get("remove", []):
                         self.members[f"braze:{seg}"].discard(obj["external_id"])
             if "phone" in obj:
-                check(bool(E164.match(obj["phone"])), "phone must be E.164")
+                check_phone(obj["phone"], "phone")
+            if "country" in obj:
+                check_country(obj["country"], "country")
+            if "gender" in obj:
+                check(obj["gender"] in ("M", "F", "O", "N", "P", None), "gender is M, F, O, N, P or null")
+            if "dob" in obj:
+                check(isinstance(obj["dob"], str) and bool(ISO_DATE.match(obj["dob"])), "dob is YYYY-MM-DD")
         self.accepted["braze"].append(attributes)
         return web.json_response({"message": "success", "attributes_processed": len(attributes)})
 
@@ -413,7 +466,8 @@ class LocalPlatforms:
         raw = request.headers.get("Authorization", "")
         check(raw == "Basic " + base64.b64encode(f"{self.twilio_sid}:{self.twilio_token}".encode()).decode(), "auth")
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
-        if not E164.match(form.get("To", "")):
+        to = form.get("To", "")
+        if not valid_e164(to):
             return web.json_response({"code": 21211, "message": "Invalid 'To' Phone Number"}, status=400)
         if form["To"] in self.stopped:
             return web.json_response(
@@ -443,7 +497,7 @@ class LocalPlatforms:
             attrs = prof.get("attributes", {})
             check(prof.get("type") == "profile" and ("email" in attrs or "phone_number" in attrs), "profile id")
             if "phone_number" in attrs:
-                check(bool(E164.match(attrs["phone_number"])), "phone_number must be E.164")
+                check_phone(attrs["phone_number"], "phone_number")
             key = attrs.get("email") or attrs["phone_number"]
             pid = self._klaviyo_ids.setdefault(key, f"01K{len(self._klaviyo_ids):023d}")
             self.members[f"klaviyo:{lists[0]['id']}"].add(pid)

@@ -18,7 +18,6 @@ from cdp_identity.domain import Rules, node_key, split_key
 from cdp_identity.graph import Link, Node, load_rules, read_graph
 from cdp_identity.handlers import IdentityHandlers
 from cdp_kit.errors import InvalidInput, NotFound, Violation
-from cdp_kit.telemetry import pii_hash
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -53,7 +52,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             sa.select(store.NODE).where(store.NODE.c.key == node_key(identity.namespace, value))
         ).first()
         if row is None:
-            raise NotFound(f"no profile for {identity.namespace} {pii_hash(value)}")
+            raise NotFound(f"{identity.namespace} not found")
         return rules, row
 
     @staticmethod

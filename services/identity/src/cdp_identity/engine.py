@@ -196,14 +196,15 @@ def resolve_record(
     ``emit``, first); without, as an Envelope with the others, remembered in ``ws.made`` until folded."""
     source = fragment.source_event_id
     if not kept:
-        if dropped:
-            decision = ev.GraphDecision(
-                rule="no_identities",
-                reason="no identity of the record can link anyone",
-                source_event_id=source,
-                dropped=dropped,
-            )
-            emit([make(decision, source, "decision")])
+        # A record that links no one (every identity dropped, or none at all: a dataset that
+        # allows anonymous rows) is no profile's: no fragment, a decision counted in the stats.
+        decision = ev.GraphDecision(
+            rule="no_identities",
+            reason="no identity of the record can link anyone" if dropped else "the record carries no identity",
+            source_event_id=source,
+            dropped=dropped,
+        )
+        emit([make(decision, source, "decision")])
         return
     ws.load(kept)
     unlinked = ws.unlinked()

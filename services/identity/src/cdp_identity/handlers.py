@@ -82,7 +82,7 @@ class IdentityHandlers:
                 ws, key, other, request.reason, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events)
             )
             if decision is None and key not in ws.nodes:
-                raise NotFound(f"no identity {request.identity.namespace} {pii_hash(request.identity.value)}")
+                raise NotFound(f"{request.identity.namespace} not found")
             reply = pb.UnlinkResponse(changed=changed)
             if decision is not None:
                 reply.decision.CopyFrom(decision)

@@ -17,6 +17,8 @@ MERGED = ev.ProfilesMerged.DESCRIPTOR.full_name
 DECISION = ev.GraphDecision.DESCRIPTOR.full_name
 SPLIT = ev.ProfileSplit.DESCRIPTOR.full_name
 NAMESPACE = ev.NamespaceCreated.DESCRIPTOR.full_name
+# The drop count of records that linked no one (rule no_identities) is kept under this namespace.
+NO_ONE = "*"
 
 
 def micros(ts: Timestamp) -> int:
@@ -135,6 +137,7 @@ class IdentityProjection:
         if decision.remember and ident:
             ws.remember_unlink(ident, other)
         if decision.rule == "no_identities":
+            ws.drops[(NO_ONE, "no_identities")] += 1  # records that linked no one
             return
         refused = [pair(key_of(x.a), key_of(x.b)) for x in decision.refused_links]
         ws.decisions.append(

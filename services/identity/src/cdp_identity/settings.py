@@ -14,7 +14,6 @@ class IdentitySettings(ServiceSettings):
     service: ClassVar[str] = "identity"
     default_port: ClassVar[int] = 50052
 
-    default_phone_region: str = Field(default="US", description="Region assumed for phone numbers without +")
     identity_blocklist: list[str] = Field(
         default=list(DEFAULT_BLOCKLIST),
         description="Junk identity values that never link anyone (JSON list; compared case-insensitively)",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
-from cdp_ingest.domain import RejectTally, Validator
+from cdp_ingest.domain import IdentityRules, RejectTally, Validator
 from cdp_ingest.judging import Judged, judge
 from cdp_ingest.limits import Limits
 from cdp_ingest.parsing import CsvParser, Inflater, Refused, RowParser, Split, parser_for
@@ -106,6 +106,7 @@ class BatchRun:
     pool: ReaderPool | None = None
     read_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
+    identity: IdentityRules = field(default_factory=IdentityRules)
 
     def __post_init__(self) -> None:
         drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP
@@ -116,6 +117,7 @@ class BatchRun:
             drop_unknown=drop,
             max_bytes=self.max_bytes,
             max_depth=self.limits.max_depth,
+            identity=self.identity,
         )
         self.inflater = Inflater()
         self.parser: RowParser = parser_for(self.header.format, self.schema, drop, self.staging, self.limits)
@@ -192,6 +194,7 @@ class BatchRun:
             received_at=self.builder.received_at,
             header=tuple(header),
             limits=self.limits,
+            identity=self.identity,
         )
 
     def _take(self, judged: Judged) -> None:

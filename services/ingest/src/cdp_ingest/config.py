@@ -8,9 +8,10 @@ from sqlmodel import Session
 
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
-from cdp_ingest.domain import Validator
+from cdp_ingest.domain import IdentityRules, Validator
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.errors import NotFound
+from cdp_kit.namespaces import known_types
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Target:
     schema: pb.Schema
     max_bytes: int
     max_depth: int
+    identity: IdentityRules = field(default_factory=IdentityRules)
     _validators: dict[bool, Validator] = field(default_factory=dict)
 
     @property
@@ -32,13 +34,19 @@ class Target:
         if textual not in self._validators:
             drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP
             self._validators[textual] = Validator(
-                self.schema, textual=textual, drop_unknown=drop, max_bytes=self.max_bytes, max_depth=self.max_depth
+                self.schema,
+                textual=textual,
+                drop_unknown=drop,
+                max_bytes=self.max_bytes,
+                max_depth=self.max_depth,
+                identity=self.identity,
             )
         return self._validators[textual]
 
 
 class ConfigCache:
-    """Cleared by the projection whenever a schema or dataset is folded."""
+    """Cleared by the projection whenever a schema or dataset is folded, and when identity's
+    namespaces change."""
 
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
@@ -63,4 +71,7 @@ class ConfigCache:
             raise NotFound(f"schema {ds.schema_name!r} of dataset {name!r} not found")
         event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
         limit = self.settings.max_event_bytes if event else self.settings.max_profile_record_bytes
-        return Target(ds, schema, limit, self.settings.max_json_depth)
+        identity = IdentityRules.of(
+            known_types(session), self.settings.default_phone_region, allow_anonymous=ds.allow_anonymous_rows
+        )
+        return Target(ds, schema, limit, self.settings.max_json_depth, identity)

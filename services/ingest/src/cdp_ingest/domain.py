@@ -11,8 +11,18 @@ from decimal import Decimal
 from typing import Any
 
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest.declarations import (
+    apply_consents,
+    consent_roles,
+    consent_violations,
+    event_type_check,
+    event_types_compat,
+    event_types_violations,
+)
 from cdp_ingest.limits import DEFAULT_MAX_DEPTH, LimitExceeded, too_deep
+from cdp_ingest.options import unhonoured_options
 from cdp_kit.errors import Violation
+from cdp_kit.identities import CHECK_COST, DEFAULT_PHONE_REGION, STANDARD_TYPES, Normaliser
 from cdp_kit.telemetry import pii_hash
 
 FT = pb.FieldType
@@ -43,13 +53,30 @@ def schema_violations(schema: pb.Schema) -> list[Violation]:
     if not schema.fields:
         out.append(Violation("fields", "required", "a schema has at least one field"))
     out += _fields_violations(schema.fields, "")
-    identities = [f for f in schema.fields if f.identity_namespace]
-    primaries = [f for f in identities if f.primary_identity]
-    if identities and len(primaries) != 1:
-        out.append(Violation("fields", "primary_identity", f"exactly one identity is primary, found {len(primaries)}"))
     if schema.schema_class == pb.SCHEMA_CLASS_EVENT:
         out += _event_violations(schema)
+    out += unhonoured_options(schema)
+    out += event_types_violations(schema) + consent_violations(schema)
     return out
+
+
+PRIMARY_UNUSED = (
+    "primary_identity is no longer used: a row needs any one usable identity value and identity "
+    "anchors a record by namespace priority; remove it (set required: true to require the field)"
+)
+
+
+def unknown_namespaces(schema: pb.Schema, known: Mapping[str, int]) -> list[Violation]:
+    """Identity fields whose namespace identity does not define (``cdp identity namespace list``)."""
+    return [
+        Violation(
+            f.name,
+            "identity",
+            f"namespace {f.identity_namespace!r} is not defined: create it first (cdp identity namespace create)",
+        )
+        for f in schema.fields
+        if f.identity_namespace and f.identity_namespace not in known
+    ]
 
 
 def _event_violations(schema: pb.Schema) -> list[Violation]:
@@ -91,8 +118,8 @@ def _field_violations(f: pb.Field, path: str) -> list[Violation]:
             out.append(Violation(path, "pattern", f"invalid regular expression: {exc}"))
     if f.identity_namespace and f.type != FT.FIELD_TYPE_STRING:
         out.append(Violation(path, "identity", "identity fields are strings"))
-    if f.primary_identity and not f.identity_namespace:
-        out.append(Violation(path, "primary_identity", "only an identity field (with a namespace) can be primary"))
+    if f.primary_identity:
+        out.append(Violation(path, "primary_identity", PRIMARY_UNUSED))
     if (f.HasField("minimum") or f.HasField("maximum")) and f.type not in NUMERIC:
         out.append(Violation(path, "minimum", "minimum and maximum apply to integer and number fields"))
     if f.HasField("minimum") and f.HasField("maximum") and f.minimum > f.maximum:
@@ -114,7 +141,7 @@ def compatibility_violations(old: pb.Schema, new: pb.Schema) -> list[Violation]:
     for attr in ("event_id_field", "timestamp_field", "event_type_field"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(Violation(attr, "compatible", f"{attr} cannot change"))
-    return out
+    return out + event_types_compat(old, new)
 
 
 def _fields_compat(old_fields: Any, new_fields: Any, prefix: str) -> list[Violation]:
@@ -127,7 +154,7 @@ def _fields_compat(old_fields: Any, new_fields: Any, prefix: str) -> list[Violat
             out += _field_compat(f, by_name[f.name], prefix + f.name)
     old_names = {f.name for f in old_fields}
     for f in new_fields:
-        if f.name not in old_names and (f.required or f.primary_identity):
+        if f.name not in old_names and f.required:
             out.append(Violation(prefix + f.name, "compatible", "an added field must be optional"))
     return out
 
@@ -144,8 +171,8 @@ def _field_compat(old: pb.Field, new: pb.Field, path: str) -> list[Violation]:
         changed("array item type cannot change")
     if new.required and not old.required:
         changed("an optional field cannot become required")
-    if (old.identity_namespace, old.primary_identity) != (new.identity_namespace, new.primary_identity):
-        changed("identity namespace and primary flag cannot change")
+    if old.identity_namespace != new.identity_namespace:
+        changed("identity namespace cannot change")
     if old.enum_values and set(old.enum_values) - set(new.enum_values):
         changed("enum values cannot be removed")
     if not old.enum_values and new.enum_values:
@@ -186,6 +213,24 @@ Converter = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
+class IdentityRules:
+    """What a row's identity check needs (small and hashable: it travels to reader processes):
+    every namespace's type, the region of phone numbers without +, and whether the dataset keeps
+    rows with no usable identity (``allow_anonymous_rows``)."""
+
+    types: tuple[tuple[str, int], ...] = tuple(sorted(STANDARD_TYPES.items()))
+    phone_region: str = DEFAULT_PHONE_REGION
+    allow_anonymous: bool = False
+
+    @classmethod
+    def of(cls, types: Mapping[str, int], phone_region: str, *, allow_anonymous: bool = False) -> IdentityRules:
+        return cls(tuple(sorted(types.items())), phone_region, allow_anonymous)
+
+    def normaliser(self) -> Normaliser:
+        return Normaliser.make(dict(self.types), phone_region=self.phone_region)
+
+
+@dataclass(frozen=True)
 class FieldCheck:
     name: str
     convert: Converter
@@ -205,6 +250,7 @@ class Validator:
         drop_unknown: bool,
         max_bytes: int,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        identity: IdentityRules | None = None,
     ) -> None:
         self.schema = schema
         self.textual = textual
@@ -213,14 +259,30 @@ class Validator:
         self.max_depth = max_depth
         self.known = frozenset(f.name for f in schema.fields)
         self.identity_fields = frozenset(f.name for f in schema.fields if f.identity_namespace)
+        # A row needs one usable identity value: its identity fields are checked cheapest type
+        # first (a CRM id before an email, an email before a phone), and the first usable one settles it.
+        identity = identity or IdentityRules()
+        types = dict(identity.types)
+        self._identity_plan = [
+            (f.name, f.identity_namespace)
+            for f in sorted(
+                (f for f in schema.fields if f.identity_namespace),
+                key=lambda f: CHECK_COST.get(types.get(f.identity_namespace, 0), 0),
+            )
+        ]
+        self._identity_check = identity.normaliser().check
+        self.allow_anonymous = identity.allow_anonymous
         self.is_event = schema.schema_class == pb.SCHEMA_CLASS_EVENT
-        must = {schema.event_id_field, schema.timestamp_field} if self.is_event else set()
+        # Events need their id and time; a profile record needs its time when its schema names the field.
+        must = {schema.event_id_field, schema.timestamp_field} if self.is_event else {schema.timestamp_field} - {""}
         self.checks = [_compile(f, textual, f.name in must, max_depth) for f in schema.fields]
         # The same checks as plain tuples, read in the per-row loop without attribute lookups.
         self._plan = [(c.name, c.convert, c.required, c.namespace, c.constraints) for c in self.checks]
         self.event_id_field = schema.event_id_field
         self.timestamp_field = schema.timestamp_field
         self.event_type_field = schema.event_type_field
+        self.event_type_check = event_type_check(schema)
+        self.consent_roles = consent_roles(schema)
 
     def unknown_columns(self, columns: list[str]) -> list[str]:
         return [c for c in columns if c not in self.known]
@@ -266,12 +328,44 @@ class Validator:
                     result.identities.append((namespace, value))
                 elif required:
                     violations.append(Violation(name, "required", "blank identity", record))
+        if self.consent_roles:
+            apply_consents(values, self.consent_roles, violations, record)
+        if not self.allow_anonymous:
+            violations += self._identity_violations(values, violations, record)
         if self.is_event and not violations:
             result.event_id = str(values.get(self.event_id_field, ""))
             result.occurred_at = parse_timestamp(values[self.timestamp_field])
             if self.event_type_field:
                 result.event_type = str(values.get(self.event_type_field, ""))
+            if self.event_type_check is not None and (wrong := self.event_type_check(result.event_type)):
+                violations.append(Violation(wrong.field, wrong.rule, wrong.message, record))
+        elif self.timestamp_field and not violations:
+            result.occurred_at = parse_timestamp(values[self.timestamp_field])  # the profile record's time
         return result
+
+    def _identity_violations(
+        self, values: Mapping[str, Any], violations: list[Violation], record: str
+    ) -> list[Violation]:
+        """Nothing when one identity value of the row is present and of its namespace's type (a
+        blocklisted placeholder counts: identity drops it and counts the drop); else one violation
+        (rule ``identity``) per identity field, saying what was wrong with it. Nothing either when
+        an identity field is already refused by another rule (``required``, ``type``…): that says it."""
+        if not self._identity_plan:
+            return [Violation("*", "identity", "the schema declares no identity field", record)]
+        check = self._identity_check
+        problems: list[tuple[str, str]] = []
+        for name, namespace in self._identity_plan:
+            value = values.get(name)
+            if value is None:
+                problems.append((name, "missing"))
+                continue
+            rule, detail = check(namespace, value)
+            if not rule:
+                return []
+            problems.append((name, detail))
+        if violations and any(v.field in self.identity_fields for v in violations):
+            return []
+        return [Violation(name, "identity", f"no usable identity in the row; {why}", record) for name, why in problems]
 
     def mask(self, field_name: str, value: Any) -> str:
         """How a rejected value appears in a report: identity values hashed, others cut short."""
@@ -282,7 +376,7 @@ class Validator:
 
 
 def _compile(f: pb.Field, textual: bool, must: bool, max_depth: int) -> FieldCheck:
-    required = must or f.required or bool(f.identity_namespace and f.primary_identity)
+    required = must or f.required
     return FieldCheck(f.name, converter(f, textual, max_depth), required, f.identity_namespace, _constraints(f))
 
 
@@ -465,21 +559,26 @@ def _json_text(raw: Any, textual: bool, max_depth: int) -> Any:
 
 
 def _object_converter(f: pb.Field, textual: bool, max_depth: int) -> Converter:
-    subs = [(s.name, converter(s, False), s.required) for s in f.fields]
+    subs = [(s.name, converter(s, False), s.required, _constraints(s)) for s in f.fields]
 
     def convert(raw: Any) -> Any:
         value = _json_text(raw, textual, max_depth)
         if not isinstance(value, dict):
             raise ValueError("expected a JSON object")
-        for name, sub, required in subs:
+        for name, sub, required, constraints in subs:
             if value.get(name) is None:
                 if required:
                     raise ValueError(f"{name}: missing")
                 continue
             try:
                 value[name] = sub(value[name])
+            except LimitExceeded as exc:
+                raise LimitExceeded(exc.rule, f"{name}: {exc}") from None
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+            broken = constraints(value[name]) if constraints is not None else None
+            if broken is not None:  # a sub-field's enum, pattern, length or range, under its rule
+                raise LimitExceeded(broken[0], f"{name}: {broken[1]}")
         return value
 
     return convert

@@ -17,15 +17,24 @@ from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest import store
 from cdp_ingest.batches import CHUNK_BYTES, BatchRun, StagedReject
 from cdp_ingest.config import ConfigCache, Target
-from cdp_ingest.domain import NAME_RE, RowResult, batch_exceeds, compatibility_violations, schema_violations
+from cdp_ingest.domain import (
+    NAME_RE,
+    RowResult,
+    batch_exceeds,
+    compatibility_violations,
+    schema_violations,
+    unknown_namespaces,
+)
 from cdp_ingest.judging import RECORD_OVERHEAD, StagedRecord
+from cdp_ingest.options import same_dataset, same_schema
 from cdp_ingest.readers import ReaderPool
 from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
+from cdp_kit.namespaces import known_types, learn
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_RECORDS
+from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_READS_IDENTITY_CONFIG, INGEST_RECORDS
 from cdp_kit.telemetry import get_logger
 
 Staged = tuple[int, str, bytes]
@@ -52,15 +61,19 @@ class IngestHandlers:
 
     # ------------------------------------------------------------ config
     async def create_schema(self, schema: pb.Schema) -> pb.Schema:
-        problems = schema_violations(schema)
+        problems = schema_violations(schema) or await self._unknown_namespaces(schema)
         if problems:
             raise InvalidInput(f"schema {schema.name!r} is invalid", problems)
 
         def decide(uow: UnitOfWork) -> pb.Schema:
             current = store.latest_schema(uow.session, schema.name)
+            if current is not None and same_schema(current, schema):
+                _expect_version(schema, current.version)
+                return current  # re-registered as it is: nothing changes, nothing is appended
             new = pb.Schema()
             new.CopyFrom(schema)
             new.version = 1 if current is None else current.version + 1
+            _expect_version(schema, new.version)
             if current is not None:
                 incompatible = compatibility_violations(current, new)
                 if incompatible:
@@ -76,6 +89,16 @@ class IngestHandlers:
 
         return await self.processor.execute(deterministic_id("schema", schema.name, utcnow().isoformat()), decide)
 
+    async def _unknown_namespaces(self, schema: pb.Schema) -> list[Violation]:
+        """Identity fields whose namespace identity does not define. A namespace created a moment
+        ago may not have been read yet: then wait until identity's config log is read to its end."""
+        with self.processor.read() as session:
+            unknown = unknown_namespaces(schema, known_types(session))
+        if unknown and await learn(self.processor, INGEST_READS_IDENTITY_CONFIG):
+            with self.processor.read() as session:
+                unknown = unknown_namespaces(schema, known_types(session))
+        return unknown
+
     async def create_dataset(self, dataset: pb.Dataset) -> pb.Dataset:
         problems = []
         if not NAME_RE.match(dataset.name):
@@ -86,20 +109,32 @@ class IngestHandlers:
             raise InvalidInput(f"dataset {dataset.name!r} is invalid", problems)
 
         def decide(uow: UnitOfWork) -> pb.Dataset:
-            if store.dataset(uow.session, dataset.name) is not None:
-                raise AlreadyExists(f"dataset {dataset.name!r} exists")
+            existing = store.dataset(uow.session, dataset.name)
+            if existing is not None:
+                if same_dataset(existing, _with_defaults(dataset)):
+                    return existing  # created again as it is: nothing changes, nothing is appended
+                raise AlreadyExists(f"dataset {dataset.name!r} exists with other settings")
             schema = store.latest_schema(uow.session, dataset.schema_name)
             if schema is None:
                 raise NotFound(f"schema {dataset.schema_name!r} not found")
+            if not dataset.allow_anonymous_rows and not any(f.identity_namespace for f in schema.fields):
+                raise InvalidInput(
+                    f"dataset {dataset.name!r} is invalid",
+                    [
+                        Violation(
+                            "allow_anonymous_rows",
+                            "identity",
+                            f"schema {schema.name!r} declares no identity field, so every row would be "
+                            "rejected (rule identity): allow anonymous rows, or add an identity field",
+                        )
+                    ],
+                )
             if dataset.retention_seconds and schema.schema_class != pb.SCHEMA_CLASS_EVENT:
                 raise InvalidInput(
                     f"dataset {dataset.name!r} is invalid",
                     [Violation("retention_seconds", "event_only", "retention applies to event datasets")],
                 )
-            new = pb.Dataset()
-            new.CopyFrom(dataset)
-            if new.unknown_fields == pb.UNKNOWN_FIELDS_UNSPECIFIED:
-                new.unknown_fields = pb.UNKNOWN_FIELDS_REJECT
+            new = _with_defaults(dataset)
             uow.emit(INGEST_CONFIG, [self._config_event(ev.DatasetCreated(dataset=new), f"dataset:{new.name}")])
             return new
 
@@ -151,10 +186,17 @@ class IngestHandlers:
             staging=self.settings.data_dir / "ingest-staging",
             max_bytes=target.max_bytes,
             max_kept_rejects=self.settings.max_kept_rejects,
-            builder=RecordBuilder(header.dataset, target.schema.schema_class, batch_id, received_at),
+            builder=RecordBuilder(
+                header.dataset,
+                target.schema.schema_class,
+                batch_id,
+                received_at,
+                record_time=bool(target.schema.timestamp_field),
+            ),
             report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
             pool=self.readers,
             limits=self.settings.limits(),
+            identity=target.identity,
         )
         try:
             started = time.perf_counter()
@@ -450,3 +492,24 @@ def _event_groups(valid: list[Staged]) -> Iterator[list[Staged]]:
         size += n
     if group:
         yield group
+
+
+def _expect_version(schema: pb.Schema, version: int) -> None:
+    """A schema sent with a version states which version it expects to be (0: let the service number it)."""
+    if schema.version and schema.version != version:
+        raise InvalidInput(
+            f"schema {schema.name!r} would be v{version}, not v{schema.version}",
+            [
+                Violation(
+                    "version", "version", f"this request registers v{version}; send 0 to let the service number it"
+                )
+            ],
+        )
+
+
+def _with_defaults(dataset: pb.Dataset) -> pb.Dataset:
+    new = pb.Dataset()
+    new.CopyFrom(dataset)
+    if new.unknown_fields == pb.UNKNOWN_FIELDS_UNSPECIFIED:
+        new.unknown_fields = pb.UNKNOWN_FIELDS_REJECT
+    return new

@@ -72,7 +72,11 @@ def _encoded(builder: RecordBuilder, row_no: int, prefix: str, result: RowResult
             event_type=result.event_type,
         )
     return builder.encode(
-        record_id=prefix + str(row_no), row=row_no, values=result.values, identities=result.identities
+        record_id=prefix + str(row_no),
+        row=row_no,
+        values=result.values,
+        identities=result.identities,
+        occurred_at=result.occurred_at,
     )
 
 

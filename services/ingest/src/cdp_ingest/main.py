@@ -14,9 +14,16 @@ from cdp_ingest.settings import IngestSettings
 from cdp_ingest.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
+from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
-from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_READS_COLLECT, INGEST_RECORDS
+from cdp_kit.streams import (
+    INGEST_CONFIG,
+    INGEST_DEADLETTER,
+    INGEST_READS_COLLECT,
+    INGEST_READS_IDENTITY_CONFIG,
+    INGEST_RECORDS,
+)
 
 
 def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Service:
@@ -25,10 +32,14 @@ def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Servi
         service="ingest",
         engine=engine,
         eventlog=eventlog,
-        tables=TABLES,
+        tables=[*TABLES, *NAMESPACE_TABLES],
         own_logs=[INGEST_CONFIG, INGEST_RECORDS, INGEST_DEADLETTER],
         projection=IngestProjection(config),
-        inputs=[Input(INGEST_READS_COLLECT, CollectHandler(config, settings.limits()), raw=True)],
+        # Identity's namespaces first: a rebuild knows every namespace's type before it replays events.
+        inputs=[
+            Input(INGEST_READS_IDENTITY_CONFIG, NamespacesOfIdentity(on_change=config.clear)),
+            Input(INGEST_READS_COLLECT, CollectHandler(config, settings.limits()), raw=True),
+        ],
         batch_size=settings.batch_size,
     )
     handlers = IngestHandlers(processor, settings, config)

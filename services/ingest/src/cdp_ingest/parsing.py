@@ -595,7 +595,7 @@ def parquet_columns(schema: pb.Schema, drop_unknown: bool) -> ColumnsCheck:
                 problems.append(Violation(name, "unknown_field", "column not in the schema", "parquet"))
         for f in schema.fields:
             if f.name not in names:
-                if f.required or f.primary_identity:
+                if f.required:
                     problems.append(Violation(f.name, "required", "required column missing", "parquet"))
                 continue
             arrow_type = str(arrow_schema.field(f.name).type)

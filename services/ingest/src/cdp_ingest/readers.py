@@ -39,7 +39,7 @@ from functools import lru_cache
 from typing import IO, TypeVar, cast
 
 from cdp.ingest.v1 import ingest_pb2 as pb
-from cdp_ingest.domain import Validator
+from cdp_ingest.domain import IdentityRules, Validator
 from cdp_ingest.judging import Judged, judge
 from cdp_ingest.limits import Limits
 from cdp_ingest.parsing import CsvParser, decode
@@ -63,6 +63,7 @@ class ReadSpec:
     received_at: datetime
     header: tuple[str, ...]
     limits: Limits
+    identity: IdentityRules
 
 
 @lru_cache(maxsize=8)
@@ -74,8 +75,12 @@ def _compiled(spec: ReadSpec) -> tuple[Validator, RecordBuilder]:
         drop_unknown=spec.drop_unknown,
         max_bytes=spec.max_bytes,
         max_depth=spec.limits.max_depth,
+        identity=spec.identity,
     )
-    return validator, RecordBuilder(spec.dataset, schema.schema_class, spec.batch_id, spec.received_at)
+    builder = RecordBuilder(
+        spec.dataset, schema.schema_class, spec.batch_id, spec.received_at, record_time=bool(schema.timestamp_field)
+    )
+    return validator, builder
 
 
 def judge_block(spec: ReadSpec, block: bytes, first_row: int) -> Judged:

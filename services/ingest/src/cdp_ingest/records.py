@@ -69,19 +69,24 @@ def attributes_of(values: dict[str, Any]) -> struct_pb2.Struct:
 class RecordBuilder:
     """``RecordAccepted`` envelopes of one dataset (and batch): ids derive from dataset and record id."""
 
-    def __init__(self, dataset: str, schema_class: int, batch_id: str, received_at: datetime) -> None:
+    def __init__(
+        self, dataset: str, schema_class: int, batch_id: str, received_at: datetime, *, record_time: bool = False
+    ) -> None:
+        """``record_time``: each profile record carries its own time (its schema's ``timestamp_field``)
+        instead of the batch's; events always do."""
         self.dataset = dataset
         self.schema_class = schema_class
         self.batch_id = batch_id
         self.received_at = received_at
         self.is_event = schema_class == pb.SCHEMA_CLASS_EVENT
+        self.timed = self.is_event or record_time
         self._keys: dict[str, bytes] = {}
         payload = _ld(b"\x12", dataset.encode()) + b"\x18" + varint(schema_class)
         if batch_id:
             payload += _ld(b"\x22", batch_id.encode())
         envelope = _ld(b"\x12", RECORD_TYPE.encode()) + _ld(b"\x1a", dataset.encode())
         envelope += b"\x30" + varint(SCHEMA_VERSION)
-        if not self.is_event:
+        if not self.timed:
             stamp = timestamp_bytes(received_at)
             payload += _ld(b"\x42", stamp)
             envelope += _ld(b"\x22", stamp)
@@ -139,7 +144,7 @@ class RecordBuilder:
         add(v[n] if n < 16384 else varint(n))
         add(attributes)
         head = b"\x0a\x24" + self.key_of(record_id).encode() + self._envelope  # an id is 36 characters
-        if occurred_at is not None and self.is_event:
+        if occurred_at is not None and self.timed:
             stamp = _ld(b"\x42", timestamp_bytes(occurred_at))
             add(stamp)
             head += b"\x22" + stamp[1:]

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.consent import NESTED, attribute_of
 from cdp_kit.errors import InvalidInput, Violation
 from cdp_segmentation.language import walk
 
@@ -42,7 +43,7 @@ def reads_of(ast: pb.Expression) -> Reads:
         elif kind == "exists":
             reads.attributes.add(node.exists.path.split(".")[0])
         elif kind == "consent":
-            reads.attributes.add("consents")
+            reads.attributes.update({NESTED, attribute_of(node.consent.purpose)})
         elif kind == "identity":
             reads.namespaces.add(node.identity.namespace)
         elif kind == "member_of":
@@ -59,9 +60,13 @@ def reads_of(ast: pb.Expression) -> Reads:
             if attribute.window.WhichOneof("kind") == "within_seconds":
                 reads.windows_ms.add(attribute.window.within_seconds * 1000)
         elif kind == "sequence":
-            reads.event_types.update({node.sequence.first.event_type, node.sequence.then.event_type})
-            if node.sequence.negated:
-                reads.windows_ms.add(node.sequence.within_seconds * 1000)
+            # An A leaves the first step's window (exit) and, not followed, becomes w old (entry).
+            seq = node.sequence
+            reads.event_types.update({seq.first.event_type, seq.then.event_type})
+            if seq.negated:
+                reads.windows_ms.add(seq.within_seconds * 1000)
+            if seq.first_window.WhichOneof("kind") == "within_seconds":
+                reads.windows_ms.add(seq.first_window.within_seconds * 1000)
 
     walk(ast, visit)
     return reads
@@ -186,7 +191,17 @@ def classify(ast: pb.Expression, schedule: str, known_by_id: Mapping[str, pb.Seg
         "a profile is re-evaluated when a fragment, merge or split changes what it reads"
     )
     if reads.windows_ms:
+        spans = ", ".join(_span(w) for w in sorted(reads.windows_ms))
         reason += (
-            "; windows slide on the log's clock, each profile woken at its own next window end (no batch, no scan)"
+            f"; windows ({spans}) slide on the log's clock, each profile woken at its own next window end "
+            "(no batch, no scan)"
         )
     return pb.EVALUATION_STREAMING, reason
+
+
+def _span(ms: int) -> str:
+    """A window in the largest unit that divides it, days at most (as windows are written): 7d, 90m."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"

@@ -14,7 +14,8 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp.segmentation.v1 import segmentation_pb2_grpc as pb_grpc
 from cdp_kit.errors import InvalidInput, NotFound, Violation
-from cdp_kit.telemetry import pii_hash
+from cdp_kit.identities import DEFAULT_PHONE_REGION
+from cdp_kit.namespaces import normaliser
 from cdp_segmentation import store
 from cdp_segmentation.handlers import SegmentationHandlers
 
@@ -22,9 +23,10 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
-    def __init__(self, handlers: SegmentationHandlers) -> None:
+    def __init__(self, handlers: SegmentationHandlers, *, phone_region: str = DEFAULT_PHONE_REGION) -> None:
         self.handlers = handlers
         self.processor = handlers.processor
+        self.phone_region = phone_region
 
     async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Ctx) -> pb.Segment:
         return await self.handlers.create_segment(request.name, request.query, request.schedule.strip())
@@ -78,18 +80,28 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         with self.processor.read() as session:
             profile_id = request.profile_id
             if request.HasField("identity"):
-                ident = request.identity
-                value = ident.value.strip().lower() if ident.namespace == "email" else ident.value.strip()
-                found = session.get(store.ProfileIdentityRow, (ident.namespace, value))
-                if found is None:
-                    raise NotFound(f"no profile for {ident.namespace} {pii_hash(value)}")
-                profile_id = found.profile_id
+                profile_id = self._profile_of(session, request.identity)
             if not profile_id:
                 raise InvalidInput("missing key", [Violation("key", "required", "a profile id or an identity")])
             row = session.get(store.ProfileRow, profile_id)
             if row is None:
                 raise NotFound(f"profile {profile_id!r} not found")
             return profile_message(session, row)
+
+    def _profile_of(self, session: Session, identity: IdentityValue) -> str:
+        """The profile holding an identity, normalised as identity normalised it (the kit's
+        normaliser). Not found names the namespace only: never the value, nor a hash of it."""
+        rules = normaliser(session, phone_region=self.phone_region)
+        if identity.namespace not in rules.types:
+            raise InvalidInput(
+                "unknown namespace",
+                [Violation("identity", "unknown_namespace", f"namespace {identity.namespace!r} is not defined")],
+            )
+        value = rules.lookup(identity.namespace, identity.value)
+        found = None if value is None else session.get(store.ProfileIdentityRow, (identity.namespace, value))
+        if found is None:
+            raise NotFound(f"{identity.namespace} not found")
+        return found.profile_id
 
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.Stats:
         with self.processor.read() as session:

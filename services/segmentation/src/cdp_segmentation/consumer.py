@@ -19,7 +19,7 @@ from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
 from cdp_segmentation.profiles import apply_merge, apply_split
 from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
-from cdp_segmentation.vocabulary import flatten
+from cdp_segmentation.vocabulary import consent_attributes, flatten
 
 FRAGMENT = identity_ev.ProfileFragment
 FRAGMENT_TYPE = FRAGMENT.DESCRIPTOR.full_name
@@ -45,6 +45,8 @@ class ProfilesToMemberships:
         self._split_parts: dict[str, list[str]] = {}
         self._sequence = 0
         self._fragments: dict[str, identity_ev.ProfileFragment] = {}
+        self._positions_of: LogMessage | None = None
+        self._positions: dict[str, int] = {}
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         ctx = self.catalog.context(session)
@@ -52,7 +54,7 @@ class ProfilesToMemberships:
             self._sequence, self._split_parts = msg.sequence, {}
         working = self.catalog.working_for(session)
         if is_a(env, identity_ev.ProfileFragment):
-            working.apply_fragment(self._fragment(env), msg.sequence, ctx)
+            working.apply_fragment(self._fragment(env), msg.sequence, ctx, self._position(msg, env))
         elif is_a(env, identity_ev.ProfilesMerged):
             merged = unpack(env, identity_ev.ProfilesMerged)
             self._leave_to_sql(session, [merged.survivor, *merged.absorbed])
@@ -61,6 +63,14 @@ class ProfilesToMemberships:
             split = unpack(env, identity_ev.ProfileSplit)
             self._leave_to_sql(session, [split.profile_id, *(p.profile_id for p in split.parts)])
             self._split_parts[env.id] = apply_split(session, split, ctx)
+
+    def _position(self, msg: LogMessage, env: Envelope) -> int:
+        """The envelope's place among its message's events: with the sequence, its log position.
+        A pure function of the message (a retry or a replay of it finds the same places)."""
+        if msg is not self._positions_of:
+            self._positions_of = msg
+            self._positions = {e.id: i for i, e in enumerate(msg.events())}
+        return self._positions.get(env.id, 0)
 
     def _leave_to_sql(self, session: Session, profile_ids: list[str]) -> None:
         working = self.catalog.working_for(session)
@@ -142,7 +152,9 @@ class DatasetsOfIngest:
         elif is_a(env, ingest_ev.SchemaRegistered):
             schema = unpack(env, ingest_ev.SchemaRegistered).schema
             kind = "event" if schema.schema_class == ingest_pb2.SCHEMA_CLASS_EVENT else "profile"
-            session.merge(SchemaRow(name=schema.name, schema_class=kind, fields=flatten(schema.fields)))
+            fields = flatten(schema.fields) | consent_attributes(schema.fields)
+            row = SchemaRow(name=schema.name, schema_class=kind, fields=fields, event_types=list(schema.event_types))
+            session.merge(row)
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         return None

@@ -4,7 +4,9 @@ Semantics (the SQL compiler in ``sql.py`` implements the same, see docs/segmenta
 a comparison is false when the attribute is missing or null, or of another kind than the
 literal (then only ``!=`` is true); relative windows hold events that occurred after
 ``now - window``; ``A followed by B within w`` needs a B strictly after an A and at most w
-later; ``A not followed by B within w`` needs an A at least w old with no such B.
+later; ``A not followed by B within w`` needs an A at least w old with no such B. A window on the
+first step (``A within v followed by …``) restricts the A to those in it, as for event conditions;
+the B is counted from its A, in or out of that window.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.consent import consent_of, consent_text
 
 MISSING = object()
 
@@ -157,7 +160,7 @@ def aggregate(cond: pb.EventCondition, events: Sequence[Event], now_ms: int) -> 
 
 def followed(seq: pb.Sequence, events: Sequence[Event], now_ms: int) -> bool:
     width = seq.within_seconds * 1000
-    firsts = [e for e in events if in_pattern(seq.first, e)]
+    firsts = [e for e in events if in_pattern(seq.first, e) and in_window(seq.first_window, e.ts_ms, now_ms)]
     thens = [e for e in events if in_pattern(seq.then, e)]
 
     def answered(a: Event) -> bool:
@@ -186,9 +189,7 @@ def matches(ast: pb.Expression, profile: ProfileData, now_ms: int) -> bool:
     if node == "identity":
         return ast.identity.namespace in profile.namespaces
     if node == "consent":
-        return compare(
-            pb.COMPARE_OP_EQ, lookup(profile.attributes, f"consents.{ast.consent.purpose}"), ast.consent.value
-        )
+        return consent_of(profile.attributes, ast.consent.purpose) == consent_text(ast.consent.value)
     if node == "member_of":
         return ast.member_of.segment_id in profile.memberships
     if node == "computed":
@@ -376,11 +377,18 @@ def _compile_sequence(seq: pb.Sequence) -> Test:
     first_where = compile_fields(seq.first.where) if seq.first.HasField("where") else None
     then_where = compile_fields(seq.then.where) if seq.then.HasField("where") else None
     width, negated = seq.within_seconds * 1000, seq.negated
+    bounds = _bounds(seq.first_window)
 
     def test(profile: ProfileData, now_ms: int) -> bool:
         firsts, thens = [], []
+        low, high, strict = bounds(now_ms)
         for e in profile.events:
-            if (not first_type or e.event_type == first_type) and (first_where is None or first_where(e.fields)):
+            if (
+                (not first_type or e.event_type == first_type)
+                and (low < e.ts_ms if strict else low <= e.ts_ms)
+                and e.ts_ms < high
+                and (first_where is None or first_where(e.fields))
+            ):
                 firsts.append(e.ts_ms)
             if (not then_type or e.event_type == then_type) and (then_where is None or then_where(e.fields)):
                 thens.append(e.ts_ms)
@@ -420,9 +428,8 @@ def compile_ast(ast: pb.Expression) -> Test:
         namespace = ast.identity.namespace
         return lambda p, now: namespace in p.namespaces
     if node == "consent":
-        consent = _getter(f"consents.{ast.consent.purpose}")
-        check = compile_check(pb.COMPARE_OP_EQ, ast.consent.value)
-        return lambda p, now: check(consent(p.attributes))
+        purpose, wanted = ast.consent.purpose, consent_text(ast.consent.value)
+        return lambda p, now: consent_of(p.attributes, purpose) == wanted
     if node == "member_of":
         segment_id = ast.member_of.segment_id
         return lambda p, now: segment_id in p.memberships

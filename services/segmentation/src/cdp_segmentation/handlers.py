@@ -8,15 +8,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
+import nats.errors
 from google.protobuf.message import Message
 from sqlmodel import Session, col, select
 
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
-from cdp_kit.errors import AlreadyExists, CdpError, InvalidInput, NotFound, Violation
-from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS
+from cdp_kit.errors import AlreadyExists, CdpError, InvalidInput, NotFound, Unavailable, Violation
+from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
+from cdp_kit.runtime import filter_last_sequence
+from cdp_kit.store import get_checkpoint
+from cdp_kit.streams import SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS, SEGMENTATION_READS_INGEST_CONFIG
 from cdp_kit.telemetry import get_logger
 from cdp_segmentation import store
 from cdp_segmentation.analysis import check_where, classify, reads_of, resolve_computed, resolve_segments
@@ -29,6 +32,9 @@ from cdp_segmentation.store import EXITED, REALIZED, ProfileRow
 
 log = get_logger(__name__)
 PAGE = 1000
+# How long a definition waits for schemas ingest registered before it (then UNAVAILABLE).
+SCHEMA_WAIT_S = 10.0
+SCHEMA_POLL_S = 0.02
 
 
 @dataclass
@@ -47,10 +53,12 @@ class SegmentationHandlers:
         *,
         clock_interval_s: float = 5.0,
         wall_clock: Callable[[], datetime] | None = None,
+        schema_wait_s: float = SCHEMA_WAIT_S,
     ) -> None:
         self.processor = processor
         self.catalog = catalog
         self.clock_interval_s = clock_interval_s
+        self.schema_wait_s = schema_wait_s
         # The service ticks the log's clock to the wall clock before evaluating a new windowed
         # segment; tests that drive the log's clock by hand leave it out.
         self.wall_clock = wall_clock
@@ -82,6 +90,30 @@ class SegmentationHandlers:
         finally:
             self.catalog.invalidate()
 
+    async def learn_schemas(self) -> None:
+        """Wait (at most ``schema_wait_s``) until the store has applied ingest's config log up to its
+        last message, so a definition is checked against every schema created before it was sent."""
+        spec = SEGMENTATION_READS_INGEST_CONFIG
+        try:
+            last = await filter_last_sequence(self.processor.eventlog, spec)
+        except (TimeoutError, nats.errors.Error) as exc:
+            reason = f"schema not yet known: ingest's schemas could not be read ({type(exc).__name__})"
+            raise Unavailable(reason) from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.schema_wait_s
+        while True:
+            with self.processor.read() as session:
+                applied = get_checkpoint(session, in_checkpoint(spec))
+            if applied >= last:
+                return
+            if loop.time() >= deadline:
+                log.warning("schemas_not_yet_known", applied=applied, last=last)
+                raise Unavailable(
+                    f"schema not yet known: segmentation has applied ingest's schemas up to config position "
+                    f"{applied} of {last}; try again shortly (see `cdp status`, consumer {spec.name})"
+                )
+            await asyncio.sleep(SCHEMA_POLL_S)
+
     def compile(self, name: str, query: str, schedule: str) -> Compiled:
         with self.processor.read() as session:
             vocabulary = store.vocabulary(session)
@@ -101,6 +133,7 @@ class SegmentationHandlers:
             raise InvalidInput(
                 "invalid segment name", [Violation("name", "pattern", "lower_snake_case, 1-63 characters")]
             )
+        await self.learn_schemas()
         compiled = self.compile(name, query, schedule)
         segment = pb.Segment(
             id=deterministic_id("segment", name),
@@ -139,6 +172,7 @@ class SegmentationHandlers:
             raise InvalidInput(
                 "invalid computed attribute name", [Violation("name", "pattern", "lower_snake_case, 1-63 characters")]
             )
+        await self.learn_schemas()
         with self.processor.read() as session:
             vocabulary = store.vocabulary(session)
         if name in KEYWORDS.split("|") or name in ("avg", "most_recent"):
@@ -173,6 +207,7 @@ class SegmentationHandlers:
             return store.all_computed(session)
 
     async def explain(self, query: str, schedule: str = "") -> pb.Explanation:
+        await self.learn_schemas()
         compiled = self.compile("", query, schedule)
         with self.processor.read() as session:
             known = {row.id: store.segment_of(row) for row in store.all_segments(session)}

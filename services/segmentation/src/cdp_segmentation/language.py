@@ -4,6 +4,7 @@
     count(order where channel = "store") >= 2 within 90d
     sum(order.total) > 500 within 365d and has email
     (cart_add where price > 0) not followed by order within 1h
+    add_to_cart within 7d not followed by purchase within 1h
     consent email_marketing = "y" and in segment gold_members
 
 Parse and type errors carry the line, the column and a hint. See docs/segmentation.md.
@@ -46,8 +47,8 @@ not_exists: PATH _NOT _EXISTS
 event_condition: AGG "(" PATH [_WHERE expr] ")" OP NUMBER [window]
 window: _WITHIN DURATION -> within
       | _BETWEEN DATE _AND DATE -> between
-sequence: pattern FOLLOWED_BY pattern _WITHIN DURATION
-        | pattern NOT_FOLLOWED_BY pattern _WITHIN DURATION
+sequence: pattern [window] FOLLOWED_BY pattern _WITHIN DURATION
+        | pattern [window] NOT_FOLLOWED_BY pattern _WITHIN DURATION
 pattern: PATH
        | "(" PATH _WHERE expr ")"
 has_identity: _HAS PATH
@@ -278,9 +279,12 @@ class _ToAst(Transformer[Token, Any]):  # type: ignore[misc]
         return pb.EventPattern(event_type=str(path))
 
     def sequence(self, items: list[Any]) -> pb.Expression:
-        first, arrow, then, duration = items
+        first, window, arrow, then, duration = items
         seq = pb.Sequence(first=first, then=then, within_seconds=_duration(duration))
         seq.negated = arrow.type == "NOT_FOLLOWED_BY"
+        if window is not None:
+            _check_first_window(window, seq, duration)
+            seq.first_window.CopyFrom(window)
         return pb.Expression(sequence=seq)
 
     def has_identity(self, items: list[Token]) -> pb.Expression:
@@ -300,6 +304,18 @@ def _check_comparison(path: Token, op: Token, value: pb.Literal) -> None:
         raise LanguageError(op, "type", f"{op} needs a number, a string or a date, not a {kind.split('_')[0]}")
     if str(op) in ("contains", "starts_with") and kind != "string_value":
         raise LanguageError(op, "type", f'{op} takes a string, e.g. {path} {op} "abc"')
+
+
+def _check_first_window(window: pb.Window, seq: pb.Sequence, duration: Token) -> None:
+    """`A within w1 not followed by B within w2` needs an A newer than w1 and at least w2 old:
+    refused when no A can be both (w1 <= w2), rather than a segment that is always empty."""
+    if seq.negated and window.WhichOneof("kind") == "within_seconds" and window.within_seconds <= seq.within_seconds:
+        first, then = seq.first.event_type, seq.then.event_type
+        hint = (
+            f"a {first} counts as not followed by {then} only once {duration} have passed after it: "
+            f"the window of {first} must be longer than {duration} (e.g. within 7d), or the segment never matches"
+        )
+        raise LanguageError(duration, "window", hint)
 
 
 def _hint(exc: UnexpectedInput, query: str) -> str:

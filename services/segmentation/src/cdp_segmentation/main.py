@@ -8,11 +8,13 @@ from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.envelope import utcnow
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
+from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import (
     SEGMENTATION_CONFIG,
     SEGMENTATION_MEMBERSHIPS,
+    SEGMENTATION_READS_IDENTITY_CONFIG,
     SEGMENTATION_READS_INGEST_CONFIG,
     SEGMENTATION_READS_PROFILE,
 )
@@ -34,12 +36,14 @@ def build_processor(
         service="segmentation",
         engine=engine,
         eventlog=eventlog,
-        tables=TABLES,
+        tables=[*TABLES, *NAMESPACE_TABLES],
         own_logs=[SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS],
         projection=SegmentationProjection(catalog),
         # Datasets first: a rebuild knows every retention before it replays the events.
         inputs=[
             Input(SEGMENTATION_READS_INGEST_CONFIG, DatasetsOfIngest(catalog)),
+            # Identity's namespaces: lookups by identity normalise with their types.
+            Input(SEGMENTATION_READS_IDENTITY_CONFIG, NamespacesOfIdentity()),
             Input(SEGMENTATION_READS_PROFILE, ProfilesToMemberships(catalog)),
         ],
         batch_size=batch_size,
@@ -52,6 +56,8 @@ def build(settings: SegmentationSettings, engine: Engine, eventlog: EventLog) ->
     handlers = SegmentationHandlers(processor, catalog, clock_interval_s=settings.clock_interval_s, wall_clock=utcnow)
     name = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name
     registration = Registration(
-        name, segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server, SegmentationServicer(handlers)
+        name,
+        segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
+        SegmentationServicer(handlers, phone_region=settings.default_phone_region),
     )
     return Service(processor, [registration], background=[handlers.backfill_loop, handlers.clock_loop])

@@ -2,7 +2,7 @@
 
 Every fragment is kept (records with their attributes, events as the event history), so a
 profile's merged attributes can be recomputed exactly under any merge policy and after a
-split. Merge policies: ``timestamp`` (newest record time wins, then log order) and
+split. Merge policies: ``timestamp`` (newest record time wins, then the later log position) and
 ``dataset_precedence`` (the first listed dataset holding the attribute wins; the others
 after it, by timestamp). Event history: each dataset's retention counts against the log's
 clock; a profile keeps at most ``event_cap`` events, the oldest dropped first.
@@ -61,8 +61,10 @@ def iso(ms: int) -> str:
 
 
 def winner_key(policy: pb.MergePolicy, source: dict[str, Any]) -> tuple[Any, ...]:
-    """The larger key wins an attribute."""
-    order = (int(source["ts"]), int(source["seq"]), str(source["id"]))
+    """The larger key wins an attribute: the newer record time, then the later log position (the
+    stream sequence of identity's message, then the fragment's place in it). Two fragments never
+    share a log position, so the key is total and needs no id."""
+    order = (int(source["ts"]), int(source["seq"]), int(source.get("pos", 0)))
     if policy.kind == pb.MERGE_POLICY_KIND_DATASET_PRECEDENCE:
         datasets = list(policy.datasets)
         rank = datasets.index(source["dataset"]) if source["dataset"] in datasets else len(datasets)
@@ -71,7 +73,12 @@ def winner_key(policy: pb.MergePolicy, source: dict[str, Any]) -> tuple[Any, ...
 
 
 def _source(row: FragmentRow) -> dict[str, Any]:
-    return {"dataset": row.dataset, "at": iso(row.ts_ms), "ts": row.ts_ms, "seq": row.seq, "id": row.source_event_id}
+    return source_of(row.dataset, row.ts_ms, row.seq, row.pos, row.source_event_id)
+
+
+def source_of(dataset: str, ts_ms: int, seq: int, pos: int, source_event_id: str) -> dict[str, Any]:
+    """Where an attribute's value came from, with what orders it."""
+    return {"dataset": dataset, "at": iso(ts_ms), "ts": ts_ms, "seq": seq, "pos": pos, "id": source_event_id}
 
 
 def _offer(profile: ProfileRow, row: FragmentRow, policy: pb.MergePolicy) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnElement
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.consent import NESTED, attribute_of, spellings_of
 from cdp_segmentation.evaluate import compare, literal_value
 from cdp_segmentation.store import EVENT, FragmentRow, ProfileIdentityRow, ProfileRow
 
@@ -90,6 +91,28 @@ class Json:
         each = sa.func.json_each(self.column, "$." + ".".join(self.path)).table_valued("value", "type").alias("each")
         inner = sa.select(sa.literal(1)).select_from(each).where(each.c.type == "text", each.c.value == value)
         return sa.and_(self.kind_is("array"), sa.exists(inner))
+
+
+def _consent_raw(ref: Json) -> Any:
+    """A consent value as lower-cased text (SQLite: true/false read as 1/0, which read as y/n)."""
+    if ref.pg:
+        raw = ref.column.op("#>>", return_type=sa.Text)(ref._pg_path())
+    else:
+        raw = sa.cast(sa.func.json_extract(ref.column, "$." + ".".join(ref.path)), sa.Text)
+    return sa.func.lower(sa.func.trim(raw))
+
+
+def consent_matches(attributes: Any, purpose: str, value: str, dialect: str) -> Bool:
+    """``consent_of(attributes, purpose) == consent_text(value)`` (cdp_kit.consent) in SQL."""
+    canonical = Json(attributes, (attribute_of(purpose),), dialect)
+    nested = Json(attributes, (NESTED, purpose), dialect)
+    text = sa.case(
+        (canonical.present(), _consent_raw(canonical)),
+        (nested.present(), _consent_raw(nested)),
+        else_=None,
+    )
+    result: Bool = text.in_(sorted(spellings_of(value)))
+    return result
 
 
 OPERATORS: dict[int, Callable[[Any, Any], Bool]] = {
@@ -279,7 +302,9 @@ class Compiler:
             )
             .correlate_except(then)
         )
-        starts = sa.select(first.c.profile_id).where(*self._pattern(seq.first, first))
+        starts = sa.select(first.c.profile_id).where(
+            *self._window(seq.first_window, first.c.ts_ms), *self._pattern(seq.first, first)
+        )
         if seq.negated:
             starts = starts.where(first.c.ts_ms + width <= self.now_ms, ~sa.exists(answer))
         else:
@@ -309,8 +334,7 @@ class Compiler:
             inner = inner.where(ident.c.profile_id == profile.c.profile_id, ident.c.namespace == ast.identity.namespace)
             return sa.exists(inner)
         if node == "consent":
-            ref = Json(profile.c.attributes, ("consents", ast.consent.purpose), self.dialect)
-            return compare_json(ref, pb.COMPARE_OP_EQ, ast.consent.value)
+            return consent_matches(profile.c.attributes, ast.consent.purpose, ast.consent.value, self.dialect)
         if node == "member_of":
             target = self.segments.get(ast.member_of.segment_id)
             return self.profile(target.ast, profile) if target is not None else sa.false()

@@ -11,7 +11,7 @@ from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.store import tables_of
-from cdp_segmentation.vocabulary import Vocabulary
+from cdp_segmentation.vocabulary import EventSchema, EventVocabulary, Vocabulary
 
 REALIZED = "realized"
 EXITED = "exited"
@@ -59,8 +59,10 @@ class FragmentRow(SQLModel, table=True):
     kind: str
     event_type: str = ""
     ts_ms: int = Field(sa_type=sa.BigInteger)
-    # Position in identity's log: the tie-break after the record time.
+    # Position in identity's log, the tie-break after the record time: the stream sequence of the
+    # message, then the fragment's place among the message's events.
     seq: int = Field(sa_type=sa.BigInteger)
+    pos: int = 0
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
@@ -98,6 +100,8 @@ class SchemaRow(SQLModel, table=True):
     name: str = Field(primary_key=True)
     schema_class: str
     fields: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    # Event schemas: the event types it declares (empty: its fields apply to any event type).
+    event_types: list[str] = Field(default_factory=list, sa_type=sa.JSON)
 
 
 class ComputedRow(SQLModel, table=True):
@@ -250,17 +254,22 @@ def sources_of(session: Session, profile_id: str) -> list[tuple[str, str, int, i
 
 
 def vocabulary(session: Session) -> Vocabulary:
-    """The fields ingest's schemas declare, for profiles and for events."""
+    """The fields ingest's schemas declare, for profiles and for events (per event type)."""
     attributes: dict[str, str] = {}
-    event_fields: dict[str, str] = {}
+    event_schemas: list[EventSchema] = []
     for row in session.exec(select(SchemaRow).order_by(col(SchemaRow.name))).all():
-        (event_fields if row.schema_class == "event" else attributes).update(row.fields)
-    computed = {a.name: computed_type(a, event_fields) for a in all_computed(session)}
-    return Vocabulary(attributes, event_fields, computed)
+        if row.schema_class == "event":
+            event_schemas.append(EventSchema(row.name, row.fields, tuple(row.event_types or ())))
+        else:
+            attributes.update(row.fields)
+    events = EventVocabulary(tuple(event_schemas))
+    computed = {a.name: computed_type(a, events) for a in all_computed(session)}
+    return Vocabulary(attributes, events, computed)
 
 
-def computed_type(attribute: pb.ComputedAttribute, event_fields: dict[str, str]) -> str:
+def computed_type(attribute: pb.ComputedAttribute, events: EventVocabulary) -> str:
     """What a computed attribute holds, for the type check: a number, or the field's type (most_recent)."""
     if attribute.aggregate != pb.AGGREGATE_MOST_RECENT:
         return "number"
-    return event_fields.get(attribute.field, "any")
+    kind = events.fields_of(attribute.pattern.event_type).get(attribute.field)
+    return kind if kind is not None and not kind.startswith("conflict:") else "any"

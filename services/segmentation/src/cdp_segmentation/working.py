@@ -36,7 +36,7 @@ from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp_kit.collector import CollectorPause
 from cdp_segmentation.computed import add_event, values, with_defaults
 from cdp_segmentation.evaluate import Event
-from cdp_segmentation.profiles import ProfileContext, iso, winner_key
+from cdp_segmentation.profiles import ProfileContext, source_of, winner_key
 from cdp_segmentation.store import EVENT, RECORD, FragmentRow, MembershipRow, ProfileIdentityRow, ProfileRow
 
 PROFILE: sa.Table = ProfileRow.__table__  # type: ignore[attr-defined]
@@ -53,6 +53,7 @@ FRAGMENT_COLUMNS: tuple[str, ...] = (
     "ts_ms",
     "seq",
     "attributes",
+    "pos",
 )
 SQLITE_CACHE_KIB = 65536
 
@@ -172,8 +173,11 @@ class WorkingSet:
         return profile_id in self.profiles
 
     # ------------------------------------------------------------------ changes
-    def apply_fragment(self, frag: identity_ev.ProfileFragment, seq: int, ctx: ProfileContext) -> ProfileState:
-        """Keep a fragment (a record's attributes or an event, within retention and the cap), in memory."""
+    def apply_fragment(
+        self, frag: identity_ev.ProfileFragment, seq: int, ctx: ProfileContext, pos: int = 0
+    ) -> ProfileState:
+        """Keep a fragment (a record's attributes or an event, within retention and the cap), in memory.
+        ``seq`` and ``pos``: its log position (message sequence, place among the message's events)."""
         profile_id = frag.profile_id
         state = self.profiles.get(profile_id) or self.get(profile_id)
         if not state.exists and profile_id not in self._dirty:
@@ -183,10 +187,10 @@ class WorkingSet:
         attributes = struct_dict(frag.attributes)
         source_event_id, dataset, event_type = frag.source_event_id, frag.dataset, frag.event_type
         # The seg_fragment row, in FRAGMENT_COLUMNS order.
-        row = (source_event_id, profile_id, dataset, kind, event_type, ts_ms, seq, attributes)
+        row = (source_event_id, profile_id, dataset, kind, event_type, ts_ms, seq, attributes, pos)
         if kind == RECORD:
             self._keep(source_event_id, row)
-            self._offer(state, attributes, (dataset, ts_ms, seq, source_event_id), ctx)
+            self._offer(state, attributes, source_of(dataset, ts_ms, seq, pos, source_event_id), ctx)
         elif not _expired(ts_ms, dataset, ctx):
             self._keep(source_event_id, row)
             self._add_event(state, StoredEvent(event_type, ts_ms, attributes, source_event_id, dataset, seq), ctx)
@@ -203,11 +207,9 @@ class WorkingSet:
         self._dropped.discard(source_event_id)
 
     def _offer(
-        self, state: ProfileState, attributes: dict[str, Any], origin: tuple[str, int, int, str], ctx: ProfileContext
+        self, state: ProfileState, attributes: dict[str, Any], candidate: dict[str, Any], ctx: ProfileContext
     ) -> None:
         """Each attribute of a record replaces the kept one unless that one wins by the merge policy."""
-        dataset, ts_ms, seq, source_event_id = origin
-        candidate = {"dataset": dataset, "at": iso(ts_ms), "ts": ts_ms, "seq": seq, "id": source_event_id}
         policy, sources = ctx.policy, state.sources
         mine = winner_key(policy, candidate)
         # The attributes a record set share one source dict: compared once in a row.

@@ -1,8 +1,10 @@
-"""Advertising destinations: hashed identifiers exactly per ../shared/specs/destinations.md."""
+"""Advertising destinations: hashed identifiers exactly as each platform documents them
+(docs/activation.md)."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -18,15 +20,14 @@ from cdp_activation.connectors.base import (
     Record,
     SendContext,
     SendResult,
+    count_drop,
 )
+
+_WHITESPACE = re.compile(r"\s+")
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)] or []
-
-
-def _hashed(value: str | None) -> str:
-    return ids.hash_or_none(value) or ""
 
 
 # ------------------------------------------------------------------------- Meta
@@ -60,58 +61,100 @@ def meta_error(resp: http.Response) -> DeliveryError | None:
     return http.default_error(resp)
 
 
-# Meta keys from profile data: identity namespaces, then attributes.
-META_IDENTITY_KEYS = {"email": "EMAIL", "phone": "PHONE", "madid": "MADID", "crm_id": "EXTERN_ID"}
-META_ATTRIBUTE_KEYS = {
-    "first_name": ("FN", ids.name_meta),
-    "last_name": ("LN", ids.name_meta),
-    "gender": ("GEN", ids.gender),
-    "birth_year": ("DOBY", ids.dob_year),
-    "birth_month": ("DOBM", ids.dob_month),
-    "birth_day": ("DOBD", ids.dob_day),
-    "city": ("CT", ids.city),
-    "state": ("ST", ids.state),
-    "zip": ("ZIP", ids.zip_code),
-    "country": ("COUNTRY", ids.country),
+# Meta keys from profile data: identity namespaces (several may feed one key: a device's
+# IDFA or GAID is its MADID), then attributes. Each attribute is (key, normaliser, drop kind).
+META_IDENTITY_KEYS = {
+    "email": "EMAIL",
+    "phone": "PHONE",
+    "idfa": "MADID",
+    "gaid": "MADID",
+    "madid": "MADID",
+    "crm_id": "EXTERN_ID",
 }
+META_ATTRIBUTE_KEYS: dict[str, tuple[str, Callable[[str], str | None], str]] = {
+    "first_name": ("FN", ids.name_meta, "name"),
+    "last_name": ("LN", ids.name_meta, "name"),
+    "gender": ("GEN", ids.gender, "gender"),
+    "birth_year": ("DOBY", ids.dob_year, "dob"),
+    "birth_month": ("DOBM", ids.dob_month, "dob"),
+    "birth_day": ("DOBD", ids.dob_day, "dob"),
+    "city": ("CT", ids.city, "name"),
+    "state": ("ST", ids.state, "state"),
+    "zip": ("ZIP", ids.zip_code, "zip"),
+    "postal_code": ("ZIP", ids.zip_code, "zip"),
+    "country": ("COUNTRY", ids.country, "country"),
+}
+META_KINDS = {"EMAIL": "email", "PHONE": "phone", "MADID": "maid", "EXTERN_ID": "external id"}
+
+
+def in_region(normalise: Callable[[str, str], str | None], region: str) -> Callable[[str], str | None]:
+    """A (value, phone region) normaliser bound to one region."""
+    return lambda value: normalise(value, region)
+
+
+def distinct(keys: list[str]) -> list[str]:
+    return list(dict.fromkeys(keys))
 
 
 class MetaCustomAudience(Connector):
     name = "meta_custom_audience"
     config_model: ClassVar[type[ConnectorConfig]] = MetaConfig
     idempotent = True  # session_id and batch_seq derive from the batch id
-    identity_namespaces = ("email", "phone", "madid", "crm_id")
+    identity_namespaces = tuple(META_IDENTITY_KEYS)
     identity_rule = "any"
     min_audience = 100
 
-    def payload(self, cfg: MetaConfig, batch: Batch) -> tuple[list[str], list[list[str]], int]:
-        id_keys = [(ns, META_IDENTITY_KEYS[ns]) for ns in batch.identities if ns in META_IDENTITY_KEYS]
-        attr_keys = [(a, *META_ATTRIBUTE_KEYS[a]) for a in batch.attributes if a in META_ATTRIBUTE_KEYS]
-        schema = [key for _, key in id_keys] + [key for _, key, _ in attr_keys]
+    def payload(self, cfg: MetaConfig, batch: Batch) -> tuple[list[str], list[list[str]], dict[str, int]]:
+        """(schema, rows, rejected by reason): one row per member, one column per key; an
+        identifier that cannot be normalised leaves its cell blank and is counted."""
+        id_keys = distinct([META_IDENTITY_KEYS[ns] for ns in batch.identities if ns in META_IDENTITY_KEYS])
+        attr_keys = distinct([META_ATTRIBUTE_KEYS[a][0] for a in batch.attributes if a in META_ATTRIBUTE_KEYS])
+        schema = id_keys + attr_keys
         rows: list[list[str]] = []
-        rejected = 0
+        rejected: dict[str, int] = {}
         for rec in batch.records:
-            row = [self.identity(cfg, ns, rec.first(ns)) for ns, _ in id_keys]
+            row = [self.identity(cfg, key, rec, batch.identities, rejected) for key in id_keys]
             if not any(row):
-                rejected += 1
+                rejected["no valid identifier"] = rejected.get("no valid identifier", 0) + 1
                 continue
-            for attr, _, normalise in attr_keys:
-                value = rec.attributes.get(attr)
-                row.append(_hashed(normalise(str(value))) if value not in (None, "") else "")
+            row += [self.attribute(key, rec, batch.attributes, rejected) for key in attr_keys]
             rows.append(row)
         return schema, rows, rejected
 
     @staticmethod
-    def identity(cfg: MetaConfig, ns: str, raw: str) -> str:
-        if not raw:
-            return ""
-        if ns == "email":
-            return _hashed(ids.email_meta(raw))
-        if ns == "phone":
-            return _hashed(ids.phone_digits(ids.canonical_phone(raw, cfg.phone_region)))
-        if ns == "madid":
-            return ids.madid(raw) or ""
-        return raw.strip()  # EXTERN_ID: sent as is
+    def identity(cfg: MetaConfig, key: str, rec: Record, namespaces: list[str], rejected: dict[str, int]) -> str:
+        """The first value of the key's namespaces that normalises; blank if none does."""
+        for ns in namespaces:
+            if META_IDENTITY_KEYS.get(ns) != key:
+                continue
+            for raw in rec.identities.get(ns, []):
+                if value := MetaCustomAudience.identifier(cfg, key, raw):
+                    return value
+                if raw.strip():
+                    count_drop(rejected, META_KINDS[key])
+        return ""
+
+    @staticmethod
+    def identifier(cfg: MetaConfig, key: str, raw: str) -> str | None:
+        if key == "EMAIL":
+            return ids.hashed(raw, ids.email_meta)
+        if key == "PHONE":
+            return ids.hashed(raw, lambda v: ids.phone_digits(ids.canonical_phone(v, cfg.phone_region)))
+        if key == "MADID":
+            return ids.madid(raw)  # sent unhashed
+        return raw.strip() or None  # EXTERN_ID: sent as is, unhashed
+
+    @staticmethod
+    def attribute(key: str, rec: Record, attributes: list[str], rejected: dict[str, int]) -> str:
+        for attr in attributes:
+            spec = META_ATTRIBUTE_KEYS.get(attr)
+            value = rec.attributes.get(attr)
+            if spec is None or spec[0] != key or value in (None, ""):
+                continue
+            if digest := ids.hashed(str(value), spec[1]):
+                return digest
+            count_drop(rejected, spec[2])
+        return ""
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, MetaConfig)
@@ -134,12 +177,8 @@ class MetaCustomAudience(Connector):
             await http.call(ctx.http, method, url, json_body=body, headers=headers, classify=meta_error)
         id_count = sum(1 for key in schema if key in META_IDENTITY_KEYS.values())
         activated = sum(1 for row in rows for v in row[:id_count] if v)
-        return SendResult(
-            activated=activated,
-            location=url,
-            rejected={"no valid identifier": rejected} if rejected else {},
-            warnings=self.warnings(ctx.members_after),
-        )
+        warnings = self.warnings(ctx.members_after)
+        return SendResult(activated=activated, location=url, rejected=rejected, warnings=warnings)
 
 
 # ----------------------------------------------------------------------- Google
@@ -183,32 +222,49 @@ class GoogleCustomerMatch(Connector):
     identity_rule = "any"
     min_audience = 100
 
-    def user_identifiers(self, cfg: GoogleConfig, rec: Record) -> list[dict[str, Any]]:
+    def user_identifiers(self, cfg: GoogleConfig, rec: Record, rejected: dict[str, int]) -> list[dict[str, Any]]:
+        """A member's UserIdentifiers; a value that cannot be normalised is left out and counted."""
         out: list[dict[str, Any]] = []
         for raw in rec.identities.get("email", []):
-            if value := ids.hash_or_none(ids.email_google(raw, cfg.gmail_rule)):
+            if value := ids.hashed(raw, lambda v: ids.email_google(v, cfg.gmail_rule)):
                 out.append({"hashedEmail": value})
+            elif raw.strip():
+                count_drop(rejected, "email")
         for raw in rec.identities.get("phone", []):
-            if value := ids.hash_or_none(ids.canonical_phone(raw, cfg.phone_region)):
+            if value := ids.hashed(raw, lambda v: ids.canonical_phone(v, cfg.phone_region)):
                 out.append({"hashedPhoneNumber": value})
-        first, last = rec.attributes.get("first_name"), rec.attributes.get("last_name")
-        country, postal = rec.attributes.get("country"), rec.attributes.get("postal_code")
-        if first and last and country and postal:
-            out.append(
-                {
-                    "addressInfo": {
-                        "hashedFirstName": _hashed(ids.google_first_name(str(first))),
-                        "hashedLastName": _hashed(ids.google_last_name(str(last))),
-                        "countryCode": str(country).strip().upper(),
-                        "postalCode": str(postal).strip(),
-                    }
-                }
-            )
+            elif raw.strip():
+                count_drop(rejected, "phone")
+        if address := self.address(rec, rejected):
+            out.append({"addressInfo": address})
         unique: list[dict[str, Any]] = []
         for item in out:
             if item not in unique:
                 unique.append(item)
         return unique[:GOOGLE_MAX_PER_USER]
+
+    @staticmethod
+    def address(rec: Record, rejected: dict[str, int]) -> dict[str, str] | None:
+        """OfflineUserAddressInfo: hashed first and last name, ISO 3166-1 alpha-2 country and
+        postal code unhashed. All four are needed; one that does not normalise drops it."""
+        attrs = rec.attributes
+        raw = {
+            "first": attrs.get("first_name"),
+            "last": attrs.get("last_name"),
+            "country": attrs.get("country"),
+            "postal": attrs.get("postal_code") or attrs.get("zip"),
+        }
+        if any(v in (None, "") for v in raw.values()):
+            return None
+        first = ids.hashed(str(raw["first"]), ids.google_first_name)
+        last = ids.hashed(str(raw["last"]), ids.google_last_name)
+        country = ids.country_upper(str(raw["country"]))
+        postal = _WHITESPACE.sub(" ", str(raw["postal"]).strip())
+        if not (first and last and country and postal):
+            checks = (("name", first), ("name", last), ("country", country), ("zip", postal))
+            count_drop(rejected, next(kind for kind, value in checks if not value))
+            return None
+        return {"hashedFirstName": first, "hashedLastName": last, "countryCode": country, "postalCode": postal}
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, GoogleConfig)
@@ -216,10 +272,12 @@ class GoogleCustomerMatch(Connector):
         headers = {"Authorization": f"Bearer {config.access_token}", "developer-token": config.developer_token}
         if config.login_customer_id:
             headers["login-customer-id"] = config.login_customer_id
-        users = [u for rec in batch.records if (u := self.user_identifiers(config, rec))]
-        rejected = len(batch.records) - len(users)
+        rejected_by: dict[str, int] = {}
+        users = [u for rec in batch.records if (u := self.user_identifiers(config, rec, rejected_by))]
+        if missing := len(batch.records) - len(users):
+            rejected_by["no valid identifier"] = missing
         if not users:
-            return SendResult(activated=0, rejected={"no valid identifier": rejected} if rejected else {})
+            return SendResult(activated=0, rejected=rejected_by)
         metadata: dict[str, Any] = {"userList": f"customers/{config.customer_id}/userLists/{config.user_list_id}"}
         if batch.action == "add":
             metadata["consent"] = {"adUserData": "GRANTED", "adPersonalization": "GRANTED"}
@@ -263,7 +321,6 @@ class GoogleCustomerMatch(Connector):
         await http.call(
             ctx.http, "POST", f"{base}/{resource}:run", json_body={}, headers=headers, classify=google_error
         )
-        rejected_by = {"no valid identifier": rejected} if rejected else {}
         if partial:
             rejected_by["rejected by destination"] = partial
         activated = sum(len(u) for u in users) - partial
@@ -280,19 +337,36 @@ class SnapConfig(ConnectorConfig):
     phone_region: str = "US"
 
 
-SNAP_SCHEMAS: dict[str, tuple[str, Callable[[str, str], str | None]]] = {
-    "email": ("EMAIL_SHA256", lambda v, r: ids.email_basic(v)),
-    "phone": ("PHONE_SHA256", lambda v, r: ids.phone_digits(ids.canonical_phone(v, r))),
-    "madid": ("MOBILE_AD_ID_SHA256", lambda v, r: ids.madid(v)),
+SNAP_SCHEMAS: dict[str, tuple[str, str, Callable[[str, str], str | None]]] = {
+    "email": ("EMAIL_SHA256", "email", lambda v, r: ids.email_basic(v)),
+    "phone": ("PHONE_SHA256", "phone", lambda v, r: ids.phone_digits(ids.canonical_phone(v, r))),
+    "idfa": ("MOBILE_AD_ID_SHA256", "maid", lambda v, r: ids.madid(v)),
+    "gaid": ("MOBILE_AD_ID_SHA256", "maid", lambda v, r: ids.madid(v)),
+    "madid": ("MOBILE_AD_ID_SHA256", "maid", lambda v, r: ids.madid(v)),
 }
 
 
 class SnapAudience(Connector):
     name = "snap_audience"
     config_model: ClassVar[type[ConnectorConfig]] = SnapConfig
-    identity_namespaces = ("email", "phone", "madid")
+    identity_namespaces = tuple(SNAP_SCHEMAS)
     identity_rule = "any"
     min_audience = 1000
+
+    @staticmethod
+    def hashes(cfg: SnapConfig, batch: Batch, rejected: dict[str, int]) -> dict[str, list[str]]:
+        """Schema -> its distinct SHA-256 hex digests; a value that does not normalise is counted."""
+        out: dict[str, set[str]] = {}
+        for ns in [n for n in batch.identities if n in SNAP_SCHEMAS]:
+            schema, kind, normalise = SNAP_SCHEMAS[ns]
+            found = out.setdefault(schema, set())
+            for rec in batch.records:
+                for raw in rec.identities.get(ns, []):
+                    if digest := ids.hashed(raw, in_region(normalise, cfg.phone_region)):
+                        found.add(digest)
+                    elif raw.strip():
+                        count_drop(rejected, kind)
+        return {schema: sorted(found) for schema, found in out.items() if found}
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, SnapConfig)
@@ -300,21 +374,13 @@ class SnapAudience(Connector):
         method = "POST" if batch.action == "add" else "DELETE"
         headers = {"Authorization": f"Bearer {config.access_token}"}
         activated = 0
-        for ns in [n for n in batch.identities if n in SNAP_SCHEMAS]:
-            schema, normalise = SNAP_SCHEMAS[ns]
-            hashed = sorted(
-                {
-                    h
-                    for r in batch.records
-                    for v in r.identities.get(ns, [])
-                    if (h := _hashed(normalise(v, config.phone_region)))
-                }
-            )
+        rejected: dict[str, int] = {}
+        for schema, hashed in self.hashes(config, batch, rejected).items():
             for part in chunks(hashed, 100_000):  # one schema per request, ≤100,000 identifiers
                 body = {"users": [{"schema": [schema], "data": [[h] for h in part]}]}
                 await http.call(ctx.http, method, url, json_body=body, headers=headers)
                 activated += len(part)
-        return SendResult(activated, location=url, warnings=self.warnings(ctx.members_after))
+        return SendResult(activated, location=url, rejected=rejected, warnings=self.warnings(ctx.members_after))
 
 
 class TikTokConfig(ConnectorConfig):
@@ -336,31 +402,53 @@ def tiktok_error(resp: http.Response) -> DeliveryError | None:
     return None
 
 
+# TikTok id_schema per namespace: (schema, drop kind, normaliser). MAIDs are sent lower-case
+# with their hyphens (TikTok asks for one consistent case), SHA-256 hashed.
+TIKTOK_SCHEMAS: dict[str, tuple[str, str, Callable[[str, str], str | None]]] = {
+    "email": ("EMAIL_SHA256", "email", lambda v, r: ids.email_tiktok(v)),
+    "phone": ("PHONE_SHA256", "phone", lambda v, r: ids.phone_digits(ids.canonical_phone(v, r))),
+    "idfa": ("IDFA_SHA256", "maid", lambda v, r: ids.madid(v)),
+    "gaid": ("AAID_SHA256", "maid", lambda v, r: ids.madid(v)),
+}
+
+
 class TikTokAudience(Connector):
     name = "tiktok_audience"
     config_model: ClassVar[type[ConnectorConfig]] = TikTokConfig
-    identity_namespaces = ("email", "phone")
+    identity_namespaces = tuple(TIKTOK_SCHEMAS)
     identity_rule = "any"
     min_audience = 1000
 
-    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
-        assert isinstance(config, TikTokConfig)
-        namespaces = [ns for ns in batch.identities if ns in ("email", "phone")] or ["email", "phone"]
-        schema = ["EMAIL_SHA256" if ns == "email" else "PHONE_SHA256" for ns in namespaces]
+    @staticmethod
+    def users(
+        cfg: TikTokConfig, batch: Batch, rejected: dict[str, int]
+    ) -> tuple[list[str], list[list[dict[str, Any]]]]:
+        """(id_schema, batch_data): one inner list per member, positions follow id_schema,
+        ``{}`` where the member has no usable value; a value that does not normalise is counted."""
+        namespaces = [ns for ns in batch.identities if ns in TIKTOK_SCHEMAS] or ["email", "phone"]
+        schema = [TIKTOK_SCHEMAS[ns][0] for ns in namespaces]
         users: list[list[dict[str, Any]]] = []
         for rec in batch.records:
             row: list[dict[str, Any]] = []
             for ns in namespaces:
-                raw = rec.first(ns)
-                value = (
-                    ids.email_tiktok(raw)
-                    if ns == "email"
-                    else ids.phone_digits(ids.canonical_phone(raw, config.phone_region))
-                )
-                hashed = ids.hash_or_none(value) if raw else None
-                row.append({"id": hashed, "audience_ids": [config.audience_id]} if hashed else {})
+                _, kind, normalise = TIKTOK_SCHEMAS[ns]
+                digest = None
+                for raw in rec.identities.get(ns, []):
+                    if digest := ids.hashed(raw, in_region(normalise, cfg.phone_region)):
+                        break
+                    if raw.strip():
+                        count_drop(rejected, kind)
+                row.append({"id": digest, "audience_ids": [cfg.audience_id]} if digest else {})
             if any(row):
                 users.append(row)
+            else:
+                rejected["no valid identifier"] = rejected.get("no valid identifier", 0) + 1
+        return schema, users
+
+    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        assert isinstance(config, TikTokConfig)
+        rejected: dict[str, int] = {}
+        schema, users = self.users(config, batch, rejected)
         url = f"{config.base_url.rstrip('/')}/open_api/v1.3/segment/mapping/"
         body = {
             "advertiser_ids": [config.advertiser_id],
@@ -377,11 +465,10 @@ class TikTokAudience(Connector):
                 headers={"Access-Token": config.access_token},
                 classify=tiktok_error,
             )
-        rejected = len(batch.records) - len(users)
         return SendResult(
             activated=sum(1 for u in users for item in u if item),
             location=url,
-            rejected={"no valid identifier": rejected} if rejected else {},
+            rejected=rejected,
             warnings=self.warnings(ctx.members_after),
         )
 
@@ -396,21 +483,39 @@ class LinkedInConfig(ConnectorConfig):
 class LinkedInAudience(Connector):
     name = "linkedin_audience"
     config_model: ClassVar[type[ConnectorConfig]] = LinkedInConfig
-    identity_namespaces = ("email", "google_aid")
+    identity_namespaces = ("email", "gaid", "google_aid")
     identity_rule = "any"
     min_audience = 300
+
+    @staticmethod
+    def user_ids(rec: Record, rejected: dict[str, int]) -> list[dict[str, str]]:
+        """SHA256_EMAIL (hex) and GOOGLE_AID (the Android advertising id, unhashed): the first
+        value of each that normalises; the others that do not are counted."""
+        out: list[dict[str, str]] = []
+        sources: list[tuple[str, str, list[str], Callable[[str], str | None]]] = [
+            ("SHA256_EMAIL", "email", rec.identities.get("email", []), lambda v: ids.hashed(v, ids.email_linkedin)),
+            (
+                "GOOGLE_AID",
+                "maid",
+                rec.identities.get("gaid", []) + rec.identities.get("google_aid", []),
+                ids.madid,
+            ),
+        ]
+        for id_type, kind, values, normalise in sources:
+            for raw in values:
+                if value := normalise(raw):
+                    out.append({"idType": id_type, "idValue": value})
+                    break
+                if raw.strip():
+                    count_drop(rejected, kind)
+        return out
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, LinkedInConfig)
         elements = []
+        rejected: dict[str, int] = {}
         for rec in batch.records:
-            user_ids = [
-                {"idType": "SHA256_EMAIL", "idValue": h}
-                for v in rec.identities.get("email", [])[:1]
-                if (h := _hashed(ids.email_linkedin(v)))
-            ]
-            user_ids += [{"idType": "GOOGLE_AID", "idValue": v} for v in rec.identities.get("google_aid", [])[:1]]
-            if user_ids:
+            if user_ids := self.user_ids(rec, rejected):
                 elements.append({"action": "ADD" if batch.action == "add" else "REMOVE", "userIds": user_ids})
         url = f"{config.base_url.rstrip('/')}/rest/dmpSegments/{config.segment_id}/users"
         headers = {
@@ -424,9 +529,8 @@ class LinkedInAudience(Connector):
             resp = await http.call(ctx.http, "POST", url, json_body={"elements": part}, headers=headers)
             statuses = resp.body.get("elements", []) if isinstance(resp.body, dict) else []
             failed += sum(1 for s in statuses if isinstance(s, dict) and int(s.get("status", 201)) >= 300)
-        rejected = (
-            {"no valid identifier": len(batch.records) - len(elements)} if len(elements) < len(batch.records) else {}
-        )
+        if missing := len(batch.records) - len(elements):
+            rejected["no valid identifier"] = missing
         if failed:
             rejected["rejected by destination"] = failed
         return SendResult(

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cdp_activation import identifiers as ids
 from cdp_kit.errors import InvalidInput, Violation
 
 Action = Literal["add", "remove"]
@@ -87,6 +88,12 @@ class SendResult:
     location: str = ""
     rejected: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+def count_drop(rejected: dict[str, int], kind: str) -> None:
+    """Count one identifier dropped because it cannot be normalised (reason has no value)."""
+    reason = ids.drop_reason(kind)
+    rejected[reason] = rejected.get(reason, 0) + 1
 
 
 @dataclass

@@ -4,7 +4,9 @@ Base64 SHA-256 identifiers)."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -21,6 +23,7 @@ from cdp_activation.connectors.base import (
     Record,
     SendContext,
     SendResult,
+    count_drop,
 )
 
 # ----------------------------------------------------------------------- Klaviyo
@@ -32,6 +35,7 @@ class KlaviyoConfig(ConnectorConfig):
     list_id: str = Field(min_length=1)
     revision: str = Field(default="2026-04-15", pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
     rate_per_s: float = 10.0  # Klaviyo M tier burst
+    phone_region: str = "US"
 
 
 class Klaviyo(Connector):
@@ -56,16 +60,20 @@ class Klaviyo(Connector):
         root = config.base_url.rstrip("/")
         hdrs = {**self.headers(config), "Content-Type": "application/vnd.api+json"}
         people: list[dict[str, Any]] = []
+        rejected: dict[str, int] = {}
         for rec in batch.records:
             attrs: dict[str, Any] = {}
             if email := ids.email_basic(rec.first("email")):
                 attrs["email"] = email
-            if rec.first("phone") and (phone := ids.canonical_phone(rec.first("phone"))):
+            if phone := ids.canonical_phone(rec.first("phone"), config.phone_region):
                 attrs["phone_number"] = phone
+            elif rec.first("phone").strip():
+                count_drop(rejected, "phone")  # Klaviyo refuses a number that is not valid E.164
             if attrs:
                 attrs["properties"] = {a: rec.attributes[a] for a in batch.attributes if a in rec.attributes}
                 people.append(attrs)
-        rejected = {"no valid identifier": len(batch.records) - len(people)} if len(people) < len(batch.records) else {}
+        if missing := len(batch.records) - len(people):
+            rejected["no valid identifier"] = missing
         if batch.action == "add":
             for part in chunks(people, 10_000):
                 body = {
@@ -159,6 +167,11 @@ class TradeDeskConfig(ConnectorConfig):
     phone_region: str = "US"
 
 
+def _digest_only(raw: str) -> str | None:
+    """A hashed namespace has nothing to normalise: only a SHA-256 hex digest is usable."""
+    return None
+
+
 class TradeDeskCrm(Connector):
     """CRM data with MergeMode Replace: every batch uploads the plan's whole audience
     (removal is by omission), as Base64 SHA-256 (UID2 normalisation); warns below the
@@ -166,7 +179,8 @@ class TradeDeskCrm(Connector):
 
     name = "trade_desk_crm"
     config_model: ClassVar[type[ConnectorConfig]] = TradeDeskConfig
-    identity_namespaces = ("email", "phone")
+    # email_sha256 / phone_sha256 hold SHA-256 hex digests made elsewhere: re-encoded to Base64.
+    identity_namespaces = ("email", "phone", "email_sha256", "phone_sha256")
     identity_rule = "any"
     idempotent = True  # a replace of the same list is a no-op
     min_audience = 1500
@@ -175,16 +189,28 @@ class TradeDeskCrm(Connector):
         return True
 
     @staticmethod
-    def identifier(cfg: TradeDeskConfig, rec: Record) -> str | None:
+    def identifier(cfg: TradeDeskConfig, rec: Record, rejected: dict[str, int]) -> str | None:
+        """The member's first identifier of the list's PII type that normalises, as Base64
+        SHA-256 (a value that is already a SHA-256 hex digest is re-encoded, not hashed)."""
+        sources: list[tuple[str, str, Callable[[str], str | None]]]
         if cfg.pii_type.startswith("Phone"):
-            raw = rec.first("phone")
-            return ids.hash_or_none(ids.canonical_phone(raw, cfg.phone_region) if raw else None, ids.sha256_b64)
-        return ids.hash_or_none(ids.email_uid2(rec.first("email")), ids.sha256_b64)
+            phone = functools.partial(ids.canonical_phone, default_region=cfg.phone_region)
+            sources = [("phone", "phone", phone), ("phone_sha256", "hash", _digest_only)]
+        else:
+            sources = [("email", "email", ids.email_uid2), ("email_sha256", "hash", _digest_only)]
+        for ns, kind, normalise in sources:
+            for raw in rec.identities.get(ns, []):
+                if value := ids.hashed(raw, normalise, ids.sha256_b64):
+                    return value
+                if raw.strip():
+                    count_drop(rejected, kind)
+        return None
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, TradeDeskConfig)
         records = batch.snapshot if batch.snapshot is not None else batch.records
-        lines = sorted({v for rec in records if (v := self.identifier(config, rec))})
+        rejected: dict[str, int] = {}
+        lines = sorted({v for rec in records if (v := self.identifier(config, rec, rejected))})
         headers = {"TTD-Auth": config.auth_token}
         url = f"{config.base_url.rstrip('/')}/v3/crmdata/segment/{config.advertiser_id}/{config.crm_data_id}"
         body = {"PiiType": config.pii_type, "MergeMode": "Replace", "RetentionEnabled": True}
@@ -194,4 +220,4 @@ class TradeDeskCrm(Connector):
             raise DeliveryError("TTD answered no upload Url", permanent=False)
         data = ("\n".join(lines) + "\n").encode() if lines else b""
         await http.call(ctx.http, "PUT", str(upload), data=data, headers={"Content-Type": "text/plain"})
-        return SendResult(len(lines), url, warnings=self.warnings(len(lines)))
+        return SendResult(len(lines), url, rejected=rejected, warnings=self.warnings(len(lines)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -12,7 +13,16 @@ from pydantic import Field
 from cdp_activation import identifiers as ids
 from cdp_activation.connectors import http
 from cdp_activation.connectors.ads import chunks
-from cdp_activation.connectors.base import Batch, Connector, ConnectorConfig, DeliveryError, SendContext, SendResult
+from cdp_activation.connectors.base import (
+    Batch,
+    Connector,
+    ConnectorConfig,
+    DeliveryError,
+    Record,
+    SendContext,
+    SendResult,
+    count_drop,
+)
 
 
 def basic(user: str, password: str) -> str:
@@ -72,6 +82,7 @@ class BrazeConfig(ConnectorConfig):
     # The identity namespace used as Braze external_id; empty = the CDP profile id.
     external_id_namespace: str = ""
     attribute: str = "cdp_audiences"
+    phone_region: str = "US"
 
 
 def braze_error(resp: http.Response) -> DeliveryError | None:
@@ -79,6 +90,31 @@ def braze_error(resp: http.Response) -> DeliveryError | None:
     if error is None and isinstance(resp.body, dict) and resp.body.get("message") not in ("success", "queued", None):
         return DeliveryError(f"Braze: {http.short(str(resp.body.get('message')))}", permanent=True)
     return error
+
+
+# Braze standard profile fields sent with a documented format: (normaliser, drop kind).
+BRAZE_FIELDS: dict[str, tuple[Callable[[str], str | None], str]] = {
+    "country": (ids.country_upper, "country"),  # ISO-3166-1 alpha-2
+    "gender": (ids.braze_gender, "gender"),  # M, F, O, N or P
+    "dob": (ids.iso_date, "dob"),  # YYYY-MM-DD
+}
+
+
+def braze_attributes(rec: Record, attributes: list[str], rejected: dict[str, int]) -> dict[str, Any]:
+    """The plan's attributes for one Braze user; standard fields in Braze's format, and one
+    that cannot be put in it is left out (and counted) rather than sent wrong."""
+    out: dict[str, Any] = {}
+    for attr in attributes:
+        if attr not in rec.attributes:
+            continue
+        value = rec.attributes[attr]
+        if attr in BRAZE_FIELDS and value not in (None, ""):
+            normalise, kind = BRAZE_FIELDS[attr]
+            if (value := normalise(str(value))) is None:
+                count_drop(rejected, kind)
+                continue
+        out[attr] = value
+    return out
 
 
 class Braze(Connector):
@@ -93,15 +129,18 @@ class Braze(Connector):
         assert isinstance(config, BrazeConfig)
         url = f"{config.base_url.rstrip('/')}/users/track"
         objects: list[dict[str, Any]] = []
+        rejected: dict[str, int] = {}
         for rec in batch.records:
             external = rec.first(config.external_id_namespace) if config.external_id_namespace else rec.profile_id
             if not external:
                 continue
             obj: dict[str, Any] = {"external_id": external, config.attribute: {batch.action: [batch.segment]}}
             if batch.action == "add":
-                obj.update({a: rec.attributes[a] for a in batch.attributes if a in rec.attributes})
-                if phone := ids.canonical_phone(rec.first("phone")) if rec.first("phone") else None:
+                obj.update(braze_attributes(rec, batch.attributes, rejected))
+                if phone := ids.canonical_phone(rec.first("phone"), config.phone_region):
                     obj["phone"] = phone
+                elif rec.first("phone").strip():
+                    count_drop(rejected, "phone")
             objects.append(obj)
         headers = {"Authorization": f"Bearer {config.api_key}"}
         errors = 0
@@ -110,7 +149,8 @@ class Braze(Connector):
                 ctx.http, "POST", url, json_body={"attributes": part}, headers=headers, classify=braze_error
             )
             errors += len(resp.body.get("errors", [])) if isinstance(resp.body, dict) else 0
-        rejected = {"no external id": len(batch.records) - len(objects)} if len(objects) < len(batch.records) else {}
+        if missing := len(batch.records) - len(objects):
+            rejected["no external id"] = missing
         if errors:
             rejected["rejected by destination"] = errors
         return SendResult(len(objects) - errors, url, rejected)

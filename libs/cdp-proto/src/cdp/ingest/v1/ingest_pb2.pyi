@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _FieldType:
@@ -158,18 +163,41 @@ class Field(_message.Message):
     MAXIMUM_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    CONSENT_FOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: Global___FieldType.ValueType
     required: _builtins.bool
     identity_namespace: _builtins.str
-    """Non-empty when the field is an identity of that namespace."""
-    primary_identity: _builtins.bool
+    """Non-empty when the field is an identity of that namespace. A schema may declare any number
+    of identity fields; a row needs at least one usable identity value (rule `identity`).
+    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def primary_identity(self) -> _builtins.bool:
+        """No longer used: identity picks a record's anchor by namespace priority. CreateSchema refuses
+        it; schemas registered with it stay readable (it made the field required, which is
+        `required` now).
+        """
+
+    @primary_identity.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def primary_identity(self, value: _builtins.bool) -> None:
+        """No longer used: identity picks a record's anchor by namespace priority. CreateSchema refuses
+        it; schemas registered with it stay readable (it made the field required, which is
+        `required` now).
+        """
+
     pattern: _builtins.str
     max_length: _builtins.int
     minimum: _builtins.float
     maximum: _builtins.float
     items: Global___FieldType.ValueType
     """Element type of an array field."""
+    consent_for: _builtins.str
+    """Profile schemas: this field holds the person's consent to a marketing action (e.g.
+    "email_marketing"). Ingest writes its value, normalised to "y", "n" or "u", to the canonical
+    attribute consents.<action>, which segmentation's `consent` and activation's gate read.
+    """
     @_builtins.property
     def enum_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -191,10 +219,11 @@ class Field(_message.Message):
         maximum: _builtins.float | None = ...,
         fields: _abc.Iterable[Global___Field] | None = ...,
         items: Global___FieldType.ValueType = ...,
+        consent_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "enum_values", b"enum_values", "fields", b"fields", "identity_namespace", b"identity_namespace", "items", b"items", "max_length", b"max_length", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "pattern", b"pattern", "primary_identity", b"primary_identity", "required", b"required", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "consent_for", b"consent_for", "enum_values", b"enum_values", "fields", b"fields", "identity_namespace", b"identity_namespace", "items", b"items", "max_length", b"max_length", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "pattern", b"pattern", "primary_identity", b"primary_identity", "required", b"required", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
     _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
@@ -218,6 +247,7 @@ class Schema(_message.Message):
     EVENT_ID_FIELD_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     schema_class: Global___SchemaClass.ValueType
@@ -228,6 +258,13 @@ class Schema(_message.Message):
     """Event schemas: which field names the event type (e.g. "type"); optional."""
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___Field]: ...
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event schemas: the event types this schema carries (needs event_type_field). Its fields then
+        type-check only conditions on these types, and an event of another type is rejected (rule
+        event_type). Empty: the fields apply to any event type.
+        """
+
     def __init__(
         self,
         *,
@@ -238,10 +275,11 @@ class Schema(_message.Message):
         event_id_field: _builtins.str = ...,
         timestamp_field: _builtins.str = ...,
         event_type_field: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id_field", b"event_id_field", "event_type_field", b"event_type_field", "fields", b"fields", "name", b"name", "schema_class", b"schema_class", "timestamp_field", b"timestamp_field", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id_field", b"event_id_field", "event_type_field", b"event_type_field", "event_types", b"event_types", "fields", b"fields", "name", b"name", "schema_class", b"schema_class", "timestamp_field", b"timestamp_field", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,12 +372,17 @@ class Dataset(_message.Message):
     PROFILE_ENABLED_FIELD_NUMBER: _builtins.int
     RETENTION_SECONDS_FIELD_NUMBER: _builtins.int
     UNKNOWN_FIELDS_FIELD_NUMBER: _builtins.int
+    ALLOW_ANONYMOUS_ROWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     schema_name: _builtins.str
     profile_enabled: _builtins.bool
     retention_seconds: _builtins.int
     """Event datasets: how long events count, in seconds (0 = forever)."""
     unknown_fields: Global___UnknownFields.ValueType
+    allow_anonymous_rows: _builtins.bool
+    """Rows with no usable identity value are kept (linked to no one) instead of rejected with
+    rule `identity`.
+    """
     def __init__(
         self,
         *,
@@ -348,10 +391,11 @@ class Dataset(_message.Message):
         profile_enabled: _builtins.bool = ...,
         retention_seconds: _builtins.int = ...,
         unknown_fields: Global___UnknownFields.ValueType = ...,
+        allow_anonymous_rows: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "profile_enabled", b"profile_enabled", "retention_seconds", b"retention_seconds", "schema_name", b"schema_name", "unknown_fields", b"unknown_fields"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_anonymous_rows", b"allow_anonymous_rows", "name", b"name", "profile_enabled", b"profile_enabled", "retention_seconds", b"retention_seconds", "schema_name", b"schema_name", "unknown_fields", b"unknown_fields"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

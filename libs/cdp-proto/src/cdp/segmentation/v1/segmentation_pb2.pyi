@@ -560,9 +560,12 @@ Global___EventCondition: _TypeAlias = EventCondition  # noqa: Y015
 
 @_typing.final
 class Sequence(_message.Message):
-    """`cart_add followed by order within 1h` / `cart_add not followed by order within 1h`.
-    Followed: some `first` event has a `then` event strictly later and at most `within` after it.
-    Not followed: some `first` event is at least `within` old and has no such `then` event.
+    """`cart_add followed by order within 1h` / `cart_add not followed by order within 1h`, and with a
+    window on the first step: `cart_add within 7d not followed by order within 1h`.
+    Followed: some `first` event (in `first_window`) has a `then` event strictly later and at most
+    `within` after it.
+    Not followed: some `first` event (in `first_window`) is at least `within` old and has no such
+    `then` event.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -571,12 +574,19 @@ class Sequence(_message.Message):
     THEN_FIELD_NUMBER: _builtins.int
     WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
     NEGATED_FIELD_NUMBER: _builtins.int
+    FIRST_WINDOW_FIELD_NUMBER: _builtins.int
     within_seconds: _builtins.int
     negated: _builtins.bool
     @_builtins.property
     def first(self) -> Global___EventPattern: ...
     @_builtins.property
     def then(self) -> Global___EventPattern: ...
+    @_builtins.property
+    def first_window(self) -> Global___Window:
+        """The window of the first step, against the log's clock as for event conditions. Unset: the
+        whole retained history (definitions stored before it existed read the same).
+        """
+
     def __init__(
         self,
         *,
@@ -584,10 +594,11 @@ class Sequence(_message.Message):
         then: Global___EventPattern | None = ...,
         within_seconds: _builtins.int = ...,
         negated: _builtins.bool = ...,
+        first_window: Global___Window | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "then", b"then"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "first_window", b"first_window", "then", b"then"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "negated", b"negated", "then", b"then", "within_seconds", b"within_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "first_window", b"first_window", "negated", b"negated", "then", b"then", "within_seconds", b"within_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,7 +627,9 @@ Global___IdentityPresence: _TypeAlias = IdentityPresence  # noqa: Y015
 
 @_typing.final
 class ConsentCondition(_message.Message):
-    """`consent email_marketing = "y"`: the profile attribute consents.<purpose> equals the value."""
+    """`consent email_marketing = "y"`: the profile's consent to <purpose> (attribute consent_<purpose>, else
+    consents.<purpose>) reads as the value, both normalised (y/n/u; cdp_kit/consent.py).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,0 +1,61 @@
+"""`cdp events publish`'s publishing half against a real nats-server: a file read line by line
+with many windows of acknowledgements in flight, every event line's bytes on
+cdp.collect.<dataset> in file order with its Nats-Msg-Id, bad lines reported by number and
+not sent, and a second run stored as duplicates only. (The dead-letter count, which needs
+ingest, is tested end to end in tests/e2e/test_record_time_and_publish.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cdp_cli.cmd_publish import publish_file
+from cdp_kit.eventlog import EventLog
+from cdp_kit.streams import COLLECT
+
+LINES = 5_000
+BAD = {7: "{oops", 4_000: '"just a string"', 4_500: "[1]"}
+
+
+def write_events(path: Path) -> list[bytes]:
+    """The file, and the bytes each good line should be published as."""
+    good: list[bytes] = []
+    with path.open("wb") as out:
+        for number in range(1, LINES + 1):
+            if number in BAD:
+                line = BAD[number].encode()
+            elif number == 9:
+                line = b"   "  # blank: skipped, not an error
+            else:
+                event = {"event_id": f"e{number}", "ts": "2026-01-01T00:00:00Z", "type": "page_view"}
+                if number == 11:
+                    event.pop("event_id")  # no id: sent without Nats-Msg-Id (ingest dead-letters it)
+                line = json.dumps(event, separators=(",", ":")).encode()
+                good.append(line)
+            out.write(line + (b"\r\n" if number % 2 else b"\n"))
+    return good
+
+
+async def test_a_file_is_published_line_by_line_in_order_with_its_ids(eventlog: EventLog, tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    good = write_events(path)
+    url = eventlog.nc.connected_url
+    assert url is not None
+    nats_url = f"nats://{url.hostname}:{url.port}"
+
+    first = await publish_file(path, "web", nats_url, "event_id", 37, None)
+    assert (first.lines, first.published, first.duplicates, first.bad_count) == (LINES, len(good), 0, 3)
+    assert [(b.line, b.reason.split(" (")[0]) for b in first.bad] == [
+        (7, "not JSON"),
+        (4_000, "not a JSON object"),
+        (4_500, "not a JSON object"),
+    ]
+    stored = [m async for m in eventlog.read(COLLECT.name, "cdp.collect.web")]
+    assert [m.data for m in stored] == good
+    assert sorted(first.sequences) == [m.sequence for m in stored]
+    ids = [m.headers.get("Nats-Msg-Id") for m in stored]
+    assert ids[:3] == ["web:e1", "web:e2", "web:e3"]
+    assert ids[good.index(next(g for g in good if b"event_id" not in g))] is None
+
+    again = await publish_file(path, "web", nats_url, "event_id", 500, None)
+    assert (again.published, again.duplicates, again.sequences) == (1, len(good) - 1, {len(good) + 1})
