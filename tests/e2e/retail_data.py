@@ -46,6 +46,7 @@ UNIQUE = frozenset({"crm_id", "loyalty_id"})
 JUNK_EMAILS = ("test@test.com", "noemail@noemail.com", "TEST@TEST.COM ", "no@email.com")
 JUNK_PHONES = ("0000000000", "1234567890", "+11234567890")
 JUNK_IDS = ("unknown", "N/A", "null")
+CONSENT_SPELLINGS = {"y": ("y", "Y", "yes"), "n": ("n", "N", "no"), "u": ("u", "U", "unknown")}
 INVALID_PHONE = "9112340375"  # possible in the US plan, not a valid number: identity drops it
 
 CITIES = ("Boston", "Chicago", "Seattle", "Austin", "Denver", "Portland", "Atlanta", "Miami")
@@ -133,7 +134,7 @@ class Person:
     loyalty_id: str | None
     email: str  # canonical
     phone: str | None  # canonical E.164
-    consent: str  # y / n / u, the same in every CRM row of the person
+    consent: str  # y / n / u, most CRM rows of the person say so
     junk_email_in_crm: bool
 
 
@@ -264,6 +265,10 @@ def _write_crm(rng: random.Random, data: RetailData) -> None:
                 email_raw, email_canon = rng.choice(JUNK_EMAILS), None
             else:
                 email_raw, email_canon = email_variant(rng, p.email), p.email
+            # The consent column as exports spell it; now and then a row disagrees with the rest
+            # (the newest row's consent is the person's).
+            consent = p.consent if rng.random() < 0.7 else rng.choice("ynu")
+            consent_raw = rng.choice(CONSENT_SPELLINGS[consent])
             values: dict[str, str] = {
                 "crm_id": p.crm_id,
                 "email": email_raw,
@@ -278,7 +283,7 @@ def _write_crm(rng: random.Random, data: RetailData) -> None:
                 "birth_date": f"{rng.randint(1940, 2005)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
                 "created_at": iso(times[0] - DAY * rng.randint(1, 300)),
                 "updated_at": iso(updated),
-                "email_consent": p.consent,
+                "email_consent": consent_raw,
                 "sms_consent": rng.choice("ynu"),
                 "credit_limit": str(rng.choice([500, 1000, 2500, 5000])),
                 "vip_score": str(rng.randint(0, 100)),
@@ -291,7 +296,7 @@ def _write_crm(rng: random.Random, data: RetailData) -> None:
             for name in FILLER:
                 values[name] = long_text(rng, 5, 80) if rng.random() < 0.5 else rng.choice(["", "A", "n/a", "B2C"])
             identities = (("crm_id", p.crm_id), ("email", email_canon), ("phone", phone_canon))
-            kept = {"city": city, "email_consent": p.consent}
+            kept = {"city": city, "consent_email_marketing": consent}
             rows.append(([values[c] for c in CRM_COLUMNS], Record("crm", identities, "profile", updated, kept)))
     # Shuffled: a person's newer row comes before the older one about as often as after it.
     rng.shuffle(rows)
@@ -604,7 +609,8 @@ def stitch(records: Sequence[Record]) -> list[Profile]:
     return list(profiles.values())
 
 
-# The audiences: name -> (query, the feature of issue #14 it needs, or "" when main has all it needs).
+# The audiences: name, query, the part of issue #14 it exercises (beside what every one needs: the
+# several identity fields per row, and one normaliser), and its independent check.
 # Expected memberships are computed by the functions below, never by the platform's evaluator.
 Check = Callable[[Profile, datetime], bool]
 
@@ -651,7 +657,7 @@ def cart_abandoners(p: Profile, now: datetime) -> bool:
 
 
 def email_reachable(p: Profile, now: datetime) -> bool:
-    return p.attribute("email_consent") == "y" and p.has("email")
+    return p.attribute("consent_email_marketing") == "y" and p.has("email")
 
 
 def phone_known(p: Profile, now: datetime) -> bool:
@@ -670,35 +676,50 @@ def reachable_abandoners(p: Profile, now: datetime) -> bool:
 class Audience:
     name: str
     query: str
-    feature: str  # the part of issue #14 it depends on; "" = main already has it
+    covers: str  # what of issue #14 it exercises most
     check: Check
 
 
 AUDIENCES = (
-    Audience("boston_newest", 'city = "Boston"', "rectime", boston_newest),
-    Audience("gold_members", 'tier in ["gold", "platinum"] and points >= 5000', "", gold_members),
-    Audience("store_regulars", 'count(order where channel = "store") >= 3 within 180d', "ids", store_regulars),
+    Audience("boston_newest", 'city = "Boston"', "record time from updated_at", boston_newest),
+    Audience("gold_members", 'tier in ["gold", "platinum"] and points >= 5000', "attributes", gold_members),
+    Audience(
+        "store_regulars",
+        'count(order where channel = "store") >= 3 within 180d',
+        "orders keyed by either id",
+        store_regulars,
+    ),
     Audience(
         "big_store_spenders",
         'sum(order.amount where channel = "store") > 500 within 365d',
-        "ids+segtypes",
+        "event field types per event type",
         big_store_spenders,
     ),
-    Audience("shoe_browsers", 'count(page_view where category = "shoes") >= 2 within 14d', "", shoe_browsers),
-    Audience("lapsed_known", "count(page_view) = 0 within 30d and has crm_id", "", lapsed_known),
-    Audience("cart_abandoners", "add_to_cart within 7d not followed by purchase within 1h", "seqwin", cart_abandoners),
-    Audience("email_reachable", 'consent email_marketing = "y" and has email', "segtypes(consent)", email_reachable),
-    Audience("phone_known", "has phone", "", phone_known),
+    Audience(
+        "shoe_browsers",
+        'count(page_view where category = "shoes") >= 2 within 14d',
+        "late logins, a shared device",
+        shoe_browsers,
+    ),
+    Audience("lapsed_known", "count(page_view) = 0 within 30d and has crm_id", "windows", lapsed_known),
+    Audience(
+        "cart_abandoners",
+        "add_to_cart within 7d not followed by purchase within 1h",
+        "a window on each step",
+        cart_abandoners,
+    ),
+    Audience("email_reachable", 'consent email_marketing = "y" and has email', "consent_for", email_reachable),
+    Audience("phone_known", "has phone", "phone formats, junk and invalid numbers", phone_known),
     Audience(
         "shoe_browsers_not_gold",
         "in segment shoe_browsers and not in segment gold_members",
-        "",
+        "segment of segments",
         shoe_browsers_not_gold,
     ),
     Audience(
         "reachable_abandoners",
         "in segment email_reachable and in segment cart_abandoners and not in segment boston_newest",
-        "seqwin+segtypes(consent)+rectime",
+        "segment of segments",
         reachable_abandoners,
     ),
 )
