@@ -111,8 +111,10 @@ assert len(CRM_COLUMNS) >= 40
 # ----------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class Record:
-    """One row or event as identity sees it: its identities (canonical, or None for a value identity
-    must drop), and what segmentation keeps of it."""
+    """One row or event as identity sees it: its identities (canonical, or None for none or one
+    identity must drop), the values identity must drop (namespace, rule: ``blocklist`` for a
+    placeholder, ``invalid`` for a value its namespace's type refuses), and what segmentation keeps
+    of it."""
 
     dataset: str
     identities: tuple[tuple[str, str | None], ...]
@@ -120,6 +122,7 @@ class Record:
     at: datetime  # record time (profile: updated_at or batch time; event: its timestamp)
     values: dict[str, Any] = field(default_factory=dict)
     event_type: str = ""
+    dropped: tuple[tuple[str, str], ...] = ()
 
     def kept(self) -> list[str]:
         """Identity keys that link, strongest first (the first is the anchor)."""
@@ -253,16 +256,20 @@ def _write_crm(rng: random.Random, data: RetailData) -> None:
             times[-1] = times[-2]  # the same update time: the later row in the file wins
         for city, updated in zip(cities, times, strict=True):
             phone = household.get(p.n, p.phone)
-            phone_raw, phone_canon = "", None
+            phone_raw, phone_canon = "", None  # an empty cell: no identity
+            dropped: list[tuple[str, str]] = []
             roll = rng.random()
             if phone is not None and roll < 0.85:
                 phone_raw, phone_canon = phone_variant(rng, phone), phone
             elif roll < 0.92:
                 phone_raw = rng.choice(JUNK_PHONES)
+                dropped.append(("phone", "blocklist"))
             elif roll < 0.95:
                 phone_raw = INVALID_PHONE
+                dropped.append(("phone", "invalid"))
             if p.junk_email_in_crm:
                 email_raw, email_canon = rng.choice(JUNK_EMAILS), None
+                dropped.append(("email", "blocklist"))
             else:
                 email_raw, email_canon = email_variant(rng, p.email), p.email
             # The consent column as exports spell it; now and then a row disagrees with the rest
@@ -297,7 +304,8 @@ def _write_crm(rng: random.Random, data: RetailData) -> None:
                 values[name] = long_text(rng, 5, 80) if rng.random() < 0.5 else rng.choice(["", "A", "n/a", "B2C"])
             identities = (("crm_id", p.crm_id), ("email", email_canon), ("phone", phone_canon))
             kept = {"city": city, "consent_email_marketing": consent}
-            rows.append(([values[c] for c in CRM_COLUMNS], Record("crm", identities, "profile", updated, kept)))
+            record = Record("crm", identities, "profile", updated, kept, dropped=tuple(dropped))
+            rows.append(([values[c] for c in CRM_COLUMNS], record))
     # Shuffled: a person's newer row comes before the older one about as often as after it.
     rng.shuffle(rows)
     out = io.StringIO()
@@ -322,6 +330,7 @@ def _write_loyalty(rng: random.Random, data: RetailData) -> None:
             mode = "email"
         line: dict[str, Any] = {"loyalty_id": p.loyalty_id}
         identities: list[tuple[str, str | None]] = [("loyalty_id", p.loyalty_id)]
+        dropped: list[tuple[str, str]] = []
         if mode == "email":
             line["email"] = email_variant(rng, p.email)
             identities.append(("email", p.email))
@@ -335,13 +344,15 @@ def _write_loyalty(rng: random.Random, data: RetailData) -> None:
             identities.append(("phone", p.phone))
         elif rng.random() < 0.1:
             line["phone"] = rng.choice(JUNK_PHONES)
+            dropped.append(("phone", "blocklist"))
         tier = rng.choice(TIERS)
         points = rng.randint(0, 20_000)
         line.update(
             {"tier": tier, "points": points, "member_since": f"20{rng.randint(15, 25)}-0{rng.randint(1, 9)}-15"}
         )
         out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        data.loyalty.append(Record("loyalty", tuple(identities), "profile", data.now, {"tier": tier, "points": points}))
+        kept = {"tier": tier, "points": points}
+        data.loyalty.append(Record("loyalty", tuple(identities), "profile", data.now, kept, dropped=tuple(dropped)))
     data.loyalty_jsonl = out.getvalue().encode()
     data.loyalty_rows = len(data.loyalty)
 
@@ -355,7 +366,12 @@ def _write_orders(rng: random.Random, data: RetailData) -> None:
     columns: dict[str, list[Any]] = {c: [] for c in ORDER_COLUMNS}
     number = 0
 
-    def add(loyalty: str | None, crm: str | None, identities: tuple[tuple[str, str | None], ...] | None) -> None:
+    def add(
+        loyalty: str | None,
+        crm: str | None,
+        identities: tuple[tuple[str, str | None], ...] | None,
+        dropped: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         nonlocal number
         number += 1
         ts = _safe(data.now, timedelta(days=rng.randint(1, 420), hours=rng.randint(0, 23)), WINDOWS)
@@ -377,7 +393,7 @@ def _write_orders(rng: random.Random, data: RetailData) -> None:
             data.guest_orders += 1
             return
         values = {"channel": channel, "amount": amount, "store": row["store"]}
-        data.orders.append(Record("orders", identities, "event", ts, values, "order"))
+        data.orders.append(Record("orders", identities, "event", ts, values, "order", dropped))
 
     for p in data.people:
         if p.crm_id is None and p.loyalty_id is None:
@@ -392,7 +408,7 @@ def _write_orders(rng: random.Random, data: RetailData) -> None:
         if rng.random() < 0.035:
             add(None, None, None)  # a guest checkout
     for junk in JUNK_IDS:
-        add(None, junk, (("crm_id", None),))
+        add(None, junk, (("crm_id", None),), (("crm_id", "blocklist"),))
     sink = io.BytesIO()
     schema = pa.schema([(c, pa.float64() if c == "amount" else pa.string()) for c in ORDER_COLUMNS])
     pq.write_table(pa.table(columns, schema=schema), sink)
@@ -412,12 +428,14 @@ def _web_event(
     """One web event: its JSON as the site sends it and the record identity will see."""
     event: dict[str, Any] = {"event_id": f"web-{len(out) + 1:06d}", "ts": iso(ts), "type": kind, "cookie_id": cookie}
     identities: list[tuple[str, str | None]] = [("cookie", cookie)]
+    dropped: tuple[tuple[str, str], ...] = ()
     if email is not None:
         event["email"] = email[0]
         identities.append(("email", email[1]))
+        dropped = () if email[1] is not None else (("email", "blocklist"),)
     event.update(fields)
     kept = dict(fields)
-    out.append((ts, len(out), event, Record("web", tuple(identities), "event", ts, kept, kind)))
+    out.append((ts, len(out), event, Record("web", tuple(identities), "event", ts, kept, kind, dropped)))
 
 
 CART_PATTERNS = ("recent_abandoned", "old_then_recent_completed", "recent_completed", "old_abandoned", "fresh", "none")
@@ -723,6 +741,16 @@ AUDIENCES = (
         reachable_abandoners,
     ),
 )
+
+
+def drops(records: Sequence[Record]) -> dict[tuple[str, str], int]:
+    """What identity's stats must count: each dropped value by (namespace, rule), and the records
+    that link no one (every identity dropped) under ``("*", "no_identities")``."""
+    counts: dict[tuple[str, str], int] = {}
+    for record in records:
+        for key in (*record.dropped, *([("*", "no_identities")] if not record.kept() else [])):
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def expect(records: Sequence[Record], now: datetime) -> tuple[list[Profile], dict[str, set[str]]]:

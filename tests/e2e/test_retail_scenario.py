@@ -37,6 +37,7 @@ import pytest
 from google.protobuf import json_format
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp.identity.v1 import identity_pb2 as idn
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp.segmentation.v1 import segmentation_pb2 as seg
 from cdp_cli.client import Client
@@ -149,6 +150,7 @@ class Outcome:
     members: dict[str, set[str]] = field(default_factory=dict)  # segment -> profile ids
     profile_count: int = 0
     collect_rejects: int = 0
+    drops: dict[tuple[str, str], int] = field(default_factory=dict)  # identity's stats: (namespace, rule) -> count
     lookups: dict[Lookup, str] = field(default_factory=dict)  # -> the holder's label, or the error
 
     def label(self, profile_id: str) -> str:
@@ -249,6 +251,8 @@ def read_outcome(client: Client, outcome: Outcome) -> None:
         profile = retrying(partial(client.segmentation.GetProfile, seg.GetProfileRequest(profile_id=profile_id)))
         outcome.partition[profile_id] = frozenset(f"{i.namespace}:{i.value}" for i in profile.identities)
     outcome.profile_count = retrying(lambda: client.segmentation.GetStats(seg.GetStatsRequest())).profiles
+    stats = retrying(lambda: client.identity.GetStats(idn.GetStatsRequest()))
+    outcome.drops = {(d.namespace, d.rule): d.count for d in stats.dropped}
     for lookup in lookups(outcome.data):
         request = seg.GetProfileRequest(identity=IdentityValue(namespace=lookup.namespace, value=lookup.raw))
         try:
@@ -386,6 +390,16 @@ def test_profiles_are_the_identity_graphs_the_documented_rules_give(
         holder = next(keys for keys in outcome.partition.values() if f"cookie:{cookie}" in keys)
         assert f"crm_id:{first}" in holder
         assert f"crm_id:{second}" not in holder
+
+
+def test_identity_drops_and_counts_the_junk_ingest_let_through(outcome: Outcome) -> None:
+    """Placeholders (blocklist) and an invalid phone pass ingest beside a usable identity, or alone
+    (orders whose only id is ``N/A``); identity drops each and counts it, and the orders left with
+    no identity link no one."""
+    data = outcome.data
+    want = rd.drops(data.crm + data.loyalty + data.orders + data.web)
+    assert want[("*", "no_identities")] == len(rd.JUNK_IDS)
+    assert outcome.drops == want
 
 
 def assert_members(outcome: Outcome, expected: dict[str, set[str]], audience: rd.Audience, segment: str) -> None:
