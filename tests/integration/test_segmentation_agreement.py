@@ -25,6 +25,7 @@ from cdp_kit.store import make_engine, transaction
 from cdp_kit.streams import SEGMENTATION_CONFIG
 from cdp_segmentation import store
 from cdp_segmentation.analysis import classify
+from cdp_segmentation.consumer import ProfilesToMemberships
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.language import parse
 from cdp_segmentation.main import build_processor
@@ -281,7 +282,7 @@ def stream(engine: Engine, eventlog: EventLog, defs: dict[str, pb.Segment], frag
     processor, catalog = build_processor(engine, eventlog)
     processor.drop_store()
     processor.create_store()
-    handler = processor.inputs[1].handler
+    [handler] = [i.handler for i in processor.inputs if isinstance(i.handler, ProfilesToMemberships)]
     handlers = SegmentationHandlers(processor, catalog)
     with transaction(engine) as session:
         uow = UnitOfWork(session, processor, Cause(command_id="setup"))

@@ -933,4 +933,5 @@ app.add_typer(cmd_segmentation.computed_app(lambda ctx: _client(ctx)), name="com
 
 def main() -> None:
     """Entry point of the ``cdp`` console script."""
+    render.use_page_width()
     app()

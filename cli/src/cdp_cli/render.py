@@ -17,17 +17,20 @@ from rich.table import Table
 from rich.text import Text
 
 # Output that is not a terminal (`make demo > log`, a pipe) has no width to fit: rich would assume 80
-# columns and squeeze tables. It gets a wide page instead, and table cells fold rather than being cut.
+# columns and squeeze tables. ``use_page_width`` gives it a wide page instead (COLUMNS still wins),
+# and table cells fold rather than being cut.
 PIPED_WIDTH = 160
 
 
-def _width() -> int | None:
-    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH
+def use_page_width() -> None:
+    """Called once by the console script: rich reads COLUMNS at each print when it is not a terminal."""
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        os.environ["COLUMNS"] = str(PIPED_WIDTH)
 
 
 # Both resolve sys.stdout / sys.stderr when printing, so test runners that swap them see the output.
-out = Console(highlight=False, width=_width())
-err = Console(stderr=True, highlight=False, width=_width())
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
 
 _INT64_TYPES = {
