@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def cdp(stack: Stack, *args: str) -> str:
     return result.output
 
 
-def write_csv(path: Path, rows: list[tuple[str, ...]]) -> Path:
+def write_csv(path: Path, rows: Sequence[tuple[str, ...]]) -> Path:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["crm_id", "city", "tier", CONSENT, "updated_at"])
