@@ -33,12 +33,13 @@ from cdp_kit.envelope import (
     from_timestamp,
     make_envelope,
 )
+from cdp_kit.merging import timestamp_ms
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.store import create_tables, make_engine, sqlite_url, transaction
 from cdp_segmentation import store
 from cdp_segmentation.evaluate import Event, ProfileData, compile_ast, matches
 from cdp_segmentation.membership import Catalog, Changes, membership_id
-from cdp_segmentation.profiles import ProfileContext, source_of, to_ms
+from cdp_segmentation.profiles import ProfileContext, rule_of, source_of, to_ms
 from cdp_segmentation.profiles import _offer as sql_offer
 from cdp_segmentation.store import EXITED, REALIZED
 from cdp_segmentation.working import (
@@ -49,7 +50,6 @@ from cdp_segmentation.working import (
     WorkingSet,
     _upsert,
     struct_dict,
-    timestamp_ms,
 )
 
 AT = datetime(2026, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -484,7 +484,7 @@ def test_offering_records_in_memory_equals_the_sql_path(sent: list[Any], policy:
     ``profiles._offer`` keeps, attribute by attribute."""
     state = ProfileState("p1", exists=True)
     row = store.ProfileRow(profile_id="p1")
-    ctx = cast(ProfileContext, SimpleNamespace(policy=policy))
+    ctx = cast(ProfileContext, SimpleNamespace(policy=policy, rule=rule_of(policy)))
     working = object.__new__(WorkingSet)
     for i, (dataset, ts, seq, pos, attributes) in enumerate(sent):
         WorkingSet._offer(working, state, attributes, source_of(dataset, ts, seq, pos, f"f{i}"), ctx)
@@ -498,7 +498,7 @@ def test_offering_records_in_memory_equals_the_sql_path(sent: list[Any], policy:
             pos=pos,
             attributes=attributes,
         )
-        sql_offer(row, fragment, policy)
+        sql_offer(row, fragment, rule_of(policy))
     assert (state.attributes, state.sources) == (row.attributes, row.sources)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from google.protobuf import json_format
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, delete, select, update
 
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import events_pb2 as seg_ev
+from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
+from cdp_activation.profiles import merge_rule, offer, reresolve, reresolve_all, set_merge_rule
 from cdp_activation.store import (
     AttributeSourceRow,
     FragmentRow,
@@ -17,6 +19,7 @@ from cdp_activation.store import (
 )
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.eventlog import LogMessage
+from cdp_kit.merging import MergeRule, Origin, positions, timestamp_ms
 from cdp_kit.processor import UnitOfWork
 
 
@@ -25,11 +28,26 @@ class _ObserveOnly:
         return None
 
 
+def rule_of(policy: seg_pb.MergePolicy) -> MergeRule:
+    """The kit's merge rule for segmentation's merge policy."""
+    if policy.kind == seg_pb.MERGE_POLICY_KIND_DATASET_PRECEDENCE:
+        return MergeRule(tuple(policy.datasets))
+    return MergeRule()
+
+
 class SegmentsObserver(_ObserveOnly):
+    """Segmentation's config: its segments, and its merge policy (a new one resolves every
+    profile's attributes again, as segmentation does)."""
+
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if is_a(env, seg_ev.SegmentDefined):
             seg = unpack(env, seg_ev.SegmentDefined).segment
             session.merge(SegmentRow(id=seg.id, name=seg.name))
+        elif is_a(env, seg_ev.MergePolicySet):
+            rule = rule_of(unpack(env, seg_ev.MergePolicySet).policy)
+            if set_merge_rule(session, rule):
+                reresolve_all(session, rule)
+            session.flush()
 
 
 class MembershipsObserver(_ObserveOnly):
@@ -50,16 +68,6 @@ class MembershipsObserver(_ObserveOnly):
         session.flush()
 
 
-def newest(fragments: list[FragmentRow]) -> tuple[dict[str, object], dict[str, object]]:
-    """Attributes of a profile from its record fragments: the newest value of each wins."""
-    attributes: dict[str, object] = {}
-    times: dict[str, object] = {}
-    for frag in sorted(fragments, key=lambda f: (f.at, f.id)):
-        for name, value in frag.attributes.items():
-            attributes[name], times[name] = value, frag.at
-    return attributes, times
-
-
 def _source(session: Session, name: str, dataset: str) -> None:
     """Record that ``name`` came from ``dataset``, once per transaction (a wide record names 60
     attributes, and every record of a batch names the same ones: a merge is a lookup each)."""
@@ -70,17 +78,30 @@ def _source(session: Session, name: str, dataset: str) -> None:
 
 
 class ProfilesObserver(_ObserveOnly):
+    """Identity's fragments, merges and splits: each profile's identities, and its attributes
+    resolved by segmentation's merge policy from its record fragments (``cdp_activation.profiles``)."""
+
+    def __init__(self) -> None:
+        self._positions_of: LogMessage | None = None
+        self._positions: dict[str, int] = {}
+
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if is_a(env, identity_ev.ProfileFragment):
-            self._fragment(session, unpack(env, identity_ev.ProfileFragment))
+            self._fragment(session, unpack(env, identity_ev.ProfileFragment), msg.sequence, self._position(msg, env))
         elif is_a(env, identity_ev.ProfilesMerged):
             self._merged(session, unpack(env, identity_ev.ProfilesMerged))
         elif is_a(env, identity_ev.ProfileSplit):
             self._split(session, unpack(env, identity_ev.ProfileSplit))
         session.flush()
 
+    def _position(self, msg: LogMessage, env: Envelope) -> int:
+        """The envelope's place among its message's events (with the sequence, its log position)."""
+        if msg is not self._positions_of:
+            self._positions_of, self._positions = msg, positions(msg.events())
+        return self._positions.get(env.id, 0)
+
     @staticmethod
-    def _fragment(session: Session, frag: identity_ev.ProfileFragment) -> None:
+    def _fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int, pos: int) -> None:
         row = session.get(ProfileRow, frag.profile_id) or ProfileRow(profile_id=frag.profile_id)
         identities = {ns: list(values) for ns, values in row.identities.items()}
         for ident in frag.identities:
@@ -91,57 +112,79 @@ class ProfilesObserver(_ObserveOnly):
                 _source(session, ident.namespace, frag.dataset)
         row.identities = identities
         if frag.kind != "event":
-            at = from_timestamp(frag.occurred_at).isoformat()
             values_of = json_format.MessageToDict(frag.attributes)
-            attributes, times = dict(row.attributes), dict(row.attribute_times)
-            for name, value in values_of.items():
-                if str(times.get(name, "")) <= at:
-                    attributes[name], times[name] = value, at
-                if frag.dataset:
+            origin = Origin(frag.dataset, timestamp_ms(frag.occurred_at), seq, pos)
+            offer(row, values_of, origin, merge_rule(session))
+            if frag.dataset:
+                for name in values_of:
                     _source(session, name, frag.dataset)
-            row.attributes, row.attribute_times = attributes, times
             fragment_id = frag.source_event_id or frag.record_id
             if fragment_id:
-                session.merge(FragmentRow(id=fragment_id, profile_id=frag.profile_id, attributes=values_of, at=at))
+                session.merge(
+                    FragmentRow(
+                        id=fragment_id,
+                        profile_id=frag.profile_id,
+                        attributes=values_of,
+                        dataset=origin.dataset,
+                        ts_ms=origin.ts_ms,
+                        seq=origin.seq,
+                        pos=origin.pos,
+                    )
+                )
         session.add(row)
 
     @staticmethod
     def _merged(session: Session, merged: identity_ev.ProfilesMerged) -> None:
+        """The survivor takes the absorbed profiles' identities and fragments; its attributes are
+        resolved again from all of them."""
         survivor = session.get(ProfileRow, merged.survivor) or ProfileRow(profile_id=merged.survivor)
         identities = {ns: list(values) for ns, values in survivor.identities.items()}
-        attributes, times = dict(survivor.attributes), dict(survivor.attribute_times)
         absorbed_ids = list(merged.absorbed)
         for absorbed in session.exec(select(ProfileRow).where(col(ProfileRow.profile_id).in_(absorbed_ids))):
             for ns, values in absorbed.identities.items():
                 target = identities.setdefault(ns, [])
                 target.extend(v for v in values if v not in target)
-            for name, value in absorbed.attributes.items():
-                if str(times.get(name, "")) <= str(absorbed.attribute_times.get(name, "")):
-                    attributes[name], times[name] = value, absorbed.attribute_times.get(name, "")
             session.delete(absorbed)
-        for frag in session.exec(select(FragmentRow).where(col(FragmentRow.profile_id).in_(absorbed_ids))):
-            frag.profile_id = merged.survivor
-            session.add(frag)
-        survivor.identities, survivor.attributes, survivor.attribute_times = identities, attributes, times
-        session.add(survivor)
+        session.exec(
+            update(FragmentRow).where(col(FragmentRow.profile_id).in_(absorbed_ids)).values(profile_id=merged.survivor)
+        )
+        session.flush()
+        survivor.identities = identities
+        reresolve(session, [survivor], merge_rule(session))
 
     @staticmethod
     def _split(session: Session, split: identity_ev.ProfileSplit) -> None:
-        """Each part becomes its own profile: its identities, and the attributes of its fragments."""
+        """Each part becomes its own profile: its identities, and the attributes of its fragments.
+        The split profile, when no part keeps its id, keeps what no part took."""
+        moved: set[tuple[str, str]] = set()
         for part in split.parts:
-            if part.fragment_ids:
-                for frag in session.exec(select(FragmentRow).where(col(FragmentRow.id).in_(list(part.fragment_ids)))):
-                    frag.profile_id = part.profile_id
-                    session.add(frag)
+            ids = list(part.fragment_ids)
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                session.exec(
+                    update(FragmentRow)
+                    .where(col(FragmentRow.id).in_(ids[start : start + 500]))
+                    .values(profile_id=part.profile_id)
+                )
+            moved.update((ident.namespace, ident.value) for ident in part.identities)
         session.flush()
+        touched: list[ProfileRow] = []
+        part_ids = {part.profile_id for part in split.parts}
+        if split.profile_id not in part_ids:
+            original = session.get(ProfileRow, split.profile_id)
+            if original is not None:
+                original.identities = {
+                    ns: kept
+                    for ns, values in original.identities.items()
+                    if (kept := [v for v in values if (ns, v) not in moved])
+                }
+                touched.append(original)
         for part in split.parts:
-            fragments = list(session.exec(select(FragmentRow).where(FragmentRow.profile_id == part.profile_id)))
-            attributes, times = newest(fragments)
             identities: dict[str, list[str]] = {}
             for ident in part.identities:
                 values = identities.setdefault(ident.namespace, [])
                 if ident.value not in values:
                     values.append(ident.value)
             row = session.get(ProfileRow, part.profile_id) or ProfileRow(profile_id=part.profile_id)
-            row.identities, row.attributes, row.attribute_times = identities, attributes, times
-            session.add(row)
+            row.identities = identities
+            touched.append(row)
+        reresolve(session, touched, merge_rule(session))

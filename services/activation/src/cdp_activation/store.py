@@ -64,25 +64,42 @@ class SegmentChangeRow(SQLModel, table=True):
 
 
 class ProfileRow(SQLModel, table=True):
-    """What activation keeps of a profile: identities by namespace and attributes (newest wins)."""
+    """What activation keeps of a profile: identities by namespace, and attributes as
+    segmentation's merge policy resolves them (``cdp_kit.merging``)."""
 
     __tablename__ = "act_profile"
 
     profile_id: str = Field(primary_key=True)
     identities: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
-    attribute_times: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    # The origin of each attribute's value: [dataset, record time ms, log sequence, position].
+    origins: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
 class FragmentRow(SQLModel, table=True):
-    """A profile record's attributes, kept so a split can rebuild each part's attributes."""
+    """A profile record's attributes with their origin, kept so a merge, a split or a new merge
+    policy can resolve a profile's attributes again."""
 
     __tablename__ = "act_fragment"
 
     id: str = Field(primary_key=True)
     profile_id: str = Field(index=True)
     attributes: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
-    at: str = ""
+    dataset: str = ""
+    ts_ms: int = Field(default=0, sa_type=sa.BigInteger)
+    # Position in identity's log: the stream sequence of the message, then the place in it.
+    seq: int = Field(default=0, sa_type=sa.BigInteger)
+    pos: int = 0
+
+
+class MergePolicyRow(SQLModel, table=True):
+    """Segmentation's merge policy (from its config log): the dataset precedence, empty for
+    ``timestamp``. One row; absent is ``timestamp``."""
+
+    __tablename__ = "act_merge_policy"
+
+    id: str = Field(primary_key=True)
+    precedence: list[Any] = Field(default_factory=list, sa_type=sa.JSON)
 
 
 class PlanMemberRow(SQLModel, table=True):
@@ -174,6 +191,7 @@ TABLES = tables_of(
     SegmentChangeRow,
     ProfileRow,
     FragmentRow,
+    MergePolicyRow,
     PlanMemberRow,
     DeliveryRow,
     BatchRow,

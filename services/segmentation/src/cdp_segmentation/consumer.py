@@ -14,6 +14,7 @@ from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.eventlog import LogMessage
+from cdp_kit.merging import positions
 from cdp_kit.processor import UnitOfWork
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
@@ -69,7 +70,7 @@ class ProfilesToMemberships:
         A pure function of the message (a retry or a replay of it finds the same places)."""
         if msg is not self._positions_of:
             self._positions_of = msg
-            self._positions = {e.id: i for i, e in enumerate(msg.events())}
+            self._positions = positions(msg.events())
         return self._positions.get(env.id, 0)
 
     def _leave_to_sql(self, session: Session, profile_ids: list[str]) -> None:

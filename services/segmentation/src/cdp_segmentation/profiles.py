@@ -2,10 +2,11 @@
 
 Every fragment is kept (records with their attributes, events as the event history), so a
 profile's merged attributes can be recomputed exactly under any merge policy and after a
-split. Merge policies: ``timestamp`` (newest record time wins, then the later log position) and
-``dataset_precedence`` (the first listed dataset holding the attribute wins; the others
-after it, by timestamp). Event history: each dataset's retention counts against the log's
-clock; a profile keeps at most ``event_cap`` events, the oldest dropped first.
+split. Merge policies (``cdp_kit.merging``, the rule activation uses too): ``timestamp`` (newest
+record time wins, then the later log position) and ``dataset_precedence`` (the first listed
+dataset holding the attribute wins; the others after it, by timestamp). Event history: each
+dataset's retention counts against the log's clock; a profile keeps at most ``event_cap``
+events, the oldest dropped first.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from sqlmodel import Session, col, delete, func, select, update
 
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp_kit.merging import MergeRule
 from cdp_segmentation import store
 from cdp_segmentation.computed import ComputedDef, values
 from cdp_segmentation.evaluate import Event
@@ -37,6 +40,10 @@ class ProfileContext:
     windows_ms: set[int] = field(default_factory=set)
     event_cap: int = DEFAULT_EVENT_CAP
     computed: tuple[ComputedDef, ...] = ()
+
+    @cached_property
+    def rule(self) -> MergeRule:
+        return rule_of(self.policy)
 
     @classmethod
     def load(
@@ -60,16 +67,17 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-def winner_key(policy: pb.MergePolicy, source: dict[str, Any]) -> tuple[Any, ...]:
-    """The larger key wins an attribute: the newer record time, then the later log position (the
-    stream sequence of identity's message, then the fragment's place in it). Two fragments never
-    share a log position, so the key is total and needs no id."""
-    order = (int(source["ts"]), int(source["seq"]), int(source.get("pos", 0)))
+def rule_of(policy: pb.MergePolicy) -> MergeRule:
+    """The kit's merge rule for a merge policy."""
     if policy.kind == pb.MERGE_POLICY_KIND_DATASET_PRECEDENCE:
-        datasets = list(policy.datasets)
-        rank = datasets.index(source["dataset"]) if source["dataset"] in datasets else len(datasets)
-        return (-rank, *order)
-    return order
+        return MergeRule(tuple(policy.datasets))
+    return MergeRule()
+
+
+def winner_key(rule: MergeRule, source: dict[str, Any]) -> tuple[int, ...]:
+    """The larger key wins an attribute (``cdp_kit.merging``): a source's dataset, record time
+    and log position (the stream sequence of identity's message, then the fragment's place in it)."""
+    return rule.key(source["dataset"], int(source["ts"]), int(source["seq"]), int(source.get("pos", 0)))
 
 
 def _source(row: FragmentRow) -> dict[str, Any]:
@@ -81,12 +89,12 @@ def source_of(dataset: str, ts_ms: int, seq: int, pos: int, source_event_id: str
     return {"dataset": dataset, "at": iso(ts_ms), "ts": ts_ms, "seq": seq, "pos": pos, "id": source_event_id}
 
 
-def _offer(profile: ProfileRow, row: FragmentRow, policy: pb.MergePolicy) -> None:
+def _offer(profile: ProfileRow, row: FragmentRow, rule: MergeRule) -> None:
     attributes, sources = dict(profile.attributes), dict(profile.sources)
     candidate = _source(row)
     for name, value in row.attributes.items():
         current = sources.get(name)
-        if current is None or winner_key(policy, candidate) >= winner_key(policy, current):
+        if current is None or winner_key(rule, candidate) >= winner_key(rule, current):
             attributes[name] = value
             sources[name] = candidate
     profile.attributes, profile.sources = attributes, sources
@@ -97,7 +105,7 @@ def recompute(session: Session, profile_id: str, ctx: ProfileContext) -> Profile
     profile = session.get(ProfileRow, profile_id) or ProfileRow(profile_id=profile_id)
     profile.attributes, profile.sources = {}, {}
     for row in store.records_of(session, profile_id):
-        _offer(profile, row, ctx.policy)
+        _offer(profile, row, ctx.rule)
     enforce_cap(session, profile_id, ctx.event_cap)
     profile.events = event_count(session, profile_id)
     profile.next_due_ms = next_due(session, profile_id, ctx)

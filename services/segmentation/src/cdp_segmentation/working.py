@@ -27,13 +27,13 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from google.protobuf import struct_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp_kit.collector import CollectorPause
+from cdp_kit.merging import timestamp_ms
 from cdp_segmentation.computed import add_event, values, with_defaults
 from cdp_segmentation.evaluate import Event
 from cdp_segmentation.profiles import ProfileContext, source_of, winner_key
@@ -210,8 +210,8 @@ class WorkingSet:
         self, state: ProfileState, attributes: dict[str, Any], candidate: dict[str, Any], ctx: ProfileContext
     ) -> None:
         """Each attribute of a record replaces the kept one unless that one wins by the merge policy."""
-        policy, sources = ctx.policy, state.sources
-        mine = winner_key(policy, candidate)
+        rule, sources = ctx.rule, state.sources
+        mine = winner_key(rule, candidate)
         # The attributes a record set share one source dict: compared once in a row.
         last: dict[str, Any] | None = None
         wins = True
@@ -219,7 +219,7 @@ class WorkingSet:
             current = sources.get(name)
             if current is not None:
                 if current is not last:
-                    last, wins = current, mine >= winner_key(policy, current)
+                    last, wins = current, mine >= winner_key(rule, current)
                 if not wins:
                     continue
             state.attributes[name] = value
@@ -331,12 +331,6 @@ class WorkingSet:
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             on_end(self)
-
-
-def timestamp_ms(ts: Timestamp) -> int:
-    """``to_ms(from_timestamp(ts))`` without the datetime: the same float arithmetic
-    (``datetime.timestamp`` is the exact microseconds over 10**6), so the same milliseconds."""
-    return int((ts.seconds * 1_000_000 + ts.nanos // 1000) / 1_000_000 * 1000)
 
 
 def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
