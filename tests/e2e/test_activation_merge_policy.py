@@ -45,7 +45,7 @@ def schema(name: str) -> dict[str, Any]:
         "schema_class": "SCHEMA_CLASS_PROFILE",
         "timestamp_field": "updated_at",
         "fields": [
-            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "primary_identity": True},
+            {"name": "crm_id", "type": "FIELD_TYPE_STRING", "identity_namespace": "crm_id", "required": True},
             {"name": "city", "type": "FIELD_TYPE_STRING"},
             {"name": "tier", "type": "FIELD_TYPE_STRING"},
             {"name": CONSENT, "type": "FIELD_TYPE_STRING"},
