@@ -26,6 +26,7 @@ from google.protobuf import json_format, struct_pb2
 from cdp.activation.v1 import activation_pb2 as act
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as identity_ev
+from cdp.identity.v1 import identity_pb2 as id_pb
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp.segmentation.v1 import events_pb2 as seg_ev
@@ -198,6 +199,21 @@ def new_schema(f: Fuzzed, n: int) -> None:
     wait_for(f"segmentation to know attr_{n}", known, EFFECT_TIMEOUT_S)
 
 
+def new_namespace(f: Fuzzed, n: int) -> None:
+    """A namespace through identity; ingest learns it from identity's config log (a schema naming it
+    is refused until then), and segmentation's reader of that log must drain past the garbage too."""
+    name = f"fuzz_ns_{n}"
+    create = id_pb.CreateNamespaceRequest(name=name, type=id_pb.NAMESPACE_TYPE_CUSTOM)
+    retrying(partial(f.client.identity.CreateNamespace, create))
+    schema = {
+        "name": f"keyed_{n}",
+        "schema_class": "SCHEMA_CLASS_PROFILE",
+        "fields": [{"name": "key", "type": "FIELD_TYPE_STRING", "identity_namespace": name, "required": True}],
+    }
+    request = ing.CreateSchemaRequest(schema=json_format.ParseDict(schema, ing.Schema()))
+    retrying(partial(f.client.ingest.CreateSchema, request))
+
+
 def new_segment(f: Fuzzed, n: int) -> None:
     """A segment through segmentation; activation learns it from segmentation's config log."""
     name = f"fuzz_{n}"
@@ -249,6 +265,14 @@ SUBJECTS = [
         {"segmentation": "segmentation-config-ingest"},
         ("ingest", "own:ingest-config"),
         new_schema,
+    ),
+    Subject(
+        "cdp.config.identity",
+        "CDP_CONFIG",
+        identity_ev.NamespaceCreated.DESCRIPTOR.full_name,
+        {"ingest": "ingest-config-identity", "segmentation": "segmentation-config-identity"},
+        ("identity", "own:identity-config"),
+        new_namespace,
     ),
     Subject(
         "cdp.config.segmentation",
