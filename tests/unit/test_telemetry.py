@@ -158,6 +158,18 @@ def test_a_log_line_never_carries_an_email_or_a_phone_a_message_quotes(capsys: p
     assert line["huge"].endswith("(1000000 chars)")
 
 
+def test_a_long_value_is_masked_before_it_is_cut(capsys: pytest.CaptureFixture[str]) -> None:
+    """An address across the cut would otherwise leave a part of it ("ann.lee@exam...") that no
+    pattern knows as an address."""
+    configure_logging("demo", "json", "info")
+    value = "x " * 995 + "ann.lee@example.com " + "y" * 5_000
+    get_logger("test").info("rpc_refused", error=value)
+    [line] = json_lines(capsys.readouterr().err)
+    assert "ann" not in line["error"]
+    assert "example" not in line["error"]
+    assert line["error"].endswith(f"({len(value)} chars)")
+
+
 def test_scrub_keeps_ids_and_short_numbers() -> None:
     assert scrub("sequence 4442 of CDP_PROFILE, batch 9f1c") == "sequence 4442 of CDP_PROFILE, batch 9f1c"
 
@@ -169,7 +181,38 @@ def test_scrub_leaves_hex_ids_whole_but_masks_phones_in_text() -> None:
         f"trace {trace_id} uuid 0c1e9826-3658-46f5-9826-365860000001"
     )
     assert scrub("call 0612345678, or (415) 555-0123.") == "call <phone>, or (<phone>."
-    assert scrub("phone:+33612345678;") == "phone:+<phone>;"
+    assert scrub("phone:+33612345678;") == "phone:<phone>;"
+    assert scrub("phone:0612345678") == "phone:<phone>"
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "a" * 1_000_000,  # a letter run with no "@": each start used to rescan the run (hours at 1 MB)
+        "a.b" * 300_000,
+        "a@" * 300_000,
+        "a@b" + ".c" * 400_000 + "@",
+        "1" * 1_000_000 + "x",
+        "1.1" * 300_000 + "x",
+    ],
+)
+def test_scrub_takes_time_linear_in_the_text(hostile: str) -> None:
+    """A caller's 1 MB value quoted in an error must not stall the service that logs it. Growth, not
+    speed: the text is scrubbed whole (~100 kB) and a hundredth of it. Linear work grows ~100x; the
+    backtracking patterns this replaces grew ~10,000x (~15 s here, ~1,500 s for 1 MB). The bound
+    between the two leaves a wide margin for a noisy machine."""
+    import time
+
+    def cost(text: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            scrub(text)
+            best = min(best, time.process_time() - start)
+        return max(best, 1e-4)
+
+    whole = hostile[: len(hostile) // 10]
+    assert cost(whole) < 1_000 * cost(whole[: len(whole) // 100])
 
 
 def test_scrub_leaves_times_and_addresses_alone() -> None:
