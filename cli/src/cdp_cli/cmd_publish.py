@@ -110,6 +110,8 @@ def judge_line(text: bytes) -> tuple[dict[str, Any] | None, str]:
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "invalid UTF-8"
         return None, f"not JSON ({reason})"
+    except RecursionError:  # json's decoder recurses per level: a line thousands deep
+        return None, "not JSON that can be read (nested thousands deep)"
     if not isinstance(value, dict):
         return None, f"not a JSON object (a {type(value).__name__})"
     return value, ""
@@ -142,7 +144,8 @@ async def publish_file(
                 if len(body) > nc.max_payload:
                     out.refuse(number, f"larger than the server's {nc.max_payload}-byte message limit")
                     continue
-                headers = {"Nats-Msg-Id": f"{dataset}:{event[id_field]}"} if _has_id(event, id_field) else None
+                msg_id = _msg_id(dataset, event, id_field)
+                headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
                 pending.append(await js.publish_async(subject, body, headers=headers))
                 while len(pending) >= window:
                     out.acknowledged(await pending.popleft())
@@ -153,9 +156,19 @@ async def publish_file(
     return out
 
 
-def _has_id(event: dict[str, Any], id_field: str) -> bool:
+def _msg_id(dataset: str, event: dict[str, Any], id_field: str) -> str | None:
+    """``<dataset>:<event id>``, or None (no header) when the event has no id or one a NATS header
+    would not carry as it is: a header value is a line of printable ASCII whose ends the server and
+    clients strip, so a CR/LF would split the header (or forge another) and other ids would be
+    stored altered, de-duplicating events that differ. Without the header ingest still de-duplicates
+    the event by its id."""
     value = event.get(id_field) if id_field else None
-    return isinstance(value, str | int) and not isinstance(value, bool) and str(value) != ""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return None
+    text = str(value)
+    if not text or text != text.strip() or not all(" " <= char <= "~" for char in text):
+        return None
+    return f"{dataset}:{text}"
 
 
 def collect_applied(client: Client) -> int:
