@@ -287,6 +287,7 @@ def bulk_rows(profiles: int, events: int, seed: int = 5) -> Iterator[tuple[str, 
                     "event_type": kind,
                     "ts_ms": T0_MS - rnd.randrange(year_ms),
                     "seq": e,
+                    "pos": 0,
                     "attributes": json.dumps(fields),
                 }
             )
