@@ -25,9 +25,11 @@ demo: $(STAMP)
 
 gen: $(STAMP)
 	$(PY) scripts/gen_protos.py
+	$(PY) scripts/gen_yaml_docs.py
 
 gen-check: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
+	$(PY) scripts/gen_yaml_docs.py --check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

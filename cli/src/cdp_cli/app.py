@@ -30,6 +30,7 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_cli import (
     cmd_activation,
+    cmd_apply,
     cmd_deadletters,
     cmd_identity,
     cmd_ingest,
@@ -49,7 +50,7 @@ from cdp_cli.client import (
 )
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
-from cdp_cli.wait import STUCK, Stage, wait_applied
+from cdp_cli.wait import STUCK, wait_downstream
 
 SERVING = "SERVING"
 LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
@@ -552,17 +553,7 @@ def ingest(
     if report.status == ingest_pb2.BATCH_STATUS_FAILED:
         raise typer.Exit(1)
     if wait:
-        _wait_downstream(_client(ctx), wait_timeout)
-
-
-def _wait_downstream(client: Client, timeout_s: float) -> None:
-    """Progress goes to stderr, so that stdout keeps only the report (--json stays parseable)."""
-
-    def done(stage: Stage, target: int) -> None:
-        render.err.print(f"✓ {stage.name}: applied up to sequence {target}", soft_wrap=True)
-
-    with render.err.status("waiting for the services downstream …"):
-        wait_applied(client, timeout_s, on_stage=done)
+        wait_downstream(_client(ctx), wait_timeout)
 
 
 def _upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> ingest_pb2.BatchReport:
@@ -929,6 +920,7 @@ def demo(
 cmd_identity.register(identity_app)
 cmd_segmentation.register(segment_app, lambda ctx: _client(ctx))
 app.add_typer(cmd_segmentation.computed_app(lambda ctx: _client(ctx)), name="computed")
+cmd_apply.register(app, lambda ctx: _client(ctx))
 
 
 def main() -> None:

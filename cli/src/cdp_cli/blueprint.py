@@ -23,58 +23,11 @@ from cdp.common.v1.deadletter_pb2_grpc import DeadLetterServiceStub
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp_cli.client import Client
 from cdp_cli.cmd_deadletters import FETCH_LIMIT, Letter, kit_letter
+from cdp_cli.documents import example_dict
 from cdp_cli.skeleton import EXISTS, DemoData, ensure, ensure_datasets, generate, ingest_crm, retrying, setup
 
-LOYALTY_SCHEMA = {
-    "name": "loyalty_member",
-    "schema_class": "SCHEMA_CLASS_PROFILE",
-    "fields": [
-        {
-            "name": "loyalty_id",
-            "type": "FIELD_TYPE_STRING",
-            "required": True,
-            "identity_namespace": "loyalty_id",
-        },
-        {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
-        {"name": "points", "type": "FIELD_TYPE_INTEGER", "minimum": 0},
-        {
-            "name": "loyalty",
-            "type": "FIELD_TYPE_OBJECT",
-            "fields": [
-                {"name": "tier", "type": "FIELD_TYPE_STRING"},
-                {"name": "since", "type": "FIELD_TYPE_DATE"},
-            ],
-        },
-        {
-            "name": "consents",
-            "type": "FIELD_TYPE_OBJECT",
-            "fields": [
-                {"name": "email_marketing", "type": "FIELD_TYPE_STRING", "enum_values": ["y", "n"]},
-                {"name": "ad_targeting", "type": "FIELD_TYPE_STRING", "enum_values": ["y", "n"]},
-            ],
-        },
-    ],
-}
-ORDER_SCHEMA = {
-    "name": "store_order",
-    "schema_class": "SCHEMA_CLASS_EVENT",
-    "event_id_field": "order_id",
-    "timestamp_field": "ts",
-    "event_type_field": "type",
-    "fields": [
-        {"name": "order_id", "type": "FIELD_TYPE_STRING", "required": True},
-        {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP", "required": True},
-        {"name": "type", "type": "FIELD_TYPE_STRING", "enum_values": ["store_order"]},
-        {
-            "name": "crm_id",
-            "type": "FIELD_TYPE_STRING",
-            "required": True,
-            "identity_namespace": "crm_id",
-        },
-        {"name": "store", "type": "FIELD_TYPE_STRING"},
-        {"name": "amount", "type": "FIELD_TYPE_NUMBER", "minimum": 0},
-    ],
-}
+LOYALTY_SCHEMA = example_dict("schema", "loyalty_member")
+ORDER_SCHEMA = example_dict("schema", "store_order")
 
 
 @dataclass(frozen=True)
@@ -188,14 +141,18 @@ def dead_letters(client: Client, dataset: str) -> list[Letter]:
     return [x for x in letters if x.kind == "collect-reject" and x.dataset == dataset]
 
 
+# name: (definition, cron schedule or "" for streaming), from the shipped examples
 BLUEPRINT_SEGMENTS: dict[str, tuple[str, str]] = {
-    # name: (definition, cron schedule or "" for streaming)
-    "store_regulars": ("count(store_order) >= 2 within 90d", ""),
-    "big_spenders_year": ("sum(store_order.amount) > 500 within 365d", ""),
-    "lapsed_shoppers": ("count(store_order) = 0 within 180d and has crm_id", ""),
-    "shoe_browsers": ('count(page_view where page = "/shoes") >= 1 within 60d', ""),
-    "reachable_gold": ('in segment gold_members and consent email_marketing = "y" and has email', ""),
-    "nightly_vip_review": ('loyalty.tier = "gold" and points >= 10000', "0 3 * * *"),
+    name: (segment["query"], segment.get("schedule", ""))
+    for name in (
+        "store_regulars",
+        "big_spenders_year",
+        "lapsed_shoppers",
+        "shoe_browsers",
+        "reachable_gold",
+        "nightly_vip_review",
+    )
+    for segment in [example_dict("segment", name)]
 }
 
 

@@ -34,6 +34,7 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp_cli import render
 from cdp_cli.client import Client, read_stack_file
 from cdp_cli.errors import CliError
+from cdp_cli.wait import wait_downstream
 from cdp_kit.streams import INGEST_READS_COLLECT, collect_subject
 
 BAD_LINES_SHOWN = 20
@@ -214,8 +215,14 @@ def events_publish(
         str | None, typer.Option("--nats-url", help="NATS server (default: CDP_NATS_URL, else the stack's).")
     ] = None,
     window: Annotated[int, typer.Option("--window", min=1, help="Publishes awaiting their ack at most.")] = 1000,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Then wait until identity, segmentation and activation have applied what the events caused."
+        ),
+    ] = False,
     wait_timeout: Annotated[
-        float, typer.Option("--wait-timeout", help="Seconds to wait for ingest to apply them (then exit 1).")
+        float, typer.Option("--wait-timeout", help="Seconds each wait may take (then exit 1).")
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
@@ -247,6 +254,8 @@ def events_publish(
             f"(it applied cdp.collect up to sequence {collect_applied(client)}, the last published is "
             f"{max(published.sequences)}): dead letters not counted; see `cdp status`"
         )
+    if wait:
+        wait_downstream(client, wait_timeout)
 
 
 def _report(file: Path, published: Published, outcome: Outcome, as_json: bool) -> None:

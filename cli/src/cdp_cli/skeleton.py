@@ -21,53 +21,17 @@ from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp.segmentation.v1 import segmentation_pb2 as seg
 from cdp_cli.client import Client
+from cdp_cli.documents import example_dict
 
 T = TypeVar("T")
 TIERS = ("gold", "silver", "bronze")
 COUNTRIES = ("FR", "DE", "US", "GB")
 SERVICES = ("ingest", "identity", "segmentation", "activation")
 
-CRM_SCHEMA = {
-    "name": "crm_person",
-    "schema_class": "SCHEMA_CLASS_PROFILE",
-    "fields": [
-        {
-            "name": "crm_id",
-            "type": "FIELD_TYPE_STRING",
-            "required": True,
-            "identity_namespace": "crm_id",
-        },
-        {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
-        {"name": "first_name", "type": "FIELD_TYPE_STRING", "max_length": 80},
-        {"name": "loyalty_tier", "type": "FIELD_TYPE_STRING", "enum_values": list(TIERS)},
-        {"name": "lifetime_value", "type": "FIELD_TYPE_NUMBER", "minimum": 0},
-        {"name": "country", "type": "FIELD_TYPE_STRING", "pattern": "[A-Z]{2}"},
-    ],
-}
-WEB_SCHEMA = {
-    "name": "web_event",
-    "schema_class": "SCHEMA_CLASS_EVENT",
-    "event_id_field": "event_id",
-    "timestamp_field": "ts",
-    "event_type_field": "type",
-    "fields": [
-        {"name": "event_id", "type": "FIELD_TYPE_STRING", "required": True},
-        {"name": "ts", "type": "FIELD_TYPE_TIMESTAMP", "required": True},
-        {"name": "type", "type": "FIELD_TYPE_STRING", "enum_values": ["page_view", "login"]},
-        {
-            "name": "cookie_id",
-            "type": "FIELD_TYPE_STRING",
-            "identity_namespace": "cookie",
-            "required": True,
-        },
-        {"name": "email", "type": "FIELD_TYPE_STRING", "identity_namespace": "email"},
-        {"name": "page", "type": "FIELD_TYPE_STRING"},
-    ],
-}
-SEGMENTS = {
-    "gold_members": 'loyalty_tier = "gold"',
-    "high_value_fr": 'country = "FR" and lifetime_value >= 1000',
-}
+# The definitions come from the shipped examples (examples/ in the repository): one source.
+CRM_SCHEMA = example_dict("schema", "crm_person")
+WEB_SCHEMA = example_dict("schema", "web_event")
+SEGMENTS = {name: example_dict("segment", name)["query"] for name in ("gold_members", "high_value_fr")}
 ACTIVATED_SEGMENT = "gold_members"
 DESTINATION = "crm_file_drop"
 

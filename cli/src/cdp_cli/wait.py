@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from cdp.common.v1 import admin_pb2
+from cdp_cli import render
 from cdp_cli.client import Client, describe_rpc_error
 from cdp_cli.errors import CliError
 
@@ -134,3 +135,14 @@ def wait_applied(
         target = wait_for_stage(client, stage, readers, deadline, poll_s)
         if on_stage is not None:
             on_stage(stage, target)
+
+
+def wait_downstream(client: Client, timeout_s: float) -> None:
+    """``wait_applied`` with each finished stage said on stderr, so that stdout keeps only a
+    command's answer (``--json`` stays parseable)."""
+
+    def done(stage: Stage, target: int) -> None:
+        render.err.print(f"✓ {stage.name}: applied up to sequence {target}", soft_wrap=True)
+
+    with render.err.status("waiting for the services downstream …"):
+        wait_applied(client, timeout_s, on_stage=done)

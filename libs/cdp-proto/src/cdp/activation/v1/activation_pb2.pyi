@@ -31,6 +31,7 @@ class Destination(_message.Message):
     MARKETING_ACTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
+    """The destination's name: activations refer to it."""
     connector: _builtins.str
     """Connector type, e.g. "file_export"."""
     marketing_action: _builtins.str
@@ -162,10 +163,17 @@ class ActivateRequest(_message.Message):
     segment: _builtins.str
     """Segment id or name."""
     schedule: _builtins.str
+    """"streaming" (changes are sent as they happen) or a 5-field cron schedule (UTC) of full runs."""
     @_builtins.property
-    def attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Profile attributes sent with each member (by the merge policy's winning values)."""
+
     @_builtins.property
-    def identities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def identities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Identity namespaces sent for each member (email, phone, ...), normalised and hashed as the
+        platform requires.
+        """
+
     def __init__(
         self,
         *,

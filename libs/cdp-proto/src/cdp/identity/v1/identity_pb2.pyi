@@ -30,23 +30,41 @@ class _NamespaceTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Namespa
     DESCRIPTOR: _descriptor.EnumDescriptor
     NAMESPACE_TYPE_UNSPECIFIED: _NamespaceType.ValueType  # 0
     NAMESPACE_TYPE_EMAIL: _NamespaceType.ValueType  # 1
+    """An email address: checked by email-validator (syntax only, no DNS) and lower-cased."""
     NAMESPACE_TYPE_PHONE: _NamespaceType.ValueType  # 2
+    """A phone number: written as E.164 (+33612345678) by phonenumbers; one without + is read in the
+    default region; an invalid number is refused.
+    """
     NAMESPACE_TYPE_CROSS_DEVICE: _NamespaceType.ValueType  # 3
+    """A person's id in a system of record (CRM id, loyalty number): the same person on every device."""
     NAMESPACE_TYPE_COOKIE: _NamespaceType.ValueType  # 4
+    """A browser cookie id: one browser, often anonymous."""
     NAMESPACE_TYPE_DEVICE: _NamespaceType.ValueType  # 5
+    """A mobile advertising id (IDFA, GAID): one device."""
     NAMESPACE_TYPE_HASHED: _NamespaceType.ValueType  # 6
+    """A SHA-256 hex digest of a normalised email or phone, as partners send them."""
     NAMESPACE_TYPE_CUSTOM: _NamespaceType.ValueType  # 7
+    """Any other id, compared as written (trimmed)."""
 
 class NamespaceType(_NamespaceType, metaclass=_NamespaceTypeEnumTypeWrapper): ...
 
 NAMESPACE_TYPE_UNSPECIFIED: NamespaceType.ValueType  # 0
 NAMESPACE_TYPE_EMAIL: NamespaceType.ValueType  # 1
+"""An email address: checked by email-validator (syntax only, no DNS) and lower-cased."""
 NAMESPACE_TYPE_PHONE: NamespaceType.ValueType  # 2
+"""A phone number: written as E.164 (+33612345678) by phonenumbers; one without + is read in the
+default region; an invalid number is refused.
+"""
 NAMESPACE_TYPE_CROSS_DEVICE: NamespaceType.ValueType  # 3
+"""A person's id in a system of record (CRM id, loyalty number): the same person on every device."""
 NAMESPACE_TYPE_COOKIE: NamespaceType.ValueType  # 4
+"""A browser cookie id: one browser, often anonymous."""
 NAMESPACE_TYPE_DEVICE: NamespaceType.ValueType  # 5
+"""A mobile advertising id (IDFA, GAID): one device."""
 NAMESPACE_TYPE_HASHED: NamespaceType.ValueType  # 6
+"""A SHA-256 hex digest of a normalised email or phone, as partners send them."""
 NAMESPACE_TYPE_CUSTOM: NamespaceType.ValueType  # 7
+"""Any other id, compared as written (trimmed)."""
 Global___NamespaceType: _TypeAlias = NamespaceType  # noqa: Y015
 
 @_typing.final
@@ -331,11 +349,21 @@ class CreateNamespaceRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The namespace's name, as rows and lookups write it before the colon (e.g. member_no in
+    member_no:123): lower_snake_case.
+    """
     type: Global___NamespaceType.ValueType
+    """How its values are normalised and matched: email and phone are normalised as such, hashed takes
+    SHA-256 hex digests, the others are compared as written (trimmed).
+    """
     unique: _builtins.bool
+    """A profile holds at most one value of it (like crm_id): a link that would join two values is
+    refused, and the first link wins.
+    """
     priority: _builtins.int
     """0 = the default for custom namespaces (100)."""
     description: _builtins.str
+    """Free text, shown by `cdp identity namespace list`."""
     def __init__(
         self,
         *,

@@ -33,25 +33,41 @@ class _FieldTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FieldType.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     FIELD_TYPE_UNSPECIFIED: _FieldType.ValueType  # 0
     FIELD_TYPE_STRING: _FieldType.ValueType  # 1
+    """Text."""
     FIELD_TYPE_INTEGER: _FieldType.ValueType  # 2
+    """A whole number."""
     FIELD_TYPE_NUMBER: _FieldType.ValueType  # 3
+    """A number (decimal point allowed)."""
     FIELD_TYPE_BOOLEAN: _FieldType.ValueType  # 4
+    """true or false (in files also t/f, yes/no, y/n, 1/0)."""
     FIELD_TYPE_DATE: _FieldType.ValueType  # 5
+    """A calendar date, YYYY-MM-DD."""
     FIELD_TYPE_TIMESTAMP: _FieldType.ValueType  # 6
+    """An instant, RFC 3339 (2026-11-01T09:00:00Z)."""
     FIELD_TYPE_OBJECT: _FieldType.ValueType  # 7
+    """Nested fields (see fields)."""
     FIELD_TYPE_ARRAY: _FieldType.ValueType  # 8
+    """A list of values of one type (see items)."""
 
 class FieldType(_FieldType, metaclass=_FieldTypeEnumTypeWrapper): ...
 
 FIELD_TYPE_UNSPECIFIED: FieldType.ValueType  # 0
 FIELD_TYPE_STRING: FieldType.ValueType  # 1
+"""Text."""
 FIELD_TYPE_INTEGER: FieldType.ValueType  # 2
+"""A whole number."""
 FIELD_TYPE_NUMBER: FieldType.ValueType  # 3
+"""A number (decimal point allowed)."""
 FIELD_TYPE_BOOLEAN: FieldType.ValueType  # 4
+"""true or false (in files also t/f, yes/no, y/n, 1/0)."""
 FIELD_TYPE_DATE: FieldType.ValueType  # 5
+"""A calendar date, YYYY-MM-DD."""
 FIELD_TYPE_TIMESTAMP: FieldType.ValueType  # 6
+"""An instant, RFC 3339 (2026-11-01T09:00:00Z)."""
 FIELD_TYPE_OBJECT: FieldType.ValueType  # 7
+"""Nested fields (see fields)."""
 FIELD_TYPE_ARRAY: FieldType.ValueType  # 8
+"""A list of values of one type (see items)."""
 Global___FieldType: _TypeAlias = FieldType  # noqa: Y015
 
 class _SchemaClass:
@@ -83,13 +99,17 @@ class _UnknownFieldsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Unknown
     DESCRIPTOR: _descriptor.EnumDescriptor
     UNKNOWN_FIELDS_UNSPECIFIED: _UnknownFields.ValueType  # 0
     UNKNOWN_FIELDS_REJECT: _UnknownFields.ValueType  # 1
+    """A row with a field the schema does not have is rejected (rule unknown_field). The default."""
     UNKNOWN_FIELDS_DROP: _UnknownFields.ValueType  # 2
+    """Fields the schema does not have are dropped; the row is kept."""
 
 class UnknownFields(_UnknownFields, metaclass=_UnknownFieldsEnumTypeWrapper): ...
 
 UNKNOWN_FIELDS_UNSPECIFIED: UnknownFields.ValueType  # 0
 UNKNOWN_FIELDS_REJECT: UnknownFields.ValueType  # 1
+"""A row with a field the schema does not have is rejected (rule unknown_field). The default."""
 UNKNOWN_FIELDS_DROP: UnknownFields.ValueType  # 2
+"""Fields the schema does not have are dropped; the row is kept."""
 Global___UnknownFields: _TypeAlias = UnknownFields  # noqa: Y015
 
 class _FileFormat:
@@ -165,8 +185,11 @@ class Field(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     CONSENT_FOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The column or key name."""
     type: Global___FieldType.ValueType
+    """The value's type; values are converted from text (CSV) and checked."""
     required: _builtins.bool
+    """A row without a value here is rejected (rule required)."""
     identity_namespace: _builtins.str
     """Non-empty when the field is an identity of that namespace. A schema may declare any number
     of identity fields; a row needs at least one usable identity value (rule `identity`).
@@ -188,9 +211,13 @@ class Field(_message.Message):
         """
 
     pattern: _builtins.str
+    """String fields: a regular expression the whole value must match (rule pattern)."""
     max_length: _builtins.int
+    """String fields: the most characters allowed (rule max_length)."""
     minimum: _builtins.float
+    """Number and integer fields: the smallest value allowed (rule minimum)."""
     maximum: _builtins.float
+    """Number and integer fields: the largest value allowed (rule maximum)."""
     items: Global___FieldType.ValueType
     """Element type of an array field."""
     consent_for: _builtins.str
@@ -199,7 +226,9 @@ class Field(_message.Message):
     attribute consents.<action>, which segmentation's `consent` and activation's gate read.
     """
     @_builtins.property
-    def enum_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def enum_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """String fields: the only values allowed (rule enum)."""
+
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___Field]:
         """Sub-fields of an object field."""
@@ -249,15 +278,25 @@ class Schema(_message.Message):
     EVENT_TYPE_FIELD_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The schema's name: datasets name it in schema_name."""
     version: _builtins.int
+    """0 lets the service number it. Non-zero states the version it expects to become (the latest for
+    an identical schema, the next for a change) and is refused otherwise.
+    """
     schema_class: Global___SchemaClass.ValueType
+    """profile: records about a person; event: timestamped behaviour."""
     event_id_field: _builtins.str
     """Event schemas: which field holds the event id and which the event time."""
     timestamp_field: _builtins.str
+    """Event schemas: the field holding the event time (required). Profile schemas: optional, the
+    field holding when the record was true (its record time); unset, the ingest time.
+    """
     event_type_field: _builtins.str
     """Event schemas: which field names the event type (e.g. "type"); optional."""
     @_builtins.property
-    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___Field]: ...
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___Field]:
+        """The fields of a row (top-level columns of a file, keys of an event)."""
+
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Event schemas: the event types this schema carries (needs event_type_field). Its fields then
@@ -374,11 +413,15 @@ class Dataset(_message.Message):
     UNKNOWN_FIELDS_FIELD_NUMBER: _builtins.int
     ALLOW_ANONYMOUS_ROWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The dataset's name: `cdp ingest FILE --dataset NAME`, events on cdp.collect.<name>."""
     schema_name: _builtins.str
+    """The schema its rows are checked against (the latest version)."""
     profile_enabled: _builtins.bool
+    """Recorded; every dataset's records feed unified profiles today."""
     retention_seconds: _builtins.int
     """Event datasets: how long events count, in seconds (0 = forever)."""
     unknown_fields: Global___UnknownFields.ValueType
+    """What a field the schema does not have does to a row."""
     allow_anonymous_rows: _builtins.bool
     """Rows with no usable identity value are kept (linked to no one) instead of rejected with
     rule `identity`.

@@ -125,8 +125,11 @@ class MergePolicy(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     DATASETS_FIELD_NUMBER: _builtins.int
     kind: Global___MergePolicyKind.ValueType
+    """How a profile's attribute is chosen among its datasets' values."""
     @_builtins.property
-    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """dataset_precedence: the datasets in order of trust, most trusted first."""
+
     def __init__(
         self,
         *,
@@ -828,7 +831,11 @@ class CreateComputedAttributeRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The attribute's name, usable in segment queries like any attribute."""
     definition: _builtins.str
+    """count(TYPE), sum|min|max|most_recent(TYPE.FIELD), with an optional `where` and window, e.g.
+    sum(store_order.amount) within 90d.
+    """
     def __init__(
         self,
         *,
@@ -967,7 +974,11 @@ class CreateSegmentRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The segment's name: activations and other segments (`in segment NAME`) refer to it."""
     query: _builtins.str
+    """The audience in the segment language: attribute conditions, event counts and sums within
+    windows, sequences, consent, membership of other segments.
+    """
     schedule: _builtins.str
     """A 5-field cron schedule (UTC): evaluate in batch on it instead of streaming."""
     def __init__(
