@@ -290,8 +290,9 @@ def test_schema_create_names_the_bad_field(tmp_path: Path, fake_server: FakeServ
     path.write_text(json.dumps({"name": "x", "fields": [{"name": "a", "type": "FIELD_TYPE_TEXT"}]}))
     result = invoke(["schema", "create", str(path)], env=fake_server.env())
     assert result.exit_code == 1
-    assert "not a valid cdp.ingest.v1.Schema" in result.stderr
-    assert "FIELD_TYPE_TEXT" in result.stderr
+    assert "fields[0].type: 'FIELD_TYPE_TEXT' is not a FieldType" in result.stderr
+    assert "valid: " in result.stderr
+    assert "string" in result.stderr
 
 
 def test_not_found_is_rendered_with_its_details(fake_server: FakeServer) -> None:

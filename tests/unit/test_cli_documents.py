@@ -66,6 +66,10 @@ def test_a_short_lower_case_enum_is_the_full_value(tmp_path: Path) -> None:
         ("kind: segmnet\nname: x\n", "unknown kind 'segmnet'; did you mean 'segment'?"),
         ("kind: schema\nname: s\nschema_class: profil\n", "'profil' is not a SchemaClass; did you mean 'profile'?"),
         ("kind: destination\nid: d1\nname: d\n", "id: set by the service"),
+        (
+            "kind: schema\nname: s\nfields: [{name: a, type: FIELD_TYPE_STRNG}]\n",
+            "fields[0].type: 'FIELD_TYPE_STRNG' is not a FieldType; did you mean 'string'?",
+        ),
         ("kind: schema\nname: s\nfields: {name: a}\n", "fields: expected a list"),
         ("kind: segment\nname: [1, 2]\n", "(segment)"),
         ("name: s\n", "a document is a mapping with a 'kind'"),

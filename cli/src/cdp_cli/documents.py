@@ -187,7 +187,8 @@ def _enum_value(enum: EnumDescriptor, value: Any, path: str) -> str:
         if full in valid:
             return full
     shorts = short_values(enum)
-    raise DocumentError(f"{path}: {value!r} is not a {enum.name}{suggest(str(value).lower(), shorts)}")
+    probe = str(value).lower().removeprefix(enum_prefix(enum.name).lower())
+    raise DocumentError(f"{path}: {value!r} is not a {enum.name}{suggest(probe, shorts)}")
 
 
 def _field_of(descriptor: Descriptor, key: str) -> FieldDescriptor | None:

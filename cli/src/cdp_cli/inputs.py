@@ -15,6 +15,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from cdp.common.v1 import envelope_pb2
 from cdp.ingest.v1 import ingest_pb2
+from cdp_cli import documents
 from cdp_cli.errors import CliError
 
 CHUNK_BYTES = 256 * 1024
@@ -43,14 +44,17 @@ def load_document(path: Path) -> Any:
 
 
 def parse_schema(path: Path) -> ingest_pb2.Schema:
-    """A ``cdp.ingest.v1.Schema`` in protobuf JSON form, from a JSON or YAML file."""
+    """A ``cdp.ingest.v1.Schema`` from a JSON or YAML file (a ``kind: schema`` document, or the
+    schema's fields alone), every key checked with the nearest valid one suggested."""
     document = load_document(path)
     if not isinstance(document, dict):
         raise CliError(f"{path}: expected an object holding a cdp.ingest.v1.Schema")
-    try:
-        return json_format.ParseDict(document, ingest_pb2.Schema())
-    except json_format.ParseError as exc:
-        raise CliError(f"{path}: not a valid cdp.ingest.v1.Schema: {exc}") from exc
+    if document.get("kind", "schema") != "schema":
+        raise CliError(f"{path}: a {document['kind']!r} document, not a schema: use `cdp apply -f {path}`")
+    body = {k: v for k, v in document.items() if k != "kind"}
+    schema = documents.parse("schema", body, str(path)).message
+    assert isinstance(schema, ingest_pb2.Schema)
+    return schema
 
 
 def file_format(path: Path, explicit: str | None) -> ingest_pb2.FileFormat.ValueType:
