@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import grpc
 import typer
 from grpc_health.v1 import health_pb2
 from rich.logging import RichHandler
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from cdp.activation.v1 import activation_pb2
 from cdp.common.v1 import admin_pb2
@@ -44,6 +44,8 @@ from cdp_cli.client import (
     SERVICES,
     UNREACHABLE,
     Client,
+    MarketingAction,
+    ServiceName,
     describe_rpc_error,
     parse_addr_option,
     rpc_code,
@@ -51,6 +53,17 @@ from cdp_cli.client import (
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
 from cdp_cli.wait import STUCK, wait_downstream
+
+# typer (0.29) shows a type beside every option, "<bool>" beside a flag too, which reads as if
+# the flag took a value (`--json <bool>`). A flag shows none; every other option keeps its type.
+_option_type = TyperOption.display_type_rich
+
+
+def _flag_shows_no_type(self: TyperOption, ctx: Any) -> str | None:
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
 
 SERVING = "SERVING"
 LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
@@ -180,7 +193,10 @@ def up(
     ),
     ready_timeout: Annotated[float, typer.Option("--ready-timeout", help="Seconds each may take to be ready.")] = 90.0,
 ) -> None:
-    """Start nats-server and the services on loopback ports, and supervise them until Ctrl-C."""
+    """Start nats-server and the services on loopback ports, and supervise them until Ctrl-C.
+
+    Example: cdp up --data-dir .cdp
+    """
     state = _state(ctx)
     state.use_data_dir(data_dir)
     stack = Stack(state.data_dir, inputs.split_list(services), ready_timeout_s=ready_timeout)
@@ -297,7 +313,10 @@ def _service_report(client: Client, service: str, address: str) -> ServiceReport
 @app.command()
 def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFlag = False) -> None:
     """Health of each service and, per consumer, its state, the applied sequence, the last sequence
-    on its filter and the lag. Exit code 1 when a service is not SERVING or a consumer is stuck."""
+    on its filter and the lag. Exit code 1 when a service is not SERVING or a consumer is stuck.
+
+    Example: cdp status --json
+    """
     state = _state(ctx)
     state.use_data_dir(data_dir)
     client = state.client()
@@ -380,7 +399,10 @@ def schema_create(
     file: Annotated[Path, typer.Argument(help="JSON or YAML file holding a cdp.ingest.v1.Schema.")],
     as_json: JsonFlag = False,
 ) -> None:
-    """Register a schema (or a compatible new version of one)."""
+    """Register a schema (or a compatible new version of one).
+
+    Example: cdp schema create crm_person.yaml
+    """
     schema = inputs.parse_schema(file)
     client = _client(ctx)
     reply = client.ingest.CreateSchema(ingest_pb2.CreateSchemaRequest(schema=schema), timeout=client.timeout)
@@ -399,7 +421,10 @@ def schema_get(
     version: Annotated[int, typer.Option("--version", help="0 = the latest.")] = 0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show one schema and its fields."""
+    """Show one schema and its fields.
+
+    Example: cdp schema get crm_person
+    """
     client = _client(ctx)
     reply = client.ingest.GetSchema(ingest_pb2.GetSchemaRequest(name=name, version=version), timeout=client.timeout)
     if as_json:
@@ -422,7 +447,10 @@ def schema_get(
 
 @schema_app.command("list")
 def schema_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the schemas (latest versions)."""
+    """List the schemas (latest versions).
+
+    Example: cdp schema list
+    """
     client = _client(ctx)
     reply = client.ingest.ListSchemas(ingest_pb2.ListSchemasRequest(), timeout=client.timeout)
     if as_json:
@@ -450,7 +478,8 @@ def dataset_create(
         int, typer.Option("--retention-days", help="Event datasets: days events count (0 = forever).")
     ] = 0,
     unknown_fields: Annotated[
-        str, typer.Option("--unknown-fields", help="reject or drop fields the schema does not know.")
+        Literal["reject", "drop"],
+        typer.Option("--unknown-fields", help="Reject a row with a field the schema does not know, or drop the field."),
     ] = "reject",
     allow_anonymous_rows: Annotated[
         bool,
@@ -461,10 +490,11 @@ def dataset_create(
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create a dataset bound to a schema."""
+    """Create a dataset bound to a schema.
+
+    Example: cdp dataset create crm --schema crm_person
+    """
     policies = {"reject": ingest_pb2.UNKNOWN_FIELDS_REJECT, "drop": ingest_pb2.UNKNOWN_FIELDS_DROP}
-    if unknown_fields not in policies:
-        raise CliError(f"--unknown-fields {unknown_fields!r}: use reject or drop")
     dataset = ingest_pb2.Dataset(
         name=name,
         schema_name=schema,
@@ -484,7 +514,10 @@ def dataset_create(
 
 @dataset_app.command("list")
 def dataset_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the datasets."""
+    """List the datasets.
+
+    Example: cdp dataset list
+    """
     client = _client(ctx)
     reply = client.ingest.ListDatasets(ingest_pb2.ListDatasetsRequest(), timeout=client.timeout)
     if as_json:
@@ -519,7 +552,8 @@ def ingest(
         str | None, typer.Option("--batch-key", help="Idempotency key (default: file name + sha256).")
     ] = None,
     fmt: Annotated[
-        str | None, typer.Option("--format", help="csv, jsonl or parquet (default: from the suffix).")
+        Literal["csv", "jsonl", "parquet"] | None,
+        typer.Option("--format", help="The file's format (default: from the suffix, .gz allowed)."),
     ] = None,
     error_threshold: Annotated[
         float | None, typer.Option("--error-threshold", help="Share of rejected rows that fails the batch.")
@@ -536,7 +570,10 @@ def ingest(
     as_json: JsonFlag = False,
 ) -> None:
     """Upload a batch file to a dataset and print its report; exit code 1 when the batch failed, or
-    with --wait when a downstream stage is stuck or does not finish in time."""
+    with --wait when a downstream stage is stuck or does not finish in time.
+
+    Example: cdp ingest crm.csv --dataset crm --wait
+    """
     header = ingest_pb2.IngestFileHeader(
         dataset=dataset,
         batch_key=batch_key or inputs.default_batch_key(path),
@@ -615,7 +652,10 @@ def events_send(
     dataset: Annotated[str, typer.Option("--dataset", help="The event dataset they land in.")],
     as_json: JsonFlag = False,
 ) -> None:
-    """Publish events from a JSON-lines file, in calls of 500."""
+    """Publish events from a JSON-lines file, in calls of 500.
+
+    Example: cdp events send web.jsonl --dataset web
+    """
     events = inputs.read_event_lines(file)
     client = _client(ctx)
     totals = SendTotals()
@@ -668,7 +708,10 @@ def segment_create(
     query: Annotated[str, typer.Argument(help='The definition, e.g. loyalty.tier = "gold".')],
     as_json: JsonFlag = False,
 ) -> None:
-    """Define a segment; the answer says whether it is evaluated streaming or batch, and why."""
+    """Define a segment; the answer says whether it is evaluated streaming or batch, and why.
+
+    Example: cdp segment create regulars 'count(store_order) >= 2 within 90d'
+    """
     client = _client(ctx)
     request = segmentation_pb2.CreateSegmentRequest(name=name, query=query)
     reply = client.segmentation.CreateSegment(request, timeout=client.timeout)
@@ -681,7 +724,10 @@ def segment_create(
 
 @segment_app.command("get")
 def segment_get(ctx: typer.Context, segment: str, as_json: JsonFlag = False) -> None:
-    """Show one segment (by name or id)."""
+    """Show one segment (by name or id).
+
+    Example: cdp segment get gold_members
+    """
     client = _client(ctx)
     reply = client.segmentation.GetSegment(segmentation_pb2.GetSegmentRequest(segment=segment), timeout=client.timeout)
     if as_json:
@@ -692,7 +738,10 @@ def segment_get(ctx: typer.Context, segment: str, as_json: JsonFlag = False) -> 
 
 @segment_app.command("list")
 def segment_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the segments with their size and evaluation mode."""
+    """List the segments with their size and evaluation mode.
+
+    Example: cdp segment list
+    """
     client = _client(ctx)
     reply = client.segmentation.ListSegments(segmentation_pb2.ListSegmentsRequest(), timeout=client.timeout)
     if as_json:
@@ -718,7 +767,10 @@ def segment_members(
     ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
-    """List the profile ids currently realized in a segment."""
+    """List the profile ids currently realized in a segment.
+
+    Example: cdp segment members gold_members --limit 20
+    """
     client = _client(ctx)
     request = segmentation_pb2.ListMembersRequest(segment=segment, limit=limit)
     reply = client.segmentation.ListMembers(request, timeout=client.timeout)
@@ -742,7 +794,10 @@ def profile_get(
     ],
     as_json: JsonFlag = False,
 ) -> None:
-    """Look up a unified profile by one of its identities or by its profile id."""
+    """Look up a unified profile by one of its identities or by its profile id.
+
+    Example: cdp profile get email:ada@example.com
+    """
     if ":" in key:
         request = segmentation_pb2.GetProfileRequest(identity=inputs.parse_identity(key))
     else:
@@ -776,7 +831,10 @@ def identity_resolve(
     identity: Annotated[str, typer.Argument(metavar="NS:VALUE", help="An identity, e.g. email:ann@example.com.")],
     as_json: JsonFlag = False,
 ) -> None:
-    """The profile id an identity belongs to, and the other identities linked to it."""
+    """The profile id an identity belongs to, and the other identities linked to it.
+
+    Example: cdp identity resolve cookie:ck-1
+    """
     request = identity_pb2.ResolveRequest(identity=inputs.parse_identity(identity))
     client = _client(ctx)
     reply = client.identity.Resolve(request, timeout=client.timeout)
@@ -797,7 +855,7 @@ def destination_create(
     name: str,
     connector: Annotated[str, typer.Option("--connector", help="Connector type, e.g. file_export.")],
     action: Annotated[
-        str, typer.Option("--action", help="Marketing action: email_marketing, sms_marketing, ad_targeting, …")
+        MarketingAction, typer.Option("--action", help="The marketing action it serves: who consented to it is sent.")
     ],
     config: Annotated[
         list[str] | None,
@@ -805,7 +863,10 @@ def destination_create(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create a destination: a connector, its settings and the marketing action it serves."""
+    """Create a destination: a connector, its settings and the marketing action it serves.
+
+    Example: cdp destination create drop --connector file_export --action email_marketing --config folder=drop
+    """
     destination = activation_pb2.Destination(
         name=name, connector=connector, config=inputs.parse_config(config or []), marketing_action=action
     )
@@ -820,7 +881,10 @@ def destination_create(
 
 @destination_app.command("list")
 def destination_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the destinations (secrets masked)."""
+    """List the destinations (secrets masked).
+
+    Example: cdp destination list --json
+    """
     client = _client(ctx)
     reply = client.activation.ListDestinations(activation_pb2.ListDestinationsRequest(), timeout=client.timeout)
     if as_json:
@@ -843,7 +907,10 @@ def activate(
     schedule: Annotated[str, typer.Option("--schedule", help='"streaming" or a cron expression.')] = "streaming",
     as_json: JsonFlag = False,
 ) -> None:
-    """Activate a segment to a destination."""
+    """Activate a segment to a destination.
+
+    Example: cdp activate --destination crm_file_drop --segment gold_members --identities email --attributes first_name
+    """
     request = activation_pb2.ActivateRequest(
         destination=destination,
         segment=segment,
@@ -861,7 +928,10 @@ def activate(
 
 @app.command()
 def plans(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the activation plans."""
+    """List the activation plans.
+
+    Example: cdp plans --json
+    """
     client = _client(ctx)
     reply = client.activation.ListPlans(activation_pb2.ListPlansRequest(), timeout=client.timeout)
     if as_json:
@@ -880,7 +950,10 @@ def deliveries(
     destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """List deliveries: what went to each destination, and where; monitoring per destination and plan."""
+    """List deliveries: what went to each destination, and where; monitoring per destination and plan.
+
+    Example: cdp deliveries --destination crm_file_drop
+    """
     if ctx.invoked_subcommand:
         return
     client = _client(ctx)
@@ -904,17 +977,18 @@ def deliveries(
 def demo(
     people: Annotated[int, typer.Option("--people", min=10, max=100_000, help="CRM people to generate.")] = 200,
     kill: Annotated[
-        str, typer.Option("--kill", help="SIGKILL this service mid-flow, to see that nothing changes.")
-    ] = "",
+        ServiceName | None, typer.Option("--kill", help="SIGKILL this service mid-flow, to see that nothing changes.")
+    ] = None,
     data_dir: DataDirOverride = None,
 ) -> None:
-    """Start the stack, run the walking skeleton on generated data, print the summary, stop."""
+    """Start the stack, run the walking skeleton on generated data, print the summary, stop.
+
+    Example: cdp demo --kill identity
+    """
     from cdp_cli.demo import run_demo
 
-    if kill and kill not in SERVICES:
-        raise typer.BadParameter(f"--kill takes one of {', '.join(SERVICES)}")
     _log_supervisor_to_console()
-    run_demo(data_dir, people=people, kill=kill or None)
+    run_demo(data_dir, people=people, kill=kill)
 
 
 cmd_identity.register(identity_app)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal, get_args
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,7 +26,11 @@ from cdp.ingest.v1 import ingest_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2_grpc
 from cdp_cli.errors import CliError
 
-SERVICES: tuple[str, ...] = ("ingest", "identity", "segmentation", "activation")
+ServiceName = Literal["ingest", "identity", "segmentation", "activation"]
+SERVICES: tuple[ServiceName, ...] = get_args(ServiceName)
+# Marketing actions a destination serves and a policy denies (activation's consent gate reads
+# consents.<action>).
+MarketingAction = Literal["email_marketing", "sms_marketing", "ad_targeting", "data_sharing"]
 STACK_FILE = "stack.json"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -9,10 +9,12 @@ import typer
 
 from cdp.activation.v1 import activation_pb2
 from cdp_cli import cmd_deadletters, render
-from cdp_cli.client import Client
+from cdp_cli.client import Client, MarketingAction
 
 deliveries_app = typer.Typer(
-    help="Deliveries and their monitoring (failed ones: `cdp deadletters`).", add_completion=False
+    help="Deliveries and their monitoring (failed ones: `cdp deadletters`).\n\n"
+    "Example: cdp deliveries --destination crm_file_drop",
+    add_completion=False,
 )
 app = typer.Typer(
     help="Data-usage governance: labels on fields and datasets, policies.", no_args_is_help=True, add_completion=False
@@ -69,7 +71,10 @@ def dead_letters(
     destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """Failed deliveries: the same as `cdp deadletters --kind delivery`."""
+    """Failed deliveries: the same as `cdp deadletters --kind delivery`.
+
+    Example: cdp deliveries dead-letters
+    """
     filters = cmd_deadletters.Filters(kind="delivery", destination=destination)
     cmd_deadletters.list_letters(ctx, filters, include_redriven=False, limit=10_000, as_json=as_json)
 
@@ -81,7 +86,10 @@ def redrive(
     destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """Send failed deliveries again, with the same batch ids: the same as `cdp deadletters redrive --kind delivery`."""
+    """Send failed deliveries again, with the same batch ids: the same as `cdp deadletters redrive --kind delivery`.
+
+    Example: cdp deliveries redrive
+    """
     cmd_deadletters.redrive(
         ctx, kind="delivery", destination=destination, batches=batch_ids or None, wait=False, as_json=as_json
     )
@@ -94,7 +102,10 @@ def label(
     data_label: Annotated[str, typer.Option("--label", help="Data-usage label, e.g. C2.")],
     dataset: Annotated[bool, typer.Option("--dataset", help="NAME is a dataset (default: a field).")] = False,
 ) -> None:
-    """Put a data-usage label on a field (attribute or identity namespace) or a dataset."""
+    """Put a data-usage label on a field (attribute or identity namespace) or a dataset.
+
+    Example: cdp governance label email --label C2
+    """
     client = _client(ctx)
     request = activation_pb2.LabelDataRequest(
         label=activation_pb2.DataLabel(kind="dataset" if dataset else "field", name=name, label=data_label)
@@ -108,9 +119,12 @@ def policy(
     ctx: typer.Context,
     name: str,
     deny: Annotated[str, typer.Option("--deny", help="The label whose data is denied …")],
-    action: Annotated[str, typer.Option("--action", help="… for this marketing action.")],
+    action: Annotated[MarketingAction, typer.Option("--action", help="… for this marketing action.")],
 ) -> None:
-    """Create a policy: data with a label must not be used for a marketing action."""
+    """Create a policy: data with a label must not be used for a marketing action.
+
+    Example: cdp governance policy no_c2_ads --deny C2 --action ad_targeting
+    """
     client = _client(ctx)
     request = activation_pb2.CreatePolicyRequest(policy=activation_pb2.Policy(name=name, label=deny, action=action))
     reply = client.activation.CreatePolicy(request, timeout=client.timeout)
@@ -119,7 +133,10 @@ def policy(
 
 @app.command("show")
 def show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List labels and policies."""
+    """List labels and policies.
+
+    Example: cdp governance show
+    """
     client = _client(ctx)
     reply = client.activation.ListGovernance(activation_pb2.ListGovernanceRequest(), timeout=client.timeout)
     if as_json:

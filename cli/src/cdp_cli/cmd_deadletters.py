@@ -28,7 +28,7 @@ from cdp.activation.v1 import activation_pb2
 from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.common.v1 import deadletter_pb2_grpc
 from cdp_cli import render
-from cdp_cli.client import SERVICES, Client, describe_rpc_error, rpc_code
+from cdp_cli.client import SERVICES, Client, ServiceName, describe_rpc_error, rpc_code
 from cdp_cli.errors import CliError
 from cdp_kit.telemetry import scrub
 
@@ -41,12 +41,13 @@ COLLECT_PREFIX = "cdp.collect."
 FETCH_LIMIT = 10_000
 
 app = typer.Typer(
-    help="Dead letters of every service (poison, collect rejects, failed deliveries), and their redrive.",
+    help="Dead letters of every service (poison, collect rejects, failed deliveries), and their redrive.\n\n"
+    "Example: cdp deadletters --service ingest --kind collect-reject",
     add_completion=False,
 )
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
-ServiceOpt = Annotated[str, typer.Option("--service", help=f"Only this service ({', '.join(SERVICES)}).")]
-KindOpt = Annotated[str, typer.Option("--kind", help=f"Only this kind ({', '.join(KINDS)}).")]
+ServiceOpt = Annotated[ServiceName | None, typer.Option("--service", help="Only this service.")]
+KindOpt = Annotated[Kind | None, typer.Option("--kind", help="Only this kind.")]
 ConsumerOpt = Annotated[str, typer.Option("--consumer", help="Only this consumer's poison, e.g. identity-ingest.")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="Only this dataset's collect rejects.")]
 DestinationOpt = Annotated[str, typer.Option("--destination", help="Only this destination's failed deliveries.")]
@@ -227,8 +228,8 @@ def gather(client: Client, filters: Filters, *, include_redriven: bool) -> tuple
 @app.callback(invoke_without_command=True)
 def listing(
     ctx: typer.Context,
-    service: ServiceOpt = "",
-    kind: KindOpt = "",
+    service: ServiceOpt = None,
+    kind: KindOpt = None,
     consumer: ConsumerOpt = "",
     dataset: DatasetOpt = "",
     destination: DestinationOpt = "",
@@ -239,10 +240,15 @@ def listing(
     as_json: JsonFlag = False,
 ) -> None:
     """List every service's dead letters: consumers' poison, ingest's collect rejects, activation's failed
-    deliveries, with where, why, state and when; counts per service and kind at the bottom."""
+    deliveries, with where, why, state and when; counts per service and kind at the bottom.
+
+    Example: cdp deadletters --service ingest --kind collect-reject
+    """
     if ctx.invoked_subcommand is not None:
         return
-    list_letters(ctx, Filters(service, kind, consumer, dataset, destination), include_redriven, limit, as_json)
+    list_letters(
+        ctx, Filters(service or "", kind or "", consumer, dataset, destination), include_redriven, limit, as_json
+    )
 
 
 def list_letters(ctx: typer.Context, filters: Filters, include_redriven: bool, limit: int, as_json: bool) -> None:
@@ -276,8 +282,8 @@ class Requested:
 @app.command("redrive")
 def redrive(
     ctx: typer.Context,
-    service: ServiceOpt = "",
-    kind: KindOpt = "",
+    service: ServiceOpt = None,
+    kind: KindOpt = None,
     consumer: ConsumerOpt = "",
     sequences: Annotated[
         list[int] | None, typer.Option("--sequence", help="Only these stream sequences (repeatable).")
@@ -296,8 +302,13 @@ def redrive(
 ) -> None:
     """Re-drive dead letters (every one the filters keep; all of them without filters): poison and collect
     rejects are applied again by their service (still invalid: dead again, one redrive more); failed
-    deliveries are sent again with the same batch ids."""
-    filters = narrowed(Filters(service, kind, consumer, dataset, destination), sequences or [], batches or [])
+    deliveries are sent again with the same batch ids.
+
+    Example: cdp deadletters redrive --kind delivery --destination crm_file_drop
+    """
+    filters = narrowed(
+        Filters(service or "", kind or "", consumer, dataset, destination), sequences or [], batches or []
+    )
     client = _client(ctx)
     letters, _ = gather(client, filters, include_redriven=False)
     chosen = [x for x in letters if redrivable(x) and named(x, sequences or [], batches or [])]

@@ -5,20 +5,20 @@ Registered on the existing ``identity`` group of ``cdp_cli.app`` by ``register``
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from cdp.identity.v1 import identity_pb2 as pb
 from cdp_cli import inputs, render
 from cdp_cli.client import Client
-from cdp_cli.errors import CliError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 namespace_app = typer.Typer(
     help="Identity namespaces (standard and custom).", no_args_is_help=True, add_completion=False
 )
-TYPES = {
+NamespaceKind = Literal["email", "phone", "cross_device", "cookie", "device", "hashed", "custom"]
+TYPES: dict[NamespaceKind, pb.NamespaceType.ValueType] = {
     "email": pb.NAMESPACE_TYPE_EMAIL,
     "phone": pb.NAMESPACE_TYPE_PHONE,
     "cross_device": pb.NAMESPACE_TYPE_CROSS_DEVICE,
@@ -43,15 +43,18 @@ def _type_label(value: int) -> str:
 def namespace_create(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="lower_snake_case name, e.g. member_no.")],
-    type_: Annotated[str, typer.Option("--type", help=f"One of {', '.join(TYPES)}.")] = "custom",
+    type_: Annotated[
+        NamespaceKind, typer.Option("--type", help="How its values are normalised and matched.")
+    ] = "custom",
     unique: Annotated[bool, typer.Option("--unique", help="A graph holds at most one value of it.")] = False,
     priority: Annotated[int, typer.Option("--priority", help="Lower is stronger (standard: 10-90); 0 = 100.")] = 0,
     description: Annotated[str, typer.Option("--description", help="What it identifies.")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """Create a custom identity namespace."""
-    if type_ not in TYPES:
-        raise CliError(f"--type {type_!r} is not a namespace type: expected one of {', '.join(TYPES)}")
+    """Create a custom identity namespace.
+
+    Example: cdp identity namespace create member_no --type cross_device --unique --priority 5
+    """
     client = _client(ctx)
     request = pb.CreateNamespaceRequest(
         name=name, type=TYPES[type_], unique=unique, priority=priority, description=description
@@ -65,7 +68,10 @@ def namespace_create(
 
 @namespace_app.command("list")
 def namespace_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """List the namespaces, strongest first."""
+    """List the namespaces, strongest first.
+
+    Example: cdp identity namespace list
+    """
     client = _client(ctx)
     reply = client.identity.ListNamespaces(pb.ListNamespacesRequest(), timeout=client.timeout)
     if as_json:
@@ -83,7 +89,10 @@ def graph(
     identity: Annotated[str, typer.Argument(metavar="NS:VALUE", help="An identity, e.g. email:ann@example.com.")],
     as_json: JsonFlag = False,
 ) -> None:
-    """The graph an identity belongs to: identities, links, first/last seen, sources, guardrail decisions."""
+    """The graph an identity belongs to: identities, links, first/last seen, sources, guardrail decisions.
+
+    Example: cdp identity graph email:ada@example.com
+    """
     client = _client(ctx)
     reply = client.identity.GetGraph(
         pb.GetGraphRequest(identity=inputs.parse_identity(identity)), timeout=client.timeout
@@ -137,7 +146,10 @@ def unlink(
     reason: Annotated[str, typer.Option("--reason", help="Why (kept with the decision).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
-    """Remove an identity from its graph, or one link; the graph splits and stays split."""
+    """Remove an identity from its graph, or one link; the graph splits and stays split.
+
+    Example: cdp identity unlink cookie:shared-tablet --reason 'shared device'
+    """
     request = pb.UnlinkRequest(identity=inputs.parse_identity(identity), reason=reason)
     if other:
         request.other.CopyFrom(inputs.parse_identity(other))
@@ -159,7 +171,10 @@ def unlink(
 
 
 def stats(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Counts of identities, links, profiles; dropped identities by namespace and rule; decisions by rule."""
+    """Counts of identities, links, profiles; dropped identities by namespace and rule; decisions by rule.
+
+    Example: cdp identity stats
+    """
     client = _client(ctx)
     reply = client.identity.GetStats(pb.GetStatsRequest(), timeout=client.timeout)
     if as_json:

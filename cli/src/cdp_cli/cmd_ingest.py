@@ -101,7 +101,10 @@ def batch_errors(
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Rows shown (not exported).")] = 50,
 ) -> None:
-    """List a batch's rejected rows (identity values masked), or export them as CSV to fix and re-send."""
+    """List a batch's rejected rows (identity values masked), or export them as CSV to fix and re-send.
+
+    Example: cdp batch errors BATCH_ID --csv rejects.csv
+    """
     client = _client(ctx)
     if to_csv is not None:
         count = _export(client, batch_id, to_csv)

@@ -227,7 +227,10 @@ def events_publish(
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
     """Publish events from a JSON Lines file to NATS as an online publisher would, then count
-    what ingest dead-lettered (beside `events send`, which calls PublishEvents over gRPC)."""
+    what ingest dead-lettered (beside `events send`, which calls PublishEvents over gRPC).
+
+    Example: cdp events publish web.jsonl --dataset web --wait
+    """
     state: Any = ctx.obj
     if state is None:
         raise CliError("run this through the `cdp` command")

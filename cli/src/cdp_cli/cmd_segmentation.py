@@ -19,7 +19,10 @@ def register(segment_app: typer.Typer, client_of: Callable[[typer.Context], Any]
         schedule: Annotated[str, typer.Option("--schedule", help="A cron schedule (makes it batch).")] = "",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
-        """Streaming or batch, why, what it reads, and how many profiles match now (nothing is saved)."""
+        """Streaming or batch, why, what it reads, and how many profiles match now (nothing is saved).
+
+        Example: cdp segment explain 'count(page_view) >= 3 within 7d'
+        """
         client = client_of(ctx)
         request = segmentation_pb2.ExplainQueryRequest(query=query, schedule=schedule)
         reply = client.segmentation.ExplainQuery(request, timeout=client.timeout)
@@ -36,7 +39,10 @@ def register(segment_app: typer.Typer, client_of: Callable[[typer.Context], Any]
         ctx: typer.Context,
         segment: Annotated[str, typer.Argument(help="Segment name or id.")],
     ) -> None:
-        """Evaluate a segment in the store (SQL) now and emit the membership changes, with a progress bar."""
+        """Evaluate a segment in the store (SQL) now and emit the membership changes, with a progress bar.
+
+        Example: cdp segment evaluate nightly_vip_review
+        """
         client = client_of(ctx)
         request = segmentation_pb2.EvaluateSegmentRequest(segment=segment)
         last = segmentation_pb2.EvaluationProgress()
@@ -65,7 +71,10 @@ def computed_app(client_of: Callable[[typer.Context], Any]) -> typer.Typer:
         ],
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
-        """Define a computed attribute; every profile's value is kept up to date from then on."""
+        """Define a computed attribute; every profile's value is kept up to date from then on.
+
+        Example: cdp computed create orders_90d 'count(store_order) within 90d'
+        """
         client = client_of(ctx)
         request = segmentation_pb2.CreateComputedAttributeRequest(name=name, definition=" ".join(function))
         reply = client.segmentation.CreateComputedAttribute(request, timeout=client.timeout)
@@ -78,7 +87,10 @@ def computed_app(client_of: Callable[[typer.Context], Any]) -> typer.Typer:
     def computed_list(
         ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
     ) -> None:
-        """List the computed attributes."""
+        """List the computed attributes.
+
+        Example: cdp computed list --json
+        """
         client = client_of(ctx)
         reply = client.segmentation.ListComputedAttributes(
             segmentation_pb2.ListComputedAttributesRequest(), timeout=client.timeout

@@ -1,0 +1,66 @@
+"""`cdp --help` reads like a manual: every command's help ends with an example of itself, a flag
+shows no type (no `<bool>`), and an option that takes one of a few values lists them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from cdp_cli.app import app
+
+
+def commands() -> Iterator[tuple[str, ...]]:
+    def walk(command: Any, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        if command.callback is not None and path:
+            yield path
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            yield from walk(sub, (*path, name))
+
+    yield from walk(typer.main.get_command(app), ())
+
+
+def help_of(path: tuple[str, ...]) -> str:
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_command_is_listed() -> None:
+    found = set(commands())
+    assert {("apply",), ("up",), ("ingest",), ("deadletters",), ("identity", "namespace", "create")} <= found
+    assert len(found) >= 40
+
+
+@pytest.mark.parametrize("path", sorted(commands()), ids=" ".join)
+def test_a_command_shows_an_example_of_itself_and_no_bool_type(path: tuple[str, ...]) -> None:
+    text = help_of(path)
+    examples = re.findall(r"Example: (cdp [^\n│]*)", text)
+    assert examples, f"cdp {' '.join(path)} --help has no 'Example: cdp …' line"
+    assert examples[0].split()[1 : 1 + len(path)] == list(path), examples[0]
+    assert "<bool>" not in text
+
+
+@pytest.mark.parametrize(
+    ("path", "choices"),
+    [
+        (("demo",), "<ingest|identity|segmentation|activation>"),
+        (("dataset", "create"), "<reject|drop>"),
+        (("ingest",), "<csv|jsonl|parquet>"),
+        (("destination", "create"), "<email_marketing|sms_marketing|ad_targeting|data_sharing>"),
+        (("identity", "namespace", "create"), "<email|phone|cross_device|cookie|device|hashed|custom>"),
+        (("deadletters",), "<poison|collect-reject|delivery>"),
+    ],
+)
+def test_an_option_of_a_few_values_lists_them(path: tuple[str, ...], choices: str) -> None:
+    assert choices in help_of(path)
+
+
+def test_a_value_not_among_them_is_refused_before_anything_runs() -> None:
+    result = CliRunner().invoke(app, ["demo", "--kill", "identiy"])
+    assert result.exit_code == 2
+    assert "identity" in result.output
