@@ -50,6 +50,7 @@ from cdp_cli.client import (
     parse_addr_option,
     rpc_code,
 )
+from cdp_cli.context import AppState, client_of, state_of
 from cdp_cli.errors import CliError
 from cdp_cli.stack import Stack
 from cdp_cli.wait import STUCK, wait_downstream
@@ -67,32 +68,6 @@ TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assig
 
 SERVING = "SERVING"
 LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
-
-
-@dataclass
-class AppState:
-    """Global options, and the client built from them on first use."""
-
-    data_dir: Path
-    addresses: dict[str, str]
-    timeout: float
-    _client: Client | None = field(default=None, repr=False)
-
-    def use_data_dir(self, override: Path | None) -> None:
-        if override is not None:
-            self.data_dir = override
-
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = Client(self.data_dir, self.addresses, timeout=self.timeout)
-        return self._client
-
-    def describe(self, err: grpc.RpcError) -> str:
-        return self._client.describe_failure(err) if self._client else describe_rpc_error(err)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
 
 
 class CdpGroup(TyperGroup):
@@ -169,16 +144,8 @@ def root(
     ctx.obj = AppState(data_dir=data_dir, addresses=parse_addr_option(addr or []), timeout=timeout)
 
 
-def _state(ctx: typer.Context) -> AppState:
-    state = ctx.find_object(AppState)
-    if state is None:  # a sub-command invoked on its own, without the root callback
-        state = AppState(Path(".cdp"), {}, DEFAULT_TIMEOUT_S)
-        ctx.obj = state
-    return state
-
-
-def _client(ctx: typer.Context) -> Client:
-    return _state(ctx).client()
+_state = state_of
+_client = client_of
 
 
 # --------------------------------------------------------------------------- up

@@ -9,7 +9,8 @@ import typer
 
 from cdp.activation.v1 import activation_pb2
 from cdp_cli import cmd_deadletters, render
-from cdp_cli.client import Client, MarketingAction
+from cdp_cli.client import MarketingAction
+from cdp_cli.context import client_of
 
 deliveries_app = typer.Typer(
     help="Deliveries and their monitoring (failed ones: `cdp deadletters`).\n\n"
@@ -22,10 +23,7 @@ app = typer.Typer(
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 
 
-def _client(ctx: typer.Context) -> Client:
-    from cdp_cli.app import _client as client_of
-
-    return client_of(ctx)
+_client = client_of
 
 
 def print_stats(reply: activation_pb2.ListDeliveriesResponse) -> None:

@@ -29,6 +29,7 @@ from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.common.v1 import deadletter_pb2_grpc
 from cdp_cli import render
 from cdp_cli.client import SERVICES, Client, ServiceName, describe_rpc_error, rpc_code
+from cdp_cli.context import client_of
 from cdp_cli.errors import CliError
 from cdp_kit.telemetry import scrub
 
@@ -179,10 +180,7 @@ def print_listing(letters: Sequence[Letter], shown: int, tally: dict[str, dict[s
 # --------------------------------------------------------------------------- fetching
 
 
-def _client(ctx: typer.Context) -> Client:
-    from cdp_cli.app import _client as client_of
-
-    return client_of(ctx)
+_client = client_of
 
 
 def _stub(client: Client, service: str) -> deadletter_pb2_grpc.DeadLetterServiceStub:

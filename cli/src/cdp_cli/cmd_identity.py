@@ -11,7 +11,7 @@ import typer
 
 from cdp.identity.v1 import identity_pb2 as pb
 from cdp_cli import inputs, render
-from cdp_cli.client import Client
+from cdp_cli.context import client_of
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 namespace_app = typer.Typer(
@@ -29,10 +29,7 @@ TYPES: dict[NamespaceKind, pb.NamespaceType.ValueType] = {
 }
 
 
-def _client(ctx: typer.Context) -> Client:
-    from cdp_cli.app import _client as app_client
-
-    return app_client(ctx)
+_client = client_of
 
 
 def _type_label(value: int) -> str:

@@ -8,9 +8,8 @@ from cdp_activation.connectors.base import (
     Record,
     SendContext,
     SendResult,
-    catalog,
-    connector_for,
 )
+from cdp_activation.connectors.registry import catalog, connector_for
 
 __all__ = [
     "Batch",

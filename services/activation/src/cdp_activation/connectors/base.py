@@ -8,7 +8,6 @@ optional Retry-After) and never logs a credential or a raw identifier.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,34 +153,3 @@ def violations_of(exc: ValidationError) -> list[Violation]:
         where = ".".join(str(p) for p in err["loc"])
         out.append(Violation(f"config.{where}", err["type"], err["msg"]))
     return out
-
-
-@functools.cache
-def catalog() -> dict[str, Connector]:
-    from cdp_activation.connectors import ads, crm, email, file_export, webhook
-
-    connectors: list[Connector] = [
-        file_export.FileExport(),
-        webhook.Webhook(),
-        webhook.SegmentShare(),
-        ads.MetaCustomAudience(),
-        ads.GoogleCustomerMatch(),
-        ads.SnapAudience(),
-        ads.TikTokAudience(),
-        ads.LinkedInAudience(),
-        email.Mailchimp(),
-        email.Braze(),
-        email.TwilioSms(),
-        crm.Klaviyo(),
-        crm.SalesforceMarketingCloud(),
-        crm.TradeDeskCrm(),
-    ]
-    return {c.name: c for c in connectors}
-
-
-def connector_for(name: str) -> Connector:
-    connectors = catalog()
-    if name not in connectors:
-        known = ", ".join(sorted(connectors))
-        raise InvalidInput(f"unknown connector {name!r}", [Violation("connector", "catalog", f"one of: {known}")])
-    return connectors[name]
