@@ -6,9 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
-PACKAGES := libs/cdp-proto libs/cdp-kit services/ingest services/identity services/segmentation services/activation cli
+PACKAGES := libs/cdp-proto libs/cdp-kit libs/cdp-standins services/ingest services/identity services/segmentation services/activation cli
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
-HANDWRITTEN := libs/cdp-kit/src services/ingest/src services/identity/src services/segmentation/src services/activation/src cli/src scripts tests bench
+HANDWRITTEN := libs/cdp-kit/src libs/cdp-standins/src services/ingest/src services/identity/src services/segmentation/src services/activation/src cli/src scripts tests bench
 
 .PHONY: venv demo test lint typecheck gen gen-check pytest bench clean fmt
 

@@ -24,7 +24,7 @@ from aiolimiter import AsyncLimiter
 
 from bench.common import best_of, report
 from cdp_activation.connectors import Batch, Record, SendContext, connector_for
-from cdp_activation.localservers import LocalPlatforms
+from cdp_standins import LocalPlatforms
 
 FILE_PROFILES = 100_000
 FILE_BATCH = 5_000

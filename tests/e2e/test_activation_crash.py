@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from cdp_activation.localservers import Fault, LocalPlatforms
 from cdp_activation.store import BatchRow, PlanMemberRow
 from cdp_kit.eventlog import EventLog
 from cdp_kit.store import make_engine
+from cdp_standins import Fault, LocalPlatforms
 from tests.integration.test_activation_delivery import Upstream, people, until
 
 

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from cdp.activation.v1 import activation_pb2 as act
 from cdp.ingest.v1 import ingest_pb2 as ing
-from cdp_activation.localservers import Fault, LocalPlatforms
 from cdp_cli.app import app
 from cdp_cli.client import Client
 from cdp_cli.platforms import local_platforms
 from cdp_cli.skeleton import ACTIVATED_SEGMENT, WEB_SCHEMA, generate, ingest_crm, retrying, setup
 from cdp_cli.stack import Stack
+from cdp_standins import Fault, LocalPlatforms
 
 pytestmark = pytest.mark.e2e
 COUPON_EVENT = {

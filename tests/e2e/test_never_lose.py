@@ -41,7 +41,6 @@ from google.protobuf import struct_pb2
 
 from cdp.activation.v1 import activation_pb2 as act
 from cdp.segmentation.v1 import segmentation_pb2 as seg
-from cdp_activation.localservers import LocalPlatforms
 from cdp_cli.client import Client
 from cdp_cli.platforms import local_platforms
 from cdp_cli.skeleton import EXISTS, ensure, ensure_datasets, retrying
@@ -59,6 +58,7 @@ from cdp_kit.streams import (
     collect_subject,
 )
 from cdp_kit.testing.proxy import TcpProxy
+from cdp_standins import LocalPlatforms
 
 pytestmark = pytest.mark.e2e
 

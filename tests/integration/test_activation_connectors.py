@@ -1,5 +1,5 @@
 """Each connector against a loopback server that validates requests as the platform
-documents them (cdp_activation.localservers): paths, headers, body shape, hashing, limits."""
+documents them (cdp_standins): paths, headers, body shape, hashing, limits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from cdp_activation import identifiers as ids
 from cdp_activation.connectors import Batch, DeliveryError, Record, SendContext, SendResult, connector_for
-from cdp_activation.localservers import Fault, LocalPlatforms
+from cdp_standins import Fault, LocalPlatforms
 
 RECORDS = [
     Record(

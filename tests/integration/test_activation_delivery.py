@@ -1,5 +1,5 @@
 """Activation delivery on a real JetStream, a real SQLite store and loopback HTTP servers
-that validate requests as each platform documents them (cdp_activation.localservers).
+that validate requests as each platform documents them (cdp_standins).
 
 Upstream facts (segments, memberships, profiles) are appended to the upstream subjects
 exactly as segmentation and identity write them."""
@@ -29,7 +29,6 @@ from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
 from cdp_activation import identifiers as ids
 from cdp_activation.api import ActivationServicer
 from cdp_activation.handlers import ActivationHandlers
-from cdp_activation.localservers import Fault, LocalPlatforms
 from cdp_activation.main import build
 from cdp_activation.settings import ActivationSettings
 from cdp_activation.store import TABLES
@@ -38,6 +37,7 @@ from cdp_kit.errors import FailedPrecondition, InvalidInput
 from cdp_kit.eventlog import EventLog
 from cdp_kit.store import canonical_dump, make_engine
 from cdp_kit.streams import IDENTITY_FRAGMENTS, SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS
+from cdp_standins import Fault, LocalPlatforms
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SEG = "seg-gold"

@@ -17,6 +17,7 @@ PACKAGES = {
     "cdp_ingest": ROOT / "services" / "ingest" / "src" / "cdp_ingest",
     "cdp_identity": ROOT / "services" / "identity" / "src" / "cdp_identity",
     "cdp_segmentation": ROOT / "services" / "segmentation" / "src" / "cdp_segmentation",
+    "cdp_standins": ROOT / "libs" / "cdp-standins" / "src" / "cdp_standins",
     "cdp_activation": ROOT / "services" / "activation" / "src" / "cdp_activation",
 }
 
@@ -99,3 +100,17 @@ def test_a_package_has_no_import_cycle(package: str) -> None:
 
 def test_the_check_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("package", ["cdp_kit", "cdp_ingest", "cdp_identity", "cdp_segmentation", "cdp_activation"])
+def test_no_service_depends_on_the_platform_stand_ins(package: str) -> None:
+    """The stand-ins are for the demo, tests and benchmarks: no service imports them, so no image
+    ships them."""
+    for path in PACKAGES[package].rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "cdp_standins" for n in names), path
+    pyproject = (PACKAGES[package].parents[1] / "pyproject.toml").read_text()
+    assert "cdp-standins" not in pyproject

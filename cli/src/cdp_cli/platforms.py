@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cdp_activation.localservers import LocalPlatforms
+from cdp_standins import LocalPlatforms
 
 
 @contextmanager
