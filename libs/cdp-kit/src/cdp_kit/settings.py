@@ -60,12 +60,6 @@ class ServiceSettings(BaseSettings):
         description="Without a key file, hash PII with a random key held in memory (development only)",
     )
 
-    # Until gRPC callers have roles (cdp_kit.access), the one way to let anyone read raw rejects.
-    allow_raw_rejects: bool = Field(
-        default=False,
-        description="Let callers ask for rejected rows' raw values (today: every caller; later: the operator role)",
-    )
-
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url
