@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,11 @@ def test_real_stack_serves_restarts_and_stops_cleanly(real_stack: Stack) -> None
     assert set(stack_file["services"]) == set(SERVICES)
     for service, address in stack_file["services"].items():
         assert check_health(address) == "SERVING", service
+    # Every service started with the stack's PII hash key (a service without one does not start).
+    key_file = real_stack.pii_hash_key_file
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_bytes()
+    assert len(bytes.fromhex(key.decode())) == 32
 
     services = status_json(real_stack.data_dir)
     assert set(services) == set(SERVICES)
@@ -119,6 +125,10 @@ def test_real_stack_serves_restarts_and_stops_cleanly(real_stack: Stack) -> None
     assert_all_gone(spawned)
     assert not real_stack.stack_file.exists()
     assert children_of(os.getpid()) == []
+
+    # The key outlives the stack: a new one would give every value a new tag.
+    with Stack(real_stack.data_dir, ["ingest"], ready_timeout_s=120.0) as again:
+        assert again.pii_hash_key_file.read_bytes() == key
 
 
 # --------------------------------------------------------------------------- the supervisor, with stand-ins
