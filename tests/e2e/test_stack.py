@@ -247,6 +247,16 @@ def test_failed_start_reports_the_log_tail_and_leaves_nothing(tmp_path: Path, st
         pass
 
 
+def test_a_damaged_pii_hash_key_stops_the_start_saying_so_and_leaves_nothing(tmp_path: Path, stand_ins: Path) -> None:
+    stack = Stack(tmp_path / "data", ["ingest"], env={"PYTHONPATH": str(stand_ins)})
+    stack.pii_hash_key_file.parent.mkdir(parents=True)
+    stack.pii_hash_key_file.write_text("not a key")
+    with pytest.raises(StackError, match=r"pii-hash\.key does not hold hex text"):
+        stack.start()
+    assert stack.all_pids() == []
+    assert stack.pii_hash_key_file.read_text() == "not a key"  # never replaced: tags would change
+
+
 def test_cdp_up_that_cannot_start_shows_the_log_tail(tmp_path: Path, stand_ins: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(stand_ins), "STAND_IN_CRASH": "activation"}
     up = subprocess.run([CDP, "up", "--data-dir", str(tmp_path / "data")], env=env, capture_output=True, timeout=90)

@@ -37,7 +37,7 @@ from typing import IO, Any
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
-from cdp_kit.piikey import default_key_file, ensure_key_file
+from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Stack:
             raise StackError("a Stack starts once; create a new one to start again")
         try:
             self._acquire_data_dir()
-            ensure_key_file(self.pii_hash_key_file)
+            self._ensure_pii_hash_key()
             self._start_supervisor()
             self._start_nats()
             self._start_services()
@@ -265,6 +265,12 @@ class Stack:
             handle.close()
             raise StackError(f"a stack is already running from {self.data_dir}; stop it first") from None
         self._lock_file = handle
+
+    def _ensure_pii_hash_key(self) -> None:
+        try:
+            ensure_key_file(self.pii_hash_key_file)
+        except PiiKeyError as exc:
+            raise StackError(f"{exc}; fix or remove it (a new key gives every value a new tag)") from None
 
     def _start_nats(self) -> None:
         store = self.data_dir / "nats"
