@@ -113,7 +113,10 @@ def batch_errors(
     ] = False,
 ) -> None:
     """List a batch's rejected rows, or export them as CSV. Values are masked by the service
-    (identity values as keyed hashes, others as their shape) unless --raw asks for them as read."""
+    (identity values as keyed hashes, others as their shape) unless --raw asks for them as read.
+
+    Example: cdp batch errors BATCH_ID --raw --csv rejects.csv
+    """
     client = _client(ctx)
     if to_csv is not None:
         count = _export(client, batch_id, to_csv, raw=raw)
