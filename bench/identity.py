@@ -47,9 +47,11 @@ from cdp_identity.main import build_processor, collect_less_often, sqlite_cache
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.envelope import Causation, Cause, Envelope, deterministic_id, make_envelope
 from cdp_kit.eventlog import EventLog, LogMessage
+from cdp_kit.piikey import ephemeral_key
 from cdp_kit.processor import Input, Processor, UnitOfWork
 from cdp_kit.store import make_engine, sqlite_url
 from cdp_kit.streams import IDENTITY_READS_INGEST, INGEST_RECORDS, PROFILE, OwnLog
+from cdp_kit.telemetry import configure_pii_hash
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 # Records per CDP_INGEST message.
@@ -233,6 +235,7 @@ async def through_service(recs: list[list[tuple[str, str]]]) -> list[Figure]:
 
 
 def run() -> None:
+    configure_pii_hash(ephemeral_key())  # a service composition root would read the key file
     n = int(os.environ.get("CDP_BENCH_IDENTITY_RECORDS", "1000000"))
     recs = identities(n)
     baseline = scipy_components(recs)

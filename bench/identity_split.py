@@ -31,7 +31,9 @@ from cdp_identity.main import build_processor
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.piikey import ephemeral_key
 from cdp_kit.store import make_engine, sqlite_url
+from cdp_kit.telemetry import configure_pii_hash
 
 HALVES = ("resolver", "projector")
 
@@ -102,6 +104,7 @@ async def measure(n: int) -> list[Figure]:
 
 
 def run() -> None:
+    configure_pii_hash(ephemeral_key())  # a service composition root would read the key file
     n = int(os.environ.get("CDP_BENCH_IDENTITY_RECORDS", "1000000"))
     alone, *halves = asyncio.run(measure(n))
     report(f"identity resolver/projector split, {n:,} records x 3 identities", alone, halves)
@@ -109,6 +112,7 @@ def run() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 5:
+        configure_pii_hash(ephemeral_key())
         asyncio.run(half(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])))
     else:
         run()

@@ -39,9 +39,11 @@ from cdp_kit.envelope import decode_batch
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.piikey import ephemeral_key
 from cdp_kit.processor import Processor, in_checkpoint
 from cdp_kit.store import get_checkpoint, make_engine, sqlite_url
 from cdp_kit.streams import INGEST_READS_COLLECT, INGEST_RECORDS, StreamSpec
+from cdp_kit.telemetry import configure_pii_hash
 
 ROWS = int(os.environ.get("CDP_BENCH_ROWS", "1000000"))
 EVENTS = int(os.environ.get("CDP_BENCH_EVENTS", "20000"))
@@ -202,4 +204,5 @@ async def main() -> None:
 
 
 def run() -> None:
+    configure_pii_hash(ephemeral_key())  # a service composition root would read the key file
     asyncio.run(main())

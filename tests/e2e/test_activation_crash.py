@@ -36,6 +36,7 @@ def start(data_dir: Path, nats_url: str, port: int) -> subprocess.Popen[bytes]:
         "CDP_GRPC_PORT": str(port),
         "CDP_DELIVERY_INTERVAL_S": "0.05",
         "CDP_LOG_LEVEL": "warning",
+        "CDP_PII_HASH_EPHEMERAL": "true",  # activation hashes no personal data; it only needs a key to start
     }
     return subprocess.Popen([sys.executable, "-m", "cdp_activation", "serve"], env=env)
 

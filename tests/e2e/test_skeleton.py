@@ -78,6 +78,7 @@ def rebuild(stack: Stack, service: str, store_url: str, data_dir: Path) -> None:
         "CDP_STORE_URL": store_url,
         "CDP_DATA_DIR": str(data_dir),
         "CDP_LOG_FORMAT": "json",
+        "CDP_PII_HASH_KEY_FILE": str(stack.pii_hash_key_file),
     }
     subprocess.run([sys.executable, "-m", f"cdp_{service}", "rebuild"], env=env, check=True, timeout=120)
 

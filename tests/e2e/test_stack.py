@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,11 @@ def test_real_stack_serves_restarts_and_stops_cleanly(real_stack: Stack) -> None
     assert set(stack_file["services"]) == set(SERVICES)
     for service, address in stack_file["services"].items():
         assert check_health(address) == "SERVING", service
+    # Every service started with the stack's PII hash key (a service without one does not start).
+    key_file = real_stack.pii_hash_key_file
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_bytes()
+    assert len(bytes.fromhex(key.decode())) == 32
 
     services = status_json(real_stack.data_dir)
     assert set(services) == set(SERVICES)
@@ -119,6 +125,10 @@ def test_real_stack_serves_restarts_and_stops_cleanly(real_stack: Stack) -> None
     assert_all_gone(spawned)
     assert not real_stack.stack_file.exists()
     assert children_of(os.getpid()) == []
+
+    # The key outlives the stack: a new one would give every value a new tag.
+    with Stack(real_stack.data_dir, ["ingest"], ready_timeout_s=120.0) as again:
+        assert again.pii_hash_key_file.read_bytes() == key
 
 
 # --------------------------------------------------------------------------- the supervisor, with stand-ins
@@ -235,6 +245,16 @@ def test_failed_start_reports_the_log_tail_and_leaves_nothing(tmp_path: Path, st
     assert children_of(os.getpid()) == []
     with Stack(tmp_path / "data", ["ingest"], env={"PYTHONPATH": str(stand_ins)}):  # the data dir is free again
         pass
+
+
+def test_a_damaged_pii_hash_key_stops_the_start_saying_so_and_leaves_nothing(tmp_path: Path, stand_ins: Path) -> None:
+    stack = Stack(tmp_path / "data", ["ingest"], env={"PYTHONPATH": str(stand_ins)})
+    stack.pii_hash_key_file.parent.mkdir(parents=True)
+    stack.pii_hash_key_file.write_text("not a key")
+    with pytest.raises(StackError, match=r"pii-hash\.key does not hold hex text"):
+        stack.start()
+    assert stack.all_pids() == []
+    assert stack.pii_hash_key_file.read_text() == "not a key"  # never replaced: tags would change
 
 
 def test_cdp_up_that_cannot_start_shows_the_log_tail(tmp_path: Path, stand_ins: Path) -> None:

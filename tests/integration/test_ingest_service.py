@@ -41,6 +41,7 @@ from cdp_kit.grpc_server import GrpcServer
 from cdp_kit.processor import Processor, in_checkpoint
 from cdp_kit.store import canonical_dump, get_checkpoint, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import COLLECT, INGEST_CONFIG, INGEST_READS_COLLECT, INGEST_RECORDS, collect_subject
+from cdp_kit.telemetry import pii_hash
 
 CRM = {
     "name": "crm_person",
@@ -142,8 +143,8 @@ def chunks(
         yield pb.IngestFileChunk(data=data[start : start + chunk])
 
 
-async def start_ingest(nats_url: str, store_url: str, data_dir: Path) -> tuple[Any, ...]:
-    settings = IngestSettings(nats_url=nats_url, data_dir=data_dir, store_url=store_url)
+async def start_ingest(nats_url: str, store_url: str, data_dir: Path, **more: Any) -> tuple[Any, ...]:
+    settings = IngestSettings(nats_url=nats_url, data_dir=data_dir, store_url=store_url, **more)
     engine = make_engine(settings.store_url)
     eventlog = await EventLog.connect(nats_url, "ingest-test")
     await eventlog.ensure_streams()
@@ -162,8 +163,9 @@ async def start_ingest(nats_url: str, store_url: str, data_dir: Path) -> tuple[A
 
 
 @contextlib.asynccontextmanager
-async def running_ingest(nats_url: str, store_url: str, data_dir: Path) -> AsyncIterator[Ingest]:
-    _settings, engine, eventlog, service, task, server, port = await start_ingest(nats_url, store_url, data_dir)
+async def running_ingest(nats_url: str, store_url: str, data_dir: Path, **settings: Any) -> AsyncIterator[Ingest]:
+    started = await start_ingest(nats_url, store_url, data_dir, **settings)
+    _settings, engine, eventlog, service, task, server, port = started
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.IngestServiceStub(channel)
     harness = Ingest(stub, eventlog, service.processor, engine, nats_url, f"127.0.0.1:{port}")
@@ -374,15 +376,25 @@ async def test_bad_rows_are_grouped_by_field_and_rule_with_first_rows_and_masked
     assert (report.rows_read, report.rows_rejected, report.rows_accepted) == (202, 8, 200 - 6)
     assert b"Secret" not in report.SerializeToString()
     samples = {(g.field, g.rule): list(g.samples) for g in report.rejects}
-    assert samples[("visits", "type")] == ["many"]
+    assert samples[("visits", "type")] == ["xxxx"]  # its shape: a name or an address shows no more
+    assert samples[("tier", "enum")] == ["xxxxxx"]
     assert len(await ingest.records(report.batch_id)) == report.rows_accepted
 
     errors = await ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id))
     assert [e.row for e in errors.errors] == [5, 10, 15, 20, 25, 30, 40, 202]
     by_row = {e.row: e for e in errors.errors}
-    assert by_row[30].values["email"] == "Secret.Person@Example.com"  # kept raw, in ingest only
+    # Kept raw in ingest only; shown masked: an identity value as its keyed hash, others by shape.
+    assert by_row[30].values["email"] == pii_hash("Secret.Person@Example.com")
+    assert by_row[30].values["first_name"] == "xxxx99"  # "Name30"
+    assert by_row[30].values["born"] == "9999-99-99"
+    assert b"Secret" not in errors.SerializeToString()
     assert [(x.field, x.rule) for x in by_row[30].errors] == [("born", "type")]
     assert set(errors.identity_fields) == {"crm_id", "email"}
+    refused = await rpc_error(
+        ingest.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id, raw=True))
+    )
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "operator" in (refused.details() or "")
 
 
 async def test_invalid_utf8_rejects_only_the_rows_that_hold_it(ingest: Ingest) -> None:
@@ -501,7 +513,7 @@ async def test_a_batch_above_its_threshold_leaves_nothing_and_a_lenient_threshol
     assert len(await ingest.records()) == 90
     fetched = await ingest.stub.GetBatch(pb.GetBatchRequest(batch_id=passed.batch_id))
     assert fetched.rows_accepted == 90
-    assert list(fetched.rejects[0].samples) == ["NaN", "NaN", "NaN"]
+    assert list(fetched.rejects[0].samples) == ["xxx", "xxx", "xxx"]  # "NaN", masked by shape
 
 
 async def test_progress_arrives_while_the_file_streams_in(ingest: Ingest) -> None:
@@ -518,7 +530,9 @@ async def test_progress_arrives_while_the_file_streams_in(ingest: Ingest) -> Non
     assert partial == sorted(partial)
 
 
-async def test_the_cli_lists_and_exports_batch_errors(ingest: Ingest, tmp_path: Path) -> None:
+async def test_the_cli_lists_and_exports_batch_errors_masked_and_raw_only_when_allowed(
+    ingest: Ingest, tmp_path: Path
+) -> None:
     rows = [good_row(i) for i in range(1, 11)]
     rows[2][4] = "x"
     rows[6][0] = ""
@@ -526,11 +540,48 @@ async def test_the_cli_lists_and_exports_batch_errors(ingest: Ingest, tmp_path: 
     runner = CliRunner()
     out = tmp_path / "errors.csv"
     args = ["--addr", f"ingest={ingest.address}", "batch", "errors", report.batch_id]
-    listed = await asyncio.to_thread(runner.invoke, cli_app, args)
+    listed = await asyncio.to_thread(runner.invoke, cli_app, args, env={"COLUMNS": "400"})
     assert listed.exit_code == 0, listed.output
     assert "visits" in listed.output
     assert "p3@example.com" not in listed.output
+    assert pii_hash("p3@example.com") in listed.output  # the service's tag: the CLI holds no key
     exported = await asyncio.to_thread(runner.invoke, cli_app, [*args, "--csv", str(out)])
+    assert exported.exit_code == 0, exported.output
+    assert "masked" in exported.output
+    table = list(csv.DictReader(out.open()))
+    assert [r["row"] for r in table] == ["3", "7"]
+    assert table[0]["visits"] == "x"
+    assert table[0]["email"] == pii_hash("p3@example.com")
+    assert table[0]["first_name"] == "xxxx9"
+    assert "p3@example.com" not in out.read_text()
+    refused = await asyncio.to_thread(runner.invoke, cli_app, [*args, "--raw"])
+    assert refused.exit_code != 0
+    assert "operator role" in refused.output
+    assert "CDP_ALLOW_RAW_REJECTS" in refused.output
+
+
+@pytest.fixture
+async def ingest_raw(nats_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    """The service of a deployment that lets callers read raw rejected values (CDP_ALLOW_RAW_REJECTS)."""
+    url = sqlite_url(tmp_path / "ingest.db")
+    async with running_ingest(nats_url, url, tmp_path / "data", allow_raw_rejects=True) as harness:
+        yield harness
+
+
+async def test_raw_rejected_values_are_given_only_where_allowed_and_exported_to_fix(
+    ingest_raw: Ingest, tmp_path: Path
+) -> None:
+    rows = [good_row(i) for i in range(1, 11)]
+    rows[2][4] = "x"
+    rows[6][0] = ""
+    report = await ingest_raw.upload(csv_bytes(rows), "cli", threshold=0.5)
+    masked = await ingest_raw.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id))
+    assert masked.errors[0].values["email"] == pii_hash("p3@example.com")  # raw only when asked for
+    raw = await ingest_raw.stub.ListBatchErrors(pb.ListBatchErrorsRequest(batch_id=report.batch_id, raw=True))
+    assert raw.errors[0].values["email"] == "p3@example.com"
+    out = tmp_path / "errors.csv"
+    args = ["--addr", f"ingest={ingest_raw.address}", "batch", "errors", report.batch_id, "--raw"]
+    exported = await asyncio.to_thread(CliRunner().invoke, cli_app, [*args, "--csv", str(out)])
     assert exported.exit_code == 0, exported.output
     table = list(csv.DictReader(out.open()))
     assert [r["row"] for r in table] == ["3", "7"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import posixpath
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -346,6 +347,31 @@ def check_nats_url(compose: Compose, svc: str) -> list[str]:
 # --- tests ------------------------------------------------------------------------
 
 
+def check_pii_hash_key(compose: Compose, svc: str) -> list[str]:
+    """The service reads its PII hash key from a secret it mounts where CDP_PII_HASH_KEY_FILE says,
+    owned by the image's user and readable by it only; the secret comes from Compose's environment
+    (never a file of the repository), and is the same secret for every service."""
+    path = environment(service_of(compose, svc)).get("CDP_PII_HASH_KEY_FILE")
+    if not path:
+        return [f"{svc}: no CDP_PII_HASH_KEY_FILE (a service without its key does not start)"]
+    mounts = [m for m in service_of(compose, svc).get("secrets", []) if isinstance(m, dict)]
+    found = [m for m in mounts if posixpath.join("/run/secrets", str(m.get("target", m.get("source")))) == path]
+    if not found:
+        return [f"{svc}: mounts no secret at {path}"]
+    [mount] = found
+    problems = []
+    if mount.get("source") != "pii_hash_key":
+        problems.append(f"{svc}: the key is secret {mount.get('source')!r}, not the deployment's pii_hash_key")
+    if str(mount.get("uid")) != "10001" or str(mount.get("gid")) != "10001":
+        problems.append(f"{svc}: the key file is not owned by the image's user 10001")
+    if mount.get("mode") != 0o400:
+        problems.append(f"{svc}: the key file's mode is {mount.get('mode')!r}, expected 0400 (owner only)")
+    source = compose.get("secrets", {}).get(mount.get("source"), {})
+    if "environment" not in source:
+        problems.append(f"{svc}: secret {mount.get('source')!r} is not read from Compose's environment")
+    return problems
+
+
 @pytest.fixture(autouse=True)
 def _no_cdp_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The settings classes also read the process environment; keep it out of the checks."""
@@ -404,6 +430,11 @@ def test_waits_for_healthy_infrastructure(compose: Compose, svc: str) -> None:
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
 def test_store_is_a_created_database(compose: Compose, init_sql: str, svc: str) -> None:
     assert_no_problems(check_store_url(compose, svc, init_sql))
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_pii_hash_key_is_a_private_secret_shared_by_every_service(compose: Compose, svc: str) -> None:
+    assert_no_problems(check_pii_hash_key(compose, svc))
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
@@ -486,6 +517,18 @@ def _other_dockerfile(compose: Compose) -> None:
     compose["services"]["identity"]["build"]["dockerfile"] = "services/ingest/Dockerfile"
 
 
+def _no_key_secret(compose: Compose) -> None:
+    compose["services"]["identity"]["secrets"] = []
+
+
+def _readable_key(compose: Compose) -> None:
+    compose["services"]["ingest"]["secrets"] = [{**compose["services"]["ingest"]["secrets"][0], "mode": 0o444}]
+
+
+def _key_in_a_file(compose: Compose) -> None:
+    compose["secrets"]["pii_hash_key"] = {"file": "./pii-hash.key"}
+
+
 def _check_store_url(compose: Compose, svc: str) -> list[str]:
     return check_store_url(compose, svc, INIT_SQL.read_text(encoding="utf-8"))
 
@@ -508,6 +551,9 @@ def _check_store_url(compose: Compose, svc: str) -> list[str]:
         pytest.param(_unknown_database, _check_store_url, "activation", "'cdp'", id="unknown-database"),
         pytest.param(_no_healthcheck, check_healthcheck, "segmentation", "no healthcheck", id="no-healthcheck"),
         pytest.param(_other_dockerfile, check_build, "identity", "expected its own", id="other-dockerfile"),
+        pytest.param(_no_key_secret, check_pii_hash_key, "identity", "mounts no secret", id="no-key-secret"),
+        pytest.param(_readable_key, check_pii_hash_key, "ingest", "expected 0400", id="readable-key"),
+        pytest.param(_key_in_a_file, check_pii_hash_key, "segmentation", "Compose's environment", id="key-file"),
     ],
 )
 def test_detects_broken_compose(

@@ -12,6 +12,7 @@ from cdp_kit.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
+    PermissionDenied,
     Unavailable,
     Violation,
     to_grpc_status,
@@ -28,6 +29,7 @@ from cdp_kit.errors import (
         (Conflict, grpc.StatusCode.ABORTED),
         (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
         (Unavailable, grpc.StatusCode.UNAVAILABLE),
+        (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     ],
 )
 def test_every_error_maps_to_its_documented_code(cls: type[CdpError], code: grpc.StatusCode) -> None:
@@ -38,7 +40,7 @@ def test_every_error_maps_to_its_documented_code(cls: type[CdpError], code: grpc
 
 
 def test_every_cdp_error_subclass_is_covered() -> None:
-    documented = {InvalidInput, NotFound, AlreadyExists, Conflict, FailedPrecondition, Unavailable}
+    documented = {InvalidInput, NotFound, AlreadyExists, Conflict, FailedPrecondition, Unavailable, PermissionDenied}
     in_kit = {cls for cls in CdpError.__subclasses__() if cls.__module__ == "cdp_kit.errors"}
     assert in_kit == documented
 

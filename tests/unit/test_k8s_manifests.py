@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import posixpath
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -397,6 +398,41 @@ def check_store_secret(manifests: Manifests, svc: str) -> list[str]:
     return problems
 
 
+PII_KEY_SECRET = "cdp-pii-hash-key"
+
+
+def check_pii_hash_key(manifests: Manifests, svc: str) -> list[str]:
+    """CDP_PII_HASH_KEY_FILE names a file of the Secret cdp-pii-hash-key (the same for every
+    service), mounted read-only and unreadable by others; the example shows the Secret's shape."""
+    path = env_of(manifests, svc).literal.get("CDP_PII_HASH_KEY_FILE")
+    if not isinstance(path, str) or not path:
+        return [f"{svc}: no CDP_PII_HASH_KEY_FILE (a service without its key does not start)"]
+    folder, key = posixpath.split(path)
+    deployment = deployment_of(manifests, svc)
+    mounts = [m for m in container_of(deployment).get("volumeMounts") or [] if m.get("mountPath") == folder]
+    if not mounts:
+        return [f"{svc}: nothing is mounted at {folder!r}, the folder of CDP_PII_HASH_KEY_FILE"]
+    [mount] = mounts
+    problems: list[str] = []
+    if not mount.get("readOnly"):
+        problems.append(f"{svc}: the PII hash key's folder {folder!r} is not mounted read-only")
+    volume: Doc = next((v for v in pod_spec(deployment).get("volumes") or [] if v.get("name") == mount.get("name")), {})
+    secret = volume.get("secret") or {}
+    if secret.get("secretName") != PII_KEY_SECRET:
+        problems.append(f"{svc}: {folder!r} holds volume {volume!r}, expected Secret {PII_KEY_SECRET}")
+    items = secret.get("items")
+    if items is not None and key not in [i.get("path") for i in items]:
+        problems.append(f"{svc}: Secret {PII_KEY_SECRET}'s items put no file {key!r} in {folder!r}")
+    mode = secret.get("defaultMode", 0o644)
+    if mode & 0o007:
+        problems.append(f"{svc}: the PII hash key's defaultMode {mode:o} lets others read it")
+    examples = [doc for doc in manifests.get(SECRETS_EXAMPLE) or [] if doc.get("kind") == "Secret"]
+    example = next((doc for doc in examples if name_of(doc) == PII_KEY_SECRET), None)
+    if example is None or key not in (example.get("stringData") or {}):
+        problems.append(f"{svc}: {SECRETS_EXAMPLE} shows no Secret {PII_KEY_SECRET} with key {key!r}")
+    return problems
+
+
 def check_probe_services(manifests: Manifests, svc: str) -> list[str]:
     """Each probe asks its own question by gRPC health service name: the liveness probe (and the
     startup probe that gates it) "is the process answering", the readiness probe "can it work"
@@ -716,6 +752,11 @@ def test_store_url_from_secret(manifests: Manifests, svc: str) -> None:
 
 
 @pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_pii_hash_key_from_secret(manifests: Manifests, svc: str) -> None:
+    assert_no_problems(check_pii_hash_key(manifests, svc))
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
 def test_ports_agree(manifests: Manifests, svc: str) -> None:
     assert_no_problems(check_ports(manifests, svc))
 
@@ -842,6 +883,24 @@ def _literal_store_url(manifests: Manifests) -> None:
     item["value"] = "postgresql://cdp:secret@db/cdp_ingest"
 
 
+def _key_volume(manifests: Manifests, svc: str) -> Doc:
+    spec = pod_spec(deployment_of(manifests, svc))
+    return next(v for v in spec["volumes"] if v["name"] == "pii-hash-key")
+
+
+def _key_not_mounted(manifests: Manifests) -> None:
+    container = _container(manifests, "identity")
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/etc/cdp/pii-hash"]
+
+
+def _key_world_readable(manifests: Manifests) -> None:
+    _key_volume(manifests, "segmentation")["secret"]["defaultMode"] = 0o444
+
+
+def _key_from_another_secret(manifests: Manifests) -> None:
+    _key_volume(manifests, "ingest")["secret"]["secretName"] = "cdp-ingest-store"
+
+
 def _exports_on_scratch(manifests: Manifests) -> None:
     container = _container(manifests, "activation")
     container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/data/exports"]
@@ -902,6 +961,9 @@ def _nats_elsewhere(manifests: Manifests) -> None:
         pytest.param(_root_user, check_security, "activation", "runAsUser is 0", id="root"),
         pytest.param(_literal_store_url, check_store_secret, "ingest", "written in a manifest", id="literal-secret"),
         pytest.param(_exports_on_scratch, check_volumes, "activation", "CDP_EXPORT_DIR", id="exports-volume"),
+        pytest.param(_key_not_mounted, check_pii_hash_key, "identity", "nothing is mounted", id="key-unmounted"),
+        pytest.param(_key_world_readable, check_pii_hash_key, "segmentation", "lets others", id="key-readable"),
+        pytest.param(_key_from_another_secret, check_pii_hash_key, "ingest", "expected Secret", id="key-secret"),
     ],
 )
 def test_detects_broken_service(

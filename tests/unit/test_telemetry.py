@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +14,7 @@ from opentelemetry import trace
 
 from cdp_kit.telemetry import (
     configure_logging,
+    configure_pii_hash,
     configure_tracing,
     context_from,
     get_logger,
@@ -19,6 +22,7 @@ from cdp_kit.telemetry import (
     scrub,
     trace_headers,
     tracer,
+    value_shape,
 )
 
 
@@ -50,9 +54,36 @@ def test_pii_hash_differs_for_different_values() -> None:
 def test_pii_hash_does_not_contain_the_input(value: str) -> None:
     hashed = pii_hash(value)
     assert value not in hashed
-    assert hashed.startswith("h:")
-    assert len(hashed) == 14
+    assert hashed.startswith("k:")
+    assert len(hashed) == 2 + 16
     int(hashed[2:], 16)
+
+
+def test_pii_hash_is_keyed_so_a_dictionary_of_phones_cannot_reverse_it(pii_hash_key: bytes) -> None:
+    """The old tag (plain SHA-256) of every phone of a range is one computation away; the keyed
+    tag matches none of them, is the HMAC-SHA256 of the deployment's key, and changes with the key."""
+    phone = "+4915112345678"
+    unkeyed = {"h:" + hashlib.sha256(f"+49151123456{n:02d}".encode()).hexdigest()[:12] for n in range(100)}
+    assert pii_hash(phone) not in unkeyed
+    assert pii_hash(phone)[2:] not in {tag[2:] for tag in unkeyed}
+    assert pii_hash(phone) == "k:" + hmac.new(pii_hash_key, phone.encode(), hashlib.sha256).hexdigest()[:16]
+    try:
+        configure_pii_hash(b"another deployment's 32-byte key")
+        assert pii_hash(phone) != "k:" + hmac.new(pii_hash_key, phone.encode(), hashlib.sha256).hexdigest()[:16]
+    finally:
+        configure_pii_hash(pii_hash_key)
+
+
+def test_a_key_shorter_than_32_bytes_is_refused() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        configure_pii_hash(b"short")
+
+
+def test_value_shape_keeps_the_shape_and_nothing_else() -> None:
+    assert value_shape("Ann-Marie 42", 40) == "xxx-xxxxx 99"
+    assert value_shape("Zoë", 40) == "xxx"
+    assert value_shape("a\u0000b", 40) == "x.x"
+    assert value_shape("x" * 50, 40) == "x" * 40 + "…"
 
 
 # ------------------------------------------------------------------ logging

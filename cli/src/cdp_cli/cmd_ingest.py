@@ -19,10 +19,15 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp_cli import inputs, render
 from cdp_cli.client import Client, rpc_code
 from cdp_cli.errors import CliError
-from cdp_kit.telemetry import pii_hash
 
 batch_app = typer.Typer(help="Batches: their reports and rejected rows.", no_args_is_help=True, add_completion=False)
 PAGE = 1000
+
+
+RAW_REFUSED = (
+    "raw rejected values need the operator role: the ingest service refused them "
+    "(until gRPC callers have roles, a deployment allows them with CDP_ALLOW_RAW_REJECTS=true on ingest)"
+)
 
 
 def _client(ctx: typer.Context) -> Client:
@@ -71,13 +76,17 @@ def upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> i
     return report
 
 
-def _errors(client: Client, batch_id: str) -> Iterator[tuple[ingest_pb2.BatchError, list[str]]]:
+def _errors(client: Client, batch_id: str, *, raw: bool) -> Iterator[ingest_pb2.BatchError]:
     after = 0
     while True:
-        request = ingest_pb2.ListBatchErrorsRequest(batch_id=batch_id, after_row=after, limit=PAGE)
-        reply = client.ingest.ListBatchErrors(request, timeout=client.timeout)
-        for item in reply.errors:
-            yield item, list(reply.identity_fields)
+        request = ingest_pb2.ListBatchErrorsRequest(batch_id=batch_id, after_row=after, limit=PAGE, raw=raw)
+        try:
+            reply = client.ingest.ListBatchErrors(request, timeout=client.timeout)
+        except grpc.RpcError as exc:
+            if rpc_code(exc) == grpc.StatusCode.PERMISSION_DENIED:
+                raise CliError(RAW_REFUSED) from None
+            raise
+        yield from reply.errors
         if not reply.next_after_row:
             return
         after = reply.next_after_row
@@ -87,9 +96,8 @@ def _error_text(item: ingest_pb2.BatchError) -> str:
     return "; ".join(f"{e.field}: {e.rule}: {e.message}" for e in item.errors)
 
 
-def _shown(name: str, value: Any, identities: list[str]) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    return pii_hash(text) if name in identities else text
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @batch_app.command("errors")
@@ -97,41 +105,45 @@ def batch_errors(
     ctx: typer.Context,
     batch_id: Annotated[str, typer.Argument(help="The batch id from the batch report.")],
     to_csv: Annotated[
-        Path | None, typer.Option("--csv", help="Export every rejected row, raw values as read, to this CSV file.")
+        Path | None, typer.Option("--csv", help="Export every rejected row (masked unless --raw) to this CSV file.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Rows shown (not exported).")] = 50,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Values as read instead of masked (the operator role; to fix and re-send).")
+    ] = False,
 ) -> None:
-    """List a batch's rejected rows (identity values masked), or export them as CSV to fix and re-send.
+    """List a batch's rejected rows, or export them as CSV. Values are masked by the service
+    (identity values as keyed hashes, others as their shape) unless --raw asks for them as read.
 
-    Example: cdp batch errors BATCH_ID --csv rejects.csv
+    Example: cdp batch errors BATCH_ID --raw --csv rejects.csv
     """
     client = _client(ctx)
     if to_csv is not None:
-        count = _export(client, batch_id, to_csv)
-        render.success(f"{count} rejected rows written to {to_csv}")
+        count = _export(client, batch_id, to_csv, raw=raw)
+        render.success(f"{count} rejected rows written to {to_csv}" + ("" if raw else " (values masked)"))
         return
     rows = []
-    for item, identities in _errors(client, batch_id):
+    for item in _errors(client, batch_id, raw=raw):
         values = json_format.MessageToDict(item.values)
-        shown = ", ".join(f"{k}={_shown(k, v, identities)}" for k, v in values.items())
+        shown = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
         rows.append((item.row, _error_text(item), shown))
         if len(rows) >= limit:
             break
     render.print_table(f"rejected rows of batch {batch_id}", ["row", "errors", "values"], rows)
 
 
-def _export(client: Client, batch_id: str, path: Path) -> int:
+def _export(client: Client, batch_id: str, path: Path, *, raw: bool) -> int:
     """Two passes (columns, then rows) keep memory bounded whatever the number of rows."""
     columns: dict[str, None] = {}
-    for item, _ in _errors(client, batch_id):
+    for item in _errors(client, batch_id, raw=raw):
         columns.update(dict.fromkeys(item.values.keys()))
     count = 0
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", *columns, "errors"])
-        for item, _ in _errors(client, batch_id):
+        for item in _errors(client, batch_id, raw=raw):
             values = json_format.MessageToDict(item.values)
-            cells = [v if isinstance(v, str) else json.dumps(v) for v in (values.get(c, "") for c in columns)]
+            cells = [_shown(v) for v in (values.get(c, "") for c in columns)]
             writer.writerow([item.row, *cells, _error_text(item)])
             count += 1
     return count

@@ -4,6 +4,8 @@ services as supervised child processes on loopback ports, all under one data fol
 * ``<data_dir>/nats``        JetStream file store
 * ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
+* ``<data_dir>/secrets/pii-hash.key``  the deployment's PII hash key (0600, kept across restarts),
+  given to every service as ``CDP_PII_HASH_KEY_FILE``
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
@@ -35,6 +37,7 @@ from typing import IO, Any
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
+from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +205,10 @@ class Stack:
         return self.data_dir / "logs"
 
     @property
+    def pii_hash_key_file(self) -> Path:
+        return default_key_file(self.data_dir)
+
+    @property
     def stack_file(self) -> Path:
         return self.data_dir / STACK_FILE
 
@@ -238,6 +245,7 @@ class Stack:
             raise StackError("a Stack starts once; create a new one to start again")
         try:
             self._acquire_data_dir()
+            self._ensure_pii_hash_key()
             self._start_supervisor()
             self._start_nats()
             self._start_services()
@@ -257,6 +265,12 @@ class Stack:
             handle.close()
             raise StackError(f"a stack is already running from {self.data_dir}; stop it first") from None
         self._lock_file = handle
+
+    def _ensure_pii_hash_key(self) -> None:
+        try:
+            ensure_key_file(self.pii_hash_key_file)
+        except PiiKeyError as exc:
+            raise StackError(f"{exc}; fix or remove it (a new key gives every value a new tag)") from None
 
     def _start_nats(self) -> None:
         store = self.data_dir / "nats"
@@ -291,6 +305,7 @@ class Stack:
                 "CDP_GRPC_HOST": LOOPBACK,
                 "CDP_GRPC_PORT": str(port),
                 "CDP_LOG_FORMAT": "json",
+                "CDP_PII_HASH_KEY_FILE": str(self.pii_hash_key_file),
                 "PYTHONUNBUFFERED": "1",
             }
         )

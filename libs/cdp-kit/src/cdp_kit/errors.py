@@ -6,7 +6,8 @@
     ├── AlreadyExists       ALREADY_EXISTS
     ├── Conflict            ABORTED            optimistic-concurrency guard tripped; retry
     ├── FailedPrecondition  FAILED_PRECONDITION
-    └── Unavailable         UNAVAILABLE        a dependency (NATS, the store) is down; retry
+    ├── Unavailable         UNAVAILABLE        a dependency (NATS, the store) is down; retry
+    └── PermissionDenied    PERMISSION_DENIED  the caller's role does not allow it (cdp_kit.access)
 
 Messages never carry raw PII: name records by id or row number, values by hash.
 """
@@ -70,6 +71,12 @@ class FailedPrecondition(CdpError):
 
 class Unavailable(CdpError):
     status = grpc.StatusCode.UNAVAILABLE
+
+
+class PermissionDenied(CdpError):
+    """The caller may not do this (e.g. read raw rejected values without the operator role)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from sqlalchemy.engine import Engine
 
 from cdp.common.v1 import admin_pb2
-from cdp_kit import deadletter_api, deadletters
+from cdp_kit import deadletter_api, deadletters, piikey
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer, Registration
@@ -28,7 +28,7 @@ from cdp_kit.processor import Input, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import all_checkpoints, make_engine
 from cdp_kit.streams import ConsumerSpec
-from cdp_kit.telemetry import configure_logging, configure_tracing, get_logger, meter
+from cdp_kit.telemetry import configure_logging, configure_pii_hash, configure_tracing, get_logger, meter
 
 S = TypeVar("S", bound=ServiceSettings)
 log = get_logger(__name__)
@@ -317,12 +317,33 @@ async def rebuild(settings: S, build: Builder[S]) -> int:
     return 0
 
 
+def configure_pii_key(settings: ServiceSettings) -> bool:
+    """Key ``pii_hash`` from the deployment's key file; False (after saying why) when the process
+    must not start. An ephemeral key, asked for explicitly, is said loudly."""
+    try:
+        key = piikey.load_key(settings.pii_hash_key_file, ephemeral=settings.pii_hash_ephemeral)
+    except piikey.PiiKeyError as exc:
+        log.error("pii_hash_key_missing", reason=str(exc))
+        return False
+    if key is None:
+        key = piikey.ephemeral_key()
+        log.warning(
+            "pii_hash_key_ephemeral",
+            reason="CDP_PII_HASH_EPHEMERAL is set and no CDP_PII_HASH_KEY_FILE: PII tags use a random key "
+            "that changes at every start and differs between services; never run a deployment like this",
+        )
+    configure_pii_hash(key)
+    return True
+
+
 def main(settings_type: type[S], build: Builder[S], argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m cdp_{settings_type.service}")
     parser.add_argument("command", choices=["serve", "rebuild"], help="serve: run; rebuild: drop the store, replay")
     args = parser.parse_args(argv)
     settings = settings_type()
     configure_logging(settings.service, settings.log_format, settings.log_level)
+    if not configure_pii_key(settings):
+        return 2
     configure_tracing(settings.service, settings.trace_exporter)
     runner = serve if args.command == "serve" else rebuild
     return asyncio.run(runner(settings, build))

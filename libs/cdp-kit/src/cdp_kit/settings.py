@@ -50,6 +50,16 @@ class ServiceSettings(BaseSettings):
         default="US", description="Region assumed for phone numbers without + (set it alike for every service)"
     )
 
+    # The deployment's secret behind cdp_kit.telemetry.pii_hash (cdp_kit.piikey): the same file
+    # for every service, so a value carries the same tag in every service's logs and reports.
+    pii_hash_key_file: Path | None = Field(
+        default=None, description="File holding the deployment's PII hash key (hex, 32 bytes); required"
+    )
+    pii_hash_ephemeral: bool = Field(
+        default=False,
+        description="Without a key file, hash PII with a random key held in memory (development only)",
+    )
+
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url

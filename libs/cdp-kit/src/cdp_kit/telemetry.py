@@ -1,12 +1,13 @@
 """Logging (structlog, JSON or console) and tracing (OpenTelemetry) set up once per process.
 
 Trace context travels in NATS headers and gRPC metadata as W3C ``traceparent``.
-Log events carry ids and hashes, never raw emails, phones or names.
+Log events carry ids and keyed hashes (``pii_hash``), never raw emails, phones or names.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
 import sys
@@ -118,9 +119,53 @@ def context_from(carrier: Mapping[str, str]) -> otel_context.Context:
     return extract(dict(carrier))
 
 
+# A keyed tag is "k:" and 16 hex digits (64 bits of HMAC-SHA256). It is a display and log tag:
+# nothing joins or links on it (identity links on normalised values), so it only has to tell an
+# operator whether two rejects or log lines hold the same value. 64 bits keep a collision unlikely
+# below billions of distinct values (birthday bound ~2^32) where 48 bits (12 hex) met one at
+# ~16 million; the length does nothing against guessing: without the key no guess can be checked.
+# The old unkeyed tags were "h:" and 12 hex digits of plain SHA-256, so either kind is recognisable.
+PII_HASH_PREFIX = "k:"
+PII_HASH_HEX_DIGITS = 16
+
+
+class _PiiKey:
+    """The process's PII hash key, set once by the composition root (``configure_pii_hash``)."""
+
+    key: bytes | None = None
+
+
+def configure_pii_hash(key: bytes) -> None:
+    """Key ``pii_hash`` for this process with the deployment's secret (see ``cdp_kit.piikey``)."""
+    if len(key) < 32:
+        raise ValueError("a PII hash key has at least 32 bytes")
+    _PiiKey.key = key
+
+
 def pii_hash(value: str) -> str:
-    """A short, stable stand-in for a PII value in logs and error messages."""
-    return "h:" + hashlib.sha256(value.encode()).hexdigest()[:12]
+    """A short, stable stand-in for a PII value in logs, reports and error messages: HMAC-SHA256
+    with the deployment's key, so no one without the key can test a guess (a phone number) against it.
+    """
+    key = _PiiKey.key
+    if key is None:
+        raise RuntimeError("pii_hash used before configure_pii_hash: the process has no PII hash key")
+    return PII_HASH_PREFIX + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:PII_HASH_HEX_DIGITS]
+
+
+def value_shape(text: str, limit: int) -> str:
+    """A value's shape without its content: letters x, digits 9, other printable ASCII kept,
+    anything else a dot; at most ``limit`` characters ("…" marks a cut). "Ann-Marie 42" is
+    "xxx-xxxxx 99": enough to see a value is a word, a date or blank, nothing of whose it is."""
+    shape = "".join(_shape_of(c) for c in text[:limit])
+    return shape + ("…" if len(text) > limit else "")
+
+
+def _shape_of(c: str) -> str:
+    if c.isalpha():
+        return "x"
+    if c.isdigit():
+        return "9"
+    return c if c.isascii() and c.isprintable() else "."
 
 
 def get_logger(name: str | None = None) -> Any:

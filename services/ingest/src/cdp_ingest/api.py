@@ -57,7 +57,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         return await self.handlers.get_batch(request.batch_id)
 
     async def ListBatchErrors(self, request: pb.ListBatchErrorsRequest, context: Ctx) -> pb.ListBatchErrorsResponse:
-        return await self.handlers.list_batch_errors(request)
+        return await self.handlers.list_batch_errors(request, context)
 
     async def PublishEvents(self, request: pb.PublishEventsRequest, context: Ctx) -> pb.PublishEventsResponse:
         results = await self.handlers.publish_events(request.dataset, list(request.events))

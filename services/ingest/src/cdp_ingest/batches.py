@@ -204,9 +204,10 @@ class BatchRun:
         add = self.accepted.add
         for staged, size in judged.accepted:
             add(staged, size)
-        for row_no, violations, masked, values, size in judged.rejected:
+        mask = self.validator.mask
+        for row_no, violations, samples, values, size in judged.rejected:
             report.rows_rejected += 1
-            self.tally.add(row_no, violations, masked)
+            self.tally.add(row_no, violations, {name: mask(name, value) for name, value in samples.items()})
             if report.rows_kept < self.max_kept_rejects:
                 report.rows_kept += 1
                 if size > KEPT_ROW_BYTES:

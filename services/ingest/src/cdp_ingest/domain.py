@@ -23,7 +23,7 @@ from cdp_ingest.limits import DEFAULT_MAX_DEPTH, LimitExceeded, too_deep
 from cdp_ingest.options import unhonoured_options
 from cdp_kit.errors import Violation
 from cdp_kit.identities import CHECK_COST, DEFAULT_PHONE_REGION, STANDARD_TYPES, Normaliser
-from cdp_kit.telemetry import pii_hash
+from cdp_kit.telemetry import pii_hash, value_shape
 
 FT = pb.FieldType
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -34,6 +34,7 @@ NUMERIC = (FT.FIELD_TYPE_INTEGER, FT.FIELD_TYPE_NUMBER)
 INT_LIMIT = 2**63
 SAMPLES_PER_GROUP = 3
 FIRST_ROWS_PER_GROUP = 10
+MASKED_CHARS = 40  # a masked non-identity value shows at most this many characters of its shape
 
 
 def type_name(t: int) -> str:
@@ -368,11 +369,12 @@ class Validator:
         return [Violation(name, "identity", f"no usable identity in the row; {why}", record) for name, why in problems]
 
     def mask(self, field_name: str, value: Any) -> str:
-        """How a rejected value appears in a report: identity values hashed, others cut short."""
+        """How a rejected value appears in a report: an identity value as its keyed hash (the tag
+        the services' logs use for it), any other (a name, an address) as its shape, cut short."""
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         if field_name in self.identity_fields:
             return pii_hash(text)
-        return text if len(text) <= 40 else text[:39] + "…"
+        return value_shape(text, MASKED_CHARS)
 
 
 def _compile(f: pb.Field, textual: bool, must: bool, max_depth: int) -> FieldCheck:

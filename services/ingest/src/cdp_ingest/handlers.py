@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
@@ -18,8 +19,10 @@ from cdp_ingest import store
 from cdp_ingest.batches import CHUNK_BYTES, BatchRun, StagedReject
 from cdp_ingest.config import ConfigCache, Target
 from cdp_ingest.domain import (
+    MASKED_CHARS,
     NAME_RE,
     RowResult,
+    Validator,
     batch_exceeds,
     compatibility_violations,
     schema_violations,
@@ -30,12 +33,13 @@ from cdp_ingest.options import same_dataset, same_schema
 from cdp_ingest.readers import ReaderPool
 from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_ingest.settings import IngestSettings
+from cdp_kit.access import require_role
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
 from cdp_kit.namespaces import known_types, learn
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_READS_IDENTITY_CONFIG, INGEST_RECORDS
-from cdp_kit.telemetry import get_logger
+from cdp_kit.telemetry import get_logger, scrub, value_shape
 
 Staged = tuple[int, str, bytes]
 """(index in the call, record key, encoded envelope) of a valid event."""
@@ -365,7 +369,10 @@ class IngestHandlers:
                     group.samples.append(validator.mask(group.field, kept.values[group.field]))
         return report
 
-    async def list_batch_errors(self, request: pb.ListBatchErrorsRequest) -> pb.ListBatchErrorsResponse:
+    async def list_batch_errors(self, request: pb.ListBatchErrorsRequest, caller: object) -> pb.ListBatchErrorsResponse:
+        """Rejected rows, masked unless raw values are asked for by a caller allowed to see them."""
+        if request.raw:
+            require_role(caller, "operator", allowed_by_setting=self.settings.allow_raw_rejects)
         limit = min(request.limit or 1000, 10_000)
         with self.processor.read() as session:
             row = store.batch(session, request.batch_id)
@@ -373,13 +380,19 @@ class IngestHandlers:
                 raise NotFound(f"batch {request.batch_id!r} not found")
             found = store.batch_errors(session, request.batch_id, request.after_row, limit)
         response = pb.ListBatchErrorsResponse(next_after_row=found[-1].row if len(found) == limit else 0)
+        validator: Validator | None = None
+        with contextlib.suppress(NotFound):
+            validator = self._target(row.dataset).validator(textual=True)
+            response.identity_fields.extend(sorted(validator.identity_fields))
         for item in found:
             values = struct_pb2.Struct()
-            values.update(item.values)
-            errors = [pb.FieldError(**e) for e in item.errors]
+            if request.raw:
+                values.update(item.values)
+                errors = [pb.FieldError(**e) for e in item.errors]
+            else:
+                values.update({name: _masked(validator, name, value) for name, value in item.values.items()})
+                errors = [pb.FieldError(**{**e, "message": scrub(e["message"])}) for e in item.errors]
             response.errors.append(pb.BatchError(row=item.row, values=values, errors=errors))
-        with contextlib.suppress(NotFound):
-            response.identity_fields.extend(sorted(self._target(row.dataset).validator(textual=True).identity_fields))
         return response
 
     # ------------------------------------------------------------ events
@@ -448,6 +461,13 @@ def event_bytes(builder: RecordBuilder, result: RowResult) -> bytes:
         occurred_at=result.occurred_at,
         event_type=result.event_type,
     )
+
+
+def _masked(validator: Validator | None, name: str, value: Any) -> str:
+    """A kept value as reports show it; a dataset no longer known masks every value by its shape."""
+    if validator is not None:
+        return validator.mask(name, value)
+    return value_shape(value if isinstance(value, str) else json.dumps(value, default=str), MASKED_CHARS)
 
 
 def _batch_error(staged: StagedReject) -> pb.BatchError:

@@ -25,8 +25,9 @@ RECORD_OVERHEAD = 48
 
 StagedRecord = tuple[int, str, bytes]
 """(row, envelope id for events, whose ids are de-duplicated, or "" for profile records; envelope bytes)."""
-Rejected = tuple[int, list[Violation], dict[str, str], dict[str, Any], int]
-"""(row, violations, masked value of each violated field that has one, printable raw values, size read)."""
+Rejected = tuple[int, list[Violation], dict[str, Any], dict[str, Any], int]
+"""(row, violations, value of each violated field that has one (the service masks it: a reader
+process holds no PII hash key), printable raw values, size read)."""
 
 
 @dataclass
@@ -54,10 +55,8 @@ def judge(rows: list[Parsed], validator: Validator, builder: RecordBuilder) -> J
             accept(((row_no, key_of(result.event_id) if builder.is_event else "", data), len(data) + RECORD_OVERHEAD))
             continue
         violations = problems if result is None else result.violations
-        masked = {
-            v.field: validator.mask(v.field, values[v.field]) for v in violations if values.get(v.field) is not None
-        }
-        out.rejected.append((row_no, violations, masked, printable(values), size))
+        samples = {v.field: values[v.field] for v in violations if values.get(v.field) is not None}
+        out.rejected.append((row_no, violations, samples, printable(values), size))
     return out
 
 

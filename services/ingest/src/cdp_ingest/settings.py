@@ -48,6 +48,12 @@ class IngestSettings(ServiceSettings):
         description="Largest message on cdp.collect, read unparsed; larger: rule event_size",
     )
 
+    # Until gRPC callers have roles (cdp_kit.access), the one way to let anyone read raw rejects.
+    allow_raw_rejects: bool = Field(
+        default=False,
+        description="Let callers ask for rejected rows' raw values (today: every caller; later: the operator role)",
+    )
+
     def limits(self) -> Limits:
         return Limits(
             max_depth=self.max_json_depth,

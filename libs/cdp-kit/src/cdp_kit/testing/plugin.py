@@ -1,6 +1,7 @@
 """Pytest fixtures that start real infrastructure: a nats-server with JetStream on a
 free loopback port and a temp store dir per test, SQLite stores, and an embedded
-PostgreSQL with a fresh database per test.
+PostgreSQL with a fresh database per test. Every test session keys ``pii_hash`` with a random
+key (services under test run in-process; a real deployment names its key file).
 
 Registered through the ``pytest11`` entry point of cdp-kit.
 """
@@ -15,8 +16,18 @@ import pytest
 
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.piikey import ephemeral_key
 from cdp_kit.store import sqlite_url
+from cdp_kit.telemetry import configure_pii_hash
 from cdp_kit.testing.postgres import EmbeddedPostgres
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pii_hash_key() -> bytes:
+    """The session's PII hash key, as a service's composition root would configure it."""
+    key = ephemeral_key()
+    configure_pii_hash(key)
+    return key
 
 
 @pytest.fixture

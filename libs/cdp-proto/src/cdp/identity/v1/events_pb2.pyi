@@ -193,7 +193,9 @@ class DroppedIdentity(_message.Message):
     original ten; see ProfileFragment.anchor and ProfileFragment.dropped.
 
     An identity of a record that was not used to link anyone, and why. The value is never
-    carried in clear: value_hash is cdp_kit.telemetry.pii_hash of the raw value.
+    carried in clear: value_hash is cdp_kit.telemetry.pii_hash of the raw value, a display tag
+    nothing reads or joins on: "k:" and 16 hex digits of HMAC-SHA256 with the deployment's key
+    (events written before keyed hashing carry "h:" and 12 hex digits of plain SHA-256).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

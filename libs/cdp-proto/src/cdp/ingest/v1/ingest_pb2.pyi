@@ -577,8 +577,8 @@ class RejectGroup(_message.Message):
     def first_rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def samples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The offending values of the first rows, in answers to clients only (never on the log);
-        values of identity fields are masked ("h:<hash>").
+        """The offending values of the first rows, in answers to clients only (never on the log), masked:
+        identity values as their keyed hash ("k:<16 hex>"), others as their shape (letters x, digits 9).
         """
 
     def __init__(
@@ -703,7 +703,9 @@ class BatchError(_message.Message):
     row: _builtins.int
     @_builtins.property
     def values(self) -> _struct_pb2.Struct:
-        """The row's values as read (strings for CSV), keyed by column."""
+        """The row's values keyed by column: masked (identity values "k:<16 hex>", others their shape,
+        letters x and digits 9), or as read (strings for CSV) when raw values were asked for.
+        """
 
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]: ...
@@ -729,21 +731,25 @@ class ListBatchErrorsRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     AFTER_ROW_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     after_row: _builtins.int
     """Rows after this row number (paging); 0 = from the start."""
     limit: _builtins.int
     """At most this many (0 = 1000)."""
+    raw: _builtins.bool
+    """Values as read instead of masked; needs the operator role (PERMISSION_DENIED otherwise)."""
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         after_row: _builtins.int = ...,
         limit: _builtins.int = ...,
+        raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_row", b"after_row", "batch_id", b"batch_id", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_row", b"after_row", "batch_id", b"batch_id", "limit", b"limit", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,7 +768,7 @@ class ListBatchErrorsResponse(_message.Message):
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchError]: ...
     @_builtins.property
     def identity_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Identity fields of the batch's schema (their values are masked unless unmasked export is asked)."""
+        """Identity fields of the batch's schema (their masked values are keyed hashes)."""
 
     def __init__(
         self,

@@ -154,7 +154,8 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListBatchErrors(self, request, context):
-        """Rejected rows of a batch (raw values as read, with what was wrong), in row order.
+        """Rejected rows of a batch (values masked unless raw ones are asked for, with what was wrong),
+        in row order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

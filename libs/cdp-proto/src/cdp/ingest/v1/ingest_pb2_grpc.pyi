@@ -46,7 +46,9 @@ class IngestServiceStub:
     IngestFileWithProgress: _grpc.StreamStreamMultiCallable[_ingest_pb2.IngestFileChunk, _ingest_pb2.IngestProgress]
     """IngestFile with progress: progress messages while rows are read, then one holding the report."""
     ListBatchErrors: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchErrorsRequest, _ingest_pb2.ListBatchErrorsResponse]
-    """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
+    """Rejected rows of a batch (values masked unless raw ones are asked for, with what was wrong),
+    in row order.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]
     """Invalid events published to cdp.collect.<dataset> not yet redriven, with their reason. They are
     the kit's dead letters of consumer ingest-collect (error class Rejected): every service's
@@ -71,7 +73,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     IngestFileWithProgress: _aio.StreamStreamMultiCallable[_ingest_pb2.IngestFileChunk, _ingest_pb2.IngestProgress]  # type: ignore[assignment]
     """IngestFile with progress: progress messages while rows are read, then one holding the report."""
     ListBatchErrors: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchErrorsRequest, _ingest_pb2.ListBatchErrorsResponse]  # type: ignore[assignment]
-    """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
+    """Rejected rows of a batch (values masked unless raw ones are asked for, with what was wrong),
+    in row order.
+    """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDeadLettersRequest, _ingest_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """Invalid events published to cdp.collect.<dataset> not yet redriven, with their reason. They are
     the kit's dead letters of consumer ingest-collect (error class Rejected): every service's
@@ -153,7 +157,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.ListBatchErrorsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListBatchErrorsResponse, _abc.Awaitable[_ingest_pb2.ListBatchErrorsResponse]]:
-        """Rejected rows of a batch (raw values as read, with what was wrong), in row order."""
+        """Rejected rows of a batch (values masked unless raw ones are asked for, with what was wrong),
+        in row order.
+        """
 
     @_abc_1.abstractmethod
     def ListDeadLetters(
