@@ -13,7 +13,8 @@ from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
 from cdp_activation import store
 from cdp_activation.connectors import connector_for
-from cdp_activation.handlers import ActivationHandlers, masked
+from cdp_activation.credentials import masked
+from cdp_activation.handlers import ActivationHandlers
 from cdp_kit.envelope import to_timestamp
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -92,7 +93,9 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     async def ListDestinations(self, request: pb.ListDestinationsRequest, context: Ctx) -> pb.ListDestinationsResponse:
         with self.processor.read() as session:
             rows = session.exec(select(store.DestinationRow).order_by(col(store.DestinationRow.name))).all()
-            return pb.ListDestinationsResponse(destinations=[masked(store.destination_of(r)) for r in rows])
+            return pb.ListDestinationsResponse(
+                destinations=[masked(store.destination_of(r), self.handlers.keyring) for r in rows]
+            )
 
     async def Activate(self, request: pb.ActivateRequest, context: Ctx) -> pb.ActivationPlan:
         return await self.handlers.activate(request)
@@ -160,6 +163,9 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
 
     async def CreatePolicy(self, request: pb.CreatePolicyRequest, context: Ctx) -> pb.Policy:
         return await self.handlers.create_policy(request.policy)
+
+    async def RotateSecrets(self, request: pb.RotateSecretsRequest, context: Ctx) -> pb.RotateSecretsResponse:
+        return await self.handlers.rotate_secrets()
 
     async def ListGovernance(self, request: pb.ListGovernanceRequest, context: Ctx) -> pb.ListGovernanceResponse:
         with self.processor.read() as session:

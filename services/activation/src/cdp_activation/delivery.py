@@ -36,7 +36,7 @@ from sqlmodel import Session, col, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation import governance, store
+from cdp_activation import credentials, governance, store
 from cdp_activation.connectors import (
     Batch,
     Connector,
@@ -51,10 +51,12 @@ from cdp_kit.consent import MARKETING_ACTIONS
 from cdp_kit.consent import consent_of as consent_of  # the gate reads consent as segmentation does
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
+from cdp_kit.keyring import KeyFile
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
 from cdp_kit.store import all_checkpoints
 from cdp_kit.streams import ACTIVATION_DELIVERIES
 from cdp_kit.telemetry import get_logger
+from cdp_kit.urlmask import mask_url_credentials
 
 log = get_logger(__name__)
 DELIVERIES_CHECKPOINT = own_checkpoint(ACTIVATION_DELIVERIES)
@@ -153,9 +155,10 @@ def split_to_fit(records: list[Record], size: int) -> list[list[pb.Record]]:
 
 
 class Deliverer:
-    def __init__(self, processor: Processor, settings: ActivationSettings) -> None:
+    def __init__(self, processor: Processor, settings: ActivationSettings, keys: KeyFile) -> None:
         self.processor = processor
         self.settings = settings
+        self.keys = keys
         self.export_root = settings.resolved_export_dir()
         self.destinations: dict[str, DestinationState] = {}
         self.first_seen: dict[str, float] = {}
@@ -253,7 +256,7 @@ class Deliverer:
         plan = store.plan_of(row)
         dest = store.destination_of(dest_row)
         connector = connector_for(dest.connector)
-        config = connector.parse(json_format.MessageToDict(dest.config))
+        config = credentials.connector_config(dest, self.keys.keyring)
         want, excluded = wanted(session, plan, dest, connector, self.settings.unknown_consent)
         held = {
             m.profile_id: m
@@ -379,7 +382,7 @@ class Deliverer:
             segment = session.get(store.SegmentRow, plan.segment)
             connector = connector_for(dest.connector)
             records = [Record.of(r) for r in row.records]
-            config = connector.parse(json_format.MessageToDict(dest.config))
+            config = credentials.connector_config(dest, self.keys.keyring)
             snapshot: list[Record] | None = None
             if connector.wants_snapshot(config):
                 held = {
@@ -417,7 +420,7 @@ class Deliverer:
         self, state: DestinationState, row: store.BatchRow, dest: pb.Destination, batch: Batch, members: int
     ) -> None:
         connector = connector_for(dest.connector)
-        config = connector.parse(json_format.MessageToDict(dest.config))
+        config = credentials.connector_config(dest, self.keys.keyring)  # opened in memory only
         if state.rate != config.rate_per_s:
             state.limiter, state.rate = AsyncLimiter(config.rate_per_s, 1.0), config.rate_per_s
         if state.http is None:
@@ -435,6 +438,7 @@ class Deliverer:
                 raise
             except Exception as exc:  # a connector bug or a timeout is transient, never a crash
                 error = exc if isinstance(exc, DeliveryError) else DeliveryError(describe(exc, config), permanent=False)
+                error.reason = mask_url_credentials(error.reason)
                 if error.permanent or attempts >= config.max_attempts:
                     await self._record_failed(batch, attempts, error)
                     return
@@ -454,7 +458,7 @@ class Deliverer:
             attempts=attempts,
             latency_ms=latency,
             activated=result.activated,
-            location=result.location,
+            location=mask_url_credentials(result.location),
             rejected=result.rejected,
             warnings=result.warnings,
         )
