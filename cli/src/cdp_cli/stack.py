@@ -4,6 +4,7 @@ services as supervised child processes on loopback ports, all under one data fol
 * ``<data_dir>/nats``        JetStream file store
 * ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
+* ``<data_dir>/secrets/master.key``  the master key of secrets at rest (0600, made once, kept)
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
@@ -34,6 +35,7 @@ from typing import IO, Any
 
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
+from cdp_kit.keyring import ensure_key_file
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,10 @@ class Stack:
         return self.data_dir / "logs"
 
     @property
+    def master_key_file(self) -> Path:
+        return self.data_dir / "secrets" / "master.key"
+
+    @property
     def stack_file(self) -> Path:
         return self.data_dir / STACK_FILE
 
@@ -238,6 +244,7 @@ class Stack:
             raise StackError("a Stack starts once; create a new one to start again")
         try:
             self._acquire_data_dir()
+            ensure_key_file(self.master_key_file)
             self._start_supervisor()
             self._start_nats()
             self._start_services()
@@ -291,6 +298,7 @@ class Stack:
                 "CDP_GRPC_HOST": LOOPBACK,
                 "CDP_GRPC_PORT": str(port),
                 "CDP_LOG_FORMAT": "json",
+                "CDP_MASTER_KEY_FILE": str(self.master_key_file),
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -1,0 +1,77 @@
+"""Administration: the master key that encrypts destination secrets at rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdp.activation.v1 import activation_pb2
+from cdp_cli import render
+from cdp_cli.errors import CliError
+from cdp_kit.keyring import KeyringError, add_key, load_keyring, retire_keys
+
+app = typer.Typer(help="Administration: master key rotation.", no_args_is_help=True, add_completion=False)
+
+
+def _state_key_file(ctx: typer.Context) -> Path:
+    from cdp_cli.app import _state
+
+    return _state(ctx).data_dir / "secrets" / "master.key"
+
+
+@app.command("rotate-master-key")
+def rotate_master_key(
+    ctx: typer.Context,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file",
+            help="The master key file activation reads (CDP_MASTER_KEY_FILE); default: the local stack's "
+            "<data-dir>/secrets/master.key.",
+            show_default=False,
+        ),
+    ] = None,
+    new_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-key/--no-new-key",
+            help="Append a new key version first; --no-new-key when the file was updated elsewhere "
+            "(a Kubernetes Secret).",
+        ),
+    ] = True,
+    retire: Annotated[
+        bool, typer.Option("--retire", help="Then remove from the file every key version no secret needs.")
+    ] = False,
+) -> None:
+    """Re-encrypt every destination secret under the newest master key, through the log.
+
+    Appends a new key version to the key file, asks activation to re-read it and re-encrypt
+    (RotateSecrets), and with --retire drops the versions no stored secret needs any more."""
+    from cdp_cli.app import _client
+
+    path = key_file or _state_key_file(ctx)
+    try:
+        newest = add_key(path) if new_key else load_keyring(path).newest
+    except (OSError, KeyringError) as exc:
+        raise CliError(f"master key file {path}: {exc}") from None
+    if new_key:
+        render.success(f"key version {newest} added to {path}")
+    client = _client(ctx)
+    reply = client.activation.RotateSecrets(activation_pb2.RotateSecretsRequest(), timeout=client.timeout)
+    if reply.key_id != newest:
+        raise CliError(
+            f"activation encrypts with key {reply.key_id}, not {newest}: does its CDP_MASTER_KEY_FILE point at {path}?"
+        )
+    render.success(f"{reply.destinations} destination(s) re-encrypted under key {reply.key_id}")
+    if not retire:
+        if reply.retirable_key_ids:
+            unused = ", ".join(reply.retirable_key_ids)
+            render.err.print(f"no secret needs key(s) {unused} any more: --retire drops them")
+        return
+    still_needed = [k for k in load_keyring(path).key_ids if k != newest and k not in reply.retirable_key_ids]
+    if still_needed:
+        raise CliError(f"not retiring: secrets still need key(s) {', '.join(still_needed)}")
+    retired = retire_keys(path, newest)
+    render.success(f"retired key(s) {', '.join(retired) or '(none)'}; {path} holds {newest} only")
