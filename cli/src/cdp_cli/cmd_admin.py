@@ -10,7 +10,7 @@ import typer
 from cdp.activation.v1 import activation_pb2
 from cdp_cli import render
 from cdp_cli.errors import CliError
-from cdp_kit.keyring import KeyringError, add_key, load_keyring, retire_keys
+from cdp_kit.keyring import KeyringError, add_key, ensure_key_file, load_keyring, retire_keys
 
 app = typer.Typer(help="Administration: master key rotation.", no_args_is_help=True, add_completion=False)
 
@@ -52,15 +52,18 @@ def rotate_master_key(
     from cdp_cli.app import _client
 
     path = key_file or _state_key_file(ctx)
-    try:
-        newest = add_key(path) if new_key else load_keyring(path).newest
-    except (OSError, KeyringError) as exc:
-        raise CliError(f"master key file {path}: {exc}") from None
+    local = new_key or retire or key_file is not None  # else: the key file is the service's (a Secret)
+    newest = ""
+    if local:
+        try:
+            newest = add_key(path) if new_key else load_keyring(path).newest
+        except (OSError, KeyringError) as exc:
+            raise CliError(f"master key file {path}: {exc}") from None
     if new_key:
         render.success(f"key version {newest} added to {path}")
     client = _client(ctx)
     reply = client.activation.RotateSecrets(activation_pb2.RotateSecretsRequest(), timeout=client.timeout)
-    if reply.key_id != newest:
+    if newest and reply.key_id != newest:
         raise CliError(
             f"activation encrypts with key {reply.key_id}, not {newest}: does its CDP_MASTER_KEY_FILE point at {path}?"
         )
@@ -75,3 +78,30 @@ def rotate_master_key(
         raise CliError(f"not retiring: secrets still need key(s) {', '.join(still_needed)}")
     retired = retire_keys(path, newest)
     render.success(f"retired key(s) {', '.join(retired) or '(none)'}; {path} holds {newest} only")
+
+
+@app.command("new-master-key")
+def new_master_key(
+    ctx: typer.Context,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file", help="Where to write it; default: <data-dir>/secrets/master.key.", show_default=False
+        ),
+    ] = None,
+    append: Annotated[
+        bool, typer.Option("--append", help="Add a new version to an existing file (the first step of a rotation).")
+    ] = False,
+) -> None:
+    """Make a master key file (0600, one new key) for CDP_MASTER_KEY_FILE; an existing one is kept
+    unless --append adds a version to it."""
+    path = key_file or _state_key_file(ctx)
+    try:
+        if append and path.exists():
+            render.success(f"master key version {add_key(path)} appended to {path}")
+        elif ensure_key_file(path):
+            render.success(f"master key {load_keyring(path).newest} written to {path} (keep it secret, back it up)")
+        else:
+            render.err.print(f"{path} exists: kept (rotate with `cdp admin rotate-master-key`)")
+    except (OSError, KeyringError) as exc:
+        raise CliError(f"master key file {path}: {exc}") from None
