@@ -189,3 +189,36 @@ async def test_url_credentials_are_sealed_and_masked_in_answers_and_delivery_rec
     assert deliveries.deliveries[0].location == f"http://****@{host}/webhook?api_key=****&v=1"
     await harness.stop()
     assert files_holding(tmp_path, TOKEN.encode()) == []
+
+
+async def test_a_destination_whose_key_was_retired_too_early_waits_and_no_other_does(
+    harness: Harness, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    await upstream.segment()
+    key_file = harness.settings.resolved_master_key_file()
+    await harness.destination(
+        "meta",
+        "meta_custom_audience",
+        action="ad_targeting",
+        base_url=platforms.url,
+        audience_id="7",
+        access_token=platforms.meta_token,
+    )
+    new = add_key(key_file)
+    harness.keys.reload()
+    await hook(harness, platforms)  # sealed under the new version
+    both = key_file.read_text()
+    retire_keys(key_file, new)  # without RotateSecrets: meta's token is now unreadable
+    harness.keys.reload()
+    await harness.activate("meta", ["email"])
+    await harness.activate("hook", ["email"])
+    pids = await people(upstream, 3)
+    await harness.settled("hook", 3)
+    assert platforms.members["webhook:gold"] == set(pids)
+    assert not platforms.members["meta:7"]
+    listed = await harness.api.ListDestinations(pb.ListDestinationsRequest(), None)  # type: ignore[arg-type]
+    assert {d.name: d.config["access_token"] for d in listed.destinations if d.name == "meta"} == {"meta": "****"}
+
+    key_file.write_text(both)  # the old version back: meta's plan goes on where it waited
+    harness.keys.reload()
+    await harness.settled("meta", 3)

@@ -51,7 +51,7 @@ from cdp_kit.consent import MARKETING_ACTIONS
 from cdp_kit.consent import consent_of as consent_of  # the gate reads consent as segmentation does
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
-from cdp_kit.keyring import KeyFile
+from cdp_kit.keyring import KeyFile, KeyringError
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
 from cdp_kit.store import all_checkpoints
 from cdp_kit.streams import ACTIVATION_DELIVERIES
@@ -167,6 +167,8 @@ class Deliverer:
         # What the last planning round saw: the wanted audiences change only with the inputs
         # and the config log (a delivered batch moves profiles from in flight to held).
         self.fingerprint: tuple[tuple[str, int], ...] | None = None
+        # Destinations whose secrets cannot be decrypted now, with why (logged once).
+        self.unreadable: dict[str, str] = {}
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -244,7 +246,7 @@ class Deliverer:
                     cut += 1
             if not left:
                 self.first_seen.pop(item.plan.id, None)
-        if complete:
+        if complete and not self.unreadable:  # an unreadable destination is tried again each round
             self.fingerprint = fingerprint
         self._wake_workers()
         return cut
@@ -256,7 +258,9 @@ class Deliverer:
         plan = store.plan_of(row)
         dest = store.destination_of(dest_row)
         connector = connector_for(dest.connector)
-        config = credentials.connector_config(dest, self.keys.keyring)
+        config = self._config(dest)
+        if config is None:
+            return None
         want, excluded = wanted(session, plan, dest, connector, self.settings.unknown_consent)
         held = {
             m.profile_id: m
@@ -282,6 +286,20 @@ class Deliverer:
         new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
         cleared = sorted(pid for pid in before if pid not in excluded)
         return PlanWork(plan, dest_row, adds, removes, new, cleared, config, row.batch_seq)
+
+    def _config(self, dest: pb.Destination) -> ConnectorConfig | None:
+        """The destination's settings with its secrets opened in memory; None (said once in the
+        log) while a secret cannot be decrypted, e.g. its master key version was retired too
+        early: that destination waits, every other one goes on."""
+        try:
+            config = credentials.connector_config(dest, self.keys.keyring)
+        except KeyringError as exc:
+            if self.unreadable.get(dest.id) != str(exc):
+                self.unreadable[dest.id] = str(exc)
+                log.error("destination_secret_unreadable", destination=dest.name, reason=str(exc))
+            return None
+        self.unreadable.pop(dest.id, None)
+        return config
 
     def _cron_due(self, plan: pb.ActivationPlan) -> bool:
         wall = datetime.now(UTC)
@@ -382,7 +400,9 @@ class Deliverer:
             segment = session.get(store.SegmentRow, plan.segment)
             connector = connector_for(dest.connector)
             records = [Record.of(r) for r in row.records]
-            config = credentials.connector_config(dest, self.keys.keyring)
+            config = self._config(dest)
+            if config is None:
+                return None  # the batch stays pending until the key is back
             snapshot: list[Record] | None = None
             if connector.wants_snapshot(config):
                 held = {
