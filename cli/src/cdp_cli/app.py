@@ -821,7 +821,7 @@ def destination_create(
             "--secret",
             metavar="NAME=@FILE|NAME=env:VAR|NAME=-",
             help="A secret setting (token, password, key, URL with credentials) from a file, an environment "
-            "variable or stdin; never typed on the command line.",
+            "variable or stdin; never typed on the command line. NAME may be dotted (fsspec_options.key).",
         ),
     ] = None,
     as_json: JsonFlag = False,
@@ -831,7 +831,7 @@ def destination_create(
     Secrets are encrypted by the service before they are stored and masked in every answer."""
     settings = inputs.parse_config(config or [])
     inputs.refuse_literal_secrets(settings)
-    settings.update(inputs.read_secrets(secret or [], sys.stdin))
+    settings = inputs.with_secrets(settings, inputs.read_secrets(secret or [], sys.stdin))
     destination = activation_pb2.Destination(name=name, connector=connector, config=settings, marketing_action=action)
     client = _client(ctx)
     request = activation_pb2.CreateDestinationRequest(destination=destination)

@@ -171,14 +171,23 @@ SECRET_HOWTO = "NAME=@FILE (a file), NAME=env:VAR (an environment variable) or N
 
 def refuse_literal_secrets(config: Struct) -> None:
     """A secret typed on the command line is visible in ``ps`` and kept in shell history: a
-    ``--config`` whose key names a credential, or a URL carrying one, is refused."""
-    for key, value in json_format.MessageToDict(config).items():
+    ``--config`` whose key names a credential (at any depth of a JSON value), or a URL carrying
+    one, is refused."""
+    for path, key, value in _settings(json_format.MessageToDict(config)):
         literal_secret = is_secret(key) and value not in ("", None)
         if literal_secret or (isinstance(value, str) and has_url_credentials(value)):
             raise CliError(
-                f"--config {key}=…: a secret on the command line is visible in `ps` and shell history; "
+                f"--config {path}=…: a secret on the command line is visible in `ps` and shell history; "
                 f"pass it with --secret {SECRET_HOWTO}"
             )
+
+
+def _settings(config: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    for key, value in config.items():
+        if isinstance(value, dict) and not is_secret(key):
+            yield from _settings(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", key, value
 
 
 def read_secrets(specs: Iterable[str], stdin: TextIO) -> dict[str, str]:
@@ -216,3 +225,19 @@ def read_secrets(specs: Iterable[str], stdin: TextIO) -> dict[str, str]:
             raise CliError(f"--secret {name}: the value is empty")
         out[name] = value
     return out
+
+
+def with_secrets(config: Struct, secrets: dict[str, str]) -> Struct:
+    """``config`` with each secret set at its name; a dotted name sets a nested setting
+    (``fsspec_options.key``)."""
+    merged = json_format.MessageToDict(config)
+    for name, value in secrets.items():
+        *parents, leaf = name.split(".")
+        target = merged
+        for part in parents:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CliError(f"--secret {name}: {part} is not an object setting")
+            target = child
+        target[leaf] = value
+    return json_format.ParseDict(merged, Struct())
