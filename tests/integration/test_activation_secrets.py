@@ -219,6 +219,9 @@ async def test_a_destination_whose_key_was_retired_too_early_waits_and_no_other_
     listed = await harness.api.ListDestinations(pb.ListDestinationsRequest(), None)  # type: ignore[arg-type]
     assert {d.name: d.config["access_token"] for d in listed.destinations if d.name == "meta"} == {"meta": "****"}
 
+    stats = await harness.stats("meta")
+    assert any("secrets cannot be decrypted" in w and "is not in the key file" in w for w in stats.warnings)
+
     key_file.write_text(both)  # the old version back: meta's plan goes on where it waited
     harness.keys.reload()
     await harness.settled("meta", 3)
