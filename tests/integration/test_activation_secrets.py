@@ -18,6 +18,7 @@ from cdp_activation import credentials
 from cdp_activation.localservers import LocalPlatforms
 from cdp_activation.store import DestinationRow
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
+from cdp_kit.errors import FailedPrecondition
 from cdp_kit.eventlog import EventLog
 from cdp_kit.keyring import add_key, is_sealed, key_id_of, load_keyring, retire_keys
 from cdp_kit.processor import UnitOfWork
@@ -221,6 +222,9 @@ async def test_a_destination_whose_key_was_retired_too_early_waits_and_no_other_
 
     stats = await harness.stats("meta")
     assert any("secrets cannot be decrypted" in w and "is not in the key file" in w for w in stats.warnings)
+
+    with pytest.raises(FailedPrecondition, match=r"destination 'meta': master key .* is not in the key file"):
+        await harness.handlers.rotate_secrets()  # refused whole: nothing half-rotated
 
     key_file.write_text(both)  # the old version back: meta's plan goes on where it waited
     harness.keys.reload()

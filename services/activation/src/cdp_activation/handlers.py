@@ -17,7 +17,7 @@ from cdp_activation.delivery import ACTIONS
 from cdp_activation.settings import ActivationSettings
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, Violation
-from cdp_kit.keyring import KeyFile, Keyring
+from cdp_kit.keyring import KeyFile, Keyring, KeyringError
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import ACTIVATION_CONFIG, ACTIVATION_DELIVERIES
 
@@ -70,14 +70,20 @@ class ActivationHandlers:
         """Re-read the key file; every destination's secrets re-encrypted under the newest master
         key by an event on the log (a rebuild needs no older key), plain ones from older versions
         encrypted. Answers which key versions no stored secret needs any more."""
-        keyring = self.keys.reload()
+        try:
+            keyring = self.keys.reload()
+        except KeyringError as exc:
+            raise FailedPrecondition(f"the master key file cannot be used: {exc}") from exc
         now = utcnow()
 
         def decide(uow: UnitOfWork) -> int:
             events = []
             for row in uow.session.exec(select(store.DestinationRow).order_by(col(store.DestinationRow.id))):
                 config = json_format.MessageToDict(store.destination_of(row).config)
-                resealed = credentials.reseal_config(config, keyring, row.id)
+                try:
+                    resealed = credentials.reseal_config(config, keyring, row.id)
+                except KeyringError as exc:
+                    raise FailedPrecondition(f"destination {row.name!r}: {exc}; nothing was rotated") from exc
                 if resealed == config and not row.legacy_plain:
                     continue
                 rotated = ev.DestinationSecretsRotated(
