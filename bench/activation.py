@@ -175,7 +175,7 @@ async def pipeline() -> None:
     from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
     from cdp_activation.api import ActivationServicer
     from cdp_activation.handlers import ActivationHandlers
-    from cdp_activation.main import build
+    from cdp_activation.main import build, master_keys
     from cdp_activation.settings import ActivationSettings
     from cdp_kit.envelope import Cause, Envelope, make_envelope
     from cdp_kit.store import make_engine
@@ -226,12 +226,13 @@ async def pipeline() -> None:
 
             settings = ActivationSettings(nats_url="nats://unused", data_dir=Path(tmp), delivery_interval_s=0.05)
             engine = make_engine(f"sqlite:///{tmp}/activation.db")
-            service = build(settings, engine, log)
+            keys = master_keys(settings)
+            service = build(settings, engine, log, keys)
             processor = service.processor
             processor.create_store()
             await processor.catch_up()
             tasks = [asyncio.create_task(processor.run())] + [asyncio.create_task(job()) for job in service.background]
-            handlers = ActivationHandlers(processor, settings)
+            handlers = ActivationHandlers(processor, settings, keys)
             api = ActivationServicer(handlers)
             figures: list[tuple[str, float]] = []
             try:

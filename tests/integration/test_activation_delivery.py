@@ -29,7 +29,7 @@ from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
 from cdp_activation import identifiers as ids
 from cdp_activation.api import ActivationServicer
 from cdp_activation.handlers import ActivationHandlers
-from cdp_activation.main import build
+from cdp_activation.main import build, master_keys
 from cdp_activation.settings import ActivationSettings
 from cdp_activation.store import TABLES
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope
@@ -126,9 +126,10 @@ class Harness:
         self.tmp = tmp
         self.settings = ActivationSettings(nats_url=nats_url, data_dir=tmp, delivery_interval_s=0.05, **settings)
         self.engine = make_engine(store_url or f"sqlite:///{tmp / 'activation.db'}")
-        self.service = build(self.settings, self.engine, log)
+        self.keys = master_keys(self.settings)
+        self.service = build(self.settings, self.engine, log, self.keys)
         self.processor = self.service.processor
-        self.handlers = ActivationHandlers(self.processor, self.settings)
+        self.handlers = ActivationHandlers(self.processor, self.settings, self.keys)
         self.api = ActivationServicer(self.handlers)
         self.tasks: list[asyncio.Task[None]] = []
 

@@ -480,6 +480,68 @@ def test_nats_runs_jetstream_with_monitoring(compose: Compose) -> None:
 Mutation = Callable[[Compose], None]
 
 
+ENV_EXAMPLE = ROOT / ".env.example"
+REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$", re.IGNORECASE)
+
+
+def literal_secrets(compose: Compose) -> list[str]:
+    """Passwords written into the file: a secret-named variable, or the password of a URL,
+    whose value is not taken from the environment (``${VAR}``, read from ``.env``)."""
+    problems: list[str] = []
+    for name, service in compose["services"].items():
+        for key, value in environment(service).items():
+            if value is None:
+                continue
+            if SECRET_NAME.search(key) and not REFERENCE.fullmatch(value.strip('"')):
+                problems.append(f"{name}: {key} is written in compose.yaml, not read from .env")
+            for password in re.findall(r"://[^:/@\s]+:([^@\s]*)@", value):
+                if not REFERENCE.fullmatch(password):
+                    problems.append(f"{name}: {key} carries a literal password in its URL")
+    return problems
+
+
+def test_compose_holds_no_literal_password(compose: Compose) -> None:
+    assert_no_problems(literal_secrets(compose))
+
+
+def test_every_variable_compose_reads_is_in_env_example_and_env_is_not_committed() -> None:
+    referenced = set(REFERENCE.findall(COMPOSE_FILE.read_text(encoding="utf-8")))
+    example = {
+        line.split("=", 1)[0].strip()
+        for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
+    assert referenced <= example, f".env.example lacks {sorted(referenced - example)}"
+    ignored = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert ".env" in ignored
+    assert "/secrets/" in ignored
+
+
+def test_activation_reads_its_master_key_from_a_compose_secret(compose: Compose) -> None:
+    activation = service_of(compose, "activation")
+    path = environment(activation).get("CDP_MASTER_KEY_FILE")
+    mounted = [s if isinstance(s, str) else s.get("source") for s in activation.get("secrets") or []]
+    assert mounted, "activation: no compose secret mounted"
+    assert path in {f"/run/secrets/{name}" for name in mounted}, f"activation: CDP_MASTER_KEY_FILE={path!r}"
+    assert all(name in compose.get("secrets", {}) for name in mounted)
+
+
+def _literal_password(compose: Compose) -> None:
+    compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] = "cdp"
+
+
+def _password_in_url(compose: Compose) -> None:
+    compose["services"]["identity"]["environment"]["CDP_STORE_URL"] = "postgresql://cdp:cdp@postgres:5432/cdp_identity"
+
+
+@pytest.mark.parametrize("mutate", [_literal_password, _password_in_url])
+def test_detects_a_literal_password(compose: Compose, mutate: Mutation) -> None:
+    broken = copy.deepcopy(compose)
+    mutate(broken)
+    assert literal_secrets(broken)
+
+
 def _rename_env(compose: Compose) -> None:
     env = compose["services"]["identity"]["environment"]
     env["CDP_NATS_SERVER"] = env.pop("CDP_NATS_URL")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_cli import (
     cmd_activation,
+    cmd_admin,
     cmd_apply,
     cmd_deadletters,
     cmd_identity,
@@ -120,6 +122,7 @@ app.add_typer(cmd_activation.deliveries_app, name="deliveries")
 app.add_typer(cmd_activation.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
 app.add_typer(cmd_deadletters.app, name="deadletters")
+app.add_typer(cmd_admin.app, name="admin")
 events_app.command("publish")(cmd_publish.events_publish)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
@@ -828,15 +831,27 @@ def destination_create(
         list[str] | None,
         typer.Option("--config", metavar="KEY=VALUE", help="Connector setting; KEY:=JSON for numbers, lists …"),
     ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            metavar="NAME=@FILE|NAME=env:VAR|NAME=-",
+            help="A secret setting (token, password, key, URL with credentials) from a file, an environment "
+            "variable or stdin; never typed on the command line. NAME may be dotted (fsspec_options.key).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a destination: a connector, its settings and the marketing action it serves.
 
+    Secrets are encrypted by the service before they are stored and masked in every answer.
+
     Example: cdp destination create drop --connector file_export --action email_marketing --config folder=drop
     """
-    destination = activation_pb2.Destination(
-        name=name, connector=connector, config=inputs.parse_config(config or []), marketing_action=action
-    )
+    settings = inputs.parse_config(config or [])
+    inputs.refuse_literal_secrets(settings)
+    settings = inputs.with_secrets(settings, inputs.read_secrets(secret or [], sys.stdin))
+    destination = activation_pb2.Destination(name=name, connector=connector, config=settings, marketing_action=action)
     client = _client(ctx)
     request = activation_pb2.CreateDestinationRequest(destination=destination)
     reply = client.activation.CreateDestination(request, timeout=client.timeout)

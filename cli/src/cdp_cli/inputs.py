@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from google.protobuf import json_format
@@ -15,8 +16,10 @@ from google.protobuf.struct_pb2 import Struct
 
 from cdp.common.v1 import envelope_pb2
 from cdp.ingest.v1 import ingest_pb2
+from cdp_activation.credentials import is_secret
 from cdp_cli import documents
 from cdp_cli.errors import CliError
+from cdp_kit.urlmask import has_url_credentials
 
 CHUNK_BYTES = 256 * 1024
 EVENTS_PER_CALL = 500
@@ -165,3 +168,80 @@ def parse_identity(text: str) -> envelope_pb2.IdentityValue:
 def split_list(text: str | None) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+SECRET_HOWTO = "NAME=@FILE (a file), NAME=env:VAR (an environment variable) or NAME=- (standard input)"
+
+
+def refuse_literal_secrets(config: Struct) -> None:
+    """A secret typed on the command line is visible in ``ps`` and kept in shell history: a
+    ``--config`` whose key names a credential (at any depth of a JSON value), or a URL carrying
+    one, is refused."""
+    for path, key, value in _settings(json_format.MessageToDict(config)):
+        literal_secret = is_secret(key) and value not in ("", None)
+        if literal_secret or (isinstance(value, str) and has_url_credentials(value)):
+            raise CliError(
+                f"--config {path}=…: a secret on the command line is visible in `ps` and shell history; "
+                f"pass it with --secret {SECRET_HOWTO}"
+            )
+
+
+def _settings(config: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    for key, value in config.items():
+        if isinstance(value, dict) and not is_secret(key):
+            yield from _settings(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", key, value
+
+
+def read_secrets(specs: Iterable[str], stdin: TextIO) -> dict[str, str]:
+    """``--secret`` values: ``NAME=@FILE``, ``NAME=env:VAR`` or ``NAME=-`` (stdin, once). One trailing
+    newline is dropped (what ``echo`` and editors add). A literal value is refused."""
+    out: dict[str, str] = {}
+    used_stdin = False
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CliError(f"--secret expects {SECRET_HOWTO}")
+        if source == "-":
+            if used_stdin:
+                raise CliError("--secret: only one secret can come from standard input")
+            used_stdin = True
+            value = stdin.read()
+        elif source.startswith("@"):
+            path = Path(source[1:]).expanduser()
+            try:
+                value = path.read_text()
+            except OSError as exc:
+                raise CliError(f"--secret {name}: cannot read {path}: {exc.strerror or exc}") from None
+        elif source.startswith("env:"):
+            var = source[4:]
+            if var not in os.environ:
+                raise CliError(f"--secret {name}: the environment variable {var or '(empty name)'} is not set")
+            value = os.environ[var]
+        else:
+            raise CliError(
+                f"--secret {name}: a literal value would be visible in `ps` and shell history; use {SECRET_HOWTO}"
+            )
+        value = value.removesuffix("\n").removesuffix("\r")
+        if not value:
+            raise CliError(f"--secret {name}: the value is empty")
+        out[name] = value
+    return out
+
+
+def with_secrets(config: Struct, secrets: dict[str, str]) -> Struct:
+    """``config`` with each secret set at its name; a dotted name sets a nested setting
+    (``fsspec_options.key``)."""
+    merged = json_format.MessageToDict(config)
+    for name, value in secrets.items():
+        *parents, leaf = name.split(".")
+        target = merged
+        for part in parents:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CliError(f"--secret {name}: {part} is not an object setting")
+            target = child
+        target[leaf] = value
+    return json_format.ParseDict(merged, Struct())

@@ -6,6 +6,7 @@ services as supervised child processes on loopback ports, all under one data fol
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
 * ``<data_dir>/secrets/pii-hash.key``  the deployment's PII hash key (0600, kept across restarts),
   given to every service as ``CDP_PII_HASH_KEY_FILE``
+* ``<data_dir>/secrets/master.key``  the master key of secrets at rest (0600, made once, kept)
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
@@ -36,6 +37,7 @@ from typing import IO, Any
 
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
+from cdp_kit import keyring
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
 from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
 
@@ -209,6 +211,10 @@ class Stack:
         return default_key_file(self.data_dir)
 
     @property
+    def master_key_file(self) -> Path:
+        return self.data_dir / "secrets" / "master.key"
+
+    @property
     def stack_file(self) -> Path:
         return self.data_dir / STACK_FILE
 
@@ -246,6 +252,7 @@ class Stack:
         try:
             self._acquire_data_dir()
             self._ensure_pii_hash_key()
+            keyring.ensure_key_file(self.master_key_file)
             self._start_supervisor()
             self._start_nats()
             self._start_services()
@@ -306,6 +313,7 @@ class Stack:
                 "CDP_GRPC_PORT": str(port),
                 "CDP_LOG_FORMAT": "json",
                 "CDP_PII_HASH_KEY_FILE": str(self.pii_hash_key_file),
+                "CDP_MASTER_KEY_FILE": str(self.master_key_file),
                 "PYTHONUNBUFFERED": "1",
             }
         )

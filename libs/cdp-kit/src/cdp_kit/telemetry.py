@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
 from cdp_kit.settings import LogFormat, LogLevel, TraceExporter
+from cdp_kit.urlmask import mask_url_credentials
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -44,8 +45,9 @@ MAX_LOG_VALUE_CHARS = 2000
 
 def scrub(text: str) -> str:
     """Mask anything shaped like an email or a phone in free text (an error that quotes a caller's
-    input, what a destination answered): logs and dead letters keep ids and hashes, never these."""
-    return PHONE.sub("<phone>", EMAIL.sub("<email>", text))
+    input, what a destination answered), and credentials inside URLs: logs and dead letters keep
+    ids and hashes, never these."""
+    return PHONE.sub("<phone>", EMAIL.sub("<email>", mask_url_credentials(text)))
 
 
 def _scrub_strings(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -11,10 +11,13 @@ from sqlmodel import Session, col, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
-from cdp_activation import store
+from cdp_activation import credentials, store
 from cdp_activation.connectors import connector_for
-from cdp_activation.handlers import ActivationHandlers, masked
+from cdp_activation.credentials import masked
+from cdp_activation.handlers import ActivationHandlers
 from cdp_kit.envelope import to_timestamp
+from cdp_kit.errors import CdpError
+from cdp_kit.keyring import KeyringError
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -92,7 +95,9 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     async def ListDestinations(self, request: pb.ListDestinationsRequest, context: Ctx) -> pb.ListDestinationsResponse:
         with self.processor.read() as session:
             rows = session.exec(select(store.DestinationRow).order_by(col(store.DestinationRow.name))).all()
-            return pb.ListDestinationsResponse(destinations=[masked(store.destination_of(r)) for r in rows])
+            return pb.ListDestinationsResponse(
+                destinations=[masked(store.destination_of(r), self.handlers.keyring) for r in rows]
+            )
 
     async def Activate(self, request: pb.ActivateRequest, context: Ctx) -> pb.ActivationPlan:
         return await self.handlers.activate(request)
@@ -125,9 +130,22 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
                     .order_by(col(store.PlanRow.id))
                 ).all()
                 per_plan = [plan_stats(session, p, dest_row) for p in plans]
-                stats.append(destination_total(dest_row, per_plan))
+                total = destination_total(dest_row, per_plan)
+                if problem := self._unreadable(dest_row):
+                    total.warnings.append(problem)
+                stats.append(total)
                 stats.extend(per_plan)
             return pb.ListDeliveriesResponse(deliveries=deliveries, stats=stats)
+
+    def _unreadable(self, row: store.DestinationRow) -> str:
+        """Why this destination's secrets cannot be decrypted (so nothing is sent to it), or ""."""
+        try:
+            credentials.connector_config(store.destination_of(row), self.handlers.keyring)
+        except KeyringError as exc:
+            return f"secrets cannot be decrypted, deliveries wait: {exc}"
+        except CdpError:
+            return ""
+        return ""
 
     async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx) -> pb.ListDeadLettersResponse:
         with self.processor.read() as session:
@@ -160,6 +178,9 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
 
     async def CreatePolicy(self, request: pb.CreatePolicyRequest, context: Ctx) -> pb.Policy:
         return await self.handlers.create_policy(request.policy)
+
+    async def RotateSecrets(self, request: pb.RotateSecretsRequest, context: Ctx) -> pb.RotateSecretsResponse:
+        return await self.handlers.rotate_secrets()
 
     async def ListGovernance(self, request: pb.ListGovernanceRequest, context: Ctx) -> pb.ListGovernanceResponse:
         with self.processor.read() as session:

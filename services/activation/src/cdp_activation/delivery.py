@@ -36,7 +36,7 @@ from sqlmodel import Session, col, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation import governance, store
+from cdp_activation import credentials, governance, store
 from cdp_activation.connectors import (
     Batch,
     Connector,
@@ -51,10 +51,12 @@ from cdp_kit.consent import MARKETING_ACTIONS
 from cdp_kit.consent import consent_of as consent_of  # the gate reads consent as segmentation does
 from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
+from cdp_kit.keyring import KeyFile, KeyringError
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
 from cdp_kit.store import all_checkpoints
 from cdp_kit.streams import ACTIVATION_DELIVERIES
 from cdp_kit.telemetry import get_logger
+from cdp_kit.urlmask import mask_url_credentials
 
 log = get_logger(__name__)
 DELIVERIES_CHECKPOINT = own_checkpoint(ACTIVATION_DELIVERIES)
@@ -153,9 +155,10 @@ def split_to_fit(records: list[Record], size: int) -> list[list[pb.Record]]:
 
 
 class Deliverer:
-    def __init__(self, processor: Processor, settings: ActivationSettings) -> None:
+    def __init__(self, processor: Processor, settings: ActivationSettings, keys: KeyFile) -> None:
         self.processor = processor
         self.settings = settings
+        self.keys = keys
         self.export_root = settings.resolved_export_dir()
         self.destinations: dict[str, DestinationState] = {}
         self.first_seen: dict[str, float] = {}
@@ -164,6 +167,8 @@ class Deliverer:
         # What the last planning round saw: the wanted audiences change only with the inputs
         # and the config log (a delivered batch moves profiles from in flight to held).
         self.fingerprint: tuple[tuple[str, int], ...] | None = None
+        # Destinations whose secrets cannot be decrypted now, with why (logged once).
+        self.unreadable: dict[str, str] = {}
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -241,7 +246,7 @@ class Deliverer:
                     cut += 1
             if not left:
                 self.first_seen.pop(item.plan.id, None)
-        if complete:
+        if complete and not self.unreadable:  # an unreadable destination is tried again each round
             self.fingerprint = fingerprint
         self._wake_workers()
         return cut
@@ -253,7 +258,9 @@ class Deliverer:
         plan = store.plan_of(row)
         dest = store.destination_of(dest_row)
         connector = connector_for(dest.connector)
-        config = connector.parse(json_format.MessageToDict(dest.config))
+        config = self._config(dest)
+        if config is None:
+            return None
         want, excluded = wanted(session, plan, dest, connector, self.settings.unknown_consent)
         held = {
             m.profile_id: m
@@ -279,6 +286,20 @@ class Deliverer:
         new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
         cleared = sorted(pid for pid in before if pid not in excluded)
         return PlanWork(plan, dest_row, adds, removes, new, cleared, config, row.batch_seq)
+
+    def _config(self, dest: pb.Destination) -> ConnectorConfig | None:
+        """The destination's settings with its secrets opened in memory; None (said once in the
+        log) while a secret cannot be decrypted, e.g. its master key version was retired too
+        early: that destination waits, every other one goes on."""
+        try:
+            config = credentials.connector_config(dest, self.keys.keyring)
+        except KeyringError as exc:
+            if self.unreadable.get(dest.id) != str(exc):
+                self.unreadable[dest.id] = str(exc)
+                log.error("destination_secret_unreadable", destination=dest.name, reason=str(exc))
+            return None
+        self.unreadable.pop(dest.id, None)
+        return config
 
     def _cron_due(self, plan: pb.ActivationPlan) -> bool:
         wall = datetime.now(UTC)
@@ -379,7 +400,9 @@ class Deliverer:
             segment = session.get(store.SegmentRow, plan.segment)
             connector = connector_for(dest.connector)
             records = [Record.of(r) for r in row.records]
-            config = connector.parse(json_format.MessageToDict(dest.config))
+            config = self._config(dest)
+            if config is None:
+                return None  # the batch stays pending until the key is back
             snapshot: list[Record] | None = None
             if connector.wants_snapshot(config):
                 held = {
@@ -417,7 +440,7 @@ class Deliverer:
         self, state: DestinationState, row: store.BatchRow, dest: pb.Destination, batch: Batch, members: int
     ) -> None:
         connector = connector_for(dest.connector)
-        config = connector.parse(json_format.MessageToDict(dest.config))
+        config = credentials.connector_config(dest, self.keys.keyring)  # opened in memory only
         if state.rate != config.rate_per_s:
             state.limiter, state.rate = AsyncLimiter(config.rate_per_s, 1.0), config.rate_per_s
         if state.http is None:
@@ -435,6 +458,7 @@ class Deliverer:
                 raise
             except Exception as exc:  # a connector bug or a timeout is transient, never a crash
                 error = exc if isinstance(exc, DeliveryError) else DeliveryError(describe(exc, config), permanent=False)
+                error.reason = mask_url_credentials(error.reason)
                 if error.permanent or attempts >= config.max_attempts:
                     await self._record_failed(batch, attempts, error)
                     return
@@ -454,7 +478,7 @@ class Deliverer:
             attempts=attempts,
             latency_ms=latency,
             activated=result.activated,
-            location=result.location,
+            location=mask_url_credentials(result.location),
             rejected=result.rejected,
             warnings=result.warnings,
         )

@@ -2,49 +2,37 @@
 
 from __future__ import annotations
 
+import json
+
 from croniter import croniter  # type: ignore[import-untyped]
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from sqlmodel import col, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation import governance, store
+from cdp_activation import credentials, governance, store
 from cdp_activation.connectors import connector_for
+from cdp_activation.credentials import MASK, SECRET_WORDS, is_secret, masked
 from cdp_activation.delivery import ACTIONS
 from cdp_activation.settings import ActivationSettings
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, Violation
+from cdp_kit.keyring import KeyFile, Keyring, KeyringError
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import ACTIVATION_CONFIG, ACTIVATION_DELIVERIES
 
-SECRET_WORDS = ("secret", "token", "password", "key", "credential", "auth")
-MASK = "****"
-
-
-def is_secret(name: str) -> bool:
-    return any(word in name.lower() for word in SECRET_WORDS)
-
-
-def masked(dest: pb.Destination) -> pb.Destination:
-    """Credentials never leave the service: every answer masks them."""
-    out = pb.Destination()
-    out.CopyFrom(dest)
-    _mask(out.config)
-    return out
-
-
-def _mask(config: struct_pb2.Struct) -> None:
-    for key, value in config.fields.items():
-        if is_secret(key):
-            value.string_value = MASK
-        elif value.HasField("struct_value"):
-            _mask(value.struct_value)
+__all__ = ["MASK", "SECRET_WORDS", "ActivationHandlers", "is_secret", "masked"]
 
 
 class ActivationHandlers:
-    def __init__(self, processor: Processor, settings: ActivationSettings) -> None:
+    def __init__(self, processor: Processor, settings: ActivationSettings, keys: KeyFile) -> None:
         self.processor = processor
         self.settings = settings
+        self.keys = keys
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.keys.keyring
 
     async def create_destination(self, dest: pb.Destination) -> pb.Destination:
         problems: list[Violation] = []
@@ -59,6 +47,9 @@ class ActivationHandlers:
         new = pb.Destination()
         new.CopyFrom(dest)
         new.id = deterministic_id("destination", dest.name)
+        sealed = credentials.seal_config(json_format.MessageToDict(dest.config), self.keyring, new.id)
+        new.config.Clear()
+        new.config.update(sealed)
 
         def decide(uow: UnitOfWork) -> None:
             if store.destination_by_key(uow.session, dest.name) is not None:
@@ -73,7 +64,52 @@ class ActivationHandlers:
             uow.emit(ACTIVATION_CONFIG, [env])
 
         await self.processor.execute(f"destination:{new.id}", decide)
-        return masked(new)
+        return masked(new, self.keyring)
+
+    async def rotate_secrets(self) -> pb.RotateSecretsResponse:
+        """Re-read the key file; every destination's secrets re-encrypted under the newest master
+        key by an event on the log (a rebuild needs no older key), plain ones from older versions
+        encrypted. Answers which key versions no stored secret needs any more."""
+        try:
+            keyring = self.keys.reload()
+        except KeyringError as exc:
+            raise FailedPrecondition(f"the master key file cannot be used: {exc}") from exc
+        now = utcnow()
+
+        def decide(uow: UnitOfWork) -> int:
+            events = []
+            for row in uow.session.exec(select(store.DestinationRow).order_by(col(store.DestinationRow.id))):
+                config = json_format.MessageToDict(store.destination_of(row).config)
+                try:
+                    resealed = credentials.reseal_config(config, keyring, row.id)
+                except KeyringError as exc:
+                    raise FailedPrecondition(f"destination {row.name!r}: {exc}; nothing was rotated") from exc
+                if resealed == config and not row.legacy_plain:
+                    continue
+                rotated = ev.DestinationSecretsRotated(
+                    destination_id=row.id, config=credentials.struct_of(resealed), key_id=keyring.newest
+                )
+                events.append(
+                    make_envelope(
+                        rotated,
+                        event_id=deterministic_id("secrets-rotated", row.id, keyring.newest, json.dumps(config)),
+                        subject_key=row.id,
+                        occurred_at=now,
+                        cause=uow.cause,
+                    )
+                )
+            uow.emit(ACTIVATION_CONFIG, events)
+            return len(events)
+
+        count = await self.processor.execute(
+            deterministic_id("rotate-secrets", keyring.newest, now.isoformat()), decide
+        )
+        with self.processor.read() as session:
+            in_use: set[str] = set()
+            for row in session.exec(select(store.DestinationRow)):
+                in_use |= credentials.sealed_key_ids(json_format.MessageToDict(store.destination_of(row).config))
+        retirable = [k for k in keyring.key_ids if k != keyring.newest and k not in in_use]
+        return pb.RotateSecretsResponse(key_id=keyring.newest, destinations=count, retirable_key_ids=retirable)
 
     async def activate(self, request: pb.ActivateRequest) -> pb.ActivationPlan:
         schedule = (request.schedule or "streaming").strip()

@@ -14,6 +14,7 @@ from cdp_activation.settings import ActivationSettings
 from cdp_activation.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
+from cdp_kit.keyring import KeyFile, ensure_key_file
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import (
@@ -23,16 +24,20 @@ from cdp_kit.streams import (
     ACTIVATION_READS_PROFILE,
     ACTIVATION_READS_SEGMENTS,
 )
+from cdp_kit.telemetry import get_logger
+
+log = get_logger(__name__)
 
 
-def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog) -> Service:
+def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys: KeyFile | None = None) -> Service:
+    keys = keys or master_keys(settings)
     processor = Processor(
         service="activation",
         engine=engine,
         eventlog=eventlog,
         tables=TABLES,
         own_logs=[ACTIVATION_CONFIG, ACTIVATION_DELIVERIES],
-        projection=ActivationProjection(),
+        projection=ActivationProjection(keys),
         inputs=[
             Input(ACTIVATION_READS_SEGMENTS, SegmentsObserver()),
             Input(ACTIVATION_READS_PROFILE, ProfilesObserver()),
@@ -40,10 +45,19 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog) -> S
         ],
         batch_size=settings.batch_size,
     )
-    handlers = ActivationHandlers(processor, settings)
-    deliverer = Deliverer(processor, settings)
+    handlers = ActivationHandlers(processor, settings, keys)
+    deliverer = Deliverer(processor, settings, keys)
     name = activation_pb2.DESCRIPTOR.services_by_name["ActivationService"].full_name
     registration = Registration(
         name, activation_pb2_grpc.add_ActivationServiceServicer_to_server, ActivationServicer(handlers)
     )
     return Service(processor, [registration], background=[deliverer.run])
+
+
+def master_keys(settings: ActivationSettings) -> KeyFile:
+    """The master key file: CDP_MASTER_KEY_FILE (must exist), or ``<data_dir>/secrets/master.key``,
+    made (0600) on first start when that variable is unset."""
+    path = settings.resolved_master_key_file()
+    if settings.master_key_file is None and ensure_key_file(path):
+        log.warning("master_key_created", path=str(path), hint="back it up: secrets cannot be decrypted without it")
+    return KeyFile(path)

@@ -9,6 +9,7 @@ from sqlmodel import Session, col, delete, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
+from cdp_activation import credentials, store
 from cdp_activation.store import (
     BatchRow,
     DeliveryRow,
@@ -20,6 +21,7 @@ from cdp_activation.store import (
     PolicyRow,
 )
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
+from cdp_kit.keyring import KeyFile
 from cdp_kit.streams import OwnLog
 
 
@@ -36,10 +38,15 @@ def record_dict(rec: pb.Record) -> dict[str, Any]:
 
 
 class ActivationProjection:
+    def __init__(self, keys: KeyFile) -> None:
+        self.keys = keys
+
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         if is_a(env, ev.DestinationCreated):
-            dest = unpack(env, ev.DestinationCreated).destination
-            session.merge(DestinationRow(id=dest.id, name=dest.name, body=_dict(dest)))
+            self._destination(session, unpack(env, ev.DestinationCreated).destination)
+        elif is_a(env, ev.DestinationSecretsRotated):
+            rotated = unpack(env, ev.DestinationSecretsRotated)
+            self._rotated(session, rotated)
         elif is_a(env, ev.PlanCreated):
             plan = unpack(env, ev.PlanCreated).plan
             session.merge(
@@ -84,6 +91,25 @@ class ActivationProjection:
         elif is_a(env, ev.DeliveryCompleted):
             self._legacy_completed(session, unpack(env, ev.DeliveryCompleted))
         session.flush()
+
+    def _destination(self, session: Session, dest: pb.Destination) -> None:
+        """A destination as created; secrets a version before encryption wrote in plain text are
+        sealed here, so the store never holds them (the log does until RotateSecrets)."""
+        config = json_format.MessageToDict(dest.config)
+        legacy = credentials.has_plain_secrets(config)
+        if legacy:
+            dest.config.Clear()
+            dest.config.update(credentials.seal_config(config, self.keys.keyring, dest.id))
+        session.merge(DestinationRow(id=dest.id, name=dest.name, body=_dict(dest), legacy_plain=legacy))
+
+    @staticmethod
+    def _rotated(session: Session, rotated: ev.DestinationSecretsRotated) -> None:
+        row = session.get(DestinationRow, rotated.destination_id)
+        if row is not None:
+            dest = store.destination_of(row)
+            dest.config.CopyFrom(rotated.config)
+            row.body, row.legacy_plain = _dict(dest), False
+            session.add(row)
 
     @staticmethod
     def _prepared(session: Session, batch: pb.Batch) -> None:

@@ -22,5 +22,14 @@ class ActivationSettings(ServiceSettings):
         default="y", description='Consent assumed when a profile has none for the action ("y" = send)'
     )
 
+    master_key_file: Path | None = Field(
+        default=None,
+        description="Master key file (envelope encryption of destination secrets); unset = "
+        "data_dir/secrets/master.key, created on first start",
+    )
+
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or self.data_dir / "secrets" / "master.key"
+
     def resolved_export_dir(self) -> Path:
         return self.export_dir or self.data_dir / "exports"

@@ -19,7 +19,10 @@ class DestinationRow(SQLModel, table=True):
 
     id: str = Field(primary_key=True)
     name: str = Field(unique=True)
+    # The config's secrets are sealed (cdp_kit.keyring); legacy_plain: the log holds them in
+    # plain text (written by a version before encryption) until RotateSecrets writes them sealed.
     body: dict[str, Any] = Field(sa_type=sa.JSON)
+    legacy_plain: bool = False
 
 
 class PlanRow(SQLModel, table=True):

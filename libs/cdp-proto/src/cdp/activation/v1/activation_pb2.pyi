@@ -38,7 +38,7 @@ class Destination(_message.Message):
     """email_marketing, sms_marketing, ad_targeting or data_sharing."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
-        """Connector settings; secrets are masked in every answer."""
+        """Connector settings; secrets are masked in every answer (and encrypted at rest)."""
 
     def __init__(
         self,
@@ -849,3 +849,48 @@ class ListGovernanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListGovernanceResponse: _TypeAlias = ListGovernanceResponse  # noqa: Y015
+
+@_typing.final
+class RotateSecretsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSecretsRequest: _TypeAlias = RotateSecretsRequest  # noqa: Y015
+
+@_typing.final
+class RotateSecretsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    DESTINATIONS_FIELD_NUMBER: _builtins.int
+    RETIRABLE_KEY_IDS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The master key version every secret is now encrypted with."""
+    destinations: _builtins.int
+    """Destinations whose secrets were re-encrypted."""
+    @_builtins.property
+    def retirable_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Master key versions in the key file that no stored secret needs any more."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        destinations: _builtins.int = ...,
+        retirable_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destinations", b"destinations", "key_id", b"key_id", "retirable_key_ids", b"retirable_key_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSecretsResponse: _TypeAlias = RotateSecretsResponse  # noqa: Y015

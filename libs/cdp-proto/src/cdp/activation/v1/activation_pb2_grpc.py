@@ -85,6 +85,11 @@ class ActivationServiceStub:
                 request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceRequest.SerializeToString,
                 response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceResponse.FromString,
                 _registered_method=True)
+        self.RotateSecrets = channel.unary_unary(
+                '/cdp.activation.v1.ActivationService/RotateSecrets',
+                request_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RotateSecretsRequest.SerializeToString,
+                response_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RotateSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class ActivationServiceServicer:
@@ -154,6 +159,14 @@ class ActivationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateSecrets(self, request, context):
+        """Re-read the master key file and re-encrypt every destination secret under its newest key,
+        through the log (DestinationSecretsRotated), so a rebuild needs only the newest key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActivationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +219,11 @@ def add_ActivationServiceServicer_to_server(servicer, server):
                     servicer.ListGovernance,
                     request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceRequest.FromString,
                     response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceResponse.SerializeToString,
+            ),
+            'RotateSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSecrets,
+                    request_deserializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RotateSecretsRequest.FromString,
+                    response_serializer=cdp_dot_activation_dot_v1_dot_activation__pb2.RotateSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +497,33 @@ class ActivationService:
             '/cdp.activation.v1.ActivationService/ListGovernance',
             cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceRequest.SerializeToString,
             cdp_dot_activation_dot_v1_dot_activation__pb2.ListGovernanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.activation.v1.ActivationService/RotateSecrets',
+            cdp_dot_activation_dot_v1_dot_activation__pb2.RotateSecretsRequest.SerializeToString,
+            cdp_dot_activation_dot_v1_dot_activation__pb2.RotateSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class ActivationServiceStub:
     """Data-usage labels on fields or datasets, and policies denying label/action pairs."""
     CreatePolicy: _grpc.UnaryUnaryMultiCallable[_activation_pb2.CreatePolicyRequest, _activation_pb2.Policy]
     ListGovernance: _grpc.UnaryUnaryMultiCallable[_activation_pb2.ListGovernanceRequest, _activation_pb2.ListGovernanceResponse]
+    RotateSecrets: _grpc.UnaryUnaryMultiCallable[_activation_pb2.RotateSecretsRequest, _activation_pb2.RotateSecretsResponse]
+    """Re-read the master key file and re-encrypt every destination secret under its newest key,
+    through the log (DestinationSecretsRotated), so a rebuild needs only the newest key.
+    """
 
 @_typing.type_check_only
 class ActivationServiceAsyncStub(ActivationServiceStub):
@@ -65,6 +69,10 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     """Data-usage labels on fields or datasets, and policies denying label/action pairs."""
     CreatePolicy: _aio.UnaryUnaryMultiCallable[_activation_pb2.CreatePolicyRequest, _activation_pb2.Policy]  # type: ignore[assignment]
     ListGovernance: _aio.UnaryUnaryMultiCallable[_activation_pb2.ListGovernanceRequest, _activation_pb2.ListGovernanceResponse]  # type: ignore[assignment]
+    RotateSecrets: _aio.UnaryUnaryMultiCallable[_activation_pb2.RotateSecretsRequest, _activation_pb2.RotateSecretsResponse]  # type: ignore[assignment]
+    """Re-read the master key file and re-encrypt every destination secret under its newest key,
+    through the log (DestinationSecretsRotated), so a rebuild needs only the newest key.
+    """
 
 class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Destinations, activation plans and deliveries."""
@@ -141,5 +149,15 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _activation_pb2.ListGovernanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_activation_pb2.ListGovernanceResponse, _abc.Awaitable[_activation_pb2.ListGovernanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateSecrets(
+        self,
+        request: _activation_pb2.RotateSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.RotateSecretsResponse, _abc.Awaitable[_activation_pb2.RotateSecretsResponse]]:
+        """Re-read the master key file and re-encrypt every destination secret under its newest key,
+        through the log (DestinationSecretsRotated), so a rebuild needs only the newest key.
+        """
 
 def add_ActivationServiceServicer_to_server(servicer: ActivationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

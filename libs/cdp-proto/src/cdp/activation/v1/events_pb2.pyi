@@ -7,6 +7,7 @@ from cdp.activation.v1 import activation_pb2 as _activation_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
@@ -41,6 +42,36 @@ class DestinationCreated(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DestinationCreated: _TypeAlias = DestinationCreated  # noqa: Y015
+
+@_typing.final
+class DestinationSecretsRotated(_message.Message):
+    """A destination's config with every secret re-encrypted under master key `key_id` (rotation,
+    or the first write after plain secrets from an older version).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_ID_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    destination_id: _builtins.str
+    key_id: _builtins.str
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        destination_id: _builtins.str = ...,
+        config: _struct_pb2.Struct | None = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "destination_id", b"destination_id", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationSecretsRotated: _TypeAlias = DestinationSecretsRotated  # noqa: Y015
 
 @_typing.final
 class PlanCreated(_message.Message):
