@@ -16,9 +16,9 @@ from google.protobuf.struct_pb2 import Struct
 
 from cdp.common.v1 import envelope_pb2
 from cdp.ingest.v1 import ingest_pb2
-from cdp_activation.credentials import is_secret
 from cdp_cli import documents
 from cdp_cli.errors import CliError
+from cdp_kit.secretnames import is_secret
 from cdp_kit.urlmask import has_url_credentials
 
 CHUNK_BYTES = 256 * 1024

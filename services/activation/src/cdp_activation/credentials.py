@@ -18,14 +18,11 @@ from google.protobuf import json_format, struct_pb2
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp_activation.connectors import ConnectorConfig, connector_for
 from cdp_kit.keyring import Keyring, is_sealed, key_id_of
+from cdp_kit.secretnames import SECRET_WORDS, is_secret
 from cdp_kit.urlmask import has_url_credentials, mask_url_credentials
 
-SECRET_WORDS = ("secret", "token", "password", "key", "credential", "auth")
 MASK = "****"
-
-
-def is_secret(name: str) -> bool:
-    return any(word in name.lower() for word in SECRET_WORDS)
+__all__ = ["MASK", "SECRET_WORDS", "is_secret"]
 
 
 def _context(dest_id: str, path: str) -> str:
