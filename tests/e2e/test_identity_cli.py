@@ -41,9 +41,9 @@ def cdp(data_dir: Path, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def cdp_fails(data_dir: Path, *args: str) -> str:
+def cdp_fails(data_dir: Path, *args: str, code: int = 1) -> str:
     result = CliRunner().invoke(app, ["--data-dir", str(data_dir), *args], env={"COLUMNS": "200"})
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     return " ".join(result.output.split())
 
 
@@ -93,7 +93,10 @@ def test_the_identity_cli_manages_namespaces_shows_graphs_and_unlinks(stack: Sta
     assert listed["member_no"]["priority"] == 100
     assert not listed["member_no"]["standard"]
     assert "exists" in cdp_fails(data, "identity", "namespace", "create", "member_no")
-    assert "--type" in cdp_fails(data, "identity", "namespace", "create", "x_no", "--type", "planet")
+    # a type that does not exist is a usage error (exit 2), listing the types, before any call
+    refused = cdp_fails(data, "identity", "namespace", "create", "x_no", "--type", "planet", code=2)
+    assert "--type" in refused
+    assert "cross_device" in refused
 
     ingest(client)
     # the login linked the cookie (and its two page views) to Ann's CRM profile

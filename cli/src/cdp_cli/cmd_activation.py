@@ -10,7 +10,7 @@ import typer
 from cdp.activation.v1 import activation_pb2
 from cdp_cli import cmd_deadletters, render
 from cdp_cli.client import MarketingAction
-from cdp_cli.context import client_of
+from cdp_cli.context import JsonFlag, client_of
 
 deliveries_app = typer.Typer(
     help="Deliveries and their monitoring (failed ones: `cdp deadletters`).\n\n"
@@ -20,7 +20,6 @@ deliveries_app = typer.Typer(
 app = typer.Typer(
     help="Data-usage governance: labels on fields and datasets, policies.", no_args_is_help=True, add_completion=False
 )
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 
 
 _client = client_of
@@ -142,3 +141,32 @@ def show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         return
     render.print_table("labels", ["kind", "name", "label"], [(x.kind, x.name, x.label) for x in reply.labels])
     render.print_table("policies", ["name", "label", "action"], [(p.name, p.label, p.action) for p in reply.policies])
+
+
+@deliveries_app.callback(invoke_without_command=True)
+def deliveries(
+    ctx: typer.Context,
+    destination: Annotated[str, typer.Option("--destination", help="Only this destination (name or id).")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """List deliveries: what went to each destination, and where; monitoring per destination and plan.
+
+    Example: cdp deliveries --destination crm_file_drop
+    """
+    if ctx.invoked_subcommand:
+        return
+    client = _client(ctx)
+    request = activation_pb2.ListDeliveriesRequest(destination=destination)
+    reply = client.activation.ListDeliveries(request, timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    render.print_table(
+        "deliveries",
+        ["id", "destination", "plan", "members", "added", "removed", "location", "at", "through seq"],
+        [
+            (d.id, d.destination, d.plan_id, d.members, d.added, d.removed, d.location, d.at, d.through_sequence)
+            for d in reply.deliveries
+        ],
+    )
+    print_stats(reply)

@@ -1,6 +1,6 @@
 """``cdp identity …``: namespaces, the graph of an identity, unlinks and drop counts.
 
-Registered on the existing ``identity`` group of ``cdp_cli.app`` by ``register``.
+The ``identity`` group: namespaces, resolve, graph, unlink and stats.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from typing import Annotated, Literal
 
 import typer
 
+from cdp.identity.v1 import identity_pb2
 from cdp.identity.v1 import identity_pb2 as pb
 from cdp_cli import inputs, render
-from cdp_cli.context import client_of
+from cdp_cli.context import JsonFlag, client_of, group
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
 namespace_app = typer.Typer(
     help="Identity namespaces (standard and custom).", no_args_is_help=True, add_completion=False
 )
@@ -188,8 +188,29 @@ def stats(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     render.print_table("decisions", ["rule", "count"], sorted(reply.decisions.items()))
 
 
-def register(identity_app: typer.Typer) -> None:
-    identity_app.add_typer(namespace_app, name="namespace")
-    identity_app.command("graph")(graph)
-    identity_app.command("unlink")(unlink)
-    identity_app.command("stats")(stats)
+identity_app = group("The identity graph.")
+identity_app.add_typer(namespace_app, name="namespace")
+identity_app.command("graph")(graph)
+identity_app.command("unlink")(unlink)
+identity_app.command("stats")(stats)
+
+
+@identity_app.command("resolve")
+def identity_resolve(
+    ctx: typer.Context,
+    identity: Annotated[str, typer.Argument(metavar="NS:VALUE", help="An identity, e.g. email:ann@example.com.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """The profile id an identity belongs to, and the other identities linked to it.
+
+    Example: cdp identity resolve cookie:ck-1
+    """
+    request = identity_pb2.ResolveRequest(identity=inputs.parse_identity(identity))
+    client = _client(ctx)
+    reply = client.identity.Resolve(request, timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    render.print_table(
+        f"profile {reply.profile_id}", ["namespace", "value"], [(i.namespace, i.value) for i in reply.identities]
+    )

@@ -7,7 +7,7 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import grpc
 import typer
@@ -18,7 +18,9 @@ from rich.text import Text
 from cdp.ingest.v1 import ingest_pb2
 from cdp_cli import inputs, render
 from cdp_cli.client import Client, rpc_code
+from cdp_cli.context import JsonFlag, client_of
 from cdp_cli.errors import CliError
+from cdp_cli.wait import wait_downstream
 
 batch_app = typer.Typer(help="Batches: their reports and rejected rows.", no_args_is_help=True, add_completion=False)
 PAGE = 1000
@@ -30,13 +32,7 @@ RAW_REFUSED = (
 )
 
 
-def _client(ctx: typer.Context) -> Client:
-    """The client of the root command's state (``app.AppState``, set by its callback)."""
-    state: Any = ctx.obj
-    if state is None:
-        raise CliError("run this through the `cdp` command")
-    client: Client = state.client()
-    return client
+_client = client_of
 
 
 class RowsColumn(ProgressColumn):
@@ -147,3 +143,83 @@ def _export(client: Client, batch_id: str, path: Path, *, raw: bool) -> int:
             writer.writerow([item.row, *cells, _error_text(item)])
             count += 1
     return count
+
+
+def ingest(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The file to ingest.", exists=True, dir_okay=False, readable=True)],
+    dataset: Annotated[str, typer.Option("--dataset", help="The dataset it lands in.")],
+    batch_key: Annotated[
+        str | None, typer.Option("--batch-key", help="Idempotency key (default: file name + sha256).")
+    ] = None,
+    fmt: Annotated[
+        Literal["csv", "jsonl", "parquet"] | None,
+        typer.Option("--format", help="The file's format (default: from the suffix, .gz allowed)."),
+    ] = None,
+    error_threshold: Annotated[
+        float | None, typer.Option("--error-threshold", help="Share of rejected rows that fails the batch.")
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Then wait until identity, segmentation and activation have applied what the batch caused."
+        ),
+    ] = False,
+    wait_timeout: Annotated[
+        float, typer.Option("--wait-timeout", help="Seconds --wait may take before it fails.")
+    ] = 300.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Upload a batch file to a dataset and print its report; exit code 1 when the batch failed, or
+    with --wait when a downstream stage is stuck or does not finish in time.
+
+    Example: cdp ingest crm.csv --dataset crm --wait
+    """
+    header = ingest_pb2.IngestFileHeader(
+        dataset=dataset,
+        batch_key=batch_key or inputs.default_batch_key(path),
+        format=inputs.file_format(path, fmt),
+        file_name=path.name,
+    )
+    if error_threshold is not None:
+        header.error_threshold = error_threshold
+    report = _upload(_client(ctx), path, header)
+    if as_json:
+        render.print_message(report)
+    else:
+        _print_batch_report(report)
+    if report.status == ingest_pb2.BATCH_STATUS_FAILED:
+        raise typer.Exit(1)
+    if wait:
+        wait_downstream(_client(ctx), wait_timeout)
+
+
+def _upload(client: Client, path: Path, header: ingest_pb2.IngestFileHeader) -> ingest_pb2.BatchReport:
+    return upload(client, path, header)
+
+
+def _print_batch_report(report: ingest_pb2.BatchReport) -> None:
+    state = render.enum_label(ingest_pb2.BatchStatus.Name(report.status), "BATCH_STATUS_")
+    render.print_table(
+        f"batch {report.batch_id}",
+        ["dataset", "status", "read", "accepted", "rejected", "duplicate rows", "batch re-sent"],
+        [
+            (
+                report.dataset,
+                state,
+                report.rows_read,
+                report.rows_accepted,
+                report.rows_rejected,
+                report.rows_duplicate,
+                report.duplicate,
+            )
+        ],
+    )
+    if report.rejects:
+        render.print_table(
+            "rejected rows",
+            ["field", "rule", "count", "first rows"],
+            [(g.field, g.rule, g.count, list(g.first_rows)) for g in report.rejects],
+        )
+    if report.failure:
+        render.error(f"batch failed: {report.failure}")

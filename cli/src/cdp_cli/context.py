@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import grpc
 import typer
@@ -50,3 +51,14 @@ def state_of(ctx: typer.Context) -> AppState:
 def client_of(ctx: typer.Context) -> Client:
     """The client of this invocation, built on first use."""
     return state_of(ctx).client()
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+DataDirOverride = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data folder (overrides the global --data-dir).", show_default=False)
+]
+
+
+def group(help_text: str) -> typer.Typer:
+    """A command group: no arguments shows its help."""
+    return typer.Typer(help=help_text, no_args_is_help=True, add_completion=False)

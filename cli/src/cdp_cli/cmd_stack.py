@@ -1,0 +1,253 @@
+"""`cdp up`, `cdp status`, `cdp demo`: the embedded stack, its health, and the demo on it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Annotated, Any
+
+import grpc
+import typer
+from grpc_health.v1 import health_pb2
+from rich.logging import RichHandler
+
+from cdp.common.v1 import admin_pb2
+from cdp_cli import (
+    inputs,
+    render,
+)
+from cdp_cli.client import (
+    SERVICES,
+    UNREACHABLE,
+    Client,
+    ServiceName,
+    describe_rpc_error,
+    rpc_code,
+)
+from cdp_cli.context import DataDirOverride, JsonFlag, client_of, state_of
+from cdp_cli.stack import Stack
+from cdp_cli.wait import STUCK
+
+_client = client_of
+_state = state_of
+
+
+SERVING = "SERVING"
+
+
+LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
+
+
+def up(
+    ctx: typer.Context,
+    data_dir: DataDirOverride = None,
+    services: Annotated[str, typer.Option("--services", help="Comma-separated services to start.")] = ",".join(
+        SERVICES
+    ),
+    ready_timeout: Annotated[float, typer.Option("--ready-timeout", help="Seconds each may take to be ready.")] = 90.0,
+) -> None:
+    """Start nats-server and the services on loopback ports, and supervise them until Ctrl-C.
+
+    Example: cdp up --data-dir .cdp
+    """
+    state = _state(ctx)
+    state.use_data_dir(data_dir)
+    stack = Stack(state.data_dir, inputs.split_list(services), ready_timeout_s=ready_timeout)
+    _log_supervisor_to_console()
+    with _interrupt_on_sigterm():
+        try:
+            with render.err.status(f"starting the stack in {state.data_dir} …"):
+                stack.start()
+            _print_stack(stack)
+            _wait_forever()
+        except KeyboardInterrupt:
+            render.err.print("stopping …")
+        finally:
+            _ignore_signals()
+            stack.stop()
+    render.err.print("stopped")
+
+
+def _log_supervisor_to_console() -> None:
+    logger = logging.getLogger("cdp_cli.stack")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=render.err, show_path=False))
+    logger.setLevel(logging.WARNING)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM stops `cdp up` like Ctrl-C does; the previous handlers come back afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_signals() -> None:
+    """While stopping, a second Ctrl-C must not cut the shutdown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _wait_forever() -> None:
+    forever = threading.Event()
+    while not forever.wait(1.0):
+        pass
+
+
+def _print_stack(stack: Stack) -> None:
+    pids = stack.pids
+    rows = [("nats", stack.nats_url, pids.get("nats"), stack.logs_dir / "nats.log")]
+    rows += [
+        (name, address, pids.get(name), stack.logs_dir / f"{name}.log") for name, address in stack.addresses.items()
+    ]
+    render.print_table(f"cdp stack in {stack.data_dir}", ["process", "address", "pid", "log"], rows)
+    render.out.print(f"addresses written to {stack.stack_file}; press Ctrl-C to stop")
+
+
+@dataclass
+class ServiceReport:
+    service: str
+    address: str
+    health: str
+    live: str = UNREACHABLE
+    status: admin_pb2.ServiceStatus | None = None
+    error: str | None = None
+
+    def stuck(self) -> list[admin_pb2.ConsumerStatus]:
+        return [c for c in self.status.consumers if c.state == STUCK] if self.status else []
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "health": self.health,
+            "liveness": self.live,
+            "status": render.message_dict(self.status, int64_as_number=True) if self.status is not None else None,
+            "error": self.error,
+        }
+
+
+def _health_of(client: Client, service: str, name: str) -> str:
+    """The status name a health check of ``name`` answers; UNKNOWN when the server does not know
+    the name (a version from before the liveness check)."""
+    try:
+        reply = client.health(service).Check(health_pb2.HealthCheckRequest(service=name), timeout=client.timeout)
+    except grpc.RpcError as exc:
+        if rpc_code(exc) == grpc.StatusCode.NOT_FOUND:
+            return "UNKNOWN"
+        raise
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _service_report(client: Client, service: str, address: str) -> ServiceReport:
+    report = ServiceReport(service, address, UNREACHABLE)
+    try:
+        # "" answers readiness: recovered, NATS connected, no consumer stuck.
+        report.health = _health_of(client, service, "")
+        report.live = _health_of(client, service, LIVENESS)
+        report.status = client.admin(service).GetStatus(admin_pb2.GetStatusRequest(), timeout=client.timeout)
+    except grpc.RpcError as exc:
+        report.error = describe_rpc_error(exc)
+    return report
+
+
+def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFlag = False) -> None:
+    """Health of each service and, per consumer, its state, the applied sequence, the last sequence
+    on its filter and the lag. Exit code 1 when a service is not SERVING or a consumer is stuck.
+
+    Example: cdp status --json
+    """
+    state = _state(ctx)
+    state.use_data_dir(data_dir)
+    client = state.client()
+    reports = [_service_report(client, name, address) for name, address in client.addresses().items()]
+    if as_json:
+        render.print_json({"services": {r.service: r.as_dict() for r in reports}})
+    else:
+        _print_status(reports)
+    for r in reports:
+        for c in r.stuck():
+            render.error(
+                f"{r.service}: consumer {c.name} is stuck ({c.stalled_seconds:.0f} s without progress): {c.error}"
+            )
+    if any(r.health != SERVING or r.stuck() for r in reports):
+        raise typer.Exit(1)
+
+
+def _print_status(reports: list[ServiceReport]) -> None:
+    render.print_table(
+        "services",
+        ["service", "address", "health", "live", "ready", "version", "error"],
+        [
+            (
+                r.service,
+                r.address,
+                r.health,
+                r.live,
+                r.status.ready if r.status else None,
+                r.status.version if r.status else "",
+                r.error,
+            )
+            for r in reports
+        ],
+    )
+    consumers = [(r.service, c) for r in reports if r.status for c in r.status.consumers]
+    if consumers:
+        render.print_table(
+            "consumers",
+            ["service", "consumer", "stream", "state", "applied", "last", "lag", "stalled s", "gaps", "dead", "error"],
+            [
+                (
+                    s,
+                    c.name,
+                    c.stream,
+                    c.state,
+                    c.applied_sequence,
+                    c.stream_last_sequence,
+                    c.lag,
+                    f"{c.stalled_seconds:.0f}",
+                    c.gaps,
+                    c.dead_letters,
+                    c.error,
+                )
+                for s, c in consumers
+            ],
+        )
+    own_logs = [(r.service, o) for r in reports if r.status for o in r.status.own_logs]
+    if own_logs:
+        render.print_table(
+            "own logs",
+            ["service", "stream", "subject", "folded"],
+            [(s, o.stream, o.subject, o.folded_sequence) for s, o in own_logs],
+        )
+
+
+def demo(
+    people: Annotated[int, typer.Option("--people", min=10, max=100_000, help="CRM people to generate.")] = 200,
+    kill: Annotated[
+        ServiceName | None, typer.Option("--kill", help="SIGKILL this service mid-flow, to see that nothing changes.")
+    ] = None,
+    data_dir: DataDirOverride = None,
+) -> None:
+    """Start the stack, run the walking skeleton on generated data, print the summary, stop.
+
+    Example: cdp demo --kill identity
+    """
+    from cdp_cli.demo import run_demo
+
+    _log_supervisor_to_console()
+    run_demo(data_dir, people=people, kill=kill)
