@@ -64,3 +64,27 @@ def test_a_value_not_among_them_is_refused_before_anything_runs() -> None:
     result = CliRunner().invoke(app, ["demo", "--kill", "identiy"])
     assert result.exit_code == 2
     assert "identity" in result.output
+
+
+def test_each_command_group_lives_in_a_module_of_its_own() -> None:
+    """app.py is the root and the registrations; each group's commands come from cmd_*.py modules
+    (a big command may have its own, as `events publish` has cmd_publish), and no module serves two
+    groups."""
+    root = typer.main.get_command(app)
+    modules_of: dict[str, set[str]] = {}
+
+    def walk(command: Any, top: str) -> None:
+        if command.callback is not None:
+            modules_of.setdefault(top, set()).add(command.callback.__module__)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub, top)
+
+    for name, command in getattr(root, "commands", {}).items():
+        if getattr(command, "commands", None):
+            walk(command, name)
+    groups_of: dict[str, list[str]] = {}
+    for group_name, modules in modules_of.items():
+        for module in modules:
+            assert module.startswith("cdp_cli.cmd_"), (group_name, module)
+            groups_of.setdefault(module, []).append(group_name)
+    assert all(len(groups) == 1 for groups in groups_of.values()), groups_of

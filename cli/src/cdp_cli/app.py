@@ -15,19 +15,20 @@ import typer
 from typer.core import TyperGroup, TyperOption
 
 from cdp_cli import (
-    cmd_activation,
     cmd_admin,
     cmd_apply,
+    cmd_computed,
     cmd_dataset,
     cmd_deadletters,
+    cmd_deliveries,
     cmd_destination,
     cmd_events,
+    cmd_governance,
     cmd_identity,
     cmd_ingest,
     cmd_profile,
     cmd_schema,
     cmd_segment,
-    cmd_segmentation,
     cmd_stack,
     render,
 )
@@ -109,12 +110,12 @@ app.add_typer(cmd_schema.schema_app, name="schema")
 app.add_typer(cmd_dataset.dataset_app, name="dataset")
 app.add_typer(cmd_events.events_app, name="events")
 app.add_typer(cmd_segment.segment_app, name="segment")
-app.add_typer(cmd_segmentation.computed_app(client_of), name="computed")
+app.add_typer(cmd_computed.computed_app, name="computed")
 app.add_typer(cmd_profile.profile_app, name="profile")
 app.add_typer(cmd_identity.identity_app, name="identity")
 app.add_typer(cmd_destination.destination_app, name="destination")
-app.add_typer(cmd_activation.deliveries_app, name="deliveries")
-app.add_typer(cmd_activation.app, name="governance")
+app.add_typer(cmd_deliveries.deliveries_app, name="deliveries")
+app.add_typer(cmd_governance.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
 app.add_typer(cmd_deadletters.app, name="deadletters")
 app.add_typer(cmd_admin.app, name="admin")

@@ -9,7 +9,7 @@ import typer
 
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_cli import (
-    cmd_segmentation,
+    cmd_computed,
     inputs,
     render,
 )
@@ -65,4 +65,4 @@ def profile_get(
         ["name", "value", "dataset", "updated"],
         [(a.name, render.json_value(a.value), a.source_dataset, a.updated_at) for a in reply.attributes],
     )
-    render.print_table("computed", ["name", "value", "definition"], cmd_segmentation.computed_rows(reply))
+    render.print_table("computed", ["name", "value", "definition"], cmd_computed.computed_rows(reply))

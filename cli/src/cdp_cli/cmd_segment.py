@@ -1,4 +1,4 @@
-"""`cdp segment create|get|list|members` (and explain|evaluate from cmd_segmentation): audiences."""
+"""`cdp segment create|get|list|members|explain|evaluate`: audiences, their definition and members."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import typer
 
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_cli import (
-    cmd_segmentation,
     render,
 )
 from cdp_cli.context import JsonFlag, client_of, group, state_of
@@ -103,4 +102,44 @@ def segment_members(
         render.print_table(None, ["profile id"], [(p,) for p in reply.profile_ids])
 
 
-cmd_segmentation.register(segment_app, client_of)
+@segment_app.command("explain")
+def segment_explain(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="A definition, e.g. 'count(order) >= 2 within 90d'.")],
+    schedule: Annotated[str, typer.Option("--schedule", help="A cron schedule (makes it batch).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Streaming or batch, why, what it reads, and how many profiles match now (nothing is saved).
+
+    Example: cdp segment explain 'count(page_view) >= 3 within 7d'
+    """
+    client = client_of(ctx)
+    request = segmentation_pb2.ExplainQueryRequest(query=query, schedule=schedule)
+    reply = client.segmentation.ExplainQuery(request, timeout=client.timeout)
+    if as_json:
+        render.print_message(reply)
+        return
+    mode = render.enum_label(segmentation_pb2.Evaluation.Name(reply.evaluation), "EVALUATION_")
+    render.out.print(f"evaluation: {mode} — {reply.evaluation_reason}", soft_wrap=True)
+    render.out.print(f"reads: {', '.join(reply.reads) or 'nothing'}", soft_wrap=True)
+    render.out.print(f"estimated size: {reply.estimated_size} of {reply.profiles} profiles", soft_wrap=True)
+
+
+@segment_app.command("evaluate")
+def segment_evaluate(
+    ctx: typer.Context,
+    segment: Annotated[str, typer.Argument(help="Segment name or id.")],
+) -> None:
+    """Evaluate a segment in the store (SQL) now and emit the membership changes, with a progress bar.
+
+    Example: cdp segment evaluate nightly_vip_review
+    """
+    client = client_of(ctx)
+    request = segmentation_pb2.EvaluateSegmentRequest(segment=segment)
+    last = segmentation_pb2.EvaluationProgress()
+    with typer.progressbar(length=1, label=f"evaluating {segment}") as bar:
+        for progress in client.segmentation.EvaluateSegment(request, timeout=max(client.timeout, 600)):
+            bar.length = max(progress.profiles_total, 1)
+            bar.update(progress.profiles_done - last.profiles_done)
+            last = progress
+    render.success(f"{segment}: {last.profiles_done} profiles, +{last.realized} realized, -{last.exited} exited")
