@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from bench.common import Figure, report
+from bench.common import ABBA, Figure, report
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
@@ -164,9 +164,6 @@ async def streaming_figures(port: int, nats_url: str, processor: Processor) -> l
         await asyncio.sleep(0.01)
     nats_figure = Figure("cdp.collect.web -> validated on the log (events)", EVENTS, time.time() - float(started_at))
     return [grpc_figure, nats_figure]
-
-
-ABBA = ("off", "on", "on", "off")
 
 
 async def security_figures(stubs: dict[str, Any], addresses: dict[str, str], local: LocalSecrets) -> None:
