@@ -299,7 +299,16 @@ class Client:
         where = service
         with contextlib.suppress(CliError):
             where = f"{service} at {self.address(service)}"
-        hint = " (is the stack running? start it with `cdp up`)" if rpc_code(err) == grpc.StatusCode.UNAVAILABLE else ""
+        hint = ""
+        if rpc_code(err) == grpc.StatusCode.UNAVAILABLE:
+            hint = " (is the stack running? start it with `cdp up`)"
+            if self.auth() is None:
+                hint = (
+                    f" (is the stack running? no gRPC credentials were found in {self.data_dir / 'secrets'}"
+                    f" nor {CA_FILE_VAR}/{TOKEN_FILE_VAR}: a server with TLS refuses plaintext)"
+                )
+        elif rpc_code(err) in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            hint = f" (credentials: {TOKEN_FILE_VAR} or the {self.role} token of {self.data_dir / 'secrets'})"
         return f"{where}: {text}{hint}"
 
     def close(self) -> None:

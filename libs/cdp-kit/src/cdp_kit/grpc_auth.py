@@ -29,7 +29,7 @@ import json
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -269,8 +269,8 @@ class ServerTls:
 class ClientAuth:
     """What a client needs: the authority that signed the servers' certificates, and a token."""
 
-    ca: bytes
-    token: str
+    ca: bytes = field(repr=False)
+    token: str = field(repr=False)  # never in a log or a traceback's locals repr
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.composite_channel_credentials(
