@@ -8,6 +8,11 @@ Two baselines publish, with ``publish_async`` and no guard, what ingest appended
 what a pipeline without validation would send; and the very messages ingest appended, ~8,000
 records packed in each, which is only the cost of moving the bytes.
 ``CDP_BENCH_ROWS`` (default 1,000,000) and ``CDP_BENCH_EVENTS`` (default 20,000) scale it.
+
+gRPC security on against off, in the same run: the same service serves a second port with TLS
+and bearer tokens (as ``cdp up`` and the deployments run it); ``IngestFile`` and
+``PublishEvents`` are timed through both in the order off, on, on, off (a drift as the store
+grows weighs on both alike), and the ratio on/off is the cost of TLS and authentication.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from bench.common import Figure, report
+from bench.common import ABBA, Figure, report
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
@@ -37,6 +42,7 @@ from cdp_ingest.records import RECORD_TYPE
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import decode_batch
 from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_auth import GRPC_LEAF, LocalSecrets, ServerTls, TokenTable, ensure_local_secrets
 from cdp_kit.grpc_server import GrpcServer
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.piikey import ephemeral_key
@@ -162,6 +168,32 @@ async def streaming_figures(port: int, nats_url: str, processor: Processor) -> l
     return [grpc_figure, nats_figure]
 
 
+async def security_figures(stubs: dict[str, Any], addresses: dict[str, str], local: LocalSecrets) -> None:
+    """IngestFile and PublishEvents through the plaintext port and the TLS + token port."""
+    data = crm_csv(ROWS)
+    seconds: dict[str, float] = {"off": 0.0, "on": 0.0}
+    for i, mode in enumerate(ABBA):
+        started = time.perf_counter()
+        result = await stubs[mode].IngestFile(chunks(data, f"bench-security-{i}"))
+        seconds[mode] += time.perf_counter() - started
+        assert result.rows_accepted == ROWS, result
+    report(
+        f"gRPC security: IngestFile, {ROWS:,}-row CRM CSV twice each way (goal ratio >= 0.9)",
+        Figure("IngestFile, plaintext, no authentication (rows)", 2 * ROWS, seconds["off"]),
+        [Figure("IngestFile, TLS + bearer token (rows)", 2 * ROWS, seconds["on"])],
+    )
+    seconds = {"off": 0.0, "on": 0.0}
+    credentials = [str(local.pki.ca_cert), str(local.token_file("publisher"))]
+    for i, mode in enumerate(ABBA):
+        extra = credentials if mode == "on" else []
+        seconds[mode] += float(await publisher("grpc", addresses[mode], EVENTS, (10 + i) * EVENTS, *extra))
+    report(
+        f"gRPC security: PublishEvents, {EVENTS:,} events twice each way (goal ratio >= 0.9)",
+        Figure("PublishEvents, plaintext, no authentication (events)", 2 * EVENTS, seconds["off"]),
+        [Figure("PublishEvents, TLS + publisher token (events)", 2 * EVENTS, seconds["on"])],
+    )
+
+
 async def main() -> None:
     with TemporaryDirectory(prefix="cdp-bench-ingest-") as tmp, NatsServer(Path(tmp) / "js") as nats:
         settings = IngestSettings(
@@ -184,6 +216,23 @@ async def main() -> None:
         port = await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.IngestServiceStub(channel)
+        # The same service behind TLS and tokens, as cdp up runs it.
+        local = ensure_local_secrets(Path(tmp) / "data")
+        leaf = local.pki.leaf(GRPC_LEAF)
+        secure = GrpcServer(
+            "127.0.0.1",
+            0,
+            service.registrations,
+            status,
+            tls=ServerTls.load(leaf.cert, leaf.key),
+            tokens=TokenTable.load(local.tokens_file),
+        )
+        secure_port = await secure.start()
+        secure_channel = grpc.aio.secure_channel(
+            f"127.0.0.1:{secure_port}", local.client("operator").channel_credentials()
+        )
+        stubs = {"off": stub, "on": pb_grpc.IngestServiceStub(secure_channel)}
+        addresses = {"off": f"127.0.0.1:{port}", "on": f"127.0.0.1:{secure_port}"}
         try:
             await setup(stub)
             packed, each, measured = await batch_figures(stub, log)
@@ -192,8 +241,11 @@ async def main() -> None:
             report(f"{title}, against the packed messages", packed, [measured])
             streaming = await streaming_figures(port, nats.url, service.processor)
             report("ingest: streaming events", each, streaming)
+            await security_figures(stubs, addresses, local)
         finally:
             await channel.close(None)
+            await secure_channel.close(None)
+            await secure.stop(0)
             service.processor.stop()
             await server.stop(0)
             for task in (runner, *background):

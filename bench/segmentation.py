@@ -17,6 +17,11 @@ in the same process.
   by the streaming evaluator. The issue's size is 1,000,000 / 10,000,000.
   ``CDP_BENCH_SEG_BATCH=0`` runs the streaming part only.
 
+gRPC security on against off: after the streaming run, ``CDP_BENCH_SEG_READS`` (default 500)
+``GetProfile`` calls and a ``ListMembers`` per segment go to the same servicer through a plaintext
+port and through TLS with a reader's token, in the order off, on, on, off; the ratio on/off is
+the cost of TLS and authentication on the service's small reads.
+
 Streaming reports wall-clock rates and, less disturbed by the other work of a shared machine,
 the CPU seconds per update of this process (``time.process_time``) for both runs.
 """
@@ -38,15 +43,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import func, select
 
-from bench.common import Figure, nats_eventlog, report
+from bench.common import ABBA, Figure, grpc_on_and_off, nats_eventlog, report
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
+from cdp.segmentation.v1 import segmentation_pb2_grpc as pb_grpc
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope
 from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_server import Registration
 from cdp_kit.store import create_tables, make_engine, sqlite_url
 from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_segmentation import store
+from cdp_segmentation.api import SegmentationServicer
 from cdp_segmentation.evaluate import Event, ProfileData, matches
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.language import parse
@@ -230,6 +238,30 @@ COMPUTED = {
 }
 
 
+async def grpc_reads(handlers: SegmentationHandlers, profile_ids: list[str], segments: list[str]) -> None:
+    """GetProfile and ListMembers through plaintext and through TLS + token (see the module docstring)."""
+    name = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+    servicer = SegmentationServicer(handlers, phone_region="US")
+    registration = Registration(name, pb_grpc.add_SegmentationServiceServicer_to_server, servicer)
+    async with grpc_on_and_off([registration], "reader") as channels:
+        seconds = {"off": 0.0, "on": 0.0}
+        calls = 0
+        for mode in ABBA:
+            stub = pb_grpc.SegmentationServiceStub(channels[mode])
+            started = time.perf_counter()
+            for pid in profile_ids:
+                await stub.GetProfile(pb.GetProfileRequest(profile_id=pid))
+            for segment in segments:
+                await stub.ListMembers(pb.ListMembersRequest(segment=segment, limit=1000))
+            seconds[mode] += time.perf_counter() - started
+            calls = len(profile_ids) + len(segments)
+    report(
+        f"gRPC security: {calls:,} segmentation reads (GetProfile, ListMembers) twice each way (goal ratio >= 0.9)",
+        Figure("plaintext, no authentication (calls)", 2 * calls, seconds["off"]),
+        [Figure("TLS + reader token (calls)", 2 * calls, seconds["on"])],
+    )
+
+
 async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) -> tuple[Figure, int, int, float]:
     """The updates applied by the processor: (wall-clock figure, membership rows, messages on
     CDP_AUDIENCE, CPU seconds of this process while applying them)."""
@@ -253,6 +285,10 @@ async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) 
             with processor.read() as session:
                 memberships = int(session.exec(select(func.count()).select_from(store.MembershipRow)).one())
                 changes = await eventlog.last_sequence("CDP_AUDIENCE")
+            reads = env_int("CDP_BENCH_SEG_READS", 500)
+            if reads and not computed:
+                sample = list(dict.fromkeys(f.profile_id for f in frags))[:reads]
+                await grpc_reads(handlers, sample, list(streaming_definitions())[:10])
             engine.dispose()
     return Figure("segmentation processor (SQLite + JetStream)", n, seconds), memberships, changes, cpu
 

@@ -50,7 +50,7 @@ def dead_letters(client: Client, service: str, consumer: str = "") -> list[dl.De
 
 
 def healths(client: Client) -> dict[str, str]:
-    return {service: check_health(client.address(service), timeout=5.0) for service in SERVICES}
+    return {service: check_health(client.address(service), timeout=5.0, auth=client.auth()) for service in SERVICES}
 
 
 async def _last_sequences(nats_url: str, filters: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

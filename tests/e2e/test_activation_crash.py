@@ -16,7 +16,9 @@ import pytest
 from sqlmodel import Session, select
 
 from cdp_activation.store import BatchRow, PlanMemberRow
+from cdp_cli.client import stack_channel
 from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_auth import ensure_local_secrets
 from cdp_kit.store import make_engine
 from cdp_standins import Fault, LocalPlatforms
 from tests.integration.test_activation_delivery import Upstream, people, until
@@ -37,6 +39,7 @@ def start(data_dir: Path, nats_url: str, port: int) -> subprocess.Popen[bytes]:
         "CDP_DELIVERY_INTERVAL_S": "0.05",
         "CDP_LOG_LEVEL": "warning",
         "CDP_PII_HASH_EPHEMERAL": "true",  # activation hashes no personal data; it only needs a key to start
+        **ensure_local_secrets(data_dir).server_env(),  # TLS and tokens, as cdp up runs it
     }
     return subprocess.Popen([sys.executable, "-m", "cdp_activation", "serve"], env=env)
 
@@ -70,7 +73,6 @@ def holdings(db: Path) -> set[str]:
 async def test_activation_kill_9_mid_delivery_reconciles(
     tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
 ) -> None:
-    import grpc
     from google.protobuf import struct_pb2
 
     from cdp.activation.v1 import activation_pb2 as pb
@@ -81,7 +83,7 @@ async def test_activation_kill_9_mid_delivery_reconciles(
     proc = start(tmp_path, nats_url, port)
     db = tmp_path / "activation.db"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with stack_channel(tmp_path, f"127.0.0.1:{port}", "admin") as channel:
             stub = pb_grpc.ActivationServiceStub(channel)
             await up.segment()
             config = struct_pb2.Struct()

@@ -46,7 +46,7 @@ def platforms() -> Iterator[LocalPlatforms]:
 
 def cdp(stack: Stack, *args: str) -> str:
     addrs = [f"--addr={name}={address}" for name, address in stack.addresses.items()]
-    result = CliRunner().invoke(app, [*addrs, *args], env={"COLUMNS": "250"})
+    result = CliRunner().invoke(app, ["--data-dir", str(stack.data_dir), *addrs, *args], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     return result.output
 

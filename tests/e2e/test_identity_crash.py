@@ -149,7 +149,10 @@ def graph_of(client: Client, people: range) -> dict[str, Any]:
 
 def run(data_dir: Path, *, crash: bool) -> tuple[dict[str, Any], int]:
     first, second = range(1, 9), range(9, 17)
-    with Stack(data_dir, ["ingest", "identity"], env=ENV) as stack, Client(addresses=stack.addresses) as client:
+    with (
+        Stack(data_dir, ["ingest", "identity"], env=ENV) as stack,
+        Client(stack.data_dir, addresses=stack.addresses) as client,
+    ):
         setup(client)
 
         def kill() -> None:

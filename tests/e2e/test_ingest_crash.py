@@ -110,7 +110,7 @@ def resend(client: Client, data: bytes, key: str) -> pb.BatchReport:
 
 
 def test_a_batch_killed_mid_read_and_mid_append_ends_on_the_log_exactly_once(tmp_path: Path) -> None:
-    with Stack(tmp_path / "cdp", ["ingest"]) as stack, Client(addresses=stack.addresses) as client:
+    with Stack(tmp_path / "cdp", ["ingest"]) as stack, Client(stack.data_dir, addresses=stack.addresses) as client:
         client.ingest.CreateSchema(pb.CreateSchemaRequest(schema=json_format.ParseDict(SCHEMA, pb.Schema())))
         client.ingest.CreateDataset(pb.CreateDatasetRequest(dataset=pb.Dataset(name="crm", schema_name="crm_person")))
         data = crm_csv()

@@ -288,7 +288,7 @@ def run(folder: Path, now: datetime) -> Outcome:
     outcome = Outcome(data)
     with (
         Stack(folder / "cdp", ready_timeout_s=120.0) as stack,
-        Client(addresses=stack.addresses, timeout=120.0) as client,
+        Client(stack.data_dir, addresses=stack.addresses, timeout=120.0) as client,
     ):
         create_datasets(client)
         create_segments(client)

@@ -121,7 +121,10 @@ def test_stores_rebuilt_on_postgresql_equal_the_sqlite_originals(
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory, demo_data: DemoData) -> Outcome:
-    with Stack(tmp_path_factory.mktemp("baseline") / "cdp") as stack, Client(addresses=stack.addresses) as client:
+    with (
+        Stack(tmp_path_factory.mktemp("baseline") / "cdp") as stack,
+        Client(stack.data_dir, addresses=stack.addresses) as client,
+    ):
         run_flow(client, demo_data)
         return settle(stack, client, demo_data)
 

@@ -20,11 +20,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
+from cdp.activation.v1 import activation_pb2 as act
+from cdp.activation.v1 import activation_pb2_grpc as act_grpc
 from cdp_cli.app import app
-from cdp_cli.client import SERVICES, check_health
+from cdp_cli.client import SERVICES, Client, check_health
 from cdp_cli.stack import Stack, StackError
 
 pytestmark = pytest.mark.e2e
@@ -97,7 +100,9 @@ def test_real_stack_serves_restarts_and_stops_cleanly(real_stack: Stack) -> None
     assert stack_file["nats_url"] == real_stack.nats_url
     assert set(stack_file["services"]) == set(SERVICES)
     for service, address in stack_file["services"].items():
-        assert check_health(address) == "SERVING", service
+        assert check_health(address, auth=real_stack.grpc_auth) == "SERVING", service
+        assert check_health(address) == "UNREACHABLE", service  # TLS only: plaintext gets nothing
+    assert_grpc_is_authenticated(real_stack)
     # Every service started with the stack's PII hash key (a service without one does not start).
     key_file = real_stack.pii_hash_key_file
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -131,6 +136,27 @@ def test_real_stack_serves_restarts_and_stops_cleanly(real_stack: Stack) -> None
         assert again.pii_hash_key_file.read_bytes() == key
 
 
+def assert_grpc_is_authenticated(stack: Stack) -> None:
+    """Security on the real services: no token is UNAUTHENTICATED, a reader creating a destination
+    PERMISSION_DENIED, and the secrets on disk are the owner's only."""
+    assert stack.secrets is not None
+    assert stat.S_IMODE(stack.secrets.root.stat().st_mode) == 0o700
+    for path in stack.secrets.root.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o600 if path.is_file() else 0o700), path
+    address = stack.addresses["activation"]
+    ca = stack.secrets.pki.ca_cert.read_bytes()
+    request = act.CreateDestinationRequest(destination=act.Destination(name="hook", connector="webhook"))
+    with grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)) as anonymous:
+        with pytest.raises(grpc.RpcError) as caught:
+            act_grpc.ActivationServiceStub(anonymous).CreateDestination(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with Client(stack.data_dir, addresses=stack.addresses, role="reader") as reader:
+        with pytest.raises(grpc.RpcError) as caught:
+            reader.activation.CreateDestination(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert reader.activation.ListPlans(act.ListPlansRequest(), timeout=30) is not None
+
+
 # --------------------------------------------------------------------------- the supervisor, with stand-ins
 
 STAND_IN = textwrap.dedent(
@@ -159,7 +185,13 @@ STAND_IN = textwrap.dedent(
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(), server)
-    server.add_insecure_port(os.environ["CDP_GRPC_HOST"] + ":" + os.environ["CDP_GRPC_PORT"])
+    address = os.environ["CDP_GRPC_HOST"] + ":" + os.environ["CDP_GRPC_PORT"]
+    if os.environ.get("CDP_GRPC_TLS_CERT_FILE"):  # the stack's TLS, as the real services serve it
+        key = open(os.environ["CDP_GRPC_TLS_KEY_FILE"], "rb").read()
+        cert = open(os.environ["CDP_GRPC_TLS_CERT_FILE"], "rb").read()
+        server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        server.add_insecure_port(address)
     server.start()
     stop.wait(0.3)
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -221,7 +253,7 @@ def test_children_outlive_the_thread_that_started_the_stack(tmp_path: Path, stan
     try:
         time.sleep(0.5)
         assert set(stack.pids) == {"nats", "ingest"}
-        assert check_health(stack.addresses["ingest"]) == "SERVING"
+        assert check_health(stack.addresses["ingest"], auth=stack.grpc_auth) == "SERVING"
         assert stack.restarts == {"nats": 0, "ingest": 0}
     finally:
         stack.stop()

@@ -127,8 +127,10 @@ def test_ingest_wait_then_status_is_tidy_then_a_stall_is_loud(stack: Stack, tmp_
 
     address = stack.addresses["identity"]
     # The service re-evaluates its readiness a few times a second: wait for it to turn, not for a time.
-    wait_until(lambda: check_health(address, service="readiness") == "NOT_SERVING", "identity not ready")
-    assert check_health(address, service="liveness") == "SERVING"
+    wait_until(
+        lambda: check_health(address, service="readiness", auth=stack.grpc_auth) == "NOT_SERVING", "identity not ready"
+    )
+    assert check_health(address, service="liveness", auth=stack.grpc_auth) == "SERVING"
     code, services = services_of(data_dir)
     assert code == 1
     identity = services["identity"]
@@ -148,4 +150,4 @@ def test_ingest_wait_then_status_is_tidy_then_a_stall_is_loud(stack: Stack, tmp_
     stack.wait_serving("identity", timeout_s=120.0)
     with Client(data_dir, addresses=stack.addresses) as client:
         wait_applied(client, 120.0)
-    assert check_health(address, service="readiness") == "SERVING"
+    assert check_health(address, service="readiness", auth=stack.grpc_auth) == "SERVING"

@@ -482,7 +482,8 @@ Mutation = Callable[[Compose], None]
 
 ENV_EXAMPLE = ROOT / ".env.example"
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$", re.IGNORECASE)
+# A secret-named variable, unless it names a file (*_FILE: a path to a mounted compose secret).
+SECRET_NAME = re.compile(r"^(?!.*_FILE$).*(PASSWORD|SECRET|TOKEN|_KEY$)", re.IGNORECASE)
 
 
 def literal_secrets(compose: Compose) -> list[str]:
@@ -627,3 +628,33 @@ def test_detects_broken_compose(
     mutate(broken)
     problems = check(broken, svc)
     assert any(message in p for p in problems), f"expected a problem mentioning {message!r}, got {problems}"
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_grpc_serves_tls_with_tokens_from_compose_secrets(compose: Compose, svc: str, tmp_path: Path) -> None:
+    """Each service reads its certificate, key and token table from compose secrets whose files
+    are where `cdp up --data-dir .` writes them (cdp_kit.grpc_auth.ensure_local_secrets)."""
+    from cdp_kit.grpc_auth import GRPC_LEAF, ensure_local_secrets
+
+    service = service_of(compose, svc)
+    env = environment(service)
+    values: dict[str, Any] = {k.removeprefix("CDP_").lower(): v for k, v in env.items()}
+    settings = SETTINGS[svc](**values)
+    assert settings.grpc_security_problem() is None
+    assert not settings.grpc_insecure
+    mounted = {f"/run/secrets/{name}": name for name in service.get("secrets") or []}
+    local = ensure_local_secrets(tmp_path)
+    leaf = local.pki.leaf(GRPC_LEAF)
+    written = {
+        settings.grpc_tls_cert_file: leaf.cert,
+        settings.grpc_tls_key_file: leaf.key,
+        settings.grpc_tokens_file: local.tokens_file,
+    }
+    for path, made in written.items():
+        name = mounted.get(str(path))
+        assert name is not None, f"{svc}: {path} is not a compose secret of the service"
+        source = Path(compose["secrets"][name]["file"])
+        assert source == Path(".") / made.relative_to(tmp_path), (
+            f"{svc}: secret {name} is {source}, cdp up writes {made}"
+        )
+    assert "grpc_ca_crt" in mounted.values()

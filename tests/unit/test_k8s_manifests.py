@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "deploy" / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
 SECRETS_EXAMPLE = "secrets.example.yaml"
+NETWORK_POLICIES = "networkpolicies.yaml"
+GRPC_TLS_SECRET = "cdp-grpc-tls"
+GRPC_TOKENS_SECRET = "cdp-grpc-tokens"
 
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "ingest": IngestSettings,
@@ -461,15 +464,21 @@ def check_ports(manifests: Manifests, svc: str, root: Path = ROOT) -> list[str]:
     problems: list[str] = []
     if port != default:
         problems.append(f"{svc}: CDP_GRPC_PORT={port} but {settings_cls.__name__}.default_port is {default}")
+    # The gRPC port serves TLS, which kubelet gRPC probes cannot speak: they ask the plaintext
+    # health-only port (CDP_GRPC_HEALTH_PORT).
+    raw_health = env_of(manifests, svc).literal.get("CDP_GRPC_HEALTH_PORT")
+    health = int(raw_health) if isinstance(raw_health, str) and raw_health.isdigit() else 0
+    if not health or health == port:
+        problems.append(f"{svc}: CDP_GRPC_HEALTH_PORT is {raw_health!r}; probes need a plaintext health port")
     container_ports = {item.get("containerPort") for item in container.get("ports") or []}
-    if container_ports != {port}:
-        problems.append(f"{svc}: containerPorts are {sorted(container_ports)}, expected only {port}")
+    if container_ports != {port, health}:
+        problems.append(f"{svc}: containerPorts are {sorted(container_ports)}, expected only {port} and {health}")
     for probe in PROBE_SERVICES:
         grpc = (container.get(probe) or {}).get("grpc")
         if not isinstance(grpc, Mapping):
-            problems.append(f"{svc}: {probe} is not a native gRPC probe (`grpc: {{port: {port}}}`)")
-        elif grpc.get("port") != port:
-            problems.append(f"{svc}: {probe} checks grpc port {grpc.get('port')!r}, expected {port}")
+            problems.append(f"{svc}: {probe} is not a native gRPC probe (`grpc: {{port: {health}}}`)")
+        elif grpc.get("port") != health:
+            problems.append(f"{svc}: {probe} checks grpc port {grpc.get('port')!r}, expected the health port {health}")
     services = [s for s in objects(manifests, "Service", f"{svc}.yaml") if selects(s, pod_labels(deployment))]
     if len(services) != 1:
         problems.append(f"{svc}: expected one Service selecting its pod in {svc}.yaml, found {len(services)}")
@@ -691,6 +700,131 @@ def check_cluster_settings(manifests: Manifests) -> list[str]:
     return problems
 
 
+def check_grpc_security(manifests: Manifests, svc: str) -> list[str]:
+    """gRPC serves TLS and checks tokens: the certificate, key and token table come from the
+    Secrets cdp-grpc-tls (cert-manager layout) and cdp-grpc-tokens, mounted read-only."""
+    literal = {k: v for k, v in env_of(manifests, svc).literal.items() if isinstance(v, str)}
+    try:
+        settings = settings_from(SETTINGS[svc], literal)
+    except ValidationError:
+        return [f"{svc}: the environment is rejected by its settings class (see the environment test)"]
+    problems: list[str] = []
+    if settings.grpc_insecure:
+        problems.append(f"{svc}: CDP_GRPC_INSECURE is on: gRPC would serve plaintext without authentication")
+    if (problem := settings.grpc_security_problem()) is not None:
+        problems.append(f"{svc}: {problem}")
+        return problems
+    deployment = deployment_of(manifests, svc)
+    volumes = {str(v.get("name")): v for v in pod_spec(deployment).get("volumes") or []}
+    mounts = container_of(deployment).get("volumeMounts") or []
+    wanted = {
+        "CDP_GRPC_TLS_CERT_FILE": (settings.grpc_tls_cert_file, GRPC_TLS_SECRET, "tls.crt"),
+        "CDP_GRPC_TLS_KEY_FILE": (settings.grpc_tls_key_file, GRPC_TLS_SECRET, "tls.key"),
+        "CDP_GRPC_TOKENS_FILE": (settings.grpc_tokens_file, GRPC_TOKENS_SECRET, "tokens.json"),
+    }
+    for key, (path, secret, file) in wanted.items():
+        assert path is not None
+        mount = next((m for m in mounts if Path(str(m.get("mountPath"))) == path.parent), None)
+        if mount is None:
+            problems.append(f"{svc}: {key}={str(path)!r} is not in a mounted volume")
+            continue
+        volume = volumes.get(str(mount.get("name"))) or {}
+        source = str((volume.get("secret") or {}).get("secretName"))
+        if source != secret or path.name != file:
+            problems.append(f"{svc}: {key} is {file!r} of Secret {source!r}, expected {file!r} of Secret {secret!r}")
+        if mount.get("readOnly") is not True:
+            problems.append(f"{svc}: the Secret {source} is not mounted read-only")
+    examples = {name_of(d): d for d in manifests.get(SECRETS_EXAMPLE) or [] if d.get("kind") == "Secret"}
+    for secret, keys in ((GRPC_TLS_SECRET, {"tls.crt", "tls.key", "ca.crt"}), (GRPC_TOKENS_SECRET, {"tokens.json"})):
+        if not keys <= set((examples.get(secret) or {}).get("stringData") or {}):
+            problems.append(f"{SECRETS_EXAMPLE}: no Secret {secret} with keys {sorted(keys)}")
+    return problems
+
+
+def policy_ports(rule: Mapping[str, Any], container: Mapping[str, Any] | None) -> set[int | str]:
+    """The TCP ports a policy rule opens (named ports resolved against ``container``)."""
+    out: set[int | str] = set()
+    for item in rule.get("ports") or []:
+        port = item.get("port")
+        resolved = resolve_port(container, port) if container is not None and isinstance(port, str) else None
+        out.add(resolved if resolved is not None else port)
+    return out
+
+
+def peer_selects(peers: list[Doc], labels: Mapping[str, str]) -> bool:
+    """Whether a rule's peers include pods with ``labels`` in the same namespace."""
+    for peer in peers:
+        if "namespaceSelector" in peer or "ipBlock" in peer:
+            continue
+        selector = peer.get("podSelector") or {}
+        if _matches(selector, labels):
+            return True
+    return False
+
+
+def _matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        present = expr.get("key") in labels
+        value = labels.get(str(expr.get("key")))
+        operator = expr.get("operator")
+        if (operator == "In" and value not in (expr.get("values") or [])) or (operator == "Exists" and not present):
+            return False
+    return True
+
+
+def policies_for(manifests: Manifests, labels: Mapping[str, str], kind: str) -> list[Doc]:
+    return [
+        p
+        for p in objects(manifests, "NetworkPolicy")
+        if kind in ((p.get("spec") or {}).get("policyTypes") or [])
+        and _matches((p.get("spec") or {}).get("podSelector") or {}, labels)
+    ]
+
+
+def check_network_policies(manifests: Manifests) -> list[str]:
+    """Default deny, in and out, for every pod; then only the needed flows: clients to each
+    service's gRPC port, probes to the health port, services to NATS, NATS to itself."""
+    problems: list[str] = []
+    deny = [
+        p
+        for p in objects(manifests, "NetworkPolicy")
+        if (p.get("spec") or {}).get("podSelector") == {}
+        and set((p.get("spec") or {}).get("policyTypes") or []) == {"Ingress", "Egress"}
+        and not (p.get("spec") or {}).get("ingress")
+        and not (p.get("spec") or {}).get("egress")
+    ]
+    if not deny:
+        problems.append("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress, no rules)")
+    statefulset = find(manifests, "StatefulSet", NATS)
+    nats_labels = pod_labels(statefulset) if statefulset else {}
+    for svc in SETTINGS:
+        deployment = deployment_of(manifests, svc)
+        labels = pod_labels(deployment)
+        container = container_of(deployment)
+        port = SETTINGS[svc].default_port
+        ingress = [r for p in policies_for(manifests, labels, "Ingress") for r in p["spec"].get("ingress") or []]
+        if not any(port in policy_ports(r, container) and r.get("from") for r in ingress):
+            problems.append(f"{svc}: no NetworkPolicy lets clients reach its gRPC port {port}")
+        if any(port in policy_ports(r, container) and not r.get("from") for r in ingress):
+            problems.append(f"{svc}: a NetworkPolicy opens its gRPC port {port} to everyone")
+        if any(not r.get("ports") for r in ingress):
+            problems.append(f"{svc}: a NetworkPolicy opens every port")
+        egress = [r for p in policies_for(manifests, labels, "Egress") for r in p["spec"].get("egress") or []]
+        if not any(
+            NATS_CLIENT_PORT in policy_ports(r, None) and peer_selects(r.get("to") or [], nats_labels) for r in egress
+        ):
+            problems.append(f"{svc}: no NetworkPolicy lets it reach NATS on {NATS_CLIENT_PORT}")
+        nats_in = [r for p in policies_for(manifests, nats_labels, "Ingress") for r in p["spec"].get("ingress") or []]
+        if not any(
+            NATS_CLIENT_PORT in policy_ports(r, None) and peer_selects(r.get("from") or [], labels) for r in nats_in
+        ):
+            problems.append(f"nats: no NetworkPolicy admits {svc} on {NATS_CLIENT_PORT}")
+    return problems
+
+
 # --- tests -----------------------------------------------------------------------------------
 
 
@@ -713,7 +847,7 @@ def assert_no_problems(problems: list[str]) -> None:
 
 
 def test_every_manifest_parses(manifests: Manifests) -> None:
-    expected = {KUSTOMIZATION, SECRETS_EXAMPLE, "namespace.yaml", "configmap.yaml", "nats.yaml"}
+    expected = {KUSTOMIZATION, SECRETS_EXAMPLE, "namespace.yaml", "configmap.yaml", "nats.yaml", NETWORK_POLICIES}
     expected |= {f"{svc}.yaml" for svc in SETTINGS}
     missing = sorted(expected - set(manifests))
     assert not missing, f"deploy/k8s: missing {missing}"
@@ -796,6 +930,15 @@ def test_nats_cluster(manifests: Manifests) -> None:
 
 def test_services_use_the_cluster(manifests: Manifests) -> None:
     assert_no_problems(check_cluster_settings(manifests))
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_grpc_serves_tls_with_tokens_from_secrets(manifests: Manifests, svc: str) -> None:
+    assert_no_problems(check_grpc_security(manifests, svc))
+
+
+def test_network_policies_deny_all_but_the_needed_flows(manifests: Manifests) -> None:
+    assert_no_problems(check_network_policies(manifests))
 
 
 # --- the checks catch broken manifests --------------------------------------------------------
@@ -934,6 +1077,28 @@ def _nats_elsewhere(manifests: Manifests) -> None:
     shared_config(manifests)["CDP_NATS_URL"] = "nats://127.0.0.1:4222"
 
 
+def _insecure(manifests: Manifests) -> None:
+    shared_config(manifests)["CDP_GRPC_INSECURE"] = "true"
+
+
+def _key_from_elsewhere(manifests: Manifests) -> None:
+    shared_config(manifests)["CDP_GRPC_TLS_KEY_FILE"] = "/data/tls.key"
+
+
+def _no_default_deny(manifests: Manifests) -> None:
+    manifests[NETWORK_POLICIES] = [d for d in manifests[NETWORK_POLICIES] if name_of(d) != "default-deny-all"]
+
+
+def _grpc_open_to_all(manifests: Manifests) -> None:
+    policy = find(manifests, "NetworkPolicy", "cdp-services-grpc")
+    assert policy is not None
+    policy["spec"]["ingress"][0].pop("from")
+
+
+def _no_nats_egress(manifests: Manifests) -> None:
+    manifests[NETWORK_POLICIES] = [d for d in manifests[NETWORK_POLICIES] if name_of(d) != "cdp-services-egress"]
+
+
 @pytest.mark.parametrize(
     ("mutate", "check", "svc", "message"),
     [
@@ -964,6 +1129,8 @@ def _nats_elsewhere(manifests: Manifests) -> None:
         pytest.param(_key_not_mounted, check_pii_hash_key, "identity", "nothing is mounted", id="key-unmounted"),
         pytest.param(_key_world_readable, check_pii_hash_key, "segmentation", "lets others", id="key-readable"),
         pytest.param(_key_from_another_secret, check_pii_hash_key, "ingest", "expected Secret", id="key-secret"),
+        pytest.param(_insecure, check_grpc_security, "ingest", "CDP_GRPC_INSECURE is on", id="grpc-insecure"),
+        pytest.param(_key_from_elsewhere, check_grpc_security, "identity", "of Secret 'cdp-grpc-tls'", id="grpc-key"),
     ],
 )
 def test_detects_broken_service(
@@ -986,6 +1153,9 @@ def test_detects_broken_service(
         pytest.param(_no_jetstream, check_nats, "no `jetstream", id="no-jetstream"),
         pytest.param(_single_stream_replica, check_cluster_settings, "CDP_STREAM_REPLICAS", id="stream-replicas"),
         pytest.param(_nats_elsewhere, check_cluster_settings, "does not name a NATS Service", id="nats-url"),
+        pytest.param(_no_default_deny, check_network_policies, "no default-deny", id="no-default-deny"),
+        pytest.param(_grpc_open_to_all, check_network_policies, "to everyone", id="grpc-open"),
+        pytest.param(_no_nats_egress, check_network_policies, "reach NATS", id="no-nats-egress"),
     ],
 )
 def test_detects_broken_cluster(

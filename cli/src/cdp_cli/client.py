@@ -3,6 +3,10 @@
 An address is taken, in this order, from an explicit mapping (``--addr SERVICE=HOST:PORT``),
 from the environment (``CDP_<SERVICE>_ADDR``) or from ``<data_dir>/stack.json`` that
 ``cdp up`` writes.
+
+Credentials (docs/security.md) are taken from ``CDP_GRPC_CA_FILE`` and ``CDP_GRPC_TOKEN_FILE``
+when set, else from the secrets ``cdp up`` wrote under ``<data_dir>/secrets`` (the admin token);
+with neither, channels are plaintext (a service run with CDP_GRPC_INSECURE=true).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from cdp.identity.v1 import identity_pb2_grpc
 from cdp.ingest.v1 import ingest_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2_grpc
 from cdp_cli.errors import CliError
+from cdp_kit.grpc_auth import ClientAuth, secrets_of
+from cdp_kit.roles import Role
 
 ServiceName = Literal["ingest", "identity", "segmentation", "activation"]
 SERVICES: tuple[ServiceName, ...] = get_args(ServiceName)
@@ -166,9 +172,61 @@ def rpc_code(err: grpc.RpcError) -> grpc.StatusCode | None:
     return code if isinstance(code, grpc.StatusCode) else None
 
 
-def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
-    """The health status name of ``service`` ("" = the whole server) at ``address``, or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+CA_FILE_VAR = "CDP_GRPC_CA_FILE"
+TOKEN_FILE_VAR = "CDP_GRPC_TOKEN_FILE"
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def resolve_auth(data_dir: Path, environ: Mapping[str, str] | None = None, role: Role = "admin") -> ClientAuth | None:
+    """A client's credentials: ``CDP_GRPC_CA_FILE`` + ``CDP_GRPC_TOKEN_FILE``, else the stack's
+    own under ``<data_dir>/secrets`` (the token of ``role``), else None (plaintext)."""
+    env = os.environ if environ is None else environ
+    ca_file, token_file = env.get(CA_FILE_VAR), env.get(TOKEN_FILE_VAR)
+    if ca_file or token_file:
+        if not (ca_file and token_file):
+            raise CliError(f"set both {CA_FILE_VAR} and {TOKEN_FILE_VAR} (or neither)")
+        try:
+            return ClientAuth(Path(ca_file).read_bytes(), Path(token_file).read_text().strip())
+        except OSError as exc:
+            raise CliError(f"cannot read gRPC credentials: {exc.strerror or exc} ({exc.filename})") from None
+    local = secrets_of(data_dir)
+    if not local.exists():
+        return None
+    try:
+        return local.client(role)
+    except OSError as exc:
+        raise CliError(f"cannot read gRPC credentials: {exc.strerror or exc} ({exc.filename})") from None
+
+
+def open_channel(address: str, auth: ClientAuth | None) -> grpc.Channel:
+    """A blocking channel: TLS + bearer token with ``auth``, plaintext without."""
+    if auth is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, auth.channel_credentials(), options=CHANNEL_OPTIONS)
+
+
+def open_aio_channel(address: str, auth: ClientAuth | None) -> grpc.aio.Channel:
+    """An asyncio channel: TLS + bearer token with ``auth``, plaintext without."""
+    if auth is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, auth.channel_credentials(), options=CHANNEL_OPTIONS)
+
+
+def stack_channel(data_dir: Path, address: str, role: Role = "admin") -> grpc.aio.Channel:
+    """An asyncio channel to ``address`` with the credentials of ``role`` from a stack's data dir
+    (tests and tools: ``async with stack_channel(stack.data_dir, addr, "reader") as ch``)."""
+    return open_aio_channel(address, secrets_of(data_dir).client(role))
+
+
+def check_health(address: str, timeout: float = 1.0, service: str = "", auth: ClientAuth | None = None) -> str:
+    """The health status name of ``service`` ("" = the whole server) at ``address``, or UNREACHABLE.
+
+    Health needs no token, only TLS when the server has it (``auth`` gives the authority)."""
+    channel = grpc.secure_channel(address, auth.tls_only()) if auth is not None else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -186,8 +244,11 @@ class Client:
         addresses: Mapping[str, str] | None = None,
         environ: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        role: Role = "admin",
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.role = role
+        self._auth: ClientAuth | bool | None = False  # False: not resolved yet
         self.timeout = timeout
         self._explicit = dict(addresses or {})
         self._environ = environ
@@ -203,12 +264,14 @@ class Client:
     def channel(self, service: str) -> grpc.Channel:
         self.last_service = service
         if service not in self._channels:
-            options = [
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
-            self._channels[service] = grpc.insecure_channel(self.address(service), options=options)
+            self._channels[service] = open_channel(self.address(service), self.auth())
         return self._channels[service]
+
+    def auth(self) -> ClientAuth | None:
+        """The credentials every channel of this client uses (see the module docstring)."""
+        if self._auth is False:
+            self._auth = resolve_auth(self.data_dir, self._environ, self.role)
+        return self._auth if isinstance(self._auth, ClientAuth) else None
 
     @property
     def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
@@ -241,7 +304,16 @@ class Client:
         where = service
         with contextlib.suppress(CliError):
             where = f"{service} at {self.address(service)}"
-        hint = " (is the stack running? start it with `cdp up`)" if rpc_code(err) == grpc.StatusCode.UNAVAILABLE else ""
+        hint = ""
+        if rpc_code(err) == grpc.StatusCode.UNAVAILABLE:
+            hint = " (is the stack running? start it with `cdp up`)"
+            if self.auth() is None:
+                hint = (
+                    f" (is the stack running? no gRPC credentials were found in {self.data_dir / 'secrets'}"
+                    f" nor {CA_FILE_VAR}/{TOKEN_FILE_VAR}: a server with TLS refuses plaintext)"
+                )
+        elif rpc_code(err) in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            hint = f" (credentials: {TOKEN_FILE_VAR} or the {self.role} token of {self.data_dir / 'secrets'})"
         return f"{where}: {text}{hint}"
 
     def close(self) -> None:

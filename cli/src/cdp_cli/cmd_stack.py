@@ -116,6 +116,10 @@ def _print_stack(stack: Stack) -> None:
         (name, address, pids.get(name), stack.logs_dir / f"{name}.log") for name, address in stack.addresses.items()
     ]
     render.print_table(f"cdp stack in {stack.data_dir}", ["process", "address", "pid", "log"], rows)
+    if stack.secrets is not None:
+        render.out.print(
+            f"gRPC: TLS (authority {stack.secrets.pki.ca_cert}) and tokens per role in {stack.secrets.tokens_dir}"
+        )
     render.out.print(f"addresses written to {stack.stack_file}; press Ctrl-C to stop")
 
 

@@ -56,6 +56,8 @@ def run_demo(data_dir: Path | None = None, *, people: int = 200, kill: str | Non
         out.print(f"stack up in {time.monotonic() - started:.1f}s: nats {stack.nats_url}; platforms {platforms.url}")
         for name, address in stack.addresses.items():
             out.print(f"  {name:<13} {address}")
+        if stack.secrets is not None:
+            out.print(f"  gRPC: TLS and role tokens (admin for this demo) from {stack.secrets.root}")
         with Client(workdir, addresses=stack.addresses) as client:
             chaos = _kill_later(stack, kill) if kill else None
             with out.status("ingesting, resolving identities, evaluating audiences, activating…"):

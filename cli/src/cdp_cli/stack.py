@@ -4,6 +4,8 @@ services as supervised child processes on loopback ports, all under one data fol
 * ``<data_dir>/nats``        JetStream file store
 * ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
+* ``<data_dir>/secrets``     (0700) gRPC TLS material in ``pki/`` and a token per role in
+  ``tokens/`` (files 0600): every service serves TLS and checks tokens; ``cdp`` commands use them
 * ``<data_dir>/secrets/pii-hash.key``  the deployment's PII hash key (0600, kept across restarts),
   given to every service as ``CDP_PII_HASH_KEY_FILE``
 * ``<data_dir>/secrets/master.key``  the master key of secrets at rest (0600, made once, kept)
@@ -38,6 +40,7 @@ from typing import IO, Any
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
 from cdp_kit import keyring
+from cdp_kit.grpc_auth import ClientAuth, LocalSecrets, ensure_local_secrets
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
 from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
 
@@ -172,6 +175,7 @@ class Stack:
         command: CommandFactory = service_command,
         service_env: Mapping[str, Mapping[str, str]] | None = None,
         nats_config: str = "",
+        grpc_security: bool = True,
     ) -> None:
         unknown = [s for s in [*services, *(service_env or {})] if s not in SERVICES]
         if unknown or not services:
@@ -183,6 +187,10 @@ class Stack:
         self.service_env = {name: dict(values) for name, values in (service_env or {}).items()}
         # Extra lines for nats-server's configuration file (e.g. ``write_deadline: "2s"``).
         self.nats_config = nats_config
+        # TLS and tokens on every service's gRPC (off only for benchmarks that compare).
+        self.grpc_security = grpc_security
+        self.secrets: LocalSecrets | None = None
+        self.grpc_auth: ClientAuth | None = None
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.backoff = backoff or Backoff()
@@ -253,6 +261,7 @@ class Stack:
             self._acquire_data_dir()
             self._ensure_pii_hash_key()
             keyring.ensure_key_file(self.master_key_file)
+            self._ensure_grpc_secrets()
             self._start_supervisor()
             self._start_nats()
             self._start_services()
@@ -278,6 +287,18 @@ class Stack:
             ensure_key_file(self.pii_hash_key_file)
         except PiiKeyError as exc:
             raise StackError(f"{exc}; fix or remove it (a new key gives every value a new tag)") from None
+
+    def _ensure_grpc_secrets(self) -> None:
+        """The CA, the services' certificate and the role tokens under ``secrets/`` (kept across runs)."""
+        if not self.grpc_security:
+            return
+        self.secrets = ensure_local_secrets(self.data_dir)
+        self.grpc_auth = self.secrets.client("admin")
+
+    def _grpc_env(self) -> dict[str, str]:
+        if self.secrets is None:
+            return {"CDP_GRPC_INSECURE": "true"}
+        return self.secrets.server_env()
 
     def _start_nats(self) -> None:
         store = self.data_dir / "nats"
@@ -317,6 +338,7 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(self._grpc_env())
         env.update(self.extra_env)
         env.update(self.service_env.get(name, {}))
         return env
@@ -338,7 +360,7 @@ class Stack:
         while True:
             if fail_on_exit and not child.alive():
                 raise self._not_ready(child, f"exited with code {child.exit_code()} while starting")
-            status = check_health(child.address, timeout=1.0)
+            status = check_health(child.address, timeout=1.0, auth=self.grpc_auth)
             if status == SERVING:
                 return
             if time.monotonic() >= deadline:

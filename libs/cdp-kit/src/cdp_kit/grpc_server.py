@@ -1,5 +1,6 @@
 """The gRPC server bootstrap: health checking, reflection, the admin status service,
-error mapping in one interceptor, trace context from metadata, graceful shutdown.
+TLS and per-RPC authorisation (``cdp_kit.grpc_auth``), error mapping in one interceptor, trace
+context from metadata, graceful shutdown.
 
 Health answers two questions under separate grpc.health.v1 service names, so a probe can ask
 the one it means:
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as reflection_module
 from opentelemetry import context as otel_context
 
 from cdp.common.v1 import admin_pb2, admin_pb2_grpc
 from cdp_kit.errors import CdpError, to_grpc_status
+from cdp_kit.grpc_auth import AuthInterceptor, Reflection, ServerTls, TokenTable
 from cdp_kit.telemetry import context_from, get_logger
 
 log = get_logger(__name__)
@@ -141,20 +143,46 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._status()
 
 
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
 class GrpcServer:
-    def __init__(self, host: str, port: int, registrations: Sequence[Registration], status: StatusProvider) -> None:
+    """The services' gRPC server.
+
+    With ``tls`` it serves TLS only; with ``tokens`` every call but health needs a bearer token
+    whose role the method allows (``cdp_kit.roles``). Both None: plaintext, everyone an admin
+    (in-process tests and benches on loopback). ``health_port`` adds a plaintext listener that
+    serves nothing but grpc.health.v1 (kubelet gRPC probes cannot speak TLS).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registrations: Sequence[Registration],
+        status: StatusProvider,
+        *,
+        tls: ServerTls | None = None,
+        tokens: TokenTable | None = None,
+        reflection: Reflection = "admin",
+        health_port: int | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self.registrations = list(registrations)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self.auth = AuthInterceptor(tokens, reflection)
+        self.server = grpc.aio.server(interceptors=[self.auth, ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.health_port = health_port
+        self.health_server: grpc.aio.Server | None = None
+        if health_port is not None:
+            self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         for reg in self.registrations:
             reg.add(reg.servicer, self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(status), self.server)
@@ -163,18 +191,30 @@ class GrpcServer:
             *(r.full_name for r in self.registrations),
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
+            reflection_module.SERVICE_NAME,
         ]
-        reflection.enable_server_reflection(names, self.server)
+        if reflection != "off":
+            reflection_module.enable_server_reflection(names, self.server)
         self.bound_port = 0
+        self.bound_health_port = 0
 
     async def start(self) -> int:
-        self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            self.bound_port = self.server.add_secure_port(address, self.tls.credentials())
+        else:
+            self.bound_port = self.server.add_insecure_port(address)
         if self.bound_port == 0:
-            raise OSError(f"cannot bind gRPC on {self.host}:{self.port}")
+            raise OSError(f"cannot bind gRPC on {address}")
+        if self.health_server is not None:
+            self.bound_health_port = self.health_server.add_insecure_port(f"{self.host}:{self.health_port}")
+            if self.bound_health_port == 0:
+                raise OSError(f"cannot bind the gRPC health port on {self.host}:{self.health_port}")
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         return self.bound_port
 
     def readiness_names(self) -> list[str]:
@@ -190,3 +230,5 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)

@@ -23,6 +23,7 @@ from cdp.common.v1 import admin_pb2
 from cdp_kit import deadletter_api, deadletters, piikey
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
+from cdp_kit.grpc_auth import ServerTls, TokenTable
 from cdp_kit.grpc_server import GrpcServer, Registration
 from cdp_kit.processor import Input, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
@@ -236,7 +237,28 @@ async def service_status(service: Service, name: str, vitals: Vitals) -> admin_p
     return status
 
 
+def grpc_security(settings: ServiceSettings) -> dict[str, Any]:
+    """GrpcServer's TLS, token and reflection arguments from settings; refuses a half-configured server."""
+    problem = settings.grpc_security_problem()
+    if problem is not None:
+        raise SystemExit(problem)
+    health_port = settings.grpc_health_port or None
+    if settings.grpc_insecure:
+        log.warning("grpc_insecure", detail="gRPC serves plaintext without authentication (CDP_GRPC_INSECURE)")
+        return {"reflection": settings.grpc_reflection, "health_port": health_port}
+    cert, key, tokens_file = settings.grpc_tls_cert_file, settings.grpc_tls_key_file, settings.grpc_tokens_file
+    if cert is None or key is None or tokens_file is None:  # grpc_security_problem said so already
+        raise SystemExit("gRPC security is not configured")
+    try:
+        tls = ServerTls.load(cert, key)
+        tokens = TokenTable.load(tokens_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"gRPC security: {exc}") from None
+    return {"tls": tls, "tokens": tokens, "reflection": settings.grpc_reflection, "health_port": health_port}
+
+
 async def serve(settings: S, build: Builder[S]) -> int:
+    grpc_kwargs = grpc_security(settings)  # before anything starts: a misconfiguration fails fast
     engine = make_engine(settings.resolved_store_url(), sqlite_mmap_mib=settings.sqlite_mmap_mib)
     eventlog = await connect(settings)
     service = build(settings, engine, eventlog)
@@ -252,9 +274,16 @@ async def serve(settings: S, build: Builder[S]) -> int:
             raise Unavailable(f"status: NATS did not answer ({type(exc).__name__})") from exc
 
     registrations = [*service.registrations, deadletter_api.registration(service.processor)]
-    server = GrpcServer(settings.grpc_host, settings.resolved_port(), registrations, status)
+    server = GrpcServer(settings.grpc_host, settings.resolved_port(), registrations, status, **grpc_kwargs)
     port = await server.start()
-    log.info("grpc_listening", address=f"{settings.grpc_host}:{port}", store=engine.url.render_as_string())
+    log.info(
+        "grpc_listening",
+        address=f"{settings.grpc_host}:{port}",
+        tls=server.tls is not None,
+        authenticated=server.auth.tokens is not None,
+        health_port=server.bound_health_port or None,
+        store=engine.url.render_as_string(),
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

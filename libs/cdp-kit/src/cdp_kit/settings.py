@@ -13,6 +13,7 @@ from cdp_kit.store import SQLITE_MMAP_MIB, sqlite_url
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 TraceExporter = Literal["none", "console"]
+GrpcReflection = Literal["admin", "open", "off"]
 
 
 class ServiceSettings(BaseSettings):
@@ -31,6 +32,21 @@ class ServiceSettings(BaseSettings):
     )
     grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds")
     grpc_port: int = Field(default=0, description="gRPC port; 0 = the service's default port")
+    # gRPC security (docs/security.md): TLS and bearer tokens, unless explicitly turned off.
+    grpc_tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain gRPC serves (tls.crt)")
+    grpc_tls_key_file: Path | None = Field(default=None, description="PEM private key of that certificate (tls.key)")
+    grpc_tokens_file: Path | None = Field(
+        default=None, description="JSON of accepted token hashes: {sha256 hex: {principal, role}}"
+    )
+    grpc_insecure: bool = Field(
+        default=False, description="Serve gRPC without TLS or authentication (a trusted loopback only)"
+    )
+    grpc_health_port: int = Field(
+        default=0, ge=0, description="Extra plaintext port serving only grpc.health.v1 (kubelet probes); 0 = none"
+    )
+    grpc_reflection: GrpcReflection = Field(
+        default="admin", description="Server reflection: admin (callers with the admin role), open or off"
+    )
     log_format: LogFormat = Field(default="json", description="json (production) or console (terminal)")
     log_level: LogLevel = Field(default="info", description="Lowest log level written")
     trace_exporter: TraceExporter = Field(default="none", description="OpenTelemetry span exporter")
@@ -59,6 +75,22 @@ class ServiceSettings(BaseSettings):
         default=False,
         description="Without a key file, hash PII with a random key held in memory (development only)",
     )
+
+    def grpc_security_problem(self) -> str | None:
+        """Why gRPC security is not configured (None when it is, or is explicitly off)."""
+        if self.grpc_insecure:
+            return None
+        missing = [
+            f"CDP_{name.upper()}"
+            for name in ("grpc_tls_cert_file", "grpc_tls_key_file", "grpc_tokens_file")
+            if getattr(self, name) is None
+        ]
+        if missing:
+            return (
+                f"gRPC security is not configured: set {', '.join(missing)} "
+                "(or CDP_GRPC_INSECURE=true on a trusted loopback only)"
+            )
+        return None
 
     def resolved_store_url(self) -> str:
         if self.store_url:
