@@ -30,6 +30,7 @@ from cdp.ingest.v1 import ingest_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_cli import (
     cmd_activation,
+    cmd_admin,
     cmd_deadletters,
     cmd_identity,
     cmd_ingest,
@@ -131,6 +132,7 @@ app.add_typer(cmd_activation.deliveries_app, name="deliveries")
 app.add_typer(cmd_activation.app, name="governance")
 app.add_typer(cmd_ingest.batch_app, name="batch")
 app.add_typer(cmd_deadletters.app, name="deadletters")
+app.add_typer(cmd_admin.app, name="admin")
 events_app.command("publish")(cmd_publish.events_publish)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]

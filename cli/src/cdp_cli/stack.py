@@ -4,6 +4,12 @@ services as supervised child processes on loopback ports, all under one data fol
 * ``<data_dir>/nats``        JetStream file store
 * ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
+* ``<data_dir>/secrets/``    0700: ``pki/`` (the stack's CA, NATS' server certificate) and
+  ``nats/`` (one password per NATS user, the server's configuration), every file 0600
+
+NATS runs with TLS and the platform's users and permissions (``cdp_kit.natsauth``): each
+service connects as itself, the streams are provisioned once by the ``admin`` user before the
+services start, and ``cdp`` commands use the credentials in ``secrets/``.
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
@@ -14,6 +20,7 @@ thread, which lives from ``start()`` until every child has been reaped by ``stop
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -25,16 +32,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
-from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
+from cdp_kit.errors import Unavailable
+from cdp_kit.eventlog import EventLog
+from cdp_kit.natsauth import ADMIN, NatsAuth, ensure_secrets, stack_auth, stack_env, write_private
+from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_healthz
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,24 @@ CommandFactory = Callable[[str], list[str]]
 
 class StackError(CliError):
     """The stack could not start, or a service did not become ready."""
+
+
+T = TypeVar("T")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on a loop of its own, in a thread (the caller may have a loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+async def provision_streams(nats_url: str, auth: NatsAuth, *, replicas: int = 1) -> None:
+    """What ``cdp admin provision`` does: create or update every stream, as the admin user."""
+    eventlog = await EventLog.connect(nats_url, "cdp-admin-provision", auth=auth, connect_timeout=10.0)
+    try:
+        await eventlog.ensure_streams(replicas=replicas)
+    finally:
+        await eventlog.close()
 
 
 def service_command(service: str) -> list[str]:
@@ -184,6 +212,7 @@ class Stack:
         self.poll_interval_s = poll_interval_s
         self.command = command
         self.nats_url = ""
+        self.nats_monitor_port = 0
         self._nats: Child | None = None
         self._children: dict[str, Child] = {}
         self._lock = threading.RLock()
@@ -200,6 +229,10 @@ class Stack:
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
 
     @property
     def stack_file(self) -> Path:
@@ -240,6 +273,7 @@ class Stack:
             self._acquire_data_dir()
             self._start_supervisor()
             self._start_nats()
+            self._provision()
             self._start_services()
             self._write_stack_file()
             self._supervising = True
@@ -258,34 +292,49 @@ class Stack:
             raise StackError(f"a stack is already running from {self.data_dir}; stop it first") from None
         self._lock_file = handle
 
+    def _nats_config(self) -> Path:
+        """nats-server's configuration with TLS, users and permissions; it holds passwords (0600)."""
+        security = ensure_secrets(self.secrets_dir)
+        text = f"max_payload: {NATS_MAX_PAYLOAD}\n{security}{self.nats_config}\n"
+        return write_private(self.secrets_dir / "nats" / "nats-server.conf", text)
+
     def _start_nats(self) -> None:
         store = self.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         port = free_port(LOOPBACK)
-        config = store / "nats.conf"
-        config.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n{self.nats_config}\n")
+        self.nats_monitor_port = free_port(LOOPBACK)
+        config = self._nats_config()
         try:
             binary = find_binary()
         except FileNotFoundError as exc:
             raise StackError(str(exc)) from None
         argv = [binary, "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(port)]
-        argv += ["-sd", str(store), "-n", f"cdp-{port}"]
+        argv += ["-sd", str(store), "-n", f"cdp-{port}", "-m", str(self.nats_monitor_port)]
         # Own session: a Ctrl-C in the terminal must not stop NATS before the services drained.
         nats = Child(NATS, argv, dict(os.environ), self.logs_dir / "nats.log", f"{LOOPBACK}:{port}", new_session=True)
         self._nats = nats
-        self.nats_url = f"nats://{LOOPBACK}:{port}"
+        self.nats_url = f"tls://{LOOPBACK}:{port}"
         self._spawn(nats)
         self._record("spawned", child=NATS, pid=nats.pid, address=nats.address)
         try:
-            wait_for_jetstream(LOOPBACK, port, timeout=min(30.0, self.ready_timeout_s))
+            # The monitoring port: probing the TLS client port with a bare connect logs a handshake error.
+            wait_for_healthz(LOOPBACK, self.nats_monitor_port, timeout=min(30.0, self.ready_timeout_s))
         except TimeoutError as exc:
             raise self._not_ready(nats, str(exc)) from None
+
+    def _provision(self) -> None:
+        """Create or update the streams as the ``admin`` user (no service may)."""
+        try:
+            run_async(provision_streams(self.nats_url, stack_auth(self.secrets_dir, ADMIN)))
+        except Unavailable as exc:
+            raise StackError(f"provisioning the streams failed: {exc.message}") from None
 
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
                 "CDP_NATS_URL": self.nats_url,
+                **stack_env(self.secrets_dir, name),
                 "CDP_DATA_DIR": str(self.data_dir),
                 "CDP_STORE_URL": "",
                 "CDP_GRPC_HOST": LOOPBACK,
@@ -327,7 +376,13 @@ class Stack:
         return StackError(f"{child.name} {reason}; last lines of {child.log_path}:\n{tail}")
 
     def _write_stack_file(self) -> None:
-        content = {"nats_url": self.nats_url, "services": self.addresses, "pid": os.getpid()}
+        content = {
+            "nats_url": self.nats_url,
+            "nats_monitor_port": self.nats_monitor_port,
+            "secrets_dir": str(self.secrets_dir),
+            "services": self.addresses,
+            "pid": os.getpid(),
+        }
         temporary = self.stack_file.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(content, indent=2) + "\n")
         temporary.replace(self.stack_file)
@@ -430,9 +485,8 @@ class Stack:
         child = self._child(service)
         timeout = self.ready_timeout_s if timeout_s is None else timeout_s
         if child is self._nats:
-            host, port = child.address.rsplit(":", 1)
             try:
-                wait_for_jetstream(host, int(port), timeout=timeout)
+                wait_for_healthz(LOOPBACK, self.nats_monitor_port, timeout=timeout)
             except TimeoutError as exc:
                 raise self._not_ready(child, str(exc)) from None
             return
