@@ -20,6 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from bench.common import Figure, report
+from bench.common import BenchNats, Figure, bench_nats, report, report_security
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
@@ -38,7 +39,6 @@ from cdp_ingest.settings import IngestSettings
 from cdp_kit.envelope import decode_batch
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import GrpcServer
-from cdp_kit.natsserver import NatsServer
 from cdp_kit.processor import Processor, in_checkpoint
 from cdp_kit.store import get_checkpoint, make_engine, sqlite_url
 from cdp_kit.streams import INGEST_READS_COLLECT, INGEST_RECORDS, StreamSpec
@@ -135,10 +135,15 @@ async def batch_figures(stub: Any, log: EventLog) -> tuple[Figure, Figure, Figur
     return packed, each, measured
 
 
-async def publisher(*args: str | int) -> str:
+async def publisher(*args: str | int, env: dict[str, str] | None = None) -> str:
     """Run ``bench.ingest_client`` (the publishers live in their own process); its output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.ingest_client", *map(str, args), stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "bench.ingest_client",
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -146,11 +151,11 @@ async def publisher(*args: str | int) -> str:
     return out.decode()
 
 
-async def streaming_figures(port: int, nats_url: str, processor: Processor) -> list[Figure]:
+async def streaming_figures(port: int, nats: BenchNats, processor: Processor) -> list[Figure]:
     seconds = float(await publisher("grpc", f"127.0.0.1:{port}", EVENTS, 0))
     grpc_figure = Figure("PublishEvents, 500 per call (events)", EVENTS, seconds)
 
-    started_at, last = (await publisher("nats", nats_url, EVENTS, EVENTS)).split()
+    started_at, last = (await publisher("nats", nats.server.url, EVENTS, EVENTS, env=nats.env)).split()
     while True:
         with processor.read() as session:
             if get_checkpoint(session, in_checkpoint(INGEST_READS_COLLECT)) >= int(last):
@@ -160,45 +165,65 @@ async def streaming_figures(port: int, nats_url: str, processor: Processor) -> l
     return [grpc_figure, nats_figure]
 
 
+@dataclass
+class Measured:
+    packed: Figure
+    each: Figure
+    measured: Figure
+    streaming: list[Figure]
+
+
+async def measure(secure: bool) -> Measured:
+    """Every figure against a fresh nats-server: plain and anonymous, or with TLS and the platform's
+    users and permissions (the service connects as ``ingest``, the baselines as the admin, the
+    NATS publisher as ``publisher``)."""
+    with TemporaryDirectory(prefix="cdp-bench-ingest-") as tmp:
+        async with bench_nats(secure, "ingest", Path(tmp)) as nats:
+            settings = IngestSettings(
+                nats_url=nats.server.url, data_dir=Path(tmp) / "data", store_url=sqlite_url(Path(tmp) / "i.db")
+            )
+            engine = make_engine(settings.store_url)
+            log = nats.admin
+            await log.ensure_streams((RAW,))
+            service = build(settings, engine, nats.service)
+            service.processor.create_store()
+            runner = asyncio.create_task(service.processor.run())
+            background = [asyncio.create_task(job()) for job in service.background]
+            await service.processor.ready.wait()
+
+            async def status() -> admin_pb2.ServiceStatus:
+                return admin_pb2.ServiceStatus(service="ingest")
+
+            server = GrpcServer("127.0.0.1", 0, service.registrations, status)
+            port = await server.start()
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            stub = pb_grpc.IngestServiceStub(channel)
+            try:
+                await setup(stub)
+                packed, each, measured = await batch_figures(stub, log)
+                streaming = await streaming_figures(port, nats, service.processor)
+                return Measured(packed, each, measured, streaming)
+            finally:
+                await channel.close(None)
+                service.processor.stop()
+                await server.stop(0)
+                for task in (runner, *background):
+                    task.cancel()
+                await asyncio.gather(runner, *background, return_exceptions=True)
+                engine.dispose()
+
+
 async def main() -> None:
-    with TemporaryDirectory(prefix="cdp-bench-ingest-") as tmp, NatsServer(Path(tmp) / "js") as nats:
-        settings = IngestSettings(
-            nats_url=nats.url, data_dir=Path(tmp) / "data", store_url=sqlite_url(Path(tmp) / "i.db")
-        )
-        engine = make_engine(settings.store_url)
-        log = await EventLog.connect(nats.url, "cdp-bench")
-        await log.ensure_streams()
-        await log.ensure_streams((RAW,))
-        service = build(settings, engine, log)
-        service.processor.create_store()
-        runner = asyncio.create_task(service.processor.run())
-        background = [asyncio.create_task(job()) for job in service.background]
-        await service.processor.ready.wait()
-
-        async def status() -> admin_pb2.ServiceStatus:
-            return admin_pb2.ServiceStatus(service="ingest")
-
-        server = GrpcServer("127.0.0.1", 0, service.registrations, status)
-        port = await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = pb_grpc.IngestServiceStub(channel)
-        try:
-            await setup(stub)
-            packed, each, measured = await batch_figures(stub, log)
-            title = f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)"
-            report(title, each, [measured])
-            report(f"{title}, against the packed messages", packed, [measured])
-            streaming = await streaming_figures(port, nats.url, service.processor)
-            report("ingest: streaming events", each, streaming)
-        finally:
-            await channel.close(None)
-            service.processor.stop()
-            await server.stop(0)
-            for task in (runner, *background):
-                task.cancel()
-            await asyncio.gather(runner, *background, return_exceptions=True)
-            await log.close()
-            engine.dispose()
+    title = f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)"
+    print("\n-- NATS security off (plain TCP, anonymous)")
+    off = await measure(secure=False)
+    print("\n-- NATS security on (TLS, per-service users and permissions)")
+    on = await measure(secure=True)
+    for label, figures in (("security off", off), ("security on", on)):
+        report(f"{title}, {label}", figures.each, [figures.measured])
+        report(f"{title}, {label}, against the packed messages", figures.packed, [figures.measured])
+        report(f"ingest: streaming events, {label}", figures.each, figures.streaming)
+    report_security("ingest", [off.measured, *off.streaming], [on.measured, *on.streaming])
 
 
 def run() -> None:
