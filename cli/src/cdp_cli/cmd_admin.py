@@ -11,9 +11,10 @@ from cdp_cli import render
 from cdp_cli.client import Client, nats_auth
 from cdp_cli.cmd_publish import nats_url_of
 from cdp_cli.errors import CliError
-from cdp_cli.stack import provision_streams, run_async
+from cdp_cli.stack import run_async
 from cdp_kit.errors import Unavailable
 from cdp_kit.natsauth import ADMIN, USERS, password_env, server_config
+from cdp_kit.provision import provision_streams
 from cdp_kit.streams import ALL_STREAMS
 
 app = typer.Typer(help="Operator tasks: provision the streams, print the NATS configuration.", no_args_is_help=True)

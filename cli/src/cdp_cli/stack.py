@@ -42,9 +42,9 @@ from typing import IO, Any, TypeVar
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
 from cdp_kit.errors import Unavailable
-from cdp_kit.eventlog import EventLog
-from cdp_kit.natsauth import ADMIN, NatsAuth, ensure_secrets, stack_auth, stack_env, write_private
+from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env, write_private
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_healthz
+from cdp_kit.provision import provision_streams
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,6 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to its end on a loop of its own, in a thread (the caller may have a loop)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
-
-
-async def provision_streams(nats_url: str, auth: NatsAuth, *, replicas: int = 1) -> None:
-    """What ``cdp admin provision`` does: create or update every stream, as the admin user."""
-    eventlog = await EventLog.connect(nats_url, "cdp-admin-provision", auth=auth, connect_timeout=10.0)
-    try:
-        await eventlog.ensure_streams(replicas=replicas)
-    finally:
-        await eventlog.close()
 
 
 def service_command(service: str) -> list[str]:
