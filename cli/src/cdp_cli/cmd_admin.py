@@ -47,5 +47,5 @@ def provision(
 def nats_config() -> None:
     """Print the users and permissions part of nats-server's configuration (passwords as environment
     references, CDP_NATS_<USER>_PASSWORD) for a deployment's own server."""
+    typer.echo(f"# passwords from the environment: {', '.join(password_env(u) for u in USERS)}")
     typer.echo(server_config(), nl=False)
-    typer.echo(f"# passwords from: {', '.join(password_env(u) for u in USERS)}")
