@@ -13,7 +13,7 @@ from cdp_cli.cmd_publish import nats_url_of
 from cdp_cli.errors import CliError
 from cdp_cli.stack import run_async
 from cdp_kit.errors import Unavailable
-from cdp_kit.natsauth import ADMIN, USERS, password_env, server_config
+from cdp_kit.natsauth import ADMIN, USERS, ensure_secrets, password_env, server_config, write_password_env
 from cdp_kit.provision import provision_streams
 from cdp_kit.streams import ALL_STREAMS
 
@@ -49,3 +49,16 @@ def nats_config() -> None:
     references, CDP_NATS_<USER>_PASSWORD) for a deployment's own server."""
     typer.echo(f"# passwords from the environment: {', '.join(password_env(u) for u in USERS)}")
     typer.echo(server_config(), nl=False)
+
+
+@app.command("secrets")
+def make_secrets(
+    directory: Annotated[Path, typer.Argument(help="Where to write them (0700), e.g. deploy/compose/secrets.")],
+    hosts: Annotated[list[str] | None, typer.Option("--host", help="A name clients dial NATS by (repeatable).")] = None,
+) -> None:
+    """Make what a deployment's NATS needs, unless present: a CA and NATS' certificate (pki/), one
+    password per user (nats/<user>.password) and nats.env for nats-server. Every file 0600."""
+    names = tuple(hosts or ["nats", "localhost", "127.0.0.1"])
+    ensure_secrets(directory, names)
+    env = write_password_env(directory)
+    render.out.print(f"wrote {directory}/pki (ca.crt, nats.crt, nats.key), {directory}/nats/*.password and {env}")

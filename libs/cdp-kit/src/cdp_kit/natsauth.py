@@ -231,6 +231,14 @@ def ensure_secrets(secrets_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) ->
     return server_config(passwords, tls=ServerTls(str(leaf.cert), str(leaf.key), str(leaf.ca)))
 
 
+def write_password_env(secrets_dir: Path) -> Path:
+    """``<secrets_dir>/nats.env`` (0600): ``CDP_NATS_<USER>_PASSWORD=...`` for every user, the env
+    file a deployed nats-server reads the passwords of ``server_config()`` from (compose)."""
+    passwords = ensure_passwords(Path(secrets_dir) / "nats")
+    text = "".join(f"{password_env(user)}={passwords[user]}\n" for user in USERS)
+    return write_private(Path(secrets_dir) / "nats.env", text)
+
+
 # ----------------------------------------------------------------------------- client side
 
 
