@@ -40,7 +40,12 @@ class ServiceSettings(BaseSettings):
     log_format: LogFormat = Field(default="json", description="json (production) or console (terminal)")
     log_level: LogLevel = Field(default="info", description="Lowest log level written")
     trace_exporter: TraceExporter = Field(default="none", description="OpenTelemetry span exporter")
-    stream_replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas of the streams provisioning creates (cdp admin provision)")
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="JetStream replicas of the streams provisioning creates (cdp admin provision)",
+    )
     batch_size: int = Field(default=256, ge=1, le=10_000, description="Messages applied per store transaction")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="Seconds in-flight RPCs get on shutdown")
     # Above the longest batch a healthy consumer applies: a 256-message batch of packed ingest
