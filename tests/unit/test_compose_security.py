@@ -43,7 +43,12 @@ def test_compose_services_connect_as_themselves_over_tls_without_literal_passwor
         assert targets == {"nats-ca.crt": "nats-ca", "nats-password": f"nats-{svc}-password"}
         assert doc["secrets"][f"nats-{svc}-password"]["file"].startswith("./deploy/compose/secrets/")
         assert service["depends_on"]["provision"]["condition"] == "service_completed_successfully"
+    assert doc["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${CDP_POSTGRES_PASSWORD:?")
+    for svc in SERVICES:
+        url = doc["services"][svc]["environment"]["CDP_STORE_URL"]
+        assert url.startswith("postgresql://cdp:${CDP_POSTGRES_PASSWORD}@"), url  # interpolated from compose.env
     provision = doc["services"]["provision"]
+
     assert provision["entrypoint"][-1] == "cdp_kit.provision"
     assert provision["environment"]["CDP_NATS_USER"] == "admin"
     assert doc["services"]["nats"]["env_file"] == "./deploy/compose/secrets/nats.env"

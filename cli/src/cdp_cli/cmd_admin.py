@@ -13,7 +13,15 @@ from cdp_cli.cmd_publish import nats_url_of
 from cdp_cli.errors import CliError
 from cdp_cli.stack import run_async
 from cdp_kit.errors import Unavailable
-from cdp_kit.natsauth import ADMIN, USERS, ensure_secrets, password_env, server_config, write_password_env
+from cdp_kit.natsauth import (
+    ADMIN,
+    USERS,
+    ensure_secrets,
+    password_env,
+    server_config,
+    write_compose_env,
+    write_password_env,
+)
 from cdp_kit.provision import provision_streams
 from cdp_kit.streams import ALL_STREAMS
 
@@ -61,4 +69,7 @@ def make_secrets(
     names = tuple(hosts or ["nats", "localhost", "127.0.0.1"])
     ensure_secrets(directory, names)
     env = write_password_env(directory)
-    render.out.print(f"wrote {directory}/pki (ca.crt, nats.crt, nats.key), {directory}/nats/*.password and {env}")
+    compose_env = write_compose_env(directory)
+    render.out.print(
+        f"wrote {directory}/pki (ca.crt, nats.crt, nats.key), {directory}/nats/*.password, {env} and {compose_env}"
+    )
