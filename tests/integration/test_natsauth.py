@@ -112,7 +112,9 @@ async def test_segmentation_cannot_read_activations_config(secure_nats: SecureNa
     try:
         # a consumer on activation's subject, named as segmentation's own reader or not
         for name in (reader_name(SEGMENTATION_READS_INGEST_CONFIG.name), "anything"):
-            config = api.ConsumerConfig(name=name, filter_subject=ACTIVATION_CONFIG.subject, ack_policy=api.AckPolicy.NONE)
+            config = api.ConsumerConfig(
+                name=name, filter_subject=ACTIVATION_CONFIG.subject, ack_policy=api.AckPolicy.NONE
+            )
             with pytest.raises(refused):
                 await js.add_consumer(CONFIG.name, config=config)
         # its own consumer's allowed create subject, with activation's filter in the body
