@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,18 @@ from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
 from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
+
+
+class _TlsEofNotice(logging.Filter):
+    """Drops asyncio's warning, at each close of a TLS connection, that nats-py's protocol asks to
+    keep it half-open (``eof_received`` returns True), which TLS cannot do: harmless, and it
+    would add a line to every service's log at every shutdown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_TlsEofNotice())
 
 WRONG_LAST_SEQUENCE = 10071
 MSG_ID = "Nats-Msg-Id"
