@@ -15,6 +15,7 @@ from cdp.common.v1 import admin_pb2
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_auth import GRPC_LEAF, ServerTls, TokenTable, ensure_local_secrets
 from cdp_kit.grpc_server import GrpcServer, Registration
+from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.roles import Role
 
@@ -94,3 +95,44 @@ async def grpc_on_and_off(registrations: list[Registration], role: Role) -> Asyn
                 await channel.close(None)
             await plain.stop(0)
             await secure.stop(0)
+
+
+def report_security(title: str, off: list[Figure], on: list[Figure]) -> None:
+    """The same figures with NATS security off (plain TCP, anonymous) and on (TLS, per-service users
+    and permissions), and the cost of security as the ratio on/off (goal >= 0.9)."""
+    print(f"\n== {title}: NATS security off vs on (TLS + users + permissions), goal ratio >= 0.9")
+    for plain, secured in zip(off, on, strict=True):
+        ratio = secured.rate / plain.rate if plain.rate else float("nan")
+        print(
+            f"   {plain.name:<48} off {plain.rate:>11,.0f}/s   on {secured.rate:>11,.0f}/s   ratio {ratio:5.2f}"
+            f"{'' if ratio >= 0.9 else '   (below goal)'}"
+        )
+
+
+@dataclass
+class BenchNats:
+    """A fresh nats-server, plain or secured; ``service`` connects as that service (when secured),
+    ``admin`` as the admin (who provisions the streams)."""
+
+    server: NatsServer
+    service: EventLog
+    admin: EventLog
+    env: dict[str, str]  # CDP_NATS_* for a subprocess connecting as the publisher
+
+
+@asynccontextmanager
+async def bench_nats(secure: bool, service: str, tmp: Path) -> AsyncIterator[BenchNats]:
+    secrets = tmp / "secrets"
+    config = ensure_secrets(secrets) if secure else ""
+    with NatsServer(tmp / "js", config=config, tls=secure) as server:
+        service_auth = stack_auth(secrets, service) if secure else None
+        admin_auth = stack_auth(secrets, ADMIN) if secure else None
+        admin = await EventLog.connect(server.url, "cdp-bench-admin", auth=admin_auth)
+        await admin.ensure_streams()
+        log = await EventLog.connect(server.url, f"cdp-{service}", auth=service_auth)
+        env = stack_env(secrets, "publisher") if secure else {}
+        try:
+            yield BenchNats(server, log, admin, env)
+        finally:
+            await log.close()
+            await admin.close()

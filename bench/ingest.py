@@ -8,11 +8,6 @@ Two baselines publish, with ``publish_async`` and no guard, what ingest appended
 what a pipeline without validation would send; and the very messages ingest appended, ~8,000
 records packed in each, which is only the cost of moving the bytes.
 ``CDP_BENCH_ROWS`` (default 1,000,000) and ``CDP_BENCH_EVENTS`` (default 20,000) scale it.
-
-gRPC security on against off, in the same run: the same service serves a second port with TLS
-and bearer tokens (as ``cdp up`` and the deployments run it); ``IngestFile`` and
-``PublishEvents`` are timed through both in the order off, on, on, off (a drift as the store
-grows weighs on both alike), and the ratio on/off is the cost of TLS and authentication.
 """
 
 from __future__ import annotations
@@ -25,6 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -32,7 +28,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from bench.common import ABBA, Figure, report
+from bench.common import ABBA, BenchNats, Figure, bench_nats, report, report_security
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
@@ -44,7 +40,6 @@ from cdp_kit.envelope import decode_batch
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_auth import GRPC_LEAF, LocalSecrets, ServerTls, TokenTable, ensure_local_secrets
 from cdp_kit.grpc_server import GrpcServer
-from cdp_kit.natsserver import NatsServer
 from cdp_kit.piikey import ephemeral_key
 from cdp_kit.processor import Processor, in_checkpoint
 from cdp_kit.store import get_checkpoint, make_engine, sqlite_url
@@ -143,10 +138,15 @@ async def batch_figures(stub: Any, log: EventLog) -> tuple[Figure, Figure, Figur
     return packed, each, measured
 
 
-async def publisher(*args: str | int) -> str:
+async def publisher(*args: str | int, env: dict[str, str] | None = None) -> str:
     """Run ``bench.ingest_client`` (the publishers live in their own process); its output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.ingest_client", *map(str, args), stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "bench.ingest_client",
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -154,11 +154,11 @@ async def publisher(*args: str | int) -> str:
     return out.decode()
 
 
-async def streaming_figures(port: int, nats_url: str, processor: Processor) -> list[Figure]:
+async def streaming_figures(port: int, nats: BenchNats, processor: Processor) -> list[Figure]:
     seconds = float(await publisher("grpc", f"127.0.0.1:{port}", EVENTS, 0))
     grpc_figure = Figure("PublishEvents, 500 per call (events)", EVENTS, seconds)
 
-    started_at, last = (await publisher("nats", nats_url, EVENTS, EVENTS)).split()
+    started_at, last = (await publisher("nats", nats.server.url, EVENTS, EVENTS, env=nats.env)).split()
     while True:
         with processor.read() as session:
             if get_checkpoint(session, in_checkpoint(INGEST_READS_COLLECT)) >= int(last):
@@ -194,65 +194,86 @@ async def security_figures(stubs: dict[str, Any], addresses: dict[str, str], loc
     )
 
 
+@dataclass
+class Measured:
+    packed: Figure
+    each: Figure
+    measured: Figure
+    streaming: list[Figure]
+
+
+async def measure(secure: bool) -> Measured:
+    """Every figure against a fresh nats-server: plain and anonymous, or with TLS and the platform's
+    users and permissions (the service connects as ``ingest``, the baselines as the admin, the
+    NATS publisher as ``publisher``)."""
+    with TemporaryDirectory(prefix="cdp-bench-ingest-") as tmp:
+        async with bench_nats(secure, "ingest", Path(tmp)) as nats:
+            settings = IngestSettings(
+                nats_url=nats.server.url, data_dir=Path(tmp) / "data", store_url=sqlite_url(Path(tmp) / "i.db")
+            )
+            engine = make_engine(settings.store_url)
+            log = nats.admin
+            await log.ensure_streams((RAW,))
+            service = build(settings, engine, nats.service)
+            service.processor.create_store()
+            runner = asyncio.create_task(service.processor.run())
+            background = [asyncio.create_task(job()) for job in service.background]
+            await service.processor.ready.wait()
+
+            async def status() -> admin_pb2.ServiceStatus:
+                return admin_pb2.ServiceStatus(service="ingest")
+
+            server = GrpcServer("127.0.0.1", 0, service.registrations, status)
+            port = await server.start()
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            stub = pb_grpc.IngestServiceStub(channel)
+            # The same service behind TLS and tokens, as cdp up runs it (gRPC security on vs off).
+            local = ensure_local_secrets(Path(tmp) / "data")
+            leaf = local.pki.leaf(GRPC_LEAF)
+            secure_server = GrpcServer(
+                "127.0.0.1",
+                0,
+                service.registrations,
+                status,
+                tls=ServerTls.load(leaf.cert, leaf.key),
+                tokens=TokenTable.load(local.tokens_file),
+            )
+            secure_port = await secure_server.start()
+            secure_channel = grpc.aio.secure_channel(
+                f"127.0.0.1:{secure_port}", local.client("operator").channel_credentials()
+            )
+            stubs = {"off": stub, "on": pb_grpc.IngestServiceStub(secure_channel)}
+            addresses = {"off": f"127.0.0.1:{port}", "on": f"127.0.0.1:{secure_port}"}
+            try:
+                await setup(stub)
+                packed, each, measured = await batch_figures(stub, log)
+                streaming = await streaming_figures(port, nats, service.processor)
+                if not secure:  # gRPC's cost once, on the plain NATS run
+                    await security_figures(stubs, addresses, local)
+                return Measured(packed, each, measured, streaming)
+            finally:
+                await channel.close(None)
+                await secure_channel.close(None)
+                await secure_server.stop(0)
+                service.processor.stop()
+                await server.stop(0)
+                for task in (runner, *background):
+                    task.cancel()
+                await asyncio.gather(runner, *background, return_exceptions=True)
+                engine.dispose()
+
+
 async def main() -> None:
-    with TemporaryDirectory(prefix="cdp-bench-ingest-") as tmp, NatsServer(Path(tmp) / "js") as nats:
-        settings = IngestSettings(
-            nats_url=nats.url, data_dir=Path(tmp) / "data", store_url=sqlite_url(Path(tmp) / "i.db")
-        )
-        engine = make_engine(settings.store_url)
-        log = await EventLog.connect(nats.url, "cdp-bench")
-        await log.ensure_streams()
-        await log.ensure_streams((RAW,))
-        service = build(settings, engine, log)
-        service.processor.create_store()
-        runner = asyncio.create_task(service.processor.run())
-        background = [asyncio.create_task(job()) for job in service.background]
-        await service.processor.ready.wait()
-
-        async def status() -> admin_pb2.ServiceStatus:
-            return admin_pb2.ServiceStatus(service="ingest")
-
-        server = GrpcServer("127.0.0.1", 0, service.registrations, status)
-        port = await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = pb_grpc.IngestServiceStub(channel)
-        # The same service behind TLS and tokens, as cdp up runs it.
-        local = ensure_local_secrets(Path(tmp) / "data")
-        leaf = local.pki.leaf(GRPC_LEAF)
-        secure = GrpcServer(
-            "127.0.0.1",
-            0,
-            service.registrations,
-            status,
-            tls=ServerTls.load(leaf.cert, leaf.key),
-            tokens=TokenTable.load(local.tokens_file),
-        )
-        secure_port = await secure.start()
-        secure_channel = grpc.aio.secure_channel(
-            f"127.0.0.1:{secure_port}", local.client("operator").channel_credentials()
-        )
-        stubs = {"off": stub, "on": pb_grpc.IngestServiceStub(secure_channel)}
-        addresses = {"off": f"127.0.0.1:{port}", "on": f"127.0.0.1:{secure_port}"}
-        try:
-            await setup(stub)
-            packed, each, measured = await batch_figures(stub, log)
-            title = f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)"
-            report(title, each, [measured])
-            report(f"{title}, against the packed messages", packed, [measured])
-            streaming = await streaming_figures(port, nats.url, service.processor)
-            report("ingest: streaming events", each, streaming)
-            await security_figures(stubs, addresses, local)
-        finally:
-            await channel.close(None)
-            await secure_channel.close(None)
-            await secure.stop(0)
-            service.processor.stop()
-            await server.stop(0)
-            for task in (runner, *background):
-                task.cancel()
-            await asyncio.gather(runner, *background, return_exceptions=True)
-            await log.close()
-            engine.dispose()
+    title = f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)"
+    print("\n-- NATS security off (plain TCP, anonymous)")
+    off = await measure(secure=False)
+    print("\n-- NATS security on (TLS, per-service users and permissions)")
+    on = await measure(secure=True)
+    for label, figures in (("security off", off), ("security on", on)):
+        report(f"{title}, {label}", figures.each, [figures.measured])
+        report(f"{title}, {label}, against the packed messages", figures.packed, [figures.measured])
+        report(f"ingest: streaming events, {label}", figures.each, figures.streaming)
+    report_security("ingest", [off.measured, *off.streaming], [on.measured, *on.streaming])
 
 
 def run() -> None:

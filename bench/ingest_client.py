@@ -19,6 +19,7 @@ import nats
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2_grpc as pb_grpc
 from cdp_kit.grpc_auth import ClientAuth
+from cdp_kit.natsauth import NatsAuth
 from cdp_kit.streams import collect_subject
 
 PER_CALL = 500
@@ -49,7 +50,7 @@ async def through_grpc(address: str, count: int, first: int, *credentials: str) 
 
 
 async def through_nats(url: str, count: int, first: int, *_: str) -> None:
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **NatsAuth.from_env().connect_options())  # CDP_NATS_* when security is on
     js = nc.jetstream()
     subject = collect_subject("web")
     print(time.time(), flush=True)  # when publishing starts (wall clock, read by the bench)

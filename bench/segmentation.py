@@ -43,7 +43,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import func, select
 
-from bench.common import ABBA, Figure, grpc_on_and_off, nats_eventlog, report
+from bench.common import ABBA, Figure, bench_nats, grpc_on_and_off, report, report_security
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
@@ -262,12 +262,17 @@ async def grpc_reads(handlers: SegmentationHandlers, profile_ids: list[str], seg
     )
 
 
-async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) -> tuple[Figure, int, int, float]:
+async def streaming(
+    n: int, profiles: int, per_message: int, computed: int = 0, *, secure: bool = False
+) -> tuple[Figure, int, int, float]:
     """The updates applied by the processor: (wall-clock figure, membership rows, messages on
-    CDP_AUDIENCE, CPU seconds of this process while applying them)."""
+    CDP_AUDIENCE, CPU seconds of this process while applying them). ``secure``: nats-server with
+    TLS and the platform's users and permissions, the processor connected as ``segmentation`` and
+    the fragments published by the admin (in identity's place)."""
     frags = updates(n, profiles)
-    async with nats_eventlog() as eventlog:
-        with tempfile.TemporaryDirectory(prefix="cdp-bench-seg-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-seg-") as tmp:
+        async with bench_nats(secure, "segmentation", Path(tmp)) as nats:
+            eventlog = nats.service
             engine = make_engine(sqlite_url(Path(tmp) / "segmentation.db"))
             processor, catalog = build_processor(engine, eventlog)
             processor.create_store()
@@ -278,7 +283,7 @@ async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) 
                 await handlers.create_computed(name, function)
             for name, query in streaming_definitions().items():
                 await handlers.create_segment(name, query)
-            await publish(eventlog, frags, per_message)
+            await publish(nats.admin, frags, per_message)
             started, cpu = time.perf_counter(), time.process_time()
             await processor.catch_up()
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -286,7 +291,7 @@ async def streaming(n: int, profiles: int, per_message: int, computed: int = 0) 
                 memberships = int(session.exec(select(func.count()).select_from(store.MembershipRow)).one())
                 changes = await eventlog.last_sequence("CDP_AUDIENCE")
             reads = env_int("CDP_BENCH_SEG_READS", 500)
-            if reads and not computed:
+            if reads and not computed and not secure:  # gRPC's cost once, on the plain NATS run
                 sample = list(dict.fromkeys(f.profile_id for f in frags))[:reads]
                 await grpc_reads(handlers, sample, list(streaming_definitions())[:10])
             engine.dispose()
@@ -470,6 +475,9 @@ def run() -> None:
     )
     print(f"   {memberships:,} membership rows; {log_messages:,} messages on CDP_AUDIENCE")
     print(f"   goal 10,000 updates/s: {'met' if figure.rate >= 10_000 else 'not met'} ({figure.rate:,.0f}/s)")
+    secured, secured_memberships, _, _ = asyncio.run(streaming(n, profiles, per_message, secure=True))
+    assert secured_memberships == memberships, (secured_memberships, memberships)
+    report_security("segmentation streaming", [figure], [secured])
     computed = env_int("CDP_BENCH_SEG_COMPUTED", 0)  # also kept up to date: that many computed attributes
     if computed:
         with_computed, _, _, _ = asyncio.run(streaming(n, profiles, per_message, computed))

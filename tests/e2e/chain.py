@@ -19,8 +19,10 @@ from cdp.common.v1 import admin_pb2, deadletter_pb2_grpc
 from cdp.common.v1 import deadletter_pb2 as dl
 from cdp_cli.client import SERVICES, Client, check_health
 from cdp_cli.skeleton import retrying
-from cdp_kit.eventlog import EventLog, LogMessage
+from cdp_kit.eventlog import LogMessage
 from cdp_kit.streams import ALL_STREAMS
+from tests.e2e import natsconn
+from tests.e2e.natsconn import NatsTarget
 
 T = TypeVar("T")
 
@@ -53,8 +55,8 @@ def healths(client: Client) -> dict[str, str]:
     return {service: check_health(client.address(service), timeout=5.0, auth=client.auth()) for service in SERVICES}
 
 
-async def _last_sequences(nats_url: str, filters: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+async def _last_sequences(target: NatsTarget, filters: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    nc = await natsconn.connect(target, connect_timeout=5, max_reconnect_attempts=2)
     try:
         js = nc.jetstream()
         out: dict[tuple[str, str], int] = {}
@@ -82,7 +84,7 @@ FILTERS = {
 }
 
 
-def drained(client: Client, nats_url: str) -> dict[str, tuple[int, int, int, str]] | None:
+def drained(client: Client, target: NatsTarget) -> dict[str, tuple[int, int, int, str]] | None:
     """None unless every consumer of every service has applied its subject's last message, with lag 0
     and no error; else (applied, last on the consumer's subjects, lag, error) per consumer."""
     found: dict[str, tuple[int, int, int, str]] = {}
@@ -92,7 +94,7 @@ def drained(client: Client, nats_url: str) -> dict[str, tuple[int, int, int, str
         if not reply.ready:
             return None
         wanted += [(c.stream, FILTERS[c.name]) for c in reply.consumers]
-    last = asyncio.run(_last_sequences(nats_url, wanted))
+    last = asyncio.run(_last_sequences(target, wanted))
     ok = True
     for reply in statuses:
         for c in reply.consumers:
@@ -102,26 +104,26 @@ def drained(client: Client, nats_url: str) -> dict[str, tuple[int, int, int, str
     return None if not ok else found
 
 
-def wait_drained(client: Client, nats_url: str, timeout_s: float) -> dict[str, tuple[int, int, int, str]]:
-    return wait_for("every consumer to apply its input to the end", lambda: drained(client, nats_url), timeout_s)
+def wait_drained(client: Client, target: NatsTarget, timeout_s: float) -> dict[str, tuple[int, int, int, str]]:
+    return wait_for("every consumer to apply its input to the end", lambda: drained(client, target), timeout_s)
 
 
-async def _read(nats_url: str, stream: str, subject: str) -> list[LogMessage]:
-    eventlog = await EventLog.connect(nats_url, "cdp-test-reader")
+async def _read(target: NatsTarget, stream: str, subject: str) -> list[LogMessage]:
+    eventlog = await natsconn.eventlog(target, name="cdp-test-reader")
     try:
         return [m async for m in eventlog.read(stream, subject)]
     finally:
         await eventlog.close()
 
 
-def read_log(nats_url: str, stream: str, subject: str) -> list[LogMessage]:
+def read_log(target: NatsTarget, stream: str, subject: str) -> list[LogMessage]:
     """Every message on ``subject`` (headers and bytes, not decoded)."""
     assert stream in {s.name for s in ALL_STREAMS}
-    return asyncio.run(_read(nats_url, stream, subject))
+    return asyncio.run(_read(target, stream, subject))
 
 
-async def _publish(nats_url: str, subject: str, data: bytes, headers: dict[str, str] | None) -> int:
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+async def _publish(target: NatsTarget, subject: str, data: bytes, headers: dict[str, str] | None) -> int:
+    nc = await natsconn.connect(target, connect_timeout=5, max_reconnect_attempts=2)
     try:
         ack = await nc.jetstream().publish(subject, data, headers=headers, timeout=10.0)
         return int(ack.seq)
@@ -129,6 +131,7 @@ async def _publish(nats_url: str, subject: str, data: bytes, headers: dict[str, 
         await nc.close()
 
 
-def publish(nats_url: str, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
-    """Publish raw bytes on a JetStream subject as any outside publisher could; returns the stream sequence."""
-    return asyncio.run(_publish(nats_url, subject, data, headers))
+def publish(target: NatsTarget, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+    """Publish raw bytes on a JetStream subject as the stack's admin (an operator; with security on
+    no one else may write another service's subject); returns the stream sequence."""
+    return asyncio.run(_publish(target, subject, data, headers))

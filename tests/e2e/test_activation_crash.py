@@ -17,9 +17,10 @@ from sqlmodel import Session, select
 
 from cdp_activation.store import BatchRow, PlanMemberRow
 from cdp_cli.client import stack_channel
-from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_auth import ensure_local_secrets
+from cdp_kit.natsauth import ADMIN, stack_env
 from cdp_kit.store import make_engine
+from cdp_kit.testing.plugin import SecureNats
 from cdp_standins import Fault, LocalPlatforms
 from tests.integration.test_activation_delivery import Upstream, people, until
 
@@ -30,10 +31,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(data_dir: Path, nats_url: str, port: int) -> subprocess.Popen[bytes]:
+def start(data_dir: Path, nats: SecureNats, port: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
-        "CDP_NATS_URL": nats_url,
+        "CDP_NATS_URL": nats.url,
+        **stack_env(nats.secrets_dir, "activation"),
         "CDP_DATA_DIR": str(data_dir),
         "CDP_GRPC_PORT": str(port),
         "CDP_DELIVERY_INTERVAL_S": "0.05",
@@ -71,16 +73,17 @@ def holdings(db: Path) -> set[str]:
 
 
 async def test_activation_kill_9_mid_delivery_reconciles(
-    tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
+    tmp_path: Path, secure_nats: SecureNats, platforms: LocalPlatforms
 ) -> None:
     from google.protobuf import struct_pb2
 
     from cdp.activation.v1 import activation_pb2 as pb
     from cdp.activation.v1 import activation_pb2_grpc as pb_grpc
 
+    eventlog = await secure_nats.connect(ADMIN)  # the upstream services' facts, written as the admin
     up = Upstream(eventlog)
     port = free_port()
-    proc = start(tmp_path, nats_url, port)
+    proc = start(tmp_path, secure_nats, port)
     db = tmp_path / "activation.db"
     try:
         async with stack_channel(tmp_path, f"127.0.0.1:{port}", "admin") as channel:
@@ -108,7 +111,7 @@ async def test_activation_kill_9_mid_delivery_reconciles(
         proc.wait(30)
         await until(lambda: len(platforms.accepted["webhook"]) >= 1, 30, "the slow request accepted")
 
-        proc = start(tmp_path, nats_url, port)
+        proc = start(tmp_path, secure_nats, port)
         await until(lambda: len(platforms.members["webhook:gold"]) == 12, 90, "all members delivered")
         await until(lambda: len(holdings(db)) == 12 and all(b.status == "delivered" for b in batches(db)), 60)
     finally:
@@ -117,6 +120,7 @@ async def test_activation_kill_9_mid_delivery_reconciles(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        await eventlog.close()
 
     # the slow batch was sent again after the restart, with the same batch id, and deduplicated
     assert platforms.duplicates["webhook"] >= 1

@@ -159,7 +159,7 @@ def check(stack: Stack, client: Client, folder: str, expected: dict[str, tuple[s
 
 def set_policy(stack: Stack, client: Client, policy: seg.MergePolicy) -> None:
     retrying(partial(client.segmentation.SetMergePolicy, seg.SetMergePolicyRequest(policy=policy)))
-    wait_drained(client, stack.nats_url, TIMEOUT_S)  # activation has read the policy too
+    wait_drained(client, stack, TIMEOUT_S)  # activation has read the policy too
 
 
 def test_file_export_receives_what_get_profile_shows_under_each_merge_policy(
@@ -173,7 +173,7 @@ def test_file_export_receives_what_get_profile_shows_under_each_merge_policy(
     cdp(stack, "ingest", str(write_csv(tmp_path / "crm.csv", CRM)), "--dataset", "crm", "--wait")
     cdp(stack, "ingest", str(write_csv(tmp_path / "loyalty.csv", LOYALTY)), "--dataset", "loyalty", "--wait")
     cdp(stack, "segment", "create", "known", "has crm_id")
-    wait_drained(client, stack.nats_url, TIMEOUT_S)
+    wait_drained(client, stack, TIMEOUT_S)
     check(stack, client, "loyalty_first", LOYALTY_FIRST)
 
     set_policy(stack, client, NEWEST)  # every profile resolved again, in both services

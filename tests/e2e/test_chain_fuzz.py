@@ -164,7 +164,7 @@ def through_the_chain(f: Fuzzed, n: int) -> None:
 
 
 def through_collect(f: Fuzzed, n: int) -> None:
-    publish(f.stack.nats_url, "cdp.collect.web", json_format.MessageToJson(_struct(web_event(n))).encode())
+    publish(f.stack, "cdp.collect.web", json_format.MessageToJson(_struct(web_event(n))).encode())
     wait_for(f"profile {n} in segmentation", lambda: profile_exists(f.client, n), EFFECT_TIMEOUT_S)
 
 
@@ -303,7 +303,7 @@ def test_garbage_on_a_consumed_subject_is_set_aside_and_what_follows_is_applied(
     f = fuzzed
     n = f.next()
     data = garbage(kind, target.event_type, n)
-    sequence = publish(f.stack.nats_url, target.subject, data)
+    sequence = publish(f.stack, target.subject, data)
 
     target.valid(f, n)
 

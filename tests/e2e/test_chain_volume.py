@@ -170,7 +170,7 @@ def test_a_wide_messy_csv_reaches_segmentation_whole_through_multi_part_fragment
     wait_for("every row a profile in segmentation", all_profiles, timeout_s=240.0, interval_s=1.0)
     # Activation keeps every profile's 60 attributes too, and is the slowest stage (its speed is
     # another issue's): the drain is waited for, not timed.
-    wait_drained(client, big_stack.nats_url, timeout_s=400.0)
+    wait_drained(client, big_stack, timeout_s=400.0)
 
     members = retrying(lambda: client.segmentation.ListMembers(seg.ListMembersRequest(segment="wide_q", limit=ROWS)))
     assert len(members.profile_ids) == first_letters["Q"]
@@ -185,7 +185,7 @@ def test_a_wide_messy_csv_reaches_segmentation_whole_through_multi_part_fragment
     }
 
     # The path under test: identity's answer to one ingest message did not fit one NATS message.
-    fragments = read_log(big_stack.nats_url, IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject)
+    fragments = read_log(big_stack, IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject)
     parts = [m.headers[PART_HEADER] for m in fragments if PART_HEADER in m.headers]
     assert parts, "no fragments message carried a Cdp-Part header: the multi-part path was not exercised"
     assert any(p.startswith("2/") for p in parts)
@@ -243,8 +243,8 @@ def test_one_profile_enters_a_thousand_segments_at_once(stack: Stack, client: Cl
         destination="drop", segment=f"s{SEGMENTS:04d}", identities=["email"], schedule="streaming"
     )
     wait_for("activation to know the last segment", partial(_activated, client, activate), timeout_s=60.0)
-    wait_drained(client, stack.nats_url, timeout_s=60.0)
-    memberships_before = read_log(stack.nats_url, AUDIENCE.name, SEGMENTATION_MEMBERSHIPS.subject)
+    wait_drained(client, stack, timeout_s=60.0)
+    memberships_before = read_log(stack, AUDIENCE.name, SEGMENTATION_MEMBERSHIPS.subject)
 
     ingest_rows(client, tmp_path, "after", [("P1", "one@example.com", SEGMENTS)])
 
@@ -258,12 +258,12 @@ def test_one_profile_enters_a_thousand_segments_at_once(stack: Stack, client: Cl
         return len(sizes) if all(size == 1 for size in sizes.values()) and len(sizes) == SEGMENTS else None
 
     wait_for("the person in all 1,000 segments", in_all, timeout_s=120.0, interval_s=0.5)
-    wait_drained(client, stack.nats_url, timeout_s=60.0)
+    wait_drained(client, stack, timeout_s=60.0)
 
     names = {
         s.id: s.name for s in retrying(lambda: client.segmentation.ListSegments(seg.ListSegmentsRequest())).segments
     }
-    after = read_log(stack.nats_url, AUDIENCE.name, SEGMENTATION_MEMBERSHIPS.subject)[len(memberships_before) :]
+    after = read_log(stack, AUDIENCE.name, SEGMENTATION_MEMBERSHIPS.subject)[len(memberships_before) :]
     changes = [unpack(e, sev.MembershipChanged) for m in after for e in m.events() if is_a(e, sev.MembershipChanged)]
     entered = [names[c.segment_id] for c in changes if c.profile_id == profile_id]
     assert all(c.status == sev.MEMBERSHIP_STATUS_REALIZED for c in changes)

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from google.protobuf import json_format, struct_pb2
 from typer.testing import CliRunner
@@ -24,6 +23,7 @@ from cdp_cli.platforms import local_platforms
 from cdp_cli.skeleton import ACTIVATED_SEGMENT, WEB_SCHEMA, generate, ingest_crm, retrying, setup
 from cdp_cli.stack import Stack
 from cdp_standins import Fault, LocalPlatforms
+from tests.e2e import natsconn
 
 pytestmark = pytest.mark.e2e
 COUPON_EVENT = {
@@ -66,9 +66,11 @@ def wait_until(
         time.sleep(0.3)
 
 
-def publish(nats_url: str, subject: str, data: bytes) -> None:
+def publish(target: natsconn.NatsTarget, subject: str, data: bytes) -> None:
+    """As the admin: with security on no one else may write garbage on ingest's own subject."""
+
     async def send() -> None:
-        nc = await nats.connect(nats_url)
+        nc = await natsconn.connect(target)
         try:
             await nc.jetstream().publish(subject, data)
         finally:
@@ -107,9 +109,9 @@ def test_every_kind_of_dead_letter_is_listed_in_one_place_and_redriven(
         # bytes identity cannot read on the subject it consumes: poison. Published once identity has
         # applied the CRM records: one run with the poison
         # right after them saw identity emit no fragments at all (not explained yet).
-        publish(stack.nats_url, "cdp.ingest.0.records", b"\x00\xffnot an EventBatch")
+        publish(stack, "cdp.ingest.0.records", b"\x00\xffnot an EventBatch")
         # an event with a field its schema lacks: a collect reject
-        publish(stack.nats_url, "cdp.collect.web", json.dumps(COUPON_EVENT).encode())
+        publish(stack, "cdp.collect.web", json.dumps(COUPON_EVENT).encode())
 
         seen: list[dict[str, Any]] = [{}]
 

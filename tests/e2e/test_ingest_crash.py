@@ -21,8 +21,8 @@ from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_cli.client import Client
 from cdp_cli.stack import Stack
 from cdp_kit.envelope import is_a, unpack
-from cdp_kit.eventlog import EventLog
 from cdp_kit.streams import INGEST_RECORDS
+from tests.e2e import natsconn
 
 pytestmark = pytest.mark.e2e
 ROWS = 100_000
@@ -53,8 +53,8 @@ def chunks(data: bytes, key: str, size: int = 128 * 1024) -> Iterator[pb.IngestF
         yield pb.IngestFileChunk(data=data[start : start + size])
 
 
-async def record_messages(nats_url: str) -> tuple[int, list[ev.RecordAccepted]]:
-    log = await EventLog.connect(nats_url, "crash-test")
+async def record_messages(target: natsconn.NatsTarget) -> tuple[int, list[ev.RecordAccepted]]:
+    log = await natsconn.eventlog(target, name="crash-test")
     messages, records = 0, []
     try:
         async for msg in log.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject):
@@ -65,8 +65,8 @@ async def record_messages(nats_url: str) -> tuple[int, list[ev.RecordAccepted]]:
     return messages, records
 
 
-async def last_sequence(nats_url: str) -> int:
-    log = await EventLog.connect(nats_url, "crash-watch")
+async def last_sequence(target: natsconn.NatsTarget) -> int:
+    log = await natsconn.eventlog(target, name="crash-watch")
     try:
         return await log.last_sequence(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject)
     finally:
@@ -76,7 +76,7 @@ async def last_sequence(nats_url: str) -> int:
 def upload_until_killed(stack: Stack, client: Client, data: bytes, key: str, *, when_appending: bool) -> None:
     """Start the upload; SIGKILL ingest halfway through reading, or once chunks reach the log."""
     failure: list[BaseException] = []
-    before = asyncio.run(last_sequence(stack.nats_url))
+    before = asyncio.run(last_sequence(stack))
 
     def send() -> None:
         try:
@@ -90,7 +90,7 @@ def upload_until_killed(stack: Stack, client: Client, data: bytes, key: str, *, 
     sender.start()
     if when_appending:
         deadline = time.monotonic() + 240
-        while asyncio.run(last_sequence(stack.nats_url)) < before + 5 and time.monotonic() < deadline:
+        while asyncio.run(last_sequence(stack)) < before + 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         stack.kill("ingest")
     sender.join(300)
@@ -116,14 +116,14 @@ def test_a_batch_killed_mid_read_and_mid_append_ends_on_the_log_exactly_once(tmp
         data = crm_csv()
 
         upload_until_killed(stack, client, data, "big", when_appending=False)
-        assert asyncio.run(record_messages(stack.nats_url))[1] == []  # nothing before the verdict
+        assert asyncio.run(record_messages(stack))[1] == []  # nothing before the verdict
         upload_until_killed(stack, client, data, "big", when_appending=True)
-        partial = asyncio.run(record_messages(stack.nats_url))[1]
+        partial = asyncio.run(record_messages(stack))[1]
         assert 0 < len(partial) < ROWS
 
         report = resend(client, data, "big")
         assert (report.status, report.rows_accepted) == (pb.BATCH_STATUS_COMPLETED, ROWS)
-        records = asyncio.run(record_messages(stack.nats_url))[1]
+        records = asyncio.run(record_messages(stack))[1]
         assert len(records) == ROWS
         assert sorted(r.row for r in records) == list(range(1, ROWS + 1))
         assert resend(client, data, "big").duplicate
@@ -133,7 +133,7 @@ def test_a_batch_killed_mid_read_and_mid_append_ends_on_the_log_exactly_once(tmp
         failed = resend(client, failing, "failing")
         assert failed.status == pb.BATCH_STATUS_FAILED
         assert failed.rows_rejected == ROWS // 10
-        after = asyncio.run(record_messages(stack.nats_url))[1]
+        after = asyncio.run(record_messages(stack))[1]
         assert len(after) == ROWS
         assert not [r for r in after if r.batch_id == failed.batch_id]
         assert stack.restarts["ingest"] == 3

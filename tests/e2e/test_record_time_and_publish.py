@@ -134,7 +134,7 @@ def test_record_time_decides_between_two_crm_rows_and_events_publish_counts_dead
         "amount: type: expected a number",
         "ts: type: expected an ISO 8601 timestamp",
     ]
-    collected = read_log(stack.nats_url, "CDP_COLLECT", "cdp.collect.web")
+    collected = read_log(stack, "CDP_COLLECT", "cdp.collect.web")
     assert [m.headers.get("Nats-Msg-Id") for m in collected] == ["web:e1", "web:e2", "web:e3", "web:e4"]
     assert len(dead_letters(client, "ingest", "ingest-collect")) == 2
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import nats
 import phonenumbers
 import pytest
 from google.protobuf import json_format
@@ -44,6 +43,8 @@ from cdp_cli.client import Client
 from cdp_cli.inputs import file_chunks
 from cdp_cli.skeleton import retrying
 from cdp_cli.stack import Stack
+from cdp_kit.natsauth import PUBLISHER
+from tests.e2e import natsconn
 from tests.e2e import retail_data as rd
 from tests.e2e.chain import dead_letters, wait_drained
 
@@ -218,10 +219,10 @@ def file_format(name: str) -> ing.FileFormat.ValueType:
     return {"csv": ing.FILE_FORMAT_CSV, "jsonl": ing.FILE_FORMAT_JSONL, "parquet": ing.FILE_FORMAT_PARQUET}[suffix]
 
 
-async def publish(nats_url: str, payloads: list[bytes]) -> None:
+async def publish(target: natsconn.NatsTarget, payloads: list[bytes]) -> None:
     """What a website does: one JSON event per message on cdp.collect.web, acknowledged by
-    JetStream, with the message id docs/ingest.md recommends."""
-    nc = await nats.connect(nats_url)
+    JetStream, with the message id docs/ingest.md recommends, as the ``publisher`` user."""
+    nc = await natsconn.connect(target, PUBLISHER)
     try:
         js = nc.jetstream()
         for payload in payloads:
@@ -295,10 +296,10 @@ def run(folder: Path, now: datetime) -> Outcome:
         ingest(client, outcome, folder, "crm", "crm_export.csv", data.crm_csv)
         ingest(client, outcome, folder, "loyalty", "loyalty_members.jsonl", data.loyalty_jsonl)
         ingest(client, outcome, folder, "orders", "pos_orders.parquet", data.orders_parquet)
-        asyncio.run(publish(stack.nats_url, data.web_events))
-        wait_drained(client, stack.nats_url, timeout_s=180.0)
+        asyncio.run(publish(stack, data.web_events))
+        wait_drained(client, stack, timeout_s=180.0)
         evaluate_batch(client)
-        wait_drained(client, stack.nats_url, timeout_s=60.0)
+        wait_drained(client, stack, timeout_s=60.0)
         read_outcome(client, outcome)
     return outcome
 

@@ -19,6 +19,7 @@ from cdp_cli.skeleton import ACTIVATED_SEGMENT, DemoData, Outcome, ingest_crm, r
 from cdp_cli.stack import Stack
 from cdp_identity.store import TABLES as IDENTITY_TABLES
 from cdp_ingest.store import TABLES as INGEST_TABLES
+from cdp_kit.natsauth import stack_env
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.testing.postgres import EmbeddedPostgres
 from cdp_segmentation.store import TABLES as SEGMENTATION_TABLES
@@ -75,6 +76,7 @@ def rebuild(stack: Stack, service: str, store_url: str, data_dir: Path) -> None:
     env = {
         **os.environ,
         "CDP_NATS_URL": stack.nats_url,
+        **stack_env(stack.secrets_dir, service),
         "CDP_STORE_URL": store_url,
         "CDP_DATA_DIR": str(data_dir),
         "CDP_LOG_FORMAT": "json",

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -30,6 +29,7 @@ from cdp_cli.client import Client, check_health
 from cdp_cli.skeleton import CRM_SCHEMA, WEB_SCHEMA
 from cdp_cli.stack import Stack
 from cdp_cli.wait import wait_applied
+from tests.e2e import natsconn
 
 pytestmark = pytest.mark.e2e
 
@@ -63,11 +63,11 @@ def define_datasets(data_dir: Path, tmp_path: Path) -> None:
         assert made.exit_code == 0, made.output
 
 
-def limit_profile_messages(nats_url: str, max_msg_size: int) -> None:
-    """Change CDP_PROFILE's largest accepted message in JetStream (-1: no limit)."""
+def limit_profile_messages(target: natsconn.NatsTarget, max_msg_size: int) -> None:
+    """Change CDP_PROFILE's largest accepted message in JetStream (-1: no limit), as the admin."""
 
     async def change() -> None:
-        nc = await nats.connect(nats_url)
+        nc = await natsconn.connect(target)
         try:
             js = nc.jetstream()
             info = await js.stream_info(PROFILE)
@@ -116,7 +116,7 @@ def test_ingest_wait_then_status_is_tidy_then_a_stall_is_loud(stack: Stack, tmp_
             assert consumer["state"] == "caught_up", where
 
     # ---- identity cannot progress: JetStream refuses its fragments
-    limit_profile_messages(stack.nats_url, 64)
+    limit_profile_messages(stack, 64)
     path = crm_file(tmp_path, "crm-2", range(21, 31))
     failed = cdp(data_dir, "ingest", str(path), "--dataset", "crm", "--wait", "--wait-timeout", "120")
     assert failed.exit_code == 1, failed.output
@@ -146,7 +146,7 @@ def test_ingest_wait_then_status_is_tidy_then_a_stall_is_loud(stack: Stack, tmp_
     assert "identity: consumer identity-ingest is stuck" in " ".join(table.stderr.split())
 
     # ---- the limit lifted, identity goes on from where it stopped and is ready again
-    limit_profile_messages(stack.nats_url, -1)
+    limit_profile_messages(stack, -1)
     stack.wait_serving("identity", timeout_s=120.0)
     with Client(data_dir, addresses=stack.addresses) as client:
         wait_applied(client, 120.0)

@@ -684,7 +684,9 @@ def check_cluster_settings(manifests: Manifests) -> list[str]:
         problems.append(f"CDP_NATS_URL {url!r} names a host outside namespace {namespace!r}")
     service = find(manifests, "Service", service_name)
     statefulset = find(manifests, "StatefulSet", NATS)
-    if parts.scheme != "nats" or service is None or statefulset is None:
+    if parts.scheme != "tls":
+        problems.append(f"CDP_NATS_URL {url!r} is not tls:// (NATS clients must use TLS)")
+    if parts.scheme not in ("nats", "tls") or service is None or statefulset is None:
         problems.append(f"CDP_NATS_URL {url!r} does not name a NATS Service")
         return problems
     if not selects(service, pod_labels(statefulset)):

@@ -21,10 +21,11 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.common.v1.deadletter_pb2_grpc import DeadLetterServiceStub
 from cdp.ingest.v1 import ingest_pb2 as ing
-from cdp_cli.client import Client
+from cdp_cli.client import Client, nats_auth
 from cdp_cli.cmd_deadletters import FETCH_LIMIT, Letter, kit_letter
 from cdp_cli.documents import example_dict
 from cdp_cli.skeleton import EXISTS, DemoData, ensure, ensure_datasets, generate, ingest_crm, retrying, setup
+from cdp_kit.natsauth import PUBLISHER, NatsAuth
 
 LOYALTY_SCHEMA = example_dict("schema", "loyalty_member")
 ORDER_SCHEMA = example_dict("schema", "store_order")
@@ -106,9 +107,10 @@ def setup_blueprint(client: Client) -> None:
     ensure_datasets(client, {"loyalty": LOYALTY_SCHEMA, "orders": ORDER_SCHEMA})
 
 
-async def publish_to_nats(nats_url: str, subject: str, payloads: list[bytes]) -> int:
-    """What an event publisher does: plain JSON on cdp.collect.<dataset>, JetStream-acknowledged."""
-    nc = await nats.connect(nats_url)
+async def publish_to_nats(nats_url: str, subject: str, payloads: list[bytes], auth: NatsAuth | None = None) -> int:
+    """What an event publisher does: plain JSON on cdp.collect.<dataset>, JetStream-acknowledged
+    (as the ``publisher`` user, which may publish ``cdp.collect.>`` and nothing else)."""
+    nc = await nats.connect(nats_url, **(auth.connect_options() if auth is not None else {}))
     try:
         js = nc.jetstream()
         for payload in payloads:
@@ -129,7 +131,8 @@ def run_blueprint(client: Client, nats_url: str, data: BlueprintData) -> Bluepri
     report.batches["orders.parquet"] = ingest_file(
         client, "orders", "orders.parquet", ing.FILE_FORMAT_PARQUET, data.orders_parquet
     )
-    report.nats_published = asyncio.run(publish_to_nats(nats_url, "cdp.collect.web", data.nats_events))
+    auth = nats_auth(client.data_dir, PUBLISHER)
+    report.nats_published = asyncio.run(publish_to_nats(nats_url, "cdp.collect.web", data.nats_events, auth))
     return report
 
 

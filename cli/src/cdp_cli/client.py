@@ -30,6 +30,7 @@ from cdp.ingest.v1 import ingest_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2_grpc
 from cdp_cli.errors import CliError
 from cdp_kit.grpc_auth import ClientAuth, secrets_of
+from cdp_kit.natsauth import NatsAuth, password_file, stack_auth
 from cdp_kit.roles import Role
 
 ServiceName = Literal["ingest", "identity", "segmentation", "activation"]
@@ -46,6 +47,16 @@ UNREACHABLE = "UNREACHABLE"
 def env_var(service: str) -> str:
     """The environment variable that holds a service's address, e.g. ``CDP_INGEST_ADDR``."""
     return f"CDP_{service.upper()}_ADDR"
+
+
+def nats_auth(data_dir: Path, user: str, environ: Mapping[str, str] | None = None) -> NatsAuth:
+    """How a ``cdp`` command connects to NATS as ``user``: ``CDP_NATS_USER`` (with ``CDP_NATS_PASSWORD_FILE``,
+    ``CDP_NATS_CA_FILE``...) when set, else that user's credentials ``cdp up`` wrote in ``<data_dir>/secrets``."""
+    env = os.environ if environ is None else environ
+    secrets_dir = Path(data_dir) / "secrets"
+    if not env.get("CDP_NATS_USER") and password_file(secrets_dir / "nats", user).exists():
+        return stack_auth(secrets_dir, user)
+    return NatsAuth.from_env(env)
 
 
 def pid_alive(pid: int) -> bool:

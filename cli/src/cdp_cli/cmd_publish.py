@@ -32,9 +32,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2
 from cdp_cli import render
-from cdp_cli.client import Client, read_stack_file
+from cdp_cli.client import Client, nats_auth, read_stack_file
 from cdp_cli.errors import CliError
 from cdp_cli.wait import wait_downstream
+from cdp_kit.natsauth import PUBLISHER, NatsAuth
 from cdp_kit.streams import INGEST_READS_COLLECT, collect_subject
 
 BAD_LINES_SHOWN = 20
@@ -119,13 +120,20 @@ def judge_line(text: bytes) -> tuple[dict[str, Any] | None, str]:
 
 
 async def publish_file(
-    path: Path, dataset: str, url: str, id_field: str, window: int, progress: Progress | None
+    path: Path,
+    dataset: str,
+    url: str,
+    id_field: str,
+    window: int,
+    progress: Progress | None,
+    auth: NatsAuth | None = None,
 ) -> Published:
     """Publish every event line of ``path``, read line by line (a local file: reads are short)."""
     out = Published()
     size = await asyncio.to_thread(lambda: path.stat().st_size)
     subject = collect_subject(dataset)
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=5, name="cdp-events-publish")
+    options = auth.connect_options() if auth is not None else {}
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=5, name="cdp-events-publish", **options)
     try:
         js = nc.jetstream()
         pending: deque[asyncio.Future[PubAck]] = deque()
@@ -240,7 +248,8 @@ def events_publish(
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=render.err, transient=True) as progress:
         try:
-            published = asyncio.run(publish_file(file, dataset, url, id_field, window, progress))
+            auth = nats_auth(client.data_dir, PUBLISHER)
+            published = asyncio.run(publish_file(file, dataset, url, id_field, window, progress, auth))
         except (OSError, nats.errors.Error) as exc:
             raise CliError(f"publishing to {url}: {exc}") from exc
         outcome = Outcome(applied=True)

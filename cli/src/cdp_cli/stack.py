@@ -4,11 +4,17 @@ services as supervised child processes on loopback ports, all under one data fol
 * ``<data_dir>/nats``        JetStream file store
 * ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
-* ``<data_dir>/secrets``     (0700) gRPC TLS material in ``pki/`` and a token per role in
-  ``tokens/`` (files 0600): every service serves TLS and checks tokens; ``cdp`` commands use them
+* ``<data_dir>/secrets/``    0700: ``pki/`` (the stack's CA, the NATS and gRPC certificates),
+  ``nats/`` (one password per NATS user, the server's configuration) and ``tokens/`` (a gRPC
+  token per role), every file 0600: every service serves gRPC over TLS and checks tokens, and
+  ``cdp`` commands use the admin token
 * ``<data_dir>/secrets/pii-hash.key``  the deployment's PII hash key (0600, kept across restarts),
   given to every service as ``CDP_PII_HASH_KEY_FILE``
 * ``<data_dir>/secrets/master.key``  the master key of secrets at rest (0600, made once, kept)
+
+NATS runs with TLS and the platform's users and permissions (``cdp_kit.natsauth``): each
+service connects as itself, the streams are provisioned once by the ``admin`` user before the
+services start, and ``cdp`` commands use the credentials in ``secrets/``.
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
@@ -19,6 +25,7 @@ thread, which lives from ``start()`` until every child has been reaped by ``stop
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -30,19 +37,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
 from cdp_kit import keyring
+from cdp_kit.errors import Unavailable
 from cdp_kit.grpc_auth import ClientAuth, LocalSecrets, ensure_local_secrets
-from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_jetstream
+from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env, write_private
+from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_healthz
 from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
+from cdp_kit.provision import provision_streams
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,15 @@ CommandFactory = Callable[[str], list[str]]
 
 class StackError(CliError):
     """The stack could not start, or a service did not become ready."""
+
+
+T = TypeVar("T")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on a loop of its own, in a thread (the caller may have a loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def service_command(service: str) -> list[str]:
@@ -197,6 +216,7 @@ class Stack:
         self.poll_interval_s = poll_interval_s
         self.command = command
         self.nats_url = ""
+        self.nats_monitor_port = 0
         self._nats: Child | None = None
         self._children: dict[str, Child] = {}
         self._lock = threading.RLock()
@@ -221,6 +241,10 @@ class Stack:
     @property
     def master_key_file(self) -> Path:
         return self.data_dir / "secrets" / "master.key"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
 
     @property
     def stack_file(self) -> Path:
@@ -264,6 +288,7 @@ class Stack:
             self._ensure_grpc_secrets()
             self._start_supervisor()
             self._start_nats()
+            self._provision()
             self._start_services()
             self._write_stack_file()
             self._supervising = True
@@ -300,34 +325,49 @@ class Stack:
             return {"CDP_GRPC_INSECURE": "true"}
         return self.secrets.server_env()
 
+    def _nats_config(self) -> Path:
+        """nats-server's configuration with TLS, users and permissions; it holds passwords (0600)."""
+        security = ensure_secrets(self.secrets_dir)
+        text = f"max_payload: {NATS_MAX_PAYLOAD}\n{security}{self.nats_config}\n"
+        return write_private(self.secrets_dir / "nats" / "nats-server.conf", text)
+
     def _start_nats(self) -> None:
         store = self.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         port = free_port(LOOPBACK)
-        config = store / "nats.conf"
-        config.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n{self.nats_config}\n")
+        self.nats_monitor_port = free_port(LOOPBACK)
+        config = self._nats_config()
         try:
             binary = find_binary()
         except FileNotFoundError as exc:
             raise StackError(str(exc)) from None
         argv = [binary, "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(port)]
-        argv += ["-sd", str(store), "-n", f"cdp-{port}"]
+        argv += ["-sd", str(store), "-n", f"cdp-{port}", "-m", str(self.nats_monitor_port)]
         # Own session: a Ctrl-C in the terminal must not stop NATS before the services drained.
         nats = Child(NATS, argv, dict(os.environ), self.logs_dir / "nats.log", f"{LOOPBACK}:{port}", new_session=True)
         self._nats = nats
-        self.nats_url = f"nats://{LOOPBACK}:{port}"
+        self.nats_url = f"tls://{LOOPBACK}:{port}"
         self._spawn(nats)
         self._record("spawned", child=NATS, pid=nats.pid, address=nats.address)
         try:
-            wait_for_jetstream(LOOPBACK, port, timeout=min(30.0, self.ready_timeout_s))
+            # The monitoring port: probing the TLS client port with a bare connect logs a handshake error.
+            wait_for_healthz(LOOPBACK, self.nats_monitor_port, timeout=min(30.0, self.ready_timeout_s))
         except TimeoutError as exc:
             raise self._not_ready(nats, str(exc)) from None
+
+    def _provision(self) -> None:
+        """Create or update the streams as the ``admin`` user (no service may)."""
+        try:
+            run_async(provision_streams(self.nats_url, stack_auth(self.secrets_dir, ADMIN)))
+        except Unavailable as exc:
+            raise StackError(f"provisioning the streams failed: {exc.message}") from None
 
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
                 "CDP_NATS_URL": self.nats_url,
+                **stack_env(self.secrets_dir, name),
                 "CDP_DATA_DIR": str(self.data_dir),
                 "CDP_STORE_URL": "",
                 "CDP_GRPC_HOST": LOOPBACK,
@@ -372,7 +412,13 @@ class Stack:
         return StackError(f"{child.name} {reason}; last lines of {child.log_path}:\n{tail}")
 
     def _write_stack_file(self) -> None:
-        content = {"nats_url": self.nats_url, "services": self.addresses, "pid": os.getpid()}
+        content = {
+            "nats_url": self.nats_url,
+            "nats_monitor_port": self.nats_monitor_port,
+            "secrets_dir": str(self.secrets_dir),
+            "services": self.addresses,
+            "pid": os.getpid(),
+        }
         temporary = self.stack_file.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(content, indent=2) + "\n")
         temporary.replace(self.stack_file)
@@ -475,9 +521,8 @@ class Stack:
         child = self._child(service)
         timeout = self.ready_timeout_s if timeout_s is None else timeout_s
         if child is self._nats:
-            host, port = child.address.rsplit(":", 1)
             try:
-                wait_for_jetstream(host, int(port), timeout=timeout)
+                wait_for_healthz(LOOPBACK, self.nats_monitor_port, timeout=timeout)
             except TimeoutError as exc:
                 raise self._not_ready(child, str(exc)) from None
             return

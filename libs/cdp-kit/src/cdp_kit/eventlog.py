@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,10 +23,23 @@ from nats.js.client import JetStreamContext
 
 from cdp_kit.envelope import EncodedEnvelope, Envelope, decode_batch, encode_batch, utcnow
 from cdp_kit.errors import CdpError, Conflict, Unavailable
+from cdp_kit.natsauth import NatsAuth, getter_name
 from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
 from cdp_kit.telemetry import get_logger
 
 log = get_logger(__name__)
+
+
+class _TlsEofNotice(logging.Filter):
+    """Drops asyncio's warning, at each close of a TLS connection, that nats-py's protocol asks to
+    keep it half-open (``eof_received`` returns True), which TLS cannot do: harmless, and it
+    would add a line to every service's log at every shutdown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_TlsEofNotice())
 
 WRONG_LAST_SEQUENCE = 10071
 MSG_ID = "Nats-Msg-Id"
@@ -41,6 +55,10 @@ class AppendRefused(Unavailable):
     """JetStream refused an append for a reason of its own (a stream limit, storage, a payload limit
     below what the kit assumes). Not the input's fault: the work waits, retried and shown as stuck,
     until an operator fixes the server; it is never dead-lettered."""
+
+
+class StreamMissing(Unavailable):
+    """A stream a service needs was not provisioned (it waits and retries: provisioning may follow)."""
 
 
 class DuplicateAppend(AppendConflict):
@@ -105,7 +123,11 @@ class EventLog:
         self.js: JetStreamContext = nc.jetstream()
 
     @classmethod
-    async def connect(cls, url: str, name: str, *, connect_timeout: float = 5.0) -> EventLog:
+    async def connect(
+        cls, url: str, name: str, *, connect_timeout: float = 5.0, auth: NatsAuth | None = None
+    ) -> EventLog:
+        """Connect as ``auth``'s user over TLS when it names an authority (anonymous, plain TCP without)."""
+
         async def quiet(exc: Exception) -> None:
             log.debug("nats_client_error", error=str(exc))
 
@@ -120,12 +142,15 @@ class EventLog:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
                     error_cb=quiet,
+                    **(auth or NatsAuth()).connect_options(),
                 ),
                 timeout=connect_timeout,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             await nc.close()
-            raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__}") from exc
+            refused = "authorization" in str(exc).lower()
+            why = "the server refused the credentials" if refused else type(exc).__name__
+            raise Unavailable(f"cannot reach NATS at {url}: {why}") from exc
         return cls(nc)
 
     async def close(self) -> None:
@@ -154,6 +179,19 @@ class EventLog:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(config)
+
+    async def verify_streams(self, specs: Iterable[StreamSpec]) -> None:
+        """Check that the streams exist (services never create them: ``cdp admin provision`` does)."""
+        for spec in specs:
+            try:
+                await self.js.stream_info(spec.name)
+            except nats.js.errors.NotFoundError:
+                raise StreamMissing(
+                    f"stream {spec.name} does not exist: provision the streams with `cdp admin provision` "
+                    "(admin credentials) before starting the services"
+                ) from None
+            except (TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+                raise Unavailable(f"stream info of {spec.name} failed: {type(exc).__name__}") from exc
 
     async def append(
         self,
@@ -211,13 +249,26 @@ class EventLog:
             info = await self.js.stream_info(stream)
             return int(info.state.last_seq)
         try:
-            msg = await self.js.get_last_msg(stream, subject)
+            # The direct form names the subject in the request subject, where permissions apply.
+            msg = await self.js.get_last_msg(stream, subject, direct=True)
         except nats.js.errors.NotFoundError:
             return 0
         return msg.seq or 0
 
-    async def message(self, stream: str, sequence: int) -> LogMessage:
-        """One stored message by its stream sequence (a redrive reads its dead letter back)."""
+    async def message(self, stream: str, sequence: int, via: ConsumerSpec | None = None) -> LogMessage:
+        """One stored message by its stream sequence (a redrive reads its dead letter back).
+
+        With ``via`` (an input) it is read through that input's named getter consumer, filtered
+        on the input's subject: what a service may do (a get by sequence names no subject, so
+        it is the admin's alone)."""
+        if via is not None:
+            reader = self.read(stream, via.filter_subject, sequence, batch=1, name=getter_name(via.name))
+            async with contextlib.aclosing(reader):
+                async for msg in reader:
+                    if msg.sequence == sequence:
+                        return msg
+                    break
+            raise CdpError(f"{stream} holds no message {sequence} on {via.filter_subject} (removed by limits?)")
         try:
             raw = await self.js.get_msg(stream, sequence)
         except nats.js.errors.NotFoundError as exc:
@@ -234,10 +285,17 @@ class EventLog:
         )
 
     async def read(
-        self, stream: str, subject_filter: str, from_sequence: int = 1, *, batch: int = 256
-    ) -> AsyncIterator[LogMessage]:
-        """Every message on ``subject_filter`` from ``from_sequence`` up to the end as of the call."""
+        self, stream: str, subject_filter: str, from_sequence: int = 1, *, batch: int = 256, name: str | None = None
+    ) -> AsyncGenerator[LogMessage, None]:
+        """Every message on ``subject_filter`` from ``from_sequence`` up to the end as of the call.
+
+        ``name`` names the (ephemeral) consumer read through: a service's permissions admit only
+        its own names (``cdp_kit.natsauth.reader_name``); one left by a reader that died is replaced."""
+        if name is not None:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_consumer(stream, name)
         config = api.ConsumerConfig(
+            name=name,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(1, from_sequence),
             ack_policy=api.AckPolicy.NONE,
@@ -247,7 +305,11 @@ class EventLog:
             inactive_threshold=3600.0,
             mem_storage=True,
         )
-        sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
+        if name is None:
+            sub = await self.js.pull_subscribe(subject_filter, stream=stream, config=config)
+        else:
+            await self.js.add_consumer(stream, config=config)
+            sub = await self.js.pull_subscribe_bind(durable=name, stream=stream)
         info = await sub.consumer_info()
         delivered = stalls = 0
         try:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -87,6 +88,26 @@ def wait_for_jetstream(host: str, port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nats-server on {host}:{port} not ready after {timeout}s ({last})")
 
 
+def wait_for_healthz(host: str, monitor_port: int, timeout: float = 15.0) -> None:
+    """Wait until the server's monitoring endpoint reports it healthy, JetStream included.
+
+    For a server with TLS on its client port: a probe that opens that port and hangs up
+    without a TLS handshake makes the server log a handshake error per probe."""
+    deadline = time.monotonic() + timeout
+    last: Exception | str | None = None
+    url = f"http://{host}:{monitor_port}/healthz?js-enabled-only=true"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                if reply.status == 200:
+                    return
+                last = f"HTTP {reply.status}"
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"nats-server monitoring on {host}:{monitor_port} not healthy after {timeout}s ({last})")
+
+
 class NatsServer:
     def __init__(
         self,
@@ -96,30 +117,45 @@ class NatsServer:
         port: int = 0,
         log_file: Path | None = None,
         max_payload: int = 8 * 1024 * 1024,
+        config: str = "",
+        tls: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.log_file = log_file
         self.max_payload = max_payload
+        # More configuration (authorization, TLS: ``cdp_kit.natsauth.server_config``); with it the
+        # server is probed on its monitoring port, and ``tls`` makes its URL ``tls://``.
+        self.config = config
+        self.tls = tls
+        self.monitor_port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port(self.host)
         config = self.store_dir / "nats.conf"
-        config.write_text(f"max_payload: {self.max_payload}\n")
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold passwords
+        with os.fdopen(fd, "w") as out_config:
+            out_config.write(f"max_payload: {self.max_payload}\n{self.config}\n")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         cmd = [find_binary(), "-c", str(config), "-js", "-a", self.host, "-p", str(self.port)]
         cmd += ["-sd", str(self.store_dir), "-n", f"cdp-{self.port}"]
+        if self.config:
+            self.monitor_port = self.monitor_port or free_port(self.host)
+            cmd += ["-m", str(self.monitor_port)]
         self.process = subprocess.Popen(guarded(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_for_jetstream(self.host, self.port, timeout)
+            if self.config:
+                wait_for_healthz(self.host, self.monitor_port, timeout)
+            else:
+                wait_for_jetstream(self.host, self.port, timeout)
         except TimeoutError:
             self.stop()
             raise

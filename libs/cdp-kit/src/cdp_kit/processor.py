@@ -56,6 +56,7 @@ from cdp_kit.eventlog import (
     EventLog,
     LogMessage,
 )
+from cdp_kit.natsauth import reader_name
 from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
@@ -472,7 +473,9 @@ class Processor:
         count = last = 0
         assembler: Assembler[None] = Assembler(own.name)
         batch: list[LogMessage] = []
-        async for msg in self.eventlog.read(own.stream.name, own.subject, start, batch=self.batch_size):
+        async for msg in self.eventlog.read(
+            own.stream.name, own.subject, start, batch=self.batch_size, name=reader_name(own.name)
+        ):
             last = msg.sequence
             batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
             if len(batch) >= self.batch_size:
@@ -709,7 +712,7 @@ class Processor:
         for sequence, attempt in wanted:
             msg = LogMessage(inp.spec.stream.name, sequence, "", {}, b"")
             try:
-                msg = await self.eventlog.message(inp.spec.stream.name, sequence)
+                msg = await self.eventlog.message(inp.spec.stream.name, sequence, via=inp.spec)
                 await self._apply_redrive(inp, msg, attempt)
                 done += 1
             except Exception as exc:
@@ -863,7 +866,9 @@ class Processor:
                 start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
             assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
             batch: list[Unit] = []
-            async for msg in self.eventlog.read(inp.spec.stream.name, inp.spec.filter_subject, start):
+            async for msg in self.eventlog.read(
+                inp.spec.stream.name, inp.spec.filter_subject, start, name=reader_name(inp.spec.name)
+            ):
                 batch += assembler.feed([(msg, None)])
                 if len(batch) >= self.batch_size:
                     await self.apply_units(inp, batch)

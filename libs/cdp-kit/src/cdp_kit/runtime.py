@@ -28,7 +28,7 @@ from cdp_kit.grpc_server import GrpcServer, Registration
 from cdp_kit.processor import Input, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import all_checkpoints, make_engine
-from cdp_kit.streams import ConsumerSpec
+from cdp_kit.streams import SERVICE_LOGS, ConsumerSpec
 from cdp_kit.telemetry import configure_logging, configure_pii_hash, configure_tracing, get_logger, meter
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -47,14 +47,21 @@ Builder = Callable[[S, Engine, EventLog], Service]
 
 
 async def connect(settings: ServiceSettings, *, attempts: int = 60) -> EventLog:
-    """Connect to NATS and declare the streams, waiting for NATS to come up."""
+    """Connect to NATS as the service's user and check that its streams exist, waiting for NATS to
+    come up and for the streams to be provisioned (``cdp admin provision``: a service never creates,
+    updates or deletes a stream)."""
     delay = 0.25
+    logs = SERVICE_LOGS.get(settings.service)
+    streams = [own.stream for own in logs.own_logs] + [spec.stream for spec in logs.inputs] if logs else []
     for attempt in range(1, attempts + 1):
+        eventlog: EventLog | None = None
         try:
-            eventlog = await EventLog.connect(settings.nats_url, f"cdp-{settings.service}")
-            await eventlog.ensure_streams(replicas=settings.stream_replicas)
+            eventlog = await EventLog.connect(settings.nats_url, f"cdp-{settings.service}", auth=settings.nats_auth())
+            await eventlog.verify_streams(dict.fromkeys(streams))
             return eventlog
         except Unavailable as exc:
+            if eventlog is not None:
+                await eventlog.close()
             if attempt == attempts:
                 raise
             log.warning("nats_unavailable", error=exc.message, attempt=attempt)

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdp_kit.natsauth import NatsAuth
 from cdp_kit.store import SQLITE_MMAP_MIB, sqlite_url
 
 LogFormat = Literal["json", "console"]
@@ -25,6 +26,11 @@ class ServiceSettings(BaseSettings):
     default_port: ClassVar[int] = 50050
 
     nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL (JetStream enabled)")
+    nats_user: str = Field(default="", description="NATS user (empty: anonymous, for a server without auth)")
+    nats_password_file: str = Field(default="", description="File holding the NATS user's password")
+    nats_ca_file: str = Field(default="", description="CA certificate to verify NATS' TLS certificate (empty: no TLS)")
+    nats_cert_file: str = Field(default="", description="Client certificate for NATS, when the server asks for one")
+    nats_key_file: str = Field(default="", description="Key of the NATS client certificate")
     data_dir: Path = Field(default=Path(".cdp"), description="Folder for SQLite stores and file exports")
     store_url: str = Field(default="", description="SQLAlchemy URL of the store; empty = SQLite in data_dir")
     sqlite_mmap_mib: int = Field(
@@ -50,7 +56,12 @@ class ServiceSettings(BaseSettings):
     log_format: LogFormat = Field(default="json", description="json (production) or console (terminal)")
     log_level: LogLevel = Field(default="info", description="Lowest log level written")
     trace_exporter: TraceExporter = Field(default="none", description="OpenTelemetry span exporter")
-    stream_replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas for streams it creates")
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="JetStream replicas of the streams provisioning creates (cdp admin provision)",
+    )
     batch_size: int = Field(default=256, ge=1, le=10_000, description="Messages applied per store transaction")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="Seconds in-flight RPCs get on shutdown")
     # Above the longest batch a healthy consumer applies: a 256-message batch of packed ingest
@@ -91,6 +102,11 @@ class ServiceSettings(BaseSettings):
                 "(or CDP_GRPC_INSECURE=true on a trusted loopback only)"
             )
         return None
+
+    def nats_auth(self) -> NatsAuth:
+        return NatsAuth.from_files(
+            self.nats_user, self.nats_password_file, self.nats_ca_file, self.nats_cert_file, self.nats_key_file
+        )
 
     def resolved_store_url(self) -> str:
         if self.store_url:

@@ -93,3 +93,34 @@ SEGMENTATION_READS_IDENTITY_CONFIG = config_input("segmentation", "identity")
 
 def collect_subject(dataset: str) -> str:
     return f"cdp.collect.{dataset}"
+
+
+@dataclass(frozen=True)
+class ServiceLogs:
+    """What one service writes (its own logs, dead letters included) and reads (its inputs).
+
+    The services' composition roots use exactly these (a unit test holds them to it), and
+    ``cdp_kit.natsauth`` derives each service's NATS permissions from them."""
+
+    own_logs: tuple[OwnLog, ...]
+    inputs: tuple[ConsumerSpec, ...]
+
+
+SERVICE_LOGS: dict[str, ServiceLogs] = {
+    "ingest": ServiceLogs(
+        (INGEST_CONFIG, INGEST_RECORDS, INGEST_DEADLETTER, poison_log("ingest")),
+        (INGEST_READS_IDENTITY_CONFIG, INGEST_READS_COLLECT),
+    ),
+    "identity": ServiceLogs(
+        (IDENTITY_CONFIG, IDENTITY_FRAGMENTS, poison_log("identity")),
+        (IDENTITY_READS_INGEST,),
+    ),
+    "segmentation": ServiceLogs(
+        (SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS, poison_log("segmentation")),
+        (SEGMENTATION_READS_INGEST_CONFIG, SEGMENTATION_READS_IDENTITY_CONFIG, SEGMENTATION_READS_PROFILE),
+    ),
+    "activation": ServiceLogs(
+        (ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, poison_log("activation")),
+        (ACTIVATION_READS_SEGMENTS, ACTIVATION_READS_PROFILE, ACTIVATION_READS_AUDIENCE),
+    ),
+}

@@ -8,6 +8,7 @@ Registered through the ``pytest11`` entry point of cdp-kit.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cdp_kit.eventlog import EventLog
+from cdp_kit.natsauth import ADMIN, NatsAuth, ensure_secrets, stack_auth
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.piikey import ephemeral_key
 from cdp_kit.store import sqlite_url
@@ -53,6 +55,49 @@ async def eventlog(nats_url: str) -> AsyncIterator[EventLog]:
         yield log
     finally:
         await log.close()
+
+
+@pytest.fixture
+def secure_nats(tmp_path: Path) -> Iterator[SecureNats]:
+    """A nats-server with TLS and the platform's users and permissions (``cdp_kit.natsauth``),
+    its streams provisioned by the admin user. Credentials in ``secrets_dir`` as ``cdp up`` lays them out."""
+    secrets_dir = tmp_path / "secrets"
+    server = NatsServer(
+        tmp_path / "jetstream-secure",
+        log_file=tmp_path / "nats-secure.log",
+        config=ensure_secrets(secrets_dir),
+        tls=True,
+    )
+    server.start()
+    try:
+        secure = SecureNats(server, secrets_dir)
+        asyncio.run(secure.provision())
+        yield secure
+    finally:
+        server.stop()
+
+
+class SecureNats:
+    def __init__(self, server: NatsServer, secrets_dir: Path) -> None:
+        self.server = server
+        self.secrets_dir = secrets_dir
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def auth(self, user: str) -> NatsAuth:
+        return stack_auth(self.secrets_dir, user)
+
+    async def connect(self, user: str) -> EventLog:
+        return await EventLog.connect(self.url, f"cdp-test-{user}", auth=self.auth(user))
+
+    async def provision(self) -> None:
+        log = await self.connect(ADMIN)
+        try:
+            await log.ensure_streams()
+        finally:
+            await log.close()
 
 
 @pytest.fixture(scope="session")
