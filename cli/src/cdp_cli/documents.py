@@ -26,7 +26,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from google.protobuf import json_format
@@ -41,6 +41,7 @@ from cdp_cli.errors import CliError
 
 # The demo's definitions, shipped with the CLI (the repository's examples/ links here).
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+M = TypeVar("M", bound=Message)
 FREE_FORM = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 
 
@@ -309,6 +310,16 @@ def example(kind: str, name: str) -> Message:
         if document.kind.name == kind and document.name == name:
             return document.message
     raise KeyError(f"no {kind} {name!r} in {EXAMPLES_DIR}")
+
+
+def example_of(kind: str, name: str, cls: type[M]) -> M:
+    """``example`` as the message class the caller expects (a copy: callers may change it)."""
+    found = example(kind, name)
+    if not isinstance(found, cls):
+        raise TypeError(f"the {kind} example {name!r} is a {type(found).__name__}, not a {cls.__name__}")
+    copy = cls()
+    copy.CopyFrom(found)
+    return copy
 
 
 def example_dict(kind: str, name: str) -> dict[str, Any]:

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from cdp.activation.v1 import activation_pb2 as act
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp.segmentation.v1 import segmentation_pb2 as seg
 from cdp_cli.client import Client
-from cdp_cli.documents import example_dict
+from cdp_cli.documents import example_dict, example_of
 
 T = TypeVar("T")
 TIERS = ("gold", "silver", "bronze")
@@ -153,22 +153,15 @@ def setup(client: Client, export_folder: str = DESTINATION) -> list[str]:
         create = seg.CreateSegmentRequest(name=name, query=query)
         ensure(partial(client.segmentation.CreateSegment, create), done=EXISTS)
         steps.append(f"segment {name}")
-    config = struct_pb2.Struct()
-    config.update({"folder": export_folder, "format": "csv"})
-    destination = act.Destination(
-        name=DESTINATION, connector="file_export", config=config, marketing_action="email_marketing"
-    )
+    # The file drop and its plan are the shipped example's (examples/40-file-drop.yaml); only the
+    # folder may be another one.
+    destination = example_of("destination", DESTINATION, act.Destination)
+    destination.config.update({"folder": export_folder})
     ensure(
         lambda: client.activation.CreateDestination(act.CreateDestinationRequest(destination=destination)),
         done=EXISTS,
     )
-    activate = act.ActivateRequest(
-        destination=DESTINATION,
-        segment=ACTIVATED_SEGMENT,
-        identities=["email"],
-        attributes=["first_name", "loyalty_tier"],
-        schedule="streaming",
-    )
+    activate = example_of("activation", ACTIVATED_SEGMENT, act.ActivateRequest)
     ensure(lambda: _activate_when_known(client, activate), done=EXISTS)
     steps.append(f"activate {ACTIVATED_SEGMENT} -> {DESTINATION}")
     return steps
