@@ -21,7 +21,8 @@ post arrived. Figures:
 
 ``CDP_BENCH_E2E_TIMEOUT_S`` (default 1,500) bounds the whole run; ``CDP_BENCH_E2E_DRAIN_S``
 (default 300) bounds the wait for one phase's deliveries; ``CDP_BENCH_E2E_PROFILE=FILE`` runs
-``py-spy record`` on the activation process during the burst and writes its raw output to FILE.
+``py-spy record`` on the activation process from the burst to the end of the last phase and
+writes its raw output (collapsed stacks) to FILE.
 """
 
 from __future__ import annotations
@@ -314,6 +315,7 @@ class Phase:
     cpu: dict[str, float] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    in_order: list[float] = field(default_factory=list)  # latencies in the order the events were due
     throughput: float = 0.0
 
 
@@ -321,47 +323,50 @@ def run_phase(stack: Stack, sampler_client: Client, arrivals: Arrivals, phase: P
     """Publish the phase's events and wait (bounded) until the webhook has every one."""
     cpu_before = cpu_seconds(stack.pids)
     started = time.time()
-    profiler = None
-    if PROFILE and phase.rate == 0:
-        pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        pid = str(stack.pids["activation"])
-        profiler = subprocess.Popen(
-            [pyspy, "record", "--pid", pid, "--format", "raw", "--output", PROFILE, "--rate", "50", "--nonblocking"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    try:
-        with LagSampler(sampler_client) as sampler:
-            phase.published = publish(stack.nats_url, collect_subject(DATASET), phase.prefix, phase.count, phase.rate)
-            deadline = time.monotonic() + DRAIN_S
-            while True:
-                arrivals.poll()
-                if arrivals.count(phase.prefix) >= phase.count:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{phase.name}: {arrivals.count(phase.prefix)} of {phase.count} delivered after "
-                        f"{DRAIN_S:g}s; largest lags {sampler.largest}"
-                    )
-                time.sleep(0.05)
-        phase.lag = dict(sampler.largest)
-    finally:
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                profiler.wait(30.0)
-            except subprocess.TimeoutExpired:
-                profiler.kill()
-                profiler.wait(5.0)
+    with LagSampler(sampler_client) as sampler:
+        phase.published = publish(stack.nats_url, collect_subject(DATASET), phase.prefix, phase.count, phase.rate)
+        deadline = time.monotonic() + DRAIN_S
+        while True:
+            arrivals.poll()
+            if arrivals.count(phase.prefix) >= phase.count:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{phase.name}: {arrivals.count(phase.prefix)} of {phase.count} delivered after "
+                    f"{DRAIN_S:g}s; largest lags {sampler.largest}"
+                )
+            time.sleep(0.05)
+    phase.lag = dict(sampler.largest)
     last = max(t for cookie, ts in arrivals.times.items() if cookie.startswith(phase.prefix + "-") for t in ts)
     phase.wall_s = last - min(started, float(phase.published["start"]))
     cpu_after = cpu_seconds(stack.pids)
     phase.cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
 
 
+@contextmanager
+def profiled(pid: int) -> Iterator[None]:
+    """``py-spy record`` of ``pid`` while the block runs, raw output to ``PROFILE`` (when it is set)."""
+    if not PROFILE:
+        yield
+        return
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [pyspy, "record", "--pid", str(pid), "--format", "raw", "--output", PROFILE, "--rate", "100"]
+    profiler = subprocess.Popen([*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            profiler.wait(60.0)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait(5.0)
+
+
 def latencies_of(phase: Phase, arrivals: Arrivals, sent: dict[str, float]) -> None:
     mine = [(sent[c], min(ts)) for c, ts in arrivals.times.items() if c.startswith(phase.prefix + "-") and c in sent]
     phase.latencies = [arrived - s for s, arrived in mine]
+    phase.in_order = [arrived - s for s, arrived in sorted(mine)]
     first = min(s for s, _ in mine)
     phase.throughput = len(mine) / (max(a for _, a in mine) - first)
 
@@ -409,6 +414,13 @@ def print_latency(phase: Phase, raw: list[float]) -> None:
     print(f"   {'cdp.collect -> webhook':<40} " + " ".join(ms(percentile(phase.latencies, q)) for q in (50, 95, 99)))
     ratios = [percentile(phase.latencies, q) / max(1e-9, percentile(raw, q)) for q in (50, 95, 99)]
     print(f"   {'ratio':<40} " + " ".join(f"{r:11.0f}" for r in ratios))
+    tenth = max(1, len(phase.in_order) // 10)
+    first, last = percentile(phase.in_order[:tenth], 50), percentile(phase.in_order[-tenth:], 50)
+    trend = "growing: a backlog, this rate is not sustained" if last > 2 * first + 0.5 else "steady"
+    print(
+        f"   delivered {phase.throughput:,.0f} events/s from the first publish to the last delivery; p50 of the "
+        f"first tenth published {first * 1e3:,.0f} ms, of the last tenth {last * 1e3:,.0f} ms ({trend})"
+    )
 
 
 def print_stages(phases: list[Phase]) -> None:
@@ -465,15 +477,16 @@ def main() -> None:
 
         chain(Phase("warm-up", "w", WARMUP, 0))
         raw_burst, raw_rate = asyncio.run(raw_hop(stack.nats_url, "rb", BURST, 0))
-        burst = chain(Phase("maximum (burst)", "b", BURST, 0))
-        maximum = burst.count / burst.wall_s
-        phases, raws = [burst], [raw_burst]
-        for load in LOADS:
-            rate = max(1.0, load * maximum)
-            count = max(10, round(rate * SECONDS))
-            raw, _ = asyncio.run(raw_hop(stack.nats_url, f"r{round(load * 100)}", count, rate))
-            raws.append(raw)
-            phases.append(chain(Phase(f"{load:.0%} of max", f"l{round(load * 100)}", count, rate)))
+        with profiled(stack.pids["activation"]):  # the raw hops between phases leave activation idle
+            burst = chain(Phase("maximum (burst)", "b", BURST, 0))
+            maximum = burst.count / burst.wall_s
+            phases, raws = [burst], [raw_burst]
+            for load in LOADS:
+                rate = max(1.0, load * maximum)
+                count = max(10, round(rate * SECONDS))
+                raw, _ = asyncio.run(raw_hop(stack.nats_url, f"r{round(load * 100)}", count, rate))
+                raws.append(raw)
+                phases.append(chain(Phase(f"{load:.0%} of max", f"l{round(load * 100)}", count, rate)))
 
         sent = asyncio.run(stamps(stack.nats_url, published))
         arrivals.poll()
