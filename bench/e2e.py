@@ -416,7 +416,12 @@ def print_latency(phase: Phase, raw: list[float]) -> None:
     print(f"   {'ratio':<40} " + " ".join(f"{r:11.0f}" for r in ratios))
     tenth = max(1, len(phase.in_order) // 10)
     first, last = percentile(phase.in_order[:tenth], 50), percentile(phase.in_order[-tenth:], 50)
-    trend = "growing: a backlog, this rate is not sustained" if last > 2 * first + 0.5 else "steady"
+    if not phase.rate:
+        trend = "a burst: the backlog is the point"
+    elif phase.throughput < 0.95 * achieved or last > 2 * first + 0.5:
+        trend = "NOT sustained: deliveries fall behind the publisher"
+    else:
+        trend = "sustained"
     print(
         f"   delivered {phase.throughput:,.0f} events/s from the first publish to the last delivery; p50 of the "
         f"first tenth published {first * 1e3:,.0f} ms, of the last tenth {last * 1e3:,.0f} ms ({trend})"
@@ -438,19 +443,20 @@ def print_stages(phases: list[Phase]) -> None:
     print(f"   {'consumer':<40}" + "".join(f"{p.name:>16}" for p in phases))
     for key in consumers:
         print(f"   {key:<40}" + "".join(f"{p.lag.get(key, 0):>16,}" for p in phases))
-    burst = phases[0]
-    busiest = max(SERVICES, key=lambda n: burst.cpu.get(n, 0.0))
-    lagging = max(burst.lag, key=lambda k: burst.lag[k], default="")
-    busy = burst.cpu.get(busiest, 0.0)
-    backlog = (
-        f"the largest backlog is {lagging} ({burst.lag[lagging]:,} messages)"
-        if lagging and burst.lag[lagging]
-        else "no backlog was sampled"
-    )
-    print(
-        f"   bottleneck at the maximum: {busiest} uses the most CPU ({busy / burst.wall_s:.0%} of a core, "
-        f"{busy / burst.count * 1e3:.2f} ms per event); {backlog}"
-    )
+    for p in (phases[0], phases[-1]):
+        busiest = max(SERVICES, key=lambda n: p.cpu.get(n, 0.0))
+        busy = p.cpu.get(busiest, 0.0)
+        stage_lag = {k: v for k, v in p.lag.items() if not k.startswith("ingest:ingest-collect")}
+        lagging = max(stage_lag, key=lambda k: stage_lag[k], default="")
+        backlog = (
+            f"the largest backlog after ingest's input is {lagging} ({stage_lag[lagging]:,} messages)"
+            if lagging and stage_lag[lagging]
+            else "no backlog after ingest's input was sampled"
+        )
+        print(
+            f"   bottleneck at {p.name}: {busiest} uses the most CPU ({busy / p.wall_s:.0%} of a core, "
+            f"{busy / p.count * 1e3:.2f} ms per event); {backlog}"
+        )
 
 
 # --------------------------------------------------------------------------- main

@@ -41,7 +41,8 @@ def test_bench_e2e_finishes_prints_its_figures_and_delivers_every_event_once() -
     assert "== e2e: per service, CPU seconds" in out
     for service in ("ingest", "identity", "segmentation", "activation"):
         assert f"{service}:" in out  # its consumers' lag
-    assert "bottleneck at the maximum:" in out
+    assert "bottleneck at maximum (burst):" in out
+    assert "bottleneck at 80% of max:" in out
     assert "exactly-once audit of" in out
     assert ": PASSES" in out
 
