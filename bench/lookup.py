@@ -6,7 +6,7 @@ The stack is the CLI's (``cdp_cli.stack.Stack``) with ingest, identity and segme
 lookup needs no activation); the profiles are a CSV of ``CDP_BENCH_LOOKUP_PROFILES`` rows
 (default 100,000; ``crm_id`` and ``cookie_id`` identities and two attributes) ingested with
 ``IngestFile`` and waited for in segmentation, until every service has applied all its input.
-A call that fails (a 5 s timeout, under overload) counts in the percentiles with the time it
+A call that fails (e.g. a 5 s timeout, under overload) counts in the percentiles with the time it
 waited, and the failures are printed. The callers run in a process of their own
 (``bench/lookup_client.py``); each load lasts ``CDP_BENCH_LOOKUP_SECONDS`` (default 10) for the
 lookup and again for its baseline. ``CDP_BENCH_LOOKUP_RATE`` (default 1,000) sets the open
@@ -117,7 +117,8 @@ def line(label: str, figures: dict[str, Any]) -> str:
     lat = figures["latencies"]
     rate = figures["answered"] / figures["seconds"]
     cells = " ".join(f"{percentile(lat, q) * 1e3:8.2f} ms" for q in (50, 95, 99))
-    errors = f"   {figures['errors']} failed (timed out: counted with 5 s)" if figures["errors"] else ""
+    codes = ", ".join(f"{n} {code}" for code, n in sorted(figures["codes"].items()))
+    errors = f"   failed: {codes} ({figures['first_error'][:80]})" if figures["errors"] else ""
     return f"   {label:<44} {cells} {rate:>10,.0f}/s{errors}"
 
 

@@ -5,8 +5,8 @@ CALL ``profile`` is ``GetProfile`` by cookie ``ck-<k>`` (k random below KEYS, se
 the gRPC health check of the same server (no store: the baseline). MODE ``open``: N calls/s on
 a fixed schedule, each latency counted from when the call was due (a slow server is not let
 off by a slower schedule); ``closed``: N callers, each calling again when answered. Prints one
-JSON line: calls made, errors (timeouts after 5 s included), seconds, and every call's latency
-in seconds (a failed call's is the time until it failed)."""
+JSON line: calls answered, errors (timeouts after 5 s included) and their status codes,
+seconds, and every call's latency in seconds (a failed call's is the time until it failed)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ async def load(address: str, call: str, mode: str, n: int, seconds: float, keys:
     rng = random.Random(20261203)
     latencies: list[float] = []
     errors = 0
+    codes: dict[str, int] = {}
+    first_error: list[str] = []
     async with aio_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30.0)
         profiles = seg_grpc.SegmentationServiceStub(channel)
@@ -50,8 +52,12 @@ async def load(address: str, call: str, mode: str, n: int, seconds: float, keys:
             nonlocal errors
             try:
                 await make()
-            except grpc.RpcError:
-                errors += 1  # a timed-out call counts with what it waited (a lower bound of its latency)
+            except grpc.RpcError as err:
+                errors += 1  # a failed call counts with what it waited (a lower bound of its latency)
+                code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else type(err).__name__
+                codes[code] = codes.get(code, 0) + 1
+                if isinstance(err, grpc.aio.AioRpcError) and not first_error:
+                    first_error.append(f"{code}: {err.details()}")
             latencies.append(time.perf_counter() - due)
 
         for _ in range(20):  # warm the channel and the server's caches a little
@@ -79,7 +85,14 @@ async def load(address: str, call: str, mode: str, n: int, seconds: float, keys:
 
             await asyncio.gather(*(caller() for _ in range(n)))
         elapsed = time.perf_counter() - start
-    return {"answered": len(latencies) - errors, "errors": errors, "seconds": elapsed, "latencies": latencies}
+    return {
+        "answered": len(latencies) - errors,
+        "errors": errors,
+        "codes": codes,
+        "first_error": first_error[0] if first_error else "",
+        "seconds": elapsed,
+        "latencies": latencies,
+    }
 
 
 def main() -> None:
