@@ -416,16 +416,10 @@ def print_latency(phase: Phase, raw: list[float]) -> None:
     print(f"   {'ratio':<40} " + " ".join(f"{r:11.0f}" for r in ratios))
     tenth = max(1, len(phase.in_order) // 10)
     first, last = percentile(phase.in_order[:tenth], 50), percentile(phase.in_order[-tenth:], 50)
-    if not phase.rate:
-        trend = "a burst: the backlog is the point"
-    elif last > 1.25 * first + 0.25:
-        trend = "latency grows over the phase: a backlog builds, this rate is NOT sustained"
-    else:
-        trend = "latency steady: sustained"
     print(
         f"   delivered {phase.throughput:,.0f} events/s (first publish to last delivery, so the last latency "
         f"included); p50 of the "
-        f"first tenth published {first * 1e3:,.0f} ms, of the last tenth {last * 1e3:,.0f} ms ({trend})"
+        f"first tenth published {first * 1e3:,.0f} ms, of the last tenth {last * 1e3:,.0f} ms"
     )
 
 
