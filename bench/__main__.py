@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["activation", "eventlog", "identity", "identity_split", "ingest", "segmentation"]
+BENCHMARKS = ["activation", "e2e", "eventlog", "identity", "identity_split", "ingest", "lookup", "segmentation"]
 HERE = Path(__file__).parent
 
 

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -112,6 +113,9 @@ class LocalPlatforms:
     members: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     # Accepted requests per platform (idempotent repeats counted once) and every request seen.
     accepted: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    # Wall-clock arrival time (time.time()) of each accepted webhook request, in step with
+    # accepted["webhook"]: what end-to-end latency is measured against.
+    accepted_at: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     seen: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     duplicates: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rejected: list[str] = field(default_factory=list)
@@ -222,6 +226,7 @@ class LocalPlatforms:
         data = self._json(body)
         check(data.get("action") in ("add", "remove") or "members" in data, "action must be add or remove")
         if self._once("webhook", key):
+            self.accepted_at["webhook"].append(time.time())
             self.accepted["webhook"].append(data)
             segment = data.get("segment", "")
             records = data.get("records") or data.get("members") or []
