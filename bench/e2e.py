@@ -51,7 +51,7 @@ import nats.js.errors
 from google.protobuf import struct_pb2
 
 from bench.common import Figure, report
-from bench.connect import client, nats_connect
+from bench.connect import client, nats_connect, use_stack
 from cdp.activation.v1 import activation_pb2 as act
 from cdp.common.v1 import admin_pb2
 from cdp.segmentation.v1 import segmentation_pb2 as seg
@@ -465,6 +465,7 @@ def main() -> None:
         client(stack.data_dir, stack.addresses) as cdp,
         client(stack.data_dir, stack.addresses, timeout_s=5.0) as sampler_client,
     ):
+        use_stack(stack.data_dir)
         set_up(cdp, platforms)
         asyncio.run(make_raw_stream(stack.nats_url))
         arrivals = Arrivals(platforms)

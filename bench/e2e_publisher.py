@@ -36,7 +36,7 @@ def event(prefix: str, i: int, sent_at: float) -> bytes:
 
 
 async def publish(url: str, subject: str, prefix: str, count: int, rate: float) -> dict[str, Any]:
-    nc = await nats_connect(url)
+    nc = await nats_connect(url, publisher=subject.startswith("cdp.collect."))
     js = nc.jetstream(publish_async_max_pending=WINDOW)
     pending: deque[asyncio.Future[Any]] = deque()
     last_seq = 0

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.connect import client
+from bench.connect import client, use_stack
 from bench.e2e import global_timeout, percentile
 from cdp.common.v1 import admin_pb2
 from cdp.ingest.v1 import ingest_pb2 as ing
@@ -128,6 +128,7 @@ def main() -> None:
         Stack(Path(tmp) / "cdp", services=SERVICES, ready_timeout_s=120.0) as stack,
         client(stack.data_dir, stack.addresses, timeout_s=60.0) as cdp,
     ):
+        use_stack(stack.data_dir)
         took = load_profiles(cdp)
         address = stack.addresses["segmentation"]
         print(f"\n== lookup: GetProfile by cookie, {PROFILES:,} profiles (loaded and settled in {took:.0f}s)")
