@@ -135,13 +135,17 @@ def field_type(index: Index, field: descriptor_pb2.FieldDescriptorProto, nested:
     return f"list of {kind}" if repeated else kind
 
 
-def message_table(index: Index, full: str, skip: frozenset[str], nested: list[str]) -> list[str]:
+def message_table(
+    index: Index, full: str, skip: frozenset[str], nested: list[str], renames: dict[str, str] | None = None
+) -> list[str]:
     lines = ["| key | type | meaning |", "|---|---|---|"]
+    shown = {field: key for key, field in (renames or {}).items()}
     for field in index.messages[full].field:
         if field.name in skip or field.options.deprecated:
             continue
         comment = index.comments.get((full, field.name), "")
-        lines.append(f"| `{field.name}` | {cell(field_type(index, field, nested))} | {cell(comment)} |")
+        key = shown.get(field.name, field.name)
+        lines.append(f"| `{key}` | {cell(field_type(index, field, nested))} | {cell(comment)} |")
     return lines
 
 
@@ -175,7 +179,7 @@ def render() -> str:
         if comment:
             out += [comment, ""]
         out += [f"Sent to {kind.service}'s `{kind.method}` (`{full}`).", ""]
-        out += message_table(index, full, kind.output_only, nested)
+        out += message_table(index, full, kind.output_only, nested, dict(kind.renames))
         out.append("")
     done: set[str] = set()
     while nested:

@@ -116,3 +116,12 @@ def test_every_kind_maps_to_a_method_of_its_service() -> None:
     for kind in KINDS.values():
         assert hasattr(servicers[kind.service], kind.method), kind
         kind.request(kind.message())  # the request builder takes the document's message
+
+
+def test_the_merge_policy_writes_its_own_kind_as_policy(tmp_path: Path) -> None:
+    from cdp.segmentation.v1 import segmentation_pb2 as seg
+
+    [doc] = load(write(tmp_path, "kind: merge_policy\npolicy: dataset_precedence\ndatasets: [crm, loyalty]\n"))
+    assert doc.message == seg.MergePolicy(kind=seg.MERGE_POLICY_KIND_DATASET_PRECEDENCE, datasets=["crm", "loyalty"])
+    with pytest.raises(DocumentError, match="'dataset_precedense' is not a MergePolicyKind; did you mean"):
+        load(write(tmp_path, "kind: merge_policy\npolicy: dataset_precedense\n", "typo.yaml"))

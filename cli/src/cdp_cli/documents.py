@@ -57,6 +57,9 @@ class Kind:
     # Fields of ``message`` the service sets itself: refused in a document.
     output_only: frozenset[str] = frozenset()
     summary: str = ""
+    # Document keys that stand for a message field another name: a field called ``kind`` (the
+    # merge policy's) is written ``policy``, since ``kind`` names the document's kind.
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 KINDS: dict[str, Kind] = {
@@ -93,6 +96,7 @@ KINDS: dict[str, Kind] = {
             "SetMergePolicy",
             lambda m: seg.SetMergePolicyRequest(policy=m),
             summary="Which value of an attribute a profile shows when its datasets disagree.",
+            renames=(("policy", "kind"),),
         ),
         Kind(
             "computed_attribute",
@@ -259,6 +263,8 @@ def parse(kind_name: Any, body: dict[str, Any], source: str) -> Document:
     kind = KINDS[kind_name]
     try:
         descriptor: Descriptor = kind.message.DESCRIPTOR  # type: ignore[assignment]  # upb's is the same API
+        renamed = dict(kind.renames)
+        body = {renamed.get(k, k): v for k, v in body.items()}
         checked = normalise(descriptor, body, "", kind.output_only)
     except DocumentError as exc:
         raise DocumentError(f"{source} ({kind.name}): {exc}") from None
