@@ -23,7 +23,6 @@ from cdp_kit.natsauth import (
     ensure_secrets,
     password_env,
     server_config,
-    write_compose_env,
     write_password_env,
 )
 from cdp_kit.provision import provision_streams
@@ -181,7 +180,4 @@ def make_secrets(
     names = tuple(hosts or ["nats", "localhost", "127.0.0.1"])
     ensure_secrets(directory, names)
     env = write_password_env(directory)
-    compose_env = write_compose_env(directory)
-    render.out.print(
-        f"wrote {directory}/pki (ca.crt, nats.crt, nats.key), {directory}/nats/*.password, {env} and {compose_env}"
-    )
+    render.out.print(f"wrote {directory}/pki (ca.crt, nats.crt, nats.key), {directory}/nats/*.password and {env}")

@@ -239,15 +239,6 @@ def write_password_env(secrets_dir: Path) -> Path:
     return write_private(Path(secrets_dir) / "nats.env", text)
 
 
-def write_compose_env(secrets_dir: Path) -> Path:
-    """``<secrets_dir>/compose.env`` (0600): the variables compose.yaml interpolates (PostgreSQL's
-    password, generated once and kept)."""
-    path = Path(secrets_dir) / "compose.env"
-    if not path.exists():
-        write_private(path, f"CDP_POSTGRES_PASSWORD={secrets.token_urlsafe(32)}\n")
-    return path
-
-
 # ----------------------------------------------------------------------------- client side
 
 
