@@ -49,9 +49,10 @@ from cdp_cli.errors import CliError
 from cdp_kit import keyring
 from cdp_kit.errors import Unavailable
 from cdp_kit.grpc_auth import ClientAuth, LocalSecrets, ensure_local_secrets
-from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env, write_private
+from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_healthz
 from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
+from cdp_kit.private import write_private
 from cdp_kit.provision import provision_streams
 
 log = logging.getLogger(__name__)

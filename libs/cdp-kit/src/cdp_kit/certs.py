@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cdp_kit.private import write_private
+
 CA_NAME = "ca"
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest a public CA may issue; rotate by deleting the pair and re-running
@@ -44,15 +46,6 @@ class Leaf:
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(certificate chain PEM, private key PEM, authority PEM), as grpc's credentials want them."""
         return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by its owner only, atomically (a reader never sees half)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -117,8 +110,8 @@ class Pki:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(self.dir / f"{CA_NAME}.key", _key_pem(key))
-        _write_private(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(self.dir / f"{CA_NAME}.key", _key_pem(key))
+        write_private(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
 
     def leaf(self, name: str) -> Leaf:
         return Leaf(self.dir / f"{name}.crt", self.dir / f"{name}.key", self.ca_cert)
@@ -161,6 +154,6 @@ class Pki:
         if hosts:
             builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        _write_private(leaf.key, _key_pem(key))
-        _write_private(leaf.cert, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(leaf.key, _key_pem(key))
+        write_private(leaf.cert, cert.public_bytes(serialization.Encoding.PEM))
         return leaf

@@ -26,7 +26,6 @@ import contextvars
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import grpc
 
 from cdp_kit.certs import DEFAULT_HOSTS, Pki
+from cdp_kit.private import private_dir, write_private
 from cdp_kit.roles import METHOD_ROLES, OPEN_SERVICES, REFLECTION_SERVICES, ROLES, Role, grants, service_of
 from cdp_kit.telemetry import get_logger
 
@@ -286,20 +286,6 @@ class ClientAuth:
 # ----------------------------------------------------------------------------- local secrets
 
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class LocalSecrets:
     """The gRPC secrets of an embedded stack under ``<data_dir>/secrets``."""
@@ -349,10 +335,10 @@ def ensure_local_secrets(data_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS)
     """Create (once; later calls keep what exists) the CA, the ``grpc`` serving certificate and a
     token per role under ``<data_dir>/secrets``: directories 0700, files 0600."""
     local = secrets_of(data_dir)
-    _private_dir(local.root)
-    _private_dir(local.pki.dir)
+    private_dir(local.root)
+    private_dir(local.pki.dir)
     local.pki.ensure(GRPC_LEAF, hosts, server=True, client=False)
-    _private_dir(local.tokens_dir)
+    private_dir(local.tokens_dir)
     table: dict[str, dict[str, str]] = {}
     if local.tokens_file.exists():
         table = json.loads(local.tokens_file.read_text())
@@ -365,6 +351,6 @@ def ensure_local_secrets(data_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS)
         token = secrets.token_urlsafe(32)
         table = {k: v for k, v in table.items() if v.get("principal") != principal}
         table[token_hash(token)] = {"principal": principal, "role": role}
-        _write_private(path, token + "\n")
-    _write_private(local.tokens_file, json.dumps(table, indent=2, sort_keys=True) + "\n")
+        write_private(path, token + "\n")
+    write_private(local.tokens_file, json.dumps(table, indent=2, sort_keys=True) + "\n")
     return local

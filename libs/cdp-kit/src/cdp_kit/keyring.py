@@ -46,6 +46,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cdp_kit.private import write_private
+
 FORMAT_VERSION = 1
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -235,11 +237,7 @@ def _key_line(key_id: str, key: bytes) -> str:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    write_private(path, text)
 
 
 def ensure_key_file(path: Path) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp_kit.certs import DEFAULT_HOSTS, Pki
+from cdp_kit.private import private_dir, write_private
 from cdp_kit.streams import SERVICE_LOGS, SERVICES, ConsumerSpec, OwnLog, StreamSpec
 
 ADMIN = "admin"
@@ -185,20 +186,6 @@ def cluster_tls_block(tls: ServerTls, indent: str = "  ") -> str:
 # ----------------------------------------------------------------------------- credentials on disk
 
 
-def _write_private(path: Path, data: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(data)
-    os.replace(tmp, path)
-
-
-def private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
 def password_file(nats_dir: Path, user: str) -> Path:
     return Path(nats_dir) / f"{user}.password"
 
@@ -210,15 +197,9 @@ def ensure_passwords(nats_dir: Path) -> dict[str, str]:
     for user in USERS:
         path = password_file(nats_dir, user)
         if not path.exists():
-            _write_private(path, secrets.token_urlsafe(32) + "\n")
+            write_private(path, secrets.token_urlsafe(32) + "\n")
         found[user] = path.read_text().strip()
     return found
-
-
-def write_private(path: Path, data: str) -> Path:
-    """Write a file readable by its owner only (a server configuration holding passwords)."""
-    _write_private(path, data)
-    return path
 
 
 def ensure_secrets(secrets_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> str:

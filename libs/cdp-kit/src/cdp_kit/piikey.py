@@ -21,6 +21,8 @@ import os
 import secrets
 from pathlib import Path
 
+from cdp_kit.private import write_private
+
 KEY_BYTES = 32
 KEY_FILE_NAME = "pii-hash.key"
 SECRETS_DIR = "secrets"
@@ -42,12 +44,7 @@ def ensure_key_file(path: Path) -> Path:
     if path.exists():
         read_key_file(path)  # an unusable file is an error now, not when a service starts
         return path
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(KEY_BYTES) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_private(path, secrets.token_hex(KEY_BYTES) + "\n")
 
 
 def read_key_file(path: Path) -> bytes:

@@ -1,0 +1,27 @@
+"""Files only their owner may read: keys, certificates' private keys, passwords, tokens. One
+way to write them for the whole kit: created 0600 (never readable by others, not even for a
+moment), written to a temporary name and renamed (a reader never sees half a file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` (0600), atomically; the folder must exist."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner may enter (0700), created with its parents if missing."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
