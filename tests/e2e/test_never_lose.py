@@ -498,19 +498,22 @@ def test_a_service_frozen_past_the_write_deadline_under_load_loses_nothing(start
         conn = running.connection("activation")
         return conn is not None and int(conn.get("pending_bytes", 0)) >= PENDING_BYTES
 
-    # A freeze drops the connection only if the server's write cannot complete: on a busy machine
-    # the kernel's socket buffers may take a whole batch, so a freeze that got no drop is tried
-    # again while the load still flows (at most three, each a fresh batch being written).
+    # A freeze drops the connection only if the server's write cannot complete while the process
+    # is stopped: on a busy machine the kernel's socket buffers may take a whole batch. So the
+    # process is stopped first and the freeze kept only if the server then holds bytes it cannot
+    # write (its write is blocked: past the deadline it drops the connection); otherwise it is
+    # resumed and tried again while the load flows.
+    wait_until(server_is_writing, 90.0, "nats-server to be writing a batch to activation")
     dropped: list[str] = []
-    for attempt in range(3):
-        wait_s = 90.0 if attempt == 0 else 30.0
-        if attempt and not wait_until_or_not(server_is_writing, wait_s):
-            break
-        if not attempt:
-            wait_until(server_is_writing, wait_s, "nats-server to be writing a batch to activation")
-        freeze(pid, FREEZE_S)
+    for _ in range(10):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            if wait_until_or_not(server_is_writing, 2.0):
+                time.sleep(FREEZE_S)
+        finally:
+            os.kill(pid, signal.SIGCONT)
         dropped = [line for line in log_lines(running.nats_log, SLOW_CONSUMER) if "cdp-activation" in line]
-        if dropped:
+        if dropped or not wait_until_or_not(server_is_writing, 30.0):
             break
     assert dropped, "nats-server did not drop the frozen activation: the test proved nothing"
     publisher.join()
