@@ -115,6 +115,20 @@ async def test_a_call_without_credentials_is_unauthenticated(local: LocalSecrets
         assert await code_of(evaluate.read()) == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_garbage_without_credentials_is_unauthenticated_not_decoded(
+    local: LocalSecrets, server: GrpcServer
+) -> None:
+    """A stranger's bytes are refused before they are read: UNAUTHENTICATED, not a decode error
+    naming the request's message type."""
+    async with tls_only(local, server) as channel:
+        raw = channel.unary_unary(f"/{ACTIVATION}/CreateDestination", None, None)
+        for garbage in (b"\x00", b"\xff" * 64):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await raw(garbage)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "CreateDestination" not in (caught.value.details() or "")
+
+
 async def test_an_unknown_or_malformed_token_is_unauthenticated(local: LocalSecrets, server: GrpcServer) -> None:
     async with tls_only(local, server) as channel:
         stub = act_grpc.ActivationServiceStub(channel)

@@ -146,3 +146,18 @@ async def test_trace_context_travels_from_grpc_metadata_to_nats_headers(
     await resolve(channel, "trace", metadata)
     [msg] = [m async for m in eventlog.read(INGEST.name, "cdp.ingest.0.records", 1)]
     assert msg.headers["traceparent"].split("-")[1] == trace_id
+
+
+GARBAGE = [b"\x00", b"\xff" * 64, b"\n\xff\xff\xff\xff\x0fxx", bytes(range(256))]
+
+
+async def test_bytes_that_are_not_the_request_message_are_invalid_argument(channel: grpc.aio.Channel) -> None:
+    """grpc answers UNKNOWN ("Unexpected DecodeError") when a request does not decode; the kit
+    answers INVALID_ARGUMENT, names the method and not the bytes, and the server goes on serving."""
+    raw = channel.unary_unary(f"/{IDENTITY}/Resolve", None, None)  # no serializer: the bytes go as they are
+    for garbage in GARBAGE:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(garbage)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage
+        assert "not a valid message" in (caught.value.details() or "")
+    assert await resolve(channel, "ok") == "p-1"

@@ -939,3 +939,24 @@ async def test_collect_survives_a_deep_event_and_a_huge_one_and_applies_the_next
     ]
     assert all(len(d.raw) <= 16_384 for d in letters)  # kept as an excerpt, as every dead letter is
     assert [r.record_id for r in await ingest.records()] == ["e91"]
+
+
+async def test_a_file_stream_with_a_chunk_that_is_not_a_chunk_is_invalid_argument(ingest: Ingest) -> None:
+    """A client stream (IngestFile) whose second message is garbage ends INVALID_ARGUMENT naming
+    the method, not INTERNAL; nothing of it is ingested and the service goes on."""
+    header = pb.IngestFileChunk(
+        header=pb.IngestFileHeader(dataset="crm", batch_key="garbage", format=pb.FILE_FORMAT_CSV)
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield header.SerializeToString()
+        yield b"\xff" * 64
+
+    async with grpc.aio.insecure_channel(ingest.address) as channel:
+        raw = channel.stream_unary("/cdp.ingest.v1.IngestService/IngestFile", None, None)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(chunks())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "IngestFile" in (caught.value.details() or "")
+    report = await ingest.upload(csv_bytes([good_row(1)]), "after-garbage")
+    assert report.rows_accepted == 1

@@ -204,9 +204,11 @@ def _rewrap(handler: Handler, decision: Principal | Refusal) -> Handler:
         if behavior is None:
             continue
         if isinstance(decision, Refusal):
-            wrapped = _refuse_stream(decision) if streaming else _refuse_unary(decision)
-        else:
-            wrapped = _as_stream(behavior, decision) if streaming else _as_unary(behavior, decision)
+            # A refused call never reads its request: left as bytes, it is refused as such (a
+            # stranger's garbage gets UNAUTHENTICATED, not a decode error naming the message).
+            refuse = _refuse_stream(decision) if streaming else _refuse_unary(decision)
+            return make(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
+        wrapped = _as_stream(behavior, decision) if streaming else _as_unary(behavior, decision)
         return make(
             wrapped,
             request_deserializer=handler.request_deserializer,

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection as reflection_module
 from opentelemetry import context as otel_context
 
 from cdp.common.v1 import admin_pb2, admin_pb2_grpc
-from cdp_kit.errors import CdpError, to_grpc_status
+from cdp_kit.errors import CdpError, InvalidInput, to_grpc_status
 from cdp_kit.grpc_auth import AuthInterceptor, Reflection, ServerTls, TokenTable
 from cdp_kit.telemetry import context_from, get_logger
 
@@ -58,8 +58,46 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+class _Undecodable:
+    """What a request that is not the method's message decodes to: refused with INVALID_ARGUMENT by
+    the wrapped behavior (a deserializer that raises makes grpc answer UNKNOWN, "Unexpected ...")."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or whatever the message class raises on bad bytes
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _undecodable(request: Any, method: str) -> InvalidInput | None:
+    if isinstance(request, _Undecodable):
+        kind = type(request.error).__name__
+        return InvalidInput(f"the request is not a valid message of {method} ({kind})")
+    return None
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    """A request stream whose undecodable message ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        refused = _undecodable(request, method)
+        if refused is not None:
+            raise refused
+        yield request
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Turns every exception into a gRPC status (via ``errors.to_grpc_status``) and joins the caller's trace."""
+    """Turns every exception into a gRPC status (via ``errors.to_grpc_status``), a request that is
+    not the method's message into INVALID_ARGUMENT, and joins the caller's trace."""
 
     async def intercept_service(
         self,
@@ -70,38 +108,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+        kinds = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False, False),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, True, False),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, False, True),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True, True),
+        )
+        for behavior, make, streamed_in, streamed_out in kinds:
+            if behavior is None:
+                continue
+            wrap = _wrap_stream if streamed_out else _wrap_unary
+            return make(
+                wrap(behavior, method, streamed_in),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behavior: Callable[..., Any], method: str, streamed_in: bool) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = otel_context.attach(context_from(_metadata(context)))
         try:
-            return await behavior(request, context)
+            refused = None if streamed_in else _undecodable(request, method)
+            if refused is not None:
+                raise refused
+            return await behavior(_checked(request, method) if streamed_in else request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -113,10 +145,13 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Awai
     return call
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(behavior: Callable[..., Any], method: str, streamed_in: bool) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
-            async for item in behavior(request, context):
+            refused = None if streamed_in else _undecodable(request, method)
+            if refused is not None:
+                raise refused
+            async for item in behavior(_checked(request, method) if streamed_in else request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
