@@ -167,7 +167,8 @@ def render() -> str:
         "  name (`SCHEMA_CLASS_PROFILE`) is accepted too.",
         "* Fields the service sets itself (ids, versions, creation times) are not part of a definition.",
         "* `cdp apply` creates kinds in the order of this page, whatever the files' order, and reports",
-        "  what already exists as `exists`: applying the same files twice is safe.",
+        "  what the service already holds under that name as `exists: <its reason>` (it changes",
+        "  nothing then): applying the same files twice is safe, and an edited definition shows.",
         "* `cdp apply --dry-run -f ...` only reads and checks.",
         "",
     ]

@@ -73,6 +73,7 @@ def test_a_short_lower_case_enum_is_the_full_value(tmp_path: Path) -> None:
         ("kind: schema\nname: s\nfields: {name: a}\n", "fields: expected a list"),
         ("kind: segment\nname: [1, 2]\n", "(segment)"),
         ("name: s\n", "a document is a mapping with a 'kind'"),
+        ("kind: [schema]\nname: s\n", "unknown kind ['schema']"),
     ],
 )
 def test_a_mistake_is_refused_with_where_and_the_nearest_valid_key(tmp_path: Path, text: str, message: str) -> None:

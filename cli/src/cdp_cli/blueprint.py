@@ -197,7 +197,6 @@ def activate_blueprint(client: Client, platforms: Any) -> None:
     from google.protobuf import struct_pb2
 
     from cdp.activation.v1 import activation_pb2 as act
-    from cdp_cli.skeleton import _activate_when_known
 
     for item in ACTIVATIONS:
         config = struct_pb2.Struct()
@@ -216,4 +215,4 @@ def activate_blueprint(client: Client, platforms: Any) -> None:
             attributes=list(item.attributes),
             schedule="streaming",
         )
-        ensure(partial(_activate_when_known, client, request), done=EXISTS)
+        ensure(partial(client.activation.Activate, request), done=EXISTS)

@@ -17,24 +17,26 @@ import grpc
 import typer
 
 from cdp_cli import render
-from cdp_cli.client import Client
+from cdp_cli.client import Client, describe_rpc_error, rpc_code
 from cdp_cli.documents import Document, load_all
+from cdp_cli.errors import CliError
 
 # Codes meaning "already so": the thing exists (schemas: an identical one; activations: the plan).
 EXISTS = (grpc.StatusCode.ALREADY_EXISTS,)
 
 
 def apply_document(client: Client, document: Document) -> str:
-    """Send one document; "created", or "exists" when the service already holds it."""
+    """Send one document: "applied" (created, or the same definition again, which the services
+    take as a no-op), or "exists: <why>" when the service holds another one under that name."""
     stub: Any = getattr(client, document.kind.service)
     call = getattr(stub, document.kind.method)
     try:
         call(document.kind.request(document.message), timeout=client.timeout)
     except grpc.RpcError as err:
-        if isinstance(err, grpc.Call) and err.code() in EXISTS:
-            return "exists"
-        raise
-    return "created"
+        if rpc_code(err) in EXISTS:  # the service's words: the same one, or one "with other settings"
+            return f"exists: {err.details() if isinstance(err, grpc.Call) else ''}"
+        raise CliError(f"{document.source} ({document.kind.name} {document.name}): {describe_rpc_error(err)}") from None
+    return "applied"
 
 
 def apply(client: Client | None, paths: list[Path]) -> list[tuple[Document, str]]:

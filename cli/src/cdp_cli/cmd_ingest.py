@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,7 +18,7 @@ from rich.text import Text
 
 from cdp.ingest.v1 import ingest_pb2
 from cdp_cli import inputs, render
-from cdp_cli.client import Client, rpc_code
+from cdp_cli.client import Client, describe_rpc_error, rpc_code
 from cdp_cli.context import JsonFlag, client_of
 from cdp_cli.errors import CliError
 from cdp_cli.wait import wait_downstream
@@ -27,8 +28,8 @@ PAGE = 1000
 
 
 RAW_REFUSED = (
-    "raw rejected values need the operator role: the ingest service refused them "
-    "(until gRPC callers have roles, a deployment allows them with CDP_ALLOW_RAW_REJECTS=true on ingest)"
+    "raw rejected values need the operator role (a deployment running gRPC without security grants "
+    "them with CDP_ALLOW_RAW_REJECTS=true on ingest)"
 )
 
 
@@ -80,7 +81,7 @@ def _errors(client: Client, batch_id: str, *, raw: bool) -> Iterator[ingest_pb2.
             reply = client.ingest.ListBatchErrors(request, timeout=client.timeout)
         except grpc.RpcError as exc:
             if rpc_code(exc) == grpc.StatusCode.PERMISSION_DENIED:
-                raise CliError(RAW_REFUSED) from None
+                raise CliError(f"{RAW_REFUSED}\n{describe_rpc_error(exc)}") from None
             raise
         yield from reply.errors
         if not reply.next_after_row:
@@ -134,7 +135,9 @@ def _export(client: Client, batch_id: str, path: Path, *, raw: bool) -> int:
     for item in _errors(client, batch_id, raw=raw):
         columns.update(dict.fromkeys(item.values.keys()))
     count = 0
-    with path.open("w", newline="") as handle:
+    # Raw rejected values are personal data: the file is the caller's alone (0600 from creation).
+    mode = 0o600 if raw else 0o644
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", *columns, "errors"])
         for item in _errors(client, batch_id, raw=raw):

@@ -23,6 +23,7 @@ docs/yaml.md lists every kind and field (generated from the protos by scripts/ge
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +259,7 @@ def _normalise_single(field: FieldDescriptor, value: Any, path: str) -> Any:
 
 def parse(kind_name: Any, body: dict[str, Any], source: str) -> Document:
     """One document's body (without ``kind``) as the message of its kind."""
-    if kind_name not in KINDS:
+    if not isinstance(kind_name, str) or kind_name not in KINDS:
         raise DocumentError(f"{source}: unknown kind {kind_name!r}{suggest(str(kind_name), list(KINDS))}")
     kind = KINDS[kind_name]
     try:
@@ -310,9 +311,15 @@ def load_all(paths: list[Path]) -> list[Document]:
     return sorted(documents, key=lambda d: APPLY_ORDER.index(d.kind.name))
 
 
+@functools.cache
+def _examples() -> tuple[Document, ...]:
+    return tuple(load_all([EXAMPLES_DIR]))
+
+
 def example(kind: str, name: str) -> Message:
-    """The shipped example of ``kind`` called ``name`` (the demo's one source of its definitions)."""
-    for document in load_all([EXAMPLES_DIR]):
+    """The shipped example of ``kind`` called ``name`` (the demo's one source of its definitions;
+    read once, callers get copies through ``example_of`` or ``example_dict``)."""
+    for document in _examples():
         if document.kind.name == kind and document.name == name:
             return document.message
     raise KeyError(f"no {kind} {name!r} in {EXAMPLES_DIR}")

@@ -162,23 +162,9 @@ def setup(client: Client, export_folder: str = DESTINATION) -> list[str]:
         done=EXISTS,
     )
     activate = example_of("activation", ACTIVATED_SEGMENT, act.ActivateRequest)
-    ensure(lambda: _activate_when_known(client, activate), done=EXISTS)
+    ensure(partial(client.activation.Activate, activate), done=EXISTS)
     steps.append(f"activate {ACTIVATED_SEGMENT} -> {DESTINATION}")
     return steps
-
-
-def _activate_when_known(client: Client, request: act.ActivateRequest) -> act.ActivationPlan:
-    """Activation learns segments from the log: wait until it has seen this one."""
-    for _ in range(100):
-        try:
-            plan: act.ActivationPlan = client.activation.Activate(request)
-            return plan
-        except grpc.RpcError as err:
-            if isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.NOT_FOUND:
-                time.sleep(0.1)
-                continue
-            raise
-    raise TimeoutError("activation never saw the segment")
 
 
 def ingest_crm(client: Client, data: DemoData, chunk: int = 64 * 1024) -> ing.BatchReport:

@@ -5,17 +5,23 @@ moment), written to a temporary name and renamed (a reader never sees half a fil
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def write_private(path: Path, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` (0600), atomically; the folder must exist."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    # A fresh temporary file (mkstemp: created 0600, O_EXCL), never a fixed name whose leftover
+    # from an earlier run would keep its own, wider mode through O_CREAT.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -18,8 +18,9 @@ from cdp_activation.settings import ActivationSettings
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, Violation
 from cdp_kit.keyring import KeyFile, Keyring, KeyringError
+from cdp_kit.namespaces import learn
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import ACTIVATION_CONFIG, ACTIVATION_DELIVERIES
+from cdp_kit.streams import ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, ACTIVATION_READS_SEGMENTS
 
 __all__ = ["MASK", "SECRET_WORDS", "ActivationHandlers", "is_secret", "masked"]
 
@@ -119,6 +120,10 @@ class ActivationHandlers:
                 [Violation("schedule", "cron", 'streaming, or a cron expression ("0 3 * * *"; a 6th field = seconds)')],
             )
         now = utcnow()
+        with self.processor.read() as session:
+            known = store.segment_by_key(session, request.segment) is not None
+        if not known:  # a segment just created: activation learns it from segmentation's config log
+            await learn(self.processor, ACTIVATION_READS_SEGMENTS)
 
         def decide(uow: UnitOfWork) -> pb.ActivationPlan:
             dest = store.destination_by_key(uow.session, request.destination)

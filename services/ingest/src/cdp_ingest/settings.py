@@ -51,7 +51,8 @@ class IngestSettings(ServiceSettings):
     # Until gRPC callers have roles (cdp_kit.access), the one way to let anyone read raw rejects.
     allow_raw_rejects: bool = Field(
         default=False,
-        description="Let callers ask for rejected rows' raw values (today: every caller; later: the operator role)",
+        description="With gRPC security off (CDP_GRPC_INSECURE): let every caller ask for rejected rows' raw "
+        "values (with security on, the operator role decides alone)",
     )
 
     def limits(self) -> Limits:
