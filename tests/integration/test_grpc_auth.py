@@ -20,6 +20,8 @@ from cdp.segmentation.v1 import segmentation_pb2 as seg
 from cdp.segmentation.v1 import segmentation_pb2_grpc as seg_grpc
 from cdp_cli.client import open_aio_channel, stack_channel
 from cdp_kit import grpc_auth
+from cdp_kit.access import require_role
+from cdp_kit.errors import PermissionDenied
 from cdp_kit.grpc_auth import ClientAuth, LocalSecrets, ServerTls, TokenTable, ensure_local_secrets
 from cdp_kit.grpc_server import GrpcServer, Registration
 from cdp_kit.roles import OPERATOR, Role
@@ -41,8 +43,17 @@ class Activation(act_grpc.ActivationServiceServicer):
     ) -> act.ListDeadLettersResponse:
         # what the masking asks: raw rejected values for operators only
         who = grpc_auth.caller()
-        reason = f"{who.name if who else '-'}:{'raw' if grpc_auth.has_role(OPERATOR) else 'masked'}"
+        reason = f"{who.name if who else '-'}:{'raw' if may(OPERATOR) else 'masked'}"
         return act.ListDeadLettersResponse(dead_letters=[act.DeadLetter(reason=reason)])
+
+
+def may(role: Role) -> bool:
+    """What a servicer's guard says for the current caller (no deployment setting)."""
+    try:
+        require_role(None, role, allowed_by_setting=False)
+    except PermissionDenied:
+        return False
+    return True
 
 
 class Segmentation(seg_grpc.SegmentationServiceServicer):
@@ -50,7 +61,7 @@ class Segmentation(seg_grpc.SegmentationServiceServicer):
         self, request: seg.EvaluateSegmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[seg.EvaluationProgress]:
         yield seg.EvaluationProgress(profiles_done=1)
-        yield seg.EvaluationProgress(profiles_done=2, done=grpc_auth.has_role(OPERATOR))
+        yield seg.EvaluationProgress(profiles_done=2, done=may(OPERATOR))
 
 
 async def status() -> admin_pb2.ServiceStatus:

@@ -1353,6 +1353,24 @@ async def test_one_event_bigger_than_a_message_is_refused(sqlite_engine: Engine,
     assert counters(sqlite_engine) == {}
 
 
+async def test_an_encoded_event_bigger_than_a_message_is_refused_and_nothing_is_appended(
+    sqlite_engine: Engine, eventlog: EventLog
+) -> None:
+    """emit_encoded (ingest's hot path) checks sizes in bulk: one event too big refuses the whole
+    call before anything of it is held."""
+    processor = make_processor(sqlite_engine, eventlog, with_input=False)
+    await processor.recover()
+
+    def decide(uow: UnitOfWork) -> None:
+        small = cmd_event("small", uow.cause).SerializeToString()
+        huge = cmd_event("huge", uow.cause, size=MAX_MESSAGE_BYTES).SerializeToString()
+        uow.emit_encoded(OUT, [small, huge], lambda session: None)
+
+    with pytest.raises(OversizedCause, match="one event of"):
+        await processor.execute("c1", decide)
+    assert await outputs(eventlog) == []
+
+
 def small_events(cause: Cause, count: int) -> list[Envelope]:
     return [cmd_event(f"s{i}", cause) for i in range(count)]
 

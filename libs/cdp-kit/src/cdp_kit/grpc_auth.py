@@ -11,8 +11,8 @@ A client sends ``authorization: Bearer <token>``; the interceptor hashes it, loo
 could use) and checks the caller's role against :data:`cdp_kit.roles.METHOD_ROLES`. Missing or
 unknown credentials give UNAUTHENTICATED; a known caller without the role, PERMISSION_DENIED.
 
-Servicers ask about the caller with :func:`caller` and :func:`has_role` (e.g. raw rejected
-values for operators only).
+Servicers ask about the caller with :func:`caller`, and guard an operation with
+:func:`cdp_kit.access.require_role` (e.g. raw rejected values for operators only).
 
 The embedded stack's secrets (``<data_dir>/secrets``, 0700) are made by
 :func:`ensure_local_secrets`: a PKI (``secrets/pki``, via :mod:`cdp_kit.certs`) whose ``grpc``
@@ -69,12 +69,6 @@ ANONYMOUS = Principal("anonymous", "admin")
 def caller() -> Principal | None:
     """The authenticated caller of the current RPC (None outside an RPC)."""
     return _CALLER.get()
-
-
-def has_role(role: Role) -> bool:
-    """Does the caller of the current RPC have ``role``? False outside an RPC."""
-    who = _CALLER.get()
-    return who is not None and grants(who.role, role)
 
 
 def token_hash(token: str) -> str:

@@ -26,7 +26,7 @@ import os
 import secrets
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,7 @@ class NatsAuth:
     optionally a client certificate (when the server asks for one)."""
 
     user: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # never in a log or a traceback's locals repr
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""

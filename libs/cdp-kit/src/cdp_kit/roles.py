@@ -8,7 +8,7 @@ Roles are hierarchical, with one separate branch::
 * ``admin``: configuration (schemas, datasets, namespaces, segments, merge policies, computed
   attributes, destinations, activation plans, data labels and policies).
 * ``operator``: running the platform (ingest files, evaluate segments, redrive, unlink) and
-  reading raw rejected values (``has_role(OPERATOR)`` in a servicer).
+  reading raw rejected values (``cdp_kit.access.require_role`` in a servicer).
 * ``reader``: profiles, members, graphs, status, and listings (masked where they hold values).
 * ``publisher``: ``PublishEvents`` only (a collector's token); an operator may publish too.
 
