@@ -148,7 +148,11 @@ async def publisher(*args: str | int, env: dict[str, str] | None = None) -> str:
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 600.0)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"bench.ingest_client {args[0]} did not finish in 600 s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"bench.ingest_client {args[0]} failed ({proc.returncode})")
     return out.decode()

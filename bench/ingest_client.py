@@ -39,7 +39,7 @@ def grpc_channel(address: str, ca_file: str = "", token_file: str = "") -> grpc.
 async def through_grpc(address: str, count: int, first: int, *credentials: str) -> None:
     async with grpc_channel(address, *credentials) as channel:
         stub = pb_grpc.IngestServiceStub(channel)
-        await channel.channel_ready()
+        await asyncio.wait_for(channel.channel_ready(), 30.0)  # a TLS misfit fails, never hangs
         started = time.perf_counter()
         for start in range(first, first + count, PER_CALL):
             request = pb.PublishEventsRequest(dataset="web")

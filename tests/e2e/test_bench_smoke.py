@@ -61,4 +61,4 @@ def test_bench_lookup_finishes_and_prints_each_load_with_its_baseline() -> None:
         assert f"{label}: health (baseline)" in out
         assert f"{label}: GetProfile" in out
     assert out.count("ratio p99") == 4
-    assert "0 failed lookups" in out
+    assert "; 0 failed lookups)" in out  # not "10 failed lookups"
