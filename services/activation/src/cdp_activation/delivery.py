@@ -200,9 +200,11 @@ class Deliverer:
     async def tick(self, force: bool = False) -> int:
         """Plan one round: record exclusions, cut due batches, wake the workers. Returns batches cut."""
         with self.processor.read() as session:
+            # What the round depends on: every input's position, and the master key versions (an
+            # unreadable destination becomes readable only when they change: a rotation, a restart).
             fingerprint = tuple(
                 sorted((k, v) for k, v in all_checkpoints(session).items() if k != DELIVERIES_CHECKPOINT)
-            )
+            ) + tuple((f"key:{key_id}", 0) for key_id in self.keys.keyring.key_ids)
             rows = session.exec(select(store.PlanRow)).all()
             cron_due = any(
                 store.plan_of(r).schedule not in ("", "streaming")
@@ -246,7 +248,7 @@ class Deliverer:
                     cut += 1
             if not left:
                 self.first_seen.pop(item.plan.id, None)
-        if complete and not self.unreadable:  # an unreadable destination is tried again each round
+        if complete:  # an unreadable destination is tried again once the inputs or the keys change
             self.fingerprint = fingerprint
         self._wake_workers()
         return cut
