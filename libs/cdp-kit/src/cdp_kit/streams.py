@@ -30,8 +30,9 @@ PROFILE = StreamSpec("CDP_PROFILE", ("cdp.profile.>",), "profile fragments, merg
 AUDIENCE = StreamSpec("CDP_AUDIENCE", ("cdp.audience.>",), "membership changes")
 DELIVERY = StreamSpec("CDP_DELIVERY", ("cdp.delivery.>",), "delivery outcomes")
 DEADLETTER = StreamSpec("CDP_DEADLETTER", ("cdp.deadletter.>",), "invalid input and failed deliveries")
+PRIVACY = StreamSpec("CDP_PRIVACY", ("cdp.privacy.>",), "privacy requests and each service's progress")
 
-ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENCE, DELIVERY, DEADLETTER)
+ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENCE, DELIVERY, DEADLETTER, PRIVACY)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,22 @@ SEGMENTATION_CONFIG = config_log("segmentation")
 SEGMENTATION_MEMBERSHIPS = OwnLog("segmentation-memberships", AUDIENCE, f"cdp.audience.{PARTITION}.memberships")
 ACTIVATION_CONFIG = config_log("activation")
 ACTIVATION_DELIVERIES = OwnLog("activation-deliveries", DELIVERY, f"cdp.delivery.{PARTITION}.outcomes")
+
+# Privacy (cdp.privacy.v1): identity records each request (it alone resolves an identity to the
+# whole person); every other service applies it to its store and records that it did; identity
+# reads those acknowledgements to complete the request (and only then destroys the person's keys).
+PRIVACY_REQUESTS = OwnLog("privacy-requests", PRIVACY, "cdp.privacy.requests")
+
+
+def privacy_applied_log(service: ServiceName) -> OwnLog:
+    return OwnLog(f"privacy-applied-{service}", PRIVACY, f"cdp.privacy.applied.{service}")
+
+
+def privacy_requests_input(reader: ServiceName) -> ConsumerSpec:
+    return ConsumerSpec(f"{reader}-privacy-requests", PRIVACY, PRIVACY_REQUESTS.subject)
+
+
+IDENTITY_READS_PRIVACY_APPLIED = ConsumerSpec("identity-privacy-applied", PRIVACY, "cdp.privacy.applied.>")
 
 INGEST_READS_COLLECT = ConsumerSpec("ingest-collect", COLLECT, "cdp.collect.>")
 IDENTITY_READS_INGEST = ConsumerSpec("identity-ingest", INGEST, "cdp.ingest.>")
