@@ -26,7 +26,7 @@ from cdp_kit.natsauth import (
     write_password_env,
 )
 from cdp_kit.provision import provision_streams
-from cdp_kit.streams import ALL_STREAMS
+from cdp_kit.streams import ALL_STREAMS, parse_max_ages
 
 app = typer.Typer(
     help="Operator tasks: provision the streams, NATS configuration and secrets, master key rotation.",
@@ -140,17 +140,30 @@ def provision(
     replicas: Annotated[
         int, typer.Option("--replicas", min=1, max=5, envvar="CDP_STREAM_REPLICAS", help="JetStream replicas.")
     ] = 1,
+    max_age: Annotated[
+        str,
+        typer.Option(
+            "--max-age",
+            envvar="CDP_STREAM_MAX_AGE",
+            help="Retention overrides, STREAM=duration comma-separated (e.g. CDP_COLLECT=6h,CDP_DEADLETTER=90d; "
+            "0 keeps for ever). Defaults: CDP_COLLECT 1d, CDP_DEADLETTER 30d, the others for ever.",
+        ),
+    ] = "",
 ) -> None:
     """Create or update every stream, as the NATS admin user (CDP_NATS_USER=admin, or the stack's
     credentials). Services never create streams: run this once per deployment and after an upgrade.
 
-    Example: cdp admin provision --replicas 3
+    Example: cdp admin provision --replicas 3 --max-age CDP_COLLECT=6h
     """
+    try:
+        max_ages = parse_max_ages(max_age)
+    except ValueError as exc:
+        raise CliError(f"--max-age: {exc}") from None
     client = client_of(ctx)
     url = nats_url_of(client, nats_url)
     auth = nats_auth(client.data_dir, ADMIN)
     try:
-        run_async(provision_streams(url, auth, replicas=replicas))
+        run_async(provision_streams(url, auth, replicas=replicas, max_ages=max_ages))
     except Unavailable as exc:
         raise CliError(f"provisioning the streams at {url} failed: {exc.message}") from None
     render.out.print(f"provisioned {len(ALL_STREAMS)} streams: {', '.join(s.name for s in ALL_STREAMS)}")

@@ -213,7 +213,10 @@ def _print_status(reports: list[ServiceReport]) -> None:
     if consumers:
         render.print_table(
             "consumers",
-            ["service", "consumer", "stream", "state", "applied", "last", "lag", "stalled s", "gaps", "dead", "error"],
+            [
+                *("service", "consumer", "stream", "state", "applied", "last", "lag"),
+                *("stalled s", "gaps", "dead", "aged out", "error"),
+            ],
             [
                 (
                     s,
@@ -226,6 +229,7 @@ def _print_status(reports: list[ServiceReport]) -> None:
                     f"{c.stalled_seconds:.0f}",
                     c.gaps,
                     c.dead_letters,
+                    c.aged_out,
                     c.error,
                 )
                 for s, c in consumers

@@ -53,7 +53,7 @@ from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env
 from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_healthz
 from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
 from cdp_kit.private import write_private
-from cdp_kit.provision import provision_streams
+from cdp_kit.provision import MAX_AGE_ENV, max_ages_from_env, provision_streams
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,11 @@ class Stack:
     def _provision(self) -> None:
         """Create or update the streams as the ``admin`` user (no service may)."""
         try:
-            run_async(provision_streams(self.nats_url, stack_auth(self.secrets_dir, ADMIN)))
+            run_async(
+                provision_streams(self.nats_url, stack_auth(self.secrets_dir, ADMIN), max_ages=max_ages_from_env())
+            )
+        except ValueError as exc:
+            raise StackError(f"{MAX_AGE_ENV}: {exc}") from None
         except Unavailable as exc:
             raise StackError(f"provisioning the streams failed: {exc.message}") from None
 

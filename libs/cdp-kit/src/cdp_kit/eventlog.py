@@ -171,7 +171,9 @@ class EventLog:
                 description=spec.description,
                 storage=api.StorageType.MEMORY if memory else api.StorageType.FILE,
                 num_replicas=replicas,
-                duplicate_window=spec.duplicate_window_s,
+                # JetStream refuses a duplicate window longer than the retention.
+                duplicate_window=min(spec.duplicate_window_s, spec.max_age_s or spec.duplicate_window_s),
+                max_age=spec.max_age_s,
                 retention=api.RetentionPolicy.LIMITS,
                 allow_direct=True,
             )
@@ -363,7 +365,15 @@ class EventLog:
         )
         await self.js.add_consumer(spec.stream.name, config=config)
         sub = await self.js.pull_subscribe_bind(durable=spec.name, stream=spec.stream.name)
-        return DurableReader(spec, sub, self.nc)
+        reader = DurableReader(spec, sub, self.nc)
+        # Retention (max_age) or a deletion removed history this consumer had not applied: the
+        # consumer starts at the first message left. Not a gap to re-read (nothing can bring it
+        # back), but never silent: the caller reports it.
+        info = await self.js.stream_info(spec.stream.name)
+        first = int(info.state.first_seq or 0)
+        if first > max(1, start_sequence):
+            reader.aged_out = first - max(1, start_sequence)
+        return reader
 
     async def consumer_lag(self, spec: ConsumerSpec) -> tuple[int, int] | None:
         """(delivered-and-acked stream sequence, messages not yet acked) of a durable consumer."""
@@ -402,6 +412,9 @@ class DurableReader:
         self.sub = sub
         self.nc = nc
         self.delivered = 0
+        # Stream messages (of any subject) between the start asked for and the stream's first
+        # message when the consumer was created: history gone before this consumer read it.
+        self.aged_out = 0
         # Deliveries the consumer reported as sent when a fetch last brought nothing.
         self.owed = 0
         # The last message acknowledged (the consumer acknowledges all below it), and whether the

@@ -394,6 +394,8 @@ class ConsumerHealth:
     progressed_at: float = field(default_factory=time.monotonic)
     error: str = ""
     gaps: int = 0
+    # Stream messages that retention removed before this consumer read them (``DurableReader.aged_out``).
+    aged_out: int = 0
 
     def progressed(self) -> None:
         self.progressed_at = time.monotonic()
@@ -801,6 +803,16 @@ class Processor:
                 with self.read() as session:
                     start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
                 reader = await self.eventlog.durable(inp.spec, start)
+                if reader.aged_out:
+                    health.aged_out += reader.aged_out
+                    log.error(
+                        "input_history_aged_out",
+                        consumer=inp.spec.name,
+                        stream=inp.spec.stream.name,
+                        from_sequence=start,
+                        messages=reader.aged_out,
+                        hint="the stream's retention (max_age) is shorter than this service's downtime",
+                    )
                 self._readers[inp.spec.name] = reader
                 assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
                 while not self._stopping.is_set():

@@ -5,7 +5,8 @@ per deployment and after an upgrade that changes a stream: ``cdp up`` before it 
 services, ``cdp admin provision`` for an operator, a Kubernetes Job or a compose one-shot
 service (every service image holds this module). Idempotent: existing streams are updated.
 
-Reads ``CDP_NATS_URL``, ``CDP_STREAM_REPLICAS`` and the ``CDP_NATS_*`` credentials
+Reads ``CDP_NATS_URL``, ``CDP_STREAM_REPLICAS``, ``CDP_STREAM_MAX_AGE`` (retention overrides,
+``CDP_COLLECT=6h,CDP_DELIVERY=400d``: ``cdp_kit.streams.parse_max_ages``) and the ``CDP_NATS_*`` credentials
 (``CDP_NATS_USER=admin``, ``CDP_NATS_PASSWORD_FILE``, ``CDP_NATS_CA_FILE``).
 """
 
@@ -18,11 +19,28 @@ import sys
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsauth import NatsAuth
-from cdp_kit.streams import ALL_STREAMS
+from cdp_kit.streams import ALL_STREAMS, parse_max_ages, with_max_ages
+
+MAX_AGE_ENV = "CDP_STREAM_MAX_AGE"
 
 
-async def provision_streams(nats_url: str, auth: NatsAuth, *, replicas: int = 1, attempts: int = 1) -> None:
-    """Create or update every stream; retried ``attempts`` times while NATS is unreachable."""
+def max_ages_from_env() -> dict[str, float]:
+    """The deployment's retention overrides (``CDP_STREAM_MAX_AGE``); ValueError names a bad item."""
+    return parse_max_ages(os.environ.get(MAX_AGE_ENV, ""))
+
+
+async def provision_streams(
+    nats_url: str,
+    auth: NatsAuth,
+    *,
+    replicas: int = 1,
+    attempts: int = 1,
+    max_ages: dict[str, float] | None = None,
+) -> None:
+    """Create or update every stream; retried ``attempts`` times while NATS is unreachable.
+
+    ``max_ages`` (stream name: seconds, 0 = for ever) overrides the streams' default retention."""
+    specs = with_max_ages(ALL_STREAMS, max_ages or {})
     for attempt in range(1, attempts + 1):
         try:
             eventlog = await EventLog.connect(nats_url, "cdp-admin-provision", auth=auth, connect_timeout=10.0)
@@ -32,7 +50,7 @@ async def provision_streams(nats_url: str, auth: NatsAuth, *, replicas: int = 1,
             await asyncio.sleep(2.0)
             continue
         try:
-            await eventlog.ensure_streams(replicas=replicas)
+            await eventlog.ensure_streams(specs, replicas=replicas)
             return
         finally:
             await eventlog.close()
@@ -42,7 +60,12 @@ def main() -> int:
     url = os.environ.get("CDP_NATS_URL", "nats://127.0.0.1:4222")
     replicas = int(os.environ.get("CDP_STREAM_REPLICAS", "1"))
     try:
-        asyncio.run(provision_streams(url, NatsAuth.from_env(), replicas=replicas, attempts=60))
+        max_ages = max_ages_from_env()
+    except ValueError as exc:
+        print(f"{MAX_AGE_ENV}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(provision_streams(url, NatsAuth.from_env(), replicas=replicas, attempts=60, max_ages=max_ages))
     except Unavailable as exc:
         print(f"provisioning the streams at {url} failed: {exc.message}", file=sys.stderr)
         return 1

@@ -216,6 +216,7 @@ async def consumer_status(vitals: Vitals, inp: Input, applied: int, dead: int = 
         stalled_seconds=round(stalled, 1),
         gaps=health.gaps,
         dead_letters=dead,
+        aged_out=health.aged_out,
     )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_kit.natsauth import NatsAuth
 from cdp_kit.store import SQLITE_MMAP_MIB, sqlite_url
+from cdp_kit.streams import parse_max_ages
 
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -62,6 +63,18 @@ class ServiceSettings(BaseSettings):
         le=5,
         description="JetStream replicas of the streams provisioning creates (cdp admin provision)",
     )
+    stream_max_age: str = Field(
+        default="",
+        description="Retention overrides provisioning applies, STREAM=duration comma-separated "
+        "(CDP_COLLECT=6h,CDP_DELIVERY=400d; 0 = for ever); defaults: docs/operations.md",
+    )
+
+    @field_validator("stream_max_age")
+    @classmethod
+    def _max_ages_parse(cls, value: str) -> str:
+        parse_max_ages(value)
+        return value
+
     batch_size: int = Field(default=256, ge=1, le=10_000, description="Messages applied per store transaction")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="Seconds in-flight RPCs get on shutdown")
     # Above the longest batch a healthy consumer applies: a 256-message batch of packed ingest

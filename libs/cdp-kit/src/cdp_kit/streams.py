@@ -7,11 +7,17 @@ guarded with ``Nats-Expected-Last-Subject-Sequence``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Literal
 
 ServiceName = Literal["ingest", "identity", "segmentation", "activation"]
 SERVICES: tuple[ServiceName, ...] = ("ingest", "identity", "segmentation", "activation")
+
+
+DAY_S = 86_400.0
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S}
 
 
 @dataclass(frozen=True)
@@ -21,15 +27,23 @@ class StreamSpec:
     description: str
     # Seconds JetStream keeps publish ids for Nats-Msg-Id dedupe (consumers dedupe for all time).
     duplicate_window_s: float = 120.0
+    # Retention (JetStream max_age): messages older than this are removed; 0 keeps them for ever.
+    # Overridden per deployment by CDP_STREAM_MAX_AGE (see ``parse_max_ages``); docs/operations.md
+    # says what each service does when its input's history ages out.
+    max_age_s: float = 0.0
 
 
 CONFIG = StreamSpec("CDP_CONFIG", ("cdp.config.>",), "schemas, datasets, namespaces, segments, destinations")
-COLLECT = StreamSpec("CDP_COLLECT", ("cdp.collect.>",), "raw online events from publishers")
+# Publishers' raw JSON (plain personal data, not encrypted): ingest consumes it within seconds,
+# so it is kept one day, and a privacy delete erases the person's messages before that.
+COLLECT = StreamSpec("CDP_COLLECT", ("cdp.collect.>",), "raw online events from publishers", max_age_s=DAY_S)
 INGEST = StreamSpec("CDP_INGEST", ("cdp.ingest.>",), "validated records and events")
 PROFILE = StreamSpec("CDP_PROFILE", ("cdp.profile.>",), "profile fragments, merges, splits")
 AUDIENCE = StreamSpec("CDP_AUDIENCE", ("cdp.audience.>",), "membership changes")
 DELIVERY = StreamSpec("CDP_DELIVERY", ("cdp.delivery.>",), "delivery outcomes")
-DEADLETTER = StreamSpec("CDP_DEADLETTER", ("cdp.deadletter.>",), "invalid input and failed deliveries")
+DEADLETTER = StreamSpec(
+    "CDP_DEADLETTER", ("cdp.deadletter.>",), "invalid input and failed deliveries", max_age_s=30 * DAY_S
+)
 PRIVACY = StreamSpec("CDP_PRIVACY", ("cdp.privacy.>",), "privacy requests and each service's progress")
 
 ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENCE, DELIVERY, DEADLETTER, PRIVACY)
@@ -141,3 +155,29 @@ SERVICE_LOGS: dict[str, ServiceLogs] = {
         (ACTIVATION_READS_SEGMENTS, ACTIVATION_READS_PROFILE, ACTIVATION_READS_AUDIENCE),
     ),
 }
+
+
+def parse_duration_s(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"15m"``, ``"24h"``, ``"30d"`` in seconds (``"0"``: for ever)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (a number with s, m, h or d, e.g. 24h; 0 keeps for ever)")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def parse_max_ages(text: str) -> dict[str, float]:
+    """``CDP_STREAM_MAX_AGE``: ``"CDP_COLLECT=6h,CDP_DELIVERY=400d"``, stream name = duration, comma-separated."""
+    names = {spec.name for spec in ALL_STREAMS}
+    ages: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, duration = item.partition("=")
+        name = name.strip().upper()
+        if not sep or name not in names:
+            raise ValueError(f"{item!r}: expected STREAM=duration with STREAM one of {', '.join(sorted(names))}")
+        ages[name] = parse_duration_s(duration)
+    return ages
+
+
+def with_max_ages(specs: tuple[StreamSpec, ...], ages: dict[str, float]) -> tuple[StreamSpec, ...]:
+    """The streams with the deployment's retention overrides applied."""
+    return tuple(replace(spec, max_age_s=ages[spec.name]) if spec.name in ages else spec for spec in specs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from cdp.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from cdp_ingest import store
 from cdp_ingest.api import IngestServicer
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.consumer import CollectHandler
@@ -28,6 +29,7 @@ from cdp_kit.streams import (
 
 def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Service:
     config = ConfigCache(settings)
+    store.DEDUPE.days = settings.event_dedupe_horizon_days
     processor = Processor(
         service="ingest",
         engine=engine,

@@ -11,6 +11,7 @@ from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.records import RECORD_TYPE
 from cdp_ingest.store import (
+    DAY_S,
     REJECTED,
     BatchChunkRow,
     BatchErrorRow,
@@ -47,7 +48,7 @@ class IngestProjection:
             # The hot path: a record is folded only to remember event ids, and whether the
             # dataset holds events is known from the config (a dataset's class never changes).
             if self._event_dataset(session, env.subject_key):
-                note_seen(session, env.subject_key, env.id)
+                note_seen(session, env.subject_key, env.id, env.recorded_at.seconds // DAY_S)
             return
         if kind in CONFIG_TYPES:
             self._event_datasets.clear()

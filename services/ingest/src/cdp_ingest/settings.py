@@ -48,6 +48,13 @@ class IngestSettings(ServiceSettings):
         description="Largest message on cdp.collect, read unparsed; larger: rule event_size",
     )
 
+    event_dedupe_horizon_days: int = Field(
+        default=30,
+        ge=0,
+        description="Days an event id is remembered to drop a re-sent event; older ids are forgotten and "
+        "such an event is accepted again (0: remember for ever, the index grows without bound)",
+    )
+
     # Until gRPC callers have roles (cdp_kit.access), the one way to let anyone read raw rejects.
     allow_raw_rejects: bool = Field(
         default=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -57,13 +58,16 @@ class BatchChunkRow(SQLModel, table=True):
 
 
 class SeenEventRow(SQLModel, table=True):
-    """Every accepted event, for de-duplication for all time, by the id of its record envelope
-    (``records.record_key(dataset, event id)``): the fold learns it without unpacking the record."""
+    """Every accepted event within the dedupe horizon, by the id of its record envelope
+    (``records.record_key(dataset, event id)``): the fold learns it without unpacking the record.
+    ``day`` (days since 1970-01-01, UTC) is when the record was appended; rows older than the
+    horizon are neither consulted nor kept (``DedupeHorizon``)."""
 
     __tablename__ = "ingest_seen_event"
 
     dataset: str = Field(primary_key=True)
     record_key: str = Field(primary_key=True)
+    day: int = Field(default=0, index=True)
 
 
 class BatchErrorRow(SQLModel, table=True):
@@ -121,27 +125,68 @@ def appended_chunks(session: Session, batch_id: str) -> set[int]:
 
 SEEN_PENDING = "ingest_seen_pending"
 SEEN_QUERY_CHUNK = 900
+DAY_S = 86_400
 
 
-def note_seen(session: Session, dataset_name: str, key: str) -> None:
-    """Record an event as seen; written in bulk before the next seen query or the commit."""
-    session.info.setdefault(SEEN_PENDING, []).append({"dataset": dataset_name, "record_key": key})
+class DedupeHorizon:
+    """How long an event id is remembered (``CDP_EVENT_DEDUPE_HORIZON_DAYS``; 0: for ever).
+
+    The trade-off: an event sent again after the horizon is accepted again (a duplicate), and in
+    exchange the index stays bounded (about 100 bytes a row: 1M events a day and 30 days keep
+    ~3 GB). JetStream's own Nats-Msg-Id window (2 minutes) catches a publisher's retries; this
+    catches a replayed export or a re-sent file. Reads ignore rows past the horizon, so the
+    answer does not depend on when pruning last ran; pruning runs once a day per process."""
+
+    def __init__(self, days: int = 30) -> None:
+        self.days = days
+        self.pruned_day = 0
+
+    def oldest_day(self, today: int) -> int:
+        return today - self.days + 1 if self.days > 0 else 0
+
+
+DEDUPE = DedupeHorizon()
+
+
+def today() -> int:
+    return int(time.time()) // DAY_S
+
+
+def note_seen(session: Session, dataset_name: str, key: str, day: int | None = None) -> None:
+    """Record an event as seen (on ``day``, default today); written in bulk before the next seen
+    query or the commit."""
+    session.info.setdefault(SEEN_PENDING, []).append(
+        {"dataset": dataset_name, "record_key": key, "day": today() if day is None else day}
+    )
 
 
 def note_seen_all(session: Session, dataset_name: str, keys: list[str]) -> None:
-    """``note_seen`` of many events of one dataset."""
+    """``note_seen`` of many events of one dataset, today."""
     if keys:
-        session.info.setdefault(SEEN_PENDING, []).extend({"dataset": dataset_name, "record_key": k} for k in keys)
+        day = today()
+        session.info.setdefault(SEEN_PENDING, []).extend(
+            {"dataset": dataset_name, "record_key": k, "day": day} for k in keys
+        )
 
 
 def write_seen(session: Session) -> None:
-    """One insert of every event noted seen in this transaction; an id already kept is left alone."""
+    """One insert of every event noted seen in this transaction; an id already kept has its day
+    moved forward (seen again inside the horizon counts from the latest time). Once a day, rows
+    older than the horizon are deleted."""
     pending = session.info.pop(SEEN_PENDING, None)
     if not pending:
         return
     table = SeenEventRow.__table__  # type: ignore[attr-defined]
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(insert(table).on_conflict_do_nothing(), pending)
+    stmt = insert(table)
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["dataset", "record_key"], set_={"day": stmt.excluded.day}),
+        pending,
+    )
+    newest = max(int(p["day"]) for p in pending)
+    if DEDUPE.days > 0 and newest > DEDUPE.pruned_day:
+        DEDUPE.pruned_day = newest
+        session.execute(sa.delete(table).where(table.c.day < DEDUPE.oldest_day(newest)))
 
 
 @sa.event.listens_for(Session, "before_commit")
@@ -155,16 +200,19 @@ def _forget_seen_after_rollback(session: Session) -> None:
 
 
 def seen_keys(session: Session, dataset_name: str, keys: list[str]) -> set[str]:
-    """Which of these record keys (``records.record_key``) were seen before."""
+    """Which of these record keys (``records.record_key``) were seen before, within the horizon."""
     write_seen(session)
     found: set[str] = set()
     unique = list(dict.fromkeys(keys))
+    oldest = DEDUPE.oldest_day(today())
     for start in range(0, len(unique), SEEN_QUERY_CHUNK):
         part = unique[start : start + SEEN_QUERY_CHUNK]
         found.update(
             session.exec(
                 select(SeenEventRow.record_key).where(
-                    SeenEventRow.dataset == dataset_name, col(SeenEventRow.record_key).in_(part)
+                    SeenEventRow.dataset == dataset_name,
+                    col(SeenEventRow.record_key).in_(part),
+                    col(SeenEventRow.day) >= oldest,
                 )
             ).all()
         )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x64p/common/v1/admin.proto\x12\rcdp.common.v1\"\x12\n\x10GetStatusRequest\"\xce\x01\n\x0e\x43onsumerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\x12\x1c\n\x14stream_last_sequence\x18\x04 \x01(\x04\x12\x0b\n\x03lag\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12\x17\n\x0fstalled_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04gaps\x18\t \x01(\r\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\n \x01(\x04\"H\n\x0cOwnLogStatus\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x17\n\x0f\x66olded_sequence\x18\x03 \x01(\x04\"\xe9\x01\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x30\n\tconsumers\x18\x04 \x03(\x0b\x32\x1d.cdp.common.v1.ConsumerStatus\x12-\n\x08own_logs\x18\x05 \x03(\x0b\x32\x1b.cdp.common.v1.OwnLogStatus\x12\x11\n\trecovered\x18\x06 \x01(\x08\x12\x16\n\x0enats_connected\x18\x07 \x01(\x08\x12\x1b\n\x13stall_after_seconds\x18\x08 \x01(\x01\x32Z\n\x0c\x41\x64minService\x12J\n\tGetStatus\x12\x1f.cdp.common.v1.GetStatusRequest\x1a\x1c.cdp.common.v1.ServiceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x64p/common/v1/admin.proto\x12\rcdp.common.v1\"\x12\n\x10GetStatusRequest\"\xe0\x01\n\x0e\x43onsumerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\x12\x1c\n\x14stream_last_sequence\x18\x04 \x01(\x04\x12\x0b\n\x03lag\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12\x17\n\x0fstalled_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04gaps\x18\t \x01(\r\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\n \x01(\x04\x12\x10\n\x08\x61ged_out\x18\x0b \x01(\x04\"H\n\x0cOwnLogStatus\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x17\n\x0f\x66olded_sequence\x18\x03 \x01(\x04\"\xe9\x01\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x30\n\tconsumers\x18\x04 \x03(\x0b\x32\x1d.cdp.common.v1.ConsumerStatus\x12-\n\x08own_logs\x18\x05 \x03(\x0b\x32\x1b.cdp.common.v1.OwnLogStatus\x12\x11\n\trecovered\x18\x06 \x01(\x08\x12\x16\n\x0enats_connected\x18\x07 \x01(\x08\x12\x1b\n\x13stall_after_seconds\x18\x08 \x01(\x01\x32Z\n\x0c\x41\x64minService\x12J\n\tGetStatus\x12\x1f.cdp.common.v1.GetStatusRequest\x1a\x1c.cdp.common.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=44
   _globals['_GETSTATUSREQUEST']._serialized_end=62
   _globals['_CONSUMERSTATUS']._serialized_start=65
-  _globals['_CONSUMERSTATUS']._serialized_end=271
-  _globals['_OWNLOGSTATUS']._serialized_start=273
-  _globals['_OWNLOGSTATUS']._serialized_end=345
-  _globals['_SERVICESTATUS']._serialized_start=348
-  _globals['_SERVICESTATUS']._serialized_end=581
-  _globals['_ADMINSERVICE']._serialized_start=583
-  _globals['_ADMINSERVICE']._serialized_end=673
+  _globals['_CONSUMERSTATUS']._serialized_end=289
+  _globals['_OWNLOGSTATUS']._serialized_start=291
+  _globals['_OWNLOGSTATUS']._serialized_end=363
+  _globals['_SERVICESTATUS']._serialized_start=366
+  _globals['_SERVICESTATUS']._serialized_end=599
+  _globals['_ADMINSERVICE']._serialized_start=601
+  _globals['_ADMINSERVICE']._serialized_end=691
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,7 @@ class ConsumerStatus(_message.Message):
     STALLED_SECONDS_FIELD_NUMBER: _builtins.int
     GAPS_FIELD_NUMBER: _builtins.int
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    AGED_OUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Durable consumer name, e.g. identity-ingest."""
     stream: _builtins.str
@@ -78,6 +79,11 @@ class ConsumerStatus(_message.Message):
     """Messages of this consumer set aside as poison and not (yet) redriven: `cdp deadletters`
     lists them. The consumer moved on past each.
     """
+    aged_out: _builtins.int
+    """Stream messages (any subject of the stream) removed by retention (max_age) or deletion before
+    this consumer applied them, since the service started: the service's downtime outlasted the
+    stream's retention. Nothing can bring them back; raise CDP_STREAM_MAX_AGE for that stream.
+    """
     def __init__(
         self,
         *,
@@ -91,10 +97,11 @@ class ConsumerStatus(_message.Message):
         stalled_seconds: _builtins.float = ...,
         gaps: _builtins.int = ...,
         dead_letters: _builtins.int = ...,
+        aged_out: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_sequence", b"applied_sequence", "dead_letters", b"dead_letters", "error", b"error", "gaps", b"gaps", "lag", b"lag", "name", b"name", "stalled_seconds", b"stalled_seconds", "state", b"state", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aged_out", b"aged_out", "applied_sequence", b"applied_sequence", "dead_letters", b"dead_letters", "error", b"error", "gaps", b"gaps", "lag", b"lag", "name", b"name", "stalled_seconds", b"stalled_seconds", "state", b"state", "stream", b"stream", "stream_last_sequence", b"stream_last_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
