@@ -90,9 +90,9 @@ def load_profiles(cdp: Client) -> float:
         time.sleep(1.0)
 
 
-def settled(cdp: Client) -> bool:
+def settled(cdp: Client, services: tuple[str, ...] = SERVICES) -> bool:
     """Every consumer of every service has applied its input to the end (nothing left in the background)."""
-    for service in SERVICES:
+    for service in services:
         reply = retrying(lambda: cdp.admin(service).GetStatus(admin_pb2.GetStatusRequest()))  # noqa: B023
         if not reply.ready or any(c.lag for c in reply.consumers):
             return False
