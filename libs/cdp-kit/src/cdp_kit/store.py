@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
@@ -60,6 +61,8 @@ def _sqlite_pragmas(mmap_mib: int) -> Any:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=10000")
+        # Deleted rows are overwritten with zeros, not just unlinked (privacy erasure; see scrub_after_commit).
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.execute(f"PRAGMA mmap_size={int(mmap_mib) * 1024 * 1024}")
         cursor.close()
 
@@ -151,6 +154,62 @@ def transaction(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+log = structlog.get_logger(__name__)
+_SCRUB = "cdp_scrub_after_commit"
+# Engines whose WAL still holds frames from before an erasure (a reader kept the checkpoint from
+# truncating it): tried again after the next commit on the same engine.
+_SCRUB_PENDING: set[Engine] = set()
+
+
+def scrub_after_commit(session: Session) -> None:
+    """Ask that no copy of what this transaction erased outlives its commit in the store's files.
+
+    SQLite: ``secure_delete`` (set on every connection) zeroes deleted cells in the database
+    pages, but the write-ahead log still holds earlier frames with the old rows, and a checkpoint
+    does not shorten the file. After the commit, ``PRAGMA wal_checkpoint(TRUNCATE)`` copies the
+    log into the database and truncates it to zero bytes; when a reader holds an older snapshot
+    it cannot, and it is tried again after the next commit on that engine. PostgreSQL keeps dead
+    row versions until VACUUM: docs/privacy.md says how to schedule it."""
+    session.info[_SCRUB] = True
+
+
+def _scrub(engine: Engine) -> bool:
+    """Checkpoint and truncate a SQLite store's WAL; True when done (or nothing to do)."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as connection:
+        # Never wait on a reader (the busy handler would block the service for busy_timeout).
+        connection.exec_driver_sql("PRAGMA busy_timeout=0")
+        try:
+            busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        finally:
+            connection.exec_driver_sql("PRAGMA busy_timeout=10000")
+    return not busy
+
+
+@event.listens_for(Session, "after_commit")
+def _scrub_after_commit(session: Session) -> None:
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    if session.info.pop(_SCRUB, False) or engine in _SCRUB_PENDING:
+        session.info[_SCRUB_RUN] = engine
+
+
+_SCRUB_RUN = "cdp_scrub_run"
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _scrub_when_released(session: Session, transaction: Any) -> None:
+    engine = session.info.pop(_SCRUB_RUN, None)
+    if engine is None or transaction.parent is not None:
+        return
+    if _scrub(engine):
+        _SCRUB_PENDING.discard(engine)
+    else:
+        _SCRUB_PENDING.add(engine)
+        log.info("store_scrub_deferred", reason="a reader holds an older snapshot; retried after the next commit")
 
 
 _HELD = "cdp_checkpoints"
