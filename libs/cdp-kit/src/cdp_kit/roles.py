@@ -48,6 +48,7 @@ _IDN = "/cdp.identity.v1.IdentityService/"
 _SEG = "/cdp.segmentation.v1.SegmentationService/"
 _ACT = "/cdp.activation.v1.ActivationService/"
 _DLS = "/cdp.common.v1.DeadLetterService/"
+_PRV = "/cdp.privacy.v1.PrivacyService/"
 _ADM = "/cdp.common.v1.AdminService/"
 
 METHOD_ROLES: Final[dict[str, Role]] = {
@@ -74,6 +75,10 @@ METHOD_ROLES: Final[dict[str, Role]] = {
     _IDN + "CreateNamespace": ADMIN,
     _IDN + "ListNamespaces": READER,
     _IDN + "Unlink": OPERATOR,
+    # privacy (served by identity): requests and answers carry keyed hashes, never a plain identity
+    _PRV + "Submit": OPERATOR,
+    _PRV + "GetRequest": READER,
+    _PRV + "ListRequests": READER,
     # segmentation
     _SEG + "CreateSegment": ADMIN,
     _SEG + "GetSegment": READER,

@@ -61,6 +61,9 @@ def _sqlite_pragmas(mmap_mib: int) -> Any:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute(f"PRAGMA mmap_size={int(mmap_mib) * 1024 * 1024}")
+        # Privacy: a deleted row's bytes are overwritten with zeros, not left in free pages for
+        # anyone reading the file (an erased person must not be recoverable from the store).
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     return on_connect
