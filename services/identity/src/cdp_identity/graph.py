@@ -238,11 +238,14 @@ class WorkingSet:
         return ordinal
 
     def erased_any(self) -> bool:
-        """Whether a privacy request ever erased nodes (then a missing identity may have been held)."""
+        """Whether a privacy erasure was ever folded (then a missing identity may have been held)."""
         if self._erased is None:
-            t = store.PRIVACY_REQUEST
-            self._erased = bool(self.bulk.rows(f"SELECT 1 FROM {t.name} WHERE erased LIMIT 1"))
+            t = store.PRIVACY_PROGRESS
+            self._erased = bool(self.bulk.rows(f"SELECT 1 FROM {t.name} WHERE service = 'identity' LIMIT 1"))
         return self._erased
+
+    def note_erasure(self) -> None:
+        self._erased = True
 
     def forget_all(self) -> None:
         """Forget every graph held in memory (written already): rows were deleted under them."""

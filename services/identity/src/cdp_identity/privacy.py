@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from cdp_identity.graph import WorkingSet, load_rules
 from cdp_identity.store import PrivacyProgressRow, PrivacyRequestRow
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, unpack, utcnow
 from cdp_kit.errors import InvalidInput, NotFound, Violation
-from cdp_kit.eventlog import LogMessage
+from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import (
     MAX_IDENTITIES,
     REQUEST_ID_RE,
@@ -40,7 +40,8 @@ from cdp_kit.privacy import (
     is_delete,
 )
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.streams import PRIVACY_REQUESTS, privacy_appliers
+from cdp_kit.store import transaction
+from cdp_kit.streams import IDENTITY_FRAGMENTS, PRIVACY_REQUESTS, privacy_appliers
 from cdp_kit.telemetry import get_logger, pii_hash
 
 log = get_logger(__name__)
@@ -119,18 +120,31 @@ def erase_profiles(ws: WorkingSet, profile_ids: Sequence[str]) -> dict[str, int]
     return counts
 
 
-def fold_privacy(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVault) -> None:
-    """Fold identity's own privacy events (``cdp.privacy.requests``)."""
+def fold_erasure(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVault) -> None:
+    """Fold a ``PrivacyRequested`` on identity's fragments log: the erasure of the person's graph, in
+    its place among the fragments (a replay erases exactly what the live store erased, and a person
+    who comes back later comes back on a replay too)."""
+    if env.type != REQUESTED:
+        return
+    req = unpack(env, pb.PrivacyRequested)
+    if session.get(PrivacyProgressRow, (req.request_id, SELF)) is not None:
+        return
+    vault.revoke(list(req.key_refs))
+    counts: dict[str, int] = {}
+    if is_delete(req.mode) and not req.nothing_held:
+        counts = erase_profiles(ws, list(req.profile_ids))
+    session.add(PrivacyProgressRow(request_id=req.request_id, service=SELF, at=micros(req.at), counts=counts))
+    session.flush()
+    ws.note_erasure()
+
+
+def fold_privacy(session: Session, env: Envelope) -> None:
+    """Fold identity's own privacy events (``cdp.privacy.requests``): the request and its completion."""
     if env.type == REQUESTED:
         req = unpack(env, pb.PrivacyRequested)
         if session.get(PrivacyRequestRow, req.request_id) is not None:
             return
-        vault.revoke(list(req.key_refs))
-        counts: dict[str, int] = {}
-        if is_delete(req.mode) and not req.nothing_held:
-            counts = erase_profiles(ws, list(req.profile_ids))
         ordinal = session.execute(sa.select(sa.func.max(store.PRIVACY_REQUEST.c.ordinal))).scalar() or 0
-        at = micros(req.at)
         session.add(
             PrivacyRequestRow(
                 request_id=req.request_id,
@@ -141,11 +155,11 @@ def fold_privacy(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVaul
                 profile_ids=list(req.profile_ids),
                 key_refs=list(req.key_refs),
                 nothing_held=req.nothing_held,
-                erased=bool(counts.get("graph_nodes")),
-                received_at=at,
+                received_at=micros(req.at),
             )
         )
-        session.add(PrivacyProgressRow(request_id=req.request_id, service=SELF, at=at, counts=counts))
+        if session.get(PrivacyProgressRow, (req.request_id, SELF)) is None:  # nothing to erase
+            session.add(PrivacyProgressRow(request_id=req.request_id, service=SELF, at=micros(req.at)))
         session.flush()
     elif env.type == COMPLETED:
         done = unpack(env, pb.PrivacyCompleted)
@@ -312,11 +326,8 @@ class PrivacyHandlers:
         now = utcnow()
         mode = request.mode
 
-        def decide(uow: UnitOfWork) -> pb.PrivacyRequest:
+        def decide(uow: UnitOfWork) -> list[Envelope]:
             session = uow.session
-            found = session.get(PrivacyRequestRow, request_id)
-            if found is not None:
-                return to_proto(session, found)
             ws = self.ws_of(session)
             ws.load(keys)
             pids = sorted({ws.nodes[k].profile_id for k in keys if k in ws.nodes})
@@ -354,12 +365,9 @@ class PrivacyHandlers:
                         cause=cause,
                     )
                 )
-            uow.emit(PRIVACY_REQUESTS, events)
-            row = session.get(PrivacyRequestRow, request_id)
-            assert row is not None
-            return to_proto(session, row)
+            return events
 
-        reply = await self.processor.execute(f"privacy:{request_id}", decide)
+        reply = await self._record(request_id, decide)
         log.info(
             "privacy_requested",
             request_id=request_id,
@@ -370,6 +378,40 @@ class PrivacyHandlers:
         )
         self.applied.changed.set()
         return reply
+
+    async def _record(self, request_id: str, decide: Callable[[UnitOfWork], list[Envelope]]) -> pb.PrivacyRequest:
+        """Two causes in one transaction: the erasure on the fragments log (in its place among the
+        fragments, for identity and for every reader of the profiles), then the request itself on
+        ``cdp.privacy.requests``. Retried once after a guard conflict, like a command."""
+        processor = self.processor
+        for attempt in (1, 2):
+            try:
+                async with processor.lock:
+                    with transaction(processor.engine) as session:
+                        found = session.get(PrivacyRequestRow, request_id)
+                        if found is not None:
+                            return to_proto(session, found)
+                        uow = UnitOfWork(session, processor, Cause(command_id=f"privacy-erase:{request_id}"))
+                        try:
+                            events = decide(uow)
+                            requested = unpack(events[0], pb.PrivacyRequested)
+                            if is_delete(requested.mode) and not requested.nothing_held:
+                                uow.emit(IDENTITY_FRAGMENTS, events[:1])
+                            recorded = Cause(command_id=f"privacy:{request_id}")
+                            await uow.next_cause(recorded)
+                            uow.emit(PRIVACY_REQUESTS, events)
+                            await uow.flush(recorded)
+                        except BaseException:
+                            await uow.abandon()
+                            raise
+                        row = session.get(PrivacyRequestRow, request_id)
+                        assert row is not None
+                        return to_proto(session, row)
+            except AppendConflict:
+                if attempt == 2:
+                    raise
+                await processor.recover()
+        raise AssertionError("unreachable")
 
     def get(self, request_id: str) -> pb.PrivacyRequest:
         with self.processor.read() as session:

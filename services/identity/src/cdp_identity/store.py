@@ -118,7 +118,6 @@ class PrivacyRequestRow(SQLModel, table=True):
     profile_ids: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     nothing_held: bool = False
-    erased: bool = False  # identity erased graph nodes for it
     received_at: int = Field(default=0, sa_type=sa.BigInteger)
     completed_at: int = Field(default=0, sa_type=sa.BigInteger)
     keys_destroyed: int = Field(default=0, sa_type=sa.BigInteger)
