@@ -19,6 +19,8 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp.segmentation.v1 import events_pb2 as seg_ev
 from cdp_identity.api import PrivacyServicer
 from cdp_identity.privacy import PrivacyApplied, PrivacyHandlers
+from cdp_ingest.privacy import PrivacyApplier as IngestApplier
+from cdp_ingest.privacy import PrivacyToIngest
 from cdp_kit.envelope import Cause, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
@@ -45,7 +47,7 @@ from cdp_segmentation.store import TABLES as SEG_TABLES
 from cdp_segmentation.store import FragmentRow, MembershipRow, ProfileRow, realized
 from tests.integration.test_identity_graph import Harness
 from tests.integration.test_ingest_service import Ingest, csv_bytes, event, good_row, running_ingest
-from tests.integration.test_segmentation_service import T0, DAY, Identity
+from tests.integration.test_segmentation_service import DAY, T0, Identity
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -117,8 +119,8 @@ class Privacy:
     async def submit(self, mode: int, *identities: tuple[str, str], request_id: str = "") -> pb.PrivacyRequest:
         request = pb.SubmitPrivacyRequest(
             request_id=request_id,
-            mode=mode,
-            identities=[ident(ns, v) for ns, v in identities],  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            identities=[ident(ns, v) for ns, v in identities],
         )
         return await self.api.Submit(request, None)  # type: ignore[arg-type]
 
@@ -149,10 +151,12 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
 
     reply = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", " Ann@Example.com "))
     assert reply.profile_ids == [person]
-    assert reply.state == pb.PRIVACY_STATE_RECEIVED and not reply.nothing_held
+    assert reply.state == pb.PRIVACY_STATE_RECEIVED
+    assert not reply.nothing_held
     assert list(reply.identity_hashes) == [identity_hash("email", "ann@example.com")]
     progress = {s.service: s for s in reply.services}
-    assert progress["identity"].applied and progress["identity"].counts["graph_nodes"] == 3
+    assert progress["identity"].applied
+    assert progress["identity"].counts["graph_nodes"] == 3
     assert set(progress) == {"identity", *privacy_appliers()}
     for ns, value in ANN:  # the whole person, by every identity it had
         with pytest.raises(NotFound):
@@ -162,7 +166,9 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     [requested] = await facts(h.eventlog, PRIVACY_REQUESTS.subject, pb.PrivacyRequested)
     assert sorted(requested.graph_identity_hashes) == sorted(identity_hash(ns, v) for ns, v in ANN)
     raw = await raw_privacy_bytes(h.eventlog)
-    assert b"ann@example.com" not in raw and b"612345678" not in raw and b"C1" not in raw
+    assert b"ann@example.com" not in raw
+    assert b"612345678" not in raw
+    assert b"C1" not in raw
 
     # Not complete until every applier says it applied the request.
     appliers = privacy_appliers()
@@ -176,7 +182,8 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     await h.processor.catch_up()
     assert await identity.handlers.complete_pending() == 1
     done = await identity.get(reply.request_id)
-    assert done.state == pb.PRIVACY_STATE_COMPLETED and done.HasField("completed_at")
+    assert done.state == pb.PRIVACY_STATE_COMPLETED
+    assert done.HasField("completed_at")
     assert all(s.applied for s in done.services)
     [completed] = await facts(h.eventlog, PRIVACY_REQUESTS.subject, pb.PrivacyCompleted)
     assert completed.request_id == reply.request_id
@@ -213,7 +220,9 @@ async def test_unknown_identities_complete_at_once_as_nothing_held(identity: Pri
     h = identity.harness
     await h.send(ANN[:2])
     reply = await identity.submit(pb.PRIVACY_MODE_DELETE_AND_SUPPRESS, ("email", "nobody@example.com"))
-    assert reply.nothing_held and reply.state == pb.PRIVACY_STATE_COMPLETED and not reply.profile_ids
+    assert reply.nothing_held
+    assert reply.state == pb.PRIVACY_STATE_COMPLETED
+    assert not reply.profile_ids
     # Still recorded: ingest must suppress an identity it has never seen.
     [requested] = await facts(h.eventlog, PRIVACY_REQUESTS.subject, pb.PrivacyRequested)
     assert requested.nothing_held
@@ -286,9 +295,19 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
     async def applied() -> list[pb.PrivacyApplied]:
         return await facts(ingest.eventlog, privacy_applied_log("ingest").subject, pb.PrivacyApplied)
 
-    await eventually(lambda: _nonempty(applied()), "ingest's PrivacyApplied")
+    # The service's applier (a background task of the running service) is run here by hand.
+    handler = ingest.processor.inputs[-1].handler
+    assert isinstance(handler, PrivacyToIngest)
+    applier = IngestApplier(ingest.processor, handler)
+
+    async def applies(n: int) -> bool:
+        await applier.apply_pending()
+        return len(await applied()) >= n
+
+    await eventually(lambda: applies(1), "ingest's PrivacyApplied")
     [done] = await applied()
-    assert done.request_id == "r1" and done.service == "ingest"
+    assert done.request_id == "r1"
+    assert done.service == "ingest"
     assert done.counts["collect_messages"] == 2
     assert sorted((await collect_cookies(ingest.eventlog)).values()) == ["ck-bob"]  # read back: gone
 
@@ -305,7 +324,9 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
         ("suppressed", f"identity {ann} is suppressed by a privacy request")
     ]
     report = await ingest.upload(csv_bytes([good_row(1), good_row(2)]), "k1", threshold=1.0)
-    assert report.rows_accepted == 1 and report.rows_rejected == 1 and report.rows_kept == 0
+    assert report.rows_accepted == 1
+    assert report.rows_rejected == 1
+    assert report.rows_kept == 0
     assert [(g.field, g.rule, g.count) for g in report.rejects] == [("identity", "suppressed", 1)]
 
     # Unsuppressed: accepted again.
@@ -313,17 +334,9 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
         ingest.eventlog,
         pb.PrivacyRequested(request_id="r2", mode=pb.PRIVACY_MODE_UNSUPPRESS, graph_identity_hashes=[ann]),
     )
-    await eventually(lambda: _count(applied(), 2), "the second PrivacyApplied")
+    await eventually(lambda: applies(2), "the second PrivacyApplied")
     await js.publish(collect_subject("web"), json.dumps(event(7, cookie_id="ck-ann")).encode())
     await eventually(lambda: recorded("e7"), "the unsuppressed identity's event recorded")
-
-
-async def _nonempty(items: Awaitable[list[Any]]) -> bool:
-    return bool(await items)
-
-
-async def _count(items: Awaitable[list[Any]], n: int) -> bool:
-    return len(await items) >= n
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -359,7 +372,8 @@ async def test_segmentation_erases_the_person_who_exits_every_audience_and_a_reb
         with processor.read() as session:
             return realized(session, deterministic_id("segment", name))
 
-    assert members("gold") == ["p-ann", "p-bob"] and members("buyers") == ["p-ann"]
+    assert members("gold") == ["p-ann", "p-bob"]
+    assert members("buyers") == ["p-ann"]
 
     await request_fact(
         eventlog, pb.PrivacyRequested(request_id="r1", mode=pb.PRIVACY_MODE_DELETE, profile_ids=["p-ann"])
@@ -371,15 +385,18 @@ async def test_segmentation_erases_the_person_who_exits_every_audience_and_a_reb
     assert isinstance(privacy, PrivacyToSegmentation)
     assert await SegmentationApplier(processor, catalog, privacy).apply_pending() == 1
 
-    assert members("gold") == ["p-bob"] and members("buyers") == []
+    assert members("gold") == ["p-bob"]
+    assert members("buyers") == []
     with processor.read() as session:
         assert session.get(ProfileRow, "p-ann") is None
-        assert not session.exec(FragmentRow.__table__.select().where(FragmentRow.profile_id == "p-ann")).all()  # type: ignore[attr-defined, call-overload]
-        assert not session.exec(MembershipRow.__table__.select().where(MembershipRow.profile_id == "p-ann")).all()  # type: ignore[attr-defined, call-overload]
+        assert not session.exec(FragmentRow.__table__.select().where(FragmentRow.profile_id == "p-ann")).all()  # type: ignore[attr-defined]
+        assert not session.exec(MembershipRow.__table__.select().where(MembershipRow.profile_id == "p-ann")).all()  # type: ignore[attr-defined]
         assert session.get(ProfileRow, "p-bob") is not None
     exits = []
     async for msg in eventlog.read(SEGMENTATION_MEMBERSHIPS.stream.name, SEGMENTATION_MEMBERSHIPS.subject, 1):
         for env in msg.events():
+            if not is_a(env, seg_ev.MembershipChanged):
+                continue
             change = unpack(env, seg_ev.MembershipChanged)
             if change.cause == "privacy:r1":
                 exits.append((change.segment_id, change.status))
@@ -387,7 +404,9 @@ async def test_segmentation_erases_the_person_who_exits_every_audience_and_a_reb
         (deterministic_id("segment", name), seg_ev.MEMBERSHIP_STATUS_EXITED) for name in ("gold", "buyers")
     )
     [applied] = await facts(eventlog, privacy_applied_log("segmentation").subject, pb.PrivacyApplied)
-    assert applied.counts["profiles"] == 1 and applied.counts["events"] == 1 and applied.counts["exits"] == 2
+    assert applied.counts["profiles"] == 1
+    assert applied.counts["events"] == 1
+    assert applied.counts["exits"] == 2
 
     await processor.catch_up()
     live = seg_dump(seg_engine)
