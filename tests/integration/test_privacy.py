@@ -19,8 +19,13 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp.segmentation.v1 import events_pb2 as seg_ev
 from cdp_identity.api import PrivacyServicer
 from cdp_identity.privacy import PrivacyApplied, PrivacyHandlers
+from cdp_ingest.main import build as build_ingest
+from cdp_ingest.privacy import PRIVACY_TABLES as INGEST_PRIVACY_TABLES
 from cdp_ingest.privacy import PrivacyApplier as IngestApplier
 from cdp_ingest.privacy import PrivacyToIngest
+from cdp_ingest.settings import IngestSettings
+from cdp_ingest.store import TABLES as INGEST_TABLES
+from cdp_kit.deadletters import DEADLETTER_TABLES
 from cdp_kit.envelope import Cause, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
@@ -46,7 +51,14 @@ from cdp_segmentation.privacy import PrivacyToSegmentation
 from cdp_segmentation.store import TABLES as SEG_TABLES
 from cdp_segmentation.store import FragmentRow, MembershipRow, ProfileRow, realized
 from tests.integration.test_identity_graph import Harness
-from tests.integration.test_ingest_service import Ingest, csv_bytes, event, good_row, running_ingest
+from tests.integration.test_ingest_service import (
+    Ingest,
+    collect_checkpoint_reaches_end,
+    csv_bytes,
+    event,
+    good_row,
+    running_ingest,
+)
 from tests.integration.test_segmentation_service import DAY, T0, Identity
 
 # ----------------------------------------------------------------------------- helpers
@@ -270,7 +282,7 @@ async def collect_cookies(eventlog: EventLog) -> dict[int, str]:
     return found
 
 
-async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest: Ingest) -> None:
+async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest: Ingest, tmp_path: Path) -> None:
     js = ingest.eventlog.js
     for i, cookie in enumerate(["ck-ann", "ck-bob", "ck-ann"], 1):
         await js.publish(collect_subject("web"), json.dumps(event(i, cookie_id=cookie)).encode())
@@ -279,6 +291,10 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
         return set(ids) <= {r.record_id for r in await ingest.records()}
 
     await eventually(lambda: recorded("e1", "e2", "e3"), "the collected events recorded")
+    bad = good_row(1)
+    bad[3] = "platinum"  # not a tier: the row is rejected and kept, with the person's values
+    kept = await ingest.upload(csv_bytes([bad, good_row(3)]), "k0", threshold=1.0)
+    assert kept.rows_kept == 1
     ann = identity_hash("cookie", "ck-ann")
     crm = identity_hash("crm_id", Normaliser.make().normalise("crm_id", "C00001")[0] or "")
     await request_fact(
@@ -309,6 +325,9 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
     assert done.request_id == "r1"
     assert done.service == "ingest"
     assert done.counts["collect_messages"] == 2
+    assert done.counts["batch_errors"] == 1
+    errors = await ingest.stub.ListBatchErrors(ingest_pb.ListBatchErrorsRequest(batch_id=kept.batch_id))
+    assert list(errors.errors) == []
     assert sorted((await collect_cookies(ingest.eventlog)).values()) == ["ck-bob"]  # read back: gone
 
     # Suppressed: a collected event, a published event and a file row carrying the identity are dropped.
@@ -337,6 +356,18 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
     await eventually(lambda: applies(2), "the second PrivacyApplied")
     await js.publish(collect_subject("web"), json.dumps(event(7, cookie_id="ck-ann")).encode())
     await eventually(lambda: recorded("e7"), "the unsuppressed identity's event recorded")
+
+    # A rebuild from the log reaches the same store (suppressions, index, erased rejects included).
+    await collect_checkpoint_reaches_end(ingest.engine, ingest.eventlog)
+    settings = IngestSettings(
+        nats_url=ingest.nats_url, data_dir=tmp_path / "rb", store_url=sqlite_url(tmp_path / "rb.db")
+    )
+    engine = make_engine(settings.store_url)
+    rebuilt = build_ingest(settings, engine, ingest.eventlog)
+    await rebuilt.processor.rebuild()
+    tables = with_checkpoint([*INGEST_TABLES, *INGEST_PRIVACY_TABLES, *DEADLETTER_TABLES])
+    assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
+    engine.dispose()
 
 
 # ----------------------------------------------------------------------------- segmentation

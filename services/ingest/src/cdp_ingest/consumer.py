@@ -103,7 +103,7 @@ class CollectHandler:
             verdict = self._judge(uow.session, dataset, env.payload.value)
         if isinstance(verdict, Accepted):
             if self._suppression and self._suppression.match(verdict.identities) is not None:
-                count_suppressed(uow.session, dataset, 1)  # dropped: a privacy request suppresses the identity
+                count_suppressed(dataset, 1)  # dropped: a privacy request suppresses the identity
                 return
             seen = self._seen.get(dataset)
             if seen is None:

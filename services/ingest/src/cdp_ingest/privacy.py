@@ -78,16 +78,7 @@ class PrivacyDoneRow(SQLModel, table=True):
     request_id: str = Field(primary_key=True)
 
 
-class SuppressedCountRow(SQLModel, table=True):
-    """How many rows and events were dropped as suppressed, by dataset (since this store was built)."""
-
-    __tablename__ = "ingest_suppressed_count"
-
-    dataset: str = Field(primary_key=True)
-    total: int = Field(default=0, sa_type=sa.BigInteger)
-
-
-PRIVACY_TABLES = tables_of(SuppressionRow, CollectIdentityRow, PrivacyPendingRow, PrivacyDoneRow, SuppressedCountRow)
+PRIVACY_TABLES = tables_of(SuppressionRow, CollectIdentityRow, PrivacyPendingRow, PrivacyDoneRow)
 
 
 @dataclass(frozen=True)
@@ -125,13 +116,13 @@ def load_suppression(session: Session, *, phone_region: str) -> Suppression:
     return Suppression(hashes, normaliser(session, phone_region=phone_region))
 
 
-def count_suppressed(session: Session, dataset: str, n: int) -> None:
+def count_suppressed(dataset: str, n: int) -> None:
+    """Collected events dropped as suppressed: a metric and a log line (the store stays a pure
+    projection of the logs, which a dropped event never reaches), never naming the identity."""
     if n <= 0:
         return
-    row = session.get(SuppressedCountRow, dataset) or SuppressedCountRow(dataset=dataset)
-    row.total += n
-    session.add(row)
     _suppressed_counter().add(n, {"dataset": dataset})
+    log.info("collect_events_suppressed", dataset=dataset, events=n)
 
 
 _COUNTER: list[Any] = []
