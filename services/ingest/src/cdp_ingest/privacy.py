@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cdp.privacy.v1 import privacy_pb2 as pb
@@ -141,8 +142,12 @@ def _suppressed_counter() -> Any:
 def index_collect(session: Session, sequence: int, norm: Normaliser, identities: Iterable[tuple[str, str]]) -> None:
     """Remember which identities a collect message carried (keyed hashes), for a later erasure."""
     hashes = {h for ns, v in identities if (h := hash_of(norm, ns, v)) is not None}
-    for hashed in sorted(hashes):
-        session.merge(CollectIdentityRow(identity_hash=hashed, sequence=sequence))
+    if not hashes:
+        return
+    table = CollectIdentityRow.__table__  # type: ignore[attr-defined]
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    rows = [{"identity_hash": hashed, "sequence": sequence} for hashed in sorted(hashes)]
+    session.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
 def _erase_batch_errors(session: Session, hashes: set[str], phone_region: str) -> int:
