@@ -35,6 +35,7 @@ from cdp_kit.roles import METHOD_ROLES
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import (
     COLLECT,
+    IDENTITY_FRAGMENTS,
     PRIVACY,
     PRIVACY_REQUESTS,
     SEGMENTATION_MEMBERSHIPS,
@@ -90,8 +91,9 @@ async def raw_privacy_bytes(eventlog: EventLog) -> bytes:
     return data
 
 
-async def request_fact(eventlog: EventLog, requested: pb.PrivacyRequested) -> None:
-    """Append a request as identity would (ingest's and segmentation's tests stand in for identity)."""
+async def request_fact(eventlog: EventLog, requested: pb.PrivacyRequested, *, erasure: bool = False) -> None:
+    """Append a request as identity would (ingest's and segmentation's tests stand in for identity):
+    with ``erasure``, first on identity's fragments log, in its place among the fragments."""
     requested.at.GetCurrentTime()
     env = make_envelope(
         requested,
@@ -100,6 +102,8 @@ async def request_fact(eventlog: EventLog, requested: pb.PrivacyRequested) -> No
         occurred_at=utcnow(),
         cause=Cause(command_id=f"privacy:{requested.request_id}"),
     )
+    if erasure:
+        await eventlog.append(IDENTITY_FRAGMENTS.subject, [env], msg_id=f"erasure-{env.id}")
     await eventlog.append(PRIVACY_REQUESTS.subject, [env], msg_id=env.id)
 
 
@@ -407,10 +411,12 @@ async def test_segmentation_erases_the_person_who_exits_every_audience_and_a_reb
     assert members("buyers") == ["p-ann"]
 
     await request_fact(
-        eventlog, pb.PrivacyRequested(request_id="r1", mode=pb.PRIVACY_MODE_DELETE, profile_ids=["p-ann"])
+        eventlog,
+        pb.PrivacyRequested(request_id="r1", mode=pb.PRIVACY_MODE_DELETE, profile_ids=["p-ann"]),
+        erasure=True,
     )
     await processor.catch_up()
-    with processor.read() as session:  # erased as soon as the request is read
+    with processor.read() as session:  # erased as soon as the profile input reads identity's erasure
         assert session.get(ProfileRow, "p-ann") is None
     privacy = processor.inputs[-1].handler
     assert isinstance(privacy, PrivacyToSegmentation)
@@ -439,7 +445,10 @@ async def test_segmentation_erases_the_person_who_exits_every_audience_and_a_reb
     assert applied.counts["events"] == 1
     assert applied.counts["exits"] == 2
 
+    # Ann comes back (a delete does not suppress): a new profile, and a rebuild keeps it too.
+    await identity.record("p-ann", "crm", T0 + 2 * DAY, {"email": "ann@example.com"}, tier="gold")
     await processor.catch_up()
+    assert members("gold") == ["p-ann", "p-bob"]
     live = seg_dump(seg_engine)
     rebuilt = make_engine(sqlite_url(tmp_path / "rebuilt.db"))
     again, _ = segmentation_processor(rebuilt, eventlog)

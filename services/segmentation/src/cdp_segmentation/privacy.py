@@ -1,11 +1,12 @@
 """Privacy requests in segmentation (cdp.privacy.v1): the person exits every audience and their
 profile, attributes, events, identities, memberships and computed values are erased.
 
-* Reading ``PrivacyRequested`` (delete modes) erases the profile's rows at once (a replay does the
-  same) and leaves the request pending.
-* The applier then waits until the profile input has read everything identity wrote before the
-  request (fragments of the person still in flight would otherwise bring them back), erases what
-  came meanwhile, emits ``MembershipChanged`` EXITED for every audience the person was in (cause
+* Identity puts the erasure of a delete on its fragments log too, in its place among the person's
+  fragments: the profile input (``ProfilesToMemberships``) erases the profile's rows when it reads it,
+  so a replay erases exactly what the live store erased (and keeps a person who came back later).
+* Reading the request itself (``cdp.privacy.requests``) leaves it pending; the applier waits until
+  the profile input has read everything identity wrote before the request (the erasure included),
+  emits ``MembershipChanged`` EXITED for every audience the person was in (cause
   ``privacy:<request id>``) and, as a second cause of the same transaction, ``PrivacyApplied`` with
   the counts. A membership that exits for privacy is deleted, not kept as "exited" (live and on replay).
 """
@@ -58,7 +59,16 @@ class PrivacyDoneRow(SQLModel, table=True):
     request_id: str = Field(primary_key=True)
 
 
-PRIVACY_TABLES = tables_of(PrivacyPendingRow, PrivacyDoneRow)
+class PrivacyErasedRow(SQLModel, table=True):
+    """What the profile input erased for a request (counts), when it read identity's erasure."""
+
+    __tablename__ = "seg_privacy_erased"
+
+    request_id: str = Field(primary_key=True)
+    counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+PRIVACY_TABLES = tables_of(PrivacyPendingRow, PrivacyDoneRow, PrivacyErasedRow)
 
 
 def _parts(items: Sequence[str]) -> list[Sequence[str]]:
@@ -86,6 +96,16 @@ def erase(session: Session, catalog: Catalog, profile_ids: Sequence[str]) -> dic
     session.flush()
     catalog.invalidate()
     return counts
+
+
+def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
+    """Identity's erasure of a person, read on the profile input: erase the profiles now."""
+    req = unpack(env, pb.PrivacyRequested)
+    if not is_delete(req.mode) or not req.profile_ids:
+        return
+    counts = erase(session, catalog, sorted(req.profile_ids))
+    session.merge(PrivacyErasedRow(request_id=req.request_id, counts=counts))
+    session.flush()
 
 
 def delete_memberships(session: Session, profile_ids: Sequence[str]) -> int:
@@ -131,10 +151,9 @@ class PrivacyToSegmentation:
             return
         req = unpack(env, pb.PrivacyRequested)
         self.vault.revoke(list(req.key_refs))
-        pids = sorted(req.profile_ids)
-        counts = erase(session, self.catalog, pids) if is_delete(req.mode) and pids else {}
         if session.get(PrivacyDoneRow, req.request_id) is None:
-            session.merge(PrivacyPendingRow(request_id=req.request_id, mode=req.mode, profile_ids=pids, counts=counts))
+            pids = sorted(req.profile_ids)
+            session.merge(PrivacyPendingRow(request_id=req.request_id, mode=req.mode, profile_ids=pids))
             session.flush()
         self.changed.set()
 
@@ -183,13 +202,13 @@ class PrivacyApplier:
                 try:
                     if session.get(PrivacyDoneRow, request_id) is not None:
                         return
-                    total = dict(counts)
+                    # The profile input erased the profiles when it read identity's erasure (in its
+                    # place among the fragments): erasing here again could erase data that came after.
+                    erased = session.get(PrivacyErasedRow, request_id)
+                    total = _add(counts, erased.counts if erased is not None else {})
                     if is_delete(mode) and pids:
-                        total = _add(total, erase(session, self.catalog, pids))
-                        exited = sum(
-                            exit_all(uow, self.catalog, pid, now, f"{PRIVACY_CAUSE}{request_id}") for pid in pids
-                        )
-                        total["exits"] = exited
+                        cause = f"{PRIVACY_CAUSE}{request_id}"
+                        total["exits"] = sum(exit_all(uow, self.catalog, pid, now, cause) for pid in pids)
                         total["memberships"] = delete_memberships(session, pids)
                     done = Cause(command_id=f"privacy-applied:{request_id}")
                     await uow.next_cause(done)
