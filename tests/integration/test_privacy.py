@@ -153,12 +153,23 @@ async def identity(eventlog: EventLog, sqlite_store_url: str) -> AsyncIterator[P
     h.engine.dispose()
 
 
+@pytest.fixture
+async def identity_on(eventlog: EventLog, store_url: str) -> AsyncIterator[Privacy]:
+    """Identity on SQLite and on PostgreSQL (tests using it run on both)."""
+    from cdp_identity.settings import IdentitySettings
+
+    h = Harness(eventlog, store_url, IdentitySettings(max_identities=6))
+    yield Privacy(h)
+    h.engine.dispose()
+
+
 ANN = [("crm_id", "C1"), ("email", "ann@example.com"), ("phone", "+33612345678")]
 
 
 async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier_applied(
-    identity: Privacy, tmp_path: Path
+    identity_on: Privacy, tmp_path: Path
 ) -> None:
+    identity = identity_on
     h = identity.harness
     await h.send(ANN[:2], [("email", "ann@example.com"), ("phone", "+33612345678")])
     await h.send([("crm_id", "C2"), ("email", "bob@example.com")])
@@ -455,3 +466,12 @@ async def test_segmentation_erases_the_person_who_exits_every_audience_and_a_reb
     await again.rebuild()
     assert seg_dump(rebuilt) == live
     rebuilt.dispose()
+
+
+def test_every_sqlite_store_overwrites_deleted_rows(tmp_path: Path) -> None:
+    engine = make_engine(sqlite_url(tmp_path / "store.db"))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1
+    finally:
+        engine.dispose()
