@@ -285,8 +285,9 @@ def test_roles_submit_for_operators_and_admins_reads_for_readers() -> None:
 
 
 @pytest.fixture
-async def ingest(nats_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
-    async with running_ingest(nats_url, sqlite_url(tmp_path / "ingest.db"), tmp_path / "data") as harness:
+async def ingest(nats_url: str, store_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    """Ingest on SQLite and on PostgreSQL (the test runs on both)."""
+    async with running_ingest(nats_url, store_url, tmp_path / "data") as harness:
         yield harness
 
 
@@ -389,8 +390,9 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
 
 
 @pytest.fixture
-def seg_engine(tmp_path: Path) -> Any:
-    engine = make_engine(sqlite_url(tmp_path / "segmentation.db"))
+def seg_engine(store_url: str) -> Any:
+    """Segmentation's store on SQLite and on PostgreSQL (the test runs on both)."""
+    engine = make_engine(store_url)
     yield engine
     engine.dispose()
 
