@@ -79,3 +79,18 @@ def test_server_config_names_every_user_and_holds_no_secret_without_passwords() 
         assert f"$CDP_NATS_{user.upper()}_PASSWORD" in text
     literal = server_config(dict.fromkeys(USERS, "pw-123"))
     assert literal.count('"pw-123"') == len(USERS)
+
+
+def test_only_ingest_may_erase_and_only_on_collect() -> None:
+    """Privacy: ingest erases a person's raw messages on CDP_COLLECT by sequence; no one else deletes."""
+    for service in SERVICES:
+        erasing = [s for s in permissions(service).publish if ".MSG.DELETE." in s]
+        assert erasing == (["$JS.API.STREAM.MSG.DELETE.CDP_COLLECT"] if service == "ingest" else []), service
+
+
+def test_a_privacy_request_completes_once_every_applier_applied() -> None:
+    from cdp_kit.streams import privacy_appliers
+
+    # Activation joins once its privacy_applied_log is in SERVICE_LOGS (then keys wait for its removals).
+    assert {"ingest", "segmentation"} <= set(privacy_appliers())
+    assert "identity" not in privacy_appliers()

@@ -26,6 +26,7 @@ from cdp_cli import (
     cmd_governance,
     cmd_identity,
     cmd_ingest,
+    cmd_privacy,
     cmd_profile,
     cmd_schema,
     cmd_segment,
@@ -113,6 +114,7 @@ app.add_typer(cmd_segment.segment_app, name="segment")
 app.add_typer(cmd_computed.computed_app, name="computed")
 app.add_typer(cmd_profile.profile_app, name="profile")
 app.add_typer(cmd_identity.identity_app, name="identity")
+app.add_typer(cmd_privacy.app, name="privacy")
 app.add_typer(cmd_destination.destination_app, name="destination")
 app.add_typer(cmd_deliveries.deliveries_app, name="deliveries")
 app.add_typer(cmd_governance.app, name="governance")

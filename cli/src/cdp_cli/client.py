@@ -27,6 +27,7 @@ from cdp.activation.v1 import activation_pb2_grpc
 from cdp.common.v1 import admin_pb2_grpc
 from cdp.identity.v1 import identity_pb2_grpc
 from cdp.ingest.v1 import ingest_pb2_grpc
+from cdp.privacy.v1 import privacy_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2_grpc
 from cdp_cli.errors import CliError
 from cdp_kit.grpc_auth import ClientAuth, secrets_of
@@ -291,6 +292,11 @@ class Client:
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
         return identity_pb2_grpc.IdentityServiceStub(self.channel("identity"))
+
+    @property
+    def privacy(self) -> privacy_pb2_grpc.PrivacyServiceStub:
+        """Privacy requests: served by the identity service."""
+        return privacy_pb2_grpc.PrivacyServiceStub(self.channel("identity"))
 
     @property
     def segmentation(self) -> segmentation_pb2_grpc.SegmentationServiceStub:

@@ -42,6 +42,9 @@ class _TlsEofNotice(logging.Filter):
 logging.getLogger("asyncio").addFilter(_TlsEofNotice())
 
 WRONG_LAST_SEQUENCE = 10071
+# JetStream API error codes of a message that is not there (erased already, or never was).
+NO_MESSAGE_FOUND = 10037
+SEQUENCE_NOT_FOUND = 10043
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
@@ -256,6 +259,20 @@ class EventLog:
         except nats.js.errors.NotFoundError:
             return 0
         return msg.seq or 0
+
+    async def erase(self, stream: str, sequence: int) -> bool:
+        """Delete one message by sequence, its bytes overwritten (JetStream's ``MSG.DELETE`` without
+        ``no_erase``: a secure erase). False when it was gone already; idempotent."""
+        try:
+            return bool(await self.js.delete_msg(stream, sequence))
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (NO_MESSAGE_FOUND, SEQUENCE_NOT_FOUND):
+                return False
+            raise AppendRefused(f"erasing {stream} #{sequence} failed: {exc.description}") from exc
+        except (TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+            raise Unavailable(f"erasing {stream} #{sequence} failed: {type(exc).__name__}") from exc
 
     async def message(self, stream: str, sequence: int, via: ConsumerSpec | None = None) -> LogMessage:
         """One stored message by its stream sequence (a redrive reads its dead letter back).

@@ -12,7 +12,9 @@ nothing in this module checks a message itself. Each service may
   it, so a service cannot make a consumer that reads a subject it has no right to;
 * look up the last message of a subject it reads (``$JS.API.DIRECT.GET.<stream>.<subject>``) and
   stream info. It may not create, update, delete or purge a stream, nor get a message by
-  sequence (that request does not name a subject), nor list consumers.
+  sequence (that request does not name a subject), nor list consumers;
+* erase messages by sequence only on the streams its ``ServiceLogs.erases`` names
+  (``$JS.API.STREAM.MSG.DELETE.<stream>``): ingest, on CDP_COLLECT, for privacy erasure.
 
 Replies come back on a per-user inbox prefix (``_INBOX_<user>``): no user may subscribe to
 another's replies. ``publisher`` may publish ``cdp.collect.>`` only; ``admin`` may do everything
@@ -93,6 +95,7 @@ def service_permissions(service: str) -> Permissions:
         publish += consumer_subjects(spec.stream.name, reader_name(spec.name), spec.filter_subject, acks=False)
         publish += consumer_subjects(spec.stream.name, getter_name(spec.name), spec.filter_subject, acks=False)
     publish += [f"{API}.STREAM.INFO.{stream.name}" for stream in _streams(logs.own_logs, logs.inputs)]
+    publish += [f"{API}.STREAM.MSG.DELETE.{stream.name}" for stream in logs.erases]
     return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(service)}.>",))
 
 

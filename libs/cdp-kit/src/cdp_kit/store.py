@@ -61,9 +61,11 @@ def _sqlite_pragmas(mmap_mib: int) -> Any:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=10000")
-        # Deleted rows are overwritten with zeros, not just unlinked (privacy erasure; see scrub_after_commit).
-        cursor.execute("PRAGMA secure_delete=ON")
         cursor.execute(f"PRAGMA mmap_size={int(mmap_mib) * 1024 * 1024}")
+        # Privacy: a deleted row's bytes are overwritten with zeros, not left in free pages for
+        # anyone reading the file (an erased person must not be recoverable from the store; the
+        # write-ahead log's old frames are the other copy: see scrub_after_commit).
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     return on_connect

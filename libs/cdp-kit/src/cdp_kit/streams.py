@@ -108,6 +108,10 @@ def privacy_requests_input(reader: ServiceName) -> ConsumerSpec:
 
 
 IDENTITY_READS_PRIVACY_APPLIED = ConsumerSpec("identity-privacy-applied", PRIVACY, "cdp.privacy.applied.>")
+INGEST_PRIVACY_APPLIED = privacy_applied_log("ingest")
+INGEST_READS_PRIVACY = privacy_requests_input("ingest")
+SEGMENTATION_PRIVACY_APPLIED = privacy_applied_log("segmentation")
+SEGMENTATION_READS_PRIVACY = privacy_requests_input("segmentation")
 
 INGEST_READS_COLLECT = ConsumerSpec("ingest-collect", COLLECT, "cdp.collect.>")
 IDENTITY_READS_INGEST = ConsumerSpec("identity-ingest", INGEST, "cdp.ingest.>")
@@ -135,20 +139,29 @@ class ServiceLogs:
 
     own_logs: tuple[OwnLog, ...]
     inputs: tuple[ConsumerSpec, ...]
+    # Streams whose messages the service may erase by sequence (JetStream's secure erase): ingest
+    # erases an erased person's raw messages on CDP_COLLECT. Nothing else deletes from a stream.
+    erases: tuple[StreamSpec, ...] = ()
 
 
 SERVICE_LOGS: dict[str, ServiceLogs] = {
     "ingest": ServiceLogs(
-        (INGEST_CONFIG, INGEST_RECORDS, INGEST_DEADLETTER, poison_log("ingest")),
-        (INGEST_READS_IDENTITY_CONFIG, INGEST_READS_COLLECT),
+        (INGEST_CONFIG, INGEST_RECORDS, INGEST_DEADLETTER, INGEST_PRIVACY_APPLIED, poison_log("ingest")),
+        (INGEST_READS_IDENTITY_CONFIG, INGEST_READS_COLLECT, INGEST_READS_PRIVACY),
+        erases=(COLLECT,),
     ),
     "identity": ServiceLogs(
-        (IDENTITY_CONFIG, IDENTITY_FRAGMENTS, poison_log("identity")),
-        (IDENTITY_READS_INGEST,),
+        (IDENTITY_CONFIG, IDENTITY_FRAGMENTS, PRIVACY_REQUESTS, poison_log("identity")),
+        (IDENTITY_READS_INGEST, IDENTITY_READS_PRIVACY_APPLIED),
     ),
     "segmentation": ServiceLogs(
-        (SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS, poison_log("segmentation")),
-        (SEGMENTATION_READS_INGEST_CONFIG, SEGMENTATION_READS_IDENTITY_CONFIG, SEGMENTATION_READS_PROFILE),
+        (SEGMENTATION_CONFIG, SEGMENTATION_MEMBERSHIPS, SEGMENTATION_PRIVACY_APPLIED, poison_log("segmentation")),
+        (
+            SEGMENTATION_READS_INGEST_CONFIG,
+            SEGMENTATION_READS_IDENTITY_CONFIG,
+            SEGMENTATION_READS_PROFILE,
+            SEGMENTATION_READS_PRIVACY,
+        ),
     ),
     "activation": ServiceLogs(
         (ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, poison_log("activation")),
@@ -181,3 +194,13 @@ def parse_max_ages(text: str) -> dict[str, float]:
 def with_max_ages(specs: tuple[StreamSpec, ...], ages: dict[str, float]) -> tuple[StreamSpec, ...]:
     """The streams with the deployment's retention overrides applied."""
     return tuple(replace(spec, max_age_s=ages[spec.name]) if spec.name in ages else spec for spec in specs)
+
+
+def privacy_appliers() -> tuple[str, ...]:
+    """The services that apply privacy requests and say so (those with a ``privacy_applied_log``),
+    in ``SERVICES`` order: a request completes once every one of them has applied it."""
+    return tuple(
+        service
+        for service in SERVICES
+        if any(own.subject == privacy_applied_log(service).subject for own in SERVICE_LOGS[service].own_logs)
+    )

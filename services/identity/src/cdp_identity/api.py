@@ -13,10 +13,13 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp.identity.v1 import identity_pb2 as pb
 from cdp.identity.v1 import identity_pb2_grpc as pb_grpc
+from cdp.privacy.v1 import privacy_pb2 as privacy_pb
+from cdp.privacy.v1 import privacy_pb2_grpc as privacy_grpc
 from cdp_identity import store
 from cdp_identity.domain import Rules, node_key, split_key
 from cdp_identity.graph import Link, Node, load_rules, read_graph
 from cdp_identity.handlers import IdentityHandlers
+from cdp_identity.privacy import PrivacyHandlers
 from cdp_kit.errors import InvalidInput, NotFound, Violation
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -164,3 +167,19 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     async def Unlink(self, request: pb.UnlinkRequest, context: Ctx) -> pb.UnlinkResponse:
         return await self.handlers.unlink(request)
+
+
+class PrivacyServicer(privacy_grpc.PrivacyServiceServicer):
+    def __init__(self, handlers: PrivacyHandlers) -> None:
+        self.handlers = handlers
+
+    async def Submit(self, request: privacy_pb.SubmitPrivacyRequest, context: Ctx) -> privacy_pb.PrivacyRequest:
+        return await self.handlers.submit(request)
+
+    async def GetRequest(self, request: privacy_pb.GetPrivacyRequestRequest, context: Ctx) -> privacy_pb.PrivacyRequest:
+        return self.handlers.get(request.request_id)
+
+    async def ListRequests(
+        self, request: privacy_pb.ListPrivacyRequestsRequest, context: Ctx
+    ) -> privacy_pb.ListPrivacyRequestsResponse:
+        return privacy_pb.ListPrivacyRequestsResponse(requests=self.handlers.list(min(request.limit or 100, 1000)))

@@ -112,6 +112,7 @@ class WorkingSet:
     read_fragments: dict[str, Any] = field(default_factory=dict)  # own fragment id -> its payload, until folded
     made: dict[str, Made] = field(default_factory=dict)  # own fragment id -> what decided it, until folded
     _unlinked: set[tuple[str, str]] | None = None
+    _erased: bool | None = None  # whether a privacy request ever erased graph nodes
     _next_ordinal: int | None = None
     _bulk: Bulk | None = None
     _collector: CollectorPause = field(default_factory=CollectorPause)
@@ -154,6 +155,7 @@ class WorkingSet:
         self.made.clear()
         self.drops.clear()
         self._unlinked = None
+        self._erased = None
         self._bulk = None
         self._collector.resume()
 
@@ -235,10 +237,34 @@ class WorkingSet:
         self._next_ordinal += 1
         return ordinal
 
+    def erased_any(self) -> bool:
+        """Whether a privacy erasure was ever folded (then a missing identity may have been held)."""
+        if self._erased is None:
+            t = store.PRIVACY_PROGRESS
+            self._erased = bool(self.bulk.rows(f"SELECT 1 FROM {t.name} WHERE service = 'identity' LIMIT 1"))
+        return self._erased
+
+    def note_erasure(self) -> None:
+        self._erased = True
+
+    def forget_all(self) -> None:
+        """Forget every graph held in memory (written already): rows were deleted under them."""
+        self.write()
+        for held in (self.nodes, self.members, self.links, self.adj, self.profiles, self.missing, self.absent):
+            held.clear()
+        self._unlinked = None
+        self._next_ordinal = None
+        self._erased = True
+
     def new_profile_id(self, namespace: str, value: str) -> str:
-        if node_key(namespace, value) in self.missing and profile_id_for(namespace, value) not in self.profiles:
-            # Nodes are never deleted and a profile id derived from an identity is only ever made
-            # when that identity first appears: an identity the store never held has its id free.
+        if (
+            node_key(namespace, value) in self.missing
+            and profile_id_for(namespace, value) not in self.profiles
+            and not self.erased_any()
+        ):
+            # Nodes are deleted only by a privacy erasure, and a profile id derived from an identity
+            # is only ever made when that identity first appears: without an erasure, an identity
+            # the store never held has its id free.
             pid = profile_id_for(namespace, value)
             self.absent.add(pid)
             return pid

@@ -9,17 +9,26 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
-from cdp_identity.api import IdentityServicer
+from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
+from cdp_identity.api import IdentityServicer, PrivacyServicer
 from cdp_identity.consumer import RecordsToFragments
 from cdp_identity.handlers import IdentityHandlers
+from cdp_identity.privacy import PrivacyApplied, PrivacyHandlers
 from cdp_identity.projection import IdentityProjection
 from cdp_identity.settings import IdentitySettings
 from cdp_identity.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
+from cdp_kit.privacy import KeyVault, NoKeyVault
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
-from cdp_kit.streams import IDENTITY_CONFIG, IDENTITY_FRAGMENTS, IDENTITY_READS_INGEST
+from cdp_kit.streams import (
+    IDENTITY_CONFIG,
+    IDENTITY_FRAGMENTS,
+    IDENTITY_READS_INGEST,
+    IDENTITY_READS_PRIVACY_APPLIED,
+    PRIVACY_REQUESTS,
+)
 
 SQLITE_CACHE_KIB = 64 * 1024
 # A fetched batch allocates millions of objects (graph nodes and links, sets, row tuples) that
@@ -52,26 +61,42 @@ def sqlite_cache(engine: Engine) -> None:
 
 
 def build_processor(
-    settings: IdentitySettings, engine: Engine, eventlog: EventLog
+    settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: KeyVault | None = None
 ) -> tuple[Processor, IdentityProjection]:
     sqlite_cache(engine)
     collect_less_often()
-    projection = IdentityProjection(settings.rules())
+    projection = IdentityProjection(settings.rules(), vault)
     processor = Processor(
         service="identity",
         engine=engine,
         eventlog=eventlog,
         tables=TABLES,
-        own_logs=[IDENTITY_CONFIG, IDENTITY_FRAGMENTS],
+        own_logs=[IDENTITY_CONFIG, IDENTITY_FRAGMENTS, PRIVACY_REQUESTS],
         projection=projection,
-        inputs=[Input(IDENTITY_READS_INGEST, RecordsToFragments(projection))],
+        inputs=[
+            Input(IDENTITY_READS_INGEST, RecordsToFragments(projection)),
+            Input(IDENTITY_READS_PRIVACY_APPLIED, PrivacyApplied()),
+        ],
         batch_size=settings.batch_size,
     )
     return processor, projection
 
 
-def build(settings: IdentitySettings, engine: Engine, eventlog: EventLog) -> Service:
-    processor, projection = build_processor(settings, engine, eventlog)
+def build(settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: KeyVault | None = None) -> Service:
+    # The crypto-shredding vault is not wired yet: NoKeyVault (nothing to revoke or destroy) until it is.
+    vault = vault if vault is not None else NoKeyVault()
+    processor, projection = build_processor(settings, engine, eventlog, vault)
     name = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
     servicer = IdentityServicer(IdentityHandlers(processor, projection))
-    return Service(processor, [Registration(name, identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer)])
+    applied = processor.inputs[1].handler
+    assert isinstance(applied, PrivacyApplied)
+    privacy = PrivacyHandlers(processor, projection.graph, projection.rules, vault, applied)
+    privacy_name = privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name
+    return Service(
+        processor,
+        [
+            Registration(name, identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer),
+            Registration(privacy_name, privacy_pb2_grpc.add_PrivacyServiceServicer_to_server, PrivacyServicer(privacy)),
+        ],
+        background=[privacy.completer_loop],
+    )

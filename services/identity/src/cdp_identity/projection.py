@@ -9,8 +9,11 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import Namespace, Rules, node_key
 from cdp_identity.graph import Made, WorkingSet, pair, type_number
+from cdp_identity.privacy import REQUESTED as PRIVACY_ERASURE
+from cdp_identity.privacy import fold_erasure, fold_privacy
 from cdp_kit.envelope import Envelope, unpack
-from cdp_kit.streams import OwnLog
+from cdp_kit.privacy import KeyVault, NoKeyVault
+from cdp_kit.streams import PRIVACY_REQUESTS, OwnLog
 
 FRAGMENT = ev.ProfileFragment.DESCRIPTOR.full_name
 MERGED = ev.ProfilesMerged.DESCRIPTOR.full_name
@@ -37,8 +40,9 @@ FRAGMENT_URL = f"type.googleapis.com/{ev.ProfileFragment.DESCRIPTOR.full_name}"
 
 
 class IdentityProjection:
-    def __init__(self, rules: Rules) -> None:
+    def __init__(self, rules: Rules, vault: KeyVault | None = None) -> None:
         self.rules = rules
+        self.vault: KeyVault = vault if vault is not None else NoKeyVault()
 
     def graph(self, session: Session) -> WorkingSet:
         return WorkingSet.of(session, self.rules)
@@ -57,7 +61,13 @@ class IdentityProjection:
         ws.load(keys)
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
+        if own.subject == PRIVACY_REQUESTS.subject:
+            fold_privacy(session, env)
+            return
         kind = env.type
+        if kind == PRIVACY_ERASURE:
+            fold_erasure(session, self.graph(session), env, self.vault)
+            return
         if kind == FRAGMENT:
             ws = self.graph(session)
             made: Made | None = ws.made.pop(env.id, None)  # decided in this transaction

@@ -105,5 +105,45 @@ class NamespaceRow(SQLModel, table=True):
     description: str = ""
 
 
-TABLES = tables_of(IdentityRow, ProfileRow, FragmentRow, DecisionRow, UnlinkedRow, DropRow, NamespaceRow)
-NODE, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE = TABLES
+class PrivacyRequestRow(SQLModel, table=True):
+    """A privacy request (cdp.privacy.v1) and where it is. Keyed hashes only, never a plain identity."""
+
+    __tablename__ = "identity_privacy_request"
+
+    request_id: str = Field(primary_key=True)
+    ordinal: int = Field(sa_type=sa.BigInteger, index=True)  # order received (newest first in listings)
+    mode: int
+    state: int
+    identity_hashes: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    profile_ids: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    nothing_held: bool = False
+    received_at: int = Field(default=0, sa_type=sa.BigInteger)
+    completed_at: int = Field(default=0, sa_type=sa.BigInteger)
+    keys_destroyed: int = Field(default=0, sa_type=sa.BigInteger)
+
+
+class PrivacyProgressRow(SQLModel, table=True):
+    """What one service did for a request (identity's own erasure included)."""
+
+    __tablename__ = "identity_privacy_progress"
+
+    request_id: str = Field(primary_key=True)
+    service: str = Field(primary_key=True)
+    at: int = Field(default=0, sa_type=sa.BigInteger)
+    counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+    removals: list[dict[str, object]] = Field(default_factory=list, sa_type=sa.JSON)
+
+
+TABLES = tables_of(
+    IdentityRow,
+    ProfileRow,
+    FragmentRow,
+    DecisionRow,
+    UnlinkedRow,
+    DropRow,
+    NamespaceRow,
+    PrivacyRequestRow,
+    PrivacyProgressRow,
+)
+NODE, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE, PRIVACY_REQUEST, PRIVACY_PROGRESS = TABLES

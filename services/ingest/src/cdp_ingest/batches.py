@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cdp.common.v1.envelope_pb2 import Envelope
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp.ingest.v1.events_pb2 import RecordAccepted
 from cdp_ingest.domain import IdentityRules, RejectTally, Validator
 from cdp_ingest.judging import Judged, judge
 from cdp_ingest.limits import Limits
 from cdp_ingest.parsing import CsvParser, Inflater, Refused, RowParser, Split, parser_for
+from cdp_ingest.privacy import SUPPRESSED_RULE, Suppression
 from cdp_ingest.readers import BlockQueue, ReaderPool, ReadSpec, count_rows
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import InvalidInput, Violation
@@ -107,6 +110,8 @@ class BatchRun:
     read_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
     identity: IdentityRules = field(default_factory=IdentityRules)
+    # Identities a privacy request suppresses: their rows are dropped, counted under rule "suppressed".
+    suppression: Suppression = field(default_factory=Suppression)
 
     def __post_init__(self) -> None:
         drop = self.dataset.unknown_fields == pb.UNKNOWN_FIELDS_DROP
@@ -198,6 +203,8 @@ class BatchRun:
         )
 
     def _take(self, judged: Judged) -> None:
+        if self.suppression:
+            self._suppress(judged)
         report = self.report
         report.rows_read += judged.rows_read
         report.rows_accepted += len(judged.accepted)
@@ -215,11 +222,33 @@ class BatchRun:
                 kept: StagedReject = (row_no, values, [(v.field, v.rule, v.message) for v in violations])
                 self.rejected.add(kept, size)
 
+    def _suppress(self, judged: Judged) -> None:
+        """Drop the accepted rows that carry a suppressed identity: counted as rejected (rule
+        ``suppressed``, the identity named by its keyed hash), never kept."""
+        kept = []
+        for item in judged.accepted:
+            (row_no, _key, data), _size = item
+            hashed = self.suppression.match(record_identities(data))
+            if hashed is None:
+                kept.append(item)
+                continue
+            self.report.rows_rejected += 1
+            message = f"identity {hashed} is suppressed by a privacy request"
+            self.tally.add(row_no, [Violation("identity", SUPPRESSED_RULE, message)], {})
+        judged.accepted = kept
+
     def close(self) -> None:
         if self._blocks is not None:
             self._blocks.release(broken=False)
         self.accepted.close()
         self.rejected.close()
+
+
+def record_identities(data: bytes) -> list[tuple[str, str]]:
+    """The identities of an encoded record (an envelope of ``RecordAccepted``)."""
+    env = Envelope.FromString(data)
+    record = RecordAccepted.FromString(env.payload.value)
+    return [(i.namespace, i.value) for i in record.identities]
 
 
 def _excerpts(values: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -33,11 +33,14 @@ from cdp_ingest import store
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.handlers import event_bytes
 from cdp_ingest.limits import Limits, json_text, oversized_fields, too_deep
+from cdp_ingest.privacy import Suppression, count_suppressed, index_collect, load_suppression
 from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_kit import deadletters
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
 from cdp_kit.eventlog import LogMessage
+from cdp_kit.identities import Normaliser
+from cdp_kit.namespaces import normaliser
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import INGEST_READS_COLLECT
 
@@ -60,9 +63,12 @@ class CollectHandler:
     """``prefetch`` validates and encodes every message of a fetched batch and looks up the
     event ids of all of them in one query per dataset; ``decide`` then works in memory."""
 
-    def __init__(self, config: ConfigCache, limits: Limits | None = None) -> None:
+    def __init__(self, config: ConfigCache, limits: Limits | None = None, *, phone_region: str = "US") -> None:
         self.config = config
         self.limits = limits or Limits()
+        self.phone_region = phone_region
+        self._suppression = Suppression()
+        self._normaliser: Normaliser | None = None
         self._verdicts: dict[str, Verdict] = {}
         self._seen: dict[str, set[str]] = {}
         self._builders: dict[str, RecordBuilder] = {}
@@ -70,6 +76,8 @@ class CollectHandler:
     def prefetch(self, session: Session, envelopes: Sequence[Envelope]) -> None:
         self._verdicts = {}
         self._seen = {}
+        self._normaliser = None
+        self._suppression = load_suppression(session, phone_region=self.phone_region)
         keys: dict[str, list[str]] = {}
         for env in envelopes:
             verdict = self._judge(session, env.subject_key.removeprefix(PREFIX), env.payload.value)
@@ -80,7 +88,13 @@ class CollectHandler:
             self._seen[dataset] = store.seen_keys(session, dataset, wanted)
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
-        """Ingest keeps nothing of the raw message itself: what it decides is on its own logs."""
+        """Ingest keeps nothing of the raw message itself (what it decides is on its own logs) but
+        which identities it carried, as keyed hashes: a privacy erasure finds it by them."""
+        verdict = self._verdicts.get(env.id)
+        if isinstance(verdict, Accepted) and verdict.identities:
+            if self._normaliser is None:
+                self._normaliser = normaliser(session, phone_region=self.phone_region)
+            index_collect(session, msg.sequence, self._normaliser, verdict.identities)
 
     def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
         dataset = msg.subject.removeprefix(PREFIX)
@@ -88,6 +102,9 @@ class CollectHandler:
         if verdict is None:  # not prefetched (a handler used without the processor's prefetch)
             verdict = self._judge(uow.session, dataset, env.payload.value)
         if isinstance(verdict, Accepted):
+            if self._suppression and self._suppression.match(verdict.identities) is not None:
+                count_suppressed(dataset, 1)  # dropped: a privacy request suppresses the identity
+                return
             seen = self._seen.get(dataset)
             if seen is None:
                 seen = self._seen[dataset] = store.seen_keys(uow.session, dataset, [verdict.key])
@@ -131,7 +148,9 @@ class CollectHandler:
         builder = self._builders.get(dataset)
         if builder is None:
             builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
-        return Accepted(dataset, builder.key_of(result.event_id), event_bytes(builder, result))
+        return Accepted(
+            dataset, builder.key_of(result.event_id), event_bytes(builder, result), tuple(result.identities)
+        )
 
 
 def dead_letter(msg: LogMessage, rejected: Rejected, cause: Cause) -> Envelope:
@@ -152,6 +171,7 @@ class Accepted:
     dataset: str
     key: str
     data: bytes
+    identities: tuple[tuple[str, str], ...] = ()
 
 
 Verdict = Accepted | Rejected

@@ -30,6 +30,7 @@ from cdp_ingest.domain import (
 )
 from cdp_ingest.judging import RECORD_OVERHEAD, StagedRecord
 from cdp_ingest.options import same_dataset, same_schema
+from cdp_ingest.privacy import SUPPRESSED_RULE, Suppression, load_suppression
 from cdp_ingest.readers import ReaderPool
 from cdp_ingest.records import RecordBuilder, emit_records
 from cdp_ingest.settings import IngestSettings
@@ -201,6 +202,7 @@ class IngestHandlers:
             pool=self.readers,
             limits=self.settings.limits(),
             identity=target.identity,
+            suppression=self._suppression(),
         )
         try:
             started = time.perf_counter()
@@ -407,10 +409,18 @@ class IngestHandlers:
         builder = RecordBuilder(target.dataset.name, pb.SCHEMA_CLASS_EVENT, "", utcnow())
         results: list[pb.EventResult] = []
         valid: list[Staged] = []
+        suppression = self._suppression()
+        suppressed = 0
         for i, event in enumerate(events):
             raw = json_format.MessageToDict(event)
             result = validator.validate(raw, event.ByteSize(), f"event {i}")
-            if result.ok:
+            hashed = suppression.match(result.identities) if result.ok and suppression else None
+            if hashed is not None:
+                suppressed += 1
+                message = f"identity {hashed} is suppressed by a privacy request"
+                errors = [pb.FieldError(field="identity", rule=SUPPRESSED_RULE, message=message)]
+                results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_REJECTED, errors=errors))
+            elif result.ok:
                 valid.append((i, builder.key_of(result.event_id), event_bytes(builder, result)))
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_ACCEPTED, event_id=result.event_id))
             else:
@@ -418,7 +428,13 @@ class IngestHandlers:
                 results.append(pb.EventResult(index=i, status=pb.EVENT_STATUS_REJECTED, errors=errors))
         for group in _event_groups(valid):
             await self._append_events(builder.dataset, group, results)
+        if suppressed:
+            log.info("events_suppressed", dataset=builder.dataset, events=suppressed)
         return results
+
+    def _suppression(self) -> Suppression:
+        with self.processor.read() as session:
+            return load_suppression(session, phone_region=self.settings.default_phone_region)
 
     async def _append_events(self, dataset: str, group: list[Staged], results: list[pb.EventResult]) -> None:
         """One message of new events; ids seen before (ever, by gRPC, NATS or a file) are answered as duplicates."""

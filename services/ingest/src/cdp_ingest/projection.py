@@ -9,6 +9,7 @@ from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.config import ConfigCache
+from cdp_ingest.privacy import fold_applied
 from cdp_ingest.records import RECORD_TYPE
 from cdp_ingest.store import (
     DAY_S,
@@ -24,7 +25,7 @@ from cdp_ingest.store import (
 )
 from cdp_kit import deadletters
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
-from cdp_kit.streams import INGEST_READS_COLLECT, OwnLog
+from cdp_kit.streams import INGEST_PRIVACY_APPLIED, INGEST_READS_COLLECT, OwnLog
 
 CONFIG_TYPES = {ev.SchemaRegistered.DESCRIPTOR.full_name, ev.DatasetCreated.DESCRIPTOR.full_name}
 
@@ -44,6 +45,9 @@ class IngestProjection:
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         kind = env.type
+        if own.subject == INGEST_PRIVACY_APPLIED.subject:
+            fold_applied(session, env)
+            return
         if kind == RECORD_TYPE:
             # The hot path: a record is folded only to remember event ids, and whether the
             # dataset holds events is known from the config (a dataset's class never changes).

@@ -18,6 +18,8 @@ from cdp_kit.merging import positions
 from cdp_kit.processor import UnitOfWork
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
+from cdp_segmentation.privacy import REQUESTED as PRIVACY_ERASURE
+from cdp_segmentation.privacy import erase_requested
 from cdp_segmentation.profiles import apply_merge, apply_split
 from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
 from cdp_segmentation.vocabulary import consent_attributes, flatten
@@ -64,6 +66,8 @@ class ProfilesToMemberships:
             split = unpack(env, identity_ev.ProfileSplit)
             self._leave_to_sql(session, [split.profile_id, *(p.profile_id for p in split.parts)])
             self._split_parts[env.id] = apply_split(session, split, ctx)
+        elif env.type == PRIVACY_ERASURE:  # identity erased a person here, in order (see privacy.py)
+            erase_requested(session, self.catalog, env)
 
     def _position(self, msg: LogMessage, env: Envelope) -> int:
         """The envelope's place among its message's events: with the sequence, its log position.

@@ -7,9 +7,10 @@ from sqlmodel import Session, select
 
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
-from cdp_kit.streams import OwnLog
+from cdp_kit.streams import SEGMENTATION_PRIVACY_APPLIED, OwnLog
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog
+from cdp_segmentation.privacy import delete_memberships, fold_applied, is_privacy_exit
 from cdp_segmentation.profiles import apply_retention, recompute_all, recompute_computed_all, to_ms
 from cdp_segmentation.store import EXITED, REALIZED, ComputedRow, SegmentRow
 
@@ -19,8 +20,15 @@ class SegmentationProjection:
         self.catalog = catalog
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
+        if own.subject == SEGMENTATION_PRIVACY_APPLIED.subject:
+            fold_applied(session, env)
+            return
         if is_a(env, ev.MembershipChanged):
             change = unpack(env, ev.MembershipChanged)
+            if is_privacy_exit(change.cause):
+                # The person was erased: their membership goes too (as the applier deletes it live).
+                delete_memberships(session, [change.profile_id])
+                return
             status = REALIZED if change.status == ev.MEMBERSHIP_STATUS_REALIZED else EXITED
             at = from_timestamp(change.at)
             self.catalog.fold_membership(session, change.segment_id, change.profile_id, status, at)

@@ -1,0 +1,76 @@
+"""Privacy requests (cdp.privacy.v1): what every service shares to apply them.
+
+Identity records a request (``PrivacyRequested`` on ``cdp.privacy.requests``) with the keyed hash
+of every identity of the person's graph; every other service applies it to its store and records
+that it did (``PrivacyApplied`` on ``cdp.privacy.applied.<service>``); identity completes it once
+every applier has (``cdp_kit.streams.privacy_appliers``), destroying the person's keys last.
+
+Identities travel as ``identity_hash(namespace, normalised value)`` (``cdp_kit.telemetry.pii_hash``
+of ``"namespace:value"``): never a plain value on the log, in a store's privacy tables or a log line.
+
+Key destruction (crypto-shredding) belongs to the vault: services take a :class:`KeyVault` in their
+composition roots. :class:`NoKeyVault` stands in until a real vault is wired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from cdp.privacy.v1 import privacy_pb2 as pb
+from cdp_kit.telemetry import pii_hash
+
+MAX_IDENTITIES = 1000
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DELETE_MODES = frozenset({pb.PRIVACY_MODE_DELETE, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
+SUPPRESS_MODES = frozenset({pb.PRIVACY_MODE_SUPPRESS, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
+MODE_NAMES: dict[int, str] = {
+    pb.PRIVACY_MODE_DELETE: "delete",
+    pb.PRIVACY_MODE_SUPPRESS: "suppress",
+    pb.PRIVACY_MODE_DELETE_AND_SUPPRESS: "delete+suppress",
+    pb.PRIVACY_MODE_UNSUPPRESS: "unsuppress",
+}
+
+
+class KeyVault(Protocol):
+    """The per-identity keys of crypto-shredding. ``revoke`` forgets keys in this process (a service
+    applying a request stops decrypting the person at once); ``destroy`` erases them for good and
+    returns how many it destroyed (identity, when the request completes)."""
+
+    def revoke(self, key_refs: Sequence[str]) -> None: ...
+
+    async def destroy(self, key_refs: Sequence[str]) -> int: ...
+
+
+class NoKeyVault:
+    """No vault: nothing is encrypted yet, so there is nothing to revoke or destroy.
+
+    A placeholder until the crypto-shredding vault lands; the composition roots take a ``KeyVault``
+    and the integrator replaces this one there."""
+
+    def revoke(self, key_refs: Sequence[str]) -> None:
+        return None
+
+    async def destroy(self, key_refs: Sequence[str]) -> int:
+        return 0
+
+
+def identity_hash(namespace: str, value: str) -> str:
+    """The keyed hash of a normalised identity, as requests and suppression lists carry it."""
+    return pii_hash(f"{namespace}:{value}")
+
+
+def is_delete(mode: int) -> bool:
+    return mode in DELETE_MODES
+
+
+def is_suppress(mode: int) -> bool:
+    return mode in SUPPRESS_MODES
+
+
+def derived_request_id(mode: int, identity_hashes: Iterable[str]) -> str:
+    """The id of a request submitted without one: the same mode and identities give the same id."""
+    text = "\x1f".join([MODE_NAMES.get(mode, str(mode)), *sorted(set(identity_hashes))])
+    return "pr-" + hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -1,0 +1,242 @@
+"""Privacy requests in segmentation (cdp.privacy.v1): the person exits every audience and their
+profile, attributes, events, identities, memberships and computed values are erased.
+
+* Identity puts the erasure of a delete on its fragments log too, in its place among the person's
+  fragments: the profile input (``ProfilesToMemberships``) erases the profile's rows when it reads it,
+  so a replay erases exactly what the live store erased (and keeps a person who came back later).
+* Reading the request itself (``cdp.privacy.requests``) leaves it pending; the applier waits until
+  the profile input has read everything identity wrote before the request (the erasure included),
+  emits ``MembershipChanged`` EXITED for every audience the person was in (cause
+  ``privacy:<request id>``) and, as a second cause of the same transaction, ``PrivacyApplied`` with
+  the counts. A membership that exits for privacy is deleted, not kept as "exited" (live and on replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from cdp.privacy.v1 import privacy_pb2 as pb
+from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, to_timestamp, unpack, utcnow
+from cdp_kit.errors import Unavailable
+from cdp_kit.eventlog import AppendConflict, LogMessage
+from cdp_kit.privacy import KeyVault, is_delete
+from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
+from cdp_kit.store import get_checkpoint, tables_of, transaction
+from cdp_kit.streams import PROFILE, SEGMENTATION_PRIVACY_APPLIED, SEGMENTATION_READS_PROFILE
+from cdp_kit.telemetry import get_logger
+from cdp_segmentation.membership import Catalog, exit_all
+from cdp_segmentation.store import EVENT, FragmentRow, MembershipRow, ProfileIdentityRow, ProfileRow
+
+log = get_logger(__name__)
+REQUESTED = pb.PrivacyRequested.DESCRIPTOR.full_name
+APPLIED = pb.PrivacyApplied.DESCRIPTOR.full_name
+PRIVACY_CAUSE = "privacy:"
+CHUNK = 500
+CATCH_UP_S = 10.0
+
+
+class PrivacyPendingRow(SQLModel, table=True):
+    """A request erased from the store whose exits and acknowledgement are still to do."""
+
+    __tablename__ = "seg_privacy_pending"
+
+    request_id: str = Field(primary_key=True)
+    mode: int
+    profile_ids: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+class PrivacyDoneRow(SQLModel, table=True):
+    """A request segmentation has acknowledged (folded from its own ``PrivacyApplied``)."""
+
+    __tablename__ = "seg_privacy_done"
+
+    request_id: str = Field(primary_key=True)
+
+
+class PrivacyErasedRow(SQLModel, table=True):
+    """What the profile input erased for a request (counts), when it read identity's erasure."""
+
+    __tablename__ = "seg_privacy_erased"
+
+    request_id: str = Field(primary_key=True)
+    counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+PRIVACY_TABLES = tables_of(PrivacyPendingRow, PrivacyDoneRow, PrivacyErasedRow)
+
+
+def _parts(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+
+def erase(session: Session, catalog: Catalog, profile_ids: Sequence[str]) -> dict[str, int]:
+    """Delete what the store holds of these profiles (but their memberships: they exit first)."""
+    working = catalog.working
+    if working is not None and working.session is session:
+        working.write_back()
+        working.forget(profile_ids)
+    counts = {"profiles": 0, "attributes": 0, "events": 0, "identities": 0}
+    for part in _parts(sorted(profile_ids)):
+        kinds = session.exec(select(FragmentRow.kind).where(col(FragmentRow.profile_id).in_(part))).all()
+        counts["events"] += sum(1 for k in kinds if k == EVENT)
+        counts["attributes"] += sum(1 for k in kinds if k != EVENT)
+        session.execute(sa.delete(FragmentRow).where(col(FragmentRow.profile_id).in_(part)))
+        counts["identities"] += session.execute(  # type: ignore[attr-defined]
+            sa.delete(ProfileIdentityRow).where(col(ProfileIdentityRow.profile_id).in_(part))
+        ).rowcount
+        counts["profiles"] += session.execute(  # type: ignore[attr-defined]
+            sa.delete(ProfileRow).where(col(ProfileRow.profile_id).in_(part))
+        ).rowcount
+    session.flush()
+    catalog.invalidate()
+    return counts
+
+
+def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
+    """Identity's erasure of a person, read on the profile input: erase the profiles now."""
+    req = unpack(env, pb.PrivacyRequested)
+    if not is_delete(req.mode) or not req.profile_ids:
+        return
+    counts = erase(session, catalog, sorted(req.profile_ids))
+    session.merge(PrivacyErasedRow(request_id=req.request_id, counts=counts))
+    session.flush()
+
+
+def delete_memberships(session: Session, profile_ids: Sequence[str]) -> int:
+    n = 0
+    for part in _parts(sorted(profile_ids)):
+        n += session.execute(  # type: ignore[attr-defined]
+            sa.delete(MembershipRow).where(col(MembershipRow.profile_id).in_(part))
+        ).rowcount
+    session.flush()
+    return int(n)
+
+
+def is_privacy_exit(cause: str) -> bool:
+    return cause.startswith(PRIVACY_CAUSE)
+
+
+def fold_applied(session: Session, env: Envelope) -> None:
+    """Fold segmentation's own ``PrivacyApplied``: the request is done."""
+    if env.type != APPLIED:
+        return
+    applied = unpack(env, pb.PrivacyApplied)
+    pending = session.get(PrivacyPendingRow, applied.request_id)
+    if pending is not None:
+        session.delete(pending)
+    session.merge(PrivacyDoneRow(request_id=applied.request_id))
+    session.flush()
+
+
+def _add(counts: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    return {k: counts.get(k, 0) + more.get(k, 0) for k in {*counts, *more}}
+
+
+class PrivacyToSegmentation:
+    """Input handler of ``cdp.privacy.requests``."""
+
+    def __init__(self, catalog: Catalog, vault: KeyVault) -> None:
+        self.catalog = catalog
+        self.vault = vault
+        self.changed = asyncio.Event()
+
+    def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        if env.type != REQUESTED:
+            return
+        req = unpack(env, pb.PrivacyRequested)
+        self.vault.revoke(list(req.key_refs))
+        if session.get(PrivacyDoneRow, req.request_id) is None:
+            pids = sorted(req.profile_ids)
+            session.merge(PrivacyPendingRow(request_id=req.request_id, mode=req.mode, profile_ids=pids))
+            session.flush()
+        self.changed.set()
+
+    def decide(self, uow: UnitOfWork, msg: LogMessage, env: Envelope) -> None:
+        return None
+
+
+class PrivacyApplier:
+    def __init__(self, processor: Processor, catalog: Catalog, handler: PrivacyToSegmentation) -> None:
+        self.processor = processor
+        self.catalog = catalog
+        self.handler = handler
+
+    async def _caught_up(self) -> None:
+        """Wait until the profile input has read what identity had written (the request follows
+        the person's fragments on identity's side)."""
+        last = await self.processor.eventlog.last_sequence(PROFILE.name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CATCH_UP_S
+        while True:
+            with self.processor.read() as session:
+                if get_checkpoint(session, in_checkpoint(SEGMENTATION_READS_PROFILE)) >= last:
+                    return
+            if loop.time() >= deadline:
+                raise Unavailable("the profile input has not caught up with the privacy request yet")
+            await asyncio.sleep(0.05)
+
+    async def apply_pending(self) -> int:
+        with self.processor.read() as session:
+            pending = [
+                (p.request_id, p.mode, list(p.profile_ids), dict(p.counts))
+                for p in session.exec(select(PrivacyPendingRow)).all()
+            ]
+        for request_id, mode, pids, counts in pending:
+            if is_delete(mode) and pids:
+                await self._caught_up()
+            await self._apply(request_id, mode, pids, counts)
+        return len(pending)
+
+    async def _apply(self, request_id: str, mode: int, pids: list[str], counts: dict[str, int]) -> None:
+        processor = self.processor
+        now = utcnow()
+        async with processor.lock:
+            with transaction(processor.engine) as session:
+                uow = UnitOfWork(session, processor, Cause(command_id=f"privacy-exit:{request_id}"))
+                try:
+                    if session.get(PrivacyDoneRow, request_id) is not None:
+                        return
+                    # The profile input erased the profiles when it read identity's erasure (in its
+                    # place among the fragments): erasing here again could erase data that came after.
+                    erased = session.get(PrivacyErasedRow, request_id)
+                    total = _add(counts, erased.counts if erased is not None else {})
+                    if is_delete(mode) and pids:
+                        cause = f"{PRIVACY_CAUSE}{request_id}"
+                        total["exits"] = sum(exit_all(uow, self.catalog, pid, now, cause) for pid in pids)
+                        total["memberships"] = delete_memberships(session, pids)
+                    done = Cause(command_id=f"privacy-applied:{request_id}")
+                    await uow.next_cause(done)
+                    applied = pb.PrivacyApplied(request_id=request_id, service="segmentation", counts=total)
+                    applied.at.CopyFrom(to_timestamp(now))
+                    env = make_envelope(
+                        applied,
+                        event_id=deterministic_id("privacy-applied", "segmentation", request_id),
+                        subject_key=request_id,
+                        occurred_at=now,
+                        cause=done,
+                    )
+                    uow.emit(SEGMENTATION_PRIVACY_APPLIED, [env])
+                    await uow.flush(done)
+                except BaseException:
+                    await uow.abandon()
+                    raise
+        log.info("privacy_applied", request_id=request_id, **{k: int(v) for k, v in total.items()})
+
+    async def loop(self) -> None:
+        await self.processor.ready.wait()
+        while True:
+            self.handler.changed.clear()
+            try:
+                await self.apply_pending()
+            except AppendConflict:
+                await self.processor.recover()
+            except Exception as exc:  # retried on the next wake-up; the request stays pending
+                log.warning("privacy_apply_failed", error_class=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.handler.changed.wait(), timeout=1.0)
