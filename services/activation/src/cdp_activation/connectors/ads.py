@@ -156,12 +156,40 @@ class MetaCustomAudience(Connector):
             count_drop(rejected, spec[2])
         return ""
 
-    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+    erasure = "remove from the audience"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """Every identifier the member could have been matched on, as Meta takes it (EMAIL and
+        PHONE SHA-256 hex, MADID and EXTERN_ID unhashed), by Meta key."""
         assert isinstance(config, MetaConfig)
-        schema, rows, rejected = self.payload(config, batch)
+        out: dict[str, list[str]] = {}
+        for ns, key in META_IDENTITY_KEYS.items():
+            for raw in rec.identities.get(ns, []):
+                if (value := self.identifier(config, key, raw)) and value not in out.get(key, []):
+                    out.setdefault(key, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """DELETE on the audience's users edge, the body an add would have: one row per
+        identifier (each matches on its own), in the session the batch id names."""
+        assert isinstance(config, MetaConfig)
+        schema = distinct([key for rec in batch.records for key in rec.identities if key in META_KINDS])
+        rows: list[list[str]] = []
+        for rec in batch.records:
+            for key in schema:
+                for value in rec.identities.get(key, []):
+                    rows.append([value if k == key else "" for k in schema])
+        if not rows:
+            return SendResult(activated=0)
         url = f"{config.base_url.rstrip('/')}/{config.api_version}/{config.audience_id}/users"
-        method = "POST" if batch.action == "add" else "DELETE"
-        session_id = int(hashlib.sha256(batch.id.encode()).hexdigest()[:13], 16)
+        await self._call(ctx, config, "DELETE", url, schema, rows, batch.id)
+        return SendResult(activated=len(rows), location=url)
+
+    @staticmethod
+    async def _call(
+        ctx: SendContext, config: MetaConfig, method: str, url: str, schema: list[str], rows: list[list[str]], key: str
+    ) -> None:
+        session_id = int(hashlib.sha256(key.encode()).hexdigest()[:13], 16)
         parts = chunks(rows, META_MAX_ROWS)
         for n, part in enumerate(parts, start=1):
             body = {
@@ -175,6 +203,13 @@ class MetaCustomAudience(Connector):
             }
             headers = {"Authorization": f"Bearer {config.access_token}"}
             await http.call(ctx.http, method, url, json_body=body, headers=headers, classify=meta_error)
+
+    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        assert isinstance(config, MetaConfig)
+        schema, rows, rejected = self.payload(config, batch)
+        url = f"{config.base_url.rstrip('/')}/{config.api_version}/{config.audience_id}/users"
+        method = "POST" if batch.action == "add" else "DELETE"
+        await self._call(ctx, config, method, url, schema, rows, batch.id)
         id_count = sum(1 for key in schema if key in META_IDENTITY_KEYS.values())
         activated = sum(1 for row in rows for v in row[:id_count] if v)
         warnings = self.warnings(ctx.members_after)
@@ -266,16 +301,48 @@ class GoogleCustomerMatch(Connector):
             return None
         return {"hashedFirstName": first, "hashedLastName": last, "countryCode": country, "postalCode": postal}
 
+    erasure = "remove from the audience"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """hashedEmail and hashedPhoneNumber (SHA-256 hex of Google's normal forms) of every
+        email and phone the member had; an address is not needed to remove a member."""
+        assert isinstance(config, GoogleConfig)
+        out: dict[str, list[str]] = {}
+        for item in self.user_identifiers(config, Record(rec.profile_id, rec.identities, {}), {}):
+            for key, value in item.items():
+                if isinstance(value, str) and value not in out.get(key, []):
+                    out.setdefault(key, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """One offline user data job of ``remove`` operations, one UserData per member."""
+        assert isinstance(config, GoogleConfig)
+        users = [
+            [{key: value} for key, values in sorted(rec.identities.items()) for value in values][:GOOGLE_MAX_PER_USER]
+            for rec in batch.records
+        ]
+        return await self._job(ctx, config, batch, [u for u in users if u], {})
+
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, GoogleConfig)
-        base = f"{config.base_url.rstrip('/')}/{config.api_version}"
-        headers = {"Authorization": f"Bearer {config.access_token}", "developer-token": config.developer_token}
-        if config.login_customer_id:
-            headers["login-customer-id"] = config.login_customer_id
         rejected_by: dict[str, int] = {}
         users = [u for rec in batch.records if (u := self.user_identifiers(config, rec, rejected_by))]
         if missing := len(batch.records) - len(users):
             rejected_by["no valid identifier"] = missing
+        return await self._job(ctx, config, batch, users, rejected_by)
+
+    async def _job(
+        self,
+        ctx: SendContext,
+        config: GoogleConfig,
+        batch: Batch,
+        users: list[list[dict[str, Any]]],
+        rejected_by: dict[str, int],
+    ) -> SendResult:
+        base = f"{config.base_url.rstrip('/')}/{config.api_version}"
+        headers = {"Authorization": f"Bearer {config.access_token}", "developer-token": config.developer_token}
+        if config.login_customer_id:
+            headers["login-customer-id"] = config.login_customer_id
         if not users:
             return SendResult(activated=0, rejected=rejected_by)
         metadata: dict[str, Any] = {"userList": f"customers/{config.customer_id}/userLists/{config.user_list_id}"}

@@ -92,6 +92,8 @@ def braze_error(resp: http.Response) -> DeliveryError | None:
     return error
 
 
+BRAZE_DELETE_MAX = 50  # external_ids per /users/delete request
+
 # Braze standard profile fields sent with a documented format: (normaliser, drop kind).
 BRAZE_FIELDS: dict[str, tuple[Callable[[str], str | None], str]] = {
     "country": (ids.country_upper, "country"),  # ISO-3166-1 alpha-2
@@ -124,6 +126,29 @@ class Braze(Connector):
 
     def required_identities(self, plan_identities: list[str]) -> list[str]:
         return list(plan_identities)
+
+    erasure = "delete the user"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """The Braze external_id the user was sent with (the profile id, or the configured namespace)."""
+        assert isinstance(config, BrazeConfig)
+        external = rec.first(config.external_id_namespace) if config.external_id_namespace else rec.profile_id
+        return {"external_id": [external]} if external else {}
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """POST /users/delete with external_ids, at most 50 a request."""
+        assert isinstance(config, BrazeConfig)
+        url = f"{config.base_url.rstrip('/')}/users/delete"
+        external_ids = list(dict.fromkeys(v for rec in batch.records for v in rec.identities.get("external_id", [])))
+        headers = {"Authorization": f"Bearer {config.api_key}"}
+        deleted = 0
+        for part in chunks(external_ids, BRAZE_DELETE_MAX):
+            resp = await http.call(
+                ctx.http, "POST", url, json_body={"external_ids": part}, headers=headers, classify=braze_error
+            )
+            found = resp.body.get("deleted") if isinstance(resp.body, dict) else None
+            deleted += found if isinstance(found, int) else len(part)
+        return SendResult(deleted, url)
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, BrazeConfig)
