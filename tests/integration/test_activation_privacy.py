@@ -313,3 +313,69 @@ async def test_activation_privacy_acknowledges_unknown_profiles_and_suppressions
         assert not platforms.deleted
     finally:
         await harness.stop()
+
+
+async def test_activation_privacy_removes_from_snap_tiktok_linkedin_and_deletes_from_mailchimp(
+    tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
+) -> None:
+    """The audience platforms remove through their own removal call, fed SHA-256 digests (MAIDs
+    as the platform takes them) that the connectors pass on; Mailchimp deletes the member
+    permanently by subscriber hash."""
+    harness = Harness(tmp_path, nats_url, eventlog)
+    await harness.start()
+    try:
+        upstream = Upstream(eventlog)
+        await upstream.segment()
+        ads = {"action": "ad_targeting", "base_url": platforms.url}
+        await harness.destination("snap", "snap_audience", segment_id="s", access_token=platforms.snap_token, **ads)
+        await harness.destination(
+            "tiktok",
+            "tiktok_audience",
+            advertiser_id="a",
+            audience_id="t",
+            access_token=platforms.tiktok_token,
+            **ads,
+        )
+        await harness.destination(
+            "linkedin", "linkedin_audience", segment_id="l", access_token=platforms.linkedin_token, **ads
+        )
+        await harness.destination(
+            "mc", "mailchimp", base_url=platforms.url, api_key=platforms.mailchimp_key, list_id="m"
+        )
+        await harness.activate("snap", ["email", "phone", "gaid"])
+        await harness.activate("tiktok", ["email", "phone", "gaid"])
+        await harness.activate("linkedin", ["email", "gaid"])
+        await harness.activate("mc", ["email"])
+        gaid = "38400000-8cf0-11bd-b23e-10b96e40000d"
+        await upstream.profile(ERASED, {"email": EMAIL, "phone": PHONE, "gaid": gaid}, {"first_name": NAME})
+        await upstream.membership(ERASED)
+        await upstream.profile(
+            "p-kept", {"email": "kept@example.com", "phone": "+1 650 555 0100", "gaid": gaid[:-1] + "e"}
+        )
+        await upstream.membership("p-kept")
+        audiences = ("snap:s", "tiktok:t", "linkedin:l", "mailchimp:gold")
+        for name in ("snap", "tiktok", "linkedin", "mc"):
+            await harness.settled(name, 2)
+        held = {key: set(platforms.members[key]) for key in audiences}
+        assert all(held.values())
+
+        await request(eventlog, "req-ads", [ERASED])
+        applied, _ = await ack_of(eventlog, "req-ads")
+        assert {r.destination: r.status for r in applied.removals} == dict.fromkeys(
+            ("snap", "tiktok", "linkedin", "mc"), "prepared"
+        )
+        subscriber = ids.md5_hex(EMAIL.lower())
+        await until(lambda: f"mailchimp:{subscriber}" in platforms.deleted, what="Mailchimp permanent delete")
+        for name in ("snap", "tiktok", "linkedin", "mc"):
+            await harness.settled(name, 1)
+        assert not platforms.rejected
+        email_hash = ids.sha256_hex(EMAIL.lower())
+        assert email_hash not in platforms.members["snap:s"]
+        assert email_hash not in platforms.members["tiktok:t"]
+        assert email_hash not in platforms.members["linkedin:l"]
+        assert subscriber not in platforms.members["mailchimp:gold"]
+        for key in audiences:
+            assert platforms.members[key], key  # the other member stays
+            assert platforms.members[key] < held[key], key
+    finally:
+        await harness.stop()

@@ -148,6 +148,9 @@ class LocalPlatforms:
         app.router.add_post("/users/delete", self._wrap("braze", self.braze_delete))
         app.router.add_post("/3.0/lists/{list_id}", self._wrap("mailchimp", self.mc_batch))
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/tags", self._wrap("mailchimp", self.mc_tags))
+        app.router.add_post(
+            "/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self._wrap("mailchimp", self.mc_delete)
+        )
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._wrap("twilio", self.twilio))
         app.router.add_post("/api/profile-bulk-import-jobs", self._wrap("klaviyo", self.kl_import))
         app.router.add_get("/api/profiles", self._wrap("klaviyo", self.kl_lookup))
@@ -491,6 +494,18 @@ class LocalPlatforms:
             target = self.members[f"mailchimp:{tag['name']}"]
             (target.add if tag["status"] == "active" else target.discard)(request.match_info["hash"])
         return web.Response(status=204)
+
+    def mc_delete(self, request: web.Request, body: bytes) -> web.Response:
+        """Permanently delete a list member (GDPR): 204, or 404 for a member the list does not hold."""
+        self._mc_auth(request)
+        subscriber = request.match_info["hash"]
+        check(re.fullmatch(r"[0-9a-f]{32}", subscriber) is not None, "subscriber_hash is MD5")
+        check(not body.strip(), "no request body")
+        held = [key for key, members in self.members.items() if key.startswith("mailchimp:") and subscriber in members]
+        for key in held:
+            self.members[key].discard(subscriber)
+        self.deleted.append(f"mailchimp:{subscriber}")
+        return web.Response(status=204) if held else web.json_response({"status": 404}, status=404)
 
     def twilio(self, request: web.Request, body: bytes) -> web.Response:
         raw = request.headers.get("Authorization", "")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable
@@ -397,6 +398,35 @@ class GoogleCustomerMatch(Connector):
 # ------------------------------------------------------------------ Snap, TikTok, LinkedIn
 
 
+class RemovalOfHashes(Connector):
+    """Erasure through the connector's own audience removal: an erasure record carries each
+    namespace's values already in the platform's form (SHA-256 hex, or a MAID where the
+    platform takes it unhashed), which the connector's normalisers pass on unchanged
+    (``identifiers.hashed`` never hashes a SHA-256 digest again)."""
+
+    erasure = "remove from the audience"
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        raise NotImplementedError
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for ns, form in self.erase_forms(config).items():
+            for raw in rec.identities.get(ns, []):
+                if (value := form(raw)) and value not in out.get(ns, []):
+                    out.setdefault(ns, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        namespaces = sorted({ns for rec in batch.records for ns in rec.identities})
+        removal = dataclasses.replace(batch, action="remove", identities=namespaces, attributes=[])
+        return await self.send(ctx, config, removal)
+
+
+def _sha(normalise: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    return lambda raw: ids.hashed(raw, normalise)
+
+
 class SnapConfig(ConnectorConfig):
     base_url: str = "https://adsapi.snapchat.com"
     segment_id: str = Field(min_length=1)
@@ -413,12 +443,17 @@ SNAP_SCHEMAS: dict[str, tuple[str, str, Callable[[str, str], str | None]]] = {
 }
 
 
-class SnapAudience(Connector):
+class SnapAudience(RemovalOfHashes):
     name = "snap_audience"
     config_model: ClassVar[type[ConnectorConfig]] = SnapConfig
     identity_namespaces = tuple(SNAP_SCHEMAS)
     identity_rule = "any"
     min_audience = 1000
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        assert isinstance(config, SnapConfig)
+        region = config.phone_region
+        return {ns: _sha(in_region(spec[2], region)) for ns, spec in SNAP_SCHEMAS.items()}
 
     @staticmethod
     def hashes(cfg: SnapConfig, batch: Batch, rejected: dict[str, int]) -> dict[str, list[str]]:
@@ -479,12 +514,17 @@ TIKTOK_SCHEMAS: dict[str, tuple[str, str, Callable[[str, str], str | None]]] = {
 }
 
 
-class TikTokAudience(Connector):
+class TikTokAudience(RemovalOfHashes):
     name = "tiktok_audience"
     config_model: ClassVar[type[ConnectorConfig]] = TikTokConfig
     identity_namespaces = tuple(TIKTOK_SCHEMAS)
     identity_rule = "any"
     min_audience = 1000
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        assert isinstance(config, TikTokConfig)
+        region = config.phone_region
+        return {ns: _sha(in_region(spec[2], region)) for ns, spec in TIKTOK_SCHEMAS.items()}
 
     @staticmethod
     def users(
@@ -547,12 +587,16 @@ class LinkedInConfig(ConnectorConfig):
     linkedin_version: str = Field(default="202601", pattern=r"^[0-9]{6}$")
 
 
-class LinkedInAudience(Connector):
+class LinkedInAudience(RemovalOfHashes):
     name = "linkedin_audience"
     config_model: ClassVar[type[ConnectorConfig]] = LinkedInConfig
     identity_namespaces = ("email", "gaid", "google_aid")
     identity_rule = "any"
     min_audience = 300
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        # SHA256_EMAIL hex; GOOGLE_AID is sent unhashed.
+        return {"email": _sha(ids.email_linkedin), "gaid": ids.madid, "google_aid": ids.madid}
 
     @staticmethod
     def user_ids(rec: Record, rejected: dict[str, int]) -> list[dict[str, str]]:

@@ -42,6 +42,25 @@ class Mailchimp(Connector):
     name = "mailchimp"
     config_model: ClassVar[type[ConnectorConfig]] = MailchimpConfig
     identity_namespaces = ("email",)
+    erasure = "delete the user"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """The member's subscriber hash (MD5 of the lower-case email): all Mailchimp needs."""
+        hashes = [ids.md5_hex(email) for raw in rec.identities.get("email", []) if (email := ids.email_basic(raw))]
+        return {"subscriber_hash": list(dict.fromkeys(hashes))} if hashes else {}
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """POST .../members/{subscriber_hash}/actions/delete-permanent for each member."""
+        assert isinstance(config, MailchimpConfig)
+        auth = {"Authorization": basic("cdp", config.api_key)}
+        lists = f"{config.root()}/3.0/lists/{config.list_id}"
+        done = 0
+        for rec in batch.records:
+            for subscriber in rec.identities.get("subscriber_hash", []):
+                url = f"{lists}/members/{subscriber}/actions/delete-permanent"
+                await http.call(ctx.http, "POST", url, headers=auth, classify=mailchimp_gone)
+                done += 1
+        return SendResult(done, lists)
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, MailchimpConfig)
@@ -74,6 +93,11 @@ class Mailchimp(Connector):
             url = f"{lists}/members/{ids.md5_hex(email)}/tags"
             await http.call(ctx.http, "POST", url, json_body=tag, headers=auth)
         return SendResult(len(emails), lists, rejected)
+
+
+def mailchimp_gone(resp: http.Response) -> DeliveryError | None:
+    """A member Mailchimp does not hold (404) is as good as deleted."""
+    return None if resp.status == 404 else http.default_error(resp)
 
 
 class BrazeConfig(ConnectorConfig):
