@@ -56,7 +56,7 @@ from cdp_activation.store import (
     ProfileRow,
 )
 from cdp_kit.envelope import Envelope, deterministic_id, is_a, make_envelope, unpack, utcnow
-from cdp_kit.eventlog import LogMessage
+from cdp_kit.eventlog import MAX_MESSAGE_BYTES, LogMessage
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import ACTIVATION_DELIVERIES, privacy_applied_log
 from cdp_kit.telemetry import get_logger
@@ -236,6 +236,21 @@ def _add_counts(row: PrivacyRow, counts: dict[str, int]) -> None:
 ERASED_CACHE = "act_erased_profiles"
 
 
+def fit(records: list[pb.Record]) -> list[list[pb.Record]]:
+    """Consecutive chunks of records, each within half a log message."""
+    budget = MAX_MESSAGE_BYTES // 2
+    out: list[list[pb.Record]] = [[]]
+    size = 0
+    for rec in records:
+        need = rec.ByteSize() + 8
+        if out[-1] and size + need > budget:
+            out.append([])
+            size = 0
+        out[-1].append(rec)
+        size += need
+    return out
+
+
 def is_erased(session: Session, profile_id: str) -> bool:
     """Whether a privacy request erased the profile (read once per transaction)."""
     erased: set[str] | None = session.info.get(ERASED_CACHE)
@@ -278,25 +293,29 @@ class PrivacyHandler:
             return
         now = utcnow()
         for plan_id, dest_id, records in found.batches:
-            plan = uow.session.get(store.PlanRow, plan_id)
-            assert plan is not None  # found by observe in this transaction
-            batch = pb.Batch(
-                id=removal_batch_id(request.request_id, plan_id),
-                plan_id=plan_id,
-                destination=dest_id,
-                action=ERASE,
-                sequence=plan.batch_seq,
-                records=records,
-            )
-            batch.prepared_at.FromDatetime(now)
-            prepared = make_envelope(
-                ev.BatchPrepared(batch=batch),
-                event_id=deterministic_id("privacy-batch", request.request_id, plan_id),
-                subject_key=dest_id,
-                occurred_at=now,
-                cause=uow.cause,
-            )
-            uow.emit(ACTIVATION_DELIVERIES, [prepared])  # folded at once: the plan's next sequence moves on
+            # One batch per plan; records that would not fit one log message go in further
+            # batches "<id>:2", "<id>:3", ... (their event must fit one message).
+            for n, chunk in enumerate(fit(records), start=1):
+                plan = uow.session.get(store.PlanRow, plan_id)
+                assert plan is not None  # found by observe in this transaction
+                batch_id = removal_batch_id(request.request_id, plan_id) + (f":{n}" if n > 1 else "")
+                batch = pb.Batch(
+                    id=batch_id,
+                    plan_id=plan_id,
+                    destination=dest_id,
+                    action=ERASE,
+                    sequence=plan.batch_seq,
+                    records=chunk,
+                )
+                batch.prepared_at.FromDatetime(now)
+                prepared = make_envelope(
+                    ev.BatchPrepared(batch=batch),
+                    event_id=deterministic_id("privacy-batch", batch_id),
+                    subject_key=dest_id,
+                    occurred_at=now,
+                    cause=uow.cause,
+                )
+                uow.emit(ACTIVATION_DELIVERIES, [prepared])  # folded at once: the plan's next sequence moves on
         erased = ev.ProfilesErased(
             request_id=request.request_id, profile_ids=found.profile_ids, removals=found.removals
         )
@@ -341,6 +360,10 @@ def fold_prepared(session: Session, batch: pb.Batch) -> None:
     )
     row = session.get(PrivacyRow, request_id) or PrivacyRow(request_id=request_id)
     if not row.applied:
+        earlier = row.removals.get(batch.plan_id)
+        if earlier and earlier.get("batch_id"):  # a further batch of the same plan: counted in the first
+            removal.batch_id = str(earlier["batch_id"])
+            removal.profiles += int(earlier.get("profiles", 0))
         row.removals = {**row.removals, batch.plan_id: removal_dict(removal)}
         session.add(row)
 
