@@ -23,7 +23,7 @@ from cdp_kit.eventlog import EventLog, LogMessage
 from cdp_kit.store import canonical_dump
 from cdp_kit.streams import ACTIVATION_DELIVERIES, PRIVACY, PRIVACY_REQUESTS, privacy_applied_log
 from cdp_kit.telemetry import pii_hash
-from cdp_standins import LocalPlatforms
+from cdp_standins import Fault, LocalPlatforms
 from tests.integration.test_activation_delivery import T0, Harness, Upstream, people, until
 
 APPLIED = privacy_applied_log("activation")
@@ -155,6 +155,7 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
         db = tmp_path / "activation.db"
         assert EMAIL in "".join(sqlite_text(db).values())  # what is about to go
 
+        platforms.fail("braze", Fault(status=500))  # the deletion is retried like any batch
         await request(eventlog, "req-1", [ERASED])
         applied, ack_msg = await ack_of(eventlog, "req-1")
 
@@ -207,6 +208,7 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
 
         # The stand-ins receive valid removal and deletion requests (they answer 400 to an invalid one).
         await until(lambda: "braze:p-erin" in platforms.deleted, what="Braze /users/delete")
+        assert not platforms.faults["braze"]  # its first attempt met the 500
         await until(
             lambda: (
                 {f"klaviyo:email:{EMAIL.lower()}", f"klaviyo:phone_number:+{phone_digits}"} <= set(platforms.deleted)

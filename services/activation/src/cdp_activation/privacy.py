@@ -6,26 +6,31 @@ id of the person). For a delete (``delete`` or ``delete+suppress``), in ONE tran
 privacy input:
 
 1. ``observe`` finds every plan whose destination received the person (held members, and the
-   records of every add batch, delivered or not), and erases what activation holds of them:
-   profile, fragments, memberships, plan members, exclusions, and their records in the
-   delivery log's batches (an add batch not yet sent goes without them). The profile ids are
-   kept as tombstones (``act_erased``) so facts about them that arrive later are not kept.
-   It runs on every replay too, so a rebuild erases them again (the privacy input is the last
-   input: a rebuild replays profiles and memberships first).
-2. ``decide`` (live only) records a removal batch per plan whose platform has a removal
-   (BatchPrepared on CDP_DELIVERY, id ``privacy:<request id>:<plan id>``, action ``erase``)
-   holding only the identifiers the platform's removal needs, in the form it takes
-   (``Connector.erase_identifiers``: SHA-256 where it takes hashes). Crypto-shredding leaves
-   batches with this prefix unsealed, so they stay deliverable once the person's keys are gone.
+   records of every add batch, delivered or not), then erases what activation keeps of the
+   inputs: profile, fragments, memberships. It runs on every replay, and the privacy input is
+   the last input, so a rebuild replays profiles and memberships first and erases them again.
+2. ``decide`` (live only) appends, in one message on CDP_DELIVERY:
+   * a removal batch per plan whose platform has a removal (BatchPrepared, id
+     ``privacy:<request id>:<plan id>``, action ``erase``) holding only the identifiers the
+     platform's removal needs, in the form it takes (``Connector.erase_identifiers``: SHA-256
+     where it takes hashes). Crypto-shredding leaves batches with this prefix unsealed, so they
+     stay deliverable once the person's keys are destroyed;
+   * ProfilesErased, whose fold erases what the delivery log says of them (held members,
+     exclusions, their records in every other batch: an add not yet sent goes without them)
+     and keeps their profile ids as tombstones (``act_erased``: facts about them that arrive
+     later are not kept). Being on the delivery log, it is folded where it stands among the
+     deliveries, so a rebuild (or a start on an empty store) folds every later delivery as the
+     live store did, and erased profiles are tombstoned before any input is replayed.
 
-Then, once that is committed, ``PrivacyAcks`` appends PrivacyApplied on
-``cdp.privacy.applied.activation``: counts, and a DestinationRemoval per plan ("prepared" with
-the batch id, or "not supported by the platform"). Identity destroys the person's keys only
-after every service's acknowledgement, so the removals are on the log before. The removal
-batches are delivered by the normal delivery loop (retries, dead letters, redrive); a delivered
-batch is recognised on restart from the log (BatchDelivered), so it is never sent again.
+Then ``PrivacyAcks`` appends PrivacyApplied on ``cdp.privacy.applied.activation``: counts, and a
+DestinationRemoval per plan ("prepared" with the batch id, or "not supported by the platform").
+Identity destroys the person's keys only after every service's acknowledgement, so the removals
+are on the log before. The removal batches are delivered by the normal delivery loop (retries,
+dead letters, redrive) through ``Connector.erase``; a delivered batch is known on restart from
+the log (BatchDelivered), so it is never sent again, and its records then keep only profile ids.
 
-Suppress and unsuppress ask nothing of activation: they are acknowledged with no counts.
+Suppress and unsuppress ask nothing of activation, and a request for profiles activation never
+saw finds nothing: each is acknowledged with no counts.
 """
 
 from __future__ import annotations
