@@ -318,12 +318,12 @@ async def test_activation_privacy_acknowledges_unknown_profiles_and_suppressions
 
 
 async def test_activation_privacy_removes_from_snap_tiktok_linkedin_and_deletes_from_mailchimp(
-    tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
+    tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms, store_url: str
 ) -> None:
     """The audience platforms remove through their own removal call, fed SHA-256 digests (MAIDs
     as the platform takes them) that the connectors pass on; Mailchimp deletes the member
-    permanently by subscriber hash."""
-    harness = Harness(tmp_path, nats_url, eventlog)
+    permanently by subscriber hash. On SQLite and PostgreSQL, and a rebuild gives the same store."""
+    harness = Harness(tmp_path, nats_url, eventlog, store_url=store_url)
     await harness.start()
     try:
         upstream = Upstream(eventlog)
@@ -381,3 +381,7 @@ async def test_activation_privacy_removes_from_snap_tiktok_linkedin_and_deletes_
             assert platforms.members[key] < held[key], key
     finally:
         await harness.stop()
+    live = canonical_dump(harness.engine, TABLES)
+    assert live["act_erased"]
+    await harness.processor.rebuild()
+    assert canonical_dump(harness.engine, TABLES) == live

@@ -106,7 +106,16 @@ class ProfilesObserver(_ObserveOnly):
     @staticmethod
     def _fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int, pos: int) -> None:
         if is_erased(session, frag.profile_id):
-            return  # a privacy request erased the profile: a late fragment is not kept
+            # A privacy request erased the profile: nothing of the fragment is kept but which
+            # datasets its names came from (no personal data), as before the erasure, so a
+            # rebuild (which tombstones first, from the delivery log) keeps the same lineage.
+            if frag.dataset:
+                names = [i.namespace for i in frag.identities]
+                if frag.kind != "event":
+                    names += list(frag.attributes.fields)
+                for name in names:
+                    _source(session, name, frag.dataset)
+            return
         row = session.get(ProfileRow, frag.profile_id) or ProfileRow(profile_id=frag.profile_id)
         identities = {ns: list(values) for ns, values in row.identities.items()}
         for ident in frag.identities:
