@@ -3,9 +3,12 @@ size, and what each platform's erasure record keeps of a record the destination 
 
 from __future__ import annotations
 
+import json
+
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp_activation import identifiers as ids
-from cdp_activation.connectors import Record, catalog
+from cdp_activation.connectors import Record, catalog, http
+from cdp_activation.connectors.crm import klaviyo_error
 from cdp_activation.privacy import fit, removal_batch_id, request_of
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 
@@ -79,3 +82,16 @@ def test_erasure_records_hold_only_what_each_platform_needs_in_its_form() -> Non
         "braze",
         "mailchimp",
     }
+
+
+def test_klaviyo_deletion_errors_never_repeat_the_identifier() -> None:
+    body = {"errors": [{"code": "invalid", "detail": "erin@example.com is not a valid email"}]}
+    error = klaviyo_error(http.Response(400, {}, body, json.dumps(body)))
+    assert error is not None
+    assert error.permanent
+    assert error.reason == "HTTP 400: Klaviyo invalid"
+    retry = klaviyo_error(http.Response(429, {"Retry-After": "2"}, {}, "erin@example.com"))
+    assert retry is not None
+    assert not retry.permanent
+    assert "erin" not in retry.reason
+    assert klaviyo_error(http.Response(202, {}, None, "")) is None

@@ -111,7 +111,7 @@ class PlanMemberRow(SQLModel, table=True):
     __tablename__ = "act_plan_member"
 
     plan_id: str = Field(primary_key=True)
-    profile_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True, index=True)  # indexed: a privacy erasure finds them by profile
     record: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
@@ -146,7 +146,7 @@ class ExclusionRow(SQLModel, table=True):
     __tablename__ = "act_exclusion"
 
     plan_id: str = Field(primary_key=True)
-    profile_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True, index=True)
     reason: str
 
 

@@ -87,7 +87,7 @@ class Klaviyo(Connector):
                         }
                     }
                     url = f"{root}/api/data-privacy-deletion-jobs"
-                    await http.call(ctx.http, "POST", url, data=_dump(body), headers=hdrs)
+                    await http.call(ctx.http, "POST", url, data=_dump(body), headers=hdrs, classify=klaviyo_error)
                     jobs += 1
         return SendResult(jobs, f"{root}/api/data-privacy-deletion-jobs")
 
@@ -137,6 +137,18 @@ class Klaviyo(Connector):
             url = f"{root}/api/lists/{config.list_id}/relationships/profiles"
             await http.call(ctx.http, "DELETE", url, data=_dump(removal), headers=hdrs)
         return SendResult(len(found), f"{root}/api/lists/{config.list_id}", rejected)
+
+
+def klaviyo_error(resp: http.Response) -> DeliveryError | None:
+    """Klaviyo's answer by status and error codes only: a deletion's error detail may repeat the
+    email or phone it was given, which must not reach a log or the delivery log."""
+    error = http.default_error(resp)
+    if error is None:
+        return None
+    found = resp.body.get("errors") if isinstance(resp.body, dict) else None
+    codes = sorted({str(e.get("code")) for e in found if isinstance(e, dict) and e.get("code")}) if found else []
+    error.reason = f"HTTP {resp.status}: Klaviyo {','.join(codes) or 'error'}"
+    return error
 
 
 def _dump(body: Any) -> bytes:
