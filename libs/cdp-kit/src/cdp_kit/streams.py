@@ -119,6 +119,7 @@ SEGMENTATION_READS_PROFILE = ConsumerSpec("segmentation-profile", PROFILE, "cdp.
 ACTIVATION_READS_PROFILE = ConsumerSpec("activation-profile", PROFILE, "cdp.profile.>")
 ACTIVATION_READS_AUDIENCE = ConsumerSpec("activation-audience", AUDIENCE, "cdp.audience.>")
 ACTIVATION_READS_SEGMENTS = config_input("activation", "segmentation")
+ACTIVATION_READS_PRIVACY = privacy_requests_input("activation")
 SEGMENTATION_READS_INGEST_CONFIG = config_input("segmentation", "ingest")
 # Identity's custom namespaces (cdp_kit.namespaces): ingest checks rows' identity values and
 # segmentation normalises lookups by identity with their types.
@@ -164,8 +165,8 @@ SERVICE_LOGS: dict[str, ServiceLogs] = {
         ),
     ),
     "activation": ServiceLogs(
-        (ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, poison_log("activation")),
-        (ACTIVATION_READS_SEGMENTS, ACTIVATION_READS_PROFILE, ACTIVATION_READS_AUDIENCE),
+        (ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, privacy_applied_log("activation"), poison_log("activation")),
+        (ACTIVATION_READS_SEGMENTS, ACTIVATION_READS_PROFILE, ACTIVATION_READS_AUDIENCE, ACTIVATION_READS_PRIVACY),
     ),
 }
 

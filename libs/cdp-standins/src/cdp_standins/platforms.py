@@ -105,6 +105,8 @@ class LocalPlatforms:
     ttd_token: str = "ttd-token"
     _klaviyo_ids: dict[str, str] = field(default_factory=dict)
     _ttd_uploads: dict[str, str] = field(default_factory=dict)
+    # Users deleted (privacy): "braze:<external_id>", "klaviyo:email:<email>", "klaviyo:phone_number:<e164>".
+    deleted: list[str] = field(default_factory=list)
     # Numbers that replied STOP (Twilio answers 21610).
     stopped: set[str] = field(default_factory=set)
 
@@ -143,12 +145,17 @@ class LocalPlatforms:
         app.router.add_post("/open_api/v1.3/segment/mapping/", self._wrap("tiktok", self.tiktok))
         app.router.add_post("/rest/dmpSegments/{segment}/users", self._wrap("linkedin", self.linkedin))
         app.router.add_post("/users/track", self._wrap("braze", self.braze))
+        app.router.add_post("/users/delete", self._wrap("braze", self.braze_delete))
         app.router.add_post("/3.0/lists/{list_id}", self._wrap("mailchimp", self.mc_batch))
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/tags", self._wrap("mailchimp", self.mc_tags))
+        app.router.add_post(
+            "/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self._wrap("mailchimp", self.mc_delete)
+        )
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._wrap("twilio", self.twilio))
         app.router.add_post("/api/profile-bulk-import-jobs", self._wrap("klaviyo", self.kl_import))
         app.router.add_get("/api/profiles", self._wrap("klaviyo", self.kl_lookup))
         app.router.add_delete("/api/lists/{list_id}/relationships/profiles", self._wrap("klaviyo", self.kl_remove))
+        app.router.add_post("/api/data-privacy-deletion-jobs", self._wrap("klaviyo", self.kl_delete))
         app.router.add_post("/v2/token", self._wrap("sfmc", self.sf_token))
         app.router.add_post("/data/v1/async/dataextensions/key:{key}/rows", self._wrap("sfmc", self.sf_rows))
         app.router.add_post("/v3/crmdata/segment/{advertiser}/{crm}", self._wrap("ttd", self.ttd_segment))
@@ -441,6 +448,27 @@ class LocalPlatforms:
         self.accepted["braze"].append(attributes)
         return web.json_response({"message": "success", "attributes_processed": len(attributes)})
 
+    BRAZE_DELETE_KEYS: ClassVar[frozenset[str]] = frozenset({"external_ids", "user_aliases", "braze_ids"})
+
+    def braze_delete(self, request: web.Request, body: bytes) -> web.Response:
+        """POST /users/delete: external_ids, user_aliases and/or braze_ids, at most 50 in all."""
+        self._bearer(request, self.braze_key)
+        check(request.headers.get("Content-Type", "").startswith("application/json"), "Content-Type must be JSON")
+        data = self._json(body)
+        check(isinstance(data, dict) and bool(data) and set(data) <= self.BRAZE_DELETE_KEYS, "unknown field")
+        lists = [data.get(k, []) for k in self.BRAZE_DELETE_KEYS]
+        check(all(isinstance(v, list) for v in lists), "external_ids, user_aliases, braze_ids are arrays")
+        check(0 < sum(len(v) for v in lists) <= 50, "1..50 users per request")
+        external_ids = data.get("external_ids", [])
+        check(all(isinstance(x, str) and x for x in external_ids), "external_ids are non-empty strings")
+        for external in external_ids:
+            for key in self.members:
+                if key.startswith("braze:"):
+                    self.members[key].discard(external)
+            self.deleted.append(f"braze:{external}")
+        self.accepted["braze_delete"].append(data)
+        return web.json_response({"deleted": len(external_ids), "message": "success"}, status=201)
+
     def _mc_auth(self, request: web.Request) -> None:
         raw = request.headers.get("Authorization", "")
         check(raw.startswith("Basic "), "Basic auth")
@@ -466,6 +494,18 @@ class LocalPlatforms:
             target = self.members[f"mailchimp:{tag['name']}"]
             (target.add if tag["status"] == "active" else target.discard)(request.match_info["hash"])
         return web.Response(status=204)
+
+    def mc_delete(self, request: web.Request, body: bytes) -> web.Response:
+        """Permanently delete a list member (GDPR): 204, or 404 for a member the list does not hold."""
+        self._mc_auth(request)
+        subscriber = request.match_info["hash"]
+        check(re.fullmatch(r"[0-9a-f]{32}", subscriber) is not None, "subscriber_hash is MD5")
+        check(not body.strip(), "no request body")
+        held = [key for key, members in self.members.items() if key.startswith("mailchimp:") and subscriber in members]
+        for key in held:
+            self.members[key].discard(subscriber)
+        self.deleted.append(f"mailchimp:{subscriber}")
+        return web.Response(status=204) if held else web.json_response({"status": 404}, status=404)
 
     def twilio(self, request: web.Request, body: bytes) -> web.Response:
         raw = request.headers.get("Authorization", "")
@@ -518,6 +558,33 @@ class LocalPlatforms:
         assert match is not None
         pid = self._klaviyo_ids.get(match.group(1))
         return web.json_response({"data": [{"type": "profile", "id": pid}] if pid else []})
+
+    def kl_delete(self, request: web.Request, body: bytes) -> web.Response:
+        """POST /api/data-privacy-deletion-jobs: exactly one of email, phone_number or id; every
+        profile that has it is deleted (from every list)."""
+        self._klaviyo_headers(request)
+        check(request.headers.get("Content-Type", "").startswith("application/vnd.api+json"), "JSON:API type")
+        data = self._json(body).get("data", {})
+        check(isinstance(data, dict) and data.get("type") == "data-privacy-deletion-job", "data.type")
+        profile = data.get("attributes", {}).get("profile", {}).get("data", {})
+        check(isinstance(profile, dict) and profile.get("type") == "profile", "attributes.profile.data.type")
+        attrs = profile.get("attributes", {})
+        check(isinstance(attrs, dict) and len(attrs) == 1, "exactly one of email, phone_number, id")
+        key, value = next(iter(attrs.items()))
+        check(key in ("email", "phone_number", "id"), "exactly one of email, phone_number, id")
+        check(isinstance(value, str) and bool(value.strip()), f"{key} is a non-empty string")
+        if key == "phone_number":
+            check_phone(value, "phone_number")
+        if key == "email":
+            check("@" in value and value == value.strip(), "email")
+        pid = value if key == "id" else self._klaviyo_ids.get(value)
+        if pid is not None:
+            for list_key in self.members:
+                if list_key.startswith("klaviyo:"):
+                    self.members[list_key].discard(pid)
+        self.deleted.append(f"klaviyo:{key}:{value}")
+        self.accepted["klaviyo_delete"].append(data)
+        return web.Response(status=202)
 
     def kl_remove(self, request: web.Request, body: bytes) -> web.Response:
         self._klaviyo_headers(request)

@@ -8,6 +8,7 @@ from sqlmodel import Session, col, delete, select, update
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.segmentation.v1 import events_pb2 as seg_ev
 from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
+from cdp_activation.privacy import is_erased
 from cdp_activation.profiles import merge_rule, offer, reresolve, reresolve_all, set_merge_rule
 from cdp_activation.store import (
     AttributeSourceRow,
@@ -55,7 +56,9 @@ class MembershipsObserver(_ObserveOnly):
         if not is_a(env, seg_ev.MembershipChanged):
             return
         change = unpack(env, seg_ev.MembershipChanged)
-        if change.status == seg_ev.MEMBERSHIP_STATUS_REALIZED:
+        if change.status == seg_ev.MEMBERSHIP_STATUS_REALIZED and is_erased(session, change.profile_id):
+            pass  # a privacy request erased them: a late entry is not kept
+        elif change.status == seg_ev.MEMBERSHIP_STATUS_REALIZED:
             since = from_timestamp(change.at)
             session.merge(MemberRow(segment_id=change.segment_id, profile_id=change.profile_id, since=since))
         else:
@@ -102,6 +105,17 @@ class ProfilesObserver(_ObserveOnly):
 
     @staticmethod
     def _fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int, pos: int) -> None:
+        if is_erased(session, frag.profile_id):
+            # A privacy request erased the profile: nothing of the fragment is kept but which
+            # datasets its names came from (no personal data), as before the erasure, so a
+            # rebuild (which tombstones first, from the delivery log) keeps the same lineage.
+            if frag.dataset:
+                names = [i.namespace for i in frag.identities]
+                if frag.kind != "event":
+                    names += list(frag.attributes.fields)
+                for name in names:
+                    _source(session, name, frag.dataset)
+            return
         row = session.get(ProfileRow, frag.profile_id) or ProfileRow(profile_id=frag.profile_id)
         identities = {ns: list(values) for ns, values in row.identities.items()}
         for ident in frag.identities:

@@ -38,6 +38,7 @@ from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
 from cdp_activation import credentials, governance, store
 from cdp_activation.connectors import (
+    Action,
     Batch,
     Connector,
     ConnectorConfig,
@@ -422,13 +423,16 @@ class Deliverer:
                 count = session.exec(
                     select(func.count()).select_from(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == plan.id)
                 ).one()
-                members = int(count) + (len(records) if row.action == "add" else -len(records))
+                # An erasure's people are no longer held (erased from the store when it was prepared).
+                erased = 0 if row.action == "erase" else len(records)
+                members = int(count) + (len(records) if row.action == "add" else -erased)
+            action: Action = "add" if row.action == "add" else "erase" if row.action == "erase" else "remove"
             batch = Batch(
                 id=row.id,
                 plan_id=plan.id,
                 destination=dest.name,
                 segment=segment.name if segment else plan.segment,
-                action="add" if row.action == "add" else "remove",
+                action=action,
                 sequence=row.sequence,
                 records=records,
                 identities=list(plan.identities),
@@ -454,7 +458,9 @@ class Deliverer:
             attempts += 1
             try:
                 async with state.limiter:
-                    result = await asyncio.wait_for(connector.send(ctx, config, batch), timeout=config.timeout_s)
+                    # A privacy erasure goes through the platform's removal or deletion API.
+                    send = connector.erase if batch.action == "erase" else connector.send
+                    result = await asyncio.wait_for(send(ctx, config, batch), timeout=config.timeout_s)
                 break
             except asyncio.CancelledError:
                 raise

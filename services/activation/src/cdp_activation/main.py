@@ -9,6 +9,7 @@ from cdp_activation.api import ActivationServicer
 from cdp_activation.consumer import MembershipsObserver, ProfilesObserver, SegmentsObserver
 from cdp_activation.delivery import Deliverer
 from cdp_activation.handlers import ActivationHandlers
+from cdp_activation.privacy import ACTIVATION_PRIVACY_APPLIED, PrivacyAcks, PrivacyHandler
 from cdp_activation.projection import ActivationProjection
 from cdp_activation.settings import ActivationSettings
 from cdp_activation.store import TABLES
@@ -21,6 +22,7 @@ from cdp_kit.streams import (
     ACTIVATION_CONFIG,
     ACTIVATION_DELIVERIES,
     ACTIVATION_READS_AUDIENCE,
+    ACTIVATION_READS_PRIVACY,
     ACTIVATION_READS_PROFILE,
     ACTIVATION_READS_SEGMENTS,
 )
@@ -36,12 +38,14 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys
         engine=engine,
         eventlog=eventlog,
         tables=TABLES,
-        own_logs=[ACTIVATION_CONFIG, ACTIVATION_DELIVERIES],
+        own_logs=[ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, ACTIVATION_PRIVACY_APPLIED],
         projection=ActivationProjection(keys),
         inputs=[
             Input(ACTIVATION_READS_SEGMENTS, SegmentsObserver()),
             Input(ACTIVATION_READS_PROFILE, ProfilesObserver()),
             Input(ACTIVATION_READS_AUDIENCE, MembershipsObserver()),
+            # Last: a rebuild replays profiles and memberships before it erases them again.
+            Input(ACTIVATION_READS_PRIVACY, PrivacyHandler()),
         ],
         batch_size=settings.batch_size,
     )
@@ -51,7 +55,8 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys
     registration = Registration(
         name, activation_pb2_grpc.add_ActivationServiceServicer_to_server, ActivationServicer(handlers)
     )
-    return Service(processor, [registration], background=[deliverer.run])
+    acks = PrivacyAcks(processor, settings.delivery_interval_s)
+    return Service(processor, [registration], background=[deliverer.run, acks.run])
 
 
 def master_keys(settings: ActivationSettings) -> KeyFile:

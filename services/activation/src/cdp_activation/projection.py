@@ -9,7 +9,8 @@ from sqlmodel import Session, col, delete, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
-from cdp_activation import credentials, store
+from cdp.privacy.v1 import privacy_pb2 as privacy_ev
+from cdp_activation import credentials, privacy, store
 from cdp_activation.store import (
     BatchRow,
     DeliveryRow,
@@ -90,6 +91,10 @@ class ActivationProjection:
                 session.merge(ExclusionRow(plan_id=changed.plan_id, profile_id=profile_id, reason=reason))
         elif is_a(env, ev.DeliveryCompleted):
             self._legacy_completed(session, unpack(env, ev.DeliveryCompleted))
+        elif is_a(env, ev.ProfilesErased):
+            privacy.fold_erased(session, unpack(env, ev.ProfilesErased))
+        elif is_a(env, privacy_ev.PrivacyApplied):
+            privacy.fold_applied(session, unpack(env, privacy_ev.PrivacyApplied))
         session.flush()
 
     def _destination(self, session: Session, dest: pb.Destination) -> None:
@@ -130,6 +135,8 @@ class ActivationProjection:
         if plan is not None:
             plan.batch_seq = max(plan.batch_seq, batch.sequence + 1)
             session.add(plan)
+        if batch.action == privacy.ERASE:
+            privacy.fold_prepared(session, batch)
 
     @staticmethod
     def _delivered(session: Session, done: ev.BatchDelivered) -> None:
@@ -157,6 +164,10 @@ class ActivationProjection:
                 table.insert(),
                 [{"plan_id": row.plan_id, "profile_id": r["profile_id"], "record": r} for r in row.records],
             )
+        if row.action == privacy.ERASE:
+            # Delivered: the platform removed them; the store keeps no identifier of theirs.
+            row.records = [{"profile_id": pid} for pid in ids]
+            session.add(row)
         session.flush()
         members = session.exec(
             select(func.count()).select_from(PlanMemberRow).where(PlanMemberRow.plan_id == row.plan_id)
@@ -170,7 +181,7 @@ class ActivationProjection:
             destination=row.destination_id,
             members=int(members),
             added=len(ids) if row.action == "add" else 0,
-            removed=len(ids) if row.action == "remove" else 0,
+            removed=len(ids) if row.action in ("remove", privacy.ERASE) else 0,
             location=done.location,
             through_sequence=row.sequence,
             excluded=reasons,

@@ -111,7 +111,7 @@ class PlanMemberRow(SQLModel, table=True):
     __tablename__ = "act_plan_member"
 
     plan_id: str = Field(primary_key=True)
-    profile_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True, index=True)  # indexed: a privacy erasure finds them by profile
     record: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
@@ -146,7 +146,7 @@ class ExclusionRow(SQLModel, table=True):
     __tablename__ = "act_exclusion"
 
     plan_id: str = Field(primary_key=True)
-    profile_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True, index=True)
     reason: str
 
 
@@ -186,6 +186,27 @@ class DeliveryRow(SQLModel, table=True):
     at: datetime
 
 
+class PrivacyRow(SQLModel, table=True):
+    """A privacy request (cdp.privacy.v1) as activation applied it: what it erased and what it
+    asked of each destination, and whether PrivacyApplied is on the log (``applied``)."""
+
+    __tablename__ = "act_privacy"
+
+    request_id: str = Field(primary_key=True)
+    counts: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    # DestinationRemoval as dicts (plan_id -> removal), prepared batches and unsupported platforms.
+    removals: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    applied: bool = False
+
+
+class ErasedRow(SQLModel, table=True):
+    """A profile a privacy request erased: facts about it that arrive later are not kept."""
+
+    __tablename__ = "act_erased"
+
+    profile_id: str = Field(primary_key=True)
+
+
 TABLES = tables_of(
     DestinationRow,
     PlanRow,
@@ -202,6 +223,8 @@ TABLES = tables_of(
     AttributeSourceRow,
     LabelRow,
     PolicyRow,
+    PrivacyRow,
+    ErasedRow,
 )
 
 

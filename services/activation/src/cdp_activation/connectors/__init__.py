@@ -1,6 +1,7 @@
 """Destination connectors: each turns a micro-batch into what one destination expects."""
 
 from cdp_activation.connectors.base import (
+    Action,
     Batch,
     Connector,
     ConnectorConfig,
@@ -12,6 +13,7 @@ from cdp_activation.connectors.base import (
 from cdp_activation.connectors.registry import catalog, connector_for
 
 __all__ = [
+    "Action",
     "Batch",
     "Connector",
     "ConnectorConfig",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable
@@ -156,12 +157,40 @@ class MetaCustomAudience(Connector):
             count_drop(rejected, spec[2])
         return ""
 
-    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+    erasure = "remove from the audience"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """Every identifier the member could have been matched on, as Meta takes it (EMAIL and
+        PHONE SHA-256 hex, MADID and EXTERN_ID unhashed), by Meta key."""
         assert isinstance(config, MetaConfig)
-        schema, rows, rejected = self.payload(config, batch)
+        out: dict[str, list[str]] = {}
+        for ns, key in META_IDENTITY_KEYS.items():
+            for raw in rec.identities.get(ns, []):
+                if (value := self.identifier(config, key, raw)) and value not in out.get(key, []):
+                    out.setdefault(key, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """DELETE on the audience's users edge, the body an add would have: one row per
+        identifier (each matches on its own), in the session the batch id names."""
+        assert isinstance(config, MetaConfig)
+        schema = distinct([key for rec in batch.records for key in rec.identities if key in META_KINDS])
+        rows: list[list[str]] = []
+        for rec in batch.records:
+            for key in schema:
+                for value in rec.identities.get(key, []):
+                    rows.append([value if k == key else "" for k in schema])
+        if not rows:
+            return SendResult(activated=0)
         url = f"{config.base_url.rstrip('/')}/{config.api_version}/{config.audience_id}/users"
-        method = "POST" if batch.action == "add" else "DELETE"
-        session_id = int(hashlib.sha256(batch.id.encode()).hexdigest()[:13], 16)
+        await self._call(ctx, config, "DELETE", url, schema, rows, batch.id)
+        return SendResult(activated=len(rows), location=url)
+
+    @staticmethod
+    async def _call(
+        ctx: SendContext, config: MetaConfig, method: str, url: str, schema: list[str], rows: list[list[str]], key: str
+    ) -> None:
+        session_id = int(hashlib.sha256(key.encode()).hexdigest()[:13], 16)
         parts = chunks(rows, META_MAX_ROWS)
         for n, part in enumerate(parts, start=1):
             body = {
@@ -175,6 +204,13 @@ class MetaCustomAudience(Connector):
             }
             headers = {"Authorization": f"Bearer {config.access_token}"}
             await http.call(ctx.http, method, url, json_body=body, headers=headers, classify=meta_error)
+
+    async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        assert isinstance(config, MetaConfig)
+        schema, rows, rejected = self.payload(config, batch)
+        url = f"{config.base_url.rstrip('/')}/{config.api_version}/{config.audience_id}/users"
+        method = "POST" if batch.action == "add" else "DELETE"
+        await self._call(ctx, config, method, url, schema, rows, batch.id)
         id_count = sum(1 for key in schema if key in META_IDENTITY_KEYS.values())
         activated = sum(1 for row in rows for v in row[:id_count] if v)
         warnings = self.warnings(ctx.members_after)
@@ -266,16 +302,48 @@ class GoogleCustomerMatch(Connector):
             return None
         return {"hashedFirstName": first, "hashedLastName": last, "countryCode": country, "postalCode": postal}
 
+    erasure = "remove from the audience"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """hashedEmail and hashedPhoneNumber (SHA-256 hex of Google's normal forms) of every
+        email and phone the member had; an address is not needed to remove a member."""
+        assert isinstance(config, GoogleConfig)
+        out: dict[str, list[str]] = {}
+        for item in self.user_identifiers(config, Record(rec.profile_id, rec.identities, {}), {}):
+            for key, value in item.items():
+                if isinstance(value, str) and value not in out.get(key, []):
+                    out.setdefault(key, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """One offline user data job of ``remove`` operations, one UserData per member."""
+        assert isinstance(config, GoogleConfig)
+        users = [
+            [{key: value} for key, values in sorted(rec.identities.items()) for value in values][:GOOGLE_MAX_PER_USER]
+            for rec in batch.records
+        ]
+        return await self._job(ctx, config, batch, [u for u in users if u], {})
+
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, GoogleConfig)
-        base = f"{config.base_url.rstrip('/')}/{config.api_version}"
-        headers = {"Authorization": f"Bearer {config.access_token}", "developer-token": config.developer_token}
-        if config.login_customer_id:
-            headers["login-customer-id"] = config.login_customer_id
         rejected_by: dict[str, int] = {}
         users = [u for rec in batch.records if (u := self.user_identifiers(config, rec, rejected_by))]
         if missing := len(batch.records) - len(users):
             rejected_by["no valid identifier"] = missing
+        return await self._job(ctx, config, batch, users, rejected_by)
+
+    async def _job(
+        self,
+        ctx: SendContext,
+        config: GoogleConfig,
+        batch: Batch,
+        users: list[list[dict[str, Any]]],
+        rejected_by: dict[str, int],
+    ) -> SendResult:
+        base = f"{config.base_url.rstrip('/')}/{config.api_version}"
+        headers = {"Authorization": f"Bearer {config.access_token}", "developer-token": config.developer_token}
+        if config.login_customer_id:
+            headers["login-customer-id"] = config.login_customer_id
         if not users:
             return SendResult(activated=0, rejected=rejected_by)
         metadata: dict[str, Any] = {"userList": f"customers/{config.customer_id}/userLists/{config.user_list_id}"}
@@ -330,6 +398,35 @@ class GoogleCustomerMatch(Connector):
 # ------------------------------------------------------------------ Snap, TikTok, LinkedIn
 
 
+class RemovalOfHashes(Connector):
+    """Erasure through the connector's own audience removal: an erasure record carries each
+    namespace's values already in the platform's form (SHA-256 hex, or a MAID where the
+    platform takes it unhashed), which the connector's normalisers pass on unchanged
+    (``identifiers.hashed`` never hashes a SHA-256 digest again)."""
+
+    erasure = "remove from the audience"
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        raise NotImplementedError
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for ns, form in self.erase_forms(config).items():
+            for raw in rec.identities.get(ns, []):
+                if (value := form(raw)) and value not in out.get(ns, []):
+                    out.setdefault(ns, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        namespaces = sorted({ns for rec in batch.records for ns in rec.identities})
+        removal = dataclasses.replace(batch, action="remove", identities=namespaces, attributes=[])
+        return await self.send(ctx, config, removal)
+
+
+def _sha(normalise: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    return lambda raw: ids.hashed(raw, normalise)
+
+
 class SnapConfig(ConnectorConfig):
     base_url: str = "https://adsapi.snapchat.com"
     segment_id: str = Field(min_length=1)
@@ -346,12 +443,17 @@ SNAP_SCHEMAS: dict[str, tuple[str, str, Callable[[str, str], str | None]]] = {
 }
 
 
-class SnapAudience(Connector):
+class SnapAudience(RemovalOfHashes):
     name = "snap_audience"
     config_model: ClassVar[type[ConnectorConfig]] = SnapConfig
     identity_namespaces = tuple(SNAP_SCHEMAS)
     identity_rule = "any"
     min_audience = 1000
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        assert isinstance(config, SnapConfig)
+        region = config.phone_region
+        return {ns: _sha(in_region(spec[2], region)) for ns, spec in SNAP_SCHEMAS.items()}
 
     @staticmethod
     def hashes(cfg: SnapConfig, batch: Batch, rejected: dict[str, int]) -> dict[str, list[str]]:
@@ -412,12 +514,17 @@ TIKTOK_SCHEMAS: dict[str, tuple[str, str, Callable[[str, str], str | None]]] = {
 }
 
 
-class TikTokAudience(Connector):
+class TikTokAudience(RemovalOfHashes):
     name = "tiktok_audience"
     config_model: ClassVar[type[ConnectorConfig]] = TikTokConfig
     identity_namespaces = tuple(TIKTOK_SCHEMAS)
     identity_rule = "any"
     min_audience = 1000
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        assert isinstance(config, TikTokConfig)
+        region = config.phone_region
+        return {ns: _sha(in_region(spec[2], region)) for ns, spec in TIKTOK_SCHEMAS.items()}
 
     @staticmethod
     def users(
@@ -480,12 +587,16 @@ class LinkedInConfig(ConnectorConfig):
     linkedin_version: str = Field(default="202601", pattern=r"^[0-9]{6}$")
 
 
-class LinkedInAudience(Connector):
+class LinkedInAudience(RemovalOfHashes):
     name = "linkedin_audience"
     config_model: ClassVar[type[ConnectorConfig]] = LinkedInConfig
     identity_namespaces = ("email", "gaid", "google_aid")
     identity_rule = "any"
     min_audience = 300
+
+    def erase_forms(self, config: ConnectorConfig) -> dict[str, Callable[[str], str | None]]:
+        # SHA256_EMAIL hex; GOOGLE_AID is sent unhashed.
+        return {"email": _sha(ids.email_linkedin), "gaid": ids.madid, "google_aid": ids.madid}
 
     @staticmethod
     def user_ids(rec: Record, rejected: dict[str, int]) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cdp_activation import identifiers as ids
 from cdp_kit.errors import InvalidInput, Violation
 
-Action = Literal["add", "remove"]
+Action = Literal["add", "remove", "erase"]
 
 
 class DeliveryError(Exception):
@@ -114,6 +114,9 @@ class Connector:
     # Records carry every identity of the profile, not only the plan's namespaces.
     all_identities: ClassVar[bool] = False
     min_audience: ClassVar[int] = 0
+    # What a privacy erasure asks of the platform (``cdp_activation.privacy``): "" = the platform
+    # has no removal, else what it does ("remove from the audience", "delete the user").
+    erasure: ClassVar[str] = ""
 
     def parse(self, config: Mapping[str, Any]) -> ConnectorConfig:
         try:
@@ -144,6 +147,16 @@ class Connector:
         return []
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        raise NotImplementedError
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """What an erasure batch keeps of a record the destination was sent: only the identifiers
+        the platform's removal needs, already in the form it takes (hashed where it takes hashes),
+        keyed by the platform's own field names. Empty: nothing the removal could match on."""
+        raise NotImplementedError
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """Send an erasure batch (``action == "erase"``): records hold ``erase_identifiers``."""
         raise NotImplementedError
 
 

@@ -55,6 +55,42 @@ class Klaviyo(Connector):
             "Accept": "application/vnd.api+json",
         }
 
+    erasure = "delete the user"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """Klaviyo deletes by ``email`` or ``phone_number`` (E.164), as given: it takes no hashes."""
+        assert isinstance(config, KlaviyoConfig)
+        out: dict[str, list[str]] = {}
+        for key, namespace, normalise in (
+            ("email", "email", ids.email_basic),
+            ("phone_number", "phone", functools.partial(ids.canonical_phone, default_region=config.phone_region)),
+        ):
+            for raw in rec.identities.get(namespace, []):
+                if (value := normalise(raw)) and value not in out.get(key, []):
+                    out.setdefault(key, []).append(value)
+        return out
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """One data-privacy deletion job per identifier (Klaviyo takes exactly one a job, and
+        deletes every profile that has it)."""
+        assert isinstance(config, KlaviyoConfig)
+        root = config.base_url.rstrip("/")
+        hdrs = {**self.headers(config), "Content-Type": "application/vnd.api+json"}
+        jobs = 0
+        for rec in batch.records:
+            for key in ("email", "phone_number"):
+                for value in rec.identities.get(key, []):
+                    body = {
+                        "data": {
+                            "type": "data-privacy-deletion-job",
+                            "attributes": {"profile": {"data": {"type": "profile", "attributes": {key: value}}}},
+                        }
+                    }
+                    url = f"{root}/api/data-privacy-deletion-jobs"
+                    await http.call(ctx.http, "POST", url, data=_dump(body), headers=hdrs, classify=klaviyo_error)
+                    jobs += 1
+        return SendResult(jobs, f"{root}/api/data-privacy-deletion-jobs")
+
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, KlaviyoConfig)
         root = config.base_url.rstrip("/")
@@ -101,6 +137,18 @@ class Klaviyo(Connector):
             url = f"{root}/api/lists/{config.list_id}/relationships/profiles"
             await http.call(ctx.http, "DELETE", url, data=_dump(removal), headers=hdrs)
         return SendResult(len(found), f"{root}/api/lists/{config.list_id}", rejected)
+
+
+def klaviyo_error(resp: http.Response) -> DeliveryError | None:
+    """Klaviyo's answer by status and error codes only: a deletion's error detail may repeat the
+    email or phone it was given, which must not reach a log or the delivery log."""
+    error = http.default_error(resp)
+    if error is None:
+        return None
+    found = resp.body.get("errors") if isinstance(resp.body, dict) else None
+    codes = sorted({str(e.get("code")) for e in found if isinstance(e, dict) and e.get("code")}) if found else []
+    error.reason = f"HTTP {resp.status}: Klaviyo {','.join(codes) or 'error'}"
+    return error
 
 
 def _dump(body: Any) -> bytes:

@@ -42,6 +42,25 @@ class Mailchimp(Connector):
     name = "mailchimp"
     config_model: ClassVar[type[ConnectorConfig]] = MailchimpConfig
     identity_namespaces = ("email",)
+    erasure = "delete the user"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """The member's subscriber hash (MD5 of the lower-case email): all Mailchimp needs."""
+        hashes = [ids.md5_hex(email) for raw in rec.identities.get("email", []) if (email := ids.email_basic(raw))]
+        return {"subscriber_hash": list(dict.fromkeys(hashes))} if hashes else {}
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """POST .../members/{subscriber_hash}/actions/delete-permanent for each member."""
+        assert isinstance(config, MailchimpConfig)
+        auth = {"Authorization": basic("cdp", config.api_key)}
+        lists = f"{config.root()}/3.0/lists/{config.list_id}"
+        done = 0
+        for rec in batch.records:
+            for subscriber in rec.identities.get("subscriber_hash", []):
+                url = f"{lists}/members/{subscriber}/actions/delete-permanent"
+                await http.call(ctx.http, "POST", url, headers=auth, classify=mailchimp_gone)
+                done += 1
+        return SendResult(done, lists)
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, MailchimpConfig)
@@ -76,6 +95,11 @@ class Mailchimp(Connector):
         return SendResult(len(emails), lists, rejected)
 
 
+def mailchimp_gone(resp: http.Response) -> DeliveryError | None:
+    """A member Mailchimp does not hold (404) is as good as deleted."""
+    return None if resp.status == 404 else http.default_error(resp)
+
+
 class BrazeConfig(ConnectorConfig):
     base_url: str = Field(pattern=r"^https?://")
     api_key: str = Field(min_length=1)
@@ -91,6 +115,8 @@ def braze_error(resp: http.Response) -> DeliveryError | None:
         return DeliveryError(f"Braze: {http.short(str(resp.body.get('message')))}", permanent=True)
     return error
 
+
+BRAZE_DELETE_MAX = 50  # external_ids per /users/delete request
 
 # Braze standard profile fields sent with a documented format: (normaliser, drop kind).
 BRAZE_FIELDS: dict[str, tuple[Callable[[str], str | None], str]] = {
@@ -124,6 +150,29 @@ class Braze(Connector):
 
     def required_identities(self, plan_identities: list[str]) -> list[str]:
         return list(plan_identities)
+
+    erasure = "delete the user"
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """The Braze external_id the user was sent with (the profile id, or the configured namespace)."""
+        assert isinstance(config, BrazeConfig)
+        external = rec.first(config.external_id_namespace) if config.external_id_namespace else rec.profile_id
+        return {"external_id": [external]} if external else {}
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        """POST /users/delete with external_ids, at most 50 a request."""
+        assert isinstance(config, BrazeConfig)
+        url = f"{config.base_url.rstrip('/')}/users/delete"
+        external_ids = list(dict.fromkeys(v for rec in batch.records for v in rec.identities.get("external_id", [])))
+        headers = {"Authorization": f"Bearer {config.api_key}"}
+        deleted = 0
+        for part in chunks(external_ids, BRAZE_DELETE_MAX):
+            resp = await http.call(
+                ctx.http, "POST", url, json_body={"external_ids": part}, headers=headers, classify=braze_error
+            )
+            found = resp.body.get("deleted") if isinstance(resp.body, dict) else None
+            deleted += found if isinstance(found, int) else len(part)
+        return SendResult(deleted, url)
 
     async def send(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
         assert isinstance(config, BrazeConfig)

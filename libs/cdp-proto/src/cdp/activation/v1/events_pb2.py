@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from cdp.activation.v1 import activation_pb2 as cdp_dot_activation_dot_v1_dot_activation__pb2
+from cdp.privacy.v1 import privacy_pb2 as cdp_dot_privacy_dot_v1_dot_privacy__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x64p/activation/v1/events.proto\x12\x11\x63\x64p.activation.v1\x1a\"cdp/activation/v1/activation.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x12\x44\x65stinationCreated\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\"l\n\x19\x44\x65stinationSecretsRotated\x12\x16\n\x0e\x64\x65stination_id\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06key_id\x18\x03 \x01(\t\">\n\x0bPlanCreated\x12/\n\x04plan\x18\x01 \x01(\x0b\x32!.cdp.activation.v1.ActivationPlan\"t\n\x11\x44\x65liveryCompleted\x12-\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1b.cdp.activation.v1.Delivery\x12\x16\n\x0e\x61\x64\x64\x65\x64_profiles\x18\x02 \x03(\t\x12\x18\n\x10removed_profiles\x18\x03 \x03(\t\":\n\x0b\x44\x61taLabeled\x12+\n\x05label\x18\x01 \x01(\x0b\x32\x1c.cdp.activation.v1.DataLabel\":\n\rPolicyCreated\x12)\n\x06policy\x18\x01 \x01(\x0b\x32\x19.cdp.activation.v1.Policy\"8\n\rBatchPrepared\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.cdp.activation.v1.Batch\"\x9b\x02\n\x0e\x42\x61tchDelivered\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x11\n\tactivated\x18\x05 \x01(\x04\x12\x10\n\x08location\x18\x06 \x01(\t\x12\x41\n\x08rejected\x18\x07 \x03(\x0b\x32/.cdp.activation.v1.BatchDelivered.RejectedEntry\x12\x10\n\x08warnings\x18\x08 \x03(\t\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"|\n\x0b\x42\x61tchFailed\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tpermanent\x18\x05 \x01(\x08\"I\n\rBatchRedriven\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\x11\x45xclusionsChanged\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x44\n\x08\x65xcluded\x18\x02 \x03(\x0b\x32\x32.cdp.activation.v1.ExclusionsChanged.ExcludedEntry\x12\x0f\n\x07\x63leared\x18\x03 \x03(\t\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x64p/activation/v1/events.proto\x12\x11\x63\x64p.activation.v1\x1a\"cdp/activation/v1/activation.proto\x1a\x1c\x63\x64p/privacy/v1/privacy.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x12\x44\x65stinationCreated\x12\x33\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1e.cdp.activation.v1.Destination\"l\n\x19\x44\x65stinationSecretsRotated\x12\x16\n\x0e\x64\x65stination_id\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06key_id\x18\x03 \x01(\t\">\n\x0bPlanCreated\x12/\n\x04plan\x18\x01 \x01(\x0b\x32!.cdp.activation.v1.ActivationPlan\"t\n\x11\x44\x65liveryCompleted\x12-\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x1b.cdp.activation.v1.Delivery\x12\x16\n\x0e\x61\x64\x64\x65\x64_profiles\x18\x02 \x03(\t\x12\x18\n\x10removed_profiles\x18\x03 \x03(\t\":\n\x0b\x44\x61taLabeled\x12+\n\x05label\x18\x01 \x01(\x0b\x32\x1c.cdp.activation.v1.DataLabel\":\n\rPolicyCreated\x12)\n\x06policy\x18\x01 \x01(\x0b\x32\x19.cdp.activation.v1.Policy\"8\n\rBatchPrepared\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.cdp.activation.v1.Batch\"\x9b\x02\n\x0e\x42\x61tchDelivered\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x11\n\tactivated\x18\x05 \x01(\x04\x12\x10\n\x08location\x18\x06 \x01(\t\x12\x41\n\x08rejected\x18\x07 \x03(\x0b\x32/.cdp.activation.v1.BatchDelivered.RejectedEntry\x12\x10\n\x08warnings\x18\x08 \x03(\t\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"|\n\x0b\x42\x61tchFailed\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tpermanent\x18\x05 \x01(\x08\"I\n\rBatchRedriven\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\x11\x45xclusionsChanged\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x44\n\x08\x65xcluded\x18\x02 \x03(\x0b\x32\x32.cdp.activation.v1.ExclusionsChanged.ExcludedEntry\x12\x0f\n\x07\x63leared\x18\x03 \x03(\t\x1a/\n\rExcludedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x0eProfilesErased\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bprofile_ids\x18\x02 \x03(\t\x12\x34\n\x08removals\x18\x03 \x03(\x0b\x32\".cdp.privacy.v1.DestinationRemovalb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHDELIVERED_REJECTEDENTRY']._serialized_options = b'8\001'
   _globals['_EXCLUSIONSCHANGED_EXCLUDEDENTRY']._loaded_options = None
   _globals['_EXCLUSIONSCHANGED_EXCLUDEDENTRY']._serialized_options = b'8\001'
-  _globals['_DESTINATIONCREATED']._serialized_start=152
-  _globals['_DESTINATIONCREATED']._serialized_end=225
-  _globals['_DESTINATIONSECRETSROTATED']._serialized_start=227
-  _globals['_DESTINATIONSECRETSROTATED']._serialized_end=335
-  _globals['_PLANCREATED']._serialized_start=337
-  _globals['_PLANCREATED']._serialized_end=399
-  _globals['_DELIVERYCOMPLETED']._serialized_start=401
-  _globals['_DELIVERYCOMPLETED']._serialized_end=517
-  _globals['_DATALABELED']._serialized_start=519
-  _globals['_DATALABELED']._serialized_end=577
-  _globals['_POLICYCREATED']._serialized_start=579
-  _globals['_POLICYCREATED']._serialized_end=637
-  _globals['_BATCHPREPARED']._serialized_start=639
-  _globals['_BATCHPREPARED']._serialized_end=695
-  _globals['_BATCHDELIVERED']._serialized_start=698
-  _globals['_BATCHDELIVERED']._serialized_end=981
-  _globals['_BATCHDELIVERED_REJECTEDENTRY']._serialized_start=934
-  _globals['_BATCHDELIVERED_REJECTEDENTRY']._serialized_end=981
-  _globals['_BATCHFAILED']._serialized_start=983
-  _globals['_BATCHFAILED']._serialized_end=1107
-  _globals['_BATCHREDRIVEN']._serialized_start=1109
-  _globals['_BATCHREDRIVEN']._serialized_end=1182
-  _globals['_EXCLUSIONSCHANGED']._serialized_start=1185
-  _globals['_EXCLUSIONSCHANGED']._serialized_end=1357
-  _globals['_EXCLUSIONSCHANGED_EXCLUDEDENTRY']._serialized_start=1310
-  _globals['_EXCLUSIONSCHANGED_EXCLUDEDENTRY']._serialized_end=1357
+  _globals['_DESTINATIONCREATED']._serialized_start=182
+  _globals['_DESTINATIONCREATED']._serialized_end=255
+  _globals['_DESTINATIONSECRETSROTATED']._serialized_start=257
+  _globals['_DESTINATIONSECRETSROTATED']._serialized_end=365
+  _globals['_PLANCREATED']._serialized_start=367
+  _globals['_PLANCREATED']._serialized_end=429
+  _globals['_DELIVERYCOMPLETED']._serialized_start=431
+  _globals['_DELIVERYCOMPLETED']._serialized_end=547
+  _globals['_DATALABELED']._serialized_start=549
+  _globals['_DATALABELED']._serialized_end=607
+  _globals['_POLICYCREATED']._serialized_start=609
+  _globals['_POLICYCREATED']._serialized_end=667
+  _globals['_BATCHPREPARED']._serialized_start=669
+  _globals['_BATCHPREPARED']._serialized_end=725
+  _globals['_BATCHDELIVERED']._serialized_start=728
+  _globals['_BATCHDELIVERED']._serialized_end=1011
+  _globals['_BATCHDELIVERED_REJECTEDENTRY']._serialized_start=964
+  _globals['_BATCHDELIVERED_REJECTEDENTRY']._serialized_end=1011
+  _globals['_BATCHFAILED']._serialized_start=1013
+  _globals['_BATCHFAILED']._serialized_end=1137
+  _globals['_BATCHREDRIVEN']._serialized_start=1139
+  _globals['_BATCHREDRIVEN']._serialized_end=1212
+  _globals['_EXCLUSIONSCHANGED']._serialized_start=1215
+  _globals['_EXCLUSIONSCHANGED']._serialized_end=1387
+  _globals['_EXCLUSIONSCHANGED_EXCLUDEDENTRY']._serialized_start=1340
+  _globals['_EXCLUSIONSCHANGED_EXCLUDEDENTRY']._serialized_end=1387
+  _globals['_PROFILESERASED']._serialized_start=1389
+  _globals['_PROFILESERASED']._serialized_end=1500
 # @@protoc_insertion_point(module_scope)

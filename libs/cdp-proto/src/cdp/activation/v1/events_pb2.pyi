@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from cdp.activation.v1 import activation_pb2 as _activation_pb2
+from cdp.privacy.v1 import privacy_pb2 as _privacy_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -358,3 +359,40 @@ class ExclusionsChanged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExclusionsChanged: _TypeAlias = ExclusionsChanged  # noqa: Y015
+
+@_typing.final
+class ProfilesErased(_message.Message):
+    """A privacy request (cdp.privacy.v1) erased these profiles: the delivery log's state about them
+    (held members, their records in batches) is erased where this stands on the log, so a rebuild
+    folds every later delivery as the live store did. Recorded with the request's removal batches,
+    in the same message, before activation acknowledges the request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_IDS_FIELD_NUMBER: _builtins.int
+    REMOVALS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    @_builtins.property
+    def profile_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def removals(self) -> _containers.RepeatedCompositeFieldContainer[_privacy_pb2.DestinationRemoval]:
+        """Destinations that received them and have no removal (status "not supported by the platform"),
+        or nothing a removal could match on.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        profile_ids: _abc.Iterable[_builtins.str] | None = ...,
+        removals: _abc.Iterable[_privacy_pb2.DestinationRemoval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_ids", b"profile_ids", "removals", b"removals", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfilesErased: _TypeAlias = ProfilesErased  # noqa: Y015
