@@ -159,12 +159,11 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
         await request(eventlog, "req-1", [ERASED])
         applied, ack_msg = await ack_of(eventlog, "req-1")
 
-        # The acknowledgement: counts, and each destination's removal (the file export has none).
+        # The acknowledgement: counts, and each destination's removal (the full file export's is
+        # its snapshot written again without them).
         removals = {r.destination: r for r in applied.removals}
         assert set(removals) == set(NAMES)
-        assert removals["files"].status == "not supported by the platform"
-        assert not removals["files"].batch_id
-        for name in ("meta", "google", "klaviyo", "braze"):
+        for name in NAMES:
             removal = removals[name]
             assert removal.status == "prepared", name
             assert removal.batch_id == f"privacy:req-1:{removal.plan_id}"
@@ -184,7 +183,7 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
                     batch = unpack(env, ev.BatchPrepared).batch
                     if batch.id.startswith("privacy:"):
                         prepared[batch.id] = (batch, msg)
-        assert set(prepared) == {removals[n].batch_id for n in ("meta", "google", "klaviyo", "braze")}
+        assert set(prepared) == {removals[n].batch_id for n in NAMES}
         phone_digits = "16505550199"
         for batch, msg in prepared.values():
             assert msg.stored_at is not None
@@ -196,8 +195,9 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
             assert not batch.records[0].attributes.fields
         identities = {
             name: {k: list(v.values) for k, v in prepared[removals[name].batch_id][0].records[0].identities.items()}
-            for name in ("meta", "google", "klaviyo", "braze")
+            for name in NAMES
         }
+        assert identities["files"] == {"profile_id": [ERASED]}
         assert identities["meta"] == {"EMAIL": [email_meta], "PHONE": [ids.sha256_hex(phone_digits)]}
         assert identities["google"] == {
             "hashedEmail": [ids.sha256_hex(EMAIL.lower())],
@@ -208,6 +208,8 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
 
         # The stand-ins receive valid removal and deletion requests (they answer 400 to an invalid one).
         await until(lambda: "braze:p-erin" in platforms.deleted, what="Braze /users/delete")
+        export_file = tmp_path / "exports" / "files" / "gold.csv"
+        await until(lambda: EMAIL.lower() not in export_file.read_text(), what="the snapshot written without them")
         assert not platforms.faults["braze"]  # its first attempt met the 500
         await until(
             lambda: (

@@ -81,7 +81,12 @@ def test_erasure_records_hold_only_what_each_platform_needs_in_its_form() -> Non
         "klaviyo",
         "braze",
         "mailchimp",
+        "file_export",  # a full export's snapshot is written again; an incremental one has no removal
     }
+    assert forms["file_export"] == {"profile_id": ["p1"]}
+    exports = catalog()["file_export"]
+    assert exports.erases(exports.parse({"folder": "f", "mode": "full"}))
+    assert not exports.erases(exports.parse({"folder": "f", "mode": "incremental"}))
 
 
 def test_klaviyo_deletion_errors_never_repeat_the_identifier() -> None:

@@ -160,11 +160,11 @@ def plan_removals(session: Session, profile_ids: list[str]) -> Erasure:
         dest = store.destination_of(dest_row)
         connector = connector_for(dest.connector)
         removal = privacy.DestinationRemoval(destination=dest.name, plan_id=plan_id, profiles=len(records_of))
-        if not connector.erasure:
+        config = hashing_config(connector, dest)
+        if not connector.erases(config):
             removal.status = NOT_SUPPORTED
             erasure.removals.append(removal)
             continue
-        config = hashing_config(connector, dest)
         records: list[pb.Record] = []
         for pid, rec in sorted(records_of.items()):
             if found := connector.erase_identifiers(config, Record.of(rec)):

@@ -68,7 +68,19 @@ class PrivacyErasedRow(SQLModel, table=True):
     counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
-PRIVACY_TABLES = tables_of(PrivacyPendingRow, PrivacyDoneRow, PrivacyErasedRow)
+class PrivacyExitHeldRow(SQLModel, table=True):
+    """An exit of an erased person folded before the profile input read the erasure (a rebuild
+    folds its own logs first): the membership is kept until then (``fold_privacy_exit``)."""
+
+    __tablename__ = "seg_privacy_exit_held"
+
+    request_id: str = Field(primary_key=True)
+    profile_id: str = Field(primary_key=True)
+    segment_id: str = Field(primary_key=True)
+
+
+PRIVACY_TABLES = tables_of(PrivacyPendingRow, PrivacyDoneRow, PrivacyErasedRow, PrivacyExitHeldRow)
+_HELD = "seg_privacy_exits_held"
 
 
 def _parts(items: Sequence[str]) -> list[Sequence[str]]:
@@ -105,7 +117,43 @@ def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
         return
     counts = erase(session, catalog, sorted(req.profile_ids))
     session.merge(PrivacyErasedRow(request_id=req.request_id, counts=counts))
+    held = session.exec(select(PrivacyExitHeldRow).where(PrivacyExitHeldRow.request_id == req.request_id)).all()
+    for row in held:
+        # A replay: the exit was folded before this input was read again; it takes effect here.
+        membership = session.get(MembershipRow, (row.segment_id, row.profile_id))
+        if membership is not None:
+            session.delete(membership)
+        session.delete(row)
     session.flush()
+
+
+def fold_privacy_exit(session: Session, cause: str, profile_id: str, segment_id: str) -> None:
+    """Fold an exit of an erased person (cause ``privacy:<request id>``): the membership is deleted
+    once the profile input has read identity's erasure (live, and in recovery). A rebuild folds its
+    own logs before it reads its inputs again: then the membership is held until the erasure is
+    read (``erase_requested``), so replaying the person's earlier inputs finds what the live store
+    found then and decides (emits) nothing new; a later realization of the same membership (the
+    person came back) supersedes the held exit (``realized_again``)."""
+    request_id = cause.removeprefix(PRIVACY_CAUSE)
+    if session.get(PrivacyErasedRow, request_id) is not None:
+        delete_memberships(session, [profile_id])
+        return
+    session.merge(PrivacyExitHeldRow(request_id=request_id, profile_id=profile_id, segment_id=segment_id))
+    session.info[_HELD] = True
+
+
+def realized_again(session: Session, segment_id: str, profile_id: str) -> None:
+    """A membership realized after a held privacy exit of it: the exit no longer applies. One
+    query per transaction while nothing is held (the usual case), none per membership."""
+    held = session.info.get(_HELD)
+    if held is None:
+        held = session.info[_HELD] = session.exec(select(PrivacyExitHeldRow.request_id).limit(1)).first() is not None
+    if held:
+        session.execute(
+            sa.delete(PrivacyExitHeldRow).where(
+                col(PrivacyExitHeldRow.segment_id) == segment_id, col(PrivacyExitHeldRow.profile_id) == profile_id
+            )
+        )
 
 
 def delete_memberships(session: Session, profile_ids: Sequence[str]) -> int:

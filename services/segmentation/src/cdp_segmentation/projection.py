@@ -10,7 +10,7 @@ from cdp_kit.envelope import Envelope, from_timestamp, is_a, unpack
 from cdp_kit.streams import SEGMENTATION_PRIVACY_APPLIED, OwnLog
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog
-from cdp_segmentation.privacy import delete_memberships, fold_applied, is_privacy_exit
+from cdp_segmentation.privacy import fold_applied, fold_privacy_exit, is_privacy_exit, realized_again
 from cdp_segmentation.profiles import apply_retention, recompute_all, recompute_computed_all, to_ms
 from cdp_segmentation.store import EXITED, REALIZED, ComputedRow, SegmentRow
 
@@ -26,10 +26,11 @@ class SegmentationProjection:
         if is_a(env, ev.MembershipChanged):
             change = unpack(env, ev.MembershipChanged)
             if is_privacy_exit(change.cause):
-                # The person was erased: their membership goes too (as the applier deletes it live).
-                delete_memberships(session, [change.profile_id])
+                fold_privacy_exit(session, change.cause, change.profile_id, change.segment_id)
                 return
             status = REALIZED if change.status == ev.MEMBERSHIP_STATUS_REALIZED else EXITED
+            if status == REALIZED:
+                realized_again(session, change.segment_id, change.profile_id)
             at = from_timestamp(change.at)
             self.catalog.fold_membership(session, change.segment_id, change.profile_id, status, at)
             return

@@ -118,6 +118,10 @@ class Connector:
     # has no removal, else what it does ("remove from the audience", "delete the user").
     erasure: ClassVar[str] = ""
 
+    def erases(self, config: ConnectorConfig) -> bool:
+        """Whether this destination, so configured, has a removal for an erased person."""
+        return bool(self.erasure)
+
     def parse(self, config: Mapping[str, Any]) -> ConnectorConfig:
         try:
             return self.config_model.model_validate(dict(config))

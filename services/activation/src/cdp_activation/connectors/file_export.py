@@ -111,9 +111,23 @@ class FileExport(Connector):
     config_model: ClassVar[type[ConnectorConfig]] = FileExportConfig
     idempotent = True
 
+    # A full export is a snapshot file: an erasure writes it again without the person. An
+    # incremental export's files already written keep them (no removal: "not supported").
+    erasure = "write the snapshot again without them"
+
     def wants_snapshot(self, config: ConnectorConfig) -> bool:
         assert isinstance(config, FileExportConfig)
         return config.mode == "full"
+
+    def erases(self, config: ConnectorConfig) -> bool:
+        return self.wants_snapshot(config)
+
+    def erase_identifiers(self, config: ConnectorConfig, rec: Record) -> dict[str, list[str]]:
+        """The profile id only: the new snapshot is the plan's members, which no longer hold them."""
+        return {"profile_id": [rec.profile_id]}
+
+    async def erase(self, ctx: SendContext, config: ConnectorConfig, batch: Batch) -> SendResult:
+        return await self.send(ctx, config, batch)
 
     def rows(self, cfg: FileExportConfig, batch: Batch, records: list[Record]) -> tuple[list[str], list[list[Any]]]:
         incremental = cfg.mode == "incremental"
