@@ -1,0 +1,273 @@
+"""Per-identity keys for crypto-shredding, in the NATS KV bucket ``CDP_KEYS`` (history 1).
+
+The invariant this module keeps: **once a person's keys are destroyed, no byte of them is left
+in the bucket's store, and every record sealed with them reads as erased, on every replay.**
+
+* **A key ref** names ONE key generation of one identity: ``<16 hex of pii_hash("keyref:ns:value")>``
+  ``.<16 random hex>``. It is also the KV key; the value is the 32 key bytes. A destroyed key is
+  never re-created: the next record of that identity gets a new generation (a new ref), so old
+  records stay unreadable. Refs travel in clear in each sealed part (``Sealed.key_refs``): a
+  reader never recomputes a ref from a plain value (services may run with different PII keys).
+* **Producers** (ingest) call ``refs_for(identities)`` (synchronous, in the fold's transaction):
+  a cached generation, or a new one made in memory; ``commit()`` writes the new ones to the
+  bucket in parallel (``Nats-Expected-Last-Subject-Sequence: 0``) *before* the events sealed with
+  them are appended, so a record on the log always has its keys in the bucket. A process keeps a
+  bounded cache (``cache_size``) of identity -> generation; an identity that falls out of it (or
+  a restart) gets a new generation: more keys, never a wrong one (identity remembers every ref
+  of every identity it links, so a delete destroys them all).
+* **Consumers** call ``prefetch(refs)`` (or ``open_messages``) once per fetched batch: the keys
+  not cached are fetched in parallel (direct get), at most ``fetch_parallel`` in flight; a ref
+  the bucket does not hold is remembered as destroyed. Then ``open_envelope`` opens each sealed
+  part at the decode boundary, so handlers see plain payloads.
+* **Erasure**: ``revoke(refs)`` (the privacy request applied in this process): from now on,
+  parts sealed with any of these refs read as erased and producers stop using them.
+  ``destroy(refs)`` (identity, after every service applied the request) deletes each key's
+  message by sequence with JetStream's **erase** (``STREAM.MSG.DELETE`` without ``no_erase``:
+  the server overwrites the stored bytes with random data; a KV delete or purge only drops the
+  index and leaves the bytes until the block is compacted). The bucket is therefore a stream
+  made by provisioning with ``deny_delete: false`` (nats-py's ``create_key_value`` denies deletes).
+* **Unreadable records** are folded as erased and counted (``erased``, ``cdp.vault.erased``).
+* **Sealing off** (``CDP_SEAL_PERSONAL_DATA=false``) exists for benches only: nothing is sealed;
+  records already sealed are still opened.
+
+Backups: the bucket holds the only copy of every key. Back it up like the streams (a JetStream
+snapshot of ``KV_CDP_KEYS``), but a restore brings back the keys of people erased since that
+backup: replay the privacy requests (CDP_PRIVACY) and destroy again after any restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cdp.common.v1 import envelope_pb2
+from cdp_kit.errors import Unavailable
+from cdp_kit.keyring import KEY_BYTES
+from cdp_kit.sealing import Erased, merge_part, open_part, seal
+from cdp_kit.telemetry import get_logger, meter, pii_hash
+
+if TYPE_CHECKING:
+    from cdp_kit.eventlog import LogMessage
+
+BUCKET = "CDP_KEYS"
+STREAM = f"KV_{BUCKET}"
+SUBJECT_PREFIX = f"$KV.{BUCKET}."
+Envelope = envelope_pb2.Envelope
+log = get_logger(__name__)
+
+
+def key_bucket_config(*, replicas: int = 1, memory: bool = False) -> api.StreamConfig:
+    """The bucket's stream as provisioning creates it: a KV bucket (history 1) whose messages may
+    be deleted by sequence, so a destroy can erase them."""
+    return api.StreamConfig(
+        name=STREAM,
+        description="per-identity keys of personal data (crypto-shredding; cdp_kit.vault)",
+        subjects=[f"{SUBJECT_PREFIX}>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=False,
+        deny_purge=False,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs_per_subject=1,
+        num_replicas=replicas,
+        storage=api.StorageType.MEMORY if memory else api.StorageType.FILE,
+        duplicate_window=120.0,
+    )
+
+
+def identity_hash(namespace: str, value: str) -> str:
+    return pii_hash(f"keyref:{namespace}:{value}")[2:]
+
+
+class _Lru(OrderedDict[str, bytes]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def keep(self, key: str, value: bytes) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class PersonVault:
+    """Per-identity keys: made by producers, fetched in batches by consumers, revoked and destroyed
+    by a privacy delete. ``kv`` is the bound bucket (``PersonVault.bind``)."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> None:
+        self.kv = kv
+        self.js = js
+        self.sealing = seal
+        self.fetch_parallel = 128
+        self._keys = _Lru(cache_size)  # ref -> key bytes (made here or fetched)
+        self._current: OrderedDict[tuple[str, str], str] = OrderedDict()  # identity -> its generation here
+        self._cache_size = cache_size
+        self._pending: dict[str, bytes] = {}  # made here, not yet in the bucket
+        self._gone = _Lru(cache_size)  # refs the bucket does not hold (destroyed)
+        self._revoked: set[str] = set()
+        self.erased = 0
+        self.erased_fields = 0
+        counters = meter("cdp.vault")
+        self._erased_counter = counters.create_counter(
+            "cdp.vault.erased", unit="{event}", description="Events folded as erased: a sealed part whose key is gone"
+        )
+
+    @classmethod
+    async def bind(cls, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> PersonVault:
+        try:
+            kv = await js.key_value(BUCKET)
+        except nats.js.errors.NotFoundError:
+            raise Unavailable(
+                f"key bucket {BUCKET} does not exist: provision with `cdp admin provision` (admin credentials)"
+            ) from None
+        return cls(kv, js, seal=seal, cache_size=cache_size)
+
+    # ------------------------------------------------------------------ producers
+    def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
+        """One key ref per identity (in order), made in memory when this process has none."""
+        refs: list[str] = []
+        current = self._current
+        for identity in identities:
+            ref = current.get(identity)
+            if ref is None or ref in self._revoked or ref in self._gone:
+                ref = f"{identity_hash(*identity)}.{secrets.token_hex(8)}"
+                key = os.urandom(KEY_BYTES)
+                self._pending[ref] = key
+                self._keys.keep(ref, key)
+                current[identity] = ref
+                if len(current) > self._cache_size:
+                    current.popitem(last=False)
+            refs.append(ref)
+        return refs
+
+    def seal(
+        self,
+        refs: Sequence[str],
+        plaintext: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        path: str = "",
+        whole: bool = True,
+    ) -> envelope_pb2.Sealed:
+        """Seal with the keys of ``refs`` (made or fetched by this process: ``refs_for`` or ``prefetch``)."""
+        return seal(self._keys, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+
+    def can_seal(self, refs: Iterable[str]) -> bool:
+        return all(ref in self._keys and ref not in self._revoked for ref in refs)
+
+    async def commit(self) -> int:
+        """Write the keys made since the last commit to the bucket; before the events they seal."""
+        if not self._pending:
+            return 0
+        pending = list(self._pending.items())
+        await self._parallel([self._create(ref, key) for ref, key in pending])
+        for ref, _ in pending:
+            self._pending.pop(ref, None)
+        return len(pending)
+
+    async def _create(self, ref: str, key: bytes) -> None:
+        try:
+            await self.js.publish(
+                SUBJECT_PREFIX + ref, key, stream=STREAM, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10071:  # wrong last sequence: a retry of a create that went through
+                raise Unavailable(f"key create failed: {exc.description}") from exc
+        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
+
+    # ------------------------------------------------------------------ consumers
+    async def prefetch(self, refs: Iterable[str]) -> None:
+        """Fetch the keys of ``refs`` not cached, in parallel."""
+        wanted = [
+            r for r in dict.fromkeys(refs) if r not in self._keys and r not in self._gone and r not in self._revoked
+        ]
+        if wanted:
+            await self._parallel([self._fetch(ref) for ref in wanted])
+
+    async def _fetch(self, ref: str) -> None:
+        try:
+            entry = await self.kv.get(ref)
+        except nats.js.errors.KeyNotFoundError:
+            self._gone.keep(ref, b"")
+            return
+        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            raise Unavailable(f"key fetch failed: {type(exc).__name__}") from exc
+        if entry.value is None or len(entry.value) != KEY_BYTES:
+            self._gone.keep(ref, b"")
+        else:
+            self._keys.keep(ref, entry.value)
+
+    async def _parallel(self, jobs: list[object]) -> None:
+        step = self.fetch_parallel
+        for start in range(0, len(jobs), step):
+            await asyncio.gather(*jobs[start : start + step])  # type: ignore[call-overload]
+
+    def open_envelope(self, env: Envelope) -> bool:
+        """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
+        for part in env.sealed:
+            if not part.ciphertext:
+                continue  # opened already
+            try:
+                if self._revoked and any(ref in self._revoked for ref in part.key_refs):
+                    raise Erased()
+                plaintext = open_part(self._keys, part, event_id=env.id, event_type=env.type)
+            except Erased:
+                if part.whole:
+                    self._count_erased()
+                    return False
+                self.erased_fields += 1
+                part.ciphertext = b""
+                continue
+            merge_part(env, part.path, plaintext)
+            part.ciphertext = b""
+        return True
+
+    def _count_erased(self) -> None:
+        self.erased += 1
+        self._erased_counter.add(1)
+
+    async def open_messages(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]]:
+        """Every message's envelopes opened, erased ones left out, by sequence (one prefetch)."""
+        decoded = {msg.sequence: msg.events() for msg in msgs}
+        await self.prefetch(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
+        return {seq: [env for env in envs if self.open_envelope(env)] for seq, envs in decoded.items()}
+
+    # ------------------------------------------------------------------ erasure
+    def revoke(self, key_refs: Sequence[str]) -> None:
+        """From now on, in this process, records sealed with any of these refs fold as erased."""
+        self._revoked.update(key_refs)
+        for ref in key_refs:
+            self._keys.pop(ref, None)
+            self._pending.pop(ref, None)
+
+    async def destroy(self, key_refs: Sequence[str]) -> int:
+        """Erase the keys for good (their stored bytes overwritten); returns how many existed."""
+        self.revoke(key_refs)
+        found = 0
+        for ref in dict.fromkeys(key_refs):
+            try:
+                entry = await self.kv.get(ref)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            try:
+                await self.js.delete_msg(STREAM, entry.revision or 0)  # erase: overwritten with random bytes
+            except nats.js.errors.NotFoundError:
+                continue
+            found += 1
+            self._gone.keep(ref, b"")
+        if found:
+            log.info("vault_keys_destroyed", keys=found)
+        return found
