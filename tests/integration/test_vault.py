@@ -65,7 +65,8 @@ async def test_revoke_then_destroy_erases_and_a_new_generation_follows(eventlog:
     assert not fresh.open_envelope(sealed_event_copy(env))
     # The same person comes back: a new generation, never the destroyed ref.
     again = vault.refs_for(PEOPLE)
-    assert again[0] != refs[0] and again[1] == refs[1]
+    assert again[0] != refs[0]
+    assert again[1] == refs[1]
 
 
 def sealed_event_copy(env: Envelope) -> Envelope:

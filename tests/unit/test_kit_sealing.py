@@ -42,7 +42,9 @@ def test_round_trip_restores_the_payload() -> None:
     env, rec = sealed_envelope([ANN, BOB])
     clear = ingest_ev.RecordAccepted()
     env.payload.Unpack(clear)
-    assert not clear.identities and not clear.attributes.fields and clear.record_id == "r1"
+    assert not clear.identities
+    assert not clear.attributes.fields
+    assert clear.record_id == "r1"
     open_all(env, KEYS)
     opened = ingest_ev.RecordAccepted()
     env.payload.Unpack(opened)
