@@ -14,6 +14,11 @@ nothing in this module checks a message itself. Each service may
   stream info. It may not create, update, delete or purge a stream, nor get a message by
   sequence (that request does not name a subject), nor list consumers.
 
+The per-identity key bucket of crypto-shredding (``cdp_kit.vault``, stream ``KV_CDP_KEYS``) is made
+by provisioning (admin). Every service may read keys (direct get by key, stream info); only the
+``KEY_MAKERS`` (ingest) may create them, only the ``KEY_DESTROYERS`` (identity) may erase them (a
+message deleted by sequence). No service may purge or delete the bucket.
+
 Replies come back on a per-user inbox prefix (``_INBOX_<user>``): no user may subscribe to
 another's replies. ``publisher`` may publish ``cdp.collect.>`` only; ``admin`` may do everything
 (``cdp up``, ``cdp admin provision``, operators). A connection without a user is refused.
@@ -32,13 +37,23 @@ from typing import Any
 
 from cdp_kit.certs import DEFAULT_HOSTS, Pki
 from cdp_kit.private import private_dir, write_private
-from cdp_kit.streams import SERVICE_LOGS, SERVICES, ConsumerSpec, OwnLog, StreamSpec
+from cdp_kit.streams import (
+    KEY_STREAM,
+    KEY_SUBJECT_PREFIX,
+    SERVICE_LOGS,
+    SERVICES,
+    ConsumerSpec,
+    OwnLog,
+    StreamSpec,
+)
 
 ADMIN = "admin"
 PUBLISHER = "publisher"
 USERS: tuple[str, ...] = (ADMIN, PUBLISHER, *SERVICES)
 ACCOUNT = "CDP"
 API = "$JS.API"
+KEY_MAKERS: tuple[str, ...] = ("ingest",)
+KEY_DESTROYERS: tuple[str, ...] = ("identity",)
 
 
 def inbox_prefix(user: str) -> str:
@@ -93,7 +108,18 @@ def service_permissions(service: str) -> Permissions:
         publish += consumer_subjects(spec.stream.name, reader_name(spec.name), spec.filter_subject, acks=False)
         publish += consumer_subjects(spec.stream.name, getter_name(spec.name), spec.filter_subject, acks=False)
     publish += [f"{API}.STREAM.INFO.{stream.name}" for stream in _streams(logs.own_logs, logs.inputs)]
+    publish += key_permissions(service)
     return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(service)}.>",))
+
+
+def key_permissions(service: str) -> list[str]:
+    """What a service may do with the per-identity key bucket."""
+    subjects = [f"{API}.STREAM.INFO.{KEY_STREAM}", f"{API}.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>"]
+    if service in KEY_MAKERS:
+        subjects.append(f"{KEY_SUBJECT_PREFIX}>")
+    if service in KEY_DESTROYERS:
+        subjects.append(f"{API}.STREAM.MSG.DELETE.{KEY_STREAM}")
+    return subjects
 
 
 def permissions(user: str) -> Permissions:

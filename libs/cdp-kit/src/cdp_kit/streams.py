@@ -34,6 +34,11 @@ PRIVACY = StreamSpec("CDP_PRIVACY", ("cdp.privacy.>",), "privacy requests and ea
 
 ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENCE, DELIVERY, DEADLETTER, PRIVACY)
 
+# The per-identity keys of crypto-shredding: a KV bucket (cdp_kit.vault), its stream and subjects.
+KEY_BUCKET = "CDP_KEYS"
+KEY_STREAM = f"KV_{KEY_BUCKET}"
+KEY_SUBJECT_PREFIX = f"$KV.{KEY_BUCKET}."
+
 
 @dataclass(frozen=True)
 class OwnLog:

@@ -54,14 +54,15 @@ from cdp.common.v1 import envelope_pb2
 from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
 from cdp_kit.sealing import Erased, merge_part, open_part, seal
+from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash
 
 if TYPE_CHECKING:
     from cdp_kit.eventlog import LogMessage
 
-BUCKET = "CDP_KEYS"
-STREAM = f"KV_{BUCKET}"
-SUBJECT_PREFIX = f"$KV.{BUCKET}."
+BUCKET = KEY_BUCKET
+STREAM = KEY_STREAM
+SUBJECT_PREFIX = KEY_SUBJECT_PREFIX
 Envelope = envelope_pb2.Envelope
 log = get_logger(__name__)
 
@@ -101,6 +102,50 @@ class _Lru(OrderedDict[str, bytes]):
             self.popitem(last=False)
 
 
+class LocalKeys:
+    """Keys made away from the bucket (ingest's CSV reader processes, one batch each): the process
+    that owns the vault adopts them (``PersonVault.adopt``) before anything they seal is appended."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+        self._current: dict[tuple[str, str], str] = {}
+        self._made: dict[str, bytes] = {}
+
+    def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
+        refs: list[str] = []
+        for identity in identities:
+            ref = self._current.get(identity)
+            if ref is None:
+                ref = self._current[identity] = new_ref(*identity)
+                self.keys[ref] = self._made[ref] = os.urandom(KEY_BYTES)
+            refs.append(ref)
+        return refs
+
+    def seal(
+        self,
+        refs: Sequence[str],
+        plaintext: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        path: str = "",
+        whole: bool = True,
+    ) -> envelope_pb2.Sealed:
+        return seal(self.keys, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+
+    def take_made(self) -> dict[str, bytes]:
+        made, self._made = self._made, {}
+        return made
+
+    def adopt(self, keys: dict[str, bytes]) -> None:
+        self.keys.update(keys)
+
+
+def new_ref(namespace: str, value: str) -> str:
+    """A new key generation of one identity."""
+    return f"{identity_hash(namespace, value)}.{secrets.token_hex(8)}"
+
+
 class PersonVault:
     """Per-identity keys: made by producers, fetched in batches by consumers, revoked and destroyed
     by a privacy delete. ``kv`` is the bound bucket (``PersonVault.bind``)."""
@@ -124,6 +169,12 @@ class PersonVault:
         )
 
     @classmethod
+    def of(cls, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> PersonVault:
+        """The vault on the provisioned bucket, without a round trip (``runtime.connect`` checks it exists)."""
+        kv = KeyValue(name=BUCKET, stream=STREAM, pre=SUBJECT_PREFIX, js=js, direct=True)
+        return cls(kv, js, seal=seal, cache_size=cache_size)
+
+    @classmethod
     async def bind(cls, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> PersonVault:
         try:
             kv = await js.key_value(BUCKET)
@@ -141,7 +192,7 @@ class PersonVault:
         for identity in identities:
             ref = current.get(identity)
             if ref is None or ref in self._revoked or ref in self._gone:
-                ref = f"{identity_hash(*identity)}.{secrets.token_hex(8)}"
+                ref = new_ref(*identity)
                 key = os.urandom(KEY_BYTES)
                 self._pending[ref] = key
                 self._keys.keep(ref, key)
@@ -166,6 +217,16 @@ class PersonVault:
 
     def can_seal(self, refs: Iterable[str]) -> bool:
         return all(ref in self._keys and ref not in self._revoked for ref in refs)
+
+    def take_made(self) -> dict[str, bytes]:
+        return {}  # made here: pending already
+
+    def adopt(self, keys: dict[str, bytes]) -> None:
+        """Keys made by ``LocalKeys`` elsewhere: written by the next ``commit``."""
+        for ref, key in keys.items():
+            if ref not in self._revoked:
+                self._pending[ref] = key
+                self._keys.keep(ref, key)
 
     async def commit(self) -> int:
         """Write the keys made since the last commit to the bucket; before the events they seal."""

@@ -33,7 +33,7 @@ from cdp_ingest import store
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.handlers import event_bytes
 from cdp_ingest.limits import Limits, json_text, oversized_fields, too_deep
-from cdp_ingest.records import RecordBuilder, emit_records
+from cdp_ingest.records import KeyMaker, RecordBuilder, emit_records
 from cdp_kit import deadletters
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
@@ -60,8 +60,9 @@ class CollectHandler:
     """``prefetch`` validates and encodes every message of a fetched batch and looks up the
     event ids of all of them in one query per dataset; ``decide`` then works in memory."""
 
-    def __init__(self, config: ConfigCache, limits: Limits | None = None) -> None:
+    def __init__(self, config: ConfigCache, limits: Limits | None = None, keys: KeyMaker | None = None) -> None:
         self.config = config
+        self.keys = keys
         self.limits = limits or Limits()
         self._verdicts: dict[str, Verdict] = {}
         self._seen: dict[str, set[str]] = {}
@@ -130,7 +131,7 @@ class CollectHandler:
             raise Rejected(f"{first.field}: {first.rule}: {first.message}", errors)
         builder = self._builders.get(dataset)
         if builder is None:
-            builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
+            builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH, keys=self.keys)
         return Accepted(dataset, builder.key_of(result.event_id), event_bytes(builder, result))
 
 

@@ -24,10 +24,12 @@ from cdp_kit.streams import (
     INGEST_READS_IDENTITY_CONFIG,
     INGEST_RECORDS,
 )
+from cdp_kit.vault import PersonVault
 
 
 def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Service:
     config = ConfigCache(settings)
+    vault = PersonVault.of(eventlog.js, seal=settings.seal_personal_data)
     processor = Processor(
         service="ingest",
         engine=engine,
@@ -38,9 +40,14 @@ def build(settings: IngestSettings, engine: Engine, eventlog: EventLog) -> Servi
         # Identity's namespaces first: a rebuild knows every namespace's type before it replays events.
         inputs=[
             Input(INGEST_READS_IDENTITY_CONFIG, NamespacesOfIdentity(on_change=config.clear)),
-            Input(INGEST_READS_COLLECT, CollectHandler(config, settings.limits()), raw=True),
+            Input(
+                INGEST_READS_COLLECT,
+                CollectHandler(config, settings.limits(), vault if settings.seal_personal_data else None),
+                raw=True,
+            ),
         ],
         batch_size=settings.batch_size,
+        vault=vault,
     )
     handlers = IngestHandlers(processor, settings, config)
     servicer = IngestServicer(handlers)
