@@ -42,7 +42,7 @@ import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import nats.errors
 import nats.js.errors
@@ -57,14 +57,20 @@ from cdp_kit.sealing import Erased, merge_part, open_part, seal
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash
 
-if TYPE_CHECKING:
-    from cdp_kit.eventlog import LogMessage
-
 BUCKET = KEY_BUCKET
 STREAM = KEY_STREAM
 SUBJECT_PREFIX = KEY_SUBJECT_PREFIX
 Envelope = envelope_pb2.Envelope
 log = get_logger(__name__)
+
+
+class LogMessage(Protocol):
+    """What the vault reads of a message (``cdp_kit.eventlog.LogMessage``)."""
+
+    @property
+    def sequence(self) -> int: ...
+
+    def events(self) -> list[Envelope]: ...
 
 
 def key_bucket_config(*, replicas: int = 1, memory: bool = False) -> api.StreamConfig:
