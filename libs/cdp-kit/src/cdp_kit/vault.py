@@ -41,7 +41,7 @@ import asyncio
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import nats.errors
@@ -152,6 +152,24 @@ def new_ref(namespace: str, value: str) -> str:
     return f"{identity_hash(namespace, value)}.{secrets.token_hex(8)}"
 
 
+class _AtHand(Mapping[str, bytes]):
+    """The keys of the batch being opened, then the cache."""
+
+    def __init__(self, batch: dict[str, bytes], cache: _Lru) -> None:
+        self.batch = batch
+        self.cache = cache
+
+    def __getitem__(self, ref: str) -> bytes:
+        found = self.batch.get(ref)
+        return found if found is not None else self.cache[ref]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+
 class PersonVault:
     """Per-identity keys: made by producers, fetched in batches by consumers, revoked and destroyed
     by a privacy delete. ``kv`` is the bound bucket (``PersonVault.bind``)."""
@@ -167,6 +185,8 @@ class PersonVault:
         self._pending: dict[str, bytes] = {}  # made here, not yet in the bucket
         self._gone = _Lru(cache_size)  # refs the bucket does not hold (destroyed)
         self._revoked: set[str] = set()
+        self._batch: dict[str, bytes] = {}  # the keys of the batch being opened, whatever the cache evicts
+        self._at_hand = _AtHand(self._batch, self._keys)
         self.erased = 0
         self.erased_fields = 0
         counters = meter("cdp.vault")
@@ -218,8 +238,16 @@ class PersonVault:
         path: str = "",
         whole: bool = True,
     ) -> envelope_pb2.Sealed:
-        """Seal with the keys of ``refs`` (made or fetched by this process: ``refs_for`` or ``prefetch``)."""
-        return seal(self._keys, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+        """Seal with the keys of ``refs`` (made or fetched by this process: ``refs_for`` or ``prefetch``).
+        ``Erased`` if one of them is revoked or not at hand."""
+        if self._revoked and any(ref in self._revoked for ref in refs):
+            raise Erased()
+        try:
+            return seal(
+                self._at_hand, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole
+            )
+        except KeyError:
+            raise Erased() from None
 
     def can_seal(self, refs: Iterable[str]) -> bool:
         return all(ref in self._keys and ref not in self._revoked for ref in refs)
@@ -276,6 +304,7 @@ class PersonVault:
             self._gone.keep(ref, b"")
         else:
             self._keys.keep(ref, entry.value)
+            self._batch[ref] = entry.value
 
     async def _parallel(self, jobs: list[object]) -> None:
         step = self.fetch_parallel
@@ -290,7 +319,7 @@ class PersonVault:
             try:
                 if self._revoked and any(ref in self._revoked for ref in part.key_refs):
                     raise Erased()
-                plaintext = open_part(self._keys, part, event_id=env.id, event_type=env.type)
+                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type)
             except Erased:
                 if part.whole:
                     self._count_erased()
@@ -309,7 +338,11 @@ class PersonVault:
     async def open_messages(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]]:
         """Every message's envelopes opened, erased ones left out, by sequence (one prefetch)."""
         decoded = {msg.sequence: msg.events() for msg in msgs}
-        await self.prefetch(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
+        refs = dict.fromkeys(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
+        self._batch.clear()
+        keys = self._keys
+        self._batch.update((ref, keys[ref]) for ref in refs if ref in keys)
+        await self.prefetch(refs)
         return {seq: [env for env in envs if self.open_envelope(env)] for seq, envs in decoded.items()}
 
     # ------------------------------------------------------------------ erasure
@@ -318,6 +351,7 @@ class PersonVault:
         self._revoked.update(key_refs)
         for ref in key_refs:
             self._keys.pop(ref, None)
+            self._batch.pop(ref, None)
             self._pending.pop(ref, None)
 
     async def destroy(self, key_refs: Sequence[str]) -> int:

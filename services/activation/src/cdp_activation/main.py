@@ -25,6 +25,7 @@ from cdp_kit.streams import (
     ACTIVATION_READS_SEGMENTS,
 )
 from cdp_kit.telemetry import get_logger
+from cdp_kit.vault import PersonVault
 
 log = get_logger(__name__)
 
@@ -44,6 +45,7 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys
             Input(ACTIVATION_READS_AUDIENCE, MembershipsObserver()),
         ],
         batch_size=settings.batch_size,
+        vault=PersonVault.of(eventlog.js, seal=settings.seal_personal_data),  # opens sealed fragments
     )
     handlers = ActivationHandlers(processor, settings, keys)
     deliverer = Deliverer(processor, settings, keys)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from google.protobuf.message import Message
 from sqlmodel import Session
 
+from cdp.common.v1.envelope_pb2 import Sealed
 from cdp.identity.v1 import events_pb2 as ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
+from cdp_identity.domain import node_key
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
 from cdp_identity.graph import Made, WorkingSet
 from cdp_identity.projection import IdentityProjection
 from cdp_kit.envelope import Causation, Cause, Envelope, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
+from cdp_kit.sealing import Erased, split_fields
 from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_kit.telemetry import get_logger
+from cdp_kit.vault import PersonVault
 
 log = get_logger(__name__)
 RECORD_ACCEPTED = ingest_ev.RecordAccepted.DESCRIPTOR.full_name
@@ -34,8 +39,9 @@ class RecordsToFragments:
     The first ``decide`` of a fetched batch reads every record ``prefetch`` handed over, normalises
     its identities and loads the graphs of all of them in a few bulk queries; then it works in memory."""
 
-    def __init__(self, projection: IdentityProjection) -> None:
+    def __init__(self, projection: IdentityProjection, vault: PersonVault | None = None) -> None:
         self.projection = projection
+        self.vault = vault  # seals fragments under their record's keys (None: sealing is off)
         self.normalise = Normaliser()
         self._cause: Cause | None = None
         self._causation = Causation()
@@ -71,13 +77,35 @@ class RecordsToFragments:
             self._cause, self._causation = uow.cause, uow.cause.to_proto()
         make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context, self._causation)
         fold_made = self.projection.fold_made
+        sealer = self._sealer(ws, record, env)
+        make.seal = sealer
 
         def emit_fragment(data: bytes, made: Made) -> None:
+            if sealer is not None:
+                ws.key_refs.update(sealer.refs_of(made[1]))
             uow.emit_encoded(IDENTITY_FRAGMENTS, [data], lambda session: fold_made(session, made))
 
         resolve_record(
             ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events), emit_fragment
         )
+
+    def _sealer(self, ws: WorkingSet, record: ingest_ev.RecordAccepted, env: Envelope) -> FragmentSealer | None:
+        """Seals the record's fragment under the record's keys (its refs travel in the record)."""
+        if self.vault is None or not self.vault.sealing or not env.sealed:
+            return None
+        refs = env.sealed[0].key_refs
+        ref_of: dict[str, str] = {}
+        memo, rules = self.normalise.memo, ws.rules
+        for ident, ref in zip(record.identities, refs, strict=False):
+            item = (ident.namespace, ident.value)
+            hit = memo.get(item)
+            if hit is not None and item[0] in rules.namespaces:
+                ref_of.setdefault(hit[1], ref)
+                continue
+            clean, _rule, _detail = rules.normalise(*item)
+            if clean is not None:
+                ref_of.setdefault(node_key(item[0], clean), ref)
+        return FragmentSealer(self.vault, ref_of, list(dict.fromkeys(refs)))
 
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
         # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip, unless
@@ -88,6 +116,41 @@ class RecordsToFragments:
             record = unpack(env, ingest_ev.RecordAccepted)
         kept, dropped = kept_and_dropped(ws.rules, self.normalise, [(i.namespace, i.value) for i in record.identities])
         return record, kept, dropped
+
+
+FRAGMENT_TYPE = ev.ProfileFragment.DESCRIPTOR.full_name
+# The fields of a fragment that say whose it is and what they did (docs/privacy.md).
+FRAGMENT_PERSONAL = ("identities", "attributes", "anchor")
+
+
+class FragmentSealer:
+    """Seals a fragment's identities, attributes and anchor under every key of its record (the
+    shared-device rule: any of its people erased, it is erased). ``key_refs`` start with the ref
+    of each identity of the fragment, in their order; the record's other refs follow."""
+
+    def __init__(self, vault: PersonVault, ref_of: dict[str, str], refs: list[str]) -> None:
+        self.vault = vault
+        self.ref_of = ref_of
+        self.refs = refs
+
+    def refs_of(self, keys: list[str]) -> dict[str, str]:
+        """Key ref -> identity key of the fragment's identities."""
+        return {self.ref_of[k]: k for k in keys if k in self.ref_of}
+
+    def __call__(self, payload: Message, event_id: str) -> tuple[Message, Sealed | None]:
+        if payload.DESCRIPTOR.full_name != FRAGMENT_TYPE:
+            return payload, None
+        stripped, personal = split_fields(payload, FRAGMENT_PERSONAL)
+        keys = [f"{i.namespace}:{i.value}" for i in payload.identities]  # type: ignore[attr-defined]
+        own = [self.ref_of[k] for k in keys if k in self.ref_of]
+        if len(own) < len(keys):
+            own = []  # an identity without a ref (never expected): no identity -> ref pairing
+        refs = own + [r for r in self.refs if r not in own]
+        try:
+            part = self.vault.seal(refs, personal, event_id=event_id, event_type=FRAGMENT_TYPE)
+        except Erased:
+            return stripped, None  # a key revoked meanwhile: the fragment goes out without its person
+        return stripped, part
 
 
 def fragment_of(source_event_id: str, record: ingest_ev.RecordAccepted) -> ev.ProfileFragment:

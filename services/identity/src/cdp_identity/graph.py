@@ -111,6 +111,7 @@ class WorkingSet:
     parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what was read of it
     read_fragments: dict[str, Any] = field(default_factory=dict)  # own fragment id -> its payload, until folded
     made: dict[str, Made] = field(default_factory=dict)  # own fragment id -> what decided it, until folded
+    key_refs: dict[str, str] = field(default_factory=dict)  # key ref -> identity key, to be written
     _unlinked: set[tuple[str, str]] | None = None
     _next_ordinal: int | None = None
     _bulk: Bulk | None = None
@@ -378,6 +379,9 @@ class WorkingSet:
         bulk.insert(store.PROFILE, PROFILE_ROW, inserts)
         bulk.update(store.PROFILE, PROFILE_CHANGING, ("profile_id",), updates)
         bulk.insert(store.FRAGMENT, ("anchor", "source_event_id"), sorted(self.fragments))
+        if self.key_refs:
+            bulk.insert_new(store.KEY_REF, ("key_ref", "key"), sorted(self.key_refs.items()))
+            self.key_refs = {}
         conn = self.session.connection()
         if self.decisions:
             conn.execute(sa.insert(store.DECISION), self.decisions)

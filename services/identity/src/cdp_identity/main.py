@@ -20,6 +20,7 @@ from cdp_kit.grpc_server import Registration
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import IDENTITY_CONFIG, IDENTITY_FRAGMENTS, IDENTITY_READS_INGEST
+from cdp_kit.vault import PersonVault
 
 SQLITE_CACHE_KIB = 64 * 1024
 # A fetched batch allocates millions of objects (graph nodes and links, sets, row tuples) that
@@ -57,6 +58,7 @@ def build_processor(
     sqlite_cache(engine)
     collect_less_often()
     projection = IdentityProjection(settings.rules())
+    vault = PersonVault.of(eventlog.js, seal=settings.seal_personal_data)
     processor = Processor(
         service="identity",
         engine=engine,
@@ -64,8 +66,9 @@ def build_processor(
         tables=TABLES,
         own_logs=[IDENTITY_CONFIG, IDENTITY_FRAGMENTS],
         projection=projection,
-        inputs=[Input(IDENTITY_READS_INGEST, RecordsToFragments(projection))],
+        inputs=[Input(IDENTITY_READS_INGEST, RecordsToFragments(projection, vault))],
         batch_size=settings.batch_size,
+        vault=vault,
     )
     return processor, projection
 

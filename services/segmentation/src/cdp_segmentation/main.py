@@ -18,6 +18,7 @@ from cdp_kit.streams import (
     SEGMENTATION_READS_INGEST_CONFIG,
     SEGMENTATION_READS_PROFILE,
 )
+from cdp_kit.vault import PersonVault
 from cdp_segmentation.api import SegmentationServicer
 from cdp_segmentation.consumer import DatasetsOfIngest, ProfilesToMemberships
 from cdp_segmentation.handlers import SegmentationHandlers
@@ -47,6 +48,7 @@ def build_processor(
             Input(SEGMENTATION_READS_PROFILE, ProfilesToMemberships(catalog)),
         ],
         batch_size=batch_size,
+        vault=PersonVault.of(eventlog.js),  # opens sealed fragments (segmentation seals nothing)
     )
     return processor, catalog
 
