@@ -497,8 +497,16 @@ class Processor:
         """Fold one own event: the kit folds its dead-letter log, the service's projection the rest."""
         if own is self.poison:
             deadletters.fold(session, env)
-        else:
-            self.projection.fold(session, own, env)
+            return
+        if self.vault is not None and any(part.ciphertext for part in env.sealed):
+            # An event emitted sealed in this transaction: the store folds it opened, the log
+            # gets it sealed (a copy is opened, never the event that will be appended).
+            opened = Envelope()
+            opened.CopyFrom(env)
+            if not self.vault.open_envelope(opened):
+                return
+            env = opened
+        self.projection.fold(session, own, env)
 
     async def _open(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]] | None:
         """The messages' envelopes with their sealed parts opened (None: this process seals nothing)."""

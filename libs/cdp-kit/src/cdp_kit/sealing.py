@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -31,6 +32,7 @@ from cdp.common.v1 import envelope_pb2
 from cdp_kit.keyring import KEY_BYTES, KeyringError, open_with_key, seal_with_key
 
 Sealed = envelope_pb2.Sealed
+M = TypeVar("M", bound=Message)
 SALT_BYTES = 16
 INFO = b"cdp-seal/v1"
 
@@ -75,15 +77,15 @@ def open_part(keys: Mapping[str, bytes], part: envelope_pb2.Sealed, *, event_id:
         raise Erased() from None
 
 
-def split_fields(payload: Message, fields: Sequence[str]) -> tuple[Message, bytes]:
+def split_fields(payload: M, fields: Sequence[str]) -> tuple[M, bytes]:
     """``(payload without fields, wire form of only fields)``; ``payload`` itself is unchanged."""
     stripped = type(payload)()
     stripped.CopyFrom(payload)
     personal = type(payload)()
     for name in fields:
         value = getattr(stripped, name)
-        if not isinstance(value, Message):  # a repeated field
-            getattr(personal, name).extend(value)
+        if not isinstance(value, Message):  # a repeated or map field
+            getattr(personal, name).MergeFrom(value)
         elif stripped.HasField(name):
             getattr(personal, name).CopyFrom(value)
         stripped.ClearField(name)
