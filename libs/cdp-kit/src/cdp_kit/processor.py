@@ -541,7 +541,8 @@ class Processor:
 
     def _fold_batch(self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None) -> int:
         def events(msg: LogMessage) -> list[Envelope]:
-            return opened[msg.sequence] if opened is not None else msg.events()
+            found = opened.get(msg.sequence) if opened is not None else None
+            return found if found is not None else msg.events()
 
         with transaction(self.engine) as session:
             prefetch = getattr(self.projection, "prefetch", None)
@@ -658,7 +659,8 @@ class Processor:
         opened = await self._open([msg for unit in units for msg, _ in unit]) if not inp.raw else None
 
         def envelopes(msg: LogMessage) -> list[Envelope]:
-            return opened[msg.sequence] if opened is not None else inp.envelopes(msg)
+            found = opened.get(msg.sequence) if opened is not None else None
+            return found if found is not None else inp.envelopes(msg)
 
         headers = units[0][0][0].headers if units else {}
         with self._tracer.start_as_current_span(

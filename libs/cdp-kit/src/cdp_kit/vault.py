@@ -46,6 +46,7 @@ from typing import Protocol
 
 import nats.errors
 import nats.js.errors
+from google.protobuf.message import DecodeError
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
@@ -336,8 +337,15 @@ class PersonVault:
         self._erased_counter.add(1)
 
     async def open_messages(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]]:
-        """Every message's envelopes opened, erased ones left out, by sequence (one prefetch)."""
-        decoded = {msg.sequence: msg.events() for msg in msgs}
+        """Every message's envelopes opened, erased ones left out, by sequence (one prefetch). A
+        message that does not decode is not in the answer: its reader meets the error where it
+        sets poison aside."""
+        decoded: dict[int, list[Envelope]] = {}
+        for msg in msgs:
+            try:
+                decoded[msg.sequence] = msg.events()
+            except DecodeError:
+                continue
         refs = dict.fromkeys(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
         self._batch.clear()
         keys = self._keys
