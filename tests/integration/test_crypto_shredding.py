@@ -23,6 +23,7 @@ from cdp_ingest.records import RecordBuilder
 from cdp_kit.envelope import encode_batch, is_a, unpack, utcnow
 from cdp_kit.errors import NotFound
 from cdp_kit.eventlog import EventLog
+from cdp_kit.natsserver import NatsServer
 from cdp_kit.processor import Processor
 from cdp_kit.store import make_engine, sqlite_url
 from cdp_kit.streams import IDENTITY_FRAGMENTS, INGEST_RECORDS
@@ -101,3 +102,61 @@ async def test_a_destroyed_person_is_erased_on_rebuild_and_everyone_else_stays(
     assert [f.profile_id for f in left] == [bob]  # any reader: Ann's fragment no longer opens
     for db in ("rebuilt.db",):
         assert b"ann.secret" not in (tmp_path / db).read_bytes()
+
+
+async def test_merges_splits_and_decisions_name_no_one_in_clear_and_erase_with_the_person(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    eventlog = await EventLog.connect(nats_server.url, "cdp-test")
+    try:
+        await eventlog.ensure_streams()
+        cookie = ("cookie", "ck-ann-device-9")
+        # Ann's CRM record, an anonymous cookie, then a record joining them (a merge), and Bob.
+        await ingest_records(eventlog, [ANN, [cookie], [ANN[1], cookie], BOB])
+        processor, api = identity(eventlog, sqlite_url(tmp_path / "live.db"))
+        await processor.catch_up()
+        ann = await profile_of(api, *cookie)
+        assert ann == await profile_of(api, *ANN[0])
+        # An operator unlinks the cookie: a decision and a split, sealed under the keys at hand or fetched.
+        reply = await api.Unlink(pb.UnlinkRequest(identity=IdentityValue(namespace=cookie[0], value=cookie[1])), None)  # type: ignore[arg-type]
+        assert reply.changed
+        assert await profile_of(api, *cookie) != ann
+
+        kinds = await event_kinds(eventlog)
+        assert {"ProfilesMerged", "GraphDecision", "ProfileSplit"} <= kinds
+        raw, _ = await fragments(eventlog)
+        for plain in (b"ann.secret@example.com", b"ck-ann-device-9", b"bob.other@example.com"):
+            assert plain not in raw, await leaking(eventlog, plain)
+
+        with processor.read() as session:
+            refs = key_refs_for_profiles(session, [ann, await profile_of(api, *cookie)])
+        assert processor.vault is not None
+        assert await processor.vault.destroy(refs) == 3
+
+        rebuilt, rebuilt_api = identity(eventlog, sqlite_url(tmp_path / "rebuilt.db"))
+        await rebuilt.rebuild()
+        for ns, value in [*ANN, cookie]:
+            with pytest.raises(NotFound):
+                await profile_of(rebuilt_api, ns, value)
+        assert await profile_of(rebuilt_api, *BOB[1])
+        assert rebuilt.vault is not None
+        assert rebuilt.vault.erased_fields >= 3  # the merge's via, the decision, the split's part
+        for db in ("rebuilt.db",):
+            assert b"ck-ann-device-9" not in (tmp_path / db).read_bytes()
+    finally:
+        await eventlog.close()
+    nats_server.stop()
+    store = b"".join(p.read_bytes() for p in nats_server.store_dir.rglob("*") if p.is_file())
+    for plain in (b"ann.secret@example.com", b"ck-ann-device-9", b"Name-C1"):
+        assert plain not in store  # every byte JetStream holds: the log and the key bucket
+
+
+async def event_kinds(eventlog: EventLog) -> set[str]:
+    msgs = [m async for m in eventlog.read(IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject)]
+    return {e.type.rsplit(".", 1)[-1] for m in msgs for e in m.events()}
+
+
+async def leaking(eventlog: EventLog, plain: bytes) -> list[str]:
+    """The events on identity's log whose bytes hold ``plain`` (what the assertion shows)."""
+    msgs = [m async for m in eventlog.read(IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject)]
+    return [f"{e.type} sealed={len(e.sealed)}" for m in msgs for e in m.events() if plain in e.SerializeToString()]

@@ -61,7 +61,7 @@ from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
-from cdp_kit.vault import PersonVault
+from cdp_kit.vault import KeysNeeded, PersonVault
 
 T = TypeVar("T")
 CAUSE_HEADER = "Cdp-Cause"
@@ -566,22 +566,34 @@ class Processor:
         """Run a client command: decide, fold and append its events, commit. Retries once on a guard conflict."""
         for attempt in (1, 2):
             try:
-                async with self.lock:
-                    with transaction(self.engine) as session:
-                        uow = UnitOfWork(session, self, Cause(command_id=command_id))
-                        try:
-                            result = decide(uow)
-                            await uow.flush(uow.cause)
-                        except BaseException:
-                            await uow.abandon()
-                            raise
-                return result
+                return await self._execute_with_keys(command_id, decide)
             except AppendConflict:
                 if attempt == 2:
                     raise
                 log.warning("append_conflict_recovering", command_id=command_id)
                 await self.recover()
         raise AssertionError("unreachable")
+
+    async def _execute_with_keys(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
+        """``_execute``, again after fetching the keys a seal needed (``cdp_kit.vault.KeysNeeded``)."""
+        while True:
+            try:
+                return await self._execute(command_id, decide)
+            except KeysNeeded as needed:
+                assert self.vault is not None
+                await self.vault.fetch_needed(needed)
+
+    async def _execute(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
+        async with self.lock:
+            with transaction(self.engine) as session:
+                uow = UnitOfWork(session, self, Cause(command_id=command_id))
+                try:
+                    result = decide(uow)
+                    await uow.flush(uow.cause)
+                except BaseException:
+                    await uow.abandon()
+                    raise
+        return result
 
     def read(self) -> Session:
         """A session for queries (no writes)."""
@@ -601,6 +613,10 @@ class Processor:
         so the poison is found and set aside and every other unit goes through."""
         try:
             return await self._apply_units(inp, units)
+        except KeysNeeded as needed:
+            assert self.vault is not None
+            await self.vault.fetch_needed(needed)  # then again, with the keys at hand
+            return await self.apply_units(inp, units)
         except Exception as exc:
             if deadletters.is_transient(exc):
                 raise

@@ -109,6 +109,15 @@ class _Lru(OrderedDict[str, bytes]):
             self.popitem(last=False)
 
 
+class KeysNeeded(Exception):
+    """Sealing needs keys this process has not fetched: fetch them (``PersonVault.fetch_needed``)
+    and run the work again. Raised inside a transaction, which is then rolled back."""
+
+    def __init__(self, refs: Sequence[str]) -> None:
+        super().__init__(f"{len(refs)} keys to fetch")
+        self.refs = list(refs)
+
+
 class LocalKeys:
     """Keys made away from the bucket (ingest's CSV reader processes, one batch each): the process
     that owns the vault adopts them (``PersonVault.adopt``) before anything they seal is appended."""
@@ -188,6 +197,7 @@ class PersonVault:
         self._revoked: set[str] = set()
         self._batch: dict[str, bytes] = {}  # the keys of the batch being opened, whatever the cache evicts
         self._at_hand = _AtHand(self._batch, self._keys)
+        self._needed: set[str] = set()  # fetched for a KeysNeeded: kept at hand for the retry
         self.erased = 0
         self.erased_fields = 0
         counters = meter("cdp.vault")
@@ -240,9 +250,15 @@ class PersonVault:
         whole: bool = True,
     ) -> envelope_pb2.Sealed:
         """Seal with the keys of ``refs`` (made or fetched by this process: ``refs_for`` or ``prefetch``).
-        ``Erased`` if one of them is revoked or not at hand."""
+        ``Erased`` if one of them is revoked or destroyed; ``KeysNeeded`` if some are not at hand
+        (the processor fetches them and applies the batch or command again)."""
         if self._revoked and any(ref in self._revoked for ref in refs):
             raise Erased()
+        missing = [ref for ref in refs if ref not in self._batch and ref not in self._keys]
+        if missing:
+            if any(ref in self._gone for ref in missing):
+                raise Erased()
+            raise KeysNeeded(missing)
         try:
             return seal(
                 self._at_hand, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole
@@ -332,6 +348,15 @@ class PersonVault:
             part.ciphertext = b""
         return True
 
+    async def fetch_needed(self, needed: KeysNeeded) -> None:
+        """Fetch the keys a seal needed and keep them at hand while the work is applied again."""
+        self._needed = set(needed.refs)
+        self._batch.update((ref, self._keys[ref]) for ref in needed.refs if ref in self._keys)
+        await self.prefetch(needed.refs)
+        for ref in needed.refs:
+            if ref not in self._batch and ref not in self._keys and ref not in self._gone:
+                self._gone.keep(ref, b"")  # not in the bucket: destroyed
+
     def _count_erased(self) -> None:
         self.erased += 1
         self._erased_counter.add(1)
@@ -349,7 +374,7 @@ class PersonVault:
         refs = dict.fromkeys(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
         self._batch.clear()
         keys = self._keys
-        self._batch.update((ref, keys[ref]) for ref in refs if ref in keys)
+        self._batch.update((ref, keys[ref]) for ref in [*refs, *self._needed] if ref in keys)
         await self.prefetch(refs)
         return {seq: [env for env in envs if self.open_envelope(env)] for seq, envs in decoded.items()}
 

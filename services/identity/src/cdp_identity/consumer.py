@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from google.protobuf.message import Message
 from sqlmodel import Session
 
-from cdp.common.v1.envelope_pb2 import Sealed
 from cdp.identity.v1 import events_pb2 as ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
@@ -15,10 +13,10 @@ from cdp_identity.domain import node_key
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
 from cdp_identity.graph import Made, WorkingSet
 from cdp_identity.projection import IdentityProjection
+from cdp_identity.sealing import IdentitySealer
 from cdp_kit.envelope import Causation, Cause, Envelope, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
-from cdp_kit.sealing import Erased, split_fields
 from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_kit.telemetry import get_logger
 from cdp_kit.vault import PersonVault
@@ -82,14 +80,14 @@ class RecordsToFragments:
 
         def emit_fragment(data: bytes, made: Made) -> None:
             if sealer is not None:
-                ws.key_refs.update(sealer.refs_of(made[1]))
+                ws.note_key_refs(sealer.refs_of(made[1]).items())
             uow.emit_encoded(IDENTITY_FRAGMENTS, [data], lambda session: fold_made(session, made))
 
         resolve_record(
             ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events), emit_fragment
         )
 
-    def _sealer(self, ws: WorkingSet, record: ingest_ev.RecordAccepted, env: Envelope) -> FragmentSealer | None:
+    def _sealer(self, ws: WorkingSet, record: ingest_ev.RecordAccepted, env: Envelope) -> IdentitySealer | None:
         """Seals the record's fragment under the record's keys (its refs travel in the record)."""
         if self.vault is None or not self.vault.sealing or not env.sealed:
             return None
@@ -105,7 +103,7 @@ class RecordsToFragments:
             clean, _rule, _detail = rules.normalise(*item)
             if clean is not None:
                 ref_of.setdefault(node_key(item[0], clean), ref)
-        return FragmentSealer(self.vault, ref_of, list(dict.fromkeys(refs)))
+        return IdentitySealer(self.vault, ws, ref_of, list(dict.fromkeys(refs)))
 
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
         # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip, unless
@@ -116,41 +114,6 @@ class RecordsToFragments:
             record = unpack(env, ingest_ev.RecordAccepted)
         kept, dropped = kept_and_dropped(ws.rules, self.normalise, [(i.namespace, i.value) for i in record.identities])
         return record, kept, dropped
-
-
-FRAGMENT_TYPE = ev.ProfileFragment.DESCRIPTOR.full_name
-# The fields of a fragment that say whose it is and what they did (docs/privacy.md).
-FRAGMENT_PERSONAL = ("identities", "attributes", "anchor")
-
-
-class FragmentSealer:
-    """Seals a fragment's identities, attributes and anchor under every key of its record (the
-    shared-device rule: any of its people erased, it is erased). ``key_refs`` start with the ref
-    of each identity of the fragment, in their order; the record's other refs follow."""
-
-    def __init__(self, vault: PersonVault, ref_of: dict[str, str], refs: list[str]) -> None:
-        self.vault = vault
-        self.ref_of = ref_of
-        self.refs = refs
-
-    def refs_of(self, keys: list[str]) -> dict[str, str]:
-        """Key ref -> identity key of the fragment's identities."""
-        return {self.ref_of[k]: k for k in keys if k in self.ref_of}
-
-    def __call__(self, payload: Message, event_id: str) -> tuple[Message, Sealed | None]:
-        if payload.DESCRIPTOR.full_name != FRAGMENT_TYPE:
-            return payload, None
-        stripped, personal = split_fields(payload, FRAGMENT_PERSONAL)
-        keys = [f"{i.namespace}:{i.value}" for i in payload.identities]  # type: ignore[attr-defined]
-        own = [self.ref_of[k] for k in keys if k in self.ref_of]
-        if len(own) < len(keys):
-            own = []  # an identity without a ref (never expected): no identity -> ref pairing
-        refs = own + [r for r in self.refs if r not in own]
-        try:
-            part = self.vault.seal(refs, personal, event_id=event_id, event_type=FRAGMENT_TYPE)
-        except Erased:
-            return stripped, None  # a key revoked meanwhile: the fragment goes out without its person
-        return stripped, part
 
 
 def fragment_of(source_event_id: str, record: ingest_ev.RecordAccepted) -> ev.ProfileFragment:

@@ -122,7 +122,7 @@ class Maker:
         self.n = 0
         # Seals the personal fields of a payload (cdp_identity.consumer.FragmentSealer): the
         # payload to encode and its sealed part, or the payload as it is and None.
-        self.seal: Callable[[Message, str], tuple[Message, Sealed | None]] | None = None
+        self.seal: Callable[[Message, str], tuple[Message, list[Sealed]]] | None = None
         self._head: bytes | None = None  # encoded occurred_at, schema_version, causation, trace_context
 
     def __call__(self, payload: Message, subject_key: str, kind: str) -> Envelope:
@@ -130,9 +130,9 @@ class Maker:
         event_id = (
             deterministic_id(kind, self.base) if kind == "fragment" else deterministic_id(kind, self.base, self.n)
         )
-        part = None
+        parts: list[Sealed] = []
         if self.seal is not None:
-            payload, part = self.seal(payload, event_id)
+            payload, parts = self.seal(payload, event_id)
         env = Envelope(
             id=event_id,
             type=payload.DESCRIPTOR.full_name,
@@ -145,8 +145,7 @@ class Maker:
             env.trace_context.update(self.trace)
         env.payload.type_url = TYPE_URL_PREFIX + payload.DESCRIPTOR.full_name
         env.payload.value = payload.SerializeToString()
-        if part is not None:
-            env.sealed.append(part)
+        env.sealed.extend(parts)
         return env
 
     def encoded(self, payload: Message, subject_key: str, kind: str) -> bytes:
@@ -175,9 +174,8 @@ class Maker:
         )
         sealed = b""
         if self.seal is not None:
-            payload, part = self.seal(payload, event_id)
-            if part is not None:
-                sealed = _ld(b"\x52", part.SerializeToString())
+            payload, parts = self.seal(payload, event_id)
+            sealed = b"".join(_ld(b"\x52", part.SerializeToString()) for part in parts)
         body = payload.SerializeToString()
         n = len(body)
         any_ = type_fields[1] + b"\x12" + (VARINTS[n] if n < 16384 else varint(n)) + body

@@ -95,7 +95,7 @@ class IdentityProjection:
                     ws.touch_link(a, b, at, dataset, batch_id)
         ws.add_fragment(frag.source_event_id, anchor)
         if env.sealed:  # the refs of the fragment's identities, in their order (cdp_identity.consumer)
-            ws.key_refs.update(zip(env.sealed[0].key_refs, keys, strict=False))
+            ws.note_key_refs(zip(env.sealed[0].key_refs, keys, strict=False))
 
     def fold_made(self, session: Session, made: Made) -> None:
         """Fold a fragment decided in this transaction (emitted encoded): what ``fold`` does with its envelope."""
