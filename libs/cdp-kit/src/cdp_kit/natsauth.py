@@ -114,7 +114,11 @@ def service_permissions(service: str) -> Permissions:
 
 def key_permissions(service: str) -> list[str]:
     """What a service may do with the per-identity key bucket."""
-    subjects = [f"{API}.STREAM.INFO.{KEY_STREAM}", f"{API}.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>"]
+    subjects = [
+        f"{API}.STREAM.INFO.{KEY_STREAM}",
+        f"{API}.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>",
+        f"{API}.DIRECT.GET.{KEY_STREAM}",  # batch get (multi_last): the keys of many refs at once
+    ]
     if service in KEY_MAKERS:
         subjects.append(f"{KEY_SUBJECT_PREFIX}>")
     if service in KEY_DESTROYERS:

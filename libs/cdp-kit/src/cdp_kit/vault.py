@@ -38,6 +38,7 @@ backup: replay the privacy requests (CDP_PRIVACY) and destroy again after any re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 from collections import OrderedDict
@@ -47,6 +48,7 @@ from typing import Protocol
 import nats.errors
 import nats.js.errors
 from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
@@ -58,6 +60,12 @@ from cdp_kit.sealing import Erased, merge_part, open_part, seal
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash
 
+# Keys per direct batch get, batches in flight at once, keys created per window of acks.
+FETCH_BATCH = 1000
+FETCH_PARALLEL = 4
+FETCH_TIMEOUT_S = 10.0
+CREATE_WINDOW = 4096
+CREATE_TIMEOUT_S = 10.0
 BUCKET = KEY_BUCKET
 STREAM = KEY_STREAM
 SUBJECT_PREFIX = KEY_SUBJECT_PREFIX
@@ -188,7 +196,6 @@ class PersonVault:
         self.kv = kv
         self.js = js
         self.sealing = seal
-        self.fetch_parallel = 128
         self._keys = _Lru(cache_size)  # ref -> key bytes (made here or fetched)
         self._current: OrderedDict[tuple[str, str], str] = OrderedDict()  # identity -> its generation here
         self._cache_size = cache_size
@@ -284,16 +291,27 @@ class PersonVault:
         if not self._pending:
             return 0
         pending = list(self._pending.items())
-        await self._parallel([self._create(ref, key) for ref, key in pending])
-        for ref, _ in pending:
-            self._pending.pop(ref, None)
+        for start in range(0, len(pending), CREATE_WINDOW):
+            window = pending[start : start + CREATE_WINDOW]
+            acks = [await self._create(ref, key) for ref, key in window]  # pipelined: acks awaited per window
+            for ack in acks:
+                await self._created(ack)
+            for ref, _ in window:
+                self._pending.pop(ref, None)
         return len(pending)
 
-    async def _create(self, ref: str, key: bytes) -> None:
+    async def _create(self, ref: str, key: bytes) -> asyncio.Future[api.PubAck]:
         try:
-            await self.js.publish(
+            return await self.js.publish_async(
                 SUBJECT_PREFIX + ref, key, stream=STREAM, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
             )
+        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
+
+    @staticmethod
+    async def _created(ack: asyncio.Future[api.PubAck]) -> None:
+        try:
+            await asyncio.wait_for(ack, CREATE_TIMEOUT_S)
         except nats.js.errors.APIError as exc:
             if exc.err_code != 10071:  # wrong last sequence: a retry of a create that went through
                 raise Unavailable(f"key create failed: {exc.description}") from exc
@@ -306,27 +324,45 @@ class PersonVault:
         wanted = [
             r for r in dict.fromkeys(refs) if r not in self._keys and r not in self._gone and r not in self._revoked
         ]
-        if wanted:
-            await self._parallel([self._fetch(ref) for ref in wanted])
+        chunks = [wanted[start : start + FETCH_BATCH] for start in range(0, len(wanted), FETCH_BATCH)]
+        for start in range(0, len(chunks), FETCH_PARALLEL):
+            await asyncio.gather(*(self._fetch_many(chunk) for chunk in chunks[start : start + FETCH_PARALLEL]))
 
-    async def _fetch(self, ref: str) -> None:
+    async def _fetch_many(self, refs: list[str]) -> None:
+        """The keys of ``refs`` in one direct batch get (``multi_last``, nats-server 2.11+): the server
+        answers each key it holds, then an end-of-batch status; a ref it does not hold is destroyed."""
+        nc = self.js._nc
+        inbox = nc.new_inbox()
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def collect(msg: Msg) -> None:
+            answers.put_nowait(msg)
+
+        request = json.dumps({"multi_last": [SUBJECT_PREFIX + ref for ref in refs], "batch": len(refs)})
+        sub = await nc.subscribe(inbox, cb=collect)
+        found: set[str] = set()
         try:
-            entry = await self.kv.get(ref)
-        except nats.js.errors.KeyNotFoundError:
-            self._gone.keep(ref, b"")
-            return
-        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-            raise Unavailable(f"key fetch failed: {type(exc).__name__}") from exc
-        if entry.value is None or len(entry.value) != KEY_BYTES:
-            self._gone.keep(ref, b"")
-        else:
-            self._keys.keep(ref, entry.value)
-            self._batch[ref] = entry.value
-
-    async def _parallel(self, jobs: list[object]) -> None:
-        step = self.fetch_parallel
-        for start in range(0, len(jobs), step):
-            await asyncio.gather(*jobs[start : start + step])  # type: ignore[call-overload]
+            await nc.publish(f"$JS.API.DIRECT.GET.{STREAM}", request.encode(), reply=inbox)
+            while True:
+                try:
+                    msg = await asyncio.wait_for(answers.get(), FETCH_TIMEOUT_S)
+                except TimeoutError as exc:
+                    raise Unavailable("key fetch timed out") from exc
+                headers = msg.headers or {}
+                if not msg.data and headers.get("Status"):
+                    if headers["Status"] not in ("204", "404"):
+                        raise Unavailable(f"key fetch failed: {headers['Status']} {headers.get('Description', '')}")
+                    break
+                ref = headers.get("Nats-Subject", "").removeprefix(SUBJECT_PREFIX)
+                if len(msg.data) == KEY_BYTES:
+                    found.add(ref)
+                    self._keys.keep(ref, msg.data)
+                    self._batch[ref] = msg.data
+        finally:
+            await sub.unsubscribe()
+        for ref in refs:
+            if ref not in found:
+                self._gone.keep(ref, b"")
 
     def open_envelope(self, env: Envelope) -> bool:
         """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
