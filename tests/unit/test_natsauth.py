@@ -9,7 +9,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from cdp_kit.eventlog import EventLog
-from cdp_kit.natsauth import ADMIN, KEY_MAKERS, PUBLISHER, USERS, permissions, server_config
+from cdp_kit.natsauth import ADMIN, KEY_DESTROYERS, KEY_MAKERS, PUBLISHER, USERS, permissions, server_config
 from cdp_kit.store import make_engine, sqlite_url
 from cdp_kit.streams import KEY_STREAM, KEY_SUBJECT_PREFIX, SERVICE_LOGS, SERVICES
 
@@ -58,8 +58,8 @@ def test_each_subject_has_one_writer_and_no_service_manages_streams() -> None:
                 assert forbidden not in subject, (service, subject)
             by_sequence = subject.startswith("$JS.API.DIRECT.GET.") and subject.count(".") <= 4
             assert not by_sequence or subject == f"$JS.API.DIRECT.GET.{KEY_STREAM}", subject  # keys: batch get
-            key_maker = service in KEY_MAKERS and subject == f"{KEY_SUBJECT_PREFIX}>"  # refs are random
-            assert ">" not in subject or key_maker or subject.startswith(("$JS.ACK.", "$JS.API.")), subject
+            key_writer = service in (*KEY_MAKERS, *KEY_DESTROYERS) and subject == f"{KEY_SUBJECT_PREFIX}>"
+            assert ">" not in subject or key_writer or subject.startswith(("$JS.ACK.", "$JS.API.")), subject
         assert permissions(service).subscribe == (f"_INBOX_{service}.>",)
     assert all(len(owners) == 1 for owners in writers.values()), writers
     assert not any(s.startswith("cdp.collect") for s in writers)
@@ -71,7 +71,7 @@ def test_only_ingest_makes_keys_and_only_identity_erases_them() -> None:
     for service in SERVICES:
         allowed = permissions(service).publish
         assert f"$JS.API.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>" in allowed
-        assert (f"{KEY_SUBJECT_PREFIX}>" in allowed) == (service == "ingest"), service
+        assert (f"{KEY_SUBJECT_PREFIX}>" in allowed) == (service in ("ingest", "identity")), service
         assert (f"$JS.API.STREAM.MSG.DELETE.{KEY_STREAM}" in allowed) == (service == "identity"), service
         assert not any(s.startswith(f"$JS.API.STREAM.PURGE.{KEY_STREAM}") for s in allowed)
 

@@ -17,7 +17,7 @@ nothing in this module checks a message itself. Each service may
 The per-identity key bucket of crypto-shredding (``cdp_kit.vault``, stream ``KV_CDP_KEYS``) is made
 by provisioning (admin). Every service may read keys (direct get by key, stream info); only the
 ``KEY_MAKERS`` (ingest) may create them, only the ``KEY_DESTROYERS`` (identity) may erase them (a
-message deleted by sequence). No service may purge or delete the bucket.
+key block written again without them, its previous message deleted by sequence). No service may purge or delete the bucket.
 
 Replies come back on a per-user inbox prefix (``_INBOX_<user>``): no user may subscribe to
 another's replies. ``publisher`` may publish ``cdp.collect.>`` only; ``admin`` may do everything
@@ -119,7 +119,7 @@ def key_permissions(service: str) -> list[str]:
         f"{API}.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>",
         f"{API}.DIRECT.GET.{KEY_STREAM}",  # batch get (multi_last): the keys of many refs at once
     ]
-    if service in KEY_MAKERS:
+    if service in KEY_MAKERS or service in KEY_DESTROYERS:  # a destroy writes a block again without the keys
         subjects.append(f"{KEY_SUBJECT_PREFIX}>")
     if service in KEY_DESTROYERS:
         subjects.append(f"{API}.STREAM.MSG.DELETE.{KEY_STREAM}")

@@ -60,11 +60,11 @@ from cdp_kit.sealing import Erased, merge_part, open_part, seal
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash
 
-# Keys per direct batch get, batches in flight at once, keys created per window of acks.
-FETCH_BATCH = 1000
+# Keys per block (one KV entry, ~80 bytes a key), blocks per direct batch get, batches in flight.
+BLOCK_KEYS = 4096
+FETCH_BATCH = 256
 FETCH_PARALLEL = 4
 FETCH_TIMEOUT_S = 10.0
-CREATE_WINDOW = 4096
 CREATE_TIMEOUT_S = 10.0
 BUCKET = KEY_BUCKET
 STREAM = KEY_STREAM
@@ -94,7 +94,7 @@ def key_bucket_config(*, replicas: int = 1, memory: bool = False) -> api.StreamC
         deny_delete=False,
         deny_purge=False,
         discard=api.DiscardPolicy.NEW,
-        max_msgs_per_subject=1,
+        max_msgs_per_subject=2,  # a block being rewritten by a destroy: the new version, then the old erased
         num_replicas=replicas,
         storage=api.StorageType.MEMORY if memory else api.StorageType.FILE,
         duplicate_window=120.0,
@@ -103,6 +103,38 @@ def key_bucket_config(*, replicas: int = 1, memory: bool = False) -> api.StreamC
 
 def identity_hash(namespace: str, value: str) -> str:
     return pii_hash(f"keyref:{namespace}:{value}")[2:]
+
+
+def new_block() -> str:
+    return secrets.token_hex(8)
+
+
+def block_of(ref: str) -> str:
+    """The key block (the bucket's KV key) a ref's key is stored in."""
+    return ref.partition(".")[0]
+
+
+def encode_block(keys: Iterable[tuple[str, bytes]]) -> bytes:
+    """A block's value: for each key, the length of its ref (1 byte), the ref, the 32 key bytes."""
+    out = bytearray()
+    for ref, key in sorted(keys):
+        raw = ref.encode()
+        out += bytes([len(raw)]) + raw + key
+    return bytes(out)
+
+
+def decode_block(data: bytes) -> dict[str, bytes]:
+    keys: dict[str, bytes] = {}
+    at = 0
+    while at < len(data):
+        n = data[at]
+        ref = data[at + 1 : at + 1 + n].decode()
+        key = data[at + 1 + n : at + 1 + n + KEY_BYTES]
+        if len(key) != KEY_BYTES:
+            break  # truncated: what follows is not a key
+        keys[ref] = key
+        at += 1 + n + KEY_BYTES
+    return keys
 
 
 class _Lru(OrderedDict[str, bytes]):
@@ -134,13 +166,17 @@ class LocalKeys:
         self.keys: dict[str, bytes] = {}
         self._current: dict[tuple[str, str], str] = {}
         self._made: dict[str, bytes] = {}
+        self._block, self._in_block = new_block(), 0
 
     def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
         refs: list[str] = []
         for identity in identities:
             ref = self._current.get(identity)
             if ref is None:
-                ref = self._current[identity] = new_ref(*identity)
+                if self._in_block >= BLOCK_KEYS:
+                    self._block, self._in_block = new_block(), 0
+                self._in_block += 1
+                ref = self._current[identity] = new_ref(self._block, *identity)
                 self.keys[ref] = self._made[ref] = os.urandom(KEY_BYTES)
             refs.append(ref)
         return refs
@@ -165,9 +201,9 @@ class LocalKeys:
         self.keys.update(keys)
 
 
-def new_ref(namespace: str, value: str) -> str:
-    """A new key generation of one identity."""
-    return f"{identity_hash(namespace, value)}.{secrets.token_hex(8)}"
+def new_ref(block: str, namespace: str, value: str) -> str:
+    """A new key generation of one identity, stored in ``block``."""
+    return f"{block}.{identity_hash(namespace, value)}.{secrets.token_hex(4)}"
 
 
 class _AtHand(Mapping[str, bytes]):
@@ -205,6 +241,7 @@ class PersonVault:
         self._batch: dict[str, bytes] = {}  # the keys of the batch being opened, whatever the cache evicts
         self._at_hand = _AtHand(self._batch, self._keys)
         self._needed: set[str] = set()  # fetched for a KeysNeeded: kept at hand for the retry
+        self._block, self._in_block = new_block(), 0  # where the next keys made here go
         self.erased = 0
         self.erased_fields = 0
         counters = meter("cdp.vault")
@@ -236,7 +273,10 @@ class PersonVault:
         for identity in identities:
             ref = current.get(identity)
             if ref is None or ref in self._revoked or ref in self._gone:
-                ref = new_ref(*identity)
+                if self._in_block >= BLOCK_KEYS:
+                    self._block, self._in_block = new_block(), 0
+                self._in_block += 1
+                ref = new_ref(self._block, *identity)
                 key = os.urandom(KEY_BYTES)
                 self._pending[ref] = key
                 self._keys.keep(ref, key)
@@ -287,23 +327,27 @@ class PersonVault:
                 self._keys.keep(ref, key)
 
     async def commit(self) -> int:
-        """Write the keys made since the last commit to the bucket; before the events they seal."""
+        """Write the keys made since the last commit to the bucket, a message per block, before the
+        events they seal. A block is written once (``Nats-Expected-Last-Subject-Sequence: 0``);
+        keys made after it was written go to a new block."""
         if not self._pending:
             return 0
-        pending = list(self._pending.items())
-        for start in range(0, len(pending), CREATE_WINDOW):
-            window = pending[start : start + CREATE_WINDOW]
-            acks = [await self._create(ref, key) for ref, key in window]  # pipelined: acks awaited per window
-            for ack in acks:
-                await self._created(ack)
-            for ref, _ in window:
-                self._pending.pop(ref, None)
-        return len(pending)
+        blocks: dict[str, list[tuple[str, bytes]]] = {}
+        for ref, key in self._pending.items():
+            blocks.setdefault(block_of(ref), []).append((ref, key))
+        acks = [await self._create(block, encode_block(keys)) for block, keys in blocks.items()]
+        for ack in acks:
+            await self._created(ack)
+        made = len(self._pending)
+        self._pending = {}
+        if self._in_block:
+            self._block, self._in_block = new_block(), 0
+        return made
 
-    async def _create(self, ref: str, key: bytes) -> asyncio.Future[api.PubAck]:
+    async def _create(self, block: str, value: bytes) -> asyncio.Future[api.PubAck]:
         try:
             return await self.js.publish_async(
-                SUBJECT_PREFIX + ref, key, stream=STREAM, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
+                SUBJECT_PREFIX + block, value, stream=STREAM, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
             )
         except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
             raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
@@ -320,17 +364,23 @@ class PersonVault:
 
     # ------------------------------------------------------------------ consumers
     async def prefetch(self, refs: Iterable[str]) -> None:
-        """Fetch the keys of ``refs`` not cached, in parallel."""
+        """Fetch the blocks of the refs whose keys are not cached: a block brings every key in it."""
         wanted = [
             r for r in dict.fromkeys(refs) if r not in self._keys and r not in self._gone and r not in self._revoked
         ]
-        chunks = [wanted[start : start + FETCH_BATCH] for start in range(0, len(wanted), FETCH_BATCH)]
+        if not wanted:
+            return
+        blocks = list(dict.fromkeys(block_of(ref) for ref in wanted))
+        chunks = [blocks[start : start + FETCH_BATCH] for start in range(0, len(blocks), FETCH_BATCH)]
         for start in range(0, len(chunks), FETCH_PARALLEL):
-            await asyncio.gather(*(self._fetch_many(chunk) for chunk in chunks[start : start + FETCH_PARALLEL]))
+            await asyncio.gather(*(self._fetch_blocks(chunk) for chunk in chunks[start : start + FETCH_PARALLEL]))
+        for ref in wanted:
+            if ref not in self._batch:
+                self._gone.keep(ref, b"")  # its block does not hold it: destroyed
 
-    async def _fetch_many(self, refs: list[str]) -> None:
-        """The keys of ``refs`` in one direct batch get (``multi_last``, nats-server 2.11+): the server
-        answers each key it holds, then an end-of-batch status; a ref it does not hold is destroyed."""
+    async def _fetch_blocks(self, blocks: list[str]) -> None:
+        """Blocks in one direct batch get (``multi_last``, nats-server 2.11+): the server answers each
+        block it holds, then an end-of-batch status."""
         nc = self.js._nc
         inbox = nc.new_inbox()
         answers: asyncio.Queue[Msg] = asyncio.Queue()
@@ -338,9 +388,8 @@ class PersonVault:
         async def collect(msg: Msg) -> None:
             answers.put_nowait(msg)
 
-        request = json.dumps({"multi_last": [SUBJECT_PREFIX + ref for ref in refs], "batch": len(refs)})
+        request = json.dumps({"multi_last": [SUBJECT_PREFIX + block for block in blocks], "batch": len(blocks)})
         sub = await nc.subscribe(inbox, cb=collect)
-        found: set[str] = set()
         try:
             await nc.publish(f"$JS.API.DIRECT.GET.{STREAM}", request.encode(), reply=inbox)
             while True:
@@ -353,16 +402,12 @@ class PersonVault:
                     if headers["Status"] not in ("204", "404"):
                         raise Unavailable(f"key fetch failed: {headers['Status']} {headers.get('Description', '')}")
                     break
-                ref = headers.get("Nats-Subject", "").removeprefix(SUBJECT_PREFIX)
-                if len(msg.data) == KEY_BYTES:
-                    found.add(ref)
-                    self._keys.keep(ref, msg.data)
-                    self._batch[ref] = msg.data
+                for ref, key in decode_block(msg.data).items():
+                    if ref not in self._revoked:
+                        self._keys.keep(ref, key)
+                        self._batch[ref] = key
         finally:
             await sub.unsubscribe()
-        for ref in refs:
-            if ref not in found:
-                self._gone.keep(ref, b"")
 
     def open_envelope(self, env: Envelope) -> bool:
         """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
@@ -424,20 +469,45 @@ class PersonVault:
             self._pending.pop(ref, None)
 
     async def destroy(self, key_refs: Sequence[str]) -> int:
-        """Erase the keys for good (their stored bytes overwritten); returns how many existed."""
+        """Erase the keys for good; returns how many existed. Each block holding some of them is
+        written again without them (guarded by its last sequence), then its previous message is
+        deleted with erase (its bytes overwritten), so no copy of a destroyed key is left."""
         self.revoke(key_refs)
+        by_block: dict[str, set[str]] = {}
+        for ref in key_refs:
+            by_block.setdefault(block_of(ref), set()).add(ref)
         found = 0
-        for ref in dict.fromkeys(key_refs):
-            try:
-                entry = await self.kv.get(ref)
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            try:
-                await self.js.delete_msg(STREAM, entry.revision or 0)  # erase: overwritten with random bytes
-            except nats.js.errors.NotFoundError:
-                continue
-            found += 1
-            self._gone.keep(ref, b"")
+        for block, refs in by_block.items():
+            found += await self._destroy_in(block, refs)
+            for ref in refs:
+                self._gone.keep(ref, b"")
         if found:
             log.info("vault_keys_destroyed", keys=found)
         return found
+
+    async def _destroy_in(self, block: str, refs: set[str]) -> int:
+        for _attempt in range(5):
+            try:
+                entry = await self.kv.get(block)
+            except nats.js.errors.KeyNotFoundError:
+                return 0
+            keys = decode_block(entry.value or b"")
+            doomed = refs & keys.keys()
+            if not doomed:
+                return 0
+            kept = [(ref, key) for ref, key in keys.items() if ref not in doomed]
+            try:
+                if kept:  # the block stays readable throughout: the new version first (history 2)
+                    await self.js.publish(
+                        SUBJECT_PREFIX + block,
+                        encode_block(kept),
+                        stream=STREAM,
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(entry.revision)},
+                    )
+                await self.js.delete_msg(STREAM, entry.revision or 0)  # erase: overwritten with random bytes
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == 10071:
+                    continue  # another destroy rewrote the block meanwhile: read it again
+                raise Unavailable(f"key destroy failed: {exc.description}") from exc
+            return len(doomed)
+        raise Unavailable(f"key block {block} kept changing while keys were destroyed")
