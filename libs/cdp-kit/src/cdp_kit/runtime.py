@@ -232,6 +232,9 @@ async def service_status(service: Service, name: str, vitals: Vitals) -> admin_p
         nats_connected=processor.eventlog.connected,
         stall_after_seconds=vitals.stall_after_s,
     )
+    if processor.vault is not None:
+        status.erased_events = processor.vault.erased
+        status.erased_fields = processor.vault.erased_fields
     for inp in processor.inputs:
         applied = checkpoints.get(in_checkpoint(inp.spec), 0)
         status.consumers.append(await consumer_status(vitals, inp, applied, dead.get(inp.spec.name, 0)))
