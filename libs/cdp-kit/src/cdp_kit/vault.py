@@ -1,32 +1,41 @@
-"""Per-identity keys for crypto-shredding, in the NATS KV bucket ``CDP_KEYS`` (history 1).
+"""Per-identity keys for crypto-shredding, in the NATS KV bucket ``CDP_KEYS``.
 
 The invariant this module keeps: **once a person's keys are destroyed, no byte of them is left
 in the bucket's store, and every record sealed with them reads as erased, on every replay.**
 
-* **A key ref** names ONE key generation of one identity: ``<16 hex of pii_hash("keyref:ns:value")>``
-  ``.<16 random hex>``. It is also the KV key; the value is the 32 key bytes. A destroyed key is
-  never re-created: the next record of that identity gets a new generation (a new ref), so old
-  records stay unreadable. Refs travel in clear in each sealed part (``Sealed.key_refs``): a
-  reader never recomputes a ref from a plain value (services may run with different PII keys).
+* **A key ref** names ONE key generation of one identity: ``<block>.<16 hex of
+  pii_hash("keyref:ns:value")>.<8 random hex>``. A destroyed key is never re-created: the next
+  record of that identity gets a new generation (a new ref), so old records stay unreadable. Refs
+  travel in clear in each sealed part (``Sealed.key_refs``): a reader never recomputes a ref from
+  a plain value (services may even run with different PII hash keys).
+* **Key blocks.** The KV key is the block (16 random hex); its value holds every key a producer
+  made in one commit (at most ``BLOCK_KEYS``): for each, the ref's length, the ref, 32 key bytes.
+  One message per block instead of one per key: ingest writes a few messages per batch, and a
+  reader's one fetch brings the keys of the records around the one it needed.
 * **Producers** (ingest) call ``refs_for(identities)`` (synchronous, in the fold's transaction):
   a cached generation, or a new one made in memory; ``commit()`` writes the new ones to the
-  bucket in parallel (``Nats-Expected-Last-Subject-Sequence: 0``) *before* the events sealed with
-  them are appended, so a record on the log always has its keys in the bucket. A process keeps a
-  bounded cache (``cache_size``) of identity -> generation; an identity that falls out of it (or
-  a restart) gets a new generation: more keys, never a wrong one (identity remembers every ref
-  of every identity it links, so a delete destroys them all).
-* **Consumers** call ``prefetch(refs)`` (or ``open_messages``) once per fetched batch: the keys
-  not cached are fetched in parallel (direct get), at most ``fetch_parallel`` in flight; a ref
-  the bucket does not hold is remembered as destroyed. Then ``open_envelope`` opens each sealed
-  part at the decode boundary, so handlers see plain payloads.
+  bucket (a block each, ``Nats-Expected-Last-Subject-Sequence: 0``) *before* the events sealed
+  with them are appended, so a record on the log always has its keys in the bucket. A process
+  keeps a bounded cache (``cache_size``) of identity -> generation; an identity that falls out of
+  it, a restart or a CSV reader process (``LocalKeys``, adopted by the service) gives it a new
+  generation: more keys, never a wrong one (identity remembers every ref of every identity it
+  links, so a delete destroys them all).
+* **Consumers** call ``prefetch(refs)`` (or ``open_messages``) once per fetched batch: the blocks
+  of the keys not cached come in direct batch gets (``multi_last``, ``FETCH_BATCH`` blocks a
+  request, ``FETCH_PARALLEL`` in flight); a ref its block does not hold is remembered as destroyed.
+  ``open_envelope`` then opens each sealed part at the decode boundary, so handlers see plain
+  payloads. Sealing keys not at hand raises ``KeysNeeded``: the processor fetches and retries.
 * **Erasure**: ``revoke(refs)`` (the privacy request applied in this process): from now on,
   parts sealed with any of these refs read as erased and producers stop using them.
-  ``destroy(refs)`` (identity, after every service applied the request) deletes each key's
-  message by sequence with JetStream's **erase** (``STREAM.MSG.DELETE`` without ``no_erase``:
-  the server overwrites the stored bytes with random data; a KV delete or purge only drops the
-  index and leaves the bytes until the block is compacted). The bucket is therefore a stream
-  made by provisioning with ``deny_delete: false`` (nats-py's ``create_key_value`` denies deletes).
-* **Unreadable records** are folded as erased and counted (``erased``, ``cdp.vault.erased``).
+  ``destroy(refs)`` (identity, after every service applied the request) writes each block again
+  without those keys (guarded by its last sequence), then deletes the previous message by
+  sequence with JetStream's **erase** (``STREAM.MSG.DELETE`` without ``no_erase``: the server
+  overwrites the stored bytes with random data; a KV delete or purge only drops the index and
+  leaves the bytes until compaction). The bucket's stream is therefore made by provisioning with
+  deletes allowed (nats-py's ``create_key_value`` denies them) and 2 messages per subject, so a
+  block being rewritten is never absent (its old version lives only until it is erased).
+* **Unreadable records** are folded as erased and counted (``erased``, ``erased_fields``, the
+  ``cdp.vault.erased`` metric and the service status).
 * **Sealing off** (``CDP_SEAL_PERSONAL_DATA=false``) exists for benches only: nothing is sealed;
   records already sealed are still opened.
 
