@@ -15,9 +15,10 @@ nothing in this module checks a message itself. Each service may
   sequence (that request does not name a subject), nor list consumers.
 
 The per-identity key bucket of crypto-shredding (``cdp_kit.vault``, stream ``KV_CDP_KEYS``) is made
-by provisioning (admin). Every service may read keys (direct get by key, stream info); only the
-``KEY_MAKERS`` (ingest) may create them, only the ``KEY_DESTROYERS`` (identity) may erase them (a
-key block written again without them, its previous message deleted by sequence). No service may purge or delete the bucket.
+by provisioning (admin). Every service may read keys (direct get by key and batch get, stream
+info); only the ``KEY_MAKERS`` (ingest) may create them, only the ``KEY_DESTROYERS`` (identity)
+may erase them (a key block written again without them, its previous message deleted by
+sequence). No service may purge or delete the bucket.
 
 Replies come back on a per-user inbox prefix (``_INBOX_<user>``): no user may subscribe to
 another's replies. ``publisher`` may publish ``cdp.collect.>`` only; ``admin`` may do everything

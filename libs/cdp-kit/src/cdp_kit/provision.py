@@ -18,7 +18,7 @@ import sys
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsauth import NatsAuth
-from cdp_kit.streams import ALL_STREAMS
+from cdp_kit.streams import ALL_STREAMS, KEYS
 
 
 async def provision_streams(nats_url: str, auth: NatsAuth, *, replicas: int = 1, attempts: int = 1) -> None:
@@ -46,7 +46,8 @@ def main() -> int:
     except Unavailable as exc:
         print(f"provisioning the streams at {url} failed: {exc.message}", file=sys.stderr)
         return 1
-    print(f"provisioned {len(ALL_STREAMS)} streams ({replicas} replicas): {', '.join(s.name for s in ALL_STREAMS)}")
+    names = ", ".join(s.name for s in ALL_STREAMS)
+    print(f"provisioned {len(ALL_STREAMS)} streams and the key bucket {KEYS.name} ({replicas} replicas): {names}")
     return 0
 
 

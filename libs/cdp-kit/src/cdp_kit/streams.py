@@ -38,6 +38,9 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENC
 KEY_BUCKET = "CDP_KEYS"
 KEY_STREAM = f"KV_{KEY_BUCKET}"
 KEY_SUBJECT_PREFIX = f"$KV.{KEY_BUCKET}."
+# Not in ALL_STREAMS (provisioning makes it with its own configuration: cdp_kit.vault); every
+# service checks at start that it exists.
+KEYS = StreamSpec(KEY_STREAM, (f"{KEY_SUBJECT_PREFIX}>",), "per-identity keys of personal data")
 
 
 @dataclass(frozen=True)
