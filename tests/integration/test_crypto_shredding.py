@@ -160,3 +160,22 @@ async def leaking(eventlog: EventLog, plain: bytes) -> list[str]:
     """The events on identity's log whose bytes hold ``plain`` (what the assertion shows)."""
     msgs = [m async for m in eventlog.read(IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject)]
     return [f"{e.type} sealed={len(e.sealed)}" for m in msgs for e in m.events() if plain in e.SerializeToString()]
+
+
+async def test_a_process_without_the_keys_fetches_them_to_seal_an_unlink(eventlog: EventLog, tmp_path: Path) -> None:
+    """The keys an unlink's decision and split need are not at hand in a fresh process: sealing raises
+    KeysNeeded, the processor fetches them and runs the command again; nothing goes out in clear."""
+    cookie = ("cookie", "ck-bob-phone-1")
+    await ingest_records(eventlog, [[*BOB, cookie]])
+    url = sqlite_url(tmp_path / "identity.db")
+    live, _ = identity(eventlog, url)
+    await live.catch_up()
+    restarted, api = identity(eventlog, url)  # the same store, a new process: an empty key cache
+    await restarted.recover()
+    reply = await api.Unlink(pb.UnlinkRequest(identity=IdentityValue(namespace=cookie[0], value=cookie[1])), None)  # type: ignore[arg-type]
+    assert reply.changed
+    assert reply.decision.identity.value == cookie[1]  # the operator's answer is plain
+    raw, _ = await fragments(eventlog)
+    for plain in (b"ck-bob-phone-1", b"bob.other@example.com"):
+        assert plain not in raw, await leaking(eventlog, plain)
+    assert {"GraphDecision", "ProfileSplit"} <= await event_kinds(eventlog)
