@@ -47,6 +47,8 @@ backup: replay the privacy requests (CDP_PRIVACY) and destroy again after any re
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -67,7 +69,7 @@ from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
 from cdp_kit.sealing import Erased, merge_part, open_part, seal
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
-from cdp_kit.telemetry import get_logger, meter, pii_hash
+from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
 # Keys per block (one KV entry, ~80 bytes a key), blocks per direct batch get, batches in flight.
 BLOCK_KEYS = 4096
@@ -110,8 +112,22 @@ def key_bucket_config(*, replicas: int = 1, memory: bool = False) -> api.StreamC
     )
 
 
+class _RefHash:
+    """HMAC-SHA256 keyed by the PII hash key (``cdp_kit.telemetry.pii_hash``'s) over
+    ``keyref:<ns>:<value>``, with the keyed state computed once per process (a hot path of ingest)."""
+
+    key: bytes | None = None
+    mac: hmac.HMAC | None = None
+
+
 def identity_hash(namespace: str, value: str) -> str:
-    return pii_hash(f"keyref:{namespace}:{value}")[2:]
+    key = pii_hash_key()
+    if _RefHash.key is not key:
+        _RefHash.key, _RefHash.mac = key, hmac.new(key, b"keyref:", hashlib.sha256)
+    assert _RefHash.mac is not None
+    mac = _RefHash.mac.copy()
+    mac.update(f"{namespace}:{value}".encode("utf-8", "surrogatepass"))
+    return mac.hexdigest()[:16]
 
 
 def new_block() -> str:
@@ -185,8 +201,9 @@ class LocalKeys:
                 if self._in_block >= BLOCK_KEYS:
                     self._block, self._in_block = new_block(), 0
                 self._in_block += 1
-                ref = self._current[identity] = new_ref(self._block, *identity)
-                self.keys[ref] = self._made[ref] = os.urandom(KEY_BYTES)
+                ref, key = new_key(self._block, *identity)
+                self._current[identity] = ref
+                self.keys[ref] = self._made[ref] = key
             refs.append(ref)
         return refs
 
@@ -210,9 +227,10 @@ class LocalKeys:
         self.keys.update(keys)
 
 
-def new_ref(block: str, namespace: str, value: str) -> str:
-    """A new key generation of one identity, stored in ``block``."""
-    return f"{block}.{identity_hash(namespace, value)}.{secrets.token_hex(4)}"
+def new_key(block: str, namespace: str, value: str) -> tuple[str, bytes]:
+    """A new key generation of one identity, stored in ``block``: its ref and its key."""
+    random = os.urandom(KEY_BYTES + 4)
+    return f"{block}.{identity_hash(namespace, value)}.{random[KEY_BYTES:].hex()}", random[:KEY_BYTES]
 
 
 class _AtHand(Mapping[str, bytes]):
@@ -285,8 +303,7 @@ class PersonVault:
                 if self._in_block >= BLOCK_KEYS:
                     self._block, self._in_block = new_block(), 0
                 self._in_block += 1
-                ref = new_ref(self._block, *identity)
-                key = os.urandom(KEY_BYTES)
+                ref, key = new_key(self._block, *identity)
                 self._pending[ref] = key
                 self._keys.keep(ref, key)
                 current[identity] = ref
