@@ -73,7 +73,7 @@ from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
 # Keys per block (one KV entry, ~80 bytes a key), blocks per direct batch get, batches in flight.
 BLOCK_KEYS = 4096
-FETCH_BATCH = 256
+FETCH_BATCH = 16  # a block holds up to ~330 KB: a request answers at most ~5 MB
 FETCH_PARALLEL = 4
 FETCH_TIMEOUT_S = 10.0
 CREATE_TIMEOUT_S = 10.0
