@@ -333,9 +333,7 @@ async def test_datasets_keep_profile_flag_and_retention_and_refuse_bad_ones(inge
 async def test_records_on_the_log_hold_no_plain_identity_or_attribute(ingest: Ingest) -> None:
     report = await ingest.upload(csv_bytes([good_row(i) for i in range(1, 3)]), "sealed")
     assert report.rows_accepted == 2
-    raw = b"".join(
-        [msg.data async for msg in ingest.eventlog.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject)]
-    )
+    raw = b"".join([msg.data async for msg in ingest.eventlog.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject)])
     for plain in (b"p1@example.com", b"Name1", b"C00001", b"first_name"):
         assert plain not in raw
     records = await ingest.records(report.batch_id)

@@ -23,6 +23,7 @@ from cdp_kit.streams import (
     ACTIVATION_CONFIG,
     CONFIG,
     IDENTITY_FRAGMENTS,
+    KEY_STREAM,
     PROFILE,
     SEGMENTATION_MEMBERSHIPS,
     SEGMENTATION_READS_INGEST_CONFIG,
@@ -30,7 +31,7 @@ from cdp_kit.streams import (
     SERVICE_LOGS,
 )
 from cdp_kit.testing.plugin import SecureNats
-from cdp_kit.vault import KEY_STREAM, PersonVault
+from cdp_kit.vault import PersonVault
 
 TOKEN = b'{"destination": "crm", "access_token": "secret-token-123"}'
 SHORT_S = 1.0
