@@ -10,6 +10,7 @@ from cdp.common.v1.envelope_pb2 import Envelope, IdentityValue
 from cdp.identity.v1 import events_pb2 as identity_ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp_kit.sealing import Erased, merge_part, open_part, seal, split_fields
+from cdp_kit.vault import block_of, decode_block, encode_block
 
 ANN, BOB = "aaaa.0001", "bbbb.0002"
 KEYS = {ANN: os.urandom(32), BOB: os.urandom(32)}
@@ -109,3 +110,11 @@ def test_a_part_inside_a_repeated_message_merges_back_in_place() -> None:
     opened = identity_ev.ProfileSplit()
     env.payload.Unpack(opened)
     assert opened == split
+
+
+def test_a_key_block_round_trips_and_a_truncated_one_yields_only_whole_keys() -> None:
+    keys = {f"b1.{i:016x}.0000000{i}": os.urandom(32) for i in range(3)}
+    data = encode_block(keys.items())
+    assert decode_block(data) == keys
+    assert decode_block(data[:-1]) == dict(sorted(keys.items())[:2])
+    assert {block_of(ref) for ref in keys} == {"b1"}
