@@ -45,13 +45,15 @@ from cdp_identity.domain import Rules, profile_id_for, split_key
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolved
 from cdp_identity.main import build_processor, collect_less_often, sqlite_cache
 from cdp_identity.settings import IdentitySettings
-from cdp_kit.envelope import Causation, Cause, Envelope, deterministic_id, make_envelope
+from cdp_ingest.records import RecordBuilder
+from cdp_kit.envelope import Causation, Cause, Envelope, deterministic_id, encode_batch, make_envelope
 from cdp_kit.eventlog import EventLog, LogMessage
 from cdp_kit.piikey import ephemeral_key
 from cdp_kit.processor import Input, Processor, UnitOfWork
 from cdp_kit.store import make_engine, sqlite_url
 from cdp_kit.streams import IDENTITY_READS_INGEST, INGEST_RECORDS, PROFILE, OwnLog
 from cdp_kit.telemetry import configure_pii_hash
+from cdp_kit.vault import PersonVault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 # Records per CDP_INGEST message.
@@ -234,6 +236,45 @@ async def through_service(recs: list[list[tuple[str, str]]]) -> list[Figure]:
     ]
 
 
+async def publish_sealed(eventlog: EventLog, recs: list[list[tuple[str, str]]]) -> None:
+    """The records as ingest writes them with sealing on: identities and attributes sealed under
+    per-identity keys made by a vault (``RecordBuilder``), the keys committed before the append."""
+    vault = await PersonVault.bind(eventlog.js)
+    builder = RecordBuilder("web", ingest_pb2.SCHEMA_CLASS_EVENT, "bench", T0, keys=vault)
+    for start in range(0, len(recs), PER_MESSAGE):
+        encoded = [
+            builder.encode(
+                record_id=f"r{i}",
+                row=0,
+                values={},
+                identities=recs[i],
+                occurred_at=T0 + timedelta(seconds=i),
+                event_type="page_view",
+            )
+            for i in range(start, min(start + PER_MESSAGE, len(recs)))
+        ]
+        await vault.commit()
+        await eventlog.append_raw(INGEST_RECORDS.subject, encode_batch(encoded, T0), msg_id=f"sealed-{start}")
+
+
+async def sealed_or_not(recs: list[list[tuple[str, str]]], seal: bool) -> tuple[Figure, float]:
+    """The identity processor on records sealed by ingest (and sealing its fragments), or on plain
+    records with sealing off; a fresh nats-server and store each."""
+    async with nats_eventlog() as eventlog:
+        await (publish_sealed(eventlog, recs) if seal else publish(eventlog, recs))
+        with tempfile.TemporaryDirectory(prefix="cdp-bench-identity-seal-") as tmp:
+            engine = make_engine(sqlite_url(Path(tmp) / "identity.db"))
+            settings = IdentitySettings(batch_size=BATCH_MESSAGES, seal_personal_data=seal)
+            processor, _ = build_processor(settings, engine, eventlog)
+            processor.create_store()
+            started, cpu = time.perf_counter(), time.process_time()
+            await processor.catch_up()
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+            engine.dispose()
+    label = "on (records and fragments sealed)" if seal else "off"
+    return Figure(f"identity processor, sealing {label}", len(recs), seconds), cpu
+
+
 def run() -> None:
     configure_pii_hash(ephemeral_key())  # a service composition root would read the key file
     n = int(os.environ.get("CDP_BENCH_IDENTITY_RECORDS", "1000000"))
@@ -243,6 +284,19 @@ def run() -> None:
     report(f"identity resolution, {n:,} records x 3 identities", baseline, [service, rebuild, floor_figure])
     print(f"   the service runs at {service.rate / floor_figure.rate:.2f} of the floor's rate")
     print(f"   goal 20,000 records/s: {'met' if service.rate >= 20_000 else 'not met'} ({service.rate:,.0f}/s)")
+    sealing(recs[: int(os.environ.get("CDP_BENCH_SEAL_RECORDS", str(n)))])
+
+
+def sealing(recs: list[list[tuple[str, str]]]) -> None:
+    """Crypto-shredding's cost (docs/privacy.md): the same records, sealing off then on."""
+    off, off_cpu = asyncio.run(sealed_or_not(recs, seal=False))
+    on, on_cpu = asyncio.run(sealed_or_not(recs, seal=True))
+    report(f"identity: crypto-shredding, {len(recs):,} records x 3 identities (goal ratio >= 0.8)", off, [on])
+    n = len(recs)
+    print(
+        f"   processor CPU: {off_cpu / n * 1e6:.0f} us/record off, {on_cpu / n * 1e6:.0f} on: "
+        f"CPU ratio {off_cpu / on_cpu:.2f} (steadier than wall clock on a shared machine)"
+    )
 
 
 if __name__ == "__main__":

@@ -198,6 +198,29 @@ async def security_figures(stubs: dict[str, Any], addresses: dict[str, str], loc
     )
 
 
+SEAL_ROWS = int(os.environ.get("CDP_BENCH_SEAL_ROWS", str(ROWS)))
+
+
+async def sealing_figures(stub: Any, handlers: Any) -> None:
+    """Crypto-shredding's cost (docs/privacy.md): the same service, IngestFile with sealing off and
+    on, ABBA. The setting is CDP_SEAL_PERSONAL_DATA; here the service's key maker is switched."""
+    vault = handlers.keys
+    data = crm_csv(SEAL_ROWS)
+    seconds: dict[str, float] = {"off": 0.0, "on": 0.0}
+    for i, mode in enumerate(ABBA):
+        handlers.keys = vault if mode == "on" else None
+        started = time.perf_counter()
+        result = await stub.IngestFile(chunks(data, f"bench-seal-{i}"))
+        seconds[mode] += time.perf_counter() - started
+        assert result.rows_accepted == SEAL_ROWS, result
+    handlers.keys = vault
+    report(
+        f"ingest: crypto-shredding, IngestFile, {SEAL_ROWS:,}-row CRM CSV twice each way (goal ratio >= 0.8)",
+        Figure("IngestFile, sealing off (rows)", 2 * SEAL_ROWS, seconds["off"]),
+        [Figure("IngestFile, identities and attributes sealed (rows)", 2 * SEAL_ROWS, seconds["on"])],
+    )
+
+
 @dataclass
 class Measured:
     packed: Figure
@@ -252,8 +275,9 @@ async def measure(secure: bool) -> Measured:
                 await setup(stub)
                 packed, each, measured = await batch_figures(stub, log)
                 streaming = await streaming_figures(port, nats, service.processor)
-                if not secure:  # gRPC's cost once, on the plain NATS run
+                if not secure:  # gRPC's and sealing's costs once, on the plain NATS run
                     await security_figures(stubs, addresses, local)
+                    await sealing_figures(stub, service.registrations[0].servicer.handlers)
                 return Measured(packed, each, measured, streaming)
             finally:
                 await channel.close(None)

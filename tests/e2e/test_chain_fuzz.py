@@ -35,7 +35,7 @@ from cdp_cli.client import SERVICES, Client
 from cdp_cli.skeleton import WEB_SCHEMA, ensure_datasets, retrying
 from cdp_cli.stack import Stack
 from cdp_kit.envelope import Cause, encode_batch, make_envelope
-from tests.e2e.chain import dead_letters, healths, publish, wait_for
+from tests.e2e.chain import dead_letters, healths, publish, read_log, wait_for
 from tests.integration.test_processor import T0
 
 pytestmark = pytest.mark.e2e
@@ -328,3 +328,21 @@ def test_garbage_on_a_consumed_subject_is_set_aside_and_what_follows_is_applied(
 
     aside = letter_for(f, writer, own, target.stream, sequence)
     assert aside.error_class, aside
+
+
+def test_the_chain_carries_the_person_sealed_and_still_exports_them(fuzzed: Fuzzed) -> None:
+    """Crypto-shredding through the running stack (its NATS users and permissions): ingest seals the
+    record, identity its fragment, activation its batch; each opens what it reads, so the person
+    still reaches the export, and no log holds their email in clear."""
+    f = fuzzed
+    n = f.next()
+    through_the_chain(f, n)
+    email = f"fuzz.{n}@example.com".encode()
+    for stream, subject in (
+        ("CDP_INGEST", "cdp.ingest.>"),
+        ("CDP_PROFILE", "cdp.profile.>"),
+        ("CDP_DELIVERY", "cdp.delivery.>"),
+    ):
+        raw = b"".join(m.data for m in read_log(f.stack, stream, subject))
+        assert raw, stream
+        assert email not in raw, stream

@@ -42,6 +42,7 @@ from cdp_kit.processor import Processor, in_checkpoint
 from cdp_kit.store import canonical_dump, get_checkpoint, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import COLLECT, INGEST_CONFIG, INGEST_READS_COLLECT, INGEST_RECORDS, collect_subject
 from cdp_kit.telemetry import pii_hash
+from cdp_kit.vault import PersonVault
 
 CRM = {
     "name": "crm_person",
@@ -116,9 +117,12 @@ class Ingest:
         return report
 
     async def records(self, batch_id: str | None = None) -> list[ev.RecordAccepted]:
+        """The records on the log, opened as a reader's decode boundary opens them."""
         found = []
-        async for msg in self.eventlog.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject):
-            for env in msg.events():
+        msgs = [msg async for msg in self.eventlog.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject)]
+        opened = await PersonVault.of(self.eventlog.js).open_messages(msgs)
+        for msg in msgs:
+            for env in opened[msg.sequence]:
                 if is_a(env, ev.RecordAccepted):
                     rec = unpack(env, ev.RecordAccepted)
                     if batch_id is None or rec.batch_id == batch_id:
@@ -324,6 +328,17 @@ async def test_datasets_keep_profile_flag_and_retention_and_refuse_bad_ones(inge
 
 
 # ============================================================================ batches
+
+
+async def test_records_on_the_log_hold_no_plain_identity_or_attribute(ingest: Ingest) -> None:
+    report = await ingest.upload(csv_bytes([good_row(i) for i in range(1, 3)]), "sealed")
+    assert report.rows_accepted == 2
+    raw = b"".join([msg.data async for msg in ingest.eventlog.read(INGEST_RECORDS.stream.name, INGEST_RECORDS.subject)])
+    for plain in (b"p1@example.com", b"Name1", b"C00001", b"first_name"):
+        assert plain not in raw
+    records = await ingest.records(report.batch_id)
+    assert {r.identities[0].value for r in records if r.identities} >= {"C00001"}
+    assert "first_name" in records[0].attributes.fields
 
 
 async def test_a_csv_batch_is_converted_to_the_schema_types_and_appended(ingest: Ingest) -> None:

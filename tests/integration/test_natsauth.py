@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
+from nats.js.client import JetStreamContext
 
 from cdp_kit.envelope import encode_batch, utcnow
 from cdp_kit.errors import Unavailable
@@ -22,6 +23,7 @@ from cdp_kit.streams import (
     ACTIVATION_CONFIG,
     CONFIG,
     IDENTITY_FRAGMENTS,
+    KEY_STREAM,
     PROFILE,
     SEGMENTATION_MEMBERSHIPS,
     SEGMENTATION_READS_INGEST_CONFIG,
@@ -29,6 +31,7 @@ from cdp_kit.streams import (
     SERVICE_LOGS,
 )
 from cdp_kit.testing.plugin import SecureNats
+from cdp_kit.vault import PersonVault
 
 TOKEN = b'{"destination": "crm", "access_token": "secret-token-123"}'
 SHORT_S = 1.0
@@ -234,3 +237,39 @@ async def test_memberships_are_segmentations_alone(secure_nats: SecureNats) -> N
             await activation.append_raw(SEGMENTATION_MEMBERSHIPS.subject, b"x", msg_id="forged")
     finally:
         await activation.close()
+
+
+async def test_the_key_bucket_ingest_makes_everyone_reads_identity_erases(secure_nats: SecureNats) -> None:
+    """Crypto-shredding keys (cdp_kit.vault): provisioning made the bucket, ingest creates keys,
+    every service reads them, only identity destroys them, and no one else may do either."""
+    logs = {user: await secure_nats.connect(user) for user in ("ingest", "identity", "segmentation", "activation")}
+    try:
+        vaults = {user: await PersonVault.bind(log.js) for user, log in logs.items()}
+        refs = vaults["ingest"].refs_for([("email", "ann@example.com"), ("email", "bob@example.com")])
+        assert await vaults["ingest"].commit() == 2
+        for user in ("identity", "segmentation", "activation"):
+            await vaults[user].prefetch(refs)
+            assert vaults[user].can_seal(refs), user
+        forger = vaults["segmentation"]
+        forger.refs_for([("email", "eve@example.com")])
+        forger.js._timeout = SHORT_S
+        with pytest.raises(Unavailable):
+            await forger.commit()
+        activation = logs["activation"].js
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await nats_js_manager(activation).delete_msg(KEY_STREAM, 1)
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await nats_js_manager(activation).purge_stream(KEY_STREAM)
+        assert await vaults["identity"].destroy(refs[:1]) == 1
+        fresh = await PersonVault.bind(logs["activation"].js)
+        await fresh.prefetch(refs)
+        assert not fresh.can_seal(refs[:1])
+        assert fresh.can_seal(refs[1:])
+    finally:
+        for log in logs.values():
+            await log.close()
+
+
+def nats_js_manager(js: JetStreamContext) -> JetStreamContext:
+    js._timeout = SHORT_S
+    return js

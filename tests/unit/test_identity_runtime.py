@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -43,7 +44,7 @@ def test_building_the_processor_tunes_the_collector(tmp_path: Path) -> None:
     gc.set_threshold(700, 10, 10)
     engine = make_engine(sqlite_url(tmp_path / "identity.db"))
     try:
-        build_processor(IdentitySettings(), engine, cast(EventLog, None))
+        build_processor(IdentitySettings(), engine, cast(EventLog, SimpleNamespace(js=None)))  # never connects
     finally:
         engine.dispose()
     assert gc.get_threshold() == GC_THRESHOLD

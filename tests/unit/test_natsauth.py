@@ -9,9 +9,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from cdp_kit.eventlog import EventLog
-from cdp_kit.natsauth import ADMIN, PUBLISHER, USERS, permissions, server_config
+from cdp_kit.natsauth import ADMIN, KEY_DESTROYERS, KEY_MAKERS, PUBLISHER, USERS, permissions, server_config
 from cdp_kit.store import make_engine, sqlite_url
-from cdp_kit.streams import SERVICE_LOGS, SERVICES
+from cdp_kit.streams import KEY_STREAM, KEY_SUBJECT_PREFIX, SERVICE_LOGS, SERVICES
 
 
 def builders() -> dict[str, tuple[Any, Any]]:
@@ -56,13 +56,24 @@ def test_each_subject_has_one_writer_and_no_service_manages_streams() -> None:
                 writers.setdefault(subject, []).append(service)
             for forbidden in ("STREAM.CREATE", "STREAM.UPDATE", "STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.GET"):
                 assert forbidden not in subject, (service, subject)
-            assert not subject.startswith("$JS.API.DIRECT.GET.") or subject.count(".") > 4, subject
-            assert ">" not in subject or subject.startswith(("$JS.ACK.", "$JS.API.")), subject
+            by_sequence = subject.startswith("$JS.API.DIRECT.GET.") and subject.count(".") <= 4
+            assert not by_sequence or subject == f"$JS.API.DIRECT.GET.{KEY_STREAM}", subject  # keys: batch get
+            key_writer = service in (*KEY_MAKERS, *KEY_DESTROYERS) and subject == f"{KEY_SUBJECT_PREFIX}>"
+            assert ">" not in subject or key_writer or subject.startswith(("$JS.ACK.", "$JS.API.")), subject
         assert permissions(service).subscribe == (f"_INBOX_{service}.>",)
     assert all(len(owners) == 1 for owners in writers.values()), writers
     assert not any(s.startswith("cdp.collect") for s in writers)
     assert permissions(PUBLISHER).publish == ("cdp.collect.>",)
     assert permissions(ADMIN).publish == (">",)
+
+
+def test_only_ingest_makes_keys_and_only_identity_erases_them() -> None:
+    for service in SERVICES:
+        allowed = permissions(service).publish
+        assert f"$JS.API.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>" in allowed
+        assert (f"{KEY_SUBJECT_PREFIX}>" in allowed) == (service in ("ingest", "identity")), service
+        assert (f"$JS.API.STREAM.MSG.DELETE.{KEY_STREAM}" in allowed) == (service == "identity"), service
+        assert not any(s.startswith(f"$JS.API.STREAM.PURGE.{KEY_STREAM}") for s in allowed)
 
 
 def test_segmentation_may_read_only_its_inputs() -> None:
@@ -81,16 +92,21 @@ def test_server_config_names_every_user_and_holds_no_secret_without_passwords() 
     assert literal.count('"pw-123"') == len(USERS)
 
 
-def test_only_ingest_may_erase_and_only_on_collect() -> None:
-    """Privacy: ingest erases a person's raw messages on CDP_COLLECT by sequence; no one else deletes."""
+def test_only_ingest_and_identity_may_erase_and_only_what_they_erase() -> None:
+    """Privacy: ingest erases a person's raw messages on CDP_COLLECT by sequence, identity the
+    person's keys in the key bucket (crypto-shredding); no one else deletes anything."""
+    erases = {
+        "ingest": ["$JS.API.STREAM.MSG.DELETE.CDP_COLLECT"],
+        "identity": ["$JS.API.STREAM.MSG.DELETE.KV_CDP_KEYS"],
+    }
     for service in SERVICES:
         erasing = [s for s in permissions(service).publish if ".MSG.DELETE." in s]
-        assert erasing == (["$JS.API.STREAM.MSG.DELETE.CDP_COLLECT"] if service == "ingest" else []), service
+        assert erasing == erases.get(service, []), service
 
 
 def test_a_privacy_request_completes_once_every_applier_applied() -> None:
     from cdp_kit.streams import privacy_appliers
 
-    # Activation joins once its privacy_applied_log is in SERVICE_LOGS (then keys wait for its removals).
-    assert {"ingest", "segmentation"} <= set(privacy_appliers())
+    # Activation is one: the person's keys wait for its removals.
+    assert set(privacy_appliers()) == {"ingest", "segmentation", "activation"}
     assert "identity" not in privacy_appliers()

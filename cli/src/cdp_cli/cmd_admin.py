@@ -26,7 +26,7 @@ from cdp_kit.natsauth import (
     write_password_env,
 )
 from cdp_kit.provision import provision_streams
-from cdp_kit.streams import ALL_STREAMS, parse_max_ages
+from cdp_kit.streams import ALL_STREAMS, KEYS, parse_max_ages
 
 app = typer.Typer(
     help="Operator tasks: provision the streams, NATS configuration and secrets, master key rotation.",
@@ -166,7 +166,8 @@ def provision(
         run_async(provision_streams(url, auth, replicas=replicas, max_ages=max_ages))
     except Unavailable as exc:
         raise CliError(f"provisioning the streams at {url} failed: {exc.message}") from None
-    render.out.print(f"provisioned {len(ALL_STREAMS)} streams: {', '.join(s.name for s in ALL_STREAMS)}")
+    names = ", ".join(s.name for s in ALL_STREAMS)
+    render.out.print(f"provisioned {len(ALL_STREAMS)} streams and the key bucket {KEYS.name}: {names}")
 
 
 @app.command("nats-config")

@@ -26,6 +26,7 @@ from cdp_kit.errors import CdpError, Conflict, Unavailable
 from cdp_kit.natsauth import NatsAuth, getter_name
 from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
 from cdp_kit.telemetry import get_logger
+from cdp_kit.vault import key_bucket_config
 
 log = get_logger(__name__)
 
@@ -184,6 +185,16 @@ class EventLog:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(config)
+        if {spec.name for spec in specs} >= {spec.name for spec in ALL_STREAMS}:  # the whole platform's
+            await self.ensure_key_bucket(replicas=replicas, memory=memory)
+
+    async def ensure_key_bucket(self, *, replicas: int = 1, memory: bool = False) -> None:
+        """The per-identity key bucket of crypto-shredding (``cdp_kit.vault``), made by provisioning."""
+        config = key_bucket_config(replicas=replicas, memory=memory)
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
 
     async def verify_streams(self, specs: Iterable[StreamSpec]) -> None:
         """Check that the streams exist (services never create them: ``cdp admin provision`` does)."""

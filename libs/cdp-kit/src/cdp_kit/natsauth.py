@@ -16,6 +16,12 @@ nothing in this module checks a message itself. Each service may
 * erase messages by sequence only on the streams its ``ServiceLogs.erases`` names
   (``$JS.API.STREAM.MSG.DELETE.<stream>``): ingest, on CDP_COLLECT, for privacy erasure.
 
+The per-identity key bucket of crypto-shredding (``cdp_kit.vault``, stream ``KV_CDP_KEYS``) is made
+by provisioning (admin). Every service may read keys (direct get by key and batch get, stream
+info); only the ``KEY_MAKERS`` (ingest) may create them, only the ``KEY_DESTROYERS`` (identity)
+may erase them (a key block written again without them, its previous message deleted by
+sequence). No service may purge or delete the bucket.
+
 Replies come back on a per-user inbox prefix (``_INBOX_<user>``): no user may subscribe to
 another's replies. ``publisher`` may publish ``cdp.collect.>`` only; ``admin`` may do everything
 (``cdp up``, ``cdp admin provision``, operators). A connection without a user is refused.
@@ -34,13 +40,23 @@ from typing import Any
 
 from cdp_kit.certs import DEFAULT_HOSTS, Pki
 from cdp_kit.private import private_dir, write_private
-from cdp_kit.streams import SERVICE_LOGS, SERVICES, ConsumerSpec, OwnLog, StreamSpec
+from cdp_kit.streams import (
+    KEY_STREAM,
+    KEY_SUBJECT_PREFIX,
+    SERVICE_LOGS,
+    SERVICES,
+    ConsumerSpec,
+    OwnLog,
+    StreamSpec,
+)
 
 ADMIN = "admin"
 PUBLISHER = "publisher"
 USERS: tuple[str, ...] = (ADMIN, PUBLISHER, *SERVICES)
 ACCOUNT = "CDP"
 API = "$JS.API"
+KEY_MAKERS: tuple[str, ...] = ("ingest",)
+KEY_DESTROYERS: tuple[str, ...] = ("identity",)
 
 
 def inbox_prefix(user: str) -> str:
@@ -96,7 +112,22 @@ def service_permissions(service: str) -> Permissions:
         publish += consumer_subjects(spec.stream.name, getter_name(spec.name), spec.filter_subject, acks=False)
     publish += [f"{API}.STREAM.INFO.{stream.name}" for stream in _streams(logs.own_logs, logs.inputs)]
     publish += [f"{API}.STREAM.MSG.DELETE.{stream.name}" for stream in logs.erases]
+    publish += key_permissions(service)
     return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(service)}.>",))
+
+
+def key_permissions(service: str) -> list[str]:
+    """What a service may do with the per-identity key bucket."""
+    subjects = [
+        f"{API}.STREAM.INFO.{KEY_STREAM}",
+        f"{API}.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>",
+        f"{API}.DIRECT.GET.{KEY_STREAM}",  # batch get (multi_last): the keys of many refs at once
+    ]
+    if service in KEY_MAKERS or service in KEY_DESTROYERS:  # a destroy writes a block again without the keys
+        subjects.append(f"{KEY_SUBJECT_PREFIX}>")
+    if service in KEY_DESTROYERS:
+        subjects.append(f"{API}.STREAM.MSG.DELETE.{KEY_STREAM}")
+    return subjects
 
 
 def permissions(user: str) -> Permissions:

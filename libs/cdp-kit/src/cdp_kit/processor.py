@@ -61,6 +61,7 @@ from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
+from cdp_kit.vault import KeysNeeded, PersonVault
 
 T = TypeVar("T")
 CAUSE_HEADER = "Cdp-Cause"
@@ -292,6 +293,9 @@ class UnitOfWork:
     ) -> None:
         """Publish one message; it stays in flight until ``acknowledged`` (the next send at the latest)."""
         await self.acknowledged()
+        vault = self.processor.vault
+        if vault is not None:
+            await vault.commit()  # the keys of what this message seals are in the bucket before it is
         assert part.own is not None
         own, cause = part.own, part.cause
         expected = get_checkpoint(self.session, own_checkpoint(own))
@@ -338,10 +342,6 @@ async def _acknowledge(unit: Unit, reader: DurableReader | None) -> None:
 def _key(unit: Unit) -> int:
     """A unit is applied, decided and checkpointed as its last message."""
     return unit[-1][0].sequence
-
-
-def _envelopes(inp: Input, unit: Unit) -> list[Envelope]:
-    return [env for msg, _ in unit for env in inp.envelopes(msg)]
 
 
 def _whole(unit: Unit) -> LogMessage:
@@ -417,8 +417,12 @@ class Processor:
         projection: Projection,
         inputs: Sequence[Input] = (),
         batch_size: int = 256,
+        vault: PersonVault | None = None,
     ) -> None:
         self.service = service
+        # Opens sealed personal data at the decode boundary (cdp_kit.vault): handlers and
+        # projections see plain payloads, and an event whose keys are gone is left out (erased).
+        self.vault = vault
         self.engine = engine
         self.eventlog = eventlog
         self.tables = [*tables, *deadletters.DEADLETTER_TABLES]
@@ -477,10 +481,10 @@ class Processor:
             last = msg.sequence
             batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
             if len(batch) >= self.batch_size:
-                count += self._fold_messages(own, batch)
+                count += self._fold_messages(own, batch, await self._open(batch))
                 batch = []
         if batch:
-            count += self._fold_messages(own, batch)
+            count += self._fold_messages(own, batch, await self._open(batch))
         if assembler.held or assembler.dropped:
             # The parts of a cause whose writer died before the last: an aborted attempt, never folded.
             # The next append is guarded by the subject's true last sequence, so that moves past them.
@@ -495,21 +499,37 @@ class Processor:
         """Fold one own event: the kit folds its dead-letter log, the service's projection the rest."""
         if own is self.poison:
             deadletters.fold(session, env)
-        else:
-            self.projection.fold(session, own, env)
+            return
+        if self.vault is not None and any(part.ciphertext for part in env.sealed):
+            # An event emitted sealed in this transaction: the store folds it opened, the log
+            # gets it sealed (a copy is opened, never the event that will be appended).
+            opened = Envelope()
+            opened.CopyFrom(env)
+            if not self.vault.open_envelope(opened):
+                return
+            env = opened
+        self.projection.fold(session, own, env)
 
-    def _fold_messages(self, own: OwnLog, msgs: list[LogMessage]) -> int:
+    async def _open(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]] | None:
+        """The messages' envelopes with their sealed parts opened (None: this process seals nothing)."""
+        if self.vault is None:
+            return None
+        return await self.vault.open_messages(msgs)
+
+    def _fold_messages(
+        self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None = None
+    ) -> int:
         """Fold own-log messages in one transaction. A message that cannot be folded (bytes this
         service never wrote: its subject is only writable by it once NATS permissions are on) is
         set aside, one at a time, so recovery never crash-loops; the same bytes fail the same way
         on a rebuild, so the decision needs no event of its own."""
         try:
-            return self._fold_batch(own, msgs)
+            return self._fold_batch(own, msgs, opened)
         except Exception as exc:
             if deadletters.is_transient(exc):
                 raise
             if len(msgs) > 1:
-                return sum(self._fold_messages(own, [msg]) for msg in msgs)
+                return sum(self._fold_messages(own, [msg], opened) for msg in msgs)
             with transaction(self.engine) as session:
                 deadletters.set_aside_own(session, f"own:{own.name}", msgs[0], exc)
                 set_checkpoint(session, own_checkpoint(own), msgs[0].sequence)
@@ -521,13 +541,17 @@ class Processor:
             )
             return 0
 
-    def _fold_batch(self, own: OwnLog, msgs: list[LogMessage]) -> int:
+    def _fold_batch(self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None) -> int:
+        def events(msg: LogMessage) -> list[Envelope]:
+            found = opened.get(msg.sequence) if opened is not None else None
+            return found if found is not None else msg.events()
+
         with transaction(self.engine) as session:
             prefetch = getattr(self.projection, "prefetch", None)
             if prefetch is not None and own is not self.poison:
-                prefetch(session, own, [env for msg in msgs for env in msg.events()])
+                prefetch(session, own, [env for msg in msgs for env in events(msg)])
             for msg in msgs:
-                for env in msg.events():
+                for env in events(msg):
                     self.fold(session, own, env)
                 set_checkpoint(session, own_checkpoint(own), msg.sequence)
                 header = msg.headers.get(CAUSE_HEADER, "")
@@ -544,22 +568,34 @@ class Processor:
         """Run a client command: decide, fold and append its events, commit. Retries once on a guard conflict."""
         for attempt in (1, 2):
             try:
-                async with self.lock:
-                    with transaction(self.engine) as session:
-                        uow = UnitOfWork(session, self, Cause(command_id=command_id))
-                        try:
-                            result = decide(uow)
-                            await uow.flush(uow.cause)
-                        except BaseException:
-                            await uow.abandon()
-                            raise
-                return result
+                return await self._execute_with_keys(command_id, decide)
             except AppendConflict:
                 if attempt == 2:
                     raise
                 log.warning("append_conflict_recovering", command_id=command_id)
                 await self.recover()
         raise AssertionError("unreachable")
+
+    async def _execute_with_keys(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
+        """``_execute``, again after fetching the keys a seal needed (``cdp_kit.vault.KeysNeeded``)."""
+        while True:
+            try:
+                return await self._execute(command_id, decide)
+            except KeysNeeded as needed:
+                assert self.vault is not None
+                await self.vault.fetch_needed(needed)
+
+    async def _execute(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
+        async with self.lock:
+            with transaction(self.engine) as session:
+                uow = UnitOfWork(session, self, Cause(command_id=command_id))
+                try:
+                    result = decide(uow)
+                    await uow.flush(uow.cause)
+                except BaseException:
+                    await uow.abandon()
+                    raise
+        return result
 
     def read(self) -> Session:
         """A session for queries (no writes)."""
@@ -579,6 +615,10 @@ class Processor:
         so the poison is found and set aside and every other unit goes through."""
         try:
             return await self._apply_units(inp, units)
+        except KeysNeeded as needed:
+            assert self.vault is not None
+            await self.vault.fetch_needed(needed)  # then again, with the keys at hand
+            return await self.apply_units(inp, units)
         except Exception as exc:
             if deadletters.is_transient(exc):
                 raise
@@ -634,6 +674,12 @@ class Processor:
     async def _apply_units(self, inp: Input, units: Sequence[Unit]) -> int:
         started = time.perf_counter()
         applied_now = 0
+        opened = await self._open([msg for unit in units for msg, _ in unit]) if not inp.raw else None
+
+        def envelopes(msg: LogMessage) -> list[Envelope]:
+            found = opened.get(msg.sequence) if opened is not None else None
+            return found if found is not None else inp.envelopes(msg)
+
         headers = units[0][0][0].headers if units else {}
         with self._tracer.start_as_current_span(
             f"apply {inp.spec.name}", context=context_from(headers), attributes={"cdp.messages": len(units)}
@@ -651,7 +697,13 @@ class Processor:
                         if prefetch is not None:
                             prefetch(
                                 session,
-                                [env for unit in fresh if _key(unit) not in aside for env in _envelopes(inp, unit)],
+                                [
+                                    env
+                                    for unit in fresh
+                                    if _key(unit) not in aside
+                                    for msg, _ in unit
+                                    for env in envelopes(msg)
+                                ],
                             )
                         for unit in fresh:
                             last = _key(unit)
@@ -660,13 +712,13 @@ class Processor:
                             cause = Cause(inp.spec.name, last)
                             uow = uow or UnitOfWork(session, self, cause)
                             await uow.next_cause(cause, inp.spec)
-                            opened = [(msg, inp.envelopes(msg)) for msg, _raw in unit]
-                            for msg, envelopes in opened:
-                                for env in envelopes:
+                            events = [(msg, envelopes(msg)) for msg, _raw in unit]
+                            for msg, envs in events:
+                                for env in envs:
                                     inp.handler.observe(session, msg, env)
                             if last > emitted:
-                                for msg, envelopes in opened:
-                                    for env in envelopes:
+                                for msg, envs in events:
+                                    for env in envs:
                                         inp.handler.decide(uow, msg, env)
                             applied_now += len(unit)
                             if uow.pending_bytes >= MAX_MESSAGE_BYTES // 4:

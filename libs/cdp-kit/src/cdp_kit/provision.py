@@ -19,7 +19,7 @@ import sys
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsauth import NatsAuth
-from cdp_kit.streams import ALL_STREAMS, parse_max_ages, with_max_ages
+from cdp_kit.streams import ALL_STREAMS, KEYS, parse_max_ages, with_max_ages
 
 MAX_AGE_ENV = "CDP_STREAM_MAX_AGE"
 
@@ -69,7 +69,8 @@ def main() -> int:
     except Unavailable as exc:
         print(f"provisioning the streams at {url} failed: {exc.message}", file=sys.stderr)
         return 1
-    print(f"provisioned {len(ALL_STREAMS)} streams ({replicas} replicas): {', '.join(s.name for s in ALL_STREAMS)}")
+    names = ", ".join(s.name for s in ALL_STREAMS)
+    print(f"provisioned {len(ALL_STREAMS)} streams and the key bucket {KEYS.name} ({replicas} replicas): {names}")
     return 0
 
 

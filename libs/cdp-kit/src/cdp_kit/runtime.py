@@ -28,7 +28,7 @@ from cdp_kit.grpc_server import GrpcServer, Registration
 from cdp_kit.processor import Input, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import all_checkpoints, make_engine
-from cdp_kit.streams import SERVICE_LOGS, ConsumerSpec
+from cdp_kit.streams import KEYS, SERVICE_LOGS, ConsumerSpec
 from cdp_kit.telemetry import configure_logging, configure_pii_hash, configure_tracing, get_logger, meter
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -52,7 +52,7 @@ async def connect(settings: ServiceSettings, *, attempts: int = 60) -> EventLog:
     updates or deletes a stream)."""
     delay = 0.25
     logs = SERVICE_LOGS.get(settings.service)
-    streams = [own.stream for own in logs.own_logs] + [spec.stream for spec in logs.inputs] if logs else []
+    streams = [own.stream for own in logs.own_logs] + [spec.stream for spec in logs.inputs] + [KEYS] if logs else []
     for attempt in range(1, attempts + 1):
         eventlog: EventLog | None = None
         try:
@@ -233,6 +233,9 @@ async def service_status(service: Service, name: str, vitals: Vitals) -> admin_p
         nats_connected=processor.eventlog.connected,
         stall_after_seconds=vitals.stall_after_s,
     )
+    if processor.vault is not None:
+        status.erased_events = processor.vault.erased
+        status.erased_fields = processor.vault.erased_fields
     for inp in processor.inputs:
         applied = checkpoints.get(in_checkpoint(inp.spec), 0)
         status.consumers.append(await consumer_status(vitals, inp, applied, dead.get(inp.spec.name, 0)))

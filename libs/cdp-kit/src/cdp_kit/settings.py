@@ -100,6 +100,13 @@ class ServiceSettings(BaseSettings):
         description="Without a key file, hash PII with a random key held in memory (development only)",
     )
 
+    # Crypto-shredding (cdp_kit.vault, docs/privacy.md): personal data on the log is sealed under
+    # per-identity keys a privacy delete destroys. Off only to measure its cost (bench): data
+    # written while it is off cannot be erased from the log by destroying keys.
+    seal_personal_data: bool = Field(
+        default=True, description="Seal identities and personal attributes on the log (off: benches only)"
+    )
+
     def grpc_security_problem(self) -> str | None:
         """Why gRPC security is not configured (None when it is, or is explicitly off)."""
         if self.grpc_insecure:

@@ -48,6 +48,14 @@ PRIVACY = StreamSpec("CDP_PRIVACY", ("cdp.privacy.>",), "privacy requests and ea
 
 ALL_STREAMS: tuple[StreamSpec, ...] = (CONFIG, COLLECT, INGEST, PROFILE, AUDIENCE, DELIVERY, DEADLETTER, PRIVACY)
 
+# The per-identity keys of crypto-shredding: a KV bucket (cdp_kit.vault), its stream and subjects.
+KEY_BUCKET = "CDP_KEYS"
+KEY_STREAM = f"KV_{KEY_BUCKET}"
+KEY_SUBJECT_PREFIX = f"$KV.{KEY_BUCKET}."
+# Not in ALL_STREAMS (provisioning makes it with its own configuration: cdp_kit.vault); every
+# service checks at start that it exists.
+KEYS = StreamSpec(KEY_STREAM, (f"{KEY_SUBJECT_PREFIX}>",), "per-identity keys of personal data")
+
 
 @dataclass(frozen=True)
 class OwnLog:

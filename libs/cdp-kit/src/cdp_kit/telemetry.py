@@ -144,6 +144,14 @@ def configure_pii_hash(key: bytes) -> None:
     _PiiKey.key = key
 
 
+def pii_hash_key() -> bytes:
+    """The key ``pii_hash`` uses, for a worker process of the same service (never logged)."""
+    key = _PiiKey.key
+    if key is None:
+        raise RuntimeError("no PII hash key configured in this process")
+    return key
+
+
 def pii_hash(value: str) -> str:
     """A short, stable stand-in for a PII value in logs, reports and error messages: HMAC-SHA256
     with the deployment's key, so no one without the key can test a guess (a phone number) against it.

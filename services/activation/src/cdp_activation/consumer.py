@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf import json_format
 from sqlmodel import Session, col, delete, select, update
 
@@ -13,6 +15,7 @@ from cdp_activation.profiles import merge_rule, offer, reresolve, reresolve_all,
 from cdp_activation.store import (
     AttributeSourceRow,
     FragmentRow,
+    KeyRefRow,
     MemberRow,
     ProfileRow,
     SegmentChangeRow,
@@ -80,6 +83,15 @@ def _source(session: Session, name: str, dataset: str) -> None:
         session.merge(AttributeSourceRow(name=name, dataset=dataset))
 
 
+def _key_refs(session: Session, frag: identity_ev.ProfileFragment, refs: Sequence[str]) -> None:
+    """The refs of the fragment's identities: identity's sealer lists them first, in their order."""
+    known: set[str] = session.info.setdefault("act_key_refs", set())
+    for ident, ref in zip(frag.identities, refs, strict=False):
+        if ref not in known:
+            known.add(ref)
+            session.merge(KeyRefRow(key_ref=ref, key=f"{ident.namespace}:{ident.value}"))
+
+
 class ProfilesObserver(_ObserveOnly):
     """Identity's fragments, merges and splits: each profile's identities, and its attributes
     resolved by segmentation's merge policy from its record fragments (``cdp_activation.profiles``)."""
@@ -90,7 +102,10 @@ class ProfilesObserver(_ObserveOnly):
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if is_a(env, identity_ev.ProfileFragment):
-            self._fragment(session, unpack(env, identity_ev.ProfileFragment), msg.sequence, self._position(msg, env))
+            frag = unpack(env, identity_ev.ProfileFragment)
+            self._fragment(session, frag, msg.sequence, self._position(msg, env))
+            if env.sealed:
+                _key_refs(session, frag, env.sealed[0].key_refs)
         elif is_a(env, identity_ev.ProfilesMerged):
             self._merged(session, unpack(env, identity_ev.ProfilesMerged))
         elif is_a(env, identity_ev.ProfileSplit):

@@ -36,7 +36,9 @@ from sqlmodel import Session, col, func, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
+from cdp.common.v1.envelope_pb2 import Sealed
 from cdp_activation import credentials, governance, store
+from cdp_activation.batchseal import batch_refs, sealed_prepared
 from cdp_activation.connectors import (
     Action,
     Batch,
@@ -336,18 +338,24 @@ class Deliverer:
         )
         now = utcnow()
         batch.prepared_at.FromDatetime(now)
+        refs = await batch_refs(self.processor, batch)
 
         def decide(uow: UnitOfWork) -> bool:
             plan = uow.session.get(store.PlanRow, item.plan.id)
             if plan is None or plan.batch_seq != seq:
                 return False  # someone prepared this sequence already: plan again next round
+            prepared, parts = ev.BatchPrepared(batch=batch), list[Sealed]()
+            if refs is not None and self.processor.vault is not None:
+                prepared, sealed = sealed_prepared(self.processor.vault, batch, refs, batch_id)
+                parts = list(sealed)
             env = make_envelope(
-                ev.BatchPrepared(batch=batch),
+                prepared,
                 event_id=batch_id,
                 subject_key=item.destination.id,
                 occurred_at=now,
                 cause=uow.cause,
             )
+            env.sealed.extend(parts)
             uow.emit(ACTIVATION_DELIVERIES, [env])
             return True
 

@@ -27,12 +27,14 @@ from cdp_kit.streams import (
     ACTIVATION_READS_SEGMENTS,
 )
 from cdp_kit.telemetry import get_logger
+from cdp_kit.vault import PersonVault
 
 log = get_logger(__name__)
 
 
 def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys: KeyFile | None = None) -> Service:
     keys = keys or master_keys(settings)
+    vault = PersonVault.of(eventlog.js, seal=settings.seal_personal_data)
     processor = Processor(
         service="activation",
         engine=engine,
@@ -45,9 +47,10 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys
             Input(ACTIVATION_READS_PROFILE, ProfilesObserver()),
             Input(ACTIVATION_READS_AUDIENCE, MembershipsObserver()),
             # Last: a rebuild replays profiles and memberships before it erases them again.
-            Input(ACTIVATION_READS_PRIVACY, PrivacyHandler()),
+            Input(ACTIVATION_READS_PRIVACY, PrivacyHandler(vault)),
         ],
         batch_size=settings.batch_size,
+        vault=vault,  # opens sealed fragments, seals prepared batches; a privacy request revokes in it
     )
     handlers = ActivationHandlers(processor, settings, keys)
     deliverer = Deliverer(processor, settings, keys)

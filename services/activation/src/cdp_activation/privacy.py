@@ -55,6 +55,7 @@ from cdp_activation.store import (
     ErasedRow,
     ExclusionRow,
     FragmentRow,
+    KeyRefRow,
     MemberRow,
     PlanMemberRow,
     PrivacyRow,
@@ -62,7 +63,9 @@ from cdp_activation.store import (
 )
 from cdp_kit.envelope import Envelope, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, LogMessage
+from cdp_kit.privacy import KeyVault, NoKeyVault
 from cdp_kit.processor import Processor, UnitOfWork
+from cdp_kit.store import scrub_after_commit
 from cdp_kit.streams import ACTIVATION_DELIVERIES, privacy_applied_log
 from cdp_kit.telemetry import get_logger
 
@@ -269,20 +272,29 @@ class PrivacyHandler:
     """The privacy input: the inputs' part of the erasure in ``observe`` (every replay); the
     removal batches and ProfilesErased (the delivery log's part) in ``decide``."""
 
-    def __init__(self) -> None:
+    def __init__(self, vault: KeyVault | None = None) -> None:
         # What observe found for decide, by request id: the unit's decide follows its observe in
         # the same transaction (a replay observes and does not decide: ``finish`` drops it).
         self._found: dict[str, Erasure] = {}
+        self.vault: KeyVault = vault if vault is not None else NoKeyVault()
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if not is_a(env, privacy.PrivacyRequested):
             return
         request = unpack(env, privacy.PrivacyRequested)
         counts: dict[str, int] = {}
+        if request.mode in ERASE_MODES and request.key_refs:
+            # From now on what arrives sealed with the person's keys reads as erased here; which
+            # key sealed which identity (it names the identity) goes.
+            self.vault.revoke(list(request.key_refs))
+            refs = sorted(request.key_refs)
+            for start in range(0, len(refs), 500):
+                session.execute(sa.delete(KeyRefRow).where(col(KeyRefRow.key_ref).in_(refs[start : start + 500])))
         if request.mode in ERASE_MODES and request.profile_ids and not request.nothing_held:
             ids = list(request.profile_ids)
             self._found[request.request_id] = plan_removals(session, ids)  # before anything is erased
             counts = erase_inputs(session, ids)
+            scrub_after_commit(session)
         row = session.get(PrivacyRow, request.request_id) or PrivacyRow(request_id=request.request_id)
         if not row.applied:
             _add_counts(row, counts)

@@ -207,7 +207,18 @@ class ErasedRow(SQLModel, table=True):
     profile_id: str = Field(primary_key=True)
 
 
+class KeyRefRow(SQLModel, table=True):
+    """The key refs (``cdp_kit.vault``) of each identity, read from the sealed fragments: a
+    prepared batch's records are sealed under the keys of their identities."""
+
+    __tablename__ = "act_key_ref"
+
+    key_ref: str = Field(primary_key=True)
+    key: str = Field(index=True)  # "namespace:value"
+
+
 TABLES = tables_of(
+    KeyRefRow,
     DestinationRow,
     PlanRow,
     SegmentRow,

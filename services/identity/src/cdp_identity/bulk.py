@@ -63,6 +63,12 @@ class Bulk:
         marks = ", ".join([self.mark] * len(columns))
         self.many(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)
 
+    def insert_new(self, table: sa.Table, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        """Insert the rows whose key is not in the table yet (SQLite and PostgreSQL alike)."""
+        names = ", ".join(_quoted(table, c) for c in columns)
+        marks = ", ".join([self.mark] * len(columns))
+        self.many(f"INSERT INTO {table.name} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
+
     def update(self, table: sa.Table, columns: Sequence[str], keys: Sequence[str], rows: Sequence[Row]) -> None:
         """Each row holds the new values of ``columns`` followed by the values of ``keys``."""
         sets = ", ".join(f"{_quoted(table, c)} = {self.mark}" for c in columns)

@@ -9,14 +9,17 @@ from sqlmodel import Session
 from cdp.identity.v1 import events_pb2 as ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
+from cdp_identity.domain import node_key
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
 from cdp_identity.graph import Made, WorkingSet
 from cdp_identity.projection import IdentityProjection
+from cdp_identity.sealing import IdentitySealer
 from cdp_kit.envelope import Causation, Cause, Envelope, unpack
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.processor import UnitOfWork
 from cdp_kit.streams import IDENTITY_FRAGMENTS
 from cdp_kit.telemetry import get_logger
+from cdp_kit.vault import PersonVault
 
 log = get_logger(__name__)
 RECORD_ACCEPTED = ingest_ev.RecordAccepted.DESCRIPTOR.full_name
@@ -34,8 +37,9 @@ class RecordsToFragments:
     The first ``decide`` of a fetched batch reads every record ``prefetch`` handed over, normalises
     its identities and loads the graphs of all of them in a few bulk queries; then it works in memory."""
 
-    def __init__(self, projection: IdentityProjection) -> None:
+    def __init__(self, projection: IdentityProjection, vault: PersonVault | None = None) -> None:
         self.projection = projection
+        self.vault = vault  # seals fragments under their record's keys (None: sealing is off)
         self.normalise = Normaliser()
         self._cause: Cause | None = None
         self._causation = Causation()
@@ -71,13 +75,35 @@ class RecordsToFragments:
             self._cause, self._causation = uow.cause, uow.cause.to_proto()
         make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context, self._causation)
         fold_made = self.projection.fold_made
+        sealer = self._sealer(ws, record, env)
+        make.seal = sealer
 
         def emit_fragment(data: bytes, made: Made) -> None:
+            if sealer is not None:
+                ws.note_key_refs(sealer.refs_of(made[1]).items())
             uow.emit_encoded(IDENTITY_FRAGMENTS, [data], lambda session: fold_made(session, made))
 
         resolve_record(
             ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events), emit_fragment
         )
+
+    def _sealer(self, ws: WorkingSet, record: ingest_ev.RecordAccepted, env: Envelope) -> IdentitySealer | None:
+        """Seals the record's fragment under the record's keys (its refs travel in the record)."""
+        if self.vault is None or not self.vault.sealing or not env.sealed:
+            return None
+        refs = env.sealed[0].key_refs
+        ref_of: dict[str, str] = {}
+        memo, rules = self.normalise.memo, ws.rules
+        for ident, ref in zip(record.identities, refs, strict=False):
+            item = (ident.namespace, ident.value)
+            hit = memo.get(item)
+            if hit is not None and item[0] in rules.namespaces:
+                ref_of.setdefault(hit[1], ref)
+                continue
+            clean, _rule, _detail = rules.normalise(*item)
+            if clean is not None:
+                ref_of.setdefault(node_key(item[0], clean), ref)
+        return IdentitySealer(self.vault, ws, ref_of, list(dict.fromkeys(refs)))
 
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
         # The caller checked env.type: parse the payload without Any.Unpack's type-url round trip, unless

@@ -30,7 +30,7 @@ from datetime import datetime
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp.common.v1.envelope_pb2 import IdentityValue, Sealed
 from cdp.identity.v1 import events_pb2 as ev
 from cdp_identity.domain import Rules, components, node_key, split_key, split_profile_id
 from cdp_identity.graph import Made, WorkingSet, pair
@@ -120,12 +120,21 @@ class Maker:
         self.causation = causation if causation is not None else cause.to_proto()
         self.trace = trace
         self.n = 0
+        # Seals the personal fields of a payload (cdp_identity.consumer.FragmentSealer): the
+        # payload to encode and its sealed part, or the payload as it is and None.
+        self.seal: Callable[[Message, str], tuple[Message, list[Sealed]]] | None = None
         self._head: bytes | None = None  # encoded occurred_at, schema_version, causation, trace_context
 
     def __call__(self, payload: Message, subject_key: str, kind: str) -> Envelope:
         self.n += 1
+        event_id = (
+            deterministic_id(kind, self.base) if kind == "fragment" else deterministic_id(kind, self.base, self.n)
+        )
+        parts: list[Sealed] = []
+        if self.seal is not None:
+            payload, parts = self.seal(payload, event_id)
         env = Envelope(
-            id=deterministic_id(kind, self.base) if kind == "fragment" else deterministic_id(kind, self.base, self.n),
+            id=event_id,
             type=payload.DESCRIPTOR.full_name,
             subject_key=subject_key,
             schema_version=SCHEMA_VERSION,
@@ -136,6 +145,7 @@ class Maker:
             env.trace_context.update(self.trace)
         env.payload.type_url = TYPE_URL_PREFIX + payload.DESCRIPTOR.full_name
         env.payload.value = payload.SerializeToString()
+        env.sealed.extend(parts)
         return env
 
     def encoded(self, payload: Message, subject_key: str, kind: str) -> bytes:
@@ -162,6 +172,10 @@ class Maker:
         event_id = (
             deterministic_id(kind, self.base) if kind == "fragment" else deterministic_id(kind, self.base, self.n)
         )
+        sealed = b""
+        if self.seal is not None:
+            payload, parts = self.seal(payload, event_id)
+            sealed = b"".join(_ld(b"\x52", part.SerializeToString()) for part in parts)
         body = payload.SerializeToString()
         n = len(body)
         any_ = type_fields[1] + b"\x12" + (VARINTS[n] if n < 16384 else varint(n)) + body
@@ -172,6 +186,7 @@ class Maker:
                 _ld(b"\x1a", subject_key.encode()),
                 self._head,
                 _ld(b"\x4a", any_),
+                sealed,
             )
         )
 

@@ -111,6 +111,8 @@ class WorkingSet:
     parsed: dict[str, Any] = field(default_factory=dict)  # input event id -> what was read of it
     read_fragments: dict[str, Any] = field(default_factory=dict)  # own fragment id -> its payload, until folded
     made: dict[str, Made] = field(default_factory=dict)  # own fragment id -> what decided it, until folded
+    key_refs: dict[str, str] = field(default_factory=dict)  # key ref -> identity key, to be written
+    refs_by_key: dict[str, str] = field(default_factory=dict)  # identity key -> one of its refs, this transaction
     _unlinked: set[tuple[str, str]] | None = None
     _erased: bool | None = None  # whether a privacy request ever erased graph nodes
     _next_ordinal: int | None = None
@@ -404,6 +406,10 @@ class WorkingSet:
         bulk.insert(store.PROFILE, PROFILE_ROW, inserts)
         bulk.update(store.PROFILE, PROFILE_CHANGING, ("profile_id",), updates)
         bulk.insert(store.FRAGMENT, ("anchor", "source_event_id"), sorted(self.fragments))
+        if self.key_refs:
+            bulk.insert_new(store.KEY_REF, ("key_ref", "key"), sorted(self.key_refs.items()))
+            self.key_refs = {}
+            self.refs_by_key = {}
         conn = self.session.connection()
         if self.decisions:
             conn.execute(sa.insert(store.DECISION), self.decisions)
@@ -413,6 +419,12 @@ class WorkingSet:
         if self.drops:
             self._write_drops(conn)
         self._settle()
+
+    def note_key_refs(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """(key ref, identity key) pairs of a fragment, to remember in ``identity_key_ref``."""
+        for ref, key in pairs:
+            self.key_refs[ref] = key
+            self.refs_by_key[key] = ref
 
     def encode_graph(self, pid: str) -> tuple[int, int, str]:
         """A profile's graph as its stored document (``store.ProfileRow``), with its node and link

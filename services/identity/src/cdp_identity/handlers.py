@@ -8,6 +8,7 @@ from cdp_identity.domain import CUSTOM_PRIORITY, NAME_RE, Namespace, node_key
 from cdp_identity.engine import Maker, unlink
 from cdp_identity.graph import load_rules
 from cdp_identity.projection import IdentityProjection
+from cdp_identity.sealing import IdentitySealer
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, InvalidInput, NotFound, Violation
 from cdp_kit.processor import Processor, UnitOfWork
@@ -78,6 +79,9 @@ class IdentityHandlers:
         def decide(uow: UnitOfWork) -> pb.UnlinkResponse:
             ws = self.projection.graph(uow.session)
             make = Maker(command_id, now, Cause(command_id=command_id), {})
+            vault = self.processor.vault
+            if vault is not None and vault.sealing:
+                make.seal = IdentitySealer(vault, ws)
             decision, split, changed = unlink(
                 ws, key, other, request.reason, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events)
             )

@@ -19,7 +19,6 @@ from cdp_identity.settings import IdentitySettings
 from cdp_identity.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
-from cdp_kit.privacy import KeyVault, NoKeyVault
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import (
@@ -29,6 +28,7 @@ from cdp_kit.streams import (
     IDENTITY_READS_PRIVACY_APPLIED,
     PRIVACY_REQUESTS,
 )
+from cdp_kit.vault import PersonVault
 
 SQLITE_CACHE_KIB = 64 * 1024
 # A fetched batch allocates millions of objects (graph nodes and links, sets, row tuples) that
@@ -61,10 +61,11 @@ def sqlite_cache(engine: Engine) -> None:
 
 
 def build_processor(
-    settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: KeyVault | None = None
+    settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: PersonVault | None = None
 ) -> tuple[Processor, IdentityProjection]:
     sqlite_cache(engine)
     collect_less_often()
+    vault = vault if vault is not None else PersonVault.of(eventlog.js, seal=settings.seal_personal_data)
     projection = IdentityProjection(settings.rules(), vault)
     processor = Processor(
         service="identity",
@@ -74,18 +75,19 @@ def build_processor(
         own_logs=[IDENTITY_CONFIG, IDENTITY_FRAGMENTS, PRIVACY_REQUESTS],
         projection=projection,
         inputs=[
-            Input(IDENTITY_READS_INGEST, RecordsToFragments(projection)),
+            Input(IDENTITY_READS_INGEST, RecordsToFragments(projection, vault)),
             Input(IDENTITY_READS_PRIVACY_APPLIED, PrivacyApplied()),
         ],
         batch_size=settings.batch_size,
+        vault=vault,
     )
     return processor, projection
 
 
-def build(settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: KeyVault | None = None) -> Service:
-    # The crypto-shredding vault is not wired yet: NoKeyVault (nothing to revoke or destroy) until it is.
-    vault = vault if vault is not None else NoKeyVault()
+def build(settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: PersonVault | None = None) -> Service:
     processor, projection = build_processor(settings, engine, eventlog, vault)
+    vault = processor.vault
+    assert vault is not None
     name = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
     servicer = IdentityServicer(IdentityHandlers(processor, projection))
     applied = processor.inputs[1].handler

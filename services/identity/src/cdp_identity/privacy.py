@@ -40,7 +40,7 @@ from cdp_kit.privacy import (
     is_delete,
 )
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.store import transaction
+from cdp_kit.store import scrub_after_commit, transaction
 from cdp_kit.streams import IDENTITY_FRAGMENTS, PRIVACY_REQUESTS, privacy_appliers
 from cdp_kit.telemetry import get_logger, pii_hash
 
@@ -62,10 +62,12 @@ def timestamp(us: int) -> Timestamp:
     return ts
 
 
-def _key_refs_for(profile_ids: Sequence[str]) -> list[str]:
-    """The vault keys of these profiles' identities. The crypto-shredding part supplies them (its
-    vault knows which key seals which identity); until it lands nothing is sealed, so: none."""
-    return []
+def _key_refs_for(ws: WorkingSet, profile_ids: Sequence[str]) -> list[str]:
+    """Every vault key ref (crypto-shredding) of every identity of these profiles: what completing
+    the request destroys. The store's, and those the working set has not written yet."""
+    held = {key for pid in profile_ids for key in ws.members.get(pid, ())}
+    pending = {ref for ref, key in ws.key_refs.items() if key in held}
+    return sorted(pending.union(store.key_refs_for_profiles(ws.session, profile_ids)))
 
 
 # ----------------------------------------------------------------------------- the fold
@@ -109,6 +111,8 @@ def erase_profiles(ws: WorkingSet, profile_ids: Sequence[str]) -> dict[str, int]
         ).rowcount
         u = store.UNLINKED.c
         conn.execute(sa.delete(store.UNLINKED).where(sa.or_(u.a.in_(part), u.b.in_(part))))
+        # Which key sealed which identity names the identity: it goes too (the refs are on the request).
+        conn.execute(sa.delete(store.KEY_REF).where(store.KEY_REF.c.key.in_(part)))
     for part in _chunks(ordered):
         counts["decisions"] += conn.execute(
             sa.delete(store.DECISION).where(store.DECISION.c.profile_id.in_(part))
@@ -117,6 +121,7 @@ def erase_profiles(ws: WorkingSet, profile_ids: Sequence[str]) -> dict[str, int]
             sa.delete(store.PROFILE).where(store.PROFILE.c.profile_id.in_(part))
         ).rowcount
     ws.forget_all()
+    scrub_after_commit(session)
     return counts
 
 
@@ -339,7 +344,7 @@ class PrivacyHandlers:
                 identity_hashes=hashes,
                 profile_ids=pids,
                 graph_identity_hashes=graph or sorted(set(hashes)),
-                key_refs=_key_refs_for(pids),
+                key_refs=_key_refs_for(ws, pids),
                 nothing_held=nothing_held,
             )
             requested.at.CopyFrom(timestamp(int(now.timestamp() * 1_000_000)))

@@ -104,6 +104,8 @@ class IdentityProjection:
                 if a != b:
                     ws.touch_link(a, b, at, dataset, batch_id)
         ws.add_fragment(frag.source_event_id, anchor)
+        if env.sealed:  # the refs of the fragment's identities, in their order (cdp_identity.consumer)
+            ws.note_key_refs(zip(env.sealed[0].key_refs, keys, strict=False))
 
     def fold_made(self, session: Session, made: Made) -> None:
         """Fold a fragment decided in this transaction (emitted encoded): what ``fold`` does with its envelope."""

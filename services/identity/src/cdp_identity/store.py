@@ -8,8 +8,10 @@ table instead of a rowid table plus a key index, so a write touches half the pag
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from cdp_kit.store import tables_of
 
@@ -49,6 +51,17 @@ class ProfileRow(SQLModel, table=True):
     identities: int = 0
     links: int = 0
     document: str = Field(default="", sa_type=sa.Text)
+
+
+class KeyRefRow(SQLModel, table=True):
+    """Every key ref (``cdp_kit.vault``) records of each identity were sealed with: erasing the
+    person destroys them all (a generation per ingest process, so an identity may have several)."""
+
+    __tablename__ = "identity_key_ref"
+    __table_args__ = CLUSTERED
+
+    key_ref: str = Field(primary_key=True)
+    key: str = Field(index=True)  # "namespace:value" of the identity
 
 
 class FragmentRow(SQLModel, table=True):
@@ -143,7 +156,23 @@ TABLES = tables_of(
     UnlinkedRow,
     DropRow,
     NamespaceRow,
+    KeyRefRow,
     PrivacyRequestRow,
     PrivacyProgressRow,
 )
-NODE, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE, PRIVACY_REQUEST, PRIVACY_PROGRESS = TABLES
+NODE, PROFILE, FRAGMENT, DECISION, UNLINKED, DROP, NAMESPACE, KEY_REF, PRIVACY_REQUEST, PRIVACY_PROGRESS = TABLES
+
+
+def key_refs_for_profiles(session: Session, profile_ids: Sequence[str]) -> list[str]:
+    """Every key ref of every identity of these profiles (for ``PrivacyRequested.key_refs``): what
+    a privacy delete of the people destroys (``cdp_kit.vault.PersonVault.destroy``). Sorted."""
+    found: set[str] = set()
+    ids = sorted(set(profile_ids))
+    for start in range(0, len(ids), 500):
+        query = (
+            select(col(KeyRefRow.key_ref))
+            .join(IdentityRow, col(IdentityRow.key) == col(KeyRefRow.key))
+            .where(col(IdentityRow.profile_id).in_(ids[start : start + 500]))
+        )
+        found.update(session.exec(query))
+    return sorted(found)

@@ -31,6 +31,7 @@ from cdp_ingest.privacy import SUPPRESSED_RULE, Suppression
 from cdp_ingest.readers import BlockQueue, ReaderPool, ReadSpec, count_rows
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import InvalidInput, Violation
+from cdp_kit.telemetry import pii_hash_key
 
 # Accepted records travel CHUNK_ROWS or CHUNK_BYTES at a time, one message each (a message
 # holds up to MAX_MESSAGE_BYTES with the kit's per-event overhead and the chunk's marker).
@@ -200,6 +201,8 @@ class BatchRun:
             header=tuple(header),
             limits=self.limits,
             identity=self.identity,
+            seal=self.builder.keys is not None,
+            pii_key=pii_hash_key() if self.builder.keys is not None else b"",
         )
 
     def _take(self, judged: Judged) -> None:
@@ -208,6 +211,8 @@ class BatchRun:
         report = self.report
         report.rows_read += judged.rows_read
         report.rows_accepted += len(judged.accepted)
+        if judged.keys:
+            self.builder.adopt(judged.keys)
         add = self.accepted.add
         for staged, size in judged.accepted:
             add(staged, size)

@@ -34,7 +34,7 @@ from cdp_ingest.config import ConfigCache
 from cdp_ingest.handlers import event_bytes
 from cdp_ingest.limits import Limits, json_text, oversized_fields, too_deep
 from cdp_ingest.privacy import Suppression, count_suppressed, index_collect, load_suppression
-from cdp_ingest.records import RecordBuilder, emit_records
+from cdp_ingest.records import KeyMaker, RecordBuilder, emit_records
 from cdp_kit import deadletters
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope
 from cdp_kit.errors import NotFound
@@ -63,8 +63,16 @@ class CollectHandler:
     """``prefetch`` validates and encodes every message of a fetched batch and looks up the
     event ids of all of them in one query per dataset; ``decide`` then works in memory."""
 
-    def __init__(self, config: ConfigCache, limits: Limits | None = None, *, phone_region: str = "US") -> None:
+    def __init__(
+        self,
+        config: ConfigCache,
+        limits: Limits | None = None,
+        keys: KeyMaker | None = None,
+        *,
+        phone_region: str = "US",
+    ) -> None:
         self.config = config
+        self.keys = keys
         self.limits = limits or Limits()
         self.phone_region = phone_region
         self._suppression = Suppression()
@@ -147,7 +155,7 @@ class CollectHandler:
             raise Rejected(f"{first.field}: {first.rule}: {first.message}", errors)
         builder = self._builders.get(dataset)
         if builder is None:
-            builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH)
+            builder = self._builders[dataset] = RecordBuilder(dataset, pb.SCHEMA_CLASS_EVENT, "", EPOCH, keys=self.keys)
         return Accepted(
             dataset, builder.key_of(result.event_id), event_bytes(builder, result), tuple(result.identities)
         )

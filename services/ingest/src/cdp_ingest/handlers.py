@@ -53,6 +53,7 @@ class IngestHandlers:
         self.processor = processor
         self.settings = settings
         self.config = config
+        self.keys = processor.vault if settings.seal_personal_data else None
         self._active: set[str] = set()
         self.readers = ReaderPool(settings.read_workers) if settings.read_workers else None
 
@@ -197,6 +198,7 @@ class IngestHandlers:
                 batch_id,
                 received_at,
                 record_time=bool(target.schema.timestamp_field),
+                keys=self.keys,
             ),
             report=pb.BatchReport(batch_id=batch_id, batch_key=header.batch_key, dataset=header.dataset),
             pool=self.readers,
@@ -406,7 +408,7 @@ class IngestHandlers:
                 [Violation("dataset", "class", "events go to datasets of an event schema")],
             )
         validator = target.validator(textual=False)
-        builder = RecordBuilder(target.dataset.name, pb.SCHEMA_CLASS_EVENT, "", utcnow())
+        builder = RecordBuilder(target.dataset.name, pb.SCHEMA_CLASS_EVENT, "", utcnow(), keys=self.keys)
         results: list[pb.EventResult] = []
         valid: list[Staged] = []
         suppression = self._suppression()

@@ -36,6 +36,8 @@ class Judged:
     accepted: list[tuple[StagedRecord, int]] = field(default_factory=list)
     """Each accepted record with the size it adds to a staged chunk."""
     rejected: list[Rejected] = field(default_factory=list)
+    keys: dict[str, bytes] = field(default_factory=dict)
+    """Keys a reader process made to seal these records (``cdp_kit.vault.LocalKeys``), by ref."""
 
 
 def judge(rows: list[Parsed], validator: Validator, builder: RecordBuilder) -> Judged:
@@ -57,6 +59,8 @@ def judge(rows: list[Parsed], validator: Validator, builder: RecordBuilder) -> J
         violations = problems if result is None else result.violations
         samples = {v.field: values[v.field] for v in violations if values.get(v.field) is not None}
         out.rejected.append((row_no, violations, samples, printable(values), size))
+    if builder.keys is not None:
+        out.keys = builder.keys.take_made()
     return out
 
 

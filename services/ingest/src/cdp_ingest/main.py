@@ -17,7 +17,6 @@ from cdp_ingest.store import TABLES
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
 from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
-from cdp_kit.privacy import KeyVault, NoKeyVault
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import (
@@ -29,13 +28,14 @@ from cdp_kit.streams import (
     INGEST_READS_PRIVACY,
     INGEST_RECORDS,
 )
+from cdp_kit.vault import PersonVault
 
 
-def build(settings: IngestSettings, engine: Engine, eventlog: EventLog, vault: KeyVault | None = None) -> Service:
+def build(settings: IngestSettings, engine: Engine, eventlog: EventLog, vault: PersonVault | None = None) -> Service:
     config = ConfigCache(settings)
     store.DEDUPE.days = settings.event_dedupe_horizon_days
-    # The crypto-shredding vault is not wired yet: NoKeyVault (nothing to revoke) until it is.
-    privacy = PrivacyToIngest(vault if vault is not None else NoKeyVault(), phone_region=settings.default_phone_region)
+    vault = vault if vault is not None else PersonVault.of(eventlog.js, seal=settings.seal_personal_data)
+    privacy = PrivacyToIngest(vault, phone_region=settings.default_phone_region)
     processor = Processor(
         service="ingest",
         engine=engine,
@@ -48,13 +48,19 @@ def build(settings: IngestSettings, engine: Engine, eventlog: EventLog, vault: K
             Input(INGEST_READS_IDENTITY_CONFIG, NamespacesOfIdentity(on_change=config.clear)),
             Input(
                 INGEST_READS_COLLECT,
-                CollectHandler(config, settings.limits(), phone_region=settings.default_phone_region),
+                CollectHandler(
+                    config,
+                    settings.limits(),
+                    vault if settings.seal_personal_data else None,
+                    phone_region=settings.default_phone_region,
+                ),
                 raw=True,
             ),
             # After collect: a rebuild indexes the collect messages before it reads the requests.
             Input(INGEST_READS_PRIVACY, privacy),
         ],
         batch_size=settings.batch_size,
+        vault=vault,
     )
     applier = PrivacyApplier(processor, privacy)
     handlers = IngestHandlers(processor, settings, config)

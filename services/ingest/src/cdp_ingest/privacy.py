@@ -31,7 +31,7 @@ from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import normaliser
 from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.store import tables_of
+from cdp_kit.store import scrub_after_commit, tables_of
 from cdp_kit.streams import COLLECT, INGEST_PRIVACY_APPLIED
 from cdp_kit.telemetry import get_logger, meter
 
@@ -198,6 +198,7 @@ class PrivacyToIngest:
             counts["suppressed_identities"] = len(hashes)
         if is_delete(req.mode):
             counts["batch_errors"] = _erase_batch_errors(session, set(hashes), self.phone_region)
+            scrub_after_commit(session)
         if session.get(PrivacyDoneRow, req.request_id) is None:
             session.merge(PrivacyPendingRow(request_id=req.request_id, mode=req.mode, hashes=hashes, counts=counts))
         session.flush()

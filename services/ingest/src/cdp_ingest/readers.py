@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import IO, TypeVar, cast
@@ -45,6 +45,8 @@ from cdp_ingest.limits import Limits
 from cdp_ingest.parsing import CsvParser, decode
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import CdpError, Unavailable
+from cdp_kit.telemetry import configure_pii_hash
+from cdp_kit.vault import LocalKeys
 
 T = TypeVar("T")
 _LEN = struct.Struct("<I")
@@ -64,6 +66,9 @@ class ReadSpec:
     header: tuple[str, ...]
     limits: Limits
     identity: IdentityRules
+    # Seal records (cdp_kit.vault.LocalKeys) with key refs keyed by the service's PII hash key.
+    seal: bool = False
+    pii_key: bytes = field(default=b"", repr=False)
 
 
 @lru_cache(maxsize=8)
@@ -77,8 +82,15 @@ def _compiled(spec: ReadSpec) -> tuple[Validator, RecordBuilder]:
         max_depth=spec.limits.max_depth,
         identity=spec.identity,
     )
+    if spec.pii_key:
+        configure_pii_hash(spec.pii_key)
     builder = RecordBuilder(
-        spec.dataset, schema.schema_class, spec.batch_id, spec.received_at, record_time=bool(schema.timestamp_field)
+        spec.dataset,
+        schema.schema_class,
+        spec.batch_id,
+        spec.received_at,
+        record_time=bool(schema.timestamp_field),
+        keys=LocalKeys() if spec.seal else None,
     )
     return validator, builder
 

@@ -6,17 +6,24 @@ batch time) are encoded once, and each row adds only its id, row number, identit
 attributes and time. No protobuf object is built per row; the bytes parse to exactly the
 envelope the protobuf classes would build (a unit test checks it), and they reach the log
 as they are (``emit_records``: the kit's ``UnitOfWork.emit_encoded``).
+
+With a key maker (``keys``: the process's ``PersonVault``, or a reader process's ``LocalKeys``)
+a record's identities and attributes are not in the payload: they are sealed (``cdp_kit.sealing``)
+under the keys of all its identities, one key ref per identity in their order, and travel in the
+envelope's ``sealed`` field (10), which the reader's decode boundary merges back. A record without
+identities names no one whose keys could erase it: it is not sealed.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 
+from cdp.common.v1 import envelope_pb2
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
 from cdp_ingest.store import note_seen_all
@@ -55,6 +62,27 @@ def timestamp_bytes(moment: datetime) -> bytes:
     return out
 
 
+class KeyMaker(Protocol):
+    """What sealing records needs of a vault (``cdp_kit.vault.PersonVault`` or ``LocalKeys``)."""
+
+    def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]: ...
+
+    def seal(
+        self,
+        refs: Sequence[str],
+        plaintext: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        path: str = "",
+        whole: bool = True,
+    ) -> envelope_pb2.Sealed: ...
+
+    def take_made(self) -> dict[str, bytes]: ...
+
+    def adopt(self, keys: dict[str, bytes]) -> None: ...
+
+
 def record_key(dataset: str, record_id: str) -> str:
     """The envelope id of a record: what the store keeps of every event id seen."""
     return deterministic_id("record", dataset, record_id)
@@ -70,11 +98,19 @@ class RecordBuilder:
     """``RecordAccepted`` envelopes of one dataset (and batch): ids derive from dataset and record id."""
 
     def __init__(
-        self, dataset: str, schema_class: int, batch_id: str, received_at: datetime, *, record_time: bool = False
+        self,
+        dataset: str,
+        schema_class: int,
+        batch_id: str,
+        received_at: datetime,
+        *,
+        record_time: bool = False,
+        keys: KeyMaker | None = None,
     ) -> None:
         """``record_time``: each profile record carries its own time (its schema's ``timestamp_field``)
         instead of the batch's; events always do."""
         self.dataset = dataset
+        self.keys = keys
         self.schema_class = schema_class
         self.batch_id = batch_id
         self.received_at = received_at
@@ -95,6 +131,11 @@ class RecordBuilder:
         self._type_url = _ld(b"\x0a", RECORD_TYPE_URL.encode())
         self._type_url_size = len(self._type_url)
         self._namespaces: dict[str, bytes] = {}
+
+    def adopt(self, keys: dict[str, bytes]) -> None:
+        """Keys a reader process made for records of this builder's batch."""
+        if self.keys is not None:
+            self.keys.adopt(keys)
 
     def key_of(self, record_id: str) -> str:
         return record_key(self.dataset, record_id)
@@ -118,11 +159,19 @@ class RecordBuilder:
         v = VARINTS
         rid = _text(record_id)
         n = len(rid)
-        parts = [b"\x0a", v[n] if n < 16384 else varint(n), rid, self._payload]
+        parts = main = [b"\x0a", v[n] if n < 16384 else varint(n), rid, self._payload]
         add = parts.append
         if row:
             add(b"\x28")
             add(v[row] if row < 16384 else varint(row))
+        keys = self.keys
+        if keys is not None:
+            identities = list(identities)
+            if not identities:
+                keys = None  # names no one: nothing to seal it under
+        personal: list[bytes] = []
+        if keys is not None:
+            parts, add = personal, personal.append
         namespaces = self._namespaces
         for namespace, value in identities:
             ns = namespaces.get(namespace)
@@ -143,7 +192,13 @@ class RecordBuilder:
         add(b"\x3a")
         add(v[n] if n < 16384 else varint(n))
         add(attributes)
-        head = b"\x0a\x24" + self.key_of(record_id).encode() + self._envelope  # an id is 36 characters
+        event_id = self.key_of(record_id)
+        sealed = b""
+        if keys is not None:
+            part = keys.seal(keys.refs_for(identities), b"".join(personal), event_id=event_id, event_type=RECORD_TYPE)
+            sealed = _ld(b"\x52", part.SerializeToString())
+            parts, add = main, main.append
+        head = b"\x0a\x24" + event_id.encode() + self._envelope  # an id is 36 characters
         if occurred_at is not None and self.timed:
             stamp = _ld(b"\x42", timestamp_bytes(occurred_at))
             add(stamp)
@@ -162,6 +217,7 @@ class RecordBuilder:
                 b"\x12",
                 v[n] if n < 16384 else varint(n),
                 payload,
+                sealed,
             )
         )
 

@@ -9,7 +9,6 @@ from cdp_kit.envelope import utcnow
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_server import Registration
 from cdp_kit.namespaces import NAMESPACE_TABLES, NamespacesOfIdentity
-from cdp_kit.privacy import KeyVault, NoKeyVault
 from cdp_kit.processor import Input, Processor
 from cdp_kit.runtime import Service
 from cdp_kit.streams import (
@@ -21,6 +20,7 @@ from cdp_kit.streams import (
     SEGMENTATION_READS_PRIVACY,
     SEGMENTATION_READS_PROFILE,
 )
+from cdp_kit.vault import PersonVault
 from cdp_segmentation.api import SegmentationServicer
 from cdp_segmentation.consumer import DatasetsOfIngest, ProfilesToMemberships
 from cdp_segmentation.handlers import SegmentationHandlers
@@ -37,12 +37,14 @@ def build_processor(
     *,
     batch_size: int = 256,
     event_cap: int = 5000,
-    vault: KeyVault | None = None,
+    vault: PersonVault | None = None,
 ) -> tuple[Processor, Catalog]:
     catalog = Catalog(event_cap)
     catalog.watch(engine)
-    # The crypto-shredding vault is not wired yet: NoKeyVault (nothing to revoke) until it is.
-    privacy = PrivacyToSegmentation(catalog, vault if vault is not None else NoKeyVault())
+    # One vault: it opens sealed fragments (segmentation seals nothing), and a privacy request
+    # revokes the person's keys in it, so what arrives sealed with them later reads as erased.
+    vault = vault if vault is not None else PersonVault.of(eventlog.js)
+    privacy = PrivacyToSegmentation(catalog, vault)
     processor = Processor(
         service="segmentation",
         engine=engine,
@@ -60,11 +62,14 @@ def build_processor(
             Input(SEGMENTATION_READS_PRIVACY, privacy),
         ],
         batch_size=batch_size,
+        vault=vault,
     )
     return processor, catalog
 
 
-def build(settings: SegmentationSettings, engine: Engine, eventlog: EventLog, vault: KeyVault | None = None) -> Service:
+def build(
+    settings: SegmentationSettings, engine: Engine, eventlog: EventLog, vault: PersonVault | None = None
+) -> Service:
     processor, catalog = build_processor(
         engine, eventlog, batch_size=settings.batch_size, event_cap=settings.event_cap, vault=vault
     )

@@ -26,7 +26,7 @@ from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import KeyVault, is_delete
 from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
-from cdp_kit.store import get_checkpoint, tables_of, transaction
+from cdp_kit.store import get_checkpoint, scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import PROFILE, SEGMENTATION_PRIVACY_APPLIED, SEGMENTATION_READS_PROFILE
 from cdp_kit.telemetry import get_logger
 from cdp_segmentation.membership import Catalog, exit_all
@@ -107,6 +107,7 @@ def erase(session: Session, catalog: Catalog, profile_ids: Sequence[str]) -> dic
         ).rowcount
     session.flush()
     catalog.invalidate()
+    scrub_after_commit(session)
     return counts
 
 

@@ -147,6 +147,8 @@ class ServiceStatus(_message.Message):
     RECOVERED_FIELD_NUMBER: _builtins.int
     NATS_CONNECTED_FIELD_NUMBER: _builtins.int
     STALL_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    ERASED_EVENTS_FIELD_NUMBER: _builtins.int
+    ERASED_FIELDS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     version: _builtins.str
     ready: _builtins.bool
@@ -157,6 +159,12 @@ class ServiceStatus(_message.Message):
     """The NATS connection is up (the client reconnects on its own when it is not)."""
     stall_after_seconds: _builtins.float
     """Seconds without progress after which a consumer counts as stuck (CDP_STALL_AFTER_S)."""
+    erased_events: _builtins.int
+    """Crypto-shredding (docs/privacy.md), since the process started: events folded as erased (a
+    whole sealed part whose key is destroyed or revoked), and events folded with sealed fields
+    left empty for that reason.
+    """
+    erased_fields: _builtins.int
     @_builtins.property
     def consumers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerStatus]: ...
     @_builtins.property
@@ -172,10 +180,12 @@ class ServiceStatus(_message.Message):
         recovered: _builtins.bool = ...,
         nats_connected: _builtins.bool = ...,
         stall_after_seconds: _builtins.float = ...,
+        erased_events: _builtins.int = ...,
+        erased_fields: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "nats_connected", b"nats_connected", "own_logs", b"own_logs", "ready", b"ready", "recovered", b"recovered", "service", b"service", "stall_after_seconds", b"stall_after_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "erased_events", b"erased_events", "erased_fields", b"erased_fields", "nats_connected", b"nats_connected", "own_logs", b"own_logs", "ready", b"ready", "recovered", b"recovered", "service", b"service", "stall_after_seconds", b"stall_after_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

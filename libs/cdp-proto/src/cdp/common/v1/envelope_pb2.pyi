@@ -87,6 +87,7 @@ class Envelope(_message.Message):
     CAUSATION_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Deterministic id derived from the producer, the cause and the position."""
     type: _builtins.str
@@ -106,6 +107,12 @@ class Envelope(_message.Message):
 
     @_builtins.property
     def payload(self) -> _any_pb2.Any: ...
+    @_builtins.property
+    def sealed(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sealed]:
+        """Personal fields of the payload, sealed under the keys of the people they name
+        (crypto-shredding, cdp_kit.sealing): opened at the reader's decode boundary.
+        """
+
     def __init__(
         self,
         *,
@@ -118,14 +125,62 @@ class Envelope(_message.Message):
         causation: Global___Causation | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         payload: _any_pb2.Any | None = ...,
+        sealed: _abc.Iterable[Global___Sealed] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["causation", b"causation", "occurred_at", b"occurred_at", "payload", b"payload", "recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["causation", b"causation", "id", b"id", "occurred_at", b"occurred_at", "payload", b"payload", "recorded_at", b"recorded_at", "schema_version", b"schema_version", "subject_key", b"subject_key", "trace_context", b"trace_context", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causation", b"causation", "id", b"id", "occurred_at", b"occurred_at", "payload", b"payload", "recorded_at", b"recorded_at", "schema_version", b"schema_version", "sealed", b"sealed", "subject_key", b"subject_key", "trace_context", b"trace_context", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class Sealed(_message.Message):
+    """Fields of an event's payload sealed with AES-256-GCM under a key derived (HKDF-SHA256, random
+    salt) from the per-identity keys of every person they name, kept in the vault (cdp_kit.vault).
+    The plaintext is the wire form of a message of the type at `path` holding only the sealed
+    fields: opening merges it back. A destroyed or revoked key leaves it sealed forever.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    KEY_REFS_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    WHOLE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Where the plaintext merges: "" is the payload itself, "parts.2" its field parts, element 2."""
+    salt: _builtins.bytes
+    ciphertext: _builtins.bytes
+    """nonce (12 bytes) + ciphertext + tag (16 bytes); empty once opened in memory."""
+    whole: _builtins.bool
+    """True: the event is nothing without these fields, a reader that cannot open them skips the
+    whole event (folded as erased). False: the event is folded with the fields left empty.
+    """
+    @_builtins.property
+    def key_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys (cdp_kit.vault key refs) the record key derives from; for a record of ingest, one per
+        identity of the record, in the order of its identities.
+        """
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        key_refs: _abc.Iterable[_builtins.str] | None = ...,
+        salt: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        whole: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "key_refs", b"key_refs", "path", b"path", "salt", b"salt", "whole", b"whole"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sealed: _TypeAlias = Sealed  # noqa: Y015
 
 @_typing.final
 class EventBatch(_message.Message):

@@ -1,0 +1,539 @@
+"""Per-identity keys for crypto-shredding, in the NATS KV bucket ``CDP_KEYS``.
+
+The invariant this module keeps: **once a person's keys are destroyed, no byte of them is left
+in the bucket's store, and every record sealed with them reads as erased, on every replay.**
+
+* **A key ref** names ONE key generation of one identity: ``<block>.<16 hex of
+  pii_hash("keyref:ns:value")>.<8 random hex>``. A destroyed key is never re-created: the next
+  record of that identity gets a new generation (a new ref), so old records stay unreadable. Refs
+  travel in clear in each sealed part (``Sealed.key_refs``): a reader never recomputes a ref from
+  a plain value (services may even run with different PII hash keys).
+* **Key blocks.** The KV key is the block (16 random hex); its value holds every key a producer
+  made in one commit (at most ``BLOCK_KEYS``): for each, the ref's length, the ref, 32 key bytes.
+  One message per block instead of one per key: ingest writes a few messages per batch, and a
+  reader's one fetch brings the keys of the records around the one it needed.
+* **Producers** (ingest) call ``refs_for(identities)`` (synchronous, in the fold's transaction):
+  a cached generation, or a new one made in memory; ``commit()`` writes the new ones to the
+  bucket (a block each, ``Nats-Expected-Last-Subject-Sequence: 0``) *before* the events sealed
+  with them are appended, so a record on the log always has its keys in the bucket. A process
+  keeps a bounded cache (``cache_size``) of identity -> generation; an identity that falls out of
+  it, a restart or a CSV reader process (``LocalKeys``, adopted by the service) gives it a new
+  generation: more keys, never a wrong one (identity remembers every ref of every identity it
+  links, so a delete destroys them all).
+* **Consumers** call ``prefetch(refs)`` (or ``open_messages``) once per fetched batch: the blocks
+  of the keys not cached come in direct batch gets (``multi_last``, ``FETCH_BATCH`` blocks a
+  request, ``FETCH_PARALLEL`` in flight); a ref its block does not hold is remembered as destroyed.
+  ``open_envelope`` then opens each sealed part at the decode boundary, so handlers see plain
+  payloads. Sealing keys not at hand raises ``KeysNeeded``: the processor fetches and retries.
+* **Erasure**: ``revoke(refs)`` (the privacy request applied in this process): from now on,
+  parts sealed with any of these refs read as erased and producers stop using them.
+  ``destroy(refs)`` (identity, after every service applied the request) writes each block again
+  without those keys (guarded by its last sequence), then deletes the previous message by
+  sequence with JetStream's **erase** (``STREAM.MSG.DELETE`` without ``no_erase``: the server
+  overwrites the stored bytes with random data; a KV delete or purge only drops the index and
+  leaves the bytes until compaction). The bucket's stream is therefore made by provisioning with
+  deletes allowed (nats-py's ``create_key_value`` denies them) and 2 messages per subject, so a
+  block being rewritten is never absent (its old version lives only until it is erased).
+* **Unreadable records** are folded as erased and counted (``erased``, ``erased_fields``, the
+  ``cdp.vault.erased`` metric and the service status).
+* **Sealing off** (``CDP_SEAL_PERSONAL_DATA=false``) exists for benches only: nothing is sealed;
+  records already sealed are still opened.
+
+Backups: the bucket holds the only copy of every key. Back it up like the streams (a JetStream
+snapshot of ``KV_CDP_KEYS``), but a restore brings back the keys of people erased since that
+backup: replay the privacy requests (CDP_PRIVACY) and destroy again after any restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
+
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cdp.common.v1 import envelope_pb2
+from cdp_kit.errors import Unavailable
+from cdp_kit.keyring import KEY_BYTES
+from cdp_kit.sealing import Erased, merge_part, open_part, seal
+from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
+from cdp_kit.telemetry import get_logger, meter, pii_hash_key
+
+# Keys per block (one KV entry, ~80 bytes a key), blocks per direct batch get, batches in flight.
+BLOCK_KEYS = 4096
+FETCH_BATCH = 16  # a block holds up to ~330 KB: a request answers at most ~5 MB
+FETCH_PARALLEL = 4
+FETCH_TIMEOUT_S = 10.0
+CREATE_TIMEOUT_S = 10.0
+BUCKET = KEY_BUCKET
+STREAM = KEY_STREAM
+SUBJECT_PREFIX = KEY_SUBJECT_PREFIX
+Envelope = envelope_pb2.Envelope
+log = get_logger(__name__)
+
+
+class LogMessage(Protocol):
+    """What the vault reads of a message (``cdp_kit.eventlog.LogMessage``)."""
+
+    @property
+    def sequence(self) -> int: ...
+
+    def events(self) -> list[Envelope]: ...
+
+
+def key_bucket_config(*, replicas: int = 1, memory: bool = False) -> api.StreamConfig:
+    """The bucket's stream as provisioning creates it: a KV bucket (history 1) whose messages may
+    be deleted by sequence, so a destroy can erase them."""
+    return api.StreamConfig(
+        name=STREAM,
+        description="per-identity keys of personal data (crypto-shredding; cdp_kit.vault)",
+        subjects=[f"{SUBJECT_PREFIX}>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=False,
+        deny_purge=False,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs_per_subject=2,  # a block being rewritten by a destroy: the new version, then the old erased
+        num_replicas=replicas,
+        storage=api.StorageType.MEMORY if memory else api.StorageType.FILE,
+        duplicate_window=120.0,
+    )
+
+
+class _RefHash:
+    """HMAC-SHA256 keyed by the PII hash key (``cdp_kit.telemetry.pii_hash``'s) over
+    ``keyref:<ns>:<value>``, with the keyed state computed once per process (a hot path of ingest)."""
+
+    key: bytes | None = None
+    mac: hmac.HMAC | None = None
+
+
+def identity_hash(namespace: str, value: str) -> str:
+    key = pii_hash_key()
+    if _RefHash.key is not key:
+        _RefHash.key, _RefHash.mac = key, hmac.new(key, b"keyref:", hashlib.sha256)
+    assert _RefHash.mac is not None
+    mac = _RefHash.mac.copy()
+    mac.update(f"{namespace}:{value}".encode("utf-8", "surrogatepass"))
+    return mac.hexdigest()[:16]
+
+
+def new_block() -> str:
+    return secrets.token_hex(8)
+
+
+def block_of(ref: str) -> str:
+    """The key block (the bucket's KV key) a ref's key is stored in."""
+    return ref.partition(".")[0]
+
+
+def encode_block(keys: Iterable[tuple[str, bytes]]) -> bytes:
+    """A block's value: for each key, the length of its ref (1 byte), the ref, the 32 key bytes."""
+    out = bytearray()
+    for ref, key in sorted(keys):
+        raw = ref.encode()
+        out += bytes([len(raw)]) + raw + key
+    return bytes(out)
+
+
+def decode_block(data: bytes) -> dict[str, bytes]:
+    keys: dict[str, bytes] = {}
+    at = 0
+    while at < len(data):
+        n = data[at]
+        ref = data[at + 1 : at + 1 + n].decode()
+        key = data[at + 1 + n : at + 1 + n + KEY_BYTES]
+        if len(key) != KEY_BYTES:
+            break  # truncated: what follows is not a key
+        keys[ref] = key
+        at += 1 + n + KEY_BYTES
+    return keys
+
+
+class _Lru(OrderedDict[str, bytes]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def keep(self, key: str, value: bytes) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class KeysNeeded(Exception):
+    """Sealing needs keys this process has not fetched: fetch them (``PersonVault.fetch_needed``)
+    and run the work again. Raised inside a transaction, which is then rolled back."""
+
+    def __init__(self, refs: Sequence[str]) -> None:
+        super().__init__(f"{len(refs)} keys to fetch")
+        self.refs = list(refs)
+
+
+class LocalKeys:
+    """Keys made away from the bucket (ingest's CSV reader processes, one batch each): the process
+    that owns the vault adopts them (``PersonVault.adopt``) before anything they seal is appended."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, bytes] = {}
+        self._current: dict[tuple[str, str], str] = {}
+        self._made: dict[str, bytes] = {}
+        self._block, self._in_block = new_block(), 0
+
+    def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
+        refs: list[str] = []
+        for identity in identities:
+            ref = self._current.get(identity)
+            if ref is None:
+                if self._in_block >= BLOCK_KEYS:
+                    self._block, self._in_block = new_block(), 0
+                self._in_block += 1
+                ref, key = new_key(self._block, *identity)
+                self._current[identity] = ref
+                self.keys[ref] = self._made[ref] = key
+            refs.append(ref)
+        return refs
+
+    def seal(
+        self,
+        refs: Sequence[str],
+        plaintext: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        path: str = "",
+        whole: bool = True,
+    ) -> envelope_pb2.Sealed:
+        return seal(self.keys, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+
+    def take_made(self) -> dict[str, bytes]:
+        made, self._made = self._made, {}
+        return made
+
+    def adopt(self, keys: dict[str, bytes]) -> None:
+        self.keys.update(keys)
+
+
+def new_key(block: str, namespace: str, value: str) -> tuple[str, bytes]:
+    """A new key generation of one identity, stored in ``block``: its ref and its key."""
+    random = os.urandom(KEY_BYTES + 4)
+    return f"{block}.{identity_hash(namespace, value)}.{random[KEY_BYTES:].hex()}", random[:KEY_BYTES]
+
+
+class _AtHand(Mapping[str, bytes]):
+    """The keys of the batch being opened, then the cache."""
+
+    def __init__(self, batch: dict[str, bytes], cache: _Lru) -> None:
+        self.batch = batch
+        self.cache = cache
+
+    def __getitem__(self, ref: str) -> bytes:
+        found = self.batch.get(ref)
+        return found if found is not None else self.cache[ref]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+
+class PersonVault:
+    """Per-identity keys: made by producers, fetched in batches by consumers, revoked and destroyed
+    by a privacy delete. ``kv`` is the bound bucket (``PersonVault.bind``)."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> None:
+        self.kv = kv
+        self.js = js
+        self.sealing = seal
+        self._keys = _Lru(cache_size)  # ref -> key bytes (made here or fetched)
+        self._current: OrderedDict[tuple[str, str], str] = OrderedDict()  # identity -> its generation here
+        self._cache_size = cache_size
+        self._pending: dict[str, bytes] = {}  # made here, not yet in the bucket
+        self._gone = _Lru(cache_size)  # refs the bucket does not hold (destroyed)
+        self._revoked: set[str] = set()
+        self._batch: dict[str, bytes] = {}  # the keys of the batch being opened, whatever the cache evicts
+        self._at_hand = _AtHand(self._batch, self._keys)
+        self._needed: set[str] = set()  # fetched for a KeysNeeded: kept at hand for the retry
+        self._block, self._in_block = new_block(), 0  # where the next keys made here go
+        self.erased = 0
+        self.erased_fields = 0
+        counters = meter("cdp.vault")
+        self._erased_counter = counters.create_counter(
+            "cdp.vault.erased", unit="{event}", description="Events folded as erased: a sealed part whose key is gone"
+        )
+
+    @classmethod
+    def of(cls, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> PersonVault:
+        """The vault on the provisioned bucket, without a round trip (``runtime.connect`` checks it exists)."""
+        kv = KeyValue(name=BUCKET, stream=STREAM, pre=SUBJECT_PREFIX, js=js, direct=True)
+        return cls(kv, js, seal=seal, cache_size=cache_size)
+
+    @classmethod
+    async def bind(cls, js: JetStreamContext, *, seal: bool = True, cache_size: int = 200_000) -> PersonVault:
+        try:
+            kv = await js.key_value(BUCKET)
+        except nats.js.errors.NotFoundError:
+            raise Unavailable(
+                f"key bucket {BUCKET} does not exist: provision with `cdp admin provision` (admin credentials)"
+            ) from None
+        return cls(kv, js, seal=seal, cache_size=cache_size)
+
+    # ------------------------------------------------------------------ producers
+    def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
+        """One key ref per identity (in order), made in memory when this process has none."""
+        refs: list[str] = []
+        current = self._current
+        for identity in identities:
+            ref = current.get(identity)
+            if ref is None or ref in self._revoked or ref in self._gone:
+                if self._in_block >= BLOCK_KEYS:
+                    self._block, self._in_block = new_block(), 0
+                self._in_block += 1
+                ref, key = new_key(self._block, *identity)
+                self._pending[ref] = key
+                self._keys.keep(ref, key)
+                current[identity] = ref
+                if len(current) > self._cache_size:
+                    current.popitem(last=False)
+            refs.append(ref)
+        return refs
+
+    def seal(
+        self,
+        refs: Sequence[str],
+        plaintext: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        path: str = "",
+        whole: bool = True,
+    ) -> envelope_pb2.Sealed:
+        """Seal with the keys of ``refs`` (made or fetched by this process: ``refs_for`` or ``prefetch``).
+        ``Erased`` if one of them is revoked or destroyed; ``KeysNeeded`` if some are not at hand
+        (the processor fetches them and applies the batch or command again)."""
+        if self._revoked and any(ref in self._revoked for ref in refs):
+            raise Erased()
+        missing = [ref for ref in refs if ref not in self._batch and ref not in self._keys]
+        if missing:
+            if any(ref in self._gone for ref in missing):
+                raise Erased()
+            raise KeysNeeded(missing)
+        try:
+            return seal(
+                self._at_hand, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole
+            )
+        except KeyError:
+            raise Erased() from None
+
+    def can_seal(self, refs: Iterable[str]) -> bool:
+        return all(ref in self._keys and ref not in self._revoked for ref in refs)
+
+    def take_made(self) -> dict[str, bytes]:
+        return {}  # made here: pending already
+
+    def adopt(self, keys: dict[str, bytes]) -> None:
+        """Keys made by ``LocalKeys`` elsewhere: written by the next ``commit``."""
+        for ref, key in keys.items():
+            if ref not in self._revoked:
+                self._pending[ref] = key
+                self._keys.keep(ref, key)
+
+    async def commit(self) -> int:
+        """Write the keys made since the last commit to the bucket, a message per block, before the
+        events they seal. A block is written once (``Nats-Expected-Last-Subject-Sequence: 0``);
+        keys made after it was written go to a new block."""
+        if not self._pending:
+            return 0
+        blocks: dict[str, list[tuple[str, bytes]]] = {}
+        for ref, key in self._pending.items():
+            blocks.setdefault(block_of(ref), []).append((ref, key))
+        acks = [await self._create(block, encode_block(keys)) for block, keys in blocks.items()]
+        for ack in acks:
+            await self._created(ack)
+        made = len(self._pending)
+        self._pending = {}
+        if self._in_block:
+            self._block, self._in_block = new_block(), 0
+        return made
+
+    async def _create(self, block: str, value: bytes) -> asyncio.Future[api.PubAck]:
+        try:
+            return await self.js.publish_async(
+                SUBJECT_PREFIX + block, value, stream=STREAM, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
+            )
+        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
+
+    @staticmethod
+    async def _created(ack: asyncio.Future[api.PubAck]) -> None:
+        try:
+            await asyncio.wait_for(ack, CREATE_TIMEOUT_S)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10071:  # wrong last sequence: a retry of a create that went through
+                raise Unavailable(f"key create failed: {exc.description}") from exc
+        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
+
+    # ------------------------------------------------------------------ consumers
+    async def prefetch(self, refs: Iterable[str]) -> None:
+        """Fetch the blocks of the refs whose keys are not cached: a block brings every key in it."""
+        wanted = [
+            r for r in dict.fromkeys(refs) if r not in self._keys and r not in self._gone and r not in self._revoked
+        ]
+        if not wanted:
+            return
+        blocks = list(dict.fromkeys(block_of(ref) for ref in wanted))
+        chunks = [blocks[start : start + FETCH_BATCH] for start in range(0, len(blocks), FETCH_BATCH)]
+        for start in range(0, len(chunks), FETCH_PARALLEL):
+            await asyncio.gather(*(self._fetch_blocks(chunk) for chunk in chunks[start : start + FETCH_PARALLEL]))
+        for ref in wanted:
+            if ref not in self._batch:
+                self._gone.keep(ref, b"")  # its block does not hold it: destroyed
+
+    async def _fetch_blocks(self, blocks: list[str]) -> None:
+        """Blocks in one direct batch get (``multi_last``, nats-server 2.11+): the server answers each
+        block it holds, then an end-of-batch status."""
+        nc = self.js._nc
+        inbox = nc.new_inbox()
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def collect(msg: Msg) -> None:
+            answers.put_nowait(msg)
+
+        request = json.dumps({"multi_last": [SUBJECT_PREFIX + block for block in blocks], "batch": len(blocks)})
+        sub = await nc.subscribe(inbox, cb=collect)
+        try:
+            await nc.publish(f"$JS.API.DIRECT.GET.{STREAM}", request.encode(), reply=inbox)
+            while True:
+                try:
+                    msg = await asyncio.wait_for(answers.get(), FETCH_TIMEOUT_S)
+                except TimeoutError as exc:
+                    raise Unavailable("key fetch timed out") from exc
+                headers = msg.headers or {}
+                if not msg.data and headers.get("Status"):
+                    if headers["Status"] not in ("204", "404"):
+                        raise Unavailable(f"key fetch failed: {headers['Status']} {headers.get('Description', '')}")
+                    break
+                for ref, key in decode_block(msg.data).items():
+                    if ref not in self._revoked:
+                        self._keys.keep(ref, key)
+                        self._batch[ref] = key
+        finally:
+            await sub.unsubscribe()
+
+    def open_envelope(self, env: Envelope) -> bool:
+        """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
+        for part in env.sealed:
+            if not part.ciphertext:
+                continue  # opened already
+            try:
+                if self._revoked and any(ref in self._revoked for ref in part.key_refs):
+                    raise Erased()
+                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type)
+            except Erased:
+                if part.whole:
+                    self._count_erased()
+                    return False
+                self.erased_fields += 1
+                part.ciphertext = b""
+                continue
+            merge_part(env, part.path, plaintext)
+            part.ciphertext = b""
+        return True
+
+    async def fetch_needed(self, needed: KeysNeeded) -> None:
+        """Fetch the keys a seal needed and keep them at hand while the work is applied again."""
+        self._needed = set(needed.refs)
+        self._batch.update((ref, self._keys[ref]) for ref in needed.refs if ref in self._keys)
+        await self.prefetch(needed.refs)
+        for ref in needed.refs:
+            if ref not in self._batch and ref not in self._keys and ref not in self._gone:
+                self._gone.keep(ref, b"")  # not in the bucket: destroyed
+
+    def _count_erased(self) -> None:
+        self.erased += 1
+        self._erased_counter.add(1)
+
+    async def open_messages(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]]:
+        """Every message's envelopes opened, erased ones left out, by sequence (one prefetch). A
+        message that does not decode is not in the answer: its reader meets the error where it
+        sets poison aside."""
+        decoded: dict[int, list[Envelope]] = {}
+        for msg in msgs:
+            try:
+                decoded[msg.sequence] = msg.events()
+            except DecodeError:
+                continue
+        refs = dict.fromkeys(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
+        self._batch.clear()
+        keys = self._keys
+        self._batch.update((ref, keys[ref]) for ref in [*refs, *self._needed] if ref in keys)
+        await self.prefetch(refs)
+        return {seq: [env for env in envs if self.open_envelope(env)] for seq, envs in decoded.items()}
+
+    # ------------------------------------------------------------------ erasure
+    def revoke(self, key_refs: Sequence[str]) -> None:
+        """From now on, in this process, records sealed with any of these refs fold as erased."""
+        self._revoked.update(key_refs)
+        for ref in key_refs:
+            self._keys.pop(ref, None)
+            self._batch.pop(ref, None)
+            self._pending.pop(ref, None)
+
+    async def destroy(self, key_refs: Sequence[str]) -> int:
+        """Erase the keys for good; returns how many existed. Each block holding some of them is
+        written again without them (guarded by its last sequence), then its previous message is
+        deleted with erase (its bytes overwritten), so no copy of a destroyed key is left."""
+        self.revoke(key_refs)
+        by_block: dict[str, set[str]] = {}
+        for ref in key_refs:
+            by_block.setdefault(block_of(ref), set()).add(ref)
+        found = 0
+        for block, refs in by_block.items():
+            found += await self._destroy_in(block, refs)
+            for ref in refs:
+                self._gone.keep(ref, b"")
+        if found:
+            log.info("vault_keys_destroyed", keys=found)
+        return found
+
+    async def _destroy_in(self, block: str, refs: set[str]) -> int:
+        for _attempt in range(5):
+            try:
+                entry = await self.kv.get(block)
+            except nats.js.errors.KeyNotFoundError:
+                return 0
+            keys = decode_block(entry.value or b"")
+            doomed = refs & keys.keys()
+            if not doomed:
+                return 0
+            kept = [(ref, key) for ref, key in keys.items() if ref not in doomed]
+            try:
+                if kept:  # the block stays readable throughout: the new version first (history 2)
+                    await self.js.publish(
+                        SUBJECT_PREFIX + block,
+                        encode_block(kept),
+                        stream=STREAM,
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(entry.revision)},
+                    )
+                await self.js.delete_msg(STREAM, entry.revision or 0)  # erase: overwritten with random bytes
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == 10071:
+                    continue  # another destroy rewrote the block meanwhile: read it again
+                raise Unavailable(f"key destroy failed: {exc.description}") from exc
+            return len(doomed)
+        raise Unavailable(f"key block {block} kept changing while keys were destroyed")
