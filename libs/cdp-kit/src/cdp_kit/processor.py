@@ -550,9 +550,20 @@ class Processor:
             prefetch = getattr(self.projection, "prefetch", None)
             if prefetch is not None and own is not self.poison:
                 prefetch(session, own, [env for msg in msgs for env in events(msg)])
+            fold_erased = getattr(self.projection, "fold_erased", None) if own is not self.poison else None
             for msg in msgs:
-                for env in events(msg):
+                kept = events(msg)
+                for env in kept:
                     self.fold(session, own, env)
+                if fold_erased is not None and opened is not None and msg.sequence in opened:
+                    whole = msg.events()  # decoded once (cached); opened in place, erased ones left out
+                    if len(whole) != len(kept):
+                        # What of an erased event is not personal (its id, its key) may still matter
+                        # to the store: e.g. ingest's event-id dedupe index, as the live store had it.
+                        held = {id(env) for env in kept}
+                        for env in whole:
+                            if id(env) not in held:
+                                fold_erased(session, own, env)
                 set_checkpoint(session, own_checkpoint(own), msg.sequence)
                 header = msg.headers.get(CAUSE_HEADER, "")
                 answered = _consumer_of(header, self.inputs)

@@ -47,6 +47,7 @@ from cdp_kit.telemetry import get_logger, pii_hash
 log = get_logger(__name__)
 REQUESTED = pb.PrivacyRequested.DESCRIPTOR.full_name
 COMPLETED = pb.PrivacyCompleted.DESCRIPTOR.full_name
+APPLIED = pb.PrivacyApplied.DESCRIPTOR.full_name
 SELF = "identity"
 CHUNK = 500
 
@@ -166,6 +167,13 @@ def fold_privacy(session: Session, env: Envelope) -> None:
         if session.get(PrivacyProgressRow, (req.request_id, SELF)) is None:  # nothing to erase
             session.add(PrivacyProgressRow(request_id=req.request_id, service=SELF, at=micros(req.at)))
         session.flush()
+    elif env.type == APPLIED:  # identity's own erasure, counted when it happened
+        applied = unpack(env, pb.PrivacyApplied)
+        progress = session.get(PrivacyProgressRow, (applied.request_id, SELF))
+        if applied.service == SELF and progress is not None:
+            progress.counts = dict(applied.counts)
+            session.add(progress)
+            session.flush()
     elif env.type == COMPLETED:
         done = unpack(env, pb.PrivacyCompleted)
         row = session.get(PrivacyRequestRow, done.request_id)
@@ -404,7 +412,21 @@ class PrivacyHandlers:
                                 uow.emit(IDENTITY_FRAGMENTS, events[:1])
                             recorded = Cause(command_id=f"privacy:{request_id}")
                             await uow.next_cause(recorded)
-                            uow.emit(PRIVACY_REQUESTS, events)
+                            # What identity erased, as a fact: a rebuild finds the person's fragments
+                            # already erased (crypto-shredding), so it cannot count them again.
+                            progress = session.get(PrivacyProgressRow, (request_id, SELF))
+                            erased = pb.PrivacyApplied(
+                                request_id=request_id, service=SELF, counts=progress.counts if progress else {}
+                            )
+                            erased.at.CopyFrom(requested.at)
+                            own = make_envelope(
+                                erased,
+                                event_id=deterministic_id("privacy-applied", SELF, request_id),
+                                subject_key=request_id,
+                                occurred_at=utcnow(),
+                                cause=recorded,
+                            )
+                            uow.emit(PRIVACY_REQUESTS, [events[0], own, *events[1:]])
                             await uow.flush(recorded)
                         except BaseException:
                             await uow.abandon()

@@ -43,6 +43,12 @@ class IngestProjection:
             known = self._event_datasets[name] = schema is not None and schema.schema_class == pb.SCHEMA_CLASS_EVENT
         return known
 
+    def fold_erased(self, session: Session, own: OwnLog, env: Envelope) -> None:
+        """A record whose person was erased (crypto-shredding): its event id stays known, as the
+        live store knew it, so a replay de-duplicates exactly as the live store does."""
+        if env.type == RECORD_TYPE and self._event_dataset(session, env.subject_key):
+            note_seen(session, env.subject_key, env.id, env.recorded_at.seconds // DAY_S)
+
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         kind = env.type
         if own.subject == INGEST_PRIVACY_APPLIED.subject:
