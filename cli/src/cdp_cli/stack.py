@@ -597,10 +597,12 @@ class Stack:
             self._spawn(child)
             self._record("restarted", level=logging.WARNING, child=child.name, pid=child.pid, restarts=child.restarts)
 
-    def kill(self, service: str) -> None:
-        """SIGKILL a child (for crash tests); the supervisor restarts it after its backoff."""
+    def kill(self, service: str, *, keep_down: bool = False) -> None:
+        """SIGKILL a child (for crash tests); the supervisor restarts it after its backoff, or, with
+        ``keep_down``, leaves it down until ``restart`` (e.g. a NATS node lost for a while)."""
         child = self._child(service)
         with self._lock:
+            child.paused = child.paused or keep_down
             process = child.process
         if process is not None and process.poll() is None:
             process.kill()
@@ -608,7 +610,8 @@ class Stack:
             self._record("killed", child=service, pid=process.pid)
 
     def restart(self, service: str) -> None:
-        """Stop a service gracefully, start it again on the same port and wait until it is SERVING."""
+        """Stop a service gracefully (unless it is down), start it again on the same port and wait
+        until it is SERVING."""
         child = self._child(service)
         with self._lock:
             child.paused = True
