@@ -26,8 +26,10 @@ from pathlib import Path
 
 import nats.errors
 import pytest
+from typer.testing import CliRunner
 
-from cdp_cli.client import Client
+from cdp_cli.app import app
+from cdp_cli.client import UNREACHABLE, Client
 from cdp_cli.stack import Stack
 from cdp_kit.streams import ALL_STREAMS, AUDIENCE, COLLECT, INGEST, PROFILE
 from cdp_standins import LocalPlatforms
@@ -72,6 +74,13 @@ def service_connections(stack: Stack, node: str) -> list[str]:
         connz = json.loads(answer.read())
     names = [str(c.get("name", "")) for c in connz.get("connections") or []]
     return sorted(n.removeprefix("cdp-") for n in names if n.removeprefix("cdp-") in stack.addresses)
+
+
+def nats_status(stack: Stack) -> tuple[int, dict[str, str]]:
+    """``cdp status --json``: its exit code and each NATS node's health."""
+    result = CliRunner().invoke(app, ["--data-dir", str(stack.data_dir), "status", "--json"], env={"COLUMNS": "200"})
+    nodes = json.loads(result.stdout)["nats"]
+    return result.exit_code, {name: str(node["health"]) for name, node in nodes.items()}
 
 
 def replicas(stack: Stack) -> dict[str, int]:
@@ -135,6 +144,7 @@ def test_a_nats_node_sigkilled_mid_flow_loses_and_doubles_nothing(cluster_stack:
     stack = running.stack
     assert list(stack.nats_nodes) == ["nats-1", "nats-2", "nats-3"]
     assert set(replicas(stack).values()) == {3}
+    assert nats_status(stack) == (0, dict.fromkeys(stack.nats_nodes, "ok"))
     load = Load(people=EVENTS // 2, page_bytes=PAGE_BYTES)
     messages = load.messages()
     budget_s = 60.0 + len(messages) * S_PER_1000 / 1000
@@ -161,12 +171,17 @@ def test_a_nats_node_sigkilled_mid_flow_loses_and_doubles_nothing(cluster_stack:
     wait_until(lambda: advanced(before, stack), DOWN_S + 60.0, "every stage to advance with a node down")
     assert victim not in stack.pids, "the node came back before the flow was shown to advance without it"
     assert publisher.published > published
+    code, health = nats_status(stack)
+    assert code == 1
+    assert health[victim] == UNREACHABLE
+    assert [health[node] for node in stack.nats_nodes if node != victim] == ["ok", "ok"]
     time.sleep(max(0.0, DOWN_S - (time.monotonic() - killed_at)))
     during = publisher.published - published
     print(f"{victim} down {time.monotonic() - killed_at:.1f}s; {during} events acknowledged meanwhile")
 
     stack.restart(victim)  # same ports and store; waits until it is current in the cluster
     assert victim in stack.pids
+    assert nats_status(stack)[1][victim] == "ok"
     publisher.join()
     result = settled(running, load, timeout_s=budget_s)
     assert_exactly_once(result, load, stack)
