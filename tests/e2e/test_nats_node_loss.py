@@ -43,6 +43,7 @@ from tests.e2e.test_never_lose import (
     set_up,
     settled,
     wait_until,
+    wait_until_or_not,
 )
 
 pytestmark = pytest.mark.e2e
@@ -133,9 +134,14 @@ def last_sequences(stack: Stack) -> dict[str, int]:
         return dict.fromkeys(STAGES, 0)
 
 
-def advanced(before: dict[str, int], stack: Stack) -> bool:
+def advanced(before: dict[str, int], stack: Stack, since: float, first: dict[str, float]) -> bool:
+    """Whether every stage's stream grew past ``before``; ``first`` records when each first did
+    (seconds after ``since``)."""
     now = last_sequences(stack)
-    return all(now[name] > before[name] for name in STAGES)
+    for name in STAGES:
+        if now[name] > before[name]:
+            first.setdefault(name, round(time.monotonic() - since, 1))
+    return len(first) == len(STAGES)
 
 
 @pytest.mark.timeout(300 + int(EVENTS * 2 * S_PER_1000 / 1000))
@@ -168,13 +174,24 @@ def test_a_nats_node_sigkilled_mid_flow_loses_and_doubles_nothing(cluster_stack:
     killed_at = time.monotonic()
     published = publisher.published
     before = last_sequences(stack)
-    wait_until(lambda: advanced(before, stack), DOWN_S + 60.0, "every stage to advance with a node down")
+    first: dict[str, float] = {}
+
+    def flowing() -> bool:
+        return advanced(before, stack, killed_at, first) and publisher.published > published
+
+    if not wait_until_or_not(flowing, DOWN_S + 60.0, 0.2):
+        raise AssertionError(
+            f"not every stage advanced with {victim} down (those that did, after s: {first}; "
+            f"events acknowledged to the publisher meanwhile: {publisher.published - published})"
+        )
+    print(f"seconds after the kill until each stage's stream grew: {first}")
     assert victim not in stack.pids, "the node came back before the flow was shown to advance without it"
-    assert publisher.published > published
     code, health = nats_status(stack)
     assert code == 1
     assert health[victim] == UNREACHABLE
-    assert [health[node] for node in stack.nats_nodes if node != victim] == ["ok", "ok"]
+    # The others answer; their full health check may report assets whose third replica is the
+    # lost node as not current, so their state is shown, not asserted.
+    assert all(health[node] != UNREACHABLE for node in stack.nats_nodes if node != victim), health
     time.sleep(max(0.0, DOWN_S - (time.monotonic() - killed_at)))
     during = publisher.published - published
     print(f"{victim} down {time.monotonic() - killed_at:.1f}s; {during} events acknowledged meanwhile")

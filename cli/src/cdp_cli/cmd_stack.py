@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import grpc
 import typer
@@ -46,6 +46,9 @@ _state = state_of
 SERVING = "SERVING"
 
 
+# cdp_kit.natsserver.DURABILITIES, as the choices --durability lists.
+Durability = Literal["default", "always"]
+
 LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
 
 
@@ -68,14 +71,14 @@ def up(
         ),
     ] = 1,
     durability: Annotated[
-        str,
+        Durability,
         typer.Option(
             "--durability",
             envvar="CDP_NATS_DURABILITY",
             help="'always': NATS fsyncs every write before acknowledging it (sync_interval: always); "
             "'default': every 2 minutes, relying on replicas in between. See docs/operations.md.",
         ),
-    ] = DEFAULT_DURABILITY,
+    ] = "default",
 ) -> None:
     """Start nats-server and the services on loopback ports, and supervise them until Ctrl-C.
 

@@ -306,7 +306,7 @@ class Stack:
 
     @property
     def pids(self) -> dict[str, int]:
-        """Current pids of the running children, nats-server as ``"nats"``."""
+        """Current pids of the running children, nats-server as ``"nats"`` (a cluster's nodes as ``"nats-1"``...)."""
         with self._lock:
             children = self._supervised()
             return {c.name: c.pid for c in children if c.pid is not None and c.alive()}
