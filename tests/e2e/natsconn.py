@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsauth import ADMIN, NatsAuth, stack_auth
+from cdp_kit.natsserver import cluster_urls
 
 
 class NatsTarget(Protocol):
@@ -30,7 +31,7 @@ def auth(target: NatsTarget, user: str = ADMIN) -> NatsAuth:
 
 async def connect(target: NatsTarget, user: str = ADMIN, **options: Any) -> NatsClient:
     """``nats.connect`` to the stack as ``user``; ``options`` go to ``nats.connect`` too."""
-    return await nats.connect(target.nats_url, **auth(target, user).connect_options(), **options)
+    return await nats.connect(cluster_urls(target.nats_url), **auth(target, user).connect_options(), **options)
 
 
 async def eventlog(target: NatsTarget, user: str = ADMIN, name: str = "cdp-test") -> EventLog:

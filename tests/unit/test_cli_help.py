@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import typer.main
 from typer.testing import CliRunner
 
 from cdp_cli.app import app
+from cdp_cli.cmd_stack import Durability
+from cdp_kit.natsserver import DURABILITIES
 
 
 def commands() -> Iterator[tuple[str, ...]]:
@@ -54,6 +56,7 @@ def test_a_command_shows_an_example_of_itself_and_no_bool_type(path: tuple[str, 
         (("destination", "create"), "<email_marketing|sms_marketing|ad_targeting|data_sharing>"),
         (("identity", "namespace", "create"), "<email|phone|cross_device|cookie|device|hashed|custom>"),
         (("deadletters",), "<poison|collect-reject|delivery>"),
+        (("up",), "<default|always>"),
     ],
 )
 def test_an_option_of_a_few_values_lists_them(path: tuple[str, ...], choices: str) -> None:
@@ -88,3 +91,7 @@ def test_each_command_group_lives_in_a_module_of_its_own() -> None:
             assert module.startswith("cdp_cli.cmd_"), (group_name, module)
             groups_of.setdefault(module, []).append(group_name)
     assert all(len(groups) == 1 for groups in groups_of.values()), groups_of
+
+
+def test_up_offers_every_durability_profile_the_kit_knows() -> None:
+    assert get_args(Durability) == DURABILITIES

@@ -26,6 +26,7 @@ from cdp_cli.cmd_deadletters import FETCH_LIMIT, Letter, kit_letter
 from cdp_cli.documents import example_dict
 from cdp_cli.skeleton import EXISTS, DemoData, ensure, ensure_datasets, generate, ingest_crm, retrying, setup
 from cdp_kit.natsauth import PUBLISHER, NatsAuth
+from cdp_kit.natsserver import cluster_urls
 
 LOYALTY_SCHEMA = example_dict("schema", "loyalty_member")
 ORDER_SCHEMA = example_dict("schema", "store_order")
@@ -110,7 +111,7 @@ def setup_blueprint(client: Client) -> None:
 async def publish_to_nats(nats_url: str, subject: str, payloads: list[bytes], auth: NatsAuth | None = None) -> int:
     """What an event publisher does: plain JSON on cdp.collect.<dataset>, JetStream-acknowledged
     (as the ``publisher`` user, which may publish ``cdp.collect.>`` and nothing else)."""
-    nc = await nats.connect(nats_url, **(auth.connect_options() if auth is not None else {}))
+    nc = await nats.connect(cluster_urls(nats_url), **(auth.connect_options() if auth is not None else {}))
     try:
         js = nc.jetstream()
         for payload in payloads:

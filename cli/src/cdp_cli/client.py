@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
@@ -80,6 +80,8 @@ class StackInfo:
     nats_url: str
     services: dict[str, str]
     pid: int
+    # Each NATS node: (client address, monitoring port); one entry "nats" for a single server.
+    nats_nodes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -98,7 +100,19 @@ def read_stack_file(data_dir: Path) -> StackInfo | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
         raise CliError(f"{path} is not a stack file (no 'services' object)")
     services = {str(name): str(addr) for name, addr in raw["services"].items()}
-    return StackInfo(path=path, nats_url=str(raw.get("nats_url", "")), services=services, pid=int(raw.get("pid", 0)))
+    nodes = raw.get("nats_nodes")
+    nats_nodes = (
+        {str(n): (str(v.get("address", "")), int(v.get("monitor_port", 0))) for n, v in nodes.items()}
+        if isinstance(nodes, dict)
+        else {}
+    )
+    return StackInfo(
+        path=path,
+        nats_url=str(raw.get("nats_url", "")),
+        services=services,
+        pid=int(raw.get("pid", 0)),
+        nats_nodes=nats_nodes,
+    )
 
 
 def _from_stack_file(service: str, data_dir: Path) -> str:

@@ -36,6 +36,7 @@ from cdp_cli.client import Client, nats_auth, read_stack_file
 from cdp_cli.errors import CliError
 from cdp_cli.wait import wait_downstream
 from cdp_kit.natsauth import PUBLISHER, NatsAuth
+from cdp_kit.natsserver import cluster_urls
 from cdp_kit.streams import INGEST_READS_COLLECT, collect_subject
 
 BAD_LINES_SHOWN = 20
@@ -133,7 +134,9 @@ async def publish_file(
     size = await asyncio.to_thread(lambda: path.stat().st_size)
     subject = collect_subject(dataset)
     options = auth.connect_options() if auth is not None else {}
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=5, name="cdp-events-publish", **options)
+    nc = await nats.connect(
+        cluster_urls(url), connect_timeout=5, max_reconnect_attempts=5, name="cdp-events-publish", **options
+    )
     try:
         js = nc.jetstream()
         pending: deque[asyncio.Future[PubAck]] = deque()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import grpc
 import typer
@@ -27,11 +31,13 @@ from cdp_cli.client import (
     Client,
     ServiceName,
     describe_rpc_error,
+    read_stack_file,
     rpc_code,
 )
 from cdp_cli.context import DataDirOverride, JsonFlag, client_of, state_of
 from cdp_cli.stack import Stack
 from cdp_cli.wait import STUCK
+from cdp_kit.natsserver import DEFAULT_DURABILITY
 
 _client = client_of
 _state = state_of
@@ -39,6 +45,9 @@ _state = state_of
 
 SERVING = "SERVING"
 
+
+# cdp_kit.natsserver.DURABILITIES, as the choices --durability lists.
+Durability = Literal["default", "always"]
 
 LIVENESS = "liveness"  # cdp_kit.grpc_server.LIVENESS: the CLI does not import the kit
 
@@ -50,14 +59,40 @@ def up(
         SERVICES
     ),
     ready_timeout: Annotated[float, typer.Option("--ready-timeout", help="Seconds each may take to be ready.")] = 90.0,
+    nats_cluster: Annotated[
+        int,
+        typer.Option(
+            "--nats-cluster",
+            min=1,
+            max=7,
+            envvar="CDP_NATS_CLUSTER",
+            help="NATS nodes: 1 runs one nats-server; 3 a JetStream cluster with every stream at R3, "
+            "which keeps working when one node is lost.",
+        ),
+    ] = 1,
+    durability: Annotated[
+        Durability,
+        typer.Option(
+            "--durability",
+            envvar="CDP_NATS_DURABILITY",
+            help="'always': NATS fsyncs every write before acknowledging it (sync_interval: always); "
+            "'default': every 2 minutes, relying on replicas in between. See docs/operations.md.",
+        ),
+    ] = "default",
 ) -> None:
     """Start nats-server and the services on loopback ports, and supervise them until Ctrl-C.
 
-    Example: cdp up --data-dir .cdp
+    Example: cdp up --data-dir .cdp --nats-cluster 3 --durability always
     """
     state = _state(ctx)
     state.use_data_dir(data_dir)
-    stack = Stack(state.data_dir, inputs.split_list(services), ready_timeout_s=ready_timeout)
+    stack = Stack(
+        state.data_dir,
+        inputs.split_list(services),
+        ready_timeout_s=ready_timeout,
+        nats_cluster=nats_cluster,
+        durability=durability,
+    )
     _log_supervisor_to_console()
     with _interrupt_on_sigterm():
         try:
@@ -111,7 +146,9 @@ def _wait_forever() -> None:
 
 def _print_stack(stack: Stack) -> None:
     pids = stack.pids
-    rows = [("nats", stack.nats_url, pids.get("nats"), stack.logs_dir / "nats.log")]
+    rows = [
+        (name, address, pids.get(name), stack.logs_dir / f"{name}.log") for name, address in stack.nats_nodes.items()
+    ]
     rows += [
         (name, address, pids.get(name), stack.logs_dir / f"{name}.log") for name, address in stack.addresses.items()
     ]
@@ -120,6 +157,10 @@ def _print_stack(stack: Stack) -> None:
         render.out.print(
             f"gRPC: TLS (authority {stack.secrets.pki.ca_cert}) and tokens per role in {stack.secrets.tokens_dir}"
         )
+    if stack.clustered:
+        render.out.print(f"NATS: a {stack.nats_cluster}-node JetStream cluster, streams at R{stack.nats_cluster}")
+    if stack.durability != DEFAULT_DURABILITY:
+        render.out.print(f"NATS durability: sync_interval {stack.durability}")
     render.out.print(f"addresses written to {stack.stack_file}; press Ctrl-C to stop")
 
 
@@ -169,9 +210,64 @@ def _service_report(client: Client, service: str, address: str) -> ServiceReport
     return report
 
 
+@dataclass
+class NodeReport:
+    """One NATS node of the local stack, as its monitoring endpoint answers."""
+
+    name: str
+    address: str
+    health: str
+    jetstream: str = ""
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "health": self.health, "jetstream": self.jetstream, "error": self.error}
+
+
+def _monitor(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=2.0) as reply:
+        return json.loads(reply.read())
+
+
+def _node_report(name: str, address: str, monitor_port: int) -> NodeReport:
+    """``/healthz`` (the full check: for a cluster node, in contact with the meta leader and
+    current) and, from ``/jsz``, the node's part in the JetStream cluster."""
+    report = NodeReport(name, address, UNREACHABLE)
+    try:
+        health = _monitor(monitor_port, "healthz")
+        report.health = "ok" if health.get("status") == "ok" else str(health.get("error") or health.get("status"))
+    except urllib.error.HTTPError as exc:  # 503 with the reason in the body
+        try:
+            body = json.loads(exc.read())
+            report.health = str(body.get("error") or body.get("status") or exc.code)
+        except ValueError:
+            report.health = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        report.error = str(exc)
+        return report
+    try:
+        meta = _monitor(monitor_port, "jsz").get("meta_cluster") or {}
+        if meta:
+            role = "leader" if meta.get("leader") == _monitor(monitor_port, "varz").get("server_name") else "follower"
+            report.jetstream = (
+                f"meta {role} (leader {meta.get('leader') or 'none'}, {meta.get('cluster_size', '?')} peers)"
+            )
+    except (OSError, ValueError) as exc:
+        report.error = str(exc)
+    return report
+
+
+def _node_reports(data_dir: Path) -> list[NodeReport]:
+    info = read_stack_file(data_dir)
+    if info is None or not info.running:  # services named by address, no local stack
+        return []
+    return [_node_report(name, address, port) for name, (address, port) in info.nats_nodes.items()]
+
+
 def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFlag = False) -> None:
     """Health of each service and, per consumer, its state, the applied sequence, the last sequence
-    on its filter and the lag. Exit code 1 when a service is not SERVING or a consumer is stuck.
+    on its filter and the lag; the NATS nodes of a local stack (``cdp up``) and their health.
+    Exit code 1 when a service is not SERVING, a consumer is stuck or a NATS node is not healthy.
 
     Example: cdp status --json
     """
@@ -179,16 +275,29 @@ def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFl
     state.use_data_dir(data_dir)
     client = state.client()
     reports = [_service_report(client, name, address) for name, address in client.addresses().items()]
+    nodes = _node_reports(client.data_dir)
     if as_json:
-        render.print_json({"services": {r.service: r.as_dict() for r in reports}})
+        out: dict[str, Any] = {"services": {r.service: r.as_dict() for r in reports}}
+        if nodes:
+            out["nats"] = {n.name: n.as_dict() for n in nodes}
+        render.print_json(out)
     else:
         _print_status(reports)
+        if nodes:
+            render.print_table(
+                "nats",
+                ["node", "address", "health", "jetstream", "error"],
+                [(n.name, n.address, n.health, n.jetstream, n.error) for n in nodes],
+            )
     for r in reports:
         for c in r.stuck():
             render.error(
                 f"{r.service}: consumer {c.name} is stuck ({c.stalled_seconds:.0f} s without progress): {c.error}"
             )
-    if any(r.health != SERVING or r.stuck() for r in reports):
+    for n in nodes:
+        if n.health != "ok":
+            render.error(f"NATS node {n.name} ({n.address}) is not healthy: {n.health}")
+    if any(r.health != SERVING or r.stuck() for r in reports) or any(n.health != "ok" for n in nodes):
         raise typer.Exit(1)
 
 

