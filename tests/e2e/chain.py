@@ -20,7 +20,7 @@ from cdp.common.v1 import deadletter_pb2 as dl
 from cdp_cli.client import SERVICES, Client, check_health
 from cdp_cli.skeleton import retrying
 from cdp_kit.eventlog import LogMessage
-from cdp_kit.streams import ALL_STREAMS
+from cdp_kit.streams import ALL_STREAMS, SERVICE_LOGS
 from tests.e2e import natsconn
 from tests.e2e.natsconn import NatsTarget
 
@@ -71,17 +71,8 @@ async def _last_sequences(target: NatsTarget, filters: list[tuple[str, str]]) ->
         await nc.close()
 
 
-FILTERS = {
-    "ingest-collect": "cdp.collect.>",
-    "identity-ingest": "cdp.ingest.>",
-    "segmentation-profile": "cdp.profile.>",
-    "activation-profile": "cdp.profile.>",
-    "activation-audience": "cdp.audience.>",
-    "activation-config-segmentation": "cdp.config.segmentation",
-    "segmentation-config-ingest": "cdp.config.ingest",
-    "ingest-config-identity": "cdp.config.identity",
-    "segmentation-config-identity": "cdp.config.identity",
-}
+# Every consumer of every service, and the subjects it reads (from the one declaration of them).
+FILTERS = {spec.name: spec.filter_subject for logs in SERVICE_LOGS.values() for spec in logs.inputs}
 
 
 def drained(client: Client, target: NatsTarget) -> dict[str, tuple[int, int, int, str]] | None:
