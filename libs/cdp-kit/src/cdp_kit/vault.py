@@ -52,7 +52,7 @@ import hmac
 import json
 import os
 import secrets
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
@@ -293,6 +293,11 @@ class PersonVault:
         return cls(kv, js, seal=seal, cache_size=cache_size)
 
     # ------------------------------------------------------------------ producers
+    def known(self) -> Mapping[str, bytes]:
+        """The keys this process holds (made or fetched), by ref: read-only use (e.g. ingest opens
+        the records it just sealed to match a suppression list)."""
+        return ChainMap(self._pending, self._keys)
+
     def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
         """One key ref per identity (in order), made in memory when this process has none."""
         refs: list[str] = []

@@ -15,7 +15,8 @@ import json
 import pickle
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,7 @@ from cdp_ingest.privacy import SUPPRESSED_RULE, Suppression
 from cdp_ingest.readers import BlockQueue, ReaderPool, ReadSpec, count_rows
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.errors import InvalidInput, Violation
+from cdp_kit.sealing import Erased, merge_part, open_part
 from cdp_kit.telemetry import pii_hash_key
 
 # Accepted records travel CHUNK_ROWS or CHUNK_BYTES at a time, one message each (a message
@@ -231,9 +233,11 @@ class BatchRun:
         """Drop the accepted rows that carry a suppressed identity: counted as rejected (rule
         ``suppressed``, the identity named by its keyed hash), never kept."""
         kept = []
+        known = getattr(self.builder.keys, "known", None)
+        keys: Mapping[str, bytes] = ChainMap(judged.keys, known()) if known is not None else judged.keys
         for item in judged.accepted:
             (row_no, _key, data), _size = item
-            hashed = self.suppression.match(record_identities(data))
+            hashed = self.suppression.match(record_identities(data, keys))
             if hashed is None:
                 kept.append(item)
                 continue
@@ -249,9 +253,15 @@ class BatchRun:
         self.rejected.close()
 
 
-def record_identities(data: bytes) -> list[tuple[str, str]]:
-    """The identities of an encoded record (an envelope of ``RecordAccepted``)."""
+def record_identities(data: bytes, keys: Mapping[str, bytes]) -> list[tuple[str, str]]:
+    """The identities of an encoded record (an envelope of ``RecordAccepted``), sealed or not
+    (``keys``: the keys its reader made or found for the chunk, which seal it)."""
     env = Envelope.FromString(data)
+    for part in env.sealed:
+        try:
+            merge_part(env, part.path, open_part(keys, part, event_id=env.id, event_type=env.type))
+        except Erased:  # not one of the chunk's keys: nothing to match on here
+            continue
     record = RecordAccepted.FromString(env.payload.value)
     return [(i.namespace, i.value) for i in record.identities]
 
