@@ -67,9 +67,17 @@ def visitors_csv(rows: int) -> bytes:
 
 def load_profiles(cdp: Client) -> float:
     """Ingest the visitors and wait (bounded) until segmentation holds each as a profile; seconds taken."""
-    ensure_datasets(cdp, {"visitors": SCHEMA})
-    data = visitors_csv(PROFILES)
-    header = ing.IngestFileHeader(dataset="visitors", batch_key="lookup", format=ing.FILE_FORMAT_CSV)
+    return load_csv(cdp, "visitors", SCHEMA, visitors_csv(PROFILES), PROFILES, SERVICES)
+
+
+def load_csv(
+    cdp: Client, dataset: str, schema: dict[str, Any], data: bytes, rows: int, services: tuple[str, ...]
+) -> float:
+    """Ingest a CSV of ``rows`` profiles into ``dataset`` (made with ``schema`` if missing) with
+    ``IngestFile`` and wait (bounded) until segmentation holds them all and every one of
+    ``services`` has applied all its input; seconds taken."""
+    ensure_datasets(cdp, {dataset: schema})
+    header = ing.IngestFileHeader(dataset=dataset, batch_key=f"bench-{dataset}", format=ing.FILE_FORMAT_CSV)
 
     def chunks() -> Iterator[ing.IngestFileChunk]:
         yield ing.IngestFileChunk(header=header)
@@ -77,16 +85,16 @@ def load_profiles(cdp: Client) -> float:
             yield ing.IngestFileChunk(data=data[start : start + CHUNK])
 
     started = time.monotonic()
-    result = cdp.ingest.IngestFile(chunks(), timeout=600.0)
-    if result.rows_accepted != PROFILES:
-        raise RuntimeError(f"ingest accepted {result.rows_accepted} of {PROFILES} rows ({result.failure})")
-    deadline = started + max(120.0, PROFILES / 100)
+    result = cdp.ingest.IngestFile(chunks(), timeout=max(600.0, rows / 500))
+    if result.rows_accepted != rows:
+        raise RuntimeError(f"ingest accepted {result.rows_accepted} of {rows} rows ({result.failure})")
+    deadline = started + max(120.0, rows / 100)
     while True:
         stats = retrying(lambda: cdp.segmentation.GetStats(seg.GetStatsRequest()))
-        if stats.profiles >= PROFILES and settled(cdp):
+        if stats.profiles >= rows and settled(cdp, services):
             return time.monotonic() - started
         if time.monotonic() > deadline:
-            raise TimeoutError(f"segmentation holds {stats.profiles} of {PROFILES} profiles in time")
+            raise TimeoutError(f"segmentation holds {stats.profiles} of {rows} profiles in time")
         time.sleep(1.0)
 
 

@@ -18,22 +18,20 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from bench.connect import client, use_stack
 from bench.e2e import global_timeout
-from bench.lookup import settled
+from bench.lookup import load_csv
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import identity_pb2 as idn
-from cdp.ingest.v1 import ingest_pb2 as ing
 from cdp.privacy.v1 import privacy_pb2 as prv
 from cdp.privacy.v1 import privacy_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2 as seg
 from cdp_cli.client import SERVICES, Client
-from cdp_cli.skeleton import ensure_datasets, retrying
+from cdp_cli.skeleton import retrying
 from cdp_cli.stack import Stack
 
 PROFILES = int(os.environ.get("CDP_BENCH_PRIVACY_PROFILES", "1000000"))
@@ -68,27 +66,7 @@ def customers_csv(rows: int) -> bytes:
 
 def load_profiles(cdp: Client) -> float:
     """Ingest the customers and wait (bounded) until every service applied everything; seconds taken."""
-    ensure_datasets(cdp, {"customers": SCHEMA})
-    data = customers_csv(PROFILES)
-    header = ing.IngestFileHeader(dataset="customers", batch_key="privacy", format=ing.FILE_FORMAT_CSV)
-
-    def chunks() -> Iterator[ing.IngestFileChunk]:
-        yield ing.IngestFileChunk(header=header)
-        for start in range(0, len(data), CHUNK):
-            yield ing.IngestFileChunk(data=data[start : start + CHUNK])
-
-    started = time.monotonic()
-    result = cdp.ingest.IngestFile(chunks(), timeout=1800.0)
-    if result.rows_accepted != PROFILES:
-        raise RuntimeError(f"ingest accepted {result.rows_accepted} of {PROFILES} rows ({result.failure})")
-    deadline = started + max(300.0, PROFILES / 100)
-    while True:
-        stats = retrying(lambda: cdp.segmentation.GetStats(seg.GetStatsRequest()))
-        if stats.profiles >= PROFILES and settled(cdp, SERVICES):
-            return time.monotonic() - started
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"segmentation holds {stats.profiles} of {PROFILES} profiles in time")
-        time.sleep(2.0)
+    return load_csv(cdp, "customers", SCHEMA, customers_csv(PROFILES), PROFILES, SERVICES)
 
 
 def erase(cdp: Client, request_id: str, emails: list[str]) -> tuple[float, prv.PrivacyRequest]:

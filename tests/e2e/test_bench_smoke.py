@@ -1,4 +1,4 @@
-"""``python -m bench e2e`` and ``python -m bench lookup`` at tiny sizes: each starts its stack,
+"""``python -m bench e2e``, ``lookup`` and ``privacy`` at tiny sizes: each starts its stack,
 finishes, prints its figures, and the end-to-end one's exactly-once audit passes. No timings
 are asserted (the figures are for people to read)."""
 
@@ -62,3 +62,18 @@ def test_bench_lookup_finishes_and_prints_each_load_with_its_baseline() -> None:
         assert f"{label}: GetProfile" in out
     assert out.count("ratio p99") == 4
     assert "; 0 failed lookups)" in out  # not "10 failed lookups"
+
+
+@pytest.mark.timeout(450)
+def test_bench_privacy_finishes_and_checks_the_people_are_gone() -> None:
+    out = bench(
+        "privacy",
+        CDP_BENCH_PRIVACY_PROFILES="400",
+        CDP_BENCH_PRIVACY_DELETES="40",
+        CDP_BENCH_PRIVACY_TIMEOUT_S="360",
+    )
+    assert "== privacy: delete 40 people of 400 profiles" in out
+    assert "40 unknown emails (baseline, nothing held)" in out
+    assert "40 people erased everywhere" in out
+    assert "keys destroyed 80" in out  # an email and a crm_id each
+    assert "check: 0 of 40 sampled emails still resolve; segmentation holds 360" in out
