@@ -2,8 +2,8 @@
 person is erased from identity and segmentation, their raw collect messages are erased from
 CDP_COLLECT with ingest's own NATS user, and the request completes.
 
-The request completes once every applier named by ``SERVICE_LOGS`` applied it: ingest and
-segmentation on this branch; activation joins that set once it writes its privacy log."""
+The request completes once every applier named by ``SERVICE_LOGS`` applied it (ingest,
+segmentation and activation); identity then destroys the person's keys."""
 
 from __future__ import annotations
 
