@@ -13,10 +13,11 @@ import asyncio
 import json
 import sys
 import time
-from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 from bench.connect import nats_connect
+from cdp_kit.publishing import Outgoing, publish_bounded
 
 # Publishes awaiting their acknowledgement at most (nats-server refuses past its inbound queue).
 WINDOW = 2_000
@@ -37,11 +38,11 @@ def event(prefix: str, i: int, sent_at: float) -> bytes:
 
 async def publish(url: str, subject: str, prefix: str, count: int, rate: float) -> dict[str, Any]:
     nc = await nats_connect(url, publisher=subject.startswith("cdp.collect."))
-    js = nc.jetstream(publish_async_max_pending=WINDOW)
-    pending: deque[asyncio.Future[Any]] = deque()
-    last_seq = 0
-    try:
-        start = time.time()
+    js = nc.jetstream()
+    seqs: list[int] = [0]
+    start = time.time()
+
+    async def paced() -> AsyncIterator[Outgoing]:
         for i in range(count):
             if rate > 0:
                 due = start + i / rate
@@ -51,14 +52,14 @@ async def publish(url: str, subject: str, prefix: str, count: int, rate: float) 
                 stamp = due
             else:
                 stamp = time.time()
-            pending.append(await js.publish_async(subject, event(prefix, i, stamp)))
-            while len(pending) >= WINDOW or (pending and pending[0].done()):
-                ack = await asyncio.wait_for(pending.popleft(), ACK_TIMEOUT_S)
-                last_seq = max(last_seq, ack.seq)
-        while pending:
-            ack = await asyncio.wait_for(pending.popleft(), ACK_TIMEOUT_S)
-            last_seq = max(last_seq, ack.seq)
-        return {"start": start, "end": time.time(), "count": count, "last_seq": last_seq}
+            yield Outgoing(subject, event(prefix, i, stamp))
+
+    try:
+        # At most WINDOW awaiting their ack; a 429 (JetStream overloaded) is published again after a backoff.
+        await publish_bounded(
+            js, paced(), window=WINDOW, on_ack=lambda ack: seqs.append(ack.seq), timeout_s=ACK_TIMEOUT_S
+        )
+        return {"start": start, "end": time.time(), "count": count, "last_seq": max(seqs)}
     finally:
         await nc.close()
 

@@ -6,7 +6,8 @@ JSON object is not published and is reported by its line number (never its text)
 goes out as the line's own bytes, one message each, with ``Nats-Msg-Id: <dataset>:<event id>``
 when the line has the dataset's event id field (JetStream then stores a publish retried after a
 lost acknowledgement once; ingest de-duplicates event ids for all time anyway). At most
-``--window`` publishes await their acknowledgement at a time.
+``--window`` publishes await their acknowledgement at a time, and one JetStream refuses as overloaded
+(429) is published again after a backoff (``cdp_kit.publishing``).
 
 Once every message is stored, the command waits (bounded) until ingest's collect consumer has
 applied the last of them, and counts the dead letters among this run's stream sequences: the
@@ -19,7 +20,7 @@ import asyncio
 import json
 import os
 import time
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +38,7 @@ from cdp_cli.errors import CliError
 from cdp_cli.wait import wait_downstream
 from cdp_kit.natsauth import PUBLISHER, NatsAuth
 from cdp_kit.natsserver import cluster_urls
+from cdp_kit.publishing import Outgoing, PublishFailed, publish_bounded
 from cdp_kit.streams import INGEST_READS_COLLECT, collect_subject
 
 BAD_LINES_SHOWN = 20
@@ -139,30 +141,32 @@ async def publish_file(
     )
     try:
         js = nc.jetstream()
-        pending: deque[asyncio.Future[PubAck]] = deque()
         task = progress.add_task(f"publishing {path.name}", total=size) if progress else None
-        with path.open("rb") as lines:
-            for number, text in enumerate(lines, start=1):
-                out.lines = number
-                if progress is not None and task is not None:
-                    progress.advance(task, len(text))
-                body = text.rstrip(b"\r\n")
-                if not body.strip():
-                    continue
-                event, reason = judge_line(body)
-                if event is None:
-                    out.refuse(number, reason)
-                    continue
-                if len(body) > nc.max_payload:
-                    out.refuse(number, f"larger than the server's {nc.max_payload}-byte message limit")
-                    continue
-                msg_id = _msg_id(dataset, event, id_field)
-                headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
-                pending.append(await js.publish_async(subject, body, headers=headers))
-                while len(pending) >= window:
-                    out.acknowledged(await pending.popleft())
-        while pending:
-            out.acknowledged(await pending.popleft())
+
+        def events() -> Iterator[Outgoing]:
+            with path.open("rb") as lines:
+                for number, text in enumerate(lines, start=1):
+                    out.lines = number
+                    if progress is not None and task is not None:
+                        progress.advance(task, len(text))
+                    body = text.rstrip(b"\r\n")
+                    if not body.strip():
+                        continue
+                    event, reason = judge_line(body)
+                    if event is None:
+                        out.refuse(number, reason)
+                        continue
+                    if len(body) > nc.max_payload:
+                        out.refuse(number, f"larger than the server's {nc.max_payload}-byte message limit")
+                        continue
+                    msg_id = _msg_id(dataset, event, id_field)
+                    yield Outgoing(subject, body, {"Nats-Msg-Id": msg_id} if msg_id is not None else None)
+
+        # At most ``window`` awaiting their ack; a 429 (JetStream overloaded) is published again after a backoff.
+        try:
+            await publish_bounded(js, events(), window=window, on_ack=out.acknowledged)
+        except PublishFailed as exc:
+            raise CliError(f"publishing {path.name} stopped at line {out.lines}: {exc}") from None
     finally:
         await nc.close()
     return out
