@@ -11,8 +11,10 @@ from sqlmodel import Session, select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp_ingest import store as ingest_store
+from cdp_ingest.privacy import PRIVACY_TABLES, CollectIdentityRow, index_collect, prune_collect_index
 from cdp_kit.envelope import Cause, make_envelope
 from cdp_kit.eventlog import EventLog
+from cdp_kit.identities import Normaliser
 from cdp_kit.store import create_tables, make_engine
 from cdp_kit.streams import (
     ALL_STREAMS,
@@ -135,4 +137,28 @@ def test_event_ids_are_forgotten_past_the_dedupe_horizon(tmp_path: Path) -> None
             assert ingest_store.seen_keys(session, "web", ["ancient"]) == {"ancient"}
     finally:
         horizon.days, horizon.pruned_day = saved
+        engine.dispose()
+
+
+def test_the_collect_index_is_written_at_commit_and_pruned_with_the_stream(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/ingest.db")
+    create_tables(engine, PRIVACY_TABLES)
+    norm = Normaliser.make()
+    try:
+        with Session(engine) as session:
+            for seq in range(1, 6):
+                index_collect(session, seq, norm, [("cookie", f"ck-{seq}"), ("email", f"p{seq}@example.com")])
+            assert session.exec(select(CollectIdentityRow)).all() == []  # not yet: one insert at commit
+            session.commit()
+        with Session(engine) as session:
+            assert len(session.exec(select(CollectIdentityRow)).all()) == 10
+            index_collect(session, 6, norm, [("cookie", "ck-6")])
+            session.rollback()  # what a failed batch noted is forgotten with it
+            session.commit()
+            assert prune_collect_index(session, 4) == 6  # sequences 1-3 are gone from CDP_COLLECT
+            session.commit()
+            assert sorted({r.sequence for r in session.exec(select(CollectIdentityRow)).all()}) == [4, 5]
+            rows = session.exec(select(CollectIdentityRow)).all()
+            assert all("example.com" not in r.identity_hash for r in rows)  # keyed hashes only
+    finally:
         engine.dispose()

@@ -31,7 +31,7 @@ from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import normaliser
 from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress
 from cdp_kit.processor import Processor, UnitOfWork
-from cdp_kit.store import scrub_after_commit, tables_of
+from cdp_kit.store import scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import COLLECT, INGEST_PRIVACY_APPLIED
 from cdp_kit.telemetry import get_logger, meter
 
@@ -57,7 +57,7 @@ class CollectIdentityRow(SQLModel, table=True):
     __tablename__ = "ingest_collect_identity"
 
     identity_hash: str = Field(primary_key=True)
-    sequence: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    sequence: int = Field(primary_key=True, sa_type=sa.BigInteger, index=True)
 
 
 class PrivacyPendingRow(SQLModel, table=True):
@@ -139,15 +139,37 @@ def _suppressed_counter() -> Any:
     return _COUNTER[0]
 
 
+INDEX_PENDING = "ingest_collect_index_pending"
+
+
 def index_collect(session: Session, sequence: int, norm: Normaliser, identities: Iterable[tuple[str, str]]) -> None:
-    """Remember which identities a collect message carried (keyed hashes), for a later erasure."""
+    """Remember which identities a collect message carried (keyed hashes), for a later erasure.
+    Written in one insert per transaction, before it commits (not a statement per message)."""
     hashes = {h for ns, v in identities if (h := hash_of(norm, ns, v)) is not None}
-    if not hashes:
-        return
+    if hashes:
+        session.info.setdefault(INDEX_PENDING, []).extend(
+            {"identity_hash": hashed, "sequence": sequence} for hashed in sorted(hashes)
+        )
+
+
+@sa.event.listens_for(Session, "before_commit")
+def _write_collect_index(session: Session) -> None:
+    rows = session.info.pop(INDEX_PENDING, None)
+    if rows:
+        table = CollectIdentityRow.__table__  # type: ignore[attr-defined]
+        insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        session.execute(insert(table).on_conflict_do_nothing(), rows)
+
+
+@sa.event.listens_for(Session, "after_rollback")
+def _forget_collect_index(session: Session) -> None:
+    session.info.pop(INDEX_PENDING, None)
+
+
+def prune_collect_index(session: Session, first_sequence: int) -> int:
+    """Forget the messages CDP_COLLECT no longer holds (its retention removed them): nothing left to erase."""
     table = CollectIdentityRow.__table__  # type: ignore[attr-defined]
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    rows = [{"identity_hash": hashed, "sequence": sequence} for hashed in sorted(hashes)]
-    session.execute(insert(table).on_conflict_do_nothing(), rows)
+    return int(session.execute(sa.delete(table).where(table.c.sequence < first_sequence)).rowcount)  # type: ignore[attr-defined]
 
 
 def _erase_batch_errors(session: Session, hashes: set[str], phone_region: str) -> int:
@@ -220,12 +242,27 @@ def fold_applied(session: Session, env: Envelope) -> None:
     session.flush()
 
 
+PRUNE_EVERY_S = 3600.0
+
+
 class PrivacyApplier:
     """Erases the collect messages of pending requests, then appends their ``PrivacyApplied``."""
 
     def __init__(self, processor: Processor, handler: PrivacyToIngest) -> None:
         self.processor = processor
         self.handler = handler
+        self._pruned_at = 0.0
+
+    async def prune(self) -> int:
+        """At most once per ``PRUNE_EVERY_S``: drop the collect index rows of messages retention removed."""
+        loop = asyncio.get_running_loop()
+        if self._pruned_at and loop.time() - self._pruned_at < PRUNE_EVERY_S:
+            return 0
+        self._pruned_at = loop.time()
+        info = await self.processor.eventlog.js.stream_info(COLLECT.name)
+        async with self.processor.lock:
+            with transaction(self.processor.engine) as session:
+                return prune_collect_index(session, int(info.state.first_seq or 0))
 
     async def apply_pending(self) -> int:
         with self.processor.read() as session:
@@ -284,6 +321,7 @@ class PrivacyApplier:
             self.handler.changed.clear()
             try:
                 await self.apply_pending()
+                await self.prune()
             except Exception as exc:  # retried on the next wake-up; the request stays pending
                 log.warning("privacy_apply_failed", error_class=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
