@@ -43,6 +43,7 @@ from cdp_kit.processor import (
     MixedOwnLogs,
     OversizedCause,
     Processor,
+    ReplayWouldAppend,
     UnitOfWork,
     emitted_checkpoint,
     in_checkpoint,
@@ -1055,6 +1056,27 @@ async def test_rebuild_into_a_fresh_store_equals_the_live_store(
 
     assert dump(reference_engine) == dump(sqlite_engine)
     assert handler_of(replica).decided == []
+
+
+async def test_a_rebuild_never_appends_it_stops_where_a_replay_would_decide_something_new(
+    sqlite_engine: Engine, eventlog: EventLog, reference_engine: Engine
+) -> None:
+    """A live service that has not decided all its input yet: a rebuild beside it must not decide
+    (append) in its place. It stops, loudly, and the log is left as it was."""
+    await append_inputs(eventlog, layout=[2, 2])
+    processor = make_processor(sqlite_engine, eventlog, batch_size=1)
+    await processor.catch_up()
+    await append_inputs(eventlog, layout=[2], first=3)  # not yet decided by the live service
+    before = await outputs(eventlog)
+
+    replica = make_processor(reference_engine, eventlog, batch_size=5)
+    with pytest.raises(ReplayWouldAppend, match="while rebuilding"):
+        await replica.rebuild()
+
+    assert await outputs(eventlog) == before
+    assert not replica.replay_only  # a later serve of that store may append again
+    await processor.catch_up()  # the live service decides the rest, once
+    assert len(await outputs(eventlog)) == len(before) + 1  # one output message for the new input message
 
 
 # ===================================================================== (f) commands

@@ -293,6 +293,13 @@ class UnitOfWork:
     ) -> None:
         """Publish one message; it stays in flight until ``acknowledged`` (the next send at the latest)."""
         await self.acknowledged()
+        if self.processor.replay_only:
+            raise ReplayWouldAppend(
+                f"{self.processor.service} would append to {part.own.subject if part.own else '?'} "
+                f"while rebuilding ({part.cause.key()}): the replay decided something the log does not "
+                "hold. A rebuild never writes the log: it stopped here. If the service had not caught "
+                "up, start it (serve) to decide the rest; otherwise this is a determinism bug."
+            )
         vault = self.processor.vault
         if vault is not None:
             await vault.commit()  # the keys of what this message seals are in the bucket before it is
@@ -383,6 +390,10 @@ def _consumer_of(header: str, inputs: Sequence[Input]) -> tuple[ConsumerSpec, in
     return None
 
 
+class ReplayWouldAppend(CdpError):
+    """A rebuild's replay tried to append to the log (see ``Processor.rebuild``)."""
+
+
 @dataclass
 class ConsumerHealth:
     """How one input is doing, for status, readiness and metrics.
@@ -423,6 +434,8 @@ class Processor:
         # Opens sealed personal data at the decode boundary (cdp_kit.vault): handlers and
         # projections see plain payloads, and an event whose keys are gone is left out (erased).
         self.vault = vault
+        # While rebuilding: nothing may be appended (``rebuild``).
+        self.replay_only = False
         self.engine = engine
         self.eventlog = eventlog
         self.tables = [*tables, *deadletters.DEADLETTER_TABLES]
@@ -626,6 +639,8 @@ class Processor:
         so the poison is found and set aside and every other unit goes through."""
         try:
             return await self._apply_units(inp, units)
+        except ReplayWouldAppend:
+            raise  # never a poison message: the rebuild stops, loudly
         except KeysNeeded as needed:
             assert self.vault is not None
             await self.vault.fetch_needed(needed)  # then again, with the keys at hand
@@ -948,10 +963,16 @@ class Processor:
                 await self.apply_units(inp, batch)
 
     async def rebuild(self) -> None:
-        """Drop the store and replay the log into it."""
+        """Drop the store and replay the log into it. Read-only on the log: a replay that would
+        append (decide anything the log does not already hold) raises ``ReplayWouldAppend``
+        instead, so a rebuild beside a live service can never write to that service's logs."""
         self.drop_store()
         self.create_store()
-        await self.catch_up()
+        self.replay_only = True
+        try:
+            await self.catch_up()
+        finally:
+            self.replay_only = False
 
     def stop(self) -> None:
         self._stopping.set()
