@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -228,7 +227,7 @@ def test_a_deleted_person_is_gone_everywhere_within_a_minute_and_stays_gone(
         before = others(client, demo_data)
 
         stub = privacy_pb2_grpc.PrivacyServiceStub(client.channel("identity"))
-        started = time.monotonic()
+        # Bounded: `--wait` gives up (and the command fails) if the request is not completed in 60 s.
         deleted = cdp(data_dir, "privacy", "delete", f"email:{EMAIL}", "--wait", "--wait-timeout", "60")
         assert deleted.returncode == 0, deleted.stdout + deleted.stderr
         [request] = stub.ListRequests(prv.ListPrivacyRequestsRequest()).requests
@@ -240,7 +239,6 @@ def test_a_deleted_person_is_gone_everywhere_within_a_minute_and_stays_gone(
                 client.identity.Resolve(idn.ResolveRequest(identity=IdentityValue(namespace=namespace, value=value)))
             assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         assert all(person.profile_id not in ids for ids in members(client).values())
-        assert time.monotonic() - started < 60
         assert {s.service for s in done.services if s.applied} >= {"ingest", "identity", "segmentation", "activation"}
         assert done.keys_destroyed >= 5
         assert sha("zed.quill@example.org") not in meta_holds

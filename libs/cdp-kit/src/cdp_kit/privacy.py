@@ -14,13 +14,18 @@ composition roots. :class:`NoKeyVault` stands in until a real vault is wired.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 from cdp.privacy.v1 import privacy_pb2 as pb
-from cdp_kit.telemetry import pii_hash
+from cdp_kit.eventlog import AppendConflict
+from cdp_kit.telemetry import get_logger, pii_hash
+
+log = get_logger(__name__)
 
 MAX_IDENTITIES = 1000
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -74,3 +79,34 @@ def derived_request_id(mode: int, identity_hashes: Iterable[str]) -> str:
     """The id of a request submitted without one: the same mode and identities give the same id."""
     text = "\x1f".join([MODE_NAMES.get(mode, str(mode)), *sorted(set(identity_hashes))])
     return "pr-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+async def keep_applying(
+    ready: asyncio.Event,
+    step: Callable[[], Awaitable[object]],
+    *,
+    what: str,
+    changed: asyncio.Event | None = None,
+    recover: Callable[[], Awaitable[object]] | None = None,
+    interval_s: float = 1.0,
+) -> None:
+    """A service's privacy background task: once the service is ready, run ``step`` whenever
+    ``changed`` is set, and every ``interval_s`` anyway. A failure is logged (by class only: no
+    personal data) and retried at the next turn, the work staying pending in the store; an append
+    conflict first folds what the log holds (``recover``)."""
+    await ready.wait()
+    while True:
+        if changed is not None:
+            changed.clear()
+        try:
+            await step()
+        except AppendConflict:
+            if recover is not None:
+                await recover()
+        except Exception as exc:
+            log.warning(f"{what}_failed", error_class=type(exc).__name__)
+        if changed is None:
+            await asyncio.sleep(interval_s)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=interval_s)

@@ -72,7 +72,7 @@ async def publish_bounded(
     ``PublishFailed`` for the first message that fails for good; the others in flight finish first."""
     stats = PublishStats()
     slots = asyncio.Semaphore(window)
-    failures: list[BaseException] = []
+    failures: list[Exception] = []
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(msg: Outgoing) -> None:
@@ -93,7 +93,7 @@ async def publish_bounded(
             stats.published += 1
             if on_ack is not None:
                 on_ack(ack)
-        except BaseException as exc:
+        except Exception as exc:
             failures.append(exc)
         finally:
             slots.release()
@@ -121,5 +121,7 @@ async def publish_bounded(
         await asyncio.gather(*tasks)
     if failures:
         first = failures[0]
-        raise first if isinstance(first, PublishFailed) else PublishFailed(str(first)) from first
+        if isinstance(first, PublishFailed):
+            raise first
+        raise PublishFailed(str(first)) from first
     return stats

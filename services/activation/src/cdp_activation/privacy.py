@@ -35,7 +35,6 @@ saw finds nothing: each is acknowledged with no counts.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +62,7 @@ from cdp_activation.store import (
 )
 from cdp_kit.envelope import Envelope, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, LogMessage
-from cdp_kit.privacy import KeyVault, NoKeyVault
+from cdp_kit.privacy import KeyVault, NoKeyVault, keep_applying
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit
 from cdp_kit.streams import ACTIVATION_DELIVERIES, privacy_applied_log
@@ -410,13 +409,13 @@ class PrivacyAcks:
         self.interval_s = interval_s
 
     async def run(self) -> None:
-        await self.processor.ready.wait()
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("privacy_ack_failed")
-            await asyncio.sleep(self.interval_s)
+        await keep_applying(
+            self.processor.ready,
+            self.tick,
+            what="privacy_ack",
+            recover=self.processor.recover,
+            interval_s=self.interval_s,
+        )
 
     async def tick(self) -> int:
         with self.processor.read() as session:

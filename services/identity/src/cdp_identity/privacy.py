@@ -14,7 +14,6 @@ service's progress and completes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -38,6 +37,7 @@ from cdp_kit.privacy import (
     derived_request_id,
     identity_hash,
     is_delete,
+    keep_applying,
 )
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, transaction
@@ -485,12 +485,10 @@ class PrivacyHandlers:
 
     async def completer_loop(self) -> None:
         """Complete requests as their last applier reports (and at start, whatever was left)."""
-        await self.processor.ready.wait()
-        while True:
-            self.applied.changed.clear()
-            try:
-                await self.complete_pending()
-            except Exception as exc:  # retried on the next wake-up; nothing is lost
-                log.warning("privacy_complete_failed", error_class=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.applied.changed.wait(), timeout=1.0)
+        await keep_applying(
+            self.processor.ready,
+            self.complete_pending,
+            what="privacy_complete",
+            changed=self.applied.changed,
+            recover=self.processor.recover,
+        )

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, t
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import normaliser
-from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress
+from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress, keep_applying
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import COLLECT, INGEST_PRIVACY_APPLIED
@@ -315,14 +314,15 @@ class PrivacyApplier:
 
         await self.processor.execute(f"privacy-applied:{request_id}", decide)
 
+    async def step(self) -> None:
+        await self.apply_pending()
+        await self.prune()
+
     async def loop(self) -> None:
-        await self.processor.ready.wait()
-        while True:
-            self.handler.changed.clear()
-            try:
-                await self.apply_pending()
-                await self.prune()
-            except Exception as exc:  # retried on the next wake-up; the request stays pending
-                log.warning("privacy_apply_failed", error_class=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.handler.changed.wait(), timeout=1.0)
+        await keep_applying(
+            self.processor.ready,
+            self.step,
+            what="privacy_apply",
+            changed=self.handler.changed,
+            recover=self.processor.recover,
+        )

@@ -14,7 +14,6 @@ profile, attributes, events, identities, memberships and computed values are era
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -23,8 +22,8 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, to_timestamp, unpack, utcnow
 from cdp_kit.errors import Unavailable
-from cdp_kit.eventlog import AppendConflict, LogMessage
-from cdp_kit.privacy import KeyVault, is_delete
+from cdp_kit.eventlog import LogMessage
+from cdp_kit.privacy import KeyVault, is_delete, keep_applying
 from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
 from cdp_kit.store import get_checkpoint, scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import PROFILE, SEGMENTATION_PRIVACY_APPLIED, SEGMENTATION_READS_PROFILE
@@ -278,14 +277,10 @@ class PrivacyApplier:
         log.info("privacy_applied", request_id=request_id, **{k: int(v) for k, v in total.items()})
 
     async def loop(self) -> None:
-        await self.processor.ready.wait()
-        while True:
-            self.handler.changed.clear()
-            try:
-                await self.apply_pending()
-            except AppendConflict:
-                await self.processor.recover()
-            except Exception as exc:  # retried on the next wake-up; the request stays pending
-                log.warning("privacy_apply_failed", error_class=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.handler.changed.wait(), timeout=1.0)
+        await keep_applying(
+            self.processor.ready,
+            self.apply_pending,
+            what="privacy_apply",
+            changed=self.handler.changed,
+            recover=self.processor.recover,
+        )
