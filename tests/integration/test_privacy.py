@@ -271,6 +271,14 @@ async def test_too_many_or_invalid_identities_are_refused_naming_them_by_keyed_h
         await identity.submit(pb.PRIVACY_MODE_UNSPECIFIED, ("email", "ok@example.com"))
     with pytest.raises(InvalidInput):
         await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "ok@example.com"), request_id="bad id!")
+    huge = "c" * 100_000
+    with pytest.raises(InvalidInput) as too_long:
+        await identity.submit(pb.PRIVACY_MODE_DELETE, ("cookie", huge))
+    assert too_long.value.violations[0].rule == "max_length"
+    assert huge not in str(too_long.value)
+    with pytest.raises(InvalidInput) as bad_id:  # what no request id can be is refused, not echoed
+        await identity.get("r" * 100_000)
+    assert "r" * 100 not in str(bad_id.value)
     assert await facts(identity.harness.eventlog, PRIVACY_REQUESTS.subject, pb.PrivacyRequested) == []
 
 

@@ -45,6 +45,8 @@ from cdp_kit.streams import IDENTITY_FRAGMENTS, PRIVACY_REQUESTS, privacy_applie
 from cdp_kit.telemetry import get_logger, pii_hash
 
 log = get_logger(__name__)
+# The longest identity value a privacy request takes (an email is at most 254; ids are shorter).
+MAX_VALUE_CHARS = 1024
 REQUESTED = pb.PrivacyRequested.DESCRIPTOR.full_name
 COMPLETED = pb.PrivacyCompleted.DESCRIPTOR.full_name
 APPLIED = pb.PrivacyApplied.DESCRIPTOR.full_name
@@ -293,6 +295,11 @@ class PrivacyHandlers:
         keys: list[str] = []
         violations: list[Violation] = []
         for n, ident in enumerate(identities):
+            if len(ident.value) > MAX_VALUE_CHARS:  # no identity is this long: refused before any normaliser runs
+                violations.append(
+                    Violation(f"identities[{n}]", "max_length", f"a value of at most {MAX_VALUE_CHARS} characters")
+                )
+                continue
             value, rule, detail = rules.normalise(ident.namespace, ident.value)
             if not ident.namespace or value is None:
                 named = pii_hash(f"{ident.namespace}:{ident.value}")
@@ -441,6 +448,10 @@ class PrivacyHandlers:
         raise AssertionError("unreachable")
 
     def get(self, request_id: str) -> pb.PrivacyRequest:
+        if not REQUEST_ID_RE.match(request_id):  # what no request id can be is not echoed back (nor logged)
+            raise InvalidInput(
+                "invalid request", [Violation("request_id", "pattern", "letters, digits, '-', '_', '.', at most 64")]
+            )
         with self.processor.read() as session:
             row = session.get(PrivacyRequestRow, request_id)
             if row is None:
