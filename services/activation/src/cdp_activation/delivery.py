@@ -39,6 +39,7 @@ from cdp.activation.v1 import events_pb2 as ev
 from cdp.common.v1.envelope_pb2 import Sealed
 from cdp_activation import credentials, governance, store
 from cdp_activation.batchseal import batch_refs, sealed_prepared
+from cdp_activation.changes import Changes
 from cdp_activation.connectors import (
     Action,
     Batch,
@@ -56,7 +57,6 @@ from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 from cdp_kit.keyring import KeyFile, KeyringError
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
-from cdp_kit.store import all_checkpoints
 from cdp_kit.streams import ACTIVATION_DELIVERIES
 from cdp_kit.telemetry import get_logger
 from cdp_kit.urlmask import mask_url_credentials
@@ -69,13 +69,14 @@ ACTIONS = MARKETING_ACTIONS
 @dataclass
 class PlanWork:
     plan: pb.ActivationPlan
-    destination: store.DestinationRow
+    destination: str  # its id
     adds: list[Record]
     removes: list[Record]
     excluded: dict[str, str]
     cleared: list[str]
     config: ConnectorConfig
     next_seq: int
+    cut: int = 0
 
 
 @dataclass
@@ -87,35 +88,84 @@ class DestinationState:
     rate: float = 0.0
 
 
-def wanted(
-    session: Session, plan: pb.ActivationPlan, dest: pb.Destination, connector: Connector, default_consent: str
-) -> tuple[dict[str, Record], dict[str, str]]:
-    """The plan's wanted audience (profile id -> record) and who is left out, with why."""
-    member_ids = store.members(session, plan.segment)
-    excluded: dict[str, str] = {}
-    out: dict[str, Record] = {}
-    if not member_ids:
-        return out, excluded
-    violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
-    profiles_t = store.ProfileRow.__table__  # type: ignore[attr-defined]
-    members_t = store.MemberRow.__table__  # type: ignore[attr-defined]
-    query = (
-        sa.select(profiles_t.c.profile_id, profiles_t.c.identities, profiles_t.c.attributes)
-        .join(members_t, members_t.c.profile_id == profiles_t.c.profile_id)
-        .where(members_t.c.segment_id == plan.segment)
+PAGE = 2000  # profile ids read per query round of a plan (then the event loop runs again)
+
+
+@dataclass
+class PlanContext:
+    """What a plan's evaluation needs besides its members: read once per plan and round."""
+
+    plan: pb.ActivationPlan
+    dest: pb.Destination
+    connector: Connector
+    violations: list[str]
+    in_flight: set[str]
+    default_consent: str
+
+
+def in_flight_of(session: Session, plan_id: str) -> set[str]:
+    """Profile ids of the plan's batches not delivered yet (pending or dead-lettered). Read BEFORE
+    the held members: a batch delivered in between is then seen in flight, never as neither."""
+    batches_t = store.BatchRow.__table__  # type: ignore[attr-defined]
+    query = sa.select(batches_t.c.records).where(
+        batches_t.c.plan_id == plan_id, batches_t.c.status.in_(["pending", "dead"])
     )
-    profiles = {pid: (identities, attributes) for pid, identities, attributes in session.execute(query)}
+    return {str(r["profile_id"]) for (records,) in session.execute(query) for r in records or []}
+
+
+def candidates(session: Session, plan: pb.ActivationPlan) -> list[str]:
+    """Every profile id a whole plan's evaluation looks at: its segment's members, the members
+    the destination holds, and those it leaves out."""
+    found = set(store.members(session, plan.segment))
+    found.update(store.plan_members(session, plan.id))
+    found.update(session.exec(select(store.ExclusionRow.profile_id).where(store.ExclusionRow.plan_id == plan.id)))
+    return sorted(found)
+
+
+def evaluate(
+    session: Session, ctx: PlanContext, page: list[str]
+) -> tuple[list[Record], list[Record], dict[str, str], list[str]]:
+    """A plan's changes among the profile ids ``page`` (sorted): adds (wanted: segment members
+    with the identities the destination needs, consent for its marketing action, no policy
+    violation; not held nor in flight), removes (held, no longer wanted, not in flight), who is
+    now left out with a new reason, and whose exclusion ends. Reads only these ids' rows."""
+    plan, dest, connector = ctx.plan, ctx.dest, ctx.connector
+    members_t = store.MemberRow.__table__  # type: ignore[attr-defined]
+    profiles_t = store.ProfileRow.__table__  # type: ignore[attr-defined]
+    held_t = store.PlanMemberRow.__table__  # type: ignore[attr-defined]
+    excl_t = store.ExclusionRow.__table__  # type: ignore[attr-defined]
+    profiles: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    held: dict[str, dict[str, Any] | None] = {}
+    before: dict[str, str] = {}
+    for start in range(0, len(page), 500):  # bounded IN lists
+        part = page[start : start + 500]
+        query = (
+            sa.select(profiles_t.c.profile_id, profiles_t.c.identities, profiles_t.c.attributes)
+            .join(members_t, members_t.c.profile_id == profiles_t.c.profile_id)
+            .where(members_t.c.segment_id == plan.segment, members_t.c.profile_id.in_(part))
+        )
+        profiles.update((pid, (identities, attributes)) for pid, identities, attributes in session.execute(query))
+        query = sa.select(held_t.c.profile_id, held_t.c.record).where(
+            held_t.c.plan_id == plan.id, held_t.c.profile_id.in_(part)
+        )
+        held.update((pid, record) for pid, record in session.execute(query))
+        query = sa.select(excl_t.c.profile_id, excl_t.c.reason).where(
+            excl_t.c.plan_id == plan.id, excl_t.c.profile_id.in_(part)
+        )
+        before.update((pid, reason) for pid, reason in session.execute(query))
     needed = connector.required_identities(list(plan.identities))
-    for pid in member_ids:
+    excluded: dict[str, str] = {}
+    want: dict[str, Record] = {}
+    for pid in page:
         profile = profiles.get(pid)
         if profile is None:
-            continue  # absorbed, deleted, or its facts not here yet
+            continue  # not a member, or absorbed, deleted, or its facts not here yet
         known, attrs = profile
-        if violations:
-            excluded[pid] = f"policy: {violations[0]}"
+        if ctx.violations:
+            excluded[pid] = f"policy: {ctx.violations[0]}"
             continue
         consent = consent_of(attrs, dest.marketing_action)
-        if consent != "y" and not (consent == "unknown" and default_consent == "y"):
+        if consent != "y" and not (consent == "unknown" and ctx.default_consent == "y"):
             excluded[pid] = f"consent {dest.marketing_action}={consent}"
             continue
         have = [ns for ns in needed if known.get(ns)]
@@ -128,8 +178,16 @@ def wanted(
         namespaces = sorted(known) if connector.all_identities else list(plan.identities)
         identities = {ns: list(known[ns]) for ns in namespaces if known.get(ns)}
         attributes = {a: attrs[a] for a in plan.attributes if a in attrs}
-        out[pid] = Record(pid, identities, attributes)
-    return out, excluded
+        want[pid] = Record(pid, identities, attributes)
+    adds = [rec for pid, rec in want.items() if pid not in held and pid not in ctx.in_flight]
+    removes = [
+        Record.of(record or {"profile_id": pid})
+        for pid, record in sorted(held.items())
+        if pid not in want and pid not in ctx.in_flight
+    ]
+    new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
+    cleared = sorted(pid for pid in before if pid not in excluded)
+    return adds, removes, new, cleared
 
 
 def to_proto(rec: Record) -> pb.Record:
@@ -158,7 +216,9 @@ def split_to_fit(records: list[Record], size: int) -> list[list[pb.Record]]:
 
 
 class Deliverer:
-    def __init__(self, processor: Processor, settings: ActivationSettings, keys: KeyFile) -> None:
+    def __init__(
+        self, processor: Processor, settings: ActivationSettings, keys: KeyFile, changes: Changes | None = None
+    ) -> None:
         self.processor = processor
         self.settings = settings
         self.keys = keys
@@ -167,11 +227,22 @@ class Deliverer:
         self.first_seen: dict[str, float] = {}
         # Scheduled plans: the wall-clock time of their next cron run.
         self.next_run: dict[str, datetime] = {}
-        # What the last planning round saw: the wanted audiences change only with the inputs
-        # and the config log (a delivered batch moves profiles from in flight to held).
-        self.fingerprint: tuple[tuple[str, int], ...] | None = None
+        # What changed since the last round (noted by the inputs' and the delivery log's folds):
+        # a round evaluates only those profiles, and a plan whole only when it is new to this
+        # process or its config, the merge policy, a label or a policy changed.
+        self.changes = changes if changes is not None else Changes()
+        # Plans evaluated whole since the start, and the policy violations each had then.
+        self.planned: set[str] = set()
+        self.violations: dict[str, list[str]] = {}
+        # Per plan, profile ids whose changes were not cut yet: a partial batch waiting for its
+        # age, or everything a scheduled plan collects until its cron run.
+        self.pending: dict[str, set[str]] = {}
+        self.batch_age: dict[str, float] = {}
+        self.key_ids: tuple[str, ...] | None = None
         # Destinations whose secrets cannot be decrypted now, with why (logged once).
         self.unreadable: dict[str, str] = {}
+        # Profile ids evaluated, over all rounds (an idle round evaluates none).
+        self.evaluated = 0
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -202,95 +273,153 @@ class Deliverer:
 
     async def tick(self, force: bool = False) -> int:
         """Plan one round: record exclusions, cut due batches, wake the workers. Returns batches cut."""
-        with self.processor.read() as session:
-            # What the round depends on: every input's position, and the master key versions (an
-            # unreadable destination becomes readable only when they change: a rotation, a restart).
-            fingerprint = tuple(
-                sorted((k, v) for k, v in all_checkpoints(session).items() if k != DELIVERIES_CHECKPOINT)
-            ) + tuple((f"key:{key_id}", 0) for key_id in self.keys.keyring.key_ids)
-            rows = session.exec(select(store.PlanRow)).all()
-            cron_due = any(
-                store.plan_of(r).schedule not in ("", "streaming")
-                and (r.id not in self.next_run or self.next_run[r.id] <= datetime.now(UTC))
-                for r in rows
-            )
-            if fingerprint == self.fingerprint and not self.first_seen and not cron_due and not force:
-                self._wake_workers()
-                return 0
-            self.fingerprint = None  # until this round completes
-            work = [w for row in rows if (w := self._work(session, row))]
-        complete = True
-        cut = 0
-        now = time.monotonic()
-        for item in work:
-            if item.excluded or item.cleared:
-                await self._record_exclusions(item)
-            changes = len(item.adds) + len(item.removes)
-            if not changes:
-                self.first_seen.pop(item.plan.id, None)
-                continue
-            size = item.config.batch_size
-            if item.plan.schedule not in ("", "streaming"):
-                if not (force or self._cron_due(item.plan)):
-                    continue  # scheduled: everything changed since the last run goes at the next one
-                due = True
-            else:
-                since = self.first_seen.setdefault(item.plan.id, now)
-                due = force or now - since >= item.config.batch_age_s
-            seq = item.next_seq
-            left = False
-            for action, records in (("remove", item.removes), ("add", item.adds)):
-                for chunk in split_to_fit(records, size):
-                    if len(chunk) < size and not due:
-                        left = True  # a partial batch waits for its age
-                        continue
-                    if not await self._prepare(item, action, chunk, seq):
-                        complete = False
-                        break
-                    seq += 1
-                    cut += 1
-            if not left:
-                self.first_seen.pop(item.plan.id, None)
-        if complete:  # an unreadable destination is tried again once the inputs or the keys change
-            self.fingerprint = fingerprint
+        dirty, everything = self.changes.take()
+        # An unreadable destination becomes readable only when the master key versions change (a
+        # rotation, a restart): every plan is evaluated whole again then.
+        key_ids = tuple(self.keys.keyring.key_ids)
+        if key_ids != self.key_ids:
+            everything = True
+        if everything:
+            self.planned.clear()
+        try:
+            cut = await self._round(dirty, force)
+        except BaseException:
+            self.changes.put_back(dirty, everything)
+            raise
+        self.key_ids = key_ids
         self._wake_workers()
         return cut
 
-    def _work(self, session: Session, row: store.PlanRow) -> PlanWork | None:
+    async def _round(self, dirty: set[str], force: bool) -> int:
+        now = time.monotonic()
+        wall = datetime.now(UTC)
+        if not dirty and not force and self._idle(now, wall):
+            return 0  # nothing changed: no profile is read
+        with self.processor.read() as session:
+            rows = list(session.exec(select(store.PlanRow).order_by(col(store.PlanRow.id))))
+        cut = 0
+        for row in rows:
+            cut += await self._plan(row, dirty, force, now, wall)
+        return cut
+
+    def _idle(self, now: float, wall: datetime) -> bool:
+        """Whether a round with nothing new has nothing to do: every plan evaluated whole, and no
+        partial batch old enough nor a scheduled plan's cron run due."""
+        with self.processor.read() as session:
+            plan_ids = set(session.exec(select(store.PlanRow.id)))
+        if plan_ids - self.planned:
+            return False
+        for plan_id, ids in self.pending.items():
+            if not ids:
+                continue
+            if plan_id in self.next_run:
+                if self.next_run[plan_id] <= wall:
+                    return False
+            elif now - self.first_seen.get(plan_id, now) >= self.batch_age.get(plan_id, 0.0):
+                return False
+        return True
+
+    async def _plan(self, row: store.PlanRow, dirty: set[str], force: bool, now: float, wall: datetime) -> int:
+        """One plan's round: evaluate what changed for it (all of it when it is new here), record
+        exclusions, cut the due batches. Returns batches cut."""
+        plan = store.plan_of(row)
+        scheduled = plan.schedule not in ("", "streaming")
+        whole = row.id not in self.planned
+        pending = self.pending.get(row.id, set())
+        if scheduled:
+            # Until the cron run: only what is new is evaluated (its exclusions recorded), and
+            # collected; at the run, everything collected is evaluated again and cut.
+            run_due = force or self.next_run.get(row.id, wall) <= wall
+            carried = pending if run_due else set()
+        else:
+            aged = force or now - self.first_seen.get(row.id, now) >= self.batch_age.get(row.id, 0.0)
+            carried = pending if (aged or dirty) else set()
+            if pending and not carried and not whole:
+                return 0  # only a partial batch, not old enough yet
+        if not whole and not dirty and not carried:
+            return 0
+        with self.processor.read() as session:
+            ctx = self._context(session, row, plan)
+            if ctx is None:
+                self.planned.discard(row.id)
+                return 0  # its destination or segment is not known (yet), or its secrets unreadable
+            if ctx.violations != self.violations.get(row.id, ctx.violations):
+                whole = True  # a new source of a labelled field: the whole audience is left out (or back)
+            self.violations[row.id] = ctx.violations
+            config = self._config(ctx.dest)
+            assert config is not None  # checked by _context
+            self.batch_age[row.id] = config.batch_age_s
+            ids = candidates(session, plan) if whole else sorted(dirty | carried)
+        adds: list[Record] = []
+        removes: list[Record] = []
+        excluded: dict[str, str] = {}
+        cleared: list[str] = []
+        for start in range(0, len(ids), PAGE):
+            with self.processor.read() as session:
+                a, r, e, c = evaluate(session, ctx, ids[start : start + PAGE])
+            adds += a
+            removes += r
+            excluded.update(e)
+            cleared += c
+            self.evaluated += min(PAGE, len(ids) - start)
+            await asyncio.sleep(0)  # a whole 100k audience: status and health go on answering
+        item = PlanWork(ctx.plan, ctx.dest.id, adds, removes, excluded, cleared, config, row.batch_seq)
+        left, complete = await self._cut(item, scheduled, force, now)
+        if not complete:
+            self.planned.discard(row.id)  # another writer took the sequence: plan it whole again
+            self.pending.pop(row.id, None)
+            return 0
+        if scheduled and left:
+            left |= pending - carried  # collected earlier, not looked at this round
+        self.pending[row.id] = left
+        self.planned.add(row.id)
+        return item.cut
+
+    def _context(self, session: Session, row: store.PlanRow, plan: pb.ActivationPlan) -> PlanContext | None:
         dest_row = session.get(store.DestinationRow, row.destination_id)
         if dest_row is None or session.get(store.SegmentRow, row.segment_id) is None:
             return None
-        plan = store.plan_of(row)
         dest = store.destination_of(dest_row)
-        connector = connector_for(dest.connector)
-        config = self._config(dest)
-        if config is None:
+        if self._config(dest) is None:
             return None
-        want, excluded = wanted(session, plan, dest, connector, self.settings.unknown_consent)
-        held = {
-            m.profile_id: m
-            for m in session.exec(select(store.PlanMemberRow).where(store.PlanMemberRow.plan_id == row.id))
-        }
-        in_flight: set[str] = set()
-        for batch in session.exec(
-            select(store.BatchRow).where(
-                store.BatchRow.plan_id == row.id, col(store.BatchRow.status).in_(["pending", "dead"])
-            )
-        ):
-            in_flight.update(str(r["profile_id"]) for r in batch.records)
-        adds = [rec for pid, rec in sorted(want.items()) if pid not in held and pid not in in_flight]
-        removes = [
-            Record.of(m.record or {"profile_id": pid})
-            for pid, m in sorted(held.items())
-            if pid not in want and pid not in in_flight
-        ]
-        before = {
-            e.profile_id: e.reason
-            for e in session.exec(select(store.ExclusionRow).where(store.ExclusionRow.plan_id == row.id))
-        }
-        new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
-        cleared = sorted(pid for pid in before if pid not in excluded)
-        return PlanWork(plan, dest_row, adds, removes, new, cleared, config, row.batch_seq)
+        connector = connector_for(dest.connector)
+        in_flight = in_flight_of(session, row.id)  # before any held member is read
+        violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
+        return PlanContext(plan, dest, connector, violations, in_flight, self.settings.unknown_consent)
+
+    async def _cut(self, item: PlanWork, scheduled: bool, force: bool, now: float) -> tuple[set[str], bool]:
+        """Record the plan's exclusion changes and prepare its due batches. Returns the profile
+        ids whose changes wait (a partial batch, a scheduled plan before its run) and whether
+        every batch could be prepared."""
+        if item.excluded or item.cleared:
+            await self._record_exclusions(item)
+        changes = len(item.adds) + len(item.removes)
+        if not changes:
+            self.first_seen.pop(item.plan.id, None)
+            return set(), True
+        size = item.config.batch_size
+        if scheduled:
+            if not (force or self._cron_due(item.plan)):
+                # scheduled: everything changed since the last run goes at the next one
+                return {r.profile_id for r in (*item.adds, *item.removes)}, True
+            due = True
+        else:
+            since = self.first_seen.setdefault(item.plan.id, now)
+            due = force or now - since >= item.config.batch_age_s
+        seq = item.next_seq
+        left: set[str] = set()
+        for action, records in (("remove", item.removes), ("add", item.adds)):
+            for chunk in split_to_fit(records, size):
+                if len(chunk) < size and not due:
+                    left.update(r.profile_id for r in chunk)  # a partial batch waits for its age
+                    continue
+                if not await self._prepare(item, action, chunk, seq):
+                    return left, False
+                seq += 1
+                item.cut += 1
+        if not left:
+            self.first_seen.pop(item.plan.id, None)
+        return left, True
 
     def _config(self, dest: pb.Destination) -> ConnectorConfig | None:
         """The destination's settings with its secrets opened in memory; None (said once in the
@@ -331,7 +460,7 @@ class Deliverer:
         batch = pb.Batch(
             id=batch_id,
             plan_id=item.plan.id,
-            destination=item.destination.id,
+            destination=item.destination,
             action=action,
             sequence=seq,
             records=records,
@@ -351,7 +480,7 @@ class Deliverer:
             env = make_envelope(
                 prepared,
                 event_id=batch_id,
-                subject_key=item.destination.id,
+                subject_key=item.destination,
                 occurred_at=now,
                 cause=uow.cause,
             )

@@ -6,6 +6,7 @@ from sqlalchemy.engine import Engine
 
 from cdp.activation.v1 import activation_pb2, activation_pb2_grpc
 from cdp_activation.api import ActivationServicer
+from cdp_activation.changes import Changes
 from cdp_activation.consumer import MembershipsObserver, ProfilesObserver, SegmentsObserver
 from cdp_activation.delivery import Deliverer
 from cdp_activation.handlers import ActivationHandlers
@@ -35,17 +36,18 @@ log = get_logger(__name__)
 def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys: KeyFile | None = None) -> Service:
     keys = keys or master_keys(settings)
     vault = PersonVault.of(eventlog.js, seal=settings.seal_personal_data)
+    changes = Changes()  # what the folds changed, for the planner's next round
     processor = Processor(
         service="activation",
         engine=engine,
         eventlog=eventlog,
         tables=TABLES,
         own_logs=[ACTIVATION_CONFIG, ACTIVATION_DELIVERIES, ACTIVATION_PRIVACY_APPLIED],
-        projection=ActivationProjection(keys),
+        projection=ActivationProjection(keys, changes),
         inputs=[
-            Input(ACTIVATION_READS_SEGMENTS, SegmentsObserver()),
-            Input(ACTIVATION_READS_PROFILE, ProfilesObserver()),
-            Input(ACTIVATION_READS_AUDIENCE, MembershipsObserver()),
+            Input(ACTIVATION_READS_SEGMENTS, SegmentsObserver(changes)),
+            Input(ACTIVATION_READS_PROFILE, ProfilesObserver(changes)),
+            Input(ACTIVATION_READS_AUDIENCE, MembershipsObserver(changes)),
             # Last: a rebuild replays profiles and memberships before it erases them again.
             Input(ACTIVATION_READS_PRIVACY, PrivacyHandler(vault)),
         ],
@@ -53,7 +55,7 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys
         vault=vault,  # opens sealed fragments, seals prepared batches; a privacy request revokes in it
     )
     handlers = ActivationHandlers(processor, settings, keys)
-    deliverer = Deliverer(processor, settings, keys)
+    deliverer = Deliverer(processor, settings, keys, changes)
     name = activation_pb2.DESCRIPTOR.services_by_name["ActivationService"].full_name
     registration = Registration(
         name, activation_pb2_grpc.add_ActivationServiceServicer_to_server, ActivationServicer(handlers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf import json_format
@@ -11,6 +12,7 @@ from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
 from cdp.privacy.v1 import privacy_pb2 as privacy_ev
 from cdp_activation import credentials, privacy, store
+from cdp_activation.changes import Changes
 from cdp_activation.store import (
     BatchRow,
     DeliveryRow,
@@ -38,11 +40,23 @@ def record_dict(rec: pb.Record) -> dict[str, Any]:
     }
 
 
+# Config events after which every plan is planned whole (rare: a plan, a destination, a label...).
+_REPLAN = (ev.DestinationCreated, ev.DestinationSecretsRotated, ev.PlanCreated, ev.DataLabeled, ev.PolicyCreated)
+
+
 class ActivationProjection:
-    def __init__(self, keys: KeyFile) -> None:
+    def __init__(self, keys: KeyFile, changes: Changes | None = None) -> None:
         self.keys = keys
+        # Told which profiles a delivery or an erasure touched (the planner looks at them again).
+        self.changes = changes
+
+    def _note(self, session: Session, profiles: Iterable[str] = (), everything: bool = False) -> None:
+        if self.changes is not None:
+            self.changes.note(session, profiles, everything=everything)
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
+        if any(is_a(env, kind) for kind in _REPLAN):
+            self._note(session, everything=True)
         if is_a(env, ev.DestinationCreated):
             self._destination(session, unpack(env, ev.DestinationCreated).destination)
         elif is_a(env, ev.DestinationSecretsRotated):
@@ -62,7 +76,9 @@ class ActivationProjection:
         elif is_a(env, ev.BatchPrepared):
             self._prepared(session, unpack(env, ev.BatchPrepared).batch)
         elif is_a(env, ev.BatchDelivered):
-            self._delivered(session, unpack(env, ev.BatchDelivered))
+            # Held now, no longer in flight: a change the planner skipped while they were (an exit
+            # while the add was being sent) is planned now.
+            self._note(session, self._delivered(session, unpack(env, ev.BatchDelivered)))
         elif is_a(env, ev.BatchFailed):
             failed = unpack(env, ev.BatchFailed)
             row = session.get(BatchRow, failed.batch_id)
@@ -90,9 +106,13 @@ class ActivationProjection:
             for profile_id, reason in changed.excluded.items():
                 session.merge(ExclusionRow(plan_id=changed.plan_id, profile_id=profile_id, reason=reason))
         elif is_a(env, ev.DeliveryCompleted):
-            self._legacy_completed(session, unpack(env, ev.DeliveryCompleted))
+            completed = unpack(env, ev.DeliveryCompleted)
+            self._legacy_completed(session, completed)
+            self._note(session, [*completed.added_profiles, *completed.removed_profiles])
         elif is_a(env, ev.ProfilesErased):
-            privacy.fold_erased(session, unpack(env, ev.ProfilesErased))
+            erased = unpack(env, ev.ProfilesErased)
+            privacy.fold_erased(session, erased)
+            self._note(session, erased.profile_ids)
         elif is_a(env, privacy_ev.PrivacyApplied):
             privacy.fold_applied(session, unpack(env, privacy_ev.PrivacyApplied))
         session.flush()
@@ -139,10 +159,11 @@ class ActivationProjection:
             privacy.fold_prepared(session, batch)
 
     @staticmethod
-    def _delivered(session: Session, done: ev.BatchDelivered) -> None:
+    def _delivered(session: Session, done: ev.BatchDelivered) -> list[str]:
+        """Fold a delivered batch; the profile ids it moved."""
         row = session.get(BatchRow, done.batch_id)
         if row is None or row.status == "delivered":
-            return
+            return []
         row.status, row.reason = "delivered", ""
         row.attempts += done.attempts
         row.retried += max(0, done.attempts - 1)
@@ -172,9 +193,14 @@ class ActivationProjection:
         members = session.exec(
             select(func.count()).select_from(PlanMemberRow).where(PlanMemberRow.plan_id == row.plan_id)
         ).one()
-        reasons: dict[str, int] = {}
-        for reason in session.exec(select(ExclusionRow.reason).where(ExclusionRow.plan_id == row.plan_id)).all():
-            reasons[reason] = reasons.get(reason, 0) + 1
+        reasons = {
+            str(reason): int(n)
+            for reason, n in session.exec(
+                select(ExclusionRow.reason, func.count())
+                .where(ExclusionRow.plan_id == row.plan_id)
+                .group_by(col(ExclusionRow.reason))
+            ).all()
+        }
         delivery = pb.Delivery(
             id=row.id,
             plan_id=row.plan_id,
@@ -205,6 +231,7 @@ class ActivationProjection:
         if plan is not None:
             plan.deliveries += 1
             session.add(plan)
+        return ids
 
     @staticmethod
     def _legacy_completed(session: Session, completed: ev.DeliveryCompleted) -> None:

@@ -1,0 +1,71 @@
+"""What changed since the planner last looked, so a planning round reads only the members whose
+wanted state may differ (``cdp_activation.delivery``) instead of every plan's whole audience.
+
+The inputs and the delivery log's folds note, in the transaction that changes the store, which
+profile ids a change touches (a membership, a fragment, a merge or split, a delivered batch, an
+erasure) or that everything must be planned again (a new merge policy, segment, plan,
+destination, label or policy). The notes reach the tracker only once that transaction commits
+(a rolled-back batch notes nothing, and is applied again), so whatever the planner takes is
+already visible to its next read: a note is never consumed before the change it names. Noting
+too much costs a lookup; noting too little would lose a change, so when in doubt a fold notes.
+
+A tracker starts with ``everything`` set: the first round after a start plans every plan whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import event
+from sqlmodel import Session
+
+_NOTES = "act_planner_notes"
+
+
+@dataclass
+class _Note:
+    profiles: set[str] = field(default_factory=set)
+    everything: bool = False
+
+
+class Changes:
+    """Profile ids changed since the last ``take``, and whether every plan must be planned whole."""
+
+    def __init__(self) -> None:
+        self.profiles: set[str] = set()
+        self.everything = True
+
+    def note(self, session: Session, profiles: Iterable[str] = (), *, everything: bool = False) -> None:
+        """Note a change made in ``session``'s transaction (kept once it commits)."""
+        notes: dict[int, tuple[Changes, _Note]] = session.info.setdefault(_NOTES, {})
+        _, pending = notes.setdefault(id(self), (self, _Note()))
+        pending.profiles.update(profiles)
+        pending.everything = pending.everything or everything
+
+    def take(self) -> tuple[set[str], bool]:
+        """The changes noted so far (committed), forgetting them."""
+        profiles, everything = self.profiles, self.everything
+        self.profiles, self.everything = set(), False
+        return profiles, everything
+
+    def put_back(self, profiles: Iterable[str], everything: bool) -> None:
+        """A round that did not finish: what it took is planned again next round."""
+        self.profiles.update(profiles)
+        self.everything = self.everything or everything
+
+    @property
+    def idle(self) -> bool:
+        return not self.profiles and not self.everything
+
+
+@event.listens_for(Session, "after_commit")
+def _committed(session: Session) -> None:
+    notes: dict[int, tuple[Changes, _Note]] = session.info.pop(_NOTES, {})
+    for tracker, pending in notes.values():
+        tracker.put_back(pending.profiles, pending.everything)
+
+
+@event.listens_for(Session, "after_rollback")
+def _rolled_back(session: Session) -> None:
+    session.info.pop(_NOTES, None)
