@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format
+from sqlalchemy import event
 from sqlmodel import Session, col, delete, select, update
 
 from cdp.identity.v1 import events_pb2 as identity_ev
@@ -69,6 +70,21 @@ class SegmentsObserver(_ObserveOnly):
             session.flush()
 
 
+_UNFINISHED = "act_unfinished_handlers"
+
+
+def _unfinished(session: Session, handler: MembershipsObserver | ProfilesObserver) -> None:
+    """The processor calls ``finish`` before it commits a batch; a caller that does not (a test
+    feeding ``observe`` alone) still gets what was observed written, before the commit."""
+    session.info.setdefault(_UNFINISHED, {})[id(handler)] = handler
+
+
+@event.listens_for(Session, "before_commit")
+def _finish_before_commit(session: Session) -> None:
+    for handler in list(session.info.pop(_UNFINISHED, {}).values()):
+        handler.finish(session)
+
+
 _MEMBERSHIPS = "act_pending_memberships"
 _SEGMENT_CHANGES = "act_pending_segment_changes"
 
@@ -85,6 +101,7 @@ class MembershipsObserver(_ObserveOnly):
         if not is_a(env, seg_ev.MembershipChanged):
             return
         change = unpack(env, seg_ev.MembershipChanged)
+        _unfinished(session, self)
         pending: dict[tuple[str, str], datetime | None] = session.info.setdefault(_MEMBERSHIPS, {})
         if change.status == seg_ev.MEMBERSHIP_STATUS_REALIZED and is_erased(session, change.profile_id):
             pass  # a privacy request erased them: a late entry is not kept
@@ -95,6 +112,7 @@ class MembershipsObserver(_ObserveOnly):
         session.info.setdefault(_SEGMENT_CHANGES, {})[change.segment_id] = msg.sequence
 
     def finish(self, session: Session) -> None:
+        session.info.get(_UNFINISHED, {}).pop(id(self), None)
         pending: dict[tuple[str, str], datetime | None] = session.info.pop(_MEMBERSHIPS, {})
         sequences: dict[str, int] = session.info.pop(_SEGMENT_CHANGES, {})
         exits: dict[str, list[str]] = {}
@@ -193,6 +211,7 @@ class ProfilesObserver(_ObserveOnly):
         session.info[_LOADED] = loaded
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        _unfinished(session, self)
         if is_a(env, identity_ev.ProfileFragment):
             frag = unpack(env, identity_ev.ProfileFragment)
             self._fragment(session, frag, msg.sequence, self._position(msg, env))
@@ -208,6 +227,7 @@ class ProfilesObserver(_ObserveOnly):
             _note(self.changes, session, [split.profile_id, *(part.profile_id for part in split.parts)])
 
     def finish(self, session: Session) -> None:
+        session.info.get(_UNFINISHED, {}).pop(id(self), None)
         _write_pending(session)
         session.info.pop(_LOADED, None)
         _note(self.changes, session, session.info.pop(_TOUCHED, ()))
