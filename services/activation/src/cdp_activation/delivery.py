@@ -57,6 +57,7 @@ from cdp_kit.envelope import deterministic_id, make_envelope, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES
 from cdp_kit.keyring import KeyFile, KeyringError
 from cdp_kit.processor import Processor, UnitOfWork, own_checkpoint
+from cdp_kit.store import get_checkpoint
 from cdp_kit.streams import ACTIVATION_DELIVERIES
 from cdp_kit.telemetry import get_logger
 from cdp_kit.urlmask import mask_url_credentials
@@ -447,7 +448,12 @@ class Deliverer:
     async def _record_exclusions(self, item: PlanWork) -> None:
         changed = ev.ExclusionsChanged(plan_id=item.plan.id, excluded=item.excluded, cleared=item.cleared)
         now = utcnow()
-        key = deterministic_id("exclusions", item.plan.id, json.dumps([sorted(item.excluded.items()), item.cleared]))
+        # The same change can come back (excluded, cleared, excluded again): the delivery log's
+        # position makes each its own message (JetStream drops a repeated message id).
+        with self.processor.read() as session:
+            position = get_checkpoint(session, DELIVERIES_CHECKPOINT)
+        diff = json.dumps([sorted(item.excluded.items()), item.cleared])
+        key = deterministic_id("exclusions", item.plan.id, position, diff)
 
         def decide(uow: UnitOfWork) -> None:
             env = make_envelope(changed, event_id=key, subject_key=item.plan.id, occurred_at=now, cause=uow.cause)
