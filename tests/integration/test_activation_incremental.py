@@ -72,9 +72,9 @@ class Planner:
             for row in session.exec(select(store.PlanRow)):
                 ctx = fresh._context(session, row, store.plan_of(row))
                 assert ctx is not None
-                found = evaluate(session, ctx, candidates(session, ctx.plan))
-                if any(found):
-                    out[row.id] = summary(*found)
+                adds, removes, excluded, cleared, _ = evaluate(session, ctx, candidates(session, ctx.plan))
+                if adds or removes or excluded or cleared:
+                    out[row.id] = summary(adds, removes, excluded, cleared)
         return out
 
     async def round(self) -> dict[str, Changes]:

@@ -26,6 +26,7 @@ _NOTES = "act_planner_notes"
 @dataclass
 class _Note:
     profiles: set[str] = field(default_factory=set)
+    delivered: set[str] = field(default_factory=set)
     everything: bool = False
 
 
@@ -34,36 +35,45 @@ class Changes:
 
     def __init__(self) -> None:
         self.profiles: set[str] = set()
+        # Profiles of delivered batches: no longer in flight. The planner looks again only at
+        # those whose change it deferred while their batch was in flight.
+        self.delivered: set[str] = set()
         self.everything = True
 
-    def note(self, session: Session, profiles: Iterable[str] = (), *, everything: bool = False) -> None:
+    def note(
+        self,
+        session: Session,
+        profiles: Iterable[str] = (),
+        *,
+        delivered: Iterable[str] = (),
+        everything: bool = False,
+    ) -> None:
         """Note a change made in ``session``'s transaction (kept once it commits)."""
         notes: dict[int, tuple[Changes, _Note]] = session.info.setdefault(_NOTES, {})
         _, pending = notes.setdefault(id(self), (self, _Note()))
         pending.profiles.update(profiles)
+        pending.delivered.update(delivered)
         pending.everything = pending.everything or everything
 
-    def take(self) -> tuple[set[str], bool]:
-        """The changes noted so far (committed), forgetting them."""
-        profiles, everything = self.profiles, self.everything
-        self.profiles, self.everything = set(), False
-        return profiles, everything
+    def take(self) -> tuple[set[str], set[str], bool]:
+        """The changes noted so far (committed), forgetting them: changed profiles, delivered
+        profiles, and whether every plan is to be planned whole."""
+        taken = self.profiles, self.delivered, self.everything
+        self.profiles, self.delivered, self.everything = set(), set(), False
+        return taken
 
-    def put_back(self, profiles: Iterable[str], everything: bool) -> None:
+    def put_back(self, profiles: Iterable[str], delivered: Iterable[str], everything: bool) -> None:
         """A round that did not finish: what it took is planned again next round."""
         self.profiles.update(profiles)
+        self.delivered.update(delivered)
         self.everything = self.everything or everything
-
-    @property
-    def idle(self) -> bool:
-        return not self.profiles and not self.everything
 
 
 @event.listens_for(Session, "after_commit")
 def _committed(session: Session) -> None:
     notes: dict[int, tuple[Changes, _Note]] = session.info.pop(_NOTES, {})
     for tracker, pending in notes.values():
-        tracker.put_back(pending.profiles, pending.everything)
+        tracker.put_back(pending.profiles, pending.delivered, pending.everything)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -100,18 +100,41 @@ class PlanContext:
     dest: pb.Destination
     connector: Connector
     violations: list[str]
-    in_flight: set[str]
+    adding: set[str]  # in an add batch not delivered yet (pending or dead-lettered)
+    removing: set[str]  # in a removal (or erasure) batch not delivered yet
     default_consent: str
 
+    @property
+    def in_flight(self) -> set[str]:
+        return self.adding | self.removing
 
-def in_flight_of(session: Session, plan_id: str) -> set[str]:
-    """Profile ids of the plan's batches not delivered yet (pending or dead-lettered). Read BEFORE
-    the held members: a batch delivered in between is then seen in flight, never as neither."""
+
+InFlight = dict[str, tuple[str, frozenset[str]]]
+"""A plan's batches not delivered yet: batch id -> (action, profile ids)."""
+
+
+def in_flight_of(session: Session, plan_id: str, known: InFlight) -> InFlight:
+    """The plan's batches not delivered yet (pending or dead-lettered), the records of those not
+    in ``known`` read (a batch's profile ids do not change but by an erasure, whose profiles are
+    gone). Read BEFORE the held members: a batch delivered in between is then seen in flight,
+    never as neither."""
     batches_t = store.BatchRow.__table__  # type: ignore[attr-defined]
-    query = sa.select(batches_t.c.records).where(
+    query = sa.select(batches_t.c.id, batches_t.c.action).where(
         batches_t.c.plan_id == plan_id, batches_t.c.status.in_(["pending", "dead"])
     )
-    return {str(r["profile_id"]) for (records,) in session.execute(query) for r in records or []}
+    out: InFlight = {}
+    unknown: list[str] = []
+    for batch_id, action in session.execute(query):
+        if batch_id in known:
+            out[batch_id] = known[batch_id]
+        else:
+            unknown.append(batch_id)
+            out[batch_id] = (str(action), frozenset())
+    for start in range(0, len(unknown), 500):  # bounded IN lists
+        query = sa.select(batches_t.c.id, batches_t.c.records).where(batches_t.c.id.in_(unknown[start : start + 500]))
+        for batch_id, records in session.execute(query):
+            out[batch_id] = (out[batch_id][0], frozenset(str(r["profile_id"]) for r in records or []))
+    return out
 
 
 def candidates(session: Session, plan: pb.ActivationPlan) -> list[str]:
@@ -123,13 +146,18 @@ def candidates(session: Session, plan: pb.ActivationPlan) -> list[str]:
     return sorted(found)
 
 
-def evaluate(
-    session: Session, ctx: PlanContext, page: list[str]
-) -> tuple[list[Record], list[Record], dict[str, str], list[str]]:
+Evaluated = tuple[list[Record], list[Record], dict[str, str], list[str], set[str]]
+"""A plan's adds, removes, new exclusions (profile id -> reason), ended exclusions, and the
+profiles whose change waits for their batch in flight (an exit while the add is sent)."""
+
+
+def evaluate(session: Session, ctx: PlanContext, page: list[str]) -> Evaluated:
     """A plan's changes among the profile ids ``page`` (sorted): adds (wanted: segment members
     with the identities the destination needs, consent for its marketing action, no policy
     violation; not held nor in flight), removes (held, no longer wanted, not in flight), who is
-    now left out with a new reason, and whose exclusion ends. Reads only these ids' rows."""
+    now left out with a new reason, whose exclusion ends, and who is deferred: in flight one way
+    and now wanted the other (looked at again once that batch is delivered). Reads only these
+    ids' rows."""
     plan, dest, connector = ctx.plan, ctx.dest, ctx.connector
     members_t = store.MemberRow.__table__  # type: ignore[attr-defined]
     profiles_t = store.ProfileRow.__table__  # type: ignore[attr-defined]
@@ -188,7 +216,8 @@ def evaluate(
     ]
     new = {pid: reason for pid, reason in excluded.items() if before.get(pid) != reason}
     cleared = sorted(pid for pid in before if pid not in excluded)
-    return adds, removes, new, cleared
+    deferred = {pid for pid in ctx.adding if pid not in want} | {pid for pid in ctx.removing if pid in want}
+    return adds, removes, new, cleared, deferred & set(page)
 
 
 def to_proto(rec: Record) -> pb.Record:
@@ -238,6 +267,9 @@ class Deliverer:
         # Per plan, profile ids whose changes were not cut yet: a partial batch waiting for its
         # age, or everything a scheduled plan collects until its cron run.
         self.pending: dict[str, set[str]] = {}
+        # Per plan, profile ids whose change waits for their batch in flight, and those batches.
+        self.deferred: dict[str, set[str]] = {}
+        self.in_flight: dict[str, InFlight] = {}
         self.batch_age: dict[str, float] = {}
         self.key_ids: tuple[str, ...] | None = None
         # Destinations whose secrets cannot be decrypted now, with why (logged once).
@@ -274,7 +306,7 @@ class Deliverer:
 
     async def tick(self, force: bool = False) -> int:
         """Plan one round: record exclusions, cut due batches, wake the workers. Returns batches cut."""
-        dirty, everything = self.changes.take()
+        dirty, delivered, everything = self.changes.take()
         # An unreadable destination becomes readable only when the master key versions change (a
         # rotation, a restart): every plan is evaluated whole again then.
         key_ids = tuple(self.keys.keyring.key_ids)
@@ -283,32 +315,35 @@ class Deliverer:
         if everything:
             self.planned.clear()
         try:
-            cut = await self._round(dirty, force)
+            cut = await self._round(dirty, delivered, force)
         except BaseException:
-            self.changes.put_back(dirty, everything)
+            self.changes.put_back(dirty, delivered, everything)
             raise
         self.key_ids = key_ids
         self._wake_workers()
         return cut
 
-    async def _round(self, dirty: set[str], force: bool) -> int:
+    async def _round(self, dirty: set[str], delivered: set[str], force: bool) -> int:
         now = time.monotonic()
         wall = datetime.now(UTC)
-        if not dirty and not force and self._idle(now, wall):
+        if not dirty and not force and self._idle(now, wall, delivered):
             return 0  # nothing changed: no profile is read
         with self.processor.read() as session:
             rows = list(session.exec(select(store.PlanRow).order_by(col(store.PlanRow.id))))
         cut = 0
         for row in rows:
-            cut += await self._plan(row, dirty, force, now, wall)
+            cut += await self._plan(row, dirty, delivered, force, now, wall)
         return cut
 
-    def _idle(self, now: float, wall: datetime) -> bool:
-        """Whether a round with nothing new has nothing to do: every plan evaluated whole, and no
-        partial batch old enough nor a scheduled plan's cron run due."""
+    def _idle(self, now: float, wall: datetime, delivered: set[str]) -> bool:
+        """Whether a round with nothing new has nothing to do: every plan evaluated whole, no
+        deferred change whose batch was delivered, no partial batch old enough nor a scheduled
+        plan's cron run due."""
         with self.processor.read() as session:
             plan_ids = set(session.exec(select(store.PlanRow.id)))
         if plan_ids - self.planned:
+            return False
+        if delivered and any(ids & delivered for ids in self.deferred.values()):
             return False
         for plan_id, ids in self.pending.items():
             if not ids:
@@ -320,13 +355,16 @@ class Deliverer:
                 return False
         return True
 
-    async def _plan(self, row: store.PlanRow, dirty: set[str], force: bool, now: float, wall: datetime) -> int:
+    async def _plan(
+        self, row: store.PlanRow, dirty: set[str], delivered: set[str], force: bool, now: float, wall: datetime
+    ) -> int:
         """One plan's round: evaluate what changed for it (all of it when it is new here), record
         exclusions, cut the due batches. Returns batches cut."""
         plan = store.plan_of(row)
         scheduled = plan.schedule not in ("", "streaming")
         whole = row.id not in self.planned
         pending = self.pending.get(row.id, set())
+        resume = self.deferred.get(row.id, set()) & delivered  # their batch was delivered
         if scheduled:
             # Until the cron run: only what is new is evaluated (its exclusions recorded), and
             # collected; at the run, everything collected is evaluated again and cut.
@@ -334,10 +372,8 @@ class Deliverer:
             carried = pending if run_due else set()
         else:
             aged = force or now - self.first_seen.get(row.id, now) >= self.batch_age.get(row.id, 0.0)
-            carried = pending if (aged or dirty) else set()
-            if pending and not carried and not whole:
-                return 0  # only a partial batch, not old enough yet
-        if not whole and not dirty and not carried:
+            carried = pending if (aged or dirty or resume) else set()  # a partial batch waits for its age
+        if not whole and not dirty and not carried and not resume:
             return 0
         with self.processor.read() as session:
             ctx = self._context(session, row, plan)
@@ -350,18 +386,20 @@ class Deliverer:
             config = self._config(ctx.dest)
             assert config is not None  # checked by _context
             self.batch_age[row.id] = config.batch_age_s
-            ids = candidates(session, plan) if whole else sorted(dirty | carried)
+            ids = candidates(session, plan) if whole else sorted(dirty | carried | resume)
         adds: list[Record] = []
         removes: list[Record] = []
         excluded: dict[str, str] = {}
         cleared: list[str] = []
+        deferred = set() if whole else self.deferred.get(row.id, set()) - set(ids)
         for start in range(0, len(ids), PAGE):
             with self.processor.read() as session:
-                a, r, e, c = evaluate(session, ctx, ids[start : start + PAGE])
+                a, r, e, c, d = evaluate(session, ctx, ids[start : start + PAGE])
             adds += a
             removes += r
             excluded.update(e)
             cleared += c
+            deferred |= d
             self.evaluated += min(PAGE, len(ids) - start)
             await asyncio.sleep(0)  # a whole 100k audience: status and health go on answering
         item = PlanWork(ctx.plan, ctx.dest.id, adds, removes, excluded, cleared, config, row.batch_seq)
@@ -373,6 +411,7 @@ class Deliverer:
         if scheduled and left:
             left |= pending - carried  # collected earlier, not looked at this round
         self.pending[row.id] = left
+        self.deferred[row.id] = deferred
         self.planned.add(row.id)
         return item.cut
 
@@ -384,9 +423,11 @@ class Deliverer:
         if self._config(dest) is None:
             return None
         connector = connector_for(dest.connector)
-        in_flight = in_flight_of(session, row.id)  # before any held member is read
+        batches = self.in_flight[row.id] = in_flight_of(session, row.id, self.in_flight.get(row.id, {}))
+        adding = {pid for action, pids in batches.values() if action == "add" for pid in pids}
+        removing = {pid for action, pids in batches.values() if action != "add" for pid in pids}
         violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
-        return PlanContext(plan, dest, connector, violations, in_flight, self.settings.unknown_consent)
+        return PlanContext(plan, dest, connector, violations, adding, removing, self.settings.unknown_consent)
 
     async def _cut(self, item: PlanWork, scheduled: bool, force: bool, now: float) -> tuple[set[str], bool]:
         """Record the plan's exclusion changes and prepare its due batches. Returns the profile

@@ -50,9 +50,11 @@ class ActivationProjection:
         # Told which profiles a delivery or an erasure touched (the planner looks at them again).
         self.changes = changes
 
-    def _note(self, session: Session, profiles: Iterable[str] = (), everything: bool = False) -> None:
+    def _note(
+        self, session: Session, profiles: Iterable[str] = (), delivered: Iterable[str] = (), everything: bool = False
+    ) -> None:
         if self.changes is not None:
-            self.changes.note(session, profiles, everything=everything)
+            self.changes.note(session, profiles, delivered=delivered, everything=everything)
 
     def fold(self, session: Session, own: OwnLog, env: Envelope) -> None:
         if any(is_a(env, kind) for kind in _REPLAN):
@@ -78,7 +80,7 @@ class ActivationProjection:
         elif is_a(env, ev.BatchDelivered):
             # Held now, no longer in flight: a change the planner skipped while they were (an exit
             # while the add was being sent) is planned now.
-            self._note(session, self._delivered(session, unpack(env, ev.BatchDelivered)))
+            self._note(session, delivered=self._delivered(session, unpack(env, ev.BatchDelivered)))
         elif is_a(env, ev.BatchFailed):
             failed = unpack(env, ev.BatchFailed)
             row = session.get(BatchRow, failed.batch_id)
