@@ -576,6 +576,7 @@ class Deliverer:
                 select(store.BatchRow)
                 .where(store.BatchRow.destination_id == dest_id, store.BatchRow.status == "pending")
                 .order_by(col(store.BatchRow.prepared_at), col(store.BatchRow.plan_id), col(store.BatchRow.sequence))
+                .limit(1)  # else every pending batch's records are read (JSON-decoded) to take the first
             ).first()
             if row is None:
                 return None
