@@ -142,6 +142,12 @@ class MembershipsObserver(_ObserveOnly):
         _note(self.changes, session, (pid for _, pid in pending))
 
 
+def new_profile(profile_id: str) -> ProfileRow:
+    """An empty profile row, every field given: SQLModel computes a missing field's default
+    factory through ``inspect.signature`` (most of the cost of a new row)."""
+    return ProfileRow(profile_id=profile_id, identities={}, attributes={}, origins={})
+
+
 _ATTRIBUTE_SOURCES = "act_attribute_sources"
 _KEY_REFS = "act_key_refs"
 _FRAGMENTS = "act_pending_fragments"
@@ -245,9 +251,9 @@ class ProfilesObserver(_ObserveOnly):
         if loaded is not None and profile_id in loaded:
             row = loaded[profile_id]
             if row is None:
-                row = loaded[profile_id] = ProfileRow(profile_id=profile_id)
+                row = loaded[profile_id] = new_profile(profile_id)
             return row
-        return session.get(ProfileRow, profile_id) or ProfileRow(profile_id=profile_id)
+        return session.get(ProfileRow, profile_id) or new_profile(profile_id)
 
     @staticmethod
     def _fragment(session: Session, frag: identity_ev.ProfileFragment, seq: int, pos: int) -> None:
