@@ -19,6 +19,7 @@ from sqlmodel import select
 
 from cdp.segmentation.v1 import events_pb2 as seg_ev
 from cdp_activation import store
+from cdp_activation.changes import Changes
 from cdp_activation.delivery import Deliverer, PlanWork, candidates, evaluate
 from cdp_kit.eventlog import EventLog
 from cdp_kit.streams import SEGMENTATION_MEMBERSHIPS
@@ -26,10 +27,10 @@ from cdp_standins import LocalPlatforms
 from tests.integration.test_activation_delivery import T0, Harness, Upstream, until
 
 PEOPLE = [f"p{i}" for i in range(8)]
-Changes = tuple[frozenset[str], frozenset[str], tuple[tuple[str, str], ...], frozenset[str]]
+Found = tuple[frozenset[str], frozenset[str], tuple[tuple[str, str], ...], frozenset[str]]
 
 
-def summary(adds: Any, removes: Any, excluded: dict[str, str], cleared: Any) -> Changes:
+def summary(adds: Any, removes: Any, excluded: dict[str, str], cleared: Any) -> Found:
     return (
         frozenset(r.profile_id for r in adds),
         frozenset(r.profile_id for r in removes),
@@ -49,7 +50,7 @@ class Planner:
             for job in harness.service.background
             if isinstance(owner := getattr(job, "__self__", None), Deliverer)
         )
-        self.rounds: dict[str, Changes] = {}
+        self.rounds: dict[str, Found] = {}
         self.workers = False
         cut, wake = self.deliverer._cut, self.deliverer._wake_workers
 
@@ -64,10 +65,10 @@ class Planner:
         self.deliverer._cut = recorded  # type: ignore[method-assign]
         self.deliverer._wake_workers = maybe_wake  # type: ignore[method-assign]
 
-    def full(self) -> dict[str, Changes]:
+    def full(self) -> dict[str, Found]:
         """What a full recomputation of every plan's whole audience finds now (reads only)."""
         fresh = Deliverer(self.processor, self.harness.settings, self.harness.keys)
-        out: dict[str, Changes] = {}
+        out: dict[str, Found] = {}
         with self.processor.read() as session:
             for row in session.exec(select(store.PlanRow)):
                 ctx = fresh._context(session, row, store.plan_of(row))
@@ -77,7 +78,7 @@ class Planner:
                     out[row.id] = summary(adds, removes, excluded, cleared)
         return out
 
-    async def round(self) -> dict[str, Changes]:
+    async def round(self) -> dict[str, Found]:
         await self.processor.catch_up()
         expected = self.full()
         self.rounds = {}
@@ -219,3 +220,13 @@ async def test_an_idle_round_and_a_clock_tick_evaluate_no_profile(
     await planner.processor.catch_up()
     assert await deliverer.tick(force=True) == 2
     assert deliverer.evaluated == evaluated + 2
+
+
+def test_changes_keep_no_profile_while_everything_is_to_be_planned() -> None:
+    changes = Changes()  # a start: every plan is planned whole first
+    changes.put_back({"p1", "p2"}, {"p3"}, False)
+    assert changes.take() == (set(), set(), True)
+    changes.put_back({"p1"}, {"p2"}, False)
+    assert changes.take() == ({"p1"}, {"p2"}, False)
+    changes.put_back({"p1"}, set(), True)
+    assert changes.take() == (set(), set(), True)

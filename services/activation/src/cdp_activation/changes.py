@@ -63,10 +63,16 @@ class Changes:
         return taken
 
     def put_back(self, profiles: Iterable[str], delivered: Iterable[str], everything: bool) -> None:
-        """A round that did not finish: what it took is planned again next round."""
+        """Keep changes (committed, or taken by a round that did not finish). While every plan is
+        to be planned whole no profile id is kept: a start's catch-up or a rebuild notes every
+        profile it replays, and would hold them all in memory for nothing."""
+        if self.everything or everything:
+            self.everything = True
+            self.profiles.clear()
+            self.delivered.clear()
+            return
         self.profiles.update(profiles)
         self.delivered.update(delivered)
-        self.everything = self.everything or everything
 
 
 @event.listens_for(Session, "after_commit")
