@@ -11,6 +11,7 @@ from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
 from cdp.privacy.v1 import privacy_pb2 as privacy_ev
 from cdp_activation import credentials, privacy, store
+from cdp_activation.batchseal import removal_keys
 from cdp_activation.store import (
     BatchRow,
     DeliveryRow,
@@ -60,7 +61,7 @@ class ActivationProjection:
             policy = unpack(env, ev.PolicyCreated).policy
             session.merge(PolicyRow(id=policy.id, name=policy.name, label=policy.label, action=policy.action))
         elif is_a(env, ev.BatchPrepared):
-            self._prepared(session, unpack(env, ev.BatchPrepared).batch)
+            self._prepared(session, unpack(env, ev.BatchPrepared).batch, removal_keys(env.sealed))
         elif is_a(env, ev.BatchDelivered):
             self._delivered(session, unpack(env, ev.BatchDelivered))
         elif is_a(env, ev.BatchFailed):
@@ -75,7 +76,7 @@ class ActivationProjection:
         elif is_a(env, ev.BatchRedriven):
             redriven = unpack(env, ev.BatchRedriven)
             row = session.get(BatchRow, redriven.batch_id)
-            if row is not None and row.status == "dead":
+            if row is not None and row.status == "dead" and not row.keys_destroyed:
                 row.status, row.reason, row.permanent = "pending", "", False
                 session.add(row)
         elif is_a(env, ev.ExclusionsChanged):
@@ -91,6 +92,8 @@ class ActivationProjection:
                 session.merge(ExclusionRow(plan_id=changed.plan_id, profile_id=profile_id, reason=reason))
         elif is_a(env, ev.DeliveryCompleted):
             self._legacy_completed(session, unpack(env, ev.DeliveryCompleted))
+        elif is_a(env, ev.RemovalKeysDestroyed):
+            privacy.fold_keys_destroyed(session, unpack(env, ev.RemovalKeysDestroyed))
         elif is_a(env, ev.ProfilesErased):
             privacy.fold_erased(session, unpack(env, ev.ProfilesErased))
         elif is_a(env, privacy_ev.PrivacyApplied):
@@ -117,7 +120,7 @@ class ActivationProjection:
             session.add(row)
 
     @staticmethod
-    def _prepared(session: Session, batch: pb.Batch) -> None:
+    def _prepared(session: Session, batch: pb.Batch, keys: list[str]) -> None:
         session.merge(
             BatchRow(
                 id=batch.id,
@@ -129,6 +132,7 @@ class ActivationProjection:
                 records=[record_dict(r) for r in batch.records],
                 profiles=len(batch.records),
                 prepared_at=from_timestamp(batch.prepared_at),
+                removal_keys=keys if batch.action == privacy.ERASE else [],
             )
         )
         plan = session.get(PlanRow, batch.plan_id)

@@ -208,11 +208,14 @@ class PrivacyApplied:
             }
             for r in applied.removals
         ]
+        # A service may report again (activation, once its removals are delivered or failed): the
+        # latest counts and removals, the time it first applied the request.
+        earlier = session.get(PrivacyProgressRow, (applied.request_id, applied.service))
         session.merge(
             PrivacyProgressRow(
                 request_id=applied.request_id,
                 service=applied.service,
-                at=micros(applied.at),
+                at=earlier.at if earlier is not None else micros(applied.at),
                 counts=dict(applied.counts),
                 removals=removals,
             )

@@ -193,8 +193,13 @@ class ServiceProgress(_message.Message):
     APPLIED_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     applied: _builtins.bool
+    status: _builtins.str
+    """What is true of this service for the request: "applied", "pending", or, for a request
+    that held nothing, "nothing held: nothing to apply" (until the service acknowledges it).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -210,10 +215,11 @@ class ServiceProgress(_message.Message):
         applied: _builtins.bool = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "at", b"at", "counts", b"counts", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "at", b"at", "counts", b"counts", "service", b"service", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
