@@ -218,6 +218,7 @@ class PrivacyApplied:
                 at=earlier.at if earlier is not None else micros(applied.at),
                 counts=dict(applied.counts),
                 removals=removals,
+                key_refs=sorted({*(earlier.key_refs if earlier is not None else []), *applied.key_refs}),
             )
         )
         row = session.get(PrivacyRequestRow, applied.request_id)
@@ -261,6 +262,15 @@ def to_proto(session: Session, row: PrivacyRequestRow) -> pb.PrivacyRequest:
                 out.removals.append(pb.DestinationRemoval(**r))  # type: ignore[arg-type]
         out.services.append(item)
     return out
+
+
+def key_refs_of(session: Session, row: PrivacyRequestRow) -> list[str]:
+    """The keys a request destroys: the person's (PrivacyRequested.key_refs) and those the appliers
+    sealed the person's data under that identity did not know (PrivacyApplied.key_refs)."""
+    refs = set(row.key_refs)
+    for progress in session.exec(select(PrivacyProgressRow).where(PrivacyProgressRow.request_id == row.request_id)):
+        refs.update(progress.key_refs or [])
+    return sorted(refs)
 
 
 def pending(session: Session) -> list[PrivacyRequestRow]:
@@ -471,7 +481,7 @@ class PrivacyHandlers:
     async def complete_pending(self) -> int:
         """Complete every request all appliers have applied: destroy its keys, then say so."""
         with self.processor.read() as session:
-            ready = [(row.request_id, list(row.key_refs)) for row in pending(session)]
+            ready = [(row.request_id, key_refs_of(session, row)) for row in pending(session)]
         for request_id, key_refs in ready:
             destroyed = await self.vault.destroy(key_refs)
             now = utcnow()

@@ -405,6 +405,7 @@ class PrivacyApplied(_message.Message):
     COUNTS_FIELD_NUMBER: _builtins.int
     REMOVALS_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    KEY_REFS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     service: _builtins.str
     @_builtins.property
@@ -413,6 +414,12 @@ class PrivacyApplied(_message.Message):
     def removals(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationRemoval]: ...
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def key_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Further vault key refs of the person this service sealed data under that identity does not
+        know (ingest: the keys of the person's rejected rows), destroyed with the request's at completion.
+        """
+
     def __init__(
         self,
         *,
@@ -421,10 +428,11 @@ class PrivacyApplied(_message.Message):
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         removals: _abc.Iterable[Global___DestinationRemoval] | None = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        key_refs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "counts", b"counts", "removals", b"removals", "request_id", b"request_id", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "counts", b"counts", "key_refs", b"key_refs", "removals", b"removals", "request_id", b"request_id", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
