@@ -58,6 +58,7 @@ from cdp_kit.eventlog import (
 )
 from cdp_kit.natsauth import reader_name
 from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
+from cdp_kit.privacy import REVOKED_TABLES, restore_revocations
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
@@ -438,7 +439,7 @@ class Processor:
         self.replay_only = False
         self.engine = engine
         self.eventlog = eventlog
-        self.tables = [*tables, *deadletters.DEADLETTER_TABLES]
+        self.tables = [*tables, *deadletters.DEADLETTER_TABLES, *REVOKED_TABLES]
         self.poison = poison_log(service)
         self.own_logs = [*own_logs, self.poison]
         self.projection = projection
@@ -932,8 +933,16 @@ class Processor:
                     with contextlib.suppress(nats.errors.Error, OSError):
                         await reader.close()
 
+    def restore_revocations(self) -> int:
+        """Revoke again in the vault what privacy requests revoked before this process started."""
+        if self.vault is None:
+            return 0
+        with self.read() as session:
+            return restore_revocations(session, self.vault)
+
     async def run(self) -> None:
         """Recover, then consume every input until stopped."""
+        self.restore_revocations()
         await self.recover()
         with self.read() as session:
             for inp in self.inputs:
@@ -946,6 +955,7 @@ class Processor:
     async def catch_up(self) -> None:
         """Recover, then apply every input up to its end as of now, reading without durable
         consumers (so a rebuild beside a live service never moves the live service's cursor)."""
+        self.restore_revocations()
         await self.recover()
         for inp in self.inputs:
             with self.read() as session:

@@ -66,7 +66,7 @@ from cdp_activation.store import (
 )
 from cdp_kit.envelope import Envelope, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, LogMessage
-from cdp_kit.privacy import KeyVault, NoKeyVault, keep_applying
+from cdp_kit.privacy import KeyVault, NoKeyVault, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit
 from cdp_kit.streams import ACTIVATION_DELIVERIES, privacy_applied_log
@@ -293,7 +293,7 @@ class PrivacyHandler:
         if request.mode in ERASE_MODES and request.key_refs:
             # From now on what arrives sealed with the person's keys reads as erased here; which
             # key sealed which identity (it names the identity) goes.
-            self.vault.revoke(list(request.key_refs))
+            revoke(session, self.vault, list(request.key_refs))  # remembered: revoked again after a restart
             refs = sorted(request.key_refs)
             for start in range(0, len(refs), 500):
                 session.execute(sa.delete(KeyRefRow).where(col(KeyRefRow.key_ref).in_(refs[start : start + 500])))

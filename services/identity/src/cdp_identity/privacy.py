@@ -38,6 +38,7 @@ from cdp_kit.privacy import (
     identity_hash,
     is_delete,
     keep_applying,
+    revoke,
 )
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, transaction
@@ -137,7 +138,7 @@ def fold_erasure(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVaul
     req = unpack(env, pb.PrivacyRequested)
     if session.get(PrivacyProgressRow, (req.request_id, SELF)) is not None:
         return
-    vault.revoke(list(req.key_refs))
+    revoke(session, vault, list(req.key_refs))  # remembered: a restart before completion revokes again
     counts: dict[str, int] = {}
     if is_delete(req.mode) and not req.nothing_held:
         counts = erase_profiles(ws, list(req.profile_ids))
@@ -372,7 +373,8 @@ class PrivacyHandlers:
                 identity_hashes=hashes,
                 profile_ids=pids,
                 graph_identity_hashes=graph or sorted(set(hashes)),
-                key_refs=_key_refs_for(ws, pids),
+                # Only a delete destroys keys: a suppression keeps what is held, on the log too.
+                key_refs=_key_refs_for(ws, pids) if is_delete(mode) else [],
                 nothing_held=nothing_held,
             )
             requested.at.CopyFrom(timestamp(int(now.timestamp() * 1_000_000)))

@@ -28,7 +28,7 @@ from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, t
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import normaliser
-from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress, keep_applying
+from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import COLLECT, INGEST_PRIVACY_APPLIED
@@ -211,7 +211,7 @@ class PrivacyToIngest:
         if env.type != REQUESTED:
             return
         req = unpack(env, pb.PrivacyRequested)
-        self.vault.revoke(list(req.key_refs))
+        revoke(session, self.vault, list(req.key_refs))  # remembered: revoked again after a restart
         hashes = sorted({*req.identity_hashes, *req.graph_identity_hashes})
         if is_suppress(req.mode):
             for hashed in hashes:
@@ -227,7 +227,7 @@ class PrivacyToIngest:
             counts["suppressed_identities"] = len(hashes)
         if is_delete(req.mode):
             counts["batch_errors"], key_refs = _erase_batch_errors(session, set(hashes), self.phone_region)
-            self.vault.revoke(key_refs)
+            revoke(session, self.vault, key_refs)
             scrub_after_commit(session)
         if session.get(PrivacyDoneRow, req.request_id) is None:
             session.merge(
