@@ -31,7 +31,7 @@ from cdp_kit.envelope import Cause, deterministic_id, is_a, make_envelope, unpac
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.identities import Normaliser
-from cdp_kit.privacy import MAX_IDENTITIES, NoKeyVault, identity_hash
+from cdp_kit.privacy import MAX_IDENTITIES, NOTHING_TO_APPLY, NoKeyVault, identity_hash
 from cdp_kit.roles import METHOD_ROLES
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import (
@@ -225,6 +225,28 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     assert await identity.handlers.complete_pending() == 1
     assert [set(extra["ingest"]) <= set(refs) for refs in destroyed] == [True]
     assert set(requested.key_refs) <= set(destroyed[0])
+
+    # Activation reports again once its removal batch's outcome is known: the status says so, and
+    # the time it applied the request stays the first one.
+    first_at = {s.service: s.at.ToMicroseconds() for s in (await identity.get(reply.request_id)).services}
+    for status in ("prepared", "delivered"):
+        removal = pb.DestinationRemoval(
+            destination="klaviyo", plan_id="plan-1", status=status, batch_id=f"privacy:{reply.request_id}:plan-1"
+        )
+        report = pb.PrivacyApplied(request_id=reply.request_id, service="activation", removals=[removal])
+        report.at.GetCurrentTime()
+        env = make_envelope(
+            report,
+            event_id=deterministic_id("report", reply.request_id, status),
+            subject_key=reply.request_id,
+            occurred_at=utcnow(),
+            cause=Cause(command_id=f"report:{status}"),
+        )
+        await h.eventlog.append(privacy_applied_log("activation").subject, [env], msg_id=env.id)
+        await h.processor.catch_up()
+        shown = await identity.get(reply.request_id)
+        assert [r.status for r in shown.removals] == [status]
+        assert {s.service: s.at.ToMicroseconds() for s in shown.services}["activation"] == first_at["activation"]
     done = await identity.get(reply.request_id)
     assert done.state == pb.PRIVACY_STATE_COMPLETED
     assert done.HasField("completed_at")
@@ -272,6 +294,19 @@ async def test_unknown_identities_complete_at_once_as_nothing_held(identity: Pri
     assert requested.nothing_held
     assert list(requested.graph_identity_hashes) == [identity_hash("email", "nobody@example.com")]
     assert await h.profile("crm_id", "C1")  # nothing else erased
+    # Its status says what is true: nothing to apply, but ingest still has a suppression to record.
+    statuses = {s.service: s.status for s in reply.services}
+    assert statuses == {
+        "identity": "applied",
+        "ingest": "pending",
+        "segmentation": NOTHING_TO_APPLY,
+        "activation": NOTHING_TO_APPLY,
+    }
+    delete_only = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "nobody@example.com"))
+    assert {s.service: s.status for s in delete_only.services}["ingest"] == NOTHING_TO_APPLY
+    await applied_fact(h.eventlog, "ingest", reply.request_id, suppressed_identities=1)
+    await h.processor.catch_up()
+    assert {s.service: s.status for s in (await identity.get(reply.request_id)).services}["ingest"] == "applied"
 
 
 async def test_too_many_or_invalid_identities_are_refused_naming_them_by_keyed_hash(identity: Privacy) -> None:

@@ -31,6 +31,8 @@ from cdp_kit.telemetry import get_logger, pii_hash
 log = get_logger(__name__)
 
 MAX_IDENTITIES = 1000
+# ServiceProgress.status of a service that has not acknowledged a request that held nothing.
+NOTHING_TO_APPLY = "nothing held: nothing to apply"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DELETE_MODES = frozenset({pb.PRIVACY_MODE_DELETE, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
 SUPPRESS_MODES = frozenset({pb.PRIVACY_MODE_SUPPRESS, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})

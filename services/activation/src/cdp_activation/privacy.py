@@ -13,8 +13,9 @@ privacy input:
    * a removal batch per plan whose platform has a removal (BatchPrepared, id
      ``privacy:<request id>:<plan id>``, action ``erase``) holding only the identifiers the
      platform's removal needs, in the form it takes (``Connector.erase_identifiers``: SHA-256
-     where it takes hashes). Crypto-shredding leaves batches with this prefix unsealed, so they
-     stay deliverable once the person's keys are destroyed;
+     where it takes hashes). Its records are sealed under a vault key of the batch itself
+     (``batchseal.sealed_removal``), not the person's, so they stay deliverable once the person's
+     keys are destroyed;
    * ProfilesErased, whose fold erases what the delivery log says of them (held members,
      exclusions, their records in every other batch: an add not yet sent goes without them)
      and keeps their profile ids as tombstones (``act_erased``: facts about them that arrive
@@ -28,6 +29,9 @@ Identity destroys the person's keys only after every service's acknowledgement, 
 are on the log before. The removal batches are delivered by the normal delivery loop (retries,
 dead letters, redrive) through ``Connector.erase``; a delivered batch is known on restart from
 the log (BatchDelivered), so it is never sent again, and its records then keep only profile ids.
+Once a removal batch is delivered (or after ``CDP_REMOVAL_KEY_DAYS`` undelivered) ``PrivacyAcks``
+destroys its key and appends RemovalKeysDestroyed, and it appends PrivacyApplied again whenever a
+removal's outcome changes ("delivered", "failed: <reason>").
 
 Suppress and unsuppress ask nothing of activation, and a request for profiles activation never
 saw finds nothing: each is acknowledged with no counts.

@@ -32,11 +32,13 @@ from cdp_kit.errors import InvalidInput, NotFound, Violation
 from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import (
     MAX_IDENTITIES,
+    NOTHING_TO_APPLY,
     REQUEST_ID_RE,
     KeyVault,
     derived_request_id,
     identity_hash,
     is_delete,
+    is_suppress,
     keep_applying,
     revoke,
 )
@@ -255,7 +257,7 @@ def to_proto(session: Session, row: PrivacyRequestRow) -> pb.PrivacyRequest:
     }
     for service in (SELF, *privacy_appliers(), *sorted(set(progress) - {SELF, *privacy_appliers()})):
         p = progress.get(service)
-        item = pb.ServiceProgress(service=service, applied=p is not None)
+        item = pb.ServiceProgress(service=service, applied=p is not None, status=service_status(row, service, p))
         if p is not None:
             item.at.CopyFrom(timestamp(p.at))
             item.counts.update({k: int(v) for k, v in p.counts.items()})
@@ -263,6 +265,22 @@ def to_proto(session: Session, row: PrivacyRequestRow) -> pb.PrivacyRequest:
                 out.removals.append(pb.DestinationRemoval(**r))  # type: ignore[arg-type]
         out.services.append(item)
     return out
+
+
+APPLIED_STATUS = "applied"
+PENDING_STATUS = "pending"
+INGEST = "ingest"
+
+
+def service_status(row: PrivacyRequestRow, service: str, progress: PrivacyProgressRow | None) -> str:
+    """What is true of one service for a request. A request that held nothing completes at once:
+    a service that has not acknowledged it (yet) has nothing to apply, except ingest for a
+    suppression (it still records the suppression, then acknowledges)."""
+    if progress is not None:
+        return APPLIED_STATUS
+    if row.nothing_held and not (service == INGEST and is_suppress(row.mode)):
+        return NOTHING_TO_APPLY
+    return PENDING_STATUS
 
 
 def key_refs_of(session: Session, row: PrivacyRequestRow) -> list[str]:
