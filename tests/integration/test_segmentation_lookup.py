@@ -68,7 +68,8 @@ async def test_a_profile_by_any_identity_and_its_history_only_when_asked(engine:
             ("crm_id", "C1"),
             ("cookie", "ck-p1"),
         }
-        assert {a.name: json_format.MessageToDict(a.value) for a in by_email.attributes} == {
+        attributes: dict[str, Any] = {a.name: json_format.MessageToDict(a.value) for a in by_email.attributes}
+        assert attributes == {
             "tier": "gold",
             "tags": ["a", "b"],
         }
@@ -129,9 +130,10 @@ async def test_what_changes_shows_at_the_next_call(engine: Engine, eventlog: Eve
             session.add(NamespaceRow(name="loyalty_card", type=7))  # NAMESPACE_TYPE_CUSTOM
             session.commit()
         again = await reader.get(pb.GetProfileRequest(profile_id="p1"))
-        assert [(c.name, c.definition, json_format.MessageToDict(c.value)) for c in again.computed] == [
-            ("views", "count(view)", 1)
+        computed: list[tuple[str, str, Any]] = [
+            (c.name, c.definition, json_format.MessageToDict(c.value)) for c in again.computed
         ]
+        assert computed == [("views", "count(view)", 1)]
         assert list(again.segments) == ["gold"]
         with pytest.raises(NotFound, match="loyalty_card"):  # a known namespace now, holding no such value
             await reader.get(by_identity("loyalty_card", "L-1"))
