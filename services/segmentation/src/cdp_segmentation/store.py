@@ -128,7 +128,11 @@ TABLES = tables_of(
 
 
 def computed_of(row: ComputedRow) -> pb.ComputedAttribute:
-    return json_format.ParseDict(row.body, pb.ComputedAttribute())
+    return computed_of_body(row.body)
+
+
+def computed_of_body(body: dict[str, Any]) -> pb.ComputedAttribute:
+    return json_format.ParseDict(body, pb.ComputedAttribute())
 
 
 def all_computed(session: Session) -> list[pb.ComputedAttribute]:
