@@ -75,7 +75,8 @@ class ProfilesToMemberships:
         until identity's erasure of it is read (``privacy.PrivacyUnreadableRow``). On a rebuild
         this is every fragment of an erased person; live, those read after the request."""
         if env.type == FRAGMENT_TYPE:
-            mark_unreadable(session, _unpack_fragment(env).profile_id)
+            refs = [ref for part in env.sealed if part.ciphertext for ref in part.key_refs]
+            mark_unreadable(session, _unpack_fragment(env).profile_id, refs)
 
     def _position(self, msg: LogMessage, env: Envelope) -> int:
         """The envelope's place among its message's events: with the sequence, its log position.

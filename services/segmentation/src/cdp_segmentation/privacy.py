@@ -83,11 +83,15 @@ class PrivacyUnreadableRow(SQLModel, table=True):
     privacy delete destroyed (revoked here), so it folds as erased. The store holds less of the
     person than the live store held when it decided on them (a rebuild reads none of their
     fragments), so the profile's memberships are not evaluated again (``unreadable``) until the
-    profile input reads identity's erasure of it, which the privacy exits follow."""
+    profile input reads identity's erasure of it, which the privacy exits follow: an erasure of the
+    profile, or one naming any of ``key_refs`` (the refs the unreadable fragments were sealed
+    under: a fragment naming several people is unreadable once any of them is erased, and the
+    profile of another one of them is readable again after that person's erasure)."""
 
     __tablename__ = "seg_privacy_unreadable"
 
     profile_id: str = Field(primary_key=True)
+    key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
 
 
 PRIVACY_TABLES = tables_of(
@@ -132,7 +136,7 @@ def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
         return
     counts = erase(session, catalog, sorted(req.profile_ids))
     session.merge(PrivacyErasedRow(request_id=req.request_id, counts=counts))
-    session.execute(sa.delete(PrivacyUnreadableRow).where(col(PrivacyUnreadableRow.profile_id).in_(list(req.profile_ids))))
+    readable_again(session, req)
     held = session.exec(select(PrivacyExitHeldRow).where(PrivacyExitHeldRow.request_id == req.request_id)).all()
     for row in held:
         # A replay: the exit was folded before this input was read again; it takes effect here.
@@ -143,11 +147,14 @@ def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
     session.flush()
 
 
-def mark_unreadable(session: Session, profile_id: str) -> None:
-    """The profile input met a fragment of this profile it cannot read (see ``PrivacyUnreadableRow``)."""
+def mark_unreadable(session: Session, profile_id: str, key_refs: Sequence[str]) -> None:
+    """The profile input met a fragment of this profile it cannot read, sealed under ``key_refs``
+    (see ``PrivacyUnreadableRow``)."""
     if not profile_id:
         return
-    session.merge(PrivacyUnreadableRow(profile_id=profile_id))
+    row = session.get(PrivacyUnreadableRow, profile_id)
+    known = row.key_refs if row is not None else []
+    session.merge(PrivacyUnreadableRow(profile_id=profile_id, key_refs=sorted({*known, *key_refs})))
     session.flush()
     session.info[_UNREADABLE] = True
 
@@ -156,11 +163,25 @@ def merge_unreadable(session: Session, survivor: str, absorbed: Sequence[str]) -
     """Profiles merged: the survivor holds what the absorbed held, unreadable data included."""
     if not unreadable_any(session):
         return
-    moved = session.execute(  # type: ignore[attr-defined]
-        sa.delete(PrivacyUnreadableRow).where(col(PrivacyUnreadableRow.profile_id).in_(list(absorbed)))
-    ).rowcount
-    if moved:
-        mark_unreadable(session, survivor)
+    rows = session.exec(select(PrivacyUnreadableRow).where(col(PrivacyUnreadableRow.profile_id).in_(absorbed))).all()
+    refs = sorted({ref for row in rows for ref in row.key_refs})
+    for row in rows:
+        session.delete(row)
+    if rows:
+        session.flush()
+        mark_unreadable(session, survivor, refs)
+
+
+def readable_again(session: Session, req: pb.PrivacyRequested) -> None:
+    """Identity's erasure read: the profiles it erases, and those unreadable only through the keys
+    it destroys, are no longer unreadable (what they hold is what a rebuild holds)."""
+    if not unreadable_any(session):
+        return
+    erased, destroyed = set(req.profile_ids), set(req.key_refs)
+    for row in session.exec(select(PrivacyUnreadableRow)).all():
+        if row.profile_id in erased or destroyed.intersection(row.key_refs):
+            session.delete(row)
+    session.flush()
 
 
 def unreadable_any(session: Session) -> bool:
