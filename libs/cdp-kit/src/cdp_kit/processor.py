@@ -86,9 +86,13 @@ class Projection(Protocol):
 class InputHandler(Protocol):
     """What a service does with another service's facts. A handler may also define
     ``prefetch(session, envelopes)``: called once per fetched batch, before any observe or
-    decide, with every new envelope of the batch, so lookups can be done in bulk; and
+    decide, with every new envelope of the batch, so lookups can be done in bulk;
     ``finish(session)``: called after the batch's last decide, before anything is appended
-    and before the commit, so changes kept in memory can be written in bulk."""
+    and before the commit, so changes kept in memory can be written in bulk; and
+    ``observe_erased(session, msg, env)``: called, in its place among the message's envelopes,
+    for each envelope erased as a whole (sealed with a key that is gone: it is neither observed
+    nor decided), with what of it is not personal (its id, type and the unsealed fields), so the
+    handler can tell that it cannot read what the live service may have read."""
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         """Apply what this service keeps of another service's fact (may do nothing)."""
@@ -350,6 +354,20 @@ async def _acknowledge(unit: Unit, reader: DurableReader | None) -> None:
 def _key(unit: Unit) -> int:
     """A unit is applied, decided and checkpointed as its last message."""
     return unit[-1][0].sequence
+
+
+def _erased(
+    msg: LogMessage, kept: list[Envelope], opened: dict[int, list[Envelope]] | None
+) -> list[tuple[Envelope, bool]] | None:
+    """The message's envelopes in their order, each with whether it was erased as a whole; None
+    when none was (the kept envelopes are the message's own objects, opened in place)."""
+    if opened is None or msg.sequence not in opened:
+        return None
+    whole = msg.events()
+    if len(whole) == len(kept):
+        return None
+    held = {id(env) for env in kept}
+    return [(env, id(env) not in held) for env in whole]
 
 
 def _whole(unit: Unit) -> LogMessage:
@@ -720,6 +738,7 @@ class Processor:
                         last = applied
                         fresh = [unit for unit in units if _key(unit) > applied]
                         aside = self._set_aside(session, inp, fresh, emitted)
+                        observe_erased = getattr(inp.handler, "observe_erased", None)
                         prefetch = getattr(inp.handler, "prefetch", None)
                         if prefetch is not None:
                             prefetch(
@@ -741,8 +760,17 @@ class Processor:
                             await uow.next_cause(cause, inp.spec)
                             events = [(msg, envelopes(msg)) for msg, _raw in unit]
                             for msg, envs in events:
-                                for env in envs:
-                                    inp.handler.observe(session, msg, env)
+                                erased = _erased(msg, envs, opened) if observe_erased is not None else None
+                                if erased is None:
+                                    for env in envs:
+                                        inp.handler.observe(session, msg, env)
+                                    continue
+                                assert observe_erased is not None
+                                for env, gone in erased:
+                                    if gone:
+                                        observe_erased(session, msg, env)
+                                    else:
+                                        inp.handler.observe(session, msg, env)
                             if last > emitted:
                                 for msg, envs in events:
                                     for env in envs:
