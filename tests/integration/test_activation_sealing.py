@@ -15,6 +15,7 @@ from cdp.privacy.v1 import privacy_pb2 as privacy
 from cdp_activation.store import BatchRow, ProfileRow
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope
 from cdp_kit.eventlog import EventLog
+from cdp_kit.privacy import RevokedKeyRow
 from cdp_kit.sealing import split_fields
 from cdp_kit.streams import ACTIVATION_DELIVERIES, IDENTITY_FRAGMENTS, PRIVACY_REQUESTS
 from cdp_kit.vault import PersonVault
@@ -125,6 +126,9 @@ async def test_a_revocation_survives_a_restart_before_the_keys_are_destroyed(
     await eventlog.append(PRIVACY_REQUESTS.subject, [env], msg_id="rv-1")
     assert harness.processor.vault is not None
     await until(lambda: not harness.processor.vault.can_seal(ann), what="the request applied")  # type: ignore[union-attr]
+    # Revoked in memory as the request is folded; stopped before its transaction commits, the
+    # request is read again at restart. The restart this test is about comes after the commit.
+    await until(lambda: revoked_rows(harness) == sorted(set(ann)), what="the revocation committed")
     await harness.stop()
 
     again = Harness(tmp_path, nats_url, eventlog)
@@ -141,6 +145,12 @@ async def test_a_revocation_survives_a_restart_before_the_keys_are_destroyed(
         assert not profile_rows(again, "p-ann2")
     finally:
         await again.stop()
+
+
+def revoked_rows(h: Harness) -> list[str]:
+    with h.engine.connect() as conn:
+        table = RevokedKeyRow.__table__  # type: ignore[attr-defined]
+        return sorted(r[0] for r in conn.execute(sa.select(table.c.key_ref)))
 
 
 def profile_rows(h: Harness, pid: str) -> list[Any]:
