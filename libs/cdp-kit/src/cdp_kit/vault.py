@@ -50,7 +50,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections import ChainMap, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -67,7 +66,7 @@ from nats.js.kv import KeyValue
 from cdp.common.v1 import envelope_pb2
 from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
-from cdp_kit.sealing import Erased, merge_part, open_part, seal
+from cdp_kit.sealing import Erased, SetKeys, merge_part, open_part, random_bytes, seal
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
@@ -141,11 +140,11 @@ def block_of(ref: str) -> str:
 
 def encode_block(keys: Iterable[tuple[str, bytes]]) -> bytes:
     """A block's value: for each key, the length of its ref (1 byte), the ref, the 32 key bytes."""
-    out = bytearray()
+    entries = []
     for ref, key in sorted(keys):
         raw = ref.encode()
-        out += bytes([len(raw)]) + raw + key
-    return bytes(out)
+        entries.append(b"%c%b%b" % (len(raw), raw, key))
+    return b"".join(entries)
 
 
 def decode_block(data: bytes) -> dict[str, bytes]:
@@ -192,6 +191,7 @@ class LocalKeys:
         self._current: dict[tuple[str, str], str] = {}
         self._made: dict[str, bytes] = {}
         self._block, self._in_block = new_block(), 0
+        self._sets = SetKeys()
 
     def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
         refs: list[str] = []
@@ -217,10 +217,24 @@ class LocalKeys:
         path: str = "",
         whole: bool = True,
     ) -> envelope_pb2.Sealed:
-        return seal(self.keys, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+        return seal(
+            self.keys,
+            refs,
+            plaintext,
+            event_id=event_id,
+            event_type=event_type,
+            path=path,
+            whole=whole,
+            cache=self._sets,
+        )
 
     def take_made(self) -> dict[str, bytes]:
+        """The keys made since the last call. The next key goes to a new block: the service may
+        write these (``PersonVault.commit``) before it adopts the next ones, and a block is written
+        once (a second create of it would be taken for a retry, and its new keys lost)."""
         made, self._made = self._made, {}
+        if self._in_block:
+            self._block, self._in_block = new_block(), 0
         return made
 
     def adopt(self, keys: dict[str, bytes]) -> None:
@@ -229,7 +243,7 @@ class LocalKeys:
 
 def new_key(block: str, namespace: str, value: str) -> tuple[str, bytes]:
     """A new key generation of one identity, stored in ``block``: its ref and its key."""
-    random = os.urandom(KEY_BYTES + 4)
+    random = random_bytes(KEY_BYTES + 4)
     return f"{block}.{identity_hash(namespace, value)}.{random[KEY_BYTES:].hex()}", random[:KEY_BYTES]
 
 
@@ -269,6 +283,7 @@ class PersonVault:
         self._at_hand = _AtHand(self._batch, self._keys)
         self._needed: set[str] = set()  # fetched for a KeysNeeded: kept at hand for the retry
         self._block, self._in_block = new_block(), 0  # where the next keys made here go
+        self._sets = SetKeys()  # v2 set keys derived here (cdp_kit.sealing); cleared on revoke and destroy
         self.erased = 0
         self.erased_fields = 0
         counters = meter("cdp.vault")
@@ -339,7 +354,14 @@ class PersonVault:
             raise KeysNeeded(missing)
         try:
             return seal(
-                self._at_hand, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole
+                self._at_hand,
+                refs,
+                plaintext,
+                event_id=event_id,
+                event_type=event_type,
+                path=path,
+                whole=whole,
+                cache=self._sets,
             )
         except KeyError:
             raise Erased() from None
@@ -408,6 +430,7 @@ class PersonVault:
         for ref in wanted:
             if ref not in self._batch:
                 self._gone.keep(ref, b"")  # its block does not hold it: destroyed
+                self._sets.clear()
 
     async def _fetch_blocks(self, blocks: list[str]) -> None:
         """Blocks in one direct batch get (``multi_last``, nats-server 2.11+): the server answers each
@@ -448,7 +471,7 @@ class PersonVault:
             try:
                 if self._revoked and any(ref in self._revoked for ref in part.key_refs):
                     raise Erased()
-                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type)
+                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type, cache=self._sets)
             except Erased:
                 if part.whole:
                     self._count_erased()
@@ -468,6 +491,7 @@ class PersonVault:
         for ref in needed.refs:
             if ref not in self._batch and ref not in self._keys and ref not in self._gone:
                 self._gone.keep(ref, b"")  # not in the bucket: destroyed
+                self._sets.clear()
 
     def _count_erased(self) -> None:
         self.erased += 1
@@ -494,6 +518,7 @@ class PersonVault:
     def revoke(self, key_refs: Sequence[str]) -> None:
         """From now on, in this process, records sealed with any of these refs fold as erased."""
         self._revoked.update(key_refs)
+        self._sets.clear()  # no set key derived from one of them may open or seal anything more
         for ref in key_refs:
             self._keys.pop(ref, None)
             self._batch.pop(ref, None)
