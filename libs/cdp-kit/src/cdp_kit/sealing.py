@@ -83,18 +83,22 @@ class SetKeys:
 
     def __init__(self, size: int = SET_KEYS_CACHED) -> None:
         self.size = size
-        self._aead: dict[tuple[str, ...], AESGCM] = {}
+        self._aead: dict[frozenset[str], AESGCM] = {}
+
+    def cached(self, refs: Sequence[str]) -> AESGCM | None:
+        """The set's ``AESGCM`` if it was derived here (and not cleared since)."""
+        return self._aead.get(frozenset(refs))
 
     def aead(self, keys: Mapping[str, bytes], refs: Sequence[str]) -> AESGCM:
         """``KeyError`` if a key of the set is not in ``keys`` (and the set is not cached)."""
-        ordered = tuple(sorted(set(refs)))
-        found = self._aead.get(ordered)
+        refset = frozenset(refs)
+        found = self._aead.get(refset)
         if found is None:
-            found = AESGCM(set_key(keys, ordered))
+            found = AESGCM(set_key(keys, refs))
             cache = self._aead
             if len(cache) >= self.size:
                 del cache[next(iter(cache))]
-            cache[ordered] = found
+            cache[refset] = found
         return found
 
     def clear(self) -> None:
@@ -155,6 +159,20 @@ def seal(
 ) -> envelope_pb2.Sealed:
     """A v2 part: ``plaintext`` under the set key of ``refs`` (from ``cache`` when given), a fresh nonce."""
     aead = cache.aead(keys, refs) if cache is not None else AESGCM(set_key(keys, refs))
+    return seal_with(aead, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+
+
+def seal_with(
+    aead: AESGCM,
+    refs: Sequence[str],
+    plaintext: bytes,
+    *,
+    event_id: str,
+    event_type: str,
+    path: str = "",
+    whole: bool = True,
+) -> envelope_pb2.Sealed:
+    """A v2 part under a set key already at hand (``SetKeys.cached``)."""
     nonce = random_bytes(NONCE_BYTES)
     ciphertext = nonce + aead.encrypt(nonce, plaintext, _aad(event_id, event_type, path))
     return Sealed(path=path, key_refs=refs, ciphertext=ciphertext, whole=whole, format=FORMAT_V2)

@@ -66,7 +66,7 @@ from nats.js.kv import KeyValue
 from cdp.common.v1 import envelope_pb2
 from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
-from cdp_kit.sealing import Erased, SetKeys, merge_part, open_part, random_bytes, seal
+from cdp_kit.sealing import Erased, SetKeys, merge_part, open_part, random_bytes, seal, seal_with
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
@@ -169,6 +169,14 @@ class _Lru(OrderedDict[str, bytes]):
     def keep(self, key: str, value: bytes) -> None:
         self[key] = value
         self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+    def keep_all(self, items: Mapping[str, bytes]) -> None:
+        """``keep`` of each item, in order (in bulk: ingest adopts a reader's keys by the thousand)."""
+        for key in items.keys() & self.keys():
+            self.move_to_end(key)
+        self.update(items)
         while len(self) > self.size:
             self.popitem(last=False)
 
@@ -347,6 +355,9 @@ class PersonVault:
         (the processor fetches them and applies the batch or command again)."""
         if self._revoked and any(ref in self._revoked for ref in refs):
             raise Erased()
+        aead = self._sets.cached(refs)
+        if aead is not None:  # derived here, and none of its refs revoked or found destroyed since
+            return seal_with(aead, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
         missing = [ref for ref in refs if ref not in self._batch and ref not in self._keys]
         if missing:
             if any(ref in self._gone for ref in missing):
@@ -374,10 +385,10 @@ class PersonVault:
 
     def adopt(self, keys: dict[str, bytes]) -> None:
         """Keys made by ``LocalKeys`` elsewhere: written by the next ``commit``."""
-        for ref, key in keys.items():
-            if ref not in self._revoked:
-                self._pending[ref] = key
-                self._keys.keep(ref, key)
+        if self._revoked:
+            keys = {ref: key for ref, key in keys.items() if ref not in self._revoked}
+        self._pending.update(keys)
+        self._keys.keep_all(keys)
 
     async def commit(self) -> int:
         """Write the keys made since the last commit to the bucket, a message per block, before the
