@@ -15,6 +15,7 @@ from cdp_kit.sealing import (
     Erased,
     SetKeys,
     merge_part,
+    merge_parts,
     open_part,
     random_bytes,
     seal,
@@ -230,3 +231,63 @@ def test_pooled_randomness_is_not_shared_with_a_forked_child() -> None:
     os.waitpid(pid, 0)
     assert len(child) == 32
     assert child != random_bytes(32)  # a shared pool would hand both the same bytes
+
+
+def split_with_parts(people: int) -> tuple[identity_ev.ProfileSplit, Envelope, list[tuple[str, bytes]], PersonVault]:
+    """A ProfileSplit whose every part is sealed (``parts.<i>``) by a vault, with the plaintexts."""
+    vault = unbound_vault()
+    split = identity_ev.ProfileSplit(profile_id="p0")
+    for i in range(people):
+        part = split.parts.add(profile_id=f"p{i}", fragment_ids=[f"f{i}"])
+        part.identities.append(IdentityValue(namespace="email", value=f"person{i}@example.com"))
+        part.founder.CopyFrom(part.identities[0])
+    env = Envelope(id="ev-split", type=split.DESCRIPTOR.full_name)
+    stripped = identity_ev.ProfileSplit()
+    stripped.CopyFrom(split)
+    plain: list[tuple[str, bytes]] = []
+    for i, part in enumerate(split.parts):
+        bare, personal = split_fields(part, ["identities", "founder"])
+        stripped.parts[i].CopyFrom(bare)
+        refs = vault.refs_for([("email", f"person{i}@example.com")])
+        path = f"parts.{i}"
+        env.sealed.append(vault.seal(refs, personal, event_id=env.id, event_type=env.type, path=path, whole=False))
+        plain.append((path, personal))
+    env.payload.Pack(stripped)
+    return split, env, plain, vault
+
+
+def test_merging_every_part_at_once_equals_merging_them_in_turn() -> None:
+    split, env, plain, _vault = split_with_parts(5)
+    one_by_one = Envelope()
+    one_by_one.CopyFrom(env)
+    for path, plaintext in plain:
+        merge_part(one_by_one, path, plaintext)
+    at_once = Envelope()
+    at_once.CopyFrom(env)
+    merge_parts(at_once, plain)
+    for opened in (one_by_one, at_once):
+        payload = identity_ev.ProfileSplit()
+        opened.payload.Unpack(payload)
+        assert payload == split
+
+
+def test_the_vault_opens_a_many_part_event_whole_and_leaves_an_erased_persons_part_empty() -> None:
+    split, env, _plain, vault = split_with_parts(300)
+    opened = Envelope()
+    opened.CopyFrom(env)
+    assert vault.open_envelope(opened)
+    payload = identity_ev.ProfileSplit()
+    opened.payload.Unpack(payload)
+    assert payload == split
+    assert all(not part.ciphertext for part in opened.sealed)
+
+    vault.revoke(list(env.sealed[7].key_refs))  # one person erased: their part only stays empty
+    again = Envelope()
+    again.CopyFrom(env)
+    assert vault.open_envelope(again)
+    payload = identity_ev.ProfileSplit()
+    again.payload.Unpack(payload)
+    assert not payload.parts[7].identities
+    assert not payload.parts[7].HasField("founder")
+    assert payload.parts[8] == split.parts[8]
+    assert vault.erased_fields == 1

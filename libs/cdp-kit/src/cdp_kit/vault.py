@@ -66,7 +66,7 @@ from nats.js.kv import KeyValue
 from cdp.common.v1 import envelope_pb2
 from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
-from cdp_kit.sealing import Erased, SetKeys, merge_part, open_part, random_bytes, seal, seal_with
+from cdp_kit.sealing import Erased, SetKeys, merge_parts, open_part, random_bytes, seal, seal_with
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
@@ -476,6 +476,8 @@ class PersonVault:
 
     def open_envelope(self, env: Envelope) -> bool:
         """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
+        opened: list[tuple[str, bytes]] = []
+        done: list[envelope_pb2.Sealed] = []
         for part in env.sealed:
             if not part.ciphertext:
                 continue  # opened already
@@ -490,7 +492,10 @@ class PersonVault:
                 self.erased_fields += 1
                 part.ciphertext = b""
                 continue
-            merge_part(env, part.path, plaintext)
+            opened.append((part.path, plaintext))
+            done.append(part)
+        merge_parts(env, opened)  # the payload parsed and serialized once, whatever the number of parts
+        for part in done:
             part.ciphertext = b""
         return True
 
