@@ -19,7 +19,11 @@ in the bucket's store, and every record sealed with them reads as erased, on eve
   keeps a bounded cache (``cache_size``) of identity -> generation; an identity that falls out of
   it, a restart or a CSV reader process (``LocalKeys``, adopted by the service) gives it a new
   generation: more keys, never a wrong one (identity remembers every ref of every identity it
-  links, so a delete destroys them all).
+  links, so a delete destroys them all). A block is written once: the vault starts a new one after
+  each commit, a ``LocalKeys`` after each ``take_made`` (what it hands over may be written before
+  the next keys are adopted).
+* **Set keys**: sealing derives one key per set of refs (``cdp_kit.sealing``, format v2) and keeps
+  it (``SetKeys``); the cache is emptied when a ref is revoked or found destroyed.
 * **Consumers** call ``prefetch(refs)`` (or ``open_messages``) once per fetched batch: the blocks
   of the keys not cached come in direct batch gets (``multi_last``, ``FETCH_BATCH`` blocks a
   request, ``FETCH_PARALLEL`` in flight); a ref its block does not hold is remembered as destroyed.
