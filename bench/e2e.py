@@ -71,6 +71,7 @@ LOADS = (0.1, 0.5, 0.8)
 WARMUP = 100
 GOAL_RATE = 5_000
 GOAL_P99_RATE, GOAL_P99_S = 2_500, 1.0
+GOAL_STATUS_S = 1.0  # a busy service still answers GetStatus (and health) within a second
 
 DATASET = "bench_clicks"
 SEGMENT = "bench_viewed"
@@ -275,11 +276,14 @@ class Arrivals:
 
 
 class LagSampler:
-    """Every 0.5 s, each service's consumers' lag (GetStatus); the largest seen per consumer."""
+    """Every 0.5 s, each service's consumers' lag (GetStatus); the largest seen per consumer, and
+    how long each service took to answer (a busy service must still answer within 1 s)."""
 
     def __init__(self, cdp: Client) -> None:
         self.cdp = cdp
         self.largest: dict[str, int] = {}
+        self.answers: dict[str, list[float]] = {service: [] for service in SERVICES}
+        self.unanswered: dict[str, int] = dict.fromkeys(SERVICES, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lag-sampler", daemon=True)
 
@@ -294,10 +298,13 @@ class LagSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             for service in SERVICES:
+                asked = time.monotonic()
                 try:
                     reply = self.cdp.admin(service).GetStatus(admin_pb2.GetStatusRequest(), timeout=5.0)
-                except Exception:  # a busy service answers late: that sample is skipped
+                except Exception:  # a busy service answers late: that sample is counted, not used
+                    self.unanswered[service] += 1
                     continue
+                self.answers[service].append(time.monotonic() - asked)
                 for consumer in reply.consumers:
                     key = f"{service}:{consumer.name}"
                     self.largest[key] = max(self.largest.get(key, 0), consumer.lag)
@@ -314,6 +321,8 @@ class Phase:
     wall_s: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
+    status_s: dict[str, list[float]] = field(default_factory=dict)  # GetStatus answer times per service
+    status_unanswered: dict[str, int] = field(default_factory=dict)  # GetStatus calls past 5 s
     latencies: list[float] = field(default_factory=list)
     in_order: list[float] = field(default_factory=list)  # latencies in the order the events were due
     throughput: float = 0.0
@@ -336,6 +345,8 @@ def run_phase(stack: Stack, sampler_client: Client, arrivals: Arrivals, phase: P
                 )
             time.sleep(0.05)
     phase.lag = dict(sampler.largest)
+    phase.status_s = {service: list(times) for service, times in sampler.answers.items()}
+    phase.status_unanswered = dict(sampler.unanswered)
     last = max(t for cookie, ts in arrivals.times.items() if cookie.startswith(phase.prefix + "-") for t in ts)
     # from the publisher's first send, not from before its process started (~0.8 s of imports
     # and TLS set-up that understated the maximum every later phase is a share of)
@@ -439,6 +450,19 @@ def print_stages(phases: list[Phase]) -> None:
     print(f"   {'consumer':<40}" + "".join(f"{p.name:>16}" for p in phases))
     for key in consumers:
         print(f"   {key:<40}" + "".join(f"{p.lag.get(key, 0):>16,}" for p in phases))
+    print(f"\n== e2e: GetStatus answer time per service under load, p99 / max (goal: within {GOAL_STATUS_S:g} s)")
+    print(f"   {'phase':<22}" + "".join(f"{n:>20}" for n in SERVICES))
+    worst = 0.0
+    for p in phases:
+        cells = []
+        for n in SERVICES:
+            times, late = p.status_s.get(n, []), p.status_unanswered.get(n, 0)
+            worst = max([worst, *times, 5.0 if late else 0.0])
+            cell = f"{percentile(times, 99) * 1e3:6.0f}/{max(times, default=0) * 1e3:6.0f}ms" if times else "-"
+            cells.append(cell + (f" +{late} late" if late else ""))
+        print(f"   {p.name:<22}" + "".join(f"{c:>20}" for c in cells))
+    verdict = "meets" if worst <= GOAL_STATUS_S else "MISSES"
+    print(f"   goal GetStatus within {GOAL_STATUS_S:g} s under load: {verdict} (slowest {worst:.2f} s)")
     for p in (phases[0], phases[-1]):
         busiest = max(SERVICES, key=lambda n: p.cpu.get(n, 0.0))
         busy = p.cpu.get(busiest, 0.0)

@@ -7,7 +7,9 @@ Records carry 3 identities each: a person's email, one of the person's 2 cookies
 person's device id; people make 2.5 records on average, so graphs grow and merge as
 cookies and devices recur. Ingest messages hold 100 records and the processor applies the
 service's default ``CDP_BATCH_SIZE`` (256 messages: 25,600 records per SQL transaction;
-``CDP_BENCH_IDENTITY_BATCH_MESSAGES`` changes it, e.g. 20 for 2,000-record transactions). The
+``CDP_BENCH_IDENTITY_BATCH_MESSAGES`` changes it, e.g. 20 for 2,000-record transactions;
+``CDP_BENCH_SEALING_ONLY=1`` runs only the crypto-shredding comparison, on
+``CDP_BENCH_SEAL_RECORDS`` records). The
 rebuild figure drops a second store and rebuilds it from the same log (fold identity's own log,
 then replay the input without deciding). The floor figure runs the same input through the
 same processor loop doing only what any design of the service must do per record, with no
@@ -278,6 +280,9 @@ async def sealed_or_not(recs: list[list[tuple[str, str]]], seal: bool) -> tuple[
 def run() -> None:
     configure_pii_hash(ephemeral_key())  # a service composition root would read the key file
     n = int(os.environ.get("CDP_BENCH_IDENTITY_RECORDS", "1000000"))
+    if os.environ.get("CDP_BENCH_SEALING_ONLY", "") == "1":
+        sealing(identities(int(os.environ.get("CDP_BENCH_SEAL_RECORDS", str(n)))))
+        return
     recs = identities(n)
     baseline = scipy_components(recs)
     service, rebuild, floor_figure = asyncio.run(through_service(recs))

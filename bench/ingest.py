@@ -7,7 +7,9 @@ Two baselines publish, with ``publish_async`` and no guard, what ingest appended
 (read back from the stream): each record's payload (its envelope) as one message, which is
 what a pipeline without validation would send; and the very messages ingest appended, ~8,000
 records packed in each, which is only the cost of moving the bytes.
-``CDP_BENCH_ROWS`` (default 1,000,000) and ``CDP_BENCH_EVENTS`` (default 20,000) scale it.
+``CDP_BENCH_ROWS`` (default 1,000,000) and ``CDP_BENCH_EVENTS`` (default 20,000) scale it;
+``CDP_BENCH_SEALING_ONLY=1`` runs only the crypto-shredding comparison (``CDP_BENCH_SEAL_ROWS``
+rows, plain NATS).
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ async def security_figures(stubs: dict[str, Any], addresses: dict[str, str], loc
 
 
 SEAL_ROWS = int(os.environ.get("CDP_BENCH_SEAL_ROWS", str(ROWS)))
+SEALING_ONLY = os.environ.get("CDP_BENCH_SEALING_ONLY", "") == "1"
 
 
 async def sealing_figures(stub: Any, handlers: Any) -> None:
@@ -229,7 +232,7 @@ class Measured:
     streaming: list[Figure]
 
 
-async def measure(secure: bool) -> Measured:
+async def measure(secure: bool) -> Measured | None:
     """Every figure against a fresh nats-server: plain and anonymous, or with TLS and the platform's
     users and permissions (the service connects as ``ingest``, the baselines as the admin, the
     NATS publisher as ``publisher``)."""
@@ -273,6 +276,9 @@ async def measure(secure: bool) -> Measured:
             addresses = {"off": f"127.0.0.1:{port}", "on": f"127.0.0.1:{secure_port}"}
             try:
                 await setup(stub)
+                if SEALING_ONLY:
+                    await sealing_figures(stub, service.registrations[0].servicer.handlers)
+                    return None
                 packed, each, measured = await batch_figures(stub, log)
                 streaming = await streaming_figures(port, nats, service.processor)
                 if not secure:  # gRPC's and sealing's costs once, on the plain NATS run
@@ -293,10 +299,15 @@ async def measure(secure: bool) -> Measured:
 
 async def main() -> None:
     title = f"ingest: {ROWS:,}-row CRM CSV (goal 50,000 rows/s, ratio 0.5)"
+    if SEALING_ONLY:
+        await measure(secure=False)
+        return
     print("\n-- NATS security off (plain TCP, anonymous)")
     off = await measure(secure=False)
     print("\n-- NATS security on (TLS, per-service users and permissions)")
     on = await measure(secure=True)
+    assert off is not None
+    assert on is not None
     for label, figures in (("security off", off), ("security on", on)):
         report(f"{title}, {label}", figures.each, [figures.measured])
         report(f"{title}, {label}, against the packed messages", figures.packed, [figures.measured])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from cdp.activation.v1 import events_pb2 as ev
 from cdp.privacy.v1 import privacy_pb2 as privacy
@@ -20,9 +21,11 @@ from cdp_activation import identifiers as ids
 from cdp_activation.store import TABLES
 from cdp_kit.envelope import Cause, deterministic_id, is_a, make_envelope, unpack
 from cdp_kit.eventlog import EventLog, LogMessage
+from cdp_kit.natsserver import NatsServer
 from cdp_kit.store import canonical_dump
 from cdp_kit.streams import ACTIVATION_DELIVERIES, PRIVACY, PRIVACY_REQUESTS, privacy_applied_log
 from cdp_kit.telemetry import pii_hash
+from cdp_kit.vault import PersonVault
 from cdp_standins import Fault, LocalPlatforms
 from tests.integration.test_activation_delivery import T0, Harness, Upstream, people, until
 
@@ -63,13 +66,16 @@ async def messages(log: EventLog, stream: str, subject: str) -> list[LogMessage]
     return [msg async for msg in log.read(stream, subject)]
 
 
-async def acks(log: EventLog) -> dict[str, tuple[privacy.PrivacyApplied, LogMessage]]:
+async def acks(log: EventLog, *, latest: bool = False) -> dict[str, tuple[privacy.PrivacyApplied, LogMessage]]:
+    """Activation's PrivacyApplied by request: the first (the acknowledgement), or the latest (a
+    later one reports the removals' outcomes)."""
     out: dict[str, tuple[privacy.PrivacyApplied, LogMessage]] = {}
     for msg in await messages(log, PRIVACY.name, APPLIED.subject):
         for env in msg.events():
             if is_a(env, privacy.PrivacyApplied):
                 applied = unpack(env, privacy.PrivacyApplied)
-                out[applied.request_id] = (applied, msg)
+                if latest or applied.request_id not in out:
+                    out[applied.request_id] = (applied, msg)
     return out
 
 
@@ -89,6 +95,19 @@ def sqlite_text(path: Path) -> dict[str, str]:
         for name in names:
             out[name] = "\n".join(repr(row) for row in db.execute(f'SELECT * FROM "{name}"'))
     return out
+
+
+def destroyed_batches(path: Path) -> set[str]:
+    """The removal batches whose vault key activation destroyed."""
+    with sqlite3.connect(path) as db:
+        return {r[0] for r in db.execute("SELECT id FROM act_batch WHERE action = 'erase' AND keys_destroyed")}
+
+
+def stream_bytes(server: NatsServer, stream: str) -> bytes:
+    """Every byte of one stream's directory in the nats-server store."""
+    found = [p for p in server.store_dir.rglob("*") if p.is_dir() and p.name == stream]
+    assert found, stream
+    return b"".join(f.read_bytes() for d in found for f in sorted(d.rglob("*")) if f.is_file())
 
 
 def count(path: Path, table: str, profile_id: str) -> int:
@@ -136,7 +155,7 @@ def removes(platforms: LocalPlatforms) -> int:
 
 
 async def test_activation_privacy_delete_removes_at_destinations_and_erases_everything_it_held(
-    tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
+    tmp_path: Path, nats_server: NatsServer, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
 ) -> None:
     harness = Harness(tmp_path, nats_url, eventlog)
     await harness.start()
@@ -176,35 +195,33 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
 
         # The removal batches were recorded on CDP_DELIVERY before the acknowledgement, holding only
         # what each platform's removal needs, hashed where the platform takes hashes.
-        prepared: dict[str, tuple[Any, LogMessage]] = {}
+        prepared: dict[str, tuple[Any, LogMessage, list[Any]]] = {}
         for msg in await messages(eventlog, ACTIVATION_DELIVERIES.stream.name, ACTIVATION_DELIVERIES.subject):
             for env in msg.events():
                 if is_a(env, ev.BatchPrepared):
                     batch = unpack(env, ev.BatchPrepared).batch
                     if batch.id.startswith("privacy:"):
-                        prepared[batch.id] = (batch, msg)
+                        prepared[batch.id] = (batch, msg, list(env.sealed))
         assert set(prepared) == {removals[n].batch_id for n in NAMES}
         phone_digits = "16505550199"
-        for batch, msg in prepared.values():
+        removal_refs: set[str] = set()
+        for batch, msg, sealed in prepared.values():
             assert msg.stored_at is not None
             assert ack_msg.stored_at is not None
             assert msg.stored_at <= ack_msg.stored_at
             assert batch.action == "erase"
             assert [r.profile_id for r in batch.records] == [ERASED]
             assert NAME not in str(batch)
+            # Sealed: on the log the record is its profile id; its identifiers are a part sealed
+            # under one key of the removal batch (not the person's, which identity destroys).
             assert not batch.records[0].attributes.fields
-        identities = {
-            name: {k: list(v.values) for k, v in prepared[removals[name].batch_id][0].records[0].identities.items()}
-            for name in NAMES
-        }
-        assert identities["files"] == {"profile_id": [ERASED]}
-        assert identities["meta"] == {"EMAIL": [email_meta], "PHONE": [ids.sha256_hex(phone_digits)]}
-        assert identities["google"] == {
-            "hashedEmail": [ids.sha256_hex(EMAIL.lower())],
-            "hashedPhoneNumber": [ids.sha256_hex("+" + phone_digits)],
-        }
-        assert identities["klaviyo"] == {"email": [EMAIL.lower()], "phone_number": ["+" + phone_digits]}
-        assert identities["braze"] == {"external_id": [ERASED]}
+            assert not batch.records[0].identities
+            assert [p.path for p in sealed] == ["batch.records.0"]
+            assert len(sealed[0].key_refs) == 1
+            removal_refs.update(sealed[0].key_refs)
+            assert EMAIL.lower().encode() not in msg.data
+            assert phone_digits.encode() not in msg.data
+        assert len(removal_refs) == len(NAMES)  # a key per removal batch
 
         # The stand-ins receive valid removal and deletion requests (they answer 400 to an invalid one).
         await until(lambda: "braze:p-erin" in platforms.deleted, what="Braze /users/delete")
@@ -224,6 +241,19 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
         assert len(platforms.members["meta:123"]) == 2
         for name in NAMES:
             await harness.settled(name, 2)
+
+        # Each removal batch delivered, activation destroys its key (RemovalKeysDestroyed) and
+        # reports the outcome: the request's removals say "delivered".
+        await until(lambda: destroyed_batches(db) == set(prepared), what="removal keys destroyed")
+        fresh = await PersonVault.bind(eventlog.js)
+        await fresh.prefetch(sorted(removal_refs))
+        assert not fresh.can_seal(sorted(removal_refs))  # gone from the bucket
+
+        async def reported() -> bool:
+            latest = (await acks(eventlog, latest=True))["req-1"][0]
+            return {r.destination: r.status for r in latest.removals} == dict.fromkeys(NAMES, "delivered")
+
+        await until(reported, what="removals reported delivered")
 
         # A late exit and a late fragment of the erased profile change nothing.
         await upstream.membership(ERASED, joined=False)
@@ -290,6 +320,16 @@ async def test_activation_privacy_delete_removes_at_destinations_and_erases_ever
     for table in ("act_profile", "act_member", "act_plan_member"):
         assert count(db, table, ERASED) == 0, table
 
+    # The raw bytes of CDP_DELIVERY hold the removal batches (their ids) but none of what Klaviyo's
+    # deletion took in plain: the email and phone as its API takes them (normalised: only a removal
+    # batch holds these forms; this test's upstream fragments and add batches are not sealed and
+    # carry the values as given).
+    raw = stream_bytes(nats_server, ACTIVATION_DELIVERIES.stream.name)
+    assert b"privacy:req-1:" in raw
+    assert EMAIL.encode() in raw  # the unsealed add batches: the bytes are searchable
+    for plain in (EMAIL.lower(), "+16505550199"):
+        assert plain.encode() not in raw, plain
+
 
 async def test_activation_privacy_acknowledges_unknown_profiles_and_suppressions_with_nothing(
     tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms
@@ -320,11 +360,17 @@ async def test_activation_privacy_acknowledges_unknown_profiles_and_suppressions
 
 
 async def test_activation_privacy_removes_from_snap_tiktok_linkedin_and_deletes_from_mailchimp(
-    tmp_path: Path, nats_url: str, eventlog: EventLog, platforms: LocalPlatforms, store_url: str
+    tmp_path: Path,
+    nats_server: NatsServer,
+    nats_url: str,
+    eventlog: EventLog,
+    platforms: LocalPlatforms,
+    store_url: str,
 ) -> None:
     """The audience platforms remove through their own removal call, fed SHA-256 digests (MAIDs
     as the platform takes them) that the connectors pass on; Mailchimp deletes the member
-    permanently by subscriber hash. On SQLite and PostgreSQL, and a rebuild gives the same store."""
+    permanently by subscriber hash (MD5 of the email), which leaves no trace on CDP_DELIVERY once
+    the removal's key is destroyed. On SQLite and PostgreSQL, and a rebuild gives the same store."""
     harness = Harness(tmp_path, nats_url, eventlog, store_url=store_url)
     await harness.start()
     try:
@@ -381,9 +427,19 @@ async def test_activation_privacy_removes_from_snap_tiktok_linkedin_and_deletes_
         for key in audiences:
             assert platforms.members[key], key  # the other member stays
             assert platforms.members[key] < held[key], key
+
+        def keys_destroyed() -> bool:
+            with harness.engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT keys_destroyed FROM act_batch WHERE action = 'erase'")).all()
+            return len(rows) == 4 and all(r[0] for r in rows)
+
+        await until(keys_destroyed, what="the removal batches' keys destroyed")
     finally:
         await harness.stop()
     live = canonical_dump(harness.engine, TABLES)
     assert live["act_erased"]
     await harness.processor.rebuild()
     assert canonical_dump(harness.engine, TABLES) == live
+    raw = stream_bytes(nats_server, ACTIVATION_DELIVERIES.stream.name)
+    assert b"privacy:req-ads:" in raw
+    assert subscriber.encode() not in raw  # Mailchimp's MD5 of the email

@@ -14,9 +14,11 @@ from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.identity.v1 import events_pb2 as ev
 from cdp.identity.v1 import identity_pb2 as pb
 from cdp.ingest.v1 import ingest_pb2
+from cdp.privacy.v1 import privacy_pb2 as privacy_pb
 from cdp_identity.api import IdentityServicer
 from cdp_identity.handlers import IdentityHandlers
 from cdp_identity.main import build_processor
+from cdp_identity.privacy import PrivacyApplied, PrivacyHandlers
 from cdp_identity.settings import IdentitySettings
 from cdp_identity.store import key_refs_for_profiles
 from cdp_ingest.records import RecordBuilder
@@ -24,9 +26,10 @@ from cdp_kit.envelope import encode_batch, is_a, unpack, utcnow
 from cdp_kit.errors import NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.privacy import NoKeyVault
 from cdp_kit.processor import Processor
 from cdp_kit.store import make_engine, sqlite_url
-from cdp_kit.streams import IDENTITY_FRAGMENTS, INGEST_RECORDS
+from cdp_kit.streams import IDENTITY_FRAGMENTS, INGEST_RECORDS, PRIVACY_REQUESTS
 from cdp_kit.vault import PersonVault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -179,3 +182,32 @@ async def test_a_process_without_the_keys_fetches_them_to_seal_an_unlink(eventlo
     for plain in (b"ck-bob-phone-1", b"bob.other@example.com"):
         assert plain not in raw, await leaking(eventlog, plain)
     assert {"GraphDecision", "ProfileSplit"} <= await event_kinds(eventlog)
+
+
+async def test_only_a_delete_names_the_person_s_keys_to_destroy(eventlog: EventLog, tmp_path: Path) -> None:
+    """A suppression keeps what is held (on the log too): its request names no key, so completing
+    it destroys none; a delete names every key of the person."""
+    producer = await ingest_records(eventlog, [ANN, BOB])
+    processor, _api = identity(eventlog, sqlite_url(tmp_path / "live.db"))
+    await processor.catch_up()
+    applied = processor.inputs[1].handler
+    assert isinstance(applied, PrivacyApplied)
+    projection = processor.projection
+    handlers = PrivacyHandlers(processor, projection.graph, projection.rules, NoKeyVault(), applied)  # type: ignore[attr-defined]
+    email = [IdentityValue(namespace="email", value="ann.secret@example.com")]
+    suppress = await handlers.submit(
+        privacy_pb.SubmitPrivacyRequest(mode=privacy_pb.PRIVACY_MODE_SUPPRESS, identities=email)
+    )
+    delete = await handlers.submit(
+        privacy_pb.SubmitPrivacyRequest(mode=privacy_pb.PRIVACY_MODE_DELETE, identities=email)
+    )
+    assert not suppress.nothing_held
+    assert not delete.nothing_held
+    requested: dict[str, list[str]] = {}
+    async for msg in eventlog.read(PRIVACY_REQUESTS.stream.name, PRIVACY_REQUESTS.subject):
+        for env in msg.events():
+            if is_a(env, privacy_pb.PrivacyRequested):
+                req = unpack(env, privacy_pb.PrivacyRequested)
+                requested[req.request_id] = list(req.key_refs)
+    assert requested[suppress.request_id] == []
+    assert requested[delete.request_id] == sorted(producer.refs_for(ANN))

@@ -241,7 +241,8 @@ async def test_memberships_are_segmentations_alone(secure_nats: SecureNats) -> N
 
 async def test_the_key_bucket_ingest_makes_everyone_reads_identity_erases(secure_nats: SecureNats) -> None:
     """Crypto-shredding keys (cdp_kit.vault): provisioning made the bucket, ingest creates keys,
-    every service reads them, only identity destroys them, and no one else may do either."""
+    every service reads them, identity destroys them, and segmentation may do neither (activation
+    makes and destroys the keys of its removal batches)."""
     logs = {user: await secure_nats.connect(user) for user in ("ingest", "identity", "segmentation", "activation")}
     try:
         vaults = {user: await PersonVault.bind(log.js) for user, log in logs.items()}
@@ -255,12 +256,16 @@ async def test_the_key_bucket_ingest_makes_everyone_reads_identity_erases(secure
         forger.js._timeout = SHORT_S
         with pytest.raises(Unavailable):
             await forger.commit()
-        activation = logs["activation"].js
+        segmentation = logs["segmentation"].js
         with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
-            await nats_js_manager(activation).delete_msg(KEY_STREAM, 1)
-        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
-            await nats_js_manager(activation).purge_stream(KEY_STREAM)
+            await nats_js_manager(segmentation).delete_msg(KEY_STREAM, 1)
+        for user in ("segmentation", "activation"):
+            with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+                await nats_js_manager(logs[user].js).purge_stream(KEY_STREAM)
         assert await vaults["identity"].destroy(refs[:1]) == 1
+        removal = vaults["activation"].refs_for([("privacy-removal", "privacy:req:plan")])
+        assert await vaults["activation"].commit() == 1  # a removal batch's key
+        assert await vaults["activation"].destroy(removal) == 1
         fresh = await PersonVault.bind(logs["activation"].js)
         await fresh.prefetch(refs)
         assert not fresh.can_seal(refs[:1])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
+from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2 as ingest_pb
 from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp.segmentation.v1 import events_pb2 as seg_ev
@@ -30,12 +31,13 @@ from cdp_kit.envelope import Cause, deterministic_id, is_a, make_envelope, unpac
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.identities import Normaliser
-from cdp_kit.privacy import MAX_IDENTITIES, NoKeyVault, identity_hash
+from cdp_kit.privacy import MAX_IDENTITIES, NOTHING_TO_APPLY, NoKeyVault, identity_hash
 from cdp_kit.roles import METHOD_ROLES
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import (
     COLLECT,
     IDENTITY_FRAGMENTS,
+    INGEST_DEADLETTER,
     PRIVACY,
     PRIVACY_REQUESTS,
     SEGMENTATION_MEMBERSHIPS,
@@ -44,6 +46,7 @@ from cdp_kit.streams import (
     privacy_appliers,
 )
 from cdp_kit.telemetry import pii_hash
+from cdp_kit.vault import PersonVault
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.main import build_processor as segmentation_processor
 from cdp_segmentation.privacy import PRIVACY_TABLES as SEG_PRIVACY_TABLES
@@ -107,8 +110,10 @@ async def request_fact(eventlog: EventLog, requested: pb.PrivacyRequested, *, er
     await eventlog.append(PRIVACY_REQUESTS.subject, [env], msg_id=env.id)
 
 
-async def applied_fact(eventlog: EventLog, service: str, request_id: str, **counts: int) -> None:
-    applied = pb.PrivacyApplied(request_id=request_id, service=service, counts=counts)
+async def applied_fact(
+    eventlog: EventLog, service: str, request_id: str, key_refs: Sequence[str] = (), **counts: int
+) -> None:
+    applied = pb.PrivacyApplied(request_id=request_id, service=service, counts=counts, key_refs=key_refs)
     env = make_envelope(
         applied,
         event_id=deterministic_id("privacy-applied", service, request_id),
@@ -200,14 +205,48 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     # Not complete until every applier says it applied the request.
     appliers = privacy_appliers()
     assert {"ingest", "segmentation"} <= set(appliers)
+    # Ingest names further keys of the person (its rejected rows'): destroyed with the person's.
+    extra = {"ingest": ["0123456789abcdef.feedfacefeedface.00000001"]}
     for service in appliers[:-1]:
-        await applied_fact(h.eventlog, service, reply.request_id, profiles=1)
+        await applied_fact(h.eventlog, service, reply.request_id, extra.get(service, ()), profiles=1)
     await h.processor.catch_up()
     assert await identity.handlers.complete_pending() == 0
     assert (await identity.get(reply.request_id)).state == pb.PRIVACY_STATE_APPLYING
-    await applied_fact(h.eventlog, appliers[-1], reply.request_id, profiles=1)
+    await applied_fact(h.eventlog, appliers[-1], reply.request_id, extra.get(appliers[-1], ()), profiles=1)
     await h.processor.catch_up()
+    destroyed: list[list[str]] = []
+
+    class Recording(NoKeyVault):
+        async def destroy(self, key_refs: Sequence[str]) -> int:
+            destroyed.append(list(key_refs))
+            return len(key_refs)
+
+    identity.handlers.vault = Recording()
     assert await identity.handlers.complete_pending() == 1
+    assert [set(extra["ingest"]) <= set(refs) for refs in destroyed] == [True]
+    assert set(requested.key_refs) <= set(destroyed[0])
+
+    # Activation reports again once its removal batch's outcome is known: the status says so, and
+    # the time it applied the request stays the first one.
+    first_at = {s.service: s.at.ToMicroseconds() for s in (await identity.get(reply.request_id)).services}
+    for status in ("prepared", "delivered"):
+        removal = pb.DestinationRemoval(
+            destination="klaviyo", plan_id="plan-1", status=status, batch_id=f"privacy:{reply.request_id}:plan-1"
+        )
+        report = pb.PrivacyApplied(request_id=reply.request_id, service="activation", removals=[removal])
+        report.at.GetCurrentTime()
+        env = make_envelope(
+            report,
+            event_id=deterministic_id("report", reply.request_id, status),
+            subject_key=reply.request_id,
+            occurred_at=utcnow(),
+            cause=Cause(command_id=f"report:{status}"),
+        )
+        await h.eventlog.append(privacy_applied_log("activation").subject, [env], msg_id=env.id)
+        await h.processor.catch_up()
+        shown = await identity.get(reply.request_id)
+        assert [r.status for r in shown.removals] == [status]
+        assert {s.service: s.at.ToMicroseconds() for s in shown.services}["activation"] == first_at["activation"]
     done = await identity.get(reply.request_id)
     assert done.state == pb.PRIVACY_STATE_COMPLETED
     assert done.HasField("completed_at")
@@ -255,6 +294,19 @@ async def test_unknown_identities_complete_at_once_as_nothing_held(identity: Pri
     assert requested.nothing_held
     assert list(requested.graph_identity_hashes) == [identity_hash("email", "nobody@example.com")]
     assert await h.profile("crm_id", "C1")  # nothing else erased
+    # Its status says what is true: nothing to apply, but ingest still has a suppression to record.
+    statuses = {s.service: s.status for s in reply.services}
+    assert statuses == {
+        "identity": "applied",
+        "ingest": "pending",
+        "segmentation": NOTHING_TO_APPLY,
+        "activation": NOTHING_TO_APPLY,
+    }
+    delete_only = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "nobody@example.com"))
+    assert {s.service: s.status for s in delete_only.services}["ingest"] == NOTHING_TO_APPLY
+    await applied_fact(h.eventlog, "ingest", reply.request_id, suppressed_identities=1)
+    await h.processor.catch_up()
+    assert {s.service: s.status for s in (await identity.get(reply.request_id)).services}["ingest"] == "applied"
 
 
 async def test_too_many_or_invalid_identities_are_refused_naming_them_by_keyed_hash(identity: Privacy) -> None:
@@ -392,6 +444,105 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
     tables = with_checkpoint([*INGEST_TABLES, *INGEST_PRIVACY_TABLES, *DEADLETTER_TABLES])
     assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
     engine.dispose()
+
+
+async def deadletter_messages(eventlog: EventLog) -> list[Any]:
+    return [m async for m in eventlog.read(INGEST_DEADLETTER.stream.name, INGEST_DEADLETTER.subject, 1)]
+
+
+async def test_rejected_rows_are_sealed_or_masked_on_the_log_and_a_delete_erases_them_there_too(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """BatchRowsRejected on cdp.deadletter.ingest: a rejected row with a valid identity keeps its raw
+    values sealed under that identity's key (the store and the raw report still show them); a row
+    with none reaches the log masked. A delete erases the person's row from the store, hands its
+    keys to identity (PrivacyApplied.key_refs) and, once they are destroyed, the row reads as erased
+    from the log: a rebuild equals the live store."""
+    url = sqlite_url(tmp_path / "ingest.db")
+    async with running_ingest(nats_url, url, tmp_path / "data", allow_raw_rejects=True) as ingest:
+        ann, bob, nobody = good_row(1), good_row(2), good_row(3)
+        ann[3] = bob[3] = "platinum"  # not a tier: rejected, with valid identities
+        nobody[0], nobody[1], nobody[2] = "", "zebedee-at-nowhere", "Zebedee"  # no usable identity
+        report = await ingest.upload(csv_bytes([ann, bob, nobody, good_row(4)]), "rj", threshold=1.0)
+        assert report.rows_kept == 3
+
+        raw_log = b"".join(m.data for m in await deadletter_messages(ingest.eventlog))
+        assert b"BatchRowsRejected" in raw_log
+        for plain in (b"p1@example.com", b"Name1", b"C00001", b"p2@example.com", b"zebedee-at-nowhere", b"Zebedee"):
+            assert plain not in raw_log, plain
+
+        def by_row(reply: Any) -> dict[int, Any]:
+            return {e.row: e for e in reply.errors}
+
+        raw = by_row(
+            await ingest.stub.ListBatchErrors(ingest_pb.ListBatchErrorsRequest(batch_id=report.batch_id, raw=True))
+        )
+        assert raw[1].values["email"] == "p1@example.com"  # opened on fold: the store keeps what it kept
+        assert raw[1].values["first_name"] == "Name1"
+        assert [e.field for e in raw[1].errors] == ["tier"]
+        assert raw[3].values["email"] == pii_hash("zebedee-at-nowhere")  # masked before the log: all there is
+        assert raw[3].values["first_name"] == "xxxxxxx"  # its shape
+        assert raw[3].errors  # still names field and rule
+        masked = by_row(await ingest.stub.ListBatchErrors(ingest_pb.ListBatchErrorsRequest(batch_id=report.batch_id)))
+        assert masked[1].values["email"] == pii_hash("p1@example.com")
+        assert masked[3].values["email"] == pii_hash("zebedee-at-nowhere")  # not masked twice
+
+        norm = Normaliser.make()
+        hashes = [
+            identity_hash("crm_id", norm.normalise("crm_id", "C00001")[0] or ""),
+            identity_hash("email", "p1@example.com"),
+        ]
+        await request_fact(
+            ingest.eventlog,
+            pb.PrivacyRequested(
+                request_id="rj1", mode=pb.PRIVACY_MODE_DELETE, identity_hashes=hashes[1:], graph_identity_hashes=hashes
+            ),
+        )
+        handler = ingest.processor.inputs[-1].handler
+        assert isinstance(handler, PrivacyToIngest)
+        applier = IngestApplier(ingest.processor, handler)
+
+        async def applied() -> list[pb.PrivacyApplied]:
+            await applier.apply_pending()
+            return await facts(ingest.eventlog, privacy_applied_log("ingest").subject, pb.PrivacyApplied)
+
+        await eventually(lambda: _nonempty(applied()), "ingest's PrivacyApplied")
+        [done] = await applied()
+        assert done.counts["batch_errors"] == 1
+        assert len(done.key_refs) == 2  # the row's crm_id and email keys: identity destroys them
+        left = by_row(await ingest.stub.ListBatchErrors(ingest_pb.ListBatchErrorsRequest(batch_id=report.batch_id)))
+        assert sorted(left) == [2, 3]
+
+        vault = ingest.processor.vault
+        assert vault is not None
+        assert await vault.destroy(list(done.key_refs)) == 2  # what identity does at completion
+        reader = PersonVault.of(ingest.eventlog.js)
+        msgs = await deadletter_messages(ingest.eventlog)
+        opened = await reader.open_messages(msgs)
+        rows = [
+            item
+            for m in msgs
+            for env in opened[m.sequence]
+            if is_a(env, ingest_ev.BatchRowsRejected)
+            for item in unpack(env, ingest_ev.BatchRowsRejected).rows
+        ]
+        assert {r.row: bool(r.values.fields) for r in rows} == {1: False, 2: True, 3: True}
+
+        await collect_checkpoint_reaches_end(ingest.engine, ingest.eventlog)
+        settings = IngestSettings(
+            nats_url=ingest.nats_url, data_dir=tmp_path / "rb", store_url=sqlite_url(tmp_path / "rb.db")
+        )
+        engine = make_engine(settings.store_url)
+        rebuilt = build_ingest(settings, engine, ingest.eventlog)
+        await rebuilt.processor.rebuild()
+        tables = with_checkpoint([*INGEST_TABLES, *INGEST_PRIVACY_TABLES, *DEADLETTER_TABLES])
+        assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
+        engine.dispose()
+        assert b"p1@example.com" not in (tmp_path / "rb.db").read_bytes()
+
+
+async def _nonempty(found: Awaitable[list[Any]]) -> bool:
+    return bool(await found)
 
 
 # ----------------------------------------------------------------------------- segmentation

@@ -29,6 +29,7 @@ from cdp_segmentation import store
 from cdp_segmentation.computed import values
 from cdp_segmentation.evaluate import ProfileData, compile_ast
 from cdp_segmentation.handlers import SegmentationHandlers
+from cdp_segmentation.lookup import ProfileReader
 from cdp_segmentation.main import build_processor
 from cdp_segmentation.profiles import history
 from cdp_segmentation.sql import matching
@@ -360,6 +361,17 @@ def check(driver: Driver, segments: dict[str, pb.Segment]) -> None:
             }
             assert set(store.realized(session, segment.id)) == fresh, (driver.engine.dialect.name, segment.query)
             assert matching(session.connection(), segment.ast, now, segments) == fresh, segment.query
+        in_segments = {s.name: set(store.realized(session, s.id)) for s in segments.values()}
+    reader = ProfileReader(driver.engine, phone_region="US")  # GetProfile's read model, on this engine too
+    try:
+        for pid, row in rows.items():
+            got = reader.read(pb.GetProfileRequest(profile_id=pid, with_history=True))
+            computed = {c.name: json_format.MessageToDict(c.value) for c in got.computed if c.HasField("value")}
+            assert computed == {k: v for k, v in row.computed.items() if v is not None}, driver.engine.dialect.name
+            assert set(got.segments) == {name for name, pids in in_segments.items() if pid in pids}
+            assert got.events == row.events
+    finally:
+        reader.close()
 
 
 @pytest.mark.postgres

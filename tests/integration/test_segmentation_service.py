@@ -20,10 +20,10 @@ from cdp_kit.errors import InvalidInput
 from cdp_kit.eventlog import EventLog
 from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
 from cdp_kit.streams import IDENTITY_FRAGMENTS
-from cdp_segmentation.api import profile_message
 from cdp_segmentation.handlers import SegmentationHandlers
+from cdp_segmentation.lookup import ProfileReader
 from cdp_segmentation.main import build_processor
-from cdp_segmentation.store import EXITED, TABLES, MembershipRow, ProfileRow, realized
+from cdp_segmentation.store import EXITED, TABLES, MembershipRow, realized
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -89,10 +89,11 @@ async def service(engine: Engine, eventlog: EventLog, cap: int = 5000) -> Segmen
 
 
 def profile(handlers: SegmentationHandlers, profile_id: str) -> pb.Profile:
-    with handlers.processor.read() as session:
-        row = session.get(ProfileRow, profile_id)
-        assert row is not None
-        return profile_message(session, row)
+    reader = ProfileReader(handlers.processor.engine, phone_region="US")
+    try:
+        return reader.read(pb.GetProfileRequest(profile_id=profile_id, with_history=True))
+    finally:
+        reader.close()
 
 
 def attrs(p: pb.Profile) -> dict[str, tuple[Any, str]]:

@@ -69,6 +69,40 @@ async def test_revoke_then_destroy_erases_and_a_new_generation_follows(eventlog:
     assert again[1] == refs[1]
 
 
+class OneMessage:
+    """A log message holding one event (what ``PersonVault.open_messages`` reads)."""
+
+    def __init__(self, sequence: int, env: Envelope) -> None:
+        self.sequence = sequence
+        self.env = env
+
+    def events(self) -> list[Envelope]:
+        return [sealed_event_copy(self.env)]
+
+
+async def test_a_key_destroyed_elsewhere_erases_a_v2_part_whose_set_key_this_process_cached(
+    eventlog: EventLog,
+) -> None:
+    """Set keys are cached by refs (cdp_kit.sealing.SetKeys): once a fetch finds one of the refs
+    destroyed, the cached set key must not open the part any more."""
+    producer = await PersonVault.bind(eventlog.js)
+    refs = producer.refs_for(PEOPLE)
+    await producer.commit()
+    env = sealed_event(producer, refs, b"\x0a\x03ann")
+
+    reader = await PersonVault.bind(eventlog.js, cache_size=2)
+    assert [len(envs) for envs in (await reader.open_messages([OneMessage(1, env)])).values()] == [1]
+
+    assert await producer.destroy(refs[:1]) == 1
+    others = producer.refs_for([("email", "bob@example.com"), ("email", "cy@example.com")])
+    await producer.commit()
+    other = sealed_event(producer, others, b"\x0a\x03bob")
+    opened = await reader.open_messages([OneMessage(2, other)])  # its key cache (2 keys) lets go of ann's
+    assert [len(envs) for envs in opened.values()] == [1]
+    assert await reader.open_messages([OneMessage(3, env)]) == {3: []}  # fetched again: erased
+    assert reader.erased == 1
+
+
 def sealed_event_copy(env: Envelope) -> Envelope:
     copy = Envelope()
     copy.CopyFrom(env)

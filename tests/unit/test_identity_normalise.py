@@ -9,6 +9,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cdp_identity.domain import Rules, simple_email
+from cdp_identity.engine import Normaliser, kept_and_dropped
+from cdp_identity.settings import IdentitySettings
 
 atoms = st.text(alphabet="abcXYZ019_+-.", min_size=1, max_size=12)
 labels = st.text(alphabet="abcXYZ019-", min_size=1, max_size=12)
@@ -50,3 +52,17 @@ def test_the_fast_path_accepts_only_what_email_validator_accepts_unchanged(text:
 )
 def test_emails_are_normalised_the_same_on_both_paths(raw: str, expected: str | None) -> None:
     assert Rules.make().normalise("email", raw)[0] == expected
+
+
+def test_kept_and_dropped_names_each_raw_identitys_key_in_the_records_order() -> None:
+    """The sealer pairs a record's key refs (one per raw identity, in order) with these keys:
+    a dropped identity keeps its place (None), a memo hit gives the same key as a first read."""
+    rules = IdentitySettings().rules()
+    normalise = Normaliser()
+    raw = [("cookie", "ck-1"), ("email", "not an email"), ("email", "Ann@Example.com"), ("nope", "x")]
+    for _pass in range(2):  # the second pass reads from the memo
+        keys: list[str | None] = []
+        kept, dropped = kept_and_dropped(rules, normalise, raw, keys)
+        assert keys == ["cookie:ck-1", None, "email:ann@example.com", None]
+        assert sorted(kept) == ["cookie:ck-1", "email:ann@example.com"]
+        assert len(dropped) == 2

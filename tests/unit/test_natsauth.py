@@ -67,12 +67,16 @@ def test_each_subject_has_one_writer_and_no_service_manages_streams() -> None:
     assert permissions(ADMIN).publish == (">",)
 
 
-def test_only_ingest_makes_keys_and_only_identity_erases_them() -> None:
+def test_only_ingest_and_activation_make_keys_and_only_identity_and_activation_erase_them() -> None:
+    """Ingest seals what it accepts, identity erases a person's keys; activation makes and erases
+    the keys of its privacy removal batches. Segmentation only reads keys."""
     for service in SERVICES:
         allowed = permissions(service).publish
         assert f"$JS.API.DIRECT.GET.{KEY_STREAM}.{KEY_SUBJECT_PREFIX}>" in allowed
-        assert (f"{KEY_SUBJECT_PREFIX}>" in allowed) == (service in ("ingest", "identity")), service
-        assert (f"$JS.API.STREAM.MSG.DELETE.{KEY_STREAM}" in allowed) == (service == "identity"), service
+        writes = service in ("ingest", "identity", "activation")
+        assert (f"{KEY_SUBJECT_PREFIX}>" in allowed) == writes, service
+        erases = service in ("identity", "activation")
+        assert (f"$JS.API.STREAM.MSG.DELETE.{KEY_STREAM}" in allowed) == erases, service
         assert not any(s.startswith(f"$JS.API.STREAM.PURGE.{KEY_STREAM}") for s in allowed)
 
 
@@ -92,12 +96,14 @@ def test_server_config_names_every_user_and_holds_no_secret_without_passwords() 
     assert literal.count('"pw-123"') == len(USERS)
 
 
-def test_only_ingest_and_identity_may_erase_and_only_what_they_erase() -> None:
+def test_only_ingest_identity_and_activation_may_erase_and_only_what_they_erase() -> None:
     """Privacy: ingest erases a person's raw messages on CDP_COLLECT by sequence, identity the
-    person's keys in the key bucket (crypto-shredding); no one else deletes anything."""
+    person's keys in the key bucket (crypto-shredding), activation the keys of its removal
+    batches; no one else deletes anything."""
     erases = {
         "ingest": ["$JS.API.STREAM.MSG.DELETE.CDP_COLLECT"],
         "identity": ["$JS.API.STREAM.MSG.DELETE.KV_CDP_KEYS"],
+        "activation": ["$JS.API.STREAM.MSG.DELETE.KV_CDP_KEYS"],
     }
     for service in SERVICES:
         erasing = [s for s in permissions(service).publish if ".MSG.DELETE." in s]

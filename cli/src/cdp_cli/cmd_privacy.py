@@ -16,6 +16,7 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_cli import inputs, render
 from cdp_cli.context import JsonFlag, client_of, group
 from cdp_cli.errors import CliError
+from cdp_kit.privacy import NOTHING_TO_APPLY
 
 app = group("Privacy requests: erase a person everywhere, suppress their new data, and follow each request.")
 
@@ -63,11 +64,11 @@ def _show(reply: pb.PrivacyRequest, as_json: bool) -> None:
     render.out.print(f"request {reply.request_id} — {_mode(reply.mode)}, {_state(reply.state)}, {held}")
     render.print_table(
         "services",
-        ["service", "applied", "at", "counts"],
+        ["service", "status", "at", "counts"],
         [
             (
                 s.service,
-                s.applied,
+                s.status or ("applied" if s.applied else "pending"),
                 render.timestamp_text(s.at) if s.applied else "",
                 ", ".join(f"{k}={v}" for k, v in sorted(s.counts.items())),
             )
@@ -100,7 +101,7 @@ def _wait(ctx: typer.Context, reply: pb.PrivacyRequest, timeout_s: float) -> pb.
     deadline = time.monotonic() + timeout_s
     while reply.state != pb.PRIVACY_STATE_COMPLETED:
         if time.monotonic() >= deadline:
-            waiting = [s.service for s in reply.services if not s.applied]
+            waiting = [s.service for s in reply.services if not s.applied and s.status != NOTHING_TO_APPLY]
             raise CliError(
                 f"request {reply.request_id} is still {_state(reply.state)} after {timeout_s:g}s"
                 + (f" (waiting for {', '.join(waiting)})" if waiting else "")

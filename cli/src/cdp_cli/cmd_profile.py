@@ -42,9 +42,9 @@ def profile_get(
     Example: cdp profile get email:ada@example.com
     """
     if ":" in key:
-        request = segmentation_pb2.GetProfileRequest(identity=inputs.parse_identity(key))
+        request = segmentation_pb2.GetProfileRequest(identity=inputs.parse_identity(key), with_history=True)
     else:
-        request = segmentation_pb2.GetProfileRequest(profile_id=key.strip())
+        request = segmentation_pb2.GetProfileRequest(profile_id=key.strip(), with_history=True)
     client = _client(ctx)
     try:
         reply = client.segmentation.GetProfile(request, timeout=client.timeout)

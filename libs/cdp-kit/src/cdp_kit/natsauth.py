@@ -18,7 +18,8 @@ nothing in this module checks a message itself. Each service may
 
 The per-identity key bucket of crypto-shredding (``cdp_kit.vault``, stream ``KV_CDP_KEYS``) is made
 by provisioning (admin). Every service may read keys (direct get by key and batch get, stream
-info); only the ``KEY_MAKERS`` (ingest) may create them, only the ``KEY_DESTROYERS`` (identity)
+info); only the ``KEY_MAKERS`` (ingest; activation, for privacy removal batches) may create them, only the
+``KEY_DESTROYERS`` (identity; activation, the keys of its removal batches)
 may erase them (a key block written again without them, its previous message deleted by
 sequence). No service may purge or delete the bucket.
 
@@ -55,8 +56,8 @@ PUBLISHER = "publisher"
 USERS: tuple[str, ...] = (ADMIN, PUBLISHER, *SERVICES)
 ACCOUNT = "CDP"
 API = "$JS.API"
-KEY_MAKERS: tuple[str, ...] = ("ingest",)
-KEY_DESTROYERS: tuple[str, ...] = ("identity",)
+KEY_MAKERS: tuple[str, ...] = ("ingest", "activation")
+KEY_DESTROYERS: tuple[str, ...] = ("identity", "activation")
 
 
 def inbox_prefix(user: str) -> str:

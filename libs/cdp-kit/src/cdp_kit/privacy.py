@@ -21,13 +21,18 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
+from sqlmodel import Field, Session, SQLModel, col, select
+
 from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_kit.eventlog import AppendConflict
+from cdp_kit.store import tables_of
 from cdp_kit.telemetry import get_logger, pii_hash
 
 log = get_logger(__name__)
 
 MAX_IDENTITIES = 1000
+# ServiceProgress.status of a service that has not acknowledged a request that held nothing.
+NOTHING_TO_APPLY = "nothing held: nothing to apply"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DELETE_MODES = frozenset({pb.PRIVACY_MODE_DELETE, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
 SUPPRESS_MODES = frozenset({pb.PRIVACY_MODE_SUPPRESS, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
@@ -60,6 +65,41 @@ class NoKeyVault:
 
     async def destroy(self, key_refs: Sequence[str]) -> int:
         return 0
+
+
+class RevokedKeyRow(SQLModel, table=True):
+    """A key ref a privacy request revoked in this service (``revoke``): revoked again in the vault
+    whenever the service starts (``restore_revocations``), so a restart between a request and its
+    completion (the keys destroyed) does not open the person's records again meanwhile."""
+
+    __tablename__ = "kit_revoked_key"
+
+    key_ref: str = Field(primary_key=True)
+
+
+REVOKED_TABLES = tables_of(RevokedKeyRow)
+
+
+def revoke(session: Session, vault: KeyVault, key_refs: Sequence[str]) -> None:
+    """Revoke the keys in this process (``KeyVault.revoke``) and remember it in the store, in the
+    transaction that applies the request (so on every replay too)."""
+    refs = sorted(set(key_refs))
+    if not refs:
+        return
+    vault.revoke(refs)
+    for start in range(0, len(refs), 500):
+        part = refs[start : start + 500]
+        known = set(session.exec(select(RevokedKeyRow.key_ref).where(col(RevokedKeyRow.key_ref).in_(part))).all())
+        session.add_all(RevokedKeyRow(key_ref=ref) for ref in part if ref not in known)
+    session.flush()
+
+
+def restore_revocations(session: Session, vault: KeyVault) -> int:
+    """Revoke in the vault every key ref the store remembers as revoked (a service starting)."""
+    refs = list(session.exec(select(RevokedKeyRow.key_ref)).all())
+    if refs:
+        vault.revoke(refs)
+    return len(refs)
 
 
 def identity_hash(namespace: str, value: str) -> str:

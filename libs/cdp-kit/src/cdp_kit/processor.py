@@ -58,6 +58,7 @@ from cdp_kit.eventlog import (
 )
 from cdp_kit.natsauth import reader_name
 from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
+from cdp_kit.privacy import REVOKED_TABLES, restore_revocations
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
@@ -85,9 +86,13 @@ class Projection(Protocol):
 class InputHandler(Protocol):
     """What a service does with another service's facts. A handler may also define
     ``prefetch(session, envelopes)``: called once per fetched batch, before any observe or
-    decide, with every new envelope of the batch, so lookups can be done in bulk; and
+    decide, with every new envelope of the batch, so lookups can be done in bulk;
     ``finish(session)``: called after the batch's last decide, before anything is appended
-    and before the commit, so changes kept in memory can be written in bulk."""
+    and before the commit, so changes kept in memory can be written in bulk; and
+    ``observe_erased(session, msg, env)``: called, in its place among the message's envelopes,
+    for each envelope erased as a whole (sealed with a key that is gone: it is neither observed
+    nor decided), with what of it is not personal (its id, type and the unsealed fields), so the
+    handler can tell that it cannot read what the live service may have read."""
 
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         """Apply what this service keeps of another service's fact (may do nothing)."""
@@ -351,6 +356,20 @@ def _key(unit: Unit) -> int:
     return unit[-1][0].sequence
 
 
+def _erased(
+    msg: LogMessage, kept: list[Envelope], opened: dict[int, list[Envelope]] | None
+) -> list[tuple[Envelope, bool]] | None:
+    """The message's envelopes in their order, each with whether it was erased as a whole; None
+    when none was (the kept envelopes are the message's own objects, opened in place)."""
+    if opened is None or msg.sequence not in opened:
+        return None
+    whole = msg.events()
+    if len(whole) == len(kept):
+        return None
+    held = {id(env) for env in kept}
+    return [(env, id(env) not in held) for env in whole]
+
+
 def _whole(unit: Unit) -> LogMessage:
     """A unit as one message, for its dead letter: the last part's place, every part's bytes."""
     last = unit[-1][0]
@@ -438,7 +457,7 @@ class Processor:
         self.replay_only = False
         self.engine = engine
         self.eventlog = eventlog
-        self.tables = [*tables, *deadletters.DEADLETTER_TABLES]
+        self.tables = [*tables, *deadletters.DEADLETTER_TABLES, *REVOKED_TABLES]
         self.poison = poison_log(service)
         self.own_logs = [*own_logs, self.poison]
         self.projection = projection
@@ -719,6 +738,7 @@ class Processor:
                         last = applied
                         fresh = [unit for unit in units if _key(unit) > applied]
                         aside = self._set_aside(session, inp, fresh, emitted)
+                        observe_erased = getattr(inp.handler, "observe_erased", None)
                         prefetch = getattr(inp.handler, "prefetch", None)
                         if prefetch is not None:
                             prefetch(
@@ -740,8 +760,17 @@ class Processor:
                             await uow.next_cause(cause, inp.spec)
                             events = [(msg, envelopes(msg)) for msg, _raw in unit]
                             for msg, envs in events:
-                                for env in envs:
-                                    inp.handler.observe(session, msg, env)
+                                erased = _erased(msg, envs, opened) if observe_erased is not None else None
+                                if erased is None:
+                                    for env in envs:
+                                        inp.handler.observe(session, msg, env)
+                                    continue
+                                assert observe_erased is not None
+                                for env, gone in erased:
+                                    if gone:
+                                        observe_erased(session, msg, env)
+                                    else:
+                                        inp.handler.observe(session, msg, env)
                             if last > emitted:
                                 for msg, envs in events:
                                     for env in envs:
@@ -932,8 +961,16 @@ class Processor:
                     with contextlib.suppress(nats.errors.Error, OSError):
                         await reader.close()
 
+    def restore_revocations(self) -> int:
+        """Revoke again in the vault what privacy requests revoked before this process started."""
+        if self.vault is None:
+            return 0
+        with self.read() as session:
+            return restore_revocations(session, self.vault)
+
     async def run(self) -> None:
         """Recover, then consume every input until stopped."""
+        self.restore_revocations()
         await self.recover()
         with self.read() as session:
             for inp in self.inputs:
@@ -946,6 +983,7 @@ class Processor:
     async def catch_up(self) -> None:
         """Recover, then apply every input up to its end as of now, reading without durable
         consumers (so a rebuild beside a live service never moves the live service's cursor)."""
+        self.restore_revocations()
         await self.recover()
         for inp in self.inputs:
             with self.read() as session:

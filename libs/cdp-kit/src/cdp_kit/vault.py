@@ -19,7 +19,11 @@ in the bucket's store, and every record sealed with them reads as erased, on eve
   keeps a bounded cache (``cache_size``) of identity -> generation; an identity that falls out of
   it, a restart or a CSV reader process (``LocalKeys``, adopted by the service) gives it a new
   generation: more keys, never a wrong one (identity remembers every ref of every identity it
-  links, so a delete destroys them all).
+  links, so a delete destroys them all). A block is written once: the vault starts a new one after
+  each commit, a ``LocalKeys`` after each ``take_made`` (what it hands over may be written before
+  the next keys are adopted).
+* **Set keys**: sealing derives one key per set of refs (``cdp_kit.sealing``, format v2) and keeps
+  it (``SetKeys``); the cache is emptied when a ref is revoked or found destroyed.
 * **Consumers** call ``prefetch(refs)`` (or ``open_messages``) once per fetched batch: the blocks
   of the keys not cached come in direct batch gets (``multi_last``, ``FETCH_BATCH`` blocks a
   request, ``FETCH_PARALLEL`` in flight); a ref its block does not hold is remembered as destroyed.
@@ -50,7 +54,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections import ChainMap, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -67,7 +70,7 @@ from nats.js.kv import KeyValue
 from cdp.common.v1 import envelope_pb2
 from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
-from cdp_kit.sealing import Erased, merge_part, open_part, seal
+from cdp_kit.sealing import Erased, SetKeys, merge_parts, open_part, random_bytes, seal, seal_with
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
@@ -141,11 +144,11 @@ def block_of(ref: str) -> str:
 
 def encode_block(keys: Iterable[tuple[str, bytes]]) -> bytes:
     """A block's value: for each key, the length of its ref (1 byte), the ref, the 32 key bytes."""
-    out = bytearray()
+    entries = []
     for ref, key in sorted(keys):
         raw = ref.encode()
-        out += bytes([len(raw)]) + raw + key
-    return bytes(out)
+        entries.append(b"%c%b%b" % (len(raw), raw, key))
+    return b"".join(entries)
 
 
 def decode_block(data: bytes) -> dict[str, bytes]:
@@ -173,6 +176,14 @@ class _Lru(OrderedDict[str, bytes]):
         while len(self) > self.size:
             self.popitem(last=False)
 
+    def keep_all(self, items: Mapping[str, bytes]) -> None:
+        """``keep`` of each item, in order (in bulk: ingest adopts a reader's keys by the thousand)."""
+        for key in items.keys() & self.keys():
+            self.move_to_end(key)
+        self.update(items)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
 
 class KeysNeeded(Exception):
     """Sealing needs keys this process has not fetched: fetch them (``PersonVault.fetch_needed``)
@@ -192,6 +203,7 @@ class LocalKeys:
         self._current: dict[tuple[str, str], str] = {}
         self._made: dict[str, bytes] = {}
         self._block, self._in_block = new_block(), 0
+        self._sets = SetKeys()
 
     def refs_for(self, identities: Iterable[tuple[str, str]]) -> list[str]:
         refs: list[str] = []
@@ -217,10 +229,24 @@ class LocalKeys:
         path: str = "",
         whole: bool = True,
     ) -> envelope_pb2.Sealed:
-        return seal(self.keys, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
+        return seal(
+            self.keys,
+            refs,
+            plaintext,
+            event_id=event_id,
+            event_type=event_type,
+            path=path,
+            whole=whole,
+            cache=self._sets,
+        )
 
     def take_made(self) -> dict[str, bytes]:
+        """The keys made since the last call. The next key goes to a new block: the service may
+        write these (``PersonVault.commit``) before it adopts the next ones, and a block is written
+        once (a second create of it would be taken for a retry, and its new keys lost)."""
         made, self._made = self._made, {}
+        if self._in_block:
+            self._block, self._in_block = new_block(), 0
         return made
 
     def adopt(self, keys: dict[str, bytes]) -> None:
@@ -229,7 +255,7 @@ class LocalKeys:
 
 def new_key(block: str, namespace: str, value: str) -> tuple[str, bytes]:
     """A new key generation of one identity, stored in ``block``: its ref and its key."""
-    random = os.urandom(KEY_BYTES + 4)
+    random = random_bytes(KEY_BYTES + 4)
     return f"{block}.{identity_hash(namespace, value)}.{random[KEY_BYTES:].hex()}", random[:KEY_BYTES]
 
 
@@ -269,6 +295,7 @@ class PersonVault:
         self._at_hand = _AtHand(self._batch, self._keys)
         self._needed: set[str] = set()  # fetched for a KeysNeeded: kept at hand for the retry
         self._block, self._in_block = new_block(), 0  # where the next keys made here go
+        self._sets = SetKeys()  # v2 set keys derived here (cdp_kit.sealing); cleared on revoke and destroy
         self.erased = 0
         self.erased_fields = 0
         counters = meter("cdp.vault")
@@ -332,6 +359,9 @@ class PersonVault:
         (the processor fetches them and applies the batch or command again)."""
         if self._revoked and any(ref in self._revoked for ref in refs):
             raise Erased()
+        aead = self._sets.cached(refs)
+        if aead is not None:  # derived here, and none of its refs revoked or found destroyed since
+            return seal_with(aead, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
         missing = [ref for ref in refs if ref not in self._batch and ref not in self._keys]
         if missing:
             if any(ref in self._gone for ref in missing):
@@ -339,7 +369,14 @@ class PersonVault:
             raise KeysNeeded(missing)
         try:
             return seal(
-                self._at_hand, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole
+                self._at_hand,
+                refs,
+                plaintext,
+                event_id=event_id,
+                event_type=event_type,
+                path=path,
+                whole=whole,
+                cache=self._sets,
             )
         except KeyError:
             raise Erased() from None
@@ -352,10 +389,10 @@ class PersonVault:
 
     def adopt(self, keys: dict[str, bytes]) -> None:
         """Keys made by ``LocalKeys`` elsewhere: written by the next ``commit``."""
-        for ref, key in keys.items():
-            if ref not in self._revoked:
-                self._pending[ref] = key
-                self._keys.keep(ref, key)
+        if self._revoked:
+            keys = {ref: key for ref, key in keys.items() if ref not in self._revoked}
+        self._pending.update(keys)
+        self._keys.keep_all(keys)
 
     async def commit(self) -> int:
         """Write the keys made since the last commit to the bucket, a message per block, before the
@@ -408,6 +445,7 @@ class PersonVault:
         for ref in wanted:
             if ref not in self._batch:
                 self._gone.keep(ref, b"")  # its block does not hold it: destroyed
+                self._sets.clear()
 
     async def _fetch_blocks(self, blocks: list[str]) -> None:
         """Blocks in one direct batch get (``multi_last``, nats-server 2.11+): the server answers each
@@ -442,13 +480,15 @@ class PersonVault:
 
     def open_envelope(self, env: Envelope) -> bool:
         """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
+        opened: list[tuple[str, bytes]] = []
+        done: list[envelope_pb2.Sealed] = []
         for part in env.sealed:
             if not part.ciphertext:
                 continue  # opened already
             try:
                 if self._revoked and any(ref in self._revoked for ref in part.key_refs):
                     raise Erased()
-                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type)
+                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type, cache=self._sets)
             except Erased:
                 if part.whole:
                     self._count_erased()
@@ -456,7 +496,10 @@ class PersonVault:
                 self.erased_fields += 1
                 part.ciphertext = b""
                 continue
-            merge_part(env, part.path, plaintext)
+            opened.append((part.path, plaintext))
+            done.append(part)
+        merge_parts(env, opened)  # the payload parsed and serialized once, whatever the number of parts
+        for part in done:
             part.ciphertext = b""
         return True
 
@@ -468,6 +511,7 @@ class PersonVault:
         for ref in needed.refs:
             if ref not in self._batch and ref not in self._keys and ref not in self._gone:
                 self._gone.keep(ref, b"")  # not in the bucket: destroyed
+                self._sets.clear()
 
     def _count_erased(self) -> None:
         self.erased += 1
@@ -494,6 +538,7 @@ class PersonVault:
     def revoke(self, key_refs: Sequence[str]) -> None:
         """From now on, in this process, records sealed with any of these refs fold as erased."""
         self._revoked.update(key_refs)
+        self._sets.clear()  # no set key derived from one of them may open or seal anything more
         for ref in key_refs:
             self._keys.pop(ref, None)
             self._batch.pop(ref, None)

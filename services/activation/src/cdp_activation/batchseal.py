@@ -2,8 +2,12 @@
 are sealed (``cdp_kit.sealing``) under the keys of that record's identities, a part per record
 (``batch.records.<i>``), so erasing one person blanks their record alone.
 
-Removal batches of a privacy request (ids starting ``privacy:``) are not sealed: they carry only
-what a platform needs to remove the person, and must stay readable after the keys are destroyed.
+Removal batches of a privacy request (ids starting ``privacy:``) carry only what a platform needs
+to remove the person, and must stay readable after the person's keys are destroyed: their records
+are sealed under a key of the removal batch itself (``sealed_removal``), made by activation in the
+vault and destroyed by activation once the batch is delivered (or not delivered within the removal
+key horizon, ``cdp_activation.privacy.RemovalKeys``). Klaviyo's plain email and phone or
+Mailchimp's MD5 of the email thus stay on CDP_DELIVERY only while the removal needs them.
 A record whose identities have no known key ref (written while sealing was off) stays as it is; a
 record whose keys are revoked goes out without its identities and attributes."""
 
@@ -25,6 +29,7 @@ PRIVACY_BATCH_PREFIX = "privacy:"
 PREPARED_TYPE = ev.BatchPrepared.DESCRIPTOR.full_name
 PERSONAL = ("identities", "attributes")
 CHUNK = 500
+REMOVAL_KEY = "privacy-removal"  # the vault "namespace" of a removal batch's key (its value: the batch id)
 
 
 def identity_keys(record: pb.Record) -> list[str]:
@@ -67,3 +72,23 @@ def sealed_prepared(
             pass  # the person is being erased: the record goes out without them
         record.CopyFrom(bare)
     return prepared, parts
+
+
+def sealed_removal(vault: PersonVault, batch: pb.Batch, event_id: str) -> tuple[ev.BatchPrepared, list[Sealed]]:
+    """A removal batch's BatchPrepared with each record's personal fields sealed (a part per
+    record, ``batch.records.<i>``) under one new key of the batch: not a key of the person, so
+    identity's destroy at the request's completion leaves the removal deliverable."""
+    prepared = ev.BatchPrepared(batch=batch)
+    (ref,) = vault.refs_for([(REMOVAL_KEY, batch.id)])  # the same ref if the decision is retried here
+    parts: list[Sealed] = []
+    for i, record in enumerate(prepared.batch.records):
+        bare, personal = split_fields(record, PERSONAL)
+        path = f"batch.records.{i}"
+        parts.append(vault.seal([ref], personal, event_id=event_id, event_type=PREPARED_TYPE, path=path, whole=False))
+        record.CopyFrom(bare)
+    return prepared, parts
+
+
+def removal_keys(env_sealed: Sequence[Sealed]) -> list[str]:
+    """The key refs a removal batch's records are sealed under (named in clear on each part)."""
+    return sorted({ref for part in env_sealed for ref in part.key_refs})

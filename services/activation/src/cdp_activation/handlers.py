@@ -230,7 +230,10 @@ class ActivationHandlers:
         now = utcnow()
 
         def decide(uow: UnitOfWork) -> list[str]:
-            query = select(store.BatchRow).where(store.BatchRow.status == "dead")
+            # A removal batch whose key is destroyed has nothing left to send: it stays dead.
+            query = select(store.BatchRow).where(
+                store.BatchRow.status == "dead", col(store.BatchRow.keys_destroyed).is_(False)
+            )
             if request.batch_ids:
                 query = query.where(col(store.BatchRow.id).in_(list(request.batch_ids)))
             if request.destination:

@@ -60,7 +60,7 @@ def build(settings: ActivationSettings, engine: Engine, eventlog: EventLog, keys
     registration = Registration(
         name, activation_pb2_grpc.add_ActivationServiceServicer_to_server, ActivationServicer(handlers)
     )
-    acks = PrivacyAcks(processor, settings.delivery_interval_s)
+    acks = PrivacyAcks(processor, settings.delivery_interval_s, settings.removal_key_days * 86400.0)
     return Service(processor, [registration], background=[deliverer.run, acks.run])
 
 

@@ -13,8 +13,9 @@ privacy input:
    * a removal batch per plan whose platform has a removal (BatchPrepared, id
      ``privacy:<request id>:<plan id>``, action ``erase``) holding only the identifiers the
      platform's removal needs, in the form it takes (``Connector.erase_identifiers``: SHA-256
-     where it takes hashes). Crypto-shredding leaves batches with this prefix unsealed, so they
-     stay deliverable once the person's keys are destroyed;
+     where it takes hashes). Its records are sealed under a vault key of the batch itself
+     (``batchseal.sealed_removal``), not the person's, so they stay deliverable once the person's
+     keys are destroyed;
    * ProfilesErased, whose fold erases what the delivery log says of them (held members,
      exclusions, their records in every other batch: an add not yet sent goes without them)
      and keeps their profile ids as tombstones (``act_erased``: facts about them that arrive
@@ -28,6 +29,9 @@ Identity destroys the person's keys only after every service's acknowledgement, 
 are on the log before. The removal batches are delivered by the normal delivery loop (retries,
 dead letters, redrive) through ``Connector.erase``; a delivered batch is known on restart from
 the log (BatchDelivered), so it is never sent again, and its records then keep only profile ids.
+Once a removal batch is delivered (or after ``CDP_REMOVAL_KEY_DAYS`` undelivered) ``PrivacyAcks``
+destroys its key and appends RemovalKeysDestroyed, and it appends PrivacyApplied again whenever a
+removal's outcome changes ("delivered", "failed: <reason>").
 
 Suppress and unsuppress ask nothing of activation, and a request for profiles activation never
 saw finds nothing: each is acknowledged with no counts.
@@ -35,8 +39,10 @@ saw finds nothing: each is acknowledged with no counts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,8 +51,10 @@ from sqlmodel import Session, col, delete, select
 
 from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
+from cdp.common.v1.envelope_pb2 import Sealed
 from cdp.privacy.v1 import privacy_pb2 as privacy
 from cdp_activation import store
+from cdp_activation.batchseal import sealed_removal
 from cdp_activation.connectors import Connector, ConnectorConfig, Record, connector_for
 from cdp_activation.credentials import is_secret
 from cdp_activation.store import (
@@ -62,11 +70,12 @@ from cdp_activation.store import (
 )
 from cdp_kit.envelope import Envelope, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, LogMessage
-from cdp_kit.privacy import KeyVault, NoKeyVault, keep_applying
+from cdp_kit.privacy import KeyVault, NoKeyVault, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit
 from cdp_kit.streams import ACTIVATION_DELIVERIES, privacy_applied_log
 from cdp_kit.telemetry import get_logger
+from cdp_kit.vault import PersonVault
 
 log = get_logger(__name__)
 
@@ -74,6 +83,9 @@ ACTIVATION_PRIVACY_APPLIED = privacy_applied_log("activation")
 ERASE_MODES = frozenset({privacy.PRIVACY_MODE_DELETE, privacy.PRIVACY_MODE_DELETE_AND_SUPPRESS})
 ERASE = "erase"
 PREPARED = "prepared"
+DELIVERED = "delivered"
+FAILED = "failed:"
+NOT_DELIVERED = "not delivered within the removal key horizon: its identifiers are destroyed"
 NOT_SUPPORTED = "not supported by the platform"
 NOTHING_TO_MATCH = "failed: no identifier the platform can match on"
 BATCH_PREFIX = "privacy:"
@@ -285,7 +297,7 @@ class PrivacyHandler:
         if request.mode in ERASE_MODES and request.key_refs:
             # From now on what arrives sealed with the person's keys reads as erased here; which
             # key sealed which identity (it names the identity) goes.
-            self.vault.revoke(list(request.key_refs))
+            revoke(session, self.vault, list(request.key_refs))  # remembered: revoked again after a restart
             refs = sorted(request.key_refs)
             for start in range(0, len(refs), 500):
                 session.execute(sa.delete(KeyRefRow).where(col(KeyRefRow.key_ref).in_(refs[start : start + 500])))
@@ -324,13 +336,15 @@ class PrivacyHandler:
                     records=chunk,
                 )
                 batch.prepared_at.FromDatetime(now)
+                event_id = deterministic_id("privacy-batch", batch_id)
+                payload, parts = ev.BatchPrepared(batch=batch), list[Sealed]()
+                vault = self.vault
+                if isinstance(vault, PersonVault) and vault.sealing:
+                    payload, parts = sealed_removal(vault, batch, event_id)
                 prepared = make_envelope(
-                    ev.BatchPrepared(batch=batch),
-                    event_id=deterministic_id("privacy-batch", batch_id),
-                    subject_key=dest_id,
-                    occurred_at=now,
-                    cause=uow.cause,
+                    payload, event_id=event_id, subject_key=dest_id, occurred_at=now, cause=uow.cause
                 )
+                prepared.sealed.extend(parts)
                 uow.emit(ACTIVATION_DELIVERIES, [prepared])  # folded at once: the plan's next sequence moves on
         erased = ev.ProfilesErased(
             request_id=request.request_id, profile_ids=found.profile_ids, removals=found.removals
@@ -384,12 +398,61 @@ def fold_prepared(session: Session, batch: pb.Batch) -> None:
         session.add(row)
 
 
+def _open(status: str) -> bool:
+    """Whether a removal's outcome may still change: prepared, or failed while it can be redriven."""
+    return status == PREPARED or (status.startswith(FAILED) and NOT_DELIVERED not in status)
+
+
 def fold_applied(session: Session, applied: privacy.PrivacyApplied) -> None:
+    """PrivacyApplied of activation: the first one, and later ones reporting the removals' outcomes."""
     row = session.get(PrivacyRow, applied.request_id) or PrivacyRow(request_id=applied.request_id)
     row.counts = dict(sorted(applied.counts.items()))
     row.removals = {r.plan_id: removal_dict(r) for r in applied.removals}
     row.applied = True
+    row.open_removals = any(r.batch_id and _open(r.status) for r in applied.removals)
     session.add(row)
+
+
+def fold_keys_destroyed(session: Session, destroyed: ev.RemovalKeysDestroyed) -> None:
+    """The keys of removal batches are destroyed: each keeps only its profile ids (on a replay its
+    sealed records no longer open), and one not delivered fails for good (nothing left to send)."""
+    for batch_id in destroyed.batch_ids:
+        row = session.get(BatchRow, batch_id)
+        if row is None or row.keys_destroyed:
+            continue
+        row.keys_destroyed = True
+        row.records = [{"profile_id": str(r.get("profile_id"))} for r in row.records or []]
+        if row.status != "delivered":
+            row.status, row.reason, row.permanent = "dead", NOT_DELIVERED, True
+        session.add(row)
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite gives naive UTC back
+
+
+def removal_status(session: Session, removal: dict[str, Any]) -> str:
+    """A removal's status from its batches (the first, ``<id>:2``, ...): "delivered" once all are,
+    "failed: <reason>" while one is dead-lettered, else as recorded."""
+    batch_id = str(removal.get("batch_id") or "")
+    status = str(removal.get("status", ""))
+    if not batch_id:
+        return status
+    batches = [
+        b
+        for b in session.exec(
+            select(BatchRow).where(BatchRow.plan_id == str(removal.get("plan_id", "")), BatchRow.action == ERASE)
+        )
+        if b.id == batch_id or b.id.startswith(batch_id + ":")
+    ]
+    if not batches:
+        return status
+    dead = [b for b in batches if b.status == "dead"]
+    if dead:
+        return f"{FAILED} {dead[0].reason}".rstrip()
+    if all(b.status == "delivered" for b in batches):
+        return DELIVERED
+    return PREPARED
 
 
 def applied_event(row: PrivacyRow) -> privacy.PrivacyApplied:
@@ -402,11 +465,15 @@ def applied_event(row: PrivacyRow) -> privacy.PrivacyApplied:
 
 
 class PrivacyAcks:
-    """Appends PrivacyApplied for each request whose erasure and removal batches are committed."""
+    """Appends PrivacyApplied for each request whose erasure and removal batches are committed, and
+    again when a removal's outcome is known ("delivered", "failed: ..."); destroys the vault key of
+    each removal batch once it is delivered, or after ``removal_key_s`` undelivered
+    (RemovalKeysDestroyed)."""
 
-    def __init__(self, processor: Processor, interval_s: float) -> None:
+    def __init__(self, processor: Processor, interval_s: float, removal_key_s: float = 30 * 86400.0) -> None:
         self.processor = processor
         self.interval_s = interval_s
+        self.removal_key_s = removal_key_s
 
     async def run(self) -> None:
         await keep_applying(
@@ -428,7 +495,87 @@ class PrivacyAcks:
             )
         for request_id in pending:
             await self._ack(request_id)
+        await self._report_outcomes()
+        await self._destroy_removal_keys()
         return len(pending)
+
+    async def _report_outcomes(self) -> None:
+        """A further PrivacyApplied for each request whose removals' outcomes changed."""
+        with self.processor.read() as session:
+            rows = session.exec(
+                select(PrivacyRow).where(col(PrivacyRow.applied).is_(True), col(PrivacyRow.open_removals).is_(True))
+            ).all()
+            changed = [
+                row.request_id
+                for row in rows
+                if any(removal_status(session, r) != r.get("status") for r in row.removals.values())
+            ]
+        for request_id in changed:
+            await self._report(request_id)
+
+    async def _report(self, request_id: str) -> None:
+        now = utcnow()
+
+        def decide(uow: UnitOfWork) -> None:
+            row = uow.session.get(PrivacyRow, request_id)
+            if row is None or not row.applied:
+                return
+            statuses = {plan_id: removal_status(uow.session, r) for plan_id, r in row.removals.items()}
+            if all(statuses[plan_id] == r.get("status") for plan_id, r in row.removals.items()):
+                return
+            applied = applied_event(row)
+            for removal in applied.removals:
+                removal.status = statuses[removal.plan_id]
+            applied.at.FromDatetime(now)
+            outcome = json.dumps(sorted(statuses.items()))
+            env = make_envelope(
+                applied,
+                event_id=deterministic_id("privacy-applied", "activation", request_id, outcome),
+                subject_key=request_id,
+                occurred_at=now,
+                cause=uow.cause,
+            )
+            uow.emit(ACTIVATION_PRIVACY_APPLIED, [env])
+            log.info("privacy_removals_reported", request=request_id, statuses=sorted(set(statuses.values())))
+
+        await self.processor.execute(f"privacy-removals:{request_id}:{now.isoformat()}", decide)
+
+    async def _destroy_removal_keys(self) -> None:
+        """Destroy the vault key of each removal batch delivered, or undelivered past the horizon,
+        then record it (RemovalKeysDestroyed). A destroy done before a crash is done again (it
+        finds nothing: 0 keys) and then recorded."""
+        vault = self.processor.vault
+        if vault is None:
+            return
+        horizon = utcnow() - timedelta(seconds=self.removal_key_s)
+        with self.processor.read() as session:
+            rows = session.exec(
+                select(BatchRow).where(BatchRow.action == ERASE, col(BatchRow.keys_destroyed).is_(False))
+            ).all()
+            due = [
+                (row.id, [str(ref) for ref in row.removal_keys])
+                for row in rows
+                if row.removal_keys and (row.status == "delivered" or _aware(row.prepared_at) <= horizon)
+            ]
+        for batch_id, refs in due:
+            keys = await vault.destroy(refs)
+            now = utcnow()
+
+            def decide(uow: UnitOfWork, batch_id: str = batch_id, keys: int = keys, now: datetime = now) -> None:
+                row = uow.session.get(BatchRow, batch_id)
+                if row is None or row.keys_destroyed:
+                    return
+                env = make_envelope(
+                    ev.RemovalKeysDestroyed(batch_ids=[batch_id], keys=keys),
+                    event_id=deterministic_id("removal-keys-destroyed", batch_id),
+                    subject_key=row.destination_id,
+                    occurred_at=now,
+                    cause=uow.cause,
+                )
+                uow.emit(ACTIVATION_DELIVERIES, [env])
+
+            await self.processor.execute(f"removal-keys:{batch_id}", decide)
+            log.info("removal_keys_destroyed", batch=batch_id, keys=keys)
 
     async def _ack(self, request_id: str) -> None:
         now = utcnow()

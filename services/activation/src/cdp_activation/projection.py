@@ -12,6 +12,7 @@ from cdp.activation.v1 import activation_pb2 as pb
 from cdp.activation.v1 import events_pb2 as ev
 from cdp.privacy.v1 import privacy_pb2 as privacy_ev
 from cdp_activation import credentials, privacy, store
+from cdp_activation.batchseal import removal_keys
 from cdp_activation.changes import Changes
 from cdp_activation.store import (
     BatchRow,
@@ -76,7 +77,7 @@ class ActivationProjection:
             policy = unpack(env, ev.PolicyCreated).policy
             session.merge(PolicyRow(id=policy.id, name=policy.name, label=policy.label, action=policy.action))
         elif is_a(env, ev.BatchPrepared):
-            self._prepared(session, unpack(env, ev.BatchPrepared).batch)
+            self._prepared(session, unpack(env, ev.BatchPrepared).batch, removal_keys(env.sealed))
         elif is_a(env, ev.BatchDelivered):
             # Held now, no longer in flight: a change the planner skipped while they were (an exit
             # while the add was being sent) is planned now.
@@ -93,7 +94,7 @@ class ActivationProjection:
         elif is_a(env, ev.BatchRedriven):
             redriven = unpack(env, ev.BatchRedriven)
             row = session.get(BatchRow, redriven.batch_id)
-            if row is not None and row.status == "dead":
+            if row is not None and row.status == "dead" and not row.keys_destroyed:
                 row.status, row.reason, row.permanent = "pending", "", False
                 session.add(row)
         elif is_a(env, ev.ExclusionsChanged):
@@ -111,6 +112,8 @@ class ActivationProjection:
             completed = unpack(env, ev.DeliveryCompleted)
             self._legacy_completed(session, completed)
             self._note(session, [*completed.added_profiles, *completed.removed_profiles])
+        elif is_a(env, ev.RemovalKeysDestroyed):
+            privacy.fold_keys_destroyed(session, unpack(env, ev.RemovalKeysDestroyed))
         elif is_a(env, ev.ProfilesErased):
             erased = unpack(env, ev.ProfilesErased)
             privacy.fold_erased(session, erased)
@@ -139,7 +142,7 @@ class ActivationProjection:
             session.add(row)
 
     @staticmethod
-    def _prepared(session: Session, batch: pb.Batch) -> None:
+    def _prepared(session: Session, batch: pb.Batch, keys: list[str]) -> None:
         session.merge(
             BatchRow(
                 id=batch.id,
@@ -151,6 +154,7 @@ class ActivationProjection:
                 records=[record_dict(r) for r in batch.records],
                 profiles=len(batch.records),
                 prepared_at=from_timestamp(batch.prepared_at),
+                removal_keys=keys if batch.action == privacy.ERASE else [],
             )
         )
         plan = session.get(PlanRow, batch.plan_id)

@@ -18,6 +18,12 @@ class ActivationSettings(ServiceSettings):
         default=None, description="Root of file_export destinations; unset = data_dir/exports"
     )
     delivery_interval_s: float = Field(default=0.2, gt=0, description="How often membership changes are planned")
+    removal_key_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Days a privacy removal batch not yet delivered keeps the vault key of its records "
+        "(a dead letter may be redriven meanwhile); then the key is destroyed and the removal fails for good",
+    )
     unknown_consent: Literal["y", "n"] = Field(
         default="y", description='Consent assumed when a profile has none for the action ("y" = send)'
     )

@@ -139,6 +139,10 @@ class BatchRow(SQLModel, table=True):
     activated: int = 0
     rejected: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     warnings: list[Any] = Field(default_factory=list, sa_type=sa.JSON)
+    # A privacy removal batch: the vault key refs its records are sealed under on CDP_DELIVERY
+    # (not a person's keys), and whether activation destroyed them (RemovalKeysDestroyed).
+    removal_keys: list[Any] = Field(default_factory=list, sa_type=sa.JSON)
+    keys_destroyed: bool = False
 
 
 class ExclusionRow(SQLModel, table=True):
@@ -198,6 +202,9 @@ class PrivacyRow(SQLModel, table=True):
     # DestinationRemoval as dicts (plan_id -> removal), prepared batches and unsupported platforms.
     removals: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     applied: bool = False
+    # A removal whose outcome may still change ("prepared", or failed while it can be redriven):
+    # PrivacyAcks reports "delivered" / "failed: ..." in a further PrivacyApplied when it does.
+    open_removals: bool = Field(default=False, index=True)
 
 
 class ErasedRow(SQLModel, table=True):

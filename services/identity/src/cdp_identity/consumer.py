@@ -9,7 +9,6 @@ from sqlmodel import Session
 from cdp.identity.v1 import events_pb2 as ev
 from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp.ingest.v1 import ingest_pb2
-from cdp_identity.domain import node_key
 from cdp_identity.engine import Maker, Normaliser, kept_and_dropped, resolve_record
 from cdp_identity.graph import Made, WorkingSet
 from cdp_identity.projection import IdentityProjection
@@ -28,8 +27,9 @@ EVENT_CLASS = int(ingest_pb2.SCHEMA_CLASS_EVENT)
 
 
 # What identity reads of one RecordAccepted: the record, its kept identity keys (strongest
-# first) and its dropped identities.
-Parsed = tuple[ingest_ev.RecordAccepted, list[str], list[ev.DroppedIdentity]]
+# first), its dropped identities and the key of each of its identities in the record's order
+# (None: dropped).
+Parsed = tuple[ingest_ev.RecordAccepted, list[str], list[ev.DroppedIdentity], list[str | None]]
 
 
 class RecordsToFragments:
@@ -67,7 +67,7 @@ class RecordsToFragments:
         if ws.unread:
             self._read_batch(ws)
         parsed = ws.parsed.pop(env.id, None) or self._parse(ws, env)
-        record, kept, dropped = parsed
+        record, kept, dropped, node_keys = parsed
         if not kept:
             log.info("record_without_identities", record_event=env.id, dataset=record.dataset, dropped=len(dropped))
         fragment = fragment_of(env.id, record)
@@ -75,7 +75,7 @@ class RecordsToFragments:
             self._cause, self._causation = uow.cause, uow.cause.to_proto()
         make = Maker(env.id, env.occurred_at, uow.cause, env.trace_context, self._causation)
         fold_made = self.projection.fold_made
-        sealer = self._sealer(ws, record, env)
+        sealer = self._sealer(ws, node_keys, env)
         make.seal = sealer
 
         def emit_fragment(data: bytes, made: Made) -> None:
@@ -87,22 +87,16 @@ class RecordsToFragments:
             ws, kept, dropped, fragment, make, lambda events: uow.emit(IDENTITY_FRAGMENTS, events), emit_fragment
         )
 
-    def _sealer(self, ws: WorkingSet, record: ingest_ev.RecordAccepted, env: Envelope) -> IdentitySealer | None:
-        """Seals the record's fragment under the record's keys (its refs travel in the record)."""
+    def _sealer(self, ws: WorkingSet, node_keys: list[str | None], env: Envelope) -> IdentitySealer | None:
+        """Seals the record's fragment under the record's keys (its refs travel in the record, one
+        per identity in the record's order, as ``node_keys`` are)."""
         if self.vault is None or not self.vault.sealing or not env.sealed:
             return None
-        refs = env.sealed[0].key_refs
+        refs = list(env.sealed[0].key_refs)
         ref_of: dict[str, str] = {}
-        memo, rules = self.normalise.memo, ws.rules
-        for ident, ref in zip(record.identities, refs, strict=False):
-            item = (ident.namespace, ident.value)
-            hit = memo.get(item)
-            if hit is not None and item[0] in rules.namespaces:
-                ref_of.setdefault(hit[1], ref)
-                continue
-            clean, _rule, _detail = rules.normalise(*item)
-            if clean is not None:
-                ref_of.setdefault(node_key(item[0], clean), ref)
+        for key, ref in zip(node_keys, refs, strict=False):
+            if key is not None:
+                ref_of.setdefault(key, ref)
         return IdentitySealer(self.vault, ws, ref_of, list(dict.fromkeys(refs)))
 
     def _parse(self, ws: WorkingSet, env: Envelope) -> Parsed:
@@ -112,8 +106,10 @@ class RecordsToFragments:
             record = ingest_ev.RecordAccepted.FromString(env.payload.value)
         else:
             record = unpack(env, ingest_ev.RecordAccepted)
-        kept, dropped = kept_and_dropped(ws.rules, self.normalise, [(i.namespace, i.value) for i in record.identities])
-        return record, kept, dropped
+        node_keys: list[str | None] = []
+        raw = [(i.namespace, i.value) for i in record.identities]
+        kept, dropped = kept_and_dropped(ws.rules, self.normalise, raw, node_keys)
+        return record, kept, dropped, node_keys
 
 
 def fragment_of(source_event_id: str, record: ingest_ev.RecordAccepted) -> ev.ProfileFragment:

@@ -75,9 +75,11 @@ class Normaliser:
 
 
 def kept_and_dropped(
-    rules: Rules, normalise: Normaliser, raw: list[tuple[str, str]]
+    rules: Rules, normalise: Normaliser, raw: list[tuple[str, str]], node_keys: list[str | None] | None = None
 ) -> tuple[list[str], list[ev.DroppedIdentity]]:
-    """The record's usable identity keys, strongest first, and what was dropped (with a hash, never the value)."""
+    """The record's usable identity keys, strongest first, and what was dropped (with a hash, never
+    the value). ``node_keys``, when given, gets each raw identity's key in the record's order (None:
+    dropped): which key ref is whose, for sealing (``cdp_identity.consumer``)."""
     ranked: dict[str, tuple[int, str, str]] = {}
     dropped: list[ev.DroppedIdentity] = []
     memo = normalise.memo
@@ -91,6 +93,8 @@ def kept_and_dropped(
                 dropped.append(
                     ev.DroppedIdentity(namespace=namespace, rule=rule, value_hash=pii_hash(value), detail=detail)
                 )
+                if node_keys is not None:
+                    node_keys.append(None)
                 continue
             hit = (rules.order(namespace, clean), node_key(namespace, clean))
             if namespace in namespaces:
@@ -98,6 +102,8 @@ def kept_and_dropped(
                     memo.clear()
                 memo[item] = hit
         ranked[hit[1]] = hit[0]
+        if node_keys is not None:
+            node_keys.append(hit[1])
     if len(ranked) < 2:
         return list(ranked), dropped
     return sorted(ranked, key=ranked.__getitem__), dropped

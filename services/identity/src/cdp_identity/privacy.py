@@ -32,12 +32,15 @@ from cdp_kit.errors import InvalidInput, NotFound, Violation
 from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import (
     MAX_IDENTITIES,
+    NOTHING_TO_APPLY,
     REQUEST_ID_RE,
     KeyVault,
     derived_request_id,
     identity_hash,
     is_delete,
+    is_suppress,
     keep_applying,
+    revoke,
 )
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, transaction
@@ -137,7 +140,7 @@ def fold_erasure(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVaul
     req = unpack(env, pb.PrivacyRequested)
     if session.get(PrivacyProgressRow, (req.request_id, SELF)) is not None:
         return
-    vault.revoke(list(req.key_refs))
+    revoke(session, vault, list(req.key_refs))  # remembered: a restart before completion revokes again
     counts: dict[str, int] = {}
     if is_delete(req.mode) and not req.nothing_held:
         counts = erase_profiles(ws, list(req.profile_ids))
@@ -208,13 +211,17 @@ class PrivacyApplied:
             }
             for r in applied.removals
         ]
+        # A service may report again (activation, once its removals are delivered or failed): the
+        # latest counts and removals, the time it first applied the request.
+        earlier = session.get(PrivacyProgressRow, (applied.request_id, applied.service))
         session.merge(
             PrivacyProgressRow(
                 request_id=applied.request_id,
                 service=applied.service,
-                at=micros(applied.at),
+                at=earlier.at if earlier is not None else micros(applied.at),
                 counts=dict(applied.counts),
                 removals=removals,
+                key_refs=sorted({*(earlier.key_refs if earlier is not None else []), *applied.key_refs}),
             )
         )
         row = session.get(PrivacyRequestRow, applied.request_id)
@@ -250,7 +257,7 @@ def to_proto(session: Session, row: PrivacyRequestRow) -> pb.PrivacyRequest:
     }
     for service in (SELF, *privacy_appliers(), *sorted(set(progress) - {SELF, *privacy_appliers()})):
         p = progress.get(service)
-        item = pb.ServiceProgress(service=service, applied=p is not None)
+        item = pb.ServiceProgress(service=service, applied=p is not None, status=service_status(row, service, p))
         if p is not None:
             item.at.CopyFrom(timestamp(p.at))
             item.counts.update({k: int(v) for k, v in p.counts.items()})
@@ -258,6 +265,31 @@ def to_proto(session: Session, row: PrivacyRequestRow) -> pb.PrivacyRequest:
                 out.removals.append(pb.DestinationRemoval(**r))  # type: ignore[arg-type]
         out.services.append(item)
     return out
+
+
+APPLIED_STATUS = "applied"
+PENDING_STATUS = "pending"
+INGEST = "ingest"
+
+
+def service_status(row: PrivacyRequestRow, service: str, progress: PrivacyProgressRow | None) -> str:
+    """What is true of one service for a request. A request that held nothing completes at once:
+    a service that has not acknowledged it (yet) has nothing to apply, except ingest for a
+    suppression (it still records the suppression, then acknowledges)."""
+    if progress is not None:
+        return APPLIED_STATUS
+    if row.nothing_held and not (service == INGEST and is_suppress(row.mode)):
+        return NOTHING_TO_APPLY
+    return PENDING_STATUS
+
+
+def key_refs_of(session: Session, row: PrivacyRequestRow) -> list[str]:
+    """The keys a request destroys: the person's (PrivacyRequested.key_refs) and those the appliers
+    sealed the person's data under that identity did not know (PrivacyApplied.key_refs)."""
+    refs = set(row.key_refs)
+    for progress in session.exec(select(PrivacyProgressRow).where(PrivacyProgressRow.request_id == row.request_id)):
+        refs.update(progress.key_refs or [])
+    return sorted(refs)
 
 
 def pending(session: Session) -> list[PrivacyRequestRow]:
@@ -359,7 +391,8 @@ class PrivacyHandlers:
                 identity_hashes=hashes,
                 profile_ids=pids,
                 graph_identity_hashes=graph or sorted(set(hashes)),
-                key_refs=_key_refs_for(ws, pids),
+                # Only a delete destroys keys: a suppression keeps what is held, on the log too.
+                key_refs=_key_refs_for(ws, pids) if is_delete(mode) else [],
                 nothing_held=nothing_held,
             )
             requested.at.CopyFrom(timestamp(int(now.timestamp() * 1_000_000)))
@@ -468,7 +501,7 @@ class PrivacyHandlers:
     async def complete_pending(self) -> int:
         """Complete every request all appliers have applied: destroy its keys, then say so."""
         with self.processor.read() as session:
-            ready = [(row.request_id, list(row.key_refs)) for row in pending(session)]
+            ready = [(row.request_id, key_refs_of(session, row)) for row in pending(session)]
         for request_id, key_refs in ready:
             destroyed = await self.vault.destroy(key_refs)
             now = utcnow()

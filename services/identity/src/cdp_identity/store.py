@@ -146,6 +146,9 @@ class PrivacyProgressRow(SQLModel, table=True):
     at: int = Field(default=0, sa_type=sa.BigInteger)
     counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
     removals: list[dict[str, object]] = Field(default_factory=list, sa_type=sa.JSON)
+    # Further keys of the person the service sealed data under (PrivacyApplied.key_refs): destroyed
+    # with the request's at completion.
+    key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
 
 
 TABLES = tables_of(

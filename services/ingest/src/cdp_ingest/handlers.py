@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
@@ -19,7 +18,6 @@ from cdp_ingest import store
 from cdp_ingest.batches import CHUNK_BYTES, BatchRun, StagedReject
 from cdp_ingest.config import ConfigCache, Target
 from cdp_ingest.domain import (
-    MASKED_CHARS,
     NAME_RE,
     RowResult,
     Validator,
@@ -33,14 +31,15 @@ from cdp_ingest.options import same_dataset, same_schema
 from cdp_ingest.privacy import SUPPRESSED_RULE, Suppression, load_suppression
 from cdp_ingest.readers import ReaderPool
 from cdp_ingest.records import RecordBuilder, emit_records
+from cdp_ingest.rejects import mask, rejected_rows
 from cdp_ingest.settings import IngestSettings
 from cdp_kit.access import require_role
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, utcnow
 from cdp_kit.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Violation
-from cdp_kit.namespaces import known_types, learn
+from cdp_kit.namespaces import known_types, learn, normaliser
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.streams import INGEST_CONFIG, INGEST_DEADLETTER, INGEST_READS_IDENTITY_CONFIG, INGEST_RECORDS
-from cdp_kit.telemetry import get_logger, scrub, value_shape
+from cdp_kit.telemetry import get_logger, scrub
 
 Staged = tuple[int, str, bytes]
 """(index in the call, record key, encoded envelope) of a valid event."""
@@ -278,18 +277,29 @@ class IngestHandlers:
     async def _append_rejects(
         self, batch_id: str, index: int, rows: list[StagedReject], dataset: str, received_at: datetime
     ) -> None:
-        payload = ev.BatchRowsRejected(batch_id=batch_id, chunk=index, rows=[_batch_error(r) for r in rows])
+        validator: Validator | None = None
+        with contextlib.suppress(NotFound):
+            validator = self._target(dataset).validator(textual=True)
+        event_id = deterministic_id("rejects", batch_id, index)
 
         def decide(uow: UnitOfWork) -> None:
             if store.has_batch_error(uow.session, batch_id, rows[0][0]):
                 return  # kept by an earlier attempt of this batch
-            env = make_envelope(
-                payload,
-                event_id=deterministic_id("rejects", batch_id, index),
-                subject_key=dataset,
-                occurred_at=received_at,
-                cause=uow.cause,
+            # Raw values sealed under the row's identities' keys, or masked (cdp_ingest.rejects).
+            norm = normaliser(uow.session, phone_region=self.settings.default_phone_region)
+            payload, parts = rejected_rows(
+                rows,
+                batch_id=batch_id,
+                chunk=index,
+                event_id=event_id,
+                validator=validator,
+                norm=norm,
+                keys=self.keys,
             )
+            env = make_envelope(
+                payload, event_id=event_id, subject_key=dataset, occurred_at=received_at, cause=uow.cause
+            )
+            env.sealed.extend(parts)
             uow.emit(INGEST_DEADLETTER, [env])
 
         await self.processor.execute(f"{batch_id}:rejects:{index}", decide)
@@ -390,11 +400,11 @@ class IngestHandlers:
             response.identity_fields.extend(sorted(validator.identity_fields))
         for item in found:
             values = struct_pb2.Struct()
-            if request.raw:
+            if item.masked or request.raw:  # masked before it reached the log: there is nothing else to show
                 values.update(item.values)
                 errors = [pb.FieldError(**e) for e in item.errors]
             else:
-                values.update({name: _masked(validator, name, value) for name, value in item.values.items()})
+                values.update({name: mask(validator, name, value) for name, value in item.values.items()})
                 errors = [pb.FieldError(**{**e, "message": scrub(e["message"])}) for e in item.errors]
             response.errors.append(pb.BatchError(row=item.row, values=values, errors=errors))
         return response
@@ -479,20 +489,6 @@ def event_bytes(builder: RecordBuilder, result: RowResult) -> bytes:
         occurred_at=result.occurred_at,
         event_type=result.event_type,
     )
-
-
-def _masked(validator: Validator | None, name: str, value: Any) -> str:
-    """A kept value as reports show it; a dataset no longer known masks every value by its shape."""
-    if validator is not None:
-        return validator.mask(name, value)
-    return value_shape(value if isinstance(value, str) else json.dumps(value, default=str), MASKED_CHARS)
-
-
-def _batch_error(staged: StagedReject) -> pb.BatchError:
-    row, values, errors = staged
-    item = pb.BatchError(row=row, errors=[pb.FieldError(field=f, rule=r, message=m) for f, r, m in errors])
-    item.values.update(values)
-    return item
 
 
 def _attempt(report: pb.BatchReport) -> str:

@@ -28,7 +28,7 @@ from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, t
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import normaliser
-from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress, keep_applying
+from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import COLLECT, INGEST_PRIVACY_APPLIED
@@ -68,6 +68,8 @@ class PrivacyPendingRow(SQLModel, table=True):
     mode: int
     hashes: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     counts: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+    # The keys the person's erased rejected rows were sealed under: identity destroys them too.
+    key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
 
 
 class PrivacyDoneRow(SQLModel, table=True):
@@ -171,10 +173,13 @@ def prune_collect_index(session: Session, first_sequence: int) -> int:
     return int(session.execute(sa.delete(table).where(table.c.sequence < first_sequence)).rowcount)  # type: ignore[attr-defined]
 
 
-def _erase_batch_errors(session: Session, hashes: set[str], phone_region: str) -> int:
-    """Delete the kept rejected rows that carry one of these identities (by the schema's identity fields)."""
+def _erase_batch_errors(session: Session, hashes: set[str], phone_region: str) -> tuple[int, list[str]]:
+    """Delete the kept rejected rows that carry one of these identities (by the keyed hashes their
+    sealed form names, and by the schema's identity fields); returns how many, and the key refs
+    those rows were sealed under for these identities (identity destroys them at completion)."""
     norm = normaliser(session, phone_region=phone_region)
     erased = 0
+    refs: set[str] = set()
     identity_fields: dict[str, dict[str, str]] = {}
     datasets = {b.batch_id: b.dataset for b in session.exec(select(BatchRow)).all()}
     for row in session.exec(select(BatchErrorRow)).all():
@@ -185,11 +190,13 @@ def _erase_batch_errors(session: Session, hashes: set[str], phone_region: str) -
             schema = latest_schema(session, ds.schema_name) if ds is not None else None
             fields = {f.name: f.identity_namespace for f in schema.fields if f.identity_namespace} if schema else {}
             identity_fields[dataset] = fields
-        if any(hash_of(norm, ns, row.values.get(name)) in hashes for name, ns in fields.items()):
+        theirs = [ref for hashed, ref in (row.key_refs or {}).items() if hashed in hashes]
+        if theirs or any(hash_of(norm, ns, row.values.get(name)) in hashes for name, ns in fields.items()):
+            refs.update(theirs)
             session.delete(row)
             erased += 1
     session.flush()
-    return erased
+    return erased, sorted(refs)
 
 
 class PrivacyToIngest:
@@ -204,7 +211,7 @@ class PrivacyToIngest:
         if env.type != REQUESTED:
             return
         req = unpack(env, pb.PrivacyRequested)
-        self.vault.revoke(list(req.key_refs))
+        revoke(session, self.vault, list(req.key_refs))  # remembered: revoked again after a restart
         hashes = sorted({*req.identity_hashes, *req.graph_identity_hashes})
         if is_suppress(req.mode):
             for hashed in hashes:
@@ -215,13 +222,19 @@ class PrivacyToIngest:
                     sa.delete(SuppressionRow).where(col(SuppressionRow.identity_hash).in_(hashes[part : part + CHUNK]))
                 )
         counts: dict[str, int] = {}
+        key_refs: list[str] = []
         if is_suppress(req.mode):
             counts["suppressed_identities"] = len(hashes)
         if is_delete(req.mode):
-            counts["batch_errors"] = _erase_batch_errors(session, set(hashes), self.phone_region)
+            counts["batch_errors"], key_refs = _erase_batch_errors(session, set(hashes), self.phone_region)
+            revoke(session, self.vault, key_refs)
             scrub_after_commit(session)
         if session.get(PrivacyDoneRow, req.request_id) is None:
-            session.merge(PrivacyPendingRow(request_id=req.request_id, mode=req.mode, hashes=hashes, counts=counts))
+            session.merge(
+                PrivacyPendingRow(
+                    request_id=req.request_id, mode=req.mode, hashes=hashes, counts=counts, key_refs=key_refs
+                )
+            )
         session.flush()
         self.changed.set()
 
@@ -266,10 +279,10 @@ class PrivacyApplier:
     async def apply_pending(self) -> int:
         with self.processor.read() as session:
             pending = [
-                (p.request_id, p.mode, list(p.hashes), dict(p.counts))
+                (p.request_id, p.mode, list(p.hashes), dict(p.counts), list(p.key_refs))
                 for p in session.exec(select(PrivacyPendingRow)).all()
             ]
-        for request_id, mode, hashes, counts in pending:
+        for request_id, mode, hashes, counts, key_refs in pending:
             erased = 0
             sequences: list[int] = []
             if is_delete(mode):
@@ -284,12 +297,17 @@ class PrivacyApplier:
                 for sequence in sequences:
                     erased += int(await self.processor.eventlog.erase(COLLECT.name, sequence))
             await self._acknowledge(
-                request_id, {**counts, **({"collect_messages": erased} if is_delete(mode) else {})}, sequences
+                request_id,
+                {**counts, **({"collect_messages": erased} if is_delete(mode) else {})},
+                sequences,
+                key_refs,
             )
             log.info("privacy_applied", request_id=request_id, collect_messages=erased, **counts)
         return len(pending)
 
-    async def _acknowledge(self, request_id: str, counts: dict[str, int], sequences: Sequence[int]) -> None:
+    async def _acknowledge(
+        self, request_id: str, counts: dict[str, int], sequences: Sequence[int], key_refs: Sequence[str] = ()
+    ) -> None:
         now = utcnow()
 
         def decide(uow: UnitOfWork) -> None:
@@ -301,7 +319,7 @@ class PrivacyApplier:
                         col(CollectIdentityRow.sequence).in_(sequences[part : part + CHUNK])
                     )
                 )
-            applied = pb.PrivacyApplied(request_id=request_id, service="ingest", counts=counts)
+            applied = pb.PrivacyApplied(request_id=request_id, service="ingest", counts=counts, key_refs=key_refs)
             applied.at.CopyFrom(to_timestamp(now))
             env = make_envelope(
                 applied,

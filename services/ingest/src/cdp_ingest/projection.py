@@ -8,6 +8,7 @@ from sqlmodel import Session
 from cdp.common.v1 import deadletter_pb2 as dl
 from cdp.ingest.v1 import events_pb2 as ev
 from cdp.ingest.v1 import ingest_pb2 as pb
+from cdp_ingest import rejects
 from cdp_ingest.config import ConfigCache
 from cdp_ingest.privacy import fold_applied
 from cdp_ingest.records import RECORD_TYPE
@@ -87,9 +88,20 @@ class IngestProjection:
         elif is_a(env, ev.BatchRowsRejected):
             rejected = unpack(env, ev.BatchRowsRejected)
             for item in rejected.rows:
+                if rejects.erased(item):
+                    continue  # sealed under the keys of a person since erased: nothing of it is kept
                 errors = [{"field": e.field, "rule": e.rule, "message": e.message} for e in item.errors]
                 values = json_format.MessageToDict(item.values)
-                session.merge(BatchErrorRow(batch_id=rejected.batch_id, row=item.row, values=values, errors=errors))
+                session.merge(
+                    BatchErrorRow(
+                        batch_id=rejected.batch_id,
+                        row=item.row,
+                        values=values,
+                        errors=errors,
+                        masked=item.masked,
+                        key_refs=dict(sorted(item.key_refs.items())),
+                    )
+                )
         elif is_a(env, ev.EventDeadLettered):
             # Collect rejects from before they were the kit's dead letters: folded into the kit's
             # table like its own, so they are listed and redriven the same way (and the raw

@@ -79,6 +79,10 @@ class BatchErrorRow(SQLModel, table=True):
     row: int = Field(primary_key=True, sa_type=sa.BigInteger)
     values: dict[str, Any] = Field(sa_type=sa.JSON)
     errors: list[dict[str, str]] = Field(sa_type=sa.JSON)
+    # Masked before it reached the log (no valid identity to seal it under): the values are masked.
+    masked: bool = False
+    # The key ref each valid identity sealed the row under on the log, by the identity's keyed hash.
+    key_refs: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
 
 
 # Invalid collected events are the kit's dead letters (``cdp_deadletter``), see consumer.py.

@@ -19,7 +19,7 @@ from cdp_kit.processor import UnitOfWork
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
 from cdp_segmentation.privacy import REQUESTED as PRIVACY_ERASURE
-from cdp_segmentation.privacy import erase_requested
+from cdp_segmentation.privacy import erase_requested, mark_unreadable, merge_unreadable, unreadable
 from cdp_segmentation.profiles import apply_merge, apply_split
 from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
 from cdp_segmentation.vocabulary import consent_attributes, flatten
@@ -62,12 +62,21 @@ class ProfilesToMemberships:
             merged = unpack(env, identity_ev.ProfilesMerged)
             self._leave_to_sql(session, [merged.survivor, *merged.absorbed])
             apply_merge(session, merged, ctx)
+            merge_unreadable(session, merged.survivor, merged.absorbed)
         elif is_a(env, identity_ev.ProfileSplit):
             split = unpack(env, identity_ev.ProfileSplit)
             self._leave_to_sql(session, [split.profile_id, *(p.profile_id for p in split.parts)])
             self._split_parts[env.id] = apply_split(session, split, ctx)
         elif env.type == PRIVACY_ERASURE:  # identity erased a person here, in order (see privacy.py)
             erase_requested(session, self.catalog, env)
+
+    def observe_erased(self, session: Session, msg: LogMessage, env: Envelope) -> None:
+        """A fragment sealed under keys a privacy delete destroyed: its profile is unreadable
+        until identity's erasure of it is read (``privacy.PrivacyUnreadableRow``). On a rebuild
+        this is every fragment of an erased person; live, those read after the request."""
+        if env.type == FRAGMENT_TYPE:
+            refs = [ref for part in env.sealed if part.ciphertext for ref in part.key_refs]
+            mark_unreadable(session, _unpack_fragment(env).profile_id, refs)
 
     def _position(self, msg: LogMessage, env: Envelope) -> int:
         """The envelope's place among its message's events: with the sequence, its log position.
@@ -105,6 +114,10 @@ class ProfilesToMemberships:
                 exit_all(uow, self.catalog, frag.profile_id, at, f"fragment:{env.id}")
                 return
             cause = f"fragment:{env.id}"
+            if unreadable(session, frag.profile_id):  # a person being erased: see privacy.py
+                state.created = False
+                state.dropped_types.clear()
+                return
             if state.created:
                 # New: the segments that read nothing it has take their value for the empty profile.
                 segments, reading = self.catalog.created(session, state)
@@ -129,6 +142,8 @@ class ProfilesToMemberships:
             self._leave_to_sql(session, [merged.survivor, *merged.absorbed])
             for absorbed in merged.absorbed:
                 exit_all(uow, self.catalog, absorbed, at, f"merged-into:{merged.survivor}:{env.id}")
+            if unreadable(session, merged.survivor):  # a person being erased: see privacy.py
+                return
             everything = self.catalog.affected(session, everything=True)
             reevaluate(uow, self.catalog, merged.survivor, everything, at, f"merge:{env.id}", now_ms)
         elif is_a(env, identity_ev.ProfileSplit):
@@ -139,7 +154,8 @@ class ProfilesToMemberships:
             self._leave_to_sql(session, parts)
             everything = self.catalog.affected(session, everything=True)
             for part in parts:
-                reevaluate(uow, self.catalog, part, everything, at, f"split:{env.id}", now_ms)
+                if not unreadable(session, part):  # a person being erased: see privacy.py
+                    reevaluate(uow, self.catalog, part, everything, at, f"split:{env.id}", now_ms)
 
 
 class DatasetsOfIngest:

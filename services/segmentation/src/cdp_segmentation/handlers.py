@@ -373,7 +373,7 @@ class SegmentationHandlers:
                 return True
             if self.catalog.windows(session):  # computed attributes over a relative window
                 return True
-            return any(store.segment_of(r).schedule for r in store.all_segments(session))
+            return any(s.schedule for s in segments)
 
     async def clock_loop(self) -> None:
         await self.processor.ready.wait()

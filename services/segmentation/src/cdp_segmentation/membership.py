@@ -49,6 +49,7 @@ class CompiledSegment:
     reads: Reads
     streaming: bool
     test: Test
+    schedule: str = ""
 
 
 class Catalog:
@@ -58,6 +59,9 @@ class Catalog:
     def __init__(self, event_cap: int = DEFAULT_EVENT_CAP) -> None:
         self.event_cap = event_cap
         self._segments: list[CompiledSegment] | None = None
+        # Each segment compiled once per definition (by id, with the JSON it was compiled from):
+        # a new segment compiles itself, not every segment again.
+        self._compiled: dict[str, tuple[dict[str, Any], CompiledSegment]] = {}
         self._computed: tuple[ComputedDef, ...] | None = None
         self._ctx: ProfileContext | None = None
         self._affected: dict[tuple[Any, ...], list[CompiledSegment]] = {}
@@ -117,16 +121,25 @@ class Catalog:
 
     def segments(self, session: Session) -> list[CompiledSegment]:
         if self._segments is None:
-            compiled = []
+            compiled: dict[str, tuple[dict[str, Any], CompiledSegment]] = {}
             for row in store.all_segments(session):
-                segment = store.segment_of(row)
-                streaming = segment.evaluation != pb.EVALUATION_BATCH
-                compiled.append(
-                    CompiledSegment(
-                        row.id, row.name, segment.ast, reads_of(segment.ast), streaming, compile_ast(segment.ast)
+                cached = self._compiled.get(row.id)
+                if cached is None or cached[0] != row.body or cached[1].name != row.name:
+                    segment = store.segment_of(row)
+                    streaming = segment.evaluation != pb.EVALUATION_BATCH
+                    made = CompiledSegment(
+                        row.id,
+                        row.name,
+                        segment.ast,
+                        reads_of(segment.ast),
+                        streaming,
+                        compile_ast(segment.ast),
+                        segment.schedule,
                     )
-                )
-            self._segments = _dependency_order(compiled)
+                    cached = (row.body, made)
+                compiled[row.id] = cached
+            self._compiled = compiled
+            self._segments = _dependency_order([made for _, made in compiled.values()])
         return self._segments
 
     def empty_values(self, session: Session) -> dict[str, bool]:

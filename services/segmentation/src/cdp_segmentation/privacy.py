@@ -23,7 +23,7 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, to_timestamp, unpack, utcnow
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import LogMessage
-from cdp_kit.privacy import KeyVault, is_delete, keep_applying
+from cdp_kit.privacy import KeyVault, is_delete, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
 from cdp_kit.store import get_checkpoint, scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import PROFILE, SEGMENTATION_PRIVACY_APPLIED, SEGMENTATION_READS_PROFILE
@@ -78,8 +78,27 @@ class PrivacyExitHeldRow(SQLModel, table=True):
     segment_id: str = Field(primary_key=True)
 
 
-PRIVACY_TABLES = tables_of(PrivacyPendingRow, PrivacyDoneRow, PrivacyErasedRow, PrivacyExitHeldRow)
+class PrivacyUnreadableRow(SQLModel, table=True):
+    """A profile the profile input met a fragment of that it cannot read: sealed under keys a
+    privacy delete destroyed (revoked here), so it folds as erased. The store holds less of the
+    person than the live store held when it decided on them (a rebuild reads none of their
+    fragments), so the profile's memberships are not evaluated again (``unreadable``) until the
+    profile input reads identity's erasure of it, which the privacy exits follow: an erasure of the
+    profile, or one naming any of ``key_refs`` (the refs the unreadable fragments were sealed
+    under: a fragment naming several people is unreadable once any of them is erased, and the
+    profile of another one of them is readable again after that person's erasure)."""
+
+    __tablename__ = "seg_privacy_unreadable"
+
+    profile_id: str = Field(primary_key=True)
+    key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+
+
+PRIVACY_TABLES = tables_of(
+    PrivacyPendingRow, PrivacyDoneRow, PrivacyErasedRow, PrivacyExitHeldRow, PrivacyUnreadableRow
+)
 _HELD = "seg_privacy_exits_held"
+_UNREADABLE = "seg_privacy_unreadable"
 
 
 def _parts(items: Sequence[str]) -> list[Sequence[str]]:
@@ -117,6 +136,7 @@ def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
         return
     counts = erase(session, catalog, sorted(req.profile_ids))
     session.merge(PrivacyErasedRow(request_id=req.request_id, counts=counts))
+    readable_again(session, req)
     held = session.exec(select(PrivacyExitHeldRow).where(PrivacyExitHeldRow.request_id == req.request_id)).all()
     for row in held:
         # A replay: the exit was folded before this input was read again; it takes effect here.
@@ -125,6 +145,59 @@ def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
             session.delete(membership)
         session.delete(row)
     session.flush()
+
+
+def mark_unreadable(session: Session, profile_id: str, key_refs: Sequence[str]) -> None:
+    """The profile input met a fragment of this profile it cannot read, sealed under ``key_refs``
+    (see ``PrivacyUnreadableRow``)."""
+    if not profile_id:
+        return
+    row = session.get(PrivacyUnreadableRow, profile_id)
+    known = row.key_refs if row is not None else []
+    session.merge(PrivacyUnreadableRow(profile_id=profile_id, key_refs=sorted({*known, *key_refs})))
+    session.flush()
+    session.info[_UNREADABLE] = True
+
+
+def merge_unreadable(session: Session, survivor: str, absorbed: Sequence[str]) -> None:
+    """Profiles merged: the survivor holds what the absorbed held, unreadable data included."""
+    if not unreadable_any(session):
+        return
+    rows = session.exec(select(PrivacyUnreadableRow).where(col(PrivacyUnreadableRow.profile_id).in_(absorbed))).all()
+    refs = sorted({ref for row in rows for ref in row.key_refs})
+    for row in rows:
+        session.delete(row)
+    if rows:
+        session.flush()
+        mark_unreadable(session, survivor, refs)
+
+
+def readable_again(session: Session, req: pb.PrivacyRequested) -> None:
+    """Identity's erasure read: the profiles it erases, and those unreadable only through the keys
+    it destroys, are no longer unreadable (what they hold is what a rebuild holds)."""
+    if not unreadable_any(session):
+        return
+    erased, destroyed = set(req.profile_ids), set(req.key_refs)
+    for row in session.exec(select(PrivacyUnreadableRow)).all():
+        if row.profile_id in erased or destroyed.intersection(row.key_refs):
+            session.delete(row)
+    session.flush()
+
+
+def unreadable_any(session: Session) -> bool:
+    """Whether any profile is unreadable: one query per transaction while none is (the usual case)."""
+    known = session.info.get(_UNREADABLE)
+    if known is None:
+        known = session.exec(select(PrivacyUnreadableRow.profile_id).limit(1)).first() is not None
+        session.info[_UNREADABLE] = known
+    return bool(known)
+
+
+def unreadable(session: Session, profile_id: str) -> bool:
+    """Whether this profile's memberships are not to be evaluated (see ``PrivacyUnreadableRow``):
+    the live service decided on data this store no longer holds, and what it decided is on the
+    log; until the erasure (then the privacy exits), the profile's memberships stay as they are."""
+    return unreadable_any(session) and session.get(PrivacyUnreadableRow, profile_id) is not None
 
 
 def fold_privacy_exit(session: Session, cause: str, profile_id: str, segment_id: str) -> None:
@@ -198,7 +271,7 @@ class PrivacyToSegmentation:
         if env.type != REQUESTED:
             return
         req = unpack(env, pb.PrivacyRequested)
-        self.vault.revoke(list(req.key_refs))
+        revoke(session, self.vault, list(req.key_refs))  # remembered: revoked again after a restart
         if session.get(PrivacyDoneRow, req.request_id) is None:
             pids = sorted(req.profile_ids)
             session.merge(PrivacyPendingRow(request_id=req.request_id, mode=req.mode, profile_ids=pids))

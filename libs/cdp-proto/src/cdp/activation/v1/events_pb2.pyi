@@ -396,3 +396,32 @@ class ProfilesErased(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProfilesErased: _TypeAlias = ProfilesErased  # noqa: Y015
+
+@_typing.final
+class RemovalKeysDestroyed(_message.Message):
+    """The vault keys sealing privacy removal batches (``privacy:<request>:<plan>``) were destroyed:
+    each batch was delivered, or was not delivered within the removal key horizon. From here on the
+    batches keep only profile ids, on every replay (their sealed records no longer open).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_IDS_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    keys: _builtins.int
+    """Keys the vault still held (0 when a destroy was already done before a restart)."""
+    @_builtins.property
+    def batch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        batch_ids: _abc.Iterable[_builtins.str] | None = ...,
+        keys: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_ids", b"batch_ids", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovalKeysDestroyed: _TypeAlias = RemovalKeysDestroyed  # noqa: Y015

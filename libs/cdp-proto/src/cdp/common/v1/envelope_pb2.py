@@ -26,7 +26,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/common/v1/envelope.proto\x12\rcdp.common.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"S\n\tCausation\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x12\n\ncommand_id\x18\x04 \x01(\t\"\xa5\x03\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x13\n\x0bsubject_key\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecorded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eschema_version\x18\x06 \x01(\r\x12+\n\tcausation\x18\x07 \x01(\x0b\x32\x18.cdp.common.v1.Causation\x12@\n\rtrace_context\x18\x08 \x03(\x0b\x32).cdp.common.v1.Envelope.TraceContextEntry\x12%\n\x07payload\x18\t \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x06sealed\x18\n \x03(\x0b\x32\x15.cdp.common.v1.Sealed\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x06Sealed\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08key_refs\x18\x02 \x03(\t\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\r\n\x05whole\x18\x05 \x01(\x08\"5\n\nEventBatch\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.cdp.common.v1.Envelope\"1\n\rIdentityValue\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/common/v1/envelope.proto\x12\rcdp.common.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"S\n\tCausation\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x12\n\ncommand_id\x18\x04 \x01(\t\"\xa5\x03\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x13\n\x0bsubject_key\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecorded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eschema_version\x18\x06 \x01(\r\x12+\n\tcausation\x18\x07 \x01(\x0b\x32\x18.cdp.common.v1.Causation\x12@\n\rtrace_context\x18\x08 \x03(\x0b\x32).cdp.common.v1.Envelope.TraceContextEntry\x12%\n\x07payload\x18\t \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x06sealed\x18\n \x03(\x0b\x32\x15.cdp.common.v1.Sealed\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x06Sealed\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08key_refs\x18\x02 \x03(\t\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\r\n\x05whole\x18\x05 \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\r\"5\n\nEventBatch\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.cdp.common.v1.Envelope\"1\n\rIdentityValue\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=563
   _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=614
   _globals['_SEALED']._serialized_start=616
-  _globals['_SEALED']._serialized_end=705
-  _globals['_EVENTBATCH']._serialized_start=707
-  _globals['_EVENTBATCH']._serialized_end=760
-  _globals['_IDENTITYVALUE']._serialized_start=762
-  _globals['_IDENTITYVALUE']._serialized_end=811
+  _globals['_SEALED']._serialized_end=721
+  _globals['_EVENTBATCH']._serialized_start=723
+  _globals['_EVENTBATCH']._serialized_end=776
+  _globals['_IDENTITYVALUE']._serialized_start=778
+  _globals['_IDENTITYVALUE']._serialized_end=827
 # @@protoc_insertion_point(module_scope)

@@ -137,10 +137,12 @@ Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
 
 @_typing.final
 class Sealed(_message.Message):
-    """Fields of an event's payload sealed with AES-256-GCM under a key derived (HKDF-SHA256, random
-    salt) from the per-identity keys of every person they name, kept in the vault (cdp_kit.vault).
-    The plaintext is the wire form of a message of the type at `path` holding only the sealed
-    fields: opening merges it back. A destroyed or revoked key leaves it sealed forever.
+    """Fields of an event's payload sealed with AES-256-GCM under a key derived (HKDF-SHA256) from the
+    per-identity keys of every person they name, kept in the vault (cdp_kit.vault). The plaintext
+    is the wire form of a message of the type at `path` holding only the sealed fields: opening
+    merges it back. A destroyed or revoked key leaves it sealed forever. `format` says how the key
+    is derived (cdp_kit.sealing): 0 (v1) one key per part from a random `salt`; 2 (v2) one key per
+    set of key refs (no salt), each part with its own random nonce.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -150,6 +152,7 @@ class Sealed(_message.Message):
     SALT_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
     WHOLE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Where the plaintext merges: "" is the payload itself, "parts.2" its field parts, element 2."""
     salt: _builtins.bytes
@@ -159,6 +162,8 @@ class Sealed(_message.Message):
     """True: the event is nothing without these fields, a reader that cannot open them skips the
     whole event (folded as erased). False: the event is folded with the fields left empty.
     """
+    format: _builtins.int
+    """0: v1 (HKDF salt = `salt`, info "cdp-seal/v1"); 2: v2 (no salt, info "cdp-seal/v2")."""
     @_builtins.property
     def key_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys (cdp_kit.vault key refs) the record key derives from; for a record of ingest, one per
@@ -173,10 +178,11 @@ class Sealed(_message.Message):
         salt: _builtins.bytes = ...,
         ciphertext: _builtins.bytes = ...,
         whole: _builtins.bool = ...,
+        format: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "key_refs", b"key_refs", "path", b"path", "salt", b"salt", "whole", b"whole"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "format", b"format", "key_refs", b"key_refs", "path", b"path", "salt", b"salt", "whole", b"whole"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -697,10 +697,36 @@ Global___IngestProgress: _TypeAlias = IngestProgress  # noqa: Y015
 class BatchError(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class KeyRefsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROW_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    KEY_REFS_FIELD_NUMBER: _builtins.int
     row: _builtins.int
+    masked: _builtins.bool
+    """True when the values were masked before they reached the log (the row named no valid identity
+    whose key could seal its raw values): the masked values are all there is.
+    """
     @_builtins.property
     def values(self) -> _struct_pb2.Struct:
         """The row's values keyed by column: masked (identity values "k:<16 hex>", others their shape,
@@ -709,16 +735,24 @@ class BatchError(_message.Message):
 
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]: ...
+    @_builtins.property
+    def key_refs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """On the log only (BatchRowsRejected): the vault key ref each valid identity of the row sealed
+        its raw values under, by the identity's keyed hash; a privacy delete of that identity destroys it.
+        """
+
     def __init__(
         self,
         *,
         row: _builtins.int = ...,
         values: _struct_pb2.Struct | None = ...,
         errors: _abc.Iterable[Global___FieldError] | None = ...,
+        masked: _builtins.bool = ...,
+        key_refs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "row", b"row", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "key_refs", b"key_refs", "masked", b"masked", "row", b"row", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from cdp.common.v1 import envelope_pb2 as cdp_dot_common_dot_v1_dot_envelope__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/privacy/v1/privacy.proto\x12\x0e\x63\x64p.privacy.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x14SubmitPrivacyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.cdp.privacy.v1.PrivacyMode\x12\x30\n\nidentities\x18\x03 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\".\n\x18GetPrivacyRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"+\n\x1aListPrivacyRequestsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"O\n\x1bListPrivacyRequestsResponse\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.cdp.privacy.v1.PrivacyRequest\"\xc7\x01\n\x0fServiceProgress\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x06\x63ounts\x18\x04 \x03(\x0b\x32+.cdp.privacy.v1.ServiceProgress.CountsEntry\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"n\n\x12\x44\x65stinationRemoval\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\t\x12\x10\n\x08profiles\x18\x05 \x01(\x04\"\xa4\x03\n\x0ePrivacyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.cdp.privacy.v1.PrivacyMode\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cdp.privacy.v1.PrivacyState\x12\x17\n\x0fidentity_hashes\x18\x04 \x03(\t\x12\x13\n\x0bprofile_ids\x18\x05 \x03(\t\x12\x14\n\x0cnothing_held\x18\x06 \x01(\x08\x12/\n\x0breceived_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08services\x18\t \x03(\x0b\x32\x1f.cdp.privacy.v1.ServiceProgress\x12\x34\n\x08removals\x18\n \x03(\x0b\x32\".cdp.privacy.v1.DestinationRemoval\x12\x16\n\x0ekeys_destroyed\x18\x0b \x01(\x04\"\xee\x01\n\x10PrivacyRequested\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.cdp.privacy.v1.PrivacyMode\x12\x17\n\x0fidentity_hashes\x18\x03 \x03(\t\x12\x13\n\x0bprofile_ids\x18\x04 \x03(\t\x12\x1d\n\x15graph_identity_hashes\x18\x05 \x03(\t\x12\x10\n\x08key_refs\x18\x06 \x03(\t\x12\x14\n\x0cnothing_held\x18\x07 \x01(\x08\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfe\x01\n\x0ePrivacyApplied\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12:\n\x06\x63ounts\x18\x03 \x03(\x0b\x32*.cdp.privacy.v1.PrivacyApplied.CountsEntry\x12\x34\n\x08removals\x18\x04 \x03(\x0b\x32\".cdp.privacy.v1.DestinationRemoval\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"f\n\x10PrivacyCompleted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ekeys_destroyed\x18\x02 \x01(\x04\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PRIVACY_MODE_DELETE\x10\x01\x12\x19\n\x15PRIVACY_MODE_SUPPRESS\x10\x02\x12$\n PRIVACY_MODE_DELETE_AND_SUPPRESS\x10\x03\x12\x1b\n\x17PRIVACY_MODE_UNSUPPRESS\x10\x04*\x82\x01\n\x0cPrivacyState\x12\x1d\n\x19PRIVACY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PRIVACY_STATE_RECEIVED\x10\x01\x12\x1a\n\x16PRIVACY_STATE_APPLYING\x10\x02\x12\x1b\n\x17PRIVACY_STATE_COMPLETED\x10\x03\x32\xa1\x02\n\x0ePrivacyService\x12N\n\x06Submit\x12$.cdp.privacy.v1.SubmitPrivacyRequest\x1a\x1e.cdp.privacy.v1.PrivacyRequest\x12V\n\nGetRequest\x12(.cdp.privacy.v1.GetPrivacyRequestRequest\x1a\x1e.cdp.privacy.v1.PrivacyRequest\x12g\n\x0cListRequests\x12*.cdp.privacy.v1.ListPrivacyRequestsRequest\x1a+.cdp.privacy.v1.ListPrivacyRequestsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/privacy/v1/privacy.proto\x12\x0e\x63\x64p.privacy.v1\x1a\x1c\x63\x64p/common/v1/envelope.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x14SubmitPrivacyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.cdp.privacy.v1.PrivacyMode\x12\x30\n\nidentities\x18\x03 \x03(\x0b\x32\x1c.cdp.common.v1.IdentityValue\".\n\x18GetPrivacyRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"+\n\x1aListPrivacyRequestsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"O\n\x1bListPrivacyRequestsResponse\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.cdp.privacy.v1.PrivacyRequest\"\xd7\x01\n\x0fServiceProgress\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x06\x63ounts\x18\x04 \x03(\x0b\x32+.cdp.privacy.v1.ServiceProgress.CountsEntry\x12\x0e\n\x06status\x18\x05 \x01(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"n\n\x12\x44\x65stinationRemoval\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\t\x12\x10\n\x08profiles\x18\x05 \x01(\x04\"\xa4\x03\n\x0ePrivacyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.cdp.privacy.v1.PrivacyMode\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cdp.privacy.v1.PrivacyState\x12\x17\n\x0fidentity_hashes\x18\x04 \x03(\t\x12\x13\n\x0bprofile_ids\x18\x05 \x03(\t\x12\x14\n\x0cnothing_held\x18\x06 \x01(\x08\x12/\n\x0breceived_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08services\x18\t \x03(\x0b\x32\x1f.cdp.privacy.v1.ServiceProgress\x12\x34\n\x08removals\x18\n \x03(\x0b\x32\".cdp.privacy.v1.DestinationRemoval\x12\x16\n\x0ekeys_destroyed\x18\x0b \x01(\x04\"\xee\x01\n\x10PrivacyRequested\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.cdp.privacy.v1.PrivacyMode\x12\x17\n\x0fidentity_hashes\x18\x03 \x03(\t\x12\x13\n\x0bprofile_ids\x18\x04 \x03(\t\x12\x1d\n\x15graph_identity_hashes\x18\x05 \x03(\t\x12\x10\n\x08key_refs\x18\x06 \x03(\t\x12\x14\n\x0cnothing_held\x18\x07 \x01(\x08\x12&\n\x02\x61t\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x02\n\x0ePrivacyApplied\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12:\n\x06\x63ounts\x18\x03 \x03(\x0b\x32*.cdp.privacy.v1.PrivacyApplied.CountsEntry\x12\x34\n\x08removals\x18\x04 \x03(\x0b\x32\".cdp.privacy.v1.DestinationRemoval\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08key_refs\x18\x06 \x03(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"f\n\x10PrivacyCompleted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ekeys_destroyed\x18\x02 \x01(\x04\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\x0bPrivacyMode\x12\x1c\n\x18PRIVACY_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13PRIVACY_MODE_DELETE\x10\x01\x12\x19\n\x15PRIVACY_MODE_SUPPRESS\x10\x02\x12$\n PRIVACY_MODE_DELETE_AND_SUPPRESS\x10\x03\x12\x1b\n\x17PRIVACY_MODE_UNSUPPRESS\x10\x04*\x82\x01\n\x0cPrivacyState\x12\x1d\n\x19PRIVACY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PRIVACY_STATE_RECEIVED\x10\x01\x12\x1a\n\x16PRIVACY_STATE_APPLYING\x10\x02\x12\x1b\n\x17PRIVACY_STATE_COMPLETED\x10\x03\x32\xa1\x02\n\x0ePrivacyService\x12N\n\x06Submit\x12$.cdp.privacy.v1.SubmitPrivacyRequest\x1a\x1e.cdp.privacy.v1.PrivacyRequest\x12V\n\nGetRequest\x12(.cdp.privacy.v1.GetPrivacyRequestRequest\x1a\x1e.cdp.privacy.v1.PrivacyRequest\x12g\n\x0cListRequests\x12*.cdp.privacy.v1.ListPrivacyRequestsRequest\x1a+.cdp.privacy.v1.ListPrivacyRequestsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICEPROGRESS_COUNTSENTRY']._serialized_options = b'8\001'
   _globals['_PRIVACYAPPLIED_COUNTSENTRY']._loaded_options = None
   _globals['_PRIVACYAPPLIED_COUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_PRIVACYMODE']._serialized_start=1763
-  _globals['_PRIVACYMODE']._serialized_end=1925
-  _globals['_PRIVACYSTATE']._serialized_start=1928
-  _globals['_PRIVACYSTATE']._serialized_end=2058
+  _globals['_PRIVACYMODE']._serialized_start=1797
+  _globals['_PRIVACYMODE']._serialized_end=1959
+  _globals['_PRIVACYSTATE']._serialized_start=1962
+  _globals['_PRIVACYSTATE']._serialized_end=2092
   _globals['_SUBMITPRIVACYREQUEST']._serialized_start=112
   _globals['_SUBMITPRIVACYREQUEST']._serialized_end=247
   _globals['_GETPRIVACYREQUESTREQUEST']._serialized_start=249
@@ -50,21 +50,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPRIVACYREQUESTSRESPONSE']._serialized_start=342
   _globals['_LISTPRIVACYREQUESTSRESPONSE']._serialized_end=421
   _globals['_SERVICEPROGRESS']._serialized_start=424
-  _globals['_SERVICEPROGRESS']._serialized_end=623
-  _globals['_SERVICEPROGRESS_COUNTSENTRY']._serialized_start=578
-  _globals['_SERVICEPROGRESS_COUNTSENTRY']._serialized_end=623
-  _globals['_DESTINATIONREMOVAL']._serialized_start=625
-  _globals['_DESTINATIONREMOVAL']._serialized_end=735
-  _globals['_PRIVACYREQUEST']._serialized_start=738
-  _globals['_PRIVACYREQUEST']._serialized_end=1158
-  _globals['_PRIVACYREQUESTED']._serialized_start=1161
-  _globals['_PRIVACYREQUESTED']._serialized_end=1399
-  _globals['_PRIVACYAPPLIED']._serialized_start=1402
-  _globals['_PRIVACYAPPLIED']._serialized_end=1656
-  _globals['_PRIVACYAPPLIED_COUNTSENTRY']._serialized_start=578
-  _globals['_PRIVACYAPPLIED_COUNTSENTRY']._serialized_end=623
-  _globals['_PRIVACYCOMPLETED']._serialized_start=1658
-  _globals['_PRIVACYCOMPLETED']._serialized_end=1760
-  _globals['_PRIVACYSERVICE']._serialized_start=2061
-  _globals['_PRIVACYSERVICE']._serialized_end=2350
+  _globals['_SERVICEPROGRESS']._serialized_end=639
+  _globals['_SERVICEPROGRESS_COUNTSENTRY']._serialized_start=594
+  _globals['_SERVICEPROGRESS_COUNTSENTRY']._serialized_end=639
+  _globals['_DESTINATIONREMOVAL']._serialized_start=641
+  _globals['_DESTINATIONREMOVAL']._serialized_end=751
+  _globals['_PRIVACYREQUEST']._serialized_start=754
+  _globals['_PRIVACYREQUEST']._serialized_end=1174
+  _globals['_PRIVACYREQUESTED']._serialized_start=1177
+  _globals['_PRIVACYREQUESTED']._serialized_end=1415
+  _globals['_PRIVACYAPPLIED']._serialized_start=1418
+  _globals['_PRIVACYAPPLIED']._serialized_end=1690
+  _globals['_PRIVACYAPPLIED_COUNTSENTRY']._serialized_start=594
+  _globals['_PRIVACYAPPLIED_COUNTSENTRY']._serialized_end=639
+  _globals['_PRIVACYCOMPLETED']._serialized_start=1692
+  _globals['_PRIVACYCOMPLETED']._serialized_end=1794
+  _globals['_PRIVACYSERVICE']._serialized_start=2095
+  _globals['_PRIVACYSERVICE']._serialized_end=2384
 # @@protoc_insertion_point(module_scope)

@@ -193,8 +193,13 @@ class ServiceProgress(_message.Message):
     APPLIED_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     applied: _builtins.bool
+    status: _builtins.str
+    """What is true of this service for the request: "applied", "pending", or, for a request
+    that held nothing, "nothing held: nothing to apply" (until the service acknowledges it).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -210,10 +215,11 @@ class ServiceProgress(_message.Message):
         applied: _builtins.bool = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "at", b"at", "counts", b"counts", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "at", b"at", "counts", b"counts", "service", b"service", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,6 +405,7 @@ class PrivacyApplied(_message.Message):
     COUNTS_FIELD_NUMBER: _builtins.int
     REMOVALS_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    KEY_REFS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     service: _builtins.str
     @_builtins.property
@@ -407,6 +414,12 @@ class PrivacyApplied(_message.Message):
     def removals(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationRemoval]: ...
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def key_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Further vault key refs of the person this service sealed data under that identity does not
+        know (ingest: the keys of the person's rejected rows), destroyed with the request's at completion.
+        """
+
     def __init__(
         self,
         *,
@@ -415,10 +428,11 @@ class PrivacyApplied(_message.Message):
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         removals: _abc.Iterable[Global___DestinationRemoval] | None = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        key_refs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "counts", b"counts", "removals", b"removals", "request_id", b"request_id", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "counts", b"counts", "key_refs", b"key_refs", "removals", b"removals", "request_id", b"request_id", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

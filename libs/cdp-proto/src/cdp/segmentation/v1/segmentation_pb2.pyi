@@ -1102,7 +1102,13 @@ class GetProfileRequest(_message.Message):
 
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     IDENTITY_FIELD_NUMBER: _builtins.int
+    WITH_HISTORY_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
+    with_history: _builtins.bool
+    """Also read the event history: the most recent events and the per-source fragment counts
+    (`recent_events`, `sources`). Off by default: the personalisation lookup needs the profile,
+    its identities, attributes, memberships and computed values, which are read by key.
+    """
     @_builtins.property
     def identity(self) -> _envelope_pb2.IdentityValue: ...
     def __init__(
@@ -1110,10 +1116,11 @@ class GetProfileRequest(_message.Message):
         *,
         profile_id: _builtins.str = ...,
         identity: _envelope_pb2.IdentityValue | None = ...,
+        with_history: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "key", b"key", "profile_id", b"profile_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "key", b"key", "profile_id", b"profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "key", b"key", "profile_id", b"profile_id", "with_history", b"with_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_key: _TypeAlias = _typing.Literal["profile_id", "identity"]  # noqa: Y015
     _WhichOneofArgType_key: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
