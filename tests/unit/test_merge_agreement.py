@@ -33,6 +33,7 @@ from cdp_kit.streams import SEGMENTATION_CONFIG
 from cdp_segmentation import store as seg_store
 from cdp_segmentation.consumer import ProfilesToMemberships
 from cdp_segmentation.membership import Catalog
+from cdp_segmentation.privacy import PRIVACY_TABLES as SEG_PRIVACY_TABLES
 from cdp_segmentation.projection import SegmentationProjection
 
 DATASETS = ("crm", "loyalty", "pos")
@@ -74,7 +75,7 @@ class Logs:
     def __init__(self) -> None:
         self.seg: Engine = make_engine("sqlite://")
         self.act: Engine = make_engine("sqlite://")
-        create_tables(self.seg, seg_store.TABLES)
+        create_tables(self.seg, [*seg_store.TABLES, *SEG_PRIVACY_TABLES])  # as segmentation's main builds it
         create_tables(self.act, act_store.TABLES)
         self.catalog = Catalog()
         self.seg_profiles = ProfilesToMemberships(self.catalog)
