@@ -380,7 +380,9 @@ class IngestHandlers:
             for number in group.first_rows[:3]:
                 kept = rows.get(number)
                 if kept is not None and kept.values.get(group.field) is not None:
-                    group.samples.append(validator.mask(group.field, kept.values[group.field]))
+                    value = kept.values[group.field]
+                    # A row masked before it reached the log holds its masked form already.
+                    group.samples.append(str(value) if kept.masked else validator.mask(group.field, value))
         return report
 
     async def list_batch_errors(self, request: pb.ListBatchErrorsRequest, caller: object) -> pb.ListBatchErrorsResponse:
