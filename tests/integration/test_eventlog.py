@@ -157,9 +157,12 @@ async def test_a_read_whose_server_stops_delivering_fails_as_unavailable(
             seen.append(msg.sequence)
             if len(seen) == READ_FETCH_MESSAGES:  # the first fetch is used up: freeze the server
                 os.kill(pid, signal.SIGSTOP)
-                # Thaw it after the read has given up, so that its clean-up reaches the server.
+                # Thaw it after the read has given up, so that its clean-up reaches the server (its
+                # consumer delete waits for the server up to the API timeout, 5 s). The margin is
+                # wide: with 1 s, the stalled fetches sometimes took longer, the server was thawed
+                # first and the read went on (1 run in 9 on an idle machine, and in CI).
                 asyncio.get_running_loop().call_later(
-                    eventlog_module.READ_STALLS * 0.2 + 1.0, os.kill, pid, signal.SIGCONT
+                    eventlog_module.READ_STALLS * 0.2 + 3.0, os.kill, pid, signal.SIGCONT
                 )
 
     try:
