@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -475,10 +476,11 @@ def nats_address(stack: Stack) -> tuple[str, int]:
 
 @pytest.mark.timeout(600)
 def test_a_service_frozen_past_the_write_deadline_under_load_loses_nothing(start_stack: StartStack) -> None:
-    """Activation is frozen for 15 s at a moment nats-server is writing it a batch of large
-    fragments faster than it reads (bytes pending on the server's side of its socket): the
-    server's write blocks past its deadline, it reports a slow consumer and drops the
-    connection, and what it had counted as delivered never arrives."""
+    """Activation is frozen (SIGSTOP) for 15 s, past nats-server's 2 s write deadline, while the
+    load flows. Aimed at a moment nats-server is writing it a batch of large fragments faster
+    than it reads (bytes pending on the server's side of its socket): the server's write blocks
+    past its deadline, it reports a slow consumer and drops the connection, and what it had
+    counted as delivered never arrives. Either way nothing is lost or doubled."""
     running = start_stack()
     load = Load(people=3000)
     pid = running.stack.pids["activation"]
@@ -508,29 +510,33 @@ def test_a_service_frozen_past_the_write_deadline_under_load_loses_nothing(start
             time.sleep(0.05)
         return False
 
-    # A freeze drops the connection only if the server's write cannot complete while the process
-    # is stopped: on a busy machine the kernel's socket buffers may take a whole batch. So the
-    # process is stopped first and the freeze kept only if the server then holds bytes it cannot
-    # write (its write is blocked: past the deadline it drops the connection); otherwise it is
-    # resumed and tried again while the load flows.
+    # The first freeze lasts 15 s whatever happens, while nats-server writes to activation under
+    # load. It drops the connection only if the server's write cannot complete while the process
+    # is stopped, and the kernel's socket buffers may take a whole batch: so, until the server
+    # drops it, activation is stopped again and the freeze kept only if the server then holds
+    # bytes it cannot write (a blocked write, dropped past the deadline).
     wait_until(server_is_writing, 90.0, "nats-server to be writing a batch to activation")
     dropped: list[str] = []
+    frozen = 0
     deadline = time.monotonic() + 240.0  # at most ~10 tries of up to 17 s, within the test's timeout
     while not dropped and time.monotonic() < deadline:
         os.kill(pid, signal.SIGSTOP)
         try:
-            if write_blocked():
+            if not frozen or write_blocked():
                 time.sleep(FREEZE_S)
+                frozen += 1
         finally:
             os.kill(pid, signal.SIGCONT)
         dropped = [line for line in log_lines(running.nats_log, SLOW_CONSUMER) if "cdp-activation" in line]
         if not dropped and not wait_until_or_not(server_is_writing, 30.0):
             break
     if not dropped:
-        # The fault could not be made here (activation now reads fast enough that the server
-        # seldom holds bytes it cannot write while it is stopped; 2 of 4 CI runs on 2026-12-03):
-        # say so loudly rather than pass a test that proved nothing or fail the build on timing.
-        pytest.skip("nats-server did not drop the frozen activation in ~10 tries: the fault was not made")
+        # Activation pulls in bounded fetches and keeps up, so the server seldom holds more than
+        # the kernel's socket buffers take while it is stopped (no drop in any try in 2 of 4 CI
+        # runs on 2026-12-03). It was still frozen past the deadline under load and is checked;
+        # the lost deliveries of a dropped connection are made for certain by
+        # test_a_connection_cut_mid_fetch_loses_nothing.
+        warnings.warn(f"nats-server did not drop the frozen activation ({frozen} freezes of 15 s)", stacklevel=1)
     publisher.join()
     assert_exactly_once(settled(running, load), load, running.stack)
     assert running.stack.pids["activation"] == pid  # the same process recovered, no restart helped
