@@ -434,16 +434,21 @@ async def test_ingest_erases_collect_messages_suppresses_and_unsuppresses(ingest
     await eventually(lambda: recorded("e7"), "the unsuppressed identity's event recorded")
 
     # A rebuild from the log reaches the same store (suppressions, index, erased rejects included).
+    await assert_a_rebuild_equals_the_live_store(ingest, tmp_path / "rb.db")
+
+
+async def assert_a_rebuild_equals_the_live_store(ingest: Ingest, store: Path) -> None:
+    """Once ingest has read all it collected, a store rebuilt from the log equals its live store."""
     await collect_checkpoint_reaches_end(ingest.engine, ingest.eventlog)
-    settings = IngestSettings(
-        nats_url=ingest.nats_url, data_dir=tmp_path / "rb", store_url=sqlite_url(tmp_path / "rb.db")
-    )
+    settings = IngestSettings(nats_url=ingest.nats_url, data_dir=store.with_suffix(""), store_url=sqlite_url(store))
     engine = make_engine(settings.store_url)
-    rebuilt = build_ingest(settings, engine, ingest.eventlog)
-    await rebuilt.processor.rebuild()
-    tables = with_checkpoint([*INGEST_TABLES, *INGEST_PRIVACY_TABLES, *DEADLETTER_TABLES])
-    assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
-    engine.dispose()
+    try:
+        rebuilt = build_ingest(settings, engine, ingest.eventlog)
+        await rebuilt.processor.rebuild()
+        tables = with_checkpoint([*INGEST_TABLES, *INGEST_PRIVACY_TABLES, *DEADLETTER_TABLES])
+        assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
+    finally:
+        engine.dispose()
 
 
 async def deadletter_messages(eventlog: EventLog) -> list[Any]:
@@ -528,16 +533,7 @@ async def test_rejected_rows_are_sealed_or_masked_on_the_log_and_a_delete_erases
         ]
         assert {r.row: bool(r.values.fields) for r in rows} == {1: False, 2: True, 3: True}
 
-        await collect_checkpoint_reaches_end(ingest.engine, ingest.eventlog)
-        settings = IngestSettings(
-            nats_url=ingest.nats_url, data_dir=tmp_path / "rb", store_url=sqlite_url(tmp_path / "rb.db")
-        )
-        engine = make_engine(settings.store_url)
-        rebuilt = build_ingest(settings, engine, ingest.eventlog)
-        await rebuilt.processor.rebuild()
-        tables = with_checkpoint([*INGEST_TABLES, *INGEST_PRIVACY_TABLES, *DEADLETTER_TABLES])
-        assert canonical_dump(engine, tables) == canonical_dump(ingest.engine, tables)
-        engine.dispose()
+        await assert_a_rebuild_equals_the_live_store(ingest, tmp_path / "rb.db")
         assert b"p1@example.com" not in (tmp_path / "rb.db").read_bytes()
 
 

@@ -192,6 +192,9 @@ def test_a_revoked_key_stops_a_v2_part_opening_even_after_its_set_key_was_cached
     assert vault.open_envelope(first)  # the set key is now cached
     assert first.payload.value == b"\x0a\x03ann"
     vault.revoke(refs[1:])  # the shared-device rule: either person's key erases the part
+    # The revoked-ref check below comes first, so only this sees the cache: no key derived from a
+    # revoked ref stays in memory.
+    assert len(vault._sets) == 0
     again = Envelope()
     again.CopyFrom(env)
     assert not vault.open_envelope(again)

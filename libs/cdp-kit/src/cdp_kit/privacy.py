@@ -133,15 +133,18 @@ async def keep_applying(
     """A service's privacy background task: once the service is ready, run ``step`` whenever
     ``changed`` is set, and every ``interval_s`` anyway. A failure is logged (by class only: no
     personal data) and retried at the next turn, the work staying pending in the store; an append
-    conflict first folds what the log holds (``recover``)."""
+    conflict first folds what the log holds (``recover``), and a failure of that is retried at the
+    next turn too: nothing ends the loop but cancellation."""
     await ready.wait()
     while True:
         if changed is not None:
             changed.clear()
         try:
-            await step()
-        except AppendConflict:
-            if recover is not None:
+            try:
+                await step()
+            except AppendConflict:
+                if recover is None:
+                    raise
                 await recover()
         except Exception as exc:
             log.warning(f"{what}_failed", error_class=type(exc).__name__)
