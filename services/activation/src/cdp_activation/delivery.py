@@ -408,8 +408,9 @@ class Deliverer:
             self.planned.discard(row.id)  # another writer took the sequence: plan it whole again
             self.pending.pop(row.id, None)
             return 0
-        if scheduled and left:
-            left |= pending - carried  # collected earlier, not looked at this round
+        if scheduled:
+            # collected earlier, not looked at this round (kept even when this round found nothing)
+            left |= pending - carried
         self.pending[row.id] = left
         self.deferred[row.id] = deferred
         self.planned.add(row.id)
