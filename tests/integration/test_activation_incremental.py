@@ -258,3 +258,28 @@ async def test_a_scheduled_plan_keeps_what_it_collected_through_a_round_that_cha
     with planner.processor.read() as session:
         (batch,) = session.exec(select(store.BatchRow).where(store.BatchRow.plan_id == plan_id)).all()
     assert [r["profile_id"] for r in batch.records] == ["p0"]
+
+
+async def test_a_segment_defined_upstream_evaluates_no_profile_of_the_plans_already_planned(
+    planner: Planner, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    """Segmentation defining (or defining again) a segment changes no audience by itself: its
+    memberships come as their own changes. A plan of it is new, and planned whole then."""
+    await set_up(planner, upstream, platforms)
+    for pid in PEOPLE:
+        await upstream.profile(pid, {"email": f"{pid}@example.com"}, {"first_name": pid})
+        await upstream.membership(pid)
+    await planner.round()
+    deliverer = planner.deliverer
+    evaluated = deliverer.evaluated
+
+    await upstream.segment("silver-id", "silver")
+    await upstream.segment()  # gold defined again
+    await planner.processor.catch_up()
+    assert await deliverer.tick() == 0
+    assert deliverer.evaluated == evaluated  # not one profile read again
+
+    await upstream.membership(PEOPLE[0], seg_id="silver-id")
+    await planner.harness.activate("hook", ["email"], ["first_name"], segment="silver")
+    found = await planner.round()  # a new plan: planned whole, as a full recomputation finds
+    assert [changes[0] for changes in found.values()] == [frozenset({PEOPLE[0]})]
