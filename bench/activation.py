@@ -19,7 +19,7 @@ import hmac
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiolimiter import AsyncLimiter
@@ -32,6 +32,11 @@ FILE_PROFILES = 100_000
 FILE_BATCH = 5_000
 HOOK_PROFILES = 20_000
 HOOK_BATCH = 500
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from google.protobuf.message import Message
 
 
 def records(n: int) -> list[Record]:
@@ -159,6 +164,27 @@ async def main() -> None:
 PIPELINE_PROFILES = 20_000
 
 
+def person_facts(i: int, email: str, at: datetime) -> tuple[Message, Message]:
+    """Person ``i`` as the chain writes them: identity's record fragment (``email``, a first
+    name) and segmentation's entry into gold."""
+    from cdp.common.v1.envelope_pb2 import IdentityValue
+    from cdp.identity.v1 import events_pb2 as identity_ev
+    from cdp.segmentation.v1 import events_pb2 as seg_ev
+
+    frag = identity_ev.ProfileFragment(
+        profile_id=f"p{i}",
+        source_event_id=f"f{i}",
+        kind="record",
+        dataset="crm",
+        identities=[IdentityValue(namespace="email", value=email)],
+    )
+    frag.attributes.update({"first_name": f"N{i}"})
+    frag.occurred_at.FromDatetime(at)
+    change = seg_ev.MembershipChanged(segment_id="gold", profile_id=f"p{i}", status=seg_ev.MEMBERSHIP_STATUS_REALIZED)
+    change.at.FromDatetime(at)
+    return frag, change
+
+
 async def pipeline() -> None:
     """The service end to end: facts on JetStream, planner, BatchPrepared/BatchDelivered on
     the log, SQLite store, one worker per destination; timed from plan creation until the
@@ -167,12 +193,9 @@ async def pipeline() -> None:
     from datetime import UTC, datetime
 
     from google.protobuf import struct_pb2
-    from google.protobuf.message import Message
 
     from bench.common import nats_eventlog
     from cdp.activation.v1 import activation_pb2 as pb
-    from cdp.common.v1.envelope_pb2 import IdentityValue
-    from cdp.identity.v1 import events_pb2 as identity_ev
     from cdp.segmentation.v1 import events_pb2 as seg_ev
     from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
     from cdp_activation.api import ActivationServicer
@@ -208,20 +231,8 @@ async def pipeline() -> None:
                 frags: list[Envelope] = []
                 joins: list[Envelope] = []
                 for i in range(start, start + step):
-                    frag = identity_ev.ProfileFragment(
-                        profile_id=f"p{i}",
-                        source_event_id=f"f{i}",
-                        kind="record",
-                        dataset="crm",
-                        identities=[IdentityValue(namespace="email", value=f"Person.{i}@Example.com")],
-                    )
-                    frag.attributes.update({"first_name": f"N{i}"})
-                    frag.occurred_at.FromDatetime(t0)
+                    frag, change = person_facts(i, f"Person.{i}@Example.com", t0)
                     frags.append(env(frag, i))
-                    change = seg_ev.MembershipChanged(
-                        segment_id="gold", profile_id=f"p{i}", status=seg_ev.MEMBERSHIP_STATUS_REALIZED
-                    )
-                    change.at.FromDatetime(t0)
                     joins.append(env(change, i))
                 await log.append(IDENTITY_FRAGMENTS.subject, frags, msg_id=f"f{start}")
                 await log.append(SEGMENTATION_MEMBERSHIPS.subject, joins, msg_id=f"m{start}")
@@ -305,12 +316,9 @@ async def streamed(people: int = STREAMED_PEOPLE) -> None:
     from datetime import UTC, datetime, timedelta
 
     from google.protobuf import struct_pb2
-    from google.protobuf.message import Message
 
     from bench.common import nats_eventlog
     from cdp.activation.v1 import activation_pb2 as pb
-    from cdp.common.v1.envelope_pb2 import IdentityValue
-    from cdp.identity.v1 import events_pb2 as identity_ev
     from cdp.segmentation.v1 import events_pb2 as seg_ev
     from cdp.segmentation.v1 import segmentation_pb2 as seg_pb
     from cdp_activation.api import ActivationServicer
@@ -388,20 +396,8 @@ async def streamed(people: int = STREAMED_PEOPLE) -> None:
                         frags: list[Envelope] = []
                         joins: list[Envelope] = []
                         for i in range(start, min(people, start + STREAMED_CHUNK)):
-                            frag = identity_ev.ProfileFragment(
-                                profile_id=f"p{i}",
-                                source_event_id=f"f{i}",
-                                kind="record",
-                                dataset="crm",
-                                identities=[IdentityValue(namespace="email", value=f"person.{i}@example.com")],
-                            )
-                            frag.attributes.update({"first_name": f"N{i}"})
-                            frag.occurred_at.FromDatetime(t0)
+                            frag, change = person_facts(i, f"person.{i}@example.com", t0)
                             frags.append(env(frag))
-                            change = seg_ev.MembershipChanged(
-                                segment_id="gold", profile_id=f"p{i}", status=seg_ev.MEMBERSHIP_STATUS_REALIZED
-                            )
-                            change.at.FromDatetime(t0)
                             joins.append(env(change))
                         await log.append(IDENTITY_FRAGMENTS.subject, frags, msg_id=f"f{start}")
                         await log.append(SEGMENTATION_MEMBERSHIPS.subject, joins, msg_id=f"m{start}")

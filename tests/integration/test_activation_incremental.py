@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from cdp_activation.delivery import Deliverer, PlanWork, candidates, evaluate
 from cdp_kit.eventlog import EventLog
 from cdp_kit.streams import SEGMENTATION_MEMBERSHIPS
 from cdp_standins import LocalPlatforms
-from tests.integration.test_activation_delivery import T0, Harness, Upstream, until
+from tests.integration.test_activation_delivery import T0, Harness, Upstream, _try_activate, until
 
 PEOPLE = [f"p{i}" for i in range(8)]
 Found = tuple[frozenset[str], frozenset[str], tuple[tuple[str, str], ...], frozenset[str]]
@@ -230,3 +230,56 @@ def test_changes_keep_no_profile_while_everything_is_to_be_planned() -> None:
     assert changes.take() == ({"p1"}, {"p2"}, False)
     changes.put_back({"p1"}, set(), True)
     assert changes.take() == (set(), set(), True)
+
+
+async def test_a_scheduled_plan_keeps_what_it_collected_through_a_round_that_changes_nothing_for_it(
+    planner: Planner, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    """A scheduled plan collects its changes until its cron run; a round between (a change of a
+    profile the plan does not hold nor want) must not forget what was collected."""
+    await upstream.segment()
+    await planner.processor.catch_up()
+    h = planner.harness
+    await h.destination("yearly", "file_export", folder="yearly")
+    await until(lambda: _try_activate(h, "yearly", "0 0 1 1 *"), what="plan")
+    await upstream.profile("p0", {"email": "p0@example.com"}, {"first_name": "p0"})
+    await upstream.membership("p0")
+    await planner.processor.catch_up()
+    deliverer = planner.deliverer
+    assert await deliverer.tick() == 0  # collected until the cron run
+    (plan_id,) = deliverer.planned
+
+    await upstream.profile("p1", {"email": "p1@example.com"}, {"first_name": "p1"})  # no member of gold
+    await planner.processor.catch_up()
+    assert await deliverer.tick() == 0
+
+    deliverer.next_run[plan_id] = datetime.now(UTC) - timedelta(seconds=1)  # the cron run is due
+    assert await deliverer.tick() == 1
+    with planner.processor.read() as session:
+        (batch,) = session.exec(select(store.BatchRow).where(store.BatchRow.plan_id == plan_id)).all()
+    assert [r["profile_id"] for r in batch.records] == ["p0"]
+
+
+async def test_a_segment_defined_upstream_evaluates_no_profile_of_the_plans_already_planned(
+    planner: Planner, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    """Segmentation defining (or defining again) a segment changes no audience by itself: its
+    memberships come as their own changes. A plan of it is new, and planned whole then."""
+    await set_up(planner, upstream, platforms)
+    for pid in PEOPLE:
+        await upstream.profile(pid, {"email": f"{pid}@example.com"}, {"first_name": pid})
+        await upstream.membership(pid)
+    await planner.round()
+    deliverer = planner.deliverer
+    evaluated = deliverer.evaluated
+
+    await upstream.segment("silver-id", "silver")
+    await upstream.segment()  # gold defined again
+    await planner.processor.catch_up()
+    assert await deliverer.tick() == 0
+    assert deliverer.evaluated == evaluated  # not one profile read again
+
+    await upstream.membership(PEOPLE[0], seg_id="silver-id")
+    await planner.harness.activate("hook", ["email"], ["first_name"], segment="silver")
+    found = await planner.round()  # a new plan: planned whole, as a full recomputation finds
+    assert [changes[0] for changes in found.values()] == [frozenset({PEOPLE[0]})]

@@ -3,8 +3,8 @@ wanted state may differ (``cdp_activation.delivery``) instead of every plan's wh
 
 The inputs and the delivery log's folds note, in the transaction that changes the store, which
 profile ids a change touches (a membership, a fragment, a merge or split, a delivered batch, an
-erasure) or that everything must be planned again (a new merge policy, segment, plan,
-destination, label or policy). The notes reach the tracker only once that transaction commits
+erasure) or that everything must be planned again (a new merge policy, plan, destination,
+label or policy). The notes reach the tracker only once that transaction commits
 (a rolled-back batch notes nothing, and is applied again), so whatever the planner takes is
 already visible to its next read: a note is never consumed before the change it names. Noting
 too much costs a lookup; noting too little would lose a change, so when in doubt a fold notes.

@@ -60,8 +60,9 @@ class SegmentsObserver(_ObserveOnly):
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if is_a(env, seg_ev.SegmentDefined):
             seg = unpack(env, seg_ev.SegmentDefined).segment
+            # No note: its memberships come as their own changes, and a plan of a segment not known
+            # till now was never planned (the planner tries it whole every round until it is).
             session.merge(SegmentRow(id=seg.id, name=seg.name))
-            _note(self.changes, session, everything=True)  # a plan of a segment not known till now
         elif is_a(env, seg_ev.MergePolicySet):
             rule = rule_of(unpack(env, seg_ev.MergePolicySet).policy)
             if set_merge_rule(session, rule):

@@ -103,6 +103,7 @@ class PlanContext:
     adding: set[str]  # in an add batch not delivered yet (pending or dead-lettered)
     removing: set[str]  # in a removal (or erasure) batch not delivered yet
     default_consent: str
+    config: ConnectorConfig  # the destination's, its secrets opened
 
     @property
     def in_flight(self) -> set[str]:
@@ -383,9 +384,7 @@ class Deliverer:
             if ctx.violations != self.violations.get(row.id, ctx.violations):
                 whole = True  # a new source of a labelled field: the whole audience is left out (or back)
             self.violations[row.id] = ctx.violations
-            config = self._config(ctx.dest)
-            assert config is not None  # checked by _context
-            self.batch_age[row.id] = config.batch_age_s
+            self.batch_age[row.id] = ctx.config.batch_age_s
             ids = candidates(session, plan) if whole else sorted(dirty | carried | resume)
         adds: list[Record] = []
         removes: list[Record] = []
@@ -402,14 +401,15 @@ class Deliverer:
             deferred |= d
             self.evaluated += min(PAGE, len(ids) - start)
             await asyncio.sleep(0)  # a whole 100k audience: status and health go on answering
-        item = PlanWork(ctx.plan, ctx.dest.id, adds, removes, excluded, cleared, config, row.batch_seq)
+        item = PlanWork(ctx.plan, ctx.dest.id, adds, removes, excluded, cleared, ctx.config, row.batch_seq)
         left, complete = await self._cut(item, scheduled, force, now)
         if not complete:
             self.planned.discard(row.id)  # another writer took the sequence: plan it whole again
             self.pending.pop(row.id, None)
             return 0
-        if scheduled and left:
-            left |= pending - carried  # collected earlier, not looked at this round
+        if scheduled:
+            # collected earlier, not looked at this round (kept even when this round found nothing)
+            left |= pending - carried
         self.pending[row.id] = left
         self.deferred[row.id] = deferred
         self.planned.add(row.id)
@@ -420,14 +420,15 @@ class Deliverer:
         if dest_row is None or session.get(store.SegmentRow, row.segment_id) is None:
             return None
         dest = store.destination_of(dest_row)
-        if self._config(dest) is None:
+        config = self._config(dest)
+        if config is None:
             return None
         connector = connector_for(dest.connector)
         batches = self.in_flight[row.id] = in_flight_of(session, row.id, self.in_flight.get(row.id, {}))
         adding = {pid for action, pids in batches.values() if action == "add" for pid in pids}
         removing = {pid for action, pids in batches.values() if action != "add" for pid in pids}
         violations = governance.violations(session, dest.marketing_action, [*plan.attributes, *plan.identities])
-        return PlanContext(plan, dest, connector, violations, adding, removing, self.settings.unknown_consent)
+        return PlanContext(plan, dest, connector, violations, adding, removing, self.settings.unknown_consent, config)
 
     async def _cut(self, item: PlanWork, scheduled: bool, force: bool, now: float) -> tuple[set[str], bool]:
         """Record the plan's exclusion changes and prepare its due batches. Returns the profile

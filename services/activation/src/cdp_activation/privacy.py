@@ -438,19 +438,20 @@ def removal_status(session: Session, removal: dict[str, Any]) -> str:
     status = str(removal.get("status", ""))
     if not batch_id:
         return status
+    query = select(BatchRow.id, BatchRow.status, BatchRow.reason).where(
+        BatchRow.action == ERASE, BatchRow.plan_id == str(removal.get("plan_id", ""))
+    )
     batches = [
-        b
-        for b in session.exec(
-            select(BatchRow).where(BatchRow.plan_id == str(removal.get("plan_id", "")), BatchRow.action == ERASE)
-        )
-        if b.id == batch_id or b.id.startswith(batch_id + ":")
+        (state, reason)
+        for found, state, reason in session.exec(query)
+        if found == batch_id or found.startswith(batch_id + ":")
     ]
     if not batches:
         return status
-    dead = [b for b in batches if b.status == "dead"]
+    dead = [reason for state, reason in batches if state == "dead"]
     if dead:
-        return f"{FAILED} {dead[0].reason}".rstrip()
-    if all(b.status == "delivered" for b in batches):
+        return f"{FAILED} {dead[0]}".rstrip()
+    if all(state == "delivered" for state, _ in batches):
         return DELIVERED
     return PREPARED
 
@@ -549,13 +550,14 @@ class PrivacyAcks:
             return
         horizon = utcnow() - timedelta(seconds=self.removal_key_s)
         with self.processor.read() as session:
-            rows = session.exec(
-                select(BatchRow).where(BatchRow.action == ERASE, col(BatchRow.keys_destroyed).is_(False))
-            ).all()
+            # Only the columns needed (not the records), through the index on action.
+            query = select(BatchRow.id, BatchRow.status, BatchRow.prepared_at, BatchRow.removal_keys).where(
+                BatchRow.action == ERASE, col(BatchRow.keys_destroyed).is_(False)
+            )
             due = [
-                (row.id, [str(ref) for ref in row.removal_keys])
-                for row in rows
-                if row.removal_keys and (row.status == "delivered" or _aware(row.prepared_at) <= horizon)
+                (batch_id, [str(ref) for ref in refs])
+                for batch_id, status, prepared_at, refs in session.exec(query)
+                if refs and (status == "delivered" or _aware(prepared_at) <= horizon)
             ]
         for batch_id, refs in due:
             keys = await vault.destroy(refs)

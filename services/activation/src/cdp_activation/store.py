@@ -120,6 +120,9 @@ class BatchRow(SQLModel, table=True):
     """A prepared micro-batch: pending until delivered or dead-lettered."""
 
     __tablename__ = "act_batch"
+    # The removal batches (action "erase") of a plan, or all of them, found without reading every
+    # batch: PrivacyAcks looks for them every delivery interval, and the add batches never go.
+    __table_args__ = (sa.Index("ix_act_batch_action_plan", "action", "plan_id"),)
 
     id: str = Field(primary_key=True)
     plan_id: str = Field(index=True)
