@@ -38,25 +38,22 @@ from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.errors import InvalidInput, NotFound, Violation
 from cdp_kit.identities import STANDARD_TYPES, Normaliser
 from cdp_kit.namespaces import NamespaceRow
+from cdp_kit.store import tables_of
 from cdp_segmentation import store
 
 RECENT_EVENTS = 20
 DEFAULT_THREADS = 4
 
 
-def _table(model: type[Any]) -> sa.Table:
-    table = model.__table__
-    assert isinstance(table, sa.Table)
-    return table
-
-
-_identity = _table(store.ProfileIdentityRow)
-_profile = _table(store.ProfileRow)
-_membership = _table(store.MembershipRow)
-_segment = _table(store.SegmentRow)
-_computed = _table(store.ComputedRow)
-_fragment = _table(store.FragmentRow)
-_namespace = _table(NamespaceRow)
+_identity, _profile, _membership, _segment, _computed, _fragment, _namespace = tables_of(
+    store.ProfileIdentityRow,
+    store.ProfileRow,
+    store.MembershipRow,
+    store.SegmentRow,
+    store.ComputedRow,
+    store.FragmentRow,
+    NamespaceRow,
+)
 
 _PROFILE_COLUMNS = (
     _profile.c.profile_id,
