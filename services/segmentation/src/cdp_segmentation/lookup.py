@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.errors import InvalidInput, NotFound, Violation
-from cdp_kit.identities import STANDARD_TYPES, Normaliser
+from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import NamespaceRow
 from cdp_kit.store import tables_of
 from cdp_segmentation import store
@@ -134,8 +134,7 @@ class ProfileReader:
         self.phone_region = phone_region
         self.inline = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
         self.pool = None if self.inline else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookup")
-        self._types: dict[str, int] = dict(STANDARD_TYPES)
-        self._rules = Normaliser.make(dict(self._types), phone_region=phone_region)
+        self._rules = Normaliser.make(phone_region=phone_region)  # the standard namespaces
         self._definitions: dict[str, tuple[Any, pb.ComputedAttribute]] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -196,15 +195,16 @@ class ProfileReader:
 
     def _normalised(self, conn: Connection, identity: IdentityValue) -> str | None:
         """The identity's value normalised as identity normalised it (the kit's normaliser)."""
-        if identity.namespace not in self._types:  # namespaces are never removed nor changed: learn new ones
-            self._types = {**STANDARD_TYPES, **{str(r[0]): int(r[1]) for r in conn.execute(NAMESPACES)}}
-            self._rules = Normaliser.make(dict(self._types), phone_region=self.phone_region)
-        if identity.namespace not in self._types:
+        rules = self._rules  # one read: another lookup thread may replace it meanwhile
+        if identity.namespace not in rules.types:  # namespaces are never removed nor changed: learn new ones
+            custom = {str(r[0]): int(r[1]) for r in conn.execute(NAMESPACES)}
+            rules = self._rules = Normaliser.make(custom, phone_region=self.phone_region)
+        if identity.namespace not in rules.types:
             raise InvalidInput(
                 "unknown namespace",
                 [Violation("identity", "unknown_namespace", f"namespace {identity.namespace!r} is not defined")],
             )
-        return self._rules.lookup(identity.namespace, identity.value)
+        return rules.lookup(identity.namespace, identity.value)
 
     def _computed_definitions(self, conn: Connection) -> list[pb.ComputedAttribute]:
         """Every computed definition, by name; parsed once per version of its body."""
