@@ -7,8 +7,9 @@ already keeps current per profile, read by primary key or by an index on the pro
 * the identity index (``seg_profile_identity``: namespace + normalised value → profile id);
 * the profile row: merged attributes with their sources, computed values, the event count;
 * its identities and its memberships (joined to the segment's name);
-* the computed definitions and the namespaces' types, which change rarely: kept parsed here,
-  compared with the table (a small read) on every call, so a new definition shows at once.
+* the computed definitions, which change rarely: kept parsed here, compared with the table (a
+  small read) on every call, so a new definition shows at once; the namespaces' types, read
+  again only when a lookup names a namespace not known yet (they are never removed nor changed).
 
 Events are read only when asked (``with_history``: the recent events and the per-source
 counts, both from the fragments table, the one read that grows with the profile's history).
