@@ -21,6 +21,7 @@ from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.namespaces import NamespaceRow
 from cdp_segmentation.lookup import ProfileReader, set_value
+from cdp_segmentation.store import ProfileIdentityRow
 from tests.integration.test_segmentation_service import DAY, T0, Identity, engine, service
 
 __all__ = ["engine"]  # the fixture
@@ -172,3 +173,34 @@ async def test_a_lookup_runs_off_the_event_loop(engine: Engine, eventlog: EventL
     finally:
         release.set()
         reader.close()
+
+
+async def test_a_lookup_reads_one_committed_state(engine: Engine, eventlog: EventLog) -> None:
+    """What commits while a lookup runs is not in its answer: the profile row and its identities
+    and memberships are of the same state (SQLite runs a bare SELECT in a read transaction of its
+    own unless one is begun, so each of the call's reads could see a later commit than the last)."""
+    identity = Identity(eventlog)
+    await identity.record("p1", "crm", T0, {"crm_id": "C1"}, tier="gold")
+    handlers = await service(engine, eventlog)
+    await handlers.processor.catch_up()
+
+    class Interleaved(ProfileReader):
+        def _row(self, conn: Any, request: pb.GetProfileRequest) -> Any:
+            row = super()._row(conn, request)
+            with Session(engine) as session:  # a fold commits between the call's reads
+                session.add(ProfileIdentityRow(namespace="crm_id", value="C2", profile_id="p1"))
+                session.commit()
+            return row
+
+    reader = Interleaved(engine, phone_region="US")
+    try:
+        first = await reader.get(pb.GetProfileRequest(profile_id="p1"))
+        assert {(i.namespace, i.value) for i in first.identities} == {("crm_id", "C1")}
+    finally:
+        reader.close()
+    again = ProfileReader(engine, phone_region="US")
+    try:  # the commit is there for the next call
+        later = await again.get(pb.GetProfileRequest(profile_id="p1"))
+        assert ("crm_id", "C2") in {(i.namespace, i.value) for i in later.identities}
+    finally:
+        again.close()

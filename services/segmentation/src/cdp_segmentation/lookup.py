@@ -133,7 +133,8 @@ class ProfileReader:
     def __init__(self, engine: Engine, *, phone_region: str, threads: int = DEFAULT_THREADS) -> None:
         self.engine = engine
         self.phone_region = phone_region
-        self.inline = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.inline = self.sqlite and engine.url.database in (None, "", ":memory:")
         self.pool = None if self.inline else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookup")
         self._rules = Normaliser.make(phone_region=phone_region)  # the standard namespaces
         self._definitions: dict[str, tuple[Any, pb.ComputedAttribute]] = {}
@@ -162,6 +163,8 @@ class ProfileReader:
                 return self._message(borrowed, self._row(borrowed, request), with_history=request.with_history)
         conn = self._connection()
         try:
+            if self.sqlite:  # pysqlite begins no transaction for a SELECT: each would see its own state
+                conn.exec_driver_sql("BEGIN")
             return self._message(conn, self._row(conn, request), with_history=request.with_history)
         finally:
             conn.rollback()
@@ -170,7 +173,10 @@ class ProfileReader:
         """This thread's connection, kept open (a pool checkout per call costs more than the reads)."""
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.invalidated:
-            conn = self._local.conn = self.engine.connect()
+            conn = self.engine.connect()
+            if not self.sqlite:  # one snapshot for the call's reads, not one per statement (READ COMMITTED)
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
