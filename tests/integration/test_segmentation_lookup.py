@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.namespaces import NamespaceRow
+from cdp_kit.store import make_engine
 from cdp_segmentation.lookup import ProfileReader, set_value
 from cdp_segmentation.store import ProfileIdentityRow
 from tests.integration.test_segmentation_service import DAY, T0, Identity, engine, service
@@ -175,10 +177,29 @@ async def test_a_lookup_runs_off_the_event_loop(engine: Engine, eventlog: EventL
         reader.close()
 
 
+@pytest.fixture(scope="module")
+def pg_engine(embedded_postgres: Any) -> Iterator[Engine]:
+    name, url = embedded_postgres.create_database()
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+    embedded_postgres.drop_database(name)
+
+
 async def test_a_lookup_reads_one_committed_state(engine: Engine, eventlog: EventLog) -> None:
     """What commits while a lookup runs is not in its answer: the profile row and its identities
     and memberships are of the same state (SQLite runs a bare SELECT in a read transaction of its
     own unless one is begun, so each of the call's reads could see a later commit than the last)."""
+    await one_committed_state(engine, eventlog)
+
+
+@pytest.mark.postgres
+async def test_a_lookup_reads_one_committed_state_on_postgresql(pg_engine: Engine, eventlog: EventLog) -> None:
+    """The same on PostgreSQL, where READ COMMITTED takes a snapshot per statement."""
+    await one_committed_state(pg_engine, eventlog)
+
+
+async def one_committed_state(engine: Engine, eventlog: EventLog) -> None:
     identity = Identity(eventlog)
     await identity.record("p1", "crm", T0, {"crm_id": "C1"}, tier="gold")
     handlers = await service(engine, eventlog)
