@@ -23,7 +23,7 @@ from cdp_kit.eventlog import EventLog
 from cdp_kit.namespaces import NamespaceRow
 from cdp_kit.store import make_engine
 from cdp_segmentation.lookup import ProfileReader, set_value
-from cdp_segmentation.store import ProfileIdentityRow
+from cdp_segmentation.store import ComputedRow, ProfileIdentityRow
 from tests.integration.test_segmentation_service import DAY, T0, Identity, engine, service
 
 __all__ = ["engine"]  # the fixture
@@ -140,6 +140,14 @@ async def test_what_changes_shows_at_the_next_call(engine: Engine, eventlog: Eve
         assert list(again.segments) == ["gold"]
         with pytest.raises(NotFound, match="loyalty_card"):  # a known namespace now, holding no such value
             await reader.get(by_identity("loyalty_card", "L-1"))
+        with Session(engine) as session:  # a definition's body changed in place: parsed again
+            row = session.get(ComputedRow, "views")
+            assert row is not None
+            row.body = {**row.body, "definition": "count(view) "}
+            session.add(row)
+            session.commit()
+        changed = await reader.get(pb.GetProfileRequest(profile_id="p1"))
+        assert [c.definition for c in changed.computed] == ["count(view) "]
     finally:
         reader.close()
 

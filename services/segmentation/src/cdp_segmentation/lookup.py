@@ -24,6 +24,7 @@ in-memory SQLite store has one database per connection, so there the reads run i
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +81,8 @@ MEMBERSHIPS = (
     .where(_membership.c.profile_id == sa.bindparam("profile_id"))
     .order_by(_membership.c.segment_id)
 )
-COMPUTED = sa.select(_computed.c.name, _computed.c.body).order_by(_computed.c.name)
+# The body as the stored text: compared with the text last parsed, decoded only when it differs.
+COMPUTED = sa.select(_computed.c.name, sa.cast(_computed.c.body, sa.Text)).order_by(_computed.c.name)
 NAMESPACES = sa.select(_namespace.c.name, _namespace.c.type)
 SOURCES = (
     sa.select(_fragment.c.dataset, _fragment.c.kind, sa.func.count(), sa.func.max(_fragment.c.ts_ms))
@@ -137,7 +139,7 @@ class ProfileReader:
         self.inline = self.sqlite and engine.url.database in (None, "", ":memory:")
         self.pool = None if self.inline else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookup")
         self._rules = Normaliser.make(phone_region=phone_region)  # the standard namespaces
-        self._definitions: dict[str, tuple[Any, pb.ComputedAttribute]] = {}
+        self._definitions: dict[str, tuple[str, pb.ComputedAttribute]] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[Connection] = []
@@ -214,11 +216,13 @@ class ProfileReader:
         return rules.lookup(identity.namespace, identity.value)
 
     def _computed_definitions(self, conn: Connection) -> list[pb.ComputedAttribute]:
-        """Every computed definition, by name; parsed once per version of its body."""
-        known: dict[str, tuple[Any, pb.ComputedAttribute]] = {}
+        """Every computed definition, by name; decoded and parsed once per version of its body."""
+        known: dict[str, tuple[str, pb.ComputedAttribute]] = {}
         for name, body in conn.execute(COMPUTED):
             cached = self._definitions.get(name)
-            known[name] = cached if cached is not None and cached[0] == body else (body, store.computed_of_body(body))
+            if cached is None or cached[0] != body:
+                cached = (body, store.computed_of_body(json.loads(body)))
+            known[name] = cached
         self._definitions = known
         return [parsed for _, parsed in known.values()]
 
