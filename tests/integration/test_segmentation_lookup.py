@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.namespaces import NamespaceRow
+from cdp_kit.store import make_engine
 from cdp_segmentation.lookup import ProfileReader, set_value
+from cdp_segmentation.store import ComputedRow, ProfileIdentityRow
 from tests.integration.test_segmentation_service import DAY, T0, Identity, engine, service
 
 __all__ = ["engine"]  # the fixture
@@ -137,6 +140,14 @@ async def test_what_changes_shows_at_the_next_call(engine: Engine, eventlog: Eve
         assert list(again.segments) == ["gold"]
         with pytest.raises(NotFound, match="loyalty_card"):  # a known namespace now, holding no such value
             await reader.get(by_identity("loyalty_card", "L-1"))
+        with Session(engine) as session:  # a definition's body changed in place: parsed again
+            row = session.get(ComputedRow, "views")
+            assert row is not None
+            row.body = {**row.body, "definition": "count(view) "}
+            session.add(row)
+            session.commit()
+        changed = await reader.get(pb.GetProfileRequest(profile_id="p1"))
+        assert [c.definition for c in changed.computed] == ["count(view) "]
     finally:
         reader.close()
 
@@ -172,3 +183,53 @@ async def test_a_lookup_runs_off_the_event_loop(engine: Engine, eventlog: EventL
     finally:
         release.set()
         reader.close()
+
+
+@pytest.fixture(scope="module")
+def pg_engine(embedded_postgres: Any) -> Iterator[Engine]:
+    name, url = embedded_postgres.create_database()
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+    embedded_postgres.drop_database(name)
+
+
+async def test_a_lookup_reads_one_committed_state(engine: Engine, eventlog: EventLog) -> None:
+    """What commits while a lookup runs is not in its answer: the profile row and its identities
+    and memberships are of the same state (SQLite runs a bare SELECT in a read transaction of its
+    own unless one is begun, so each of the call's reads could see a later commit than the last)."""
+    await one_committed_state(engine, eventlog)
+
+
+@pytest.mark.postgres
+async def test_a_lookup_reads_one_committed_state_on_postgresql(pg_engine: Engine, eventlog: EventLog) -> None:
+    """The same on PostgreSQL, where READ COMMITTED takes a snapshot per statement."""
+    await one_committed_state(pg_engine, eventlog)
+
+
+async def one_committed_state(engine: Engine, eventlog: EventLog) -> None:
+    identity = Identity(eventlog)
+    await identity.record("p1", "crm", T0, {"crm_id": "C1"}, tier="gold")
+    handlers = await service(engine, eventlog)
+    await handlers.processor.catch_up()
+
+    class Interleaved(ProfileReader):
+        def _row(self, conn: Any, request: pb.GetProfileRequest) -> Any:
+            row = super()._row(conn, request)
+            with Session(engine) as session:  # a fold commits between the call's reads
+                session.add(ProfileIdentityRow(namespace="crm_id", value="C2", profile_id="p1"))
+                session.commit()
+            return row
+
+    reader = Interleaved(engine, phone_region="US")
+    try:
+        first = await reader.get(pb.GetProfileRequest(profile_id="p1"))
+        assert {(i.namespace, i.value) for i in first.identities} == {("crm_id", "C1")}
+    finally:
+        reader.close()
+    again = ProfileReader(engine, phone_region="US")
+    try:  # the commit is there for the next call
+        later = await again.get(pb.GetProfileRequest(profile_id="p1"))
+        assert ("crm_id", "C2") in {(i.namespace, i.value) for i in later.identities}
+    finally:
+        again.close()

@@ -77,6 +77,18 @@ class SealingIdentity:
         self.n += 1
         return self._envelope(identity_ev.ProfilesMerged(survivor=survivor, absorbed=[absorbed]), at)
 
+    def split(
+        self, profile: str, part: str, fragment_ids: list[str], ids: list[tuple[str, str]], at: datetime
+    ) -> Envelope:
+        """``profile`` split: ``part`` takes ``fragment_ids`` and ``ids`` (its identities unsealed)."""
+        self.n += 1
+        moved = identity_ev.SplitPart(
+            profile_id=part,
+            fragment_ids=fragment_ids,
+            identities=[IdentityValue(namespace=ns, value=v) for ns, v in ids],
+        )
+        return self._envelope(identity_ev.ProfileSplit(profile_id=profile, parts=[moved]), at)
+
     def _envelope(self, payload: Any, at: datetime) -> Envelope:
         cause = Cause(command_id=f"c{self.n}")
         return make_envelope(payload, event_id=f"id-{self.n}", subject_key="p", occurred_at=at, cause=cause)
@@ -209,5 +221,53 @@ async def test_a_profile_unreadable_through_someone_else_s_erased_keys_is_evalua
     with again.read() as session:
         assert realized(session, deterministic_id("segment", "gold")) == ["p-bob"]
         assert session.exec(select(PrivacyUnreadableRow)).all() == []
+    rebuilt.dispose()
+    live.dispose()
+
+
+async def test_a_rebuild_does_not_decide_again_for_a_split_part_that_took_a_fragment_it_cannot_read(
+    eventlog: EventLog, tmp_path: Path
+) -> None:
+    """A record naming Ann's cookie and Bob's email (a shared device), in Ann's profile, moves to
+    Bob's new profile in a split. Live, the split decides nothing: Ann stays gold, and Bob's part
+    is gold from that record, so neither is "not_gold". Once Ann is erased the record is
+    unreadable: a rebuild's Bob part holds nothing of it, so it must not decide Bob's memberships
+    at the split (the part is unreadable as the profile it came from was) until Ann's erasure is
+    read."""
+    vault = await PersonVault.bind(eventlog.js)
+    identity = SealingIdentity(eventlog, vault)
+    live = make_engine(sqlite_url(tmp_path / "live.db"))
+    processor, catalog = build_processor(live, eventlog)
+    processor.create_store()
+    await processor.recover()
+    handlers = SegmentationHandlers(processor, catalog)
+    await handlers.create_segment("not_gold", 'not (tier = "gold")')
+    await identity.send(identity.fragment("p-ann", ANN, T0, tier="gold"))
+    await processor.catch_up()
+    await identity.send(identity.fragment("p-ann", [ANN_COOKIE, BOB[1]], T0 + DAY, tier="gold"))
+    await processor.catch_up()
+    moved = identity.split("p-ann", "p-bob", [f"src-{identity.n}"], [BOB[1]], T0 + 2 * DAY)
+    await identity.send(moved)
+    await processor.catch_up()
+    assert members(processor, "not_gold") == []
+    assert await changes(eventlog) == []  # the split decided nothing live
+
+    refs = sorted(vault.refs_for([*ANN, ANN_COOKIE]))
+    requested = pb.PrivacyRequested(request_id="r1", mode=pb.PRIVACY_MODE_DELETE, profile_ids=["p-ann"], key_refs=refs)
+    await request_fact(eventlog, requested, erasure=True)
+    await processor.catch_up()
+    assert await (await applier(processor, catalog)).apply_pending() == 1
+    assert processor.vault is not None
+    assert await processor.vault.destroy(refs) == 3
+
+    rebuilt = make_engine(sqlite_url(tmp_path / "rebuilt.db"))
+    again, _ = build_processor(rebuilt, eventlog)
+    await again.rebuild()  # ReplayWouldAppend (Bob's empty part "not_gold") before parts kept the mark
+    assert again.vault is not None
+    assert again.vault.erased >= 2  # Ann's record and the shared one
+    assert await changes(eventlog) == []
+    with again.read() as session:
+        assert realized(session, deterministic_id("segment", "not_gold")) == []
+        assert session.exec(select(PrivacyUnreadableRow)).all() == []  # cleared by Ann's erasure
     rebuilt.dispose()
     live.dispose()

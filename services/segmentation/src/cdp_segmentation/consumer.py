@@ -19,7 +19,13 @@ from cdp_kit.processor import UnitOfWork
 from cdp_segmentation import store
 from cdp_segmentation.membership import Catalog, exit_all, reevaluate, reevaluate_state
 from cdp_segmentation.privacy import REQUESTED as PRIVACY_ERASURE
-from cdp_segmentation.privacy import erase_requested, mark_unreadable, merge_unreadable, unreadable
+from cdp_segmentation.privacy import (
+    erase_requested,
+    mark_unreadable,
+    merge_unreadable,
+    split_unreadable,
+    unreadable,
+)
 from cdp_segmentation.profiles import apply_merge, apply_split
 from cdp_segmentation.store import EVENT, DatasetRow, SchemaRow
 from cdp_segmentation.vocabulary import consent_attributes, flatten
@@ -67,6 +73,7 @@ class ProfilesToMemberships:
             split = unpack(env, identity_ev.ProfileSplit)
             self._leave_to_sql(session, [split.profile_id, *(p.profile_id for p in split.parts)])
             self._split_parts[env.id] = apply_split(session, split, ctx)
+            split_unreadable(session, split.profile_id, self._split_parts[env.id])
         elif env.type == PRIVACY_ERASURE:  # identity erased a person here, in order (see privacy.py)
             erase_requested(session, self.catalog, env)
 

@@ -7,8 +7,9 @@ already keeps current per profile, read by primary key or by an index on the pro
 * the identity index (``seg_profile_identity``: namespace + normalised value → profile id);
 * the profile row: merged attributes with their sources, computed values, the event count;
 * its identities and its memberships (joined to the segment's name);
-* the computed definitions and the namespaces' types, which change rarely: kept parsed here,
-  compared with the table (a small read) on every call, so a new definition shows at once.
+* the computed definitions, which change rarely: kept parsed here, compared with the table (a
+  small read) on every call, so a new definition shows at once; the namespaces' types, read
+  again only when a lookup names a namespace not known yet (they are never removed nor changed).
 
 Events are read only when asked (``with_history``: the recent events and the per-source
 counts, both from the fragments table, the one read that grows with the profile's history).
@@ -23,6 +24,7 @@ in-memory SQLite store has one database per connection, so there the reads run i
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,27 +38,24 @@ from sqlalchemy.engine import Connection, Engine
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.errors import InvalidInput, NotFound, Violation
-from cdp_kit.identities import STANDARD_TYPES, Normaliser
+from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import NamespaceRow
+from cdp_kit.store import tables_of
 from cdp_segmentation import store
 
 RECENT_EVENTS = 20
 DEFAULT_THREADS = 4
 
 
-def _table(model: type[Any]) -> sa.Table:
-    table = model.__table__
-    assert isinstance(table, sa.Table)
-    return table
-
-
-_identity = _table(store.ProfileIdentityRow)
-_profile = _table(store.ProfileRow)
-_membership = _table(store.MembershipRow)
-_segment = _table(store.SegmentRow)
-_computed = _table(store.ComputedRow)
-_fragment = _table(store.FragmentRow)
-_namespace = _table(NamespaceRow)
+_identity, _profile, _membership, _segment, _computed, _fragment, _namespace = tables_of(
+    store.ProfileIdentityRow,
+    store.ProfileRow,
+    store.MembershipRow,
+    store.SegmentRow,
+    store.ComputedRow,
+    store.FragmentRow,
+    NamespaceRow,
+)
 
 _PROFILE_COLUMNS = (
     _profile.c.profile_id,
@@ -82,7 +81,8 @@ MEMBERSHIPS = (
     .where(_membership.c.profile_id == sa.bindparam("profile_id"))
     .order_by(_membership.c.segment_id)
 )
-COMPUTED = sa.select(_computed.c.name, _computed.c.body).order_by(_computed.c.name)
+# The body as the stored text: compared with the text last parsed, decoded only when it differs.
+COMPUTED = sa.select(_computed.c.name, sa.cast(_computed.c.body, sa.Text)).order_by(_computed.c.name)
 NAMESPACES = sa.select(_namespace.c.name, _namespace.c.type)
 SOURCES = (
     sa.select(_fragment.c.dataset, _fragment.c.kind, sa.func.count(), sa.func.max(_fragment.c.ts_ms))
@@ -135,11 +135,11 @@ class ProfileReader:
     def __init__(self, engine: Engine, *, phone_region: str, threads: int = DEFAULT_THREADS) -> None:
         self.engine = engine
         self.phone_region = phone_region
-        self.inline = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.inline = self.sqlite and engine.url.database in (None, "", ":memory:")
         self.pool = None if self.inline else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookup")
-        self._types: dict[str, int] = dict(STANDARD_TYPES)
-        self._rules = Normaliser.make(dict(self._types), phone_region=phone_region)
-        self._definitions: dict[str, tuple[Any, pb.ComputedAttribute]] = {}
+        self._rules = Normaliser.make(phone_region=phone_region)  # the standard namespaces
+        self._definitions: dict[str, tuple[str, pb.ComputedAttribute]] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[Connection] = []
@@ -165,6 +165,8 @@ class ProfileReader:
                 return self._message(borrowed, self._row(borrowed, request), with_history=request.with_history)
         conn = self._connection()
         try:
+            if self.sqlite:  # pysqlite begins no transaction for a SELECT: each would see its own state
+                conn.exec_driver_sql("BEGIN")
             return self._message(conn, self._row(conn, request), with_history=request.with_history)
         finally:
             conn.rollback()
@@ -173,7 +175,10 @@ class ProfileReader:
         """This thread's connection, kept open (a pool checkout per call costs more than the reads)."""
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.invalidated:
-            conn = self._local.conn = self.engine.connect()
+            conn = self.engine.connect()
+            if not self.sqlite:  # one snapshot for the call's reads, not one per statement (READ COMMITTED)
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
@@ -199,22 +204,25 @@ class ProfileReader:
 
     def _normalised(self, conn: Connection, identity: IdentityValue) -> str | None:
         """The identity's value normalised as identity normalised it (the kit's normaliser)."""
-        if identity.namespace not in self._types:  # namespaces are never removed nor changed: learn new ones
-            self._types = {**STANDARD_TYPES, **{str(r[0]): int(r[1]) for r in conn.execute(NAMESPACES)}}
-            self._rules = Normaliser.make(dict(self._types), phone_region=self.phone_region)
-        if identity.namespace not in self._types:
+        rules = self._rules  # one read: another lookup thread may replace it meanwhile
+        if identity.namespace not in rules.types:  # namespaces are never removed nor changed: learn new ones
+            custom = {str(r[0]): int(r[1]) for r in conn.execute(NAMESPACES)}
+            rules = self._rules = Normaliser.make(custom, phone_region=self.phone_region)
+        if identity.namespace not in rules.types:
             raise InvalidInput(
                 "unknown namespace",
                 [Violation("identity", "unknown_namespace", f"namespace {identity.namespace!r} is not defined")],
             )
-        return self._rules.lookup(identity.namespace, identity.value)
+        return rules.lookup(identity.namespace, identity.value)
 
     def _computed_definitions(self, conn: Connection) -> list[pb.ComputedAttribute]:
-        """Every computed definition, by name; parsed once per version of its body."""
-        known: dict[str, tuple[Any, pb.ComputedAttribute]] = {}
+        """Every computed definition, by name; decoded and parsed once per version of its body."""
+        known: dict[str, tuple[str, pb.ComputedAttribute]] = {}
         for name, body in conn.execute(COMPUTED):
             cached = self._definitions.get(name)
-            known[name] = cached if cached is not None and cached[0] == body else (body, store.computed_of_body(body))
+            if cached is None or cached[0] != body:
+                cached = (body, store.computed_of_body(json.loads(body)))
+            known[name] = cached
         self._definitions = known
         return [parsed for _, parsed in known.values()]
 

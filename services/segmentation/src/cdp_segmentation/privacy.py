@@ -86,7 +86,8 @@ class PrivacyUnreadableRow(SQLModel, table=True):
     profile input reads identity's erasure of it, which the privacy exits follow: an erasure of the
     profile, or one naming any of ``key_refs`` (the refs the unreadable fragments were sealed
     under: a fragment naming several people is unreadable once any of them is erased, and the
-    profile of another one of them is readable again after that person's erasure)."""
+    profile of another one of them is readable again after that person's erasure). A merge's
+    survivor and a split's parts take the mark of the profiles they took fragments from."""
 
     __tablename__ = "seg_privacy_unreadable"
 
@@ -170,6 +171,19 @@ def merge_unreadable(session: Session, survivor: str, absorbed: Sequence[str]) -
     if rows:
         session.flush()
         mark_unreadable(session, survivor, refs)
+
+
+def split_unreadable(session: Session, profile_id: str, parts: Sequence[str]) -> None:
+    """A profile split: each part may have taken what the profile held, unreadable data included
+    (a fragment the store never read moves nowhere, so a part cannot tell it misses one)."""
+    if not unreadable_any(session):
+        return
+    row = session.get(PrivacyUnreadableRow, profile_id)
+    if row is None:
+        return
+    for part in parts:
+        if part != profile_id:
+            mark_unreadable(session, part, row.key_refs)
 
 
 def readable_again(session: Session, req: pb.PrivacyRequested) -> None:
