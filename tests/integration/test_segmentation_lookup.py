@@ -106,6 +106,9 @@ async def test_not_found_and_invalid_name_no_value(engine: Engine, eventlog: Eve
             await reader.get(pb.GetProfileRequest())
         with pytest.raises(NotFound):
             await reader.get(pb.GetProfileRequest(profile_id="nobody"))
+        with pytest.raises(InvalidInput, match="invalid profile id") as too_long:
+            await reader.get(pb.GetProfileRequest(profile_id="p" * 100_000))
+        assert "ppp" not in str(too_long.value)  # a 100 KB id is refused, not echoed
     finally:
         reader.close()
 

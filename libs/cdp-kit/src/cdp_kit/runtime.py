@@ -41,6 +41,8 @@ class Service:
     processor: Processor
     registrations: list[Registration]
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Called once the gRPC server stopped, before the engine is disposed (e.g. a reader's threads).
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
 
 Builder = Callable[[S, Engine, EventLog], Service]
@@ -318,6 +320,8 @@ async def serve(settings: S, build: Builder[S]) -> int:
         task.cancel()
     await asyncio.gather(*tasks, watcher, stopper, return_exceptions=True)
     await eventlog.close()
+    for close in service.closers:
+        close()
     engine.dispose()
     log.info("stopped", exit_code=exit_code)
     return exit_code

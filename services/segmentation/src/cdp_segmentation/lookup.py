@@ -45,6 +45,7 @@ from cdp_segmentation import store
 
 RECENT_EVENTS = 20
 DEFAULT_THREADS = 4
+MAX_PROFILE_ID = 256
 
 
 _identity, _profile, _membership, _segment, _computed, _fragment, _namespace = tables_of(
@@ -197,6 +198,11 @@ class ProfileReader:
             return found
         if not request.profile_id:
             raise InvalidInput("missing key", [Violation("key", "required", "a profile id or an identity")])
+        if len(request.profile_id) > MAX_PROFILE_ID:  # never echoed: no profile id is this long
+            raise InvalidInput(
+                "invalid profile id",
+                [Violation("profile_id", "length", f"at most {MAX_PROFILE_ID} characters")],
+            )
         row = conn.execute(PROFILE, {"profile_id": request.profile_id}).first()
         if row is None:
             raise NotFound(f"profile {request.profile_id!r} not found")

@@ -78,13 +78,11 @@ def build(
     applier = PrivacyApplier(processor, catalog, privacy)
     handlers = SegmentationHandlers(processor, catalog, clock_interval_s=settings.clock_interval_s, wall_clock=utcnow)
     name = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name
-    registration = Registration(
-        name,
-        segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
-        SegmentationServicer(handlers, phone_region=settings.default_phone_region),
-    )
+    servicer = SegmentationServicer(handlers, phone_region=settings.default_phone_region)
+    registration = Registration(name, segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server, servicer)
     return Service(
         processor,
         [registration],
         background=[handlers.backfill_loop, handlers.clock_loop, applier.loop],
+        closers=[servicer.profiles.close],  # GetProfile's reader threads and their connections
     )

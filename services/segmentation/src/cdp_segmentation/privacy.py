@@ -133,11 +133,13 @@ def erase(session: Session, catalog: Catalog, profile_ids: Sequence[str]) -> dic
 def erase_requested(session: Session, catalog: Catalog, env: Envelope) -> None:
     """Identity's erasure of a person, read on the profile input: erase the profiles now."""
     req = unpack(env, pb.PrivacyRequested)
-    if not is_delete(req.mode) or not req.profile_ids:
+    if not is_delete(req.mode):
+        return
+    readable_again(session, req)  # also when it names no profile: marks made through its keys clear
+    if not req.profile_ids:
         return
     counts = erase(session, catalog, sorted(req.profile_ids))
     session.merge(PrivacyErasedRow(request_id=req.request_id, counts=counts))
-    readable_again(session, req)
     held = session.exec(select(PrivacyExitHeldRow).where(PrivacyExitHeldRow.request_id == req.request_id)).all()
     for row in held:
         # A replay: the exit was folded before this input was read again; it takes effect here.
