@@ -23,6 +23,7 @@ from nats.js.client import JetStreamContext
 
 from cdp_kit.envelope import EncodedEnvelope, Envelope, decode_batch, encode_batch, utcnow
 from cdp_kit.errors import CdpError, Conflict, Unavailable
+from cdp_kit.lease import lease_bucket_config
 from cdp_kit.natsauth import NatsAuth, getter_name
 from cdp_kit.natsserver import cluster_urls
 from cdp_kit.streams import ALL_STREAMS, ConsumerSpec, StreamSpec
@@ -191,10 +192,19 @@ class EventLog:
                 await self.js.update_stream(config)
         if {spec.name for spec in specs} >= {spec.name for spec in ALL_STREAMS}:  # the whole platform's
             await self.ensure_key_bucket(replicas=replicas, memory=memory)
+            await self.ensure_lease_bucket(replicas=replicas, memory=memory)
 
     async def ensure_key_bucket(self, *, replicas: int = 1, memory: bool = False) -> None:
         """The per-identity key bucket of crypto-shredding (``cdp_kit.vault``), made by provisioning."""
         config = key_bucket_config(replicas=replicas, memory=memory)
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+
+    async def ensure_lease_bucket(self, *, replicas: int = 1, memory: bool = False) -> None:
+        """The bucket of active/standby leases (``cdp_kit.lease``), made by provisioning."""
+        config = lease_bucket_config(replicas=replicas, memory=memory)
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:

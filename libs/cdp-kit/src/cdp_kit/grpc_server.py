@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection as reflection_module
 from opentelemetry import context as otel_context
 
 from cdp.common.v1 import admin_pb2, admin_pb2_grpc
-from cdp_kit.errors import CdpError, InvalidInput, to_grpc_status
+from cdp_kit.errors import CdpError, InvalidInput, Unavailable, to_grpc_status
 from cdp_kit.grpc_auth import AuthInterceptor, Reflection, ServerTls, TokenTable
 from cdp_kit.telemetry import context_from, get_logger
 
@@ -95,9 +95,17 @@ async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[A
         yield request
 
 
+Refusal = Callable[[str], "str | None"]
+"""Why a method is refused right now (None: it is served): a standby refuses its service's RPCs."""
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns every exception into a gRPC status (via ``errors.to_grpc_status``), a request that is
-    not the method's message into INVALID_ARGUMENT, and joins the caller's trace."""
+    not the method's message into INVALID_ARGUMENT, and joins the caller's trace. With ``refusal``,
+    a method it names a reason for is answered UNAVAILABLE with that reason."""
+
+    def __init__(self, refusal: Refusal | None = None) -> None:
+        self.refusal = refusal
 
     async def intercept_service(
         self,
@@ -119,17 +127,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 continue
             wrap = _wrap_stream if streamed_out else _wrap_unary
             return make(
-                wrap(behavior, method, streamed_in),
+                wrap(behavior, method, streamed_in, self.refusal),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str, streamed_in: bool) -> Callable[..., Awaitable[Any]]:
+def _refused(refusal: Refusal | None, method: str) -> None:
+    reason = refusal(method) if refusal is not None else None
+    if reason is not None:
+        raise Unavailable(reason)
+
+
+def _wrap_unary(
+    behavior: Callable[..., Any], method: str, streamed_in: bool, refusal: Refusal | None = None
+) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = otel_context.attach(context_from(_metadata(context)))
         try:
+            _refused(refusal, method)
             refused = None if streamed_in else _undecodable(request, method)
             if refused is not None:
                 raise refused
@@ -145,9 +162,12 @@ def _wrap_unary(behavior: Callable[..., Any], method: str, streamed_in: bool) ->
     return call
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str, streamed_in: bool) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    behavior: Callable[..., Any], method: str, streamed_in: bool, refusal: Refusal | None = None
+) -> Callable[..., AsyncIterator[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
+            _refused(refusal, method)
             refused = None if streamed_in else _undecodable(request, method)
             if refused is not None:
                 raise refused
@@ -205,6 +225,7 @@ class GrpcServer:
         tokens: TokenTable | None = None,
         reflection: Reflection = "admin",
         health_port: int | None = None,
+        refusal: Refusal | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -212,7 +233,7 @@ class GrpcServer:
         self.registrations = list(registrations)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.auth = AuthInterceptor(tokens, reflection)
-        self.server = grpc.aio.server(interceptors=[self.auth, ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(interceptors=[self.auth, ErrorInterceptor(refusal)], options=SERVER_OPTIONS)
         self.health_port = health_port
         self.health_server: grpc.aio.Server | None = None
         if health_port is not None:

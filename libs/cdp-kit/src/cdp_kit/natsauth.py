@@ -44,6 +44,8 @@ from cdp_kit.private import private_dir, write_private
 from cdp_kit.streams import (
     KEY_STREAM,
     KEY_SUBJECT_PREFIX,
+    LEASE_STREAM,
+    LEASE_SUBJECT_PREFIX,
     SERVICE_LOGS,
     SERVICES,
     ConsumerSpec,
@@ -68,6 +70,12 @@ def inbox_prefix(user: str) -> str:
 def reader_name(log_name: str) -> str:
     """The consumer a service reads one of its own logs, or an input to its end, through (no acks)."""
     return f"{log_name}-read"
+
+
+def standby_reader_name(log_name: str) -> str:
+    """The reader a standby instance follows one of its own logs or inputs through (``cdp_kit.lease``),
+    so it never replaces the active instance's reader of the same log."""
+    return f"{log_name}-sby"
 
 
 def getter_name(consumer: str) -> str:
@@ -106,14 +114,17 @@ def service_permissions(service: str) -> Permissions:
         publish.append(own.subject)
         publish.append(f"{API}.DIRECT.GET.{own.stream.name}.{own.subject}")
         publish += consumer_subjects(own.stream.name, reader_name(own.name), own.subject, acks=False)
+        publish += consumer_subjects(own.stream.name, standby_reader_name(own.name), own.subject, acks=False)
     for spec in logs.inputs:
         publish.append(f"{API}.DIRECT.GET.{spec.stream.name}.{spec.filter_subject}")
         publish += consumer_subjects(spec.stream.name, spec.name, spec.filter_subject, acks=True)
         publish += consumer_subjects(spec.stream.name, reader_name(spec.name), spec.filter_subject, acks=False)
+        publish += consumer_subjects(spec.stream.name, standby_reader_name(spec.name), spec.filter_subject, acks=False)
         publish += consumer_subjects(spec.stream.name, getter_name(spec.name), spec.filter_subject, acks=False)
     publish += [f"{API}.STREAM.INFO.{stream.name}" for stream in _streams(logs.own_logs, logs.inputs)]
     publish += [f"{API}.STREAM.MSG.DELETE.{stream.name}" for stream in logs.erases]
     publish += key_permissions(service)
+    publish += lease_permissions(service)
     return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(service)}.>",))
 
 
@@ -129,6 +140,15 @@ def key_permissions(service: str) -> list[str]:
     if service in KEY_DESTROYERS:
         subjects.append(f"{API}.STREAM.MSG.DELETE.{KEY_STREAM}")
     return subjects
+
+
+def lease_permissions(service: str) -> list[str]:
+    """A service reads and compare-and-sets its own key of the lease bucket (``cdp_kit.lease``)."""
+    return [
+        f"{API}.STREAM.INFO.{LEASE_STREAM}",
+        f"{API}.DIRECT.GET.{LEASE_STREAM}.{LEASE_SUBJECT_PREFIX}{service}",
+        f"{LEASE_SUBJECT_PREFIX}{service}",
+    ]
 
 
 def permissions(user: str) -> Permissions:

@@ -56,7 +56,7 @@ from cdp_kit.eventlog import (
     EventLog,
     LogMessage,
 )
-from cdp_kit.natsauth import reader_name
+from cdp_kit.natsauth import reader_name, standby_reader_name
 from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.privacy import REVOKED_TABLES, restore_revocations
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
@@ -66,6 +66,8 @@ from cdp_kit.vault import KeysNeeded, PersonVault
 
 T = TypeVar("T")
 CAUSE_HEADER = "Cdp-Cause"
+# The marker a newly active instance appends to each subject it owns (``Processor.fence``).
+FENCE_HEADER = "Cdp-Fence"
 # What encoding adds to each event beyond its own size: recorded_at (stamped at append) and
 # the EventBatch field framing. Generous, so an estimate below the limit encodes below it.
 EVENT_OVERHEAD_BYTES = 40
@@ -413,6 +415,13 @@ class ReplayWouldAppend(CdpError):
     """A rebuild's replay tried to append to the log (see ``Processor.rebuild``)."""
 
 
+class Deposed(BaseException):
+    """Another instance fenced this one's logs (``cdp_kit.lease``): it must stop at once.
+
+    A BaseException, so that no ``except Exception`` on the way (poison isolation, a retry loop)
+    can take it for a bad message and go on."""
+
+
 @dataclass
 class ConsumerHealth:
     """How one input is doing, for status, readiness and metrics.
@@ -477,6 +486,13 @@ class Processor:
         )
         self._redrives: set[str] = set()
         self._readers: dict[str, DurableReader] = {}
+        # Under a lease (cdp_kit.lease): this instance's fence marker, where it stands on each own
+        # log, whether the process may act on the world now, and whether it was deposed.
+        self.fence_marker: str | None = None
+        self.fenced_at: dict[str, int] = {}
+        self.may_act: Callable[[], bool] = lambda: True
+        self.deposed = asyncio.Event()
+        self._reader_name: Callable[[str], str] = reader_name
         self._batch_seconds = instruments.create_histogram(
             "cdp.input.batch.duration", unit="s", description="Time to apply one fetched batch"
         )
@@ -494,12 +510,66 @@ class Processor:
         drop_tables(self.engine, self.tables)  # type: ignore[arg-type]
 
     async def recover(self) -> int:
-        """Fold every own-log message not yet in the store. Returns how many were folded."""
+        """Fold every own-log message not yet in the store. Returns how many were folded.
+
+        Raises ``Deposed`` when it meets another instance's fence after this one's."""
         folded = 0
         async with self.lock:
             for own in self.own_logs:
                 folded += await self._fold_tail(own)
         return folded
+
+    # ------------------------------------------------------- active/standby
+    async def fence(self, marker: str, *, attempts: int = 100) -> None:
+        """Append this instance's fence marker to every own log (an empty batch with ``Cdp-Fence``)
+        against the subject's true last sequence. From then on an instance that wrote before it
+        fails its next append's guard, meets the marker while recovering, and steps down."""
+        self.fence_marker = marker
+        for own in self.own_logs:
+            for _ in range(attempts):
+                last = await self.eventlog.last_sequence(own.stream.name, own.subject)
+                try:
+                    appended = await self.eventlog.append(
+                        own.subject,
+                        [],
+                        msg_id=deterministic_id("fence", own.subject, marker),
+                        expected_last_subject_sequence=last,
+                        headers={FENCE_HEADER: marker},
+                    )
+                except AppendConflict:  # the deposed instance appended meanwhile: fence after it
+                    await asyncio.sleep(0.02)
+                    continue
+                self.fenced_at[own.name] = appended.sequence
+                break
+            else:
+                raise Unavailable(f"fencing {own.subject} failed {attempts} times: another writer keeps appending")
+        log.info("fenced", service=self.service, marker=marker, at=self.fenced_at)
+
+    def _check_fence(self, own: OwnLog, msg: LogMessage) -> None:
+        marker = msg.headers.get(FENCE_HEADER)
+        if marker is None or self.fence_marker is None or marker == self.fence_marker:
+            return
+        if msg.sequence <= self.fenced_at.get(own.name, 0):
+            return  # an earlier active's marker, before ours
+        self.deposed.set()
+        log.error("deposed_stepping_down", service=self.service, own_log=own.name, by=marker, sequence=msg.sequence)
+        raise Deposed(f"{self.service}: {own.subject} #{msg.sequence} is fenced by {marker}; this instance stops")
+
+    async def follow(self) -> bool:
+        """A standby's catch-up: fold the own logs and replay the inputs read-only, through readers
+        of its own, as far as the active's outputs reach. True when it reached the end of every
+        input; False when it stopped where it would have to decide what the active has not yet
+        appended (it goes on from there next time)."""
+        self.replay_only = True
+        self._reader_name = standby_reader_name
+        try:
+            await self.catch_up()
+            return True
+        except ReplayWouldAppend:
+            return False
+        finally:
+            self.replay_only = False
+            self._reader_name = reader_name
 
     async def _fold_tail(self, own: OwnLog) -> int:
         with Session(self.engine) as session:
@@ -507,14 +577,18 @@ class Processor:
         count = last = 0
         assembler: Assembler[None] = Assembler(own.name)
         batch: list[LogMessage] = []
-        async for msg in self.eventlog.read(
-            own.stream.name, own.subject, start, batch=self.batch_size, name=reader_name(own.name)
-        ):
-            last = msg.sequence
-            batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
-            if len(batch) >= self.batch_size:
-                count += self._fold_messages(own, batch, await self._open(batch))
-                batch = []
+        reader = self.eventlog.read(
+            own.stream.name, own.subject, start, batch=self.batch_size, name=self._reader_name(own.name)
+        )
+        # Closed at once when a fold raises (e.g. Deposed), not when the generator is collected:
+        # an open reader would hold the connection's drain at shutdown.
+        async with contextlib.aclosing(reader):
+            async for msg in reader:
+                last = msg.sequence
+                batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
+                if len(batch) >= self.batch_size:
+                    count += self._fold_messages(own, batch, await self._open(batch))
+                    batch = []
         if batch:
             count += self._fold_messages(own, batch, await self._open(batch))
         if assembler.held or assembler.dropped:
@@ -584,6 +658,7 @@ class Processor:
                 prefetch(session, own, [env for msg in msgs for env in events(msg)])
             fold_erased = getattr(self.projection, "fold_erased", None) if own is not self.poison else None
             for msg in msgs:
+                self._check_fence(own, msg)
                 kept = events(msg)
                 for env in kept:
                     self.fold(session, own, env)
@@ -616,7 +691,10 @@ class Processor:
                 if attempt == 2:
                     raise
                 log.warning("append_conflict_recovering", command_id=command_id)
-                await self.recover()
+                try:
+                    await self.recover()
+                except Deposed as exc:  # the caller gets a retryable answer; the process stops
+                    raise Unavailable(f"{self.service} was deposed by another instance: retry") from exc
         raise AssertionError("unreachable")
 
     async def _execute_with_keys(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
@@ -990,13 +1068,15 @@ class Processor:
                 start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
             assembler: Assembler[Msg | None] = Assembler(inp.spec.name)
             batch: list[Unit] = []
-            async for msg in self.eventlog.read(
-                inp.spec.stream.name, inp.spec.filter_subject, start, name=reader_name(inp.spec.name)
-            ):
-                batch += assembler.feed([(msg, None)])
-                if len(batch) >= self.batch_size:
-                    await self.apply_units(inp, batch)
-                    batch = []
+            reader = self.eventlog.read(
+                inp.spec.stream.name, inp.spec.filter_subject, start, name=self._reader_name(inp.spec.name)
+            )
+            async with contextlib.aclosing(reader):
+                async for msg in reader:
+                    batch += assembler.feed([(msg, None)])
+                    if len(batch) >= self.batch_size:
+                        await self.apply_units(inp, batch)
+                        batch = []
             if batch:
                 await self.apply_units(inp, batch)
 

@@ -25,10 +25,11 @@ from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_auth import ServerTls, TokenTable
 from cdp_kit.grpc_server import GrpcServer, Registration
-from cdp_kit.processor import Input, Processor, in_checkpoint, own_checkpoint
+from cdp_kit.lease import Lease
+from cdp_kit.processor import Deposed, Input, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import all_checkpoints, make_engine
-from cdp_kit.streams import KEYS, SERVICE_LOGS, ConsumerSpec
+from cdp_kit.streams import KEYS, LEASES, SERVICE_LOGS, ConsumerSpec
 from cdp_kit.telemetry import configure_logging, configure_pii_hash, configure_tracing, get_logger, meter
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -55,6 +56,8 @@ async def connect(settings: ServiceSettings, *, attempts: int = 60) -> EventLog:
     delay = 0.25
     logs = SERVICE_LOGS.get(settings.service)
     streams = [own.stream for own in logs.own_logs] + [spec.stream for spec in logs.inputs] + [KEYS] if logs else []
+    if settings.lease_ttl_s > 0:
+        streams.append(LEASES)
     for attempt in range(1, attempts + 1):
         eventlog: EventLog | None = None
         try:
@@ -72,6 +75,10 @@ async def connect(settings: ServiceSettings, *, attempts: int = 60) -> EventLog:
     raise AssertionError("unreachable")
 
 
+# What ServiceStatus.role says.
+SINGLE = "single"
+ACTIVE = "active"
+STANDBY = "standby"
 # What ConsumerStatus.state says (admin.proto documents each).
 STARTING = "starting"
 CAUGHT_UP = "caught_up"
@@ -222,7 +229,9 @@ async def consumer_status(vitals: Vitals, inp: Input, applied: int, dead: int = 
     )
 
 
-async def service_status(service: Service, name: str, vitals: Vitals) -> admin_pb2.ServiceStatus:
+async def service_status(
+    service: Service, name: str, vitals: Vitals, lease: Lease | None = None
+) -> admin_pb2.ServiceStatus:
     processor = service.processor
     with processor.read() as session:
         checkpoints = all_checkpoints(session)
@@ -235,6 +244,13 @@ async def service_status(service: Service, name: str, vitals: Vitals) -> admin_p
         nats_connected=processor.eventlog.connected,
         stall_after_seconds=vitals.stall_after_s,
     )
+    if lease is None:
+        status.role = SINGLE
+    else:
+        status.role = ACTIVE if lease.epoch else STANDBY
+        status.instance = lease.instance
+        status.lease_holder = lease.holder.instance if lease.holder is not None else ""
+        status.lease_epoch = lease.epoch
     if processor.vault is not None:
         status.erased_events = processor.vault.erased
         status.erased_fields = processor.vault.erased_fields
@@ -277,17 +293,25 @@ async def serve(settings: S, build: Builder[S]) -> int:
     service = build(settings, engine, eventlog)
     service.processor.create_store()
     vitals = Vitals(service.processor, eventlog, settings.stall_after_s)
+    lease = (
+        Lease(eventlog, settings.service, settings.resolved_instance(), settings.lease_ttl_s)
+        if settings.lease_ttl_s > 0
+        else None
+    )
 
     async def status() -> admin_pb2.ServiceStatus:
         try:
-            return await service_status(service, settings.service, vitals)
+            return await service_status(service, settings.service, vitals, lease)
         except (TimeoutError, nats.errors.Error) as exc:
             # Where each consumer stands is NATS' to say; a busy or reconnecting server is a
             # retryable UNAVAILABLE for the caller, not an internal error.
             raise Unavailable(f"status: NATS did not answer ({type(exc).__name__})") from exc
 
     registrations = [*service.registrations, deadletter_api.registration(service.processor)]
-    server = GrpcServer(settings.grpc_host, settings.resolved_port(), registrations, status, **grpc_kwargs)
+    refusal = _standby_refusal(settings.service, lease, {r.full_name for r in registrations})
+    server = GrpcServer(
+        settings.grpc_host, settings.resolved_port(), registrations, status, refusal=refusal, **grpc_kwargs
+    )
     port = await server.start()
     log.info(
         "grpc_listening",
@@ -302,17 +326,20 @@ async def serve(settings: S, build: Builder[S]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    tasks = [asyncio.create_task(service.processor.run(), name="processor")]
-    tasks += [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(service.background)]
-    watcher = asyncio.create_task(health_watch(vitals, server))
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    watcher = asyncio.create_task(health_watch(vitals, server))
+    tasks: list[asyncio.Task[Any]] = []
     exit_code = 0
-    for task in done:
-        if task is not stopper and task.exception() is not None:
-            log.error("task_failed", task=task.get_name(), exc_info=task.exception())
-            exit_code = 1
+    if lease is None or await standby(service.processor, lease, stop, settings.follow_interval_s):
+        if lease is not None:
+            await service.processor.fence(lease.fence)
+            service.processor.may_act = lease.valid
+            tasks.append(asyncio.create_task(lease.keep(), name="lease"))
+            tasks.append(asyncio.create_task(service.processor.deposed.wait(), name="deposed"))
+        tasks.append(asyncio.create_task(service.processor.run(), name="processor"))
+        tasks += [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(service.background)]
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        exit_code = _exit_code(done, stopper, service.processor)
     log.info("shutting_down", grace_s=settings.shutdown_grace_s)
     service.processor.stop()
     await server.stop(settings.shutdown_grace_s)
@@ -325,6 +352,74 @@ async def serve(settings: S, build: Builder[S]) -> int:
     engine.dispose()
     log.info("stopped", exit_code=exit_code)
     return exit_code
+
+
+# The exit code of an instance that lost its lease or was fenced (EX_TEMPFAIL): restarted, it
+# comes back as a standby.
+STEPPED_DOWN = 75
+
+
+def _exit_code(done: set[asyncio.Task[Any]], stopper: asyncio.Task[Any], processor: Processor) -> int:
+    if processor.deposed.is_set():
+        return STEPPED_DOWN
+    exit_code = 0
+    for task in done:
+        if task is stopper:
+            continue
+        exc = task.exception()
+        if isinstance(exc, Deposed):
+            return STEPPED_DOWN
+        if exc is not None:
+            if task.get_name() == "lease":
+                return STEPPED_DOWN
+            log.error("task_failed", task=task.get_name(), exc_info=exc)
+            exit_code = 1
+    return exit_code
+
+
+def _standby_refusal(service: str, lease: Lease | None, served: set[str]) -> Callable[[str], str | None] | None:
+    """While a standby, the service's own RPCs (not status or health) answer UNAVAILABLE."""
+    if lease is None:
+        return None
+
+    def refusal(method: str) -> str | None:
+        if lease.epoch:
+            return None
+        if method.lstrip("/").partition("/")[0] not in served:
+            return None
+        holder = lease.holder.instance if lease.holder is not None else "unknown"
+        return f"this {service} instance is a standby: the active instance ({holder}) serves this; retry"
+
+    return refusal
+
+
+async def standby(processor: Processor, lease: Lease, stop: asyncio.Event, interval_s: float) -> bool:
+    """Wait for the lease, following the log meanwhile (a hot standby). True once this instance
+    holds it, False when told to stop first."""
+
+    async def follow() -> None:
+        while True:
+            try:
+                reached = await processor.follow()
+                log.debug("standby_followed", reached_end=reached)
+            except (Unavailable, nats.errors.Error, OSError) as exc:
+                log.warning("standby_follow_failed", error=str(exc))
+            await asyncio.sleep(interval_s)
+
+    follower = asyncio.create_task(follow(), name="follow")
+    acquiring = asyncio.create_task(lease.acquire(), name="acquire")
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([acquiring, stopping], return_when=asyncio.FIRST_COMPLETED)
+    # A follow round in the middle of a transaction is let finish (processor.lock), then stopped.
+    async with processor.lock:
+        follower.cancel()
+    await asyncio.gather(follower, return_exceptions=True)
+    stopping.cancel()
+    if not acquiring.done():
+        acquiring.cancel()
+        await asyncio.gather(acquiring, return_exceptions=True)
+        return False
+    return True
 
 
 async def health_watch(vitals: Vitals, server: GrpcServer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -106,6 +108,25 @@ class ServiceSettings(BaseSettings):
     seal_personal_data: bool = Field(
         default=True, description="Seal identities and personal attributes on the log (off: benches only)"
     )
+
+    # Active/standby (cdp_kit.lease, docs/operations.md): with a TTL, several instances may run,
+    # each with a store of its own; one is active, the others follow the log and take over.
+    lease_ttl_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Run under a lease with this TTL (active/standby; a standby takes over after it); 0 = one instance",
+    )
+    instance: str = Field(
+        default="", max_length=128, description="This instance's name under a lease; empty = host name and process id"
+    )
+    follow_interval_s: float = Field(
+        default=2.0, gt=0, description="How often a standby replays the log to keep its store current"
+    )
+
+    def resolved_instance(self) -> str:
+        if self.instance:
+            return self.instance
+        return f"{socket.gethostname()}-{os.getpid()}"
 
     def grpc_security_problem(self) -> str | None:
         """Why gRPC security is not configured (None when it is, or is explicitly off)."""

@@ -56,6 +56,13 @@ KEY_SUBJECT_PREFIX = f"$KV.{KEY_BUCKET}."
 # service checks at start that it exists.
 KEYS = StreamSpec(KEY_STREAM, (f"{KEY_SUBJECT_PREFIX}>",), "per-identity keys of personal data")
 
+# Which instance of each service is active (cdp_kit.lease): a KV bucket, one key per service.
+# Made by provisioning beside the key bucket; a service checks it exists when it runs under a lease.
+LEASE_BUCKET = "CDP_LEASES"
+LEASE_STREAM = f"KV_{LEASE_BUCKET}"
+LEASE_SUBJECT_PREFIX = f"$KV.{LEASE_BUCKET}."
+LEASES = StreamSpec(LEASE_STREAM, (f"{LEASE_SUBJECT_PREFIX}>",), "which instance of each service is active")
+
 
 @dataclass(frozen=True)
 class OwnLog:

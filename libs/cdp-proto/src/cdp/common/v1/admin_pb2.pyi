@@ -149,6 +149,10 @@ class ServiceStatus(_message.Message):
     STALL_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     ERASED_EVENTS_FIELD_NUMBER: _builtins.int
     ERASED_FIELDS_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    LEASE_HOLDER_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     version: _builtins.str
     ready: _builtins.bool
@@ -165,6 +169,14 @@ class ServiceStatus(_message.Message):
     left empty for that reason.
     """
     erased_fields: _builtins.int
+    role: _builtins.str
+    """Active/standby (CDP_LEASE_TTL_S, docs/operations.md): "single" (no lease), "active" or
+    "standby"; this instance's name, and the instance holding the lease as last seen.
+    """
+    instance: _builtins.str
+    lease_holder: _builtins.str
+    lease_epoch: _builtins.int
+    """Under a lease: the epoch this instance holds it at (0 while a standby)."""
     @_builtins.property
     def consumers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerStatus]: ...
     @_builtins.property
@@ -182,10 +194,14 @@ class ServiceStatus(_message.Message):
         stall_after_seconds: _builtins.float = ...,
         erased_events: _builtins.int = ...,
         erased_fields: _builtins.int = ...,
+        role: _builtins.str = ...,
+        instance: _builtins.str = ...,
+        lease_holder: _builtins.str = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "erased_events", b"erased_events", "erased_fields", b"erased_fields", "nats_connected", b"nats_connected", "own_logs", b"own_logs", "ready", b"ready", "recovered", b"recovered", "service", b"service", "stall_after_seconds", b"stall_after_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "erased_events", b"erased_events", "erased_fields", b"erased_fields", "instance", b"instance", "lease_epoch", b"lease_epoch", "lease_holder", b"lease_holder", "nats_connected", b"nats_connected", "own_logs", b"own_logs", "ready", b"ready", "recovered", b"recovered", "role", b"role", "service", b"service", "stall_after_seconds", b"stall_after_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
