@@ -301,10 +301,21 @@ def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFl
         raise typer.Exit(1)
 
 
+def _role(status: admin_pb2.ServiceStatus | None) -> str:
+    """``single``, or under a lease (docs/operations.md) e.g. ``standby (identity-b; active: identity-a)``."""
+    if status is None or not status.role:
+        return ""
+    if status.role == "single":
+        return status.role
+    if status.role == "active":
+        return f"active ({status.instance}, epoch {status.lease_epoch})"
+    return f"{status.role} ({status.instance}; active: {status.lease_holder or '?'})"
+
+
 def _print_status(reports: list[ServiceReport]) -> None:
     render.print_table(
         "services",
-        ["service", "address", "health", "live", "ready", "version", "error"],
+        ["service", "address", "health", "live", "ready", "role", "version", "error"],
         [
             (
                 r.service,
@@ -312,6 +323,7 @@ def _print_status(reports: list[ServiceReport]) -> None:
                 r.health,
                 r.live,
                 r.status.ready if r.status else None,
+                _role(r.status),
                 r.status.version if r.status else "",
                 r.error,
             )

@@ -71,6 +71,7 @@ class DuplicateAppend(AppendConflict):
     """JetStream already holds a message with this ``Nats-Msg-Id``: what we would append is on the log."""
 
 
+DRAIN_TIMEOUT_S = 5
 # NATS' default max_payload is 1 MiB; one cause's events travel in one message below this.
 MAX_MESSAGE_BYTES = 1024 * 1024 - 4096
 # At most this many messages per pull request of ``EventLog.read`` (at most 32 MiB in flight). A
@@ -150,6 +151,10 @@ class EventLog:
                     connect_timeout=max(1, int(connect_timeout)),
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
+                    # Closing drains the subscriptions; one left holding delivered messages nobody
+                    # will take (a fetch cut short, e.g. by a process frozen and deposed) would hold
+                    # shutdown for nats-py's default 30 s. What is not acknowledged is redelivered.
+                    drain_timeout=DRAIN_TIMEOUT_S,
                     error_cb=quiet,
                     **(auth or NatsAuth()).connect_options(),
                 ),
