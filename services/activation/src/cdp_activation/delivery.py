@@ -642,9 +642,10 @@ class Deliverer:
         attempts = 0
         while True:
             attempts += 1
-            while not self.processor.may_act():
-                # Under a lease whose renewal is late (cdp_kit.lease): a standby may be taking over;
-                # nothing goes to a destination until it is renewed (or the process steps down).
+            # Under a lease whose renewal is late (cdp_kit.lease): a standby may be taking over;
+            # nothing goes to a destination until it is renewed (or the process steps down). The
+            # condition is the lease's age on the clock: there is no event to wait on.
+            while not self.processor.may_act():  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             try:
                 async with state.limiter:
