@@ -687,3 +687,26 @@ async def test_activation_tiktok_gets_the_profiles_maids_through_the_whole_servi
         ids.sha256_hex("joann@example.com"),
     }
     assert not platforms.rejected, platforms.rejected
+
+
+async def test_activation_sends_nothing_while_its_lease_is_stale_and_everything_once_it_is_fresh(
+    harness: Harness, upstream: Upstream, platforms: LocalPlatforms
+) -> None:
+    """Under a lease (cdp_kit.lease) a frozen active must not deliver after a standby could have
+    taken over: while ``may_act`` says no, batches wait; they go once it says yes."""
+    fresh = False
+    harness.processor.may_act = lambda: fresh
+    await upstream.segment()
+    await harness.destination("hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret)
+    await harness.activate("hook", ["email"])
+    pids = await people(upstream, 5)
+
+    async def prepared() -> bool | None:
+        return True if (await harness.stats("hook")).batches_pending > 0 else None
+
+    await until(prepared, what="a batch prepared")
+    await asyncio.sleep(1.0)  # many delivery rounds (delivery_interval_s is 0.05)
+    assert not platforms.accepted["webhook"], "a batch went out while the lease was stale"
+    fresh = True
+    await harness.settled("hook", 5)
+    assert platforms.members["webhook:gold"] == set(pids)
