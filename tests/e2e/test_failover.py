@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
 from cdp.common.v1 import admin_pb2
+from cdp.identity.v1 import identity_pb2 as id_pb
 from cdp_cli.app import app
 from cdp_cli.client import Client
 from cdp_cli.stack import LOOPBACK, Stack
@@ -132,6 +134,13 @@ def test_the_active_frozen_past_its_lease_is_replaced_by_its_standby_and_nothing
         status = role_of(running.client, service)
         assert status is not None
         assert (status.role, status.instance) == ("active", f"{service}-a")
+    # A standby is a read replica: it answers reads from its store and refuses every write.
+    namespaces = standby_client.identity.ListNamespaces(id_pb.ListNamespacesRequest(), timeout=10.0)
+    assert "cookie" in {n.name for n in namespaces.namespaces}
+    with pytest.raises(grpc.RpcError) as refused:
+        standby_client.identity.CreateNamespace(id_pb.CreateNamespaceRequest(name="loyalty_no"), timeout=10.0)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "standby" in (refused.value.details() or "")
     load = Load(people=int(os.environ.get("CDP_FAILOVER_PEOPLE", "1500")), page_bytes=64)
     publisher = Publisher(stack, load.messages()).start()
     wait_until(lambda: consumer_delivered(stack, IDENTITY_READS_INGEST) > 0, 90.0, "records to reach identity")

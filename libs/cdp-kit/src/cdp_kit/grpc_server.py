@@ -43,6 +43,9 @@ class Registration:
     full_name: str
     add: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
+    # Methods that only read the store: a standby (cdp_kit.lease) serves them too, from its store
+    # as far as it has followed the log (a read replica, CDP_FOLLOW_INTERVAL_S behind at most).
+    replica_reads: frozenset[str] = frozenset()
 
 
 def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:

@@ -308,7 +308,7 @@ async def serve(settings: S, build: Builder[S]) -> int:
             raise Unavailable(f"status: NATS did not answer ({type(exc).__name__})") from exc
 
     registrations = [*service.registrations, deadletter_api.registration(service.processor)]
-    refusal = _standby_refusal(settings.service, lease, {r.full_name for r in registrations})
+    refusal = _standby_refusal(settings.service, lease, registrations)
     server = GrpcServer(
         settings.grpc_host, settings.resolved_port(), registrations, status, refusal=refusal, **grpc_kwargs
     )
@@ -377,15 +377,20 @@ def _exit_code(done: set[asyncio.Task[Any]], stopper: asyncio.Task[Any], process
     return exit_code
 
 
-def _standby_refusal(service: str, lease: Lease | None, served: set[str]) -> Callable[[str], str | None] | None:
-    """While a standby, the service's own RPCs (not status or health) answer UNAVAILABLE."""
+def _standby_refusal(
+    service: str, lease: Lease | None, registrations: Sequence[Registration]
+) -> Callable[[str], str | None] | None:
+    """While a standby, the service's own RPCs (not status or health) answer UNAVAILABLE, but for
+    the reads each registration lists (``replica_reads``): a standby is a read replica."""
     if lease is None:
         return None
+    served = {r.full_name: r.replica_reads for r in registrations}
 
     def refusal(method: str) -> str | None:
         if lease.epoch:
             return None
-        if method.lstrip("/").partition("/")[0] not in served:
+        name, _, rpc = method.lstrip("/").partition("/")
+        if name not in served or rpc in served[name]:
             return None
         holder = lease.holder.instance if lease.holder is not None else "unknown"
         return f"this {service} instance is a standby: the active instance ({holder}) serves this; retry"

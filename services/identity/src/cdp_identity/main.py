@@ -84,6 +84,10 @@ def build_processor(
     return processor, projection
 
 
+# What a standby answers from its store (docs/operations.md, "Active/standby").
+REPLICA_READS = frozenset({"Resolve", "GetGraph", "ListNamespaces", "GetStats"})
+
+
 def build(settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault: PersonVault | None = None) -> Service:
     processor, projection = build_processor(settings, engine, eventlog, vault)
     vault = processor.vault
@@ -97,7 +101,9 @@ def build(settings: IdentitySettings, engine: Engine, eventlog: EventLog, vault:
     return Service(
         processor,
         [
-            Registration(name, identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer),
+            Registration(
+                name, identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer, replica_reads=REPLICA_READS
+            ),
             Registration(privacy_name, privacy_pb2_grpc.add_PrivacyServiceServicer_to_server, PrivacyServicer(privacy)),
         ],
         background=[privacy.completer_loop],

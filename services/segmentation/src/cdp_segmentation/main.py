@@ -67,6 +67,11 @@ def build_processor(
     return processor, catalog
 
 
+# What a standby answers from its store (docs/operations.md, "Active/standby"): personalisation
+# lookups and the other reads, so standbys scale lookups out.
+REPLICA_READS = frozenset({"GetProfile", "GetSegment", "ListSegments", "ListMembers", "GetStats"})
+
+
 def build(
     settings: SegmentationSettings, engine: Engine, eventlog: EventLog, vault: PersonVault | None = None
 ) -> Service:
@@ -79,7 +84,12 @@ def build(
     handlers = SegmentationHandlers(processor, catalog, clock_interval_s=settings.clock_interval_s, wall_clock=utcnow)
     name = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name
     servicer = SegmentationServicer(handlers, phone_region=settings.default_phone_region)
-    registration = Registration(name, segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server, servicer)
+    registration = Registration(
+        name,
+        segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
+        servicer,
+        replica_reads=REPLICA_READS,
+    )
     return Service(
         processor,
         [registration],
