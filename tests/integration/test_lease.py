@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from cdp_kit.eventlog import AppendConflict, EventLog
 from cdp_kit.lease import Lease, LeaseLost
-from cdp_kit.processor import FENCE_HEADER, Deposed, Processor, emitted_checkpoint
+from cdp_kit.processor import FENCE_HEADER, Deposed, LeaseStale, Processor, emitted_checkpoint, in_checkpoint
 from cdp_kit.store import make_engine, sqlite_url
 from tests.integration.test_processor import (
     IN,
@@ -200,3 +200,23 @@ async def test_a_running_consumer_fenced_mid_flight_stops_instead_of_retrying(
             await task
     assert a.deposed.is_set()
     assert not [i for _, events in await outputs(eventlog) for i in events], "the deposed instance appended"
+
+
+async def test_an_instance_whose_lease_is_stale_neither_commits_nor_acknowledges_what_it_read(
+    eventlog: EventLog, engines: tuple[Engine, Engine]
+) -> None:
+    """A frozen active wakes up with a fetched batch: if it committed and acknowledged messages that
+    decide nothing (no append to be fenced), the new active would never see them."""
+    engine_a, _ = engines
+    a = make_processor(engine_a, eventlog)
+    fresh = False
+    a.may_act = lambda: fresh
+    await append_inputs(eventlog, INPUT_LAYOUT[:2])
+    batch = [(m, None) async for m in eventlog.read(IN.stream.name, IN.filter_subject)]
+    with pytest.raises(LeaseStale):
+        await a.apply_input_batch(a.inputs[0], batch)
+    assert "observed" not in counters(engine_a)
+    assert checkpoints(engine_a).get(in_checkpoint(IN), 0) == 0
+    fresh = True
+    await a.apply_input_batch(a.inputs[0], batch)
+    assert counters(engine_a)["observed"] == sum(INPUT_LAYOUT[:2])

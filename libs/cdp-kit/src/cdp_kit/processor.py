@@ -415,6 +415,11 @@ class ReplayWouldAppend(CdpError):
     """A rebuild's replay tried to append to the log (see ``Processor.rebuild``)."""
 
 
+class LeaseStale(Unavailable):
+    """This instance's lease is too old to act on (``cdp_kit.lease``): retried until it is renewed
+    (or found lost, and the process steps down)."""
+
+
 class Deposed(BaseException):
     """Another instance fenced this one's logs (``cdp_kit.lease``): it must stop at once.
 
@@ -811,6 +816,7 @@ class Processor:
                 with transaction(self.engine) as session:
                     uow: UnitOfWork | None = None
                     try:
+                        self._check_may_act(inp)
                         applied = get_checkpoint(session, in_checkpoint(inp.spec))
                         emitted = get_checkpoint(session, emitted_checkpoint(inp.spec))
                         last = applied
@@ -864,6 +870,7 @@ class Processor:
                             await uow.flush(Cause(inp.spec.name, last), inp.spec)
                         if last > applied:
                             set_checkpoint(session, in_checkpoint(inp.spec), last)
+                        self._check_may_act(inp)  # again: the batch may have taken long
                     except BaseException:
                         if uow is not None:
                             await uow.abandon()
@@ -873,6 +880,14 @@ class Processor:
         self._applied.add(applied_now, labels)
         self._batch_seconds.record(time.perf_counter() - started, labels)
         return applied_now
+
+    def _check_may_act(self, inp: Input) -> None:
+        """Under a lease that may have passed to a standby (a process frozen past its TTL): neither
+        decide nor commit nor acknowledge, so what the batch read is redelivered to whoever is
+        active (``cdp_kit.lease``). Appends are fenced anyway; this keeps a batch that decides
+        nothing (nothing to fence) from being taken from the new active."""
+        if not self.may_act():
+            raise LeaseStale(f"{self.service}: the lease was not renewed in time; {inp.spec.name} waits")
 
     @staticmethod
     def _set_aside(session: Session, inp: Input, fresh: Sequence[Unit], emitted: int) -> set[int]:

@@ -332,10 +332,11 @@ async def serve(settings: S, build: Builder[S]) -> int:
     exit_code = 0
     if lease is None or await standby(service.processor, lease, stop, settings.follow_interval_s):
         if lease is not None:
-            await service.processor.fence(lease.fence)
-            service.processor.may_act = lease.valid
+            # Renewing from the start: fencing and recovering a long tail must not let it expire.
             tasks.append(asyncio.create_task(lease.keep(), name="lease"))
             tasks.append(asyncio.create_task(service.processor.deposed.wait(), name="deposed"))
+            await service.processor.fence(lease.fence)
+            service.processor.may_act = lease.valid
         tasks.append(asyncio.create_task(service.processor.run(), name="processor"))
         tasks += [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(service.background)]
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
