@@ -191,25 +191,14 @@ class EventLog:
                 retention=api.RetentionPolicy.LIMITS,
                 allow_direct=True,
             )
-            try:
-                await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await self.js.update_stream(config)
+            await self._add_or_update(config)
         if {spec.name for spec in specs} >= {spec.name for spec in ALL_STREAMS}:  # the whole platform's
-            await self.ensure_key_bucket(replicas=replicas, memory=memory)
-            await self.ensure_lease_bucket(replicas=replicas, memory=memory)
+            # The per-identity key bucket of crypto-shredding (cdp_kit.vault) and the bucket of
+            # active/standby leases (cdp_kit.lease): made by provisioning, like the streams.
+            await self._add_or_update(key_bucket_config(replicas=replicas, memory=memory))
+            await self._add_or_update(lease_bucket_config(replicas=replicas, memory=memory))
 
-    async def ensure_key_bucket(self, *, replicas: int = 1, memory: bool = False) -> None:
-        """The per-identity key bucket of crypto-shredding (``cdp_kit.vault``), made by provisioning."""
-        config = key_bucket_config(replicas=replicas, memory=memory)
-        try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await self.js.update_stream(config)
-
-    async def ensure_lease_bucket(self, *, replicas: int = 1, memory: bool = False) -> None:
-        """The bucket of active/standby leases (``cdp_kit.lease``), made by provisioning."""
-        config = lease_bucket_config(replicas=replicas, memory=memory)
+    async def _add_or_update(self, config: api.StreamConfig) -> None:
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
