@@ -117,9 +117,12 @@ def stack_with_standbys(tmp_path: Path, platforms: LocalPlatforms) -> Iterator[t
         yield Running(stack, client, platforms, stack.nats_monitor_port), standbys
 
 
-def test_the_active_frozen_past_its_lease_is_replaced_by_its_standby_and_nothing_is_lost_or_doubled(
-    stack_with_standbys: tuple[Running, dict[str, Standby]],
+@pytest.mark.parametrize("fault", ["frozen", "killed"])
+def test_the_active_frozen_or_killed_is_replaced_by_its_standby_and_nothing_is_lost_or_doubled(
+    stack_with_standbys: tuple[Running, dict[str, Standby]], fault: str
 ) -> None:
+    """``frozen``: SIGSTOP past the TTL, then SIGCONT: the woken instance must step down.
+    ``killed``: SIGKILL, kept down until the standby took over, then started again."""
     running, standbys = stack_with_standbys
     stack = running.stack
     standby_client = Client(
@@ -145,8 +148,11 @@ def test_the_active_frozen_past_its_lease_is_replaced_by_its_standby_and_nothing
     publisher = Publisher(stack, load.messages()).start()
     wait_until(lambda: consumer_delivered(stack, IDENTITY_READS_INGEST) > 0, 90.0, "records to reach identity")
     frozen = {s: stack.pids[s] for s in FAILING_OVER}
-    for pid in frozen.values():
-        os.kill(pid, signal.SIGSTOP)
+    for service, pid in frozen.items():
+        if fault == "frozen":
+            os.kill(pid, signal.SIGSTOP)
+        else:
+            stack.kill(service, keep_down=True)
     stopped_at = time.monotonic()
     try:
         for service in FAILING_OVER:
@@ -158,14 +164,18 @@ def test_the_active_frozen_past_its_lease_is_replaced_by_its_standby_and_nothing
         took_over_s = time.monotonic() - stopped_at
         time.sleep(1.0)
     finally:
-        for pid in frozen.values():
-            os.kill(pid, signal.SIGCONT)
-    # The resumed instances step down: exit 75 (restarted as standbys by the supervisor).
-    for service, pid in frozen.items():
-        wait_until(partial(replaced, stack, service, pid), 30.0, f"the deposed {service} to exit")
-        log = (stack.logs_dir / f"{service}.log").read_text(errors="replace")
-        assert "lease_lost_stepping_down" in log or "deposed_stepping_down" in log, log[-3000:]
-        assert '"exit_code": 75' in log
+        for service, pid in frozen.items():
+            if fault == "frozen":
+                os.kill(pid, signal.SIGCONT)
+            else:
+                stack.restart(service, wait=False)  # it comes back as a standby: never ready
+    if fault == "frozen":
+        # The resumed instances step down: exit 75 (restarted as standbys by the supervisor).
+        for service, pid in frozen.items():
+            wait_until(partial(replaced, stack, service, pid), 30.0, f"the deposed {service} to exit")
+            log = (stack.logs_dir / f"{service}.log").read_text(errors="replace")
+            assert "lease_lost_stepping_down" in log or "deposed_stepping_down" in log, log[-3000:]
+            assert '"exit_code": 75' in log
     publisher.join()
     # Everything arrives once, served by the new actives.
     result = settled(Running(stack, standby_client, running.platforms, running.monitor_port), load)

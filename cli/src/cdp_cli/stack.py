@@ -609,9 +609,10 @@ class Stack:
             process.wait(10.0)
             self._record("killed", child=service, pid=process.pid)
 
-    def restart(self, service: str) -> None:
+    def restart(self, service: str, *, wait: bool = True) -> None:
         """Stop a service gracefully (unless it is down), start it again on the same port and wait
-        until it is SERVING."""
+        until it is SERVING (``wait=False``: not; e.g. an instance that comes back as a standby,
+        which is never ready)."""
         child = self._child(service)
         with self._lock:
             child.paused = True
@@ -625,7 +626,8 @@ class Stack:
             with self._lock:
                 child.paused = False
                 child.restart_at = None
-        self.wait_serving(service)
+        if wait:
+            self.wait_serving(service)
 
     def wait_serving(self, service: str, timeout_s: float | None = None) -> None:
         """Block until ``service`` answers SERVING again (e.g. after ``kill``), or raise StackError.
