@@ -117,12 +117,14 @@ def stack_with_standbys(tmp_path: Path, platforms: LocalPlatforms) -> Iterator[t
         yield Running(stack, client, platforms, stack.nats_monitor_port), standbys
 
 
-@pytest.mark.parametrize("fault", ["frozen", "killed"])
+@pytest.mark.parametrize("fault", ["frozen", "killed", "terminated"])
 def test_the_active_frozen_or_killed_is_replaced_by_its_standby_and_nothing_is_lost_or_doubled(
     stack_with_standbys: tuple[Running, dict[str, Standby]], fault: str
 ) -> None:
     """``frozen``: SIGSTOP past the TTL, then SIGCONT: the woken instance must step down.
-    ``killed``: SIGKILL, kept down until the standby took over, then started again."""
+    ``killed``: SIGKILL, kept down until the standby took over, then started again.
+    ``terminated``: a graceful restart (a rolling update): the lease is released, the standby
+    takes it at once, and the restarted instance comes back as a standby."""
     running, standbys = stack_with_standbys
     stack = running.stack
     standby_client = Client(
@@ -148,12 +150,14 @@ def test_the_active_frozen_or_killed_is_replaced_by_its_standby_and_nothing_is_l
     publisher = Publisher(stack, load.messages()).start()
     wait_until(lambda: consumer_delivered(stack, IDENTITY_READS_INGEST) > 0, 90.0, "records to reach identity")
     frozen = {s: stack.pids[s] for s in FAILING_OVER}
+    stopped_at = time.monotonic()
     for service, pid in frozen.items():
         if fault == "frozen":
             os.kill(pid, signal.SIGSTOP)
-        else:
+        elif fault == "killed":
             stack.kill(service, keep_down=True)
-    stopped_at = time.monotonic()
+        else:
+            stack.restart(service, wait=False)  # SIGTERM, wait for the exit, start again
     try:
         for service in FAILING_OVER:
             wait_until(
@@ -167,7 +171,7 @@ def test_the_active_frozen_or_killed_is_replaced_by_its_standby_and_nothing_is_l
         for service, pid in frozen.items():
             if fault == "frozen":
                 os.kill(pid, signal.SIGCONT)
-            else:
+            elif fault == "killed":
                 stack.restart(service, wait=False)  # it comes back as a standby: never ready
     if fault == "frozen":
         # The resumed instances step down: exit 75 (restarted as standbys by the supervisor).
@@ -199,6 +203,10 @@ def test_the_active_frozen_or_killed_is_replaced_by_its_standby_and_nothing_is_l
     assert shown.exit_code == 1, shown.output  # not ready: a standby
     for service in FAILING_OVER:
         assert f"standby ({service}-a; active: {service}-b)" in shown.output, shown.output
-    print(json.dumps({"took_over_s": round(took_over_s, 1), "ttl_s": TTL_S}))
+    if fault == "terminated":
+        for service in FAILING_OVER:
+            log = (stack.logs_dir / f"{service}.log").read_text(errors="replace")
+            assert "lease_released" in log, log[-3000:]
+    print(json.dumps({"fault": fault, "took_over_s": round(took_over_s, 1), "ttl_s": TTL_S}))
     standby_client.close()
     _ = natsconn  # the stack is a NatsTarget for the helpers above

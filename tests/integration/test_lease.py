@@ -220,3 +220,19 @@ async def test_an_instance_whose_lease_is_stale_neither_commits_nor_acknowledges
     fresh = True
     await a.apply_input_batch(a.inputs[0], batch)
     assert counters(engine_a)["observed"] == sum(INPUT_LAYOUT[:2])
+
+
+async def test_a_released_lease_is_taken_at_once_not_after_the_ttl(eventlog: EventLog) -> None:
+    """A graceful stop (a rolling update) hands over without waiting for the TTL."""
+    ttl = 30.0
+    a = Lease(eventlog, "test", "a", ttl)
+    await a.acquire(poll_s=0.05)
+    b = Lease(eventlog, "test", "b", ttl)
+    taking = asyncio.create_task(b.acquire(poll_s=0.05))
+    await asyncio.sleep(0.3)
+    assert not taking.done()
+    assert await a.release()
+    assert not a.valid()
+    epoch = await asyncio.wait_for(taking, 5.0)  # far below the 30 s TTL
+    assert epoch > a.revision
+    assert not await a.release()  # not held any more: nothing to give up

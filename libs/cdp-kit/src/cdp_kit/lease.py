@@ -73,6 +73,8 @@ class EventLog(Protocol):
 
 log = get_logger(__name__)
 
+# The holder a released lease names: a standby takes it at once.
+RELEASED = ""
 # How long, as a share of the TTL, an active may act after the last renewal it sent.
 VALID_SHARE = 0.75
 
@@ -190,7 +192,13 @@ class Lease:
             try:
                 holder = await self.read()
                 self.holder = holder
-                if holder is None or (holder.instance == self.instance and holder.epoch == 0):
+                if (
+                    holder is None
+                    or holder.instance == RELEASED
+                    or (holder.instance, holder.epoch) == (self.instance, 0)
+                ):
+                    # Nobody holds it, its holder released it (a graceful stop), or this instance
+                    # died between its two writes of an acquisition: taken at once.
                     won = await self._write(holder.revision if holder else 0, None)
                 elif holder.revision != watched:
                     watched, since, won = holder.revision, self.clock(), False
@@ -219,6 +227,27 @@ class Lease:
             except Unavailable as exc:
                 log.warning("lease_unavailable", service=self.service, error=exc.message)
             await asyncio.sleep(poll)
+
+    async def release(self) -> bool:
+        """Give the lease up on a graceful stop (after the last append), so a standby takes over at
+        once instead of after the TTL. False when it was not held (or no longer: nothing to do)."""
+        if not self.epoch or self.lost.is_set():
+            return False
+        value = json.dumps({"instance": RELEASED, "epoch": 0, "released_by": self.instance}).encode()
+        try:
+            await self.eventlog.append_raw(
+                self.subject,
+                value,
+                msg_id=f"lease:{self.service}:{self.instance}:release:{self.revision}",
+                expected_last_subject_sequence=self.revision,
+            )
+        except (Conflict, Unavailable) as exc:
+            log.warning("lease_release_failed", service=self.service, error=str(exc))
+            return False
+        self.epoch = 0
+        self.lost.set()
+        log.info("lease_released", service=self.service, instance=self.instance)
+        return True
 
     async def keep(self) -> None:
         """Renew every ``ttl_s / 3`` until lost (then sets ``lost`` and raises ``LeaseLost``)."""

@@ -347,6 +347,8 @@ async def serve(settings: S, build: Builder[S]) -> int:
     for task in [*tasks, watcher, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, watcher, stopper, return_exceptions=True)
+    if lease is not None and exit_code == 0:
+        await lease.release()  # nothing more is appended: a standby may take over at once
     await eventlog.close()
     for close in service.closers:
         close()
