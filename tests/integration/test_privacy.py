@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
+from sqlmodel import select
 
 from cdp.common.v1.envelope_pb2 import IdentityValue
 from cdp.ingest.v1 import events_pb2 as ingest_ev
@@ -20,20 +21,21 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp.segmentation.v1 import events_pb2 as seg_ev
 from cdp_identity.api import PrivacyServicer
 from cdp_identity.privacy import PrivacyApplied, PrivacyHandlers
+from cdp_identity.store import KeyRefRow
 from cdp_ingest.main import build as build_ingest
 from cdp_ingest.privacy import PRIVACY_TABLES as INGEST_PRIVACY_TABLES
 from cdp_ingest.privacy import PrivacyApplier as IngestApplier
 from cdp_ingest.privacy import PrivacyToIngest
 from cdp_ingest.settings import IngestSettings
 from cdp_ingest.store import TABLES as INGEST_TABLES
-from cdp_kit.deadletters import DEADLETTER_TABLES
+from cdp_kit.deadletters import DEADLETTER_TABLES, DeadLetterRow
 from cdp_kit.envelope import Cause, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.errors import InvalidInput, NotFound
 from cdp_kit.eventlog import EventLog
 from cdp_kit.identities import Normaliser
 from cdp_kit.privacy import MAX_IDENTITIES, NOTHING_TO_APPLY, NoKeyVault, identity_hash
 from cdp_kit.roles import METHOD_ROLES
-from cdp_kit.store import canonical_dump, make_engine, sqlite_url, with_checkpoint
+from cdp_kit.store import canonical_dump, make_engine, sqlite_url, transaction, with_checkpoint
 from cdp_kit.streams import (
     COLLECT,
     IDENTITY_FRAGMENTS,
@@ -169,6 +171,9 @@ async def identity_on(eventlog: EventLog, store_url: str) -> AsyncIterator[Priva
 
 
 ANN = [("crm_id", "C1"), ("email", "ann@example.com"), ("phone", "+33612345678")]
+ANN_REF = "0123456789abcdef.feedfacefeedface.00000001"
+ANN_REF_GENERATION = "89abcdef01234567.feedfacefeedface.00000002"  # same identity part, another block
+VICTIM_REF = "0123456789abcdef.0badc0de0badc0de.00000009"  # somebody else's key
 
 
 async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier_applied(
@@ -180,6 +185,9 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     await h.send([("crm_id", "C2"), ("email", "bob@example.com")])
     person = await h.profile("email", "ann@example.com")
     bob_before = await h.graph("crm_id", "C2")
+    # The key Ann's email was sealed with, as the sealing path notes it (this harness seals nothing).
+    with transaction(h.engine) as session:
+        session.add(KeyRefRow(key_ref=ANN_REF, key="email:ann@example.com"))
 
     reply = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", " Ann@Example.com "))
     assert reply.profile_ids == [person]
@@ -205,8 +213,14 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     # Not complete until every applier says it applied the request.
     appliers = privacy_appliers()
     assert {"ingest", "segmentation"} <= set(appliers)
-    # Ingest names further keys of the person (its rejected rows'): destroyed with the person's.
-    extra = {"ingest": ["0123456789abcdef.feedfacefeedface.00000001"]}
+    # Ingest names further keys of the person (its rejected rows', another generation of Ann's
+    # email key): destroyed with the person's. Keys of somebody else, or named by a service that
+    # never seals rejected rows, are not (a report cannot have another person's keys destroyed).
+    assert list(requested.key_refs) == [ANN_REF]
+    extra = {
+        "ingest": [ANN_REF_GENERATION, VICTIM_REF, "not a ref"],
+        "segmentation": ["fedcba9876543210.feedfacefeedface.00000003"],
+    }
     for service in appliers[:-1]:
         await applied_fact(h.eventlog, service, reply.request_id, extra.get(service, ()), profiles=1)
     await h.processor.catch_up()
@@ -223,8 +237,7 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
 
     identity.handlers.vault = Recording()
     assert await identity.handlers.complete_pending() == 1
-    assert [set(extra["ingest"]) <= set(refs) for refs in destroyed] == [True]
-    assert set(requested.key_refs) <= set(destroyed[0])
+    assert destroyed == [sorted([ANN_REF, ANN_REF_GENERATION])]
 
     # Activation reports again once its removal batch's outcome is known: the status says so, and
     # the time it applied the request stays the first one.
@@ -632,3 +645,76 @@ def test_every_sqlite_store_overwrites_deleted_rows(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1
     finally:
         engine.dispose()
+
+
+async def test_a_delete_whose_record_meets_a_guard_conflict_is_recorded_with_its_erasure(
+    identity: Privacy,
+) -> None:
+    """The erasure goes on the fragments log, then the request on cdp.privacy.requests. When the
+    second append meets a guard conflict (another writer, an acknowledgement lost and retried),
+    recovery folds the erasure first: the retry must record that erasure, not decide again on a
+    graph that is gone and record the delete as "nothing held" (its keys never destroyed)."""
+    h = identity.harness
+    await h.send(ANN[:2], [("email", "ann@example.com"), ("phone", "+33612345678")])
+    person = await h.profile("email", "ann@example.com")
+    with transaction(h.engine) as session:
+        session.add(KeyRefRow(key_ref=ANN_REF, key="email:ann@example.com"))
+    # Somebody else's message on identity's request subject: identity's guard is now behind.
+    await h.eventlog.append(PRIVACY_REQUESTS.subject, [], msg_id="another-writer")
+
+    reply = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "ann@example.com"), request_id="del-ann")
+    assert not reply.nothing_held
+    assert list(reply.profile_ids) == [person]
+    assert {s.service: s.counts["graph_nodes"] for s in reply.services if s.service == "identity"} == {"identity": 3}
+    [requested] = await facts(h.eventlog, PRIVACY_REQUESTS.subject, pb.PrivacyRequested)
+    assert not requested.nothing_held
+    assert list(requested.key_refs) == [ANN_REF]
+    erasures = [
+        unpack(e, pb.PrivacyRequested)
+        async for m in h.eventlog.read(IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject, 1)
+        for e in m.events()
+        if is_a(e, pb.PrivacyRequested)
+    ]
+    assert [e.request_id for e in erasures] == ["del-ann"]  # erased once
+    assert requested == erasures[0]
+    for ns, value in ANN:
+        with pytest.raises(NotFound):
+            await h.profile(ns, value)
+
+
+async def test_a_request_no_identity_could_record_is_dead_lettered_and_the_next_one_applied(
+    ingest: Ingest,
+) -> None:
+    """A forged ``PrivacyRequested`` (a 100 KB request id, an unknown mode, a key ref of another
+    shape) could never be applied: acknowledging it does not even fit a message header. It is set
+    aside with its reason, and the genuine request after it is applied as usual."""
+    bad = [
+        pb.PrivacyRequested(request_id="x" * 100_000, mode=pb.PRIVACY_MODE_DELETE),
+        pb.PrivacyRequested(request_id="mode-99", mode=99),  # type: ignore[arg-type]
+        pb.PrivacyRequested(request_id="bad-ref", mode=pb.PRIVACY_MODE_DELETE, key_refs=["*.a.b"]),
+    ]
+    for requested in bad:
+        await request_fact(ingest.eventlog, requested)
+    good = pb.PrivacyRequested(
+        request_id="genuine", mode=pb.PRIVACY_MODE_SUPPRESS, identity_hashes=[identity_hash("email", "a@b.co")]
+    )
+    await request_fact(ingest.eventlog, good)
+
+    handler = ingest.processor.inputs[-1].handler
+    assert isinstance(handler, PrivacyToIngest)
+    applier = IngestApplier(ingest.processor, handler)  # the service's background task, run by hand
+
+    async def applied() -> bool:
+        await applier.apply_pending()
+        found = await facts(ingest.eventlog, privacy_applied_log("ingest").subject, pb.PrivacyApplied)
+        return any(a.request_id == "genuine" for a in found)
+
+    await eventually(applied, "the genuine request applied by ingest")
+    with ingest.processor.read() as session:
+        letters = session.exec(select(DeadLetterRow)).all()
+    reasons = [d.error for d in letters if d.consumer.endswith("privacy-requests")]
+    assert len(reasons) == 3, reasons
+    assert any("request_id" in r and "pattern" in r for r in reasons), reasons
+    assert any("mode" in r and "enum" in r for r in reasons)
+    assert any("key_refs" in r for r in reasons)
+    assert all(len(r) < 2_000 for r in reasons)  # the 100 KB id is not echoed

@@ -23,7 +23,10 @@ from typing import Protocol
 
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from cdp.common.v1.envelope_pb2 import Envelope
 from cdp.privacy.v1 import privacy_pb2 as pb
+from cdp_kit.envelope import unpack
+from cdp_kit.errors import InvalidInput, Violation
 from cdp_kit.eventlog import AppendConflict
 from cdp_kit.store import tables_of
 from cdp_kit.telemetry import get_logger, pii_hash
@@ -33,7 +36,7 @@ log = get_logger(__name__)
 MAX_IDENTITIES = 1000
 # ServiceProgress.status of a service that has not acknowledged a request that held nothing.
 NOTHING_TO_APPLY = "nothing held: nothing to apply"
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would let a final newline through
 DELETE_MODES = frozenset({pb.PRIVACY_MODE_DELETE, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
 SUPPRESS_MODES = frozenset({pb.PRIVACY_MODE_SUPPRESS, pb.PRIVACY_MODE_DELETE_AND_SUPPRESS})
 MODE_NAMES: dict[int, str] = {
@@ -42,6 +45,42 @@ MODE_NAMES: dict[int, str] = {
     pb.PRIVACY_MODE_DELETE_AND_SUPPRESS: "delete+suppress",
     pb.PRIVACY_MODE_UNSUPPRESS: "unsuppress",
 }
+
+
+# A key ref as the vault makes it (cdp_kit.vault.new_key): block, identity hash, generation.
+KEY_REF_RE = re.compile(r"\A[0-9a-f]{16}\.[0-9a-f]{16}\.[0-9a-f]{8}\Z")
+MAX_PROFILE_ID_CHARS = 256
+HASH_RE = re.compile(r"\A(k:)?[0-9a-f]{16,64}\Z")  # cdp_kit.telemetry.pii_hash
+
+
+def checked_request(env: Envelope) -> pb.PrivacyRequested:
+    """A ``PrivacyRequested`` read from the log, refused (``InvalidInput``, so the reader sets it
+    aside as poison with the reason) when it is not one identity could have recorded: a request id
+    off the pattern, an unknown mode, hashes or key refs of another shape. Applying such a request
+    could never succeed (e.g. a 100 KB id does not fit the header it is acknowledged with) and
+    would hold up every request after it."""
+    req = unpack(env, pb.PrivacyRequested)
+    problems: list[Violation] = []
+    if not REQUEST_ID_RE.match(req.request_id):
+        problems.append(Violation("request_id", "pattern", "letters, digits, '-', '_', '.', at most 64"))
+    if req.mode not in MODE_NAMES:
+        problems.append(Violation("mode", "enum", "delete, suppress, delete+suppress or unsuppress"))
+    for name, values in (
+        ("identity_hashes", req.identity_hashes),
+        ("graph_identity_hashes", req.graph_identity_hashes),
+    ):
+        if len(values) > MAX_IDENTITIES * 10:
+            problems.append(Violation(name, "maximum", f"at most {MAX_IDENTITIES * 10}"))
+        elif not all(HASH_RE.match(h) for h in values):
+            problems.append(Violation(name, "pattern", "keyed hashes (hex)"))
+    if any(not pid or len(pid) > MAX_PROFILE_ID_CHARS for pid in req.profile_ids):
+        problems.append(Violation("profile_ids", "max_length", f"1 to {MAX_PROFILE_ID_CHARS} characters"))
+    if not all(KEY_REF_RE.match(ref) for ref in req.key_refs):
+        problems.append(Violation("key_refs", "pattern", "key refs as the vault makes them"))
+    if problems:
+        broken = "; ".join(f"{v.field}: {v.rule} ({v.message})" for v in problems)
+        raise InvalidInput(f"privacy request event {env.id[:64]!r} cannot be applied: {broken}", problems)
+    return req
 
 
 class KeyVault(Protocol):

@@ -70,7 +70,7 @@ from cdp_activation.store import (
 )
 from cdp_kit.envelope import Envelope, deterministic_id, is_a, make_envelope, unpack, utcnow
 from cdp_kit.eventlog import MAX_MESSAGE_BYTES, LogMessage
-from cdp_kit.privacy import KeyVault, NoKeyVault, keep_applying, revoke
+from cdp_kit.privacy import KeyVault, NoKeyVault, checked_request, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit
 from cdp_kit.streams import ACTIVATION_DELIVERIES, privacy_applied_log
@@ -292,7 +292,7 @@ class PrivacyHandler:
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if not is_a(env, privacy.PrivacyRequested):
             return
-        request = unpack(env, privacy.PrivacyRequested)
+        request = checked_request(env)
         counts: dict[str, int] = {}
         if request.mode in ERASE_MODES and request.key_refs:
             # From now on what arrives sealed with the person's keys reads as erased here; which

@@ -27,14 +27,16 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_identity import store
 from cdp_identity.graph import WorkingSet, load_rules
 from cdp_identity.store import PrivacyProgressRow, PrivacyRequestRow
-from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, unpack, utcnow
+from cdp_kit.envelope import Cause, Envelope, deterministic_id, from_timestamp, make_envelope, unpack, utcnow
 from cdp_kit.errors import InvalidInput, NotFound, Violation
 from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import (
+    KEY_REF_RE,
     MAX_IDENTITIES,
     NOTHING_TO_APPLY,
     REQUEST_ID_RE,
     KeyVault,
+    checked_request,
     derived_request_id,
     identity_hash,
     is_delete,
@@ -144,7 +146,15 @@ def fold_erasure(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVaul
     counts: dict[str, int] = {}
     if is_delete(req.mode) and not req.nothing_held:
         counts = erase_profiles(ws, list(req.profile_ids))
-    session.add(PrivacyProgressRow(request_id=req.request_id, service=SELF, at=micros(req.at), counts=counts))
+    session.add(
+        PrivacyProgressRow(
+            request_id=req.request_id,
+            service=SELF,
+            at=micros(req.at),
+            counts=counts,
+            erasure=req.SerializeToString(deterministic=True),
+        )
+    )
     session.flush()
     ws.note_erasure()
 
@@ -152,7 +162,7 @@ def fold_erasure(session: Session, ws: WorkingSet, env: Envelope, vault: KeyVaul
 def fold_privacy(session: Session, env: Envelope) -> None:
     """Fold identity's own privacy events (``cdp.privacy.requests``): the request and its completion."""
     if env.type == REQUESTED:
-        req = unpack(env, pb.PrivacyRequested)
+        req = checked_request(env)  # what identity could not have recorded is set aside
         if session.get(PrivacyRequestRow, req.request_id) is not None:
             return
         ordinal = session.execute(sa.select(sa.func.max(store.PRIVACY_REQUEST.c.ordinal))).scalar() or 0
@@ -283,12 +293,49 @@ def service_status(row: PrivacyRequestRow, service: str, progress: PrivacyProgre
     return PENDING_STATUS
 
 
+# The appliers that may name further keys of the person: ingest (the keys of its rejected rows).
+KEY_NAMERS = frozenset({INGEST})
+
+
+def _identity_part(ref: str) -> str:
+    """The keyed hash of the identity a key ref belongs to (cdp_kit.vault.new_key's middle part)."""
+    return ref.split(".")[1]
+
+
+def _erasure_envelope(erasure: bytes, request_id: str, cause: Cause) -> Envelope:
+    """The envelope of an erasure already on the fragments log, made again exactly (same id)."""
+    requested = pb.PrivacyRequested.FromString(erasure)
+    return make_envelope(
+        requested,
+        event_id=deterministic_id("privacy-requested", request_id),
+        subject_key=request_id,
+        occurred_at=from_timestamp(requested.at),
+        cause=cause,
+    )
+
+
 def key_refs_of(session: Session, row: PrivacyRequestRow) -> list[str]:
     """The keys a request destroys: the person's (PrivacyRequested.key_refs) and those the appliers
-    sealed the person's data under that identity did not know (PrivacyApplied.key_refs)."""
-    refs = set(row.key_refs)
+    sealed the person's data under that identity did not know (PrivacyApplied.key_refs).
+
+    An applier's ref is taken only from ``KEY_NAMERS`` and only when it is a key of one of the
+    person's identities (another generation of a key identity knows): no service can have the keys
+    of somebody else destroyed by naming them in its report."""
+    own = {ref for ref in row.key_refs if KEY_REF_RE.match(ref)}
+    persons = {_identity_part(ref) for ref in own}
+    refs = set(own)
+    refused = 0
     for progress in session.exec(select(PrivacyProgressRow).where(PrivacyProgressRow.request_id == row.request_id)):
-        refs.update(progress.key_refs or [])
+        named = progress.key_refs or []
+        taken = [
+            ref
+            for ref in named
+            if progress.service in KEY_NAMERS and KEY_REF_RE.match(ref) and _identity_part(ref) in persons
+        ]
+        refs.update(taken)
+        refused += len(named) - len(taken)
+    if refused:
+        log.warning("privacy_key_refs_refused", request_id=row.request_id, refused=refused)
     return sorted(refs)
 
 
@@ -446,10 +493,17 @@ class PrivacyHandlers:
                             return to_proto(session, found)
                         uow = UnitOfWork(session, processor, Cause(command_id=f"privacy-erase:{request_id}"))
                         try:
-                            events = decide(uow)
-                            requested = unpack(events[0], pb.PrivacyRequested)
-                            if is_delete(requested.mode) and not requested.nothing_held:
-                                uow.emit(IDENTITY_FRAGMENTS, events[:1])
+                            before = session.get(PrivacyProgressRow, (request_id, SELF))
+                            if before is not None and before.erasure:
+                                # The erasure is on the fragments log already (an earlier attempt
+                                # whose record below did not make it): record that one, as it was.
+                                events = [_erasure_envelope(before.erasure, request_id, uow.cause)]
+                                requested = unpack(events[0], pb.PrivacyRequested)
+                            else:
+                                events = decide(uow)
+                                requested = unpack(events[0], pb.PrivacyRequested)
+                                if is_delete(requested.mode) and not requested.nothing_held:
+                                    uow.emit(IDENTITY_FRAGMENTS, events[:1])
                             recorded = Cause(command_id=f"privacy:{request_id}")
                             await uow.next_cause(recorded)
                             # What identity erased, as a fact: a rebuild finds the person's fragments

@@ -149,6 +149,10 @@ class PrivacyProgressRow(SQLModel, table=True):
     # Further keys of the person the service sealed data under (PrivacyApplied.key_refs): destroyed
     # with the request's at completion.
     key_refs: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    # Identity's own row: the erasure as it was recorded on the fragments log (PrivacyRequested,
+    # serialized), so a request whose record on cdp.privacy.requests did not make it (a guard
+    # conflict, a crash between the two appends) is recorded as erased, not decided again.
+    erasure: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
 
 
 TABLES = tables_of(

@@ -28,7 +28,15 @@ from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, t
 from cdp_kit.eventlog import LogMessage
 from cdp_kit.identities import Normaliser
 from cdp_kit.namespaces import normaliser
-from cdp_kit.privacy import KeyVault, identity_hash, is_delete, is_suppress, keep_applying, revoke
+from cdp_kit.privacy import (
+    KeyVault,
+    checked_request,
+    identity_hash,
+    is_delete,
+    is_suppress,
+    keep_applying,
+    revoke,
+)
 from cdp_kit.processor import Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import COLLECT, INGEST_PRIVACY_APPLIED
@@ -210,7 +218,7 @@ class PrivacyToIngest:
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if env.type != REQUESTED:
             return
-        req = unpack(env, pb.PrivacyRequested)
+        req = checked_request(env)
         revoke(session, self.vault, list(req.key_refs))  # remembered: revoked again after a restart
         hashes = sorted({*req.identity_hashes, *req.graph_identity_hashes})
         if is_suppress(req.mode):

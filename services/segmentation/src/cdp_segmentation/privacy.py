@@ -23,7 +23,7 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, make_envelope, to_timestamp, unpack, utcnow
 from cdp_kit.errors import Unavailable
 from cdp_kit.eventlog import LogMessage
-from cdp_kit.privacy import KeyVault, is_delete, keep_applying, revoke
+from cdp_kit.privacy import KeyVault, checked_request, is_delete, keep_applying, revoke
 from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
 from cdp_kit.store import get_checkpoint, scrub_after_commit, tables_of, transaction
 from cdp_kit.streams import PROFILE, SEGMENTATION_PRIVACY_APPLIED, SEGMENTATION_READS_PROFILE
@@ -286,7 +286,7 @@ class PrivacyToSegmentation:
     def observe(self, session: Session, msg: LogMessage, env: Envelope) -> None:
         if env.type != REQUESTED:
             return
-        req = unpack(env, pb.PrivacyRequested)
+        req = checked_request(env)
         revoke(session, self.vault, list(req.key_refs))  # remembered: revoked again after a restart
         if session.get(PrivacyDoneRow, req.request_id) is None:
             pids = sorted(req.profile_ids)
