@@ -718,3 +718,31 @@ async def test_a_request_no_identity_could_record_is_dead_lettered_and_the_next_
     assert any("mode" in r and "enum" in r for r in reasons)
     assert any("key_refs" in r for r in reasons)
     assert all(len(r) < 2_000 for r in reasons)  # the 100 KB id is not echoed
+
+
+async def test_a_request_whose_keys_cannot_be_destroyed_holds_up_no_other(identity: Privacy) -> None:
+    h = identity.harness
+    await h.send(ANN[:2])
+    await h.send([("crm_id", "C2"), ("email", "bob@example.com")])
+    with transaction(h.engine) as session:
+        session.add(KeyRefRow(key_ref=ANN_REF, key="email:ann@example.com"))
+    ann = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "ann@example.com"), request_id="del-ann")
+    bob = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "bob@example.com"), request_id="del-bob")
+    for service in privacy_appliers():
+        for reply in (ann, bob):
+            await applied_fact(h.eventlog, service, reply.request_id, profiles=1)
+    await h.processor.catch_up()
+
+    class Failing(NoKeyVault):
+        async def destroy(self, key_refs: Sequence[str]) -> int:
+            if ANN_REF in key_refs:
+                raise ValueError("this vault cannot destroy that key")
+            return len(key_refs)
+
+    identity.handlers.vault = Failing()
+    assert await identity.handlers.complete_pending() == 1
+    assert (await identity.get("del-bob")).state == pb.PRIVACY_STATE_COMPLETED
+    assert (await identity.get("del-ann")).state == pb.PRIVACY_STATE_APPLYING
+    identity.handlers.vault = NoKeyVault()
+    assert await identity.handlers.complete_pending() == 1
+    assert (await identity.get("del-ann")).state == pb.PRIVACY_STATE_COMPLETED

@@ -28,7 +28,7 @@ from cdp_identity import store
 from cdp_identity.graph import WorkingSet, load_rules
 from cdp_identity.store import PrivacyProgressRow, PrivacyRequestRow
 from cdp_kit.envelope import Cause, Envelope, deterministic_id, from_timestamp, make_envelope, unpack, utcnow
-from cdp_kit.errors import InvalidInput, NotFound, Violation
+from cdp_kit.errors import InvalidInput, NotFound, Unavailable, Violation
 from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import (
     KEY_REF_RE,
@@ -556,30 +556,40 @@ class PrivacyHandlers:
         """Complete every request all appliers have applied: destroy its keys, then say so."""
         with self.processor.read() as session:
             ready = [(row.request_id, key_refs_of(session, row)) for row in pending(session)]
+        done = 0
         for request_id, key_refs in ready:
-            destroyed = await self.vault.destroy(key_refs)
-            now = utcnow()
+            try:
+                await self._complete(request_id, key_refs)
+                done += 1
+            except (AppendConflict, Unavailable):
+                raise  # folded or retried by the loop (keep_applying)
+            except Exception as exc:  # one request that cannot complete holds up no other
+                log.warning("privacy_complete_failed", request_id=request_id, error_class=type(exc).__name__)
+        return done
 
-            def decide(
-                uow: UnitOfWork, request_id: str = request_id, destroyed: int = destroyed, now: datetime = now
-            ) -> None:
-                row = uow.session.get(PrivacyRequestRow, request_id)
-                if row is None or row.state == pb.PRIVACY_STATE_COMPLETED:
-                    return
-                completed = pb.PrivacyCompleted(request_id=request_id, keys_destroyed=destroyed)
-                completed.at.CopyFrom(timestamp(int(now.timestamp() * 1_000_000)))
-                env = make_envelope(
-                    completed,
-                    event_id=deterministic_id("privacy-completed", request_id),
-                    subject_key=request_id,
-                    occurred_at=now,
-                    cause=Cause(command_id=f"privacy-completed:{request_id}"),
-                )
-                uow.emit(PRIVACY_REQUESTS, [env])
+    async def _complete(self, request_id: str, key_refs: Sequence[str]) -> None:
+        destroyed = await self.vault.destroy(key_refs)
+        now = utcnow()
 
-            await self.processor.execute(f"privacy-completed:{request_id}", decide)
-            log.info("privacy_completed", request_id=request_id, keys_destroyed=destroyed)
-        return len(ready)
+        def decide(
+            uow: UnitOfWork, request_id: str = request_id, destroyed: int = destroyed, now: datetime = now
+        ) -> None:
+            row = uow.session.get(PrivacyRequestRow, request_id)
+            if row is None or row.state == pb.PRIVACY_STATE_COMPLETED:
+                return
+            completed = pb.PrivacyCompleted(request_id=request_id, keys_destroyed=destroyed)
+            completed.at.CopyFrom(timestamp(int(now.timestamp() * 1_000_000)))
+            env = make_envelope(
+                completed,
+                event_id=deterministic_id("privacy-completed", request_id),
+                subject_key=request_id,
+                occurred_at=now,
+                cause=Cause(command_id=f"privacy-completed:{request_id}"),
+            )
+            uow.emit(PRIVACY_REQUESTS, [env])
+
+        await self.processor.execute(f"privacy-completed:{request_id}", decide)
+        log.info("privacy_completed", request_id=request_id, keys_destroyed=destroyed)
 
     async def completer_loop(self) -> None:
         """Complete requests as their last applier reports (and at start, whatever was left)."""
