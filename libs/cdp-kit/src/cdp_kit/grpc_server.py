@@ -48,10 +48,15 @@ class Registration:
     replica_reads: frozenset[str] = frozenset()
 
 
+LOGGED_ERROR_CHARS = 300
+
+
 def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     status = to_grpc_status(exc)
     if isinstance(exc, CdpError):
-        log.info("rpc_refused", method=method, code=status.code.name, error=exc.message)
+        # Bounded: a refusal may quote what the caller sent (a 100 KB name), which a log need not hold.
+        error = exc.message if len(exc.message) <= LOGGED_ERROR_CHARS else exc.message[:LOGGED_ERROR_CHARS] + "..."
+        log.info("rpc_refused", method=method, code=status.code.name, error=error)
     else:
         log.error("rpc_failed", method=method, exc_info=exc)
     return status.code, status.details
