@@ -38,6 +38,7 @@ from cdp_cli.context import DataDirOverride, JsonFlag, client_of, state_of
 from cdp_cli.stack import Stack
 from cdp_cli.wait import STUCK
 from cdp_kit.natsserver import DEFAULT_DURABILITY
+from cdp_kit.streams import SERVICE_LOGS
 
 _client = client_of
 _state = state_of
@@ -264,6 +265,58 @@ def _node_reports(data_dir: Path) -> list[NodeReport]:
     return [_node_report(name, address, port) for name, (address, port) in info.nats_nodes.items()]
 
 
+@dataclass
+class HeldFor:
+    """What NATS holds for one consumer of a service that does not answer (its monitoring endpoint's
+    view): the service cannot say how far behind it is, the server can."""
+
+    service: str
+    consumer: str
+    stream: str
+    pending: int
+    ack_pending: int
+    acked_sequence: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "consumer": self.consumer,
+            "stream": self.stream,
+            "pending": self.pending,
+            "ack_pending": self.ack_pending,
+            "acked_sequence": self.acked_sequence,
+        }
+
+
+def _held_for_unreachable(data_dir: Path, reports: list[ServiceReport]) -> list[HeldFor]:
+    """For each service of a local stack that did not answer, its consumers as nats-server sees them
+    (``/jsz`` with consumer details): a frozen or stuck service shows its backlog growing."""
+    silent = [r.service for r in reports if r.status is None and r.service in SERVICE_LOGS]
+    info = read_stack_file(data_dir)
+    if not silent or info is None or not info.running or not info.nats_nodes:
+        return []
+    wanted = {spec.name: service for service in silent for spec in SERVICE_LOGS[service].inputs}
+    held: dict[str, HeldFor] = {}
+    for _address, port in info.nats_nodes.values():
+        try:
+            jsz = _monitor(port, "jsz?accounts=true&streams=true&consumers=true&config=false")
+        except (OSError, ValueError):
+            continue
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                for consumer in stream.get("consumer_detail") or []:
+                    name = consumer.get("name", "")
+                    if name in wanted and name not in held:
+                        held[name] = HeldFor(
+                            wanted[name],
+                            name,
+                            str(stream.get("name", "")),
+                            int(consumer.get("num_pending") or 0),
+                            int(consumer.get("num_ack_pending") or 0),
+                            int((consumer.get("ack_floor") or {}).get("stream_seq") or 0),
+                        )
+    return sorted(held.values(), key=lambda h: (h.service, h.consumer))
+
+
 def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFlag = False) -> None:
     """Health of each service and, per consumer, its state, the applied sequence, the last sequence
     on its filter and the lag; the NATS nodes of a local stack (``cdp up``) and their health.
@@ -276,18 +329,33 @@ def status(ctx: typer.Context, data_dir: DataDirOverride = None, as_json: JsonFl
     client = state.client()
     reports = [_service_report(client, name, address) for name, address in client.addresses().items()]
     nodes = _node_reports(client.data_dir)
+    held = _held_for_unreachable(client.data_dir, reports)
     if as_json:
         out: dict[str, Any] = {"services": {r.service: r.as_dict() for r in reports}}
+        for h in held:
+            out["services"][h.service].setdefault("held_by_nats", []).append(h.as_dict())
         if nodes:
             out["nats"] = {n.name: n.as_dict() for n in nodes}
         render.print_json(out)
     else:
         _print_status(reports)
+        if held:
+            render.print_table(
+                "held by NATS for services that do not answer",
+                ["service", "consumer", "stream", "pending", "unacknowledged", "acknowledged to"],
+                [(h.service, h.consumer, h.stream, h.pending, h.ack_pending, h.acked_sequence) for h in held],
+            )
         if nodes:
             render.print_table(
                 "nats",
                 ["node", "address", "health", "jetstream", "error"],
                 [(n.name, n.address, n.health, n.jetstream, n.error) for n in nodes],
+            )
+    for h in held:
+        if h.pending or h.ack_pending:
+            render.error(
+                f"{h.service} does not answer, and its consumer {h.consumer} has {h.pending} message(s) "
+                f"waiting and {h.ack_pending} delivered but not acknowledged"
             )
     for r in reports:
         for c in r.stuck():
