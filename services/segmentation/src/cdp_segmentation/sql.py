@@ -142,10 +142,29 @@ def _typed_equal(ref: Json, value: Any) -> Bool:
     return sa.and_(ref.kind_is("string"), ref.text() == value)
 
 
+def _typed_in(ref: Json, values: list[Any]) -> Bool:
+    """``_typed_equal`` to any of ``values``, as at most one ``IN (…)`` per kind (strings, numbers)
+    and one test for booleans: a list of n items is not n ORs deep (SQLite's expression trees stop
+    at a depth of 1,000). Strings match strings, numbers numbers (3 = 3.0), booleans booleans; an
+    item of no such kind (a nested list) matches nothing, as in ``evaluate.compare``."""
+    strings = sorted({v for v in values if isinstance(v, str)})
+    numbers = sorted({float(v) for v in values if _kind_of(v) == "number"})
+    bools = {v for v in values if isinstance(v, bool)}
+    options: list[Bool] = []
+    if strings:
+        options.append(sa.and_(ref.kind_is("string"), ref.text().in_(strings)))
+    if numbers:
+        options.append(sa.and_(ref.kind_is("number"), ref.number().in_(numbers)))
+    if bools == {True, False}:
+        options.append(ref.kind_is("bool"))
+    elif bools:
+        options.append(_typed_equal(ref, next(iter(bools))))
+    return sa.or_(*options) if options else sa.false()
+
+
 def compare_json(ref: Json, op: int, value: Any) -> Bool:
     if op == pb.COMPARE_OP_IN:
-        options = [_typed_equal(ref, v) for v in value]
-        return sa.or_(*options) if options else sa.false()
+        return _typed_in(ref, list(value))
     if op == pb.COMPARE_OP_CONTAINS:
         if ref.pg:
             substring: Bool = sa.func.strpos(ref.text(), value) > 0
