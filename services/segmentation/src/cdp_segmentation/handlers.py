@@ -235,14 +235,14 @@ class SegmentationHandlers:
         compiled = self.compile("", query, schedule)
         with self.processor.read() as session:
             known = {row.id: store.segment_of(row) for row in store.all_segments(session)}
-            clock = store.clock_ms(session)
-            profiles = store.profile_count(session)
-            try:
-                size = len(matching(session.connection(), compiled.ast, clock, known))
-            except Exception as exc:
-                if (why := too_complex(exc)) is None:
-                    raise
-                raise _complex_query(why) from None
+        try:
+            # In a worker thread (its own connection): on a large store the count takes seconds,
+            # during which the event loop goes on folding inputs and answering other calls.
+            profiles, size = await asyncio.to_thread(self._estimate, compiled.ast, known)
+        except Exception as exc:
+            if (why := too_complex(exc)) is None:
+                raise
+            raise _complex_query(why) from None
         return pb.Explanation(
             ast=compiled.ast,
             evaluation=compiled.evaluation,  # type: ignore[arg-type]
@@ -251,6 +251,12 @@ class SegmentationHandlers:
             profiles=profiles,
             reads=compiled.reads,
         )
+
+    def _estimate(self, ast: pb.Expression, known: dict[str, pb.Segment]) -> tuple[int, int]:
+        """The profiles in the store and how many match ``ast`` now (the log's clock), in one read."""
+        with self.processor.read() as session:
+            clock = store.clock_ms(session)
+            return store.profile_count(session), len(matching(session.connection(), ast, clock, known))
 
     async def set_merge_policy(self, policy: pb.MergePolicy) -> pb.MergePolicy:
         if policy.kind == pb.MERGE_POLICY_KIND_UNSPECIFIED:
