@@ -244,3 +244,31 @@ def test_a_long_in_list_is_not_one_or_per_item() -> None:
     for dialect in dialects:
         sql = str(matching_query(ast, dialect.name, 0, {}).compile(dialect=dialect))
         assert sql.count(" OR ") == 0, dialect.name
+
+
+# --------------------------------------------------------------------------- windows and dates
+@pytest.mark.parametrize(
+    ("query", "rule", "field"),
+    [
+        # A number of 400 digits was a float infinity (OverflowError), 10^20 days out of protobuf's
+        # int64, 10^13 days out of SQLite's integers: all INTERNAL errors before.
+        ("count(order) > 1 within " + "9" * 400 + "d", "window", "query:1:25"),
+        ("count(order) > 1 within 99999999999999999999d", "window", "query:1:25"),
+        ("count(order) > 1 within 9999999999999d", "window", "query:1:25"),
+        ("a within 36501d followed by b within 1h", "window", "query:1:10"),
+        ("a followed by b within 99999999999999999d", "window", "query:1:24"),
+        ("count(order) > 1 between 9999-12-31 and 9999-12-31", "date", "query:1:41"),  # the day after
+    ],
+)
+def test_windows_and_dates_out_of_range_are_refused(query: str, rule: str, field: str) -> None:
+    assert refused(query)[:2] == (field, rule)
+
+
+def test_the_longest_window_and_the_last_date_run_on_sqlite(engine: Engine) -> None:
+    everyone = {p["profile_id"] for p in PROFILES}  # none has an event: count = 0 holds for all
+    now = 1_700_000_000_000
+    with engine.connect() as conn:
+        for query in ("count(order) = 0 within 36500d", "count(order) = 0 between 0001-01-01 and 9999-12-30"):
+            assert matching(conn, parse(query), now, {}) == everyone, query
+        assert matching(conn, parse("a within 36500d not followed by b within 36499d"), now, {}) == set()
+    assert parse_computed("sum(order.total) within 36500d").window.within_seconds == 36_500 * 86_400

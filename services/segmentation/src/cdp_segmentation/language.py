@@ -176,6 +176,8 @@ MAX_DEPTH = 16  # nested ( [ and nested not / and / or / where / lists
 MAX_CONDITIONS = 100  # comparisons, exists, event conditions, sequences, has, consent, in segment
 MAX_ITEMS = 500  # items of one [...] list
 MAX_ITEMS_TOTAL = 2_000  # items of all the lists of one definition
+# A window in seconds (in milliseconds it is compared with 64-bit times in SQL and protobuf).
+MAX_WINDOW_S = 36_500 * 86_400
 # The parse-tree nodes that nest a level, and those that are one condition each.
 _NESTING = frozenset({"negate", "and_expr", "or_expr", "event_condition", "pattern", "array"})
 _CONDITIONS = frozenset(
@@ -253,7 +255,10 @@ def _duration(token: Token) -> int:
         raise LanguageError(token, "window", f"a window needs a unit: {amount}d, {amount}h, {amount}w …")
     if unit not in UNITS:
         raise LanguageError(token, "window", f"unknown unit {unit!r}: use s, m, h, d or w (e.g. {amount}d)")
-    seconds = int(float(amount) * UNITS[unit])
+    exact = float(amount) * UNITS[unit]
+    if not exact <= MAX_WINDOW_S:  # also inf (a number of 400 digits): no window is that long
+        raise LanguageError(token, "window", f"a window is at most {MAX_WINDOW_S // 86400}d (100 years)")
+    seconds = int(exact)
     if seconds <= 0:
         raise LanguageError(token, "window", "a window must be longer than zero")
     return seconds
@@ -264,7 +269,10 @@ def _date_ms(token: Token, *, end: bool) -> int:
         day = date.fromisoformat(str(token))
     except ValueError:
         raise LanguageError(token, "date", "dates are YYYY-MM-DD, e.g. 2024-03-31") from None
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC) + (timedelta(days=1) if end else timedelta())
+    try:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC) + (timedelta(days=1) if end else timedelta())
+    except OverflowError:  # the day after 9999-12-31
+        raise LanguageError(token, "date", "the last end date is 9999-12-30") from None
     return int(start.timestamp() * 1000)
 
 
