@@ -43,6 +43,13 @@ atoms = st.one_of(
             'tier = "gold"',
             'tier != "gold"',
             'tier in ["gold", "silver"]',
+            # One IN per kind in SQL: strings match strings, numbers numbers, booleans booleans.
+            'tier in ["gold", 3, true]',
+            "score in [1, 2.0, 5]",
+            'score in ["5", 7]',
+            "vip in [false]",
+            "vip in [true, false]",
+            "tier in []",
             "score exists",
             "score not exists",
             'name starts_with "a"',
@@ -330,6 +337,39 @@ async def test_streaming_sql_and_reference_agree_on_every_profile(
 ) -> None:
     persons, frags = fragments(data)
     assert_agreement(segments_of(queries), persons, frags, later, eventlog, pg_engine, tmp_path_factory)
+
+
+IN_LISTS = [
+    'tier in ["gold", "silver"]',
+    'tier in ["gold", 3, true]',
+    'tier in ["3", false]',
+    "score in [1, 2.0, 5]",
+    'score in ["5", 7]',
+    "vip in [false]",
+    "vip in [true, false]",
+    "vip in [true, 1]",
+    "tier in []",
+]
+
+
+@pytest.mark.postgres
+async def test_in_lists_of_every_kind_agree_on_both_stores(
+    eventlog: EventLog, pg_engine: Engine, tmp_path_factory: Any
+) -> None:
+    """``in [...]`` compiles to one IN per kind (no OR per item): typed equality as before, on
+    SQLite and PostgreSQL, streaming and the reference, for values of every kind."""
+    tiers: list[Any] = ["gold", "silver", "3", 3, True, False, None]
+    scores: list[Any] = [1, 2, 5, "5", 7, 0, None]
+    vips: list[Any] = [True, False, "true", 0, 1, "false", None]
+    data: list[Any] = [
+        ([(0, {k: v for k, v in (("tier", t), ("score", sc), ("vip", vip)) if v is not None})], [], False)
+        for t, sc, vip in zip(tiers, scores, vips, strict=True)
+    ]
+    persons, frags = fragments(data)
+    members = assert_agreement(segments_of(IN_LISTS), persons, frags, 0, eventlog, pg_engine, tmp_path_factory)
+    assert members["s1"] == {"p0", "p3", "p4"}  # "gold", 3, true: not "3", not false
+    assert members["s3"] == {"p0", "p1", "p2"}  # 1, 2 (= 2.0), 5: not "5"
+    assert members["s6"] == {"p0", "p1"}  # the booleans only, not "true", 0 or 1
 
 
 def segments_of(queries: list[str]) -> dict[str, pb.Segment]:

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from cdp.segmentation.v1 import events_pb2 as ev
 from cdp.segmentation.v1 import segmentation_pb2 as pb
 from cdp_kit.envelope import Cause, deterministic_id, make_envelope, utcnow
-from cdp_kit.errors import AlreadyExists, CdpError, InvalidInput, NotFound, Unavailable, Violation
+from cdp_kit.errors import AlreadyExists, CdpError, FailedPrecondition, InvalidInput, NotFound, Unavailable, Violation
 from cdp_kit.processor import Processor, UnitOfWork, in_checkpoint
 from cdp_kit.runtime import filter_last_sequence
 from cdp_kit.store import get_checkpoint
@@ -27,7 +27,7 @@ from cdp_segmentation.cron import last_fire, parse_cron
 from cdp_segmentation.language import KEYWORDS, NAME_RE, parse, parse_computed
 from cdp_segmentation.membership import Catalog, Changes, backfill_page, reevaluate
 from cdp_segmentation.profiles import due_profiles, iso, refresh_due, to_ms
-from cdp_segmentation.sql import matching, matching_all
+from cdp_segmentation.sql import check_compiles, matching, matching_all, too_complex
 from cdp_segmentation.store import EXITED, REALIZED, ProfileRow
 
 log = get_logger(__name__)
@@ -43,6 +43,22 @@ class Compiled:
     evaluation: int
     reason: str
     reads: list[str]
+
+
+_TOO_COMPLEX_HINT = (
+    "the definition, with the segments it refers to (in segment …) written out in it, is too deep or too "
+    "large for one SQL statement; simplify it or nest fewer segments"
+)
+
+
+def _complex_query(why: str) -> InvalidInput:
+    """INVALID_ARGUMENT naming the query, when the store found its statement too complex (logged
+    as a warning, without a traceback)."""
+    log.warning("query_too_complex", reason=why)
+    return InvalidInput(
+        f"audience definition too complex to evaluate: {_TOO_COMPLEX_HINT} ({why})",
+        [Violation("query", "complexity", _TOO_COMPLEX_HINT)],
+    )
 
 
 class SegmentationHandlers:
@@ -125,7 +141,15 @@ class SegmentationHandlers:
         if schedule:
             parse_cron(schedule)
         resolve_segments(ast, name, known)
-        evaluation, reason = classify(ast, schedule, {s.id: s for s in known.values()})
+        by_id = {s.id: s for s in known.values()}
+        evaluation, reason = classify(ast, schedule, by_id)
+        with self.processor.read() as session:
+            try:
+                check_compiles(session.connection(), ast, store.clock_ms(session), by_id)
+            except Exception as exc:
+                if (why := too_complex(exc)) is None:
+                    raise
+                raise _complex_query(why) from None
         return Compiled(ast, evaluation, reason, reads_of(ast).labels())
 
     async def create_segment(self, name: str, query: str, schedule: str = "") -> pb.Segment:
@@ -211,9 +235,14 @@ class SegmentationHandlers:
         compiled = self.compile("", query, schedule)
         with self.processor.read() as session:
             known = {row.id: store.segment_of(row) for row in store.all_segments(session)}
-            clock = store.clock_ms(session)
-            profiles = store.profile_count(session)
-            size = len(matching(session.connection(), compiled.ast, clock, known))
+        try:
+            # In a worker thread (its own connection): on a large store the count takes seconds,
+            # during which the event loop goes on folding inputs and answering other calls.
+            profiles, size = await asyncio.to_thread(self._estimate, compiled.ast, known)
+        except Exception as exc:
+            if (why := too_complex(exc)) is None:
+                raise
+            raise _complex_query(why) from None
         return pb.Explanation(
             ast=compiled.ast,
             evaluation=compiled.evaluation,  # type: ignore[arg-type]
@@ -222,6 +251,12 @@ class SegmentationHandlers:
             profiles=profiles,
             reads=compiled.reads,
         )
+
+    def _estimate(self, ast: pb.Expression, known: dict[str, pb.Segment]) -> tuple[int, int]:
+        """The profiles in the store and how many match ``ast`` now (the log's clock), in one read."""
+        with self.processor.read() as session:
+            clock = store.clock_ms(session)
+            return store.profile_count(session), len(matching(session.connection(), ast, clock, known))
 
     async def set_merge_policy(self, policy: pb.MergePolicy) -> pb.MergePolicy:
         if policy.kind == pb.MERGE_POLICY_KIND_UNSPECIFIED:
@@ -321,7 +356,18 @@ class SegmentationHandlers:
             )
             uow.emit(SEGMENTATION_MEMBERSHIPS, [marker])
             return None, 0, 0, 0
-        inside = matching_all(session.connection(), {segment_id: ast}, now_ms, known, lo=after, hi=ids[-1])[segment_id]
+        try:
+            found = matching_all(session.connection(), {segment_id: ast}, now_ms, known, lo=after, hi=ids[-1])
+        except Exception as exc:
+            why = too_complex(exc)
+            if why is None:
+                raise
+            log.warning("segment_too_complex", segment_id=segment_id, reason=why)
+            raise FailedPrecondition(
+                f"segment {known[segment_id].name!r} cannot be evaluated: {_TOO_COMPLEX_HINT} ({why})",
+                [Violation("query", "complexity", _TOO_COMPLEX_HINT)],
+            ) from None
+        inside = found[segment_id]
         current = store.statuses(session, segment_id, ids)
         changes = Changes(uow, at, cause)
         for profile_id in ids:

@@ -8,6 +8,12 @@
     consent email_marketing = "y" and in segment gold_members
 
 Parse and type errors carry the line, the column and a hint. See docs/segmentation.md.
+
+Every definition is checked against ``LIMITS`` before it is transformed, type-checked or compiled
+(``parse`` and ``parse_computed``, which every entry point uses): its length, its nesting, its
+number of conditions and the items of its lists. The tree is walked without recursion, so a
+definition too deep for Python, protobuf (100 levels) or SQLite's parser is refused with
+INVALID_ARGUMENT naming the rule, never an internal error.
 """
 
 from __future__ import annotations
@@ -148,12 +154,97 @@ COMPUTED_AGGREGATES = {
 class LanguageError(Exception):
     """A definition that parses but breaks a rule, at a place in the text."""
 
-    def __init__(self, token: Token | None, rule: str, hint: str) -> None:
+    def __init__(self, token: Token | None, rule: str, hint: str, *, at: tuple[int, int] | None = None) -> None:
         super().__init__(hint)
         self.line = token.line if token is not None and token.line is not None else 1
         self.column = token.column if token is not None and token.column is not None else 1
+        if at is not None:
+            self.line, self.column = at
         self.rule = rule
         self.hint = hint
+
+
+# ----------------------------------------------------------------------------- limits
+# The batch evaluator compiles a definition to ONE SQL expression: SQLite's parser stack
+# overflows at about 30 nested `not` (each is NOT coalesce(…)) or 20 nested and/or pairs, and its
+# expression trees stop at a depth of 1,000 (an and/or chain of n terms is n deep); the AST is a
+# protobuf message (decoders stop at 100 levels; an and/or level is two: Expression, Junction).
+# Every limit below is measured to compile and run on SQLite at the limit
+# (tests/unit/test_segmentation_limits.py).
+MAX_LENGTH = 20_000  # characters
+MAX_DEPTH = 16  # nested ( [ and nested not / and / or / where / lists
+MAX_CONDITIONS = 100  # comparisons, exists, event conditions, sequences, has, consent, in segment
+MAX_ITEMS = 500  # items of one [...] list
+MAX_ITEMS_TOTAL = 2_000  # items of all the lists of one definition
+# A window in seconds (in milliseconds it is compared with 64-bit times in SQL and protobuf).
+MAX_WINDOW_S = 36_500 * 86_400
+# The parse-tree nodes that nest a level, and those that are one condition each.
+_NESTING = frozenset({"negate", "and_expr", "or_expr", "event_condition", "pattern", "array"})
+_CONDITIONS = frozenset(
+    {"comparison", "exists", "not_exists", "event_condition", "sequence", "has_identity", "consent", "member_of"}
+)
+# What the bracket scan reads: whole strings (brackets inside do not count), brackets, newlines.
+_SCAN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[()\[\]\n]')
+
+
+def check_length(text: str) -> None:
+    """Refuse a definition longer than ``MAX_LENGTH`` before anything reads it."""
+    if len(text) > MAX_LENGTH:
+        hint = f"a definition has at most {MAX_LENGTH:,} characters (this one has {len(text):,})"
+        raise InvalidInput(f"definition too long: {hint}", [Violation("query", "max_length", hint)])
+
+
+def check_brackets(text: str) -> None:
+    """Refuse more than ``MAX_DEPTH`` nested ( or [ (outside strings), at the first one too deep.
+    A scan of the text, before the parser: nested parentheses leave no trace in the tree."""
+    depth, line, line_start = 0, 1, 0
+    for match in _SCAN_RE.finditer(text):
+        token = match.group()
+        if token in ("(", "["):
+            depth += 1
+            if depth > MAX_DEPTH:
+                hint = f"at most {MAX_DEPTH} nested parentheses or brackets; simplify the definition"
+                raise LanguageError(None, "nesting", hint, at=(line, match.start() - line_start + 1))
+        elif token in (")", "]"):
+            depth = max(depth - 1, 0)
+        elif "\n" in token:  # a newline, or a string spanning lines
+            line += token.count("\n")
+            line_start = match.start() + token.rindex("\n") + 1
+
+
+def check_tree(tree: Tree[Token]) -> None:
+    """Refuse a parse tree nested deeper than ``MAX_DEPTH`` (not/and/or/where/lists), with more
+    than ``MAX_CONDITIONS`` conditions or lists longer than ``MAX_ITEMS``: walked with a stack
+    (no recursion), in text order, so the error is at the first place over a limit."""
+    conditions = items = 0
+    stack: list[tuple[Tree[Token], int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in _NESTING:
+            depth += 1
+            if depth > MAX_DEPTH:
+                hint = f"at most {MAX_DEPTH} nested levels of not, and, or, where and lists; simplify the definition"
+                raise LanguageError(None, "nesting", hint, at=_place(node))
+        if node.data in _CONDITIONS:
+            conditions += 1
+            if conditions > MAX_CONDITIONS:
+                hint = f"at most {MAX_CONDITIONS} conditions in one definition; split it into segments (in segment …)"
+                raise LanguageError(None, "max_conditions", hint, at=_place(node))
+        if node.data == "array":
+            listed = [child for child in node.children if child is not None]
+            items += len(listed)
+            if len(listed) > MAX_ITEMS:
+                hint = f"at most {MAX_ITEMS} items in a list (this one has {len(listed):,})"
+                raise LanguageError(None, "max_items", hint, at=_place(node))
+            if items > MAX_ITEMS_TOTAL:
+                hint = f"at most {MAX_ITEMS_TOTAL:,} list items in one definition, all lists together"
+                raise LanguageError(None, "max_items", hint, at=_place(node))
+        stack.extend((child, depth) for child in reversed(node.children) if isinstance(child, Tree))
+
+
+def _place(node: Tree[Token]) -> tuple[int, int]:
+    meta = node.meta
+    return (getattr(meta, "line", 1), getattr(meta, "column", 1)) if not meta.empty else (1, 1)
 
 
 def _duration(token: Token) -> int:
@@ -164,7 +255,10 @@ def _duration(token: Token) -> int:
         raise LanguageError(token, "window", f"a window needs a unit: {amount}d, {amount}h, {amount}w …")
     if unit not in UNITS:
         raise LanguageError(token, "window", f"unknown unit {unit!r}: use s, m, h, d or w (e.g. {amount}d)")
-    seconds = int(float(amount) * UNITS[unit])
+    exact = float(amount) * UNITS[unit]
+    if not exact <= MAX_WINDOW_S:  # also inf (a number of 400 digits): no window is that long
+        raise LanguageError(token, "window", f"a window is at most {MAX_WINDOW_S // 86400}d (100 years)")
+    seconds = int(exact)
     if seconds <= 0:
         raise LanguageError(token, "window", "a window must be longer than zero")
     return seconds
@@ -175,7 +269,10 @@ def _date_ms(token: Token, *, end: bool) -> int:
         day = date.fromisoformat(str(token))
     except ValueError:
         raise LanguageError(token, "date", "dates are YYYY-MM-DD, e.g. 2024-03-31") from None
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC) + (timedelta(days=1) if end else timedelta())
+    try:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC) + (timedelta(days=1) if end else timedelta())
+    except OverflowError:  # the day after 9999-12-31
+        raise LanguageError(token, "date", "the last end date is 9999-12-30") from None
     return int(start.timestamp() * 1000)
 
 
@@ -363,8 +460,11 @@ def _readable(names: list[str]) -> list[str]:
 
 def parse(query: str, check: Callable[[Tree[Token]], None] | None = None) -> pb.Expression:
     """Text -> AST; ``check`` sees the parse tree (with positions) first, e.g. the schema type check."""
+    check_length(query)
     try:
+        check_brackets(query)
         tree = _parser.parse(query)
+        check_tree(tree)
         if check is not None:
             check(tree)
         ast = _ToAst().transform(tree)
@@ -383,8 +483,11 @@ def parse(query: str, check: Callable[[Tree[Token]], None] | None = None) -> pb.
 
 def parse_computed(definition: str, check: Callable[[Tree[Token]], None] | None = None) -> pb.ComputedAttribute:
     """A computed attribute's function -> its definition (aggregate, event pattern, field, window)."""
+    check_length(definition)
     try:
+        check_brackets(definition)
         tree = _computed_parser.parse(definition)
+        check_tree(tree)
         if check is not None:
             check(tree)
         attribute = _ToAst().transform(tree)

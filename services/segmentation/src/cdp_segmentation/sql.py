@@ -142,10 +142,29 @@ def _typed_equal(ref: Json, value: Any) -> Bool:
     return sa.and_(ref.kind_is("string"), ref.text() == value)
 
 
+def _typed_in(ref: Json, values: list[Any]) -> Bool:
+    """``_typed_equal`` to any of ``values``, as at most one ``IN (…)`` per kind (strings, numbers)
+    and one test for booleans: a list of n items is not n ORs deep (SQLite's expression trees stop
+    at a depth of 1,000). Strings match strings, numbers numbers (3 = 3.0), booleans booleans; an
+    item of no such kind (a nested list) matches nothing, as in ``evaluate.compare``."""
+    strings = sorted({v for v in values if isinstance(v, str)})
+    numbers = sorted({float(v) for v in values if _kind_of(v) == "number"})
+    bools = {v for v in values if isinstance(v, bool)}
+    options: list[Bool] = []
+    if strings:
+        options.append(sa.and_(ref.kind_is("string"), ref.text().in_(strings)))
+    if numbers:
+        options.append(sa.and_(ref.kind_is("number"), ref.number().in_(numbers)))
+    if bools == {True, False}:
+        options.append(ref.kind_is("bool"))
+    elif bools:
+        options.append(_typed_equal(ref, next(iter(bools))))
+    return sa.or_(*options) if options else sa.false()
+
+
 def compare_json(ref: Json, op: int, value: Any) -> Bool:
     if op == pb.COMPARE_OP_IN:
-        options = [_typed_equal(ref, v) for v in value]
-        return sa.or_(*options) if options else sa.false()
+        return _typed_in(ref, list(value))
     if op == pb.COMPARE_OP_CONTAINS:
         if ref.pg:
             substring: Bool = sa.func.strpos(ref.text(), value) > 0
@@ -384,21 +403,18 @@ def matching(
     return set(conn.execute(query).scalars().all())
 
 
-def matching_all(
-    conn: sa.Connection,
+def _matching_all_query(
+    dialect: str,
     asts: Mapping[str, pb.Expression],
     now_ms: int,
     segments: Mapping[str, pb.Segment],
-    *,
-    lo: str = "",
-    hi: str | None = None,
-) -> dict[str, set[str]]:
-    """The profile ids in (lo, hi] matching each of ``asts`` (by key), in ONE query: every event
-    aggregate of every segment is a column of a single grouped pass over the events (instead of
-    one pass per condition), joined to the profiles; each segment is one boolean column."""
+    lo: str,
+    hi: str | None,
+) -> tuple[sa.Select[Any], list[str]]:
+    """The statement ``matching_all`` runs, and the keys of its boolean columns (in order)."""
     profile = PROFILE.alias("p")
     pooled: list[Any] = []
-    compiler = Compiler(conn.dialect.name, now_ms, segments, lo, hi, pooled=pooled)
+    compiler = Compiler(dialect, now_ms, segments, lo, hi, pooled=pooled)
     conditions = {key: compiler.profile(ast, profile) for key, ast in asts.items()}
     columns: list[Any] = [profile.c.profile_id]
     source: Any = profile
@@ -417,9 +433,58 @@ def matching_all(
         query = query.where(profile.c.profile_id > lo)
     if hi is not None:
         query = query.where(profile.c.profile_id <= hi)
+    return query, keys
+
+
+def matching_all(
+    conn: sa.Connection,
+    asts: Mapping[str, pb.Expression],
+    now_ms: int,
+    segments: Mapping[str, pb.Segment],
+    *,
+    lo: str = "",
+    hi: str | None = None,
+) -> dict[str, set[str]]:
+    """The profile ids in (lo, hi] matching each of ``asts`` (by key), in ONE query: every event
+    aggregate of every segment is a column of a single grouped pass over the events (instead of
+    one pass per condition), joined to the profiles; each segment is one boolean column."""
+    query, keys = _matching_all_query(conn.dialect.name, asts, now_ms, segments, lo, hi)
     # Columns, not rows: the transpose and the selections run in C, no Python step per row.
     by_column = list(zip(*conn.execute(query), strict=True)) or [() for _ in range(len(keys) + 1)]
     return {key: set(compress(by_column[0], by_column[i])) for i, key in enumerate(keys, start=1)}
+
+
+# What the store says when one statement is too deep or too large to prepare (SQLite's parser
+# stack and expression depth, its bound-variable cap; PostgreSQL's stack depth), lower-cased.
+_TOO_COMPLEX = (
+    "parser stack overflow",
+    "expression tree is too large",
+    "too many sql variables",
+    "too many terms",
+    "stack depth limit exceeded",
+)
+
+
+def too_complex(exc: BaseException) -> str | None:
+    """Why ``exc`` says a statement was too complex for the store (None: it says something else).
+    The store's own message only: the statement's parameters (literals of the query) are left out."""
+    if isinstance(exc, RecursionError):
+        return "too deep to compile"
+    if isinstance(exc, sa.exc.DBAPIError):
+        said = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+        if any(m in said.lower() for m in _TOO_COMPLEX):
+            return said
+    return None
+
+
+def check_compiles(conn: sa.Connection, ast: pb.Expression, now_ms: int, segments: Mapping[str, pb.Segment]) -> None:
+    """Have the store prepare the statements ``ExplainQuery`` and a batch run execute for ``ast``
+    (with LIMIT 0: nothing is read), so a definition too deep or too large for them (e.g. with the
+    segments it refers to written out) is refused when it is defined, not when it is evaluated."""
+    dialect = conn.dialect.name
+    conn.execute(matching_query(ast, dialect, now_ms, segments).limit(0)).all()
+    query, _ = _matching_all_query(dialect, {"s": ast}, now_ms, segments, "", None)
+    conn.execute(query.limit(0)).all()
 
 
 # A batch run's session on SQLite: a page cache of 256 MiB (the grouped pass and the profiles stay in
