@@ -693,19 +693,23 @@ async def test_activation_sends_nothing_while_its_lease_is_stale_and_everything_
     harness: Harness, upstream: Upstream, platforms: LocalPlatforms
 ) -> None:
     """Under a lease (cdp_kit.lease) a frozen active must not deliver after a standby could have
-    taken over: while ``may_act`` says no, batches wait; they go once it says yes."""
-    fresh = False
+    taken over: while ``may_act`` says no, a prepared batch waits (its retry after a failed send
+    too); it goes once it says yes."""
+    fresh = True
     harness.processor.may_act = lambda: fresh
     await upstream.segment()
     await harness.destination("hook", "webhook", base_url=platforms.url + "/webhook", secret=platforms.webhook_secret)
     await harness.activate("hook", ["email"])
+    # The first send is told to come back in 2 s: the batch is prepared, pending and due again.
+    platforms.fail("webhook", Fault(429, retry_after=2.0))
+
+    def first_send_failed() -> bool:
+        return not platforms.faults["webhook"]
+
     pids = await people(upstream, 5)
-
-    async def prepared() -> bool | None:
-        return True if (await harness.stats("hook")).batches_pending > 0 else None
-
-    await until(prepared, what="a batch prepared")
-    await asyncio.sleep(1.0)  # many delivery rounds (delivery_interval_s is 0.05)
+    await until(lambda: True if first_send_failed() else None, what="the first send to fail")
+    fresh = False  # the lease goes stale before the retry is due
+    await asyncio.sleep(3.0)  # past the retry's time, many delivery rounds (delivery_interval_s is 0.05)
     assert not platforms.accepted["webhook"], "a batch went out while the lease was stale"
     fresh = True
     await harness.settled("hook", 5)

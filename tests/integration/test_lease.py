@@ -236,3 +236,20 @@ async def test_a_released_lease_is_taken_at_once_not_after_the_ttl(eventlog: Eve
     epoch = await asyncio.wait_for(taking, 5.0)  # far below the 30 s TTL
     assert epoch > a.revision
     assert not await a.release()  # not held any more: nothing to give up
+
+
+async def test_a_late_fence_of_an_older_epoch_never_deposes_the_newer_holder(
+    eventlog: EventLog, engines: tuple[Engine, Engine]
+) -> None:
+    """A holder whose lease lapsed while it fenced may append its marker after the new holder's:
+    epochs decide, not positions."""
+    engine_a, engine_b = engines
+    newer = make_processor(engine_b, eventlog)
+    await newer.fence("b@5")
+    older = make_processor(engine_a, eventlog)
+    await older.fence("a@3")  # appended after b's marker
+    await newer.recover()  # meets a@3: older, so it goes on
+    assert not newer.deposed.is_set()
+    with pytest.raises(Deposed):
+        await older.recover()  # meets b@5
+    assert older.deposed.is_set()

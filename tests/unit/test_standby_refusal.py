@@ -17,9 +17,12 @@ SEG = segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"]
 IDENTITY = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 
 
+class NoLog:
+    """The refusal never touches the event log."""
+
+
 def lease() -> Lease:
-    held = Lease.__new__(Lease)  # no event log needed: the refusal reads epoch and holder only
-    held.epoch = 0
+    held = Lease(NoLog(), "segmentation", "segmentation-b", 10.0)  # type: ignore[arg-type]
     held.holder = Holder(revision=7, instance="segmentation-a", epoch=7)
     return held
 
@@ -41,8 +44,14 @@ def test_a_standby_serves_its_replica_reads_and_refuses_the_rest_naming_the_acti
     # Status, health and reflection are not the service's: always answered.
     assert refusal("/cdp.common.v1.AdminService/GetStatus") is None
     assert refusal("/grpc.health.v1.Health/Check") is None
-    held.epoch = 9  # it took over
+    held.epoch = 9  # it won the lease, but has not fenced yet: still refused
+    held._sent_at = held.clock()
+    assert refusal(f"/{SEG.full_name}/CreateSegment") is not None
+    held.serving = True  # fenced and recovered: an active
     assert refusal(f"/{SEG.full_name}/CreateSegment") is None
+    held._sent_at = held.clock() - 9.0  # its last renewal is stale: writes wait
+    assert refusal(f"/{SEG.full_name}/CreateSegment") is not None
+    assert refusal(f"/{SEG.full_name}/GetProfile") is None
 
 
 def test_without_a_lease_nothing_is_refused() -> None:

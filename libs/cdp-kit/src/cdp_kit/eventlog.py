@@ -349,6 +349,11 @@ class EventLog:
             await self.js.add_consumer(stream, config=config)
             sub = await self.js.pull_subscribe_bind(durable=name, stream=stream)
         info = await sub.consumer_info()
+        if name is not None and info.config.opt_start_seq != config.opt_start_seq:
+            # Another process replaced the consumer of this name between our create and bind
+            # (e.g. two standbys following one log): what it delivers is not what we asked for.
+            await sub.unsubscribe()
+            raise Unavailable(f"reading {stream}: the reader {name} was replaced by another process; read again")
         delivered = stalls = 0
         try:
             remaining = info.num_pending or 0
@@ -401,7 +406,7 @@ class EventLog:
         )
         await self.js.add_consumer(spec.stream.name, config=config)
         sub = await self.js.pull_subscribe_bind(durable=spec.name, stream=spec.stream.name)
-        reader = DurableReader(spec, sub, self.nc)
+        reader = DurableReader(spec, sub, self.nc, max(1, start_sequence))
         # Retention (max_age) or a deletion removed history this consumer had not applied: the
         # consumer starts at the first message left. Not a gap to re-read (nothing can bring it
         # back), but never silent: the caller reports it.
@@ -443,10 +448,12 @@ class DurableReader:
     is checked. A break raises ``DeliveryGap`` before any message behind it is returned.
     """
 
-    def __init__(self, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription, nc: Client) -> None:
+    def __init__(self, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription, nc: Client, start: int = 0) -> None:
         self.spec = spec
         self.sub = sub
         self.nc = nc
+        self.start = start  # where this reader created the consumer (0: not checked)
+        self._verified = start == 0
         self.delivered = 0
         # Stream messages (of any subject) between the start asked for and the stream's first
         # message when the consumer was created: history gone before this consumer read it.
@@ -500,6 +507,17 @@ class DurableReader:
             items.append((to_log_message(msg), msg))
         if msgs:
             self._message_bytes = max(1024, sum(len(m.data) for m in msgs) // len(msgs))
+        if msgs and not self._verified:
+            # The consumer is shared by name: another process (a deposed instance, cdp_kit.lease)
+            # may have re-created it at its own checkpoint before these first deliveries. Its
+            # numbering would start at 1 too, so ask where the consumer started, once.
+            info = await self.sub.consumer_info()
+            if info.config.opt_start_seq != self.start:
+                raise DeliveryGap(
+                    f"{self.spec.name} was re-created by another process (at {info.config.opt_start_seq}, "
+                    f"not {self.start}): reading again from the checkpoint"
+                )
+            self._verified = True
         return items
 
     async def _settle(self, ack_floor: int) -> None:

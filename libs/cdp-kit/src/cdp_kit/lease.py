@@ -138,6 +138,8 @@ class Lease:
         self.revision = 0
         self._sent_at = 0.0
         self.holder: Holder | None = None  # the last holder seen (status)
+        # Set by the runtime once this holder has fenced and may serve what an active serves.
+        self.serving = False
         self.lost = asyncio.Event()
 
     @property
@@ -216,16 +218,21 @@ class Lease:
                 else:
                     won = False
                 if won:
-                    self.epoch = self.revision
-                    # Write the epoch into the value (the first write could not know its revision).
-                    if not await self._write(self.revision, self.epoch):
-                        self.epoch = 0
+                    # Write the epoch into the value (the first write could not know its revision);
+                    # only then is it this instance's (until then it refuses what an active does).
+                    epoch = self.revision
+                    if not await self._write(self.revision, epoch):
                         continue
+                    self.epoch = epoch
                     self.holder = Holder(self.revision, self.instance, self.epoch)
                     log.info("lease_acquired", service=self.service, instance=self.instance, epoch=self.epoch)
                     return self.epoch
             except Unavailable as exc:
                 log.warning("lease_unavailable", service=self.service, error=exc.message)
+                # What was watched says nothing of the time NATS did not answer: the active could
+                # not renew either. Watch afresh, or every NATS outage longer than the TTL would
+                # replace a healthy active.
+                watched = None
             await asyncio.sleep(poll)
 
     async def release(self) -> bool:
@@ -252,7 +259,8 @@ class Lease:
     async def keep(self) -> None:
         """Renew every ``ttl_s / 3`` until lost (then sets ``lost`` and raises ``LeaseLost``)."""
         while True:
-            await asyncio.sleep(self.ttl_s / 3)
+            # A third of the TTL after the last renewal was sent, not after its answer came back.
+            await asyncio.sleep(max(self.ttl_s / 20, self._sent_at + self.ttl_s / 3 - self.clock()))
             try:
                 renewed = await self._write(self.revision, self.epoch)
             except Unavailable as exc:

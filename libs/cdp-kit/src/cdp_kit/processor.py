@@ -415,6 +415,12 @@ class ReplayWouldAppend(CdpError):
     """A rebuild's replay tried to append to the log (see ``Processor.rebuild``)."""
 
 
+def fence_epoch(marker: str) -> int:
+    """The epoch a fence marker (``<instance>@<epoch>``) names; 0 for a marker of another shape."""
+    epoch = marker.rpartition("@")[2]
+    return int(epoch) if epoch.isdigit() and len(epoch) < 20 else 0
+
+
 class LeaseStale(Unavailable):
     """This instance's lease is too old to act on (``cdp_kit.lease``): retried until it is renewed
     (or found lost, and the process steps down)."""
@@ -532,6 +538,8 @@ class Processor:
         self.fence_marker = marker
         for own in self.own_logs:
             for _ in range(attempts):
+                if not self.may_act():  # the lease lapsed while fencing: stop, never fence late
+                    raise LeaseStale(f"{self.service}: the lease lapsed while fencing {own.subject}")
                 last = await self.eventlog.last_sequence(own.stream.name, own.subject)
                 try:
                     appended = await self.eventlog.append(
@@ -551,11 +559,14 @@ class Processor:
         log.info("fenced", service=self.service, marker=marker, at=self.fenced_at)
 
     def _check_fence(self, own: OwnLog, msg: LogMessage) -> None:
+        """Another instance's marker with a higher epoch deposes this one, wherever it stands on the
+        log: a holder whose lease lapsed while it fenced may append its marker after the new
+        holder's, and must not depose it (epochs are the lease's revisions: they only grow)."""
         marker = msg.headers.get(FENCE_HEADER)
         if marker is None or self.fence_marker is None or marker == self.fence_marker:
             return
-        if msg.sequence <= self.fenced_at.get(own.name, 0):
-            return  # an earlier active's marker, before ours
+        if fence_epoch(marker) <= fence_epoch(self.fence_marker):
+            return  # an earlier active's marker
         self.deposed.set()
         log.error("deposed_stepping_down", service=self.service, own_log=own.name, by=marker, sequence=msg.sequence)
         raise Deposed(f"{self.service}: {own.subject} #{msg.sequence} is fenced by {marker}; this instance stops")
@@ -589,6 +600,8 @@ class Processor:
         # an open reader would hold the connection's drain at shutdown.
         async with contextlib.aclosing(reader):
             async for msg in reader:
+                if msg.sequence < start:
+                    continue  # never folded twice, whoever's reader this turned out to be
                 last = msg.sequence
                 batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
                 if len(batch) >= self.batch_size:
@@ -688,7 +701,10 @@ class Processor:
 
     # -------------------------------------------------------------- commands
     async def execute(self, command_id: str, decide: Callable[[UnitOfWork], T]) -> T:
-        """Run a client command: decide, fold and append its events, commit. Retries once on a guard conflict."""
+        """Run a client command: decide, fold and append its events, commit. Retries once on a guard conflict.
+        Refused (``LeaseStale``) while this instance's lease is stale (``cdp_kit.lease``)."""
+        if not self.may_act():
+            raise LeaseStale(f"{self.service}: this instance's lease is not current; retry")
         for attempt in (1, 2):
             try:
                 return await self._execute_with_keys(command_id, decide)
@@ -881,6 +897,12 @@ class Processor:
         self._batch_seconds.record(time.perf_counter() - started, labels)
         return applied_now
 
+    async def _until_may_act(self) -> None:
+        """Wait while the lease is stale (a renewal late): it is renewed, or found lost and the
+        process steps down. The condition is the clock: there is no event to wait on."""
+        while not self.may_act() and not self._stopping.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
     def _check_may_act(self, inp: Input) -> None:
         """Under a lease that may have passed to a standby (a process frozen past its TTL): neither
         decide nor commit nor acknowledge, so what the batch read is redelivered to whoever is
@@ -1000,6 +1022,9 @@ class Processor:
         while not self._stopping.is_set():
             reader = None
             try:
+                # Only the lease's holder touches the consumer: re-creating it (at this store's
+                # checkpoint) would move the new active's reading under its feet.
+                await self._until_may_act()
                 with self.read() as session:
                     start = get_checkpoint(session, in_checkpoint(inp.spec)) + 1
                 reader = await self.eventlog.durable(inp.spec, start)
@@ -1018,6 +1043,7 @@ class Processor:
                 while not self._stopping.is_set():
                     if inp.spec.name in self._redrives:
                         await self.redrive(inp)
+                    await self._until_may_act()
                     items = await reader.fetch(self.batch_size, timeout=1.0)
                     units = assembler.feed(items)
                     if units:

@@ -26,7 +26,7 @@ from cdp_kit.eventlog import EventLog
 from cdp_kit.grpc_auth import ServerTls, TokenTable
 from cdp_kit.grpc_server import GrpcServer, Registration
 from cdp_kit.lease import Lease
-from cdp_kit.processor import Deposed, Input, Processor, in_checkpoint, own_checkpoint
+from cdp_kit.processor import Deposed, Input, LeaseStale, Processor, in_checkpoint, own_checkpoint
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.store import all_checkpoints, make_engine
 from cdp_kit.streams import KEYS, LEASES, SERVICE_LOGS, ConsumerSpec
@@ -331,23 +331,28 @@ async def serve(settings: S, build: Builder[S]) -> int:
     tasks: list[asyncio.Task[Any]] = []
     exit_code = 0
     if lease is None or await standby(service.processor, lease, stop, settings.follow_interval_s):
+        fenced = True
         if lease is not None:
             # Renewing from the start: fencing and recovering a long tail must not let it expire.
             tasks.append(asyncio.create_task(lease.keep(), name="lease"))
             tasks.append(asyncio.create_task(service.processor.deposed.wait(), name="deposed"))
-            await service.processor.fence(lease.fence)
             service.processor.may_act = lease.valid
-        tasks.append(asyncio.create_task(service.processor.run(), name="processor"))
-        tasks += [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(service.background)]
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        exit_code = _exit_code(done, stopper, service.processor)
+            fenced = await _fence(service.processor, lease)
+            lease.serving = fenced
+        if fenced:
+            tasks.append(asyncio.create_task(service.processor.run(), name="processor"))
+            tasks += [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(service.background)]
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            exit_code = _exit_code(done, stopper, service.processor)
+        else:
+            exit_code = STEPPED_DOWN
     log.info("shutting_down", grace_s=settings.shutdown_grace_s)
     service.processor.stop()
     await server.stop(settings.shutdown_grace_s)
     for task in [*tasks, watcher, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, watcher, stopper, return_exceptions=True)
-    if lease is not None and exit_code == 0:
+    if lease is not None and (exit_code == 0 or (exit_code == STEPPED_DOWN and not lease.lost.is_set())):
         await lease.release()  # nothing more is appended: a standby may take over at once
     await eventlog.close()
     for close in service.closers:
@@ -360,6 +365,26 @@ async def serve(settings: S, build: Builder[S]) -> int:
 # The exit code of an instance that lost its lease or was fenced (EX_TEMPFAIL): restarted, it
 # comes back as a standby.
 STEPPED_DOWN = 75
+
+
+async def _fence(processor: Processor, lease: Lease, attempts: int = 5) -> bool:
+    """Fence every own log for this holder; False (step down) when the lease lapsed meanwhile, or
+    NATS kept failing (the lease is then released, so a standby need not wait out the TTL)."""
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        if lease.lost.is_set() or not lease.valid():
+            log.error("lease_lapsed_while_fencing", service=processor.service, epoch=lease.epoch)
+            return False
+        try:
+            await processor.fence(lease.fence)
+            return lease.valid()
+        except LeaseStale:
+            continue
+        except (Unavailable, nats.errors.Error, TimeoutError) as exc:
+            log.warning("fence_failed", service=processor.service, attempt=attempt, error=str(exc))
+            await asyncio.sleep(delay)
+            delay *= 2
+    return False
 
 
 def _exit_code(done: set[asyncio.Task[Any]], stopper: asyncio.Task[Any], processor: Processor) -> int:
@@ -390,7 +415,7 @@ def _standby_refusal(
     served = {r.full_name: r.replica_reads for r in registrations}
 
     def refusal(method: str) -> str | None:
-        if lease.epoch:
+        if lease.serving and lease.valid():
             return None
         name, _, rpc = method.lstrip("/").partition("/")
         if name not in served or rpc in served[name]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -126,7 +127,8 @@ class ServiceSettings(BaseSettings):
     def resolved_instance(self) -> str:
         if self.instance:
             return self.instance
-        return f"{socket.gethostname()}-{os.getpid()}"
+        # With a nonce: two containers on the host network share a host name and are both pid 1.
+        return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
     def grpc_security_problem(self) -> str | None:
         """Why gRPC security is not configured (None when it is, or is explicitly off)."""

@@ -642,13 +642,14 @@ class Deliverer:
         attempts = 0
         while True:
             attempts += 1
-            # Under a lease whose renewal is late (cdp_kit.lease): a standby may be taking over;
-            # nothing goes to a destination until it is renewed (or the process steps down). The
-            # condition is the lease's age on the clock: there is no event to wait on.
-            while not self.processor.may_act():  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
             try:
                 async with state.limiter:
+                    # Under a lease whose renewal is late (cdp_kit.lease): a standby may be taking
+                    # over; nothing goes to a destination until it is renewed (or the process steps
+                    # down). Checked right before the send, after the rate limiter's wait. The
+                    # condition is the lease's age on the clock: there is no event to wait on.
+                    while not self.processor.may_act():  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
                     # A privacy erasure goes through the platform's removal or deletion API.
                     send = connector.erase if batch.action == "erase" else connector.send
                     result = await asyncio.wait_for(send(ctx, config, batch), timeout=config.timeout_s)

@@ -44,7 +44,7 @@ from cdp_kit.privacy import (
     keep_applying,
     revoke,
 )
-from cdp_kit.processor import Processor, UnitOfWork
+from cdp_kit.processor import Deposed, Processor, UnitOfWork
 from cdp_kit.store import scrub_after_commit, transaction
 from cdp_kit.streams import IDENTITY_FRAGMENTS, PRIVACY_REQUESTS, privacy_appliers
 from cdp_kit.telemetry import get_logger, pii_hash
@@ -531,7 +531,10 @@ class PrivacyHandlers:
             except AppendConflict:
                 if attempt == 2:
                     raise
-                await processor.recover()
+                try:
+                    await processor.recover()
+                except Deposed as exc:  # the caller gets a retryable answer; the process stops
+                    raise Unavailable("identity was deposed by another instance: retry") from exc
         raise AssertionError("unreachable")
 
     def get(self, request_id: str) -> pb.PrivacyRequest:
