@@ -592,10 +592,10 @@ class Processor:
                 last = msg.sequence
                 batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
                 if len(batch) >= self.batch_size:
-                    count += self._fold_messages(own, batch, await self._open(batch))
+                    count += await self._open_and_fold(own, batch)
                     batch = []
         if batch:
-            count += self._fold_messages(own, batch, await self._open(batch))
+            count += await self._open_and_fold(own, batch)
         if assembler.held or assembler.dropped:
             # The parts of a cause whose writer died before the last: an aborted attempt, never folded.
             # The next append is guarded by the subject's true last sequence, so that moves past them.
@@ -621,6 +621,22 @@ class Processor:
             env = opened
         self.projection.fold(session, own, env)
 
+    async def _open_and_fold(self, own: OwnLog, msgs: list[LogMessage]) -> int:
+        """Open then fold own-log messages. Opening that fails on the bytes (a malformed sealed
+        part, ``cdp_kit.sealing.MalformedPart``) is poison like a fold that fails: the messages are
+        opened and folded one at a time, and the one that fails is set aside, so recovery never
+        crash-loops on it. A transient failure (NATS, the key bucket unavailable) is raised, and
+        recovery tries again."""
+        try:
+            opened = await self._open(msgs)
+        except Exception as exc:
+            if deadletters.is_transient(exc):
+                raise
+            if len(msgs) > 1:
+                return sum([await self._open_and_fold(own, [msg]) for msg in msgs])
+            return self._set_aside_own(own, msgs[0], exc)
+        return self._fold_messages(own, msgs, opened)
+
     async def _open(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]] | None:
         """The messages' envelopes with their sealed parts opened (None: this process seals nothing)."""
         if self.vault is None:
@@ -641,16 +657,21 @@ class Processor:
                 raise
             if len(msgs) > 1:
                 return sum(self._fold_messages(own, [msg], opened) for msg in msgs)
-            with transaction(self.engine) as session:
-                deadletters.set_aside_own(session, f"own:{own.name}", msgs[0], exc)
-                set_checkpoint(session, own_checkpoint(own), msgs[0].sequence)
-            log.error(
-                "own_log_message_set_aside",
-                own_log=own.name,
-                sequence=msgs[0].sequence,
-                error_class=type(exc).__name__,
-            )
-            return 0
+            return self._set_aside_own(own, msgs[0], exc)
+
+    def _set_aside_own(self, own: OwnLog, msg: LogMessage, exc: Exception) -> int:
+        """Record an own-log message that cannot be opened or folded, and move the checkpoint past it."""
+        with transaction(self.engine) as session:
+            deadletters.set_aside_own(session, f"own:{own.name}", msg, exc)
+            set_checkpoint(session, own_checkpoint(own), msg.sequence)
+        log.error(
+            "own_log_message_set_aside",
+            own_log=own.name,
+            sequence=msg.sequence,
+            error_class=type(exc).__name__,
+            rule=getattr(exc, "rule", ""),
+        )
+        return 0
 
     def _fold_batch(self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None) -> int:
         def events(msg: LogMessage) -> list[Envelope]:
