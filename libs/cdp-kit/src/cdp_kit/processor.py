@@ -59,6 +59,7 @@ from cdp_kit.eventlog import (
 from cdp_kit.natsauth import reader_name, standby_reader_name
 from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.privacy import REVOKED_TABLES, restore_revocations
+from cdp_kit.sealing import MalformedPart
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
@@ -622,41 +623,49 @@ class Processor:
         self.projection.fold(session, own, env)
 
     async def _open_and_fold(self, own: OwnLog, msgs: list[LogMessage]) -> int:
-        """Open then fold own-log messages. Opening that fails on the bytes (a malformed sealed
-        part, ``cdp_kit.sealing.MalformedPart``) is poison like a fold that fails: the messages are
-        opened and folded one at a time, and the one that fails is set aside, so recovery never
-        crash-loops on it. A transient failure (NATS, the key bucket unavailable) is raised, and
-        recovery tries again."""
+        """Open then fold own-log messages. A message with a malformed sealed part
+        (``cdp_kit.sealing.MalformedPart``) fails its fold, and is set aside like any message that
+        cannot be folded. Should opening itself fail on the bytes (anything but a transient
+        failure, which is raised and retried), the messages are opened and folded one at a time and
+        the one that fails is set aside: recovery never crash-loops on bytes."""
+        malformed: dict[int, MalformedPart] = {}
         try:
-            opened = await self._open(msgs)
+            opened = await self._open(msgs, malformed)
         except Exception as exc:
             if deadletters.is_transient(exc):
                 raise
             if len(msgs) > 1:
                 return sum([await self._open_and_fold(own, [msg]) for msg in msgs])
             return self._set_aside_own(own, msgs[0], exc)
-        return self._fold_messages(own, msgs, opened)
+        return self._fold_messages(own, msgs, opened, malformed)
 
-    async def _open(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]] | None:
-        """The messages' envelopes with their sealed parts opened (None: this process seals nothing)."""
+    async def _open(
+        self, msgs: Sequence[LogMessage], malformed: dict[int, MalformedPart]
+    ) -> dict[int, list[Envelope]] | None:
+        """The messages' envelopes with their sealed parts opened (None: this process seals nothing);
+        a message with a malformed part is left out, its error in ``malformed``."""
         if self.vault is None:
             return None
-        return await self.vault.open_messages(msgs)
+        return await self.vault.open_messages(msgs, malformed)
 
     def _fold_messages(
-        self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None = None
+        self,
+        own: OwnLog,
+        msgs: list[LogMessage],
+        opened: dict[int, list[Envelope]] | None = None,
+        malformed: dict[int, MalformedPart] | None = None,
     ) -> int:
         """Fold own-log messages in one transaction. A message that cannot be folded (bytes this
         service never wrote: its subject is only writable by it once NATS permissions are on) is
         set aside, one at a time, so recovery never crash-loops; the same bytes fail the same way
         on a rebuild, so the decision needs no event of its own."""
         try:
-            return self._fold_batch(own, msgs, opened)
+            return self._fold_batch(own, msgs, opened, malformed or {})
         except Exception as exc:
             if deadletters.is_transient(exc):
                 raise
             if len(msgs) > 1:
-                return sum(self._fold_messages(own, [msg], opened) for msg in msgs)
+                return sum(self._fold_messages(own, [msg], opened, malformed) for msg in msgs)
             return self._set_aside_own(own, msgs[0], exc)
 
     def _set_aside_own(self, own: OwnLog, msg: LogMessage, exc: Exception) -> int:
@@ -673,8 +682,17 @@ class Processor:
         )
         return 0
 
-    def _fold_batch(self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None) -> int:
+    def _fold_batch(
+        self,
+        own: OwnLog,
+        msgs: list[LogMessage],
+        opened: dict[int, list[Envelope]] | None,
+        malformed: dict[int, MalformedPart],
+    ) -> int:
         def events(msg: LogMessage) -> list[Envelope]:
+            bad = malformed.get(msg.sequence)
+            if bad is not None:
+                raise bad  # poison: set aside (``_fold_messages``)
             found = opened.get(msg.sequence) if opened is not None else None
             return found if found is not None else msg.events()
 
@@ -823,9 +841,13 @@ class Processor:
     async def _apply_units(self, inp: Input, units: Sequence[Unit]) -> int:
         started = time.perf_counter()
         applied_now = 0
-        opened = await self._open([msg for unit in units for msg, _ in unit]) if not inp.raw else None
+        malformed: dict[int, MalformedPart] = {}
+        opened = await self._open([msg for unit in units for msg, _ in unit], malformed) if not inp.raw else None
 
         def envelopes(msg: LogMessage) -> list[Envelope]:
+            bad = malformed.get(msg.sequence)
+            if bad is not None:
+                raise bad  # poison: dead-lettered, or skipped where a replay meets a dead letter
             found = opened.get(msg.sequence) if opened is not None else None
             return found if found is not None else inp.envelopes(msg)
 

@@ -580,27 +580,44 @@ class PersonVault:
         self.erased += 1
         self._erased_counter.add(1)
 
-    async def open_messages(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]]:
+    async def open_messages(
+        self, msgs: Sequence[LogMessage], malformed: dict[int, MalformedPart] | None = None
+    ) -> dict[int, list[Envelope]]:
         """Every message's envelopes opened, erased ones left out, by sequence (one prefetch). A
         message that does not decode is not in the answer: its reader meets the error where it
-        sets poison aside."""
+        sets poison aside. Nor is a message with a malformed part (``sealing.check_part``, checked
+        before any of its refs is used): its ``MalformedPart`` goes to ``malformed`` by sequence,
+        for the reader to raise where it sets poison aside (without ``malformed``, it is raised)."""
         decoded: dict[int, list[Envelope]] = {}
         for msg in msgs:
             try:
-                decoded[msg.sequence] = msg.events()
+                envs = msg.events()
+                for env in envs:
+                    for part in env.sealed:
+                        if part.ciphertext:
+                            check_part(part)
             except DecodeError:
                 continue
-        for envs in decoded.values():  # before any ref is used: ``MalformedPart`` is the batch's poison
-            for env in envs:
-                for part in env.sealed:
-                    if part.ciphertext:
-                        check_part(part)
+            except MalformedPart as exc:
+                if malformed is None:
+                    raise
+                malformed[msg.sequence] = exc
+                continue
+            decoded[msg.sequence] = envs
         refs = dict.fromkeys(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
         self._batch.clear()
         keys = self._keys
         self._batch.update((ref, keys[ref]) for ref in [*refs, *self._needed] if ref in keys)
         await self.prefetch(refs)
-        return {seq: [env for env in envs if self.open_envelope(env, checked=True)] for seq, envs in decoded.items()}
+        opened: dict[int, list[Envelope]] = {}
+        for seq, envs in decoded.items():
+            try:
+                opened[seq] = [env for env in envs if self.open_envelope(env, checked=True)]
+            except MalformedPart as exc:  # opened bytes that do not merge into the payload
+                if malformed is None:
+                    raise
+                malformed[seq] = exc
+        return opened
 
     # ------------------------------------------------------------------ erasure
     def revoke(self, key_refs: Sequence[str]) -> None:
