@@ -40,6 +40,12 @@ in the bucket's store, and every record sealed with them reads as erased, on eve
   block being rewritten is never absent (its old version lives only until it is erased).
 * **Unreadable records** are folded as erased and counted (``erased``, ``erased_fields``, the
   ``cdp.vault.erased`` metric and the service status).
+* **Hostile bytes.** Any key maker may write any block, and a forged part may reach a log. A block
+  is read exactly or not at all (``decode_block``: an unreadable block's refs read as destroyed,
+  ``key_block_unreadable`` logged once per block); a block's keys for another block's refs are
+  refused; a ref not of the ref shape (``sealing.REF_PATTERN``) never reaches a subject (not
+  fetched, skipped by ``destroy``); a part no sealer writes raises ``sealing.MalformedPart``
+  (poison: ``open_messages`` hands it to the reader, which dead-letters or sets it aside).
 * **Sealing off** (``CDP_SEAL_PERSONAL_DATA=false``) exists for benches only: nothing is sealed;
   records already sealed are still opened.
 
