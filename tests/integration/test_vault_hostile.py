@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
@@ -27,6 +28,7 @@ from cdp_identity.settings import IdentitySettings
 from cdp_ingest.records import RecordBuilder
 from cdp_kit.deadletters import DeadLetterRow
 from cdp_kit.envelope import Cause, Envelope, encode_batch, make_envelope, utcnow
+from cdp_kit.errors import NotFound, Unavailable
 from cdp_kit.eventlog import EventLog
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.processor import Processor, own_checkpoint
@@ -221,7 +223,8 @@ def identity(eventlog: EventLog, url: str) -> tuple[Processor, IdentityServicer]
     return processor, IdentityServicer(IdentityHandlers(processor, projection))
 
 
-async def ingest(eventlog: EventLog, batch: str, people: list[list[tuple[str, str]]]) -> None:
+async def ingest(eventlog: EventLog, batch: str, people: list[list[tuple[str, str]]]) -> list[str]:
+    """Records as ingest writes them; the key refs it made."""
     vault = await PersonVault.bind(eventlog.js)
     builder = RecordBuilder("crm", ingest_pb2.SCHEMA_CLASS_PROFILE, batch, T0, keys=vault)
     encoded = [
@@ -230,6 +233,7 @@ async def ingest(eventlog: EventLog, batch: str, people: list[list[tuple[str, st
     ]
     await vault.commit()
     await eventlog.append_raw(INGEST_RECORDS.subject, encode_batch(encoded, utcnow()), msg_id=batch)
+    return vault.refs_for(ids for ids_of in people for ids in ids_of)
 
 
 async def append_one(eventlog: EventLog, subject: str, env: Envelope) -> None:
@@ -277,7 +281,7 @@ async def test_a_service_sets_hostile_parts_aside_on_inputs_and_own_log_and_goes
     await write_block(eventlog, GARBAGE_BLOCK, NOT_UTF8)
     gets = DirectGets()
     await gets.start(eventlog)
-    await ingest(eventlog, "b1", [[("crm_id", "C1"), ("email", "ann@example.com")]])
+    ann_refs = await ingest(eventlog, "b1", [[("crm_id", "C1"), ("email", "ann@example.com")]])
     record_type = ingest_ev.RecordAccepted.DESCRIPTOR.full_name
     # On identity's input: a record under a garbage block (erased), then one of each malformed part.
     await append_one(eventlog, INGEST_RECORDS.subject, record("rec-garbage", garbage_part("rec-garbage", record_type)))
@@ -330,10 +334,61 @@ async def test_a_service_sets_hostile_parts_aside_on_inputs_and_own_log_and_goes
     assert await resolves(api, "email", "cy@example.com")
     assert await eventlog.last_sequence(IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject) > tail
 
-    # A rebuild meets the same bytes and decides the same, without crashing.
+    # A key maker overwrites Ann's real block (r10_block_overwrite.py): a rebuild meets her record
+    # and her fragment (own log) under it, and every hostile byte above, and does not crash: Ann
+    # folds as erased, the poison is set aside as the live service decided, everyone else stays.
+    await write_block(eventlog, block_of(ann_refs[0]), NOT_UTF8)
     rebuilt, rebuilt_api = identity(eventlog, sqlite_url(tmp_path / "rebuilt.db"))
     await rebuilt.rebuild()
+    with pytest.raises(NotFound):
+        await resolves(rebuilt_api, "email", "ann@example.com")
+    assert await resolves(rebuilt_api, "email", "bob@example.com") == await resolves(api, "email", "bob@example.com")
     assert await resolves(rebuilt_api, "email", "cy@example.com") == await resolves(api, "email", "cy@example.com")
     assert letters(rebuilt, f"own:{IDENTITY_FRAGMENTS.name}").keys() == aside.keys()
     assert letters(rebuilt, "identity-ingest").keys() == dead.keys()
     assert all(">" not in block and "*" not in block for block in await gets.blocks(eventlog))
+
+
+async def test_recovery_sets_aside_a_message_whose_opening_fails_and_retries_a_transient_failure(
+    eventlog: EventLog, tmp_path: Path
+) -> None:
+    """Should opening an own-log batch fail on some bytes in a way no check foresaw, recovery opens
+    and folds message by message and sets the failing one aside; a transient failure (the bucket
+    unavailable) is raised for recovery to try again, with nothing set aside."""
+    await ingest(eventlog, "b1", [[("crm_id", "C1"), ("email", "ann@example.com")]])
+    processor, _api = identity(eventlog, sqlite_url(tmp_path / "live.db"))
+    await processor.catch_up()
+    fragment_type = identity_ev.ProfileFragment.DESCRIPTOR.full_name
+    for name in ("trip", "after"):
+        await append_one(
+            eventlog, IDENTITY_FRAGMENTS.subject, fragment(f"frag-{name}", garbage_part(name, fragment_type))
+        )
+    tail = await eventlog.last_sequence(IDENTITY_FRAGMENTS.stream.name, IDENTITY_FRAGMENTS.subject)
+    vault = processor.vault
+    assert vault is not None
+    real = vault.open_messages
+    fault: list[Exception] = [Unavailable("key bucket unavailable")]
+
+    async def faulty(
+        msgs: Sequence[Any], malformed: dict[int, MalformedPart] | None = None
+    ) -> dict[int, list[Envelope]]:
+        if any(msg.sequence == tail - 1 for msg in msgs):  # the "trip" fragment
+            raise fault[0]
+        return await real(msgs, malformed)
+
+    vault.open_messages = faulty  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        await processor.recover()
+    assert letters(processor, f"own:{IDENTITY_FRAGMENTS.name}") == {}
+    with processor.read() as session:
+        assert get_checkpoint(session, own_checkpoint(IDENTITY_FRAGMENTS)) < tail - 1
+
+    fault[0] = RuntimeError("injected: bytes nothing foresaw")
+    erased = vault.erased
+    await processor.recover()
+    assert letters(processor, f"own:{IDENTITY_FRAGMENTS.name}") == {
+        tail - 1: ("RuntimeError", "injected: bytes nothing foresaw")
+    }
+    with processor.read() as session:
+        assert get_checkpoint(session, own_checkpoint(IDENTITY_FRAGMENTS)) == tail
+    assert vault.erased > erased  # the message after it was folded (erased: its block is garbage)
