@@ -299,6 +299,15 @@ async def test_a_service_sets_hostile_parts_aside_on_inputs_and_own_log_and_goes
     assert sorted(error.split(": ")[1].split(" ")[0] for _cls, error in dead.values()) == sorted(MALFORMED)
     assert {cls for cls, _error in dead.values()} == {"MalformedPart"}
     assert all(">" not in error and "*" not in error for _cls, error in dead.values())
+    # A redrive of a malformed part fails again (opened as a batch is), one attempt more: it is
+    # never applied with its part unopened.
+    [format_99] = [seq for seq, (_cls, error) in dead.items() if "format_unknown" in error]
+    assert await processor.request_redrive("identity-ingest", [format_99], "redrive-1") == 1
+    assert await processor.redrive(processor.inputs[0]) == 0
+    with processor.read() as session:
+        row = session.get(DeadLetterRow, ("identity-ingest", format_99))
+        assert row is not None
+        assert (row.state, row.redrives, row.error_class) == ("dead", 1, "MalformedPart")
     assert processor.vault is not None
     # The record under the garbage block: erased, not poison (counted once per opening: the batch
     # was opened again, unit by unit, to isolate the poison).

@@ -972,11 +972,17 @@ class Processor:
         """Observe and decide one message again, as a command: its outputs carry a ``redrive:`` cause,
         and a ``DeadLetterRedriven`` event follows them on the dead-letter log."""
         key = f"{inp.spec.name}:{msg.sequence}:{attempt}"
+        # Opened as a batch is (a malformed sealed part fails it again; an erased event is left out).
+        malformed: dict[int, MalformedPart] = {}
+        opened = await self._open([msg], malformed) if not inp.raw else None
+        if msg.sequence in malformed:
+            raise malformed[msg.sequence]
         async with self.lock:
             with transaction(self.engine) as session:
                 uow = UnitOfWork(session, self, Cause(command_id=f"redrive:{key}"))
                 try:
-                    envelopes = inp.envelopes(msg)
+                    found = opened.get(msg.sequence) if opened is not None else None
+                    envelopes = found if found is not None else inp.envelopes(msg)
                     prefetch = getattr(inp.handler, "prefetch", None)
                     if prefetch is not None:
                         prefetch(session, envelopes)
