@@ -192,11 +192,16 @@ async def test_wildcard_refs_never_reach_a_subject(eventlog: EventLog) -> None:
     assert fresh.erased == 1
 
 
+@pytest.mark.parametrize(
+    ("overwrite", "other_left"),
+    [("undecodable", 0), ("empty", 0), ("copied", 1)],
+)
 async def test_destroying_keys_of_an_overwritten_block_erases_its_previous_version(
-    nats_server: NatsServer,
+    nats_server: NatsServer, overwrite: str, other_left: int
 ) -> None:
-    """A key maker overwrote a real block: readers see garbage, but the bucket's history still
-    holds the previous version with the real keys. A destroy of them erases that version."""
+    """A key maker overwrote a real block (with garbage, with an empty block, or with a copy): the
+    bucket's history still holds the previous version with the real keys. A destroy erases that
+    version too, so no byte of the destroyed key is left in the store directory."""
     eventlog = await EventLog.connect(nats_server.url, "cdp-test")
     try:
         await eventlog.ensure_streams()
@@ -204,14 +209,19 @@ async def test_destroying_keys_of_an_overwritten_block_erases_its_previous_versi
         refs = vault.refs_for(PEOPLE)
         keys = [vault._keys[ref] for ref in refs]
         await vault.commit()
-        await write_block(eventlog, block_of(refs[0]), NOT_UTF8)
+        block = block_of(refs[0])
+        real = (await vault.kv.get(block)).value or b""
+        await write_block(eventlog, block, {"undecodable": NOT_UTF8, "empty": b"", "copied": real}[overwrite])
         assert await vault.destroy(refs[:1]) == 1
+        assert await vault.destroy(refs[:1]) == 0
     finally:
         await eventlog.close()
     nats_server.stop()  # flushed and closed: what is on disk is all there is
     stored = b"".join(p.read_bytes() for p in sorted(nats_server.store_dir.rglob("*")) if p.is_file())
     assert stored.count(keys[0]) == 0
-    assert stored.count(keys[1]) == 0  # erased with it: no reader could read it since the overwrite
+    # The other key: in the copy rewritten without the destroyed one; else erased with the old
+    # version (no reader could read it since the overwrite).
+    assert stored.count(keys[1]) == other_left
 
 
 # ---------------------------------------------------------------- a service: identity

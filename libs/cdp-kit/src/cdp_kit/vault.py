@@ -664,13 +664,16 @@ class PersonVault:
                 entry = await self.kv.get(block)
             except nats.js.errors.KeyNotFoundError:
                 return 0
+            # A key maker may have overwritten the block (the bucket keeps 2 versions): the version
+            # before the last may hold the keys still. No reader reads it: it is erased whole.
+            erased = await self._erase_previous(block, refs, entry.revision or 0)
             keys = decode_block(entry.value or b"", block)
-            if keys is None:  # no key of it can be read, but its previous version may hold them
+            if keys is None:  # no key of it can be read
                 self._block_unreadable(block)
-                return await self._erase_overwritten(block, refs, entry.revision or 0)
+                return len(erased)
             doomed = refs & keys.keys()
             if not doomed:
-                return 0
+                return len(erased)
             kept = [(ref, key) for ref, key in keys.items() if ref not in doomed]
             try:
                 if kept:  # the block stays readable throughout: the new version first (history 2)
@@ -685,29 +688,32 @@ class PersonVault:
                 if exc.err_code == 10071:
                     continue  # another destroy rewrote the block meanwhile: read it again
                 raise Unavailable(f"key destroy failed: {exc.description}") from exc
-            return len(doomed)
+            return len(doomed | erased)
         raise Unavailable(f"key block {block} kept changing while keys were destroyed")
 
-    async def _erase_overwritten(self, block: str, refs: set[str], latest: int) -> int:
-        """The block's last version does not decode (a key maker overwrote it): the version before
-        it, kept by the bucket's history, may still hold keys of ``refs``. No reader reads it (they
-        read the last), so it is erased whole: no byte of a destroyed key stays in the store."""
+    async def _erase_previous(self, block: str, refs: set[str], latest: int) -> set[str]:
+        """Erase the block's version before ``latest`` if it holds keys of ``refs`` (which of them).
+        Read by a direct batch get up to the sequence before (the one request every service may
+        make on the bucket besides a get of the last version)."""
+        if latest <= 1:
+            return set()
+        request = json.dumps({"multi_last": [SUBJECT_PREFIX + block], "up_to_seq": latest - 1, "batch": 1})
+        nc = self.js._nc
         try:
-            entries = await self.kv.history(block)
-        except nats.js.errors.NoKeysError:
-            return 0
-        found = 0
-        for old in entries:
-            if (old.revision or 0) >= latest or not old.value:
-                continue
-            doomed = refs & (decode_block(old.value, block) or {}).keys()
-            if not doomed:
-                continue
-            try:
-                await self.js.delete_msg(STREAM, old.revision or 0)
-            except nats.js.errors.NotFoundError:
-                continue  # erased meanwhile
-            except nats.js.errors.APIError as exc:
-                raise Unavailable(f"key destroy failed: {exc.description}") from exc
-            found += len(doomed)
-        return found
+            answers = await nc.request(f"$JS.API.DIRECT.GET.{STREAM}", request.encode(), timeout=FETCH_TIMEOUT_S)
+        except (TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise Unavailable(f"key destroy failed: {type(exc).__name__}") from exc
+        headers = answers.headers or {}
+        if not answers.data or headers.get("Nats-Subject") != SUBJECT_PREFIX + block:
+            return set()  # no earlier version (a status), or not this block's
+        doomed = refs & (decode_block(answers.data, block) or {}).keys()
+        sequence = headers.get("Nats-Sequence", "")
+        if not doomed or not sequence.isdigit():
+            return set()
+        try:
+            await self.js.delete_msg(STREAM, int(sequence))
+        except nats.js.errors.NotFoundError:
+            return set()  # erased meanwhile
+        except nats.js.errors.APIError as exc:
+            raise Unavailable(f"key destroy failed: {exc.description}") from exc
+        return doomed
