@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
@@ -89,22 +89,26 @@ class MalformedPart(ValueError):
         self.rule = rule
 
 
-def check_part(part: envelope_pb2.Sealed) -> None:
-    """``MalformedPart`` unless the part has the shape of what ``seal`` (v2) or ``seal_v1`` wrote."""
+def check_part(part: envelope_pb2.Sealed, known: Container[str] | None = None) -> None:
+    """``MalformedPart`` unless the part has the shape of what ``seal`` (v2) or ``seal_v1`` wrote.
+    ``known``: refs already found valid (a reader's key cache: a lookup instead of a match)."""
     refs = part.key_refs
-    if not refs:
+    count = len(refs)
+    if not count:
         raise MalformedPart("key_refs_empty")
-    if len(refs) > MAX_REFS:
-        raise MalformedPart("key_refs_too_many", f"{len(refs)} refs, at most {MAX_REFS}")
-    for i, ref in enumerate(refs):
-        if _REF.fullmatch(ref) is None:
-            raise MalformedPart("key_ref_invalid", f"ref {i + 1} of {len(refs)}")
+    if count > MAX_REFS:
+        raise MalformedPart("key_refs_too_many", f"{count} refs, at most {MAX_REFS}")
+    match = _REF.fullmatch
+    for ref in refs:
+        if (known is None or ref not in known) and match(ref) is None:
+            raise MalformedPart("key_ref_invalid", f"ref {list(refs).index(ref) + 1} of {count}")
+    salt = part.salt
     if part.format == FORMAT_V2:
-        if part.salt:
+        if salt:
             raise MalformedPart("v2_has_salt")
     elif part.format == FORMAT_V1:
-        if len(part.salt) != SALT_BYTES:
-            raise MalformedPart("v1_salt_length", f"{len(part.salt)} bytes")
+        if len(salt) != SALT_BYTES:
+            raise MalformedPart("v1_salt_length", f"{len(salt)} bytes")
     else:
         raise MalformedPart("format_unknown", f"format {part.format}")
     if len(part.ciphertext) < NONCE_BYTES + TAG_BYTES:

@@ -548,7 +548,7 @@ class PersonVault:
             if not part.ciphertext:
                 continue  # opened already
             if not checked:
-                check_part(part)
+                check_part(part, self._keys)
             try:
                 if self._revoked and any(ref in self._revoked for ref in part.key_refs):
                     raise Erased()
@@ -595,13 +595,14 @@ class PersonVault:
         before any of its refs is used): its ``MalformedPart`` goes to ``malformed`` by sequence,
         for the reader to raise where it sets poison aside (without ``malformed``, it is raised)."""
         decoded: dict[int, list[Envelope]] = {}
+        known = self._keys  # refs of keys made here or read from a block: valid (``decode_block``)
         for msg in msgs:
             try:
                 envs = msg.events()
                 for env in envs:
                     for part in env.sealed:
                         if part.ciphertext:
-                            check_part(part)
+                            check_part(part, known)
             except DecodeError:
                 continue
             except MalformedPart as exc:
