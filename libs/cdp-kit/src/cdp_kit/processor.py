@@ -617,7 +617,7 @@ class Processor:
             # gets it sealed (a copy is opened, never the event that will be appended).
             opened = Envelope()
             opened.CopyFrom(env)
-            if not self.vault.open_envelope(opened):
+            if not self.vault.open_envelope(opened, checked=True):  # sealed here, by this process
                 return
             env = opened
         self.projection.fold(session, own, env)

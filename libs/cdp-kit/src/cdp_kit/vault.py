@@ -465,16 +465,17 @@ class PersonVault:
             raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
 
     # ------------------------------------------------------------------ consumers
-    async def prefetch(self, refs: Iterable[str]) -> None:
+    async def prefetch(self, refs: Iterable[str], *, checked: bool = False) -> None:
         """Fetch the blocks of the refs whose keys are not cached: a block brings every key in it.
         A ref not of the ref shape (``sealing.valid_ref``) is never fetched (it could be a subject
-        wildcard): no key exists for it, it reads as destroyed."""
+        wildcard): no key exists for it, it reads as destroyed (``checked``: the caller matched
+        every ref already)."""
         wanted = [
             r for r in dict.fromkeys(refs) if r not in self._keys and r not in self._gone and r not in self._revoked
         ]
         if not wanted:
             return
-        invalid = [ref for ref in wanted if not valid_ref(ref)]
+        invalid = [] if checked else [ref for ref in wanted if not valid_ref(ref)]
         if invalid:
             log.warning("vault_invalid_key_refs_ignored", refs=len(invalid))
             for ref in invalid:
@@ -615,7 +616,7 @@ class PersonVault:
         self._batch.clear()
         keys = self._keys
         self._batch.update((ref, keys[ref]) for ref in [*refs, *self._needed] if ref in keys)
-        await self.prefetch(refs)
+        await self.prefetch(refs, checked=True)  # every ref matched (``check_part``) above
         opened: dict[int, list[Envelope]] = {}
         for seq, envs in decoded.items():
             try:
