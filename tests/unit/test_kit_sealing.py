@@ -199,6 +199,16 @@ def test_a_part_no_sealer_writes_is_malformed_not_erased(rule: str, tamper: Any)
     assert vault.erased == 0
 
 
+def test_a_sealer_refuses_a_part_no_reader_would_open() -> None:
+    refs = [f"{i:016x}.00.00" for i in range(4097)]
+    keys = dict.fromkeys(refs, os.urandom(32))
+    with pytest.raises(MalformedPart) as caught:
+        seal(keys, refs, b"x", event_id="ev-1", event_type="t")
+    assert caught.value.rule == "key_refs_too_many"
+    part = seal(keys, refs[:4096], b"x", event_id="ev-1", event_type="t")
+    assert open_part(keys, part, event_id="ev-1", event_type="t") == b"x"
+
+
 def test_a_destroyed_key_still_reads_as_erased_not_malformed() -> None:
     part = sealed_part()
     check_part(part)

@@ -213,7 +213,10 @@ def seal(
     whole: bool = True,
     cache: SetKeys | None = None,
 ) -> envelope_pb2.Sealed:
-    """A v2 part: ``plaintext`` under the set key of ``refs`` (from ``cache`` when given), a fresh nonce."""
+    """A v2 part: ``plaintext`` under the set key of ``refs`` (from ``cache`` when given), a fresh nonce.
+    ``MalformedPart`` for more than ``MAX_REFS`` refs: no reader would open it."""
+    if len(refs) > MAX_REFS:
+        raise MalformedPart("key_refs_too_many", f"{len(refs)} refs, at most {MAX_REFS}")
     aead = cache.aead(keys, refs) if cache is not None else AESGCM(set_key(keys, refs))
     return seal_with(aead, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
 
@@ -228,7 +231,8 @@ def seal_with(
     path: str = "",
     whole: bool = True,
 ) -> envelope_pb2.Sealed:
-    """A v2 part under a set key already at hand (``SetKeys.cached``)."""
+    """A v2 part under a set key already at hand (``SetKeys.cached``: derived by ``seal``, which
+    checked the number of refs)."""
     nonce = random_bytes(NONCE_BYTES)
     ciphertext = nonce + aead.encrypt(nonce, plaintext, _aad(event_id, event_type, path))
     return Sealed(path=path, key_refs=refs, ciphertext=ciphertext, whole=whole, format=FORMAT_V2)
