@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
@@ -48,7 +49,7 @@ from cdp_kit.streams import (
     privacy_appliers,
 )
 from cdp_kit.telemetry import pii_hash
-from cdp_kit.vault import PersonVault
+from cdp_kit.vault import PersonVault, block_of
 from cdp_segmentation.handlers import SegmentationHandlers
 from cdp_segmentation.main import build_processor as segmentation_processor
 from cdp_segmentation.privacy import PRIVACY_TABLES as SEG_PRIVACY_TABLES
@@ -277,6 +278,33 @@ async def test_a_delete_erases_the_whole_person_and_completes_once_every_applier
     await rebuilt.processor.rebuild()
     assert rebuilt.dump() == live
     rebuilt.engine.dispose()
+
+
+async def test_a_delete_completes_when_an_applier_names_forged_key_refs(identity: Privacy) -> None:
+    """Refs that are no key ref (a subject wildcard, a space) in a PrivacyApplied: identity's
+    completion skips them and destroys the rest, instead of failing on every attempt (which held
+    up every later delete)."""
+    h = identity.harness
+    await h.send(ANN[:2])
+    reply = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "ann@example.com"))
+    vault = await PersonVault.bind(h.eventlog.js)
+    sealed_under = vault.refs_for([("email", "ann@example.com")])  # a key an applier sealed her data under
+    await vault.commit()
+    forged = [">", "*.a.b", "bad block.a.b"]
+    appliers = privacy_appliers()
+    for service in appliers:
+        refs = [*forged, *sealed_under] if service == appliers[0] else []
+        await applied_fact(h.eventlog, service, reply.request_id, refs, profiles=1)
+    await h.processor.catch_up()
+    identity.handlers.vault = vault
+    assert await identity.handlers.complete_pending() == 1
+    done = await identity.get(reply.request_id)
+    assert done.state == pb.PRIVACY_STATE_COMPLETED
+    [completed] = await facts(h.eventlog, PRIVACY_REQUESTS.subject, pb.PrivacyCompleted)
+    assert completed.keys_destroyed == 1  # the good ref's key, and nothing for the forged ones
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await vault.kv.get(block_of(sealed_under[0]))  # its block held only it: erased whole
+    assert await identity.handlers.complete_pending() == 0
 
 
 async def test_requests_are_idempotent_and_listed_newest_first(identity: Privacy) -> None:

@@ -13,7 +13,9 @@ from cdp.ingest.v1 import events_pb2 as ingest_ev
 from cdp_kit.sealing import (
     FORMAT_V2,
     Erased,
+    MalformedPart,
     SetKeys,
+    check_part,
     merge_part,
     merge_parts,
     open_part,
@@ -21,6 +23,7 @@ from cdp_kit.sealing import (
     seal,
     seal_v1,
     split_fields,
+    valid_ref,
 )
 from cdp_kit.vault import LocalKeys, PersonVault, block_of, decode_block, encode_block
 
@@ -85,17 +88,16 @@ def test_a_key_of_another_generation_does_not_open() -> None:
         open_all(env, {ANN: os.urandom(32)})
 
 
-@pytest.mark.parametrize("field", ["ciphertext", "salt", "key_refs", "path", "event_id", "format"])
+@pytest.mark.parametrize("field", ["ciphertext", "key_refs", "path", "event_id", "format"])
 def test_tampering_reads_as_erased(field: str) -> None:
     env, _ = sealed_envelope([ANN, BOB])
     part = env.sealed[0]
     assert part.format == FORMAT_V2
     if field == "ciphertext":
         part.ciphertext = part.ciphertext[:-1] + bytes([part.ciphertext[-1] ^ 1])
-    elif field == "salt":
-        part.salt = os.urandom(16)
     elif field == "format":
         part.format = 0  # read as v1: another key
+        part.salt = os.urandom(16)
     elif field == "key_refs":
         del part.key_refs[1]
     elif field == "path":
@@ -127,12 +129,91 @@ def test_a_part_inside_a_repeated_message_merges_back_in_place() -> None:
     assert opened == split
 
 
-def test_a_key_block_round_trips_and_a_truncated_one_yields_only_whole_keys() -> None:
+def test_a_key_block_round_trips_and_a_block_not_exactly_encoded_holds_no_readable_key() -> None:
     keys = {f"b1.{i:016x}.0000000{i}": os.urandom(32) for i in range(3)}
     data = encode_block(keys.items())
     assert decode_block(data) == keys
-    assert decode_block(data[:-1]) == dict(sorted(keys.items())[:2])
+    assert decode_block(data, "b1") == keys
+    assert decode_block(b"") == {}
     assert {block_of(ref) for ref in keys} == {"b1"}
+    entry = b"%c%b%b" % (len(b"b1.00.01"), b"b1.00.01", os.urandom(32))
+    hostile = {
+        "truncated": data[:-1],
+        "trailing bytes": data + b"\x00",
+        "ref not utf-8": b"\x04\xff\xfe\xfd\xfc" + os.urandom(32),
+        "ref a wildcard": b"\x01>" + os.urandom(32),
+        "ref with a space": b"\x05b1 .0" + os.urandom(32),
+        "empty ref": b"\x00" + os.urandom(32),
+        "a ref twice": entry + entry,
+        "a length past the end": b"\xff" + b"a" * 40,
+        "random": os.urandom(5000),
+    }
+    for name, garbage in hostile.items():
+        assert decode_block(garbage) is None, name
+    # A block holding a key of a ref of another block: not what a maker writes (and a reader must
+    # not take a forged key for someone else's ref from it).
+    assert decode_block(encode_block([("b2.00.01", os.urandom(32))]), "b1") is None
+
+
+def test_refs_are_validated_before_any_use() -> None:
+    vault_ref = unbound_vault().refs_for([("email", EMAIL)])[0]
+    for ref in (vault_ref, ANN, "0123456789abcdef.0123456789abcdef"):
+        assert valid_ref(ref), ref
+    forged = (">", "*.a.b", "aa.*", "aa.>", "", "aa", "aa..bb", "aa.bb.cc.dd", "AA.BB", "aa.bb ", "a.b\u00e9", "a" * 40)
+    for ref in forged:
+        assert not valid_ref(ref), ref
+
+
+def sealed_part() -> Any:
+    return seal(KEYS, [ANN, BOB], b"\x0a\x03ann", event_id="ev-1", event_type="t")
+
+
+@pytest.mark.parametrize(
+    ("rule", "tamper"),
+    [
+        ("format_unknown", lambda p: setattr(p, "format", 99)),
+        ("v2_has_salt", lambda p: setattr(p, "salt", os.urandom(16))),
+        ("v1_salt_length", lambda p: setattr(p, "format", 0)),
+        ("ciphertext_too_short", lambda p: setattr(p, "ciphertext", p.ciphertext[:27])),
+        ("key_refs_empty", lambda p: p.ClearField("key_refs")),
+        ("key_ref_invalid", lambda p: p.key_refs.append(">")),
+        ("key_ref_invalid", lambda p: p.key_refs.append("*.a.b")),
+        ("key_refs_too_many", lambda p: p.key_refs.extend(f"{i:016x}.00.00" for i in range(20_000))),
+    ],
+)
+def test_a_part_no_sealer_writes_is_malformed_not_erased(rule: str, tamper: Any) -> None:
+    part = sealed_part()
+    assert open_part(KEYS, part, event_id="ev-1", event_type="t") == b"\x0a\x03ann"
+    tamper(part)
+    with pytest.raises(MalformedPart) as caught:
+        open_part(KEYS, part, event_id="ev-1", event_type="t")
+    assert caught.value.rule == rule
+    assert str(caught.value).startswith(f"sealed part malformed: {rule}")
+    assert "*" not in str(caught.value)  # never what the forger wrote
+    assert ">" not in str(caught.value)
+    vault = unbound_vault()
+    env = Envelope(id="ev-1", type="t")
+    env.sealed.append(part)
+    with pytest.raises(MalformedPart):
+        vault.open_envelope(env)
+    assert vault.erased == 0
+
+
+def test_a_sealer_refuses_a_part_no_reader_would_open() -> None:
+    refs = [f"{i:016x}.00.00" for i in range(4097)]
+    keys = dict.fromkeys(refs, os.urandom(32))
+    with pytest.raises(MalformedPart) as caught:
+        seal(keys, refs, b"x", event_id="ev-1", event_type="t")
+    assert caught.value.rule == "key_refs_too_many"
+    part = seal(keys, refs[:4096], b"x", event_id="ev-1", event_type="t")
+    assert open_part(keys, part, event_id="ev-1", event_type="t") == b"x"
+
+
+def test_a_destroyed_key_still_reads_as_erased_not_malformed() -> None:
+    part = sealed_part()
+    check_part(part)
+    with pytest.raises(Erased):
+        open_part({ANN: KEYS[ANN]}, part, event_id="ev-1", event_type="t")
 
 
 def test_a_v1_part_written_before_v2_still_opens_and_still_erases() -> None:

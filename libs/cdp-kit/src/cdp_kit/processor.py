@@ -59,6 +59,7 @@ from cdp_kit.eventlog import (
 from cdp_kit.natsauth import reader_name, standby_reader_name
 from cdp_kit.parts import PART_HEADER, Assembler, part_header, split_by_size
 from cdp_kit.privacy import REVOKED_TABLES, restore_revocations
+from cdp_kit.sealing import MalformedPart
 from cdp_kit.store import drop_tables, get_checkpoint, open_store, set_checkpoint, transaction
 from cdp_kit.streams import ConsumerSpec, OwnLog, poison_log
 from cdp_kit.telemetry import context_from, get_logger, meter, trace_headers, tracer
@@ -605,10 +606,10 @@ class Processor:
                 last = msg.sequence
                 batch += [m for unit in assembler.feed([(msg, None)]) for m, _ in unit]
                 if len(batch) >= self.batch_size:
-                    count += self._fold_messages(own, batch, await self._open(batch))
+                    count += await self._open_and_fold(own, batch)
                     batch = []
         if batch:
-            count += self._fold_messages(own, batch, await self._open(batch))
+            count += await self._open_and_fold(own, batch)
         if assembler.held or assembler.dropped:
             # The parts of a cause whose writer died before the last: an aborted attempt, never folded.
             # The next append is guarded by the subject's true last sequence, so that moves past them.
@@ -629,44 +630,82 @@ class Processor:
             # gets it sealed (a copy is opened, never the event that will be appended).
             opened = Envelope()
             opened.CopyFrom(env)
-            if not self.vault.open_envelope(opened):
+            if not self.vault.open_envelope(opened, checked=True):  # sealed here, by this process
                 return
             env = opened
         self.projection.fold(session, own, env)
 
-    async def _open(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]] | None:
-        """The messages' envelopes with their sealed parts opened (None: this process seals nothing)."""
+    async def _open_and_fold(self, own: OwnLog, msgs: list[LogMessage]) -> int:
+        """Open then fold own-log messages. A message with a malformed sealed part
+        (``cdp_kit.sealing.MalformedPart``) fails its fold, and is set aside like any message that
+        cannot be folded. Should opening itself fail on the bytes (anything but a transient
+        failure, which is raised and retried), the messages are opened and folded one at a time and
+        the one that fails is set aside: recovery never crash-loops on bytes."""
+        malformed: dict[int, MalformedPart] = {}
+        try:
+            opened = await self._open(msgs, malformed)
+        except Exception as exc:
+            if deadletters.is_transient(exc):
+                raise
+            if len(msgs) > 1:
+                return sum([await self._open_and_fold(own, [msg]) for msg in msgs])
+            return self._set_aside_own(own, msgs[0], exc)
+        return self._fold_messages(own, msgs, opened, malformed)
+
+    async def _open(
+        self, msgs: Sequence[LogMessage], malformed: dict[int, MalformedPart]
+    ) -> dict[int, list[Envelope]] | None:
+        """The messages' envelopes with their sealed parts opened (None: this process seals nothing);
+        a message with a malformed part is left out, its error in ``malformed``."""
         if self.vault is None:
             return None
-        return await self.vault.open_messages(msgs)
+        return await self.vault.open_messages(msgs, malformed)
 
     def _fold_messages(
-        self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None = None
+        self,
+        own: OwnLog,
+        msgs: list[LogMessage],
+        opened: dict[int, list[Envelope]] | None = None,
+        malformed: dict[int, MalformedPart] | None = None,
     ) -> int:
         """Fold own-log messages in one transaction. A message that cannot be folded (bytes this
         service never wrote: its subject is only writable by it once NATS permissions are on) is
         set aside, one at a time, so recovery never crash-loops; the same bytes fail the same way
         on a rebuild, so the decision needs no event of its own."""
         try:
-            return self._fold_batch(own, msgs, opened)
+            return self._fold_batch(own, msgs, opened, malformed or {})
         except Exception as exc:
             if deadletters.is_transient(exc):
                 raise
             if len(msgs) > 1:
-                return sum(self._fold_messages(own, [msg], opened) for msg in msgs)
-            with transaction(self.engine) as session:
-                deadletters.set_aside_own(session, f"own:{own.name}", msgs[0], exc)
-                set_checkpoint(session, own_checkpoint(own), msgs[0].sequence)
-            log.error(
-                "own_log_message_set_aside",
-                own_log=own.name,
-                sequence=msgs[0].sequence,
-                error_class=type(exc).__name__,
-            )
-            return 0
+                return sum(self._fold_messages(own, [msg], opened, malformed) for msg in msgs)
+            return self._set_aside_own(own, msgs[0], exc)
 
-    def _fold_batch(self, own: OwnLog, msgs: list[LogMessage], opened: dict[int, list[Envelope]] | None) -> int:
+    def _set_aside_own(self, own: OwnLog, msg: LogMessage, exc: Exception) -> int:
+        """Record an own-log message that cannot be opened or folded, and move the checkpoint past it."""
+        with transaction(self.engine) as session:
+            deadletters.set_aside_own(session, f"own:{own.name}", msg, exc)
+            set_checkpoint(session, own_checkpoint(own), msg.sequence)
+        log.error(
+            "own_log_message_set_aside",
+            own_log=own.name,
+            sequence=msg.sequence,
+            error_class=type(exc).__name__,
+            rule=getattr(exc, "rule", ""),
+        )
+        return 0
+
+    def _fold_batch(
+        self,
+        own: OwnLog,
+        msgs: list[LogMessage],
+        opened: dict[int, list[Envelope]] | None,
+        malformed: dict[int, MalformedPart],
+    ) -> int:
         def events(msg: LogMessage) -> list[Envelope]:
+            bad = malformed.get(msg.sequence)
+            if bad is not None:
+                raise bad  # poison: set aside (``_fold_messages``)
             found = opened.get(msg.sequence) if opened is not None else None
             return found if found is not None else msg.events()
 
@@ -818,9 +857,13 @@ class Processor:
     async def _apply_units(self, inp: Input, units: Sequence[Unit]) -> int:
         started = time.perf_counter()
         applied_now = 0
-        opened = await self._open([msg for unit in units for msg, _ in unit]) if not inp.raw else None
+        malformed: dict[int, MalformedPart] = {}
+        opened = await self._open([msg for unit in units for msg, _ in unit], malformed) if not inp.raw else None
 
         def envelopes(msg: LogMessage) -> list[Envelope]:
+            bad = malformed.get(msg.sequence)
+            if bad is not None:
+                raise bad  # poison: dead-lettered, or skipped where a replay meets a dead letter
             found = opened.get(msg.sequence) if opened is not None else None
             return found if found is not None else inp.envelopes(msg)
 
@@ -951,11 +994,17 @@ class Processor:
         """Observe and decide one message again, as a command: its outputs carry a ``redrive:`` cause,
         and a ``DeadLetterRedriven`` event follows them on the dead-letter log."""
         key = f"{inp.spec.name}:{msg.sequence}:{attempt}"
+        # Opened as a batch is (a malformed sealed part fails it again; an erased event is left out).
+        malformed: dict[int, MalformedPart] = {}
+        opened = await self._open([msg], malformed) if not inp.raw else None
+        if msg.sequence in malformed:
+            raise malformed[msg.sequence]
         async with self.lock:
             with transaction(self.engine) as session:
                 uow = UnitOfWork(session, self, Cause(command_id=f"redrive:{key}"))
                 try:
-                    envelopes = inp.envelopes(msg)
+                    found = opened.get(msg.sequence) if opened is not None else None
+                    envelopes = found if found is not None else inp.envelopes(msg)
                     prefetch = getattr(inp.handler, "prefetch", None)
                     if prefetch is not None:
                         prefetch(session, envelopes)

@@ -23,6 +23,12 @@ names still exists.** It is pure (no I/O): the keys come from ``cdp_kit.vault``.
   becomes unreadable when ANY of them is erased (it errs on the side of erasing).
 * A part that cannot be opened (a key destroyed, revoked, or the bytes altered) raises ``Erased``:
   the reader folds the event as erased (``Sealed.whole``) or with the fields left empty.
+* A part that no sealer writes (``check_part``: an unknown format, a v2 part with a salt, a v1
+  part whose salt is not 16 bytes, a ciphertext shorter than nonce + tag, no refs, more than
+  ``MAX_REFS`` refs, a ref not of the shape ``REF_PATTERN``) raises ``MalformedPart``: it is not an
+  erasure but poison, which the reader dead-letters (inputs) or sets aside (own logs) with the
+  rule broken as its reason. A ref read from a log is never used (in a subject, a lookup) before
+  it matched ``REF_PATTERN``.
 * A ``SetKeys`` cache holds derived set keys: its owner (``cdp_kit.vault``) clears it whenever a
   ref is revoked or found destroyed, so a cached set key never outlives the keys it came from.
 """
@@ -30,8 +36,9 @@ names still exists.** It is pure (no I/O): the keys come from ``cdp_kit.vault``.
 from __future__ import annotations
 
 import os
+import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
@@ -53,10 +60,59 @@ FORMAT_V1 = 0
 FORMAT_V2 = 2
 SET_KEYS_CACHED = 65_536
 _SHA256 = hashes.SHA256()
+# A key ref (``cdp_kit.vault.new_key``): ``<block: 16 hex>.<identity hash: 16 hex>.<generation: 8 hex>``;
+# refs made before key blocks were ``<identity hash>.<16 hex>``. Both match: lowercase hex tokens,
+# two or three, dot-separated. Nothing else may reach a subject (``*``, ``>``, spaces, empty tokens).
+REF_PATTERN = r"[0-9a-f]{1,32}(?:\.[0-9a-f]{1,32}){1,2}"
+_REF = re.compile(REF_PATTERN)
+# At most this many refs in one part: a part names the people of one record, one link, one split
+# part (each with every key generation identity knows of them); 20,000 refs is an attack on the
+# reader (a fetch of every block named), never a record.
+MAX_REFS = 4096
+
+
+def valid_ref(ref: str) -> bool:
+    """Whether ``ref`` has the shape of a key ref (safe to use in a subject)."""
+    return _REF.fullmatch(ref) is not None
 
 
 class Erased(Exception):
     """A sealed part cannot be opened any more: its person (one of them) was erased."""
+
+
+class MalformedPart(ValueError):
+    """A sealed part no sealer writes: poison, not an erasure. ``rule`` names what it breaks; the
+    message never carries the part's bytes (nor its refs, which a forger chose)."""
+
+    def __init__(self, rule: str, detail: str = "") -> None:
+        super().__init__(f"sealed part malformed: {rule}" + (f" ({detail})" if detail else ""))
+        self.rule = rule
+
+
+def check_part(part: envelope_pb2.Sealed, known: Container[str] | None = None) -> None:
+    """``MalformedPart`` unless the part has the shape of what ``seal`` (v2) or ``seal_v1`` wrote.
+    ``known``: refs already found valid (a reader's key cache: a lookup instead of a match)."""
+    refs = part.key_refs
+    count = len(refs)
+    if not count:
+        raise MalformedPart("key_refs_empty")
+    if count > MAX_REFS:
+        raise MalformedPart("key_refs_too_many", f"{count} refs, at most {MAX_REFS}")
+    match = _REF.fullmatch
+    for ref in refs:
+        if (known is None or ref not in known) and match(ref) is None:
+            raise MalformedPart("key_ref_invalid", f"ref {list(refs).index(ref) + 1} of {count}")
+    salt = part.salt
+    if part.format == FORMAT_V2:
+        if salt:
+            raise MalformedPart("v2_has_salt")
+    elif part.format == FORMAT_V1:
+        if len(salt) != SALT_BYTES:
+            raise MalformedPart("v1_salt_length", f"{len(salt)} bytes")
+    else:
+        raise MalformedPart("format_unknown", f"format {part.format}")
+    if len(part.ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise MalformedPart("ciphertext_too_short", f"{len(part.ciphertext)} bytes")
 
 
 def record_key(keys: Mapping[str, bytes], refs: Sequence[str], salt: bytes) -> bytes:
@@ -157,7 +213,10 @@ def seal(
     whole: bool = True,
     cache: SetKeys | None = None,
 ) -> envelope_pb2.Sealed:
-    """A v2 part: ``plaintext`` under the set key of ``refs`` (from ``cache`` when given), a fresh nonce."""
+    """A v2 part: ``plaintext`` under the set key of ``refs`` (from ``cache`` when given), a fresh nonce.
+    ``MalformedPart`` for more than ``MAX_REFS`` refs: no reader would open it."""
+    if len(refs) > MAX_REFS:
+        raise MalformedPart("key_refs_too_many", f"{len(refs)} refs, at most {MAX_REFS}")
     aead = cache.aead(keys, refs) if cache is not None else AESGCM(set_key(keys, refs))
     return seal_with(aead, refs, plaintext, event_id=event_id, event_type=event_type, path=path, whole=whole)
 
@@ -172,7 +231,8 @@ def seal_with(
     path: str = "",
     whole: bool = True,
 ) -> envelope_pb2.Sealed:
-    """A v2 part under a set key already at hand (``SetKeys.cached``)."""
+    """A v2 part under a set key already at hand (``SetKeys.cached``: derived by ``seal``, which
+    checked the number of refs)."""
     nonce = random_bytes(NONCE_BYTES)
     ciphertext = nonce + aead.encrypt(nonce, plaintext, _aad(event_id, event_type, path))
     return Sealed(path=path, key_refs=refs, ciphertext=ciphertext, whole=whole, format=FORMAT_V2)
@@ -203,14 +263,17 @@ def open_part(
     event_id: str,
     event_type: str,
     cache: SetKeys | None = None,
+    checked: bool = False,
 ) -> bytes:
-    """The plaintext of a v1 or v2 part; ``Erased`` if a key is missing or the part was altered."""
+    """The plaintext of a v1 or v2 part; ``Erased`` if a key is missing or the part was altered;
+    ``MalformedPart`` if it has no shape a sealer writes (``check_part``; ``checked``: the caller
+    checked it already)."""
+    if not checked:
+        check_part(part)
     aad = _aad(event_id, event_type, part.path)
     try:
         if part.format == FORMAT_V1:
             return open_with_key(record_key(keys, part.key_refs, part.salt), part.ciphertext, aad)
-        if part.format != FORMAT_V2 or part.salt or len(part.ciphertext) < NONCE_BYTES + TAG_BYTES:
-            raise Erased()  # an unknown format, or a v2 part altered (v2 has no salt)
         aead = cache.aead(keys, part.key_refs) if cache is not None else AESGCM(set_key(keys, part.key_refs))
         sealed = part.ciphertext
         return aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)

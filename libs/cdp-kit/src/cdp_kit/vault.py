@@ -40,6 +40,12 @@ in the bucket's store, and every record sealed with them reads as erased, on eve
   block being rewritten is never absent (its old version lives only until it is erased).
 * **Unreadable records** are folded as erased and counted (``erased``, ``erased_fields``, the
   ``cdp.vault.erased`` metric and the service status).
+* **Hostile bytes.** Any key maker may write any block, and a forged part may reach a log. A block
+  is read exactly or not at all (``decode_block``: an unreadable block's refs read as destroyed,
+  ``key_block_unreadable`` logged once per block); a block's keys for another block's refs are
+  refused; a ref not of the ref shape (``sealing.REF_PATTERN``) never reaches a subject (not
+  fetched, skipped by ``destroy``); a part no sealer writes raises ``sealing.MalformedPart``
+  (poison: ``open_messages`` hands it to the reader, which dead-letters or sets it aside).
 * **Sealing off** (``CDP_SEAL_PERSONAL_DATA=false``) exists for benches only: nothing is sealed;
   records already sealed are still opened.
 
@@ -54,6 +60,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from collections import ChainMap, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -70,7 +77,19 @@ from nats.js.kv import KeyValue
 from cdp.common.v1 import envelope_pb2
 from cdp_kit.errors import Unavailable
 from cdp_kit.keyring import KEY_BYTES
-from cdp_kit.sealing import Erased, SetKeys, merge_parts, open_part, random_bytes, seal, seal_with
+from cdp_kit.sealing import (
+    REF_PATTERN,
+    Erased,
+    MalformedPart,
+    SetKeys,
+    check_part,
+    merge_parts,
+    open_part,
+    random_bytes,
+    seal,
+    seal_with,
+    valid_ref,
+)
 from cdp_kit.streams import KEY_BUCKET, KEY_STREAM, KEY_SUBJECT_PREFIX
 from cdp_kit.telemetry import get_logger, meter, pii_hash_key
 
@@ -85,6 +104,9 @@ STREAM = KEY_STREAM
 SUBJECT_PREFIX = KEY_SUBJECT_PREFIX
 Envelope = envelope_pb2.Envelope
 log = get_logger(__name__)
+_REF_BYTES = re.compile(REF_PATTERN.encode())
+# Unreadable blocks already logged by this process (``key_block_unreadable`` once per block).
+UNREADABLE_LOGGED = 1024
 
 
 class LogMessage(Protocol):
@@ -151,17 +173,27 @@ def encode_block(keys: Iterable[tuple[str, bytes]]) -> bytes:
     return b"".join(entries)
 
 
-def decode_block(data: bytes) -> dict[str, bytes]:
+def decode_block(data: bytes, block: str | None = None) -> dict[str, bytes] | None:
+    """A block's keys by ref, or None when the bytes are not exactly what ``encode_block`` writes
+    (a ref not of the ref shape, or of another block than ``block``, a ref twice, an entry cut
+    short, bytes left over): a block anyone could have overwritten is read whole or not at all, and
+    its refs then read as destroyed. Never raises."""
     keys: dict[str, bytes] = {}
-    at = 0
-    while at < len(data):
+    at, end = 0, len(data)
+    prefix = f"{block}.".encode() if block is not None else None
+    while at < end:
         n = data[at]
-        ref = data[at + 1 : at + 1 + n].decode()
-        key = data[at + 1 + n : at + 1 + n + KEY_BYTES]
-        if len(key) != KEY_BYTES:
-            break  # truncated: what follows is not a key
-        keys[ref] = key
-        at += 1 + n + KEY_BYTES
+        stop = at + 1 + n + KEY_BYTES
+        if stop > end:
+            return None  # an entry cut short
+        raw = data[at + 1 : at + 1 + n]
+        if _REF_BYTES.fullmatch(raw) is None or (prefix is not None and not raw.startswith(prefix)):
+            return None
+        ref = raw.decode("ascii")  # hex and dots only: cannot fail
+        if ref in keys:
+            return None
+        keys[ref] = data[at + 1 + n : stop]
+        at = stop
     return keys
 
 
@@ -296,6 +328,8 @@ class PersonVault:
         self._needed: set[str] = set()  # fetched for a KeysNeeded: kept at hand for the retry
         self._block, self._in_block = new_block(), 0  # where the next keys made here go
         self._sets = SetKeys()  # v2 set keys derived here (cdp_kit.sealing); cleared on revoke and destroy
+        self._unreadable: OrderedDict[str, None] = OrderedDict()  # blocks logged as unreadable here
+        self.unreadable_blocks = 0
         self.erased = 0
         self.erased_fields = 0
         counters = meter("cdp.vault")
@@ -431,13 +465,24 @@ class PersonVault:
             raise Unavailable(f"key create failed: {type(exc).__name__}") from exc
 
     # ------------------------------------------------------------------ consumers
-    async def prefetch(self, refs: Iterable[str]) -> None:
-        """Fetch the blocks of the refs whose keys are not cached: a block brings every key in it."""
+    async def prefetch(self, refs: Iterable[str], *, checked: bool = False) -> None:
+        """Fetch the blocks of the refs whose keys are not cached: a block brings every key in it.
+        A ref not of the ref shape (``sealing.valid_ref``) is never fetched (it could be a subject
+        wildcard): no key exists for it, it reads as destroyed (``checked``: the caller matched
+        every ref already)."""
         wanted = [
             r for r in dict.fromkeys(refs) if r not in self._keys and r not in self._gone and r not in self._revoked
         ]
         if not wanted:
             return
+        invalid = [] if checked else [ref for ref in wanted if not valid_ref(ref)]
+        if invalid:
+            log.warning("vault_invalid_key_refs_ignored", refs=len(invalid))
+            for ref in invalid:
+                self._gone.keep(ref, b"")
+            wanted = [ref for ref in wanted if valid_ref(ref)]
+            if not wanted:
+                return
         blocks = list(dict.fromkeys(block_of(ref) for ref in wanted))
         chunks = [blocks[start : start + FETCH_BATCH] for start in range(0, len(blocks), FETCH_BATCH)]
         for start in range(0, len(chunks), FETCH_PARALLEL):
@@ -457,6 +502,7 @@ class PersonVault:
         async def collect(msg: Msg) -> None:
             answers.put_nowait(msg)
 
+        wanted = set(blocks)
         request = json.dumps({"multi_last": [SUBJECT_PREFIX + block for block in blocks], "batch": len(blocks)})
         sub = await nc.subscribe(inbox, cb=collect)
         try:
@@ -471,24 +517,45 @@ class PersonVault:
                     if headers["Status"] not in ("204", "404"):
                         raise Unavailable(f"key fetch failed: {headers['Status']} {headers.get('Description', '')}")
                     break
-                for ref, key in decode_block(msg.data).items():
+                block = headers.get("Nats-Subject", "").removeprefix(SUBJECT_PREFIX)
+                keys = decode_block(msg.data, block) if block in wanted else None
+                if keys is None:  # its refs are not found: they read as destroyed
+                    self._block_unreadable(block if block in wanted else "?")
+                    continue
+                for ref, key in keys.items():
                     if ref not in self._revoked:
                         self._keys.keep(ref, key)
                         self._batch[ref] = key
         finally:
             await sub.unsubscribe()
 
-    def open_envelope(self, env: Envelope) -> bool:
-        """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it)."""
+    def _block_unreadable(self, block: str) -> None:
+        """A fetched block that does not decode: counted, and logged once per block in this process."""
+        self.unreadable_blocks += 1
+        if block in self._unreadable:
+            return
+        self._unreadable[block] = None
+        if len(self._unreadable) > UNREADABLE_LOGGED:
+            self._unreadable.popitem(last=False)
+        log.error("key_block_unreadable", block=block, hint="its keys read as destroyed; written by a key maker")
+
+    def open_envelope(self, env: Envelope, *, checked: bool = False) -> bool:
+        """Open the envelope's sealed parts in place. False: it is erased as a whole (skip it).
+        ``MalformedPart`` for a part no sealer writes (``sealing.check_part``; ``checked``: done
+        already) or whose opened bytes do not merge into the payload: poison, not an erasure."""
         opened: list[tuple[str, bytes]] = []
         done: list[envelope_pb2.Sealed] = []
         for part in env.sealed:
             if not part.ciphertext:
                 continue  # opened already
+            if not checked:
+                check_part(part, self._keys)
             try:
                 if self._revoked and any(ref in self._revoked for ref in part.key_refs):
                     raise Erased()
-                plaintext = open_part(self._at_hand, part, event_id=env.id, event_type=env.type, cache=self._sets)
+                plaintext = open_part(
+                    self._at_hand, part, event_id=env.id, event_type=env.type, cache=self._sets, checked=True
+                )
             except Erased:
                 if part.whole:
                     self._count_erased()
@@ -498,7 +565,10 @@ class PersonVault:
                 continue
             opened.append((part.path, plaintext))
             done.append(part)
-        merge_parts(env, opened)  # the payload parsed and serialized once, whatever the number of parts
+        try:
+            merge_parts(env, opened)  # the payload parsed and serialized once, whatever the number of parts
+        except Exception as exc:  # a path or type that is not there, bytes that do not parse
+            raise MalformedPart("payload_merge_failed", type(exc).__name__) from None
         for part in done:
             part.ciphertext = b""
         return True
@@ -517,22 +587,45 @@ class PersonVault:
         self.erased += 1
         self._erased_counter.add(1)
 
-    async def open_messages(self, msgs: Sequence[LogMessage]) -> dict[int, list[Envelope]]:
+    async def open_messages(
+        self, msgs: Sequence[LogMessage], malformed: dict[int, MalformedPart] | None = None
+    ) -> dict[int, list[Envelope]]:
         """Every message's envelopes opened, erased ones left out, by sequence (one prefetch). A
         message that does not decode is not in the answer: its reader meets the error where it
-        sets poison aside."""
+        sets poison aside. Nor is a message with a malformed part (``sealing.check_part``, checked
+        before any of its refs is used): its ``MalformedPart`` goes to ``malformed`` by sequence,
+        for the reader to raise where it sets poison aside (without ``malformed``, it is raised)."""
         decoded: dict[int, list[Envelope]] = {}
+        known = self._keys  # refs of keys made here or read from a block: valid (``decode_block``)
         for msg in msgs:
             try:
-                decoded[msg.sequence] = msg.events()
+                envs = msg.events()
+                for env in envs:
+                    for part in env.sealed:
+                        if part.ciphertext:
+                            check_part(part, known)
             except DecodeError:
                 continue
+            except MalformedPart as exc:
+                if malformed is None:
+                    raise
+                malformed[msg.sequence] = exc
+                continue
+            decoded[msg.sequence] = envs
         refs = dict.fromkeys(ref for envs in decoded.values() for env in envs for p in env.sealed for ref in p.key_refs)
         self._batch.clear()
         keys = self._keys
         self._batch.update((ref, keys[ref]) for ref in [*refs, *self._needed] if ref in keys)
-        await self.prefetch(refs)
-        return {seq: [env for env in envs if self.open_envelope(env)] for seq, envs in decoded.items()}
+        await self.prefetch(refs, checked=True)  # every ref matched (``check_part``) above
+        opened: dict[int, list[Envelope]] = {}
+        for seq, envs in decoded.items():
+            try:
+                opened[seq] = [env for env in envs if self.open_envelope(env, checked=True)]
+            except MalformedPart as exc:  # opened bytes that do not merge into the payload
+                if malformed is None:
+                    raise
+                malformed[seq] = exc
+        return opened
 
     # ------------------------------------------------------------------ erasure
     def revoke(self, key_refs: Sequence[str]) -> None:
@@ -547,7 +640,13 @@ class PersonVault:
     async def destroy(self, key_refs: Sequence[str]) -> int:
         """Erase the keys for good; returns how many existed. Each block holding some of them is
         written again without them (guarded by its last sequence), then its previous message is
-        deleted with erase (its bytes overwritten), so no copy of a destroyed key is left."""
+        deleted with erase (its bytes overwritten), so no copy of a destroyed key is left.
+        A ref not of the ref shape (``sealing.valid_ref``) names no key: it is skipped (counted in a
+        warning, never used in a subject), and the others are destroyed."""
+        invalid = [ref for ref in key_refs if not valid_ref(ref)]
+        if invalid:
+            log.warning("vault_destroy_invalid_refs_skipped", refs=len(invalid), kept=len(key_refs) - len(invalid))
+            key_refs = [ref for ref in key_refs if valid_ref(ref)]
         self.revoke(key_refs)
         by_block: dict[str, set[str]] = {}
         for ref in key_refs:
@@ -567,10 +666,16 @@ class PersonVault:
                 entry = await self.kv.get(block)
             except nats.js.errors.KeyNotFoundError:
                 return 0
-            keys = decode_block(entry.value or b"")
+            # A key maker may have overwritten the block (the bucket keeps 2 versions): the version
+            # before the last may hold the keys still. No reader reads it: it is erased whole.
+            erased = await self._erase_previous(block, refs, entry.revision or 0)
+            keys = decode_block(entry.value or b"", block)
+            if keys is None:  # no key of it can be read
+                self._block_unreadable(block)
+                return len(erased)
             doomed = refs & keys.keys()
             if not doomed:
-                return 0
+                return len(erased)
             kept = [(ref, key) for ref, key in keys.items() if ref not in doomed]
             try:
                 if kept:  # the block stays readable throughout: the new version first (history 2)
@@ -585,5 +690,32 @@ class PersonVault:
                 if exc.err_code == 10071:
                     continue  # another destroy rewrote the block meanwhile: read it again
                 raise Unavailable(f"key destroy failed: {exc.description}") from exc
-            return len(doomed)
+            return len(doomed | erased)
         raise Unavailable(f"key block {block} kept changing while keys were destroyed")
+
+    async def _erase_previous(self, block: str, refs: set[str], latest: int) -> set[str]:
+        """Erase the block's version before ``latest`` if it holds keys of ``refs`` (which of them).
+        Read by a direct batch get up to the sequence before (the one request every service may
+        make on the bucket besides a get of the last version)."""
+        if latest <= 1:
+            return set()
+        request = json.dumps({"multi_last": [SUBJECT_PREFIX + block], "up_to_seq": latest - 1, "batch": 1})
+        nc = self.js._nc
+        try:
+            answers = await nc.request(f"$JS.API.DIRECT.GET.{STREAM}", request.encode(), timeout=FETCH_TIMEOUT_S)
+        except (TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise Unavailable(f"key destroy failed: {type(exc).__name__}") from exc
+        headers = answers.headers or {}
+        if not answers.data or headers.get("Nats-Subject") != SUBJECT_PREFIX + block:
+            return set()  # no earlier version (a status), or not this block's
+        doomed = refs & (decode_block(answers.data, block) or {}).keys()
+        sequence = headers.get("Nats-Sequence", "")
+        if not doomed or not sequence.isdigit():
+            return set()
+        try:
+            await self.js.delete_msg(STREAM, int(sequence))
+        except nats.js.errors.NotFoundError:
+            return set()  # erased meanwhile
+        except nats.js.errors.APIError as exc:
+            raise Unavailable(f"key destroy failed: {exc.description}") from exc
+        return doomed
