@@ -286,14 +286,18 @@ async def test_a_delete_completes_when_an_applier_names_forged_key_refs(identity
     up every later delete)."""
     h = identity.harness
     await h.send(ANN[:2])
-    reply = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "ann@example.com"))
     vault = await PersonVault.bind(h.eventlog.js)
-    sealed_under = vault.refs_for([("email", "ann@example.com")])  # a key an applier sealed her data under
+    sealed_under = vault.refs_for([("email", "ann@example.com")])  # a key ingest sealed her rejected row under
     await vault.commit()
+    # Identity knows another generation of Ann's email key (the records it linked were sealed under it).
+    block, person, _generation = sealed_under[0].split(".")
+    with transaction(h.engine) as session:
+        session.add(KeyRefRow(key_ref=f"{'f' * len(block)}.{person}.00000000", key="email:ann@example.com"))
+    reply = await identity.submit(pb.PRIVACY_MODE_DELETE, ("email", "ann@example.com"))
     forged = [">", "*.a.b", "bad block.a.b"]
     appliers = privacy_appliers()
     for service in appliers:
-        refs = [*forged, *sealed_under] if service == appliers[0] else []
+        refs = [*forged, *sealed_under] if service == "ingest" else []
         await applied_fact(h.eventlog, service, reply.request_id, refs, profiles=1)
     await h.processor.catch_up()
     identity.handlers.vault = vault

@@ -28,6 +28,7 @@ from cdp.privacy.v1 import privacy_pb2 as pb
 from cdp_kit.envelope import unpack
 from cdp_kit.errors import InvalidInput, Violation
 from cdp_kit.eventlog import AppendConflict
+from cdp_kit.sealing import valid_ref
 from cdp_kit.store import tables_of
 from cdp_kit.telemetry import get_logger, pii_hash
 
@@ -47,8 +48,6 @@ MODE_NAMES: dict[int, str] = {
 }
 
 
-# A key ref as the vault makes it (cdp_kit.vault.new_key): block, identity hash, generation.
-KEY_REF_RE = re.compile(r"\A[0-9a-f]{16}\.[0-9a-f]{16}\.[0-9a-f]{8}\Z")
 MAX_PROFILE_ID_CHARS = 256
 HASH_RE = re.compile(r"\A(k:)?[0-9a-f]{16,64}\Z")  # cdp_kit.telemetry.pii_hash
 
@@ -75,7 +74,7 @@ def checked_request(env: Envelope) -> pb.PrivacyRequested:
             problems.append(Violation(name, "pattern", "keyed hashes (hex)"))
     if any(not pid or len(pid) > MAX_PROFILE_ID_CHARS for pid in req.profile_ids):
         problems.append(Violation("profile_ids", "max_length", f"1 to {MAX_PROFILE_ID_CHARS} characters"))
-    if not all(KEY_REF_RE.match(ref) for ref in req.key_refs):
+    if not all(valid_ref(ref) for ref in req.key_refs):
         problems.append(Violation("key_refs", "pattern", "key refs as the vault makes them"))
     if problems:
         broken = "; ".join(f"{v.field}: {v.rule} ({v.message})" for v in problems)

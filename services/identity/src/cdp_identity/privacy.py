@@ -31,7 +31,6 @@ from cdp_kit.envelope import Cause, Envelope, deterministic_id, from_timestamp, 
 from cdp_kit.errors import InvalidInput, NotFound, Unavailable, Violation
 from cdp_kit.eventlog import AppendConflict, LogMessage
 from cdp_kit.privacy import (
-    KEY_REF_RE,
     MAX_IDENTITIES,
     NOTHING_TO_APPLY,
     REQUEST_ID_RE,
@@ -45,6 +44,7 @@ from cdp_kit.privacy import (
     revoke,
 )
 from cdp_kit.processor import Deposed, Processor, UnitOfWork
+from cdp_kit.sealing import valid_ref
 from cdp_kit.store import scrub_after_commit, transaction
 from cdp_kit.streams import IDENTITY_FRAGMENTS, PRIVACY_REQUESTS, privacy_appliers
 from cdp_kit.telemetry import get_logger, pii_hash
@@ -298,8 +298,9 @@ KEY_NAMERS = frozenset({INGEST})
 
 
 def _identity_part(ref: str) -> str:
-    """The keyed hash of the identity a key ref belongs to (cdp_kit.vault.new_key's middle part)."""
-    return ref.split(".")[1]
+    """The keyed hash of the identity a key ref belongs to: cdp_kit.vault.new_key's middle part
+    (``block.identity.generation``), the first of an older ``identity.generation`` ref."""
+    return ref.split(".")[-2]
 
 
 def _erasure_envelope(erasure: bytes, request_id: str, cause: Cause) -> Envelope:
@@ -321,16 +322,14 @@ def key_refs_of(session: Session, row: PrivacyRequestRow) -> list[str]:
     An applier's ref is taken only from ``KEY_NAMERS`` and only when it is a key of one of the
     person's identities (another generation of a key identity knows): no service can have the keys
     of somebody else destroyed by naming them in its report."""
-    own = {ref for ref in row.key_refs if KEY_REF_RE.match(ref)}
+    own = {ref for ref in row.key_refs if valid_ref(ref)}
     persons = {_identity_part(ref) for ref in own}
     refs = set(own)
     refused = 0
     for progress in session.exec(select(PrivacyProgressRow).where(PrivacyProgressRow.request_id == row.request_id)):
         named = progress.key_refs or []
         taken = [
-            ref
-            for ref in named
-            if progress.service in KEY_NAMERS and KEY_REF_RE.match(ref) and _identity_part(ref) in persons
+            ref for ref in named if progress.service in KEY_NAMERS and valid_ref(ref) and _identity_part(ref) in persons
         ]
         refs.update(taken)
         refused += len(named) - len(taken)
