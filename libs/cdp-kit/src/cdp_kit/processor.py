@@ -587,6 +587,8 @@ class Processor:
         finally:
             self.replay_only = False
             self._reader_name = reader_name
+            if self.vault is not None:
+                self.vault.forget_pending()  # made for decisions the replay dropped
 
     async def _fold_tail(self, own: OwnLog) -> int:
         with Session(self.engine) as session:

@@ -428,6 +428,20 @@ class PersonVault:
         self._pending.update(keys)
         self._keys.keep_all(keys)
 
+    def forget_pending(self) -> int:
+        """Forget the keys made here and never committed: what a standby's read-only replay made for
+        decisions it then dropped (``Processor.follow``). Kept, they would pile up in memory and be
+        written to the bucket with the first append after a takeover, never used. Returns how many."""
+        made = self._pending
+        if not made:
+            return 0
+        self._pending = {}
+        for ref in made:
+            self._keys.pop(ref, None)
+        for identity in [identity for identity, ref in self._current.items() if ref in made]:
+            del self._current[identity]
+        return len(made)
+
     async def commit(self) -> int:
         """Write the keys made since the last commit to the bucket, a message per block, before the
         events they seal. A block is written once (``Nats-Expected-Last-Subject-Sequence: 0``);
