@@ -253,3 +253,17 @@ async def test_a_late_fence_of_an_older_epoch_never_deposes_the_newer_holder(
     with pytest.raises(Deposed):
         await older.recover()  # meets b@5
     assert older.deposed.is_set()
+
+
+async def test_a_release_after_a_renewal_whose_answer_was_lost_still_releases(eventlog: EventLog) -> None:
+    """A stop cancels a renewal after it was sent: it went through, but this instance never saw its
+    revision. The release finds the key still its own and releases it at its true revision."""
+    a = Lease(eventlog, "test", "a", 30.0)
+    await a.acquire(poll_s=0.05)
+    before = a.revision
+    await a._write(a.revision, a.epoch)  # the renewal lands...
+    a.revision = before  # ...and its answer is lost
+    assert await a.release()
+    holder = await a.read()
+    assert holder is not None
+    assert holder.instance == ""  # released

@@ -241,15 +241,29 @@ class Lease:
         if not self.epoch or self.lost.is_set():
             return False
         value = json.dumps({"instance": RELEASED, "epoch": 0, "released_by": self.instance}).encode()
-        try:
-            await self.eventlog.append_raw(
-                self.subject,
-                value,
-                msg_id=f"lease:{self.service}:{self.instance}:release:{self.revision}",
-                expected_last_subject_sequence=self.revision,
-            )
-        except (Conflict, Unavailable) as exc:
-            log.warning("lease_release_failed", service=self.service, error=str(exc))
+        for _attempt in range(3):
+            try:
+                await self.eventlog.append_raw(
+                    self.subject,
+                    value,
+                    msg_id=f"lease:{self.service}:{self.instance}:release:{self.revision}",
+                    expected_last_subject_sequence=self.revision,
+                )
+                break
+            except Conflict as exc:
+                # A renewal cancelled by the stop after it was sent may have gone through: if the
+                # key is still ours, release it at its true revision.
+                holder = None
+                with contextlib.suppress(Unavailable):
+                    holder = await self.read()
+                if holder is None or (holder.instance, holder.epoch) != (self.instance, self.epoch):
+                    log.warning("lease_release_failed", service=self.service, error=str(exc))
+                    return False
+                self.revision = holder.revision
+            except Unavailable as exc:
+                log.warning("lease_release_failed", service=self.service, error=str(exc))
+                return False
+        else:
             return False
         self.epoch = 0
         self.lost.set()
