@@ -6,6 +6,7 @@ identity's merge of the person's web profile into their profile, in its own prof
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -127,19 +128,43 @@ async def applier(processor: Processor, catalog: Catalog) -> PrivacyApplier:
     return PrivacyApplier(processor, catalog, privacy)
 
 
-async def test_a_rebuild_does_not_decide_again_for_an_erased_person_whose_merge_live_decided_nothing(
-    eventlog: EventLog, tmp_path: Path
-) -> None:
+@dataclass
+class Live:
+    """A sealing identity on the log and a live segmentation store with the given segments."""
+
+    vault: PersonVault
+    identity: SealingIdentity
+    engine: Engine
+    processor: Processor
+    catalog: Catalog
+
+
+async def live_segmentation(eventlog: EventLog, tmp_path: Path, segments: dict[str, str]) -> Live:
     vault = await PersonVault.bind(eventlog.js)
-    identity = SealingIdentity(eventlog, vault)
-    live = make_engine(sqlite_url(tmp_path / "live.db"))
-    processor, catalog = build_processor(live, eventlog)
+    engine = make_engine(sqlite_url(tmp_path / "live.db"))
+    processor, catalog = build_processor(engine, eventlog)
     processor.create_store()
     await processor.recover()
     handlers = SegmentationHandlers(processor, catalog)
-    await handlers.create_segment("gold", 'tier = "gold"')
-    # Holds for a profile with nothing (not for Ann's web profile, which then has nothing to exit).
-    await handlers.create_segment("not_gold", 'not (tier = "gold") and count(page_view) = 0')
+    for name, query in segments.items():
+        await handlers.create_segment(name, query)
+    return Live(vault, SealingIdentity(eventlog, vault), engine, processor, catalog)
+
+
+async def test_a_rebuild_does_not_decide_again_for_an_erased_person_whose_merge_live_decided_nothing(
+    eventlog: EventLog, tmp_path: Path
+) -> None:
+    # not_gold holds for a profile with nothing (not for Ann's web profile, which then has nothing to exit).
+    setup = await live_segmentation(
+        eventlog, tmp_path, {"gold": 'tier = "gold"', "not_gold": 'not (tier = "gold") and count(page_view) = 0'}
+    )
+    vault, identity, live, processor, catalog = (
+        setup.vault,
+        setup.identity,
+        setup.engine,
+        setup.processor,
+        setup.catalog,
+    )
 
     # Each catch_up reads one message: its decisions (or none) are its own, as in the live stack
     # when the web login arrives on its own.
@@ -188,14 +213,14 @@ async def test_a_profile_unreadable_through_someone_else_s_erased_keys_is_evalua
     """A record naming two people (a shared device) is sealed under both their keys: once Ann is
     erased, Bob's fragment of it is unreadable, on a rebuild too. Ann's erasure names the keys that
     made it so: from then on Bob's profile is evaluated again (it is not frozen for good)."""
-    vault = await PersonVault.bind(eventlog.js)
-    identity = SealingIdentity(eventlog, vault)
-    live = make_engine(sqlite_url(tmp_path / "live.db"))
-    processor, catalog = build_processor(live, eventlog)
-    processor.create_store()
-    await processor.recover()
-    handlers = SegmentationHandlers(processor, catalog)
-    await handlers.create_segment("gold", 'tier = "gold"')
+    setup = await live_segmentation(eventlog, tmp_path, {"gold": 'tier = "gold"'})
+    vault, identity, live, processor, catalog = (
+        setup.vault,
+        setup.identity,
+        setup.engine,
+        setup.processor,
+        setup.catalog,
+    )
     await identity.send(identity.fragment("p-ann", ANN, T0, tier="gold"))
     await identity.send(identity.fragment("p-bob", [*BOB, ANN_COOKIE], T0, event_type="page_view"))
     await processor.catch_up()
@@ -234,14 +259,14 @@ async def test_a_rebuild_does_not_decide_again_for_a_split_part_that_took_a_frag
     unreadable: a rebuild's Bob part holds nothing of it, so it must not decide Bob's memberships
     at the split (the part is unreadable as the profile it came from was) until Ann's erasure is
     read."""
-    vault = await PersonVault.bind(eventlog.js)
-    identity = SealingIdentity(eventlog, vault)
-    live = make_engine(sqlite_url(tmp_path / "live.db"))
-    processor, catalog = build_processor(live, eventlog)
-    processor.create_store()
-    await processor.recover()
-    handlers = SegmentationHandlers(processor, catalog)
-    await handlers.create_segment("not_gold", 'not (tier = "gold")')
+    setup = await live_segmentation(eventlog, tmp_path, {"not_gold": 'not (tier = "gold")'})
+    vault, identity, live, processor, catalog = (
+        setup.vault,
+        setup.identity,
+        setup.engine,
+        setup.processor,
+        setup.catalog,
+    )
     await identity.send(identity.fragment("p-ann", ANN, T0, tier="gold"))
     await processor.catch_up()
     await identity.send(identity.fragment("p-ann", [ANN_COOKIE, BOB[1]], T0 + DAY, tier="gold"))

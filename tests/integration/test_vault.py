@@ -109,14 +109,20 @@ def sealed_event_copy(env: Envelope) -> Envelope:
     return copy
 
 
+async def committed_keys(eventlog: EventLog) -> tuple[PersonVault, list[str], list[bytes]]:
+    """The streams and the bucket, and a key per person of ``PEOPLE`` made and written to it."""
+    await eventlog.ensure_streams()
+    vault = await PersonVault.bind(eventlog.js)
+    refs = vault.refs_for(PEOPLE)
+    keys = [vault._keys[ref] for ref in refs]
+    await vault.commit()
+    return vault, refs, keys
+
+
 async def test_destroy_leaves_no_key_bytes_in_the_store_dir(nats_server: NatsServer) -> None:
     eventlog = await EventLog.connect(nats_server.url, "cdp-test")
     try:
-        await eventlog.ensure_streams()
-        vault = await PersonVault.bind(eventlog.js)
-        refs = vault.refs_for(PEOPLE)
-        keys = [vault._keys[ref] for ref in refs]
-        await vault.commit()
+        vault, refs, keys = await committed_keys(eventlog)
         await eventlog.nc.flush()
         before = store_bytes(nats_server.store_dir)
         assert all(before.count(key) == 1 for key in keys)

@@ -36,6 +36,7 @@ from cdp_kit.sealing import MalformedPart, seal
 from cdp_kit.store import get_checkpoint, make_engine, sqlite_url
 from cdp_kit.streams import IDENTITY_FRAGMENTS, INGEST_RECORDS
 from cdp_kit.vault import STREAM, SUBJECT_PREFIX, PersonVault, block_of
+from tests.integration.test_vault import committed_keys
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PEOPLE = [("email", "ann@example.com"), ("phone", "+15550001111")]
@@ -204,11 +205,7 @@ async def test_destroying_keys_of_an_overwritten_block_erases_its_previous_versi
     version too, so no byte of the destroyed key is left in the store directory."""
     eventlog = await EventLog.connect(nats_server.url, "cdp-test")
     try:
-        await eventlog.ensure_streams()
-        vault = await PersonVault.bind(eventlog.js)
-        refs = vault.refs_for(PEOPLE)
-        keys = [vault._keys[ref] for ref in refs]
-        await vault.commit()
+        vault, refs, keys = await committed_keys(eventlog)
         block = block_of(refs[0])
         real = (await vault.kv.get(block)).value or b""
         await write_block(eventlog, block, {"undecodable": NOT_UTF8, "empty": b"", "copied": real}[overwrite])
